@@ -1,0 +1,165 @@
+"""One typed config: defaults here, a YAML file over them, dotted `key=value` overrides over that.
+
+Every verb builds a `Config` with `load_config` before doing any work, so a typo or a wrong type fails in one line
+that names the key, and saves the resolved copy with what it writes.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+LAYER_SPEC = re.compile(r"^(all|upto:[1-9]\d*|only:[1-9]\d*)$")
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; its message is one line naming the file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    # Any open_clip model name, or the 'hf-hub:'/'local-dir:' schemas open_clip accepts.
+    backbone: str = "ViT-L-14"
+    # An open_clip pretrained tag, a local checkpoint file, or null for random weights (tests, benchmarks).
+    pretrained: str | None = "openai"
+    # Square side, or [height, width] (KADID-10k keeps its native 384x512).
+    image_size: int | tuple[int, int] = 448
+    # all | upto:K (layers 1..K, the paper's "dagger" models) | only:K (the single-layer study).
+    layers: str = "all"
+    # S: score-level fusion over layers; I: image-feature-level fusion.
+    variant: Literal["S", "I"] = "I"
+    prompt: Literal["none", "coop", "cocoop"] = "none"
+    # Antonym pairs (good, bad); with several, the patch scores of all pairs are averaged.
+    prompt_pairs: list[tuple[str, str]] = [("Good photo.", "Bad photo.")]
+    # CoOp/CoCoOp learnable context length and init std (IQA-PyTorch's CLIP-IQA+ uses 16 and 0.02).
+    n_ctx: int = 16
+    ctx_init_std: float = 0.02
+    # CoCoOp meta-net bottleneck: hidden width = embed_dim // this.
+    cocoop_reduction: int = 16
+    # A trainable affine LayerNorm per layer before the frozen ln_post (initialised to identity).
+    layer_norm: bool = False
+    # Initial temperature of the patch weights softmax(<f, g> / tau_w); learnable.
+    tau_w_init: float = 1.0
+    # Frozen towers' dtype: auto = bf16 on GPU, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: str) -> str:
+        if not LAYER_SPEC.match(v):
+            raise ValueError(f"'{v}' is not one of all, upto:K, only:K (K >= 1)")
+        return v
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        sides = (v, v) if isinstance(v, int) else v
+        if min(sides) < 16:
+            raise ValueError(f"{v} is too small (each side must be >= 16)")
+        return v
+
+    @field_validator("prompt_pairs")
+    @classmethod
+    def _pairs(cls, v: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        if not v:
+            raise ValueError("at least one (good, bad) pair is needed")
+        return v
+
+    @field_validator("n_ctx", "cocoop_reduction")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"{v} must be >= 1")
+        return v
+
+    @field_validator("tau_w_init")
+    @classmethod
+    def _tau(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"{v} must be > 0")
+        return v
+
+    def image_hw(self) -> tuple[int, int]:
+        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+
+
+class Config(_Section):
+    name: str = "temu"
+    seed: int = 0
+    # Runs write under out_dir/name.
+    out_dir: str = "runs"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelConfig = ModelConfig()
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for i, key in enumerate(parents):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {'.'.join(parents[: i + 1])} is not a section, cannot set {dotted}")
+        node = child
+    node[leaf] = value
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{key}: {msg} (got {e['input']!r})" if e["type"] != "extra_forbidden" else f"{key}: {msg}")
+    return f"{source}: invalid config: " + "; ".join(parts)
+
+
+def is_override(arg: str) -> bool:
+    return bool(OVERRIDE.match(arg))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict | None = None) -> Config:
+    """Defaults <- `base` (a saved config) <- YAML file <- `key=value` overrides (values parsed as YAML)."""
+    tree: dict = dict(base or {})
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
+        tree = _merge(tree, loaded)
+    for item in overrides:
+        if not is_override(item):
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. model.prompt=coop)")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key, yaml.safe_load(raw) if raw else "", f"override {item}")
+    if overrides:
+        source += " + overrides"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, source)) from None
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dump(config: Config) -> dict:
+    """The resolved config as plain JSON-able data (what runs save and MLflow logs)."""
+    return config.model_dump(mode="json")

@@ -1,0 +1,129 @@
+"""The frozen CLIP image encoder: loading, input size, layer selection and the tokens of every selected layer."""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from temu_dist.config import ConfigError, ModelConfig
+
+# The tiny backbones the demo runs on ship with the package; registering them makes their names valid everywhere.
+PACKAGE_MODEL_CONFIGS = Path(__file__).parent / "configs"
+open_clip.add_model_config(PACKAGE_MODEL_CONFIGS)
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def create_clip(cfg: ModelConfig, seed: int = 0) -> nn.Module:
+    """An open_clip model (fp32, CPU) at the configured input size, or a one-line error saying what to do.
+
+    Random initialisation (pretrained: null) is seeded, so a saved run reloads onto the very same backbone.
+    """
+    name = cfg.backbone
+    if ":" not in name and name.replace("/", "-") not in open_clip.list_models():
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.4)
+        examples = close or ["ViT-L-14", "ViT-B-16", "ViT-B-32"]
+        raise ConfigError(f"model.backbone: unknown open_clip model '{name}'; valid names include {', '.join(examples)}"
+                          " (open_clip.list_models() lists all)")
+    pretrained = cfg.pretrained
+    is_file = pretrained is not None and Path(pretrained).expanduser().is_file()
+    if pretrained is not None and not is_file and ":" not in name:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            looks_like_path = "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+            what = "checkpoint file not found" if looks_like_path else "unknown pretrained tag"
+            raise ConfigError(f"model.pretrained: {what} '{pretrained}' for {name}; known tags: "
+                              f"{', '.join(tags) or 'none'}, or pass a local checkpoint path")
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained and not is_file else {}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(
+                name,
+                pretrained=str(Path(pretrained).expanduser()) if is_file else pretrained,
+                force_image_size=cfg.image_hw(),
+                # The OpenAI weights were trained with QuickGELU; building without it silently degrades them.
+                force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+            )
+    except RuntimeError as e:
+        if pretrained and not is_file and "download" in str(e).lower():
+            raise ConfigError(
+                f"model.pretrained: could not fetch '{pretrained}' weights for {name} (offline?): download them once "
+                f"where there is a network, then pass the file: model.pretrained=/path/to/{name}.pt") from None
+        raise
+    visual = model.visual
+    if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None or visual.pool_type != "tok":
+        raise ConfigError(f"model.backbone: '{name}' has no [cls]-token ViT image tower; TeMu-IQA needs one "
+                          "(e.g. ViT-L-14, ViT-B-16, ViT-B-32)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def layer_indices(spec: str, num_layers: int) -> list[int]:
+    """0-based block indices for `all`, `upto:K` (blocks 1..K) or `only:K` (block K)."""
+    if spec == "all":
+        return list(range(num_layers))
+    kind, k = spec.split(":")
+    k = int(k)
+    if k > num_layers:
+        raise ConfigError(f"model.layers: {spec} asks for layer {k} but the backbone has {num_layers} layers")
+    return list(range(k)) if kind == "upto" else [k - 1]
+
+
+class Backbone(nn.Module):
+    """Frozen ViT tower returning raw [cls] and patch tokens of the selected layers, plus the frozen joint-space head.
+
+    Blocks after the last selected layer are pruned (never computed). `ln_post` and `proj` are kept apart, in fp32,
+    so gradients can pass through them to trainable modules in front while the tower itself runs without autograd.
+    """
+
+    def __init__(self, clip: nn.Module, cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        visual = clip.visual
+        self.num_layers = len(visual.transformer.resblocks)
+        self.indices = layer_indices(cfg.layers, self.num_layers)
+        self.ln_post = copy.deepcopy(visual.ln_post).float()
+        self.register_buffer("proj", visual.proj.detach().clone().float(), persistent=False)
+        self.visual = copy.deepcopy(visual)
+        self.visual.prune_intermediate_layers(self.indices, prune_norm=True, prune_head=True)
+        self.visual.to(dtype)
+        self.dtype = dtype
+        self.width = visual.transformer.width
+        self.embed_dim = visual.proj.shape[1]
+        self.grid = tuple(visual.grid_size)
+        pp = visual.preprocess_cfg
+        self.mean, self.std = tuple(pp["mean"]), tuple(pp["std"])
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def num_selected(self) -> int:
+        return len(self.indices)
+
+    def train(self, mode: bool = True) -> "Backbone":
+        # Frozen means frozen: dropout and friends stay in eval mode whatever the trainer asks.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] -> cls [B, S, width], patches [B, S, N, width] (fp32, no grad), S selected layers."""
+        out = self.visual.forward_intermediates(
+            images.to(self.dtype), indices=self.indices, stop_early=True, output_fmt="NLC",
+            output_extra_tokens=True, intermediates_only=True)
+        patches = torch.stack(out["image_intermediates"], dim=1).float()
+        cls = torch.cat(out["image_intermediates_prefix"], dim=1).float()
+        return cls, patches
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Frozen ln_post and proj into the joint image-text space (not normalised)."""
+        return self.ln_post(tokens) @ self.proj

@@ -1,0 +1,58 @@
+"""Zero-shot CLIP-IQA on [cls] tokens, the baseline of the seed's Tables 11-13 (Fig. 9 options a, b, c).
+
+(a) the last layer's [cls] (CLIP-IQA itself); (b) the [cls] of one chosen layer; (c) the [cls] vectors of all layers,
+each projected and normalised, averaged into one image vector.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from temu_dist.config import Config, ConfigError
+from temu_dist.model.backbone import Backbone, compute_dtype, create_clip
+from temu_dist.model.prompts import PromptLearner
+from temu_dist.model.temu import resolve_device
+
+Option = Literal["a", "b", "c"]
+
+
+class ClipIQA(nn.Module):
+    def __init__(self, backbone: Backbone, prompts: PromptLearner, logit_scale: float):
+        super().__init__()
+        self.backbone = backbone
+        self.prompts = prompts
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images -> scores [B] in [0, 1]: softmax over each (good, bad) pair, averaged over pairs."""
+        cls, _ = self.backbone(images)
+        g = F.normalize(self.backbone.project(cls), dim=-1).mean(dim=1)
+        g = F.normalize(g, dim=-1)
+        text = self.prompts()  # [1, P, 2, D]
+        logits = self.logit_scale * torch.einsum("bd,pkd->bpk", g, text[0])
+        return logits.softmax(dim=-1)[..., 0].mean(dim=-1)
+
+
+def layer_spec(option: Option, layer: int | None, num_layers: int) -> str:
+    if option == "a":
+        return f"only:{num_layers}"
+    if option == "b":
+        if layer is None:
+            raise ConfigError("clipiqa option b needs a layer (1-based)")
+        return f"only:{layer}"
+    return "all"
+
+
+def build_clipiqa(config: Config, option: Option = "a", layer: int | None = None,
+                  device: torch.device | None = None) -> ClipIQA:
+    """Fixed prompts (model.prompt_pairs) whatever model.prompt says: zero-shot means nothing is learned."""
+    device = device or resolve_device(config.device)
+    clip = create_clip(config.model, config.seed)
+    num_layers = len(clip.visual.transformer.resblocks)
+    cfg = config.model.model_copy(update={"layers": layer_spec(option, layer, num_layers), "prompt": "none"})
+    backbone = Backbone(clip, cfg, compute_dtype(cfg.precision, device))
+    return ClipIQA(backbone, PromptLearner(cfg, clip), clip.logit_scale.exp().item()).to(device)

@@ -1,0 +1,98 @@
+"""Save and load a model: trainable weights as safetensors, the resolved config as JSON. Nothing is ever unpickled."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from temu_dist.config import Config, ConfigError, dump, load_config
+from temu_dist.model.temu import TeMuIQA, build_model
+
+WEIGHTS = "weights.safetensors"
+CONFIG = "config.json"
+# Fields a loaded checkpoint may take from the command line: where the frozen weights come from, their dtype and the
+# input size. Everything else shapes the trainable weights or what they mean.
+LOAD_TIME_FIELDS = {"pretrained", "precision", "image_size"}
+# Which config field decides the shape of which trainable parameter, for errors.
+PARAM_FIELDS = {"prompts.ctx": "model.n_ctx", "prompts.meta_net": "model.cocoop_reduction",
+                "layer_logits": "model.layers", "layer_norms": "model.layer_norm"}
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_model(model: TeMuIQA, config: Config, directory: str | Path) -> Path:
+    """Writes weights.safetensors and config.json into `directory`, each file replaced whole or not at all."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.float().cpu().contiguous() for k, v in model.trainable_state().items()}
+    # The model section rides in the weights' metadata, so weights and config.json can be checked against each other.
+    meta = {"format": "temu-dist/1", "model": json.dumps(dump(config)["model"], sort_keys=True)}
+    _atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata=meta))
+    _atomic_write(directory / CONFIG, lambda p: p.write_text(json.dumps(dump(config), indent=2) + "\n"))
+    return directory
+
+
+def _mismatch(saved: dict, asked: dict, source: str) -> None:
+    for key in sorted(set(saved) | set(asked)):
+        if key in LOAD_TIME_FIELDS:
+            continue
+        if saved.get(key) != asked.get(key):
+            raise ConfigError(f"{source}: checkpoint has model.{key}={saved.get(key)!r} but "
+                              f"model.{key}={asked.get(key)!r} was asked")
+
+
+def load_config_of(directory: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The checkpoint's config with load-time overrides; an override of a field the weights depend on is an error."""
+    directory = Path(directory)
+    path = directory / CONFIG
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; is {directory} a saved run or checkpoint folder?") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    config = load_config(None, overrides, base=saved)
+    _mismatch(load_config(None, (), base=saved).model.model_dump(mode="json"),
+              config.model.model_dump(mode="json"), str(path))
+    return config
+
+
+def load_model(directory: str | Path, overrides: list[str] | tuple[str, ...] = (),
+               device: torch.device | None = None) -> tuple[TeMuIQA, Config]:
+    directory = Path(directory)
+    config = load_config_of(directory, overrides)
+    path = directory / WEIGHTS
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found") from None
+    except (SafetensorError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable safetensors file ({e})") from None
+    if "model" in meta:
+        _mismatch(json.loads(meta["model"]), dump(config)["model"], f"{path} vs {directory / CONFIG}")
+    model = build_model(config, device)
+    expected = {k: v.shape for k, v in model.trainable_state().items()}
+    for name in sorted(set(expected) | set(state)):
+        field = next((f for prefix, f in PARAM_FIELDS.items() if name.startswith(prefix)), "model.prompt")
+        if name not in state:
+            raise ConfigError(f"{path}: parameter '{name}' is missing ({field} does not match the checkpoint)")
+        if name not in expected:
+            raise ConfigError(f"{path}: unexpected parameter '{name}' ({field} does not match the checkpoint)")
+        if state[name].shape != expected[name]:
+            raise ConfigError(f"{path}: parameter '{name}' has shape {list(state[name].shape)} but {field} gives "
+                              f"{list(expected[name])}")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in state.items():
+            params[name].copy_(value)
+    return model, config

@@ -1,0 +1,94 @@
+"""Score images with a saved model: one JSON line (path, score) per image, optional patch-score heatmaps.
+
+    python -m temu_dist.predict --checkpoint RUN_DIR IMAGE... [--heatmap DIR] [key=value ...]
+    python -m temu_dist.predict --config configs/X.yaml IMAGE...   (an untrained head: zero-shot multi-layer scoring)
+
+An image that cannot be read gets an error line on stderr naming it; the others are still scored, and the exit
+status is 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from temu_dist.config import ConfigError, is_override, load_config
+from temu_dist.data.augment import eval_transform
+from temu_dist.model.io import load_model
+from temu_dist.model.temu import build_model
+from temu_dist.plots import heatmap_overlay
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m temu_dist.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a run or checkpoint folder (weights.safetensors + config.json)")
+    source.add_argument("--config", help="a config YAML: score with a freshly initialised head")
+    parser.add_argument("--heatmap", help="write IMAGE_STEM.heatmap.png patch-score maps into this folder")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("items", nargs="+", metavar="IMAGE | key=value")
+    args = parser.parse_args(argv)
+    overrides = [a for a in args.items if is_override(a) and not Path(a).exists()]
+    args.images = [a for a in args.items if a not in overrides]
+    if not args.images:
+        parser.error("no images given")
+    return args, overrides
+
+
+def _open(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def predict(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    if args.checkpoint:
+        model, config = load_model(args.checkpoint, overrides)
+    else:
+        config = load_config(args.config, overrides)
+        model = build_model(config)
+    model.eval()
+    if config.model.pretrained is None:
+        print("predict: model.pretrained is null: a random backbone carries little quality information, so these "
+              "scores show the pipeline working, not what TeMu-IQA reaches", file=sys.stderr)
+    device = next(model.parameters()).device
+    transform = eval_transform(config.model.image_hw(), model.backbone.mean, model.backbone.std)
+    heat_dir = Path(args.heatmap) if args.heatmap else None
+    if heat_dir:
+        heat_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for start in range(0, len(args.images), args.batch_size):
+        good: list[tuple[str, Image.Image]] = []
+        for path in args.images[start:start + args.batch_size]:
+            try:
+                good.append((path, _open(path)))
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                failed += 1
+                print(f"predict: cannot read image {path}: {e}", file=sys.stderr)
+        if not good:
+            continue
+        batch = torch.stack([transform(im) for _, im in good]).to(device)
+        with torch.no_grad():
+            out = model(batch)
+        for i, (path, im) in enumerate(good):
+            print(json.dumps({"path": path, "score": round(float(out.score[i]), 6)}), flush=True)
+            if heat_dir:
+                overlay = heatmap_overlay(im, out.patch_scores[i].float().cpu().numpy())
+                overlay.save(heat_dir / f"{Path(path).stem}.heatmap.png")
+    return 1 if failed else 0
+
+
+def main() -> None:
+    try:
+        sys.exit(predict())
+    except ConfigError as e:
+        sys.exit(f"predict: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Tiny randomly initialised open_clip models, registered here, so no test downloads anything."""
+from __future__ import annotations
+
+import json
+import os
+
+import open_clip
+import pytest
+
+from temu_dist.config import Config, load_config
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+TINY = {
+    # Patch 16 on a 64px input: a 4x4 grid; 4 layers so every layer selection has something to select.
+    "Test-Tiny-ViT-16": {"embed_dim": 32,
+                         "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "head_width": 32, "patch_size": 16},
+                         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}},
+    # Patch 14, as ViT-L/14, where KADID-10k's 384x512 is not a whole number of patches.
+    "Test-Tiny-ViT-14": {"embed_dim": 32,
+                         "vision_cfg": {"image_size": 56, "layers": 3, "width": 64, "head_width": 32, "patch_size": 14},
+                         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}},
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model_configs")
+    for name, cfg in TINY.items():
+        (folder / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+    return folder
+
+
+def tiny_config(*overrides: str) -> Config:
+    base = ["model.backbone=Test-Tiny-ViT-16", "model.pretrained=null", "model.image_size=64", "model.n_ctx=4",
+            "device=cpu"]
+    return load_config(None, [*base, *overrides])

@@ -1,0 +1,98 @@
+import open_clip
+import pytest
+import torch
+
+from temu_dist.config import ConfigError
+from temu_dist.model import backbone as backbone_mod
+from temu_dist.model.backbone import Backbone, create_clip, layer_indices
+from tests.conftest import tiny_config
+
+
+def test_last_cls_through_ln_post_and_proj_is_encode_image():
+    cfg = tiny_config("model.layers=only:4")
+    clip = create_clip(cfg.model)
+    bb = Backbone(clip, cfg.model)
+    x = torch.randn(3, 3, 64, 64)
+    cls, patches = bb(x)
+    assert cls.shape == (3, 1, 64) and patches.shape == (3, 1, 16, 64)
+    torch.testing.assert_close(bb.project(cls[:, 0]), clip.encode_image(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec, selected, kept", [("all", [0, 1, 2, 3], 4), ("upto:2", [0, 1], 2),
+                                                  ("only:3", [2], 3), ("only:1", [0], 1)])
+def test_layer_selection_shapes_and_pruning(spec, selected, kept):
+    cfg = tiny_config(f"model.layers={spec}")
+    clip = create_clip(cfg.model)
+    bb = Backbone(clip, cfg.model)
+    assert bb.indices == selected
+    assert len(bb.visual.transformer.resblocks) == kept
+    cls, patches = bb(torch.randn(2, 3, 64, 64))
+    assert cls.shape == (2, len(selected), 64) and patches.shape == (2, len(selected), 16, 64)
+    # The pruned tower gives the same tokens as the full one at the selected layers.
+    full = Backbone(clip, tiny_config("model.layers=all").model)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(bb(x)[1], full(x)[1][:, selected])
+
+
+def test_layer_beyond_the_backbone_names_the_key():
+    with pytest.raises(ConfigError, match="model.layers: upto:9 .* 4 layers"):
+        layer_indices("upto:9", 4)
+
+
+def test_non_square_input_keeps_native_resolution():
+    cfg = tiny_config("model.backbone=Test-Tiny-ViT-14", "model.image_size=[384, 512]")
+    bb = Backbone(create_clip(cfg.model), cfg.model)
+    assert bb.grid == (27, 36)
+    cls, patches = bb(torch.randn(1, 3, 384, 512))
+    assert patches.shape == (1, 3, 27 * 36, 64)
+
+
+def test_backbone_gets_no_gradient_and_is_frozen():
+    cfg = tiny_config()
+    bb = Backbone(create_clip(cfg.model), cfg.model)
+    bb.train()
+    assert not bb.training
+    assert not any(p.requires_grad for p in bb.parameters())
+    cls, patches = bb(torch.randn(1, 3, 64, 64, requires_grad=True))
+    assert not cls.requires_grad and not patches.requires_grad
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ConfigError, match=r"model.backbone: unknown open_clip model 'ViT-L-41'.*ViT-L-14"):
+        create_clip(tiny_config("model.backbone=ViT-L-41").model)
+
+
+def test_unknown_tag_and_missing_file_say_how_to_pass_a_path():
+    with pytest.raises(ConfigError, match="unknown pretrained tag 'laion9'.*local checkpoint path"):
+        create_clip(tiny_config("model.pretrained=laion9").model)
+    with pytest.raises(ConfigError, match="checkpoint file not found '/nowhere/w.pt'"):
+        create_clip(tiny_config("model.pretrained=/nowhere/w.pt").model)
+
+
+def test_weights_that_cannot_be_fetched_say_how_to_pass_a_local_file(monkeypatch):
+    def offline(*args, **kwargs):
+        raise RuntimeError("We couldn't connect to the Hub to download the files")
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
+    cfg = tiny_config("model.backbone=ViT-B-32", "model.pretrained=openai", "model.image_size=224")
+    with pytest.raises(ConfigError, match="could not fetch 'openai' weights for ViT-B-32.*model.pretrained=/path/to"):
+        backbone_mod.create_clip(cfg.model)
+
+
+def test_local_checkpoint_is_loaded_and_its_position_embedding_resized(tmp_path):
+    source = create_clip(tiny_config().model, seed=123)
+    path = tmp_path / "tiny.pt"
+    torch.save(source.state_dict(), path)
+    same = create_clip(tiny_config(f"model.pretrained={path}").model, seed=0)
+    torch.testing.assert_close(same.visual.conv1.weight, source.visual.conv1.weight)
+    bigger = create_clip(tiny_config(f"model.pretrained={path}", "model.image_size=128").model)
+    assert bigger.visual.positional_embedding.shape == (8 * 8 + 1, 64)
+    torch.testing.assert_close(bigger.visual.positional_embedding[0], source.visual.positional_embedding[0])
+
+
+def test_random_backbone_is_seeded():
+    a = create_clip(tiny_config().model, seed=5)
+    b = create_clip(tiny_config().model, seed=5)
+    c = create_clip(tiny_config().model, seed=6)
+    assert torch.equal(a.visual.proj, b.visual.proj) and not torch.equal(a.visual.proj, c.visual.proj)

@@ -1,0 +1,39 @@
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from temu_dist.model.backbone import create_clip
+from temu_dist.model.clipiqa import build_clipiqa
+from tests.conftest import tiny_config
+
+
+def _by_hand(clip, x, image_features):
+    text = F.normalize(clip.encode_text(open_clip.get_tokenizer("Test-Tiny-ViT-16")(["Good photo.", "Bad photo."])), dim=-1)
+    logits = clip.logit_scale.exp() * F.normalize(image_features, dim=-1) @ text.T
+    return logits.softmax(dim=-1)[:, 0]
+
+
+def test_option_a_is_clip_iqa():
+    config = tiny_config()
+    clip = create_clip(config.model, config.seed)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = _by_hand(clip, x, clip.encode_image(x))
+    torch.testing.assert_close(build_clipiqa(config, "a")(x), expected, rtol=1e-5, atol=1e-5)
+    # Option b at the last layer is option a.
+    torch.testing.assert_close(build_clipiqa(config, "b", layer=4)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_option_b_and_c_use_the_cls_of_chosen_and_all_layers():
+    config = tiny_config()
+    clip = create_clip(config.model, config.seed)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = clip.visual.forward_intermediates(x, output_fmt="NLC", output_extra_tokens=True,
+                                                 intermediates_only=True)
+        per_layer = [F.normalize(clip.visual.ln_post(c[:, 0]) @ clip.visual.proj, dim=-1)
+                     for c in out["image_intermediates_prefix"]]
+        expected_b = _by_hand(clip, x, per_layer[1])
+        expected_c = _by_hand(clip, x, torch.stack(per_layer).mean(dim=0))
+    torch.testing.assert_close(build_clipiqa(config, "b", layer=2)(x), expected_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(build_clipiqa(config, "c")(x), expected_c, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+
+from temu_dist.config import Config, ConfigError, dump, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_papers():
+    c = load_config()
+    assert (c.model.backbone, c.model.pretrained, c.model.image_size) == ("ViT-L-14", "openai", 448)
+    assert (c.model.layers, c.model.variant, c.model.prompt) == ("all", "I", "none")
+    assert c.model.prompt_pairs == [("Good photo.", "Bad photo.")]
+
+
+def test_yaml_then_dotted_overrides(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("name: x\nmodel:\n  variant: S\n  layers: upto:14\n")
+    c = load_config(path, ["model.prompt=cocoop", "model.image_size=[384, 512]", "seed=7"])
+    assert (c.name, c.seed, c.model.variant, c.model.layers, c.model.prompt) == ("x", 7, "S", "upto:14", "cocoop")
+    assert c.model.image_hw() == (384, 512)
+
+
+@pytest.mark.parametrize("overrides, names", [
+    (["model.imag_size=448"], "model.imag_size: unknown key"),
+    (["model.image_size=big"], "model.image_size"),
+    (["model.variant=X"], "model.variant"),
+    (["model.layers=upto:0"], "model.layers"),
+    (["model.layers=some"], "model.layers"),
+    (["trainer.lr=0.1"], "trainer: unknown key"),
+    (["model.n_ctx=0"], "model.n_ctx"),
+])
+def test_bad_values_fail_in_one_line_naming_the_key(overrides, names):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert names in message
+    assert "\n" not in message
+
+
+def test_bad_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  variant: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(path)
+    path.write_text("model:\n  prompt: coopp\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid config: model.prompt"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_override_must_be_key_value():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["model.prompt"])
+    with pytest.raises(ConfigError, match="model.variant"):
+        load_config(None, ["model.variant.x=1"])
+
+
+def test_resolved_copy_reloads_to_the_same_config():
+    c = load_config(None, ["model.layers=only:13", "model.prompt_pairs=[[High quality., Low quality.]]"])
+    assert load_config(None, (), base=dump(c)) == c
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    assert isinstance(load_config(path), Config)

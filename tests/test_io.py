@@ -1,0 +1,74 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from temu_dist.config import ConfigError
+from temu_dist.model.io import load_model, save_model
+from temu_dist.model.temu import build_model
+from tests.conftest import tiny_config
+
+
+def _trained(*overrides):
+    config = tiny_config(*overrides)
+    model = build_model(config)
+    # Move every trainable parameter off its initial value, so a reload that re-initialises would be caught.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval(), config
+
+
+@pytest.mark.parametrize("overrides", [("model.prompt=none", "model.variant=S"),
+                                       ("model.prompt=coop", "model.layers=upto:3"),
+                                       ("model.prompt=cocoop", "model.layer_norm=true")])
+def test_round_trip_gives_identical_scores(tmp_path, overrides):
+    model, config = _trained(*overrides)
+    save_model(model, config, tmp_path / "run")
+    x = torch.randn(2, 3, 64, 64)
+    loaded, loaded_config = load_model(tmp_path / "run")
+    assert loaded_config == config
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).score, model(x).score, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x).patch_scores, model(x).patch_scores, rtol=0, atol=0)
+
+
+def test_files_hold_only_trainable_tensors_and_the_resolved_config(tmp_path):
+    model, config = _trained("model.prompt=coop")
+    save_model(model, config, tmp_path)
+    with safe_open(str(tmp_path / "weights.safetensors"), "pt") as fh:
+        assert set(fh.keys()) == {"layer_logits", "log_tau_w", "prompts.ctx"}
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["prompt"] == "coop"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_override_of_a_weight_shaping_field_is_named(tmp_path):
+    model, config = _trained("model.prompt=none")
+    save_model(model, config, tmp_path)
+    with pytest.raises(ConfigError, match="checkpoint has model.prompt='none' but model.prompt='coop' was asked"):
+        load_model(tmp_path, ["model.prompt=coop"])
+    # Where the frozen weights come from, and the input size, may change at load time.
+    loaded, loaded_config = load_model(tmp_path, ["model.image_size=128"])
+    assert loaded_config.model.image_size == 128 and loaded.backbone.grid == (8, 8)
+
+
+def test_config_that_disagrees_with_the_weights_is_named(tmp_path):
+    model, config = _trained("model.prompt=coop")
+    save_model(model, config, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["model"]["n_ctx"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="model.n_ctx=4 but model.n_ctx=8"):
+        load_model(tmp_path)
+
+
+def test_missing_or_broken_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="config.json: not found"):
+        load_model(tmp_path)
+    model, config = _trained()
+    save_model(model, config, tmp_path)
+    (tmp_path / "weights.safetensors").write_bytes(b"\x00" * 7)
+    with pytest.raises(ConfigError, match="weights.safetensors: not a readable safetensors file"):
+        load_model(tmp_path)

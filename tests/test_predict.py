@@ -1,0 +1,68 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from temu_dist.model.io import save_model
+from temu_dist.model.temu import build_model
+from temu_dist.predict import predict
+from tests.conftest import tiny_config
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    good = []
+    for i, size in enumerate([(80, 60), (64, 64), (33, 90)]):
+        path = tmp_path / f"photo{i}.png"
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+        good.append(path)
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    return good, corrupt
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    config = tiny_config("model.prompt=coop")
+    model = build_model(config)
+    save_model(model, config, tmp_path / "run")
+    return tmp_path / "run", model
+
+
+def test_scores_good_images_and_names_the_corrupt_one(images, checkpoint, tmp_path, capsys):
+    (good, corrupt), (run, model) = images, checkpoint
+    paths = [str(good[0]), str(corrupt), str(good[1]), str(good[2])]
+    status = predict(["--checkpoint", str(run), "--batch-size", "2", "--heatmap", str(tmp_path / "maps"), *paths])
+    out, err = capsys.readouterr()
+    assert status == 1
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["path"] for line in lines] == [str(p) for p in good]
+    assert all(0 < line["score"] < 1 for line in lines)
+    errors = [line for line in err.splitlines() if "cannot read" in line]
+    assert len(errors) == 1 and f"cannot read image {corrupt}" in errors[0]
+    # The printed score is the model's score of that image.
+    from temu_dist.data.augment import eval_transform
+    x = eval_transform((64, 64), model.backbone.mean, model.backbone.std)(Image.open(good[2]).convert("RGB"))
+    with torch.no_grad():
+        assert lines[2]["score"] == pytest.approx(float(model.eval()(x[None]).score[0]), abs=1e-6)
+    for p in good:
+        heat = Image.open(tmp_path / "maps" / f"{p.stem}.heatmap.png")
+        assert heat.size == Image.open(p).size
+    assert not (tmp_path / "maps" / "corrupt.heatmap.png").exists()
+
+
+def test_all_good_exits_zero_and_overrides_apply(images, checkpoint, capsys):
+    (good, _), (run, _) = images, checkpoint
+    assert predict(["--checkpoint", str(run), str(good[0]), "model.image_size=96"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_config_without_checkpoint_scores_with_a_fresh_head(images, tmp_path, capsys):
+    good, _ = images
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  backbone: Test-Tiny-ViT-16\n  pretrained: null\n  image_size: 64\n")
+    assert predict(["--config", str(cfg), *map(str, good)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
