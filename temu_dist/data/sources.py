@@ -1,0 +1,430 @@
+"""Label files of the public IQA releases -> `Record`s, for the packer that writes WebDataset shards.
+
+Two sources are accepted: each release's own label files (`read_records`), and IQA-PyTorch's meta-info CSVs
+(`read_pyiqa_meta`, with `read_pyiqa_split` for its split pickles). Readers are generators that never open an
+image: whether a file exists and decodes is the packer's check.
+
+Conventions, the same for every dataset:
+- `name` is the image path relative to the dataset root, POSIX style; `path` is root / name.
+- `mos` is the label rescaled from `DatasetInfo.raw_range` to [0, 1], flipped where lower is better (DMOS).
+- `ref` is the reference image's file name (synthetic sets only), so both sources give the same ids.
+- `row` is where a person finds the entry: the CSV/xlsx row with the header as row 1, the text line (AVA.txt),
+  or the 1-based element of a .mat array.
+- Side files (LIVE Challenge's image list, KonIQ's and FLIVE's split files, ...) are looked up next to the label
+  file, as the releases ship them.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
+
+import numpy as np
+import openpyxl
+import scipy.io as sio
+from openpyxl.utils.exceptions import InvalidFileException
+from scipy.io.matlab import MatReadError
+
+from temu_dist.config import ConfigError
+
+
+class DataError(ConfigError):
+    """A dataset label file that cannot be used; one line naming the file and, where it applies, row or column."""
+
+
+@dataclass(frozen=True)
+class Record:
+    name: str            # image path relative to the dataset root, POSIX style; unique key within the dataset
+    path: Path           # absolute path of the image file
+    mos: float           # normalised to [0, 1], higher is better (DMOS datasets flipped)
+    mos_raw: float       # the value exactly as in the label file (AVA: the mean of its vote counts)
+    ref: str | None      # reference image file name for synthetic datasets (KADID-10k, CSIQ, LIVE), else None
+    split: str | None    # the release's official split ('train' | 'val' | 'test') where it has one, else None
+    row: int             # 1-based row/line/index in the label file, for error messages
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str                 # registry key
+    label_file: str           # default label file path relative to root, as released
+    raw_range: tuple[float, float]
+    higher_better: bool
+    has_reference: bool
+    official_split: bool
+    large: bool               # FLIVE and AVA: must stream
+    # Values a label file may hold where it overshoots raw_range; normalised values are clipped to [0, 1].
+    accept_range: tuple[float, float] | None = None
+
+
+DATASETS: dict[str, DatasetInfo] = {i.name: i for i in (
+    # MOS (1-5) of koniq10k_scores_and_distributions.csv, images in 1024x768/; split from the optional
+    # koniq10k_distributions_sets.csv (github.com/subpic/koniq metadata), as IQA-PyTorch uses it.
+    DatasetInfo("koniq10k", "koniq10k_scores_and_distributions.csv", (1.0, 5.0), True, False, True, False),
+    # 'Image name' and 'MOS' (0-100) of the first sheet; images in TestImage/.
+    DatasetInfo("spaq", "Annotations/MOS and Image attribute scores.xlsx", (0.0, 100.0), True, False, False, False),
+    # AllMOS_release (0-100) with AllImages_release.mat beside it; images in Images/.
+    DatasetInfo("livec", "Data/AllMOS_release.mat", (0.0, 100.0), True, False, False, False),
+    # 'name' and 'mos' (0-100); split from PaQ-2-PiQ's labels640.csv (test) and labels=640_padded.csv
+    # ('is_valid' -> val) when both lie beside it, as IQA-PyTorch's process_flive.py derives it.
+    DatasetInfo("flive", "labels_image.csv", (0.0, 100.0), True, False, True, True),
+    # Mean of the 10 vote counts (1-10); test split from aesthetics_image_lists/generic_test.jpgl when present.
+    DatasetInfo("ava", "AVA.txt", (1.0, 10.0), True, False, True, True),
+    DatasetInfo("kadid10k", "dmos.csv", (1.0, 5.0), True, True, False, False),
+    DatasetInfo("csiq", "csiq.DMOS.xlsx", (0.0, 1.0), False, True, False, False),
+    # DMOS scaled to about 0-100, but a few entries lie a little outside (the realigned DMOS reaches past 100);
+    # they are kept and clipped rather than dropped. The acceptance range still catches a wrong file.
+    DatasetInfo("live", "dmos.mat", (0.0, 100.0), False, True, False, False, accept_range=(-10.0, 120.0)),
+    # mos_quality (0-5); images beside data.csv (pass label_file when data.csv lies elsewhere).
+    DatasetInfo("agiqa3k", "data.csv", (0.0, 5.0), True, False, False, False),
+)}
+
+_SPLITS = ("train", "val", "test")
+# CSIQ's dst_type -> (folder under dst_imgs/, token in the file name) of the release.
+_CSIQ_TYPES = {"noise": ("awgn", "AWGN"), "jpeg": ("jpeg", "JPEG"), "jpeg 2000": ("jpeg2000", "jpeg2000"),
+               "fnoise": ("fnoise", "fnoise"), "blur": ("blur", "BLUR"), "contrast": ("contrast", "contrast")}
+# LIVE's dmos.mat lists the distorted images folder by folder, img1..imgN in each.
+_LIVE_FOLDERS = (("jp2k", 227), ("jpeg", 233), ("wn", 174), ("gblur", 174), ("fastfading", 174))
+# The release's first 7 LIVE Challenge images are its training images; IQA work leaves them out.
+_LIVEC_SKIP = 7
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise DataError(f"{path} not found: expected {what}")
+    return path
+
+
+def _text(value: object) -> str:
+    """A cell as text: spreadsheets store image ids and levels such as 1600 or 3 as numbers."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return "" if value is None else str(value).strip()
+
+
+def _checked(dataset: str, value: object, label: Path, row: int, raw_range: tuple[float, float]) -> float:
+    try:
+        raw = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DataError(f"{label.name} row {row}: MOS {_text(value)!r} is not a number") from None
+    lo, hi = DATASETS[dataset].accept_range or raw_range
+    if not lo <= raw <= hi:
+        raise DataError(f"{label.name} row {row}: MOS {raw:g} is outside {lo:g}..{hi:g} for {dataset}")
+    return raw
+
+
+def _scale(raw: float, raw_range: tuple[float, float], higher_better: bool) -> float:
+    lo, hi = raw_range
+    x = (raw - lo) / (hi - lo)
+    return min(1.0, max(0.0, x if higher_better else 1.0 - x))
+
+
+def normalise(dataset: str, raw: float) -> float:
+    """Raw label -> [0, 1], higher better. Clipping only matters for LIVE, whose readers accept a little overshoot."""
+    info = _info(dataset)
+    return _scale(raw, info.raw_range, info.higher_better)
+
+
+def _record(dataset: str, root: Path, name: str, value: object, label: Path, row: int, ref: str | None = None,
+            split: str | None = None, raw_range: tuple[float, float] | None = None) -> Record:
+    if not PurePosixPath(name).name:
+        raise DataError(f"{label.name} row {row}: empty image name")
+    info = DATASETS[dataset]
+    raw_range = raw_range or info.raw_range
+    raw = _checked(dataset, value, label, row, raw_range)
+    return Record(name, root / name, _scale(raw, raw_range, info.higher_better), raw, ref, split, row)
+
+
+def _csv_rows(path: Path, columns: Iterable[str]) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line, row) pairs, streamed; the header must hold every column asked for."""
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
+        for col in columns:
+            if col not in reader.fieldnames:
+                raise DataError(f"{path.name}: no column '{col}' (columns: {', '.join(reader.fieldnames)})")
+        for row in reader:
+            yield reader.line_num, row
+
+
+def _xlsx_rows(path: Path, sheet: str | None, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, object]]]:
+    """(sheet row, row) pairs below the header: the first row holding columns[0], as CSIQ's sheet need not
+    start at A1. Blank rows are skipped."""
+    try:
+        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except (zipfile.BadZipFile, InvalidFileException, OSError) as e:
+        raise DataError(f"{path.name}: not a readable xlsx file ({e})") from None
+    try:
+        if sheet is not None and sheet not in wb.sheetnames:
+            raise DataError(f"{path.name}: no sheet '{sheet}' (sheets: {', '.join(wb.sheetnames)})")
+        where: dict[str, int] | None = None
+        for r, values in enumerate((wb[sheet] if sheet else wb.worksheets[0]).iter_rows(values_only=True), 1):
+            if where is None:
+                header = [_text(v) for v in values]
+                if columns[0] in header:
+                    where = {c: header.index(c) for c in header if c}
+                    missing = [c for c in columns if c not in where]
+                    if missing:
+                        raise DataError(f"{path.name}: no column '{missing[0]}' (columns: {', '.join(where)})")
+                continue
+            cells = {c: values[where[c]] if where[c] < len(values) else None for c in columns}
+            if any(_text(v) for v in cells.values()):
+                yield r, cells
+        if where is None:
+            raise DataError(f"{path.name}: no column '{columns[0]}' in any row")
+    finally:
+        wb.close()
+
+
+def _mat(path: Path, var: str) -> np.ndarray:
+    try:
+        data = sio.loadmat(path)
+    except (MatReadError, ValueError, OSError) as e:
+        raise DataError(f"{path.name}: not a readable .mat file ({e})") from None
+    if var not in data:
+        names = ", ".join(k for k in data if not k.startswith("__"))
+        raise DataError(f"{path.name}: no variable '{var}' (variables: {names})")
+    return np.ravel(data[var])
+
+
+def _mat_strings(path: Path, var: str) -> list[str]:
+    # A MATLAB cell array of strings loads as an object array of 1-element string arrays.
+    return [str(np.ravel(item)[0]).strip() for item in _mat(path, var)]
+
+
+def _read_koniq10k(root: Path, label: Path) -> Iterator[Record]:
+    sets = label.parent / "koniq10k_distributions_sets.csv"
+    splits = None
+    if sets.is_file():
+        names = {"training": "train", "validation": "val", "test": "test"}
+        splits = {}
+        for row, rec in _csv_rows(sets, ("image_name", "set")):
+            if rec["set"].strip() not in names:
+                raise DataError(f"{sets.name} row {row}: set {rec['set']!r} is not training, validation or test")
+            splits[rec["image_name"].strip()] = names[rec["set"].strip()]
+    for row, rec in _csv_rows(label, ("image_name", "MOS")):
+        image = rec["image_name"].strip()
+        if splits is not None and image not in splits:
+            raise DataError(f"{sets.name}: no row for {image!r} ({label.name} row {row})")
+        yield _record("koniq10k", root, f"1024x768/{image}", rec["MOS"], label, row,
+                      split=None if splits is None else splits[image])
+
+
+def _read_spaq(root: Path, label: Path) -> Iterator[Record]:
+    for row, rec in _xlsx_rows(label, None, ("Image name", "MOS")):
+        yield _record("spaq", root, f"TestImage/{_text(rec['Image name'])}", rec["MOS"], label, row)
+
+
+def _read_livec(root: Path, label: Path) -> Iterator[Record]:
+    images = _need(label.parent / "AllImages_release.mat", "the LIVE Challenge release's Data/AllImages_release.mat")
+    names, mos = _mat_strings(images, "AllImages_release"), _mat(label, "AllMOS_release")
+    if len(names) != len(mos):
+        raise DataError(f"{label.name}: {len(mos)} MOS values for {len(names)} images in {images.name}")
+    for i in range(_LIVEC_SKIP, len(names)):
+        yield _record("livec", root, f"Images/{names[i]}", mos[i], label, i + 1)
+
+
+def _flive_splits(folder: Path) -> Callable[[str], str] | None:
+    """PaQ-2-PiQ's split, read as IQA-PyTorch does: test if listed in labels640.csv, else val if is_valid in
+    labels=640_padded.csv, else train. Without both files there is no split."""
+    test_file, train_file = folder / "labels640.csv", folder / "labels=640_padded.csv"
+    if not (test_file.is_file() and train_file.is_file()):
+        return None
+    test = {rec["name_image"].strip() for _, rec in _csv_rows(test_file, ("name_image",))}
+    val = {rec["name_image"].strip() for _, rec in _csv_rows(train_file, ("name_image", "is_valid"))
+           if rec["is_valid"].strip().lower() in ("true", "1")}
+    return lambda name: "test" if name in test else "val" if name in val else "train"
+
+
+def _read_flive(root: Path, label: Path) -> Iterator[Record]:
+    split_of = _flive_splits(label.parent)
+    for row, rec in _csv_rows(label, ("name", "mos")):
+        name = rec["name"].strip()
+        yield _record("flive", root, name, rec["mos"], label, row, split=split_of(name) if split_of else None)
+
+
+def _read_ava(root: Path, label: Path) -> Iterator[Record]:
+    test_list = label.parent / "aesthetics_image_lists" / "generic_test.jpgl"
+    test = set(test_list.read_text().split()) if test_list.is_file() else None
+    with label.open() as fh:
+        for row, line in enumerate(fh, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            # index, image id, counts of votes 1..10, two semantic tags, challenge id
+            where = f"{label.name} row {row}"
+            if len(fields) < 12:
+                raise DataError(f"{where}: {len(fields)} fields, expected 15 (index, id, 10 vote counts, ...)")
+            try:
+                votes = [int(v) for v in fields[2:12]]
+            except ValueError:
+                raise DataError(f"{where}: vote counts {' '.join(fields[2:12])!r} are not all numbers") from None
+            if sum(votes) <= 0:
+                raise DataError(f"{where}: no votes")
+            mean = sum(score * n for score, n in enumerate(votes, 1)) / sum(votes)
+            split = None if test is None else "test" if fields[1] in test else "train"
+            yield _record("ava", root, f"images/{fields[1]}.jpg", mean, label, row, split=split)
+
+
+def _read_kadid10k(root: Path, label: Path) -> Iterator[Record]:
+    for row, rec in _csv_rows(label, ("dist_img", "ref_img", "dmos")):
+        yield _record("kadid10k", root, f"images/{rec['dist_img'].strip()}", rec["dmos"], label, row,
+                      ref=rec["ref_img"].strip())
+
+
+def _read_csiq(root: Path, label: Path) -> Iterator[Record]:
+    for row, rec in _xlsx_rows(label, "all_by_image", ("image", "dst_type", "dst_lev", "dmos")):
+        image, kind = _text(rec["image"]), _text(rec["dst_type"]).lower()
+        if kind not in _CSIQ_TYPES:
+            raise DataError(f"{label.name} row {row}: dst_type {rec['dst_type']!r} is not one of "
+                            f"{', '.join(_CSIQ_TYPES)}")
+        folder, token = _CSIQ_TYPES[kind]
+        name = f"dst_imgs/{folder}/{image}.{token}.{_text(rec['dst_lev'])}.png"
+        yield _record("csiq", root, name, rec["dmos"], label, row, ref=f"{image}.png")
+
+
+def _read_live(root: Path, label: Path) -> Iterator[Record]:
+    refnames = _need(label.parent / "refnames_all.mat", "the LIVE release's refnames_all.mat beside dmos.mat")
+    dmos, orgs, refs = _mat(label, "dmos"), _mat(label, "orgs"), _mat_strings(refnames, "refnames_all")
+    names = [f"{folder}/img{k}.bmp" for folder, n in _LIVE_FOLDERS for k in range(1, n + 1)]
+    if not len(dmos) == len(orgs) == len(refs) == len(names):
+        raise DataError(f"{label.name}: {len(dmos)} dmos, {len(orgs)} orgs and {len(refs)} refnames_all entries; "
+                        f"release 2 has {len(names)} of each")
+    for i, name in enumerate(names):
+        if orgs[i] != 1:  # orgs == 1 marks the reference images themselves
+            yield _record("live", root, name, dmos[i], label, i + 1, ref=refs[i])
+
+
+def _read_agiqa3k(root: Path, label: Path) -> Iterator[Record]:
+    for row, rec in _csv_rows(label, ("name", "mos_quality")):
+        yield _record("agiqa3k", root, rec["name"].strip(), rec["mos_quality"], label, row)
+
+
+_READERS: dict[str, Callable[[Path, Path], Iterator[Record]]] = {
+    "koniq10k": _read_koniq10k, "spaq": _read_spaq, "livec": _read_livec, "flive": _read_flive, "ava": _read_ava,
+    "kadid10k": _read_kadid10k, "csiq": _read_csiq, "live": _read_live, "agiqa3k": _read_agiqa3k,
+}
+
+
+def _info(dataset: str) -> DatasetInfo:
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset '{dataset}'; valid: {', '.join(DATASETS)}")
+    return DATASETS[dataset]
+
+
+def _unique(records: Iterator[Record], label: Path) -> Iterator[Record]:
+    """The packer keys samples by name, so a repeated one is an error, not a silent overwrite."""
+    seen: dict[str, int] = {}
+    for rec in records:
+        if rec.name in seen:
+            raise DataError(f"{label.name} row {rec.row}: image {rec.name!r} already listed at row {seen[rec.name]}")
+        seen[rec.name] = rec.row
+        yield rec
+
+
+def read_records(dataset: str, root: str | Path, label_file: str | Path | None = None) -> Iterator[Record]:
+    """Records of one release, lazily. label_file defaults to the release's; a relative one is under root.
+    The dataset name and the label file's presence are checked now, the rows as they are read."""
+    info = _info(dataset)
+    root = Path(root).absolute()
+    label = _need(root / (label_file or info.label_file), f"the {dataset} release's '{info.label_file}'")
+    return _unique(_READERS[dataset](root, label), label)
+
+
+class _Meta(NamedTuple):
+    image_dir: str    # IQA-PyTorch's dataroot_target relative to its dataset folder
+    name_col: str
+    mos_col: str
+    ref_col: str | None = None
+    raw_range: tuple[float, float] | None = None  # where IQA-PyTorch's CSV is not on the release's scale
+
+
+# Columns as IQA-PyTorch's scripts/process_*.py write them.
+_PYIQA_META = {
+    # koniq10k_distributions_sets.csv's MOS, 0-100 (IQA-PyTorch's koniq10k-1024 config: mos_range [0, 100]).
+    "koniq10k": _Meta("1024x768", "img_name", "mos", raw_range=(0.0, 100.0)),
+    "spaq": _Meta("TestImage", "Image name", "MOS"),
+    "livec": _Meta("", "img_name", "mos"),
+    "flive": _Meta("", "img_name/patch_name", "mos"),  # images, then their patches
+    "ava": _Meta("ava_images", "img_name", "MOS"),
+    "kadid10k": _Meta("images", "dist_name", "dmos", "ref_name"),
+    "csiq": _Meta("dst_imgs", "dist_name", "dmos", "ref_name"),
+    "live": _Meta("", "dist_name", "mos", "ref_name"),  # 'mos' holds LIVE's DMOS
+}
+# IQA-PyTorch's official-split column: 'split' (KonIQ, FLIVE) or 'official split' (AVA) from its scripts,
+# 'official_split' in its documented format; 0/1/2 or the phase name.
+_META_SPLIT_COLUMNS = ("official_split", "official split", "split")
+_META_SPLIT_VALUES = {"0": "train", "1": "val", "2": "test", **{s: s for s in _SPLITS}}
+
+
+def _read_meta(dataset: str, root: Path, meta: Path, image_dir: Path) -> Iterator[Record]:
+    spec, info = _PYIQA_META[dataset], DATASETS[dataset]
+    with meta.open(newline="", encoding="utf-8-sig") as fh:
+        header = [c.strip() for c in next(csv.reader(fh), [])]
+    split_col = next((c for c in _META_SPLIT_COLUMNS if c in header), None) if info.official_split else None
+    columns = [c for c in (spec.name_col, spec.mos_col, spec.ref_col) if c]
+    for i, (row, rec) in enumerate(_csv_rows(meta, columns)):
+        if dataset == "livec" and i < _LIVEC_SKIP:  # IQA-PyTorch's LIVEChallengeDataset drops them too
+            continue
+        split = None
+        if split_col:
+            split = _META_SPLIT_VALUES.get(rec[split_col].strip())
+            if split is None:
+                raise DataError(f"{meta.name} row {row}: {split_col} {rec[split_col]!r} is not 0/1/2 or train/val/test")
+        name = Path(os.path.relpath(image_dir / rec[spec.name_col].strip(), root)).as_posix()
+        ref = PurePosixPath(rec[spec.ref_col].strip()).name if spec.ref_col else None
+        yield _record(dataset, root, name, rec[spec.mos_col], meta, row, ref, split, spec.raw_range)
+
+
+def read_pyiqa_meta(dataset: str, root: str | Path, meta_csv: str | Path,
+                    image_dir: str | Path | None = None) -> Iterator[Record]:
+    """Records from IQA-PyTorch's meta_info_<Dataset>.csv, lazily, normalised like the release's own labels.
+
+    image_dir is the folder the CSV's names are relative to (IQA-PyTorch's dataroot_target), under root when
+    relative; by default IQA-PyTorch's own layout (e.g. 1024x768 for KonIQ, dst_imgs for CSIQ). Names stay
+    relative to root, so they match read_records' wherever the layouts agree."""
+    _info(dataset)
+    if dataset not in _PYIQA_META:
+        raise DataError(f"IQA-PyTorch has no meta-info CSV for {dataset}; read its release with read_records")
+    root = Path(root).absolute()
+    meta = _need(Path(meta_csv).absolute(), f"IQA-PyTorch's meta-info CSV for {dataset}")
+    folder = root / (image_dir if image_dir is not None else _PYIQA_META[dataset].image_dir)
+    return _unique(_read_meta(dataset, root, meta, folder), meta)
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Loads dicts, lists, ints and strs only: any global (class or function) could run code, so none loads."""
+
+    def find_class(self, module: str, name: str) -> object:
+        raise pickle.UnpicklingError(f"refusing {module}.{name}")
+
+
+def read_pyiqa_split(pkl: str | Path, index: int = 0) -> dict[str, list[int]]:
+    """IQA-PyTorch split pickle {split number: {'train': [...], 'val': [...], 'test': [...]}} -> one split's
+    0-based row indices into its meta-info CSV (for LIVE Challenge, after dropping the first 7 rows), with every
+    phase present. `index` is 0-based over the pickle's split numbers in order (IQA-PyTorch numbers them from 1), as
+    the split index of every other protocol is; 0 is the only split of an official-split file."""
+    path = _need(Path(pkl), "an IQA-PyTorch split pickle")
+    try:
+        with path.open("rb") as fh:
+            data = _PlainUnpickler(fh).load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DataError(f"{path.name}: not a plain-data split pickle ({e})") from None
+    if not isinstance(data, dict) or not data or not all(isinstance(k, int) for k in data):
+        raise DataError(f"{path.name}: expected {{split number: {{phase: [row indices]}}}}")
+    keys = sorted(data)
+    if not 0 <= index < len(keys):
+        raise DataError(f"{path.name}: no split index {index} (0-based); it holds {len(keys)} splits, "
+                        f"numbered {', '.join(map(str, keys))}")
+    key = keys[index]
+    split = data[key]
+    if not isinstance(split, dict) or set(split) - set(_SPLITS):
+        raise DataError(f"{path.name} split {key}: expected phases {', '.join(_SPLITS)}")
+    for phase, rows in split.items():
+        if not isinstance(rows, list) or not all(isinstance(r, int) and r >= 0 for r in rows):
+            raise DataError(f"{path.name} split {key}: '{phase}' is not a list of row indices")
+    return {phase: list(split.get(phase, [])) for phase in _SPLITS}
