@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 LAYER_SPEC = re.compile(r"^(all|upto:[1-9]\d*|only:[1-9]\d*)$")
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
@@ -90,6 +90,59 @@ class ModelConfig(_Section):
         return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
 
 
+class DataConfig(_Section):
+    # A shard folder written by `python -m temu_dist.pack` (it holds manifest.json) and the split to train on.
+    train: str | None = None
+    train_split: str = "train"
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    # Resampled shards (with replacement) for many GPUs; otherwise each epoch is a reshuffled pass over the shards.
+    resampled: bool = False
+    flip: bool = True
+
+    @field_validator("workers", "shuffle_buffer")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"{v} must be >= 0")
+        return v
+
+
+class LDGConfig(_Section):
+    """Local distortion guidance: a distorted region x' joins the batch with target f(x, x') * y."""
+
+    enabled: bool = True
+    p: float = 1.0  # probability per image
+    weight: float = 1.0  # loss weight of the distorted images
+    fidelity: Literal["cw_ssim", "ssim", "constant"] = "cw_ssim"
+    constant: float = 0.5  # f when fidelity is 'constant' (the Fig. 11 study: 0, 0.3, 0.5, 0.7)
+    region_min: int = 40  # w_min = h_min of Eq. 8
+    region_max: int = 150  # w_max = h_max
+    ops: int = 6  # RandAugment N
+    magnitude: int = 18  # RandAugment M, of torchvision's 31 bins
+
+    @field_validator("p", "constant")
+    @classmethod
+    def _unit(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{v} must lie in [0, 1]")
+        return v
+
+    @field_validator("magnitude")
+    @classmethod
+    def _bins(cls, v: int) -> int:
+        if not 0 <= v <= 30:
+            raise ValueError(f"{v} must lie in [0, 30] (torchvision's 31 magnitude bins)")
+        return v
+
+    @model_validator(mode="after")
+    def _region(self) -> "LDGConfig":
+        if not 1 <= self.region_min <= self.region_max:
+            raise ValueError(f"region_min {self.region_min} and region_max {self.region_max} need "
+                             "1 <= region_min <= region_max")
+        return self
+
+
 class Config(_Section):
     name: str = "temu"
     seed: int = 0
@@ -97,6 +150,8 @@ class Config(_Section):
     out_dir: str = "runs"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    ldg: LDGConfig = LDGConfig()
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:

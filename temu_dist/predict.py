@@ -17,7 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from temu_dist.config import ConfigError, is_override, load_config
-from temu_dist.data.augment import eval_transform
+from temu_dist.data.augment import normalize, to_input
 from temu_dist.model.io import load_model
 from temu_dist.model.temu import build_model
 from temu_dist.plots import heatmap_overlay
@@ -57,7 +57,7 @@ def predict(argv: list[str] | None = None) -> int:
         print("predict: model.pretrained is null: a random backbone carries little quality information, so these "
               "scores show the pipeline working, not what TeMu-IQA reaches", file=sys.stderr)
     device = next(model.parameters()).device
-    transform = eval_transform(config.model.image_hw(), model.backbone.mean, model.backbone.std)
+    image_hw = config.model.image_hw()
     heat_dir = Path(args.heatmap) if args.heatmap else None
     if heat_dir:
         heat_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,8 @@ def predict(argv: list[str] | None = None) -> int:
                 print(f"predict: cannot read image {path}: {e}", file=sys.stderr)
         if not good:
             continue
-        batch = torch.stack([transform(im) for _, im in good]).to(device)
+        batch = normalize(torch.stack([to_input(im, image_hw) for _, im in good]).to(device),
+                          model.backbone.mean, model.backbone.std)
         with torch.no_grad():
             out = model(batch)
         for i, (path, im) in enumerate(good):

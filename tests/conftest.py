@@ -36,3 +36,30 @@ def tiny_config(*overrides: str) -> Config:
     base = ["model.backbone=Test-Tiny-ViT-16", "model.pretrained=null", "model.image_size=64", "model.n_ctx=4",
             "device=cpu"]
     return load_config(None, [*base, *overrides])
+
+
+def write_kadid(root, refs: int = 5, per_ref: int = 5, size: tuple[int, int] = (48, 32), seed: int = 0):
+    """A tiny dataset in KADID-10k's released layout (images/, dmos.csv); returns {images/dist_img: (ref_img, dmos)},
+    keyed by the path relative to the root, as the readers name images."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    labels = {}
+    for r in range(1, refs + 1):
+        ref = f"I{r:02d}.png"
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(images / ref)
+        for k in range(1, per_ref + 1):
+            name = f"I{r:02d}_{k:02d}_01.png"
+            Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(images / name)
+            labels[name] = (ref, round(float(rng.uniform(1, 5)), 3))
+    with open(root / "dmos.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["dist_img", "ref_img", "dmos", "var"])
+        for name, (ref, mos) in labels.items():
+            writer.writerow([name, ref, mos, 0.1])
+    return {f"images/{name}": value for name, value in labels.items()}

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from temu_dist.data.augment import normalize, to_input
 from temu_dist.model.io import save_model
 from temu_dist.model.temu import build_model
 from temu_dist.predict import predict
@@ -44,10 +45,10 @@ def test_scores_good_images_and_names_the_corrupt_one(images, checkpoint, tmp_pa
     errors = [line for line in err.splitlines() if "cannot read" in line]
     assert len(errors) == 1 and f"cannot read image {corrupt}" in errors[0]
     # The printed score is the model's score of that image.
-    from temu_dist.data.augment import eval_transform
-    x = eval_transform((64, 64), model.backbone.mean, model.backbone.std)(Image.open(good[2]).convert("RGB"))
+    x = normalize(to_input(Image.open(good[2]).convert("RGB"), (64, 64))[None], model.backbone.mean,
+                  model.backbone.std)
     with torch.no_grad():
-        assert lines[2]["score"] == pytest.approx(float(model.eval()(x[None]).score[0]), abs=1e-6)
+        assert lines[2]["score"] == pytest.approx(float(model.eval()(x).score[0]), abs=1e-6)
     for p in good:
         heat = Image.open(tmp_path / "maps" / f"{p.stem}.heatmap.png")
         assert heat.size == Image.open(p).size

@@ -1,0 +1,221 @@
+"""Shards -> batches. The training stream reshuffles shards each epoch from seed + epoch, splits them over ranks and
+workers, shuffles samples in a buffer and gives every rank the same number of batches (no rank waits at the end of an
+epoch for one that ran dry). The evaluation stream gives every sample exactly once across all ranks and workers.
+
+Both stay out of accelerate's `prepare()`, which would re-shard them; batches are moved to the device by the caller.
+All epoch/seed/shard-split logic is in this file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from temu_dist.config import Config, ConfigError
+from temu_dist.data.augment import decode_rgb, to_input
+from temu_dist.data.ldg import LocalDistortion
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = ("jpg", "png", "webp")
+
+
+class ShardsMissing(ConfigError):
+    """A shard folder or split that is not there; the message says which pack command makes it."""
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise ShardsMissing(f"{path} not found: make the shards first, e.g. python -m temu_dist.pack --dataset NAME "
+                            f"--root DATASET_DIR --out {folder}")
+    return json.loads(path.read_text())
+
+
+def split_shards(folder: str | Path, split: str) -> tuple[list[str], int]:
+    """Shard paths and sample count of one split of a finished pack."""
+    manifest = read_manifest(folder)
+    if split not in manifest["splits"]:
+        raise ShardsMissing(f"{folder}: no '{split}' split (it has {', '.join(manifest['splits']) or 'none'}); "
+                            "pack with other --ratios or --split")
+    info = manifest["splits"][split]
+    paths = [str(Path(folder) / s["name"]) for s in info["shards"]]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ShardsMissing(f"{missing[0]} is listed in the manifest but missing: rerun the pack command "
+                            f"(python -m temu_dist.pack --verify {folder} lists what is wrong)")
+    return paths, info["count"]
+
+
+class SharedEpoch:
+    """The epoch, visible to persistent workers (they keep their own copy of the dataset object)."""
+
+    def __init__(self, epoch: int = 0):
+        self.value = mp.Value("i", epoch)
+
+    def set(self, epoch: int) -> None:
+        self.value.value = epoch
+
+    def get(self) -> int:
+        return self.value.value
+
+
+def _slot(rank: int, world_size: int) -> tuple[int, int]:
+    """This reader's index among all readers (ranks x workers), and their number."""
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    return rank * workers + worker, world_size * workers
+
+
+@dataclass
+class TrainSamples(IterableDataset):
+    """Endless raw samples for one reader (rank x worker), in passes over its share of the shards.
+
+    Each pass permutes all shards with (seed, epoch, pass) and this reader takes every n-th (wrapping round when there
+    are fewer shards than readers), so no reader runs dry; samples are shuffled within a pass, so a pass is read whole
+    before the next one starts and within an epoch readers overlap only where one must wrap round.
+    Resampled: shards drawn with replacement, seeded by (seed, epoch, reader).
+    """
+
+    urls: list[str]
+    seed: int
+    epoch: SharedEpoch
+    rank: int
+    world_size: int
+    resampled: bool
+    shuffle_buffer: int
+
+    def _passes(self, slot: int, slots: int, epoch: int) -> Iterator[Iterator[str]]:
+        if self.resampled:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch, slot]))
+            yield (self.urls[int(i)] for i in iter(lambda: rng.integers(len(self.urls)), None))
+            return
+        n = len(self.urls)
+        for cycle in range(1 << 30):
+            order = np.random.Generator(np.random.PCG64([self.seed, epoch, cycle])).permutation(n)
+            yield iter([self.urls[int(i)] for i in (order[slot::slots] if n >= slots else [order[slot % n]])])
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, slots = _slot(self.rank, self.world_size)
+        epoch = self.epoch.get()
+        rng = random.Random(f"{self.seed}-{epoch}-{slot}")
+        read = wds.tarfile_to_samples(handler=wds.warn_and_continue)
+        shuffle = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)
+        for shards in self._passes(slot, slots, epoch):
+            yield from shuffle(read({"url": u} for u in shards))
+
+
+@dataclass
+class EvalShards(IterableDataset):
+    """Every shard once, split over readers: by shard when there are enough shards, else every reader reads all shards
+    and keeps every n-th sample (see `_keep_mine`)."""
+
+    urls: list[str]
+    rank: int
+    world_size: int
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, slots = _slot(self.rank, self.world_size)
+        mine = self.urls[slot::slots] if len(self.urls) >= slots else self.urls
+        for url in mine:
+            yield {"url": url}
+
+
+def _keep_mine(samples: Iterator[dict], rank: int, world_size: int, n_shards: int) -> Iterator[dict]:
+    slot, slots = _slot(rank, world_size)
+    if n_shards >= slots:
+        yield from samples
+        return
+    for i, sample in enumerate(samples):
+        if i % slots == slot:
+            yield sample
+
+
+def _decode(sample: dict, image_hw: tuple[int, int], flip: bool, ldg: LocalDistortion | None,
+            ldg_p: float) -> dict | None:
+    """Raw tar sample -> tensors; a corrupt sample is logged and dropped (the caller counts what it got)."""
+    try:
+        ext = next(e for e in IMAGE_EXTS if e in sample)
+        label = json.loads(sample["json"])
+        image = to_input(decode_rgb(sample[ext]), image_hw, flip=flip and bool(torch.rand(()) < 0.5))
+    except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped, whatever the decoder raised
+        log.warning("skipping corrupt sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), e)
+        return None
+    out = {"image": image, "mos": torch.tensor(label["mos"], dtype=torch.float32), "name": label["name"]}
+    if ldg is not None:
+        use = bool(torch.rand(()) < ldg_p)
+        out["ldg_image"] = ldg(image)[0] if use else image
+        out["ldg"] = torch.tensor(use)
+    return out
+
+
+def _collate(samples: list[dict]) -> dict:
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "name"}
+    batch["name"] = [s["name"] for s in samples]
+    return batch
+
+
+def steps_per_epoch(num_samples: int, global_batch: int) -> int:
+    """Whole global batches per epoch, the same on every rank."""
+    return max(1, num_samples // global_batch)
+
+
+def train_loader(config: Config, folder: str, split: str, per_device_batch: int, global_batch: int, rank: int,
+                 world_size: int, epoch: SharedEpoch, image_hw: tuple[int, int]) -> tuple[DataLoader, int]:
+    """(loader, steps): the loader yields at least `steps` batches of `per_device_batch` per epoch on every rank;
+    stop after `steps`. Batches: image and ldg_image uint8 [B, 3, H, W], mos [B], ldg [B] bool, name."""
+    urls, count = split_shards(folder, split)
+    data = config.data
+    steps = steps_per_epoch(count, global_batch)
+    workers = data.workers
+    ldg = LocalDistortion(config.ldg) if config.ldg.enabled else None
+
+    def decoded(samples: Iterator[dict]) -> Iterator[dict]:
+        for s in samples:
+            out = _decode(s, image_hw, data.flip, ldg, config.ldg.p)
+            if out is not None:
+                yield out
+
+    per_worker = -(-steps // max(1, workers))  # ceil: each worker's share of the epoch's batches
+    pipeline = wds.DataPipeline(
+        TrainSamples(urls, config.seed, epoch, rank, world_size, data.resampled, data.shuffle_buffer),
+        decoded,
+        wds.batched(per_device_batch, collation_fn=_collate, partial=False),
+    ).with_epoch(nbatches=per_worker)
+    loader = DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                        pin_memory=torch.cuda.is_available())
+    return loader, steps
+
+
+def eval_loader(folder: str, split: str, batch_size: int, rank: int, world_size: int, workers: int,
+                image_hw: tuple[int, int]) -> tuple[DataLoader, int]:
+    """(loader, expected count): every sample of the split exactly once over all ranks and workers, unshuffled,
+    with partial last batches. Batches: image uint8, mos, name."""
+    urls, count = split_shards(folder, split)
+
+    def mine(samples: Iterator[dict]) -> Iterator[dict]:
+        return _keep_mine(samples, rank, world_size, len(urls))
+
+    def decoded(samples: Iterator[dict]) -> Iterator[dict]:
+        for s in samples:
+            out = _decode(s, image_hw, False, None, 0.0)
+            if out is not None:
+                yield out
+
+    pipeline = wds.DataPipeline(
+        EvalShards(urls, rank, world_size),
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        mine,
+        decoded,
+        wds.batched(batch_size, collation_fn=_collate, partial=True),
+    )
+    loader = DataLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
+    return loader, count

@@ -1,0 +1,365 @@
+"""Released files -> WebDataset shards per split, with manifest.json. Parallel, resumable, atomic.
+
+    python -m temu_dist.pack --dataset kadid10k --root ~/data/kadid10k --out shards/kadid10k
+    python -m temu_dist.pack --dataset agiqa3k --root DIR --out shards/agiqa3k/split3 --split-index 3
+    python -m temu_dist.pack --verify shards/kadid10k
+
+Each sample is the image's bytes (re-encoded only when resized or when the release stores BMP/TIFF) and a JSON label
+(name, dataset, mos, mos_raw, ref, split). A shard appears under its final name only once complete; the manifest is
+written last, so a folder with a manifest is a finished pack. Rerunning after an interruption keeps finished shards
+and writes the rest. Records are streamed and handed to workers a shard at a time: memory stays flat whatever the
+dataset size.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image
+from tqdm import tqdm
+
+from temu_dist.config import ConfigError
+from temu_dist.data.sources import DATASETS, DataError, Record, read_pyiqa_meta, read_records
+from temu_dist.data.splits import SPLITS, SplitSpec, splitter
+
+MANIFEST = "manifest.json"
+FORMAT = "temu-dist-shards/1"
+# Formats kept byte for byte; anything else (BMP, TIFF, ...) is stored losslessly as PNG.
+KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+@dataclass
+class PackOptions:
+    dataset: str
+    root: str
+    out: str
+    label_file: str | None = None
+    meta_csv: str | None = None  # IQA-PyTorch meta-info CSV instead of the release's label file
+    split: SplitSpec = field(default_factory=SplitSpec)
+    shard_size: int = 1000
+    workers: int = max(1, (os.cpu_count() or 1))
+    resize_shorter: int | None = None
+    skip_bad: bool = False
+
+
+@dataclass
+class ShardResult:
+    name: str
+    split: str
+    count: int
+    sha256: str
+    skipped: list[dict]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _encode(path: Path, resize_shorter: int | None) -> tuple[bytes, str] | str:
+    """The bytes to store and their extension, or why the image cannot be read. Decodes the whole image, so a
+    truncated file is caught here rather than in training."""
+    try:
+        return _encode_image(path, resize_shorter)
+    except FileNotFoundError as e:
+        return f"file not found: {e.filename}"
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return f"not an image ({type(e).__name__}: {e})".splitlines()[0]
+
+
+def _encode_image(path: Path, resize_shorter: int | None) -> tuple[bytes, str]:
+    with Image.open(path) as im:
+        im.load()
+        fmt = im.format
+        if resize_shorter and min(im.size) > resize_shorter:
+            scale = resize_shorter / min(im.size)
+            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            small = im.convert("RGB").resize(size, Image.BICUBIC)
+            buf = io.BytesIO()
+            if fmt == "JPEG":
+                small.save(buf, format="JPEG", quality=95)
+                return buf.getvalue(), "jpg"
+            small.save(buf, format="PNG")
+            return buf.getvalue(), "png"
+        if fmt in KEEP_FORMATS:
+            return path.read_bytes(), KEEP_FORMATS[fmt]
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="PNG")
+        return buf.getvalue(), "png"
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # identical inputs give identical shards, hence identical hashes
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(directory: str, name: str, split: str, samples: list[tuple[str, dict]], resize_shorter: int | None,
+                skip_bad: bool) -> ShardResult:
+    """Writes one shard to NAME.tmp and renames it; a bad image raises DataError (no partial shard stays) or, with
+    skip_bad, is left out and reported."""
+    final = Path(directory) / name
+    tmp = final.with_name(name + ".tmp")
+    skipped = []
+    count = 0
+    try:
+        # A plain tar of key.ext members is the WebDataset format; writing it directly lets us fix mtimes.
+        with tarfile.open(tmp, "w") as tar:
+            for key, label in samples:
+                encoded = _encode(Path(label.pop("path")), resize_shorter)
+                if isinstance(encoded, str):
+                    if not skip_bad:
+                        raise DataError(f"{label['name']} (label row {label['row']}): cannot read image: {encoded}")
+                    skipped.append({"name": label["name"], "row": label["row"], "reason": encoded})
+                    continue
+                data, ext = encoded
+                _add(tar, f"{key}.{ext}", data)
+                _add(tar, f"{key}.json", json.dumps(label, sort_keys=True).encode())
+                count += 1
+        if skipped:
+            sidecar = final.with_name(name + ".skipped.json")
+            sidecar.with_name(sidecar.name + ".tmp").write_text(json.dumps(skipped))
+            os.replace(sidecar.with_name(sidecar.name + ".tmp"), sidecar)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ShardResult(name, split, count, sha256_of(final), skipped)
+
+
+def shard_names(path: Path) -> list[str]:
+    """The image names in a finished shard, in order (from its JSON labels)."""
+    names = []
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.name.endswith(".json"):
+                names.append(json.loads(tar.extractfile(member).read())["name"])
+    return names
+
+
+def _existing(directory: Path, name: str, split: str, samples: list[tuple[str, dict]]) -> ShardResult | None:
+    """A shard a previous run finished, if it holds exactly these images (less any it reported skipped)."""
+    final = directory / name
+    if not final.exists():
+        return None
+    sidecar = final.with_name(name + ".skipped.json")
+    skipped = json.loads(sidecar.read_text()) if sidecar.exists() else []
+    left_out = {s["name"] for s in skipped}
+    expected = [label["name"] for _, label in samples if label["name"] not in left_out]
+    if shard_names(final) != expected:
+        raise DataError(f"{final} holds other images than this pack would write there (a pack with other "
+                        "options?): pack into an empty --out")
+    return ShardResult(name, split, len(expected), sha256_of(final), skipped)
+
+
+def _records(opts: PackOptions) -> Iterator[Record]:
+    if opts.meta_csv:
+        return read_pyiqa_meta(opts.dataset, opts.root, opts.meta_csv)
+    return read_records(opts.dataset, opts.root, opts.label_file)
+
+
+def _chunks(opts: PackOptions) -> Iterator[tuple[str, str, list[tuple[str, dict]]]]:
+    """(shard name, split, samples) in a fixed order, streaming the records; a shard per shard_size samples."""
+    route = splitter(_records(opts), opts.split)
+    buffers: dict[str, list[tuple[str, dict]]] = {s: [] for s in SPLITS}
+    counts = {s: 0 for s in SPLITS}
+    shards = {s: 0 for s in SPLITS}
+    for record in _records(opts):
+        split = route(record)
+        if split is None:
+            continue
+        label = {"name": record.name, "dataset": opts.dataset, "mos": record.mos, "mos_raw": record.mos_raw,
+                 "ref": record.ref, "split": split, "row": record.row, "path": str(record.path)}
+        buffers[split].append((f"{split}-{counts[split]:08d}", label))
+        counts[split] += 1
+        if len(buffers[split]) == opts.shard_size:
+            yield f"{split}-{shards[split]:06d}.tar", split, buffers[split]
+            buffers[split], shards[split] = [], shards[split] + 1
+    for split, samples in buffers.items():
+        if samples:
+            yield f"{split}-{shards[split]:06d}.tar", split, samples
+
+
+def pack(opts: PackOptions) -> dict:
+    """Packs and returns the manifest (also written to OUT/manifest.json, last)."""
+    if opts.dataset not in DATASETS:
+        raise DataError(f"unknown dataset '{opts.dataset}'; one of {', '.join(DATASETS)}")
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    label_path = Path(opts.meta_csv or opts.label_file or Path(opts.root) / DATASETS[opts.dataset].label_file)
+    identity = _identity(opts, label_path)
+    _refuse_other_pack(out, identity)
+    for stale in out.glob("*.tmp"):
+        stale.unlink()
+    results: list[ShardResult] = []
+    progress = tqdm(desc=f"pack {opts.dataset}", unit="img", file=sys.stderr, disable=None)
+    with ProcessPoolExecutor(max_workers=opts.workers) as pool:
+        pending: set[Future] = set()
+        try:
+            for name, split, samples in _chunks(opts):
+                done = _existing(out, name, split, samples)
+                if done is not None:
+                    results.append(done)
+                    progress.update(done.count + len(done.skipped))
+                    continue
+                pending.add(pool.submit(write_shard, str(out), name, split, samples, opts.resize_shorter,
+                                        opts.skip_bad))
+                # A bounded window of shards in flight keeps memory flat for any dataset size.
+                while len(pending) >= 2 * opts.workers:
+                    pending = _collect(pending, results, progress)
+            while pending:
+                pending = _collect(pending, results, progress)
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+        finally:
+            progress.close()
+    manifest = _manifest(opts, label_path, identity, results)
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def _identity(opts: PackOptions, label_path: Path) -> dict:
+    """What decides a pack's content: two packs that agree on it write the same shards."""
+    return {"dataset": opts.dataset, "split": opts.split.describe(), "resize_shorter": opts.resize_shorter,
+            "shard_size": opts.shard_size,
+            "label_sha256": sha256_of(label_path) if label_path.is_file() else None}
+
+
+def _refuse_other_pack(out: Path, ours: dict) -> None:
+    """A finished pack in `out` made with other options stays untouched."""
+    path = out / MANIFEST
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    theirs = {k: old.get(k) for k in ("dataset", "split", "resize_shorter", "shard_size")}
+    theirs["label_sha256"] = old.get("source", {}).get("label_sha256")
+    differs = [k for k in ours if ours[k] != theirs[k]]
+    if differs:
+        raise DataError(f"{out} already holds a finished pack made with other {', '.join(differs)}: "
+                        "pack into another --out")
+
+
+def _collect(pending: set[Future], results: list[ShardResult], progress: tqdm) -> set[Future]:
+    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+    for f in done:
+        result = f.result()
+        results.append(result)
+        progress.update(result.count + len(result.skipped))
+    return pending
+
+
+def _manifest(opts: PackOptions, label_path: Path, identity: dict, results: list[ShardResult]) -> dict:
+    splits = {}
+    for split in SPLITS:
+        shards = sorted((r for r in results if r.split == split), key=lambda r: r.name)
+        if shards:
+            splits[split] = {"count": sum(r.count for r in shards),
+                             "shards": [{"name": r.name, "count": r.count, "sha256": r.sha256} for r in shards]}
+    return {
+        "format": FORMAT,
+        "dataset": opts.dataset,
+        "source": {"root": str(Path(opts.root).resolve()), "label_file": str(label_path.resolve()),
+                   "label_sha256": identity["label_sha256"], "kind": "pyiqa-meta" if opts.meta_csv else "release"},
+        "split": identity["split"],
+        "resize_shorter": opts.resize_shorter,
+        "shard_size": opts.shard_size,
+        "splits": splits,
+        "skipped": [s for r in sorted(results, key=lambda r: r.name) for s in r.skipped],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def verify(directory: str | Path) -> list[str]:
+    """What is wrong with a finished pack (empty: nothing): missing shards, hashes and counts that differ."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        return [f"{directory / MANIFEST} is missing: the pack never finished (rerun the same pack command)"]
+    problems = []
+    for split, info in manifest["splits"].items():
+        total = 0
+        for shard in info["shards"]:
+            path = directory / shard["name"]
+            if not path.exists():
+                problems.append(f"{path}: missing")
+                continue
+            if sha256_of(path) != shard["sha256"]:
+                problems.append(f"{path}: sha256 differs from the manifest (changed or corrupt)")
+            try:
+                count = len(shard_names(path))
+            except (tarfile.TarError, json.JSONDecodeError, KeyError) as e:
+                problems.append(f"{path}: unreadable ({e})")
+                continue
+            if count != shard["count"]:
+                problems.append(f"{path}: {count} samples, the manifest says {shard['count']}")
+            total += count
+        if total != info["count"] and not any(p.startswith(str(directory / split)) for p in problems):
+            problems.append(f"split {split}: {total} samples, the manifest says {info['count']}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m temu_dist.pack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verify", metavar="DIR", help="recheck a finished pack's counts and hashes")
+    parser.add_argument("--dataset", choices=sorted(DATASETS))
+    parser.add_argument("--root", help="the dataset's release folder")
+    parser.add_argument("--out", help="shard folder, e.g. shards/NAME")
+    parser.add_argument("--label-file", help="label file, if not at its released place under --root")
+    parser.add_argument("--meta-csv", help="read labels from an IQA-PyTorch meta-info CSV instead")
+    parser.add_argument("--split", choices=["official", "ratio", "file"], default="ratio")
+    parser.add_argument("--ratios", type=float, nargs=3, default=(0.8, 0.0, 0.2), metavar=("TRAIN", "VAL", "TEST"))
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--split-index", type=int, default=0, help="the i-th of a series of seeded splits")
+    parser.add_argument("--split-file", help="name,split CSV, or an IQA-PyTorch split pickle (with --split-index)")
+    parser.add_argument("--by-reference", choices=["auto", "yes", "no"], default="auto",
+                        help="split by reference image (auto: for datasets that have references)")
+    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--resize-shorter", type=int, help="shrink images whose shorter side is larger than this")
+    parser.add_argument("--skip-bad", action="store_true", help="leave out unreadable images, listed in the manifest")
+    args = parser.parse_args(argv)
+    if args.verify:
+        problems = verify(args.verify)
+        for p in problems:
+            print(f"verify: {p}", file=sys.stderr)
+        if not problems:
+            print(f"verify: {args.verify}: all shards present, hashes and counts match")
+        return 1 if problems else 0
+    if not (args.dataset and args.root and args.out):
+        parser.error("--dataset, --root and --out are needed (or --verify DIR)")
+    by_ref = DATASETS[args.dataset].has_reference if args.by_reference == "auto" else args.by_reference == "yes"
+    spec = SplitSpec(args.split, tuple(args.ratios), args.split_seed, args.split_index, args.split_file, by_ref)
+    opts = PackOptions(args.dataset, args.root, args.out, args.label_file, args.meta_csv, spec, args.shard_size,
+                       args.workers, args.resize_shorter, args.skip_bad)
+    try:
+        manifest = pack(opts)
+    except ConfigError as e:
+        print(f"pack: {e}", file=sys.stderr)
+        return 1
+    counts = ", ".join(f"{s} {info['count']}" for s, info in manifest["splits"].items())
+    print(f"pack: {args.out}: {counts}; skipped {len(manifest['skipped'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

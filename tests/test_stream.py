@@ -1,0 +1,114 @@
+import io
+import logging
+import tarfile
+
+import pytest
+import torch
+
+from temu_dist.data.splits import SplitSpec
+from temu_dist.data.stream import SharedEpoch, ShardsMissing, eval_loader, split_shards, train_loader
+from temu_dist.pack import PackOptions, pack
+from tests.conftest import tiny_config, write_kadid
+
+
+def _pack(tmp_path, refs, per_ref, shard_size, ratios=(1.0, 0.0, 0.0)):
+    labels = write_kadid(tmp_path / "kadid", refs=refs, per_ref=per_ref, size=(40, 30))
+    pack(PackOptions("kadid10k", str(tmp_path / "kadid"), str(tmp_path / "shards"),
+                     split=SplitSpec("ratio", ratios), shard_size=shard_size, workers=1))
+    return str(tmp_path / "shards"), labels
+
+
+def _names(loader):
+    return [name for batch in loader for name in batch["name"]]
+
+
+@pytest.mark.parametrize("shard_size", [4, 10], ids=["more-shards-than-readers", "fewer-shards-than-readers"])
+def test_eval_gives_every_sample_exactly_once_over_2_ranks_and_2_workers(tmp_path, shard_size):
+    folder, labels = _pack(tmp_path, refs=23, per_ref=1, shard_size=shard_size)
+    seen = []
+    for rank in range(2):
+        loader, expected = eval_loader(folder, "train", batch_size=3, rank=rank, world_size=2, workers=2,
+                                       image_hw=(30, 40))
+        assert expected == 23
+        seen += _names(loader)
+    assert len(seen) == 23 and set(seen) == set(labels)
+
+
+def test_train_stream_equal_length_per_rank_reshuffled_per_epoch(tmp_path):
+    # 24 samples in 8 shards over 2 ranks x 2 workers: each reader's quota is exactly its 2 shards.
+    folder, labels = _pack(tmp_path, refs=12, per_ref=2, shard_size=3)
+    config = tiny_config("data.workers=2", "data.shuffle_buffer=8", "ldg.enabled=false")
+    epoch = SharedEpoch(0)
+    orders = {}
+    for rank in range(2):
+        loader, steps = train_loader(config, folder, "train", per_device_batch=3, global_batch=6, rank=rank,
+                                     world_size=2, epoch=epoch, image_hw=(30, 40))
+        assert steps == 24 // 6
+        batches = [b for _, b in zip(range(steps), loader)]
+        assert len(batches) == steps
+        assert all(b["image"].shape == (3, 3, 30, 40) and b["image"].dtype == torch.uint8 for b in batches)
+        orders[rank] = [n for b in batches for n in b["name"]]
+    # One epoch reads every sample once over both ranks.
+    assert sorted(orders[0] + orders[1]) == sorted(labels)
+
+    def epoch_order(e, seed=0):
+        torch.manual_seed(0)
+        cfg = tiny_config("data.workers=2", "data.shuffle_buffer=8", "ldg.enabled=false", f"seed={seed}")
+        shared = SharedEpoch(e)
+        loader, steps = train_loader(cfg, folder, "train", 3, 6, 0, 2, shared, (30, 40))
+        return [n for _, b in zip(range(steps), loader) for n in b["name"]]
+
+    assert epoch_order(0) == orders[0]
+    assert epoch_order(1) != orders[0]
+    assert epoch_order(0, seed=5) != orders[0]
+
+
+def test_uneven_shards_still_give_every_rank_the_same_number_of_batches(tmp_path):
+    folder, _ = _pack(tmp_path, refs=13, per_ref=1, shard_size=4)
+    config = tiny_config("data.workers=2", "data.shuffle_buffer=4", "ldg.enabled=false")
+    for rank in range(3):
+        loader, steps = train_loader(config, folder, "train", 2, 6, rank, 3, SharedEpoch(0), (30, 40))
+        assert steps == 2
+        assert len([b for _, b in zip(range(steps), loader)]) == steps
+
+
+def test_resampled_stream_and_ldg_batches(tmp_path):
+    folder, _ = _pack(tmp_path, refs=5, per_ref=2, shard_size=3)
+    config = tiny_config("data.workers=0", "data.resampled=true", "ldg.p=1.0", "ldg.region_min=5",
+                         "ldg.region_max=10")
+    loader, steps = train_loader(config, folder, "train", 2, 2, 0, 1, SharedEpoch(0), (30, 40))
+    batches = [b for _, b in zip(range(steps), loader)]
+    assert len(batches) == steps == 5
+    for b in batches:
+        assert b["ldg"].all()
+        changed = (b["ldg_image"] != b["image"]).any(dim=1)  # [B, H, W]
+        for mask in changed:
+            rows, cols = mask.any(dim=1).nonzero(), mask.any(dim=0).nonzero()
+            if len(rows):
+                assert rows.max() - rows.min() < 10 and cols.max() - cols.min() < 10
+
+
+def test_corrupt_sample_is_skipped_logged_and_counted(tmp_path, caplog):
+    folder, labels = _pack(tmp_path, refs=7, per_ref=1, shard_size=7)
+    shard = next(iter(sorted((tmp_path / "shards").glob("*.tar"))))
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(shard, "w") as tar:
+        for i, (m, data) in enumerate(members):
+            if m.name.endswith(".png") and i == 2:
+                data = b"broken" * 10
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    caplog.set_level(logging.WARNING)
+    loader, expected = eval_loader(folder, "train", 4, 0, 1, 0, (30, 40))
+    names = _names(loader)
+    assert expected == 7 and len(names) == 6
+    assert "skipping corrupt sample" in caplog.text
+
+
+def test_missing_shards_name_the_pack_command(tmp_path):
+    with pytest.raises(ShardsMissing, match="python -m temu_dist.pack"):
+        split_shards(tmp_path / "nowhere", "train")
+    folder, _ = _pack(tmp_path, refs=3, per_ref=1, shard_size=2)
+    with pytest.raises(ShardsMissing, match="no 'test' split"):
+        split_shards(folder, "test")
