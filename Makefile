@@ -20,10 +20,12 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(PY) -m temu_dist.demo_data --out $(DEMO)/data
+	$(PY) -m temu_dist.pack --dataset kadid10k --root $(DEMO)/data --out shards/demo --shard-size 50
+	$(PY) -m temu_dist.pack --verify shards/demo
 	$(PY) -m temu_dist.predict --config configs/demo.yaml --heatmap $(DEMO)/heatmaps $(DEMO)/data/images/I0[1-3]_*_0[15].png
 
 test: setup
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs shards/demo
