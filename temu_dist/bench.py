@@ -31,37 +31,6 @@ def _device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def model_suite(backbones: list[str], image_size: int, repeat: int) -> dict:
-    device = resolve_device("auto")
-    rows = []
-    for name in backbones:
-        for variant in "SI":
-            for prompt in ("none", "coop", "cocoop"):
-                config = load_config(None, [f"model.backbone={name}", "model.pretrained=null",
-                                            f"model.image_size={image_size}", f"model.variant={variant}",
-                                            f"model.prompt={prompt}"])
-                model = build_model(config, device).eval()
-                row = {"backbone": name, "variant": variant, "prompt": prompt, "trainable": model.num_trainable()}
-                x = torch.randn(1, 3, image_size, image_size, device=device)
-                with torch.no_grad():
-                    model(x)  # warm-up
-                    times = []
-                    for _ in range(repeat):
-                        if device.type == "cuda":
-                            torch.cuda.synchronize()
-                        start = time.perf_counter()
-                        model(x)
-                        if device.type == "cuda":
-                            torch.cuda.synchronize()
-                        times.append(time.perf_counter() - start)
-                row["forward_s_batch1"] = round(min(times), 4)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                del model
-    return {"suite": "model", "device": _device_name(device), "torch": torch.__version__,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "image_size": image_size, "rows": rows}
-
-
 def _timed(fn, repeat: int) -> float:
     """Best of `repeat` wall times of fn()."""
     times = []
@@ -70,6 +39,43 @@ def _timed(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def model_suite(backbones: list[str], image_size: int, repeat: int) -> dict:
+    from temu_dist.model.backbone import create_clip
+
+    device = resolve_device("auto")
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def forward_time(fn) -> float:
+        with torch.no_grad():
+            fn()  # warm-up
+            return round(_timed(lambda: (fn(), sync()), repeat), 4)
+
+    rows = []
+    x = torch.randn(1, 3, image_size, image_size, device=device)
+    for name in backbones:
+        config = load_config(None, [f"model.backbone={name}", "model.pretrained=null", f"model.image_size={image_size}"])
+        # The peer baseline: open_clip's own image forward of the same tower, last layer only.
+        clip = create_clip(config.model).to(device)
+        baseline = forward_time(lambda: clip.encode_image(x))
+        del clip
+        for variant in "SI":
+            for prompt in ("none", "coop", "cocoop"):
+                cfg = load_config(None, [f"model.backbone={name}", "model.pretrained=null",
+                                         f"model.image_size={image_size}", f"model.variant={variant}",
+                                         f"model.prompt={prompt}"])
+                model = build_model(cfg, device).eval()
+                row = {"backbone": name, "variant": variant, "prompt": prompt, "trainable": model.num_trainable(),
+                       "forward_s_batch1": forward_time(lambda: model(x)), "open_clip_encode_image_s": baseline}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del model
+    return {"suite": "model", "device": _device_name(device), "torch": torch.__version__,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "image_size": image_size, "rows": rows}
 
 
 def data_suite(workers_list: list[int], epochs: int, image_size: int) -> dict:
@@ -112,7 +118,7 @@ def data_suite(workers_list: list[int], epochs: int, image_size: int) -> dict:
         batch = 16
         for workers in workers_list:
             cfg = config.model_copy(update={"data": config.data.model_copy(update={"workers": workers})})
-            loader, steps = train_loader(cfg, f"{tmp}/shards", "train", batch, batch, 0, 1, SharedEpoch(0), hw)
+            loader, steps = train_loader(cfg, f"{tmp}/shards", "train", batch, 1, 0, 1, SharedEpoch(0), hw)
             loose = DataLoader(LooseFiles(records), batch_size=batch, shuffle=True, drop_last=True,
                                num_workers=workers, collate_fn=_collate, persistent_workers=workers > 0)
             for source, make in (("shards", lambda: loader), ("loose files", lambda: loose)):
@@ -131,18 +137,17 @@ def data_suite(workers_list: list[int], epochs: int, image_size: int) -> dict:
 
 
 def cw_ssim_suite(pairs: int, repeat: int) -> dict:
-    from PIL import Image
-    from skimage import data as photos
+    from torchvision.transforms.functional import pil_to_tensor
 
     from temu_dist.config import LDGConfig
-    from temu_dist.data.augment import to_input
     from temu_dist.data.ldg import LocalDistortion
+    from temu_dist.demo_data import PHOTOS, photo
     from temu_dist.fidelity import cw_ssim, ssim
 
     torch.manual_seed(0)
-    sources = [photos.astronaut(), photos.coffee(), photos.chelsea(), photos.rocket()]
+    sources = [pil_to_tensor(photo(name, (448, 448))) for name in PHOTOS]
     ldg = LocalDistortion(LDGConfig())
-    x = torch.stack([to_input(Image.fromarray(sources[i % len(sources)]), (448, 448)) for i in range(pairs)])
+    x = torch.stack([sources[i % len(sources)] for i in range(pairs)])
     y = torch.stack([ldg(img)[0] for img in x])
     x, y = x.float() / 255, y.float() / 255
     result = {"suite": "cw_ssim", "pairs": pairs, "size": [448, 448], "threads": torch.get_num_threads(),

@@ -25,40 +25,38 @@ PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "h
           "motorcycle", "grace_hopper"]
 
 
-def _reference_photos() -> list[tuple[str, Image.Image]]:
+def photo(name: str, size: tuple[int, int] = SIZE) -> Image.Image:
+    """One of the real photos that ship offline (PHOTOS), RGB, resized to size (width, height)."""
     from matplotlib import cbook
     from skimage import data
 
-    photos = []
-    for name in PHOTOS:
-        if name == "grace_hopper":
-            with cbook.get_sample_data("grace_hopper.jpg") as fh:
-                array = np.asarray(Image.open(fh).convert("RGB"))
-        elif name == "motorcycle":
-            array = data.stereo_motorcycle()[0]
-        else:
-            array = getattr(data, name)()
-        photos.append((name, Image.fromarray(array).convert("RGB").resize(SIZE, Image.BICUBIC)))
-    return photos
+    if name == "grace_hopper":
+        with cbook.get_sample_data("grace_hopper.jpg") as fh:
+            array = np.asarray(Image.open(fh).convert("RGB"))
+    elif name == "motorcycle":
+        array = data.stereo_motorcycle()[0]
+    else:
+        array = getattr(data, name)()
+    return Image.fromarray(array).convert("RGB").resize(size, Image.BICUBIC)
 
 
-def _jpeg(im: Image.Image, quality: int) -> Image.Image:
+def jpeg(im: Image.Image, quality: int) -> Image.Image:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=quality)
     return Image.open(buf).convert("RGB")
 
 
-def _noise(im: Image.Image, sigma: float, seed: int) -> Image.Image:
+def white_noise(im: Image.Image, sigma: float, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
-    a = np.asarray(im, dtype=np.float32) + rng.normal(0.0, sigma, (SIZE[1], SIZE[0], 3))
+    a = np.asarray(im, dtype=np.float32) + rng.normal(0.0, sigma, (im.height, im.width, 3))
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
 # KADID-10k type ids where the type exists there: 01 gaussian blur, 09 JPEG, 10 white noise, 19 contrast change.
 DISTORTIONS = {
     1: ("gaussian blur", lambda im, lv, seed: im.filter(ImageFilter.GaussianBlur([0.5, 1.0, 2.0, 3.5, 6.0][lv]))),
-    9: ("jpeg", lambda im, lv, seed: _jpeg(im, [60, 30, 15, 8, 3][lv])),
-    10: ("white noise", lambda im, lv, seed: _noise(im, [4.0, 10.0, 20.0, 35.0, 60.0][lv], seed)),
+    9: ("jpeg", lambda im, lv, seed: jpeg(im, [60, 30, 15, 8, 3][lv])),
+    10: ("white noise", lambda im, lv, seed: white_noise(im, [4.0, 10.0, 20.0, 35.0, 60.0][lv], seed)),
     19: ("contrast decrease", lambda im, lv, seed: ImageEnhance.Contrast(im).enhance([0.8, 0.6, 0.4, 0.25, 0.1][lv])),
 }
 
@@ -77,7 +75,8 @@ def write_demo_data(out: str | Path) -> Path:
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     rows = []
-    for r, (name, ref) in enumerate(_reference_photos(), start=1):
+    for r, name in enumerate(PHOTOS, start=1):
+        ref = photo(name)
         ref_name = f"I{r:02d}.png"
         ref.save(images / ref_name)
         for t, (_, distort) in DISTORTIONS.items():

@@ -1,16 +1,16 @@
 """temu_dist.fidelity against IQA-PyTorch (pyiqa) on real photos with local and global distortions; its contract."""
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from matplotlib import cbook
 from PIL import Image, ImageFilter
 from pyiqa.archs.ssim_arch import CW_SSIM, SSIM
-from skimage import data
-from torchvision.transforms import RandAugment
+from torchvision.transforms.functional import pil_to_tensor
 
+from temu_dist.config import LDGConfig
+from temu_dist.data.ldg import LocalDistortion
+from temu_dist.demo_data import jpeg, photo, white_noise
 from temu_dist.fidelity import cw_ssim, main, ssim
 
 TOLERANCE = 1e-3
@@ -22,38 +22,12 @@ CASES = [
 ]
 
 
-def photo(name: str, size: tuple[int, int]) -> Image.Image:
-    if name == "grace_hopper":
-        with cbook.get_sample_data("grace_hopper.jpg") as fh:
-            im = Image.open(fh).convert("RGB")
-    else:
-        im = Image.fromarray(getattr(data, name)()).convert("RGB")
-    return im.resize(size, Image.BICUBIC)
-
-
 def local_randaugment(im: Image.Image, seed: int) -> Image.Image:
-    """A random 40..150 px square pushed through RandAugment(6 ops, magnitude 18) and pasted back."""
-    rng = np.random.default_rng(seed)
-    side = int(rng.integers(40, 151))
-    left, top = int(rng.integers(0, im.width - side)), int(rng.integers(0, im.height - side))
-    box = (left, top, left + side, top + side)
+    """A random 40..150 px region pushed through RandAugment(6 ops, magnitude 18) and pasted back, as LDG does."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        patch = RandAugment(num_ops=6, magnitude=18)(im.crop(box))
-    out = im.copy()
-    out.paste(patch, box[:2])
-    return out
-
-
-def jpeg(im: Image.Image, quality: int) -> Image.Image:
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
-    return Image.open(buf).convert("RGB")
-
-
-def noise(im: Image.Image, sigma: float, seed: int) -> Image.Image:
-    a = np.asarray(im, dtype=np.float32) + np.random.default_rng(seed).normal(0.0, sigma, (im.height, im.width, 3))
-    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+        out, _ = LocalDistortion(LDGConfig())(pil_to_tensor(im))
+    return Image.fromarray(out.permute(1, 2, 0).numpy())
 
 
 def distort(im: Image.Image, kind: str, seed: int) -> Image.Image:
@@ -62,7 +36,7 @@ def distort(im: Image.Image, kind: str, seed: int) -> Image.Image:
     if kind == "blur":
         return im.filter(ImageFilter.GaussianBlur(2.0))
     if kind == "noise":
-        return noise(im, 20.0, seed)
+        return white_noise(im, 20.0, seed)
     return jpeg(im, 10)
 
 

@@ -1,16 +1,15 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from skimage import data
 
 from temu_dist.config import load_config
 from temu_dist.data.augment import to_input
 from temu_dist.data.ldg import LocalDistortion, fidelity, ldg_targets, sample_region
+from temu_dist.demo_data import photo
 
 
 def _photo(hw=(448, 448)) -> torch.Tensor:
-    return to_input(Image.fromarray(data.astronaut()), hw)
+    return to_input(photo("astronaut"), hw)
 
 
 def test_region_sizes_and_positions_follow_eq_8():
