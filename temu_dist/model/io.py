@@ -65,11 +65,9 @@ def load_config_of(directory: str | Path, overrides: list[str] | tuple[str, ...]
     return config
 
 
-def load_model(directory: str | Path, overrides: list[str] | tuple[str, ...] = (),
-               device: torch.device | None = None) -> tuple[TeMuIQA, Config]:
-    directory = Path(directory)
-    config = load_config_of(directory, overrides)
-    path = directory / WEIGHTS
+def load_weights(model: TeMuIQA, directory: str | Path, config: Config) -> None:
+    """Copies a checkpoint's trainable weights into `model`, after checking them against `config`."""
+    path = Path(directory) / WEIGHTS
     try:
         state = load_file(str(path))
         with safe_open(str(path), "pt") as fh:
@@ -79,8 +77,7 @@ def load_model(directory: str | Path, overrides: list[str] | tuple[str, ...] = (
     except (SafetensorError, ValueError) as e:
         raise ConfigError(f"{path}: not a readable safetensors file ({e})") from None
     if "model" in meta:
-        _mismatch(json.loads(meta["model"]), dump(config)["model"], f"{path} vs {directory / CONFIG}")
-    model = build_model(config, device)
+        _mismatch(json.loads(meta["model"]), dump(config)["model"], f"{path} vs {Path(directory) / CONFIG}")
     expected = {k: v.shape for k, v in model.trainable_state().items()}
     for name in sorted(set(expected) | set(state)):
         field = next((f for prefix, f in PARAM_FIELDS.items() if name.startswith(prefix)), "model.prompt")
@@ -95,4 +92,11 @@ def load_model(directory: str | Path, overrides: list[str] | tuple[str, ...] = (
         params = dict(model.named_parameters())
         for name, value in state.items():
             params[name].copy_(value)
+
+
+def load_model(directory: str | Path, overrides: list[str] | tuple[str, ...] = (),
+               device: torch.device | None = None) -> tuple[TeMuIQA, Config]:
+    config = load_config_of(directory, overrides)
+    model = build_model(config, device)
+    load_weights(model, directory, config)
     return model, config

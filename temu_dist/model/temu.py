@@ -44,10 +44,11 @@ class TeMuIQA(nn.Module):
         self.prompts = prompts
         n = backbone.num_selected
         self.layer_logits = nn.Parameter(torch.zeros(n))
-        self.log_tau_w = nn.Parameter(torch.tensor(math.log(cfg.tau_w_init)))
+        # Shape (1,), not a scalar: DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be viewed as.
+        self.log_tau_w = nn.Parameter(torch.tensor([math.log(cfg.tau_w_init)]))
         # Identity at init (LayerNorm's affine starts at ones/zeros) so the option changes nothing until trained.
         self.layer_norms = nn.ModuleList([nn.LayerNorm(backbone.width) for _ in range(n)]) if cfg.layer_norm else None
-        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)), persistent=False)
+        self.register_buffer("logit_scale", torch.tensor([float(logit_scale)]), persistent=False)
 
     def layer_weights(self) -> torch.Tensor:
         return self.layer_logits.softmax(dim=0)
