@@ -143,6 +143,57 @@ class LDGConfig(_Section):
         return self
 
 
+class EvalSetConfig(_Section):
+    name: str
+    shards: str  # a pack folder
+    split: str = "test"
+
+
+class TrainConfig(_Section):
+    epochs: int = 30
+    batch_size: int = 32  # the global batch, whatever the number of processes
+    # Per-process micro-batch; default batch_size / processes. Gradient accumulation makes up the rest.
+    per_device_batch: int | None = None
+    lr: float = 0.002
+    weight_decay: float = 0.0
+    mse_weight: float = 1.0
+    plcc_weight: float = 1.0
+    # "SET/METRIC" that picks the best epoch, e.g. test/srcc, val/plcc.
+    key_metric: str = "test/srcc"
+    # auto: continue from the run folder's last checkpoint when there is one.
+    resume: Literal["auto", "never"] = "auto"
+    # Cap optimizer steps per epoch (smoke runs); null: whole epochs.
+    max_steps_per_epoch: int | None = None
+
+    @field_validator("epochs", "batch_size")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"{v} must be >= 1")
+        return v
+
+    @field_validator("key_metric")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        if v.count("/") != 1 or v.split("/")[1] not in ("srcc", "plcc", "krcc"):
+            raise ValueError(f"'{v}' is not SET/METRIC with METRIC one of srcc, plcc, krcc")
+        return v
+
+
+class EvalConfig(_Section):
+    batch_size: int = 64
+    # Splits of data.train evaluated after each epoch (those the pack has), and cross-dataset sets.
+    splits: list[str] = ["val", "test"]
+    cross: list[EvalSetConfig] = []
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    # null: a sqlite store in the run folder; or a server, e.g. http://127.0.0.1:5000.
+    uri: str | None = None
+    experiment: str = "temu-dist"
+
+
 class Config(_Section):
     name: str = "temu"
     seed: int = 0
@@ -152,6 +203,12 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     ldg: LDGConfig = LDGConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:

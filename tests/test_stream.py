@@ -5,6 +5,7 @@ import tarfile
 import pytest
 import torch
 
+from temu_dist.config import ConfigError
 from temu_dist.data.splits import SplitSpec
 from temu_dist.data.stream import SharedEpoch, ShardsMissing, eval_loader, split_shards, train_loader
 from temu_dist.pack import PackOptions, pack
@@ -41,7 +42,7 @@ def test_train_stream_equal_length_per_rank_reshuffled_per_epoch(tmp_path):
     epoch = SharedEpoch(0)
     orders = {}
     for rank in range(2):
-        loader, steps = train_loader(config, folder, "train", per_device_batch=3, global_batch=6, rank=rank,
+        loader, steps = train_loader(config, folder, "train", per_device_batch=3, accumulation=1, rank=rank,
                                      world_size=2, epoch=epoch, image_hw=(30, 40))
         assert steps == 24 // 6
         batches = [b for _, b in zip(range(steps), loader)]
@@ -55,7 +56,7 @@ def test_train_stream_equal_length_per_rank_reshuffled_per_epoch(tmp_path):
         torch.manual_seed(0)
         cfg = tiny_config("data.workers=2", "data.shuffle_buffer=8", "ldg.enabled=false", f"seed={seed}")
         shared = SharedEpoch(e)
-        loader, steps = train_loader(cfg, folder, "train", 3, 6, 0, 2, shared, (30, 40))
+        loader, steps = train_loader(cfg, folder, "train", 3, 1, 0, 2, shared, (30, 40))
         return [n for _, b in zip(range(steps), loader) for n in b["name"]]
 
     assert epoch_order(0) == orders[0]
@@ -67,7 +68,7 @@ def test_uneven_shards_still_give_every_rank_the_same_number_of_batches(tmp_path
     folder, _ = _pack(tmp_path, refs=13, per_ref=1, shard_size=4)
     config = tiny_config("data.workers=2", "data.shuffle_buffer=4", "ldg.enabled=false")
     for rank in range(3):
-        loader, steps = train_loader(config, folder, "train", 2, 6, rank, 3, SharedEpoch(0), (30, 40))
+        loader, steps = train_loader(config, folder, "train", 2, 1, rank, 3, SharedEpoch(0), (30, 40))
         assert steps == 2
         assert len([b for _, b in zip(range(steps), loader)]) == steps
 
@@ -76,7 +77,7 @@ def test_resampled_stream_and_ldg_batches(tmp_path):
     folder, _ = _pack(tmp_path, refs=5, per_ref=2, shard_size=3)
     config = tiny_config("data.workers=0", "data.resampled=true", "ldg.p=1.0", "ldg.region_min=5",
                          "ldg.region_max=10")
-    loader, steps = train_loader(config, folder, "train", 2, 2, 0, 1, SharedEpoch(0), (30, 40))
+    loader, steps = train_loader(config, folder, "train", 2, 1, 0, 1, SharedEpoch(0), (30, 40))
     batches = [b for _, b in zip(range(steps), loader)]
     assert len(batches) == steps == 5
     for b in batches:
@@ -104,6 +105,18 @@ def test_corrupt_sample_is_skipped_logged_and_counted(tmp_path, caplog):
     names = _names(loader)
     assert expected == 7 and len(names) == 6
     assert "skipping corrupt sample" in caplog.text
+
+
+def test_accumulation_multiplies_micro_batches_and_a_too_large_batch_is_named(tmp_path):
+    folder, _ = _pack(tmp_path, refs=12, per_ref=2, shard_size=3)
+    config = tiny_config("data.workers=0", "ldg.enabled=false")
+    loader, micro = train_loader(config, folder, "train", 2, 3, 0, 2, SharedEpoch(0), (30, 40))
+    assert micro == (24 // 12) * 3
+    assert len([b for _, b in zip(range(micro), loader)]) == micro
+    capped = tiny_config("data.workers=0", "ldg.enabled=false", "train.max_steps_per_epoch=1")
+    assert train_loader(capped, folder, "train", 2, 3, 0, 2, SharedEpoch(0), (30, 40))[1] == 3
+    with pytest.raises(ConfigError, match="train.batch_size: a global batch of 50 is larger than the 24 images"):
+        train_loader(config, folder, "train", 25, 1, 0, 2, SharedEpoch(0), (30, 40))
 
 
 def test_missing_shards_name_the_pack_command(tmp_path):

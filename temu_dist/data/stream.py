@@ -107,6 +107,10 @@ class TrainSamples(IterableDataset):
         slot, slots = _slot(self.rank, self.world_size)
         epoch = self.epoch.get()
         rng = random.Random(f"{self.seed}-{epoch}-{slot}")
+        # Flips and local distortions draw from torch's global generator (RandAugment takes no other); seeding it
+        # here makes them a function of (seed, epoch, reader), so a resumed run augments exactly as an unbroken one,
+        # whether or not the workers persist across epochs.
+        torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, slot]).generate_state(1)[0]))
         read = wds.tarfile_to_samples(handler=wds.warn_and_continue)
         shuffle = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)
         for shards in self._passes(slot, slots, epoch):
@@ -163,18 +167,22 @@ def _collate(samples: list[dict]) -> dict:
     return batch
 
 
-def steps_per_epoch(num_samples: int, global_batch: int) -> int:
-    """Whole global batches per epoch, the same on every rank."""
-    return max(1, num_samples // global_batch)
-
-
-def train_loader(config: Config, folder: str, split: str, per_device_batch: int, global_batch: int, rank: int,
+def train_loader(config: Config, folder: str, split: str, per_device_batch: int, accumulation: int, rank: int,
                  world_size: int, epoch: SharedEpoch, image_hw: tuple[int, int]) -> tuple[DataLoader, int]:
-    """(loader, steps): the loader yields at least `steps` batches of `per_device_batch` per epoch on every rank;
-    stop after `steps`. Batches: image and ldg_image uint8 [B, 3, H, W], mos [B], ldg [B] bool, name."""
+    """(loader, micro-batches per epoch). Every rank takes the same number of micro-batches of `per_device_batch`:
+    whole global batches (per_device_batch x accumulation x world_size) of the split, capped by
+    train.max_steps_per_epoch. Stop after that many. Batches: image and ldg_image uint8 [B, 3, H, W], mos [B],
+    ldg [B] bool, name."""
     urls, count = split_shards(folder, split)
     data = config.data
-    steps = steps_per_epoch(count, global_batch)
+    global_batch = per_device_batch * accumulation * world_size
+    steps = count // global_batch
+    if steps == 0:
+        raise ConfigError(f"train.batch_size: a global batch of {global_batch} is larger than the {count} images of "
+                          f"{folder} '{split}'")
+    if config.train.max_steps_per_epoch:
+        steps = min(steps, config.train.max_steps_per_epoch)
+    micro_batches = steps * accumulation
     workers = data.workers
     ldg = LocalDistortion(config.ldg) if config.ldg.enabled else None
 
@@ -184,7 +192,7 @@ def train_loader(config: Config, folder: str, split: str, per_device_batch: int,
             if out is not None:
                 yield out
 
-    per_worker = -(-steps // max(1, workers))  # ceil: each worker's share of the epoch's batches
+    per_worker = -(-micro_batches // max(1, workers))  # ceil: each worker's share of the epoch's batches
     pipeline = wds.DataPipeline(
         TrainSamples(urls, config.seed, epoch, rank, world_size, data.resampled, data.shuffle_buffer),
         decoded,
@@ -192,7 +200,7 @@ def train_loader(config: Config, folder: str, split: str, per_device_batch: int,
     ).with_epoch(nbatches=per_worker)
     loader = DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                         pin_memory=torch.cuda.is_available())
-    return loader, steps
+    return loader, micro_batches
 
 
 def eval_loader(folder: str, split: str, batch_size: int, rank: int, world_size: int, workers: int,

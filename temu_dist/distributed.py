@@ -1,0 +1,50 @@
+"""One process or many: the Accelerator, and how a global batch splits into per-process micro-batches."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from temu_dist.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    world_size: int
+    per_device: int
+    accumulation: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_device * self.accumulation * self.world_size
+
+
+def batch_plan(global_batch: int, per_device: int | None, world_size: int) -> BatchPlan:
+    """The global batch stays what the config says whatever the number of processes."""
+    per_device = per_device or global_batch // world_size
+    if per_device < 1 or global_batch % (per_device * world_size):
+        raise ConfigError(f"train.batch_size: {global_batch} is not a multiple of {world_size} processes x "
+                          f"train.per_device_batch {per_device}")
+    return BatchPlan(world_size, per_device, global_batch // (per_device * world_size))
+
+
+def make_accelerator(config: Config) -> tuple[Accelerator, BatchPlan]:
+    # Launchers (accelerate, torchrun, deepspeed) say the world size before any process group exists.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # Without CUDA, processes talk over gloo; DeepSpeed in particular needs it said explicitly. A single process
+    # has no process group, and accelerate fails if told its backend.
+    handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30))] \
+        if world_size > 1 and not torch.cuda.is_available() else []
+    plan = batch_plan(config.train.batch_size, config.train.per_device_batch, world_size)
+    accelerator = Accelerator(gradient_accumulation_steps=plan.accumulation, kwargs_handlers=handlers)
+    if accelerator.state.deepspeed_plugin is not None:
+        # Our loaders stay out of prepare(), so DeepSpeed cannot read the micro-batch from them.
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = plan.per_device
+        ds["train_batch_size"] = plan.global_batch
+        ds["gradient_accumulation_steps"] = plan.accumulation
+    return accelerator, plan

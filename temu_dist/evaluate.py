@@ -1,0 +1,143 @@
+"""Evaluate saved weights, or zero-shot CLIP-IQA: SRCC, PLCC, KRCC and the sample count per evaluation set, every
+sample exactly once across all processes.
+
+    python -m temu_dist.evaluate --checkpoint RUN_DIR [--shards DIR[:SPLIT]]... [key=value ...]
+    python -m temu_dist.evaluate --clipiqa {a,b,c} [--layer K] --config C.yaml [--shards ...] [key=value ...]
+    accelerate launch --config_file launch/cpu2.yaml -m temu_dist.evaluate --checkpoint RUN_DIR
+
+RUN_DIR is a run folder (its best checkpoint is used) or a checkpoint folder. --clipiqa scores with the frozen
+backbone alone (seed Tables 11-13, Fig. 9): a, the last layer's [cls]; b, layer K's; c, all layers' averaged. Without
+--shards the sets come from the config (data.train's eval.splits and eval.cross). Prints one JSON object:
+{set: {srcc, plcc, krcc, count, expected}}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from temu_dist.config import Config, ConfigError, is_override, load_config
+from temu_dist.data.augment import normalize
+from temu_dist.data.stream import eval_loader, read_manifest
+from temu_dist.metrics import correlations
+from temu_dist.model.io import WEIGHTS, load_model
+from temu_dist.model.clipiqa import ClipIQA, build_clipiqa
+from temu_dist.model.temu import QualityOutput, TeMuIQA
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    name: str
+    shards: str
+    split: str
+
+
+@dataclass
+class SetResult:
+    metrics: dict  # srcc, plcc, krcc, count, expected
+    pred: np.ndarray
+    mos: np.ndarray
+
+
+def eval_sets(config: Config) -> list[EvalSet]:
+    """The configured evaluation sets: those of eval.splits that data.train's pack has, then eval.cross."""
+    sets = []
+    if config.data.train:
+        have = read_manifest(config.data.train)["splits"]
+        sets += [EvalSet(split, config.data.train, split) for split in config.eval.splits if split in have]
+    sets += [EvalSet(c.name, c.shards, c.split) for c in config.eval.cross]
+    return sets
+
+
+@torch.no_grad()
+def evaluate_sets(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Accelerator,
+                  config: Config) -> dict[str, SetResult]:
+    """Scores every set on every process, gathers (name, score, mos) from all of them; metrics on every process."""
+    was_training = model.training
+    model.eval()
+    results = {}
+    for s in sets:
+        loader, expected = eval_loader(s.shards, s.split, config.eval.batch_size, accelerator.process_index,
+                                       accelerator.num_processes, config.data.workers, config.model.image_hw())
+        rows = []
+        for batch in loader:
+            x = normalize(batch["image"].to(accelerator.device, non_blocking=True), model.backbone.mean,
+                          model.backbone.std)
+            out = model(x)
+            scores = (out.score if isinstance(out, QualityOutput) else out).float().cpu().tolist()
+            rows += list(zip(batch["name"], scores, batch["mos"].tolist()))
+        rows = sorted(gather_object(rows))
+        names = [r[0] for r in rows]
+        if len(set(names)) != len(names):
+            raise RuntimeError(f"evaluation of {s.name} saw a sample twice: the exactly-once split is broken")
+        pred, mos = np.array([r[1] for r in rows]), np.array([r[2] for r in rows])
+        metrics = {**correlations(pred, mos), "expected": expected}
+        if metrics["count"] != expected and accelerator.is_main_process:
+            warnings.warn(f"{s.name}: scored {metrics['count']} of {expected} samples (corrupt samples were skipped)",
+                          stacklevel=2)
+        results[s.name] = SetResult(metrics, pred, mos)
+    model.train(was_training)
+    return results
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    if (path / WEIGHTS).is_file():
+        return path
+    best = path / "checkpoints" / "best"
+    if (best / WEIGHTS).is_file():
+        return best
+    raise ConfigError(f"{path}: neither a checkpoint folder ({WEIGHTS}) nor a run folder with checkpoints/best")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m temu_dist.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a run folder or a checkpoint folder")
+    source.add_argument("--clipiqa", choices=["a", "b", "c"], help="zero-shot CLIP-IQA option (needs --config)")
+    parser.add_argument("--layer", type=int, help="the layer (1-based) of --clipiqa b")
+    parser.add_argument("--config", help="config YAML for --clipiqa (backbone, input size, prompts, sets)")
+    parser.add_argument("--shards", action="append", default=[], metavar="DIR[:SPLIT]",
+                        help="evaluate this pack (split: test unless given) instead of the configured sets; repeatable")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    bad = [o for o in args.overrides if not is_override(o)]
+    if bad:
+        parser.error(f"not key=value: {bad[0]}")
+    accelerator = Accelerator()
+    try:
+        if args.checkpoint:
+            model, config = load_model(_checkpoint_dir(Path(args.checkpoint)), args.overrides, accelerator.device)
+        else:
+            config = load_config(args.config, args.overrides)
+            model = build_clipiqa(config, args.clipiqa, args.layer, accelerator.device)
+        if args.shards:
+            sets = []
+            for item in args.shards:
+                folder, _, split = item.partition(":")
+                sets.append(EvalSet(Path(folder).name, folder, split or "test"))
+        else:
+            sets = eval_sets(config)
+        if not sets:
+            raise ConfigError("nothing to evaluate: the config names no sets; pass --shards DIR[:SPLIT]")
+        results = evaluate_sets(model, sets, accelerator, config)
+    except ConfigError as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 1
+    if accelerator.is_main_process:
+        print(json.dumps({name: r.metrics for name, r in results.items()}, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Train TeMu-IQA: `train(config) -> results`, the one entry point of `accelerate launch`, plain python, the tests and
+Ray Tune.
+
+    python -m temu_dist.train --config configs/X.yaml [key=value ...]
+    accelerate launch --config_file launch/gpu1.yaml -m temu_dist.train --config configs/X.yaml [key=value ...]
+
+Each run writes one folder, out_dir/name: config.yaml (resolved), checkpoints/{last,best}, results.json, plots/ and,
+by default, the MLflow store mlflow.db. Rerunning the same command continues from checkpoints/last (train.resume=auto).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from temu_dist.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from temu_dist.config import Config, ConfigError, dump, is_override, load_config
+from temu_dist.data.augment import normalize
+from temu_dist.data.ldg import ldg_targets
+from temu_dist.data.stream import SharedEpoch, train_loader
+from temu_dist.distributed import BatchPlan, make_accelerator
+from temu_dist.evaluate import EvalSet, SetResult, eval_sets, evaluate_sets
+from temu_dist.metrics import plcc_loss
+from temu_dist.model.io import load_weights
+from temu_dist.model.temu import TeMuIQA, build_model
+from temu_dist.plots import scatter, score_vs_time
+from temu_dist.tracking import Tracker
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def loss_fn(model: TeMuIQA, batch: dict, config: Config, device: torch.device) -> tuple[torch.Tensor, int]:
+    """MSE + PLCC loss over the batch and its locally distorted copies (targets f * y, weighted by ldg.weight)."""
+    x = batch["image"].to(device, non_blocking=True)
+    y = batch["mos"].to(device, non_blocking=True)
+    images, targets, weights = x, y, torch.ones_like(y)
+    if "ldg" in batch:
+        use = batch["ldg"].to(device)
+        x_ldg = batch["ldg_image"].to(device, non_blocking=True)[use]
+        images = torch.cat([x, x_ldg])
+        targets = torch.cat([y, ldg_targets(x[use], x_ldg, y[use], config.ldg)])
+        weights = torch.cat([weights, torch.full_like(targets[len(y):], config.ldg.weight)])
+    backbone = model.module.backbone if hasattr(model, "module") else model.backbone
+    score = model(normalize(images, backbone.mean, backbone.std)).score.float()
+    mse = (weights * (score - targets) ** 2).sum() / weights.sum()
+    loss = config.train.mse_weight * mse + config.train.plcc_weight * plcc_loss(score, targets)
+    return loss, len(images)
+
+
+def _describe(config: Config, plan: BatchPlan, micro_batches: int, accelerator: Accelerator) -> None:
+    steps = micro_batches // plan.accumulation
+    accelerator.print(
+        f"train: {plan.world_size} process(es) on {accelerator.device}, global batch {plan.global_batch} = "
+        f"{plan.per_device} per process x {plan.accumulation} accumulation x {plan.world_size}; "
+        f"{steps} optimizer steps per epoch, {steps * config.train.epochs} in all")
+
+
+def _log_line(record: dict, epochs: int) -> str:
+    evals = " | ".join(f"{n} srcc {m['srcc']:.4f} plcc {m['plcc']:.4f} (n={m['count']})"
+                       for n, m in record["eval"].items())
+    return (f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f} lr {record['lr']:.2e} "
+            f"{record['images_per_s']:.1f} img/s elapsed {record['elapsed_s']:.0f}s | {evals}")
+
+
+def _scatter_plots(results: dict[str, SetResult], run_dir: Path, epoch: int) -> None:
+    folder = run_dir / "plots"
+    folder.mkdir(exist_ok=True)
+    for name, r in results.items():
+        if r.metrics["count"]:
+            scatter(r.pred, r.mos, f"{name}, epoch {epoch}", folder / f"scatter_{name}.png")
+
+
+@dataclass
+class Run:
+    """What the epoch loop works on; history, best and elapsed come back from a checkpoint on resume."""
+
+    accelerator: Accelerator
+    plan: BatchPlan
+    model: torch.nn.Module  # as prepared by accelerate (DDP, DeepSpeed engine or the module itself)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: DataLoader
+    micro_batches: int
+    epoch: SharedEpoch
+    sets: list[EvalSet]
+    tracker: Tracker
+    start_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    elapsed_s: float = 0.0
+
+
+def _fit(config: Config, run: Run) -> None:
+    """The epochs from run.start_epoch on: train, evaluate, checkpoint, track; updates run.history and run.best."""
+    accelerator, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, run.scheduler
+    main = accelerator.is_main_process
+    device = accelerator.device
+    plain = accelerator.unwrap_model(model)
+    run_dir = config.run_dir()
+    ckpt_dir = run_dir / "checkpoints"
+    set_name, metric = config.train.key_metric.split("/")
+    micro_batches = run.micro_batches
+    history = run.history
+    started = time.perf_counter() - run.elapsed_s
+    for epoch in range(run.start_epoch, config.train.epochs):
+        run.epoch.set(epoch)
+        model.train()
+        total, images, seen = 0.0, 0, 0
+        tick = time.perf_counter()
+        bar = tqdm(total=micro_batches, desc=f"epoch {epoch + 1}", disable=not main, leave=False, file=sys.stderr)
+        for _, batch in zip(range(micro_batches), run.loader):
+            with accelerator.accumulate(model):
+                loss, n = loss_fn(model, batch, config, device)
+                finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), reduction="mean")
+                if finite.item() < 1.0:
+                    where = find_checkpoint(ckpt_dir / "last")
+                    raise NonFiniteLoss(f"epoch {epoch + 1}: the loss became {loss.item()}; stopped. The last good "
+                                        f"checkpoint is {where or 'none (no epoch finished)'}")
+                accelerator.backward(loss)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            total += loss.item()
+            seen += 1
+            images += len(batch["name"])
+            bar.update()
+        bar.close()
+        train_s = time.perf_counter() - tick
+        results = evaluate_sets(plain, run.sets, accelerator, config)
+        record = {"epoch": epoch + 1, "loss": total / max(seen, 1), "lr": scheduler.get_last_lr()[0],
+                  "images_per_s": images * run.plan.world_size / train_s, "elapsed_s": time.perf_counter() - started,
+                  "eval": {name: r.metrics for name, r in results.items()}}
+        history.append(record)
+        value = results[set_name].metrics[metric]
+        improved = run.best is None or (not math.isnan(value) and value > run.best["value"])
+        if improved:
+            run.best = {"epoch": epoch + 1, "value": value, "eval": record["eval"]}
+        if main:
+            info = {"next_epoch": epoch + 1, "history": history, "best": run.best, "elapsed_s": record["elapsed_s"]}
+            save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
+            if improved:
+                save_checkpoint(ckpt_dir / "best", plain, config, optimizer, scheduler, info)
+                _scatter_plots(results, run_dir, epoch + 1)
+            run.tracker.metrics({"train/loss": record["loss"], "train/lr": record["lr"],
+                             "train/images_per_s": record["images_per_s"]}, step=epoch + 1)
+            run.tracker.metrics({f"{n}/{k}": v for n, m in record["eval"].items() for k, v in m.items()}, step=epoch + 1)
+            accelerator.print(_log_line(record, config.train.epochs))
+        accelerator.wait_for_everyone()
+
+
+def train(config: Config) -> dict:
+    accelerator, plan = make_accelerator(config)
+    main = accelerator.is_main_process
+    if not config.data.train:
+        raise ConfigError("data.train: no training shards named (a pack folder, e.g. shards/kadid10k)")
+    run_dir = config.run_dir()
+    ckpt_dir = run_dir / "checkpoints"
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(dump(config), sort_keys=False))
+    set_seed(config.seed)
+    device = accelerator.device
+    epoch_shared = SharedEpoch(0)
+    loader, micro_batches = train_loader(config, config.data.train, config.data.train_split, plan.per_device,
+                                         plan.accumulation, accelerator.process_index, plan.world_size,
+                                         epoch_shared, config.model.image_hw())
+    sets = eval_sets(config)
+    set_name = config.train.key_metric.split("/")[0]
+    if set_name not in {s.name for s in sets}:
+        raise ConfigError(f"train.key_metric: no evaluation set '{set_name}' (sets: {', '.join(s.name for s in sets)})")
+    steps_per_epoch = micro_batches // plan.accumulation
+    _describe(config, plan, micro_batches, accelerator)
+
+    model = build_model(config, device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
+                                 weight_decay=config.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * config.train.epochs)
+    resumed = {}
+    last = find_checkpoint(ckpt_dir / "last") if config.train.resume == "auto" else None
+    if last is not None:
+        load_weights(model, last, config)
+        state, info = load_trainer_state(last)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        resumed = {"start_epoch": info["next_epoch"], "history": info["history"], "best": info["best"],
+                   "elapsed_s": info["elapsed_s"]}
+        accelerator.print(f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1} from {last}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    tracker = Tracker(config, run_dir, main)
+    run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,
+              **resumed)
+    try:
+        _fit(config, run)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    summary = {"run_dir": str(run_dir), "key_metric": config.train.key_metric, "best_epoch": run.best["epoch"],
+               "best": run.best["eval"], "history": run.history, "mlflow_run_id": tracker.run_id}
+    if main:
+        (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (run_dir / "plots").mkdir(exist_ok=True)
+        score_vs_time(run.history, [s.name for s in sets], run_dir / "plots" / "score_vs_time.png")
+        for path in [run_dir / "results.json", run_dir / "config.yaml", *sorted((run_dir / "plots").glob("*.png"))]:
+            tracker.artifact(path, None if path.suffix != ".png" else "plots")
+        for path in sorted((ckpt_dir / "best").glob("*")):
+            tracker.artifact(path, "best")
+        tracker.end()
+    # The process group stays up: repeat and other callers may train again; the entry points tear it down.
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m temu_dist.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a YAML config (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        bad = next((o for o in args.overrides if not is_override(o)), None)
+        if bad:
+            raise ConfigError(f"override '{bad}' is not of the form key=value")
+        config = load_config(args.config, args.overrides)
+        results = train(config)
+    except (ConfigError, NonFiniteLoss) as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 1
+    finally:
+        PartialState().destroy_process_group()
+    if not PartialState().is_main_process:
+        return 0
+    best = results["best"]
+    print(f"train: best epoch {results['best_epoch']} by {results['key_metric']}: " + "; ".join(
+        f"{n} srcc {m['srcc']:.4f} plcc {m['plcc']:.4f} krcc {m['krcc']:.4f} (n={m['count']})"
+        for n, m in best.items()))
+    print(f"train: results in {results['run_dir']}/results.json")
+    if results["mlflow_run_id"] and config.tracking.uri is None:
+        store = Path(results["run_dir"]).resolve() / "mlflow.db"
+        print(f"train: browse runs with: mlflow ui --backend-store-uri sqlite:///{store}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Real processes: 1 versus 2 gloo processes (training and evaluation), a SIGKILLed run resumed, DeepSpeed on CPU.
+
+Each test launches `python -m temu_dist.train` / `accelerate launch` as a user would, on the package's tiny backbone.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from temu_dist.config import load_config
+from temu_dist.data.splits import SplitSpec
+from temu_dist.model.temu import build_model
+from temu_dist.pack import PackOptions, pack
+from tests.conftest import write_kadid
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+
+def _env(tmp_path: Path) -> dict:
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", MLFLOW_DISABLE_TELEMETRY="true", OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_ext")))
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """8 training images and an odd 7 test images, split by a file so both counts are exact."""
+    root = tmp_path_factory.mktemp("kadid")
+    labels = write_kadid(root, refs=15, per_ref=1, size=(64, 64))
+    names = sorted(labels)
+    split_file = root / "split.csv"
+    split_file.write_text("name,split\n" + "".join(f"{n},{'train' if i < 8 else 'test'}\n"
+                                                   for i, n in enumerate(names)))
+    out = root / "shards"
+    pack(PackOptions("kadid10k", str(root), str(out), split=SplitSpec("file", file=str(split_file)),
+                     shard_size=2, workers=1))
+    return str(out)
+
+
+def _overrides(shards: str, out: Path, *extra: str) -> list[str]:
+    return ["model.backbone=TeMu-Tiny-ViT-16", "model.pretrained=null", "model.image_size=64", "model.n_ctx=4",
+            "model.prompt=coop", f"data.train={shards}", "data.workers=0", f"out_dir={out}", "name=run",
+            "eval.splits=[test]", "eval.batch_size=3", "device=cpu", *extra]
+
+
+def _run(cmd: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _launch(n: int, module: str, args: list[str], tmp_path: Path, config_file: str | None = None):
+    if n == 1 and config_file is None:
+        return _run([sys.executable, "-m", module, *args], tmp_path)
+    launch = ["--config_file", config_file] if config_file else \
+        ["--multi_gpu", "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", "29517"]
+    return _run([ACCELERATE, "launch", *launch, "-m", module, *args], tmp_path)
+
+
+def _initial(shards: str, out: Path) -> dict:
+    """The trainable weights every run starts from (seeded by config.seed)."""
+    return build_model(load_config(None, _overrides(shards, out))).trainable_state()
+
+
+def _weights(run: Path) -> dict:
+    return load_file(str(run / "checkpoints" / "last" / "weights.safetensors"))
+
+
+def test_one_and_two_processes_reach_the_same_weights_and_metrics(shards, tmp_path):
+    # The global batch is the whole training set, so both see the same samples per step; MSE alone, no random
+    # augmentation, so the two runs must agree to float precision.
+    same = ["train.epochs=3", "train.batch_size=8", "train.plcc_weight=0", "ldg.enabled=false", "data.flip=false"]
+    _launch(1, "temu_dist.train", _overrides(shards, tmp_path / "one", *same), tmp_path)
+    _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "two", *same), tmp_path)
+    one, two = _weights(tmp_path / "one" / "run"), _weights(tmp_path / "two" / "run")
+    assert set(one) == set(two) == {"layer_logits", "log_tau_w", "prompts.ctx"}
+    initial = _initial(shards, tmp_path)
+    for name in one:
+        assert not torch.equal(one[name], initial[name]), f"{name} never moved"
+        torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6)
+
+    # Evaluating that checkpoint with 1 and with 2 processes: the same 7 samples, the same metrics.
+    run = str(tmp_path / "one" / "run")
+    single = json.loads(_launch(1, "temu_dist.evaluate", ["--checkpoint", run], tmp_path).stdout)
+    double = json.loads(_launch(2, "temu_dist.evaluate", ["--checkpoint", run], tmp_path).stdout)
+    assert single["test"]["count"] == double["test"]["count"] == single["test"]["expected"] == 7
+    for key in ("srcc", "plcc", "krcc"):
+        assert single["test"][key] == pytest.approx(double["test"][key], abs=1e-6)
+
+
+def test_sigkilled_run_resumes_to_the_results_of_an_unbroken_one(shards, tmp_path):
+    args = ["train.epochs=4", "train.batch_size=2"]
+    _launch(1, "temu_dist.train", _overrides(shards, tmp_path / "whole", *args), tmp_path)
+    cmd = [sys.executable, "-m", "temu_dist.train", *_overrides(shards, tmp_path / "killed", *args)]
+    info = tmp_path / "killed" / "run" / "checkpoints" / "last" / "trainer.json"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if info.exists() and json.loads(info.read_text())["next_epoch"] >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)  # during epoch 3
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (tmp_path / "killed" / "run" / "results.json").exists()
+    _run(cmd, tmp_path)  # the same command again: resume=auto continues from checkpoints/last
+    whole = json.loads((tmp_path / "whole" / "run" / "results.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "run" / "results.json").read_text())
+
+    def comparable(history):
+        return [{k: h[k] for k in ("epoch", "loss", "lr", "eval")} for h in history]
+
+    assert comparable(resumed["history"]) == comparable(whole["history"])
+    assert resumed["best_epoch"] == whole["best_epoch"]
+    a, b = _weights(tmp_path / "whole" / "run"), _weights(tmp_path / "killed" / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_deepspeed_trains_a_few_steps_on_cpu(shards, tmp_path):
+    done = _launch(2, "temu_dist.train", _overrides(shards, tmp_path, "train.epochs=2", "train.batch_size=4"),
+                   tmp_path, config_file=str(REPO / "launch" / "deepspeed.yaml"))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
+    assert results["best"]["test"]["count"] == 7
+    assert "2 process(es)" in done.stdout
+    trained, initial = _weights(tmp_path / "run"), _initial(shards, tmp_path)
+    assert all(not torch.equal(trained[k], initial[k]) for k in initial)

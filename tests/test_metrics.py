@@ -1,0 +1,36 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from temu_dist.metrics import correlations, plcc_loss
+
+
+def test_correlations_follow_the_seed_equations():
+    rng = np.random.default_rng(0)
+    mos = rng.uniform(0, 1, 50)
+    pred = mos + rng.normal(0, 0.2, 50)
+    out = correlations(pred, mos)
+    # Eq. 12 and Eq. 13 (no ties) by hand.
+    plcc = ((pred - pred.mean()) * (mos - mos.mean())).sum() / np.sqrt(
+        ((pred - pred.mean()) ** 2).sum() * ((mos - mos.mean()) ** 2).sum())
+    d = np.argsort(np.argsort(pred)) - np.argsort(np.argsort(mos))
+    srcc = 1 - 6 * (d ** 2).sum() / (50 * (50 ** 2 - 1))
+    assert out["plcc"] == pytest.approx(plcc) and out["srcc"] == pytest.approx(srcc)
+    assert 0 < out["krcc"] < out["srcc"] and out["count"] == 50
+
+
+def test_undefined_correlations_are_nan_not_errors():
+    assert math.isnan(correlations([0.5, 0.5, 0.5], [0.1, 0.2, 0.3])["srcc"])
+    assert correlations([0.5], [0.1])["count"] == 1
+
+
+def test_plcc_loss_is_zero_for_perfect_and_one_for_reversed_order():
+    y = torch.tensor([0.1, 0.4, 0.5, 0.9])
+    assert plcc_loss(2 * y + 1, y).item() == pytest.approx(0.0, abs=1e-6)
+    assert plcc_loss(-y, y).item() == pytest.approx(1.0, abs=1e-6)
+    pred = torch.tensor([0.3, 0.2, 0.8, 0.7], requires_grad=True)
+    plcc_loss(pred, y).backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+    assert plcc_loss(torch.tensor([0.3]), torch.tensor([0.1])).item() == 0.0

@@ -1,0 +1,118 @@
+"""train(config) in-process on one CPU process: results, checkpoints, MLflow, resume and the bad-input paths."""
+import json
+import math
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from temu_dist.config import ConfigError
+from temu_dist.data.splits import SplitSpec
+from temu_dist.pack import PackOptions, pack
+from temu_dist.train import NonFiniteLoss, train
+from tests.conftest import tiny_config, write_kadid
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kadid")
+    write_kadid(root, refs=9, per_ref=3, size=(64, 64))
+    out = root / "shards"
+    pack(PackOptions("kadid10k", str(root), str(out), split=SplitSpec("ratio", (0.6, 0.2, 0.2), seed=0,
+                                                                         by_reference=True), shard_size=5, workers=1))
+    return str(out)
+
+
+def run_config(tmp_path, shards, *overrides):
+    return tiny_config(f"data.train={shards}", f"out_dir={tmp_path}", "name=run", "data.workers=0",
+                       "train.epochs=2", "train.batch_size=4", "eval.batch_size=5", "ldg.region_min=8",
+                       "ldg.region_max=24", *overrides)
+
+
+def test_train_writes_results_checkpoints_plots_and_mlflow(tmp_path, shards):
+    results = train(run_config(tmp_path, shards, "model.prompt=coop"))
+    run = tmp_path / "run"
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
+    assert set(results["best"]) == {"val", "test"}
+    assert results["best"]["test"]["count"] == results["best"]["test"]["expected"] > 0
+    on_disk = json.loads((run / "results.json").read_text())
+    assert on_disk["best_epoch"] == results["best_epoch"]
+    best = max(results["history"], key=lambda h: h["eval"]["test"]["srcc"])
+    assert results["best_epoch"] == best["epoch"]
+    for ckpt in ("best", "last"):
+        assert set(load_file(str(run / "checkpoints" / ckpt / "weights.safetensors"))) == \
+            {"layer_logits", "log_tau_w", "prompts.ctx"}
+    assert (run / "plots" / "scatter_test.png").exists() and (run / "plots" / "score_vs_time.png").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    mlrun = client.get_run(results["mlflow_run_id"])
+    assert mlrun.data.params["model.prompt"] == "coop" and mlrun.data.tags["variant"] == "I"
+    assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "test.srcc")] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
+    assert {"results.json", "config.yaml", "plots", "best"} <= artifacts
+
+
+def _comparable(history):
+    """What a resumed run must reproduce exactly: per-epoch loss, lr and evaluation (not timings)."""
+    return [{k: h[k] for k in ("epoch", "loss", "lr", "eval")} for h in history]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypatch):
+    whole = train(run_config(tmp_path / "a", shards, "train.epochs=3"))
+    import temu_dist.train as train_mod
+
+    real, calls = train_mod.loss_fn, []
+
+    def dies_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2 * 3:  # 3 micro-batches per epoch: the first one of epoch 3
+            raise Interrupted
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "loss_fn", dies_in_epoch_3)
+    with pytest.raises(Interrupted):
+        train(run_config(tmp_path / "b", shards, "train.epochs=3"))
+    monkeypatch.setattr(train_mod, "loss_fn", real)
+    resumed = train(run_config(tmp_path / "b", shards, "train.epochs=3"))
+    assert _comparable(resumed["history"]) == _comparable(whole["history"])
+    assert resumed["best_epoch"] == whole["best_epoch"]
+    a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "last" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "last" / "weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unreachable_tracking_server_warns_and_training_goes_on(tmp_path, shards):
+    with pytest.warns(UserWarning, match="MLflow tracking at http://127.0.0.1:9 is not usable"):
+        results = train(run_config(tmp_path, shards, "train.epochs=1", "tracking.uri=http://127.0.0.1:9"))
+    assert results["mlflow_run_id"] is None
+    assert (tmp_path / "run" / "results.json").exists()
+
+
+def test_nan_loss_stops_with_a_clear_message_keeping_the_last_good_checkpoint(tmp_path, shards, monkeypatch):
+    train(run_config(tmp_path, shards, "train.epochs=1"))
+    good = load_file(str(tmp_path / "run" / "checkpoints" / "last" / "weights.safetensors"))
+    import temu_dist.train as train_mod
+
+    real = train_mod.loss_fn
+
+    def poisoned(*args, **kwargs):
+        loss, n = real(*args, **kwargs)
+        return loss * math.nan, n
+
+    monkeypatch.setattr(train_mod, "loss_fn", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"epoch 2: the loss became nan; stopped. The last good checkpoint is .*last"):
+        train(run_config(tmp_path, shards, "train.epochs=2"))
+    kept = load_file(str(tmp_path / "run" / "checkpoints" / "last" / "weights.safetensors"))
+    assert all(torch.equal(kept[k], good[k]) for k in good)
+
+
+def test_missing_shards_and_bad_key_metric_fail_before_any_work(tmp_path, shards):
+    with pytest.raises(ConfigError, match="python -m temu_dist.pack"):
+        train(run_config(tmp_path, str(tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match="train.key_metric: no evaluation set 'koniq'"):
+        train(run_config(tmp_path, shards, "train.key_metric=koniq/srcc"))
+    assert not (tmp_path / "run" / "checkpoints" / "last").exists()
