@@ -1,0 +1,90 @@
+"""One config over N seeded splits: mean and standard deviation of each evaluation set's metrics (seed Table 6).
+
+    python -m temu_dist.repeat --config configs/experiments/table6-agiqa3k.yaml --splits 10 [key=value ...]
+    accelerate launch --config_file launch/gpu1.yaml -m temu_dist.repeat --config ... --splits 10
+
+Split i trains on the pack named by data.train with "{split}" replaced by i (pack them with
+`python -m temu_dist.pack ... --out shards/agiqa3k/split$i --split-index $i`), in run folder NAME-split{i}. Finished
+splits are not trained again (each run resumes or returns its results), so a broken series continues where it stopped.
+Writes out_dir/NAME/repeat.json and prints it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+from accelerate import PartialState
+
+from temu_dist.config import Config, ConfigError, is_override, load_config
+from temu_dist.train import NonFiniteLoss, train
+
+METRICS = ("srcc", "plcc", "krcc")
+
+
+def split_config(config: Config, index: int) -> Config:
+    if not config.data.train or "{split}" not in config.data.train:
+        raise ConfigError("data.train: must contain {split}, e.g. shards/agiqa3k/split{split}, for repeat")
+    data = config.data.model_copy(update={"train": config.data.train.format(split=index)})
+    return config.model_copy(update={"data": data, "name": f"{config.name}-split{index}"})
+
+
+def summarize(runs: list[dict]) -> dict:
+    """{set: {metric: {mean, std, values}}} over the runs' best epochs."""
+    out: dict = {}
+    for name in runs[0]["best"]:
+        out[name] = {}
+        for metric in METRICS:
+            values = [r["best"][name][metric] for r in runs]
+            finite = [v for v in values if not math.isnan(v)]
+            out[name][metric] = {"mean": statistics.fmean(finite) if finite else math.nan,
+                                 "std": statistics.stdev(finite) if len(finite) > 1 else 0.0, "values": values}
+    return out
+
+
+def repeat(config: Config, splits: int) -> dict:
+    runs = []
+    for i in range(splits):
+        results_file = split_config(config, i).run_dir() / "results.json"
+        if results_file.exists():
+            runs.append(json.loads(results_file.read_text()))
+            continue
+        runs.append(train(split_config(config, i)))
+    summary = {"config": config.name, "splits": splits, "key_metric": config.train.key_metric,
+               "sets": summarize(runs), "runs": [r["run_dir"] for r in runs]}
+    if PartialState().is_main_process:
+        out = Path(config.out_dir) / config.name
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "repeat.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m temu_dist.repeat", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--splits", type=int, default=10)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        bad = next((o for o in args.overrides if not is_override(o)), None)
+        if bad:
+            raise ConfigError(f"override '{bad}' is not of the form key=value")
+        summary = repeat(load_config(args.config, args.overrides), args.splits)
+    except (ConfigError, NonFiniteLoss) as e:
+        print(f"repeat: {e}", file=sys.stderr)
+        return 1
+    finally:
+        PartialState().destroy_process_group()
+    if PartialState().is_main_process:
+        for name, metrics in summary["sets"].items():
+            print(f"repeat: {name} over {args.splits} splits: " + "; ".join(
+                f"{m} {v['mean']:.4f} +- {v['std']:.4f}" for m, v in metrics.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
