@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch comes first and on its own: override TORCH for your CUDA build, e.g.
 #   make demo TORCH="torch torchvision --index-url https://download.pytorch.org/whl/cu124"
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-DEMO := runs/demo
+DEMO_DATA := runs/demo-data
 
 .PHONY: demo test setup clean
 
@@ -18,11 +18,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# Demo data -> shards -> training on 2 CPU processes (gloo) -> results, MLflow store, a few scored photos.
 demo: setup
-	$(PY) -m temu_dist.demo_data --out $(DEMO)/data
-	$(PY) -m temu_dist.pack --dataset kadid10k --root $(DEMO)/data --out shards/demo --shard-size 50
+	$(PY) -m temu_dist.demo_data --out $(DEMO_DATA)
+	$(PY) -m temu_dist.pack --dataset kadid10k --root $(DEMO_DATA) --out shards/demo --shard-size 20
 	$(PY) -m temu_dist.pack --verify shards/demo
-	$(PY) -m temu_dist.predict --config configs/demo.yaml --heatmap $(DEMO)/heatmaps $(DEMO)/data/images/I0[1-3]_*_0[15].png
+	ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 $(VENV)/bin/accelerate launch --config_file launch/cpu2.yaml \
+		-m temu_dist.train --config configs/demo.yaml
+	$(PY) -m temu_dist.predict --checkpoint runs/demo --heatmap runs/demo/heatmaps $(DEMO_DATA)/images/I01_*_0[15].png
 
 test: setup
 	$(PY) -m pytest -q

@@ -17,7 +17,6 @@ import json
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from temu_dist.config import Config, ConfigError, is_override, load_config
 from temu_dist.data.augment import normalize
 from temu_dist.data.stream import eval_loader, read_manifest
 from temu_dist.metrics import correlations
-from temu_dist.model.io import WEIGHTS, load_model
+from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.clipiqa import ClipIQA, build_clipiqa
 from temu_dist.model.temu import QualityOutput, TeMuIQA
 
@@ -88,15 +87,6 @@ def evaluate_sets(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Ac
     return results
 
 
-def _checkpoint_dir(path: Path) -> Path:
-    if (path / WEIGHTS).is_file():
-        return path
-    best = path / "checkpoints" / "best"
-    if (best / WEIGHTS).is_file():
-        return best
-    raise ConfigError(f"{path}: neither a checkpoint folder ({WEIGHTS}) nor a run folder with checkpoints/best")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m temu_dist.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator()
     try:
         if args.checkpoint:
-            model, config = load_model(_checkpoint_dir(Path(args.checkpoint)), args.overrides, accelerator.device)
+            model, config = load_model(checkpoint_dir(args.checkpoint), args.overrides, accelerator.device)
         else:
             config = load_config(args.config, args.overrides)
             model = build_clipiqa(config, args.clipiqa, args.layer, accelerator.device)

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from temu_dist.config import ConfigError, is_override, load_config
 from temu_dist.data.augment import normalize, to_input
-from temu_dist.model.io import load_model
+from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.temu import build_model
 from temu_dist.plots import heatmap_overlay
 
@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m temu_dist.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a run or checkpoint folder (weights.safetensors + config.json)")
+    source.add_argument("--checkpoint", help="a run folder (its best checkpoint) or a checkpoint folder")
     source.add_argument("--config", help="a config YAML: score with a freshly initialised head")
     parser.add_argument("--heatmap", help="write IMAGE_STEM.heatmap.png patch-score maps into this folder")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -48,7 +48,7 @@ def _open(path: str) -> Image.Image:
 def predict(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     if args.checkpoint:
-        model, config = load_model(args.checkpoint, overrides)
+        model, config = load_model(checkpoint_dir(args.checkpoint), overrides)
     else:
         config = load_config(args.config, overrides)
         model = build_model(config)

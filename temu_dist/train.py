@@ -80,7 +80,9 @@ def _scatter_plots(results: dict[str, SetResult], run_dir: Path, epoch: int) -> 
     folder.mkdir(exist_ok=True)
     for name, r in results.items():
         if r.metrics["count"]:
-            scatter(r.pred, r.mos, f"{name}, epoch {epoch}", folder / f"scatter_{name}.png")
+            m = r.metrics
+            title = f"{name}, epoch {epoch}: SRCC {m['srcc']:.3f} PLCC {m['plcc']:.3f} (n={m['count']})"
+            scatter(r.pred, r.mos, title, folder / f"scatter_{name}.png")
 
 
 @dataclass
@@ -249,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{n} srcc {m['srcc']:.4f} plcc {m['plcc']:.4f} krcc {m['krcc']:.4f} (n={m['count']})"
         for n, m in best.items()))
     print(f"train: results in {results['run_dir']}/results.json")
+    if config.model.pretrained is None:
+        print("train: model.pretrained is null: a random backbone carries little quality information; these figures "
+              "show the pipeline working, not what TeMu-IQA reaches with pretrained weights")
     if results["mlflow_run_id"] and config.tracking.uri is None:
         store = Path(results["run_dir"]).resolve() / "mlflow.db"
         print(f"train: browse runs with: mlflow ui --backend-store-uri sqlite:///{store}")

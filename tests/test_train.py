@@ -116,3 +116,44 @@ def test_missing_shards_and_bad_key_metric_fail_before_any_work(tmp_path, shards
     with pytest.raises(ConfigError, match="train.key_metric: no evaluation set 'koniq'"):
         train(run_config(tmp_path, shards, "train.key_metric=koniq/srcc"))
     assert not (tmp_path / "run" / "checkpoints" / "last").exists()
+
+
+def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(tmp_path):
+    from temu_dist.repeat import repeat
+
+    root = tmp_path / "kadid"
+    write_kadid(root, refs=10, per_ref=2, size=(64, 64))
+    for i in range(2):
+        pack(PackOptions("kadid10k", str(root), str(tmp_path / f"split{i}"),
+                         split=SplitSpec("ratio", (0.6, 0.2, 0.2), index=i, by_reference=True), workers=1))
+    config = run_config(tmp_path, str(tmp_path / "split{split}"), "train.epochs=1", "name=rep")
+    summary = repeat(config, 2)
+    runs = [json.loads((tmp_path / f"rep-split{i}" / "results.json").read_text()) for i in range(2)]
+    values = [r["best"]["test"]["srcc"] for r in runs]
+    assert summary["sets"]["test"]["srcc"]["values"] == values
+    assert summary["sets"]["test"]["srcc"]["mean"] == pytest.approx(sum(values) / 2)
+    assert json.loads((tmp_path / "rep" / "repeat.json").read_text())["splits"] == 2
+    mtime = (tmp_path / "rep-split0" / "results.json").stat().st_mtime_ns
+    assert repeat(config, 2)["sets"] == summary["sets"]
+    assert (tmp_path / "rep-split0" / "results.json").stat().st_mtime_ns == mtime
+    with pytest.raises(ConfigError, match=r"data.train: must contain \{split\}"):
+        repeat(run_config(tmp_path, str(tmp_path / "split0")), 2)
+
+
+def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, capsys):
+    from temu_dist.evaluate import main
+
+    train(run_config(tmp_path, shards, "train.epochs=1"))
+    capsys.readouterr()
+    assert main(["--checkpoint", str(tmp_path / "run")]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert set(scored) == {"val", "test"} and scored["test"]["count"] == scored["test"]["expected"]
+    best = json.loads((tmp_path / "run" / "results.json").read_text())["best"]
+    assert scored["test"]["srcc"] == pytest.approx(best["test"]["srcc"], abs=1e-6)
+    cfg = tmp_path / "zs.yaml"
+    cfg.write_text("model: {backbone: Test-Tiny-ViT-16, pretrained: null, image_size: 64}\n")
+    assert main(["--clipiqa", "c", "--config", str(cfg), "--shards", f"{shards}:test", "device=cpu"]) == 0
+    zero_shot = json.loads(capsys.readouterr().out)
+    assert zero_shot["shards"]["count"] == best["test"]["count"]
+    assert main(["--checkpoint", str(tmp_path / "nothing")]) == 1
+    assert "neither a checkpoint folder" in capsys.readouterr().err

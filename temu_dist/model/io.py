@@ -40,6 +40,15 @@ def save_model(model: TeMuIQA, config: Config, directory: str | Path) -> Path:
     return directory
 
 
+def checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint folder as given, or the best checkpoint of a run folder."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints" / "best"):
+        if (candidate / WEIGHTS).is_file():
+            return candidate
+    raise ConfigError(f"{path}: neither a checkpoint folder ({WEIGHTS}) nor a run folder with checkpoints/best")
+
+
 def _mismatch(saved: dict, asked: dict, source: str) -> None:
     for key in sorted(set(saved) | set(asked)):
         if key in LOAD_TIME_FIELDS:
