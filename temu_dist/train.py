@@ -33,7 +33,7 @@ from temu_dist.distributed import BatchPlan, make_accelerator
 from temu_dist.evaluate import EvalSet, SetResult, eval_sets, evaluate_sets
 from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights
-from temu_dist.model.temu import TeMuIQA, build_model
+from temu_dist.model.temu import build_model
 from temu_dist.plots import scatter, score_vs_time
 from temu_dist.tracking import Tracker
 
@@ -42,8 +42,11 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def loss_fn(model: TeMuIQA, batch: dict, config: Config, device: torch.device) -> tuple[torch.Tensor, int]:
-    """MSE + PLCC loss over the batch and its locally distorted copies (targets f * y, weighted by ldg.weight)."""
+def loss_fn(model: torch.nn.Module, batch: dict, config: Config, device: torch.device,
+            stats: tuple[tuple[float, ...], tuple[float, ...]]) -> torch.Tensor:
+    """MSE + PLCC loss over the batch and its locally distorted copies (targets f * y, weighted by ldg.weight).
+
+    `model` is the prepared (possibly wrapped) model; `stats` the backbone's normalisation mean and std."""
     x = batch["image"].to(device, non_blocking=True)
     y = batch["mos"].to(device, non_blocking=True)
     images, targets, weights = x, y, torch.ones_like(y)
@@ -53,11 +56,9 @@ def loss_fn(model: TeMuIQA, batch: dict, config: Config, device: torch.device) -
         images = torch.cat([x, x_ldg])
         targets = torch.cat([y, ldg_targets(x[use], x_ldg, y[use], config.ldg)])
         weights = torch.cat([weights, torch.full_like(targets[len(y):], config.ldg.weight)])
-    backbone = model.module.backbone if hasattr(model, "module") else model.backbone
-    score = model(normalize(images, backbone.mean, backbone.std)).score.float()
+    score = model(normalize(images, *stats)).score.float()
     mse = (weights * (score - targets) ** 2).sum() / weights.sum()
-    loss = config.train.mse_weight * mse + config.train.plcc_weight * plcc_loss(score, targets)
-    return loss, len(images)
+    return config.train.mse_weight * mse + config.train.plcc_weight * plcc_loss(score, targets)
 
 
 def _describe(config: Config, plan: BatchPlan, micro_batches: int, accelerator: Accelerator) -> None:
@@ -111,6 +112,7 @@ def _fit(config: Config, run: Run) -> None:
     main = accelerator.is_main_process
     device = accelerator.device
     plain = accelerator.unwrap_model(model)
+    stats = (plain.backbone.mean, plain.backbone.std)
     run_dir = config.run_dir()
     ckpt_dir = run_dir / "checkpoints"
     set_name, metric = config.train.key_metric.split("/")
@@ -125,7 +127,7 @@ def _fit(config: Config, run: Run) -> None:
         bar = tqdm(total=micro_batches, desc=f"epoch {epoch + 1}", disable=not main, leave=False, file=sys.stderr)
         for _, batch in zip(range(micro_batches), run.loader):
             with accelerator.accumulate(model):
-                loss, n = loss_fn(model, batch, config, device)
+                loss = loss_fn(model, batch, config, device, stats)
                 finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), reduction="mean")
                 if finite.item() < 1.0:
                     where = find_checkpoint(ckpt_dir / "last")
