@@ -20,11 +20,11 @@ class ConfigError(ValueError):
     """A config that cannot be used; its message is one line naming the file and key."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     # Any open_clip model name, or the 'hf-hub:'/'local-dir:' schemas open_clip accepts.
     backbone: str = "ViT-L-14"
     # An open_clip pretrained tag, a local checkpoint file, or null for random weights (tests, benchmarks).
@@ -90,7 +90,7 @@ class ModelConfig(_Section):
         return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     # A shard folder written by `python -m temu_dist.pack` (it holds manifest.json) and the split to train on.
     train: str | None = None
     train_split: str = "train"
@@ -108,7 +108,7 @@ class DataConfig(_Section):
         return v
 
 
-class LDGConfig(_Section):
+class LDGConfig(Section):
     """Local distortion guidance: a distorted region x' joins the batch with target f(x, x') * y."""
 
     enabled: bool = True
@@ -143,13 +143,13 @@ class LDGConfig(_Section):
         return self
 
 
-class EvalSetConfig(_Section):
+class EvalSetConfig(Section):
     name: str
     shards: str  # a pack folder
     split: str = "test"
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     epochs: int = 30
     batch_size: int = 32  # the global batch, whatever the number of processes
     # Per-process micro-batch; default batch_size / processes. Gradient accumulation makes up the rest.
@@ -180,21 +180,23 @@ class TrainConfig(_Section):
         return v
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     batch_size: int = 64
     # Splits of data.train evaluated after each epoch (those the pack has), and cross-dataset sets.
     splits: list[str] = ["val", "test"]
     cross: list[EvalSetConfig] = []
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     enabled: bool = True
     # null: a sqlite store in the run folder; or a server, e.g. http://127.0.0.1:5000.
     uri: str | None = None
     experiment: str = "temu-dist"
+    # Set by a Ray Tune search: this run is a child of the search's MLflow run.
+    parent_run_id: str | None = None
 
 
-class Config(_Section):
+class Config(Section):
     name: str = "temu"
     seed: int = 0
     # Runs write under out_dir/name.
@@ -211,7 +213,7 @@ class Config(_Section):
         return Path(self.out_dir) / self.name
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
     for i, key in enumerate(parents):
@@ -222,7 +224,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
     node[leaf] = value
 
 
-def _one_line(err: ValidationError, source: str) -> str:
+def one_line_error(err: ValidationError, source: str) -> str:
     parts = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
@@ -256,13 +258,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not is_override(item):
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. model.prompt=coop)")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key, yaml.safe_load(raw) if raw else "", f"override {item}")
+        set_dotted(tree, key, yaml.safe_load(raw) if raw else "", f"override {item}")
     if overrides:
         source += " + overrides"
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_one_line(e, source)) from None
+        raise ConfigError(one_line_error(e, source)) from None
 
 
 def _merge(a: dict, b: dict) -> dict:

@@ -48,3 +48,47 @@ def score_vs_time(history: list[dict], sets: list[str], path: str | Path) -> Pat
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def prompt_table(rows: list[dict], metric: str, path: str | Path) -> Path:
+    """The prompt-tuning table (seed Table 5): the best `metric` each prompt option reached over the search."""
+    best: dict[str, float] = {}
+    for r in rows:
+        if r.get("best") is not None:
+            best[r["model.prompt"]] = max(best.get(r["model.prompt"], -1e9), r["best"])
+    order = [p for p in ("none", "coop", "cocoop") if p in best]
+    fig, ax = plt.subplots(figsize=(4.5, 0.6 + 0.4 * len(order)), dpi=110)
+    ax.axis("off")
+    cells = [[{"none": "(1) none", "coop": "(2) CoOp", "cocoop": "(3) CoCoOp"}[p], f"{best[p]:.4f}"] for p in order]
+    table = ax.table(cellText=cells or [["-", "-"]], colLabels=["prompt", metric], loc="center", cellLoc="center")
+    table.scale(1, 1.4)
+    if order:
+        top = max(order, key=best.get)
+        table[(order.index(top) + 1, 1)].get_text().set_fontweight("bold")
+    ax.set_title("prompt tuning")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def layer_study(rows: list[dict], metric: str, path: str | Path) -> Path:
+    """The best `metric` per layer selection (seed Fig. 8): upto:K and only:K against K, `all` as a line."""
+    best: dict[str, float] = {}
+    for r in rows:
+        if r.get("best") is not None:
+            best[r["model.layers"]] = max(best.get(r["model.layers"], -1e9), r["best"])
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
+    for kind, style in (("upto", "o-"), ("only", "s--")):
+        points = sorted((int(k.split(":")[1]), v) for k, v in best.items() if k.startswith(kind + ":"))
+        if points:
+            ax.plot(*zip(*points), style, ms=4, label=f"{kind}:K")
+    if "all" in best:
+        ax.axhline(best["all"], color="grey", lw=1, ls=":", label="all layers")
+    ax.set(xlabel="layer K", ylabel=metric, title="layer study")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

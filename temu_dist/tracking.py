@@ -51,7 +51,8 @@ class Tracker:
             mlflow.set_experiment(config.tracking.experiment)
             # A resumed run continues the same MLflow run.
             resume_id = id_file.read_text().strip() if id_file.exists() else None
-            run = mlflow.start_run(run_id=resume_id, run_name=None if resume_id else config.name)
+            parent = {"mlflow.parentRunId": config.tracking.parent_run_id} if config.tracking.parent_run_id else None
+            run = mlflow.start_run(run_id=resume_id, run_name=None if resume_id else config.name, tags=parent)
             self.run_id = run.info.run_id
             id_file.write_text(self.run_id)
         except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training

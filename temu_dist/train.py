@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -100,6 +101,7 @@ class Run:
     epoch: SharedEpoch
     sets: list[EvalSet]
     tracker: Tracker
+    on_epoch: Callable[[dict], None] | None = None
     start_epoch: int = 0
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
@@ -163,10 +165,14 @@ def _fit(config: Config, run: Run) -> None:
                              "train/images_per_s": record["images_per_s"]}, step=epoch + 1)
             run.tracker.metrics({f"{n}/{k}": v for n, m in record["eval"].items() for k, v in m.items()}, step=epoch + 1)
             accelerator.print(_log_line(record, config.train.epochs))
+        if run.on_epoch is not None:
+            run.on_epoch(record)
         accelerator.wait_for_everyone()
 
 
-def train(config: Config) -> dict:
+def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Trains and evaluates as the config says; returns what results.json holds. `on_epoch` gets each epoch's record
+    (loss, lr, images/s, elapsed, per-set metrics) on every process: Ray Tune reports it to its scheduler."""
     accelerator, plan = make_accelerator(config)
     main = accelerator.is_main_process
     if not config.data.train:
@@ -207,9 +213,12 @@ def train(config: Config) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     tracker = Tracker(config, run_dir, main)
     run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,
-              **resumed)
+              on_epoch, **resumed)
     try:
         _fit(config, run)
+    except SystemExit:
+        tracker.end("KILLED")  # how Ray Tune stops a trial early (ASHA)
+        raise
     except BaseException:
         tracker.end("FAILED")
         raise

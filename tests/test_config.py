@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from temu_dist.config import Config, ConfigError, dump, load_config
+from temu_dist.tune import load_search
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,19 @@ def test_bad_file_names_the_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_search_space_values_are_checked_against_the_training_config(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"base: {REPO / 'configs' / 'demo.yaml'}\nspace:\n  model.layers: {{grid: [all, 'upto:x']}}\n")
+    with pytest.raises(ConfigError, match="model.layers"):
+        load_search(path)
+    path.write_text(f"base: {REPO / 'configs' / 'demo.yaml'}\nspace:\n  model.promt: {{grid: [none]}}\n")
+    with pytest.raises(ConfigError, match="model.promt: unknown key"):
+        load_search(path)
+    path.write_text(f"base: {REPO / 'configs' / 'demo.yaml'}\nspace:\n  train.lr: {{normal: [0, 1]}}\n")
+    with pytest.raises(ConfigError, match="space.train.lr: expected one of grid"):
+        load_search(path)
+
+
 def test_override_must_be_key_value():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["model.prompt"])
@@ -63,6 +77,15 @@ def test_resolved_copy_reloads_to_the_same_config():
     assert load_config(None, (), base=dump(c)) == c
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+TRAINING_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "tune")
+
+
+@pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
     assert isinstance(load_config(path), Config)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "tune").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_search_is_valid(path):
+    search = load_search(path)
+    assert Path(search.base).is_file() and search.space

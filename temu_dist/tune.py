@@ -1,0 +1,298 @@
+"""Ray Tune searches over the training config: prompt tuning, layer cutoffs, variant, lr, LDG weight, ... .
+
+    python -m temu_dist.tune --config configs/tune/demo.yaml [key=value ...]
+    RAY_ADDRESS=auto python -m temu_dist.tune --config configs/tune/X.yaml        # an existing Ray cluster
+
+Every trial calls the same `train(config)` as `accelerate launch`, with the trial's values as overrides of the base
+config, in its own run folder under out_dir/name/trials/. Each epoch's evaluation is reported to Ray, so ASHA can stop
+weak trials early. MLflow: one parent run for the search (in out_dir/name/mlflow.db unless tracking_uri says
+otherwise), one child run per trial; the parent gets the results table, the prompt-tuning table (seed Table 5), the
+layer study (Fig. 8) and the best trial's config. A failing trial is retried (max_failures) and continues from its
+own last checkpoint; rerunning the same command after the driver was killed resumes the search without redoing
+finished trials.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+from pydantic import ValidationError
+
+from temu_dist.config import ConfigError, Section, dump, is_override, load_config, one_line_error, set_dotted
+
+SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+class Resources(Section):
+    cpu: float = 1.0
+    gpu: float = 0.0  # fractions share a GPU between trials
+
+
+class AshaConfig(Section):
+    grace_period: int = 1  # epochs before a trial may be stopped
+    reduction_factor: float = 2.0
+
+
+class SearchConfig(Section):
+    name: str = "tune"
+    out_dir: str = "runs"
+    base: str  # the training config every trial starts from
+    overrides: list[str] = []  # key=value applied to the base before the trial's own values
+    # Dotted training key -> {grid: [...]} | {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} |
+    # {randint: [lo, hi]}.
+    space: dict[str, dict[str, list[Any]]]
+    num_samples: int = 1  # samples of the non-grid dimensions (per grid point)
+    metric: str | None = None  # SET/METRIC; default: the base config's train.key_metric
+    mode: Literal["max", "min"] = "max"
+    asha: AshaConfig | None = AshaConfig()
+    resources: Resources = Resources()
+    max_concurrent: int = 0  # 0: as many as the resources allow
+    max_failures: int = 2  # retries of a failing trial
+    address: str | None = None  # null: RAY_ADDRESS if set, else a local Ray with this machine's CPUs and GPUs
+    tracking_uri: str | None = None
+
+
+def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SearchConfig:
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: search config not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    for item in overrides:
+        if not is_override(item):
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        set_dotted(tree, key, yaml.safe_load(raw), f"override {item}")
+    try:
+        search = SearchConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(one_line_error(e, str(path))) from None
+    base = Path(search.base)
+    if not base.is_absolute():
+        # A base given relative to the search file or to the working directory, whichever exists.
+        base = next((p for p in (path.parent / base, Path.cwd() / base) if p.is_file()), base)
+    search = search.model_copy(update={"base": str(base.resolve())})
+    _check_space(search)
+    return search
+
+
+def _check_space(search: SearchConfig) -> None:
+    """Every searched key must be a valid training key with valid values: fail before Ray starts."""
+    base = base_config(search)
+    for key, spec in search.space.items():
+        if len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
+            raise ConfigError(f"space.{key}: expected one of {', '.join(SAMPLERS)} with a list, got {spec}")
+        kind, values = next(iter(spec.items()))
+        probes = values if kind in ("grid", "choice") else values[:2]
+        for value in probes:
+            load_config(None, [f"{key}={json.dumps(value)}"], base=base)
+
+
+def base_config(search: SearchConfig) -> dict:
+    """The resolved base training config with every path made absolute: Ray runs trials in other directories."""
+    tree = dump(load_config(search.base, search.overrides))
+    data = tree["data"]
+    if data["train"]:
+        data["train"] = _absolute(data["train"])
+    for cross in tree["eval"]["cross"]:
+        cross["shards"] = _absolute(cross["shards"])
+    pretrained = tree["model"]["pretrained"]
+    if pretrained and Path(pretrained).expanduser().is_file():
+        tree["model"]["pretrained"] = _absolute(pretrained)
+    return tree
+
+
+def _absolute(path: str) -> str:
+    # Keeps "{split}"-style placeholders and anything already absolute as it is.
+    return str(Path(path).expanduser().absolute())
+
+
+def param_space(search: SearchConfig) -> dict:
+    from ray import tune
+
+    make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
+    return {key: make[kind](values) for key, spec in search.space.items() for kind, values in spec.items()}
+
+
+def trial_config(base: dict, params: dict, trials_dir: str, trial: str, tracking_uri: str, parent: str | None):
+    """The training config of one trial: the base, the trial's values, its own run folder and MLflow parent."""
+    overrides = [f"{k}={json.dumps(v)}" for k, v in params.items()]
+    overrides += [f"out_dir={trials_dir}", f"name={trial}", f"tracking.uri={tracking_uri}",
+                  f"tracking.parent_run_id={json.dumps(parent)}", "train.resume=auto"]
+    return load_config(None, overrides, base=base)
+
+
+def _metrics(record: dict) -> dict:
+    metrics = {f"{s}/{k}": v for s, m in record["eval"].items() for k, v in m.items()}
+    return {**metrics, "epoch": record["epoch"], "loss": record["loss"], "images_per_s": record["images_per_s"]}
+
+
+def run_trial(params: dict, base: dict, trials_dir: str, tracking_uri: str, parent: str | None) -> None:
+    """One trial: train(config) with the trial's values, each epoch reported to Ray.
+
+    The last epoch is reported only once train() has returned: Ray ends a trial on its final report, and the run
+    must first write its results and MLflow artifacts. A trial restored after a killed search resumes from its own
+    last checkpoint (train.resume=auto in its own run folder)."""
+    from ray import tune
+
+    from temu_dist.train import train
+
+    config = trial_config(base, params, trials_dir, f"trial-{tune.get_context().get_trial_id()}", tracking_uri,
+                          parent)
+
+    def report(record: dict) -> None:
+        if record["epoch"] < config.train.epochs:
+            tune.report(_metrics(record))
+
+    results = train(config, on_epoch=report)
+    tune.report(_metrics(results["history"][-1]))
+
+
+def _tracking_uri(search: SearchConfig, search_dir: Path) -> str:
+    return search.tracking_uri or f"sqlite:///{(search_dir / 'mlflow.db').resolve()}"
+
+
+def _parent_run(search: SearchConfig, search_dir: Path, uri: str) -> str | None:
+    """The search's MLflow run, created once and found again when a killed search is resumed."""
+    import mlflow
+
+    id_file = search_dir / "mlflow_parent_run_id"
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(load_config(search.base).tracking.experiment)
+        if id_file.exists():
+            return id_file.read_text().strip()
+        client = mlflow.MlflowClient(uri)
+        experiment = client.get_experiment_by_name(load_config(search.base).tracking.experiment)
+        run = client.create_run(experiment.experiment_id, run_name=search.name, tags={"temu.search": "true"})
+        params = {f"space.{k}": json.dumps(v) for k, v in search.space.items()}
+        params.update({"base": search.base, "num_samples": search.num_samples, "metric": search.metric})
+        for key, value in params.items():
+            client.log_param(run.info.run_id, key, str(value)[:500])
+        id_file.write_text(run.info.run_id)
+        return run.info.run_id
+    except Exception as e:  # noqa: BLE001 - tracking trouble must not stop the search
+        import warnings
+
+        warnings.warn(f"MLflow at {uri} is not usable ({type(e).__name__}: {e}); the search goes on untracked",
+                      stacklevel=2)
+        return None
+
+
+def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
+    """Runs (or resumes) the search; returns the summary also written to out_dir/name/search.json."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    search_dir = (Path(search.out_dir) / search.name).resolve()
+    search_dir.mkdir(parents=True, exist_ok=True)
+    base = base_config(search)
+    metric = search.metric or base["train"]["key_metric"]
+    uri = _tracking_uri(search, search_dir)
+    parent = _parent_run(search, search_dir, uri)
+    address = search.address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:
+            # Ray's temp files (sockets, logs) go inside the search folder, not /tmp/ray or ~/.ray.
+            temp = Path(os.environ.get("TEMU_RAY_TMP", search_dir / "ray"))
+            temp.mkdir(parents=True, exist_ok=True)
+            ray.init(include_dashboard=False, _temp_dir=str(temp), log_to_driver=True)
+    res = search.resources
+    target = tune.with_parameters(trainable or run_trial, base=base, trials_dir=str(search_dir / "trials"),
+                                  tracking_uri=uri, parent=parent)
+    target = tune.with_resources(target, {"cpu": res.cpu, "gpu": res.gpu})
+    experiment = search_dir / "ray"
+    if tune.Tuner.can_restore(str(experiment / search.name)):
+        tuner = tune.Tuner.restore(str(experiment / search.name), target, resume_errored=True)
+    else:
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=base["train"]["epochs"],
+                                  grace_period=search.asha.grace_period,
+                                  reduction_factor=search.asha.reduction_factor) if search.asha else None
+        tuner = tune.Tuner(
+            target, param_space=param_space(search),
+            tune_config=tune.TuneConfig(metric=metric, mode=search.mode, scheduler=scheduler,
+                                        num_samples=search.num_samples,
+                                        max_concurrent_trials=search.max_concurrent or None),
+            run_config=tune.RunConfig(name=search.name, storage_path=str(experiment),
+                                      failure_config=tune.FailureConfig(max_failures=search.max_failures),
+                                      verbose=1))
+    grid = tuner.fit()
+    return summarize(search, search_dir, grid, metric, uri, parent)
+
+
+def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: str, parent: str | None) -> dict:
+    """Results table, plots and the best trial's config, to search.json and the parent MLflow run."""
+    from temu_dist.plots import layer_study, prompt_table
+
+    rows = []
+    for result in grid:
+        history = result.metrics_dataframe
+        scores = history[metric].dropna() if history is not None and metric in history else []
+        best_value = None if len(scores) == 0 else float(scores.max() if search.mode == "max" else scores.min())
+        rows.append({"trial": f"trial-{(result.metrics or {}).get('trial_id', '?')}",
+                     **{k: result.config.get(k) for k in search.space},
+                     "epochs": (result.metrics or {}).get("epoch"), "best": best_value,
+                     "error": str(result.error).splitlines()[0] if result.error else None})
+    ok = [r for r in rows if r["best"] is not None]
+    best = max(ok, key=lambda r: r["best"] if search.mode == "max" else -r["best"]) if ok else None
+    summary = {"search": search.name, "metric": metric, "trials": rows, "best": best}
+    (search_dir / "search.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    plots = []
+    if "model.prompt" in search.space:
+        plots.append(prompt_table(rows, metric, search_dir / "prompt_table.png"))
+    if "model.layers" in search.space:
+        plots.append(layer_study(rows, metric, search_dir / "layer_study.png"))
+    best_config = None
+    if best is not None:
+        best_config = search_dir / "trials" / best["trial"] / "config.yaml"
+    if parent is not None:
+        import mlflow
+
+        client = mlflow.MlflowClient(uri)
+        for path in [search_dir / "search.json", *plots, *([best_config] if best_config and best_config.exists()
+                                                            else [])]:
+            client.log_artifact(parent, str(path))
+        if best is not None:
+            client.log_metric(parent, f"best.{metric.replace('/', '.')}", float(best["best"]))
+            client.set_tag(parent, "best_trial", best["trial"])
+        client.set_terminated(parent, "FINISHED" if ok else "FAILED")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m temu_dist.tune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a search config (configs/tune/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        summary = run_search(load_search(args.config, args.overrides))
+    except ConfigError as e:
+        print(f"tune: {e}", file=sys.stderr)
+        return 1
+    keys = [k for k in summary["trials"][0] if k not in ("error",)] if summary["trials"] else []
+    print("tune: " + " | ".join(keys))
+    for row in summary["trials"]:
+        print("tune: " + " | ".join(_fmt(row[k]) for k in keys) + (f" | error: {row['error']}" if row["error"] else ""))
+    if summary["best"]:
+        print(f"tune: best {summary['best']['trial']} with {summary['metric']} {summary['best']['best']:.4f}")
+    return 0
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

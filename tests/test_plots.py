@@ -1,0 +1,15 @@
+from PIL import Image
+
+from temu_dist.plots import layer_study, prompt_table
+
+
+def test_search_plots_are_written(tmp_path):
+    rows = [{"model.layers": "all", "model.prompt": "none", "best": 0.8},
+            {"model.layers": "upto:2", "model.prompt": "coop", "best": 0.7},
+            {"model.layers": "upto:4", "model.prompt": "coop", "best": 0.75},
+            {"model.layers": "only:3", "model.prompt": "cocoop", "best": 0.6},
+            {"model.layers": "only:1", "model.prompt": "none", "best": None}]
+    for draw, name in ((layer_study, "layers.png"), (prompt_table, "prompts.png")):
+        path = draw(rows, "test/srcc", tmp_path / name)
+        image = Image.open(path)
+        assert image.size[0] > 300 and len(set(image.convert("L").getdata())) > 2
