@@ -40,7 +40,10 @@ def make_accelerator(config: Config) -> tuple[Accelerator, BatchPlan]:
     handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30))] \
         if world_size > 1 and not torch.cuda.is_available() else []
     plan = batch_plan(config.train.batch_size, config.train.per_device_batch, world_size)
-    accelerator = Accelerator(gradient_accumulation_steps=plan.accumulation, kwargs_handlers=handlers)
+    # accelerate treats several CPU processes as one group only when told it runs on CPU; launchers other than
+    # `accelerate launch` (Ray Train, torchrun) do not say so. DeepSpeed refuses the flag and finds the group itself.
+    on_cpu = not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true"
+    accelerator = Accelerator(cpu=on_cpu, gradient_accumulation_steps=plan.accumulation, kwargs_handlers=handlers)
     if accelerator.state.deepspeed_plugin is not None:
         # Our loaders stay out of prepare(), so DeepSpeed cannot read the micro-batch from them.
         ds = accelerator.state.deepspeed_plugin.deepspeed_config

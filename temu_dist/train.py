@@ -222,7 +222,8 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     except BaseException:
         tracker.end("FAILED")
         raise
-    summary = {"run_dir": str(run_dir), "key_metric": config.train.key_metric, "best_epoch": run.best["epoch"],
+    summary = {"run_dir": str(run_dir), "processes": plan.world_size, "key_metric": config.train.key_metric,
+               "best_epoch": run.best["epoch"],
                "best": run.best["eval"], "history": run.history, "mlflow_run_id": tracker.run_id}
     if main:
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -31,6 +31,9 @@ SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 class Resources(Section):
     cpu: float = 1.0
     gpu: float = 0.0  # fractions share a GPU between trials
+    # > 1: each trial is a Ray Train job of this many processes (cpu and gpu are then per process), for several
+    # GPUs per trial.
+    workers: int = 1
 
 
 class AshaConfig(Section):
@@ -135,8 +138,10 @@ def _metrics(record: dict) -> dict:
     return {**metrics, "epoch": record["epoch"], "loss": record["loss"], "images_per_s": record["images_per_s"]}
 
 
-def run_trial(params: dict, base: dict, trials_dir: str, tracking_uri: str, parent: str | None) -> None:
-    """One trial: train(config) with the trial's values, each epoch reported to Ray.
+def run_trial(params: dict, base: dict, trials_dir: str, tracking_uri: str, parent: str | None,
+              resources: dict | None = None) -> None:
+    """One trial: train(config) with the trial's values, each epoch reported to Ray; with resources.workers > 1,
+    train(config) on that many Ray Train processes.
 
     The last epoch is reported only once train() has returned: Ray ends a trial on its final report, and the run
     must first write its results and MLflow artifacts. A trial restored after a killed search resumes from its own
@@ -145,15 +150,43 @@ def run_trial(params: dict, base: dict, trials_dir: str, tracking_uri: str, pare
 
     from temu_dist.train import train
 
-    config = trial_config(base, params, trials_dir, f"trial-{tune.get_context().get_trial_id()}", tracking_uri,
-                          parent)
+    res = Resources.model_validate(resources or {})
+    trial = f"trial-{tune.get_context().get_trial_id()}"
+    config = trial_config(base, params, trials_dir, trial, tracking_uri, parent)
+    if res.workers <= 1:
+        def report(record: dict) -> None:
+            if record["epoch"] < config.train.epochs:
+                tune.report(_metrics(record))
 
-    def report(record: dict) -> None:
-        if record["epoch"] < config.train.epochs:
-            tune.report(_metrics(record))
-
-    results = train(config, on_epoch=report)
+        results = train(config, on_epoch=report)
+    else:
+        results = _train_on_workers(config, res, trial)
     tune.report(_metrics(results["history"][-1]))
+
+
+def _train_on_workers(config, res: Resources, trial: str) -> dict:
+    """Ray Train runs train(config) on res.workers processes, which Ray has joined in one process group (gloo on
+    CPU, NCCL on GPU); accelerate finds it there. Epoch metrics reach Tune through Ray Train's report."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    def loop() -> None:
+        from ray import train as ray_train
+
+        from temu_dist.train import train
+
+        def report(record: dict) -> None:
+            if record["epoch"] < config.train.epochs:
+                ray_train.report(_metrics(record))
+
+        train(config, on_epoch=report)
+
+    TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpu > 0,
+                                                    resources_per_worker={"CPU": res.cpu, "GPU": res.gpu}),
+                 run_config=RunConfig(name=trial, storage_path=str(config.run_dir().parent.parent / "ray-train"),
+                                      callbacks=[TuneReportCallback()])).fit()
+    return json.loads((config.run_dir() / "results.json").read_text())
 
 
 def _tracking_uri(search: SearchConfig, search_dir: Path) -> str:
@@ -210,8 +243,10 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
             ray.init(include_dashboard=False, _temp_dir=str(temp), log_to_driver=True)
     res = search.resources
     target = tune.with_parameters(trainable or run_trial, base=base, trials_dir=str(search_dir / "trials"),
-                                  tracking_uri=uri, parent=parent)
-    target = tune.with_resources(target, {"cpu": res.cpu, "gpu": res.gpu})
+                                  tracking_uri=uri, parent=parent, resources=res.model_dump())
+    # A Ray Train trial asks for its workers itself; the trial's own process only waits for them (Ray refuses an
+    # empty request, hence a sliver of a CPU).
+    target = tune.with_resources(target, {"cpu": res.cpu, "gpu": res.gpu} if res.workers <= 1 else {"cpu": 0.01})
     experiment = search_dir / "ray"
     if tune.Tuner.can_restore(str(experiment / search.name)):
         tuner = tune.Tuner.restore(str(experiment / search.name), target, resume_errored=True)

@@ -83,6 +83,18 @@ def test_search_gives_one_parent_run_and_a_child_run_per_trial(tmp_path, shards,
     assert json.loads((search_dir / "search.json").read_text())["best"]["trial"] == summary["best"]["trial"]
 
 
+def test_a_trial_can_train_on_several_ray_train_processes(tmp_path, shards, ray_tmp):
+    search = load_search(_search_file(tmp_path, shards, "workers", {"model.prompt": {"grid": ["coop"]}},
+                                      resources={"cpu": 0.5, "workers": 2}))
+    summary = run_search(search)
+    (row,) = summary["trials"]
+    assert row["error"] is None and row["epochs"] == 2 and row["best"] is not None
+    run = tmp_path / "runs" / "workers" / "trials" / row["trial"]
+    results = json.loads((run / "results.json").read_text())
+    assert results["processes"] == 2
+    assert results["best"]["test"]["count"] == results["best"]["test"]["expected"]
+
+
 def flaky_trial(params, **kwargs):
     """Fails the first attempt of every trial, as a lost node or an out-of-memory kill would."""
     from ray import tune
