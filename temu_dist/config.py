@@ -237,28 +237,39 @@ def is_override(arg: str) -> bool:
     return bool(OVERRIDE.match(arg))
 
 
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
+    """A YAML mapping from a file, or a one-line error naming the file."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a {what} must be a mapping of keys to values")
+    return loaded
+
+
+def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """`key.sub=value` items set into the tree, values parsed as YAML."""
+    for item in overrides:
+        if not is_override(item):
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. model.prompt=coop)")
+        key, raw = item.split("=", 1)
+        set_dotted(tree, key, yaml.safe_load(raw) if raw else "", f"override {item}")
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 base: dict | None = None) -> Config:
     """Defaults <- `base` (a saved config) <- YAML file <- `key=value` overrides (values parsed as YAML)."""
     tree: dict = dict(base or {})
     source = "defaults"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
-        tree = _merge(tree, loaded)
-    for item in overrides:
-        if not is_override(item):
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. model.prompt=coop)")
-        key, raw = item.split("=", 1)
-        set_dotted(tree, key, yaml.safe_load(raw) if raw else "", f"override {item}")
+        tree = _merge(tree, read_yaml(path))
+    apply_overrides(tree, overrides)
     if overrides:
         source += " + overrides"
     try:

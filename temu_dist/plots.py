@@ -1,6 +1,7 @@
 """Pictures people look at instead of tables: heatmaps, prediction scatter (seed Fig. 10), score vs time (Fig. 6)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -27,10 +28,7 @@ def scatter(pred: np.ndarray, mos: np.ndarray, title: str, path: str | Path) -> 
     ax.scatter(mos, pred, s=8, alpha=0.6)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="ground truth (normalised MOS)", ylabel="predicted score", title=title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def score_vs_time(history: list[dict], sets: list[str], path: str | Path) -> Path:
@@ -44,6 +42,19 @@ def score_vs_time(history: list[dict], sets: list[str], path: str | Path) -> Pat
     ax.set(xlabel="cumulative train + eval time (s)", ylabel="(SRCC + PLCC) / 2", title="score vs time")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def _best_by(rows: list[dict], key: str) -> dict[str, float]:
+    """The best value each setting of `key` reached over a search's result rows."""
+    best: dict[str, float] = {}
+    for r in rows:
+        if r.get("best") is not None:
+            best[r[key]] = max(best.get(r[key], -math.inf), r["best"])
+    return best
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -52,10 +63,7 @@ def score_vs_time(history: list[dict], sets: list[str], path: str | Path) -> Pat
 
 def prompt_table(rows: list[dict], metric: str, path: str | Path) -> Path:
     """The prompt-tuning table (seed Table 5): the best `metric` each prompt option reached over the search."""
-    best: dict[str, float] = {}
-    for r in rows:
-        if r.get("best") is not None:
-            best[r["model.prompt"]] = max(best.get(r["model.prompt"], -1e9), r["best"])
+    best = _best_by(rows, "model.prompt")
     order = [p for p in ("none", "coop", "cocoop") if p in best]
     fig, ax = plt.subplots(figsize=(4.5, 0.6 + 0.4 * len(order)), dpi=110)
     ax.axis("off")
@@ -66,18 +74,12 @@ def prompt_table(rows: list[dict], metric: str, path: str | Path) -> Path:
         top = max(order, key=best.get)
         table[(order.index(top) + 1, 1)].get_text().set_fontweight("bold")
     ax.set_title("prompt tuning")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def layer_study(rows: list[dict], metric: str, path: str | Path) -> Path:
     """The best `metric` per layer selection (seed Fig. 8): upto:K and only:K against K, `all` as a line."""
-    best: dict[str, float] = {}
-    for r in rows:
-        if r.get("best") is not None:
-            best[r["model.layers"]] = max(best.get(r["model.layers"], -1e9), r["best"])
+    best = _best_by(rows, "model.layers")
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
     for kind, style in (("upto", "o-"), ("only", "s--")):
         points = sorted((int(k.split(":")[1]), v) for k, v in best.items() if k.startswith(kind + ":"))
@@ -88,7 +90,4 @@ def layer_study(rows: list[dict], metric: str, path: str | Path) -> Path:
     ax.set(xlabel="layer K", ylabel=metric, title="layer study")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from temu_dist.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
-from temu_dist.config import Config, ConfigError, dump, is_override, load_config
+from temu_dist.config import Config, ConfigError, dump, load_config
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import ldg_targets
 from temu_dist.data.stream import SharedEpoch, train_loader
@@ -246,9 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
-        bad = next((o for o in args.overrides if not is_override(o)), None)
-        if bad:
-            raise ConfigError(f"override '{bad}' is not of the form key=value")
         config = load_config(args.config, args.overrides)
         results = train(config)
     except (ConfigError, NonFiniteLoss) as e:

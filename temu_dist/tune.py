@@ -20,10 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import yaml
 from pydantic import ValidationError
 
-from temu_dist.config import ConfigError, Section, dump, is_override, load_config, one_line_error, set_dotted
+from temu_dist.config import ConfigError, Section, apply_overrides, dump, load_config, one_line_error, read_yaml
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -62,17 +61,7 @@ class SearchConfig(Section):
 
 def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SearchConfig:
     path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: search config not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    for item in overrides:
-        if not is_override(item):
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        key, raw = item.split("=", 1)
-        set_dotted(tree, key, yaml.safe_load(raw), f"override {item}")
+    tree = apply_overrides(read_yaml(path, "search config"), overrides)
     try:
         search = SearchConfig.model_validate(tree)
     except ValidationError as e:
