@@ -2,7 +2,7 @@
 
     weights.safetensors, config.json   the model, as temu_dist.model.io saves it (predict/evaluate read these)
     trainer.pt                         optimiser and scheduler state, RNG states (loaded with weights_only=True)
-    trainer.json                       position (next epoch, optimizer steps), history, best metric, elapsed time
+    trainer.json                       position (next epoch), history, best epoch and metric, elapsed time
 
 A checkpoint folder is written beside its final name and swapped in whole, so a kill never leaves half of one.
 """

@@ -42,12 +42,28 @@ def make_accelerator(config: Config) -> tuple[Accelerator, BatchPlan]:
     plan = batch_plan(config.train.batch_size, config.train.per_device_batch, world_size)
     # accelerate treats several CPU processes as one group only when told it runs on CPU; launchers other than
     # `accelerate launch` (Ray Train, torchrun) do not say so. DeepSpeed refuses the flag and finds the group itself.
-    on_cpu = not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true"
+    on_cpu = (config.device == "cpu" or not torch.cuda.is_available()) \
+        and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true"
     accelerator = Accelerator(cpu=on_cpu, gradient_accumulation_steps=plan.accumulation, kwargs_handlers=handlers)
     if accelerator.state.deepspeed_plugin is not None:
+        _check_deepspeed(accelerator)
         # Our loaders stay out of prepare(), so DeepSpeed cannot read the micro-batch from them.
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = plan.per_device
         ds["train_batch_size"] = plan.global_batch
         ds["gradient_accumulation_steps"] = plan.accumulation
     return accelerator, plan
+
+
+def _check_deepspeed(accelerator: Accelerator) -> None:
+    """What our checkpoints and frozen fp32 head can run under DeepSpeed: ZeRO stage 0, no DeepSpeed mixed precision.
+
+    ZeRO 1-3 partition the optimiser state, which trainer.pt cannot resume; DeepSpeed's bf16/fp16 casts the whole
+    module, the fp32 projection head included. Neither buys anything for a few MB of trainable weights, and the
+    frozen towers already run in bf16 on GPU (model.precision)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin.zero_stage != 0:
+        raise ConfigError(f"DeepSpeed ZeRO stage {plugin.zero_stage}: only stage 0 is supported (launch/deepspeed.yaml)")
+    if accelerator.mixed_precision != "no":
+        raise ConfigError(f"DeepSpeed with mixed_precision {accelerator.mixed_precision}: use 'no' (the frozen towers "
+                          "run in bf16 on GPU anyway, model.precision=auto)")

@@ -26,7 +26,7 @@ from accelerate.utils import gather_object
 
 from temu_dist.config import Config, ConfigError, is_override, load_config
 from temu_dist.data.augment import normalize
-from temu_dist.data.stream import eval_loader, read_manifest
+from temu_dist.data.stream import eval_loader, read_manifest, split_shards
 from temu_dist.metrics import correlations
 from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.clipiqa import ClipIQA, build_clipiqa
@@ -54,7 +54,18 @@ def eval_sets(config: Config) -> list[EvalSet]:
         have = read_manifest(config.data.train)["splits"]
         sets += [EvalSet(split, config.data.train, split) for split in config.eval.splits if split in have]
     sets += [EvalSet(c.name, c.shards, c.split) for c in config.eval.cross]
+    _check_sets(sets)
     return sets
+
+
+def _check_sets(sets: list[EvalSet]) -> None:
+    """Unique names, and every pack and split there: a typo fails now, not after an epoch of training."""
+    names = [s.name for s in sets]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise ConfigError(f"eval: two evaluation sets are named '{duplicate}'; give each a name of its own")
+    for s in sets:
+        split_shards(s.shards, s.split)
 
 
 @torch.no_grad()
@@ -108,13 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint:
             model, config = load_model(checkpoint_dir(args.checkpoint), args.overrides, accelerator.device)
         else:
+            if not args.config:
+                parser.error("--clipiqa needs --config (backbone, input size, prompts and sets)")
             config = load_config(args.config, args.overrides)
             model = build_clipiqa(config, args.clipiqa, args.layer, accelerator.device)
         if args.shards:
             sets = []
             for item in args.shards:
                 folder, _, split = item.partition(":")
-                sets.append(EvalSet(Path(folder).name, folder, split or "test"))
+                split = split or "test"
+                sets.append(EvalSet(f"{Path(folder).name}:{split}", folder, split))
+            _check_sets(sets)
         else:
             sets = eval_sets(config)
         if not sets:

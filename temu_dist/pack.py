@@ -203,6 +203,12 @@ def pack(opts: PackOptions) -> dict:
     label_path = Path(opts.meta_csv or opts.label_file or Path(opts.root) / DATASETS[opts.dataset].label_file)
     identity = _identity(opts, label_path)
     _refuse_other_pack(out, identity)
+    # Written before the first shard, so an interrupted pack is only ever resumed with the same options and labels.
+    started = out / "pack.json"
+    if started.exists() and json.loads(started.read_text()) != identity:
+        raise DataError(f"{out} holds an unfinished pack made with other options or labels: pack into another --out, "
+                        "or delete it")
+    started.write_text(json.dumps(identity, indent=2) + "\n")
     for stale in out.glob("*.tmp"):
         stale.unlink()
     results: list[ShardResult] = []

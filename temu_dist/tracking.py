@@ -35,7 +35,7 @@ def tracking_uri(config: Config, run_dir: Path) -> str:
 class Tracker:
     """Logs to MLflow when `active`; every method is a no-op otherwise (other ranks, tracking off or unreachable)."""
 
-    def __init__(self, config: Config, run_dir: Path, active: bool):
+    def __init__(self, config: Config, run_dir: Path, active: bool, resuming: bool = False):
         self.active = active and config.tracking.enabled
         self.run_id: str | None = None
         if not self.active:
@@ -49,8 +49,8 @@ class Tracker:
             mlflow.set_tracking_uri(uri)
             _check_reachable(uri)
             mlflow.set_experiment(config.tracking.experiment)
-            # A resumed run continues the same MLflow run.
-            resume_id = id_file.read_text().strip() if id_file.exists() else None
+            # A resumed run continues the same MLflow run; a fresh one (train.resume=never) starts its own.
+            resume_id = id_file.read_text().strip() if resuming and id_file.exists() else None
             parent = {"mlflow.parentRunId": config.tracking.parent_run_id} if config.tracking.parent_run_id else None
             run = mlflow.start_run(run_id=resume_id, run_name=None if resume_id else config.name, tags=parent)
             self.run_id = run.info.run_id

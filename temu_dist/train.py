@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import yaml
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -36,16 +36,26 @@ from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights
 from temu_dist.model.temu import build_model
 from temu_dist.plots import scatter, score_vs_time
-from temu_dist.tracking import Tracker
+from temu_dist.tracking import Tracker, flatten
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+def _across_ranks(x: torch.Tensor) -> torch.Tensor:
+    """x from every process, concatenated; gradients flow back to each process's own part."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
+            or torch.distributed.get_world_size() == 1:
+        return x
+    return torch.cat(torch.distributed.nn.functional.all_gather(x))
+
+
 def loss_fn(model: torch.nn.Module, batch: dict, config: Config, device: torch.device,
             stats: tuple[tuple[float, ...], tuple[float, ...]]) -> torch.Tensor:
-    """MSE + PLCC loss over the batch and its locally distorted copies (targets f * y, weighted by ldg.weight).
+    """MSE + PLCC loss over the batch and its locally distorted copies (targets f * y; ldg.weight weighs them in the
+    MSE). PLCC does not split over samples, so it is taken over the micro-batches of all processes together: the
+    same whatever the number of processes (with gradient accumulation, over each accumulation step's samples).
 
     `model` is the prepared (possibly wrapped) model; `stats` the backbone's normalisation mean and std."""
     x = batch["image"].to(device, non_blocking=True)
@@ -59,7 +69,23 @@ def loss_fn(model: torch.nn.Module, batch: dict, config: Config, device: torch.d
         weights = torch.cat([weights, torch.full_like(targets[len(y):], config.ldg.weight)])
     score = model(normalize(images, *stats)).score.float()
     mse = (weights * (score - targets) ** 2).sum() / weights.sum()
-    return config.train.mse_weight * mse + config.train.plcc_weight * plcc_loss(score, targets)
+    plcc = plcc_loss(_across_ranks(score), _across_ranks(targets)) if config.train.plcc_weight else 0.0
+    return config.train.mse_weight * mse + config.train.plcc_weight * plcc
+
+
+# What a resumed run may change: everything else must match the checkpoint, or the resumed run would not be the
+# run it continues (model fields are checked against the weights by load_weights).
+RESUME_MAY_CHANGE = {"train.resume", "data.workers", "eval.batch_size", "tracking.enabled", "tracking.uri"}
+
+
+def _check_resumable(saved: dict, config: Config, where: Path) -> None:
+    ours, theirs = flatten(dump(config)), flatten(saved)
+    for key in sorted(set(ours) | set(theirs)):
+        if key.split(".")[0] in ("seed", "train", "ldg", "data") and key not in RESUME_MAY_CHANGE \
+                and ours.get(key) != theirs.get(key):
+            raise ConfigError(f"{key}: {where} was trained with {theirs.get(key)!r}, this run asks for "
+                              f"{ours.get(key)!r}; resume with the same value, or start anew with train.resume=never "
+                              "or another name")
 
 
 def _describe(config: Config, plan: BatchPlan, micro_batches: int, accelerator: Accelerator) -> None:
@@ -152,15 +178,18 @@ def _fit(config: Config, run: Run) -> None:
                   "eval": {name: r.metrics for name, r in results.items()}}
         history.append(record)
         value = results[set_name].metrics[metric]
-        improved = run.best is None or (not math.isnan(value) and value > run.best["value"])
+        # A NaN metric (too few samples, constant scores) never wins over a real one, nor blocks a later one.
+        improved = run.best is None or (not math.isnan(value) and (math.isnan(run.best["value"])
+                                                                  or value > run.best["value"]))
         if improved:
             run.best = {"epoch": epoch + 1, "value": value, "eval": record["eval"]}
         if main:
             info = {"next_epoch": epoch + 1, "history": history, "best": run.best, "elapsed_s": record["elapsed_s"]}
-            save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
+            # best first: a kill between the two leaves `last` (what a resume trusts) naming the older best.
             if improved:
                 save_checkpoint(ckpt_dir / "best", plain, config, optimizer, scheduler, info)
                 _scatter_plots(results, run_dir, epoch + 1)
+            save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
             run.tracker.metrics({"train/loss": record["loss"], "train/lr": record["lr"],
                              "train/images_per_s": record["images_per_s"]}, step=epoch + 1)
             run.tracker.metrics({f"{n}/{k}": v for n, m in record["eval"].items() for k, v in m.items()}, step=epoch + 1)
@@ -201,7 +230,11 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * config.train.epochs)
     resumed = {}
     last = find_checkpoint(ckpt_dir / "last") if config.train.resume == "auto" else None
+    if len(set(gather_object([last is not None]))) > 1:
+        raise ConfigError(f"out_dir: some processes see {ckpt_dir / 'last'} and some do not; a run folder must lie "
+                          "on a filesystem every node shares")
     if last is not None:
+        _check_resumable(json.loads((last / "config.json").read_text()), config, last)
         load_weights(model, last, config)
         state, info = load_trainer_state(last)
         optimizer.load_state_dict(state["optimizer"])
@@ -211,7 +244,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                    "elapsed_s": info["elapsed_s"]}
         accelerator.print(f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1} from {last}")
     model, optimizer = accelerator.prepare(model, optimizer)
-    tracker = Tracker(config, run_dir, main)
+    tracker = Tracker(config, run_dir, main, resuming=last is not None)
     run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,
               on_epoch, **resumed)
     try:

@@ -81,6 +81,9 @@ def test_interrupted_pack_resumes_to_the_same_result(tmp_path):
     assert finished, "no shard finished before the failure"
     # A killed run can leave a temporary file behind; it must not count.
     (out / "train-000099.tar.tmp").write_bytes(b"half a shard")
+    # Resuming with other options would mix shards of two packs.
+    with pytest.raises(DataError, match="unfinished pack made with other options"):
+        pack(_opts(tmp_path / "kadid", out, shard_size=2, resize_shorter=16))
     victim.write_bytes(good_bytes)
     resumed = pack(_opts(tmp_path / "kadid", out, shard_size=2))
     assert resumed["splits"] == clean["splits"]

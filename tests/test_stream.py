@@ -64,13 +64,18 @@ def test_train_stream_equal_length_per_rank_reshuffled_per_epoch(tmp_path):
     assert epoch_order(0, seed=5) != orders[0]
 
 
-def test_uneven_shards_still_give_every_rank_the_same_number_of_batches(tmp_path):
-    folder, _ = _pack(tmp_path, refs=13, per_ref=1, shard_size=4)
+def test_uneven_shards_still_give_every_rank_the_same_batches_without_repeats(tmp_path):
+    # 13 samples in 4 shards over 3 ranks x 2 workers: shards do not divide over the 6 readers.
+    folder, labels = _pack(tmp_path, refs=13, per_ref=1, shard_size=4)
     config = tiny_config("data.workers=2", "data.shuffle_buffer=4", "ldg.enabled=false")
+    seen = []
     for rank in range(3):
         loader, steps = train_loader(config, folder, "train", 2, 1, rank, 3, SharedEpoch(0), (30, 40))
         assert steps == 2
-        assert len([b for _, b in zip(range(steps), loader)]) == steps
+        batches = [b for _, b in zip(range(steps), loader)]
+        assert len(batches) == steps
+        seen += [n for b in batches for n in b["name"]]
+    assert len(seen) == 12 and len(set(seen)) == 12 and set(seen) <= set(labels)
 
 
 def test_resampled_stream_and_ldg_batches(tmp_path):

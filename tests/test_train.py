@@ -85,6 +85,14 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_other_training_settings_is_refused(tmp_path, shards):
+    train(run_config(tmp_path, shards, "train.epochs=1"))
+    with pytest.raises(ConfigError, match=r"train.lr: .*last was trained with 0.002, this run asks for 0.01"):
+        train(run_config(tmp_path, shards, "train.epochs=1", "train.lr=0.01"))
+    fresh = train(run_config(tmp_path, shards, "train.epochs=1", "train.lr=0.01", "train.resume=never"))
+    assert fresh["history"][0]["lr"] < 0.01
+
+
 def test_unreachable_tracking_server_warns_and_training_goes_on(tmp_path, shards):
     with pytest.warns(UserWarning, match="MLflow tracking at http://127.0.0.1:9 is not usable"):
         results = train(run_config(tmp_path, shards, "train.epochs=1", "tracking.uri=http://127.0.0.1:9"))
@@ -93,20 +101,21 @@ def test_unreachable_tracking_server_warns_and_training_goes_on(tmp_path, shards
 
 
 def test_nan_loss_stops_with_a_clear_message_keeping_the_last_good_checkpoint(tmp_path, shards, monkeypatch):
-    train(run_config(tmp_path, shards, "train.epochs=1"))
-    good = load_file(str(tmp_path / "run" / "checkpoints" / "last" / "weights.safetensors"))
     import temu_dist.train as train_mod
 
-    real = train_mod.loss_fn
+    real, calls = train_mod.loss_fn, []
 
-    def poisoned(*args, **kwargs):
-        return real(*args, **kwargs) * math.nan
+    def poisoned_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * math.nan if len(calls) > 3 else loss  # 3 micro-batches per epoch
 
-    monkeypatch.setattr(train_mod, "loss_fn", poisoned)
+    monkeypatch.setattr(train_mod, "loss_fn", poisoned_in_epoch_2)
     with pytest.raises(NonFiniteLoss, match=r"epoch 2: the loss became nan; stopped. The last good checkpoint is .*last"):
         train(run_config(tmp_path, shards, "train.epochs=2"))
-    kept = load_file(str(tmp_path / "run" / "checkpoints" / "last" / "weights.safetensors"))
-    assert all(torch.equal(kept[k], good[k]) for k in good)
+    last = tmp_path / "run" / "checkpoints" / "last"
+    assert json.loads((last / "trainer.json").read_text())["next_epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in load_file(str(last / "weights.safetensors")).values())
 
 
 def test_missing_shards_and_bad_key_metric_fail_before_any_work(tmp_path, shards):
@@ -153,6 +162,6 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
     cfg.write_text("model: {backbone: Test-Tiny-ViT-16, pretrained: null, image_size: 64}\n")
     assert main(["--clipiqa", "c", "--config", str(cfg), "--shards", f"{shards}:test", "device=cpu"]) == 0
     zero_shot = json.loads(capsys.readouterr().out)
-    assert zero_shot["shards"]["count"] == best["test"]["count"]
+    assert zero_shot["shards:test"]["count"] == best["test"]["count"]
     assert main(["--checkpoint", str(tmp_path / "nothing")]) == 1
     assert "neither a checkpoint folder" in capsys.readouterr().err

@@ -77,12 +77,13 @@ def _slot(rank: int, world_size: int) -> tuple[int, int]:
 
 @dataclass
 class TrainSamples(IterableDataset):
-    """Endless raw samples for one reader (rank x worker), in passes over its share of the shards.
+    """Endless raw samples for one reader (rank x worker), in passes over the data.
 
-    Each pass permutes all shards with (seed, epoch, pass) and this reader takes every n-th (wrapping round when there
-    are fewer shards than readers), so no reader runs dry; samples are shuffled within a pass, so a pass is read whole
-    before the next one starts and within an epoch readers overlap only where one must wrap round.
-    Resampled: shards drawn with replacement, seeded by (seed, epoch, reader).
+    Each pass permutes all shards with (seed, epoch, pass). When the shards divide evenly over the readers, this
+    reader takes every n-th shard; otherwise it reads every shard and keeps every n-th sample, so no reader gets more
+    or fewer samples than another and none is read twice within a pass. Samples are shuffled within a pass, so a
+    pass is read whole before the next one starts. Resampled: shards drawn with replacement, seeded by
+    (seed, epoch, reader).
     """
 
     urls: list[str]
@@ -93,15 +94,21 @@ class TrainSamples(IterableDataset):
     resampled: bool
     shuffle_buffer: int
 
-    def _passes(self, slot: int, slots: int, epoch: int) -> Iterator[Iterator[str]]:
+    def _passes(self, slot: int, slots: int, epoch: int) -> Iterator[Iterator[dict]]:
+        read = wds.tarfile_to_samples(handler=wds.warn_and_continue)
         if self.resampled:
             rng = np.random.Generator(np.random.PCG64([self.seed, epoch, slot]))
-            yield (self.urls[int(i)] for i in iter(lambda: rng.integers(len(self.urls)), None))
+            yield read({"url": self.urls[int(i)]} for i in iter(lambda: rng.integers(len(self.urls)), None))
             return
         n = len(self.urls)
         for cycle in range(1 << 30):
-            order = np.random.Generator(np.random.PCG64([self.seed, epoch, cycle])).permutation(n)
-            yield iter([self.urls[int(i)] for i in (order[slot::slots] if n >= slots else [order[slot % n]])])
+            order = [self.urls[int(i)] for i in np.random.Generator(np.random.PCG64([self.seed, epoch, cycle]))
+                     .permutation(n)]
+            if n % slots == 0:
+                yield read({"url": u} for u in order[slot::slots])
+            else:
+                samples = read({"url": u} for u in order)
+                yield (sample for i, sample in enumerate(samples) if i % slots == slot)
 
     def __iter__(self) -> Iterator[dict]:
         slot, slots = _slot(self.rank, self.world_size)
@@ -111,10 +118,9 @@ class TrainSamples(IterableDataset):
         # here makes them a function of (seed, epoch, reader), so a resumed run augments exactly as an unbroken one,
         # whether or not the workers persist across epochs.
         torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, slot]).generate_state(1)[0]))
-        read = wds.tarfile_to_samples(handler=wds.warn_and_continue)
         shuffle = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)
-        for shards in self._passes(slot, slots, epoch):
-            yield from shuffle(read({"url": u} for u in shards))
+        for samples in self._passes(slot, slots, epoch):
+            yield from shuffle(samples)
 
 
 @dataclass

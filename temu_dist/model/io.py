@@ -43,7 +43,8 @@ def save_model(model: TeMuIQA, config: Config, directory: str | Path) -> Path:
 def checkpoint_dir(path: str | Path) -> Path:
     """A checkpoint folder as given, or the best checkpoint of a run folder."""
     path = Path(path)
-    for candidate in (path, path / "checkpoints" / "best"):
+    # best.old: the copy a kill can leave while a new best checkpoint is swapped in.
+    for candidate in (path, path / "checkpoints" / "best", path / "checkpoints" / "best.old"):
         if (candidate / WEIGHTS).is_file():
             return candidate
     raise ConfigError(f"{path}: neither a checkpoint folder ({WEIGHTS}) nor a run folder with checkpoints/best")

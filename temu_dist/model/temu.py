@@ -63,9 +63,15 @@ class TeMuIQA(nn.Module):
 
     def forward(self, images: torch.Tensor) -> QualityOutput:
         f, g = self.features(images)
-        a = self.layer_weights()
+        # Scores are averages of softmaxes: under bf16 autocast they would be quantised to about 0.004, ties for
+        # SRCC. The fusion and scoring are cheap, so they run in fp32 whatever the caller's autocast says.
+        with torch.autocast(images.device.type, enabled=False):
+            return self._score(f.float(), g.float())
+
+    def _score(self, f: torch.Tensor, g: torch.Tensor) -> QualityOutput:
+        a = self.layer_weights().float()
         g_fused = F.normalize(torch.einsum("s,bsd->bd", a, g), dim=-1)
-        text = self.prompts(g_fused)
+        text = self.prompts(g_fused).float()
         if self.cfg.variant == "I":
             f = F.normalize(torch.einsum("s,bsnd->bnd", a, f), dim=-1).unsqueeze(1)
             q_l, s, w = tps(f, g_fused.unsqueeze(1), text, self.logit_scale, self.log_tau_w.exp())
