@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed.nn  # noqa: F401 - the autograd-aware all_gather; torch does not import it itself
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object, set_seed
