@@ -87,7 +87,7 @@ def data_suite(workers_list: list[int], epochs: int, image_size: int) -> dict:
     from temu_dist.data.ldg import LocalDistortion
     from temu_dist.data.sources import read_records
     from temu_dist.data.splits import SplitSpec
-    from temu_dist.data.stream import SharedEpoch, _collate, _decode, train_loader
+    from temu_dist.data.stream import SharedEpoch, collate, decode_sample, train_loader
     from temu_dist.demo_data import write_demo_data
     from temu_dist.pack import PackOptions, pack
 
@@ -107,7 +107,7 @@ def data_suite(workers_list: list[int], epochs: int, image_size: int) -> dict:
         def __getitem__(self, i: int) -> dict:
             r = self.records[i]
             sample = {"png": r.path.read_bytes(), "json": json.dumps({"mos": r.mos, "name": r.name})}
-            return _decode(sample, hw, True, ldg, config.ldg.p)
+            return decode_sample(sample, hw, True, ldg, config.ldg.p)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +120,7 @@ def data_suite(workers_list: list[int], epochs: int, image_size: int) -> dict:
             cfg = config.model_copy(update={"data": config.data.model_copy(update={"workers": workers})})
             loader, steps = train_loader(cfg, f"{tmp}/shards", "train", batch, 1, 0, 1, SharedEpoch(0), hw)
             loose = DataLoader(LooseFiles(records), batch_size=batch, shuffle=True, drop_last=True,
-                               num_workers=workers, collate_fn=_collate, persistent_workers=workers > 0)
+                               num_workers=workers, collate_fn=collate, persistent_workers=workers > 0)
             for source, make in (("shards", lambda: loader), ("loose files", lambda: loose)):
                 next(iter(make()))  # start the workers before timing
                 start, images = time.perf_counter(), 0

@@ -5,12 +5,13 @@ that names the key, and saves the resolved copy with what it writes.
 """
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 LAYER_SPEC = re.compile(r"^(all|upto:[1-9]\d*|only:[1-9]\d*)$")
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
@@ -39,14 +40,14 @@ class ModelConfig(Section):
     # Antonym pairs (good, bad); with several, the patch scores of all pairs are averaged.
     prompt_pairs: list[tuple[str, str]] = [("Good photo.", "Bad photo.")]
     # CoOp/CoCoOp learnable context length and init std (IQA-PyTorch's CLIP-IQA+ uses 16 and 0.02).
-    n_ctx: int = 16
+    n_ctx: int = Field(16, ge=1)
     ctx_init_std: float = 0.02
     # CoCoOp meta-net bottleneck: hidden width = embed_dim // this.
-    cocoop_reduction: int = 16
+    cocoop_reduction: int = Field(16, ge=1)
     # A trainable affine LayerNorm per layer before the frozen ln_post (initialised to identity).
     layer_norm: bool = False
     # Initial temperature of the patch weights softmax(<f, g> / tau_w); learnable.
-    tau_w_init: float = 1.0
+    tau_w_init: float = Field(1.0, gt=0)
     # Frozen towers' dtype: auto = bf16 on GPU, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
@@ -72,20 +73,6 @@ class ModelConfig(Section):
             raise ValueError("at least one (good, bad) pair is needed")
         return v
 
-    @field_validator("n_ctx", "cocoop_reduction")
-    @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"{v} must be >= 1")
-        return v
-
-    @field_validator("tau_w_init")
-    @classmethod
-    def _tau(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError(f"{v} must be > 0")
-        return v
-
     def image_hw(self) -> tuple[int, int]:
         return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
 
@@ -94,46 +81,25 @@ class DataConfig(Section):
     # A shard folder written by `python -m temu_dist.pack` (it holds manifest.json) and the split to train on.
     train: str | None = None
     train_split: str = "train"
-    workers: int = 2
-    shuffle_buffer: int = 1000
+    workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0)
     # Resampled shards (with replacement) for many GPUs; otherwise each epoch is a reshuffled pass over the shards.
     resampled: bool = False
     flip: bool = True
-
-    @field_validator("workers", "shuffle_buffer")
-    @classmethod
-    def _non_negative(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"{v} must be >= 0")
-        return v
 
 
 class LDGConfig(Section):
     """Local distortion guidance: a distorted region x' joins the batch with target f(x, x') * y."""
 
     enabled: bool = True
-    p: float = 1.0  # probability per image
+    p: float = Field(1.0, ge=0, le=1)  # probability per image
     weight: float = 1.0  # loss weight of the distorted images
     fidelity: Literal["cw_ssim", "ssim", "constant"] = "cw_ssim"
-    constant: float = 0.5  # f when fidelity is 'constant' (the Fig. 11 study: 0, 0.3, 0.5, 0.7)
+    constant: float = Field(0.5, ge=0, le=1)  # f when fidelity is 'constant' (the Fig. 11 study: 0, 0.3, 0.5, 0.7)
     region_min: int = 40  # w_min = h_min of Eq. 8
     region_max: int = 150  # w_max = h_max
     ops: int = 6  # RandAugment N
-    magnitude: int = 18  # RandAugment M, of torchvision's 31 bins
-
-    @field_validator("p", "constant")
-    @classmethod
-    def _unit(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"{v} must lie in [0, 1]")
-        return v
-
-    @field_validator("magnitude")
-    @classmethod
-    def _bins(cls, v: int) -> int:
-        if not 0 <= v <= 30:
-            raise ValueError(f"{v} must lie in [0, 30] (torchvision's 31 magnitude bins)")
-        return v
+    magnitude: int = Field(18, ge=0, le=30)  # RandAugment M, of torchvision's 31 bins (0..30)
 
     @model_validator(mode="after")
     def _region(self) -> "LDGConfig":
@@ -150,8 +116,8 @@ class EvalSetConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = 30
-    batch_size: int = 32  # the global batch, whatever the number of processes
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)  # the global batch, whatever the number of processes
     # Per-process micro-batch; default batch_size / processes. Gradient accumulation makes up the rest.
     per_device_batch: int | None = None
     lr: float = 0.002
@@ -164,13 +130,6 @@ class TrainConfig(Section):
     resume: Literal["auto", "never"] = "auto"
     # Cap optimizer steps per epoch (smoke runs); null: whole epochs.
     max_steps_per_epoch: int | None = None
-
-    @field_validator("epochs", "batch_size")
-    @classmethod
-    def _at_least_one(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"{v} must be >= 1")
-        return v
 
     @field_validator("key_metric")
     @classmethod
@@ -264,7 +223,7 @@ def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 base: dict | None = None) -> Config:
     """Defaults <- `base` (a saved config) <- YAML file <- `key=value` overrides (values parsed as YAML)."""
-    tree: dict = dict(base or {})
+    tree: dict = copy.deepcopy(base or {})  # the overrides below write into nested sections
     source = "defaults"
     if path is not None:
         source = str(path)

@@ -89,6 +89,13 @@ def _check_resumable(saved: dict, config: Config, where: Path) -> None:
                               "or another name")
 
 
+def epoch_metrics(record: dict) -> dict[str, float]:
+    """An epoch's record as flat metric names: train/loss, train/lr, train/images_per_s, SET/srcc, SET/count, ..."""
+    metrics = {f"train/{k}": record[k] for k in ("loss", "lr", "images_per_s")}
+    metrics.update({f"{name}/{k}": v for name, m in record["eval"].items() for k, v in m.items()})
+    return metrics
+
+
 def _describe(config: Config, plan: BatchPlan, micro_batches: int, accelerator: Accelerator) -> None:
     steps = micro_batches // plan.accumulation
     accelerator.print(
@@ -151,12 +158,13 @@ def _fit(config: Config, run: Run) -> None:
     for epoch in range(run.start_epoch, config.train.epochs):
         run.epoch.set(epoch)
         model.train()
-        total, images, seen = 0.0, 0, 0
+        total, images, seen = torch.zeros((), device=device), 0, 0
         tick = time.perf_counter()
         bar = tqdm(total=micro_batches, desc=f"epoch {epoch + 1}", disable=not main, leave=False, file=sys.stderr)
         for _, batch in zip(range(micro_batches), run.loader):
             with accelerator.accumulate(model):
                 loss = loss_fn(model, batch, config, device, stats)
+                # The one host sync of a step: every process must stop together, or the others hang.
                 finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), reduction="mean")
                 if finite.item() < 1.0:
                     where = find_checkpoint(ckpt_dir / "last")
@@ -167,14 +175,14 @@ def _fit(config: Config, run: Run) -> None:
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad()
-            total += loss.item()
+            total += loss.detach()
             seen += 1
             images += len(batch["name"])
             bar.update()
         bar.close()
         train_s = time.perf_counter() - tick
         results = evaluate_sets(plain, run.sets, accelerator, config)
-        record = {"epoch": epoch + 1, "loss": total / max(seen, 1), "lr": scheduler.get_last_lr()[0],
+        record = {"epoch": epoch + 1, "loss": total.item() / max(seen, 1), "lr": scheduler.get_last_lr()[0],
                   "images_per_s": images * run.plan.world_size / train_s, "elapsed_s": time.perf_counter() - started,
                   "eval": {name: r.metrics for name, r in results.items()}}
         history.append(record)
@@ -191,9 +199,7 @@ def _fit(config: Config, run: Run) -> None:
                 save_checkpoint(ckpt_dir / "best", plain, config, optimizer, scheduler, info)
                 _scatter_plots(results, run_dir, epoch + 1)
             save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
-            run.tracker.metrics({"train/loss": record["loss"], "train/lr": record["lr"],
-                             "train/images_per_s": record["images_per_s"]}, step=epoch + 1)
-            run.tracker.metrics({f"{n}/{k}": v for n, m in record["eval"].items() for k, v in m.items()}, step=epoch + 1)
+            run.tracker.metrics(epoch_metrics(record), step=epoch + 1)
             accelerator.print(_log_line(record, config.train.epochs))
         if run.on_epoch is not None:
             run.on_epoch(record)
@@ -257,8 +263,8 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         tracker.end("FAILED")
         raise
     summary = {"run_dir": str(run_dir), "processes": plan.world_size, "key_metric": config.train.key_metric,
-               "best_epoch": run.best["epoch"],
-               "best": run.best["eval"], "history": run.history, "mlflow_run_id": tracker.run_id}
+               "best_epoch": run.best["epoch"], "best": run.best["eval"], "history": run.history,
+               "mlflow_run_id": tracker.run_id}
     if main:
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         (run_dir / "plots").mkdir(exist_ok=True)

@@ -123,8 +123,9 @@ def trial_config(base: dict, params: dict, trials_dir: str, trial: str, tracking
 
 
 def _metrics(record: dict) -> dict:
-    metrics = {f"{s}/{k}": v for s, m in record["eval"].items() for k, v in m.items()}
-    return {**metrics, "epoch": record["epoch"], "loss": record["loss"], "images_per_s": record["images_per_s"]}
+    from temu_dist.train import epoch_metrics
+
+    return {**epoch_metrics(record), "epoch": record["epoch"]}  # epoch: ASHA's time axis
 
 
 def run_trial(params: dict, base: dict, trials_dir: str, tracking_uri: str, parent: str | None,
@@ -182,18 +183,17 @@ def _tracking_uri(search: SearchConfig, search_dir: Path) -> str:
     return search.tracking_uri or f"sqlite:///{(search_dir / 'mlflow.db').resolve()}"
 
 
-def _parent_run(search: SearchConfig, search_dir: Path, uri: str) -> str | None:
+def _parent_run(search: SearchConfig, search_dir: Path, uri: str, experiment_name: str) -> str | None:
     """The search's MLflow run, created once and found again when a killed search is resumed."""
     import mlflow
 
     id_file = search_dir / "mlflow_parent_run_id"
     try:
         mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(load_config(search.base).tracking.experiment)
+        experiment = mlflow.set_experiment(experiment_name)
         if id_file.exists():
             return id_file.read_text().strip()
         client = mlflow.MlflowClient(uri)
-        experiment = client.get_experiment_by_name(load_config(search.base).tracking.experiment)
         run = client.create_run(experiment.experiment_id, run_name=search.name, tags={"temu.search": "true"})
         params = {f"space.{k}": json.dumps(v) for k, v in search.space.items()}
         params.update({"base": search.base, "num_samples": search.num_samples, "metric": search.metric})
@@ -220,7 +220,7 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     base = base_config(search)
     metric = search.metric or base["train"]["key_metric"]
     uri = _tracking_uri(search, search_dir)
-    parent = _parent_run(search, search_dir, uri)
+    parent = _parent_run(search, search_dir, uri, base["tracking"]["experiment"])
     address = search.address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         if address:

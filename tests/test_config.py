@@ -72,6 +72,12 @@ def test_override_must_be_key_value():
         load_config(None, ["model.variant.x=1"])
 
 
+def test_overrides_leave_the_base_they_start_from_untouched():
+    base = dump(load_config())
+    load_config(None, ["model.prompt=coop", "train.lr=0.1"], base=base)
+    assert base == dump(load_config())
+
+
 def test_resolved_copy_reloads_to_the_same_config():
     c = load_config(None, ["model.layers=only:13", "model.prompt_pairs=[[High quality., Low quality.]]"])
     assert load_config(None, (), base=dump(c)) == c

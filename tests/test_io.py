@@ -47,7 +47,7 @@ def test_files_hold_only_trainable_tensors_and_the_resolved_config(tmp_path):
 def test_override_of_a_weight_shaping_field_is_named(tmp_path):
     model, config = _trained("model.prompt=none")
     save_model(model, config, tmp_path)
-    with pytest.raises(ConfigError, match="checkpoint has model.prompt='none' but model.prompt='coop' was asked"):
+    with pytest.raises(ConfigError, match=r"config.json: checkpoint has model.prompt='none' but model.prompt='coop'"):
         load_model(tmp_path, ["model.prompt=coop"])
     # Where the frozen weights come from, and the input size, may change at load time.
     loaded, loaded_config = load_model(tmp_path, ["model.image_size=128"])

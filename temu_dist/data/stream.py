@@ -12,6 +12,7 @@ import logging
 import multiprocessing as mp
 import random
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -149,7 +150,7 @@ def _keep_mine(samples: Iterator[dict], rank: int, world_size: int, n_shards: in
             yield sample
 
 
-def _decode(sample: dict, image_hw: tuple[int, int], flip: bool, ldg: LocalDistortion | None,
+def decode_sample(sample: dict, image_hw: tuple[int, int], flip: bool, ldg: LocalDistortion | None,
             ldg_p: float) -> dict | None:
     """Raw tar sample -> tensors; a corrupt sample is logged and dropped (the caller counts what it got)."""
     try:
@@ -167,7 +168,15 @@ def _decode(sample: dict, image_hw: tuple[int, int], flip: bool, ldg: LocalDisto
     return out
 
 
-def _collate(samples: list[dict]) -> dict:
+def _decoded(samples: Iterator[dict], image_hw: tuple[int, int], flip: bool, ldg: LocalDistortion | None,
+             ldg_p: float) -> Iterator[dict]:
+    for sample in samples:
+        out = decode_sample(sample, image_hw, flip, ldg, ldg_p)
+        if out is not None:
+            yield out
+
+
+def collate(samples: list[dict]) -> dict:
     batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "name"}
     batch["name"] = [s["name"] for s in samples]
     return batch
@@ -192,17 +201,11 @@ def train_loader(config: Config, folder: str, split: str, per_device_batch: int,
     workers = data.workers
     ldg = LocalDistortion(config.ldg) if config.ldg.enabled else None
 
-    def decoded(samples: Iterator[dict]) -> Iterator[dict]:
-        for s in samples:
-            out = _decode(s, image_hw, data.flip, ldg, config.ldg.p)
-            if out is not None:
-                yield out
-
     per_worker = -(-micro_batches // max(1, workers))  # ceil: each worker's share of the epoch's batches
     pipeline = wds.DataPipeline(
         TrainSamples(urls, config.seed, epoch, rank, world_size, data.resampled, data.shuffle_buffer),
-        decoded,
-        wds.batched(per_device_batch, collation_fn=_collate, partial=False),
+        partial(_decoded, image_hw=image_hw, flip=data.flip, ldg=ldg, ldg_p=config.ldg.p),
+        wds.batched(per_device_batch, collation_fn=collate, partial=False),
     ).with_epoch(nbatches=per_worker)
     loader = DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                         pin_memory=torch.cuda.is_available())
@@ -218,18 +221,12 @@ def eval_loader(folder: str, split: str, batch_size: int, rank: int, world_size:
     def mine(samples: Iterator[dict]) -> Iterator[dict]:
         return _keep_mine(samples, rank, world_size, len(urls))
 
-    def decoded(samples: Iterator[dict]) -> Iterator[dict]:
-        for s in samples:
-            out = _decode(s, image_hw, False, None, 0.0)
-            if out is not None:
-                yield out
-
     pipeline = wds.DataPipeline(
         EvalShards(urls, rank, world_size),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         mine,
-        decoded,
-        wds.batched(batch_size, collation_fn=_collate, partial=True),
+        partial(_decoded, image_hw=image_hw, flip=False, ldg=None, ldg_p=0.0),
+        wds.batched(batch_size, collation_fn=collate, partial=True),
     )
     loader = DataLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
     return loader, count

@@ -70,8 +70,8 @@ def load_config_of(directory: str | Path, overrides: list[str] | tuple[str, ...]
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     config = load_config(None, overrides, base=saved)
-    _mismatch(load_config(None, (), base=saved).model.model_dump(mode="json"),
-              config.model.model_dump(mode="json"), str(path))
+    _mismatch(load_config(None, (), base=saved).model.model_dump(mode="json"), config.model.model_dump(mode="json"),
+              str(path))
     return config
 
 
