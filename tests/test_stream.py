@@ -1,5 +1,6 @@
 import io
 import logging
+import multiprocessing
 import tarfile
 
 import pytest
@@ -130,3 +131,17 @@ def test_missing_shards_name_the_pack_command(tmp_path):
     folder, _ = _pack(tmp_path, refs=3, per_ref=1, shard_size=2)
     with pytest.raises(ShardsMissing, match="no 'test' split"):
         split_shards(folder, "test")
+
+
+def test_loaders_work_with_spawned_workers(tmp_path):
+    # macOS starts loader workers by spawn and Python 3.14 by forkserver: both pipelines must pickle.
+    folder, labels = _pack(tmp_path, refs=6, per_ref=2, shard_size=3)
+    loader, _ = eval_loader(folder, "train", batch_size=4, rank=0, world_size=1, workers=1, image_hw=(30, 40))
+    loader.multiprocessing_context = "spawn"
+    assert sorted(_names(loader)) == sorted(labels)
+    epoch = SharedEpoch(0)
+    # Where spawn is the default, the shared epoch is made in its context too; here the test must say so.
+    epoch.value = multiprocessing.get_context("spawn").Value("i", 0)
+    train, steps = train_loader(tiny_config("data.workers=1"), folder, "train", 4, 1, 0, 1, epoch, (30, 40))
+    train.multiprocessing_context = "spawn"
+    assert len(list(zip(range(steps), train))) == steps == 3

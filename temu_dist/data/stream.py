@@ -217,14 +217,11 @@ def eval_loader(folder: str, split: str, batch_size: int, rank: int, world_size:
     """(loader, expected count): every sample of the split exactly once over all ranks and workers, unshuffled,
     with partial last batches. Batches: image uint8, mos, name."""
     urls, count = split_shards(folder, split)
-
-    def mine(samples: Iterator[dict]) -> Iterator[dict]:
-        return _keep_mine(samples, rank, world_size, len(urls))
-
     pipeline = wds.DataPipeline(
         EvalShards(urls, rank, world_size),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        mine,
+        # A partial, not a closure: workers started by spawn or forkserver get the pipeline pickled.
+        partial(_keep_mine, rank=rank, world_size=world_size, n_shards=len(urls)),
         partial(_decoded, image_hw=image_hw, flip=False, ldg=None, ldg_p=0.0),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
