@@ -96,3 +96,13 @@ def test_random_backbone_is_seeded():
     b = create_clip(tiny_config().model, seed=5)
     c = create_clip(tiny_config().model, seed=6)
     assert torch.equal(a.visual.proj, b.visual.proj) and not torch.equal(a.visual.proj, c.visual.proj)
+
+
+def test_compiled_tower_scores_as_the_eager_one():
+    from temu_dist.model.temu import build_model
+
+    x = torch.randn(2, 3, 64, 64)
+    eager = build_model(tiny_config()).eval()
+    compiled = build_model(tiny_config("model.compile=true")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).score, eager(x).score, rtol=1e-5, atol=1e-6)

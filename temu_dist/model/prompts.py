@@ -40,13 +40,23 @@ class TextTower(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
 
+    @property
+    def causal(self) -> bool:
+        """Whether each position attends only to itself and those before it."""
+        m = self.attn_mask
+        if m is None:
+            return False
+        above = torch.ones_like(m, dtype=torch.bool).triu(1)
+        return bool((m[above] == float("-inf")).all() and (m[~above] == 0).all())
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(tokens)
 
     def forward(self, embeds: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """embeds [n, ctx, width] (gradients may flow), tokens [n, ctx] (for pooling) -> features [n, D], fp32."""
-        x = embeds.to(self.dtype) + self.positional_embedding.to(self.dtype)
-        x = self.transformer(x, attn_mask=self.attn_mask)
+        n = embeds.shape[1]
+        x = embeds.to(self.dtype) + self.positional_embedding[:n].to(self.dtype)
+        x = self.transformer(x, attn_mask=None if self.attn_mask is None else self.attn_mask[:n, :n])
         x = self.ln_final(x)
         x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
         if isinstance(self.text_projection, nn.Linear):
@@ -83,6 +93,10 @@ class PromptLearner(nn.Module):
         if longest >= self.text.context_length:
             raise ConfigError(f"model.n_ctx: {cfg.n_ctx} context tokens plus the longest prompt do not fit the text "
                               f"encoder's {self.text.context_length} tokens")
+        if self.text.causal and self.text.pool_type in ("argmax", "eos"):
+            # Under the causal mask no token after [EOS] reaches it: dropping the padding is exact, and it cuts each
+            # text pass (every step for CoOp, every image for CoCoOp) to `longest` of the context's positions.
+            tokens = tokens[:, :longest]
         with torch.no_grad():
             embeds = self.text.embed(tokens).float()
         self.register_buffer("tokens", tokens, persistent=False)

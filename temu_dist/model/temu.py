@@ -57,6 +57,7 @@ class TeMuIQA(nn.Module):
         """Normalised joint-space features: patches f [B, S, N, D] and [cls] g [B, S, D] of the selected layers."""
         cls, patches = self.backbone(images)
         if self.layer_norms is not None:
+            cls, patches = cls.float(), patches.float()
             cls = torch.stack([ln(cls[:, i]) for i, ln in enumerate(self.layer_norms)], dim=1)
             patches = torch.stack([ln(patches[:, i]) for i, ln in enumerate(self.layer_norms)], dim=1)
         return F.normalize(self.backbone.project(patches), dim=-1), F.normalize(self.backbone.project(cls), dim=-1)
