@@ -1,0 +1,141 @@
+"""step: images/s and model FLOPs utilisation (MFU) of the training step, for TeMu-IQA-S and -I with each prompt mode,
+on whatever device is present; random weights (throughput does not depend on them).
+
+The step is the trainer's own: `loss_fn` (MSE + PLCC over the batch and its locally distorted copies, CW-SSIM
+fidelity on the device), backward and Adam, on a batch already on the device (the data stream is the `data` suite's
+business). With LDG at p=1 every sample enters the tower twice, so a global batch of 32 is 64 tower images.
+
+MFU = achieved FLOPs/s over the device's dense bf16 (or fp32) peak. `mfu` counts the frozen image tower's forward only
+(as the issue defines it); `mfu_all` adds the text passes of CoOp/CoCoOp. `gemm_tflops` is a large square matmul
+measured in the same dtype on the same device: the practical ceiling next to the datasheet's.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from temu_dist.bench.common import device_name, now, sig, sync
+from temu_dist.config import Config, load_config
+from temu_dist.data.ldg import sample_region
+from temu_dist.model.backbone import compute_dtype
+from temu_dist.model.flops import step_flops
+from temu_dist.model.temu import build_model, resolve_device
+from temu_dist.train import loss_fn
+
+# Datasheet dense (no sparsity) tensor-core peaks, TFLOP/s, bf16 with fp32 accumulation. Matched in order against
+# torch.cuda.get_device_name(); the first name that is a substring wins.
+PEAK_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200 NVL", 835.0), ("GH200", 989.4), ("H200", 989.4),
+    ("B200", 2250.0), ("A100", 312.0), ("RTX A6000", 154.8), ("L40S", 362.1),
+    ("L40", 181.0), ("A40", 149.7), ("RTX 6000 Ada", 364.2), ("RTX 4090", 165.2),
+]
+
+
+def datasheet_peak(device: torch.device, dtype: torch.dtype) -> float | None:
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def gemm_tflops(device: torch.device, dtype: torch.dtype, repeat: int = 5) -> float:
+    """Best achieved TFLOP/s of an n x n matmul (n = 8192 on GPU, 2048 on CPU)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e12
+
+
+def synthetic_batch(config: Config, batch: int, device: torch.device, generator: torch.Generator) -> dict:
+    """A batch as the loader gives it, on the device: uint8 images, each with a locally distorted copy."""
+    h, w = config.model.image_hw()
+    image = torch.randint(0, 256, (batch, 3, h, w), dtype=torch.uint8, generator=generator)
+    ldg_image = image.clone()
+    for i in range(batch):
+        top, left, rh, rw = sample_region(h, w, config.ldg.region_min, config.ldg.region_max)
+        ldg_image[i, :, top:top + rh, left:left + rw] = torch.randint(0, 256, (3, rh, rw), dtype=torch.uint8,
+                                                                      generator=generator)
+    return {"image": image.to(device), "ldg_image": ldg_image.to(device), "ldg": torch.ones(batch, dtype=torch.bool),
+            "mos": torch.rand(batch, generator=generator).to(device), "name": [str(i) for i in range(batch)]}
+
+
+def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.device) -> dict:
+    """Seconds per training step (best of `steps` after `warmup`), images/s, FLOPs and peak memory."""
+    model = build_model(config, device).train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.train.lr)
+    stats = (model.backbone.mean, model.backbone.std)
+    data = synthetic_batch(config, batch, device, torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        loss = loss_fn(model, data, config, device, stats)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    compile_start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    warmup_s = time.perf_counter() - compile_start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]  # the median: one slow step (a GC, a page fault) does not count
+    tower_images = 2 * batch
+    flops = step_flops(model, tower_images)
+    row = {"step_s": round(seconds, 4), "samples_per_s": sig(batch / seconds),
+           "tower_images_per_s": sig(tower_images / seconds), "warmup_s": round(warmup_s, 1),
+           "image_gflops_per_image": sig(flops.image_forward / tower_images / 1e9),
+           "text_gflops_per_step": sig(flops.text / 1e9),
+           "image_tflops_per_s": sig(flops.image_forward / seconds / 1e12),
+           "all_tflops_per_s": sig(flops.total / seconds / 1e12), "trainable": model.num_trainable()}
+    if device.type == "cuda":
+        row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    return row
+
+
+def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, precision: str, compile_: bool,
+        variants: list[str], prompts: list[str], peak_tflops: float | None) -> dict:
+    device = resolve_device("auto")
+    base = [f"model.backbone={backbone}", "model.pretrained=null", f"model.image_size={image_size}",
+            f"model.precision={precision}", f"model.compile={str(compile_).lower()}", "ldg.p=1.0",
+            f"train.batch_size={batch}"]
+    dtype = compute_dtype(precision, device)
+    gemm = gemm_tflops(device, dtype)
+    peak = peak_tflops or datasheet_peak(device, dtype)
+    result = {"suite": "step", "device": device_name(device), "torch": torch.__version__, "date": now(),
+              "backbone": backbone, "image_size": image_size, "global_batch": batch, "dtype": str(dtype),
+              "compile": compile_, "gemm_tflops": sig(gemm),
+              "peak_tflops": peak, "peak_source": "given" if peak_tflops else "datasheet" if peak else None,
+              "rows": []}
+    for variant in variants:
+        for prompt in prompts:
+            config = load_config(None, [*base, f"model.variant={variant}", f"model.prompt={prompt}"])
+            row = {"variant": variant, "prompt": prompt, **measure(config, batch, steps, warmup, device)}
+            row["mfu_of_gemm"] = round(row["image_tflops_per_s"] / gemm, 3)
+            if peak:
+                row["mfu"] = round(row["image_tflops_per_s"] / peak, 3)
+                row["mfu_all"] = round(row["all_tflops_per_s"] / peak, 3)
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    coop = {r["variant"]: r["step_s"] for r in result["rows"] if r["prompt"] == "coop"}
+    result["cocoop_over_coop"] = {r["variant"]: round(r["step_s"] / coop[r["variant"]], 3)
+                                  for r in result["rows"] if r["prompt"] == "cocoop" and r["variant"] in coop}
+    return result

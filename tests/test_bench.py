@@ -1,0 +1,59 @@
+"""The benchmark suites run end to end on tiny inputs and report what they promise; no figure is judged here."""
+import json
+
+import pytest
+
+from temu_dist.bench import data, scale, step
+from temu_dist.bench.__main__ import main
+
+
+def test_cli_writes_the_result_it_prints(tmp_path, capsys):
+    out = tmp_path / "cw.json"
+    assert main(["cw_ssim", "--pairs", "2", "--repeat", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["suite"] == "cw_ssim" and json.dumps(result, indent=2) in capsys.readouterr().out
+    cpu = result["rows"][0]
+    assert cpu["max_abs_diff"]["cw_ssim"] < 1e-3 and cpu["ours_pairs_per_s"]["cw_ssim"] > 0
+
+
+def test_dataset_needs_its_root():
+    with pytest.raises(SystemExit):
+        main(["data", "--dataset", "koniq10k"])
+
+
+def test_step_suite_rows():
+    result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", False, ["I"], ["none", "cocoop"], 2.0)
+    rows = {r["prompt"]: r for r in result["rows"]}
+    assert set(rows) == {"none", "cocoop"} and result["peak_source"] == "given"
+    assert rows["none"]["text_gflops_per_step"] == 0 < rows["cocoop"]["text_gflops_per_step"]
+    for r in rows.values():
+        assert r["step_s"] > 0 and r["tower_images_per_s"] == pytest.approx(2 * r["samples_per_s"], rel=0.01)
+        assert 0 < r["mfu"] <= r["mfu_all"]
+    assert result["cocoop_over_coop"] == {}  # no CoOp row to compare with
+
+
+def test_datasheet_peak_is_only_claimed_for_known_gpus():
+    import torch
+
+    assert step.datasheet_peak(torch.device("cpu"), torch.bfloat16) is None
+    names = [key for key, _ in step.PEAK_BF16_TFLOPS]
+    # A more specific name must come before any name it contains, or it would never match.
+    for i, key in enumerate(names):
+        assert not any(other in key for other in names[:i]), key
+
+
+def test_data_suite_counts_workers_to_feed(tmp_path):
+    result = data.run([0, 1], 1, 64, 32, feed=1000.0)
+    assert {(r["source"], r["workers"]) for r in result["rows"]} == {
+        (s, w) for s in ("shards", "loose files") for w in (0, 1)}
+    assert all(r["images"] == 32 for r in result["rows"])
+    one = next(r for r in result["rows"] if r["source"] == "shards" and r["workers"] == 1)
+    assert result["workers_to_feed"] >= 1000 / one["images_per_s"]
+    assert set(result["stage_ms_per_sample"]) == {"read", "decode", "resize", "local_distortion"}
+
+
+def test_scale_suite_packs_and_evaluates_every_sample(tmp_path):
+    result = scale.run([300], str(tmp_path))
+    assert [(r["stage"], r["samples"]) for r in result["rows"]] == [("pack", 300), ("evaluate", 300)]
+    assert all(r["main_mib"] > 0 for r in result["rows"])
+    assert list(tmp_path.iterdir()) == []  # the synthetic set is removed
