@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from temu_dist.bench.common import device_name, now, sig, sync
+from temu_dist.bench.common import device_name, now, sig, sync, timed
 from temu_dist.config import Config, load_config
 from temu_dist.data.ldg import sample_region
 from temu_dist.model.backbone import compute_dtype
@@ -45,14 +45,8 @@ def gemm_tflops(device: torch.device, dtype: torch.dtype, repeat: int = 5) -> fl
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
+    a @ b  # warm-up
+    best = timed(lambda: (a @ b, sync(device)), repeat)
     return 2 * n ** 3 / best / 1e12
 
 
