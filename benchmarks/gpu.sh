@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The device check of the performance benchmarks, as one prepared run of about 8 minutes on one GPU:
+# The device check of the performance benchmarks, as one prepared run on one GPU, at most 10.5 minutes
+# (the per-suite timeouts below; it has not run yet):
 #   1. step: ViT-L-14 at 448, global batch 32, bf16, S and I with none/CoOp/CoCoOp (images/s, MFU, peak memory);
 #   2. cw_ssim: ours on the GPU (and on the CPU cores);
 #   3. data: the training stream on the node's cores, 1/8/15 workers, and the workers it takes to feed step 1;

@@ -5,7 +5,7 @@ The step is the trainer's own: `loss_fn` (MSE + PLCC over the batch and its loca
 fidelity on the device), backward and Adam, on a batch already on the device (the data stream is the `data` suite's
 business). With LDG at p=1 every sample enters the tower twice, so a global batch of 32 is 64 tower images.
 
-MFU = achieved FLOPs/s over the device's dense bf16 (or fp32) peak. `mfu` counts the frozen image tower's forward only
+MFU = achieved FLOPs/s over the device's dense bf16 datasheet peak (none for fp32 or CPUs). `mfu` counts the frozen image tower's forward only
 (as the issue defines it); `mfu_all` adds the text passes of CoOp/CoCoOp. `gemm_tflops` is a large square matmul
 measured in the same dtype on the same device: the practical ceiling next to the datasheet's.
 """
@@ -64,7 +64,7 @@ def synthetic_batch(config: Config, batch: int, device: torch.device, generator:
 
 
 def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.device) -> dict:
-    """Seconds per training step (best of `steps` after `warmup`), images/s, FLOPs and peak memory."""
+    """Seconds per training step (the median of `steps` after `warmup`), images/s, FLOPs and peak memory."""
     model = build_model(config, device).train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.train.lr)
     stats = (model.backbone.mean, model.backbone.std)
@@ -78,11 +78,11 @@ def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.d
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    compile_start = time.perf_counter()
+    start = time.perf_counter()  # the warm-up holds any compile
     for _ in range(warmup):
         step()
     sync(device)
-    warmup_s = time.perf_counter() - compile_start
+    warmup_s = time.perf_counter() - start
     times = []
     for _ in range(steps):
         start = time.perf_counter()
