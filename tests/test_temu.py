@@ -52,9 +52,46 @@ def test_shapes_and_scores_in_unit_interval(variant, prompt, layers, n):
     torch.testing.assert_close(out.patch_weights.sum(dim=(1, 2)), torch.ones(2))
 
 
+def method_score(model, x: torch.Tensor) -> torch.Tensor:
+    """The score as method.md writes it: every layer's features normalised first, then TPS and the fusion."""
+    cls, patches = model.backbone(x)
+    if model.layer_norms is not None:
+        cls = torch.stack([ln(cls[:, i].float()) for i, ln in enumerate(model.layer_norms)], dim=1)
+        patches = torch.stack([ln(patches[:, i].float()) for i, ln in enumerate(model.layer_norms)], dim=1)
+    f = F.normalize(model.backbone.project(patches).float(), dim=-1)
+    g = F.normalize(model.backbone.project(cls).float(), dim=-1)
+    a = model.layer_weights()
+    g_fused = F.normalize(torch.einsum("s,bsd->bd", a, g), dim=-1)
+    text = model.prompts(g_fused)
+    if model.cfg.variant == "I":
+        f, g = F.normalize(torch.einsum("s,bsnd->bnd", a, f), dim=-1).unsqueeze(1), g_fused.unsqueeze(1)
+    s = (model.logit_scale * torch.einsum("bsnd,bpkd->bsnpk", f, text)).softmax(dim=-1)[..., 0].mean(dim=-1)
+    w = (torch.einsum("bsnd,bsd->bsn", f, g) / model.log_tau_w.exp()).softmax(dim=-1)
+    q = (w * s).sum(dim=-1)
+    return q[:, 0] if model.cfg.variant == "I" else q @ a
+
+
+@pytest.mark.parametrize("variant, prompt", MODES)
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_scores_and_gradients_match_the_method_as_written(variant, prompt, layer_norm):
+    model = build_model(tiny_config(f"model.variant={variant}", f"model.prompt={prompt}",
+                                    f"model.layer_norm={str(layer_norm).lower()}"))
+    with torch.no_grad():  # away from the init, where layer weights are uniform and the norms are identities
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    x = torch.randn(3, 3, 64, 64) * 3
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = model(x).score
+    reference = method_score(model, x)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(ours.sum(), params), torch.autograd.grad(reference.sum(), params)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_cocoop_prompts_differ_between_images_and_coop_does_not():
     model = build_model(tiny_config("model.prompt=cocoop"))
-    f, g = model.features(torch.randn(2, 3, 64, 64))
+    _, _, g = model.features(torch.randn(2, 3, 64, 64))
     image_feature = F.normalize(g.mean(dim=1), dim=-1)
     text = model.prompts(image_feature)
     assert text.shape == (2, 1, 2, 32)
@@ -83,11 +120,11 @@ def test_several_prompt_pairs_average_their_patch_scores():
     model = build_model(tiny_config(pairs, "model.variant=S"))
     assert model.prompts().shape == (1, 2, 2, 32)
     x = torch.randn(1, 3, 64, 64)
-    f, g = model.features(x)
+    f, inv_norm, g = model.features(x)
     text = model.prompts()
-    both = tps(f, g, text, model.logit_scale, model.log_tau_w.exp())[1]
-    first = tps(f, g, text[:, :1], model.logit_scale, model.log_tau_w.exp())[1]
-    second = tps(f, g, text[:, 1:], model.logit_scale, model.log_tau_w.exp())[1]
+    both = tps(f, inv_norm, g, text, model.logit_scale, model.log_tau_w.exp())[1]
+    first = tps(f, inv_norm, g, text[:, :1], model.logit_scale, model.log_tau_w.exp())[1]
+    second = tps(f, inv_norm, g, text[:, 1:], model.logit_scale, model.log_tau_w.exp())[1]
     torch.testing.assert_close(both, (first + second) / 2)
 
 
@@ -97,7 +134,8 @@ def test_tps_by_hand():
     f = torch.stack([good, bad]).view(1, 1, 2, 2)
     g = F.normalize(torch.tensor([2.0, 1.0]), dim=0).view(1, 1, 2)
     text = torch.stack([good, bad]).view(1, 1, 2, 2)
-    q, s, w = tps(f, g, text, torch.tensor(10.0), torch.tensor(0.5))
+    # Features given at three times their length: the inverse norms must make them unit vectors.
+    q, s, w = tps(3 * f, torch.full((1, 1, 2), 1 / 3), g, text, torch.tensor(10.0), torch.tensor(0.5))
     s_good = 1 / (1 + math.exp(-10.0))
     torch.testing.assert_close(s[0, 0], torch.tensor([s_good, 1 - s_good]))
     sim = g[0, 0] / 0.5

@@ -160,5 +160,5 @@ class Backbone(nn.Module):
         return cls, patches
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Frozen ln_post and proj into the joint image-text space (not normalised), fp32 out."""
-        return (self.ln_post(tokens.to(self.dtype)) @ self.proj).float()
+        """Frozen ln_post and proj into the joint image-text space (not normalised), in the tower's dtype."""
+        return self.ln_post(tokens.to(self.dtype)) @ self.proj

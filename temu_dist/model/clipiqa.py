@@ -30,7 +30,7 @@ class ClipIQA(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images -> scores [B] in [0, 1]: softmax over each (good, bad) pair, averaged over pairs."""
         cls, _ = self.backbone(images)
-        g = F.normalize(self.backbone.project(cls), dim=-1).mean(dim=1)
+        g = F.normalize(self.backbone.project(cls).float(), dim=-1).mean(dim=1)
         g = F.normalize(g, dim=-1)
         text = self.prompts()  # [1, P, 2, D]
         logits = self.logit_scale * torch.einsum("bd,pkd->bpk", g, text[0])

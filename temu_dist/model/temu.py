@@ -21,17 +21,30 @@ class QualityOutput:
     patch_weights: torch.Tensor  # [B, gh, gw] how much each patch counts in the score
 
 
-def tps(f: torch.Tensor, g: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+def tps(f: torch.Tensor, inv_norm: torch.Tensor, g: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
         tau_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Text-guided patch scoring.
 
-    f [B, S, N, D] patch features, g [B, S, D] [cls] features (both normalised), text [1|B, P, 2, D] (good, bad).
-    Returns per-layer image scores q [B, S], patch scores s [B, S, N] and patch weights w [B, S, N].
+    f [B, S, N, D] patch features and inv_norm [B, S, N] their inverse norms (f * inv_norm is the normalised feature),
+    g [B, S, D] normalised [cls] features, text [1|B, P, 2, D] normalised (good, bad) features. Returns per-layer image
+    scores q [B, S], patch scores s [B, S, N] and patch weights w [B, S, N].
+
+    Every cosine of a patch (with each text and with its [cls]) comes from one batched matmul over f, scaled after:
+    f is the step's largest tensor, and normalising it first would cost two more passes over it and a copy.
     """
-    logits = logit_scale * torch.einsum("bsnd,bpkd->bsnpk", f, text)
+    b, s_, _, d = f.shape
+    k = text.shape[1] * 2
+    columns = torch.cat([text.flatten(1, 2).unsqueeze(1).expand(b, s_, k, d), g.unsqueeze(2)], dim=2)
+    cos = torch.einsum("bsnd,bskd->bsnk", f, columns) * inv_norm.unsqueeze(-1)
+    logits = logit_scale * cos[..., :k].unflatten(-1, (k // 2, 2))
     s = logits.softmax(dim=-1)[..., 0].mean(dim=-1)
-    w = (torch.einsum("bsnd,bsd->bsn", f, g) / tau_w).softmax(dim=-1)
+    w = (cos[..., k] / tau_w).softmax(dim=-1)
     return (w * s).sum(dim=-1), s, w
+
+
+def inverse_norm(x: torch.Tensor) -> torch.Tensor:
+    """1 / |x| over the last dimension, in fp32 whatever x's dtype (F.normalize's epsilon)."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(1e-12).reciprocal()
 
 
 class TeMuIQA(nn.Module):
@@ -53,32 +66,34 @@ class TeMuIQA(nn.Module):
     def layer_weights(self) -> torch.Tensor:
         return self.layer_logits.softmax(dim=0)
 
-    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised joint-space features: patches f [B, S, N, D] and [cls] g [B, S, D] of the selected layers."""
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Joint-space features of the selected layers: patches f [B, S, N, D] as projected (tower dtype, not
+        normalised), their inverse norms [B, S, N] and normalised [cls] g [B, S, D], all but f in fp32."""
         cls, patches = self.backbone(images)
         if self.layer_norms is not None:
             cls, patches = cls.float(), patches.float()
             cls = torch.stack([ln(cls[:, i]) for i, ln in enumerate(self.layer_norms)], dim=1)
             patches = torch.stack([ln(patches[:, i]) for i, ln in enumerate(self.layer_norms)], dim=1)
-        return F.normalize(self.backbone.project(patches), dim=-1), F.normalize(self.backbone.project(cls), dim=-1)
+        f = self.backbone.project(patches)
+        return f, inverse_norm(f), F.normalize(self.backbone.project(cls).float(), dim=-1)
 
     def forward(self, images: torch.Tensor) -> QualityOutput:
-        f, g = self.features(images)
+        f, inv_norm, g = self.features(images)
         # Scores are averages of softmaxes: under bf16 autocast they would be quantised to about 0.004, ties for
         # SRCC. The fusion and scoring are cheap, so they run in fp32 whatever the caller's autocast says.
         with torch.autocast(images.device.type, enabled=False):
-            return self._score(f.float(), g.float())
+            return self._score(f.float(), inv_norm, g)
 
-    def _score(self, f: torch.Tensor, g: torch.Tensor) -> QualityOutput:
+    def _score(self, f: torch.Tensor, inv_norm: torch.Tensor, g: torch.Tensor) -> QualityOutput:
         a = self.layer_weights().float()
         g_fused = F.normalize(torch.einsum("s,bsd->bd", a, g), dim=-1)
         text = self.prompts(g_fused).float()
         if self.cfg.variant == "I":
-            f = F.normalize(torch.einsum("s,bsnd->bnd", a, f), dim=-1).unsqueeze(1)
-            q_l, s, w = tps(f, g_fused.unsqueeze(1), text, self.logit_scale, self.log_tau_w.exp())
+            f = torch.einsum("s,bsnd->bnd", a, f * inv_norm.unsqueeze(-1)).unsqueeze(1)
+            q_l, s, w = tps(f, inverse_norm(f), g_fused.unsqueeze(1), text, self.logit_scale, self.log_tau_w.exp())
             score, s_map, w_map = q_l[:, 0], s[:, 0], w[:, 0]
         else:
-            q_l, s, w = tps(f, g, text, self.logit_scale, self.log_tau_w.exp())
+            q_l, s, w = tps(f, inv_norm, g, text, self.logit_scale, self.log_tau_w.exp())
             score = q_l @ a
             s_map, w_map = torch.einsum("s,bsn->bn", a, s), torch.einsum("s,bsn->bn", a, w)
         gh, gw = self.backbone.grid
