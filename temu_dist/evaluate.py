@@ -13,7 +13,6 @@ backbone alone (seed Tables 11-13, Fig. 9): a, the last layer's [cls]; b, layer 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import warnings
@@ -27,6 +26,7 @@ from accelerate.utils import gather_object
 
 from temu_dist.config import Config, ConfigError, is_override, load_config
 from temu_dist.data.augment import normalize
+from temu_dist.data.sources import name_key
 from temu_dist.data.stream import eval_loader, read_manifest, split_shards
 from temu_dist.metrics import correlations
 from temu_dist.model.io import checkpoint_dir, load_model
@@ -69,11 +69,6 @@ def _check_sets(sets: list[EvalSet]) -> None:
         split_shards(s.shards, s.split)
 
 
-def _name_key(name: str) -> int:
-    """A sample's name as 8 bytes: 24 bytes a sample (key, score, MOS) keep memory flat over sets of AVA's 255k."""
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little", signed=True)
-
-
 @torch.no_grad()
 def evaluate_sets(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Accelerator,
                   config: Config) -> dict[str, SetResult]:
@@ -92,7 +87,7 @@ def evaluate_sets(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Ac
             # Copies: a view would keep alive the memory each batch came in (shared with a loader worker).
             preds.append((out.score if isinstance(out, QualityOutput) else out).float().cpu().numpy().copy())
             targets.append(batch["mos"].numpy().copy())
-            keys.append(np.array([_name_key(n) for n in batch["name"]], dtype=np.int64))
+            keys.append(np.array([name_key(n) for n in batch["name"]], dtype=np.int64))
         mine = tuple(np.concatenate(p) if p else np.zeros(0, dtype) for p, dtype in
                      ((keys, np.int64), (preds, np.float32), (targets, np.float32)))
         parts = gather_object([mine])

@@ -16,9 +16,11 @@ Conventions, the same for every dataset:
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import pickle
 import zipfile
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -316,14 +318,35 @@ def _info(dataset: str) -> DatasetInfo:
     return DATASETS[dataset]
 
 
-def _unique(records: Iterator[Record], label: Path) -> Iterator[Record]:
-    """The packer keys samples by name, so a repeated one is an error, not a silent overwrite."""
-    seen: dict[str, int] = {}
-    for rec in records:
-        if rec.name in seen:
-            raise DataError(f"{label.name} row {rec.row}: image {rec.name!r} already listed at row {seen[rec.name]}")
-        seen[rec.name] = rec.row
+def name_key(name: str) -> int:
+    """An image name as 8 bytes (blake2b): what the packer, the splitter and evaluation hold per sample, so memory
+    stays flat over AVA's 255k names where a dict of str would not."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _unique(read: Callable[[], Iterator[Record]], label: Path) -> Iterator[Record]:
+    """The records of read(), then an error if a name repeats: the packer keys samples by name, so a repeated one is
+    an error, not a silent overwrite. Checked once all are read, on 8 bytes a name; the packer reads every record
+    (to split them) before it writes anything."""
+    keys = array("q")
+    for rec in read():
+        keys.append(name_key(rec.name))
         yield rec
+    keys_np = np.frombuffer(keys, dtype=np.int64)
+    in_order = np.sort(keys_np)
+    if not (in_order[1:] == in_order[:-1]).any():
+        return
+    order = np.argsort(keys_np, kind="stable")
+    same = keys_np[order[1:]] == keys_np[order[:-1]]
+    pairs = sorted(zip(order[1:][same].tolist(), order[:-1][same].tolist()))  # (later, earlier), first repeat first
+    wanted = {i for pair in pairs for i in pair}
+    at = {i: rec for i, rec in enumerate(read()) if i in wanted}
+    for later, earlier in pairs:
+        if at[later].name == at[earlier].name:
+            raise DataError(f"{label.name} row {at[later].row}: image {at[later].name!r} already listed at row "
+                            f"{at[earlier].row}")
+        raise DataError(f"{label.name} rows {at[earlier].row} and {at[later].row}: the names {at[earlier].name!r} "
+                        f"and {at[later].name!r} share a 64-bit hash, which the packer keys samples by; rename one")
 
 
 def read_records(dataset: str, root: str | Path, label_file: str | Path | None = None) -> Iterator[Record]:
@@ -332,7 +355,7 @@ def read_records(dataset: str, root: str | Path, label_file: str | Path | None =
     info = _info(dataset)
     root = Path(root).absolute()
     label = _need(root / (label_file or info.label_file), f"the {dataset} release's '{info.label_file}'")
-    return _unique(_READERS[dataset](root, label), label)
+    return _unique(lambda: _READERS[dataset](root, label), label)
 
 
 class _Meta(NamedTuple):
@@ -393,7 +416,7 @@ def read_pyiqa_meta(dataset: str, root: str | Path, meta_csv: str | Path,
     root = Path(root).absolute()
     meta = _need(Path(meta_csv).absolute(), f"IQA-PyTorch's meta-info CSV for {dataset}")
     folder = root / (image_dir if image_dir is not None else _PYIQA_META[dataset].image_dir)
-    return _unique(_read_meta(dataset, root, meta, folder), meta)
+    return _unique(lambda: _read_meta(dataset, root, meta, folder), meta)
 
 
 class _PlainUnpickler(pickle.Unpickler):

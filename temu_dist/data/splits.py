@@ -7,13 +7,14 @@ sorted, then permuted by numpy's PCG64 generator, whose streams are the same on 
 from __future__ import annotations
 
 import csv
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
-from temu_dist.data.sources import DataError, Record, read_pyiqa_split
+from temu_dist.data.sources import DataError, Record, name_key, read_pyiqa_split
 
 SPLITS = ("train", "val", "test")
 
@@ -32,34 +33,61 @@ class SplitSpec:
                 "file": self.file, "by_reference": self.by_reference}
 
 
-def _ratio_assignment(groups: list[str], spec: SplitSpec) -> dict[str, str]:
+class _Strings:
+    """Strings in one UTF-8 buffer, about len + 8 bytes each where a list of str costs 57 + len: splitting AVA's 255k
+    names must not hold each as a Python object."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.ends = array("q")
+
+    def append(self, text: str) -> None:
+        self.buffer += text.encode()
+        self.ends.append(len(self.buffer))
+
+    def as_array(self) -> np.ndarray:
+        """The strings as a fixed-width bytes array: numpy sorts it as Python sorts the str (UTF-8 keeps code-point
+        order)."""
+        width = int(np.diff(np.frombuffer(self.ends, dtype=np.int64), prepend=0).max(initial=1))
+        out = np.zeros(len(self.ends), dtype=f"S{width}")
+        flat = out.view(np.uint8).reshape(len(self.ends), width)
+        buffer = np.frombuffer(self.buffer, dtype=np.uint8)
+        start = 0
+        for i, end in enumerate(self.ends):  # array's own ints, one at a time: a list of them would cost 36 B each
+            flat[i, :end - start] = buffer[start:end]
+            start = end
+        return out
+
+
+def _ratio_codes(records: Iterable[Record], spec: SplitSpec) -> np.ndarray:
+    """Each record's split code (index into SPLITS): its group (reference image or name) among the sorted distinct
+    groups, permuted."""
     if abs(sum(spec.ratios) - 1.0) > 1e-6 or min(spec.ratios) < 0:
         raise DataError(f"split ratios {list(spec.ratios)} must be >= 0 and sum to 1")
-    groups = sorted(set(groups))
+    strings = _Strings()
+    for r in records:
+        strings.append(r.ref or r.name if spec.by_reference else r.name)
+    groups = strings.as_array()
+    del strings  # before np.unique's own copies: the peak of a 255k-name split is what stays in RSS
+    distinct, inverse = np.unique(groups, return_inverse=True)
     # One generator per (seed, index): the i-th split of a series is independent of the others and of their count.
-    order = np.random.Generator(np.random.PCG64([spec.seed, spec.index])).permutation(len(groups))
-    n_train = int(round(spec.ratios[0] * len(groups)))
-    n_val = int(round(spec.ratios[1] * len(groups)))
-    assignment = {}
-    for rank, i in enumerate(order):
-        assignment[groups[i]] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
-    return assignment
+    order = np.random.Generator(np.random.PCG64([spec.seed, spec.index])).permutation(len(distinct))
+    rank = np.empty(len(distinct), dtype=np.int64)
+    rank[order] = np.arange(len(distinct))
+    n_train = int(round(spec.ratios[0] * len(distinct)))
+    n_val = int(round(spec.ratios[1] * len(distinct)))
+    codes = np.where(rank < n_train, 0, np.where(rank < n_train + n_val, 1, 2)).astype(np.uint8)
+    return codes[inverse.reshape(-1)]
 
 
-def _file_assignment(spec: SplitSpec, names: list[str]) -> dict[str, str]:
+def _file_assignment(spec: SplitSpec) -> dict[str, str] | dict[int, str]:
+    """name -> split from a name,split CSV, or 0-based record position -> split from an IQA-PyTorch split pickle
+    (which indexes the rows of its meta CSV, in the order the records are read)."""
     path = Path(spec.file)
     if not path.is_file():
         raise DataError(f"split file {path} not found")
     if path.suffix == ".pkl":
-        # IQA-PyTorch's split pickles index the rows of its meta CSV, in the order the records were read.
-        indices = read_pyiqa_split(path, spec.index)
-        assignment = {}
-        for split, rows in indices.items():
-            for i in rows:
-                if not 0 <= i < len(names):
-                    raise DataError(f"{path}: split {spec.index} '{split}' has row {i}, the labels have {len(names)}")
-                assignment[names[i]] = split
-        return assignment
+        return {i: split for split, rows in read_pyiqa_split(path, spec.index).items() for i in rows}
     assignment = {}
     with open(path, newline="") as fh:
         for row_no, row in enumerate(csv.reader(fh), start=1):
@@ -69,6 +97,26 @@ def _file_assignment(spec: SplitSpec, names: list[str]) -> dict[str, str]:
                 raise DataError(f"{path} row {row_no}: expected 'name,split' with split one of {', '.join(SPLITS)}")
             assignment[row[0]] = row[1]
     return assignment
+
+
+def _file_codes(records: Iterable[Record], spec: SplitSpec) -> np.ndarray:
+    """Each record's split code from the split file (NOT_LISTED where it leaves the record out)."""
+    assignment = _file_assignment(spec)
+    by_position = Path(spec.file).suffix == ".pkl"
+    codes = array("B")
+    for position, r in enumerate(records):
+        split = assignment.pop(position if by_position else r.name, None)
+        codes.append(NOT_LISTED if split is None else SPLITS.index(split))
+    if assignment:
+        if by_position:
+            raise DataError(f"{spec.file}: split {spec.index} '{assignment[min(assignment)]}' has row "
+                            f"{min(assignment)}, the labels have {len(codes)}")
+        raise DataError(f"split file {spec.file} names {len(assignment)} images the labels do not have, "
+                        f"e.g. {sorted(assignment)[0]}")
+    return np.frombuffer(codes, dtype=np.uint8)
+
+
+NOT_LISTED = 255  # a split file that leaves a record out
 
 
 def _official(record: Record) -> str:
@@ -81,24 +129,31 @@ def _official(record: Record) -> str:
 def splitter(records: Iterable[Record], spec: SplitSpec) -> Callable[[Record], str | None]:
     """A function record -> 'train' | 'val' | 'test' (None: a split file leaves it out).
 
-    Only names and reference ids are kept from `records` (the official protocol reads none), so the packer can stream
-    the records again afterwards without ever holding a large dataset's records in memory.
+    Reads every record of `records` first, so a bad label row or a repeated name stops the packer before it writes a
+    shard. Keeps 9 bytes a record (its name's key and split code), so the packer can stream the records again
+    afterwards with memory flat whatever the dataset's size.
     """
     if spec.protocol == "official":
+        for record in records:
+            _official(record)
         return _official
-    names, refs = [], []
-    for r in records:
-        names.append(r.name)
-        refs.append(r.ref or r.name)
-    if spec.protocol == "file":
-        assignment = _file_assignment(spec, names)
-        unknown = sorted(set(assignment) - set(names))
-        if unknown:
-            raise DataError(f"split file {spec.file} names {len(unknown)} images the labels do not have, "
-                            f"e.g. {unknown[0]}")
-    elif spec.by_reference:
-        by_ref = _ratio_assignment(refs, spec)
-        assignment = {name: by_ref[ref] for name, ref in zip(names, refs)}
-    else:
-        assignment = _ratio_assignment(names, spec)
-    return lambda record: assignment.get(record.name)
+    keys = array("q")
+
+    def keyed() -> Iterator[Record]:
+        for r in records:
+            keys.append(name_key(r.name))
+            yield r
+
+    codes = _file_codes(keyed(), spec) if spec.protocol == "file" else _ratio_codes(keyed(), spec)
+    keys_np = np.frombuffer(keys, dtype=np.int64)
+    order = np.argsort(keys_np)
+    sorted_keys, sorted_codes = keys_np[order], codes[order]
+
+    def route(record: Record) -> str | None:
+        key = name_key(record.name)
+        i = int(np.searchsorted(sorted_keys, key))
+        if i == len(sorted_keys) or sorted_keys[i] != key or sorted_codes[i] == NOT_LISTED:
+            return None
+        return SPLITS[sorted_codes[i]]
+
+    return route
