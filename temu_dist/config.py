@@ -132,6 +132,9 @@ class TrainConfig(Section):
     resume: Literal["auto", "never"] = "auto"
     # Cap optimizer steps per epoch (smoke runs); null: whole epochs.
     max_steps_per_epoch: int | None = None
+    # Also write checkpoints/last every this many optimizer steps within an epoch (long epochs: FLIVE, AVA); null: at
+    # epoch ends only. A resume replays the epoch's data up to that step and goes on exactly as an unbroken run.
+    checkpoint_every: int | None = Field(None, ge=1)
 
     @field_validator("key_metric")
     @classmethod

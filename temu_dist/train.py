@@ -76,7 +76,8 @@ def loss_fn(model: torch.nn.Module, batch: dict, config: Config, device: torch.d
 
 # What a resumed run may change: everything else must match the checkpoint, or the resumed run would not be the
 # run it continues (model fields are checked against the weights by load_weights).
-RESUME_MAY_CHANGE = {"train.resume", "data.workers", "eval.batch_size", "tracking.enabled", "tracking.uri"}
+RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "data.workers", "eval.batch_size", "tracking.enabled",
+                     "tracking.uri"}
 
 
 def _check_resumable(saved: dict, config: Config, where: Path) -> None:
@@ -137,6 +138,8 @@ class Run:
     tracker: Tracker
     on_epoch: Callable[[dict], None] | None = None
     start_epoch: int = 0
+    # Where a mid-epoch checkpoint left start_epoch: micro-batches done, their loss sum, images and training seconds.
+    in_epoch: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
     elapsed_s: float = 0.0
@@ -155,13 +158,22 @@ def _fit(config: Config, run: Run) -> None:
     micro_batches = run.micro_batches
     history = run.history
     started = time.perf_counter() - run.elapsed_s
+    every = config.train.checkpoint_every
     for epoch in range(run.start_epoch, config.train.epochs):
         run.epoch.set(epoch)
         model.train()
-        total, images, seen = torch.zeros((), device=device), 0, 0
+        done = run.in_epoch if epoch == run.start_epoch else {}
+        skip = done.get("micro_batches", 0)
+        total = torch.tensor(done.get("loss_sum", 0.0), device=device)
+        images, seen, train_before = done.get("images", 0), skip, done.get("train_s", 0.0)
         tick = time.perf_counter()
         bar = tqdm(total=micro_batches, desc=f"epoch {epoch + 1}", disable=not main, leave=False, file=sys.stderr)
-        for _, batch in zip(range(micro_batches), run.loader):
+        for i, batch in zip(range(micro_batches), run.loader):
+            bar.update()
+            if i < skip:
+                # Replayed, not trained: the loader draws the same flips and distortions as the unbroken run did.
+                tick = time.perf_counter()
+                continue
             with accelerator.accumulate(model):
                 loss = loss_fn(model, batch, config, device, stats)
                 # The one host sync of a step: every process must stop together, or the others hang.
@@ -169,7 +181,7 @@ def _fit(config: Config, run: Run) -> None:
                 if finite.item() < 1.0:
                     where = find_checkpoint(ckpt_dir / "last")
                     raise NonFiniteLoss(f"epoch {epoch + 1}: the loss became {loss.item()}; stopped. The last good "
-                                        f"checkpoint is {where or 'none (no epoch finished)'}")
+                                        f"checkpoint is {where or 'none (nothing saved yet)'}")
                 accelerator.backward(loss)
                 optimizer.step()
                 if accelerator.sync_gradients:
@@ -178,9 +190,15 @@ def _fit(config: Config, run: Run) -> None:
             total += loss.detach()
             seen += 1
             images += len(batch["name"])
-            bar.update()
+            step = seen // run.plan.accumulation
+            if every and main and seen % run.plan.accumulation == 0 and step % every == 0 and seen < micro_batches:
+                in_epoch = {"micro_batches": seen, "loss_sum": total.item(), "images": images,
+                            "train_s": train_before + time.perf_counter() - tick}
+                info = {"next_epoch": epoch, "in_epoch": in_epoch, "history": history, "best": run.best,
+                        "elapsed_s": time.perf_counter() - started}
+                save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
         bar.close()
-        train_s = time.perf_counter() - tick
+        train_s = train_before + time.perf_counter() - tick
         results = evaluate_sets(plain, run.sets, accelerator, config)
         record = {"epoch": epoch + 1, "loss": total.item() / max(seen, 1), "lr": scheduler.get_last_lr()[0],
                   "images_per_s": images * run.plan.world_size / train_s, "elapsed_s": time.perf_counter() - started,
@@ -247,9 +265,10 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        resumed = {"start_epoch": info["next_epoch"], "history": info["history"], "best": info["best"],
-                   "elapsed_s": info["elapsed_s"]}
-        accelerator.print(f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1} from {last}")
+        resumed = {"start_epoch": info["next_epoch"], "in_epoch": info.get("in_epoch", {}), "history": info["history"],
+                   "best": info["best"], "elapsed_s": info["elapsed_s"]}
+        at = f", step {resumed['in_epoch']['micro_batches'] // plan.accumulation}" if resumed["in_epoch"] else ""
+        accelerator.print(f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1}{at} from {last}")
     model, optimizer = accelerator.prepare(model, optimizer)
     tracker = Tracker(config, run_dir, main, resuming=last is not None)
     run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,

@@ -85,6 +85,38 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_to_the_same_results(tmp_path, shards,
+                                                                                        monkeypatch):
+    # Global batch 4 in micro-batches of 2: 3 optimizer steps, 6 micro-batches an epoch; a checkpoint every step.
+    settings = ("train.epochs=2", "train.per_device_batch=2", "train.checkpoint_every=1")
+    whole = train(run_config(tmp_path / "a", shards, *settings))
+    import temu_dist.train as train_mod
+
+    real, calls = train_mod.loss_fn, []
+
+    def dies_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 6 + 5:  # the 5th micro-batch of epoch 2: the checkpoint of step 2 (4 micro-batches) is there
+            raise Interrupted
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "loss_fn", dies_in_epoch_2)
+    with pytest.raises(Interrupted):
+        train(run_config(tmp_path / "b", shards, *settings))
+    last = json.loads((tmp_path / "b" / "run" / "checkpoints" / "last" / "trainer.json").read_text())
+    assert last["next_epoch"] == 1 and last["in_epoch"]["micro_batches"] == 4 and len(last["history"]) == 1
+    monkeypatch.setattr(train_mod, "loss_fn", real)
+    calls.clear()
+    monkeypatch.setattr(train_mod, "loss_fn", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = train(run_config(tmp_path / "b", shards, *settings))
+    assert len(calls) == 2, "the resumed run trains the epoch's last 2 micro-batches only"
+    assert _comparable(resumed["history"]) == _comparable(whole["history"])
+    a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "last" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "last" / "weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "in_epoch" not in json.loads((tmp_path / "b" / "run" / "checkpoints" / "last" / "trainer.json").read_text())
+
+
 def test_resume_with_other_training_settings_is_refused(tmp_path, shards):
     train(run_config(tmp_path, shards, "train.epochs=1"))
     with pytest.raises(ConfigError, match=r"train.lr: .*last was trained with 0.002, this run asks for 0.01"):
