@@ -337,16 +337,15 @@ def _unique(read: Callable[[], Iterator[Record]], label: Path) -> Iterator[Recor
     if not (in_order[1:] == in_order[:-1]).any():
         return
     order = np.argsort(keys_np, kind="stable")
-    same = keys_np[order[1:]] == keys_np[order[:-1]]
-    pairs = sorted(zip(order[1:][same].tolist(), order[:-1][same].tolist()))  # (later, earlier), first repeat first
-    wanted = {i for pair in pairs for i in pair}
-    at = {i: rec for i, rec in enumerate(read()) if i in wanted}
-    for later, earlier in pairs:
-        if at[later].name == at[earlier].name:
-            raise DataError(f"{label.name} row {at[later].row}: image {at[later].name!r} already listed at row "
-                            f"{at[earlier].row}")
-        raise DataError(f"{label.name} rows {at[earlier].row} and {at[later].row}: the names {at[earlier].name!r} "
-                        f"and {at[later].name!r} share a 64-bit hash, which the packer keys samples by; rename one")
+    # The first record whose key an earlier one has, and that earlier one.
+    later, earlier = min((int(order[i + 1]), int(order[i]))
+                         for i in np.flatnonzero(keys_np[order[1:]] == keys_np[order[:-1]]))
+    at = {i: rec for i, rec in enumerate(read()) if i in (later, earlier)}
+    if at[later].name == at[earlier].name:
+        raise DataError(f"{label.name} row {at[later].row}: image {at[later].name!r} already listed at row "
+                        f"{at[earlier].row}")
+    raise DataError(f"{label.name} rows {at[earlier].row} and {at[later].row}: the names {at[earlier].name!r} and "
+                    f"{at[later].name!r} share a 64-bit hash, which the packer keys samples by; rename one")
 
 
 def read_records(dataset: str, root: str | Path, label_file: str | Path | None = None) -> Iterator[Record]:

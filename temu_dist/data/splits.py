@@ -17,6 +17,7 @@ import numpy as np
 from temu_dist.data.sources import DataError, Record, name_key, read_pyiqa_split
 
 SPLITS = ("train", "val", "test")
+NOT_LISTED = 255  # the split code of a record a split file leaves out
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,6 @@ def _file_codes(records: Iterable[Record], spec: SplitSpec) -> np.ndarray:
         raise DataError(f"split file {spec.file} names {len(assignment)} images the labels do not have, "
                         f"e.g. {sorted(assignment)[0]}")
     return np.frombuffer(codes, dtype=np.uint8)
-
-
-NOT_LISTED = 255  # a split file that leaves a record out
 
 
 def _official(record: Record) -> str:
