@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The device check of the performance benchmarks, as one prepared run on one GPU, at most 10.5 minutes
 # (the per-suite timeouts below; it has not run yet):
-#   1. step: ViT-L-14 at 448, global batch 32, bf16, S and I with none/CoOp/CoCoOp (images/s, MFU, peak memory);
+#   1. step: ViT-L-14 at 448, global batch 32, bf16, S and I with none/CoOp/CoCoOp (images/s, MFU, peak memory,
+#      and each row's 12 costliest kernels with how busy they kept the GPU);
 #   2. cw_ssim: ours on the GPU (and on the CPU cores);
 #   3. data: the training stream on the node's cores, 1/8/15 workers, and the workers it takes to feed step 1;
 #   4. step with model.compile=true for S none and S CoOp.
-# Each JSON lands in $OUT (the device tool's folder) or benchmarks/out. Random weights: throughput does not depend on
-# them, and nothing is downloaded.
+# Each suite's log lands in $OUT (the device tool's folder) or benchmarks/out. Random weights: throughput does not
+# depend on them, and nothing is downloaded.
 #
 # The device machines lack a few of our packages (benchmarks/gpu-wheels.txt); fetch their wheels here once:
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -24,9 +25,11 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
-bench() { local name=$1 limit=$2; shift 2; timeout "$limit" python3 -m temu_dist.bench "$@" --out "$out/$name.json" \
+# One log per suite, holding each row's JSON line and the whole result at its end: the device tool brings back at most
+# 8 files, and a suite its timeout stops still leaves the rows it finished.
+bench() { local name=$1 limit=$2; shift 2; timeout "$limit" python3 -m temu_dist.bench "$@" \
     2>&1 | grep -v "^WARNING:root:No pretrained" | tee "$out/$name.log"; }
-bench step 240 step
+bench step 240 step --profile 12
 bench cw_ssim 60 cw_ssim --pairs 64
 bench data 150 data --workers 1 8 15 --epochs 1 --images 960
 bench step_compile 180 step --compile --variants S --prompts none coop

@@ -22,13 +22,15 @@ def test_dataset_needs_its_root():
 
 
 def test_step_suite_rows():
-    result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", False, ["I"], ["none", "cocoop"], 2.0)
+    result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", False, ["I"], ["none", "cocoop"], 2.0, profile_top=5)
     rows = {r["prompt"]: r for r in result["rows"]}
     assert set(rows) == {"none", "cocoop"} and result["peak_source"] == "given"
     assert rows["none"]["text_gflops_per_step"] == 0 < rows["cocoop"]["text_gflops_per_step"]
     for r in rows.values():
         assert r["step_s"] > 0 and r["tower_images_per_s"] == pytest.approx(2 * r["samples_per_s"], rel=0.01)
         assert 0 < r["mfu"] <= r["mfu_all"]
+        ops = r["profile"]["ops"]
+        assert len(ops) == 5 and ops[0]["self_ms"] >= ops[-1]["self_ms"] > 0 and sum(o["share"] for o in ops) <= 1.001
     assert result["cocoop_over_coop"] == {}  # no CoOp row to compare with
 
 

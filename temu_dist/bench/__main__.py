@@ -1,7 +1,8 @@
 """Benchmarks that print figures as JSON, one line per measurement and the whole result at the end (tests never
 time). Results are kept in benchmarks/RESULTS.md with the machine and the date.
 
-    python -m temu_dist.bench step [--backbone ViT-L-14] [--image-size 448] [--batch 32] [--compile] [--out FILE]
+    python -m temu_dist.bench step [--backbone ViT-L-14] [--image-size 448] [--batch 32] [--compile] [--profile N]
+        [--out FILE]
     python -m temu_dist.bench data [--workers 0 1 2] [--feed 375] [--dataset NAME --root DIR]
     python -m temu_dist.bench cw_ssim [--pairs 32]
     python -m temu_dist.bench scale [--sizes 10000 255000]
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--variants", nargs="+", choices=["S", "I"], default=["S", "I"])
     step.add_argument("--prompts", nargs="+", choices=["none", "coop", "cocoop"], default=["none", "coop", "cocoop"])
     step.add_argument("--peak-tflops", type=float, help="the device's peak, where the datasheet table lacks it")
+    step.add_argument("--profile", type=int, default=0, metavar="N",
+                      help="profile one more step per row: its N costliest operations (GPU: kernels)")
     data = parser.add_argument_group("data")
     data.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     data.add_argument("--epochs", type=int, default=2)
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         from temu_dist.bench import step as suite
 
         result = suite.run(args.backbone, args.image_size, args.batch, args.steps, args.warmup, args.precision,
-                           args.compile, args.variants, args.prompts, args.peak_tflops)
+                           args.compile, args.variants, args.prompts, args.peak_tflops, args.profile)
     elif args.suite == "data":
         from temu_dist.bench import data as suite
 

@@ -5,9 +5,13 @@ The step is the trainer's own: `loss_fn` (MSE + PLCC over the batch and its loca
 fidelity on the device), backward and Adam, on a batch already on the device (the data stream is the `data` suite's
 business). With LDG at p=1 every sample enters the tower twice, so a global batch of 32 is 64 tower images.
 
-MFU = achieved FLOPs/s over the device's dense bf16 datasheet peak (none for fp32 or CPUs). `mfu` counts the frozen image tower's forward only
-(as the issue defines it); `mfu_all` adds the text passes of CoOp/CoCoOp. `gemm_tflops` is a large square matmul
-measured in the same dtype on the same device: the practical ceiling next to the datasheet's.
+MFU = achieved FLOPs/s over the device's dense bf16 datasheet peak (none for fp32 or CPUs). `mfu` counts the frozen
+image tower's forward only (as the issue defines it); `mfu_all` adds the text passes of CoOp/CoCoOp. `gemm_tflops` is
+a large square matmul measured in the same dtype on the same device: the practical ceiling next to the datasheet's.
+
+With `--profile N`, one more step of each row runs under torch.profiler: its N costliest operations (on a GPU,
+kernels) by self time, and on a GPU the share of the step's wall time that kernels kept the device busy, so one device
+run says where an MFU short of the target goes.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import json
 import time
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from temu_dist.bench.common import device_name, now, sig, sync, timed
 from temu_dist.config import Config, load_config
@@ -63,7 +69,27 @@ def synthetic_batch(config: Config, batch: int, device: torch.device, generator:
             "mos": torch.rand(batch, generator=generator).to(device), "name": [str(i) for i in range(batch)]}
 
 
-def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.device) -> dict:
+def top_ops(step, device: torch.device, n: int) -> dict:
+    """One step under torch.profiler: its n costliest operations by self time (on a GPU: kernels, device time), and
+    on a GPU how busy kernels kept the device over the step's wall time."""
+    gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if gpu else [])]) as prof:
+        start = time.perf_counter()
+        step()
+        sync(device)
+        wall_us = (time.perf_counter() - start) * 1e6
+    self_us = (lambda e: e.self_device_time_total) if gpu else (lambda e: e.self_cpu_time_total)
+    events = sorted((e for e in prof.key_averages()
+                     if self_us(e) > 0 and (not gpu or e.device_type == DeviceType.CUDA)), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events)
+    out = {"ops": [{"op": e.key[:100], "calls": e.count, "self_ms": round(self_us(e) / 1e3, 3),
+                    "share": round(self_us(e) / total, 3)} for e in events[:n]]}
+    if gpu:
+        out["device_busy"] = round(total / wall_us, 3)
+    return out
+
+
+def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.device, profile_top: int = 0) -> dict:
     """Seconds per training step (the median of `steps` after `warmup`), images/s, FLOPs and peak memory."""
     model = build_model(config, device).train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.train.lr)
@@ -100,11 +126,13 @@ def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.d
            "all_tflops_per_s": sig(flops.total / seconds / 1e12), "trainable": model.num_trainable()}
     if device.type == "cuda":
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    if profile_top:
+        row["profile"] = top_ops(step, device, profile_top)
     return row
 
 
 def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, precision: str, compile_: bool,
-        variants: list[str], prompts: list[str], peak_tflops: float | None) -> dict:
+        variants: list[str], prompts: list[str], peak_tflops: float | None, profile_top: int = 0) -> dict:
     device = resolve_device("auto")
     base = [f"model.backbone={backbone}", "model.pretrained=null", f"model.image_size={image_size}",
             f"model.precision={precision}", f"model.compile={str(compile_).lower()}", "ldg.p=1.0",
@@ -120,7 +148,7 @@ def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, pre
     for variant in variants:
         for prompt in prompts:
             config = load_config(None, [*base, f"model.variant={variant}", f"model.prompt={prompt}"])
-            row = {"variant": variant, "prompt": prompt, **measure(config, batch, steps, warmup, device)}
+            row = {"variant": variant, "prompt": prompt, **measure(config, batch, steps, warmup, device, profile_top)}
             row["mfu_of_gemm"] = round(row["image_tflops_per_s"] / gemm, 3)
             if peak:
                 row["mfu"] = round(row["image_tflops_per_s"] / peak, 3)
