@@ -97,6 +97,11 @@ def epoch_metrics(record: dict) -> dict[str, float]:
     return metrics
 
 
+def _readers(config: Config, plan: BatchPlan) -> int:
+    """How many streams the training data is split over; the epoch's sample order depends on it."""
+    return plan.world_size * max(1, config.data.workers)
+
+
 def _describe(config: Config, plan: BatchPlan, micro_batches: int, accelerator: Accelerator) -> None:
     steps = micro_batches // plan.accumulation
     accelerator.print(
@@ -193,7 +198,7 @@ def _fit(config: Config, run: Run) -> None:
             step = seen // run.plan.accumulation
             if every and main and seen % run.plan.accumulation == 0 and step % every == 0 and seen < micro_batches:
                 in_epoch = {"micro_batches": seen, "loss_sum": total.item(), "images": images,
-                            "train_s": train_before + time.perf_counter() - tick}
+                            "train_s": train_before + time.perf_counter() - tick, "readers": _readers(config, run.plan)}
                 info = {"next_epoch": epoch, "in_epoch": in_epoch, "history": history, "best": run.best,
                         "elapsed_s": time.perf_counter() - started}
                 save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
@@ -267,8 +272,13 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         set_rng_state(state["rng"])
         resumed = {"start_epoch": info["next_epoch"], "in_epoch": info.get("in_epoch", {}), "history": info["history"],
                    "best": info["best"], "elapsed_s": info["elapsed_s"]}
-        at = f", step {resumed['in_epoch']['micro_batches'] // plan.accumulation}" if resumed["in_epoch"] else ""
+        in_epoch = resumed["in_epoch"]
+        at = f", step {in_epoch['micro_batches'] // plan.accumulation}" if in_epoch else ""
         accelerator.print(f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1}{at} from {last}")
+        if in_epoch and in_epoch["readers"] != _readers(config, plan):
+            accelerator.print(f"train: warning: {_readers(config, plan)} data readers (processes x data.workers) where "
+                              f"the checkpoint had {in_epoch['readers']}: the rest of epoch {info['next_epoch'] + 1} "
+                              "reads the samples in another order, so some repeat in it and some are left out")
     model, optimizer = accelerator.prepare(model, optimizer)
     tracker = Tracker(config, run_dir, main, resuming=last is not None)
     run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,

@@ -117,6 +117,28 @@ def test_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_to_the_same_
     assert "in_epoch" not in json.loads((tmp_path / "b" / "run" / "checkpoints" / "last" / "trainer.json").read_text())
 
 
+def test_mid_epoch_resume_over_other_data_readers_warns_that_the_order_changes(tmp_path, shards, monkeypatch,
+                                                                             capsys):
+    import temu_dist.train as train_mod
+
+    real, calls = train_mod.loss_fn, []
+
+    def dies_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise Interrupted
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "loss_fn", dies_at_step_3)
+    with pytest.raises(Interrupted):
+        train(run_config(tmp_path, shards, "train.epochs=1", "train.checkpoint_every=1"))
+    monkeypatch.setattr(train_mod, "loss_fn", real)
+    capsys.readouterr()
+    train(run_config(tmp_path, shards, "train.epochs=1", "train.checkpoint_every=1", "data.workers=2"))
+    assert "train: warning: 2 data readers (processes x data.workers) where the checkpoint had 1: the rest of epoch 1" \
+        in capsys.readouterr().out
+
+
 def test_resume_with_other_training_settings_is_refused(tmp_path, shards):
     train(run_config(tmp_path, shards, "train.epochs=1"))
     with pytest.raises(ConfigError, match=r"train.lr: .*last was trained with 0.002, this run asks for 0.01"):
