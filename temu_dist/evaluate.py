@@ -26,7 +26,7 @@ from accelerate.utils import gather_object
 
 from temu_dist.config import Config, ConfigError, is_override, load_config
 from temu_dist.data.augment import normalize
-from temu_dist.data.sources import name_key
+from temu_dist.data.keys import name_key
 from temu_dist.data.stream import eval_loader, read_manifest, split_shards
 from temu_dist.metrics import correlations
 from temu_dist.model.io import checkpoint_dir, load_model

@@ -16,7 +16,6 @@ Conventions, the same for every dataset:
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import pickle
 import zipfile
@@ -33,6 +32,7 @@ from openpyxl.utils.exceptions import InvalidFileException
 from scipy.io.matlab import MatReadError
 
 from temu_dist.config import ConfigError
+from temu_dist.data.keys import name_key
 
 
 class DataError(ConfigError):
@@ -316,12 +316,6 @@ def _info(dataset: str) -> DatasetInfo:
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset '{dataset}'; valid: {', '.join(DATASETS)}")
     return DATASETS[dataset]
-
-
-def name_key(name: str) -> int:
-    """An image name as 8 bytes (blake2b): what the packer, the splitter and evaluation hold per sample, so memory
-    stays flat over AVA's 255k names where a dict of str would not."""
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little", signed=True)
 
 
 def _unique(read: Callable[[], Iterator[Record]], label: Path) -> Iterator[Record]:

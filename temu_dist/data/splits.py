@@ -14,7 +14,8 @@ from typing import Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
-from temu_dist.data.sources import DataError, Record, name_key, read_pyiqa_split
+from temu_dist.data.keys import name_key
+from temu_dist.data.sources import DataError, Record, read_pyiqa_split
 
 SPLITS = ("train", "val", "test")
 NOT_LISTED = 255  # the split code of a record a split file leaves out
