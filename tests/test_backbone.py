@@ -4,7 +4,7 @@ import torch
 
 from temu_dist.config import ConfigError
 from temu_dist.model import backbone as backbone_mod
-from temu_dist.model.backbone import Backbone, create_clip, layer_indices
+from temu_dist.model.backbone import Backbone, PatchEmbed, create_clip, layer_indices
 from tests.conftest import tiny_config
 
 
@@ -16,6 +16,15 @@ def test_last_cls_through_ln_post_and_proj_is_encode_image():
     cls, patches = bb(x)
     assert cls.shape == (3, 1, 64) and patches.shape == (3, 1, 16, 64)
     torch.testing.assert_close(bb.project(cls[:, 0]).float(), clip.encode_image(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_patch_embedding_as_a_matmul_is_the_convolution(bias):
+    conv = torch.nn.Conv2d(3, 8, kernel_size=(4, 5), stride=(4, 5), bias=bias)
+    x = torch.randn(2, 3, 18, 23)  # not a whole number of patches: the convolution drops the remainder
+    torch.testing.assert_close(PatchEmbed(conv)(x), conv(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="kernel=stride"):
+        PatchEmbed(torch.nn.Conv2d(3, 8, kernel_size=4, stride=2))
 
 
 @pytest.mark.parametrize("spec, selected, kept", [("all", [0, 1, 2, 3], 4), ("upto:2", [0, 1], 2),

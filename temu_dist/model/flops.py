@@ -47,8 +47,7 @@ def image_forward_flops(model: TeMuIQA) -> int:
     visual = backbone.visual
     gh, gw = backbone.grid
     tokens = gh * gw + 1
-    conv = visual.conv1
-    patch_embed = 2 * gh * gw * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    patch_embed = 2 * gh * gw * visual.conv1.weight.numel()
     linear, attention = _blocks(visual.transformer, tokens)
     projection = 2 * backbone.num_selected * tokens * backbone.width * backbone.embed_dim
     return patch_embed + linear + attention + projection
