@@ -153,10 +153,6 @@ class Backbone(nn.Module):
         for block in self.visual.transformer.resblocks:
             block.attn = SelfAttention(block.attn)
         self.visual.to(dtype)
-        if cfg.compile:
-            # One block's graph serves every block (identical shapes), so compile time does not grow with depth.
-            for block in self.visual.transformer.resblocks:
-                block.compile(dynamic=False)
         self.dtype = dtype
         self.width = visual.transformer.width
         self.embed_dim = visual.proj.shape[1]
