@@ -54,6 +54,16 @@ def test_data_suite_counts_workers_to_feed(tmp_path):
     assert set(result["stage_ms_per_sample"]) == {"read", "decode", "resize", "local_distortion"}
 
 
+def test_workers_to_feed_is_measured_where_a_row_fed_it_and_estimated_from_the_most_workers_else():
+    rows = [{"source": s, "workers": w, "images_per_s": rate, "per_worker": rate / max(w, 1)}
+            for s in ("shards", "loose files") for w, rate in ((0, 70.0), (1, 80.0), (8, 400.0), (15, 720.0))]
+    assert data.workers_to_feed(rows, 375.0) == {"workers_to_feed": 8, "workers_to_feed_from": "measured"}
+    # 1000 / 48 per worker among 15, not 1000 / 80 alone
+    assert data.workers_to_feed(rows, 1000.0) == {
+        "workers_to_feed": 21, "workers_to_feed_from": "estimated from the rate per worker of 15 workers"}
+    assert data.workers_to_feed(rows[:1], 375.0) == {}
+
+
 def test_scale_suite_packs_and_evaluates_every_sample(tmp_path):
     result = scale.run([300], str(tmp_path))
     assert [(r["stage"], r["samples"]) for r in result["rows"]] == [("pack", 300), ("evaluate", 300)]
