@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The device check of the performance benchmarks, as one prepared run on one GPU, at most 8.3 minutes
-# (the per-suite timeouts below), so a 15-minute device lease has room to rerun a part:
+# The device check of the performance benchmarks, as one prepared run on one GPU, at most 8.8 minutes
+# (the per-suite timeouts below; on an H100 it takes about 5), so a 15-minute device lease has room to rerun a part:
 #   1. step: ViT-L-14 at 448, global batch 32, bf16, S and I with none/CoOp/CoCoOp (images/s, MFU, peak memory,
 #      and each row's 12 costliest kernels with how busy they kept the GPU);
 #   2. cw_ssim: ours on the GPU (and on the CPU cores);
 #   3. data: the training stream on the node's cores, 1/8/15 workers, and the workers it takes to feed step 1;
-#   4. step with model.compile=true for S none and S CoOp.
+#   4. step with model.compile=true for S none and S CoOp;
+#   5. step for S none and S CoOp on ViT-L-14-quickgelu, the architecture of the OpenAI weights, eager and compiled.
 # Each suite's log lands in $OUT (the device tool's folder) or benchmarks/out. Random weights: throughput does not
 # depend on them, and nothing is downloaded.
 #
@@ -29,7 +30,9 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 # 8 files, and a suite its timeout stops still leaves the rows it finished.
 bench() { local name=$1 limit=$2; shift 2; timeout "$limit" python3 -m temu_dist.bench "$@" \
     2>&1 | grep -v "^WARNING:root:No pretrained" | tee "$out/$name.log"; }
-bench step 200 step --profile 12
+bench step 120 step --profile 12
 bench cw_ssim 45 cw_ssim --pairs 64
 bench data 100 data --workers 1 8 15 --epochs 1 --images 960
-bench step_compile 150 step --compile --variants S --prompts none coop
+bench step_compile 110 step --compile --variants S --prompts none coop
+bench step_quickgelu 60 step --backbone ViT-L-14-quickgelu --variants S --prompts none coop
+bench step_quickgelu_compile 90 step --backbone ViT-L-14-quickgelu --compile --variants S --prompts none coop
