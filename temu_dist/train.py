@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -49,7 +50,11 @@ def _across_ranks(x: torch.Tensor) -> torch.Tensor:
     if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
             or torch.distributed.get_world_size() == 1:
         return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x))
+    with warnings.catch_warnings():
+        # torch 2.14 deprecates it in favour of a private module (_functional_collectives), whose API has changed
+        # between the versions we support; this public one stays until torch has a public autograd gather.
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
+        return torch.cat(torch.distributed.nn.functional.all_gather(x))
 
 
 def loss_fn(model: torch.nn.Module, batch: dict, config: Config, device: torch.device,
