@@ -50,7 +50,8 @@ class ModelConfig(Section):
     tau_w_init: float = Field(1.0, gt=0)
     # Frozen towers' dtype: auto = bf16 on GPU, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # torch.compile the model: a one-off compile (ViT-L-14: 30-50 s), then faster steps (see benchmarks/RESULTS.md).
+    # torch.compile the model: a one-off compile (ViT-L-14 on an H100: 20-50 s), then faster steps
+    # (benchmarks/RESULTS.md).
     compile: bool = False
 
     @field_validator("layers")
