@@ -125,7 +125,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        (ph, pw), (gh, gw) = self.patch, (h // self.patch[0], w // self.patch[1])
+        ph, pw = self.patch
+        gh, gw = h // ph, w // pw
         patches = x[:, :, :gh * ph, :gw * pw].reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
         out = F.linear(patches.reshape(b, gh * gw, c * ph * pw), self.weight.flatten(1), self.bias)
         return out.view(b, gh, gw, -1).permute(0, 3, 1, 2)
