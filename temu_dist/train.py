@@ -170,10 +170,10 @@ def _fit(config: Config, run: Run) -> None:
     started = time.perf_counter() - run.elapsed_s
     every = config.train.checkpoint_every
     for epoch in range(run.start_epoch, config.train.epochs):
-        run.epoch.set(epoch)
-        model.train()
         done = run.in_epoch if epoch == run.start_epoch else {}
         skip = done.get("micro_batches", 0)
+        run.epoch.set(epoch, replay=skip)
+        model.train()
         total = torch.tensor(done.get("loss_sum", 0.0), device=device)
         images, seen, train_before = done.get("images", 0), skip, done.get("train_s", 0.0)
         tick = time.perf_counter()
@@ -181,7 +181,7 @@ def _fit(config: Config, run: Run) -> None:
         for i, batch in zip(range(micro_batches), run.loader):
             bar.update()
             if i < skip:
-                # Replayed, not trained: the loader draws the same flips and distortions as the unbroken run did.
+                # Trained before the resume: the loader passed over these samples without decoding them.
                 tick = time.perf_counter()
                 continue
             with accelerator.accumulate(model):

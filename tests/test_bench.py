@@ -47,7 +47,7 @@ def test_datasheet_peak_is_only_claimed_for_known_gpus():
 def test_data_suite_counts_workers_to_feed(tmp_path):
     result = data.run([0, 1], 1, 64, 32, feed=1000.0)
     assert {(r["source"], r["workers"]) for r in result["rows"]} == {
-        (s, w) for s in ("shards", "loose files") for w in (0, 1)}
+        (s, w) for s in ("shards", "loose files", "shards, passed over on resume") for w in (0, 1)}
     assert all(r["images"] == 32 for r in result["rows"])
     one = next(r for r in result["rows"] if r["source"] == "shards" and r["workers"] == 1)
     assert result["workers_to_feed"] >= 1000 / one["images_per_s"]

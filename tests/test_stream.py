@@ -79,6 +79,26 @@ def test_uneven_shards_still_give_every_rank_the_same_batches_without_repeats(tm
     assert len(seen) == 12 and len(set(seen)) == 12 and set(seen) <= set(labels)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_epoch_passes_over_trained_batches_undecoded_then_augments_as_the_unbroken_one(tmp_path, workers):
+    folder, _ = _pack(tmp_path, refs=8, per_ref=2, shard_size=3)
+    config = tiny_config(f"data.workers={workers}", "data.shuffle_buffer=4", "ldg.p=0.5", "ldg.region_min=5",
+                         "ldg.region_max=10")
+
+    def epoch_batches(shared):
+        torch.manual_seed(123)  # whatever the generator held before, the stream's draws must not depend on it
+        loader, steps = train_loader(config, folder, "train", 2, 1, 0, 1, shared, (30, 40))
+        return [b for _, b in zip(range(steps), loader)]
+
+    whole = epoch_batches(SharedEpoch(1))
+    assert len(whole) == 8 and any(b["ldg"].any() for b in whole) and not all(b["ldg"].all() for b in whole)
+    resumed = epoch_batches(SharedEpoch(1, replay=3))
+    assert resumed[:3] == [{"replayed": 2}] * 3
+    for a, b in zip(whole[3:], resumed[3:], strict=True):
+        assert a["name"] == b["name"]
+        assert all(torch.equal(a[k], b[k]) for k in ("image", "ldg_image", "mos", "ldg"))
+
+
 def test_resampled_stream_and_ldg_batches(tmp_path):
     folder, _ = _pack(tmp_path, refs=5, per_ref=2, shard_size=3)
     config = tiny_config("data.workers=0", "data.resampled=true", "ldg.p=1.0", "ldg.region_min=5",
@@ -139,9 +159,8 @@ def test_loaders_work_with_spawned_workers(tmp_path):
     loader, _ = eval_loader(folder, "train", batch_size=4, rank=0, world_size=1, workers=1, image_hw=(30, 40))
     loader.multiprocessing_context = "spawn"
     assert sorted(_names(loader)) == sorted(labels)
-    epoch = SharedEpoch(0)
     # Where spawn is the default, the shared epoch is made in its context too; here the test must say so.
-    epoch.value = multiprocessing.get_context("spawn").Value("i", 0)
+    epoch = SharedEpoch(0, context=multiprocessing.get_context("spawn"))
     train, steps = train_loader(tiny_config("data.workers=1"), folder, "train", 4, 1, 0, 1, epoch, (30, 40))
     train.multiprocessing_context = "spawn"
     assert len(list(zip(range(steps), train))) == steps == 3

@@ -1,6 +1,6 @@
 """data: images/s of the training stream (decode, resize, flip, local distortion) per loader worker and in total,
-from shards versus the same images read as loose files; the time of each stage of one sample; and how many CPU
-workers it takes to feed a training step of a given rate.
+from shards versus the same images read as loose files, and of the samples a mid-epoch resume passes over; the time
+of each stage of one sample; and how many CPU workers it takes to feed a training step of a given rate.
 
 By default the images are KonIQ-10k-like: 1024x768 JPEGs (quality 90) in KonIQ-10k's released layout, made from the
 offline photos; --dataset/--root measure a release on disk instead (packed into a temporary folder first).
@@ -97,7 +97,7 @@ def _rate(make_loader, steps: int, epochs: int) -> tuple[int, float]:
     start, images = time.perf_counter(), 0
     for _ in range(epochs):
         for _, b in zip(range(steps), make_loader()):
-            images += len(b["name"])
+            images += b["replayed"] if "replayed" in b else len(b["name"])
     return images, images / (time.perf_counter() - start)
 
 
@@ -123,7 +123,10 @@ def run(workers_list: list[int], epochs: int, image_size: int, images: int, feed
             loader, steps = train_loader(cfg, f"{tmp}/shards", "train", batch, 1, 0, 1, SharedEpoch(0), hw)
             loose = DataLoader(LooseFiles(records, config), batch_size=batch, shuffle=True, drop_last=True,
                                num_workers=workers, collate_fn=collate, persistent_workers=workers > 0)
-            for source, make in (("shards", lambda: loader), ("loose files", lambda: loose)):
+            # What a mid-epoch resume passes over: every batch of the epoch, read but not decoded.
+            replay, _ = train_loader(cfg, f"{tmp}/shards", "train", batch, 1, 0, 1, SharedEpoch(0, replay=steps), hw)
+            for source, make in (("shards", lambda: loader), ("loose files", lambda: loose),
+                                 ("shards, passed over on resume", lambda: replay)):
                 count, rate = _rate(make, steps, epochs)
                 row = {"source": source, "workers": workers, "images": count, "images_per_s": round(rate, 1),
                        "per_worker": round(rate / max(workers, 1), 1)}

@@ -16,7 +16,7 @@ from temu_dist.fidelity import cw_ssim, ssim
 def sample_region(height: int, width: int, lo: int, hi: int) -> tuple[int, int, int, int]:
     """(top, left, h, w): h and w uniform integers in [lo, hi] (capped by the image), position uniform inside.
 
-    Drawn from torch's global generator, which the DataLoader seeds per worker from the run's seed.
+    Drawn from torch's global generator, which the training stream seeds for each sample.
     """
     h = int(torch.randint(min(lo, height), min(hi, height) + 1, ()))
     w = int(torch.randint(min(lo, width), min(hi, width) + 1, ()))

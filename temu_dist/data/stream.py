@@ -57,22 +57,32 @@ def split_shards(folder: str | Path, split: str) -> tuple[list[str], int]:
 
 
 class SharedEpoch:
-    """The epoch, visible to persistent workers (they keep their own copy of the dataset object)."""
+    """The epoch, and how many of its first micro-batches the trainer discards (those a resumed epoch already trained),
+    visible to persistent workers (they keep their own copy of the dataset object). `context`: the multiprocessing
+    context the loader starts its workers with, where it is not the platform's default."""
 
-    def __init__(self, epoch: int = 0):
-        self.value = mp.Value("i", epoch)
+    def __init__(self, epoch: int = 0, replay: int = 0, context=mp):
+        self.state = context.Array("i", [epoch, replay])
 
-    def set(self, epoch: int) -> None:
-        self.value.value = epoch
+    def set(self, epoch: int, replay: int = 0) -> None:
+        self.state[:] = [epoch, replay]
 
     def get(self) -> int:
-        return self.value.value
+        return self.state[0]
+
+    def replay(self) -> int:
+        return self.state[1]
+
+
+def _worker() -> tuple[int, int]:
+    """This loader worker's index and the number of workers (0, 1 when the loader has none)."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
 
 
 def _slot(rank: int, world_size: int) -> tuple[int, int]:
     """This reader's index among all readers (ranks x workers), and their number."""
-    info = get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    worker, workers = _worker()
     return rank * workers + worker, world_size * workers
 
 
@@ -85,6 +95,12 @@ class TrainSamples(IterableDataset):
     or fewer samples than another and none is read twice within a pass. Samples are shuffled within a pass, so a
     pass is read whole before the next one starts. Resampled: shards drawn with replacement, seeded by
     (seed, epoch, reader).
+
+    Each sample carries `__seed__`, a function of (seed, epoch, reader, position): its flip and local distortion draw
+    from it alone, so a resumed epoch passes over the samples the trainer discards (`SharedEpoch.replay`) as
+    `{"__replayed__": True}` without decoding them and still augments the rest as the unbroken run did. A corrupt
+    sample among those passed over would have been dropped and its place taken; there the rest of the epoch shifts
+    by one sample.
     """
 
     urls: list[str]
@@ -94,6 +110,7 @@ class TrainSamples(IterableDataset):
     world_size: int
     resampled: bool
     shuffle_buffer: int
+    batch_size: int
 
     def _passes(self, slot: int, slots: int, epoch: int) -> Iterator[Iterator[dict]]:
         read = wds.tarfile_to_samples(handler=wds.warn_and_continue)
@@ -113,15 +130,22 @@ class TrainSamples(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         slot, slots = _slot(self.rank, self.world_size)
+        worker, workers = _worker()
         epoch = self.epoch.get()
+        # The loader takes batches from its workers in turn: of the first `replay`, this worker made every workers-th.
+        replayed = len(range(worker, self.epoch.replay(), workers)) * self.batch_size
         rng = random.Random(f"{self.seed}-{epoch}-{slot}")
-        # Flips and local distortions draw from torch's global generator (RandAugment takes no other); seeding it
-        # here makes them a function of (seed, epoch, reader), so a resumed run augments exactly as an unbroken one,
-        # whether or not the workers persist across epochs.
-        torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, slot]).generate_state(1)[0]))
         shuffle = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)
+        position = 0
         for samples in self._passes(slot, slots, epoch):
-            yield from shuffle(samples)
+            for sample in shuffle(samples):
+                if position < replayed:
+                    yield {"__replayed__": True}
+                else:
+                    sample["__seed__"] = int(np.random.SeedSequence([self.seed, epoch, slot, position])
+                                             .generate_state(1)[0])
+                    yield sample
+                position += 1
 
 
 @dataclass
@@ -171,12 +195,20 @@ def decode_sample(sample: dict, image_hw: tuple[int, int], flip: bool, ldg: Loca
 def _decoded(samples: Iterator[dict], image_hw: tuple[int, int], flip: bool, ldg: LocalDistortion | None,
              ldg_p: float) -> Iterator[dict]:
     for sample in samples:
+        if "__replayed__" in sample:
+            yield sample
+            continue
+        if "__seed__" in sample:
+            # Flips and local distortions draw from torch's global generator (RandAugment takes no other).
+            torch.default_generator.manual_seed(sample["__seed__"])
         out = decode_sample(sample, image_hw, flip, ldg, ldg_p)
         if out is not None:
             yield out
 
 
 def collate(samples: list[dict]) -> dict:
+    if "__replayed__" in samples[0]:
+        return {"replayed": len(samples)}
     batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "name"}
     batch["name"] = [s["name"] for s in samples]
     return batch
@@ -187,7 +219,7 @@ def train_loader(config: Config, folder: str, split: str, per_device_batch: int,
     """(loader, micro-batches per epoch). Every rank takes the same number of micro-batches of `per_device_batch`:
     whole global batches (per_device_batch x accumulation x world_size) of the split, capped by
     train.max_steps_per_epoch. Stop after that many. Batches: image and ldg_image uint8 [B, 3, H, W], mos [B],
-    ldg [B] bool, name."""
+    ldg [B] bool, name; the first `epoch.replay()` of an epoch are {"replayed": B}, not decoded."""
     urls, count = split_shards(folder, split)
     data = config.data
     global_batch = per_device_batch * accumulation * world_size
@@ -203,7 +235,8 @@ def train_loader(config: Config, folder: str, split: str, per_device_batch: int,
 
     per_worker = -(-micro_batches // max(1, workers))  # ceil: each worker's share of the epoch's batches
     pipeline = wds.DataPipeline(
-        TrainSamples(urls, config.seed, epoch, rank, world_size, data.resampled, data.shuffle_buffer),
+        TrainSamples(urls, config.seed, epoch, rank, world_size, data.resampled, data.shuffle_buffer,
+                     per_device_batch),
         partial(_decoded, image_hw=image_hw, flip=data.flip, ldg=ldg, ldg_p=config.ldg.p),
         wds.batched(per_device_batch, collation_fn=collate, partial=False),
     ).with_epoch(nbatches=per_worker)
