@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The device check of the performance benchmarks, as one prepared run on one GPU, at most 8.8 minutes
-# (the per-suite timeouts below; on an H100 it takes about 5), so a 15-minute device lease has room to rerun a part:
+# The device check of the performance benchmarks, prepared runs on one GPU. Suites 1-5 should take about 5 minutes on
+# an H100 (from their parts' times there; their timeouts cap them at 8.8) and step_modes is capped at 7, so a 15-minute
+# device lease holds either with room to rerun a part:
 #   1. step: ViT-L-14 at 448, global batch 32, bf16, S and I with none/CoOp/CoCoOp (images/s, MFU, peak memory,
 #      and each row's 12 costliest kernels with how busy they kept the GPU);
 #   2. cw_ssim: ours on the GPU (and on the CPU cores);
 #   3. data: the training stream on the node's cores, 1/8/15 workers, and the workers it takes to feed step 1;
 #   4. step with model.compile=true for S none and S CoOp;
-#   5. step for S none and S CoOp on ViT-L-14-quickgelu, the architecture of the OpenAI weights, eager and compiled.
+#   5. step for S none and S CoOp on ViT-L-14-quickgelu, the architecture of the OpenAI weights, eager and compiled;
+#   6. step_modes: S none eager and under each torch.compile mode (model.compile_mode), profiled, on the same machine
+#      (not yet run; max-autotune's compile time there is unknown, hence its 7 minutes).
+# With no names it runs them all (more than one device call's 10 minutes); name suites to run only those, e.g.
+# `bash benchmarks/gpu.sh step_modes`.
 # Each suite's log lands in $OUT (the device tool's folder) or benchmarks/out. Random weights: throughput does not
 # depend on them, and nothing is downloaded.
 #
@@ -28,11 +33,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
 # One log per suite, holding each row's JSON line and the whole result at its end: the device tool brings back at most
 # 8 files, and a suite its timeout stops still leaves the rows it finished.
-bench() { local name=$1 limit=$2; shift 2; timeout "$limit" python3 -m temu_dist.bench "$@" \
-    2>&1 | grep -v "^WARNING:root:No pretrained" | tee "$out/$name.log"; }
+only=" $* "
+bench() { local name=$1 limit=$2; shift 2
+    [ "$only" = "  " ] || [[ "$only" == *" $name "* ]] || return 0
+    timeout "$limit" python3 -m temu_dist.bench "$@" 2>&1 | grep -v "^WARNING:root:No pretrained" | tee "$out/$name.log"; }
 bench step 120 step --profile 12
 bench cw_ssim 45 cw_ssim --pairs 64
 bench data 100 data --workers 1 8 15 --epochs 1 --images 960
-bench step_compile 110 step --compile --variants S --prompts none coop
-bench step_quickgelu 60 step --backbone ViT-L-14-quickgelu --variants S --prompts none coop
-bench step_quickgelu_compile 90 step --backbone ViT-L-14-quickgelu --compile --variants S --prompts none coop
+bench step_compile 110 step --modes default --variants S --prompts none coop
+bench step_quickgelu 150 step --backbone ViT-L-14-quickgelu --modes eager default --variants S --prompts none coop
+bench step_modes 420 step --modes eager default reduce-overhead max-autotune-no-cudagraphs max-autotune --variants S \
+    --prompts none --profile 12

@@ -53,6 +53,9 @@ class ModelConfig(Section):
     # torch.compile the model: a one-off compile (ViT-L-14 on an H100: 20-50 s), then faster steps
     # (benchmarks/RESULTS.md).
     compile: bool = False
+    # torch.compile's mode, when compile is on: reduce-overhead replays CUDA graphs (no launch gaps, more memory);
+    # max-autotune also times Triton GEMMs that can fuse the GELU after them (minutes more compile).
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 
     @field_validator("layers")
     @classmethod

@@ -22,16 +22,41 @@ def test_dataset_needs_its_root():
 
 
 def test_step_suite_rows():
-    result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", False, ["I"], ["none", "cocoop"], 2.0, profile_top=5)
+    result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", ["eager"], ["I"], ["none", "coop", "cocoop"], 2.0,
+                      profile_top=5)
     rows = {r["prompt"]: r for r in result["rows"]}
-    assert set(rows) == {"none", "cocoop"} and result["peak_source"] == "given"
+    assert set(rows) == {"none", "coop", "cocoop"} and result["peak_source"] == "given"
+    assert {r["mode"] for r in rows.values()} == {"eager"}
     assert rows["none"]["text_gflops_per_step"] == 0 < rows["cocoop"]["text_gflops_per_step"]
     for r in rows.values():
         assert r["step_s"] > 0 and r["tower_images_per_s"] == pytest.approx(2 * r["samples_per_s"], rel=0.01)
         assert 0 < r["mfu"] <= r["mfu_all"]
         ops = r["profile"]["ops"]
         assert len(ops) == 5 and ops[0]["self_ms"] >= ops[-1]["self_ms"] > 0 and sum(o["share"] for o in ops) <= 1.001
-    assert result["cocoop_over_coop"] == {}  # no CoOp row to compare with
+    assert result["cocoop_over_coop"] == {"I eager": pytest.approx(rows["cocoop"]["step_s"] / rows["coop"]["step_s"],
+                                                                   abs=1e-3)}
+
+
+def test_step_suite_compares_compile_modes_on_the_same_machine():
+    result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", ["eager", "default"], ["S"], ["none"], 2.0)
+    assert [r["mode"] for r in result["rows"]] == ["eager", "default"]
+    assert all(r["step_s"] > 0 for r in result["rows"])
+
+
+def test_a_row_that_fails_is_recorded_and_the_other_rows_still_run(monkeypatch):
+    real = step.measure
+
+    def measure(config, *args, **kwargs):
+        if config.model.compile:
+            raise RuntimeError("no CUDA graphs on this device")
+        return real(config, *args, **kwargs)
+
+    monkeypatch.setattr(step, "measure", measure)
+    result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", ["reduce-overhead", "eager"], ["S"], ["none"], 2.0)
+    failed, timed = result["rows"]
+    assert failed == {"variant": "S", "prompt": "none", "mode": "reduce-overhead",
+                      "error": "RuntimeError: no CUDA graphs on this device"}
+    assert timed["mode"] == "eager" and timed["step_s"] > 0 and timed["mfu"] > 0
 
 
 def test_datasheet_peak_is_only_claimed_for_known_gpus():

@@ -1,7 +1,7 @@
 """Benchmarks that print figures as JSON, one line per measurement and the whole result at the end (tests never
 time). Results are kept in benchmarks/RESULTS.md with the machine and the date.
 
-    python -m temu_dist.bench step [--backbone ViT-L-14] [--image-size 448] [--batch 32] [--compile] [--profile N]
+    python -m temu_dist.bench step [--backbone ViT-L-14] [--image-size 448] [--batch 32] [--modes eager default ...]
         [--out FILE]
     python -m temu_dist.bench data [--workers 0 1 2] [--feed 375] [--dataset NAME --root DIR]
     python -m temu_dist.bench cw_ssim [--pairs 32]
@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--steps", type=int, default=10, help="timed steps (the median counts)")
     step.add_argument("--warmup", type=int, default=3)
     step.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    step.add_argument("--compile", action="store_true", help="model.compile=true")
+    step.add_argument("--modes", nargs="+", default=["eager"],
+                      choices=["eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                      help="eager and/or model.compile_mode values (each compiled): a row for each")
     step.add_argument("--variants", nargs="+", choices=["S", "I"], default=["S", "I"])
     step.add_argument("--prompts", nargs="+", choices=["none", "coop", "cocoop"], default=["none", "coop", "cocoop"])
     step.add_argument("--peak-tflops", type=float, help="the device's peak, where the datasheet table lacks it")
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         from temu_dist.bench import step as suite
 
         result = suite.run(args.backbone, args.image_size, args.batch, args.steps, args.warmup, args.precision,
-                           args.compile, args.variants, args.prompts, args.peak_tflops, args.profile)
+                           args.modes, args.variants, args.prompts, args.peak_tflops, args.profile)
     elif args.suite == "data":
         from temu_dist.bench import data as suite
 

@@ -15,6 +15,7 @@ run says where an MFU short of the target goes.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -131,33 +132,45 @@ def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.d
     return row
 
 
-def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, precision: str, compile_: bool,
+def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, precision: str, modes: list[str],
         variants: list[str], prompts: list[str], peak_tflops: float | None, profile_top: int = 0) -> dict:
+    """`modes`: "eager" and/or torch.compile modes (model.compile_mode); a row for each with each variant and prompt,
+    so one run compares them on the same machine."""
     device = resolve_device("auto")
     base = [f"model.backbone={backbone}", "model.pretrained=null", f"model.image_size={image_size}",
-            f"model.precision={precision}", f"model.compile={str(compile_).lower()}", "ldg.p=1.0",
-            f"train.batch_size={batch}"]
+            f"model.precision={precision}", "ldg.p=1.0", f"train.batch_size={batch}"]
     dtype = compute_dtype(precision, device)
     gemm = gemm_tflops(device, dtype)
     peak = peak_tflops or datasheet_peak(device, dtype)
     result = {"suite": "step", "device": device_name(device), "torch": torch.__version__, "date": now(),
               "backbone": backbone, "image_size": image_size, "global_batch": batch, "dtype": str(dtype),
-              "compile": compile_, "gemm_tflops": sig(gemm),
+              "gemm_tflops": sig(gemm),
               "peak_tflops": peak, "peak_source": "given" if peak_tflops else "datasheet" if peak else None,
               "rows": []}
-    for variant in variants:
-        for prompt in prompts:
-            config = load_config(None, [*base, f"model.variant={variant}", f"model.prompt={prompt}"])
-            row = {"variant": variant, "prompt": prompt, **measure(config, batch, steps, warmup, device, profile_top)}
+    for mode, variant, prompt in itertools.product(modes, variants, prompts):
+        compiled = ["model.compile=false"] if mode == "eager" else ["model.compile=true", f"model.compile_mode={mode}"]
+        config = load_config(None, [*base, *compiled, f"model.variant={variant}", f"model.prompt={prompt}"])
+        # Each model is compiled afresh: dynamo's cache of the same forward would fill up and fall back to eager.
+        torch._dynamo.reset()
+        row = {"variant": variant, "prompt": prompt, "mode": mode}
+        try:
+            row.update(measure(config, batch, steps, warmup, device, profile_top))
+        except Exception as e:  # noqa: BLE001 - one failing mode or variant must not lose the rows of a device run
+            row["error"] = f"{type(e).__name__}: {e}"[:500]
+        if "step_s" in row:
             row["mfu_of_gemm"] = round(row["image_tflops_per_s"] / gemm, 3)
             if peak:
                 row["mfu"] = round(row["image_tflops_per_s"] / peak, 3)
                 row["mfu_all"] = round(row["all_tflops_per_s"] / peak, 3)
-            result["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    coop = {r["variant"]: r["step_s"] for r in result["rows"] if r["prompt"] == "coop"}
-    result["cocoop_over_coop"] = {r["variant"]: round(r["step_s"] / coop[r["variant"]], 3)
-                                  for r in result["rows"] if r["prompt"] == "cocoop" and r["variant"] in coop}
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    timed_rows = [r for r in result["rows"] if "step_s" in r]
+    coop = {(r["variant"], r["mode"]): r["step_s"] for r in timed_rows if r["prompt"] == "coop"}
+    result["cocoop_over_coop"] = {}
+    for r in timed_rows:
+        if r["prompt"] == "cocoop" and (r["variant"], r["mode"]) in coop:
+            result["cocoop_over_coop"][f"{r['variant']} {r['mode']}"] = round(
+                r["step_s"] / coop[r["variant"], r["mode"]], 3)
     return result

@@ -125,5 +125,5 @@ def build_model(config: Config, device: torch.device | None = None) -> TeMuIQA:
     if cfg.compile:
         # The whole model as one graph, not block by block: only then are each block's last residual add and the
         # next block's layer norm one kernel, and the head's casts and norms one pass (H100: 5-6% faster per step).
-        model.compile()
+        model.compile(mode=cfg.compile_mode)
     return model
