@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from temu_dist.bench import data, scale, step
+from temu_dist.bench import data, model, scale, step
 from temu_dist.bench.__main__ import main
 
 
@@ -94,3 +94,13 @@ def test_scale_suite_packs_and_evaluates_every_sample(tmp_path):
     assert [(r["stage"], r["samples"]) for r in result["rows"]] == [("pack", 300), ("evaluate", 300)]
     assert all(r["main_mib"] > 0 for r in result["rows"])
     assert list(tmp_path.iterdir()) == []  # the synthetic set is removed
+
+
+def test_model_suite_times_each_variant_and_prompt_next_to_open_clip():
+    result = model.run(["TeMu-Tiny-ViT-16"], 64, 1)
+    rows = {(r["variant"], r["prompt"]): r for r in result["rows"]}
+    assert set(rows) == {(v, p) for v in "SI" for p in ("none", "coop", "cocoop")}
+    for variant in "SI":
+        assert rows[variant, "none"]["trainable"] < rows[variant, "coop"]["trainable"] \
+            < rows[variant, "cocoop"]["trainable"]
+    assert all(r["forward_s_batch1"] > 0 and r["open_clip_encode_image_s"] > 0 for r in rows.values())
