@@ -252,6 +252,14 @@ def test_agiqa3k_quality_mos(tmp_path):
     recs = list(read_records("agiqa3k", tmp_path))
     assert [(r.name, r.row) for r in recs] == [("AttnGAN_normal_000.jpg", 2), ("sd1.5_normal_060.jpg", 3)]
     assert recs[0].mos == pytest.approx(0.965602553 / 5) and recs[1].mos == pytest.approx(0.8)
+    # The images come as a separate zip: unpacked into a folder beside data.csv, they are found there.
+    (tmp_path / "AGIQA-3K").mkdir()
+    (tmp_path / "notes").mkdir()
+    for r in recs:
+        (tmp_path / "AGIQA-3K" / r.name).write_bytes(b"jpeg")
+    recs = list(read_records("agiqa3k", tmp_path))
+    assert [r.name for r in recs] == ["AGIQA-3K/AttnGAN_normal_000.jpg", "AGIQA-3K/sd1.5_normal_060.jpg"]
+    assert all(r.path.is_file() for r in recs)
 
 
 # --- errors --------------------------------------------------------------------------------------------------------

@@ -78,10 +78,11 @@ DATASETS: dict[str, DatasetInfo] = {i.name: i for i in (
     DatasetInfo("ava", "AVA.txt", (1.0, 10.0), True, False, True, True),
     DatasetInfo("kadid10k", "dmos.csv", (1.0, 5.0), True, True, False, False),
     DatasetInfo("csiq", "csiq.DMOS.xlsx", (0.0, 1.0), False, True, False, False),
-    # DMOS scaled to about 0-100, but a few entries lie a little outside (the realigned DMOS reaches past 100);
-    # they are kept and clipped rather than dropped. The acceptance range still catches a wrong file.
+    # dmos.mat's dmos (as IQA-PyTorch's process_live.py reads it, not dmos_realigned.mat), about 0-100; entries a
+    # little outside are kept and clipped rather than dropped. The acceptance range still catches a wrong file.
     DatasetInfo("live", "dmos.mat", (0.0, 100.0), False, True, False, False, accept_range=(-10.0, 120.0)),
-    # mos_quality (0-5); images beside data.csv (pass label_file when data.csv lies elsewhere).
+    # mos_quality (0-5); images beside data.csv or in a folder there (the release ships them as a separate zip),
+    # or pass label_file when data.csv lies elsewhere.
     DatasetInfo("agiqa3k", "data.csv", (0.0, 5.0), True, False, False, False),
 )}
 
@@ -301,9 +302,21 @@ def _read_live(root: Path, label: Path) -> Iterator[Record]:
             yield _record("live", root, name, dmos[i], label, i + 1, ref=refs[i])
 
 
+def _folder_holding(root: Path, name: str) -> str:
+    """Where name lies, as a prefix: root itself (""), else the first folder directly under root that holds it
+    ("SUB/"); where neither does, root, so the packer reports the image missing there."""
+    if (root / name).is_file():
+        return ""
+    return next((f"{sub.name}/" for sub in sorted(root.iterdir()) if sub.is_dir() and (sub / name).is_file()), "")
+
+
 def _read_agiqa3k(root: Path, label: Path) -> Iterator[Record]:
+    folder = None
     for row, rec in _csv_rows(label, ("name", "mos_quality")):
-        yield _record("agiqa3k", root, rec["name"].strip(), rec["mos_quality"], label, row)
+        name = rec["name"].strip()
+        if folder is None:  # AGIQA-3K.zip unpacks to a folder whose name the release does not document
+            folder = _folder_holding(root, name)
+        yield _record("agiqa3k", root, folder + name, rec["mos_quality"], label, row)
 
 
 _READERS: dict[str, Callable[[Path, Path], Iterator[Record]]] = {
