@@ -44,6 +44,10 @@ def make_accelerator(config: Config) -> tuple[Accelerator, BatchPlan]:
     # `accelerate launch` (Ray Train, torchrun) do not say so. DeepSpeed refuses the flag and finds the group itself.
     on_cpu = (config.device == "cpu" or not torch.cuda.is_available()) \
         and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true"
+    if not torch.cuda.is_available():
+        # accelerate imports DeepSpeed (where installed) to unwrap models; told the device, it does not warn that it
+        # found no GPU on every process.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     accelerator = Accelerator(cpu=on_cpu, gradient_accumulation_steps=plan.accumulation, kwargs_handlers=handlers)
     if accelerator.state.deepspeed_plugin is not None:
         _check_deepspeed(accelerator)
