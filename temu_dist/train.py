@@ -45,16 +45,29 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def _across_ranks(x: torch.Tensor) -> torch.Tensor:
-    """x from every process, concatenated; gradients flow back to each process's own part."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
-            or torch.distributed.get_world_size() == 1:
-        return x
+def _all_gather(x: torch.Tensor) -> list[torch.Tensor]:
     with warnings.catch_warnings():
         # torch 2.14 deprecates it in favour of a private module (_functional_collectives), whose API has changed
         # between the versions we support; this public one stays until torch has a public autograd gather.
         warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
-        return torch.cat(torch.distributed.nn.functional.all_gather(x))
+        return list(torch.distributed.nn.functional.all_gather(x))
+
+
+def _across_ranks(x: torch.Tensor, same_length: bool = True) -> torch.Tensor:
+    """1-D x from every process, concatenated; gradients flow back to each process's own part. Where processes may
+    hold different lengths (LDG at p < 1), `same_length=False`: they exchange lengths first (a host sync), since
+    all_gather needs one shape everywhere."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
+            or torch.distributed.get_world_size() == 1:
+        return x
+    if same_length:
+        return torch.cat(_all_gather(x))
+    length = torch.tensor([len(x)], device=x.device)
+    lengths = [torch.empty_like(length) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(lengths, length)
+    lengths = [int(n) for n in lengths]
+    parts = _all_gather(torch.nn.functional.pad(x, (0, max(lengths) - len(x))))
+    return torch.cat([part[:n] for part, n in zip(parts, lengths, strict=True)])
 
 
 def loss_fn(model: torch.nn.Module, batch: dict, config: Config, device: torch.device,
@@ -67,15 +80,21 @@ def loss_fn(model: torch.nn.Module, batch: dict, config: Config, device: torch.d
     x = batch["image"].to(device, non_blocking=True)
     y = batch["mos"].to(device, non_blocking=True)
     images, targets, weights = x, y, torch.ones_like(y)
-    if "ldg" in batch:
-        use = batch["ldg"].to(device)
-        x_ldg = batch["ldg_image"].to(device, non_blocking=True)[use]
+    use = batch.get("ldg")  # on the host, so the branches below need no device sync
+    if use is not None and use.any():
+        x_ldg = batch["ldg_image"].to(device, non_blocking=True)
+        x_orig, y_orig = x, y
+        if not use.all():  # LDG at p < 1; a boolean mask on the device would wait for it
+            keep = use.to(device)
+            x_ldg, x_orig, y_orig = x_ldg[keep], x[keep], y[keep]
         images = torch.cat([x, x_ldg])
-        targets = torch.cat([y, ldg_targets(x[use], x_ldg, y[use], config.ldg)])
+        targets = torch.cat([y, ldg_targets(x_orig, x_ldg, y_orig, config.ldg)])
         weights = torch.cat([weights, torch.full_like(targets[len(y):], config.ldg.weight)])
     score = model(normalize(images, *stats)).score.float()
     mse = (weights * (score - targets) ** 2).sum() / weights.sum()
-    plcc = plcc_loss(_across_ranks(score), _across_ranks(targets)) if config.train.plcc_weight else 0.0
+    # Below p = 1 each process distorts its own number of images.
+    same = use is None or config.ldg.p == 1.0
+    plcc = plcc_loss(_across_ranks(score, same), _across_ranks(targets, same)) if config.train.plcc_weight else 0.0
     return config.train.mse_weight * mse + config.train.plcc_weight * plcc
 
 

@@ -219,3 +219,31 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
     assert zero_shot["shards:test"]["count"] == best["test"]["count"]
     assert main(["--checkpoint", str(tmp_path / "nothing")]) == 1
     assert "neither a checkpoint folder" in capsys.readouterr().err
+
+
+def test_ldg_below_p_1_scores_the_distorted_copies_drawn_and_none_when_none_was():
+    from temu_dist.data.augment import normalize
+    from temu_dist.model.temu import build_model
+    from temu_dist.train import loss_fn
+
+    config = tiny_config("ldg.p=0.5")
+    model, seen = build_model(config), []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x)
+            return model(x)
+
+    stats = (model.backbone.mean, model.backbone.std)
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=g)
+    ldg_image = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=g)
+    plain = {"image": image, "mos": torch.tensor([0.2, 0.4, 0.6, 0.8]), "name": list("abcd")}
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        none_drawn = {**plain, "ldg_image": ldg_image, "ldg": torch.zeros(4, dtype=torch.bool)}
+        assert loss_fn(Recording(), none_drawn, config, cpu, stats) == loss_fn(Recording(), plain, config, cpu, stats)
+        assert len(seen[0]) == 4
+        some = {**none_drawn, "ldg": torch.tensor([True, False, True, False])}
+        assert torch.isfinite(loss_fn(Recording(), some, config, cpu, stats))
+    assert len(seen[-1]) == 6 and torch.equal(seen[-1][4:], normalize(ldg_image[[0, 2]], *stats))
