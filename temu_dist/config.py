@@ -21,6 +21,17 @@ class ConfigError(ValueError):
     """A config that cannot be used; its message is one line naming the file and key."""
 
 
+def _checked_size(v: int | tuple[int, int]) -> int | tuple[int, int]:
+    sides = (v, v) if isinstance(v, int) else v
+    if min(sides) < 16:
+        raise ValueError(f"{v} is too small (each side must be >= 16)")
+    return v
+
+
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
@@ -67,10 +78,7 @@ class ModelConfig(Section):
     @field_validator("image_size")
     @classmethod
     def _size(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
-        sides = (v, v) if isinstance(v, int) else v
-        if min(sides) < 16:
-            raise ValueError(f"{v} is too small (each side must be >= 16)")
-        return v
+        return _checked_size(v)
 
     @field_validator("prompt_pairs")
     @classmethod
@@ -80,7 +88,7 @@ class ModelConfig(Section):
         return v
 
     def image_hw(self) -> tuple[int, int]:
-        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+        return _hw(self.image_size)
 
 
 class DataConfig(Section):
@@ -119,6 +127,16 @@ class EvalSetConfig(Section):
     name: str
     shards: str  # a pack folder
     split: str = "test"
+    # This set's input size; null: the model's. The seed keeps KADID-10k at its native [384, 512] wherever it is used.
+    image_size: int | tuple[int, int] | None = None
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, v: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
+        return None if v is None else _checked_size(v)
+
+    def image_hw(self) -> tuple[int, int] | None:
+        return None if self.image_size is None else _hw(self.image_size)
 
 
 class TrainConfig(Section):

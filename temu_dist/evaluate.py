@@ -39,6 +39,7 @@ class EvalSet:
     name: str
     shards: str
     split: str
+    image_hw: tuple[int, int] | None = None  # None: the model's input size
 
 
 @dataclass
@@ -54,7 +55,7 @@ def eval_sets(config: Config) -> list[EvalSet]:
     if config.data.train:
         have = read_manifest(config.data.train)["splits"]
         sets += [EvalSet(split, config.data.train, split) for split in config.eval.splits if split in have]
-    sets += [EvalSet(c.name, c.shards, c.split) for c in config.eval.cross]
+    sets += [EvalSet(c.name, c.shards, c.split, c.image_hw()) for c in config.eval.cross]
     _check_sets(sets)
     return sets
 
@@ -78,7 +79,8 @@ def evaluate_sets(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Ac
     results = {}
     for s in sets:
         loader, expected = eval_loader(s.shards, s.split, config.eval.batch_size, accelerator.process_index,
-                                       accelerator.num_processes, config.data.workers, config.model.image_hw())
+                                       accelerator.num_processes, config.data.workers,
+                                       s.image_hw or config.model.image_hw())
         keys, preds, targets = [], [], []
         for batch in loader:
             x = normalize(batch["image"].to(accelerator.device, non_blocking=True), model.backbone.mean,

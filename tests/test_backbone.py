@@ -19,12 +19,30 @@ def test_last_cls_through_ln_post_and_proj_is_encode_image():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_patch_embedding_as_a_matmul_is_the_convolution(bias):
+def test_patch_embedding_as_a_matmul_is_the_convolution_plus_the_positions(bias):
     conv = torch.nn.Conv2d(3, 8, kernel_size=(4, 5), stride=(4, 5), bias=bias)
+    positions = torch.randn(4 * 4, 8)
     x = torch.randn(2, 3, 18, 23)  # not a whole number of patches: the convolution drops the remainder
-    torch.testing.assert_close(PatchEmbed(conv)(x), conv(x), rtol=1e-5, atol=1e-5)
+    want = conv(x) + positions.T.reshape(1, 8, 4, 4)
+    torch.testing.assert_close(PatchEmbed(conv, positions, (4, 4))(x), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match="kernel=stride"):
-        PatchEmbed(torch.nn.Conv2d(3, 8, kernel_size=4, stride=2))
+        PatchEmbed(torch.nn.Conv2d(3, 8, kernel_size=4, stride=2), positions, (4, 4))
+
+
+@pytest.mark.parametrize("size", [48, 96])
+def test_a_backbone_scores_other_input_sizes_as_open_clip_built_at_that_size_would(size):
+    # open_clip resizes a checkpoint's positional embeddings when a model is made at another input size; a backbone
+    # built at 64 and given a size x size image must see the same tokens.
+    built = tiny_config("model.layers=all").model
+    clip = create_clip(built)
+    other = create_clip(tiny_config("model.layers=all", f"model.image_size={size}").model)
+    state = clip.state_dict()
+    open_clip.model.resize_pos_embed(state, other)
+    other.load_state_dict(state)
+    x = torch.randn(2, 3, size, size)
+    for ours, theirs in zip(Backbone(clip, built)(x), Backbone(other, built)(x), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert Backbone(clip, built)(x)[1].shape == (2, 4, (size // 16) ** 2, 64)
 
 
 @pytest.mark.parametrize("spec, selected, kept", [("all", [0, 1, 2, 3], 4), ("upto:2", [0, 1], 2),

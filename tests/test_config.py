@@ -31,6 +31,7 @@ def test_yaml_then_dotted_overrides(tmp_path):
     (["model.layers=some"], "model.layers"),
     (["trainer.lr=0.1"], "trainer: unknown key"),
     (["model.n_ctx=0"], "model.n_ctx"),
+    (["eval.cross=[{name: k, shards: s, image_size: 8}]"], "eval.cross.0.image_size: Value error, 8 is too small"),
 ])
 def test_bad_values_fail_in_one_line_naming_the_key(overrides, names):
     with pytest.raises(ConfigError) as err:

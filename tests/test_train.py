@@ -247,3 +247,25 @@ def test_ldg_below_p_1_scores_the_distorted_copies_drawn_and_none_when_none_was(
         some = {**none_drawn, "ldg": torch.tensor([True, False, True, False])}
         assert torch.isfinite(loss_fn(Recording(), some, config, cpu, stats))
     assert len(seen[-1]) == 6 and torch.equal(seen[-1][4:], normalize(ldg_image[[0, 2]], *stats))
+
+
+def test_a_cross_set_is_scored_at_its_own_input_size(tmp_path, shards):
+    from accelerate import Accelerator
+
+    from temu_dist.evaluate import eval_sets, evaluate_sets
+    from temu_dist.model.temu import build_model
+
+    config = run_config(tmp_path, shards, "eval.splits=[test]",
+                        f"eval.cross=[{{name: native, shards: {shards}, split: test, image_size: [48, 80]}}]")
+    model, sizes = build_model(config), []
+
+    class Recording(torch.nn.Module):
+        backbone = model.backbone
+
+        def forward(self, x):
+            sizes.append(tuple(x.shape[-2:]))
+            return model(x)
+
+    results = evaluate_sets(Recording(), eval_sets(config), Accelerator(cpu=True), config)
+    assert set(results) == {"test", "native"} and sizes[0] == (64, 64) and sizes[-1] == (48, 80)
+    assert results["native"].metrics["count"] == results["test"].metrics["count"]

@@ -107,21 +107,34 @@ class SelfAttention(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """A ViT's patch-embedding convolution (kernel = stride, no padding) as one matmul over the unfolded patches.
+    """A ViT's patch-embedding convolution (kernel = stride, no padding) as one matmul over the unfolded patches, plus
+    the patches' positional embeddings, resized to the grid of whatever image comes in.
 
     Written here because cuDNN's choice for the 14x14, stride-14 bf16 convolution on an H100 is a kernel without tensor
-    cores (4 ms of a 130 ms ViT-L-14 step at 448); as a matmul it is an ordinary tensor-core GEMM.
-    Returns the convolution's [B, width, gh, gw] as a view of [B, gh, gw, width], so open_clip's flattening into tokens
-    is free.
+    cores (4 ms of a 130 ms ViT-L-14 step at 448); as a matmul it is an ordinary tensor-core GEMM. The positions are
+    added here, not by open_clip, because open_clip's tower takes one input size only; here a model built at 448 also
+    scores KADID-10k at its native 384x512, as the seed evaluates it. Another grid's positions are the built ones
+    resized bicubically with antialiasing, as open_clip resizes them for a new input size.
+    Returns [B, width, gh, gw] as a view of [B, gh, gw, width], so open_clip's flattening into tokens is free.
     """
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, positions: torch.Tensor, grid: tuple[int, int]):
         super().__init__()
         if conv.kernel_size != conv.stride or conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1:
             raise ConfigError("model.backbone: this image tower's patch embedding is not a plain kernel=stride "
                               "convolution")
         self.patch = conv.kernel_size
         self.weight, self.bias = conv.weight, conv.bias
+        self.register_buffer("positions", positions.detach().reshape(*grid, -1).clone(), persistent=False)
+
+    def positions_for(self, gh: int, gw: int) -> torch.Tensor:
+        """[gh * gw, width] positional embeddings of a gh x gw grid."""
+        pos = self.positions
+        if pos.shape[:2] != (gh, gw):
+            grid = pos.permute(2, 0, 1).unsqueeze(0).float()
+            pos = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=True, align_corners=False)
+            pos = pos[0].permute(1, 2, 0).to(self.positions.dtype)
+        return pos.reshape(gh * gw, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -129,6 +142,7 @@ class PatchEmbed(nn.Module):
         gh, gw = h // ph, w // pw
         patches = x[:, :, :gh * ph, :gw * pw].reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
         out = F.linear(patches.reshape(b, gh * gw, c * ph * pw), self.weight.flatten(1), self.bias)
+        out = out + self.positions_for(gh, gw)
         return out.view(b, gh, gw, -1).permute(0, 3, 1, 2)
 
 
@@ -150,14 +164,20 @@ class Backbone(nn.Module):
         self.register_buffer("proj", visual.proj.detach().clone().to(dtype), persistent=False)
         self.visual = copy.deepcopy(visual)
         self.visual.prune_intermediate_layers(self.indices, prune_norm=True, prune_head=True)
-        self.visual.conv1 = PatchEmbed(self.visual.conv1)
+        self.grid = tuple(visual.grid_size)
+        # The patches' positions move into PatchEmbed (any input size); the [cls] token's into its embedding. What
+        # open_clip still adds is one zero row, broadcast over however many tokens there are.
+        positions = self.visual.positional_embedding.detach()
+        self.visual.conv1 = PatchEmbed(self.visual.conv1, positions[1:], self.grid)
+        with torch.no_grad():
+            self.visual.class_embedding += positions[0]
+        self.visual.positional_embedding = nn.Parameter(torch.zeros_like(positions[:1]))
         for block in self.visual.transformer.resblocks:
             block.attn = SelfAttention(block.attn)
         self.visual.to(dtype)
         self.dtype = dtype
         self.width = visual.transformer.width
         self.embed_dim = visual.proj.shape[1]
-        self.grid = tuple(visual.grid_size)
         pp = visual.preprocess_cfg
         self.mean, self.std = tuple(pp["mean"]), tuple(pp["std"])
         for p in self.parameters():
@@ -166,6 +186,11 @@ class Backbone(nn.Module):
     @property
     def num_selected(self) -> int:
         return len(self.indices)
+
+    def grid_of(self, height: int, width: int) -> tuple[int, int]:
+        """The patch grid of an input of this size (a remainder short of a whole patch is left out)."""
+        ph, pw = self.visual.conv1.patch
+        return height // ph, width // pw
 
     def train(self, mode: bool = True) -> "Backbone":
         # Frozen means frozen: dropout and friends stay in eval mode whatever the trainer asks.

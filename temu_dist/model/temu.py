@@ -82,9 +82,9 @@ class TeMuIQA(nn.Module):
         # Scores are averages of softmaxes: under bf16 autocast they would be quantised to about 0.004, ties for
         # SRCC. The fusion and scoring are cheap, so they run in fp32 whatever the caller's autocast says.
         with torch.autocast(images.device.type, enabled=False):
-            return self._score(f.float(), inv_norm, g)
+            return self._score(f.float(), inv_norm, g, self.backbone.grid_of(*images.shape[-2:]))
 
-    def _score(self, f: torch.Tensor, inv_norm: torch.Tensor, g: torch.Tensor) -> QualityOutput:
+    def _score(self, f: torch.Tensor, inv_norm: torch.Tensor, g: torch.Tensor, grid: tuple[int, int]) -> QualityOutput:
         a = self.layer_weights().float()
         g_fused = F.normalize(torch.einsum("s,bsd->bd", a, g), dim=-1)
         text = self.prompts(g_fused).float()
@@ -96,8 +96,7 @@ class TeMuIQA(nn.Module):
             q_l, s, w = tps(f, inv_norm, g, text, self.logit_scale, self.log_tau_w.exp())
             score = q_l @ a
             s_map, w_map = torch.einsum("s,bsn->bn", a, s), torch.einsum("s,bsn->bn", a, w)
-        gh, gw = self.backbone.grid
-        return QualityOutput(score, q_l, s_map.view(-1, gh, gw), w_map.view(-1, gh, gw))
+        return QualityOutput(score, q_l, s_map.view(-1, *grid), w_map.view(-1, *grid))
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
