@@ -54,9 +54,9 @@ def _all_gather(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _across_ranks(x: torch.Tensor, same_length: bool = True) -> torch.Tensor:
-    """1-D x from every process, concatenated; gradients flow back to each process's own part. Where processes may
-    hold different lengths (LDG at p < 1), `same_length=False`: they exchange lengths first (a host sync), since
-    all_gather needs one shape everywhere."""
+    """The rows of x from every process, concatenated; gradients flow back to each process's own part. Where processes
+    may hold different numbers of rows (LDG at p < 1), `same_length=False`: they exchange them first (a host sync),
+    since all_gather needs one shape everywhere."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
             or torch.distributed.get_world_size() == 1:
         return x
@@ -66,7 +66,7 @@ def _across_ranks(x: torch.Tensor, same_length: bool = True) -> torch.Tensor:
     lengths = [torch.empty_like(length) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(lengths, length)
     lengths = [int(n) for n in lengths]
-    parts = _all_gather(torch.nn.functional.pad(x, (0, max(lengths) - len(x))))
+    parts = _all_gather(torch.cat([x, x.new_zeros(max(lengths) - len(x), *x.shape[1:])]))
     return torch.cat([part[:n] for part, n in zip(parts, lengths, strict=True)])
 
 
@@ -92,9 +92,11 @@ def loss_fn(model: torch.nn.Module, batch: dict, config: Config, device: torch.d
         weights = torch.cat([weights, torch.full_like(targets[len(y):], config.ldg.weight)])
     score = model(normalize(images, *stats)).score.float()
     mse = (weights * (score - targets) ** 2).sum() / weights.sum()
-    # Below p = 1 each process distorts its own number of images.
-    same = use is None or config.ldg.p == 1.0
-    plcc = plcc_loss(_across_ranks(score, same), _across_ranks(targets, same)) if config.train.plcc_weight else 0.0
+    plcc = 0.0
+    if config.train.plcc_weight:
+        # Scores and targets in one gather. Below p = 1 each process distorts its own number of images.
+        both = _across_ranks(torch.stack([score, targets], dim=1), same_length=use is None or config.ldg.p == 1.0)
+        plcc = plcc_loss(both[:, 0], both[:, 1])
     return config.train.mse_weight * mse + config.train.plcc_weight * plcc
 
 

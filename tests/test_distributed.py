@@ -148,9 +148,9 @@ def _gather_uneven(rank: int, port: int, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         x = torch.arange(1.0, 2.0 + 3 * rank, requires_grad=True)  # rank 0: 1 value, rank 1: 4
-        both = _across_ranks(x, same_length=False)
-        (both * torch.arange(1.0, len(both) + 1)).sum().backward()  # each value's gradient: its place, 1-based
-        torch.save({"both": both.detach(), "grad": x.grad}, f"{out}/{rank}.pt")
+        rows = _across_ranks(torch.stack([x, -x], dim=1), same_length=False)  # as the loss gathers (score, target)
+        (rows[:, 0] * torch.arange(1.0, len(rows) + 1)).sum().backward()  # each value's gradient: its place, 1-based
+        torch.save({"both": rows.detach(), "grad": x.grad}, f"{out}/{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -160,7 +160,7 @@ def test_processes_with_different_numbers_of_distorted_images_gather_them_all_wi
     torch.multiprocessing.spawn(_gather_uneven, args=(29531, str(tmp_path)), nprocs=2)
     got = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
     for g in got:
-        assert g["both"].tolist() == [1.0, 1.0, 2.0, 3.0, 4.0]
+        assert g["both"].tolist() == [[v, -v] for v in (1.0, 1.0, 2.0, 3.0, 4.0)]
     # Both processes' losses reach each value: twice its place.
     assert got[0]["grad"].tolist() == [2.0]
     assert got[1]["grad"].tolist() == [4.0, 6.0, 8.0, 10.0]
