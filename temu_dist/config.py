@@ -41,6 +41,9 @@ class ModelConfig(Section):
     backbone: str = "ViT-L-14"
     # An open_clip pretrained tag, a local checkpoint file, or null for random weights (tests, benchmarks).
     pretrained: str | None = "openai"
+    # The towers' MLP activation. auto: what the pretrained tag says (OpenAI's weights: QuickGELU); a checkpoint file
+    # records no activation, so for one saved as a state dict auto asks for true (OpenAI's weights) or false.
+    quick_gelu: bool | Literal["auto"] = "auto"
     # Square side, or [height, width] (KADID-10k keeps its native 384x512).
     image_size: int | tuple[int, int] = 448
     # all | upto:K (layers 1..K, the paper's "dagger" models) | only:K (the single-layer study).

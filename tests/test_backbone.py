@@ -104,7 +104,8 @@ def test_weights_that_cannot_be_fetched_say_how_to_pass_a_local_file(monkeypatch
 
     monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
     cfg = tiny_config("model.backbone=ViT-B-32", "model.pretrained=openai", "model.image_size=224")
-    with pytest.raises(ConfigError, match="could not fetch 'openai' weights for ViT-B-32.*model.pretrained=/path/to"):
+    with pytest.raises(ConfigError, match="could not fetch 'openai' weights for ViT-B-32.*model.pretrained=/path/to.*"
+                                          "model.quick_gelu=true"):
         backbone_mod.create_clip(cfg.model)
 
 
@@ -112,11 +113,54 @@ def test_local_checkpoint_is_loaded_and_its_position_embedding_resized(tmp_path)
     source = create_clip(tiny_config().model, seed=123)
     path = tmp_path / "tiny.pt"
     torch.save(source.state_dict(), path)
-    same = create_clip(tiny_config(f"model.pretrained={path}").model, seed=0)
+    same = create_clip(tiny_config(f"model.pretrained={path}", "model.quick_gelu=false").model, seed=0)
     torch.testing.assert_close(same.visual.conv1.weight, source.visual.conv1.weight)
-    bigger = create_clip(tiny_config(f"model.pretrained={path}", "model.image_size=128").model)
+    bigger = create_clip(tiny_config(f"model.pretrained={path}", "model.quick_gelu=false",
+                                     "model.image_size=128").model)
     assert bigger.visual.positional_embedding.shape == (8 * 8 + 1, 64)
     torch.testing.assert_close(bigger.visual.positional_embedding[0], source.visual.positional_embedding[0])
+
+
+def _activations(clip) -> set[str]:
+    return {type(block.mlp.gelu).__name__ for tower in (clip.visual.transformer, clip.transformer)
+            for block in tower.resblocks}
+
+
+def test_a_state_dict_file_needs_quick_gelu_said_and_gets_what_is_said(tmp_path):
+    # OpenAI's weights were trained with QuickGELU; a state dict cannot tell, and GELU would run them without an error.
+    path = tmp_path / "weights.bin"
+    torch.save(create_clip(tiny_config().model, seed=123).state_dict(), path)
+    with pytest.raises(ConfigError, match=f"model.quick_gelu: say true or false for {path}"):
+        create_clip(tiny_config(f"model.pretrained={path}").model)
+    assert _activations(create_clip(tiny_config(f"model.pretrained={path}", "model.quick_gelu=true").model)) == \
+        {"QuickGELU"}
+    assert _activations(create_clip(tiny_config(f"model.pretrained={path}", "model.quick_gelu=false").model)) == \
+        {"GELU"}
+
+
+def test_a_torchscript_archive_is_openais_release_and_loads_with_quick_gelu(tmp_path):
+    # OpenAI's own files hold their weights as a TorchScript module's state; mimic one, holding a tiny CLIP's weights.
+    source = create_clip(tiny_config().model, seed=123)
+
+    class Holder(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    root = Holder()
+    for key, value in source.state_dict().items():
+        *parents, leaf = key.split(".")
+        module = root
+        for name in parents:
+            if not hasattr(module, name):
+                module.add_module(name, Holder())
+            module = getattr(module, name)
+        module.register_buffer(leaf, value.clone())
+    path = tmp_path / "ViT-Tiny.pt"
+    torch.jit.save(torch.jit.script(root), path)
+    clip = create_clip(tiny_config(f"model.pretrained={path}").model)
+    assert _activations(clip) == {"QuickGELU"}
+    torch.testing.assert_close(clip.visual.conv1.weight, source.visual.conv1.weight)
+    torch.testing.assert_close(clip.token_embedding.weight, source.token_embedding.weight)
 
 
 def test_random_backbone_is_seeded():

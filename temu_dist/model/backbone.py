@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import zipfile
 from pathlib import Path
 
 import open_clip
@@ -44,22 +45,27 @@ def create_clip(cfg: ModelConfig, seed: int = 0) -> nn.Module:
             what = "checkpoint file not found" if looks_like_path else "unknown pretrained tag"
             raise ConfigError(f"model.pretrained: {what} '{pretrained}' for {name}; known tags: "
                               f"{', '.join(tags) or 'none'}, or pass a local checkpoint path")
-    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained and not is_file else {}
+    file = Path(pretrained).expanduser() if is_file else None
+    # OpenAI's own release (the `clip` package's ~/.cache/clip/*.pt) is a TorchScript archive, which torch loads only
+    # with weights_only off.
+    torchscript = file is not None and _is_torchscript(file)
+    quick_gelu = _quick_gelu(cfg, file, torchscript)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = open_clip.create_model(
                 name,
-                pretrained=str(Path(pretrained).expanduser()) if is_file else pretrained,
+                pretrained=str(file) if file else pretrained,
+                weights_only=not torchscript,
                 force_image_size=cfg.image_hw(),
-                # The OpenAI weights were trained with QuickGELU; building without it silently degrades them.
-                force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+                force_quick_gelu=quick_gelu,
             )
     except RuntimeError as e:
         if pretrained and not is_file and "download" in str(e).lower():
             raise ConfigError(
                 f"model.pretrained: could not fetch '{pretrained}' weights for {name} (offline?): download them once "
-                f"where there is a network, then pass the file: model.pretrained=/path/to/{name}.pt") from None
+                f"where there is a network, then pass the file: model.pretrained=/path/to/{name}.pt "
+                f"model.quick_gelu={str(quick_gelu).lower()}") from None
         raise
     visual = model.visual
     if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None or visual.pool_type != "tok":
@@ -68,6 +74,29 @@ def create_clip(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def _quick_gelu(cfg: ModelConfig, file: Path | None, torchscript: bool) -> bool:
+    """Whether to build the towers with QuickGELU. OpenAI's weights were trained with it, and GELU in its place
+    silently degrades them; nothing in a state dict says which activation its weights were trained with."""
+    if cfg.quick_gelu != "auto":
+        return cfg.quick_gelu
+    name = cfg.backbone
+    if file is None:
+        return bool(cfg.pretrained and open_clip.get_pretrained_cfg(name, cfg.pretrained).get("quick_gelu", False))
+    if name.endswith("-quickgelu") or ":" in name:
+        return False  # the model's own config already says QuickGELU, or holds its activation (hf-hub:, local-dir:)
+    if torchscript:
+        return True  # OpenAI's own release
+    raise ConfigError(f"model.quick_gelu: say true or false for {file}: a state dict does not record the activation "
+                      "its weights were trained with (OpenAI's CLIP weights: true; LAION's and DataComp's: false)")
+
+
+def _is_torchscript(file: Path) -> bool:
+    if not zipfile.is_zipfile(file):
+        return False
+    with zipfile.ZipFile(file) as archive:
+        return any(n.endswith("/constants.pkl") for n in archive.namelist())
 
 
 def layer_indices(spec: str, num_layers: int) -> list[int]:
