@@ -110,7 +110,7 @@ class LDGConfig(Section):
 
     enabled: bool = True
     p: float = Field(1.0, ge=0, le=1)  # probability per image
-    weight: float = 1.0  # loss weight of the distorted images
+    weight: float = Field(1.0, ge=0)  # the distorted images' weight in the MSE and the PLCC (0: they drop out)
     fidelity: Literal["cw_ssim", "ssim", "constant"] = "cw_ssim"
     constant: float = Field(0.5, ge=0, le=1)  # f when fidelity is 'constant' (the Fig. 11 study: 0, 0.3, 0.5, 0.7)
     region_min: int = 40  # w_min = h_min of Eq. 8

@@ -19,11 +19,16 @@ def correlations(pred: Sequence[float] | np.ndarray, mos: Sequence[float] | np.n
             "krcc": float(stats.kendalltau(pred, mos).statistic), **out}
 
 
-def plcc_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(1 - PLCC) / 2 over the batch, in [0, 1], as IQA-PyTorch trains CLIP-IQA; 0 for a batch of one."""
+def plcc_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 - PLCC) / 2 over the batch, in [0, 1], as IQA-PyTorch trains CLIP-IQA; 0 for a batch of one.
+
+    With `weight`, the weighted Pearson correlation (weighted means and moments): a sample of weight 0 drops out and
+    weights all 1 give the plain one. Written here because torch and scipy have no differentiable weighted one."""
     if pred.numel() < 2:
         return pred.sum() * 0.0
-    vx = pred - pred.mean()
-    vy = target - target.mean()
+    w = torch.ones_like(pred) if weight is None else weight
+    root = w.sqrt()
+    vx = root * (pred - (w * pred).sum() / w.sum())
+    vy = root * (target - (w * target).sum() / w.sum())
     r = (torch.nn.functional.normalize(vx, dim=0) * torch.nn.functional.normalize(vy, dim=0)).sum()
     return (1.0 - r) / 2.0

@@ -72,9 +72,9 @@ def _across_ranks(x: torch.Tensor, same_length: bool = True) -> torch.Tensor:
 
 def loss_fn(model: torch.nn.Module, batch: dict, config: Config, device: torch.device,
             stats: tuple[tuple[float, ...], tuple[float, ...]]) -> torch.Tensor:
-    """MSE + PLCC loss over the batch and its locally distorted copies (targets f * y; ldg.weight weighs them in the
-    MSE). PLCC does not split over samples, so it is taken over the micro-batches of all processes together: the
-    same whatever the number of processes (with gradient accumulation, over each accumulation step's samples).
+    """MSE + PLCC loss over the batch and its locally distorted copies (targets f * y; ldg.weight weighs them in
+    both). PLCC does not split over samples, so it is taken over the micro-batches of all processes together: the
+    same whatever the number of processes, though with gradient accumulation it is over each micro-batch's samples.
 
     `model` is the prepared (possibly wrapped) model; `stats` the backbone's normalisation mean and std."""
     x = batch["image"].to(device, non_blocking=True)
@@ -94,9 +94,10 @@ def loss_fn(model: torch.nn.Module, batch: dict, config: Config, device: torch.d
     mse = (weights * (score - targets) ** 2).sum() / weights.sum()
     plcc = 0.0
     if config.train.plcc_weight:
-        # Scores and targets in one gather. Below p = 1 each process distorts its own number of images.
-        both = _across_ranks(torch.stack([score, targets], dim=1), same_length=use is None or config.ldg.p == 1.0)
-        plcc = plcc_loss(both[:, 0], both[:, 1])
+        # Scores, targets and weights in one gather. Below p = 1 each process distorts its own number of images.
+        rows = _across_ranks(torch.stack([score, targets, weights], dim=1),
+                             same_length=use is None or config.ldg.p == 1.0)
+        plcc = plcc_loss(rows[:, 0], rows[:, 1], rows[:, 2])
     return config.train.mse_weight * mse + config.train.plcc_weight * plcc
 
 

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from temu_dist.metrics import correlations, plcc_loss
 
@@ -34,3 +35,14 @@ def test_plcc_loss_is_zero_for_perfect_and_one_for_reversed_order():
     plcc_loss(pred, y).backward()
     assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
     assert plcc_loss(torch.tensor([0.3]), torch.tensor([0.1])).item() == 0.0
+
+
+def test_weighted_plcc_loss_is_scipys_pearson_with_samples_repeated_by_their_weight():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.rand(7, generator=g, dtype=torch.float64), torch.rand(7, generator=g, dtype=torch.float64)
+    weight = torch.tensor([1, 2, 0, 3, 1, 0, 2], dtype=torch.float64)
+    repeated = torch.repeat_interleave(torch.arange(7), weight.long())
+    want = (1 - stats.pearsonr(pred[repeated].numpy(), target[repeated].numpy()).statistic) / 2
+    assert plcc_loss(pred, target, weight).item() == pytest.approx(want, abs=1e-12)
+    assert plcc_loss(pred, target, torch.ones_like(pred)).item() == pytest.approx(plcc_loss(pred, target).item(),
+                                                                                   abs=1e-12)

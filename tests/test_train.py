@@ -249,6 +249,27 @@ def test_ldg_below_p_1_scores_the_distorted_copies_drawn_and_none_when_none_was(
     assert len(seen[-1]) == 6 and torch.equal(seen[-1][4:], normalize(ldg_image[[0, 2]], *stats))
 
 
+def test_ldg_weight_0_drops_the_distorted_copies_from_the_whole_loss():
+    from temu_dist.model.temu import build_model
+    from temu_dist.train import loss_fn
+
+    model = build_model(tiny_config())
+    stats = (model.backbone.mean, model.backbone.std)
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=g)
+    batch = {"image": image, "mos": torch.tensor([0.2, 0.4, 0.6, 0.8]), "name": list("abcd"),
+             "ldg": torch.ones(4, dtype=torch.bool)}
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        losses = [loss_fn(model, {**batch, "ldg_image": torch.randint(0, 256, image.shape, dtype=torch.uint8,
+                                                                      generator=g)}, config, cpu, stats)
+                  for config in (tiny_config("ldg.weight=0"), tiny_config("ldg.weight=0"), tiny_config())]
+        plain = loss_fn(model, {k: v for k, v in batch.items() if k != "ldg"}, tiny_config(), cpu, stats)
+    torch.testing.assert_close(losses[0], plain)
+    torch.testing.assert_close(losses[1], plain)
+    assert not torch.allclose(losses[2], plain)
+
+
 def test_a_cross_set_is_scored_at_its_own_input_size(tmp_path, shards):
     from accelerate import Accelerator
 
