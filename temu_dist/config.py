@@ -174,6 +174,10 @@ class EvalConfig(Section):
     # Splits of data.train evaluated after each epoch (those the pack has), and cross-dataset sets.
     splits: list[str] = ["val", "test"]
     cross: list[EvalSetConfig] = []
+    # Also score every set with one local distortion per image (the ldg section's region, RandAugment and fidelity,
+    # seeded by seed and image name) against y' = f(x, x') * y: sets named SET-ldg, with the mean prediction and
+    # target (seed Figs. 10, 11). Training need not use LDG.
+    ldg: bool = False
 
 
 class TrackingConfig(Section):

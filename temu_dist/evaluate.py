@@ -7,7 +7,8 @@ sample exactly once across all processes.
 
 RUN_DIR is a run folder (its best checkpoint is used) or a checkpoint folder. --clipiqa scores with the frozen
 backbone alone (seed Tables 11-13, Fig. 9): a, the last layer's [cls]; b, layer K's; c, all layers' averaged. Without
---shards the sets come from the config (data.train's eval.splits and eval.cross). Prints one JSON object:
+--shards the sets come from the config (data.train's eval.splits and eval.cross). With eval.ldg=true each set is also
+scored on locally distorted copies against f(x, x') * MOS (SET-ldg; seed Figs. 10, 11). Prints one JSON object:
 {set: {srcc, plcc, krcc, count, expected}}.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from accelerate.utils import gather_object
 from temu_dist.config import Config, ConfigError, is_override, load_config
 from temu_dist.data.augment import normalize
 from temu_dist.data.keys import name_key
+from temu_dist.data.ldg import LocalDistortion, ldg_targets
 from temu_dist.data.stream import eval_loader, read_manifest, split_shards
 from temu_dist.metrics import correlations
 from temu_dist.model.io import checkpoint_dir, load_model
@@ -44,9 +46,9 @@ class EvalSet:
 
 @dataclass
 class SetResult:
-    metrics: dict  # srcc, plcc, krcc, count, expected
+    metrics: dict  # srcc, plcc, krcc, count, expected; a SET-ldg set's also pred_mean, target_mean
     pred: np.ndarray
-    mos: np.ndarray
+    mos: np.ndarray  # the targets: normalised MOS, or f(x, x') * MOS for a SET-ldg set
 
 
 def eval_sets(config: Config) -> list[EvalSet]:
@@ -70,41 +72,70 @@ def _check_sets(sets: list[EvalSet]) -> None:
         split_shards(s.shards, s.split)
 
 
+def result_names(sets: list[EvalSet], config: Config) -> list[str]:
+    """The names evaluation reports: each set's, and with eval.ldg each set's locally distorted copy, SET-ldg."""
+    return [name for s in sets for name in (s.name, f"{s.name}-ldg")[:1 + config.eval.ldg]]
+
+
 @torch.no_grad()
 def evaluate_sets(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Accelerator,
                   config: Config) -> dict[str, SetResult]:
-    """Scores every set on every process, gathers (name, score, mos) from all of them; metrics on every process."""
+    """Scores every set on every process, gathers (name, score, target) from all of them; metrics on every process.
+    With eval.ldg, each set's images are scored a second time with a local distortion, against y' = f(x, x') * y."""
     was_training = model.training
     model.eval()
+    ldg = LocalDistortion(config.ldg) if config.eval.ldg else None
     results = {}
     for s in sets:
         loader, expected = eval_loader(s.shards, s.split, config.eval.batch_size, accelerator.process_index,
                                        accelerator.num_processes, config.data.workers,
-                                       s.image_hw or config.model.image_hw())
-        keys, preds, targets = [], [], []
+                                       s.image_hw or config.model.image_hw(), ldg, config.seed)
+        keys, scored, distorted = [], ([], []), ([], [])
         for batch in loader:
-            x = normalize(batch["image"].to(accelerator.device, non_blocking=True), model.backbone.mean,
-                          model.backbone.std)
-            out = model(x)
-            # Copies: a view would keep alive the memory each batch came in (shared with a loader worker).
-            preds.append((out.score if isinstance(out, QualityOutput) else out).float().cpu().numpy().copy())
-            targets.append(batch["mos"].numpy().copy())
+            x = batch["image"].to(accelerator.device, non_blocking=True)
+            mos = batch["mos"].to(accelerator.device, non_blocking=True)
             keys.append(np.array([name_key(n) for n in batch["name"]], dtype=np.int64))
-        mine = tuple(np.concatenate(p) if p else np.zeros(0, dtype) for p, dtype in
-                     ((keys, np.int64), (preds, np.float32), (targets, np.float32)))
-        parts = gather_object([mine])
-        key, pred, mos = (np.concatenate([part[i] for part in parts]) for i in range(3))
-        if len(np.unique(key)) != len(key):
-            raise RuntimeError(f"evaluation of {s.name} saw a sample twice: the exactly-once split is broken")
-        order = np.argsort(key)  # the same order whatever the number of processes
-        pred, mos = pred[order].astype(np.float64), mos[order].astype(np.float64)
-        metrics = {**correlations(pred, mos), "expected": expected}
-        if metrics["count"] != expected and accelerator.is_main_process:
-            warnings.warn(f"{s.name}: scored {metrics['count']} of {expected} samples (corrupt samples were skipped)",
-                          stacklevel=2)
-        results[s.name] = SetResult(metrics, pred, mos)
+            _append(scored, _score(model, x), mos)
+            if ldg is not None:
+                x_ldg = batch["ldg_image"].to(accelerator.device, non_blocking=True)
+                _append(distorted, _score(model, x_ldg), ldg_targets(x, x_ldg, mos, config.ldg))
+        results[s.name] = _gathered(s.name, keys, scored, expected, accelerator)
+        if ldg is not None:
+            result = _gathered(f"{s.name}-ldg", keys, distorted, expected, accelerator)
+            # Fig. 11 compares the mean prediction on distorted images with the mean of their targets.
+            result.metrics.update(pred_mean=float(result.pred.mean()), target_mean=float(result.mos.mean()))
+            results[f"{s.name}-ldg"] = result
     model.train(was_training)
     return results
+
+
+def _score(model: TeMuIQA | ClipIQA, x: torch.Tensor) -> torch.Tensor:
+    out = model(normalize(x, model.backbone.mean, model.backbone.std))
+    return out.score if isinstance(out, QualityOutput) else out
+
+
+def _append(lists: tuple[list, list], pred: torch.Tensor, target: torch.Tensor) -> None:
+    # Copies: a view would keep alive the memory each batch came in (shared with a loader worker).
+    lists[0].append(pred.float().cpu().numpy().copy())
+    lists[1].append(target.float().cpu().numpy().copy())
+
+
+def _gathered(name: str, keys: list[np.ndarray], scored: tuple[list, list], expected: int,
+              accelerator: Accelerator) -> SetResult:
+    """Every process's (name key, score, target) of one set, in name order, with their metrics."""
+    mine = tuple(np.concatenate(p) if p else np.zeros(0, dtype) for p, dtype in
+                 ((keys, np.int64), (scored[0], np.float32), (scored[1], np.float32)))
+    parts = gather_object([mine])
+    key, pred, target = (np.concatenate([part[i] for part in parts]) for i in range(3))
+    if len(np.unique(key)) != len(key):
+        raise RuntimeError(f"evaluation of {name} saw a sample twice: the exactly-once split is broken")
+    order = np.argsort(key)  # the same order whatever the number of processes
+    pred, target = pred[order].astype(np.float64), target[order].astype(np.float64)
+    metrics = {**correlations(pred, target), "expected": expected}
+    if metrics["count"] != expected and accelerator.is_main_process:
+        warnings.warn(f"{name}: scored {metrics['count']} of {expected} samples (corrupt samples were skipped)",
+                      stacklevel=3)
+    return SetResult(metrics, pred, target)
 
 
 def main(argv: list[str] | None = None) -> int:

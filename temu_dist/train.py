@@ -33,7 +33,7 @@ from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import ldg_targets
 from temu_dist.data.stream import SharedEpoch, train_loader
 from temu_dist.distributed import BatchPlan, make_accelerator
-from temu_dist.evaluate import EvalSet, SetResult, eval_sets, evaluate_sets
+from temu_dist.evaluate import EvalSet, SetResult, eval_sets, evaluate_sets, result_names
 from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights
 from temu_dist.model.temu import build_model
@@ -275,9 +275,9 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                                          plan.accumulation, accelerator.process_index, plan.world_size,
                                          epoch_shared, config.model.image_hw())
     sets = eval_sets(config)
-    set_name = config.train.key_metric.split("/")[0]
-    if set_name not in {s.name for s in sets}:
-        raise ConfigError(f"train.key_metric: no evaluation set '{set_name}' (sets: {', '.join(s.name for s in sets)})")
+    set_name, names = config.train.key_metric.split("/")[0], result_names(sets, config)
+    if set_name not in names:
+        raise ConfigError(f"train.key_metric: no evaluation set '{set_name}' (sets: {', '.join(names)})")
     steps_per_epoch = micro_batches // plan.accumulation
     _describe(config, plan, micro_batches, accelerator)
 

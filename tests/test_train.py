@@ -3,6 +3,7 @@ import json
 import math
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -268,6 +269,37 @@ def test_ldg_weight_0_drops_the_distorted_copies_from_the_whole_loss():
     torch.testing.assert_close(losses[0], plain)
     torch.testing.assert_close(losses[1], plain)
     assert not torch.allclose(losses[2], plain)
+
+
+def test_eval_ldg_scores_every_set_again_on_seeded_local_distortions_against_f_times_mos(tmp_path, shards):
+    # Seed Figs. 10 and 11 plot predictions on locally distorted images against their targets f(x, x') * y.
+    from accelerate import Accelerator
+
+    from temu_dist.evaluate import EvalSet, evaluate_sets
+    from temu_dist.model.temu import build_model
+
+    model, sets, accelerator = build_model(tiny_config()), [EvalSet("test", shards, "test")], Accelerator(cpu=True)
+
+    def scored(*overrides):
+        return evaluate_sets(model, sets, accelerator, run_config(tmp_path, shards, *overrides))
+
+    plain = scored()["test"]
+    half = scored("eval.ldg=true", "ldg.fidelity=constant", "ldg.constant=0.5")
+    assert set(half) == {"test", "test-ldg"}
+    clean, distorted = half["test"], half["test-ldg"]
+    np.testing.assert_array_equal(clean.pred, plain.pred)
+    np.testing.assert_array_equal(distorted.mos, 0.5 * clean.mos)
+    assert distorted.metrics["count"] == clean.metrics["expected"] == len(clean.pred)
+    assert np.abs(distorted.pred - clean.pred).max() > 1e-4
+    assert distorted.metrics["pred_mean"] == pytest.approx(distorted.pred.mean())
+    assert distorted.metrics["target_mean"] == pytest.approx(0.5 * clean.mos.mean())
+    # Each image's distortion comes from the seed and its name, not from which reader scored it.
+    again = scored("eval.ldg=true", "ldg.fidelity=constant", "ldg.constant=0.5", "data.workers=2")["test-ldg"]
+    np.testing.assert_array_equal(again.pred, distorted.pred)
+    other_seed = scored("eval.ldg=true", "ldg.fidelity=constant", "ldg.constant=0.5", "seed=1")["test-ldg"]
+    assert not np.array_equal(other_seed.pred, distorted.pred)
+    fidelity = scored("eval.ldg=true")["test-ldg"].mos / clean.mos
+    assert (fidelity <= 1).all() and (fidelity < 1).any()
 
 
 def test_a_cross_set_is_scored_at_its_own_input_size(tmp_path, shards):

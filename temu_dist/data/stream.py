@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from temu_dist.config import Config, ConfigError
 from temu_dist.data.augment import decode_rgb, to_input
+from temu_dist.data.keys import name_key
 from temu_dist.data.ldg import LocalDistortion
 
 log = logging.getLogger(__name__)
@@ -245,17 +246,32 @@ def train_loader(config: Config, folder: str, split: str, per_device_batch: int,
     return loader, micro_batches
 
 
+def _seeded_by_name(samples: Iterator[dict], seed: int) -> Iterator[dict]:
+    """Each sample's local distortion drawn from (seed, its name): the same whatever the processes and workers."""
+    for sample in samples:
+        try:
+            name = json.loads(sample["json"])["name"]
+        except Exception:  # noqa: BLE001 - left for decode_sample, which logs and drops a corrupt sample
+            yield sample
+            continue
+        sample["__seed__"] = int(np.random.SeedSequence([seed, name_key(name) & (2**64 - 1)]).generate_state(1)[0])
+        yield sample
+
+
 def eval_loader(folder: str, split: str, batch_size: int, rank: int, world_size: int, workers: int,
-                image_hw: tuple[int, int]) -> tuple[DataLoader, int]:
+                image_hw: tuple[int, int], ldg: LocalDistortion | None = None,
+                seed: int = 0) -> tuple[DataLoader, int]:
     """(loader, expected count): every sample of the split exactly once over all ranks and workers, unshuffled,
-    with partial last batches. Batches: image uint8, mos, name."""
+    with partial last batches. Batches: image uint8, mos, name; with `ldg`, also ldg_image, each image's local
+    distortion seeded by `seed` and its name."""
     urls, count = split_shards(folder, split)
     pipeline = wds.DataPipeline(
         EvalShards(urls, rank, world_size),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        # A partial, not a closure: workers started by spawn or forkserver get the pipeline pickled.
+        # Partials, not closures: workers started by spawn or forkserver get the pipeline pickled.
         partial(_keep_mine, rank=rank, world_size=world_size, n_shards=len(urls)),
-        partial(_decoded, image_hw=image_hw, flip=False, ldg=None, ldg_p=0.0),
+        *([partial(_seeded_by_name, seed=seed)] if ldg else []),
+        partial(_decoded, image_hw=image_hw, flip=False, ldg=ldg, ldg_p=1.0),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
     loader = DataLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
