@@ -217,12 +217,25 @@ def set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
     node[leaf] = value
 
 
+def _union_member(loc_part: Any) -> bool:
+    # pydantic reports a value that fits no member of a union once per member, the member's type last in the key.
+    return isinstance(loc_part, str) and ("[" in loc_part or loc_part in ("int", "float", "bool", "str"))
+
+
 def one_line_error(err: ValidationError, source: str) -> str:
-    parts = []
+    found: dict[str, str | list[str]] = {}  # key -> its message, or the union members its value fitted none of
+    inputs: dict[str, Any] = {}
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        parts.append(f"{key}: {msg} (got {e['input']!r})" if e["type"] != "extra_forbidden" else f"{key}: {msg}")
+        loc = e["loc"]
+        if len(loc) > 1 and _union_member(loc[-1]):
+            key = ".".join(str(p) for p in loc[:-1])
+            found.setdefault(key, []).append(str(loc[-1]))
+            inputs[key] = e["input"]
+        else:
+            key = ".".join(str(p) for p in loc) or "<root>"
+            found[key] = "unknown key" if e["type"] == "extra_forbidden" else f"{e['msg']} (got {e['input']!r})"
+    parts = [f"{key}: {v}" if isinstance(v, str) else f"{key}: expected {' or '.join(v)} (got {inputs[key]!r})"
+             for key, v in found.items()]
     return f"{source}: invalid config: " + "; ".join(parts)
 
 
@@ -237,11 +250,18 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict:
         loaded = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the {what} ({getattr(e, 'strerror', None) or e})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: not valid YAML{_where(e)}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: a {what} must be a mapping of keys to values")
     return loaded
+
+
+def _where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
 
 
 def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -250,15 +270,21 @@ def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         if not is_override(item):
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. model.prompt=coop)")
         key, raw = item.split("=", 1)
-        set_dotted(tree, key, yaml.safe_load(raw) if raw else "", f"override {item}")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                              "quote it if it is a string") from None
+        set_dotted(tree, key, value, f"override {item}")
     return tree
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: dict | None = None) -> Config:
-    """Defaults <- `base` (a saved config) <- YAML file <- `key=value` overrides (values parsed as YAML)."""
+                base: dict | None = None, base_source: str = "defaults") -> Config:
+    """Defaults <- `base` (a saved config, named in errors by `base_source`) <- YAML file <- `key=value` overrides
+    (values parsed as YAML)."""
     tree: dict = copy.deepcopy(base or {})  # the overrides below write into nested sections
-    source = "defaults"
+    source = base_source
     if path is not None:
         source = str(path)
         tree = _merge(tree, read_yaml(path))

@@ -15,6 +15,7 @@ import argparse
 import csv
 import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,10 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write images/ and dmos.csv into")
     args = parser.parse_args()
-    out = write_demo_data(args.out)
+    try:
+        out = write_demo_data(args.out)
+    except OSError as e:
+        sys.exit(f"demo_data: cannot write {e.filename or args.out}: {e.strerror or e}")
     print(f"demo_data: wrote {out / 'dmos.csv'}")
 
 

@@ -45,8 +45,23 @@ def _open(path: str) -> Image.Image:
         return im.convert("RGB")
 
 
+def _check_heatmaps(heat_dir: Path, images: list[str]) -> None:
+    """Before any work: the folder can be made, and no two images would write the same heatmap file."""
+    if heat_dir.exists() and not heat_dir.is_dir():
+        raise ConfigError(f"--heatmap {heat_dir}: exists and is not a folder")
+    first: dict[str, str] = {}
+    for path in images:
+        other = first.setdefault(Path(path).stem, path)
+        if other != path:
+            raise ConfigError(f"--heatmap: {other} and {path} would both write {Path(path).stem}.heatmap.png; "
+                              "score them in separate runs")
+
+
 def predict(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
+    heat_dir = Path(args.heatmap) if args.heatmap else None
+    if heat_dir:
+        _check_heatmaps(heat_dir, args.images)
     if args.checkpoint:
         model, config = load_model(checkpoint_dir(args.checkpoint), overrides)
     else:
@@ -58,7 +73,6 @@ def predict(argv: list[str] | None = None) -> int:
               "scores show the pipeline working, not what TeMu-IQA reaches", file=sys.stderr)
     device = next(model.parameters()).device
     image_hw = config.model.image_hw()
-    heat_dir = Path(args.heatmap) if args.heatmap else None
     if heat_dir:
         heat_dir.mkdir(parents=True, exist_ok=True)
     failed = 0

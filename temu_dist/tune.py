@@ -71,20 +71,24 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         # A base given relative to the search file or to the working directory, whichever exists.
         base = next((p for p in (path.parent / base, Path.cwd() / base) if p.is_file()), base)
     search = search.model_copy(update={"base": str(base.resolve())})
-    _check_space(search)
+    _check_space(search, path)
     return search
 
 
-def _check_space(search: SearchConfig) -> None:
+def _check_space(search: SearchConfig, path: Path) -> None:
     """Every searched key must be a valid training key with valid values: fail before Ray starts."""
     base = base_config(search)
     for key, spec in search.space.items():
         if len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
-            raise ConfigError(f"space.{key}: expected one of {', '.join(SAMPLERS)} with a list, got {spec}")
+            raise ConfigError(f"{path}: space.{key}: expected one of {', '.join(SAMPLERS)} with a list, got {spec}")
         kind, values = next(iter(spec.items()))
-        probes = values if kind in ("grid", "choice") else values[:2]
-        for value in probes:
-            load_config(None, [f"{key}={json.dumps(value)}"], base=base)
+        ranged = kind not in ("grid", "choice")
+        if not values or ranged and (len(values) != 2 or not all(isinstance(v, (int, float)) for v in values)
+                                     or values[0] >= values[1]):
+            want = "[low, high] with low < high" if ranged else "a non-empty list"
+            raise ConfigError(f"{path}: space.{key}: {kind} takes {want}, got {values}")
+        for value in values:
+            load_config(None, [f"{key}={json.dumps(value)}"], base=base, base_source=f"{path} space")
 
 
 def base_config(search: SearchConfig) -> dict:

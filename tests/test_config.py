@@ -32,6 +32,9 @@ def test_yaml_then_dotted_overrides(tmp_path):
     (["trainer.lr=0.1"], "trainer: unknown key"),
     (["model.n_ctx=0"], "model.n_ctx"),
     (["eval.cross=[{name: k, shards: s, image_size: 8}]"], "eval.cross.0.image_size: Value error, 8 is too small"),
+    (["model.image_size=[64, 64, 64]"], "model.image_size: expected int or tuple[int, int] (got [64, 64, 64])"),
+    (["model.quick_gelu=maybe"], "model.quick_gelu: expected bool or literal['auto'] (got 'maybe')"),
+    (["model.layers=[1"], "override model.layers=[1: the value is not valid YAML"),
 ])
 def test_bad_values_fail_in_one_line_naming_the_key(overrides, names):
     with pytest.raises(ConfigError) as err:
@@ -44,7 +47,12 @@ def test_bad_values_fail_in_one_line_naming_the_key(overrides, names):
 def test_bad_file_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  variant: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML at line 3, column 1"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=f"{tmp_path}: cannot read the config file"):
+        load_config(tmp_path)
+    path.write_bytes(b"model: {variant: \xff\xfe}\n")
+    with pytest.raises(ConfigError, match="bad.yaml: cannot read the config file"):
         load_config(path)
     path.write_text("model:\n  prompt: coopp\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: invalid config: model.prompt"):
@@ -59,11 +67,15 @@ def test_search_space_values_are_checked_against_the_training_config(tmp_path):
     with pytest.raises(ConfigError, match="model.layers"):
         load_search(path)
     path.write_text(f"base: {REPO / 'configs' / 'demo.yaml'}\nspace:\n  model.promt: {{grid: [none]}}\n")
-    with pytest.raises(ConfigError, match="model.promt: unknown key"):
+    with pytest.raises(ConfigError, match=f"{path} space .*model.promt: unknown key"):
         load_search(path)
     path.write_text(f"base: {REPO / 'configs' / 'demo.yaml'}\nspace:\n  train.lr: {{normal: [0, 1]}}\n")
     with pytest.raises(ConfigError, match="space.train.lr: expected one of grid"):
         load_search(path)
+    for bad in ("{uniform: [0.1]}", "{loguniform: [0.1, 0.01]}", "{randint: [a, b]}", "{grid: []}"):
+        path.write_text(f"base: {REPO / 'configs' / 'demo.yaml'}\nspace:\n  train.lr: {bad}\n")
+        with pytest.raises(ConfigError, match=f"{path}: space.train.lr: .* takes "):
+            load_search(path)
 
 
 def test_override_must_be_key_value():

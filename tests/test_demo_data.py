@@ -23,3 +23,15 @@ def test_demo_data_is_kadid_layout_with_a_mos_that_falls_with_the_level(tmp_path
         mos = [m for _, m in sorted(series)]
         assert mos[0] > mos[-1], f"{ref} type {kind}: level 5 is not worse than level 1"
     assert not list(out.glob("*.tmp"))
+
+
+def test_an_out_path_that_is_a_file_is_one_line_naming_it(tmp_path, monkeypatch):
+    import pytest
+
+    from temu_dist.demo_data import main
+
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    monkeypatch.setattr("sys.argv", ["demo_data", "--out", str(taken)])
+    with pytest.raises(SystemExit, match=f"demo_data: cannot write {taken}/images: "):
+        main()

@@ -52,6 +52,8 @@ def test_override_of_a_weight_shaping_field_is_named(tmp_path):
     # Where the frozen weights come from, and the input size, may change at load time.
     loaded, loaded_config = load_model(tmp_path, ["model.image_size=128"])
     assert loaded_config.model.image_size == 128 and loaded.backbone.grid == (8, 8)
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'config.json'} \\+ overrides: invalid config: eval.batch_size"):
+        load_model(tmp_path, ["eval.batch_size=abc"])
 
 
 def test_config_that_disagrees_with_the_weights_is_named(tmp_path):

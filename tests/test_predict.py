@@ -67,3 +67,19 @@ def test_config_without_checkpoint_scores_with_a_fresh_head(images, tmp_path, ca
     cfg.write_text("model:\n  backbone: Test-Tiny-ViT-16\n  pretrained: null\n  image_size: 64\n")
     assert predict(["--config", str(cfg), *map(str, good)]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_heatmaps_that_cannot_be_written_fail_before_any_scoring(images, checkpoint, tmp_path):
+    from temu_dist.config import ConfigError
+
+    (good, _), (run, _) = images, checkpoint
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    with pytest.raises(ConfigError, match=f"--heatmap {taken}: exists and is not a folder"):
+        predict(["--checkpoint", str(run), "--heatmap", str(taken), str(good[0])])
+    twin = tmp_path / "other" / good[0].name
+    twin.parent.mkdir()
+    twin.write_bytes(good[0].read_bytes())
+    with pytest.raises(ConfigError, match=f"{good[0]} and {twin} would both write photo0.heatmap.png"):
+        predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), str(good[0]), str(twin)])
+    assert not (tmp_path / "maps").exists()

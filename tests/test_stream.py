@@ -2,6 +2,7 @@ import io
 import logging
 import multiprocessing
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,6 +152,11 @@ def test_missing_shards_name_the_pack_command(tmp_path):
     folder, _ = _pack(tmp_path, refs=3, per_ref=1, shard_size=2)
     with pytest.raises(ShardsMissing, match="no 'test' split"):
         split_shards(folder, "test")
+    manifest = Path(folder) / "manifest.json"
+    for damaged, says in (("{", "unreadable"), ("{}", "not a pack manifest")):
+        manifest.write_text(damaged)
+        with pytest.raises(ShardsMissing, match=f"{manifest}: {says}.*rerun the pack command"):
+            split_shards(folder, "train")
 
 
 def test_loaders_work_with_spawned_workers(tmp_path):

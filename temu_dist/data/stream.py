@@ -39,7 +39,13 @@ def read_manifest(folder: str | Path) -> dict:
     if not path.is_file():
         raise ShardsMissing(f"{path} not found: make the shards first, e.g. python -m temu_dist.pack --dataset NAME "
                             f"--root DATASET_DIR --out {folder}")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardsMissing(f"{path}: unreadable ({e}): rerun the pack command that made {folder}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise ShardsMissing(f"{path}: not a pack manifest (no 'splits'): rerun the pack command that made {folder}")
+    return manifest
 
 
 def split_shards(folder: str | Path, split: str) -> tuple[list[str], int]:

@@ -69,7 +69,7 @@ def load_config_of(directory: str | Path, overrides: list[str] | tuple[str, ...]
         raise ConfigError(f"{path}: not found; is {directory} a saved run or checkpoint folder?") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    config = load_config(None, overrides, base=saved)
+    config = load_config(None, overrides, base=saved, base_source=str(path))
     _mismatch(load_config(None, (), base=saved).model.model_dump(mode="json"), config.model.model_dump(mode="json"),
               str(path))
     return config
