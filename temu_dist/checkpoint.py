@@ -14,12 +14,16 @@ from pathlib import Path
 
 import torch
 
-from temu_dist.config import Config
-from temu_dist.model.io import save_model
+from temu_dist.config import Config, ConfigError
+from temu_dist.model.io import CONFIG, save_model
 from temu_dist.model.temu import TeMuIQA
 
 TRAINER_STATE = "trainer.pt"
 TRAINER_INFO = "trainer.json"
+# What a resume reads from trainer.json, and its types; in_epoch is there only in a checkpoint taken within an epoch.
+INFO_FIELDS = {"next_epoch": int, "history": list, "best": (dict, type(None)), "elapsed_s": (int, float)}
+IN_EPOCH_FIELDS = {"micro_batches": int, "loss_sum": (int, float), "images": int, "train_s": (int, float),
+                   "readers": int}
 
 
 def rng_state() -> dict:
@@ -52,15 +56,66 @@ def save_checkpoint(folder: Path, model: TeMuIQA, config: Config, optimizer, sch
 
 
 def find_checkpoint(folder: Path) -> Path | None:
-    """The folder, or the copy a kill left between the two renames of `save_checkpoint`."""
-    for candidate in (folder, folder.with_name(folder.name + ".old")):
-        if (candidate / TRAINER_INFO).is_file():
-            return candidate
-    return None
+    """The folder, or the copy a kill left between the two renames of `save_checkpoint`. The folder is only ever
+    swapped in whole, so one that is there is the checkpoint even when damaged: a resume reports it rather than start
+    over on top of it."""
+    if folder.is_dir():
+        return folder
+    old = folder.with_name(folder.name + ".old")
+    return old if (old / TRAINER_INFO).is_file() else None
+
+
+def _damaged(path: Path, problem: str) -> ConfigError:
+    return ConfigError(f"{path}: {problem}; restore it, or start anew with train.resume=never or another name")
+
+
+def _reason(e: Exception) -> str:
+    # torch's messages run to several sentences and lines; the first says what failed.
+    first = str(e).strip().split("\n")[0].split(". ")[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise _damaged(path, "not found") from None
+    except json.JSONDecodeError as e:
+        raise _damaged(path, f"not valid JSON ({e.msg}, line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise _damaged(path, "not valid JSON (not UTF-8 text)") from None
+    if not isinstance(data, dict):
+        raise _damaged(path, "not a JSON object")
+    return data
+
+
+def _check_fields(data: dict, fields: dict, path: Path, within: str = "") -> None:
+    for key, kind in fields.items():
+        if key not in data or not isinstance(data[key], kind):
+            raise _damaged(path, f"'{within}{key}' is missing or malformed")
+
+
+def load_saved_config(folder: Path) -> dict:
+    """The resolved config a checkpoint was trained with, as saved; a damaged file is a ConfigError naming it."""
+    return _read_json(folder / CONFIG)
 
 
 def load_trainer_state(folder: Path) -> tuple[dict, dict]:
-    """(tensors: optimizer, scheduler, rng; info) of a checkpoint; tensors and plain data only, nothing unpickled."""
-    state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
-    info = json.loads((folder / TRAINER_INFO).read_text())
+    """(tensors: optimizer, scheduler, rng; info) of a checkpoint; tensors and plain data only, nothing unpickled.
+    A damaged file is a ConfigError naming it."""
+    path = folder / TRAINER_STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise _damaged(path, "not found") from None
+    except Exception as e:  # noqa: BLE001 - a damaged file raises any of several types, by where the damage lies
+        raise _damaged(path, f"not a readable torch file ({_reason(e)})") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
+        raise _damaged(path, "not a trainer state (optimizer, scheduler, rng)")
+    info_path = folder / TRAINER_INFO
+    info = _read_json(info_path)
+    _check_fields(info, INFO_FIELDS, info_path)
+    if "in_epoch" in info:
+        _check_fields(info, {"in_epoch": dict}, info_path)
+        _check_fields(info["in_epoch"], IN_EPOCH_FIELDS, info_path, "in_epoch.")
     return state, info

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -27,7 +28,7 @@ from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from temu_dist.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from temu_dist.checkpoint import find_checkpoint, load_saved_config, load_trainer_state, save_checkpoint, set_rng_state
 from temu_dist.config import Config, ConfigError, dump, load_config
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import ldg_targets
@@ -265,9 +266,6 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         raise ConfigError("data.train: no training shards named (a pack folder, e.g. shards/kadid10k)")
     run_dir = config.run_dir()
     ckpt_dir = run_dir / "checkpoints"
-    if main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(dump(config), sort_keys=False))
     set_seed(config.seed)
     device = accelerator.device
     epoch_shared = SharedEpoch(0)
@@ -291,7 +289,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         raise ConfigError(f"out_dir: some processes see {ckpt_dir / 'last'} and some do not; a run folder must lie "
                           "on a filesystem every node shares")
     if last is not None:
-        _check_resumable(json.loads((last / "config.json").read_text()), config, last)
+        _check_resumable(load_saved_config(last), config, last)
         load_weights(model, last, config)
         state, info = load_trainer_state(last)
         optimizer.load_state_dict(state["optimizer"])
@@ -307,6 +305,12 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                               f"the checkpoint had {in_epoch['readers']}: the rest of epoch {info['next_epoch'] + 1} "
                               "reads the samples in another order, so some repeat in it and some are left out")
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Only now that every input has passed its checks: a command that fails must leave an existing run as it was.
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(dump(config), sort_keys=False))
+        os.replace(tmp, run_dir / "config.yaml")
     tracker = Tracker(config, run_dir, main, resuming=last is not None)
     run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,
               on_epoch, **resumed)

@@ -1,6 +1,9 @@
 """train(config) in-process on one CPU process: results, checkpoints, MLflow, resume and the bad-input paths."""
 import json
 import math
+import re
+import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -322,3 +325,62 @@ def test_a_cross_set_is_scored_at_its_own_input_size(tmp_path, shards):
     results = evaluate_sets(Recording(), eval_sets(config), Accelerator(cpu=True), config)
     assert set(results) == {"test", "native"} and sizes[0] == (64, 64) and sizes[-1] == (48, 80)
     assert results["native"].metrics["count"] == results["test"].metrics["count"]
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failing_command_makes_no_run_folder_nor_changes_an_existing_one(tmp_path, shards):
+    with pytest.raises(ConfigError, match="python -m temu_dist.pack"):
+        train(run_config(tmp_path, str(tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match="train.key_metric: no evaluation set 'koniq'"):
+        train(run_config(tmp_path, shards, "train.key_metric=koniq/srcc"))
+    assert not (tmp_path / "run").exists()
+    train(run_config(tmp_path, shards, "train.epochs=1"))
+    before = _files(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"seed: .*last was trained with 0, this run asks for 5"):
+        train(run_config(tmp_path, shards, "seed=5", "train.epochs=2"))
+    with pytest.raises(ConfigError, match="train.key_metric: no evaluation set 'koniq'"):
+        train(run_config(tmp_path, shards, "train.epochs=1", "train.key_metric=koniq/srcc"))
+    assert _files(tmp_path / "run") == before
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, shards):
+    out = tmp_path_factory.mktemp("finished")
+    train(run_config(out, shards, "train.epochs=1"))
+    return out / "run"
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def _edit_json(path, **fields):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+@pytest.mark.parametrize(("name", "damage", "problem"), [
+    ("trainer.pt", _truncate, r"not a readable torch file \("),
+    ("trainer.pt", Path.unlink, "not found"),
+    ("trainer.json", lambda p: p.write_text("{garbage"), r"not valid JSON \(.*line 1\)"),
+    ("trainer.json", lambda p: p.write_text("{}"), "'next_epoch' is missing or malformed"),
+    ("trainer.json", lambda p: _edit_json(p, in_epoch={"micro_batches": 2}), "'in_epoch.loss_sum' is missing"),
+    ("trainer.json", Path.unlink, "not found"),
+    ("config.json", lambda p: p.write_text("garbage"), "not valid JSON"),
+    ("config.json", Path.unlink, "not found"),
+])
+def test_resume_from_a_damaged_last_checkpoint_is_a_one_line_error_naming_the_file_and_changes_nothing(
+        tmp_path, shards, finished_run, name, damage, problem):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    damage(run / "checkpoints" / "last" / name)
+    before = _files(run)
+    with pytest.raises(ConfigError) as error:
+        train(run_config(tmp_path, shards, "train.epochs=1"))
+    message = str(error.value)
+    assert re.match(rf"{re.escape(str(run / 'checkpoints' / 'last' / name))}: {problem}.*; restore it, or start anew "
+                    "with train.resume=never or another name$", message), message
+    assert "\n" not in message
+    assert _files(run) == before
