@@ -127,11 +127,20 @@ class LDGConfig(Section):
 
 
 class EvalSetConfig(Section):
-    name: str
+    # Names metrics (NAME/srcc) and plots: letters, digits, _ . - only, as MLflow takes them; not `train`, which the
+    # training metrics use.
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     shards: str  # a pack folder
     split: str = "test"
     # This set's input size; null: the model's. The seed keeps KADID-10k at its native [384, 512] wherever it is used.
     image_size: int | tuple[int, int] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v == "train":
+            raise ValueError("'train' names the training metrics (train/loss, ...); give the set another name")
+        return v
 
     @field_validator("image_size")
     @classmethod
@@ -182,7 +191,8 @@ class EvalConfig(Section):
 
 class TrackingConfig(Section):
     enabled: bool = True
-    # null: a sqlite store in the run folder; or a server, e.g. http://127.0.0.1:5000.
+    # null: MLFLOW_TRACKING_URI if set, else out_dir/mlflow.db, shared by every run there; or a server, e.g.
+    # http://127.0.0.1:5000.
     uri: str | None = None
     experiment: str = "temu-dist"
     # Set by a Ray Tune search: this run is a child of the search's MLflow run.

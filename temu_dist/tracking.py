@@ -1,11 +1,13 @@
 """MLflow: one run per training run, with its resolved config as params, per-epoch metrics, tags and artifacts.
 
-The default store is a sqlite file inside the run folder. A tracking server that cannot be reached is a warning, not
-a failure: training goes on and everything stays in the run folder. Only the main process tracks.
+The default store is one sqlite file for every run under out_dir (out_dir/mlflow.db, artifacts beside it in
+out_dir/mlartifacts), so the UI compares them; MLFLOW_TRACKING_URI or tracking.uri name another. A tracking server that
+cannot be reached is a warning, not a failure: training goes on and everything stays in the run folder. Only the main
+process tracks.
 """
 from __future__ import annotations
 
-import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -13,8 +15,10 @@ from typing import Any
 
 from temu_dist.config import Config, dump
 
-log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# The user's store, read before anything runs: mlflow.set_tracking_uri writes this variable, and a later run in the
+# same process (repeat, tests) would otherwise take the last run's store for the user's.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -28,47 +32,74 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def tracking_uri(config: Config, run_dir: Path) -> str:
-    return config.tracking.uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+def tracking_uri(config: Config) -> str:
+    return config.tracking.uri or USER_TRACKING_URI or default_store(config.out_dir)
+
+
+def default_store(out_dir: str | Path) -> str:
+    return f"sqlite:///{(Path(out_dir) / 'mlflow.db').resolve()}"
+
+
+def use_experiment(mlflow: Any, name: str, uri: str) -> Any:
+    """Sets (making it if new) the experiment. MLflow would put a sqlite store's artifacts in ./mlruns of whatever
+    folder the command ran in; they go beside the store instead, so a run's files stay with the runs."""
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+        artifacts = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+        try:
+            mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
+        except mlflow.exceptions.MlflowException:
+            pass  # made meanwhile by another process of the same search
+    return mlflow.set_experiment(name)
+
+
+def http_limits(uri: str) -> None:
+    """MLflow retries a failing server 7 times, up to 120 s each: minutes in which the other ranks wait on this one
+    past their collective timeout. A few short tries instead; the environment may still say otherwise."""
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
 class Tracker:
     """Logs to MLflow when `active`; every method is a no-op otherwise (other ranks, tracking off or unreachable)."""
 
-    def __init__(self, config: Config, run_dir: Path, active: bool, resuming: bool = False):
+    def __init__(self, config: Config, run_dir: Path, active: bool, resuming: bool = False,
+                 tags: dict[str, str] | None = None):
+        """`tags`: what the config does not say about the run (processes, batch split, device, versions)."""
         self.active = active and config.tracking.enabled
         self.run_id: str | None = None
         if not self.active:
             return
-        uri = tracking_uri(config, run_dir)
+        uri = tracking_uri(config)
         id_file = run_dir / "mlflow_run_id"
         try:
             import mlflow
 
             self.mlflow = mlflow
+            http_limits(uri)
             mlflow.set_tracking_uri(uri)
             _check_reachable(uri)
-            mlflow.set_experiment(config.tracking.experiment)
+            use_experiment(mlflow, config.tracking.experiment, uri)
             # A resumed run continues the same MLflow run; a fresh one (train.resume=never) starts its own.
             resume_id = id_file.read_text().strip() if resuming and id_file.exists() else None
             parent = {"mlflow.parentRunId": config.tracking.parent_run_id} if config.tracking.parent_run_id else None
             run = mlflow.start_run(run_id=resume_id, run_name=None if resume_id else config.name, tags=parent)
             self.run_id = run.info.run_id
             id_file.write_text(self.run_id)
+            existing = mlflow.get_run(self.run_id).data.params
         except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
             warnings.warn(f"MLflow tracking at {uri} is not usable ({type(e).__name__}: {str(e).splitlines()[0]}); "
                           f"training goes on and results stay in {run_dir}", stacklevel=2)
             self.active = False
             return
         params = {k: str(v) for k, v in flatten(dump(config)).items()}
-        existing = mlflow.get_run(self.run_id).data.params
-        new = {k: v for k, v in params.items() if k not in existing}
-        items = list(new.items())
+        items = [(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
             self._guard(mlflow.log_params, dict(items[i:i + 100]))
         m = config.model
         self._guard(mlflow.set_tags, {"dataset": config.data.train or "", "variant": m.variant, "prompt": m.prompt,
-                                      "layers": m.layers, "backbone": m.backbone})
+                                      "layers": m.layers, "backbone": m.backbone, **(tags or {})})
+        self.artifact(run_dir / "config.yaml")
 
     def _guard(self, fn, *args, **kwargs) -> None:
         if not self.active:
@@ -82,7 +113,8 @@ class Tracker:
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         if self.active:
-            clean = {k.replace("/", "."): float(v) for k, v in values.items() if v == v}  # NaN is not loggable
+            # SET/METRIC as the config names them: the UI groups a set's charts by the part before the slash.
+            clean = {k: float(v) for k, v in values.items() if not math.isnan(v)}  # NaN is not loggable
             self._guard(self.mlflow.log_metrics, clean, step=step)
 
     def artifact(self, path: str | Path, folder: str | None = None) -> None:

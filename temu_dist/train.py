@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
 import time
 import warnings
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import open_clip
 import torch
 import torch.distributed.nn  # noqa: F401 - the autograd-aware all_gather; torch does not import it itself
 import yaml
@@ -39,7 +41,7 @@ from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights
 from temu_dist.model.temu import build_model
 from temu_dist.plots import scatter, score_vs_time
-from temu_dist.tracking import Tracker, flatten
+from temu_dist.tracking import Tracker, flatten, tracking_uri
 
 
 class NonFiniteLoss(RuntimeError):
@@ -145,14 +147,25 @@ def _log_line(record: dict, epochs: int) -> str:
             f"{record['images_per_s']:.1f} img/s elapsed {record['elapsed_s']:.0f}s | {evals}")
 
 
-def _scatter_plots(results: dict[str, SetResult], run_dir: Path, epoch: int) -> None:
+def _scatter_plots(results: dict[str, SetResult], run_dir: Path, epoch: int) -> list[Path]:
     folder = run_dir / "plots"
     folder.mkdir(exist_ok=True)
+    paths = []
     for name, r in results.items():
         if r.metrics["count"]:
             m = r.metrics
             title = f"{name}, epoch {epoch}: SRCC {m['srcc']:.3f} PLCC {m['plcc']:.3f} (n={m['count']})"
-            scatter(r.pred, r.mos, title, folder / f"scatter_{name}.png")
+            paths.append(scatter(r.pred, r.mos, title, folder / f"scatter_{name}.png"))
+    return paths
+
+
+def _run_tags(accelerator: Accelerator, plan: BatchPlan) -> dict[str, str]:
+    """How the run was launched and on what: none of it is in the config, all of it changes the timings."""
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"processes": str(plan.world_size), "per_device_batch": str(plan.per_device),
+            "accumulation": str(plan.accumulation), "distributed": str(accelerator.distributed_type),
+            "device": name, "torch": torch.__version__, "open_clip": open_clip.__version__}
 
 
 @dataclass
@@ -248,7 +261,9 @@ def _fit(config: Config, run: Run) -> None:
             # best first: a kill between the two leaves `last` (what a resume trusts) naming the older best.
             if improved:
                 save_checkpoint(ckpt_dir / "best", plain, config, optimizer, scheduler, info)
-                _scatter_plots(results, run_dir, epoch + 1)
+                # Logged now, not only at the end: a run killed or stopped early still shows its best epoch's plots.
+                for path in _scatter_plots(results, run_dir, epoch + 1):
+                    run.tracker.artifact(path, "plots")
             save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
             run.tracker.metrics(epoch_metrics(record), step=epoch + 1)
             accelerator.print(_log_line(record, config.train.epochs))
@@ -311,7 +326,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         tmp = run_dir / "config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(dump(config), sort_keys=False))
         os.replace(tmp, run_dir / "config.yaml")
-    tracker = Tracker(config, run_dir, main, resuming=last is not None)
+    tracker = Tracker(config, run_dir, main, resuming=last is not None, tags=_run_tags(accelerator, plan))
     run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,
               on_epoch, **resumed)
     try:
@@ -329,7 +344,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         (run_dir / "plots").mkdir(exist_ok=True)
         score_vs_time(run.history, [s.name for s in sets], run_dir / "plots" / "score_vs_time.png")
-        for path in [run_dir / "results.json", run_dir / "config.yaml", *sorted((run_dir / "plots").glob("*.png"))]:
+        for path in [run_dir / "results.json", *sorted((run_dir / "plots").glob("*.png"))]:
             tracker.artifact(path, None if path.suffix != ".png" else "plots")
         for path in sorted((ckpt_dir / "best").glob("*")):
             tracker.artifact(path, "best")
@@ -363,9 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     if config.model.pretrained is None:
         print("train: model.pretrained is null: a random backbone carries little quality information; these figures "
               "show the pipeline working, not what TeMu-IQA reaches with pretrained weights")
-    if results["mlflow_run_id"] and config.tracking.uri is None:
-        store = Path(results["run_dir"]).resolve() / "mlflow.db"
-        print(f"train: browse runs with: mlflow ui --backend-store-uri sqlite:///{store}")
+    uri = tracking_uri(config)
+    if results["mlflow_run_id"] and uri.startswith("sqlite:///"):
+        print(f"train: compare runs with: mlflow ui --backend-store-uri {uri}")
     return 0
 
 

@@ -5,8 +5,8 @@
 
 Every trial calls the same `train(config)` as `accelerate launch`, with the trial's values as overrides of the base
 config, in its own run folder under out_dir/name/trials/. Each epoch's evaluation is reported to Ray, so ASHA can stop
-weak trials early. MLflow: one parent run for the search (in out_dir/name/mlflow.db unless tracking_uri says
-otherwise), one child run per trial; the parent gets the results table, the prompt-tuning table (seed Table 5), the
+weak trials early. MLflow: one parent run for the search (in out_dir/mlflow.db, with the other runs there, unless
+tracking_uri or MLFLOW_TRACKING_URI says otherwise), one child run per trial; the parent gets the results table, the prompt-tuning table (seed Table 5), the
 layer study (Fig. 8) and the best trial's config. A failing trial is retried (max_failures) and continues from its
 own last checkpoint; rerunning the same command after the driver was killed resumes the search without redoing
 finished trials.
@@ -17,12 +17,14 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import ValidationError
 
 from temu_dist.config import ConfigError, Section, apply_overrides, dump, load_config, one_line_error, read_yaml
+from temu_dist.tracking import USER_TRACKING_URI, default_store, http_limits, use_experiment
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -56,7 +58,7 @@ class SearchConfig(Section):
     max_concurrent: int = 0  # 0: as many as the resources allow
     max_failures: int = 2  # retries of a failing trial
     address: str | None = None  # null: RAY_ADDRESS if set, else a local Ray with this machine's CPUs and GPUs
-    tracking_uri: str | None = None
+    tracking_uri: str | None = None  # null: as a training run's tracking.uri (MLFLOW_TRACKING_URI, out_dir/mlflow.db)
 
 
 def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SearchConfig:
@@ -183,31 +185,35 @@ def _train_on_workers(config, res: Resources, trial: str) -> dict:
     return json.loads((config.run_dir() / "results.json").read_text())
 
 
-def _tracking_uri(search: SearchConfig, search_dir: Path) -> str:
-    return search.tracking_uri or f"sqlite:///{(search_dir / 'mlflow.db').resolve()}"
+def _tracking_uri(search: SearchConfig, address: str | None) -> str:
+    uri = search.tracking_uri or USER_TRACKING_URI or default_store(search.out_dir)
+    if address and uri.startswith("sqlite:"):
+        warnings.warn(f"a search on the Ray cluster at {address} tracks into {uri}: trials on several nodes writing "
+                      "one sqlite file over a shared disk can fail to lock it; run an MLflow server and set "
+                      "tracking_uri", stacklevel=2)
+    return uri
 
 
-def _parent_run(search: SearchConfig, search_dir: Path, uri: str, experiment_name: str) -> str | None:
+def _parent_run(search: SearchConfig, search_dir: Path, uri: str, experiment_name: str, metric: str) -> str | None:
     """The search's MLflow run, created once and found again when a killed search is resumed."""
     import mlflow
 
     id_file = search_dir / "mlflow_parent_run_id"
     try:
+        http_limits(uri)
         mlflow.set_tracking_uri(uri)
-        experiment = mlflow.set_experiment(experiment_name)
+        experiment = use_experiment(mlflow, experiment_name, uri)
         if id_file.exists():
             return id_file.read_text().strip()
         client = mlflow.MlflowClient(uri)
         run = client.create_run(experiment.experiment_id, run_name=search.name, tags={"temu.search": "true"})
         params = {f"space.{k}": json.dumps(v) for k, v in search.space.items()}
-        params.update({"base": search.base, "num_samples": search.num_samples, "metric": search.metric})
+        params.update({"base": search.base, "num_samples": search.num_samples, "metric": metric})
         for key, value in params.items():
             client.log_param(run.info.run_id, key, str(value)[:500])
         id_file.write_text(run.info.run_id)
         return run.info.run_id
     except Exception as e:  # noqa: BLE001 - tracking trouble must not stop the search
-        import warnings
-
         warnings.warn(f"MLflow at {uri} is not usable ({type(e).__name__}: {e}); the search goes on untracked",
                       stacklevel=2)
         return None
@@ -223,9 +229,9 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     search_dir.mkdir(parents=True, exist_ok=True)
     base = base_config(search)
     metric = search.metric or base["train"]["key_metric"]
-    uri = _tracking_uri(search, search_dir)
-    parent = _parent_run(search, search_dir, uri, base["tracking"]["experiment"])
     address = search.address or os.environ.get("RAY_ADDRESS")
+    uri = _tracking_uri(search, address)
+    parent = _parent_run(search, search_dir, uri, base["tracking"]["experiment"], metric)
     if not ray.is_initialized():
         if address:
             ray.init(address=address)
@@ -292,7 +298,7 @@ def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: st
                                                             else [])]:
             client.log_artifact(parent, str(path))
         if best is not None:
-            client.log_metric(parent, f"best.{metric.replace('/', '.')}", float(best["best"]))
+            client.log_metric(parent, f"best/{metric}", float(best["best"]))
             client.set_tag(parent, "best_trial", best["trial"])
         client.set_terminated(parent, "FINISHED" if ok else "FAILED")
     return summary

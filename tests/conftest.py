@@ -23,6 +23,14 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def no_tracking_uri_left_over():
+    """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI; a later test's subprocesses would take it for the user's."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tiny_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model_configs")

@@ -48,12 +48,18 @@ def test_train_writes_results_checkpoints_plots_and_mlflow(tmp_path, shards):
         assert set(load_file(str(run / "checkpoints" / ckpt / "weights.safetensors"))) == \
             {"layer_logits", "log_tau_w", "prompts.ctx"}
     assert (run / "plots" / "scatter_test.png").exists() and (run / "plots" / "score_vs_time.png").exists()
-    client = mlflow.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    # One store for every run under out_dir, so the UI compares them; artifacts beside it, not in the working folder.
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlrun = client.get_run(results["mlflow_run_id"])
     assert mlrun.data.params["model.prompt"] == "coop" and mlrun.data.tags["variant"] == "I"
-    assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "test.srcc")] == [1, 2]
+    assert mlrun.data.tags["processes"] == "1" and mlrun.data.tags["torch"] == torch.__version__
+    assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "test/srcc")] == [1, 2]
+    assert mlrun.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
     assert {"results.json", "config.yaml", "plots", "best"} <= artifacts
+    again = train(run_config(tmp_path, shards, "model.prompt=coop", "name=other", "train.epochs=1"))
+    assert {r.info.run_id for r in client.search_runs([mlrun.info.experiment_id])} == \
+        {results["mlflow_run_id"], again["mlflow_run_id"]}
 
 
 def _comparable(history):

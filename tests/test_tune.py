@@ -55,7 +55,8 @@ def _search_file(tmp_path: Path, shards: str, name: str, space: dict, **extra) -
 
 
 def _runs(search_dir: Path) -> tuple[mlflow.entities.Run, list]:
-    client = mlflow.MlflowClient(f"sqlite:///{search_dir / 'mlflow.db'}")
+    # The store is out_dir's, which the search shares with every other run there.
+    client = mlflow.MlflowClient(f"sqlite:///{search_dir.parent / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("temu-dist")
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("temu.search") == "true")
@@ -71,14 +72,15 @@ def test_search_gives_one_parent_run_and_a_child_run_per_trial(tmp_path, shards,
     assert summary["best"]["best"] == max(r["best"] for r in summary["trials"])
     search_dir = tmp_path / "runs" / "prompts"
     parent, children = _runs(search_dir)
-    client = mlflow.MlflowClient(f"sqlite:///{search_dir / 'mlflow.db'}")
+    client = mlflow.MlflowClient(f"sqlite:///{search_dir.parent / 'mlflow.db'}")
+    assert parent.info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri())
     assert parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"search.json", "prompt_table.png",
                                                                           "config.yaml"}
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert sorted(c.data.params["model.prompt"] for c in children) == ["coop", "none"]
     for child in children:
-        history = client.get_metric_history(child.info.run_id, "test.srcc")
+        history = client.get_metric_history(child.info.run_id, "test/srcc")
         assert [m.step for m in history] == [1, 2]
     assert json.loads((search_dir / "search.json").read_text())["best"]["trial"] == summary["best"]["trial"]
 
