@@ -7,8 +7,8 @@
 Each sample is the image's bytes (re-encoded only when resized or when the release stores BMP/TIFF) and a JSON label
 (name, dataset, mos, mos_raw, ref, split). A shard appears under its final name only once complete; the manifest is
 written last, so a folder with a manifest is a finished pack. Rerunning after an interruption keeps finished shards
-and writes the rest. Records are streamed and handed to workers a shard at a time: memory stays flat whatever the
-dataset size.
+(writing again any that a power loss cut short) and writes the rest. Records are streamed and handed to workers a
+shard at a time: memory stays flat whatever the dataset size.
 """
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ import hashlib
 import io
 import json
 import os
+import signal
 import sys
 import tarfile
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Callable, Iterator
 
 from PIL import Image
 from tqdm import tqdm
@@ -109,32 +110,52 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _synced(fh: IO) -> None:
+    """Makes what was written to fh reach the disk, before the rename that publishes it: renamed unsynced, a file can
+    stand under its final name empty or cut short after a power loss."""
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Writes path whole or not at all: to path.tmp, synced, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        _synced(fh)
+    os.replace(tmp, path)
+
+
 def write_shard(directory: str, name: str, split: str, samples: list[tuple[str, dict]], resize_shorter: int | None,
-                skip_bad: bool) -> ShardResult:
+                skip_bad: bool, label_file: str) -> ShardResult:
     """Writes one shard to NAME.tmp and renames it; a bad image raises DataError (no partial shard stays) or, with
-    skip_bad, is left out and reported."""
+    skip_bad, is left out and reported. label_file names the label file in messages."""
     final = Path(directory) / name
     tmp = final.with_name(name + ".tmp")
+    sidecar = final.with_name(name + ".skipped.json")
     skipped = []
     count = 0
     try:
         # A plain tar of key.ext members is the WebDataset format; writing it directly lets us fix mtimes.
-        with tarfile.open(tmp, "w") as tar:
-            for key, label in samples:
-                encoded = _encode(Path(label.pop("path")), resize_shorter)
-                if isinstance(encoded, str):
-                    if not skip_bad:
-                        raise DataError(f"{label['name']} (label row {label['row']}): cannot read image: {encoded}")
-                    skipped.append({"name": label["name"], "row": label["row"], "reason": encoded})
-                    continue
-                data, ext = encoded
-                _add(tar, f"{key}.{ext}", data)
-                _add(tar, f"{key}.json", json.dumps(label, sort_keys=True).encode())
-                count += 1
+        with open(tmp, "wb") as fh:
+            with tarfile.open(fileobj=fh, mode="w") as tar:
+                for key, label in samples:
+                    encoded = _encode(Path(label.pop("path")), resize_shorter)
+                    if isinstance(encoded, str):
+                        if not skip_bad:
+                            raise DataError(f"{label['name']} ({label_file} row {label['row']}): cannot read image: "
+                                            f"{encoded}")
+                        skipped.append({"name": label["name"], "row": label["row"], "reason": encoded})
+                        continue
+                    data, ext = encoded
+                    _add(tar, f"{key}.{ext}", data)
+                    _add(tar, f"{key}.json", json.dumps(label, sort_keys=True).encode())
+                    count += 1
+            _synced(fh)
         if skipped:
-            sidecar = final.with_name(name + ".skipped.json")
-            sidecar.with_name(sidecar.name + ".tmp").write_text(json.dumps(skipped))
-            os.replace(sidecar.with_name(sidecar.name + ".tmp"), sidecar)
+            _write_text(sidecar, json.dumps(skipped))
+        else:  # one a run stopped before its shard's rename left behind would leave images out on resume
+            sidecar.unlink(missing_ok=True)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -151,8 +172,25 @@ def shard_names(path: Path) -> list[str]:
     return names
 
 
+def _whole_shard_names(path: Path) -> list[str] | None:
+    """shard_names, or None where the shard is not a whole tar: empty, cut short or zero-filled, as a power loss can
+    leave it. Every tar this packer writes ends in two zero blocks."""
+    end_marker = 2 * tarfile.BLOCKSIZE
+    if path.stat().st_size < end_marker:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(-end_marker, os.SEEK_END)
+        if fh.read() != bytes(end_marker):
+            return None
+    try:
+        return shard_names(path)
+    except (tarfile.TarError, json.JSONDecodeError, UnicodeDecodeError, KeyError):
+        return None
+
+
 def _existing(directory: Path, name: str, split: str, samples: list[tuple[str, dict]]) -> ShardResult | None:
-    """A shard a previous run finished, if it holds exactly these images (less any it reported skipped)."""
+    """A shard a previous run finished, if it holds exactly these images (less any it reported skipped); None where
+    there is none or it is incomplete, so it is written again."""
     final = directory / name
     if not final.exists():
         return None
@@ -160,7 +198,12 @@ def _existing(directory: Path, name: str, split: str, samples: list[tuple[str, d
     skipped = json.loads(sidecar.read_text()) if sidecar.exists() else []
     left_out = {s["name"] for s in skipped}
     expected = [label["name"] for _, label in samples if label["name"] not in left_out]
-    if shard_names(final) != expected:
+    names = _whole_shard_names(final)
+    # tarfile takes zeros in place of a header for the archive's end: a shard with only its first images was cut short.
+    if names is None or (len(names) < len(expected) and names == expected[:len(names)]):
+        tqdm.write(f"pack: {final} is incomplete; writing it again", file=sys.stderr)
+        return None
+    if names != expected:
         raise DataError(f"{final} holds other images than this pack would write there (a pack with other "
                         "options?): pack into an empty --out")
     return ShardResult(name, split, len(expected), sha256_of(final), skipped)
@@ -172,9 +215,9 @@ def _records(opts: PackOptions) -> Iterator[Record]:
     return read_records(opts.dataset, opts.root, opts.label_file)
 
 
-def _chunks(opts: PackOptions) -> Iterator[tuple[str, str, list[tuple[str, dict]]]]:
+def _chunks(opts: PackOptions,
+            route: Callable[[Record], str | None]) -> Iterator[tuple[str, str, list[tuple[str, dict]]]]:
     """(shard name, split, samples) in a fixed order, streaming the records; a shard per shard_size samples."""
-    route = splitter(_records(opts), opts.split)
     buffers: dict[str, list[tuple[str, dict]]] = {s: [] for s in SPLITS}
     counts = {s: 0 for s in SPLITS}
     shards = {s: 0 for s in SPLITS}
@@ -196,50 +239,76 @@ def _chunks(opts: PackOptions) -> Iterator[tuple[str, str, list[tuple[str, dict]
 
 def pack(opts: PackOptions) -> dict:
     """Packs and returns the manifest (also written to OUT/manifest.json, last)."""
-    if opts.dataset not in DATASETS:
-        raise DataError(f"unknown dataset '{opts.dataset}'; one of {', '.join(DATASETS)}")
+    _check(opts)
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    label_path = Path(opts.meta_csv or opts.label_file or Path(opts.root) / DATASETS[opts.dataset].label_file)
+    # As the readers find it: a relative label file is under the root, a meta CSV where it is named.
+    label_path = (Path(opts.meta_csv) if opts.meta_csv else
+                  Path(opts.root) / (opts.label_file or DATASETS[opts.dataset].label_file))
     identity = _identity(opts, label_path)
     _refuse_other_pack(out, identity)
-    # Written before the first shard, so an interrupted pack is only ever resumed with the same options and labels.
+    # Shards are only ever resumed with the options and labels they were written with; before the first, any go.
     started = out / "pack.json"
-    if started.exists() and json.loads(started.read_text()) != identity:
+    if started.exists() and any(out.glob("*.tar")) and json.loads(started.read_text()) != identity:
         raise DataError(f"{out} holds an unfinished pack made with other options or labels: pack into another --out, "
                         "or delete it")
-    started.write_text(json.dumps(identity, indent=2) + "\n")
+    # Reads and checks every label row, so bad labels stop the pack before anything is written.
+    route, total = splitter(_records(opts), opts.split, label_path.name)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(started, json.dumps(identity, indent=2) + "\n")
     for stale in out.glob("*.tmp"):
         stale.unlink()
     results: list[ShardResult] = []
-    progress = tqdm(desc=f"pack {opts.dataset}", unit="img", file=sys.stderr, disable=None)
-    with ProcessPoolExecutor(max_workers=opts.workers) as pool:
-        pending: set[Future] = set()
-        try:
-            for name, split, samples in _chunks(opts):
-                done = _existing(out, name, split, samples)
-                if done is not None:
-                    results.append(done)
-                    progress.update(done.count + len(done.skipped))
-                    continue
-                pending.add(pool.submit(write_shard, str(out), name, split, samples, opts.resize_shorter,
-                                        opts.skip_bad))
-                # A bounded window of shards in flight keeps memory flat for any dataset size.
-                while len(pending) >= 2 * opts.workers:
-                    pending = _collect(pending, results, progress)
-            while pending:
+    # In a log (nohup, sbatch) rather than on a terminal, a line every half minute.
+    progress = tqdm(total=total, desc=f"pack {opts.dataset}", unit="img", file=sys.stderr,
+                    mininterval=0.1 if sys.stderr.isatty() else 30)
+    pool = ProcessPoolExecutor(max_workers=opts.workers, initializer=_leave_sigint_to_main)
+    pending: set[Future] = set()
+    try:
+        for name, split, samples in _chunks(opts, route):
+            done = _existing(out, name, split, samples)
+            if done is not None:
+                results.append(done)
+                progress.update(done.count + len(done.skipped))
+                continue
+            pending.add(pool.submit(write_shard, str(out), name, split, samples, opts.resize_shorter, opts.skip_bad,
+                                    label_path.name))
+            # A bounded window of shards in flight keeps memory flat for any dataset size.
+            while len(pending) >= 2 * opts.workers:
                 pending = _collect(pending, results, progress)
-        except BaseException:
-            for f in pending:
-                f.cancel()
-            raise
-        finally:
-            progress.close()
+        while pending:
+            pending = _collect(pending, results, progress)
+    except KeyboardInterrupt:
+        # Stop now, not after the shards in flight: the rerun writes them again. ProcessPoolExecutor has no public way
+        # to end its workers before Python 3.14.
+        for process in list(pool._processes.values()):
+            process.terminate()
+        raise
+    finally:
+        progress.close()
+        pool.shutdown(cancel_futures=True)
     manifest = _manifest(opts, label_path, identity, results)
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    _write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _check(opts: PackOptions) -> None:
+    """Refuses options no pack can be made with, before anything is read or written."""
+    if opts.dataset not in DATASETS:
+        raise DataError(f"unknown dataset '{opts.dataset}'; one of {', '.join(DATASETS)}")
+    for flag, value in (("--shard-size", opts.shard_size), ("--workers", opts.workers),
+                        ("--resize-shorter", opts.resize_shorter)):
+        if value is not None and value < 1:
+            raise DataError(f"{flag} must be at least 1, not {value}")
+    out = Path(opts.out)
+    there = next(p for p in (out, *out.parents) if p.exists())
+    if not there.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder" if there == out else
+                        f"--out {out}: {there} is a file, not a folder")
+
+
+def _leave_sigint_to_main() -> None:
+    """Ctrl-C reaches every process of the terminal's group: the main process alone handles it, stopping the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _identity(opts: PackOptions, label_path: Path) -> dict:
@@ -362,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"pack: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("pack: interrupted; finished shards are kept, rerun the same command to continue", file=sys.stderr)
+        return 130
     counts = ", ".join(f"{s} {info['count']}" for s, info in manifest["splits"].items())
     print(f"pack: {args.out}: {counts}; skipped {len(manifest['skipped'])}")
     return 0

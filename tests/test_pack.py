@@ -1,6 +1,12 @@
+import hashlib
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -8,7 +14,7 @@ from PIL import Image
 
 from temu_dist.data.sources import DataError
 from temu_dist.data.splits import SplitSpec
-from temu_dist.pack import MANIFEST, PackOptions, main, pack, verify
+from temu_dist.pack import MANIFEST, PackOptions, main, pack, verify, write_shard
 from tests.conftest import write_kadid
 
 
@@ -72,7 +78,7 @@ def test_interrupted_pack_resumes_to_the_same_result(tmp_path):
     victim = tmp_path / "kadid" / "images" / "I03_02_01.png"
     good_bytes = victim.read_bytes()
     victim.write_bytes(good_bytes[:40])
-    with pytest.raises(DataError, match=r"I03_02_01.png \(label row \d+\): cannot read image"):
+    with pytest.raises(DataError, match=r"I03_02_01.png \(dmos.csv row \d+\): cannot read image"):
         pack(_opts(tmp_path / "kadid", tmp_path / "out", shard_size=2))
     out = tmp_path / "out"
     assert not (out / MANIFEST).exists()
@@ -146,3 +152,166 @@ def test_cli_packs_and_reports(tmp_path, capsys):
     assert "pack:" in capsys.readouterr().out
     assert main(["--dataset", "kadid10k", "--root", str(tmp_path / "none"), "--out", str(tmp_path / "o2")]) == 1
     assert "dmos.csv" in capsys.readouterr().err
+
+
+def _edit_row(csv_file: Path, row: int, column: int, value: str) -> None:
+    """Sets one cell of a label CSV (rows counted from 1, the header's)."""
+    lines = csv_file.read_text().splitlines()
+    cells = lines[row - 1].split(",")
+    cells[column] = value
+    lines[row - 1] = ",".join(cells)
+    csv_file.write_text("\n".join(lines) + "\n")
+
+
+def test_a_pack_stopped_before_its_first_shard_reruns_with_fixed_labels(tmp_path):
+    write_kadid(tmp_path / "kadid", refs=3, per_ref=2)
+    labels = tmp_path / "kadid" / "dmos.csv"
+    good = labels.read_text()
+    out = tmp_path / "out"
+    _edit_row(labels, 5, 2, "abc")
+    with pytest.raises(DataError, match=r"^dmos.csv row 5: MOS 'abc' is not a number$"):
+        pack(_opts(tmp_path / "kadid", out))
+    labels.unlink()
+    with pytest.raises(DataError, match=r"dmos.csv not found"):
+        pack(_opts(tmp_path / "kadid", out))
+    assert not out.exists(), "written before the labels were read"
+    # A bad image in the first shard: the labels were fine, but no shard was written, so other labels may follow.
+    labels.write_text(good)
+    (tmp_path / "kadid" / "images" / "I01_01_01.png").write_bytes(b"not an image")
+    one_shard = SplitSpec("ratio", (1.0, 0.0, 0.0))
+    with pytest.raises(DataError, match=r"images/I01_01_01.png \(dmos.csv row 2\): cannot read image"):
+        pack(_opts(tmp_path / "kadid", out, shard_size=100, split=one_shard))
+    assert (out / "pack.json").exists() and not list(out.glob("*.tar"))
+    labels.write_text("".join(line for line in good.splitlines(keepends=True) if "I01_01_01" not in line))
+    manifest = pack(_opts(tmp_path / "kadid", out, shard_size=100, split=one_shard))
+    assert sum(info["count"] for info in manifest["splits"].values()) == 5
+    assert verify(out) == []
+
+
+def test_resume_writes_again_the_shards_a_power_loss_cut_short(tmp_path, capsys):
+    write_kadid(tmp_path / "kadid", refs=4, per_ref=2)
+    clean = pack(_opts(tmp_path / "kadid", tmp_path / "clean", shard_size=2))
+    out = tmp_path / "out"
+    pack(_opts(tmp_path / "kadid", out, shard_size=2))
+    (out / MANIFEST).unlink()
+    shards = sorted(out.glob("*.tar"))
+    assert len(shards) >= 4
+    data = [s.read_bytes() for s in shards]
+    shards[0].write_bytes(b"")  # renamed before any of it reached the disk
+    shards[1].write_bytes(data[1][:len(data[1]) // 2])  # cut short
+    with tarfile.open(shards[2]) as tar:
+        last = tar.getmembers()[-1]
+    shards[2].write_bytes(data[2][:last.offset_data + 512 * -(-last.size // 512)])  # every member, no end of archive
+    shards[3].write_bytes(data[3][:1024] + bytes(len(data[3]) - 1024))  # zeros past the first header
+    resumed = pack(_opts(tmp_path / "kadid", out, shard_size=2))
+    assert resumed["splits"] == clean["splits"]
+    assert [s.read_bytes() for s in shards] == data
+    assert verify(out) == []
+    err = capsys.readouterr().err
+    assert all(f"{s} is incomplete; writing it again" in err for s in shards[:4])
+
+
+def _samples_of(root: Path, names: list[str]) -> list[tuple[str, dict]]:
+    return [(f"train-{i:08d}", {"name": n, "dataset": "kadid10k", "mos": 0.5, "mos_raw": 3.0, "ref": "I01.png",
+                                "split": "train", "row": i + 2, "path": str(root / n)}) for i, n in enumerate(names)]
+
+
+def test_a_shard_is_on_disk_before_its_final_name_and_no_stale_skip_list_stays(tmp_path, monkeypatch):
+    names = list(write_kadid(tmp_path / "kadid", refs=1, per_ref=2))
+    out = tmp_path / "out"
+    out.mkdir()
+    # A run stopped between its skip list and its shard's rename; the images are readable now.
+    (out / "train-000000.tar.skipped.json").write_text(json.dumps([{"name": names[0], "row": 2, "reason": "x"}]))
+    synced, renamed = set(), []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.add(os.fstat(fd).st_ino))
+
+    def replace(src, dst):
+        renamed.append((Path(dst).name, os.stat(src).st_ino in synced))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    result = write_shard(str(out), "train-000000.tar", "train", _samples_of(tmp_path / "kadid", names), None, False,
+                         "dmos.csv")
+    assert renamed == [("train-000000.tar", True)]
+    assert result.count == 2 and not (out / "train-000000.tar.skipped.json").exists()
+
+
+def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, capsys):
+    write_kadid(tmp_path / "kadid", refs=2, per_ref=2)
+    (tmp_path / "file").write_text("x")
+    base = ["--dataset", "kadid10k", "--root", str(tmp_path / "kadid")]
+    for args, message in [(["--out", str(tmp_path / "file")], f"--out {tmp_path / 'file'} is a file, not a folder"),
+                          (["--out", str(tmp_path / "file" / "sub")], f"{tmp_path / 'file'} is a file, not a folder"),
+                          (["--out", str(tmp_path / "o"), "--workers", "0"], "--workers must be at least 1, not 0"),
+                          (["--out", str(tmp_path / "o"), "--shard-size", "0"],
+                           "--shard-size must be at least 1, not 0"),
+                          (["--out", str(tmp_path / "o"), "--resize-shorter", "-5"],
+                           "--resize-shorter must be at least 1, not -5")]:
+        assert main(base + args) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_label_problems_stop_the_pack_with_one_line_naming_the_label_file(tmp_path, capsys):
+    write_kadid(tmp_path / "kadid", refs=2, per_ref=2)
+    labels = tmp_path / "kadid" / "dmos.csv"
+    good = labels.read_text()
+    args = ["--dataset", "kadid10k", "--root", str(tmp_path / "kadid"), "--out", str(tmp_path / "o")]
+    assert main([*args, "--split", "official"]) == 1
+    assert capsys.readouterr().err.startswith("pack: dmos.csv row 2 (images/I01_01_01.png) has no official split")
+    for row, column, message in [(None, None, "dmos.csv: lists no images"), (3, 0, "dmos.csv row 3: empty image name"),
+                                 (4, 1, "dmos.csv row 4: empty reference image name")]:
+        if row is None:
+            labels.write_text(good.splitlines()[0] + "\n")
+        else:
+            labels.write_text(good)
+            _edit_row(labels, row, column, "")
+        assert main(args) == 1
+        assert capsys.readouterr().err == f"pack: {message}\n"
+
+
+def test_relative_label_file_is_under_the_root(tmp_path, monkeypatch):
+    write_kadid(tmp_path / "kadid", refs=2, per_ref=2)
+    (tmp_path / "kadid" / "labels").mkdir()
+    moved = (tmp_path / "kadid" / "dmos.csv").rename(tmp_path / "kadid" / "labels" / "dmos.csv")
+    monkeypatch.chdir(tmp_path)
+    manifest = pack(_opts(tmp_path / "kadid", tmp_path / "out", label_file="labels/dmos.csv"))
+    assert manifest["source"]["label_file"] == str(moved)
+    assert manifest["source"]["label_sha256"] == hashlib.sha256(moved.read_bytes()).hexdigest()
+
+
+def test_progress_shows_its_total_when_stderr_is_no_terminal(tmp_path, capsys):
+    write_kadid(tmp_path / "kadid", refs=3, per_ref=2)
+    assert main(["--dataset", "kadid10k", "--root", str(tmp_path / "kadid"), "--out", str(tmp_path / "out"),
+                 "--workers", "1", "--ratios", "0.5", "0", "0.5"]) == 0
+    assert "6/6" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_the_workers_at_once_with_one_line(tmp_path):
+    """A worker stuck on an image (a named pipe nobody writes to) holds the pack: Ctrl-C, sent to the process group as
+    a terminal sends it, must end it at once, keeping the finished shards."""
+    write_kadid(tmp_path / "kadid", refs=2, per_ref=2)
+    stuck = tmp_path / "kadid" / "images" / "I02_02_01.png"
+    stuck.unlink()
+    os.mkfifo(stuck)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "temu_dist.pack", "--dataset", "kadid10k", "--root",
+                             str(tmp_path / "kadid"), "--out", str(out), "--shard-size", "1", "--workers", "2",
+                             "--ratios", "1", "0", "0"], stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # A test run in the background inherits SIGINT ignored; a terminal's pack would not.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 30
+        while not (out / "train-000000.tar").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130
+    assert err.splitlines()[-1] == "pack: interrupted; finished shards are kept, rerun the same command to continue"
+    assert "Traceback" not in err
+    assert (out / "train-000000.tar").exists() and not (out / MANIFEST).exists()

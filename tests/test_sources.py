@@ -312,6 +312,41 @@ def test_out_of_range_mos_names_file_and_row(tmp_path):
         list(read_records("agiqa3k", tmp_path))
 
 
+def test_label_file_not_utf8_names_file_and_row(tmp_path):
+    (tmp_path / "dmos.csv").write_bytes(b"dist_img,ref_img,dmos\na.png,r.png,2\nb\xe9.png,r.png,3\n")
+    with pytest.raises(DataError, match=r"^dmos.csv row 3: not UTF-8 text \(byte 0xe9\)$"):
+        list(read_records("kadid10k", tmp_path))
+    (tmp_path / "dmos.csv").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(DataError, match=r"^dmos.csv row 1: not UTF-8 text \(byte 0x89\)$"):
+        list(read_records("kadid10k", tmp_path))
+    (tmp_path / "AVA.txt").write_bytes(ava_line(1, "1", [1] * 10).encode() + b"2 caf\xe9 1 1\n")
+    with pytest.raises(DataError, match=r"^AVA.txt row 2: not UTF-8 text \(byte 0xe9\)$"):
+        list(read_records("ava", tmp_path))
+    meta = tmp_path / "meta_info_KADID10kDataset.csv"
+    meta.write_bytes(b"ref_name,dist_name,dmos\xe9\nI01.png,I01_01_01.png,2\n")
+    with pytest.raises(DataError, match=r"^meta_info_KADID10kDataset.csv row 1: not UTF-8 text"):
+        list(read_pyiqa_meta("kadid10k", tmp_path, meta))
+
+
+def test_label_file_without_rows_is_an_error(tmp_path):
+    write_csv(tmp_path / "dmos.csv", ["dist_img", "ref_img", "dmos"], [])
+    with pytest.raises(DataError, match=r"^dmos.csv: lists no images$"):
+        list(read_records("kadid10k", tmp_path))
+
+
+def test_empty_image_or_reference_name_names_the_row(tmp_path):
+    write_csv(tmp_path / "dmos.csv", ["dist_img", "ref_img", "dmos"], [["a.png", "r.png", 2], [" ", "r.png", 3]])
+    with pytest.raises(DataError, match=r"^dmos.csv row 3: empty image name$"):
+        list(read_records("kadid10k", tmp_path))
+    write_csv(tmp_path / "dmos.csv", ["dist_img", "ref_img", "dmos"], [["a.png", "r.png", 2], ["b.png", "", 3]])
+    with pytest.raises(DataError, match=r"^dmos.csv row 3: empty reference image name$"):
+        list(read_records("kadid10k", tmp_path))
+    meta = write_csv(tmp_path / "meta_info_KADID10kDataset.csv", ["ref_name", "dist_name", "dmos"],
+                     [["I01.png", "", 2.0]])
+    with pytest.raises(DataError, match=r"^meta_info_KADID10kDataset.csv row 2: empty image name$"):
+        list(read_pyiqa_meta("kadid10k", tmp_path, meta))
+
+
 def test_duplicate_image_is_an_error(tmp_path):
     write_csv(tmp_path / "dmos.csv", ["dist_img", "ref_img", "dmos"], [["a.png", "r.png", 2], ["a.png", "r.png", 3]])
     with pytest.raises(DataError, match=r"dmos.csv row 3: image 'images/a.png' already listed at row 2"):

@@ -33,16 +33,17 @@ def as_written(groups: list[str], spec: SplitSpec) -> dict[str, str]:
 def test_ratio_split_is_the_sorted_names_permuted(seed, index):
     spec = SplitSpec("ratio", (0.6, 0.2, 0.2), seed, index)
     recs = records(NAMES)
-    route = splitter(iter(recs), spec)
+    route, count = splitter(iter(recs), spec)
     expected = as_written(NAMES, spec)
     assert {r.name: route(r) for r in reversed(recs)} == expected
+    assert count == len(recs)
     assert set(expected.values()) == set(SPLITS)
 
 
 def test_split_by_reference_keeps_each_reference_in_one_split():
     refs = [f"I{i % 13:02d}.png" for i in range(len(NAMES))]
     spec = SplitSpec("ratio", (0.5, 0.25, 0.25), seed=2, by_reference=True)
-    route = splitter(iter(records(NAMES, refs)), spec)
+    route, _ = splitter(iter(records(NAMES, refs)), spec)
     by_ref = as_written(refs, spec)
     assert all(route(r) == by_ref[r.ref] for r in records(NAMES, refs))
 
@@ -51,12 +52,12 @@ def test_split_file_csv_and_pickle(tmp_path):
     recs = records(NAMES[:4])
     csv_file = tmp_path / "split.csv"
     csv_file.write_text("name,split\na.jpg,test\nab.jpg,train\nZ.jpg,val\n")
-    route = splitter(iter(recs), SplitSpec("file", file=str(csv_file)))
-    assert [route(r) for r in recs] == ["test", None, "train", "val"]
+    route, count = splitter(iter(recs), SplitSpec("file", file=str(csv_file)))
+    assert [route(r) for r in recs] == ["test", None, "train", "val"] and count == 3
     pkl = tmp_path / "split.pkl"
     pkl.write_bytes(pickle.dumps({1: {"train": [3, 0], "val": [], "test": [2]}, 2: {"train": [1]}}))
-    route = splitter(iter(recs), SplitSpec("file", file=str(pkl)))
-    assert [route(r) for r in recs] == ["train", None, "test", "train"]
+    route, count = splitter(iter(recs), SplitSpec("file", file=str(pkl)))
+    assert [route(r) for r in recs] == ["train", None, "test", "train"] and count == 3
 
 
 def test_split_file_errors_name_what_is_wrong(tmp_path):
@@ -71,12 +72,23 @@ def test_split_file_errors_name_what_is_wrong(tmp_path):
         splitter(iter(recs), SplitSpec("file", file=str(pkl)))
 
 
+def test_split_file_not_utf8_or_empty_is_refused(tmp_path):
+    recs = records(NAMES[:4])
+    csv_file = tmp_path / "split.csv"
+    csv_file.write_bytes(b"name,split\na.jpg,train\n\xe9.jpg,test\n")
+    with pytest.raises(DataError, match=r"split.csv: not UTF-8 text"):
+        splitter(iter(recs), SplitSpec("file", file=str(csv_file)))
+    csv_file.write_text("name,split\n")
+    with pytest.raises(DataError, match=r"split.csv lists no images"):
+        splitter(iter(recs), SplitSpec("file", file=str(csv_file)))
+
+
 def test_official_split_checks_every_record_before_routing_any():
     recs = records(["a.jpg", "b.jpg", "c.jpg"], splits=["train", "test", None])
-    with pytest.raises(DataError, match=r"row 3 \(c.jpg\) has no official split"):
-        splitter(iter(recs), SplitSpec("official"))
-    route = splitter(iter(recs[:2]), SplitSpec("official"))
-    assert [route(r) for r in recs[:2]] == ["train", "test"]
+    with pytest.raises(DataError, match=r"^labels.csv row 3 \(c.jpg\) has no official split"):
+        splitter(iter(recs), SplitSpec("official"), "labels.csv")
+    route, count = splitter(iter(recs[:2]), SplitSpec("official"))
+    assert [route(r) for r in recs[:2]] == ["train", "test"] and count == 2
 
 
 def test_bad_ratios_are_refused_before_any_record_is_read():

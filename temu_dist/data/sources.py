@@ -134,24 +134,50 @@ def normalise(dataset: str, raw: float) -> float:
 
 def _record(dataset: str, root: Path, name: str, value: object, label: Path, row: int, ref: str | None = None,
             split: str | None = None, raw_range: tuple[float, float] | None = None) -> Record:
-    if not PurePosixPath(name).name:
+    # A name ending in "/" is a reader's folder prefix with an empty cell after it.
+    if not PurePosixPath(name).name or name.endswith("/"):
         raise DataError(f"{label.name} row {row}: empty image name")
+    if ref == "":  # the split by reference image would take the image for its own reference
+        raise DataError(f"{label.name} row {row}: empty reference image name")
     info = DATASETS[dataset]
     raw_range = raw_range or info.raw_range
     raw = _checked(dataset, value, label, row, raw_range)
     return Record(name, root / name, _scale(raw, raw_range, info.higher_better), raw, ref, split, row)
 
 
+def _not_utf8(path: Path) -> DataError:
+    """The error for a text file that does not decode, naming its first bad line (the decoder only knows a position
+    in the block it was reading)."""
+    with path.open("rb") as fh:
+        for row, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return DataError(f"{path.name} row {row}: not UTF-8 text (byte {line[e.start]:#04x})")
+    return DataError(f"{path.name}: not UTF-8 text")
+
+
+def _lines(fh: Iterable[str], path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) pairs of a text file opened as UTF-8."""
+    try:
+        yield from enumerate(fh, 1)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
 def _csv_rows(path: Path, columns: Iterable[str]) -> Iterator[tuple[int, dict[str, str]]]:
     """(line, row) pairs, streamed; the header must hold every column asked for."""
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
-        for col in columns:
-            if col not in reader.fieldnames:
-                raise DataError(f"{path.name}: no column '{col}' (columns: {', '.join(reader.fieldnames)})")
-        for row in reader:
-            yield reader.line_num, row
+        try:
+            reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
+            for col in columns:
+                if col not in reader.fieldnames:
+                    raise DataError(f"{path.name}: no column '{col}' (columns: {', '.join(reader.fieldnames)})")
+            for row in reader:
+                yield reader.line_num, row
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
 
 
 def _xlsx_rows(path: Path, sheet: str | None, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, object]]]:
@@ -252,9 +278,12 @@ def _read_flive(root: Path, label: Path) -> Iterator[Record]:
 
 def _read_ava(root: Path, label: Path) -> Iterator[Record]:
     test_list = label.parent / "aesthetics_image_lists" / "generic_test.jpgl"
-    test = set(test_list.read_text().split()) if test_list.is_file() else None
-    with label.open() as fh:
-        for row, line in enumerate(fh, 1):
+    try:
+        test = set(test_list.read_text(encoding="utf-8").split()) if test_list.is_file() else None
+    except UnicodeDecodeError:
+        raise _not_utf8(test_list) from None
+    with label.open(encoding="utf-8") as fh:
+        for row, line in _lines(fh, label):
             fields = line.split()
             if not fields:
                 continue
@@ -339,6 +368,8 @@ def _unique(read: Callable[[], Iterator[Record]], label: Path) -> Iterator[Recor
     for rec in read():
         keys.append(name_key(rec.name))
         yield rec
+    if not keys:  # else a finished pack of nothing
+        raise DataError(f"{label.name}: lists no images")
     keys_np = np.frombuffer(keys, dtype=np.int64)
     in_order = np.sort(keys_np)
     if not (in_order[1:] == in_order[:-1]).any():
@@ -393,7 +424,10 @@ _META_SPLIT_VALUES = {"0": "train", "1": "val", "2": "test", **{s: s for s in _S
 def _read_meta(dataset: str, root: Path, meta: Path, image_dir: Path) -> Iterator[Record]:
     spec, info = _PYIQA_META[dataset], DATASETS[dataset]
     with meta.open(newline="", encoding="utf-8-sig") as fh:
-        header = [c.strip() for c in next(csv.reader(fh), [])]
+        try:
+            header = [c.strip() for c in next(csv.reader(fh), [])]
+        except UnicodeDecodeError:
+            raise _not_utf8(meta) from None
     split_col = next((c for c in _META_SPLIT_COLUMNS if c in header), None) if info.official_split else None
     columns = [c for c in (spec.name_col, spec.mos_col, spec.ref_col) if c]
     for i, (row, rec) in enumerate(_csv_rows(meta, columns)):
@@ -404,7 +438,8 @@ def _read_meta(dataset: str, root: Path, meta: Path, image_dir: Path) -> Iterato
             split = _META_SPLIT_VALUES.get(rec[split_col].strip())
             if split is None:
                 raise DataError(f"{meta.name} row {row}: {split_col} {rec[split_col]!r} is not 0/1/2 or train/val/test")
-        name = Path(os.path.relpath(image_dir / rec[spec.name_col].strip(), root)).as_posix()
+        cell = rec[spec.name_col].strip()
+        name = Path(os.path.relpath(image_dir / cell, root)).as_posix() if cell else ""  # "": reported as empty
         ref = PurePosixPath(rec[spec.ref_col].strip()).name if spec.ref_col else None
         yield _record(dataset, root, name, rec[spec.mos_col], meta, row, ref, split, spec.raw_range)
 

@@ -91,19 +91,24 @@ def _file_assignment(spec: SplitSpec) -> dict[str, str] | dict[int, str]:
     if path.suffix == ".pkl":
         return {i: split for split, rows in read_pyiqa_split(path, spec.index).items() for i in rows}
     assignment = {}
-    with open(path, newline="") as fh:
-        for row_no, row in enumerate(csv.reader(fh), start=1):
-            if row_no == 1 and row[:2] == ["name", "split"]:
-                continue
-            if len(row) != 2 or row[1] not in SPLITS:
-                raise DataError(f"{path} row {row_no}: expected 'name,split' with split one of {', '.join(SPLITS)}")
-            assignment[row[0]] = row[1]
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        try:
+            for row_no, row in enumerate(csv.reader(fh), start=1):
+                if row_no == 1 and row[:2] == ["name", "split"]:
+                    continue
+                if len(row) != 2 or row[1] not in SPLITS:
+                    raise DataError(f"{path} row {row_no}: expected 'name,split' with split one of {', '.join(SPLITS)}")
+                assignment[row[0]] = row[1]
+        except UnicodeDecodeError:
+            raise DataError(f"split file {path}: not UTF-8 text") from None
     return assignment
 
 
 def _file_codes(records: Iterable[Record], spec: SplitSpec) -> np.ndarray:
     """Each record's split code from the split file (NOT_LISTED where it leaves the record out)."""
     assignment = _file_assignment(spec)
+    if not assignment:  # else a finished pack of nothing
+        raise DataError(f"split file {spec.file} lists no images")
     by_position = Path(spec.file).suffix == ".pkl"
     codes = array("B")
     for position, r in enumerate(records):
@@ -118,24 +123,23 @@ def _file_codes(records: Iterable[Record], spec: SplitSpec) -> np.ndarray:
     return np.frombuffer(codes, dtype=np.uint8)
 
 
-def _official(record: Record) -> str:
-    if record.split is None:
-        raise DataError(f"row {record.row} ({record.name}) has no official split: this release has none, "
-                        "use the ratio protocol")
-    return record.split
-
-
-def splitter(records: Iterable[Record], spec: SplitSpec) -> Callable[[Record], str | None]:
-    """A function record -> 'train' | 'val' | 'test' (None: a split file leaves it out).
+def splitter(records: Iterable[Record], spec: SplitSpec,
+             label: str = "label file") -> tuple[Callable[[Record], str | None], int]:
+    """A function record -> 'train' | 'val' | 'test' (None: a split file leaves it out), and how many records it
+    sends to a split. `label` names the label file in messages.
 
     Reads every record of `records` first, so a bad label row or a repeated name stops the packer before it writes a
     shard. Keeps 9 bytes a record (its name's key and split code), so the packer can stream the records again
     afterwards with memory flat whatever the dataset's size.
     """
     if spec.protocol == "official":
+        count = 0
         for record in records:
-            _official(record)
-        return _official
+            if record.split is None:
+                raise DataError(f"{label} row {record.row} ({record.name}) has no official split: this release has "
+                                "none, use the ratio protocol")
+            count += 1
+        return lambda record: record.split, count
     keys = array("q")
 
     def keyed() -> Iterator[Record]:
@@ -155,4 +159,4 @@ def splitter(records: Iterable[Record], spec: SplitSpec) -> Callable[[Record], s
             return None
         return SPLITS[sorted_codes[i]]
 
-    return route
+    return route, int((codes != NOT_LISTED).sum())
