@@ -365,10 +365,15 @@ def _manifest(opts: PackOptions, label_path: Path, identity: dict, results: list
 def verify(directory: str | Path) -> list[str]:
     """What is wrong with a finished pack (empty: nothing): missing shards, hashes and counts that differ."""
     directory = Path(directory)
+    path = directory / MANIFEST
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        return [f"{directory / MANIFEST} is missing: the pack never finished (rerun the same pack command)"]
+        return [f"{path} is missing: the pack never finished (rerun the same pack command)"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [f"{path}: unreadable ({e}): rerun the pack command"]
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        return [f"{path}: not a pack manifest (no 'splits'): rerun the pack command"]
     problems = []
     for split, info in manifest["splits"].items():
         total = 0

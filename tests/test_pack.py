@@ -124,6 +124,10 @@ def test_verify_names_what_is_wrong(tmp_path, capsys):
     assert any(shards[0].name in p and "sha256" in p for p in problems)
     assert any(shards[1].name in p and "missing" in p for p in problems)
     assert main(["--verify", str(out)]) == 1
+    for damaged, says in (("{", "unreadable"), ("[]", "not a pack manifest")):
+        (out / "manifest.json").write_text(damaged)
+        problems = verify(out)
+        assert len(problems) == 1 and f"manifest.json: {says}" in problems[0]
     assert shards[1].name in capsys.readouterr().err
     assert "never finished" in verify(tmp_path / "nothing")[0]
 
