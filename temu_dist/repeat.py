@@ -6,7 +6,8 @@
 Split i trains on the pack named by data.train with "{split}" replaced by i (pack them with
 `python -m temu_dist.pack ... --out shards/agiqa3k/split$i --split-index $i`), in run folder NAME-split{i}. Finished
 splits are not trained again (each run resumes or returns its results), so a broken series continues where it stopped.
-Writes out_dir/NAME/repeat.json and prints it.
+Writes out_dir/NAME/repeat.json and prints it. MLflow: a parent run NAME with each split's run as a child, and the
+mean and standard deviation of every set's metrics (SET/srcc_mean, SET/srcc_std, ...) once all splits are done.
 """
 from __future__ import annotations
 
@@ -20,16 +21,18 @@ from pathlib import Path
 from accelerate import PartialState
 
 from temu_dist.config import Config, ConfigError, load_config
+from temu_dist.tracking import finish_parent, parent_run, tracking_uri
 from temu_dist.train import NonFiniteLoss, train
 
 METRICS = ("srcc", "plcc", "krcc")
 
 
-def split_config(config: Config, index: int) -> Config:
+def split_config(config: Config, index: int, parent: str | None = None) -> Config:
     if not config.data.train or "{split}" not in config.data.train:
         raise ConfigError("data.train: must contain {split}, e.g. shards/agiqa3k/split{split}, for repeat")
     data = config.data.model_copy(update={"train": config.data.train.format(split=index)})
-    return config.model_copy(update={"data": data, "name": f"{config.name}-split{index}"})
+    tracking = config.tracking.model_copy(update={"parent_run_id": parent})
+    return config.model_copy(update={"data": data, "name": f"{config.name}-split{index}", "tracking": tracking})
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -46,19 +49,31 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def repeat(config: Config, splits: int) -> dict:
+    split_config(config, 0)  # a data.train without {split} fails before anything is made
+    main = PartialState().is_main_process
+    out = Path(config.out_dir) / config.name
+    uri = tracking_uri(config)
+    parent = None
+    if main and config.tracking.enabled:
+        params = {"splits": splits, "data.train": config.data.train, "key_metric": config.train.key_metric}
+        parent = parent_run(uri, config.tracking.experiment, config.name, out / "mlflow_parent_run_id", params,
+                            {"temu.repeat": "true"}, "repeat")
     runs = []
     for i in range(splits):
         results_file = split_config(config, i).run_dir() / "results.json"
         if results_file.exists():
             runs.append(json.loads(results_file.read_text()))
             continue
-        runs.append(train(split_config(config, i)))
+        runs.append(train(split_config(config, i, parent)))
     summary = {"config": config.name, "splits": splits, "key_metric": config.train.key_metric,
                "sets": summarize(runs), "runs": [r["run_dir"] for r in runs]}
-    if PartialState().is_main_process:
-        out = Path(config.out_dir) / config.name
+    if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "repeat.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if parent is not None:
+            metrics = {f"{name}/{metric}_{stat}": values[stat] for name, by_metric in summary["sets"].items()
+                       for metric, values in by_metric.items() for stat in ("mean", "std")}
+            finish_parent(uri, parent, [out / "repeat.json"], metrics, {}, ok=True)
     return summary
 
 

@@ -126,6 +126,47 @@ class Tracker:
             self._guard(self.mlflow.end_run, status)
 
 
+def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict[str, Any], tags: dict[str, str],
+               what: str) -> str | None:
+    """An MLflow run that groups others as its children (a search's trials, a repeat's splits): made once, found
+    again from `id_file` when the interrupted command is rerun. None, with a warning, where MLflow is not usable."""
+    try:
+        import mlflow
+
+        http_limits(uri)
+        mlflow.set_tracking_uri(uri)
+        _check_reachable(uri)
+        experiment_id = use_experiment(mlflow, experiment, uri).experiment_id
+        if id_file.exists():
+            return id_file.read_text().strip()
+        client = mlflow.MlflowClient(uri)
+        run = client.create_run(experiment_id, run_name=name, tags=tags)
+        for key, value in params.items():
+            client.log_param(run.info.run_id, key, str(value)[:500])
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run.info.run_id)
+        return run.info.run_id
+    except Exception as e:  # noqa: BLE001 - tracking trouble must not stop the work it tracks
+        warnings.warn(f"MLflow at {uri} is not usable ({type(e).__name__}: {str(e).splitlines()[0]}); the {what} goes "
+                      "on untracked", stacklevel=2)
+        return None
+
+
+def finish_parent(uri: str, run_id: str, artifacts: list[Path], metrics: dict[str, float], tags: dict[str, str],
+                  ok: bool) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    for key, value in metrics.items():
+        if not math.isnan(value):
+            client.log_metric(run_id, key, value)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
 def _check_reachable(uri: str) -> None:
     """Fail fast on an http(s) server that does not answer, instead of MLflow's long retries."""
     if not uri.startswith(("http://", "https://")):

@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal
 from pydantic import ValidationError
 
 from temu_dist.config import ConfigError, Section, apply_overrides, dump, load_config, one_line_error, read_yaml
-from temu_dist.tracking import USER_TRACKING_URI, default_store, http_limits, use_experiment
+from temu_dist.tracking import USER_TRACKING_URI, default_store, finish_parent, parent_run
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -194,31 +194,6 @@ def _tracking_uri(search: SearchConfig, address: str | None) -> str:
     return uri
 
 
-def _parent_run(search: SearchConfig, search_dir: Path, uri: str, experiment_name: str, metric: str) -> str | None:
-    """The search's MLflow run, created once and found again when a killed search is resumed."""
-    import mlflow
-
-    id_file = search_dir / "mlflow_parent_run_id"
-    try:
-        http_limits(uri)
-        mlflow.set_tracking_uri(uri)
-        experiment = use_experiment(mlflow, experiment_name, uri)
-        if id_file.exists():
-            return id_file.read_text().strip()
-        client = mlflow.MlflowClient(uri)
-        run = client.create_run(experiment.experiment_id, run_name=search.name, tags={"temu.search": "true"})
-        params = {f"space.{k}": json.dumps(v) for k, v in search.space.items()}
-        params.update({"base": search.base, "num_samples": search.num_samples, "metric": metric})
-        for key, value in params.items():
-            client.log_param(run.info.run_id, key, str(value)[:500])
-        id_file.write_text(run.info.run_id)
-        return run.info.run_id
-    except Exception as e:  # noqa: BLE001 - tracking trouble must not stop the search
-        warnings.warn(f"MLflow at {uri} is not usable ({type(e).__name__}: {e}); the search goes on untracked",
-                      stacklevel=2)
-        return None
-
-
 def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     """Runs (or resumes) the search; returns the summary also written to out_dir/name/search.json."""
     import ray
@@ -231,7 +206,10 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     metric = search.metric or base["train"]["key_metric"]
     address = search.address or os.environ.get("RAY_ADDRESS")
     uri = _tracking_uri(search, address)
-    parent = _parent_run(search, search_dir, uri, base["tracking"]["experiment"], metric)
+    params = {f"space.{k}": json.dumps(v) for k, v in search.space.items()}
+    params.update({"base": search.base, "num_samples": search.num_samples, "metric": metric})
+    parent = parent_run(uri, base["tracking"]["experiment"], search.name, search_dir / "mlflow_parent_run_id", params,
+                        {"temu.search": "true"}, "search")
     if not ray.is_initialized():
         if address:
             ray.init(address=address)
@@ -291,16 +269,10 @@ def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: st
     if best is not None:
         best_config = search_dir / "trials" / best["trial"] / "config.yaml"
     if parent is not None:
-        import mlflow
-
-        client = mlflow.MlflowClient(uri)
-        for path in [search_dir / "search.json", *plots, *([best_config] if best_config and best_config.exists()
-                                                            else [])]:
-            client.log_artifact(parent, str(path))
-        if best is not None:
-            client.log_metric(parent, f"best/{metric}", float(best["best"]))
-            client.set_tag(parent, "best_trial", best["trial"])
-        client.set_terminated(parent, "FINISHED" if ok else "FAILED")
+        artifacts = [search_dir / "search.json", *plots, *([best_config] if best_config and best_config.exists()
+                                                           else [])]
+        finish_parent(uri, parent, artifacts, {f"best/{metric}": float(best["best"])} if best else {},
+                      {"best_trial": best["trial"]} if best else {}, bool(ok))
     return summary
 
 

@@ -205,6 +205,14 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     assert summary["sets"]["test"]["srcc"]["values"] == values
     assert summary["sets"]["test"]["srcc"]["mean"] == pytest.approx(sum(values) / 2)
     assert json.loads((tmp_path / "rep" / "repeat.json").read_text())["splits"] == 2
+    # In MLflow, a parent run for the series holds the splits' runs and the mean and spread of their metrics.
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    found = client.search_runs([client.get_experiment_by_name("temu-dist").experiment_id])
+    parent = next(r for r in found if r.data.tags.get("temu.repeat") == "true")
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "rep"
+    assert parent.data.metrics["test/srcc_mean"] == pytest.approx(summary["sets"]["test"]["srcc"]["mean"])
+    assert sorted(r.info.run_name for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id) == \
+        ["rep-split0", "rep-split1"]
     mtime = (tmp_path / "rep-split0" / "results.json").stat().st_mtime_ns
     assert repeat(config, 2)["sets"] == summary["sets"]
     assert (tmp_path / "rep-split0" / "results.json").stat().st_mtime_ns == mtime
