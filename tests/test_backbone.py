@@ -138,6 +138,7 @@ def test_a_state_dict_file_needs_quick_gelu_said_and_gets_what_is_said(tmp_path)
         {"GELU"}
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # making the stand-in archive
 def test_a_torchscript_archive_is_openais_release_and_loads_with_quick_gelu(tmp_path):
     # OpenAI's own files hold their weights as a TorchScript module's state; mimic one, holding a tiny CLIP's weights.
     source = create_clip(tiny_config().model, seed=123)

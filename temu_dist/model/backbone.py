@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -51,7 +52,12 @@ def create_clip(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     torchscript = file is not None and _is_torchscript(file)
     quick_gelu = _quick_gelu(cfg, file, torchscript)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            if torchscript:
+                # torch announces that it hands the archive to torch.jit.load, and that TorchScript is deprecated: the
+                # archive is only read for its weights.
+                warnings.filterwarnings("ignore", "'torch.load' received a zip file that looks like a TorchScript")
+                warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
             torch.manual_seed(seed)
             model = open_clip.create_model(
                 name,
