@@ -64,8 +64,9 @@ class Tracker:
     """Logs to MLflow when `active`; every method is a no-op otherwise (other ranks, tracking off or unreachable)."""
 
     def __init__(self, config: Config, run_dir: Path, active: bool, resuming: bool = False,
-                 tags: dict[str, str] | None = None):
-        """`tags`: what the config does not say about the run (processes, batch split, device, versions)."""
+                 tags: dict[str, str] | None = None, past: list[tuple[int, dict[str, float]]] | None = None):
+        """`tags`: what the config does not say about the run (processes, batch split, device, versions); `past`: a
+        resumed run's epochs (step, metrics), logged again if its MLflow run is not in this store."""
         self.active = active and config.tracking.enabled
         self.run_id: str | None = None
         if not self.active:
@@ -82,6 +83,9 @@ class Tracker:
             use_experiment(mlflow, config.tracking.experiment, uri)
             # A resumed run continues the same MLflow run; a fresh one (train.resume=never) starts its own.
             resume_id = id_file.read_text().strip() if resuming and id_file.exists() else None
+            moved = resume_id is not None and not _in_store(mlflow, resume_id)
+            if moved:  # tracked into another store before (tracking.uri changed): a new run, given the past epochs
+                resume_id = None
             parent = {"mlflow.parentRunId": config.tracking.parent_run_id} if config.tracking.parent_run_id else None
             run = mlflow.start_run(run_id=resume_id, run_name=None if resume_id else config.name, tags=parent)
             self.run_id = run.info.run_id
@@ -100,6 +104,9 @@ class Tracker:
         self._guard(mlflow.set_tags, {"dataset": config.data.train or "", "variant": m.variant, "prompt": m.prompt,
                                       "layers": m.layers, "backbone": m.backbone, **(tags or {})})
         self.artifact(run_dir / "config.yaml")
+        if moved:
+            for step, values in past or []:
+                self.metrics(values, step)
 
     def _guard(self, fn, *args, **kwargs) -> None:
         if not self.active:
@@ -165,6 +172,14 @@ def finish_parent(uri: str, run_id: str, artifacts: list[Path], metrics: dict[st
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def _in_store(mlflow: Any, run_id: str) -> bool:
+    try:
+        mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
 
 
 def _check_reachable(uri: str) -> None:

@@ -326,7 +326,8 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         tmp = run_dir / "config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(dump(config), sort_keys=False))
         os.replace(tmp, run_dir / "config.yaml")
-    tracker = Tracker(config, run_dir, main, resuming=last is not None, tags=_run_tags(accelerator, plan))
+    tracker = Tracker(config, run_dir, main, resuming=last is not None, tags=_run_tags(accelerator, plan),
+                      past=[(h["epoch"], epoch_metrics(h)) for h in resumed.get("history", [])])
     run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,
               on_epoch, **resumed)
     try:

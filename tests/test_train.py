@@ -85,10 +85,13 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypat
 
     monkeypatch.setattr(train_mod, "loss_fn", dies_in_epoch_3)
     with pytest.raises(Interrupted):
-        train(run_config(tmp_path / "b", shards, "train.epochs=3"))
+        # Tracked elsewhere at first: the resumed run's store does not hold this MLflow run.
+        train(run_config(tmp_path / "b", shards, "train.epochs=3", f"tracking.uri=sqlite:///{tmp_path / 'old.db'}"))
     monkeypatch.setattr(train_mod, "loss_fn", real)
     resumed = train(run_config(tmp_path / "b", shards, "train.epochs=3"))
     assert _comparable(resumed["history"]) == _comparable(whole["history"])
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(resumed["mlflow_run_id"], "train/loss")] == [1, 2, 3]
     assert resumed["best_epoch"] == whole["best_epoch"]
     a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "last" / "weights.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "last" / "weights.safetensors"))
