@@ -22,9 +22,13 @@ USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to plain values; a list of sections (eval.cross) by position, eval.cross.0.name, so each of its
+    fields is a column of its own in the UI."""
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            value = {str(i): v for i, v in enumerate(value)}
         if isinstance(value, dict):
             out.update(flatten(value, name + "."))
         else:
