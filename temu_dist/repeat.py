@@ -52,19 +52,24 @@ def repeat(config: Config, splits: int) -> dict:
     split_config(config, 0)  # a data.train without {split} fails before anything is made
     main = PartialState().is_main_process
     out = Path(config.out_dir) / config.name
-    uri = tracking_uri(config)
+    uri = tracking_uri(config.tracking.uri, config.out_dir)
     parent = None
     if main and config.tracking.enabled:
         params = {"splits": splits, "data.train": config.data.train, "key_metric": config.train.key_metric}
         parent = parent_run(uri, config.tracking.experiment, config.name, out / "mlflow_parent_run_id", params,
                             {"temu.repeat": "true"}, "repeat")
     runs = []
-    for i in range(splits):
-        results_file = split_config(config, i).run_dir() / "results.json"
-        if results_file.exists():
-            runs.append(json.loads(results_file.read_text()))
-            continue
-        runs.append(train(split_config(config, i, parent)))
+    try:
+        for i in range(splits):
+            results_file = split_config(config, i).run_dir() / "results.json"
+            if results_file.exists():
+                runs.append(json.loads(results_file.read_text()))
+                continue
+            runs.append(train(split_config(config, i, parent)))
+    except BaseException:
+        if parent is not None:
+            finish_parent(uri, parent, [], {}, {}, ok=False)
+        raise
     summary = {"config": config.name, "splits": splits, "key_metric": config.train.key_metric,
                "sets": summarize(runs), "runs": [r["run_dir"] for r in runs]}
     if main:

@@ -36,8 +36,10 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def tracking_uri(config: Config) -> str:
-    return config.tracking.uri or USER_TRACKING_URI or default_store(config.out_dir)
+def tracking_uri(uri: str | None, out_dir: str | Path) -> str:
+    """The store a run or search under out_dir tracks into: the one its config names, else the user's
+    MLFLOW_TRACKING_URI, else out_dir's own."""
+    return uri or USER_TRACKING_URI or default_store(out_dir)
 
 
 def default_store(out_dir: str | Path) -> str:
@@ -48,7 +50,7 @@ def use_experiment(mlflow: Any, name: str, uri: str) -> Any:
     """Sets (making it if new) the experiment. MLflow would put a sqlite store's artifacts in ./mlruns of whatever
     folder the command ran in; they go beside the store instead, so a run's files stay with the runs."""
     if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
-        artifacts = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+        artifacts = Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
         try:
             mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
         except mlflow.exceptions.MlflowException:
@@ -75,7 +77,7 @@ class Tracker:
         self.run_id: str | None = None
         if not self.active:
             return
-        uri = tracking_uri(config)
+        uri = tracking_uri(config.tracking.uri, config.out_dir)
         id_file = run_dir / "mlflow_run_id"
         try:
             import mlflow
@@ -87,8 +89,9 @@ class Tracker:
             use_experiment(mlflow, config.tracking.experiment, uri)
             # A resumed run continues the same MLflow run; a fresh one (train.resume=never) starts its own.
             resume_id = id_file.read_text().strip() if resuming and id_file.exists() else None
-            moved = resume_id is not None and not _in_store(mlflow, resume_id)
-            if moved:  # tracked into another store before (tracking.uri changed): a new run, given the past epochs
+            # Untracked before, or tracked into another store (tracking.uri changed): a new run, given the past epochs.
+            fresh_history = resuming and (resume_id is None or not _in_store(mlflow, resume_id))
+            if fresh_history:
                 resume_id = None
             parent = {"mlflow.parentRunId": config.tracking.parent_run_id} if config.tracking.parent_run_id else None
             run = mlflow.start_run(run_id=resume_id, run_name=None if resume_id else config.name, tags=parent)
@@ -96,7 +99,7 @@ class Tracker:
             id_file.write_text(self.run_id)
             existing = mlflow.get_run(self.run_id).data.params
         except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
-            warnings.warn(f"MLflow tracking at {uri} is not usable ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            warnings.warn(f"MLflow tracking at {uri} is not usable ({_first_line(e)}); "
                           f"training goes on and results stay in {run_dir}", stacklevel=2)
             self.active = False
             return
@@ -108,7 +111,7 @@ class Tracker:
         self._guard(mlflow.set_tags, {"dataset": config.data.train or "", "variant": m.variant, "prompt": m.prompt,
                                       "layers": m.layers, "backbone": m.backbone, **(tags or {})})
         self.artifact(run_dir / "config.yaml")
-        if moved:
+        if fresh_history:
             for step, values in past or []:
                 self.metrics(values, step)
 
@@ -118,7 +121,7 @@ class Tracker:
         try:
             fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - a server that goes away mid-run is a warning
-            warnings.warn(f"MLflow call {fn.__name__} failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            warnings.warn(f"MLflow call {fn.__name__} failed ({_first_line(e)}); "
                           "tracking stops, training goes on", stacklevel=2)
             self.active = False
 
@@ -148,8 +151,9 @@ def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict
         mlflow.set_tracking_uri(uri)
         _check_reachable(uri)
         experiment_id = use_experiment(mlflow, experiment, uri).experiment_id
-        if id_file.exists():
-            return id_file.read_text().strip()
+        known = id_file.read_text().strip() if id_file.exists() else None
+        if known and _in_store(mlflow, known):
+            return known
         client = mlflow.MlflowClient(uri)
         run = client.create_run(experiment_id, run_name=name, tags=tags)
         for key, value in params.items():
@@ -158,24 +162,32 @@ def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict
         id_file.write_text(run.info.run_id)
         return run.info.run_id
     except Exception as e:  # noqa: BLE001 - tracking trouble must not stop the work it tracks
-        warnings.warn(f"MLflow at {uri} is not usable ({type(e).__name__}: {str(e).splitlines()[0]}); the {what} goes "
-                      "on untracked", stacklevel=2)
+        warnings.warn(f"MLflow at {uri} is not usable ({_first_line(e)}); the {what} goes on untracked", stacklevel=2)
         return None
 
 
 def finish_parent(uri: str, run_id: str, artifacts: list[Path], metrics: dict[str, float], tags: dict[str, str],
                   ok: bool) -> None:
-    import mlflow
+    """Logs a parent run's results and ends it; trouble with MLflow is a warning, the results are on disk."""
+    try:
+        import mlflow
 
-    client = mlflow.MlflowClient(uri)
-    for path in artifacts:
-        client.log_artifact(run_id, str(path))
-    for key, value in metrics.items():
-        if not math.isnan(value):
-            client.log_metric(run_id, key, value)
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
-    client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+        client = mlflow.MlflowClient(uri)
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+        for key, value in metrics.items():
+            if not math.isnan(value):
+                client.log_metric(run_id, key, value)
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+    except Exception as e:  # noqa: BLE001 - the work is done and written; only its record in MLflow is missing
+        warnings.warn(f"MLflow at {uri}: could not finish run {run_id} ({_first_line(e)})", stacklevel=2)
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _in_store(mlflow: Any, run_id: str) -> bool:

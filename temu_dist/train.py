@@ -4,8 +4,9 @@ Ray Tune.
     python -m temu_dist.train --config configs/X.yaml [key=value ...]
     accelerate launch --config_file launch/gpu1.yaml -m temu_dist.train --config configs/X.yaml [key=value ...]
 
-Each run writes one folder, out_dir/name: config.yaml (resolved), checkpoints/{last,best}, results.json, plots/ and,
-by default, the MLflow store mlflow.db. Rerunning the same command continues from checkpoints/last (train.resume=auto).
+Each run writes one folder, out_dir/name: config.yaml (resolved), checkpoints/{last,best}, results.json and plots/;
+by default it tracks into out_dir/mlflow.db, the MLflow store of every run under out_dir. Rerunning the same command
+continues from checkpoints/last (train.resume=auto).
 """
 from __future__ import annotations
 
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.model.pretrained is None:
         print("train: model.pretrained is null: a random backbone carries little quality information; these figures "
               "show the pipeline working, not what TeMu-IQA reaches with pretrained weights")
-    uri = tracking_uri(config)
+    uri = tracking_uri(config.tracking.uri, config.out_dir)
     if results["mlflow_run_id"] and uri.startswith("sqlite:///"):
         print(f"train: compare runs with: mlflow ui --backend-store-uri {uri}")
     return 0

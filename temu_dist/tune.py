@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal
 from pydantic import ValidationError
 
 from temu_dist.config import ConfigError, Section, apply_overrides, dump, load_config, one_line_error, read_yaml
-from temu_dist.tracking import USER_TRACKING_URI, default_store, finish_parent, parent_run
+from temu_dist.tracking import finish_parent, parent_run, tracking_uri
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -185,8 +185,8 @@ def _train_on_workers(config, res: Resources, trial: str) -> dict:
     return json.loads((config.run_dir() / "results.json").read_text())
 
 
-def _tracking_uri(search: SearchConfig, address: str | None) -> str:
-    uri = search.tracking_uri or USER_TRACKING_URI or default_store(search.out_dir)
+def _tracking_uri(search: SearchConfig, base: dict, address: str | None) -> str:
+    uri = tracking_uri(search.tracking_uri or base["tracking"]["uri"], search.out_dir)
     if address and uri.startswith("sqlite:"):
         warnings.warn(f"a search on the Ray cluster at {address} tracks into {uri}: trials on several nodes writing "
                       "one sqlite file over a shared disk can fail to lock it; run an MLflow server and set "
@@ -205,11 +205,13 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     base = base_config(search)
     metric = search.metric or base["train"]["key_metric"]
     address = search.address or os.environ.get("RAY_ADDRESS")
-    uri = _tracking_uri(search, address)
+    uri = _tracking_uri(search, base, address)
     params = {f"space.{k}": json.dumps(v) for k, v in search.space.items()}
     params.update({"base": search.base, "num_samples": search.num_samples, "metric": metric})
-    parent = parent_run(uri, base["tracking"]["experiment"], search.name, search_dir / "mlflow_parent_run_id", params,
-                        {"temu.search": "true"}, "search")
+    parent = None
+    if base["tracking"]["enabled"]:
+        parent = parent_run(uri, base["tracking"]["experiment"], search.name, search_dir / "mlflow_parent_run_id",
+                            params, {"temu.search": "true"}, "search")
     if not ray.is_initialized():
         if address:
             ray.init(address=address)

@@ -92,6 +92,15 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypat
     assert _comparable(resumed["history"]) == _comparable(whole["history"])
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
     assert [m.step for m in client.get_metric_history(resumed["mlflow_run_id"], "train/loss")] == [1, 2, 3]
+    # Untracked at first: the resumed run's MLflow run still gets every epoch.
+    monkeypatch.setattr(train_mod, "loss_fn", dies_in_epoch_3)
+    calls.clear()
+    with pytest.raises(Interrupted):
+        train(run_config(tmp_path / "c", shards, "train.epochs=3", "tracking.enabled=false"))
+    monkeypatch.setattr(train_mod, "loss_fn", real)
+    resumed = train(run_config(tmp_path / "c", shards, "train.epochs=3"))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'c' / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(resumed["mlflow_run_id"], "train/loss")] == [1, 2, 3]
     assert resumed["best_epoch"] == whole["best_epoch"]
     a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "last" / "weights.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "last" / "weights.safetensors"))
@@ -160,6 +169,13 @@ def test_resume_with_other_training_settings_is_refused(tmp_path, shards):
     assert fresh["history"][0]["lr"] < 0.01
 
 
+def test_a_relative_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, shards, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = train(run_config(tmp_path, shards, "train.epochs=1", "tracking.uri=sqlite:///rel.db"))
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'rel.db'}").get_run(results["mlflow_run_id"])
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+
+
 def test_unreachable_tracking_server_warns_and_training_goes_on(tmp_path, shards):
     with pytest.warns(UserWarning, match="MLflow tracking at http://127.0.0.1:9 is not usable"):
         results = train(run_config(tmp_path, shards, "train.epochs=1", "tracking.uri=http://127.0.0.1:9"))
@@ -193,7 +209,8 @@ def test_missing_shards_and_bad_key_metric_fail_before_any_work(tmp_path, shards
     assert not (tmp_path / "run" / "checkpoints" / "last").exists()
 
 
-def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(tmp_path):
+def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(tmp_path, monkeypatch):
+    import temu_dist.repeat as repeat_mod
     from temu_dist.repeat import repeat
 
     root = tmp_path / "kadid"
@@ -217,10 +234,23 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     assert sorted(r.info.run_name for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id) == \
         ["rep-split0", "rep-split1"]
     mtime = (tmp_path / "rep-split0" / "results.json").stat().st_mtime_ns
+    # A parent run the store does not hold (another store then, or deleted) is made anew, not trusted.
+    (tmp_path / "rep" / "mlflow_parent_run_id").write_text("0" * 32)
     assert repeat(config, 2)["sets"] == summary["sets"]
+    assert (tmp_path / "rep" / "mlflow_parent_run_id").read_text() != "0" * 32
     assert (tmp_path / "rep-split0" / "results.json").stat().st_mtime_ns == mtime
     with pytest.raises(ConfigError, match=r"data.train: must contain \{split\}"):
         repeat(run_config(tmp_path, str(tmp_path / "split0")), 2)
+
+    def diverges(config):
+        raise NonFiniteLoss(f"{config.name}: loss is nan")
+
+    monkeypatch.setattr(repeat_mod, "train", diverges)
+    with pytest.raises(NonFiniteLoss):
+        repeat(run_config(tmp_path, str(tmp_path / "split{split}"), "train.epochs=1", "name=broken"), 2)
+    broken = client.search_runs([client.get_experiment_by_name("temu-dist").experiment_id],
+                                "attributes.run_name = 'broken'")
+    assert [r.info.status for r in broken] == ["FAILED"]
 
 
 def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, capsys):
