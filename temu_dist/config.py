@@ -127,20 +127,12 @@ class LDGConfig(Section):
 
 
 class EvalSetConfig(Section):
-    # Names metrics (NAME/srcc) and plots: letters, digits, _ . - only, as MLflow takes them; not `train`, which the
-    # training metrics use.
+    # Names metrics (NAME/srcc) and plots: letters, digits, _ . - only, as MLflow takes them.
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     shards: str  # a pack folder
     split: str = "test"
     # This set's input size; null: the model's. The seed keeps KADID-10k at its native [384, 512] wherever it is used.
     image_size: int | tuple[int, int] | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if v == "train":
-            raise ValueError("'train' names the training metrics (train/loss, ...); give the set another name")
-        return v
 
     @field_validator("image_size")
     @classmethod
@@ -237,10 +229,13 @@ def one_line_error(err: ValidationError, source: str) -> str:
     inputs: dict[str, Any] = {}
     for e in err.errors():
         loc = e["loc"]
-        if len(loc) > 1 and _union_member(loc[-1]):
-            key = ".".join(str(p) for p in loc[:-1])
-            found.setdefault(key, []).append(str(loc[-1]))
-            inputs[key] = e["input"]
+        at = next((i for i in range(1, len(loc)) if _union_member(loc[i])), None)
+        if at is not None:  # within a union member (image_size.tuple[int, int].1): reported once, as the union
+            key = ".".join(str(p) for p in loc[:at])
+            members = found.setdefault(key, [])
+            if str(loc[at]) not in members:
+                members.append(str(loc[at]))
+            inputs.setdefault(key, e["input"])
         else:
             key = ".".join(str(p) for p in loc) or "<root>"
             found[key] = "unknown key" if e["type"] == "extra_forbidden" else f"{e['msg']} (got {e['input']!r})"

@@ -58,13 +58,14 @@ def eval_sets(config: Config) -> list[EvalSet]:
         have = read_manifest(config.data.train)["splits"]
         sets += [EvalSet(split, config.data.train, split) for split in config.eval.splits if split in have]
     sets += [EvalSet(c.name, c.shards, c.split, c.image_hw()) for c in config.eval.cross]
-    _check_sets(sets)
+    _check_sets(sets, config)
     return sets
 
 
-def _check_sets(sets: list[EvalSet]) -> None:
-    """Unique names, and every pack and split there: a typo fails now, not after an epoch of training."""
-    names = [s.name for s in sets]
+def _check_sets(sets: list[EvalSet], config: Config) -> None:
+    """Unique names (the SET-ldg ones too), and every pack and split there: a typo fails now, not after an epoch of
+    training."""
+    names = result_names(sets, config)
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise ConfigError(f"eval: two evaluation sets are named '{duplicate}'; give each a name of its own")
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 folder, _, split = item.partition(":")
                 split = split or "test"
                 sets.append(EvalSet(f"{Path(folder).name}:{split}", folder, split))
-            _check_sets(sets)
+            _check_sets(sets, config)
         else:
             sets = eval_sets(config)
         if not sets:

@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 from temu_dist.config import ConfigError
 from temu_dist.data.sources import DATASETS, DataError, Record, read_pyiqa_meta, read_records
+from temu_dist.data.manifest import MANIFEST, ShardsMissing, read_manifest
 from temu_dist.data.splits import SPLITS, SplitSpec, splitter
 
-MANIFEST = "manifest.json"
 FORMAT = "temu-dist-shards/1"
 # Formats kept byte for byte; anything else (BMP, TIFF, ...) is stored losslessly as PNG.
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -188,6 +188,14 @@ def _whole_shard_names(path: Path) -> list[str] | None:
         return None
 
 
+def _read_json(path: Path) -> object | None:
+    """A file this packer wrote, or None where a kill or power cut left it unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
 def _existing(directory: Path, name: str, split: str, samples: list[tuple[str, dict]]) -> ShardResult | None:
     """A shard a previous run finished, if it holds exactly these images (less any it reported skipped); None where
     there is none or it is incomplete, so it is written again."""
@@ -195,7 +203,9 @@ def _existing(directory: Path, name: str, split: str, samples: list[tuple[str, d
     if not final.exists():
         return None
     sidecar = final.with_name(name + ".skipped.json")
-    skipped = json.loads(sidecar.read_text()) if sidecar.exists() else []
+    skipped = _read_json(sidecar) if sidecar.exists() else []
+    if skipped is None:  # cut short: which images it left out is unknown, so the shard is written again
+        return None
     left_out = {s["name"] for s in skipped}
     expected = [label["name"] for _, label in samples if label["name"] not in left_out]
     names = _whole_shard_names(final)
@@ -248,7 +258,7 @@ def pack(opts: PackOptions) -> dict:
     _refuse_other_pack(out, identity)
     # Shards are only ever resumed with the options and labels they were written with; before the first, any go.
     started = out / "pack.json"
-    if started.exists() and any(out.glob("*.tar")) and json.loads(started.read_text()) != identity:
+    if started.exists() and any(out.glob("*.tar")) and _read_json(started) != identity:
         raise DataError(f"{out} holds an unfinished pack made with other options or labels: pack into another --out, "
                         "or delete it")
     # Reads and checks every label row, so bad labels stop the pack before anything is written.
@@ -320,10 +330,10 @@ def _identity(opts: PackOptions, label_path: Path) -> dict:
 
 def _refuse_other_pack(out: Path, ours: dict) -> None:
     """A finished pack in `out` made with other options stays untouched."""
-    path = out / MANIFEST
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
+    try:
+        old = read_manifest(out)
+    except ShardsMissing:
+        return  # none, or one a kill cut short: an unfinished pack, which pack.json speaks for
     theirs = {k: old.get(k) for k in ("dataset", "split", "resize_shorter", "shard_size")}
     theirs["label_sha256"] = old.get("source", {}).get("label_sha256")
     differs = [k for k in ours if ours[k] != theirs[k]]
@@ -365,15 +375,12 @@ def _manifest(opts: PackOptions, label_path: Path, identity: dict, results: list
 def verify(directory: str | Path) -> list[str]:
     """What is wrong with a finished pack (empty: nothing): missing shards, hashes and counts that differ."""
     directory = Path(directory)
-    path = directory / MANIFEST
+    if not (directory / MANIFEST).exists():
+        return [f"{directory / MANIFEST} is missing: the pack never finished (rerun the same pack command)"]
     try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        return [f"{path} is missing: the pack never finished (rerun the same pack command)"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return [f"{path}: unreadable ({e}): rerun the pack command"]
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        return [f"{path}: not a pack manifest (no 'splits'): rerun the pack command"]
+        manifest = read_manifest(directory)
+    except ShardsMissing as e:
+        return [str(e)]
     problems = []
     for split, info in manifest["splits"].items():
         total = 0

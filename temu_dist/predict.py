@@ -47,8 +47,9 @@ def _open(path: str) -> Image.Image:
 
 def _check_heatmaps(heat_dir: Path, images: list[str]) -> None:
     """Before any work: the folder can be made, and no two images would write the same heatmap file."""
-    if heat_dir.exists() and not heat_dir.is_dir():
-        raise ConfigError(f"--heatmap {heat_dir}: exists and is not a folder")
+    there = next(p for p in (heat_dir, *heat_dir.parents) if p.exists())
+    if not there.is_dir():
+        raise ConfigError(f"--heatmap {heat_dir}: {'it' if there == heat_dir else there} is a file, not a folder")
     first: dict[str, str] = {}
     for path in images:
         other = first.setdefault(Path(path).stem, path)

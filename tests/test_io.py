@@ -74,3 +74,18 @@ def test_missing_or_broken_files_are_named(tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"\x00" * 7)
     with pytest.raises(ConfigError, match="weights.safetensors: not a readable safetensors file"):
         load_model(tmp_path)
+
+
+def test_a_checkpoint_saved_before_quick_gelu_keeps_the_gelu_tower_of_its_weights_file(tmp_path):
+    # Then a weights file always built GELU towers; its head was trained on those.
+    from temu_dist.model.backbone import create_clip
+    from temu_dist.model.io import load_config_of
+
+    weights = tmp_path / "clip.bin"
+    torch.save(create_clip(tiny_config().model).state_dict(), weights)
+    config = tiny_config(f"model.pretrained={weights}", "model.quick_gelu=false")
+    save_model(build_model(config), config, tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    del saved["model"]["quick_gelu"]
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(saved))
+    assert load_config_of(tmp_path / "ckpt").model.quick_gelu is False

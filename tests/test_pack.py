@@ -197,7 +197,7 @@ def test_resume_writes_again_the_shards_a_power_loss_cut_short(tmp_path, capsys)
     clean = pack(_opts(tmp_path / "kadid", tmp_path / "clean", shard_size=2))
     out = tmp_path / "out"
     pack(_opts(tmp_path / "kadid", out, shard_size=2))
-    (out / MANIFEST).unlink()
+    (out / MANIFEST).write_text('{"splits": {"train"')  # a manifest cut short, as a power cut leaves it
     shards = sorted(out.glob("*.tar"))
     assert len(shards) >= 4
     data = [s.read_bytes() for s in shards]

@@ -75,8 +75,10 @@ def test_heatmaps_that_cannot_be_written_fail_before_any_scoring(images, checkpo
     (good, _), (run, _) = images, checkpoint
     taken = tmp_path / "taken"
     taken.write_text("a file")
-    with pytest.raises(ConfigError, match=f"--heatmap {taken}: exists and is not a folder"):
+    with pytest.raises(ConfigError, match=f"--heatmap {taken}: it is a file, not a folder"):
         predict(["--checkpoint", str(run), "--heatmap", str(taken), str(good[0])])
+    with pytest.raises(ConfigError, match=f"--heatmap {taken / 'maps'}: {taken} is a file, not a folder"):
+        predict(["--checkpoint", str(run), "--heatmap", str(taken / "maps"), str(good[0])])
     twin = tmp_path / "other" / good[0].name
     twin.parent.mkdir()
     twin.write_bytes(good[0].read_bytes())

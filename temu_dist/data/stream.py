@@ -24,28 +24,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from temu_dist.config import Config, ConfigError
 from temu_dist.data.augment import decode_rgb, to_input
 from temu_dist.data.keys import name_key
+from temu_dist.data.manifest import ShardsMissing, read_manifest
 from temu_dist.data.ldg import LocalDistortion
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "png", "webp")
-
-
-class ShardsMissing(ConfigError):
-    """A shard folder or split that is not there; the message says which pack command makes it."""
-
-
-def read_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise ShardsMissing(f"{path} not found: make the shards first, e.g. python -m temu_dist.pack --dataset NAME "
-                            f"--root DATASET_DIR --out {folder}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShardsMissing(f"{path}: unreadable ({e}): rerun the pack command that made {folder}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        raise ShardsMissing(f"{path}: not a pack manifest (no 'splits'): rerun the pack command that made {folder}")
-    return manifest
 
 
 def split_shards(folder: str | Path, split: str) -> tuple[list[str], int]:

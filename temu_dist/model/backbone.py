@@ -102,7 +102,8 @@ def _is_torchscript(file: Path) -> bool:
     if not zipfile.is_zipfile(file):
         return False
     with zipfile.ZipFile(file) as archive:
-        return any(n.endswith("/constants.pkl") for n in archive.namelist())
+        # As torch tells one: constants.pkl in the archive's one top folder (deeper, it could be any zip).
+        return any(n.count("/") == 1 and n.endswith("/constants.pkl") for n in archive.namelist())
 
 
 def layer_indices(spec: str, num_layers: int) -> list[int]:

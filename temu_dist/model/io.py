@@ -69,10 +69,19 @@ def load_config_of(directory: str | Path, overrides: list[str] | tuple[str, ...]
         raise ConfigError(f"{path}: not found; is {directory} a saved run or checkpoint folder?") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    model = saved.get("model") if isinstance(saved, dict) else None
+    if isinstance(model, dict) and "quick_gelu" not in model and _names_a_file(model.get("pretrained")):
+        # Saved before model.quick_gelu existed, when a weights file always gave GELU: load the tower it trained on.
+        model["quick_gelu"] = False
     config = load_config(None, overrides, base=saved, base_source=str(path))
     _mismatch(load_config(None, (), base=saved).model.model_dump(mode="json"), config.model.model_dump(mode="json"),
               str(path))
     return config
+
+
+def _names_a_file(pretrained: object) -> bool:
+    return isinstance(pretrained, str) and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin",
+                                                                                      ".safetensors")))
 
 
 def load_weights(model: TeMuIQA, directory: str | Path, config: Config) -> None:
