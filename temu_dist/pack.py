@@ -30,8 +30,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from temu_dist.config import ConfigError
-from temu_dist.data.sources import DATASETS, DataError, Record, read_pyiqa_meta, read_records
 from temu_dist.data.manifest import MANIFEST, ShardsMissing, read_manifest
+from temu_dist.data.sources import DATASETS, DataError, Record, read_pyiqa_meta, read_records
 from temu_dist.data.splits import SPLITS, SplitSpec, splitter
 
 FORMAT = "temu-dist-shards/1"

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from temu_dist.config import Config, ConfigError
 from temu_dist.data.augment import decode_rgb, to_input
 from temu_dist.data.keys import name_key
-from temu_dist.data.manifest import ShardsMissing, read_manifest
 from temu_dist.data.ldg import LocalDistortion
+from temu_dist.data.manifest import ShardsMissing, read_manifest
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "png", "webp")
