@@ -67,7 +67,8 @@ def _check_deepspeed(accelerator: Accelerator) -> None:
     frozen towers already run in bf16 on GPU (model.precision)."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin.zero_stage != 0:
-        raise ConfigError(f"DeepSpeed ZeRO stage {plugin.zero_stage}: only stage 0 is supported (launch/deepspeed.yaml)")
+        raise ConfigError(f"DeepSpeed ZeRO stage {plugin.zero_stage}: only stage 0 is supported "
+                          "(launch/deepspeed.yaml)")
     if accelerator.mixed_precision != "no":
         raise ConfigError(f"DeepSpeed with mixed_precision {accelerator.mixed_precision}: use 'no' (the frozen towers "
                           "run in bf16 on GPU anyway, model.precision=auto)")

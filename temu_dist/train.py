@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -39,7 +38,7 @@ from temu_dist.data.stream import SharedEpoch, train_loader
 from temu_dist.distributed import BatchPlan, make_accelerator
 from temu_dist.evaluate import EvalSet, SetResult, eval_sets, evaluate_sets, result_names
 from temu_dist.metrics import plcc_loss
-from temu_dist.model.io import load_weights
+from temu_dist.model.io import atomic_write, load_weights
 from temu_dist.model.temu import build_model
 from temu_dist.plots import scatter, score_vs_time
 from temu_dist.tracking import Tracker, flatten, tracking_uri
@@ -324,9 +323,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     # Only now that every input has passed its checks: a command that fails must leave an existing run as it was.
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(dump(config), sort_keys=False))
-        os.replace(tmp, run_dir / "config.yaml")
+        atomic_write(run_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(dump(config), sort_keys=False)))
     tracker = Tracker(config, run_dir, main, resuming=last is not None, tags=_run_tags(accelerator, plan),
                       past=[(h["epoch"], epoch_metrics(h)) for h in resumed.get("history", [])])
     run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,

@@ -5,9 +5,10 @@
 
 Every trial calls the same `train(config)` as `accelerate launch`, with the trial's values as overrides of the base
 config, in its own run folder under out_dir/name/trials/. Each epoch's evaluation is reported to Ray, so ASHA can stop
-weak trials early. MLflow: one parent run for the search (in out_dir/mlflow.db, with the other runs there, unless
-tracking_uri or MLFLOW_TRACKING_URI says otherwise), one child run per trial; the parent gets the results table, the prompt-tuning table (seed Table 5), the
-layer study (Fig. 8) and the best trial's config. A failing trial is retried (max_failures) and continues from its
+weak trials early. MLflow: one parent run for the search (in out_dir/mlflow.db with the other runs there, unless
+tracking_uri, the base config's tracking.uri or MLFLOW_TRACKING_URI names another store), one child run per trial;
+the parent gets the results table, the prompt-tuning table (seed Table 5), the layer study (Fig. 8) and the best
+trial's config. A failing trial is retried (max_failures) and continues from its
 own last checkpoint; rerunning the same command after the driver was killed resumes the search without redoing
 finished trials.
 """

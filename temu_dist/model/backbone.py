@@ -42,8 +42,7 @@ def create_clip(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     if pretrained is not None and not is_file and ":" not in name:
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
-            looks_like_path = "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
-            what = "checkpoint file not found" if looks_like_path else "unknown pretrained tag"
+            what = "checkpoint file not found" if names_a_file(pretrained) else "unknown pretrained tag"
             raise ConfigError(f"model.pretrained: {what} '{pretrained}' for {name}; known tags: "
                               f"{', '.join(tags) or 'none'}, or pass a local checkpoint path")
     file = Path(pretrained).expanduser() if is_file else None
@@ -80,6 +79,12 @@ def create_clip(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def names_a_file(pretrained: object) -> bool:
+    """Whether model.pretrained reads as a checkpoint path rather than an open_clip tag (the file may be elsewhere)."""
+    return isinstance(pretrained, str) and ("/" in pretrained
+                                            or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
 
 
 def _quick_gelu(cfg: ModelConfig, file: Path | None, torchscript: bool) -> bool:

@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from temu_dist.config import Config, ConfigError, dump, load_config
+from temu_dist.model.backbone import names_a_file
 from temu_dist.model.temu import TeMuIQA, build_model
 
 WEIGHTS = "weights.safetensors"
@@ -22,7 +23,8 @@ PARAM_FIELDS = {"prompts.ctx": "model.n_ctx", "prompts.meta_net": "model.cocoop_
                 "layer_logits": "model.layers", "layer_norms": "model.layer_norm"}
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp)` then a rename: path is replaced whole or not at all."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -35,8 +37,8 @@ def save_model(model: TeMuIQA, config: Config, directory: str | Path) -> Path:
     state = {k: v.float().cpu().contiguous() for k, v in model.trainable_state().items()}
     # The model section rides in the weights' metadata, so weights and config.json can be checked against each other.
     meta = {"format": "temu-dist/1", "model": json.dumps(dump(config)["model"], sort_keys=True)}
-    _atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata=meta))
-    _atomic_write(directory / CONFIG, lambda p: p.write_text(json.dumps(dump(config), indent=2) + "\n"))
+    atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata=meta))
+    atomic_write(directory / CONFIG, lambda p: p.write_text(json.dumps(dump(config), indent=2) + "\n"))
     return directory
 
 
@@ -70,18 +72,13 @@ def load_config_of(directory: str | Path, overrides: list[str] | tuple[str, ...]
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     model = saved.get("model") if isinstance(saved, dict) else None
-    if isinstance(model, dict) and "quick_gelu" not in model and _names_a_file(model.get("pretrained")):
+    if isinstance(model, dict) and "quick_gelu" not in model and names_a_file(model.get("pretrained")):
         # Saved before model.quick_gelu existed, when a weights file always gave GELU: load the tower it trained on.
         model["quick_gelu"] = False
     config = load_config(None, overrides, base=saved, base_source=str(path))
     _mismatch(load_config(None, (), base=saved).model.model_dump(mode="json"), config.model.model_dump(mode="json"),
               str(path))
     return config
-
-
-def _names_a_file(pretrained: object) -> bool:
-    return isinstance(pretrained, str) and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin",
-                                                                                      ".safetensors")))
 
 
 def load_weights(model: TeMuIQA, directory: str | Path, config: Config) -> None:

@@ -46,8 +46,8 @@ def _weighted_layer_sum(c: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """sum_l c[:, l, :, None] * f[:, l] in fp32: c [B, S, N] fp32, f [B, S, N, D] in the tower's dtype -> [B, N, D].
 
     A layer at a time, so f is never copied to fp32 or normalised whole (a [B, S, N, D] fp32 tensor, 4.8 GB at
-    ViT-L-14 batch 64, kept for the backward pass), and autograd keeps only f itself; on CPU 3x faster than one einsum
-    over the normalised copy (ViT-L-14 shapes, 4 images)."""
+    ViT-L-14 batch 64, kept for the backward pass), and autograd keeps only f itself; on CPU the fusion alone ran
+    2.6-3.8x faster in bf16 than one einsum over the normalised copy (ViT-L-14 shapes, 4 images)."""
     out = c[:, 0, :, None] * f[:, 0]
     for layer in range(1, f.shape[1]):
         out = out + c[:, layer, :, None] * f[:, layer]
