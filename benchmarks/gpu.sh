@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The device check of the performance benchmarks, prepared runs on one GPU. Suites 1-5 should take about 5 minutes on
-# an H100 (from their parts' times there; their timeouts cap them at 8.8) and step_modes is capped at 7, so a 15-minute
-# device lease holds either with room to rerun a part:
+# The device check of the performance benchmarks, prepared runs on one GPU. On an H200, suites 1-3 take about 3
+# minutes, step_compile about 4 (six compiles) and step_modes up to 7 (cold autotuning), so a 15-minute device lease
+# (minutes of it go to starting the machine) holds 1-4 or 5 alone, with room to rerun a part:
 #   1. step: ViT-L-14 at 448, global batch 32, bf16, S and I with none/CoOp/CoCoOp (images/s, MFU, peak memory,
 #      and each row's 12 costliest kernels with how busy they kept the GPU);
 #   2. cw_ssim: ours on the GPU (and on the CPU cores);
 #   3. data: the training stream on the node's cores, 1/8/15 workers, and the workers it takes to feed step 1;
-#   4. step with model.compile=true for S none and S CoOp;
-#   5. step for S none and S CoOp on ViT-L-14-quickgelu, the architecture of the OpenAI weights, eager and compiled;
-#   6. step_modes: S none eager and under each torch.compile mode (model.compile_mode), profiled, on the same machine
-#      (not yet run; max-autotune's compile time there is unknown, hence its 7 minutes).
+#   4. step_compile: step with model.compile=true on ViT-L-14-quickgelu (the tower of the default `pretrained:
+#      openai`), S and I with none/CoOp/CoCoOp;
+#   5. step_modes: S none on that tower under `default` and `max-autotune` (model.compile_mode), profiled. The other
+#      modes ran on 2026-11-26 (benchmarks/RESULTS.md); max-autotune autotuned for over 4 minutes on a cold cache.
 # With no names it runs them all (more than one device call's 10 minutes); name suites to run only those, e.g.
 # `bash benchmarks/gpu.sh step_modes`.
 # Each suite's log lands in $OUT (the device tool's folder) or benchmarks/out. Random weights: throughput does not
@@ -40,7 +40,6 @@ bench() { local name=$1 limit=$2; shift 2
 bench step 120 step --profile 12
 bench cw_ssim 45 cw_ssim --pairs 64
 bench data 100 data --workers 1 8 15 --epochs 1 --images 960
-bench step_compile 110 step --modes default --variants S --prompts none coop
-bench step_quickgelu 150 step --backbone ViT-L-14-quickgelu --modes eager default --variants S --prompts none coop
-bench step_modes 420 step --modes eager default reduce-overhead max-autotune-no-cudagraphs max-autotune --variants S \
-    --prompts none --profile 12
+bench step_compile 270 step --backbone ViT-L-14-quickgelu --modes default
+bench step_modes 420 step --backbone ViT-L-14-quickgelu --modes default max-autotune --variants S --prompts none \
+    --profile 12
