@@ -8,14 +8,21 @@ from temu_dist.model.backbone import Backbone, PatchEmbed, create_clip, layer_in
 from tests.conftest import tiny_config
 
 
-def test_last_cls_through_ln_post_and_proj_is_encode_image():
-    cfg = tiny_config("model.layers=only:4")
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_last_cls_through_ln_post_and_proj_is_encode_image(quick_gelu):
+    cfg = tiny_config("model.layers=only:4", f"model.quick_gelu={str(quick_gelu).lower()}")
     clip = create_clip(cfg.model)
     bb = Backbone(clip, cfg.model)
-    x = torch.randn(3, 3, 64, 64)
+    # QuickGELU runs as SiLU with its scale folded into the weights around it (one kernel instead of three).
+    assert {type(block.mlp.gelu) for block in bb.visual.transformer.resblocks} == \
+        {torch.nn.SiLU if quick_gelu else torch.nn.GELU}
+    x = torch.randn(3, 3, 64, 64) * 3
     cls, patches = bb(x)
     assert cls.shape == (3, 1, 64) and patches.shape == (3, 1, 16, 64)
     torch.testing.assert_close(bb.project(cls[:, 0]).float(), clip.encode_image(x), rtol=1e-5, atol=1e-5)
+    want = clip.visual.forward_intermediates(x, indices=[3], output_fmt="NLC", intermediates_only=True,
+                                             output_extra_tokens=True)["image_intermediates"][0]
+    torch.testing.assert_close(patches[:, 0], want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bias", [False, True])

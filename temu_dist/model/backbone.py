@@ -10,7 +10,7 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import VisionTransformer
+from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
 from temu_dist.config import ConfigError, ModelConfig
@@ -147,6 +147,23 @@ class SelfAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), None
 
 
+QUICK_GELU_SCALE = 1.702  # open_clip's QuickGELU: x * sigmoid(1.702 * x)
+
+
+def quick_gelu_as_silu(mlp: nn.Sequential) -> None:
+    """Rewrites an MLP's QuickGELU, h * sigmoid(1.702 h), as SiLU(1.702 h) / 1.702 with the 1.702 folded into c_fc
+    and its inverse into c_proj (in fp32, before any cast), exact up to rounding.
+
+    Without torch.compile, QuickGELU is three kernels (multiply, sigmoid, multiply: 21.6 ms of a 137 ms ViT-L-14
+    step on an H200) where SiLU is one, as GELU is.
+    """
+    with torch.no_grad():
+        mlp.c_fc.weight.mul_(QUICK_GELU_SCALE)
+        mlp.c_fc.bias.mul_(QUICK_GELU_SCALE)
+        mlp.c_proj.weight.div_(QUICK_GELU_SCALE)
+    mlp.gelu = nn.SiLU()
+
+
 class PatchEmbed(nn.Module):
     """A ViT's patch-embedding convolution (kernel = stride, no padding) as one matmul over the unfolded patches, plus
     the patches' positional embeddings, resized to the grid of whatever image comes in.
@@ -215,6 +232,8 @@ class Backbone(nn.Module):
         self.visual.positional_embedding = nn.Parameter(torch.zeros_like(positions[:1]))
         for block in self.visual.transformer.resblocks:
             block.attn = SelfAttention(block.attn)
+            if isinstance(block.mlp.gelu, QuickGELU):
+                quick_gelu_as_silu(block.mlp)
         self.visual.to(dtype)
         self.dtype = dtype
         self.width = visual.transformer.width
