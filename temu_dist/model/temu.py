@@ -47,10 +47,11 @@ def _weighted_layer_sum(c: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
     A layer at a time, so f is never copied to fp32 or normalised whole (a [B, S, N, D] fp32 tensor, 4.8 GB at
     ViT-L-14 batch 64, kept for the backward pass), and autograd keeps only f itself; on CPU the fusion alone ran
-    2.6-3.8x faster in bf16 than one einsum over the normalised copy (ViT-L-14 shapes, 4 images)."""
+    2.6-3.8x faster in bf16 than one einsum over the normalised copy (ViT-L-14 shapes, 4 images). addcmul is one
+    kernel a layer where a multiply and an add are two (CPU: 0.101, 0.132 -> 0.093, 0.114 s)."""
     out = c[:, 0, :, None] * f[:, 0]
     for layer in range(1, f.shape[1]):
-        out = out + c[:, layer, :, None] * f[:, layer]
+        out = out.addcmul(c[:, layer, :, None], f[:, layer])
     return out
 
 
