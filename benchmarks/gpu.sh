@@ -8,8 +8,9 @@
 #   3. data: the training stream on the node's cores, 1/8/15 workers, and the workers it takes to feed step 1;
 #   4. step_compile: step with model.compile=true on ViT-L-14-quickgelu (the tower of the default `pretrained:
 #      openai`), S and I with none/CoOp/CoCoOp;
-#   5. step_modes: S none on that tower under `default` and `max-autotune` (model.compile_mode), profiled. The other
-#      modes ran on 2026-11-26 (benchmarks/RESULTS.md); max-autotune autotuned for over 4 minutes on a cold cache.
+#   5. step_modes: S none on that tower eager (its QuickGELU as one SiLU kernel, not yet measured on a GPU) and under
+#      `default` and `max-autotune` (model.compile_mode), profiled. The other modes ran on 2026-11-26
+#      (benchmarks/RESULTS.md); max-autotune autotuned for over 4 minutes on a cold cache.
 # With no names it runs them all (more than one device call's 10 minutes); name suites to run only those, e.g.
 # `bash benchmarks/gpu.sh step_modes`.
 # Each suite's log lands in $OUT (the device tool's folder) or benchmarks/out. Random weights: throughput does not
@@ -41,5 +42,5 @@ bench step 120 step --profile 12
 bench cw_ssim 45 cw_ssim --pairs 64
 bench data 100 data --workers 1 8 15 --epochs 1 --images 960
 bench step_compile 270 step --backbone ViT-L-14-quickgelu --modes default
-bench step_modes 420 step --backbone ViT-L-14-quickgelu --modes default max-autotune --variants S --prompts none \
-    --profile 12
+bench step_modes 420 step --backbone ViT-L-14-quickgelu --modes eager default max-autotune --variants S \
+    --prompts none --profile 12
