@@ -232,7 +232,9 @@ class Backbone(nn.Module):
         self.visual.positional_embedding = nn.Parameter(torch.zeros_like(positions[:1]))
         for block in self.visual.transformer.resblocks:
             block.attn = SelfAttention(block.attn)
-            if isinstance(block.mlp.gelu, QuickGELU):
+            # Only the plain fc -> activation -> fc MLP: a norm in between (open_clip's scale_fc) would undo the scale.
+            layout = [name for name, _ in block.mlp.named_children()]
+            if layout == ["c_fc", "gelu", "c_proj"] and isinstance(block.mlp.gelu, QuickGELU):
                 quick_gelu_as_silu(block.mlp)
         self.visual.to(dtype)
         self.dtype = dtype
