@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env
 
 from temu_dist.config import Config, ConfigError
 
@@ -42,8 +42,12 @@ def make_accelerator(config: Config) -> tuple[Accelerator, BatchPlan]:
     plan = batch_plan(config.train.batch_size, config.train.per_device_batch, world_size)
     # accelerate treats several CPU processes as one group only when told it runs on CPU; launchers other than
     # `accelerate launch` (Ray Train, torchrun) do not say so. DeepSpeed refuses the flag and finds the group itself.
-    on_cpu = (config.device == "cpu" or not torch.cuda.is_available()) \
-        and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true"
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and parse_flag_from_env("ACCELERATE_USE_CPU"):
+        # accelerate would quietly run plain data parallel instead, with none of the DeepSpeed checks below.
+        raise ConfigError("ACCELERATE_USE_CPU=true turns DeepSpeed off: unset it for a DeepSpeed launch file "
+                          "(DeepSpeed finds the CPU without it)")
+    on_cpu = (config.device == "cpu" or not torch.cuda.is_available()) and not deepspeed
     if not torch.cuda.is_available():
         # accelerate imports DeepSpeed (where installed) to unwrap models; told the device, it does not warn that it
         # found no GPU on every process.
@@ -56,6 +60,10 @@ def make_accelerator(config: Config) -> tuple[Accelerator, BatchPlan]:
         ds["train_micro_batch_size_per_gpu"] = plan.per_device
         ds["train_batch_size"] = plan.global_batch
         ds["gradient_accumulation_steps"] = plan.accumulation
+        # accelerate passes the launch file's gradient_clipping on only when it is non-zero, and DeepSpeed then clips
+        # at its default of 1.0: no other launcher clips, so the same config would train differently here.
+        if ds.get("gradient_clipping", "auto") == "auto":
+            ds["gradient_clipping"] = 0.0
     return accelerator, plan
 
 

@@ -314,12 +314,20 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                    "best": info["best"], "elapsed_s": info["elapsed_s"]}
         in_epoch = resumed["in_epoch"]
         at = f", step {in_epoch['micro_batches'] // plan.accumulation}" if in_epoch else ""
-        accelerator.print(f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1}{at} from {last}")
+        if info["next_epoch"] >= config.train.epochs:
+            accelerator.print(f"train: {run_dir} has finished its {config.train.epochs} epochs ({last}): nothing left "
+                              "to train")
+        else:
+            accelerator.print(f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1}{at} from {last}")
         if in_epoch and in_epoch["readers"] != _readers(config, plan):
             accelerator.print(f"train: warning: {_readers(config, plan)} data readers (processes x data.workers) where "
                               f"the checkpoint had {in_epoch['readers']}: the rest of epoch {info['next_epoch'] + 1} "
                               "reads the samples in another order, so some repeat in it and some are left out")
     model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.state.deepspeed_plugin is not None:
+        clipping = model.gradient_clipping()  # what DeepSpeed's engine does, not what the launch file asked
+        accelerator.print(f"train: DeepSpeed ZeRO stage {accelerator.state.deepspeed_plugin.zero_stage}, gradient "
+                          f"clipping {clipping or 'off'}")
     # Only now that every input has passed its checks: a command that fails must leave an existing run as it was.
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)

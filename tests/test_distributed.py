@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from temu_dist.config import load_config
+from temu_dist.config import ConfigError, load_config
 from temu_dist.data.splits import SplitSpec
+from temu_dist.distributed import make_accelerator
 from temu_dist.model.temu import build_model
 from temu_dist.pack import PackOptions, pack
 from tests.conftest import write_kadid
@@ -52,19 +53,20 @@ def _overrides(shards: str, out: Path, *extra: str) -> list[str]:
             "eval.splits=[test]", "eval.batch_size=3", "device=cpu", *extra]
 
 
-def _run(cmd: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], tmp_path: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=REPO, env=env or _env(tmp_path), capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
-def _launch(n: int, module: str, args: list[str], tmp_path: Path, config_file: str | None = None):
+def _launch(n: int, module: str, args: list[str], tmp_path: Path, config_file: str | None = None,
+            env: dict | None = None):
     if n == 1 and config_file is None:
-        return _run([sys.executable, "-m", module, *args], tmp_path)
+        return _run([sys.executable, "-m", module, *args], tmp_path, env=env)
     launch = ["--config_file", config_file] if config_file else \
         ["--multi_gpu", "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "--main_process_port", "29517"]
-    return _run([ACCELERATE, "launch", *launch, "-m", module, *args], tmp_path)
+    return _run([ACCELERATE, "launch", *launch, "-m", module, *args], tmp_path, env=env)
 
 
 def _initial(shards: str, out: Path) -> dict:
@@ -132,14 +134,26 @@ def test_sigkilled_run_resumes_to_the_results_of_an_unbroken_one(shards, tmp_pat
 
 
 def test_deepspeed_trains_a_few_steps_on_cpu(shards, tmp_path):
+    env = _env(tmp_path)
+    del env["ACCELERATE_USE_CPU"]  # it would turn DeepSpeed off (the trainer refuses it; next test)
     done = _launch(2, "temu_dist.train", _overrides(shards, tmp_path, "train.epochs=2", "train.batch_size=4"),
-                   tmp_path, config_file=str(REPO / "launch" / "deepspeed.yaml"))
+                   tmp_path, config_file=str(REPO / "launch" / "deepspeed.yaml"), env=env)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [h["epoch"] for h in results["history"]] == [1, 2]
     assert results["best"]["test"]["count"] == 7
     assert "2 process(es)" in done.stdout
+    # DeepSpeed's engine itself, as every other launcher: no clipping (its default would clip at 1.0).
+    assert "DeepSpeed ZeRO stage 0, gradient clipping off" in done.stdout
     trained, initial = _weights(tmp_path / "run"), _initial(shards, tmp_path)
     assert all(not torch.equal(trained[k], initial[k]) for k in initial)
+
+
+def test_deepspeed_with_accelerate_told_cpu_is_refused(monkeypatch):
+    # accelerate would run plain data parallel instead, quietly, with none of the DeepSpeed checks.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    with pytest.raises(ConfigError, match="ACCELERATE_USE_CPU=true turns DeepSpeed off"):
+        make_accelerator(load_config(None, ["device=cpu"]))
 
 
 def _gather_uneven(rank: int, port: int, out: str) -> None:

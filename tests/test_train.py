@@ -71,7 +71,7 @@ class Interrupted(Exception):
     pass
 
 
-def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypatch, capsys):
     whole = train(run_config(tmp_path / "a", shards, "train.epochs=3"))
     import temu_dist.train as train_mod
 
@@ -105,6 +105,11 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypat
     a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "last" / "weights.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "last" / "weights.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # A finished run run again trains nothing and says so (not "resuming at epoch 4").
+    capsys.readouterr()
+    again = train(run_config(tmp_path / "a", shards, "train.epochs=3"))
+    assert "has finished its 3 epochs" in capsys.readouterr().out
+    assert _comparable(again["history"]) == _comparable(whole["history"])
 
 
 def test_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_to_the_same_results(tmp_path, shards,
