@@ -21,6 +21,18 @@ def test_dataset_needs_its_root():
         main(["data", "--dataset", "koniq10k"])
 
 
+def test_a_release_that_is_not_there_is_one_line_and_a_failed_row_fails_the_command(tmp_path, capsys):
+    assert main(["data", "--dataset", "koniq10k", "--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("bench: ") and "koniq10k_scores_and_distributions.csv not found" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["step", "--backbone", "nope", "--batch", "1", "--image-size", "32", "--variants", "S",
+                 "--prompts", "none"]) == 1
+    out, err = capsys.readouterr()
+    assert '"error": "ConfigError: model.backbone: unknown open_clip model' in out  # the rows are still printed
+    assert err.startswith("bench: 1 of 1 rows failed, the first with ConfigError: model.backbone")
+
+
 def test_step_suite_rows():
     result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", ["eager"], ["I"], ["none", "coop", "cocoop"], 2.0,
                       profile_top=5)

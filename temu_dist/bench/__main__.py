@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+from temu_dist.config import ConfigError
 
 SUITES = ("step", "data", "cw_ssim", "scale", "model")
 
@@ -54,34 +57,47 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.dataset is None) != (args.root is None):
         parser.error("--dataset and --root go together")
-    if args.suite == "step":
-        from temu_dist.bench import step as suite
-
-        result = suite.run(args.backbone, args.image_size, args.batch, args.steps, args.warmup, args.precision,
-                           args.modes, args.variants, args.prompts, args.peak_tflops, args.profile)
-    elif args.suite == "data":
-        from temu_dist.bench import data as suite
-
-        result = suite.run(args.workers, args.epochs, args.image_size, args.images,
-                           args.feed or suite.H100_TARGET_SAMPLES_PER_S, args.dataset, args.root)
-    elif args.suite == "cw_ssim":
-        from temu_dist.bench import cw_ssim as suite
-
-        result = suite.run(args.pairs, args.repeat)
-    elif args.suite == "scale":
-        from temu_dist.bench import scale as suite
-
-        result = suite.run(args.sizes, args.workdir)
-    else:
-        from temu_dist.bench import model as suite
-
-        result = suite.run(args.backbones, args.image_size, args.repeat)
+    try:
+        result = _run(args)
+    except ConfigError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(text + "\n")
+    failed = [row for row in result.get("rows", []) if "error" in row]
+    if failed:
+        # The rows that ran are kept above; the exit status tells a script that some did not.
+        print(f"bench: {len(failed)} of {len(result['rows'])} rows failed, the first with {failed[0]['error']}",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _run(args: argparse.Namespace) -> dict:
+    if args.suite == "step":
+        from temu_dist.bench import step as suite
+
+        return suite.run(args.backbone, args.image_size, args.batch, args.steps, args.warmup, args.precision,
+                         args.modes, args.variants, args.prompts, args.peak_tflops, args.profile)
+    if args.suite == "data":
+        from temu_dist.bench import data as suite
+
+        return suite.run(args.workers, args.epochs, args.image_size, args.images,
+                         args.feed or suite.H100_TARGET_SAMPLES_PER_S, args.dataset, args.root)
+    if args.suite == "cw_ssim":
+        from temu_dist.bench import cw_ssim as suite
+
+        return suite.run(args.pairs, args.repeat)
+    if args.suite == "scale":
+        from temu_dist.bench import scale as suite
+
+        return suite.run(args.sizes, args.workdir)
+    from temu_dist.bench import model as suite
+
+    return suite.run(args.backbones, args.image_size, args.repeat)
 
 
 if __name__ == "__main__":
