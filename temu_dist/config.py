@@ -244,6 +244,13 @@ def one_line_error(err: ValidationError, source: str) -> str:
     return f"{source}: invalid config: " + "; ".join(parts)
 
 
+def check_output_folder(folder: Path, flag: str) -> None:
+    """Refuses, before any work, a folder to write into that is a file or lies under one."""
+    there = next(p for p in (folder, *folder.parents) if p.exists())
+    if not there.is_dir():
+        raise ConfigError(f"{flag} {folder}: {'it' if there == folder else there} is a file, not a folder")
+
+
 def is_override(arg: str) -> bool:
     return bool(OVERRIDE.match(arg))
 

@@ -29,7 +29,7 @@ from typing import IO, Callable, Iterator
 from PIL import Image
 from tqdm import tqdm
 
-from temu_dist.config import ConfigError
+from temu_dist.config import ConfigError, check_output_folder
 from temu_dist.data.manifest import MANIFEST, ShardsMissing, read_manifest
 from temu_dist.data.sources import DATASETS, DataError, Record, read_pyiqa_meta, read_records
 from temu_dist.data.splits import SPLITS, SplitSpec, splitter
@@ -309,11 +309,7 @@ def _check(opts: PackOptions) -> None:
                         ("--resize-shorter", opts.resize_shorter)):
         if value is not None and value < 1:
             raise DataError(f"{flag} must be at least 1, not {value}")
-    out = Path(opts.out)
-    there = next(p for p in (out, *out.parents) if p.exists())
-    if not there.is_dir():
-        raise DataError(f"--out {out} is a file, not a folder" if there == out else
-                        f"--out {out}: {there} is a file, not a folder")
+    check_output_folder(Path(opts.out), "--out")
 
 
 def _leave_sigint_to_main() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from temu_dist.config import ConfigError, is_override, load_config
+from temu_dist.config import ConfigError, check_output_folder, is_override, load_config
 from temu_dist.data.augment import normalize, to_input
 from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.temu import build_model
@@ -47,9 +47,7 @@ def _open(path: str) -> Image.Image:
 
 def _check_heatmaps(heat_dir: Path, images: list[str]) -> None:
     """Before any work: the folder can be made, and no two images would write the same heatmap file."""
-    there = next(p for p in (heat_dir, *heat_dir.parents) if p.exists())
-    if not there.is_dir():
-        raise ConfigError(f"--heatmap {heat_dir}: {'it' if there == heat_dir else there} is a file, not a folder")
+    check_output_folder(heat_dir, "--heatmap")
     first: dict[str, str] = {}
     for path in images:
         other = first.setdefault(Path(path).stem, path)

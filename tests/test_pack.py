@@ -245,7 +245,7 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, capsys):
     write_kadid(tmp_path / "kadid", refs=2, per_ref=2)
     (tmp_path / "file").write_text("x")
     base = ["--dataset", "kadid10k", "--root", str(tmp_path / "kadid")]
-    for args, message in [(["--out", str(tmp_path / "file")], f"--out {tmp_path / 'file'} is a file, not a folder"),
+    for args, message in [(["--out", str(tmp_path / "file")], f"--out {tmp_path / 'file'}: it is a file, not a folder"),
                           (["--out", str(tmp_path / "file" / "sub")], f"{tmp_path / 'file'} is a file, not a folder"),
                           (["--out", str(tmp_path / "o"), "--workers", "0"], "--workers must be at least 1, not 0"),
                           (["--out", str(tmp_path / "o"), "--shard-size", "0"],
