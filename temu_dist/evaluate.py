@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from temu_dist.config import Config, ConfigError, is_override, load_config
+from temu_dist.config import Config, ConfigError, check_output_folder, is_override, load_config
 from temu_dist.data.augment import normalize
 from temu_dist.data.keys import name_key
 from temu_dist.data.ldg import LocalDistortion, ldg_targets
@@ -34,6 +34,7 @@ from temu_dist.metrics import correlations
 from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.clipiqa import ClipIQA, build_clipiqa
 from temu_dist.model.temu import QualityOutput, TeMuIQA
+from temu_dist.plots import scatter
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,21 @@ class SetResult:
     metrics: dict  # srcc, plcc, krcc, count, expected; a SET-ldg set's also pred_mean, target_mean
     pred: np.ndarray
     mos: np.ndarray  # the targets: normalised MOS, or f(x, x') * MOS for a SET-ldg set
+
+
+def scatter_plots(results: dict[str, SetResult], folder: Path, label: str) -> list[Path]:
+    """A predicted-versus-target scatter of each scored set (seed Fig. 10), titled with its figures."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, r in results.items():
+        if r.metrics["count"]:
+            m = r.metrics
+            title = f"{name}, {label}: SRCC {m['srcc']:.3f} PLCC {m['plcc']:.3f} (n={m['count']})"
+            file = "scatter_" + name.replace("/", "_").replace(":", "_") + ".png"  # --shards sets are DIR:SPLIT
+            # A SET-ldg set (the one with pred_mean) has f(x, x') * MOS for targets.
+            target = "target: f(x, x') * normalised MOS" if "pred_mean" in m else "ground truth (normalised MOS)"
+            paths.append(scatter(r.pred, r.mos, title, target, folder / file))
+    return paths
 
 
 def eval_sets(config: Config) -> list[EvalSet]:
@@ -149,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="config YAML for --clipiqa (backbone, input size, prompts, sets)")
     parser.add_argument("--shards", action="append", default=[], metavar="DIR[:SPLIT]",
                         help="evaluate this pack (split: test unless given) instead of the configured sets; repeatable")
+    parser.add_argument("--plots", metavar="DIR", help="also draw each set's predicted-versus-target scatter here")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     bad = [o for o in args.overrides if not is_override(o)]
@@ -156,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"not key=value: {bad[0]}")
     accelerator = Accelerator()
     try:
+        if args.plots:
+            check_output_folder(Path(args.plots), "--plots")
         if args.checkpoint:
             model, config = load_model(checkpoint_dir(args.checkpoint), args.overrides, accelerator.device)
         else:
@@ -180,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if accelerator.is_main_process:
         print(json.dumps({name: r.metrics for name, r in results.items()}, indent=2))
+        if args.plots:
+            label = Path(args.checkpoint).name if args.checkpoint else f"CLIP-IQA {args.clipiqa}"
+            for path in scatter_plots(results, Path(args.plots), label):
+                print(f"evaluate: wrote {path}", file=sys.stderr)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

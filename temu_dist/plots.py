@@ -22,12 +22,12 @@ def heatmap_overlay(image: Image.Image, patch_scores: np.ndarray, alpha: float =
     return Image.blend(rgb, Image.fromarray(colours), alpha)
 
 
-def scatter(pred: np.ndarray, mos: np.ndarray, title: str, path: str | Path) -> Path:
-    """Predicted versus ground-truth score, both in [0, 1], with the identity line (seed Fig. 10)."""
+def scatter(pred: np.ndarray, mos: np.ndarray, title: str, target: str, path: str | Path) -> Path:
+    """Predicted versus target score, both in [0, 1], with the identity line (seed Fig. 10)."""
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
     ax.scatter(mos, pred, s=8, alpha=0.6)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="ground truth (normalised MOS)", ylabel="predicted score", title=title)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=target, ylabel="predicted score", title=title)
     return _save(fig, path)
 
 

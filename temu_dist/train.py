@@ -36,11 +36,11 @@ from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import ldg_targets
 from temu_dist.data.stream import SharedEpoch, train_loader
 from temu_dist.distributed import BatchPlan, make_accelerator
-from temu_dist.evaluate import EvalSet, SetResult, eval_sets, evaluate_sets, result_names
+from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, result_names, scatter_plots
 from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import atomic_write, load_weights
 from temu_dist.model.temu import build_model
-from temu_dist.plots import scatter, score_vs_time
+from temu_dist.plots import score_vs_time
 from temu_dist.tracking import Tracker, flatten, tracking_uri
 
 
@@ -147,18 +147,6 @@ def _log_line(record: dict, epochs: int) -> str:
             f"{record['images_per_s']:.1f} img/s elapsed {record['elapsed_s']:.0f}s | {evals}")
 
 
-def _scatter_plots(results: dict[str, SetResult], run_dir: Path, epoch: int) -> list[Path]:
-    folder = run_dir / "plots"
-    folder.mkdir(exist_ok=True)
-    paths = []
-    for name, r in results.items():
-        if r.metrics["count"]:
-            m = r.metrics
-            title = f"{name}, epoch {epoch}: SRCC {m['srcc']:.3f} PLCC {m['plcc']:.3f} (n={m['count']})"
-            paths.append(scatter(r.pred, r.mos, title, folder / f"scatter_{name}.png"))
-    return paths
-
-
 def _run_tags(accelerator: Accelerator, plan: BatchPlan) -> dict[str, str]:
     """How the run was launched and on what: none of it is in the config, all of it changes the timings."""
     device = accelerator.device
@@ -262,7 +250,7 @@ def _fit(config: Config, run: Run) -> None:
             if improved:
                 save_checkpoint(ckpt_dir / "best", plain, config, optimizer, scheduler, info)
                 # Logged now, not only at the end: a run killed or stopped early still shows its best epoch's plots.
-                for path in _scatter_plots(results, run_dir, epoch + 1):
+                for path in scatter_plots(results, run_dir / "plots", f"epoch {epoch + 1}"):
                     run.tracker.artifact(path, "plots")
             save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
             run.tracker.metrics(epoch_metrics(record), step=epoch + 1)

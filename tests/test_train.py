@@ -270,11 +270,16 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
     assert scored["test"]["srcc"] == pytest.approx(best["test"]["srcc"], abs=1e-6)
     cfg = tmp_path / "zs.yaml"
     cfg.write_text("model: {backbone: Test-Tiny-ViT-16, pretrained: null, image_size: 64}\n")
-    assert main(["--clipiqa", "c", "--config", str(cfg), "--shards", f"{shards}:test", "device=cpu"]) == 0
+    plots = tmp_path / "plots"
+    assert main(["--clipiqa", "c", "--config", str(cfg), "--shards", f"{shards}:test", "--plots", str(plots),
+                 "device=cpu"]) == 0
     zero_shot = json.loads(capsys.readouterr().out)
     assert zero_shot["shards:test"]["count"] == best["test"]["count"]
+    assert sorted(p.name for p in plots.iterdir()) == ["scatter_shards_test.png"]
     assert main(["--checkpoint", str(tmp_path / "nothing")]) == 1
     assert "neither a checkpoint folder" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path / "run"), "--plots", str(cfg)]) == 1
+    assert capsys.readouterr().err == f"evaluate: --plots {cfg}: it is a file, not a folder\n"
 
 
 def test_ldg_below_p_1_scores_the_distorted_copies_drawn_and_none_when_none_was():
