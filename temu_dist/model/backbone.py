@@ -69,7 +69,7 @@ def create_clip(cfg: ModelConfig, seed: int = 0) -> nn.Module:
         if pretrained and not is_file and "download" in str(e).lower():
             raise ConfigError(
                 f"model.pretrained: could not fetch '{pretrained}' weights for {name} (offline?): download them once "
-                f"where there is a network, then pass the file: model.pretrained=/path/to/{name}.pt "
+                f"where there is a network, then pass the file: model.pretrained=/path/to/{name}.bin "
                 f"model.quick_gelu={str(quick_gelu).lower()}") from None
         raise
     visual = model.visual
