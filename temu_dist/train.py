@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -201,7 +202,10 @@ def _fit(config: Config, run: Run) -> None:
         total = torch.tensor(done.get("loss_sum", 0.0), device=device)
         images, seen, train_before = done.get("images", 0), skip, done.get("train_s", 0.0)
         tick = time.perf_counter()
-        bar = tqdm(total=micro_batches, desc=f"epoch {epoch + 1}", disable=not main, leave=False, file=sys.stderr)
+        # On a terminal the bar gives way to the epoch's line; in a log it ends its own line, updated twice a minute.
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=micro_batches, desc=f"epoch {epoch + 1}", disable=not main, leave=not tty, file=sys.stderr,
+                   mininterval=0.1 if tty else 30)
         for i, batch in zip(range(micro_batches), run.loader):
             bar.update()
             if i < skip:
@@ -359,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         results = train(config)
     except (ConfigError, NonFiniteLoss) as e:
-        print(f"train: {e}", file=sys.stderr)
+        # Every process fails the same check: the first on each node says so, in one write, so that two nodes'
+        # lines cannot run together.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            sys.stderr.write(f"train: {e}\n")
         return 1
     finally:
         PartialState().destroy_process_group()
