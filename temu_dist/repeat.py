@@ -68,7 +68,7 @@ def repeat(config: Config, splits: int) -> dict:
             runs.append(train(split_config(config, i, parent)))
     except BaseException:
         if parent is not None:
-            finish_parent(uri, parent, [], {}, {}, ok=False)
+            finish_parent(uri, parent, [], {}, {}, "FAILED")
         raise
     summary = {"config": config.name, "splits": splits, "key_metric": config.train.key_metric,
                "sets": summarize(runs), "runs": [r["run_dir"] for r in runs]}
@@ -78,7 +78,7 @@ def repeat(config: Config, splits: int) -> dict:
         if parent is not None:
             metrics = {f"{name}/{metric}_{stat}": values[stat] for name, by_metric in summary["sets"].items()
                        for metric, values in by_metric.items() for stat in ("mean", "std")}
-            finish_parent(uri, parent, [out / "repeat.json"], metrics, {}, ok=True)
+            finish_parent(uri, parent, [out / "repeat.json"], metrics, {}, "FINISHED")
     return summary
 
 

@@ -11,7 +11,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from temu_dist.config import Config, dump
 
@@ -167,8 +167,9 @@ def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict
 
 
 def finish_parent(uri: str, run_id: str, artifacts: list[Path], metrics: dict[str, float], tags: dict[str, str],
-                  ok: bool) -> None:
-    """Logs a parent run's results and ends it; trouble with MLflow is a warning, the results are on disk."""
+                  status: Literal["FINISHED", "FAILED", "KILLED"]) -> None:
+    """Logs a parent run's results and ends it with `status`; trouble with MLflow is a warning, the results are on
+    disk."""
     try:
         import mlflow
 
@@ -180,7 +181,7 @@ def finish_parent(uri: str, run_id: str, artifacts: list[Path], metrics: dict[st
                 client.log_metric(run_id, key, value)
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
-        client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+        client.set_terminated(run_id, status)
     except Exception as e:  # noqa: BLE001 - the work is done and written; only its record in MLflow is missing
         warnings.warn(f"MLflow at {uri}: could not finish run {run_id} ({_first_line(e)})", stacklevel=2)
 

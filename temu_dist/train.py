@@ -35,7 +35,7 @@ from temu_dist.checkpoint import find_checkpoint, load_saved_config, load_traine
 from temu_dist.config import Config, ConfigError, dump, load_config
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import ldg_targets
-from temu_dist.data.stream import SharedEpoch, train_loader
+from temu_dist.data.stream import SharedEpoch, split_shards, train_loader
 from temu_dist.distributed import BatchPlan, make_accelerator
 from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, result_names, scatter_plots
 from temu_dist.metrics import plcc_loss
@@ -264,13 +264,25 @@ def _fit(config: Config, run: Run) -> None:
         accelerator.wait_for_everyone()
 
 
+def check_data(config: Config) -> list[EvalSet]:
+    """What train() reads, checked before it starts (Ray Tune checks a search's trials with it too): the training
+    pack and split, and the evaluation sets, the key metric's among them. Returns the sets."""
+    if not config.data.train:
+        raise ConfigError("data.train: no training shards named (a pack folder, e.g. shards/kadid10k)")
+    split_shards(config.data.train, config.data.train_split)
+    sets = eval_sets(config)
+    set_name, names = config.train.key_metric.split("/")[0], result_names(sets, config)
+    if set_name not in names:
+        raise ConfigError(f"train.key_metric: no evaluation set '{set_name}' (sets: {', '.join(names)})")
+    return sets
+
+
 def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Trains and evaluates as the config says; returns what results.json holds. `on_epoch` gets each epoch's record
     (loss, lr, images/s, elapsed, per-set metrics) on every process: Ray Tune reports it to its scheduler."""
     accelerator, plan = make_accelerator(config)
     main = accelerator.is_main_process
-    if not config.data.train:
-        raise ConfigError("data.train: no training shards named (a pack folder, e.g. shards/kadid10k)")
+    sets = check_data(config)
     run_dir = config.run_dir()
     ckpt_dir = run_dir / "checkpoints"
     set_seed(config.seed)
@@ -279,10 +291,6 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     loader, micro_batches = train_loader(config, config.data.train, config.data.train_split, plan.per_device,
                                          plan.accumulation, accelerator.process_index, plan.world_size,
                                          epoch_shared, config.model.image_hw())
-    sets = eval_sets(config)
-    set_name, names = config.train.key_metric.split("/")[0], result_names(sets, config)
-    if set_name not in names:
-        raise ConfigError(f"train.key_metric: no evaluation set '{set_name}' (sets: {', '.join(names)})")
     steps_per_epoch = micro_batches // plan.accumulation
     _describe(config, plan, micro_batches, accelerator)
 

@@ -3,6 +3,10 @@
     python -m temu_dist.tune --config configs/tune/demo.yaml [key=value ...]
     RAY_ADDRESS=auto python -m temu_dist.tune --config configs/tune/X.yaml        # an existing Ray cluster
 
+key=value overrides set keys of the search config, not of the training config: resources.gpu=0, num_samples=4,
+"space={model.prompt: {grid: [none, coop]}}". Training keys go in the search config's own overrides list, which
+such an override replaces: "overrides=[train.epochs=2, data.workers=0]".
+
 Every trial calls the same `train(config)` as `accelerate launch`, with the trial's values as overrides of the base
 config, in its own run folder under out_dir/name/trials/. Each epoch's evaluation is reported to Ray, so ASHA can stop
 weak trials early. MLflow: one parent run for the search (in out_dir/mlflow.db with the other runs there, unless
@@ -10,12 +14,15 @@ tracking_uri, the base config's tracking.uri or MLFLOW_TRACKING_URI names anothe
 the parent gets the results table, the prompt-tuning table (seed Table 5), the layer study (Fig. 8) and the best
 trial's config. A failing trial is retried (max_failures) and continues from its
 own last checkpoint; rerunning the same command after the driver was killed resumes the search without redoing
-finished trials.
+finished trials. Before Ray or MLflow start, the shards are checked as train checks them and, for a local Ray, one
+trial's resources against this machine's CPUs and GPUs. Ctrl-C stops the search (exit code 130, parent run KILLED).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import sys
 import warnings
@@ -24,10 +31,14 @@ from typing import Any, Callable, Literal
 
 from pydantic import ValidationError
 
-from temu_dist.config import ConfigError, Section, apply_overrides, dump, load_config, one_line_error, read_yaml
+from temu_dist.config import (Config, ConfigError, Section, apply_overrides, dump, load_config, one_line_error,
+                              read_yaml)
 from temu_dist.tracking import finish_parent, parent_run, tracking_uri
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
+# A Ray Train trial asks for its workers itself; the trial's own process only waits for them (Ray refuses an empty
+# request, hence a sliver of a CPU).
+TRIAL_CPU = 0.01
 
 
 class Resources(Section):
@@ -68,7 +79,11 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         search = SearchConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(one_line_error(e, str(path))) from None
+        message = one_line_error(e, str(path))
+        if any(err["type"] == "extra_forbidden" and err["loc"][0] in Config.model_fields for err in e.errors()):
+            # Most likely a training key given as a key=value override of the search.
+            message += "; training keys go in the search config's overrides list, e.g. 'overrides=[train.epochs=2]'"
+        raise ConfigError(message) from None
     base = Path(search.base)
     if not base.is_absolute():
         # A base given relative to the search file or to the working directory, whichever exists.
@@ -92,6 +107,40 @@ def _check_space(search: SearchConfig, path: Path) -> None:
             raise ConfigError(f"{path}: space.{key}: {kind} takes {want}, got {values}")
         for value in values:
             load_config(None, [f"{key}={json.dumps(value)}"], base=base, base_source=f"{path} space")
+
+
+def _check_fits_here(res: Resources) -> None:
+    """A local Ray has this machine's CPUs and GPUs, no more: a trial that asks for more stays PENDING for ever."""
+    import torch
+
+    workers = max(res.workers, 1)
+    problems, fits = [], []
+    for key, unit, per_process, have, own in (
+            ("gpu", "GPU", res.gpu, torch.cuda.device_count(), 0.0),
+            ("cpu", "CPU", res.cpu, os.cpu_count() or 1, TRIAL_CPU if workers > 1 else 0.0)):
+        need = per_process * workers + own
+        if need > have:
+            how = (f" ({workers} workers x {per_process:g}{f', and {own:g} for the trial itself' if own else ''})"
+                   if workers > 1 else "")
+            problems.append(f"resources.{key}: one trial needs {need:g} {unit}{'s' * (need != 1)}{how}, this "
+                            f"machine has {have}")
+            fits.append(f"resources.{key}={math.floor((have - own) / workers * 100) / 100:g}")
+    if problems:
+        raise ConfigError("; ".join(problems) + f": lower {'them' if len(fits) > 1 else 'it'} (e.g. --config FILE "
+                          f"{' '.join(fits)}) or run the search on a Ray cluster (RAY_ADDRESS=auto, or address: in "
+                          "the search config)")
+
+
+def _check_data(search: SearchConfig) -> None:
+    """The shards the trials read, checked as train() checks them and with its messages, so that a missing pack fails
+    the search now, not every trial once Ray has started: the base config with each combination of the grid and
+    choice values of data.* keys. Paths as in the search config, relative to the working directory, as for train."""
+    from temu_dist.train import check_data
+
+    keys = [k for k, spec in search.space.items() if k.startswith("data.") and next(iter(spec)) in ("grid", "choice")]
+    for values in itertools.product(*(next(iter(search.space[k].values())) for k in keys)):
+        check_data(load_config(search.base, [*search.overrides, *(f"{k}={json.dumps(v)}"
+                                                                  for k, v in zip(keys, values))]))
 
 
 def base_config(search: SearchConfig) -> dict:
@@ -196,16 +245,21 @@ def _tracking_uri(search: SearchConfig, base: dict, address: str | None) -> str:
 
 
 def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
-    """Runs (or resumes) the search; returns the summary also written to out_dir/name/search.json."""
+    """Runs (or resumes) the search; returns the summary also written to out_dir/name/search.json. A search stopped
+    early (Ctrl-C) or failing leaves its MLflow parent run KILLED or FAILED."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    address = search.address or os.environ.get("RAY_ADDRESS")
+    # Before anything is made or started. A cluster is not checked: it may add nodes for what the trials ask.
+    if not address:
+        _check_fits_here(search.resources)
+    _check_data(search)
     search_dir = (Path(search.out_dir) / search.name).resolve()
     search_dir.mkdir(parents=True, exist_ok=True)
     base = base_config(search)
     metric = search.metric or base["train"]["key_metric"]
-    address = search.address or os.environ.get("RAY_ADDRESS")
     uri = _tracking_uri(search, base, address)
     params = {f"space.{k}": json.dumps(v) for k, v in search.space.items()}
     params.update({"base": search.base, "num_samples": search.num_samples, "metric": metric})
@@ -213,37 +267,55 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     if base["tracking"]["enabled"]:
         parent = parent_run(uri, base["tracking"]["experiment"], search.name, search_dir / "mlflow_parent_run_id",
                             params, {"temu.search": "true"}, "search")
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address)
+    try:
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address)
+            else:
+                # Ray's temp files (sockets, logs) go inside the search folder, not /tmp/ray or ~/.ray.
+                temp = Path(os.environ.get("TEMU_RAY_TMP", search_dir / "ray"))
+                temp.mkdir(parents=True, exist_ok=True)
+                ray.init(include_dashboard=False, _temp_dir=str(temp), log_to_driver=True)
+        res = search.resources
+        target = tune.with_parameters(trainable or run_trial, base=base, trials_dir=str(search_dir / "trials"),
+                                      tracking_uri=uri, parent=parent, resources=res.model_dump())
+        target = tune.with_resources(target, {"cpu": res.cpu, "gpu": res.gpu} if res.workers <= 1
+                                     else {"cpu": TRIAL_CPU})
+        experiment = search_dir / "ray"
+        if tune.Tuner.can_restore(str(experiment / search.name)):
+            tuner = tune.Tuner.restore(str(experiment / search.name), target, resume_errored=True)
         else:
-            # Ray's temp files (sockets, logs) go inside the search folder, not /tmp/ray or ~/.ray.
-            temp = Path(os.environ.get("TEMU_RAY_TMP", search_dir / "ray"))
-            temp.mkdir(parents=True, exist_ok=True)
-            ray.init(include_dashboard=False, _temp_dir=str(temp), log_to_driver=True)
-    res = search.resources
-    target = tune.with_parameters(trainable or run_trial, base=base, trials_dir=str(search_dir / "trials"),
-                                  tracking_uri=uri, parent=parent, resources=res.model_dump())
-    # A Ray Train trial asks for its workers itself; the trial's own process only waits for them (Ray refuses an
-    # empty request, hence a sliver of a CPU).
-    target = tune.with_resources(target, {"cpu": res.cpu, "gpu": res.gpu} if res.workers <= 1 else {"cpu": 0.01})
-    experiment = search_dir / "ray"
-    if tune.Tuner.can_restore(str(experiment / search.name)):
-        tuner = tune.Tuner.restore(str(experiment / search.name), target, resume_errored=True)
-    else:
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=base["train"]["epochs"],
-                                  grace_period=search.asha.grace_period,
-                                  reduction_factor=search.asha.reduction_factor) if search.asha else None
-        tuner = tune.Tuner(
-            target, param_space=param_space(search),
-            tune_config=tune.TuneConfig(metric=metric, mode=search.mode, scheduler=scheduler,
-                                        num_samples=search.num_samples,
-                                        max_concurrent_trials=search.max_concurrent or None),
-            run_config=tune.RunConfig(name=search.name, storage_path=str(experiment),
-                                      failure_config=tune.FailureConfig(max_failures=search.max_failures),
-                                      verbose=1))
-    grid = tuner.fit()
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=base["train"]["epochs"],
+                                      grace_period=search.asha.grace_period,
+                                      reduction_factor=search.asha.reduction_factor) if search.asha else None
+            tuner = tune.Tuner(
+                target, param_space=param_space(search),
+                tune_config=tune.TuneConfig(metric=metric, mode=search.mode, scheduler=scheduler,
+                                            num_samples=search.num_samples,
+                                            max_concurrent_trials=search.max_concurrent or None),
+                run_config=tune.RunConfig(name=search.name, storage_path=str(experiment),
+                                          failure_config=tune.FailureConfig(max_failures=search.max_failures),
+                                          verbose=1))
+        grid = tuner.fit()
+        if _stopped(search, grid):
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if parent is not None:
+            finish_parent(uri, parent, [], {}, {}, "KILLED")
+        raise
+    except BaseException:
+        if parent is not None:
+            finish_parent(uri, parent, [], {}, {}, "FAILED")
+        raise
     return summarize(search, search_dir, grid, metric, uri, parent)
+
+
+def _stopped(search: SearchConfig, grid) -> bool:
+    """Whether Ray Tune's own Ctrl-C handler stopped the search: it ends the trials and returns as if all were done.
+    Some were then never started, or neither finished ("done": returned, or stopped by ASHA) nor failed."""
+    planned = search.num_samples * math.prod(len(values) for spec in search.space.values()
+                                             for kind, values in spec.items() if kind == "grid")
+    return len(grid) < planned or any(r.error is None and not (r.metrics or {}).get("done") for r in grid)
 
 
 def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: str, parent: str | None) -> dict:
@@ -275,7 +347,7 @@ def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: st
         artifacts = [search_dir / "search.json", *plots, *([best_config] if best_config and best_config.exists()
                                                            else [])]
         finish_parent(uri, parent, artifacts, {f"best/{metric}": float(best["best"])} if best else {},
-                      {"best_trial": best["trial"]} if best else {}, bool(ok))
+                      {"best_trial": best["trial"]} if best else {}, "FINISHED" if ok else "FAILED")
     return summary
 
 
@@ -283,13 +355,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m temu_dist.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a search config (configs/tune/*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="keys of the search config, not of the training config: resources.gpu=0, num_samples=4, "
+                             "'space={model.prompt: {grid: [none, coop]}}'; training keys go in its overrides list, "
+                             "which this replaces: 'overrides=[train.epochs=2, data.workers=0]'")
     args = parser.parse_args(argv)
     try:
         summary = run_search(load_search(args.config, args.overrides))
     except ConfigError as e:
         print(f"tune: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("tune: interrupted; finished trials are kept, rerun the same command to resume the search",
+              file=sys.stderr)
+        return 130
     keys = [k for k in summary["trials"][0] if k not in ("error",)] if summary["trials"] else []
     print("tune: " + " | ".join(keys))
     for row in summary["trials"]:

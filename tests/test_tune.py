@@ -1,18 +1,24 @@
 """Ray Tune searches end to end on tiny shards: MLflow parent/child runs, a retried trial, a resumed search."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
 import ray
+import torch
 import yaml
 
+from temu_dist import train as train_cli
+from temu_dist import tune as tune_cli
+from temu_dist.config import ConfigError
 from temu_dist.data.splits import SplitSpec
 from temu_dist.pack import PackOptions, pack
 from temu_dist.tune import load_search, run_search, run_trial
@@ -150,3 +156,135 @@ def test_killed_search_resumes_without_redoing_finished_trials(tmp_path, shards,
     assert all(r["best"] is not None for r in summary["trials"])
     _, children = _runs(search_dir)
     assert len(children) == 3
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """A test that fails if Ray is started: what it checks must be refused before."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("ray.init was called")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+@pytest.mark.parametrize(("gpus", "cpus", "resources", "says"), [
+    (0, 2, {"cpu": 1, "gpu": 1}, "resources.gpu: one trial needs 1 GPU, this machine has 0: lower it (e.g. --config "
+                                 "FILE resources.gpu=0)"),
+    (1, 2, {"cpu": 0.5, "gpu": 1, "workers": 2}, "resources.gpu: one trial needs 2 GPUs (2 workers x 1), this machine "
+                                                 "has 1: lower it (e.g. --config FILE resources.gpu=0.5)"),
+    (0, 2, {"cpu": 8}, "resources.cpu: one trial needs 8 CPUs, this machine has 2: lower it (e.g. --config FILE "
+                       "resources.cpu=2)"),
+])
+def test_a_trial_this_machine_cannot_hold_is_refused_before_ray_starts(tmp_path, shards, no_ray, monkeypatch, gpus,
+                                                                        cpus, resources, says):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    search = load_search(_search_file(tmp_path, shards, "big", {"model.prompt": {"grid": ["coop"]}},
+                                      resources=resources))
+    with pytest.raises(ConfigError) as refused:
+        run_search(search)
+    assert str(refused.value).startswith(says) and "RAY_ADDRESS" in str(refused.value)
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "runs").exists()  # no search folder, no MLflow parent run
+
+
+class Joined(Exception):
+    """ray.init reached, with these arguments."""
+
+
+@pytest.mark.filterwarnings("ignore:a search on the Ray cluster")
+def test_a_search_on_a_ray_cluster_is_not_checked_against_this_machine(tmp_path, shards, monkeypatch):
+    def join(**kwargs):
+        raise Joined(kwargs)
+
+    monkeypatch.setattr(ray, "init", join)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    search = load_search(_search_file(tmp_path, shards, "cluster", {"model.prompt": {"grid": ["coop"]}},
+                                      resources={"cpu": 64, "gpu": 8}, overrides=["tracking.enabled=false"]))
+    with pytest.raises(Joined) as joined:
+        run_search(search)
+    assert joined.value.args[0] == {"address": "ray://head:10001"}
+
+
+def test_missing_shards_are_refused_before_ray_starts_with_trains_message(tmp_path, no_ray, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = _search_file(tmp_path, "shards/koniq10k", "nodata", {"model.prompt": {"grid": ["coop"]}})
+    assert train_cli.main(["--config", str(tmp_path / "base.yaml")]) == 1
+    trained = capsys.readouterr().err.strip().splitlines()[-1]
+    assert trained.startswith("train: shards/koniq10k/manifest.json not found")
+    assert tune_cli.main(["--config", str(path)]) == 1
+    assert capsys.readouterr().err.strip() == trained.replace("train: ", "tune: ", 1)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_missing_pack_among_the_searched_data_train_values_is_refused_before_ray_starts(tmp_path, shards, no_ray):
+    missing = tmp_path / "shards" / "other"
+    search = load_search(_search_file(tmp_path, shards, "datasets", {"data.train": {"grid": [shards, str(missing)]}}))
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(missing / 'manifest.json'))} not found: make the shards"):
+        run_search(search)
+
+
+# Results of Tuner.fit: Ray Tune's own Ctrl-C handler stops the trials and returns them, as if the search were done.
+DONE = SimpleNamespace(error=None, metrics={"epoch": 2, "done": True})
+CUT = SimpleNamespace(error=None, metrics={"epoch": 1})
+
+
+def _raise(error: BaseException):
+    raise error
+
+
+@pytest.fixture
+def tuner_stopping(monkeypatch):
+    """Ray Tune's Tuner, whose fit does what the test sets: Ray is not started."""
+    from ray import tune
+
+    class Tuner:
+        fit_does = None
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        @staticmethod
+        def can_restore(path):
+            return False
+
+        def fit(self):
+            return Tuner.fit_does()
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(tune, "with_parameters", lambda target, **kwargs: target)
+    monkeypatch.setattr(tune, "Tuner", Tuner)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return Tuner
+
+
+def test_a_search_stopped_by_ctrl_c_ends_its_parent_run_killed_and_exits_130(tmp_path, shards, tuner_stopping,
+                                                                               capsys):
+    tuner_stopping.fit_does = lambda: _raise(KeyboardInterrupt())
+    path = _search_file(tmp_path, shards, "stopped", {"model.prompt": {"grid": ["none", "coop"]}})
+    try:
+        code = tune_cli.main(["--config", str(path)])
+    except KeyboardInterrupt:
+        pytest.fail("main let the KeyboardInterrupt through")  # rather than stop the whole test session
+    assert code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (  # after MLflow's own log lines
+        "tune: interrupted; finished trials are kept, rerun the same command to resume the search")
+    parent, _ = _runs(tmp_path / "runs" / "stopped")
+    assert parent.info.status == "KILLED"
+
+
+@pytest.mark.parametrize(("fit", "raised", "status"), [
+    (lambda: [DONE, DONE], KeyboardInterrupt, "KILLED"),  # stopped by Ray Tune's Ctrl-C: a trial never started
+    (lambda: [DONE, CUT, DONE], KeyboardInterrupt, "KILLED"),  # ... or one stopped mid-way
+    (lambda: _raise(RuntimeError("the Ray cluster went away")), RuntimeError, "FAILED"),
+], ids=["not-started", "cut", "error"])
+def test_a_search_that_does_not_finish_ends_its_parent_run(tmp_path, shards, tuner_stopping, fit, raised, status):
+    tuner_stopping.fit_does = fit
+    search = load_search(_search_file(tmp_path, shards, "unfinished",
+                                      {"model.prompt": {"grid": ["none", "coop", "cocoop"]}}))
+    with pytest.raises(raised):
+        run_search(search)
+    parent, _ = _runs(tmp_path / "runs" / "unfinished")
+    assert parent.info.status == status
