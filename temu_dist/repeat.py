@@ -66,9 +66,9 @@ def repeat(config: Config, splits: int) -> dict:
                 runs.append(json.loads(results_file.read_text()))
                 continue
             runs.append(train(split_config(config, i, parent)))
-    except BaseException:
+    except BaseException as e:
         if parent is not None:
-            finish_parent(uri, parent, [], {}, {}, "FAILED")
+            finish_parent(uri, parent, [], {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     summary = {"config": config.name, "splits": splits, "key_metric": config.train.key_metric,
                "sets": summarize(runs), "runs": [r["run_dir"] for r in runs]}

@@ -299,13 +299,9 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
         grid = tuner.fit()
         if _stopped(search, grid):
             raise KeyboardInterrupt
-    except KeyboardInterrupt:
+    except BaseException as e:
         if parent is not None:
-            finish_parent(uri, parent, [], {}, {}, "KILLED")
-        raise
-    except BaseException:
-        if parent is not None:
-            finish_parent(uri, parent, [], {}, {}, "FAILED")
+            finish_parent(uri, parent, [], {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     return summarize(search, search_dir, grid, metric, uri, parent)
 
