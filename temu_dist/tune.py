@@ -146,15 +146,20 @@ def _check_data(search: SearchConfig) -> None:
 def base_config(search: SearchConfig) -> dict:
     """The resolved base training config with every path made absolute: Ray runs trials in other directories."""
     tree = dump(load_config(search.base, search.overrides))
-    data = tree["data"]
-    if data["train"]:
-        data["train"] = _absolute(data["train"])
+    tree["data"]["train"] = _absolute_path("data.train", tree["data"]["train"])
+    tree["model"]["pretrained"] = _absolute_path("model.pretrained", tree["model"]["pretrained"])
     for cross in tree["eval"]["cross"]:
         cross["shards"] = _absolute(cross["shards"])
-    pretrained = tree["model"]["pretrained"]
-    if pretrained and Path(pretrained).expanduser().is_file():
-        tree["model"]["pretrained"] = _absolute(pretrained)
     return tree
+
+
+def _absolute_path(key: str, value: Any) -> Any:
+    """A base or searched value made absolute where it is a path (a pretrained tag stays a tag)."""
+    if key == "data.train" and value:
+        return _absolute(value)
+    if key == "model.pretrained" and value and Path(value).expanduser().is_file():
+        return _absolute(value)
+    return value
 
 
 def _absolute(path: str) -> str:
@@ -167,7 +172,9 @@ def param_space(search: SearchConfig) -> dict:
 
     make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
             "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
-    return {key: make[kind](values) for key, spec in search.space.items() for kind, values in spec.items()}
+    # Paths among the grid and choice values are made absolute, as the base config's are: Ray runs trials elsewhere.
+    return {key: make[kind]([_absolute_path(key, v) for v in values] if kind in ("grid", "choice") else values)
+            for key, spec in search.space.items() for kind, values in spec.items()}
 
 
 def trial_config(base: dict, params: dict, trials_dir: str, trial: str, tracking_uri: str, parent: str | None):

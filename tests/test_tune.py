@@ -21,7 +21,7 @@ from temu_dist import tune as tune_cli
 from temu_dist.config import ConfigError
 from temu_dist.data.splits import SplitSpec
 from temu_dist.pack import PackOptions, pack
-from temu_dist.tune import load_search, run_search, run_trial
+from temu_dist.tune import load_search, param_space, run_search, run_trial
 from tests.conftest import write_kadid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,3 +288,13 @@ def test_a_search_that_does_not_finish_ends_its_parent_run(tmp_path, shards, tun
         run_search(search)
     parent, _ = _runs(tmp_path / "runs" / "unfinished")
     assert parent.info.status == status
+
+
+def test_searched_paths_are_made_absolute_as_the_base_configs_are(tmp_path, shards, monkeypatch):
+    # Ray runs each trial in its own folder, where a relative path names nothing.
+    monkeypatch.chdir(Path(shards).parent)
+    search = load_search(_search_file(tmp_path, shards, "paths", {"data.train": {"grid": [Path(shards).name]},
+                                                                  "model.pretrained": {"choice": [None, "openai"]}}))
+    space = param_space(search)
+    assert space["data.train"] == {"grid_search": [str(Path(shards).absolute())]}
+    assert space["model.pretrained"].categories == [None, "openai"]  # tags stay tags
