@@ -262,7 +262,7 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     # Before anything is made or started. A cluster is not checked: it may add nodes for what the trials ask.
     if not address:
         _check_fits_here(search.resources)
-    _check_data(search)
+        _check_data(search)  # on a cluster the driver need not see the shards the workers read
     search_dir = (Path(search.out_dir) / search.name).resolve()
     search_dir.mkdir(parents=True, exist_ok=True)
     base = base_config(search)
@@ -289,7 +289,8 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
         target = tune.with_resources(target, {"cpu": res.cpu, "gpu": res.gpu} if res.workers <= 1
                                      else {"cpu": TRIAL_CPU})
         experiment = search_dir / "ray"
-        if tune.Tuner.can_restore(str(experiment / search.name)):
+        restored = tune.Tuner.can_restore(str(experiment / search.name))
+        if restored:
             tuner = tune.Tuner.restore(str(experiment / search.name), target, resume_errored=True)
         else:
             scheduler = ASHAScheduler(time_attr="epoch", max_t=base["train"]["epochs"],
@@ -304,7 +305,7 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
                                           failure_config=tune.FailureConfig(max_failures=search.max_failures),
                                           verbose=1))
         grid = tuner.fit()
-        if _stopped(search, grid):
+        if _stopped(search, grid, restored):
             raise KeyboardInterrupt
     except BaseException as e:
         if parent is not None:
@@ -313,12 +314,15 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     return summarize(search, search_dir, grid, metric, uri, parent)
 
 
-def _stopped(search: SearchConfig, grid) -> bool:
+def _stopped(search: SearchConfig, grid, restored: bool) -> bool:
     """Whether Ray Tune's own Ctrl-C handler stopped the search: it ends the trials and returns as if all were done.
-    Some were then never started, or neither finished ("done": returned, or stopped by ASHA) nor failed."""
+    Some were then never started, or neither finished ("done": returned, or stopped by ASHA) nor failed. A restored
+    search runs the space it was started with, which the search config may since have changed: only the second test
+    holds there."""
     planned = search.num_samples * math.prod(len(values) for spec in search.space.values()
                                              for kind, values in spec.items() if kind == "grid")
-    return len(grid) < planned or any(r.error is None and not (r.metrics or {}).get("done") for r in grid)
+    cut = any(r.error is None and not (r.metrics or {}).get("done") for r in grid)
+    return cut or (not restored and len(grid) < planned)
 
 
 def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: str, parent: str | None) -> dict:

@@ -298,3 +298,12 @@ def test_searched_paths_are_made_absolute_as_the_base_configs_are(tmp_path, shar
     space = param_space(search)
     assert space["data.train"] == {"grid_search": [str(Path(shards).absolute())]}
     assert space["model.pretrained"].categories == [None, "openai"]  # tags stay tags
+
+
+def test_a_restored_search_is_not_read_as_stopped_for_a_space_changed_since(tmp_path, shards):
+    # A finished 3-trial search rerun with num_samples=4: Ray restores its 3 trials, which are all there is.
+    search = load_search(_search_file(tmp_path, shards, "grown", {"model.prompt": {"grid": ["none", "coop", "cocoop"]}},
+                                      num_samples=4))
+    assert not tune_cli._stopped(search, [DONE] * 3, restored=True)
+    assert tune_cli._stopped(search, [DONE] * 3, restored=False)  # started afresh, 9 trials never ran
+    assert tune_cli._stopped(search, [DONE, CUT, DONE], restored=True)
