@@ -217,9 +217,12 @@ def _fit(config: Config, run: Run) -> None:
                 # The one host sync of a step: every process must stop together, or the others hang.
                 finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), reduction="mean")
                 if finite.item() < 1.0:
-                    where = find_checkpoint(ckpt_dir / "last")
-                    raise NonFiniteLoss(f"epoch {epoch + 1}: the loss became {loss.item()}; stopped. The last good "
-                                        f"checkpoint is {where or 'none (nothing saved yet)'}")
+                    # Only the first process of a node prints: say how many went wrong, not just this one's loss.
+                    where, n = find_checkpoint(ckpt_dir / "last"), accelerator.num_processes
+                    bad = round((1 - finite.item()) * n)
+                    raise NonFiniteLoss(f"epoch {epoch + 1}: the loss became non-finite on {bad} of {n} process(es) "
+                                        f"(this one's: {loss.item()}); stopped. The last good checkpoint is "
+                                        f"{where or 'none (nothing saved yet)'}")
                 accelerator.backward(loss)
                 optimizer.step()
                 if accelerator.sync_gradients:
