@@ -14,8 +14,8 @@ tracking_uri, the base config's tracking.uri or MLFLOW_TRACKING_URI names anothe
 the parent gets the results table, the prompt-tuning table (seed Table 5), the layer study (Fig. 8) and the best
 trial's config. A failing trial is retried (max_failures) and continues from its
 own last checkpoint; rerunning the same command after the driver was killed resumes the search without redoing
-finished trials. Before Ray or MLflow start, the shards are checked as train checks them and, for a local Ray, one
-trial's resources against this machine's CPUs and GPUs. Ctrl-C stops the search (exit code 130, parent run KILLED).
+finished trials. Before a local Ray or MLflow start, the shards are checked as train checks them, and one trial's
+resources against this machine's CPUs and GPUs. Ctrl-C stops the search (exit code 130, parent run KILLED).
 """
 from __future__ import annotations
 
@@ -363,9 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a search config (configs/tune/*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="keys of the search config, not of the training config: resources.gpu=0, num_samples=4, "
-                             "'space={model.prompt: {grid: [none, coop]}}'; training keys go in its overrides list, "
-                             "which this replaces: 'overrides=[train.epochs=2, data.workers=0]'")
+                        help="keys of the search config, not of the training config (examples above)")
     args = parser.parse_args(argv)
     try:
         summary = run_search(load_search(args.config, args.overrides))
