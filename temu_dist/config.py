@@ -152,6 +152,10 @@ class TrainConfig(Section):
     weight_decay: float = 0.0
     mse_weight: float = 1.0
     plcc_weight: float = 1.0
+    # With gradient accumulation, what the PLCC loss correlates over. step: the optimizer step's whole batch, as one
+    # without accumulation would (every micro-batch runs forward twice: scores first, then gradients, as open_clip
+    # accumulates its contrastive loss); micro_batch: each micro-batch's samples, at one forward each.
+    plcc_over: Literal["step", "micro_batch"] = "step"
     # "SET/METRIC" that picks the best epoch, e.g. test/srcc, val/plcc.
     key_metric: str = "test/srcc"
     # auto: continue from the run folder's last checkpoint when there is one.

@@ -74,13 +74,20 @@ def _across_ranks(x: torch.Tensor, same_length: bool = True) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, lengths, strict=True)])
 
 
-def loss_fn(model: torch.nn.Module, batch: dict, config: Config, device: torch.device,
-            stats: tuple[tuple[float, ...], tuple[float, ...]]) -> torch.Tensor:
-    """MSE + PLCC loss over the batch and its locally distorted copies (targets f * y; ldg.weight weighs them in
-    both). PLCC does not split over samples, so it is taken over the micro-batches of all processes together: the
-    same whatever the number of processes, though with gradient accumulation it is over each micro-batch's samples.
+@dataclass
+class Inputs:
+    """What one micro-batch trains on, on the device: images (raw, unnormalised) with their locally distorted copies
+    after them, each image's target and its weight in the loss."""
 
-    `model` is the prepared (possibly wrapped) model; `stats` the backbone's normalisation mean and std."""
+    images: torch.Tensor
+    targets: torch.Tensor
+    weights: torch.Tensor
+    # Whether every process holds as many rows: not with LDG at p < 1, where each distorts its own number of images.
+    same_length: bool
+
+
+def training_inputs(batch: dict, config: Config, device: torch.device) -> Inputs:
+    """A micro-batch and its locally distorted copies (targets f * y; ldg.weight weighs them), on the device."""
     x = batch["image"].to(device, non_blocking=True)
     y = batch["mos"].to(device, non_blocking=True)
     images, targets, weights = x, y, torch.ones_like(y)
@@ -94,15 +101,48 @@ def loss_fn(model: torch.nn.Module, batch: dict, config: Config, device: torch.d
         images = torch.cat([x, x_ldg])
         targets = torch.cat([y, ldg_targets(x_orig, x_ldg, y_orig, config.ldg)])
         weights = torch.cat([weights, torch.full_like(targets[len(y):], config.ldg.weight)])
-    score = model(normalize(images, *stats)).score.float()
+    return Inputs(images, targets, weights, use is None or config.ldg.p == 1.0)
+
+
+def _loss(score: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, config: Config,
+          same_length: bool) -> torch.Tensor:
+    """MSE over this process's rows + PLCC over the rows of all processes together."""
     mse = (weights * (score - targets) ** 2).sum() / weights.sum()
     plcc = 0.0
     if config.train.plcc_weight:
-        # Scores, targets and weights in one gather. Below p = 1 each process distorts its own number of images.
-        rows = _across_ranks(torch.stack([score, targets, weights], dim=1),
-                             same_length=use is None or config.ldg.p == 1.0)
+        # Scores, targets and weights in one gather.
+        rows = _across_ranks(torch.stack([score, targets, weights], dim=1), same_length=same_length)
         plcc = plcc_loss(rows[:, 0], rows[:, 1], rows[:, 2])
     return config.train.mse_weight * mse + config.train.plcc_weight * plcc
+
+
+def loss_fn(model: torch.nn.Module, batch: dict, config: Config, device: torch.device,
+            stats: tuple[tuple[float, ...], tuple[float, ...]]) -> torch.Tensor:
+    """MSE + PLCC loss over one micro-batch and its locally distorted copies. PLCC does not split over samples, so it
+    is taken over the micro-batches of all processes together: the same whatever the number of processes.
+
+    `model` is the prepared (possibly wrapped) model; `stats` the backbone's normalisation mean and std."""
+    inputs = training_inputs(batch, config, device)
+    score = model(normalize(inputs.images, *stats)).score.float()
+    return _loss(score, inputs.targets, inputs.weights, config, inputs.same_length)
+
+
+def step_scores(model: torch.nn.Module, inputs: list[Inputs], config: Config,
+                stats: tuple[tuple[float, ...], tuple[float, ...]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The first pass of a step whose PLCC spans all its micro-batches: every micro-batch scored without autograd, the
+    step's loss over all of them, and d loss / d score for each micro-batch's rows. The second pass runs each
+    micro-batch again with autograd and back-propagates these through its scores: the gradient of the whole step's
+    loss, at the memory of one micro-batch.
+
+    Each process's d loss / d score comes back multiplied by the number of processes (the autograd gather sums every
+    process's identical loss), as in loss_fn; data parallel's gradient averaging divides it out again."""
+    with torch.no_grad():
+        scores = [model(normalize(x.images, *stats)).score.float() for x in inputs]
+    score = torch.cat(scores).requires_grad_()
+    loss = _loss(score, torch.cat([x.targets for x in inputs]), torch.cat([x.weights for x in inputs]), config,
+                 all(x.same_length for x in inputs))
+    (grad,) = torch.autograd.grad(loss, score)
+    return loss.detach(), list(grad.split([len(s) for s in scores]))
 
 
 # What a resumed run may change: everything else must match the checkpoint, or the resumed run would not be the
@@ -111,10 +151,16 @@ RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "data.workers", "
                      "tracking.uri"}
 
 
-def _check_resumable(saved: dict, config: Config, where: Path) -> None:
-    ours, theirs = flatten(dump(config)), flatten(saved)
+# Keys added since checkpoints were first written, with the behaviour of a run saved before them.
+SAVED_BEFORE = {"train.plcc_over": "micro_batch"}
+
+
+def _check_resumable(saved: dict, config: Config, where: Path, plan: BatchPlan) -> None:
+    ours, theirs = flatten(dump(config)), {**SAVED_BEFORE, **flatten(saved)}
+    # Without accumulation (or PLCC) both settings train alike.
+    moot = set() if plan.accumulation > 1 and config.train.plcc_weight else {"train.plcc_over"}
     for key in sorted(set(ours) | set(theirs)):
-        if key.split(".")[0] in ("seed", "train", "ldg", "data") and key not in RESUME_MAY_CHANGE \
+        if key.split(".")[0] in ("seed", "train", "ldg", "data") and key not in RESUME_MAY_CHANGE | moot \
                 and ours.get(key) != theirs.get(key):
             raise ConfigError(f"{key}: {where} was trained with {theirs.get(key)!r}, this run asks for "
                               f"{ours.get(key)!r}; resume with the same value, or start anew with train.resume=never "
@@ -139,6 +185,13 @@ def _describe(config: Config, plan: BatchPlan, micro_batches: int, accelerator: 
         f"train: {plan.world_size} process(es) on {accelerator.device}, global batch {plan.global_batch} = "
         f"{plan.per_device} per process x {plan.accumulation} accumulation x {plan.world_size}; "
         f"{steps} optimizer steps per epoch, {steps * config.train.epochs} in all")
+    if plan.accumulation > 1 and config.train.plcc_weight:
+        accelerator.print(
+            f"train: PLCC over each step's {plan.global_batch} samples, every micro-batch scored twice "
+            f"(train.plcc_over=micro_batch: once, PLCC over {plan.per_device * plan.world_size})"
+            if _plcc_over_step(config, plan) else
+            f"train: PLCC over each micro-batch's {plan.per_device * plan.world_size} samples, not the step's "
+            f"{plan.global_batch} (train.plcc_over=step: over the step's, every micro-batch scored twice)")
 
 
 def _log_line(record: dict, epochs: int) -> str:
@@ -180,6 +233,54 @@ class Run:
     elapsed_s: float = 0.0
 
 
+def _plcc_over_step(config: Config, plan: BatchPlan) -> bool:
+    return plan.accumulation > 1 and bool(config.train.plcc_weight) and config.train.plcc_over == "step"
+
+
+def _train_step(config: Config, run: Run, batches: list[dict], stats: tuple[tuple[float, ...], tuple[float, ...]],
+                epoch: int) -> torch.Tensor:
+    """Trains on these micro-batches (one, or a whole step's); returns the sum of their losses (detached)."""
+    accelerator, model, device = run.accelerator, run.model, run.accelerator.device
+    if len(batches) == 1:
+        with accelerator.accumulate(model):
+            loss = loss_fn(model, batches[0], config, device, stats)
+            _check_finite(loss, accelerator, epoch, config)
+            accelerator.backward(loss)
+            _optimizer_step(run)
+        return loss.detach()
+    inputs = [training_inputs(b, config, device) for b in batches]
+    loss, grads = step_scores(model, inputs, config, stats)
+    _check_finite(loss, accelerator, epoch, config)
+    for x, grad in zip(inputs, grads, strict=True):
+        with accelerator.accumulate(model):
+            score = model(normalize(x.images, *stats)).score.float()
+            # backward() divides by the accumulation steps, for micro-batch losses that each stand for the step;
+            # these gradients are already the whole step's.
+            accelerator.backward((score * grad).sum() * len(batches))
+            _optimizer_step(run)
+    return loss * len(batches)
+
+
+def _optimizer_step(run: Run) -> None:
+    # Inside accumulate(): the optimizer prepared by accelerate steps only at the step's last micro-batch.
+    run.optimizer.step()
+    if run.accelerator.sync_gradients:
+        run.scheduler.step()
+    run.optimizer.zero_grad()
+
+
+def _check_finite(loss: torch.Tensor, accelerator: Accelerator, epoch: int, config: Config) -> None:
+    # The one host sync of a step: every process must stop together, or the others hang.
+    finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), reduction="mean")
+    if finite.item() < 1.0:
+        # Only the first process of a node prints: say how many went wrong, not just this one's loss.
+        where, n = find_checkpoint(config.run_dir() / "checkpoints" / "last"), accelerator.num_processes
+        bad = round((1 - finite.item()) * n)
+        raise NonFiniteLoss(f"epoch {epoch + 1}: the loss became non-finite on {bad} of {n} process(es) "
+                            f"(this one's: {loss.item()}); stopped. The last good checkpoint is "
+                            f"{where or 'none (nothing saved yet)'}")
+
+
 def _fit(config: Config, run: Run) -> None:
     """The epochs from run.start_epoch on: train, evaluate, checkpoint, track; updates run.history and run.best."""
     accelerator, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, run.scheduler
@@ -194,6 +295,8 @@ def _fit(config: Config, run: Run) -> None:
     history = run.history
     started = time.perf_counter() - run.elapsed_s
     every = config.train.checkpoint_every
+    # Micro-batches trained together: a whole step where PLCC spans it, else one at a time.
+    group = run.plan.accumulation if _plcc_over_step(config, run.plan) else 1
     for epoch in range(run.start_epoch, config.train.epochs):
         done = run.in_epoch if epoch == run.start_epoch else {}
         skip = done.get("micro_batches", 0)
@@ -206,31 +309,20 @@ def _fit(config: Config, run: Run) -> None:
         tty = sys.stderr.isatty()
         bar = tqdm(total=micro_batches, desc=f"epoch {epoch + 1}", disable=not main, leave=not tty, file=sys.stderr,
                    mininterval=0.1 if tty else 30)
+        pending: list[dict] = []
         for i, batch in zip(range(micro_batches), run.loader):
             bar.update()
             if i < skip:
                 # Trained before the resume: the loader passed over these samples without decoding them.
                 tick = time.perf_counter()
                 continue
-            with accelerator.accumulate(model):
-                loss = loss_fn(model, batch, config, device, stats)
-                # The one host sync of a step: every process must stop together, or the others hang.
-                finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), reduction="mean")
-                if finite.item() < 1.0:
-                    # Only the first process of a node prints: say how many went wrong, not just this one's loss.
-                    where, n = find_checkpoint(ckpt_dir / "last"), accelerator.num_processes
-                    bad = round((1 - finite.item()) * n)
-                    raise NonFiniteLoss(f"epoch {epoch + 1}: the loss became non-finite on {bad} of {n} process(es) "
-                                        f"(this one's: {loss.item()}); stopped. The last good checkpoint is "
-                                        f"{where or 'none (nothing saved yet)'}")
-                accelerator.backward(loss)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            total += loss.detach()
-            seen += 1
-            images += len(batch["name"])
+            pending.append(batch)
+            if len(pending) < group:
+                continue
+            total += _train_step(config, run, pending, stats, epoch)
+            seen += len(pending)
+            images += sum(len(b["name"]) for b in pending)
+            pending = []
             step = seen // run.plan.accumulation
             if every and main and seen % run.plan.accumulation == 0 and step % every == 0 and seen < micro_batches:
                 in_epoch = {"micro_batches": seen, "loss_sum": total.item(), "images": images,
@@ -307,7 +399,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         raise ConfigError(f"out_dir: some processes see {ckpt_dir / 'last'} and some do not; a run folder must lie "
                           "on a filesystem every node shares")
     if last is not None:
-        _check_resumable(load_saved_config(last), config, last)
+        _check_resumable(load_saved_config(last), config, last, plan)
         load_weights(model, last, config)
         state, info = load_trainer_state(last)
         optimizer.load_state_dict(state["optimizer"])

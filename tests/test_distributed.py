@@ -85,12 +85,17 @@ def test_one_and_two_processes_reach_the_same_weights_and_metrics(shards, tmp_pa
     _launch(1, "temu_dist.train", _overrides(shards, tmp_path / "one", *same), tmp_path)
     two_processes = _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "two", *same), tmp_path)
     assert "Warning" not in two_processes.stderr, two_processes.stderr[-2000:]  # e.g. torch's on the PLCC all_gather
+    # And in micro-batches of 2 on each, accumulated: PLCC still over the step's 8 samples.
+    _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "accumulated", *same, "train.per_device_batch=2"),
+            tmp_path)
     one, two = _weights(tmp_path / "one" / "run"), _weights(tmp_path / "two" / "run")
-    assert set(one) == set(two) == {"layer_logits", "log_tau_w", "prompts.ctx"}
+    accumulated = _weights(tmp_path / "accumulated" / "run")
+    assert set(one) == set(two) == set(accumulated) == {"layer_logits", "log_tau_w", "prompts.ctx"}
     initial = _initial(shards, tmp_path)
     for name in one:
         assert not torch.equal(one[name], initial[name]), f"{name} never moved"
         torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(one[name], accumulated[name], rtol=1e-5, atol=1e-6)
 
     # Evaluating that checkpoint with 1 and with 2 processes: the same 7 samples, the same metrics.
     run = str(tmp_path / "one" / "run")
@@ -133,19 +138,25 @@ def test_sigkilled_run_resumes_to_the_results_of_an_unbroken_one(shards, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_deepspeed_trains_a_few_steps_on_cpu(shards, tmp_path):
+def test_deepspeed_trains_as_one_process_does_on_cpu(shards, tmp_path):
     env = _env(tmp_path)
     del env["ACCELERATE_USE_CPU"]  # it would turn DeepSpeed off (the trainer refuses it; next test)
-    done = _launch(2, "temu_dist.train", _overrides(shards, tmp_path, "train.epochs=2", "train.batch_size=4"),
+    # As in the 1-and-2-process test, plus accumulation (micro-batches of 2): DeepSpeed scales its loss itself.
+    same = ["train.epochs=2", "train.batch_size=8", "ldg.enabled=false", "data.flip=false"]
+    done = _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "ds", *same, "train.per_device_batch=2"),
                    tmp_path, config_file=str(REPO / "launch" / "deepspeed.yaml"), env=env)
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    _launch(1, "temu_dist.train", _overrides(shards, tmp_path / "one", *same), tmp_path)
+    results = json.loads((tmp_path / "ds" / "run" / "results.json").read_text())
     assert [h["epoch"] for h in results["history"]] == [1, 2]
     assert results["best"]["test"]["count"] == 7
-    assert "2 process(es)" in done.stdout
+    assert "2 process(es)" in done.stdout and "x 2 accumulation" in done.stdout
     # DeepSpeed's engine itself, as every other launcher: no clipping (its default would clip at 1.0).
     assert "DeepSpeed ZeRO stage 0, gradient clipping off" in done.stdout
-    trained, initial = _weights(tmp_path / "run"), _initial(shards, tmp_path)
-    assert all(not torch.equal(trained[k], initial[k]) for k in initial)
+    trained, initial = _weights(tmp_path / "ds" / "run"), _initial(shards, tmp_path)
+    one = _weights(tmp_path / "one" / "run")
+    for name in initial:
+        assert not torch.equal(trained[name], initial[name]), f"{name} never moved"
+        torch.testing.assert_close(trained[name], one[name], rtol=1e-5, atol=1e-6)
 
 
 def test_deepspeed_with_accelerate_told_cpu_is_refused(monkeypatch):

@@ -115,11 +115,12 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypat
 def test_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_to_the_same_results(tmp_path, shards,
                                                                                         monkeypatch):
     # Global batch 4 in micro-batches of 2: 3 optimizer steps, 6 micro-batches an epoch; a checkpoint every step.
+    # Each step reads both its micro-batches before it trains on either (PLCC over the step).
     settings = ("train.epochs=2", "train.per_device_batch=2", "train.checkpoint_every=1")
     whole = train(run_config(tmp_path / "a", shards, *settings))
     import temu_dist.train as train_mod
 
-    real, calls = train_mod.loss_fn, []
+    real, calls = train_mod.training_inputs, []
 
     def dies_in_epoch_2(*args, **kwargs):
         calls.append(1)
@@ -127,14 +128,14 @@ def test_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_to_the_same_
             raise Interrupted
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "loss_fn", dies_in_epoch_2)
+    monkeypatch.setattr(train_mod, "training_inputs", dies_in_epoch_2)
     with pytest.raises(Interrupted):
         train(run_config(tmp_path / "b", shards, *settings))
     last = json.loads((tmp_path / "b" / "run" / "checkpoints" / "last" / "trainer.json").read_text())
     assert last["next_epoch"] == 1 and last["in_epoch"]["micro_batches"] == 4 and len(last["history"]) == 1
-    monkeypatch.setattr(train_mod, "loss_fn", real)
+    monkeypatch.setattr(train_mod, "training_inputs", real)
     calls.clear()
-    monkeypatch.setattr(train_mod, "loss_fn", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(train_mod, "training_inputs", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     resumed = train(run_config(tmp_path / "b", shards, *settings))
     assert len(calls) == 2, "the resumed run trains the epoch's last 2 micro-batches only"
     assert _comparable(resumed["history"]) == _comparable(whole["history"])
@@ -172,6 +173,27 @@ def test_resume_with_other_training_settings_is_refused(tmp_path, shards):
         train(run_config(tmp_path, shards, "train.epochs=1", "train.lr=0.01"))
     fresh = train(run_config(tmp_path, shards, "train.epochs=1", "train.lr=0.01", "train.resume=never"))
     assert fresh["history"][0]["lr"] < 0.01
+
+
+def test_a_run_saved_before_plcc_over_existed_resumes_as_it_trained(tmp_path, shards):
+    def saved_without_plcc_over(folder):
+        path = folder / "run" / "checkpoints" / "last" / "config.json"
+        saved = json.loads(path.read_text())
+        del saved["train"]["plcc_over"]
+        path.write_text(json.dumps(saved))
+
+    accumulating = ("train.per_device_batch=2",)
+    # Reruns of a finished run: they resume (nothing left to train) only where the settings match.
+    train(run_config(tmp_path / "a", shards, *accumulating, "train.plcc_over=micro_batch"))
+    saved_without_plcc_over(tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"train.plcc_over: .*last was trained with 'micro_batch', this run asks for "
+                                          r"'step'"):
+        train(run_config(tmp_path / "a", shards, *accumulating))
+    assert len(train(run_config(tmp_path / "a", shards, *accumulating, "train.plcc_over=micro_batch"))["history"]) == 2
+    # Without accumulation both settings train alike: the default resumes.
+    train(run_config(tmp_path / "b", shards))
+    saved_without_plcc_over(tmp_path / "b")
+    assert len(train(run_config(tmp_path / "b", shards))["history"]) == 2
 
 
 def test_a_relative_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, shards, monkeypatch):
@@ -442,3 +464,54 @@ def test_resume_from_a_damaged_last_checkpoint_is_a_one_line_error_naming_the_fi
                     "with train.resume=never or another name$", message), message
     assert "\n" not in message
     assert _files(run) == before
+
+
+def _ldg_batch(g: torch.Generator, n: int, p_mask: torch.Tensor | None = None) -> dict:
+    image = torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8, generator=g)
+    return {"image": image, "mos": torch.rand(n, generator=g), "name": [str(i) for i in range(n)],
+            "ldg_image": torch.randint(0, 256, image.shape, dtype=torch.uint8, generator=g),
+            "ldg": torch.ones(n, dtype=torch.bool) if p_mask is None else p_mask}
+
+
+@pytest.mark.parametrize("p", [1.0, 0.5])
+def test_plcc_over_the_step_gives_the_gradient_of_the_whole_batch_from_its_micro_batches(p):
+    from temu_dist.data.augment import normalize
+    from temu_dist.model.temu import build_model
+    from temu_dist.train import loss_fn, step_scores, training_inputs
+
+    config, cpu = tiny_config(f"ldg.p={p}", "ldg.weight=0.5"), torch.device("cpu")
+    model = build_model(config)
+    params = [q for q in model.parameters() if q.requires_grad]
+    stats = (model.backbone.mean, model.backbone.std)
+    g = torch.Generator().manual_seed(0)
+    masks = [None, None] if p == 1 else [torch.tensor([True, False, True]), torch.tensor([False, False, True])]
+    micro = [_ldg_batch(g, 3, masks[0]), _ldg_batch(g, 3, masks[1])]
+    whole = {k: (micro[0][k] + micro[1][k] if k == "name" else torch.cat([b[k] for b in micro])) for k in micro[0]}
+
+    def grads(loss):
+        return torch.autograd.grad(loss, params)
+
+    expected = grads(loss_fn(model, whole, config, cpu, stats))
+    inputs = [training_inputs(b, config, cpu) for b in micro]
+    loss, score_grads = step_scores(model, inputs, config, stats)
+    torch.testing.assert_close(loss, loss_fn(model, whole, config, cpu, stats).detach())
+    parts = [grads((model(normalize(x.images, *stats)).score.float() * d).sum()) for x, d in zip(inputs, score_grads)]
+    torch.testing.assert_close([a + b for a, b in zip(*parts)], list(expected))
+    # What accumulating per micro-batch losses gives instead: PLCC over 3 samples (and their copies) at a time.
+    per_micro = [grads(loss_fn(model, b, config, cpu, stats)) for b in micro]
+    assert not all(torch.allclose((a + b) / 2, e) for a, b, e in zip(*per_micro, expected))
+
+
+def test_accumulated_steps_train_as_whole_batches_with_plcc_over_the_step(tmp_path, shards, capsys):
+    whole = train(run_config(tmp_path / "a", shards, "train.epochs=1"))
+    split = train(run_config(tmp_path / "b", shards, "train.epochs=1", "train.per_device_batch=2"))
+    assert "train: PLCC over each step's 4 samples, every micro-batch scored twice" in capsys.readouterr().out
+    per_micro = train(run_config(tmp_path / "c", shards, "train.epochs=1", "train.per_device_batch=2",
+                                 "train.plcc_over=micro_batch"))
+    assert "train: PLCC over each micro-batch's 2 samples, not the step's 4" in capsys.readouterr().out
+    weights = {name: load_file(str(tmp_path / name / "run" / "checkpoints" / "last" / "weights.safetensors"))
+               for name in "abc"}
+    assert all(torch.allclose(weights["a"][k], weights["b"][k], atol=1e-6) for k in weights["a"])
+    assert not all(torch.allclose(weights["a"][k], weights["c"][k], atol=1e-6) for k in weights["a"])
+    assert whole["history"][0]["loss"] == pytest.approx(split["history"][0]["loss"], rel=1e-5)
+    assert per_micro["history"][0]["loss"] != pytest.approx(whole["history"][0]["loss"], rel=1e-5)
