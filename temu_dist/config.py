@@ -165,6 +165,9 @@ class TrainConfig(Section):
     # Also write checkpoints/last every this many optimizer steps within an epoch (long epochs: FLIVE, AVA); null: at
     # epoch ends only. A resume replays the epoch's data up to that step and goes on exactly as an unbroken run.
     checkpoint_every: int | None = Field(None, ge=1)
+    # How long processes wait for each other at a collective (gather, gradient all-reduce) before failing: one slow
+    # to read its shards or to evaluate holds up the rest. torch's own default is 10 minutes for NCCL, 30 for gloo.
+    timeout_min: float = Field(30.0, gt=0)
 
     @field_validator("key_metric")
     @classmethod

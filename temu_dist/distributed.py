@@ -32,13 +32,20 @@ def batch_plan(global_batch: int, per_device: int | None, world_size: int) -> Ba
     return BatchPlan(world_size, per_device, global_batch // (per_device * world_size))
 
 
+def process_group_kwargs(config: Config, world_size: int, cuda: bool) -> list[InitProcessGroupKwargs]:
+    """accelerate's process-group settings: train.timeout_min whatever the backend. Without CUDA, processes talk over
+    gloo; DeepSpeed in particular needs it said explicitly. A single process has no process group, and accelerate
+    fails if told its backend."""
+    if world_size == 1:
+        return []
+    return [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo",
+                                   timeout=timedelta(minutes=config.train.timeout_min))]
+
+
 def make_accelerator(config: Config) -> tuple[Accelerator, BatchPlan]:
     # Launchers (accelerate, torchrun, deepspeed) say the world size before any process group exists.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    # Without CUDA, processes talk over gloo; DeepSpeed in particular needs it said explicitly. A single process
-    # has no process group, and accelerate fails if told its backend.
-    handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30))] \
-        if world_size > 1 and not torch.cuda.is_available() else []
+    handlers = process_group_kwargs(config, world_size, torch.cuda.is_available())
     plan = batch_plan(config.train.batch_size, config.train.per_device_batch, world_size)
     # accelerate treats several CPU processes as one group only when told it runs on CPU; launchers other than
     # `accelerate launch` (Ray Train, torchrun) do not say so. DeepSpeed refuses the flag and finds the group itself.

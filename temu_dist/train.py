@@ -147,8 +147,8 @@ def step_scores(model: torch.nn.Module, inputs: list[Inputs], config: Config,
 
 # What a resumed run may change: everything else must match the checkpoint, or the resumed run would not be the
 # run it continues (model fields are checked against the weights by load_weights).
-RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "data.workers", "eval.batch_size", "tracking.enabled",
-                     "tracking.uri"}
+RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.timeout_min", "data.workers", "eval.batch_size",
+                     "tracking.enabled", "tracking.uri"}
 
 
 # Keys added since checkpoints were first written, with the behaviour of a run saved before them.

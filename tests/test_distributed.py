@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 from temu_dist.config import ConfigError, load_config
 from temu_dist.data.splits import SplitSpec
-from temu_dist.distributed import make_accelerator
+from temu_dist.distributed import make_accelerator, process_group_kwargs
 from temu_dist.model.temu import build_model
 from temu_dist.pack import PackOptions, pack
 from tests.conftest import write_kadid
@@ -178,6 +179,13 @@ def _gather_uneven(rank: int, port: int, out: str) -> None:
         torch.save({"both": rows.detach(), "grad": x.grad}, f"{out}/{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("cuda, backend", [(True, "nccl"), (False, "gloo")])
+def test_processes_wait_for_each_other_as_long_as_the_config_says_whatever_the_backend(cuda, backend):
+    (kwargs,) = process_group_kwargs(load_config(None, ["train.timeout_min=45"]), 2, cuda)
+    assert (kwargs.backend, kwargs.timeout) == (backend, timedelta(minutes=45))
+    assert process_group_kwargs(load_config(None, []), 1, cuda) == []
 
 
 def test_processes_with_different_numbers_of_distorted_images_gather_them_all_with_gradients(tmp_path):
