@@ -17,8 +17,8 @@ class ShardsMissing(ConfigError):
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise ShardsMissing(f"{path} not found: make the shards first, e.g. python -m temu_dist.pack --dataset NAME "
-                            f"--root DATASET_DIR --out {folder}")
+        raise ShardsMissing(f"{path} not found: make the shards first, e.g. python -m temu_dist.pack --dataset "
+                            f"{_dataset_of(Path(folder))} --root DATASET_DIR --out {folder}")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -26,3 +26,15 @@ def read_manifest(folder: str | Path) -> dict:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
         raise ShardsMissing(f"{path}: not a pack manifest (no 'splits'): rerun the pack command that made {folder}")
     return manifest
+
+
+def _dataset_of(folder: Path) -> str:
+    """The dataset a pack folder's name points at (shards/koniq, shards/KonIQ-10k: koniq10k), else NAME."""
+    # Imported only for this message: the module holds the release readers.
+    from temu_dist.data.sources import DATASETS
+
+    name = "".join(c for c in folder.name.lower() if c.isalnum())
+    if name in DATASETS:
+        return name
+    matches = [d for d in DATASETS if name and (d.startswith(name) or name.startswith(d))]
+    return matches[0] if len(matches) == 1 else "NAME"
