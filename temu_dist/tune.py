@@ -39,6 +39,8 @@ SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 # A Ray Train trial asks for its workers itself; the trial's own process only waits for them (Ray refuses an empty
 # request, hence a sliver of a CPU).
 TRIAL_CPU = 0.01
+# The training keys train.check_data reads, which the search checks the shards of before Ray starts.
+CHECKED_DATA_KEYS = ("data", "eval", "train.key_metric")
 
 
 class Resources(Section):
@@ -117,7 +119,7 @@ def _check_fits_here(res: Resources) -> None:
     problems, fits = [], []
     for key, unit, per_process, have, own in (
             ("gpu", "GPU", res.gpu, torch.cuda.device_count(), 0.0),
-            ("cpu", "CPU", res.cpu, os.cpu_count() or 1, TRIAL_CPU if workers > 1 else 0.0)):
+            ("cpu", "CPU", res.cpu, _local_cpus(), TRIAL_CPU if workers > 1 else 0.0)):
         need = per_process * workers + own
         if need > have:
             how = (f" ({workers} workers x {per_process:g}{f', and {own:g} for the trial itself' if own else ''})"
@@ -131,13 +133,28 @@ def _check_fits_here(res: Resources) -> None:
                           "the search config)")
 
 
+def _local_cpus() -> int:
+    """The CPUs a local Ray starts with: Ray's own count, which takes a container's cgroup CPU quota or cpuset (docker
+    --cpus=4 on a 64-core host: 4), not os.cpu_count(). A Ray without that function: the CPUs this process may use."""
+    try:
+        # Private, but what ray.init itself calls.
+        from ray._private.utils import get_num_cpus
+
+        return get_num_cpus(override_docker_cpu_warning=True)  # Ray warns once more when it starts
+    except (ImportError, TypeError):
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _check_data(search: SearchConfig) -> None:
     """The shards the trials read, checked as train() checks them and with its messages, so that a missing pack fails
     the search now, not every trial once Ray has started: the base config with each combination of the grid and
-    choice values of data.* keys. Paths as in the search config, relative to the working directory, as for train."""
+    choice values of the keys check_data reads (data.*, eval.*, train.key_metric: the packs, splits, evaluation sets
+    and the key metric's set). Sampled keys (uniform, loguniform, randint) are left out: they take numbers, and what
+    check_data checks are names. Paths as in the search config, relative to the working directory, as for train."""
     from temu_dist.train import check_data
 
-    keys = [k for k, spec in search.space.items() if k.startswith("data.") and next(iter(spec)) in ("grid", "choice")]
+    keys = [k for k, spec in search.space.items() if next(iter(spec)) in ("grid", "choice") and any(
+        k == read or k.startswith(f"{read}.") or read.startswith(f"{k}.") for read in CHECKED_DATA_KEYS)]
     for values in itertools.product(*(next(iter(search.space[k].values())) for k in keys)):
         check_data(load_config(search.base, [*search.overrides, *(f"{k}={json.dumps(v)}"
                                                                   for k, v in zip(keys, values))]))

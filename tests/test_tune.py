@@ -179,7 +179,7 @@ def no_ray(monkeypatch):
 def test_a_trial_this_machine_cannot_hold_is_refused_before_ray_starts(tmp_path, shards, no_ray, monkeypatch, gpus,
                                                                         cpus, resources, says):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(tune_cli, "_local_cpus", lambda: cpus)
     search = load_search(_search_file(tmp_path, shards, "big", {"model.prompt": {"grid": ["coop"]}},
                                       resources=resources))
     with pytest.raises(ConfigError) as refused:
@@ -187,6 +187,36 @@ def test_a_trial_this_machine_cannot_hold_is_refused_before_ray_starts(tmp_path,
     assert str(refused.value).startswith(says) and "RAY_ADDRESS" in str(refused.value)
     assert "\n" not in str(refused.value)
     assert not (tmp_path / "runs").exists()  # no search folder, no MLflow parent run
+
+
+@pytest.mark.parametrize("cgroup", [{"cpu.max": "400000 100000\n"},  # v2
+                                    {"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}],  # v1
+                         ids=["v2", "v1"])
+def test_a_trial_over_the_containers_cpu_quota_is_refused_before_ray_starts(tmp_path, shards, no_ray, monkeypatch,
+                                                                             cgroup):
+    # docker --cpus=4 on a 64-core host: a local Ray has 4 CPUs, and a trial that asks for 8 would wait for ever.
+    import multiprocessing
+
+    from ray._private import utils as ray_utils
+
+    root = tmp_path / "cgroup"
+    for name, text in cgroup.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    read_quota = ray_utils._get_docker_cpus
+    # Ray's own reader of the quota, on this fake cgroup tree.
+    monkeypatch.setattr(ray_utils, "_get_docker_cpus", lambda: read_quota(
+        cpu_quota_file_name=str(root / "cpu/cpu.cfs_quota_us"),
+        cpu_period_file_name=str(root / "cpu/cpu.cfs_period_us"),
+        cpuset_file_name=str(root / "cpuset/cpuset.cpus"), cpu_max_file_name=str(root / "cpu.max")))
+    monkeypatch.setattr(multiprocessing, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.delenv("RAY_USE_MULTIPROCESSING_CPU_COUNT", raising=False)
+    search = load_search(_search_file(tmp_path, shards, "quota", {"model.prompt": {"grid": ["coop"]}},
+                                      resources={"cpu": 8}))
+    with pytest.raises(ConfigError, match=r"^resources\.cpu: one trial needs 8 CPUs, this machine has 4: lower it "
+                                          r"\(e\.g\. --config FILE resources\.cpu=4\)"):
+        run_search(search)
 
 
 class Joined(Exception):
@@ -223,6 +253,27 @@ def test_a_missing_pack_among_the_searched_data_train_values_is_refused_before_r
     missing = tmp_path / "shards" / "other"
     search = load_search(_search_file(tmp_path, shards, "datasets", {"data.train": {"grid": [shards, str(missing)]}}))
     with pytest.raises(ConfigError, match=f"^{re.escape(str(missing / 'manifest.json'))} not found: make the shards"):
+        run_search(search)
+
+
+def test_a_searched_key_metric_without_its_evaluation_set_is_refused_before_ray_starts(tmp_path, shards, no_ray):
+    search = load_search(_search_file(tmp_path, shards, "metrics",
+                                      {"train.key_metric": {"choice": ["test/srcc", "koniq/srcc"]}}))
+    with pytest.raises(ConfigError, match=r"^train\.key_metric: no evaluation set 'koniq' \(sets: test\)$"):
+        run_search(search)
+
+
+def test_a_searched_evaluation_set_that_the_key_metric_names_is_checked_with_it(tmp_path, shards, monkeypatch):
+    # Each eval.cross value adds the set train.key_metric names: every trial has it, so the search starts.
+    def join(**kwargs):
+        raise Joined(kwargs)
+
+    monkeypatch.setattr(ray, "init", join)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cross = [[{"name": "koniq", "shards": shards}], [{"name": "koniq", "shards": shards, "split": "train"}]]
+    search = load_search(_search_file(tmp_path, shards, "cross", {"eval.cross": {"grid": cross}},
+                                      overrides=["train.key_metric=koniq/srcc", "tracking.enabled=false"]))
+    with pytest.raises(Joined):
         run_search(search)
 
 
