@@ -1,6 +1,11 @@
+import socket
+import time
+
+import huggingface_hub
 import open_clip
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from temu_dist.config import ConfigError
 from temu_dist.model import backbone as backbone_mod
@@ -105,15 +110,102 @@ def test_unknown_tag_and_missing_file_say_how_to_pass_a_path():
         create_clip(tiny_config("model.pretrained=/nowhere/w.pt").model)
 
 
-def test_weights_that_cannot_be_fetched_say_how_to_pass_a_local_file(monkeypatch):
+def test_weights_that_cannot_be_fetched_say_how_to_pass_a_local_file(monkeypatch, tmp_path, no_network):
     def offline(*args, **kwargs):
         raise RuntimeError("We couldn't connect to the Hub to download the files")
 
+    # The Hub answers, but open_clip's download fails all the same.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(backbone_mod, "_hub_unreachable", lambda repo, filename: None)
     monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
     cfg = tiny_config("model.backbone=ViT-B-32", "model.pretrained=openai", "model.image_size=224")
     with pytest.raises(ConfigError, match="could not fetch 'openai' weights for ViT-B-32.*model.pretrained=/path/to.*"
                                           "model.quick_gelu=true"):
         backbone_mod.create_clip(cfg.model)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """A machine with no network: every name lookup and connection fails at once, and is recorded."""
+    attempts = []
+
+    def lookup(host, *args, **kwargs):
+        attempts.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "no network in tests")
+
+    def connect(sock, address):
+        attempts.append(address)
+        raise OSError(101, "no network in tests")
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return attempts
+
+
+@pytest.fixture
+def hub_tag(monkeypatch, tmp_path):
+    """An open_clip pretrained tag, 'tiny', for Test-Tiny-ViT-16, whose weights live on the Hub in the way open_clip's
+    own tags' do (OpenAI's mean and std would hide a lost preprocessing config, so it has others); an empty Hugging
+    Face cache, HF_HUB_OFFLINE unset. Returns the cache folder."""
+    tag = open_clip.pretrained._pcfg(hf_hub="temu-test/tiny-clip/", quick_gelu=True, mean=(0.1, 0.2, 0.3),
+                                     std=(0.4, 0.5, 0.6), interpolation="bilinear", resize_mode="squash")
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "Test-Tiny-ViT-16", {"tiny": tag})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return tmp_path
+
+
+def _put_in_hub_cache(cache, state: dict, filename: str, repo: str = "temu-test/tiny-clip") -> str:
+    """Files a checkpoint as huggingface_hub's cache holds a downloaded one: refs/main names a snapshot."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    path = folder / "snapshots" / commit / filename
+    path.parent.mkdir(parents=True)
+    if filename.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    else:
+        torch.save(state, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("filename", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
+def test_a_tags_weights_in_the_hub_cache_load_with_no_network_as_open_clip_loads_the_tag(
+        hub_tag, no_network, monkeypatch, filename):
+    # Offline, open_clip asks the Hub for the tag's weights before it looks in the cache, and retries for the
+    # .safetensors file it looks for first (23 s, the .bin cached).
+    source = create_clip(tiny_config("model.quick_gelu=true").model, seed=123)
+    path = _put_in_hub_cache(hub_tag, source.state_dict(), filename)
+    clip = create_clip(tiny_config("model.pretrained=tiny").model)
+    assert no_network == []
+    # Just what open_clip makes of the tag where its download finds the file.
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, **kwargs: path)
+    want = open_clip.create_model("Test-Tiny-ViT-16", pretrained="tiny", force_image_size=(64, 64),
+                                  force_quick_gelu=True)
+    assert clip.visual.preprocess_cfg == want.visual.preprocess_cfg
+    assert clip.visual.preprocess_cfg["mean"] == (0.1, 0.2, 0.3) and clip.visual.preprocess_cfg["size"] == (64, 64)
+    assert (clip.visual.image_mean, clip.visual.image_std) == (want.visual.image_mean, want.visual.image_std)
+    assert _activations(clip) == _activations(want) == {"QuickGELU"}
+    assert clip.state_dict().keys() == want.state_dict().keys()
+    for key, value in want.state_dict().items():
+        torch.testing.assert_close(clip.state_dict()[key], value, rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(clip.state_dict()[key], source.state_dict()[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("offline_mode", [False, True])
+def test_weights_neither_cached_nor_reachable_fail_at_once(hub_tag, no_network, monkeypatch, offline_mode):
+    # With no network, huggingface_hub retries each of the two files open_clip asks for 5 times (46 s) before
+    # open_clip gives up; with HF_HUB_OFFLINE=1 it asks no one.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline_mode)
+    why = "HF_HUB_OFFLINE is set" if offline_mode else "offline\\? no answer from the Hub"
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=f"could not fetch 'tiny' weights for Test-Tiny-ViT-16 \\({why}.*\\): "
+                                          "download them once.*model.quick_gelu=true$"):
+        create_clip(tiny_config("model.pretrained=tiny").model)
+    assert time.perf_counter() - start < 10
+    if offline_mode:
+        assert no_network == []
 
 
 def test_local_checkpoint_is_loaded_and_its_position_embedding_resized(tmp_path):

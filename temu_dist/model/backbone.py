@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import warnings
 import zipfile
 from pathlib import Path
 
+import huggingface_hub
 import open_clip
 import torch
 import torch.nn.functional as F
+from huggingface_hub.utils import HfHubHTTPError
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
@@ -50,27 +53,20 @@ def create_clip(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     # with weights_only off.
     torchscript = file is not None and _is_torchscript(file)
     quick_gelu = _quick_gelu(cfg, file, torchscript)
+    kwargs = {"weights_only": not torchscript, "force_image_size": cfg.image_hw(), "force_quick_gelu": quick_gelu}
+    hub = _hub_file(open_clip.get_pretrained_cfg(name, pretrained)) if pretrained and not is_file and ":" not in name \
+        else None
     try:
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            if torchscript:
-                # torch announces that it hands the archive to torch.jit.load, and that TorchScript is deprecated: the
-                # archive is only read for its weights.
-                warnings.filterwarnings("ignore", "'torch.load' received a zip file that looks like a TorchScript")
-                warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
-            torch.manual_seed(seed)
-            model = open_clip.create_model(
-                name,
-                pretrained=str(file) if file else pretrained,
-                weights_only=not torchscript,
-                force_image_size=cfg.image_hw(),
-                force_quick_gelu=quick_gelu,
-            )
+        # open_clip asks the Hub before it looks in the cache, and with no network huggingface_hub retries for about
+        # 46 s first: its own lookup, with the Hub switched off, finds weights already downloaded at once.
+        model = _create(name, pretrained, seed, torchscript, kwargs, hub_offline=True) if hub else None
+        if model is None:
+            if hub and (why := _hub_unreachable(*hub)) is not None:
+                raise _cannot_fetch(name, pretrained, quick_gelu, why)
+            model = _create(name, str(file) if file else pretrained, seed, torchscript, kwargs)
     except RuntimeError as e:
         if pretrained and not is_file and "download" in str(e).lower():
-            raise ConfigError(
-                f"model.pretrained: could not fetch '{pretrained}' weights for {name} (offline?): download them once "
-                f"where there is a network, then pass the file: model.pretrained=/path/to/{name}.bin "
-                f"model.quick_gelu={str(quick_gelu).lower()}") from None
+            raise _cannot_fetch(name, pretrained, quick_gelu) from None
         raise
     visual = model.visual
     if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None or visual.pool_type != "tok":
@@ -79,6 +75,66 @@ def create_clip(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def _create(name: str, pretrained: str | None, seed: int, torchscript: bool, kwargs: dict,
+            hub_offline: bool = False) -> nn.Module | None:
+    """open_clip.create_model, seeded; with `hub_offline`, as HF_HUB_OFFLINE=1 would run it: None where a tag's weights
+    are not in the local cache."""
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        if torchscript:
+            # torch announces that it hands the archive to torch.jit.load, and that TorchScript is deprecated: the
+            # archive is only read for its weights.
+            warnings.filterwarnings("ignore", "'torch.load' received a zip file that looks like a TorchScript")
+            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
+        torch.manual_seed(seed)
+        if not hub_offline:
+            return open_clip.create_model(name, pretrained=pretrained, **kwargs)
+        # huggingface_hub reads the switch at each request, and has no narrower one that open_clip passes on. A miss
+        # is no error yet: open_clip's log line saying it failed is held back.
+        was = huggingface_hub.constants.HF_HUB_OFFLINE
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        logging.disable(logging.ERROR)
+        try:
+            return open_clip.create_model(name, pretrained=pretrained, **kwargs)
+        except RuntimeError as e:
+            if "download" in str(e).lower():
+                return None
+            raise
+        finally:
+            huggingface_hub.constants.HF_HUB_OFFLINE = was
+            logging.disable(logging.NOTSET)
+
+
+def _hub_file(tag_cfg: dict) -> tuple[str, str] | None:
+    """The Hub repo and weights file of a pretrained tag; None where open_clip does not fetch them from the Hub."""
+    hub = tag_cfg.get("hf_hub", "")
+    if not hub or "file" in tag_cfg or not open_clip.pretrained.has_hf_hub():
+        return None
+    repo, _, filename = hub.rpartition("/")  # 'org/name/' means open_clip's default file name
+    return repo, filename or open_clip.constants.HF_WEIGHTS_NAME
+
+
+def _hub_unreachable(repo: str, filename: str) -> str | None:
+    """Why the Hub cannot be reached, or None where it can. One HEAD request, as hf_hub_download's own first one (its
+    etag timeout, no retries): with no network, hf_hub_download retries 5 times with backoff, for each of the 2 files
+    open_clip tries (about 46 s)."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo, filename),
+                                             timeout=huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT)
+    except HfHubHTTPError:
+        return None  # the Hub answered (no such file, a gated repo, a server error): open_clip's download goes on
+    except Exception as e:  # noqa: BLE001 - no answer at all; its type depends on huggingface_hub's HTTP client
+        return f"offline? no answer from the Hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else '-'}"
+    return None
+
+
+def _cannot_fetch(name: str, tag: str, quick_gelu: bool, why: str = "offline?") -> ConfigError:
+    return ConfigError(
+        f"model.pretrained: could not fetch '{tag}' weights for {name} ({why}): download them once where there is a "
+        f"network, then pass the file: model.pretrained=/path/to/{name}.bin model.quick_gelu={str(quick_gelu).lower()}")
 
 
 def names_a_file(pretrained: object) -> bool:
