@@ -134,10 +134,13 @@ def step_scores(model: torch.nn.Module, inputs: list[Inputs], config: Config,
     micro-batch again with autograd and back-propagates these through its scores: the gradient of the whole step's
     loss, at the memory of one micro-batch.
 
-    Each process's d loss / d score comes back multiplied by the number of processes (the autograd gather sums every
-    process's identical loss), as in loss_fn; data parallel's gradient averaging divides it out again."""
+    As in loss_fn, the PLCC part of each process's d loss / d score comes back multiplied by the number of processes
+    (the autograd gather sums it over them) and data parallel's gradient averaging divides that out again, while it
+    averages the per-process MSE."""
     with torch.no_grad():
-        scores = [model(normalize(x.images, *stats)).score.float() for x in inputs]
+        # A copy: with CUDA graphs (model.compile_mode reduce-overhead, max-autotune) each call reuses the last one's
+        # output memory.
+        scores = [model(normalize(x.images, *stats)).score.float().clone() for x in inputs]
     score = torch.cat(scores).requires_grad_()
     loss = _loss(score, torch.cat([x.targets for x in inputs]), torch.cat([x.weights for x in inputs]), config,
                  all(x.same_length for x in inputs))
@@ -151,17 +154,15 @@ RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.timeout_mi
                      "tracking.enabled", "tracking.uri"}
 
 
-# Keys added since checkpoints were first written, with the behaviour of a run saved before them.
-SAVED_BEFORE = {"train.plcc_over": "micro_batch"}
+# Keys added since checkpoints were first written: a run saved before one resumes with this run's value.
+ADDED_SINCE = {"train.plcc_over"}
 
 
-def _check_resumable(saved: dict, config: Config, where: Path, plan: BatchPlan) -> None:
-    ours, theirs = flatten(dump(config)), {**SAVED_BEFORE, **flatten(saved)}
-    # Without accumulation (or PLCC) both settings train alike.
-    moot = set() if plan.accumulation > 1 and config.train.plcc_weight else {"train.plcc_over"}
+def _check_resumable(saved: dict, config: Config, where: Path) -> None:
+    ours, theirs = flatten(dump(config)), flatten(saved)
     for key in sorted(set(ours) | set(theirs)):
-        if key.split(".")[0] in ("seed", "train", "ldg", "data") and key not in RESUME_MAY_CHANGE | moot \
-                and ours.get(key) != theirs.get(key):
+        if key.split(".")[0] in ("seed", "train", "ldg", "data") and key not in RESUME_MAY_CHANGE \
+                and not (key in ADDED_SINCE and key not in theirs) and ours.get(key) != theirs.get(key):
             raise ConfigError(f"{key}: {where} was trained with {theirs.get(key)!r}, this run asks for "
                               f"{ours.get(key)!r}; resume with the same value, or start anew with train.resume=never "
                               "or another name")
@@ -399,7 +400,12 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         raise ConfigError(f"out_dir: some processes see {ckpt_dir / 'last'} and some do not; a run folder must lie "
                           "on a filesystem every node shares")
     if last is not None:
-        _check_resumable(load_saved_config(last), config, last, plan)
+        saved = load_saved_config(last)
+        _check_resumable(saved, config, last)
+        if "train.plcc_over" not in flatten(saved) and _plcc_over_step(config, plan):
+            accelerator.print(f"train: warning: {last} predates train.plcc_over, when PLCC under gradient accumulation "
+                              "was taken over each micro-batch; the rest of this run takes it over the whole step "
+                              "(train.plcc_over=micro_batch: as before)")
         load_weights(model, last, config)
         state, info = load_trainer_state(last)
         optimizer.load_state_dict(state["optimizer"])

@@ -141,7 +141,7 @@ def _local_cpus() -> int:
         from ray._private.utils import get_num_cpus
 
         return get_num_cpus(override_docker_cpu_warning=True)  # Ray warns once more when it starts
-    except (ImportError, TypeError):
+    except (ImportError, TypeError):  # TypeError: a Ray whose get_num_cpus takes no such argument
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -154,7 +154,7 @@ def _check_data(search: SearchConfig) -> None:
     from temu_dist.train import check_data
 
     keys = [k for k, spec in search.space.items() if next(iter(spec)) in ("grid", "choice") and any(
-        k == read or k.startswith(f"{read}.") or read.startswith(f"{k}.") for read in CHECKED_DATA_KEYS)]
+        k == read or k.startswith(f"{read}.") for read in CHECKED_DATA_KEYS)]
     for values in itertools.product(*(next(iter(search.space[k].values())) for k in keys)):
         check_data(load_config(search.base, [*search.overrides, *(f"{k}={json.dumps(v)}"
                                                                   for k, v in zip(keys, values))]))
@@ -238,7 +238,7 @@ def _train_on_workers(config, res: Resources, trial: str) -> dict:
     """Ray Train runs train(config) on res.workers processes, which Ray has joined in one process group (gloo on
     CPU, NCCL on GPU); accelerate finds it there. Epoch metrics reach Tune through Ray Train's report."""
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     def loop() -> None:
@@ -252,8 +252,10 @@ def _train_on_workers(config, res: Resources, trial: str) -> dict:
 
         train(config, on_epoch=report)
 
-    TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpu > 0,
-                                                    resources_per_worker={"CPU": res.cpu, "GPU": res.gpu}),
+    # Ray makes the process group, so its timeout is said here; accelerate keeps the group it finds.
+    TorchTrainer(loop, torch_config=TorchConfig(timeout_s=round(config.train.timeout_min * 60)),
+                 scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpu > 0,
+                                              resources_per_worker={"CPU": res.cpu, "GPU": res.gpu}),
                  run_config=RunConfig(name=trial, storage_path=str(config.run_dir().parent.parent / "ray-train"),
                                       callbacks=[TuneReportCallback()])).fit()
     return json.loads((config.run_dir() / "results.json").read_text())

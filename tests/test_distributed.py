@@ -182,7 +182,7 @@ def _gather_uneven(rank: int, port: int, out: str) -> None:
 
 
 @pytest.mark.parametrize("cuda, backend", [(True, "nccl"), (False, "gloo")])
-def test_processes_wait_for_each_other_as_long_as_the_config_says_whatever_the_backend(cuda, backend):
+def test_the_process_group_settings_carry_the_configured_timeout_for_either_backend(cuda, backend):
     (kwargs,) = process_group_kwargs(load_config(None, ["train.timeout_min=45"]), 2, cuda)
     assert (kwargs.backend, kwargs.timeout) == (backend, timedelta(minutes=45))
     assert process_group_kwargs(load_config(None, []), 1, cuda) == []

@@ -112,11 +112,12 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypat
     assert _comparable(again["history"]) == _comparable(whole["history"])
 
 
+@pytest.mark.parametrize("plcc_over", ["step", "micro_batch"])
 def test_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_to_the_same_results(tmp_path, shards,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, plcc_over):
     # Global batch 4 in micro-batches of 2: 3 optimizer steps, 6 micro-batches an epoch; a checkpoint every step.
-    # Each step reads both its micro-batches before it trains on either (PLCC over the step).
-    settings = ("train.epochs=2", "train.per_device_batch=2", "train.checkpoint_every=1")
+    # Over the step, each step reads both its micro-batches before it trains on either.
+    settings = ("train.epochs=2", "train.per_device_batch=2", "train.checkpoint_every=1", f"train.plcc_over={plcc_over}")
     whole = train(run_config(tmp_path / "a", shards, *settings))
     import temu_dist.train as train_mod
 
@@ -175,25 +176,24 @@ def test_resume_with_other_training_settings_is_refused(tmp_path, shards):
     assert fresh["history"][0]["lr"] < 0.01
 
 
-def test_a_run_saved_before_plcc_over_existed_resumes_as_it_trained(tmp_path, shards):
-    def saved_without_plcc_over(folder):
-        path = folder / "run" / "checkpoints" / "last" / "config.json"
-        saved = json.loads(path.read_text())
-        del saved["train"]["plcc_over"]
-        path.write_text(json.dumps(saved))
-
+def test_a_run_saved_before_plcc_over_existed_resumes_with_a_warning_and_a_saved_one_only_with_its_value(
+        tmp_path, shards, capsys):
     accumulating = ("train.per_device_batch=2",)
     # Reruns of a finished run: they resume (nothing left to train) only where the settings match.
-    train(run_config(tmp_path / "a", shards, *accumulating, "train.plcc_over=micro_batch"))
-    saved_without_plcc_over(tmp_path / "a")
+    train(run_config(tmp_path, shards, *accumulating, "train.plcc_over=micro_batch"))
     with pytest.raises(ConfigError, match=r"train.plcc_over: .*last was trained with 'micro_batch', this run asks for "
                                           r"'step'"):
-        train(run_config(tmp_path / "a", shards, *accumulating))
-    assert len(train(run_config(tmp_path / "a", shards, *accumulating, "train.plcc_over=micro_batch"))["history"]) == 2
-    # Without accumulation both settings train alike: the default resumes.
-    train(run_config(tmp_path / "b", shards))
-    saved_without_plcc_over(tmp_path / "b")
-    assert len(train(run_config(tmp_path / "b", shards))["history"]) == 2
+        train(run_config(tmp_path, shards, *accumulating))
+    path = tmp_path / "run" / "checkpoints" / "last" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["train"]["plcc_over"]
+    path.write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert len(train(run_config(tmp_path, shards, *accumulating))["history"]) == 2
+    assert "predates train.plcc_over, when PLCC under gradient accumulation was taken over each micro-batch; the " \
+           "rest of this run takes it over the whole step" in capsys.readouterr().out
+    train(run_config(tmp_path, shards, *accumulating, "train.plcc_over=micro_batch"))
+    assert "predates" not in capsys.readouterr().out
 
 
 def test_a_relative_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, shards, monkeypatch):

@@ -28,13 +28,19 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+# The names the papers and IQA-PyTorch give the datasets whose pack names differ.
+ALIASES = {"clive": "livec", "livechallenge": "livec", "liveitw": "livec", "livefb": "flive", "paq2piq": "flive"}
+
+
 def _dataset_of(folder: Path) -> str:
-    """The dataset a pack folder's name points at (shards/koniq, shards/KonIQ-10k: koniq10k), else NAME."""
+    """The dataset a pack folder's name points at (shards/KonIQ-10k, shards/koniq, shards/clive), else NAME."""
     # Imported only for this message: the module holds the release readers.
     from temu_dist.data.sources import DATASETS
 
     name = "".join(c for c in folder.name.lower() if c.isalnum())
+    name = ALIASES.get(name, name)
     if name in DATASETS:
         return name
-    matches = [d for d in DATASETS if name and (d.startswith(name) or name.startswith(d))]
+    # A shortened name (koniq, kadid, agiqa), long enough to mean one dataset only.
+    matches = [d for d in DATASETS if len(name) >= 4 and d.startswith(name)]
     return matches[0] if len(matches) == 1 else "NAME"

@@ -90,11 +90,12 @@ def _create(name: str, pretrained: str | None, seed: int, torchscript: bool, kwa
         torch.manual_seed(seed)
         if not hub_offline:
             return open_clip.create_model(name, pretrained=pretrained, **kwargs)
-        # huggingface_hub reads the switch at each request, and has no narrower one that open_clip passes on. A miss
-        # is no error yet: open_clip's log line saying it failed is held back.
+        # huggingface_hub reads the switch at each request, and has no narrower one that open_clip passes on (nothing
+        # here asks the Hub from another thread meanwhile). A miss is no error yet: open_clip's log line saying its
+        # download failed is held back.
         was = huggingface_hub.constants.HF_HUB_OFFLINE
         huggingface_hub.constants.HF_HUB_OFFLINE = True
-        logging.disable(logging.ERROR)
+        logging.getLogger().addFilter(_no_download_error)
         try:
             return open_clip.create_model(name, pretrained=pretrained, **kwargs)
         except RuntimeError as e:
@@ -103,7 +104,12 @@ def _create(name: str, pretrained: str | None, seed: int, torchscript: bool, kwa
             raise
         finally:
             huggingface_hub.constants.HF_HUB_OFFLINE = was
-            logging.disable(logging.NOTSET)
+            logging.getLogger().removeFilter(_no_download_error)
+
+
+def _no_download_error(record: logging.LogRecord) -> bool:
+    # open_clip logs on the root logger itself, which is where a filter sees its records.
+    return not record.getMessage().startswith("Failed to download weights")
 
 
 def _hub_file(tag_cfg: dict) -> tuple[str, str] | None:
