@@ -209,16 +209,28 @@ def test_weights_neither_cached_nor_reachable_fail_at_once(hub_tag, no_network, 
         assert no_network == []
 
 
-def test_local_checkpoint_is_loaded_and_its_position_embedding_resized(tmp_path):
-    source = create_clip(tiny_config().model, seed=123)
+def test_pretrained_positions_are_resized_once_from_their_own_grid_to_any_input_size(tmp_path):
+    source = create_clip(tiny_config().model, seed=123)  # 64x64 in patches of 16: a 4x4 grid
     path = tmp_path / "tiny.pt"
     torch.save(source.state_dict(), path)
     same = create_clip(tiny_config(f"model.pretrained={path}", "model.quick_gelu=false").model, seed=0)
     torch.testing.assert_close(same.visual.conv1.weight, source.visual.conv1.weight)
-    bigger = create_clip(tiny_config(f"model.pretrained={path}", "model.quick_gelu=false",
-                                     "model.image_size=128").model)
-    assert bigger.visual.positional_embedding.shape == (8 * 8 + 1, 64)
-    torch.testing.assert_close(bigger.visual.positional_embedding[0], source.visual.positional_embedding[0])
+    cfg = tiny_config(f"model.pretrained={path}", "model.quick_gelu=false", "model.image_size=128").model
+    embed = Backbone(create_clip(cfg), cfg).visual.conv1
+    grid = source.visual.positional_embedding[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+
+    def resized(pos, size):
+        out = torch.nn.functional.interpolate(pos, size=size, mode="bicubic", antialias=True, align_corners=False)
+        return out[0].permute(1, 2, 0)
+
+    # At the configured size, what open_clip makes of the checkpoint (it resizes as it loads).
+    built = open_clip.create_model("Test-Tiny-ViT-16", pretrained=str(path), force_image_size=(128, 128))
+    torch.testing.assert_close(embed.positions_for(8, 8), built.visual.positional_embedding[1:].detach())
+    # Any other size (KADID-10k's 384x512 for a model built at 448): one resize from the checkpoint's own grid, not a
+    # second pass over the configured size's.
+    torch.testing.assert_close(embed.positions_for(6, 10), resized(grid, (6, 10)).reshape(60, -1))
+    twice = resized(resized(grid, (8, 8)).permute(2, 0, 1)[None], (6, 10)).reshape(60, -1)
+    assert not torch.allclose(embed.positions_for(6, 10), twice, atol=1e-4)
 
 
 def _activations(clip) -> set[str]:

@@ -30,9 +30,9 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def create_clip(cfg: ModelConfig, seed: int = 0) -> nn.Module:
-    """An open_clip model (fp32, CPU) at the configured input size, or a one-line error saying what to do.
-
-    Random initialisation (pretrained: null) is seeded, so a saved run reloads onto the very same backbone.
+    """An open_clip model (fp32, CPU), or a one-line error saying what to do. Pretrained weights keep their own grid
+    of positional embeddings (Backbone resizes them once, to whatever input comes); a random initialisation is built
+    at the configured input size, seeded, so a saved run reloads onto the very same backbone.
     """
     name = cfg.backbone
     if ":" not in name and name.replace("/", "-") not in open_clip.list_models():
@@ -53,7 +53,10 @@ def create_clip(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     # with weights_only off.
     torchscript = file is not None and _is_torchscript(file)
     quick_gelu = _quick_gelu(cfg, file, torchscript)
-    kwargs = {"weights_only": not torchscript, "force_image_size": cfg.image_hw(), "force_quick_gelu": quick_gelu}
+    # open_clip would resize pretrained positions to the configured size, and Backbone would resize that copy again for
+    # any other input size (KADID-10k's native 384x512): a second bicubic pass over already resampled values.
+    kwargs = {"weights_only": not torchscript, "force_image_size": None if pretrained else cfg.image_hw(),
+              "force_quick_gelu": quick_gelu}
     hub = _hub_file(open_clip.get_pretrained_cfg(name, pretrained)) if pretrained and not is_file and ":" not in name \
         else None
     try:
@@ -233,27 +236,34 @@ class PatchEmbed(nn.Module):
     Written here because cuDNN's choice for the 14x14, stride-14 bf16 convolution on an H100 is a kernel without tensor
     cores (4 ms of a 130 ms ViT-L-14 step at 448); as a matmul it is an ordinary tensor-core GEMM. The positions are
     added here, not by open_clip, because open_clip's tower takes one input size only; here a model built at 448 also
-    scores KADID-10k at its native 384x512, as the seed evaluates it. Another grid's positions are the built ones
-    resized bicubically with antialiasing, as open_clip resizes them for a new input size.
+    scores KADID-10k at its native 384x512, as the seed evaluates it. Every grid's positions are the weights' own
+    (`positions` on `grid`) resized once, bicubically with antialiasing, as open_clip resizes them for a new input
+    size; those of the model's input size (`size_grid`) are resized once, here.
     Returns [B, width, gh, gw] as a view of [B, gh, gw, width], so open_clip's flattening into tokens is free.
     """
 
-    def __init__(self, conv: nn.Conv2d, positions: torch.Tensor, grid: tuple[int, int]):
+    def __init__(self, conv: nn.Conv2d, positions: torch.Tensor, grid: tuple[int, int],
+                 size_grid: tuple[int, int] | None = None):
         super().__init__()
         if conv.kernel_size != conv.stride or conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1:
             raise ConfigError("model.backbone: this image tower's patch embedding is not a plain kernel=stride "
                               "convolution")
         self.patch = conv.kernel_size
         self.weight, self.bias = conv.weight, conv.bias
-        self.register_buffer("positions", positions.detach().reshape(*grid, -1).clone(), persistent=False)
+        self.register_buffer("source", positions.detach().reshape(*grid, -1).clone(), persistent=False)
+        self.register_buffer("positions", self._resized(*(size_grid or grid)), persistent=False)
 
-    def positions_for(self, gh: int, gw: int) -> torch.Tensor:
-        """[gh * gw, width] positional embeddings of a gh x gw grid."""
-        pos = self.positions
+    def _resized(self, gh: int, gw: int) -> torch.Tensor:
+        pos = self.source
         if pos.shape[:2] != (gh, gw):
             grid = pos.permute(2, 0, 1).unsqueeze(0).float()
             pos = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=True, align_corners=False)
-            pos = pos[0].permute(1, 2, 0).to(self.positions.dtype)
+            pos = pos[0].permute(1, 2, 0).to(self.source.dtype)
+        return pos
+
+    def positions_for(self, gh: int, gw: int) -> torch.Tensor:
+        """[gh * gw, width] positional embeddings of a gh x gw grid."""
+        pos = self.positions if self.positions.shape[:2] == (gh, gw) else self._resized(gh, gw)
         return pos.reshape(gh * gw, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -284,11 +294,12 @@ class Backbone(nn.Module):
         self.register_buffer("proj", visual.proj.detach().clone().to(dtype), persistent=False)
         self.visual = copy.deepcopy(visual)
         self.visual.prune_intermediate_layers(self.indices, prune_norm=True, prune_head=True)
-        self.grid = tuple(visual.grid_size)
+        patch = visual.conv1.kernel_size
+        self.grid = cfg.image_hw()[0] // patch[0], cfg.image_hw()[1] // patch[1]  # the configured input's
         # The patches' positions move into PatchEmbed (any input size); the [cls] token's into its embedding. What
         # open_clip still adds is one zero row, broadcast over however many tokens there are.
         positions = self.visual.positional_embedding.detach()
-        self.visual.conv1 = PatchEmbed(self.visual.conv1, positions[1:], self.grid)
+        self.visual.conv1 = PatchEmbed(self.visual.conv1, positions[1:], tuple(visual.grid_size), self.grid)
         with torch.no_grad():
             self.visual.class_embedding += positions[0]
         self.visual.positional_embedding = nn.Parameter(torch.zeros_like(positions[:1]))
