@@ -201,7 +201,9 @@ def test_weights_neither_cached_nor_reachable_fail_at_once(hub_tag, no_network, 
     why = "HF_HUB_OFFLINE is set" if offline_mode else "offline\\? no answer from the Hub"
     start = time.perf_counter()
     with pytest.raises(ConfigError, match=f"could not fetch 'tiny' weights for Test-Tiny-ViT-16 \\({why}.*\\): "
-                                          "download them once.*model.quick_gelu=true$"):
+                                          "download open_clip_pytorch_model.bin of "
+                                          "huggingface.co/temu-test/tiny-clip once.*"
+                                          "model.quick_gelu=true; or copy that machine's Hugging Face cache"):
         create_clip(tiny_config("model.pretrained=tiny").model)
     assert time.perf_counter() - start < 10
     assert "Failed to download" not in caplog.text, "the cache lookup's miss is not an error of its own"

@@ -149,10 +149,13 @@ def test_accumulation_multiplies_micro_batches_and_a_too_large_batch_is_named(tm
 def test_missing_shards_name_the_pack_command(tmp_path):
     with pytest.raises(ShardsMissing, match=r"python -m temu_dist.pack --dataset NAME --root DATASET_DIR"):
         split_shards(tmp_path / "nowhere", "train")
+    with pytest.raises(ShardsMissing, match=r"make the shards first, e.g. make demo$"):
+        split_shards(tmp_path / "shards" / "demo", "train")
     # A folder named after its dataset gets that dataset's command.
     for folder, dataset in (("KonIQ-10k", "koniq10k"), ("kadid", "kadid10k"), ("live", "live"), ("livec", "livec"),
                             ("CLIVE", "livec"), ("LIVE_itW", "livec"), ("livefb", "flive"), ("f", "NAME"),
-                            ("csi", "NAME"), ("mine", "NAME")):
+                            ("csi", "NAME"), ("mine", "NAME"), ("koniq_1024", "koniq10k"), ("csiq-all", "csiq"),
+                            ("koniq10k-official", "koniq10k"), ("agiqa3k/split3", "agiqa3k")):
         with pytest.raises(ShardsMissing, match=rf"pack --dataset {dataset} --root DATASET_DIR --out .*{folder}$"):
             split_shards(tmp_path / "shards" / folder, "train")
     folder, _ = _pack(tmp_path, refs=3, per_ref=1, shard_size=2)

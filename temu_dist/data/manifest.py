@@ -3,6 +3,7 @@ a finished folder. Its own module so the packer does not import the streams (tor
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from temu_dist.config import ConfigError
@@ -17,8 +18,9 @@ class ShardsMissing(ConfigError):
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise ShardsMissing(f"{path} not found: make the shards first, e.g. python -m temu_dist.pack --dataset "
-                            f"{_dataset_of(Path(folder))} --root DATASET_DIR --out {folder}")
+        how = "make demo" if Path(folder).name == "demo" else \
+            f"python -m temu_dist.pack --dataset {_dataset_of(Path(folder))} --root DATASET_DIR --out {folder}"
+        raise ShardsMissing(f"{path} not found: make the shards first, e.g. {how}")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -33,14 +35,20 @@ ALIASES = {"clive": "livec", "livechallenge": "livec", "liveitw": "livec", "live
 
 
 def _dataset_of(folder: Path) -> str:
-    """The dataset a pack folder's name points at (shards/KonIQ-10k, shards/koniq, shards/clive), else NAME."""
+    """The dataset a pack folder's name, or its parent's, points at (shards/KonIQ-10k, shards/koniq_1024,
+    shards/csiq-all, shards/agiqa3k/split3, shards/clive), else NAME."""
     # Imported only for this message: the module holds the release readers.
     from temu_dist.data.sources import DATASETS
 
-    name = "".join(c for c in folder.name.lower() if c.isalnum())
-    name = ALIASES.get(name, name)
-    if name in DATASETS:
-        return name
-    # A shortened name (koniq, kadid, agiqa), long enough to mean one dataset only.
-    matches = [d for d in DATASETS if len(name) >= 4 and d.startswith(name)]
-    return matches[0] if len(matches) == 1 else "NAME"
+    for part in (folder.name, folder.parent.name):
+        # The whole name, then its first word (koniq_1024, csiq-all).
+        for name in (part, re.split(r"[-_. ]", part)[0]):
+            name = "".join(c for c in name.lower() if c.isalnum())
+            name = ALIASES.get(name, name)
+            if name in DATASETS:
+                return name
+            # A shortened name (koniq, kadid, agiqa), long enough to mean one dataset only.
+            matches = [d for d in DATASETS if len(name) >= 4 and d.startswith(name)]
+            if len(matches) == 1:
+                return matches[0]
+    return "NAME"

@@ -65,11 +65,11 @@ def create_clip(cfg: ModelConfig, seed: int = 0) -> nn.Module:
         model = _create(name, pretrained, seed, torchscript, kwargs, hub_offline=True) if hub else None
         if model is None:
             if hub and (why := _hub_unreachable(*hub)) is not None:
-                raise _cannot_fetch(name, pretrained, quick_gelu, why)
+                raise _cannot_fetch(name, pretrained, quick_gelu, why, hub)
             model = _create(name, str(file) if file else pretrained, seed, torchscript, kwargs)
     except RuntimeError as e:
         if pretrained and not is_file and "download" in str(e).lower():
-            raise _cannot_fetch(name, pretrained, quick_gelu) from None
+            raise _cannot_fetch(name, pretrained, quick_gelu, hub=hub) from None
         raise
     visual = model.visual
     if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None or visual.pool_type != "tok":
@@ -140,10 +140,13 @@ def _hub_unreachable(repo: str, filename: str) -> str | None:
     return None
 
 
-def _cannot_fetch(name: str, tag: str, quick_gelu: bool, why: str = "offline?") -> ConfigError:
+def _cannot_fetch(name: str, tag: str, quick_gelu: bool, why: str = "offline?",
+                  hub: tuple[str, str] | None = None) -> ConfigError:
+    what = f"{hub[1]} of huggingface.co/{hub[0]}" if hub else "them"
     return ConfigError(
-        f"model.pretrained: could not fetch '{tag}' weights for {name} ({why}): download them once where there is a "
-        f"network, then pass the file: model.pretrained=/path/to/{name}.bin model.quick_gelu={str(quick_gelu).lower()}")
+        f"model.pretrained: could not fetch '{tag}' weights for {name} ({why}): download {what} once where there is a "
+        f"network, then pass the file: model.pretrained=/path/to/{name}.bin model.quick_gelu={str(quick_gelu).lower()}"
+        "; or copy that machine's Hugging Face cache (HF_HUB_CACHE) here")
 
 
 def names_a_file(pretrained: object) -> bool:
