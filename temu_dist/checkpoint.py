@@ -24,6 +24,8 @@ TRAINER_INFO = "trainer.json"
 INFO_FIELDS = {"next_epoch": int, "history": list, "best": (dict, type(None)), "elapsed_s": (int, float)}
 IN_EPOCH_FIELDS = {"micro_batches": int, "loss_sum": (int, float), "images": int, "train_s": (int, float),
                    "readers": int}
+# Saved since a resume may change the batch plan; older checkpoints lack them.
+IN_EPOCH_ADDED = {"steps": int, "processes": int}
 
 
 def rng_state() -> dict:
@@ -118,4 +120,6 @@ def load_trainer_state(folder: Path) -> tuple[dict, dict]:
     if "in_epoch" in info:
         _check_fields(info, {"in_epoch": dict}, info_path)
         _check_fields(info["in_epoch"], IN_EPOCH_FIELDS, info_path, "in_epoch.")
+        added = {k: kind for k, kind in IN_EPOCH_ADDED.items() if k in info["in_epoch"]}
+        _check_fields(info["in_epoch"], added, info_path, "in_epoch.")
     return state, info

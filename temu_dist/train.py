@@ -160,8 +160,11 @@ ADDED_SINCE = {"train.plcc_over"}
 
 def _check_resumable(saved: dict, config: Config, where: Path) -> None:
     ours, theirs = flatten(dump(config)), flatten(saved)
+    # With PLCC over the step (or none), the micro-batch only sets memory: a resume on a smaller device may change it.
+    may_change = RESUME_MAY_CHANGE | ({"train.per_device_batch"} if config.train.plcc_over == "step"
+                                      or not config.train.plcc_weight else set())
     for key in sorted(set(ours) | set(theirs)):
-        if key.split(".")[0] in ("seed", "train", "ldg", "data") and key not in RESUME_MAY_CHANGE \
+        if key.split(".")[0] in ("seed", "train", "ldg", "data") and key not in may_change \
                 and not (key in ADDED_SINCE and key not in theirs) and ours.get(key) != theirs.get(key):
             raise ConfigError(f"{key}: {where} was trained with {theirs.get(key)!r}, this run asks for "
                               f"{ours.get(key)!r}; resume with the same value, or start anew with train.resume=never "
@@ -308,30 +311,33 @@ def _fit(config: Config, run: Run) -> None:
         tick = time.perf_counter()
         # On a terminal the bar gives way to the epoch's line; in a log it ends its own line, updated twice a minute.
         tty = sys.stderr.isatty()
-        bar = tqdm(total=micro_batches, desc=f"epoch {epoch + 1}", disable=not main, leave=not tty, file=sys.stderr,
-                   mininterval=0.1 if tty else 30)
-        pending: list[dict] = []
-        for i, batch in zip(range(micro_batches), run.loader):
-            bar.update()
-            if i < skip:
-                # Trained before the resume: the loader passed over these samples without decoding them.
-                tick = time.perf_counter()
-                continue
-            pending.append(batch)
-            if len(pending) < group:
-                continue
-            total += _train_step(config, run, pending, stats, epoch)
-            seen += len(pending)
-            images += sum(len(b["name"]) for b in pending)
-            pending = []
-            step = seen // run.plan.accumulation
-            if every and main and seen % run.plan.accumulation == 0 and step % every == 0 and seen < micro_batches:
-                in_epoch = {"micro_batches": seen, "loss_sum": total.item(), "images": images,
-                            "train_s": train_before + time.perf_counter() - tick, "readers": _readers(config, run.plan)}
-                info = {"next_epoch": epoch, "in_epoch": in_epoch, "history": history, "best": run.best,
-                        "elapsed_s": time.perf_counter() - started}
-                save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
-        bar.close()
+        # Closed however the loop ends, so that a stopped run's last line is its own, not the bar's.
+        with tqdm(total=micro_batches, desc=f"epoch {epoch + 1}", disable=not main, leave=not tty, file=sys.stderr,
+                  mininterval=0.1 if tty else 30) as bar:
+            pending: list[dict] = []
+            for i, batch in zip(range(micro_batches), run.loader):
+                bar.update()
+                if i < skip:
+                    # Trained before the resume: the loader passed over these samples without decoding them.
+                    tick = time.perf_counter()
+                    continue
+                pending.append(batch)
+                if len(pending) < group:
+                    continue
+                total += _train_step(config, run, pending, stats, epoch)
+                seen += len(pending)
+                images += sum(len(b["name"]) for b in pending)
+                pending = []
+                step = seen // run.plan.accumulation
+                if every and main and seen % run.plan.accumulation == 0 and step % every == 0 \
+                        and seen < micro_batches:
+                    in_epoch = {"micro_batches": seen, "steps": step, "processes": run.plan.world_size,
+                                "loss_sum": total.item(), "images": images,
+                                "train_s": train_before + time.perf_counter() - tick,
+                                "readers": _readers(config, run.plan)}
+                    info = {"next_epoch": epoch, "in_epoch": in_epoch, "history": history, "best": run.best,
+                            "elapsed_s": time.perf_counter() - started}
+                    save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
         train_s = train_before + time.perf_counter() - tick
         results = evaluate_sets(plain, run.sets, accelerator, config)
         record = {"epoch": epoch + 1, "loss": total.item() / max(seen, 1), "lr": scheduler.get_last_lr()[0],
@@ -358,6 +364,18 @@ def _fit(config: Config, run: Run) -> None:
         if run.on_epoch is not None:
             run.on_epoch(record)
         accelerator.wait_for_everyone()
+
+
+def _in_this_plan(in_epoch: dict, plan: BatchPlan) -> dict:
+    """A mid-epoch position, saved under any batch plan (processes, micro-batch), in this plan's micro-batches: the
+    same optimizer steps, whatever micro-batches make them up. A checkpoint written before `steps` was saved is taken
+    to share this plan."""
+    if not in_epoch:
+        return {}
+    saved = in_epoch["micro_batches"]
+    micro = in_epoch.get("steps", saved // plan.accumulation) * plan.accumulation
+    return {**in_epoch, "micro_batches": micro, "loss_sum": in_epoch["loss_sum"] * micro / saved if saved else 0.0,
+            "images": round(in_epoch["images"] * in_epoch.get("processes", plan.world_size) / plan.world_size)}
 
 
 def check_data(config: Config) -> list[EvalSet]:
@@ -411,10 +429,11 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        resumed = {"start_epoch": info["next_epoch"], "in_epoch": info.get("in_epoch", {}), "history": info["history"],
+        in_epoch = _in_this_plan(info.get("in_epoch", {}), plan)
+        resumed = {"start_epoch": info["next_epoch"], "in_epoch": in_epoch, "history": info["history"],
                    "best": info["best"], "elapsed_s": info["elapsed_s"]}
-        in_epoch = resumed["in_epoch"]
-        at = f", step {in_epoch['micro_batches'] // plan.accumulation}" if in_epoch else ""
+        at = f", after its step {in_epoch['micro_batches'] // plan.accumulation} of {steps_per_epoch}," \
+            if in_epoch else ""
         if info["next_epoch"] >= config.train.epochs:
             accelerator.print(f"train: {run_dir} has finished its {config.train.epochs} epochs ({last}): nothing left "
                               "to train")
@@ -439,8 +458,8 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
               on_epoch, **resumed)
     try:
         _fit(config, run)
-    except SystemExit:
-        tracker.end("KILLED")  # how Ray Tune stops a trial early (ASHA)
+    except (SystemExit, KeyboardInterrupt):
+        tracker.end("KILLED")  # how Ray Tune stops a trial early (ASHA), and Ctrl-C
         raise
     except BaseException:
         tracker.end("FAILED")
@@ -468,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="a YAML config (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    config = None
     try:
         config = load_config(args.config, args.overrides)
         results = train(config)
@@ -477,6 +497,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             sys.stderr.write(f"train: {e}\n")
         return 1
+    except KeyboardInterrupt:
+        if os.environ.get("LOCAL_RANK", "0") == "0" and config is not None:
+            last = config.run_dir() / "checkpoints" / "last"
+            sys.stderr.write(f"\ntrain: stopped; run the same command again to go on from {last}\n")
+        return 130
     finally:
         PartialState().destroy_process_group()
     if not PartialState().is_main_process:

@@ -117,7 +117,8 @@ def test_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_to_the_same_
                                                                                         monkeypatch, plcc_over):
     # Global batch 4 in micro-batches of 2: 3 optimizer steps, 6 micro-batches an epoch; a checkpoint every step.
     # Over the step, each step reads both its micro-batches before it trains on either.
-    settings = ("train.epochs=2", "train.per_device_batch=2", "train.checkpoint_every=1", f"train.plcc_over={plcc_over}")
+    settings = ("train.epochs=2", "train.per_device_batch=2", "train.checkpoint_every=1",
+                f"train.plcc_over={plcc_over}")
     whole = train(run_config(tmp_path / "a", shards, *settings))
     import temu_dist.train as train_mod
 
@@ -146,6 +147,39 @@ def test_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_to_the_same_
     assert "in_epoch" not in json.loads((tmp_path / "b" / "run" / "checkpoints" / "last" / "trainer.json").read_text())
 
 
+def test_a_mid_epoch_resume_in_other_micro_batches_goes_on_after_the_same_step(tmp_path, shards, monkeypatch, capsys):
+    # Killed after step 2 of epoch 2 in micro-batches of 2; resumed in micro-batches of 4 (another micro-batch, or
+    # as many per process on fewer processes): step 3 is what is left, and with PLCC over the step the run ends where
+    # one trained in micro-batches of 4 throughout does.
+    settings = ("train.epochs=2", "train.checkpoint_every=1")
+    whole = train(run_config(tmp_path / "a", shards, *settings))
+    import temu_dist.train as train_mod
+
+    real, calls = train_mod.training_inputs, []
+
+    def dies_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 6 + 5:
+            raise Interrupted
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "training_inputs", dies_in_epoch_2)
+    with pytest.raises(Interrupted):
+        train(run_config(tmp_path / "b", shards, *settings, "train.per_device_batch=2"))
+    calls.clear()
+    monkeypatch.setattr(train_mod, "training_inputs", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    capsys.readouterr()
+    resumed = train(run_config(tmp_path / "b", shards, *settings, "train.per_device_batch=4"))
+    assert "at epoch 2, after its step 2 of 3," in capsys.readouterr().out
+    assert len(calls) == 1, "the resumed run trains the epoch's last step only"
+    a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "last" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "last" / "weights.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert resumed["history"][1]["loss"] == pytest.approx(whole["history"][1]["loss"], rel=1e-5)
+    assert resumed["history"][1]["images_per_s"] > 0
+
+
 def test_mid_epoch_resume_over_other_data_readers_warns_that_the_order_changes(tmp_path, shards, monkeypatch,
                                                                              capsys):
     import temu_dist.train as train_mod
@@ -166,6 +200,23 @@ def test_mid_epoch_resume_over_other_data_readers_warns_that_the_order_changes(t
     train(run_config(tmp_path, shards, "train.epochs=1", "train.checkpoint_every=1", "data.workers=2"))
     assert "train: warning: 2 data readers (processes x data.workers) where the checkpoint had 1: the rest of epoch 1" \
         in capsys.readouterr().out
+
+
+def test_ctrl_c_says_how_to_go_on_and_marks_the_mlflow_run_killed(tmp_path, shards, monkeypatch, capsys):
+    import temu_dist.train as train_mod
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "training_inputs", ctrl_c)
+    assert train_mod.main(["model.backbone=Test-Tiny-ViT-16", "model.pretrained=null", "model.image_size=64",
+                           "model.n_ctx=4", "device=cpu", f"data.train={shards}", f"out_dir={tmp_path}", "name=run",
+                           "data.workers=0", "train.batch_size=4"]) == 130
+    last = tmp_path / "run" / "checkpoints" / "last"
+    assert capsys.readouterr().err.endswith(f"\ntrain: stopped; run the same command again to go on from {last}\n")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("temu-dist").experiment_id])
+    assert run.info.status == "KILLED"
 
 
 def test_resume_with_other_training_settings_is_refused(tmp_path, shards):
