@@ -159,10 +159,11 @@ def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, pre
         except Exception as e:  # noqa: BLE001 - one failing mode or variant must not lose the rows of a device run
             row["error"] = f"{type(e).__name__}: {e}"[:500]
         if "step_s" in row:
-            row["mfu_of_gemm"] = round(row["image_tflops_per_s"] / gemm, 3)
+            # Significant digits, not decimals: a small model on a CPU runs at a few thousandths of a given peak.
+            row["mfu_of_gemm"] = sig(row["image_tflops_per_s"] / gemm)
             if peak:
-                row["mfu"] = round(row["image_tflops_per_s"] / peak, 3)
-                row["mfu_all"] = round(row["all_tflops_per_s"] / peak, 3)
+                row["mfu"] = sig(row["image_tflops_per_s"] / peak)
+                row["mfu_all"] = sig(row["all_tflops_per_s"] / peak)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         if device.type == "cuda":
