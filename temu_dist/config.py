@@ -167,7 +167,7 @@ class TrainConfig(Section):
     checkpoint_every: int | None = Field(None, ge=1)
     # How long processes wait for each other at a collective (gather, gradient all-reduce) before failing: one slow
     # to read its shards or to evaluate holds up the rest. torch's own default is 10 minutes for NCCL, 30 for gloo.
-    timeout_min: float = Field(30.0, ge=1, le=24 * 60)
+    timeout_min: float = Field(30.0, ge=1, le=24 * 60)  # torch fails on an infinite or a huge one
 
     @field_validator("key_metric")
     @classmethod

@@ -160,9 +160,10 @@ ADDED_SINCE = {"train.plcc_over"}
 
 def _check_resumable(saved: dict, config: Config, where: Path) -> None:
     ours, theirs = flatten(dump(config)), flatten(saved)
-    # With PLCC over the step (or none), the micro-batch only sets memory: a resume on a smaller device may change it.
+    # With PLCC over the step the micro-batch only sets memory: a resume on a smaller device may change it. (Without
+    # PLCC the micro-batches' own MSE, weighted by their LDG copies, still depends on it.)
     may_change = RESUME_MAY_CHANGE | ({"train.per_device_batch"} if config.train.plcc_over == "step"
-                                      or not config.train.plcc_weight else set())
+                                      and config.train.plcc_weight else set())
     for key in sorted(set(ours) | set(theirs)):
         if key.split(".")[0] in ("seed", "train", "ldg", "data") and key not in may_change \
                 and not (key in ADDED_SINCE and key not in theirs) and ours.get(key) != theirs.get(key):
@@ -378,6 +379,22 @@ def _in_this_plan(in_epoch: dict, plan: BatchPlan) -> dict:
             "images": round(in_epoch["images"] * in_epoch.get("processes", plan.world_size) / plan.world_size)}
 
 
+def _read_per_reader(micro_batches: int, per_device: int, processes: int, workers: int) -> list[int]:
+    """How many samples each data reader (rank x worker) has read after this many micro-batches: the loader takes
+    micro-batches from its workers in turn, so over several workers the same step may leave them elsewhere in another
+    plan."""
+    return [len(range(w, micro_batches, workers)) * per_device for _ in range(processes) for w in range(workers)]
+
+
+def _saved_reads(position: dict, config: Config) -> list[int] | None:
+    """_read_per_reader at a saved mid-epoch position, in the plan it was saved in; None where it does not say."""
+    if "processes" not in position:
+        return None
+    processes, micro = position["processes"], position["micro_batches"]
+    per_device = config.train.batch_size // (micro // position["steps"] * processes)
+    return _read_per_reader(micro, per_device, processes, position["readers"] // processes)
+
+
 def check_data(config: Config) -> list[EvalSet]:
     """What train() reads, checked before it starts (Ray Tune checks a search's trials with it too): the training
     pack and split, and the evaluation sets, the key metric's among them. Returns the sets."""
@@ -429,7 +446,12 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        in_epoch = _in_this_plan(info.get("in_epoch", {}), plan)
+        saved_position = info.get("in_epoch", {})
+        if saved_position and "steps" not in saved_position \
+                and saved["train"].get("per_device_batch") != config.train.per_device_batch:
+            raise ConfigError(f"train.per_device_batch: {last} holds a mid-epoch position saved before a resume could "
+                              f"change it; resume with {saved['train'].get('per_device_batch')!r}")
+        in_epoch = _in_this_plan(saved_position, plan)
         resumed = {"start_epoch": info["next_epoch"], "in_epoch": in_epoch, "history": info["history"],
                    "best": info["best"], "elapsed_s": info["elapsed_s"]}
         at = f", after its step {in_epoch['micro_batches'] // plan.accumulation} of {steps_per_epoch}," \
@@ -439,10 +461,16 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                               "to train")
         else:
             accelerator.print(f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1}{at} from {last}")
+        reordered = " reads the samples in another order, so some repeat in it and some are left out"
         if in_epoch and in_epoch["readers"] != _readers(config, plan):
             accelerator.print(f"train: warning: {_readers(config, plan)} data readers (processes x data.workers) where "
-                              f"the checkpoint had {in_epoch['readers']}: the rest of epoch {info['next_epoch'] + 1} "
-                              "reads the samples in another order, so some repeat in it and some are left out")
+                              f"the checkpoint had {in_epoch['readers']}: the rest of epoch {info['next_epoch'] + 1}"
+                              + reordered)
+        elif in_epoch and (reads := _saved_reads(saved_position, config)) is not None and reads != _read_per_reader(
+                in_epoch["micro_batches"], plan.per_device, plan.world_size, max(1, config.data.workers)):
+            accelerator.print(f"train: warning: the checkpoint's micro-batches of another size left its "
+                              f"{in_epoch['readers']} data readers (processes x data.workers) at other samples than "
+                              f"this run's reach: the rest of epoch {info['next_epoch'] + 1}" + reordered)
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.state.deepspeed_plugin is not None:
         clipping = model.gradient_clipping()  # what DeepSpeed's engine does, not what the launch file asked
@@ -499,8 +527,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         if os.environ.get("LOCAL_RANK", "0") == "0" and config is not None:
-            last = config.run_dir() / "checkpoints" / "last"
-            sys.stderr.write(f"\ntrain: stopped; run the same command again to go on from {last}\n")
+            last = find_checkpoint(config.run_dir() / "checkpoints" / "last")
+            how = "the same command starts it anew" if last is None else \
+                f"run the same command again to go on from {last}" if config.train.resume == "auto" else \
+                f"run it with train.resume=auto to go on from {last}"
+            sys.stderr.write(f"\ntrain: stopped{' before its first checkpoint' if last is None else ''}; {how}\n")
         return 130
     finally:
         PartialState().destroy_process_group()

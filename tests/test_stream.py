@@ -146,11 +146,15 @@ def test_accumulation_multiplies_micro_batches_and_a_too_large_batch_is_named(tm
         train_loader(config, folder, "train", 25, 1, 0, 2, SharedEpoch(0), (30, 40))
 
 
-def test_missing_shards_name_the_pack_command(tmp_path):
+def test_missing_shards_name_the_pack_command(tmp_path, monkeypatch):
     with pytest.raises(ShardsMissing, match=r"python -m temu_dist.pack --dataset NAME --root DATASET_DIR"):
         split_shards(tmp_path / "nowhere", "train")
+    # The demo's own folder (the Makefile packs it), and only that one.
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ShardsMissing, match=r"make the shards first, e.g. make demo$"):
-        split_shards(tmp_path / "shards" / "demo", "train")
+        split_shards("shards/demo", "train")
+    with pytest.raises(ShardsMissing, match=r"e.g. python -m temu_dist.pack --dataset NAME .*mine/demo$"):
+        split_shards(tmp_path / "mine" / "demo", "train")
     # A folder named after its dataset gets that dataset's command.
     for folder, dataset in (("KonIQ-10k", "koniq10k"), ("kadid", "kadid10k"), ("live", "live"), ("livec", "livec"),
                             ("CLIVE", "livec"), ("LIVE_itW", "livec"), ("livefb", "flive"), ("f", "NAME"),

@@ -180,6 +180,43 @@ def test_a_mid_epoch_resume_in_other_micro_batches_goes_on_after_the_same_step(t
     assert resumed["history"][1]["images_per_s"] > 0
 
 
+def test_a_resume_in_other_micro_batches_warns_where_workers_read_elsewhere_and_old_positions_keep_their_own(
+        tmp_path, shards, monkeypatch, capsys):
+    import temu_dist.train as train_mod
+
+    real, calls = train_mod.training_inputs, []
+
+    def dies_at_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise Interrupted
+        return real(*args, **kwargs)
+
+    # Step 1 in micro-batches of 2 over 2 workers: one each. In micro-batches of 4 the first worker would have read 4.
+    settings = ("train.epochs=1", "train.checkpoint_every=1", "data.workers=2")
+    monkeypatch.setattr(train_mod, "training_inputs", dies_at_step_2)
+    with pytest.raises(Interrupted):
+        train(run_config(tmp_path, shards, *settings, "train.per_device_batch=2"))
+    monkeypatch.setattr(train_mod, "training_inputs", real)
+    info_path = tmp_path / "run" / "checkpoints" / "last" / "trainer.json"
+    saved = info_path.read_text()
+    capsys.readouterr()
+    train(run_config(tmp_path, shards, *settings, "train.per_device_batch=4"))
+    assert "train: warning: the checkpoint's micro-batches of another size left its 2 data readers (processes x " \
+           "data.workers) at other samples than this run's reach: the rest of epoch 1 reads the samples in another " \
+           "order" in capsys.readouterr().out
+    # A position saved before checkpoints said their plan: only the same micro-batch can tell where it is.
+    info = json.loads(saved)
+    del info["in_epoch"]["steps"], info["in_epoch"]["processes"]
+    info_path.write_text(json.dumps(info))
+    (tmp_path / "run" / "checkpoints" / "last" / "config.json").write_text(
+        (tmp_path / "run" / "checkpoints" / "last" / "config.json").read_text().replace(
+            '"per_device_batch": 4', '"per_device_batch": 2'))
+    with pytest.raises(ConfigError, match=r"train.per_device_batch: .*last holds a mid-epoch position saved before a "
+                                          r"resume could change it; resume with 2$"):
+        train(run_config(tmp_path, shards, *settings, "train.per_device_batch=4"))
+
+
 def test_mid_epoch_resume_over_other_data_readers_warns_that_the_order_changes(tmp_path, shards, monkeypatch,
                                                                              capsys):
     import temu_dist.train as train_mod
@@ -205,18 +242,34 @@ def test_mid_epoch_resume_over_other_data_readers_warns_that_the_order_changes(t
 def test_ctrl_c_says_how_to_go_on_and_marks_the_mlflow_run_killed(tmp_path, shards, monkeypatch, capsys):
     import temu_dist.train as train_mod
 
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
+    args = ["model.backbone=Test-Tiny-ViT-16", "model.pretrained=null", "model.image_size=64", "model.n_ctx=4",
+            "device=cpu", f"data.train={shards}", f"out_dir={tmp_path}", "name=run", "data.workers=0",
+            "train.batch_size=4", "train.checkpoint_every=1"]
+    real, calls = train_mod.training_inputs, []
 
-    monkeypatch.setattr(train_mod, "training_inputs", ctrl_c)
-    assert train_mod.main(["model.backbone=Test-Tiny-ViT-16", "model.pretrained=null", "model.image_size=64",
-                           "model.n_ctx=4", "device=cpu", f"data.train={shards}", f"out_dir={tmp_path}", "name=run",
-                           "data.workers=0", "train.batch_size=4"]) == 130
-    last = tmp_path / "run" / "checkpoints" / "last"
-    assert capsys.readouterr().err.endswith(f"\ntrain: stopped; run the same command again to go on from {last}\n")
+    def ctrl_c_at(micro_batch):
+        def hook(*a, **k):
+            calls.append(1)
+            if len(calls) == micro_batch:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        return hook
+
+    monkeypatch.setattr(train_mod, "training_inputs", ctrl_c_at(1))
+    assert train_mod.main(args) == 130
+    assert capsys.readouterr().err.endswith("\ntrain: stopped before its first checkpoint; the same command starts it "
+                                            "anew\n")
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("temu-dist").experiment_id])
     assert run.info.status == "KILLED"
+    calls.clear()
+    monkeypatch.setattr(train_mod, "training_inputs", ctrl_c_at(3))  # after 2 steps, each checkpointed
+    assert train_mod.main(args) == 130
+    last = tmp_path / "run" / "checkpoints" / "last"
+    assert capsys.readouterr().err.endswith(f"\ntrain: stopped; run the same command again to go on from {last}\n")
+    calls.clear()
+    assert train_mod.main([*args, "train.resume=never"]) == 130
+    assert capsys.readouterr().err.endswith(f"\ntrain: stopped; run it with train.resume=auto to go on from {last}\n")
 
 
 def test_resume_with_other_training_settings_is_refused(tmp_path, shards):

@@ -18,7 +18,7 @@ class ShardsMissing(ConfigError):
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        how = "make demo" if Path(folder).name == "demo" else \
+        how = "make demo" if Path(folder).resolve() == Path("shards/demo").resolve() else \
             f"python -m temu_dist.pack --dataset {_dataset_of(Path(folder))} --root DATASET_DIR --out {folder}"
         raise ShardsMissing(f"{path} not found: make the shards first, e.g. {how}")
     try:

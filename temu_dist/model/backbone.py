@@ -240,7 +240,7 @@ class PatchEmbed(nn.Module):
     cores (4 ms of a 130 ms ViT-L-14 step at 448); as a matmul it is an ordinary tensor-core GEMM. The positions are
     added here, not by open_clip, because open_clip's tower takes one input size only; here a model built at 448 also
     scores KADID-10k at its native 384x512, as the seed evaluates it. Every grid's positions are the weights' own
-    (`positions` on `grid`) resized once, bicubically with antialiasing, as open_clip resizes them for a new input
+    (`source`, on `grid`) resized once, bicubically with antialiasing, as open_clip resizes them for a new input
     size; those of the model's input size (`size_grid`) are resized once, here.
     Returns [B, width, gh, gw] as a view of [B, gh, gw, width], so open_clip's flattening into tokens is free.
     """
