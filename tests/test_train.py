@@ -71,19 +71,25 @@ class Interrupted(Exception):
     pass
 
 
+def stops_after(real, n: float, error: type[BaseException] = Interrupted):
+    """`real`, raising `error` on its call n + 1 (never for n = inf); `.calls` counts the calls."""
+    def hook(*args, **kwargs):
+        hook.calls += 1
+        if hook.calls > n:
+            raise error
+        return real(*args, **kwargs)
+
+    hook.calls = 0
+    return hook
+
+
 def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypatch, capsys):
     whole = train(run_config(tmp_path / "a", shards, "train.epochs=3"))
     import temu_dist.train as train_mod
 
-    real, calls = train_mod.loss_fn, []
-
-    def dies_in_epoch_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 2 * 3:  # 3 micro-batches per epoch: the first one of epoch 3
-            raise Interrupted
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "loss_fn", dies_in_epoch_3)
+    real = train_mod.loss_fn
+    # 3 micro-batches per epoch: dies at the first one of epoch 3.
+    monkeypatch.setattr(train_mod, "loss_fn", stops_after(real, 2 * 3))
     with pytest.raises(Interrupted):
         # Tracked elsewhere at first: the resumed run's store does not hold this MLflow run.
         train(run_config(tmp_path / "b", shards, "train.epochs=3", f"tracking.uri=sqlite:///{tmp_path / 'old.db'}"))
@@ -93,8 +99,7 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypat
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
     assert [m.step for m in client.get_metric_history(resumed["mlflow_run_id"], "train/loss")] == [1, 2, 3]
     # Untracked at first: the resumed run's MLflow run still gets every epoch.
-    monkeypatch.setattr(train_mod, "loss_fn", dies_in_epoch_3)
-    calls.clear()
+    monkeypatch.setattr(train_mod, "loss_fn", stops_after(real, 2 * 3))
     with pytest.raises(Interrupted):
         train(run_config(tmp_path / "c", shards, "train.epochs=3", "tracking.enabled=false"))
     monkeypatch.setattr(train_mod, "loss_fn", real)
@@ -122,24 +127,17 @@ def test_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_to_the_same_
     whole = train(run_config(tmp_path / "a", shards, *settings))
     import temu_dist.train as train_mod
 
-    real, calls = train_mod.training_inputs, []
-
-    def dies_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 6 + 5:  # the 5th micro-batch of epoch 2: the checkpoint of step 2 (4 micro-batches) is there
-            raise Interrupted
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "training_inputs", dies_in_epoch_2)
+    real = train_mod.training_inputs
+    # Dies at the 5th micro-batch of epoch 2: the checkpoint of step 2 (4 micro-batches) is there.
+    monkeypatch.setattr(train_mod, "training_inputs", stops_after(real, 6 + 4))
     with pytest.raises(Interrupted):
         train(run_config(tmp_path / "b", shards, *settings))
     last = json.loads((tmp_path / "b" / "run" / "checkpoints" / "last" / "trainer.json").read_text())
     assert last["next_epoch"] == 1 and last["in_epoch"]["micro_batches"] == 4 and len(last["history"]) == 1
-    monkeypatch.setattr(train_mod, "training_inputs", real)
-    calls.clear()
-    monkeypatch.setattr(train_mod, "training_inputs", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    counted = stops_after(real, math.inf)
+    monkeypatch.setattr(train_mod, "training_inputs", counted)
     resumed = train(run_config(tmp_path / "b", shards, *settings))
-    assert len(calls) == 2, "the resumed run trains the epoch's last 2 micro-batches only"
+    assert counted.calls == 2, "the resumed run trains the epoch's last 2 micro-batches only"
     assert _comparable(resumed["history"]) == _comparable(whole["history"])
     a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "last" / "weights.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "last" / "weights.safetensors"))
@@ -155,23 +153,16 @@ def test_a_mid_epoch_resume_in_other_micro_batches_goes_on_after_the_same_step(t
     whole = train(run_config(tmp_path / "a", shards, *settings))
     import temu_dist.train as train_mod
 
-    real, calls = train_mod.training_inputs, []
-
-    def dies_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 6 + 5:
-            raise Interrupted
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "training_inputs", dies_in_epoch_2)
+    real = train_mod.training_inputs
+    monkeypatch.setattr(train_mod, "training_inputs", stops_after(real, 6 + 4))
     with pytest.raises(Interrupted):
         train(run_config(tmp_path / "b", shards, *settings, "train.per_device_batch=2"))
-    calls.clear()
-    monkeypatch.setattr(train_mod, "training_inputs", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    counted = stops_after(real, math.inf)
+    monkeypatch.setattr(train_mod, "training_inputs", counted)
     capsys.readouterr()
     resumed = train(run_config(tmp_path / "b", shards, *settings, "train.per_device_batch=4"))
     assert "at epoch 2, after its step 2 of 3," in capsys.readouterr().out
-    assert len(calls) == 1, "the resumed run trains the epoch's last step only"
+    assert counted.calls == 1, "the resumed run trains the epoch's last step only"
     a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "last" / "weights.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "last" / "weights.safetensors"))
     for k in a:
@@ -184,17 +175,10 @@ def test_a_resume_in_other_micro_batches_warns_where_workers_read_elsewhere_and_
         tmp_path, shards, monkeypatch, capsys):
     import temu_dist.train as train_mod
 
-    real, calls = train_mod.training_inputs, []
-
-    def dies_at_step_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 2:
-            raise Interrupted
-        return real(*args, **kwargs)
-
+    real = train_mod.training_inputs
     # Step 1 in micro-batches of 2 over 2 workers: one each. In micro-batches of 4 the first worker would have read 4.
     settings = ("train.epochs=1", "train.checkpoint_every=1", "data.workers=2")
-    monkeypatch.setattr(train_mod, "training_inputs", dies_at_step_2)
+    monkeypatch.setattr(train_mod, "training_inputs", stops_after(real, 2))
     with pytest.raises(Interrupted):
         train(run_config(tmp_path, shards, *settings, "train.per_device_batch=2"))
     monkeypatch.setattr(train_mod, "training_inputs", real)
@@ -221,15 +205,8 @@ def test_mid_epoch_resume_over_other_data_readers_warns_that_the_order_changes(t
                                                                              capsys):
     import temu_dist.train as train_mod
 
-    real, calls = train_mod.loss_fn, []
-
-    def dies_at_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 2:
-            raise Interrupted
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "loss_fn", dies_at_step_3)
+    real = train_mod.loss_fn
+    monkeypatch.setattr(train_mod, "loss_fn", stops_after(real, 2))
     with pytest.raises(Interrupted):
         train(run_config(tmp_path, shards, "train.epochs=1", "train.checkpoint_every=1"))
     monkeypatch.setattr(train_mod, "loss_fn", real)
@@ -245,29 +222,19 @@ def test_ctrl_c_says_how_to_go_on_and_marks_the_mlflow_run_killed(tmp_path, shar
     args = ["model.backbone=Test-Tiny-ViT-16", "model.pretrained=null", "model.image_size=64", "model.n_ctx=4",
             "device=cpu", f"data.train={shards}", f"out_dir={tmp_path}", "name=run", "data.workers=0",
             "train.batch_size=4", "train.checkpoint_every=1"]
-    real, calls = train_mod.training_inputs, []
-
-    def ctrl_c_at(micro_batch):
-        def hook(*a, **k):
-            calls.append(1)
-            if len(calls) == micro_batch:
-                raise KeyboardInterrupt
-            return real(*a, **k)
-        return hook
-
-    monkeypatch.setattr(train_mod, "training_inputs", ctrl_c_at(1))
+    real = train_mod.training_inputs
+    monkeypatch.setattr(train_mod, "training_inputs", stops_after(real, 0, KeyboardInterrupt))
     assert train_mod.main(args) == 130
     assert capsys.readouterr().err.endswith("\ntrain: stopped before its first checkpoint; the same command starts it "
                                             "anew\n")
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("temu-dist").experiment_id])
     assert run.info.status == "KILLED"
-    calls.clear()
-    monkeypatch.setattr(train_mod, "training_inputs", ctrl_c_at(3))  # after 2 steps, each checkpointed
+    monkeypatch.setattr(train_mod, "training_inputs", stops_after(real, 2, KeyboardInterrupt))  # 2 steps, checkpointed
     assert train_mod.main(args) == 130
     last = tmp_path / "run" / "checkpoints" / "last"
     assert capsys.readouterr().err.endswith(f"\ntrain: stopped; run the same command again to go on from {last}\n")
-    calls.clear()
+    monkeypatch.setattr(train_mod, "training_inputs", stops_after(real, 2, KeyboardInterrupt))
     assert train_mod.main([*args, "train.resume=never"]) == 130
     assert capsys.readouterr().err.endswith(f"\ntrain: stopped; run it with train.resume=auto to go on from {last}\n")
 
