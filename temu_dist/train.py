@@ -461,16 +461,17 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                               "to train")
         else:
             accelerator.print(f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1}{at} from {last}")
-        reordered = " reads the samples in another order, so some repeat in it and some are left out"
-        if in_epoch and in_epoch["readers"] != _readers(config, plan):
-            accelerator.print(f"train: warning: {_readers(config, plan)} data readers (processes x data.workers) where "
-                              f"the checkpoint had {in_epoch['readers']}: the rest of epoch {info['next_epoch'] + 1}"
-                              + reordered)
-        elif in_epoch and (reads := _saved_reads(saved_position, config)) is not None and reads != _read_per_reader(
-                in_epoch["micro_batches"], plan.per_device, plan.world_size, max(1, config.data.workers)):
-            accelerator.print(f"train: warning: the checkpoint's micro-batches of another size left its "
-                              f"{in_epoch['readers']} data readers (processes x data.workers) at other samples than "
-                              f"this run's reach: the rest of epoch {info['next_epoch'] + 1}" + reordered)
+        # Lists of another length where the readers' number changed; a checkpoint that does not say its plan is only
+        # compared by that number.
+        reads = _saved_reads(saved_position, config) if in_epoch else None
+        moved = reads != _read_per_reader(in_epoch["micro_batches"], plan.per_device, plan.world_size,
+                                          max(1, config.data.workers)) if reads is not None \
+            else bool(in_epoch) and saved_position["readers"] != _readers(config, plan)
+        if moved:
+            accelerator.print(f"train: warning: {_readers(config, plan)} data readers (processes x data.workers) in "
+                              f"micro-batches of {plan.per_device} stand elsewhere than the checkpoint's "
+                              f"{saved_position['readers']} left off: the rest of epoch {info['next_epoch'] + 1} reads "
+                              "the samples in another order, so some repeat in it and some are left out")
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.state.deepspeed_plugin is not None:
         clipping = model.gradient_clipping()  # what DeepSpeed's engine does, not what the launch file asked
@@ -516,17 +517,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     config = None
+    # Every process stops alike: the first on each node says why, in one write, so that two nodes' lines cannot run
+    # together.
+    says = os.environ.get("LOCAL_RANK", "0") == "0"
     try:
         config = load_config(args.config, args.overrides)
         results = train(config)
     except (ConfigError, NonFiniteLoss) as e:
-        # Every process fails the same check: the first on each node says so, in one write, so that two nodes'
-        # lines cannot run together.
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        if says:
             sys.stderr.write(f"train: {e}\n")
         return 1
     except KeyboardInterrupt:
-        if os.environ.get("LOCAL_RANK", "0") == "0" and config is not None:
+        if says and config is not None:
             last = find_checkpoint(config.run_dir() / "checkpoints" / "last")
             how = "the same command starts it anew" if last is None else \
                 f"run the same command again to go on from {last}" if config.train.resume == "auto" else \

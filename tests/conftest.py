@@ -40,10 +40,13 @@ def tiny_models(tmp_path_factory):
     return folder
 
 
+# A tiny random model on the CPU, as overrides (for the command-line entry points too).
+TINY_OVERRIDES = ["model.backbone=Test-Tiny-ViT-16", "model.pretrained=null", "model.image_size=64",
+                  "model.n_ctx=4", "device=cpu"]
+
+
 def tiny_config(*overrides: str) -> Config:
-    base = ["model.backbone=Test-Tiny-ViT-16", "model.pretrained=null", "model.image_size=64", "model.n_ctx=4",
-            "device=cpu"]
-    return load_config(None, [*base, *overrides])
+    return load_config(None, [*TINY_OVERRIDES, *overrides])
 
 
 def write_kadid(root, refs: int = 5, per_ref: int = 5, size: tuple[int, int] = (48, 32), seed: int = 0):

@@ -15,7 +15,7 @@ from temu_dist.config import ConfigError
 from temu_dist.data.splits import SplitSpec
 from temu_dist.pack import PackOptions, pack
 from temu_dist.train import NonFiniteLoss, train
-from tests.conftest import tiny_config, write_kadid
+from tests.conftest import TINY_OVERRIDES, tiny_config, write_kadid
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +186,9 @@ def test_a_resume_in_other_micro_batches_warns_where_workers_read_elsewhere_and_
     saved = info_path.read_text()
     capsys.readouterr()
     train(run_config(tmp_path, shards, *settings, "train.per_device_batch=4"))
-    assert "train: warning: the checkpoint's micro-batches of another size left its 2 data readers (processes x " \
-           "data.workers) at other samples than this run's reach: the rest of epoch 1 reads the samples in another " \
-           "order" in capsys.readouterr().out
+    assert "train: warning: 2 data readers (processes x data.workers) in micro-batches of 4 stand elsewhere than " \
+           "the checkpoint's 2 left off: the rest of epoch 1 reads the samples in another order" \
+           in capsys.readouterr().out
     # A position saved before checkpoints said their plan: only the same micro-batch can tell where it is.
     info = json.loads(saved)
     del info["in_epoch"]["steps"], info["in_epoch"]["processes"]
@@ -212,15 +212,15 @@ def test_mid_epoch_resume_over_other_data_readers_warns_that_the_order_changes(t
     monkeypatch.setattr(train_mod, "loss_fn", real)
     capsys.readouterr()
     train(run_config(tmp_path, shards, "train.epochs=1", "train.checkpoint_every=1", "data.workers=2"))
-    assert "train: warning: 2 data readers (processes x data.workers) where the checkpoint had 1: the rest of epoch 1" \
+    assert "train: warning: 2 data readers (processes x data.workers) in micro-batches of 4 stand elsewhere than " \
+           "the checkpoint's 1 left off: the rest of epoch 1" \
         in capsys.readouterr().out
 
 
 def test_ctrl_c_says_how_to_go_on_and_marks_the_mlflow_run_killed(tmp_path, shards, monkeypatch, capsys):
     import temu_dist.train as train_mod
 
-    args = ["model.backbone=Test-Tiny-ViT-16", "model.pretrained=null", "model.image_size=64", "model.n_ctx=4",
-            "device=cpu", f"data.train={shards}", f"out_dir={tmp_path}", "name=run", "data.workers=0",
+    args = [*TINY_OVERRIDES, f"data.train={shards}", f"out_dir={tmp_path}", "name=run", "data.workers=0",
             "train.batch_size=4", "train.checkpoint_every=1"]
     real = train_mod.training_inputs
     monkeypatch.setattr(train_mod, "training_inputs", stops_after(real, 0, KeyboardInterrupt))

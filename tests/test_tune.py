@@ -223,12 +223,17 @@ class Joined(Exception):
     """ray.init reached, with these arguments."""
 
 
-@pytest.mark.filterwarnings("ignore:a search on the Ray cluster")
-def test_a_search_on_a_ray_cluster_is_not_checked_against_this_machine(tmp_path, shards, monkeypatch):
+@pytest.fixture
+def ray_joins(monkeypatch):
+    """ray.init raises Joined: the search got past its checks, and Ray is not started."""
     def join(**kwargs):
         raise Joined(kwargs)
 
     monkeypatch.setattr(ray, "init", join)
+
+
+@pytest.mark.filterwarnings("ignore:a search on the Ray cluster")
+def test_a_search_on_a_ray_cluster_is_not_checked_against_this_machine(tmp_path, shards, monkeypatch, ray_joins):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     search = load_search(_search_file(tmp_path, shards, "cluster", {"model.prompt": {"grid": ["coop"]}},
@@ -263,12 +268,9 @@ def test_a_searched_key_metric_without_its_evaluation_set_is_refused_before_ray_
         run_search(search)
 
 
-def test_a_searched_evaluation_set_that_the_key_metric_names_is_checked_with_it(tmp_path, shards, monkeypatch):
+def test_a_searched_evaluation_set_that_the_key_metric_names_is_checked_with_it(tmp_path, shards, monkeypatch,
+                                                                                ray_joins):
     # Each eval.cross value adds the set train.key_metric names: every trial has it, so the search starts.
-    def join(**kwargs):
-        raise Joined(kwargs)
-
-    monkeypatch.setattr(ray, "init", join)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cross = [[{"name": "koniq", "shards": shards}], [{"name": "koniq", "shards": shards, "split": "train"}]]
     search = load_search(_search_file(tmp_path, shards, "cross", {"eval.cross": {"grid": cross}},

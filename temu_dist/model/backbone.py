@@ -241,12 +241,12 @@ class PatchEmbed(nn.Module):
     added here, not by open_clip, because open_clip's tower takes one input size only; here a model built at 448 also
     scores KADID-10k at its native 384x512, as the seed evaluates it. Every grid's positions are the weights' own
     (`source`, on `grid`) resized once, bicubically with antialiasing, as open_clip resizes them for a new input
-    size; those of the model's input size (`size_grid`) are resized once, here.
+    size; those of the model's input size (`size`, height and width) are resized once, here.
     Returns [B, width, gh, gw] as a view of [B, gh, gw, width], so open_clip's flattening into tokens is free.
     """
 
     def __init__(self, conv: nn.Conv2d, positions: torch.Tensor, grid: tuple[int, int],
-                 size_grid: tuple[int, int] | None = None):
+                 size: tuple[int, int] | None = None):
         super().__init__()
         if conv.kernel_size != conv.stride or conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1:
             raise ConfigError("model.backbone: this image tower's patch embedding is not a plain kernel=stride "
@@ -254,7 +254,11 @@ class PatchEmbed(nn.Module):
         self.patch = conv.kernel_size
         self.weight, self.bias = conv.weight, conv.bias
         self.register_buffer("source", positions.detach().reshape(*grid, -1).clone(), persistent=False)
-        self.register_buffer("positions", self._resized(*(size_grid or grid)), persistent=False)
+        self.register_buffer("positions", self._resized(*(self.grid_of(*size) if size else grid)), persistent=False)
+
+    def grid_of(self, height: int, width: int) -> tuple[int, int]:
+        """The patch grid of an input of this size (a remainder short of a whole patch is left out)."""
+        return height // self.patch[0], width // self.patch[1]
 
     def _resized(self, gh: int, gw: int) -> torch.Tensor:
         pos = self.source
@@ -272,7 +276,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         ph, pw = self.patch
-        gh, gw = h // ph, w // pw
+        gh, gw = self.grid_of(h, w)
         patches = x[:, :, :gh * ph, :gw * pw].reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
         out = F.linear(patches.reshape(b, gh * gw, c * ph * pw), self.weight.flatten(1), self.bias)
         out = out + self.positions_for(gh, gw)
@@ -297,12 +301,11 @@ class Backbone(nn.Module):
         self.register_buffer("proj", visual.proj.detach().clone().to(dtype), persistent=False)
         self.visual = copy.deepcopy(visual)
         self.visual.prune_intermediate_layers(self.indices, prune_norm=True, prune_head=True)
-        patch = visual.conv1.kernel_size
-        self.grid = cfg.image_hw()[0] // patch[0], cfg.image_hw()[1] // patch[1]  # the configured input's
         # The patches' positions move into PatchEmbed (any input size); the [cls] token's into its embedding. What
         # open_clip still adds is one zero row, broadcast over however many tokens there are.
         positions = self.visual.positional_embedding.detach()
-        self.visual.conv1 = PatchEmbed(self.visual.conv1, positions[1:], tuple(visual.grid_size), self.grid)
+        self.visual.conv1 = PatchEmbed(self.visual.conv1, positions[1:], tuple(visual.grid_size), cfg.image_hw())
+        self.grid = self.grid_of(*cfg.image_hw())  # the configured input's
         with torch.no_grad():
             self.visual.class_embedding += positions[0]
         self.visual.positional_embedding = nn.Parameter(torch.zeros_like(positions[:1]))
@@ -326,9 +329,7 @@ class Backbone(nn.Module):
         return len(self.indices)
 
     def grid_of(self, height: int, width: int) -> tuple[int, int]:
-        """The patch grid of an input of this size (a remainder short of a whole patch is left out)."""
-        ph, pw = self.visual.conv1.patch
-        return height // ph, width // pw
+        return self.visual.conv1.grid_of(height, width)
 
     def train(self, mode: bool = True) -> "Backbone":
         # Frozen means frozen: dropout and friends stay in eval mode whatever the trainer asks.
