@@ -56,6 +56,17 @@ def test_override_of_a_weight_shaping_field_is_named(tmp_path):
         load_model(tmp_path, ["eval.batch_size=abc"])
 
 
+def test_a_random_backbone_reloads_as_drawn_at_any_input_size_or_seed(tmp_path):
+    model, config = _trained("model.prompt=coop")
+    save_model(model, config, tmp_path)
+    loaded, loaded_config = load_model(tmp_path, ["model.image_size=128", "seed=7"])
+    assert loaded_config.model.image_size == 128 and loaded.backbone.grid == (8, 8)
+    # The same tower: an input of the size it was trained at scores as before, where a tower drawn anew would not.
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).score, model(x).score, rtol=0, atol=0)
+
+
 def test_config_that_disagrees_with_the_weights_is_named(tmp_path):
     model, config = _trained("model.prompt=coop")
     save_model(model, config, tmp_path)

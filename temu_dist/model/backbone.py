@@ -29,10 +29,11 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def create_clip(cfg: ModelConfig, seed: int = 0) -> nn.Module:
+def create_clip(cfg: ModelConfig, seed: int = 0, drawn_at: tuple[int, int] | None = None) -> nn.Module:
     """An open_clip model (fp32, CPU), or a one-line error saying what to do. Pretrained weights keep their own grid
-    of positional embeddings (Backbone resizes them once, to whatever input comes); a random initialisation is built
-    at the configured input size, seeded, so a saved run reloads onto the very same backbone.
+    of positional embeddings (Backbone resizes them once, to whatever input comes); a random initialisation is drawn,
+    seeded, at the input size `drawn_at` (default: the configured one) and then treated as weights with that grid, so a
+    saved run reloads onto the very same backbone at any input size.
     """
     name = cfg.backbone
     if ":" not in name and name.replace("/", "-") not in open_clip.list_models():
@@ -55,7 +56,7 @@ def create_clip(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     quick_gelu = _quick_gelu(cfg, file, torchscript)
     # open_clip would resize pretrained positions to the configured size, and Backbone would resize that copy again for
     # any other input size (KADID-10k's native 384x512): a second bicubic pass over already resampled values.
-    kwargs = {"weights_only": not torchscript, "force_image_size": None if pretrained else cfg.image_hw(),
+    kwargs = {"weights_only": not torchscript, "force_image_size": None if pretrained else drawn_at or cfg.image_hw(),
               "force_quick_gelu": quick_gelu}
     hub = _hub_file(open_clip.get_pretrained_cfg(name, pretrained)) if pretrained and not is_file and ":" not in name \
         else None

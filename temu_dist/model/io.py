@@ -113,6 +113,8 @@ def load_weights(model: TeMuIQA, directory: str | Path, config: Config) -> None:
 def load_model(directory: str | Path, overrides: list[str] | tuple[str, ...] = (),
                device: torch.device | None = None) -> tuple[TeMuIQA, Config]:
     config = load_config_of(directory, overrides)
-    model = build_model(config, device)
+    # A random backbone is drawn again as the run drew it, whatever seed or input size this load asks for.
+    saved = load_config_of(directory)
+    model = build_model(config, device, drawn_as=(saved.seed, saved.model.image_hw()))
     load_weights(model, directory, config)
     return model, config

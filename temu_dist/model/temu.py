@@ -124,13 +124,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(config: Config, device: torch.device | None = None) -> TeMuIQA:
-    """Backbone, prompts and head from the config; trainable parameters seeded from config.seed."""
+def build_model(config: Config, device: torch.device | None = None,
+                drawn_as: tuple[int, tuple[int, int]] | None = None) -> TeMuIQA:
+    """Backbone, prompts and head from the config; trainable parameters seeded from config.seed. A random backbone
+    (`model.pretrained: null`) is drawn from `drawn_as`, (seed, input size), where given: a saved run's own."""
     device = device or resolve_device(config.device)
     cfg = config.model
     dtype = compute_dtype(cfg.precision, device)
     generator = torch.Generator().manual_seed(config.seed)
-    clip = create_clip(cfg, config.seed)
+    seed, drawn_at = drawn_as or (config.seed, cfg.image_hw())
+    clip = create_clip(cfg, seed, drawn_at)
     backbone = Backbone(clip, cfg, dtype)
     prompts = PromptLearner(cfg, clip, dtype, generator)
     model = TeMuIQA(cfg, backbone, prompts, clip.logit_scale.exp().item()).to(device)
