@@ -72,7 +72,7 @@ class Tracker:
     def __init__(self, config: Config, run_dir: Path, active: bool, resuming: bool = False,
                  tags: dict[str, str] | None = None, past: list[tuple[int, dict[str, float]]] | None = None):
         """`tags`: what the config does not say about the run (processes, batch split, device, versions); `past`: a
-        resumed run's epochs (step, metrics), logged again if its MLflow run is not in this store."""
+        resumed run's epochs (step, metrics), logged where its MLflow run lacks them."""
         self.active = active and config.tracking.enabled
         self.run_id: str | None = None
         if not self.active:
@@ -98,6 +98,10 @@ class Tracker:
             self.run_id = run.info.run_id
             id_file.write_text(self.run_id)
             existing = mlflow.get_run(self.run_id).data.params
+            # A resumed run's epochs the store lacks: all of them for a new MLflow run; else those a kill between
+            # checkpoint and logging, or a server that was away, kept out.
+            logged = set() if fresh_history or not resuming else \
+                {m.step for m in mlflow.MlflowClient().get_metric_history(self.run_id, "train/loss")}
         except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
             warnings.warn(f"MLflow tracking at {uri} is not usable ({_first_line(e)}); "
                           f"training goes on and results stay in {run_dir}", stacklevel=2)
@@ -111,8 +115,8 @@ class Tracker:
         self._guard(mlflow.set_tags, {"dataset": config.data.train or "", "variant": m.variant, "prompt": m.prompt,
                                       "layers": m.layers, "backbone": m.backbone, **(tags or {})})
         self.artifact(run_dir / "config.yaml")
-        if fresh_history:
-            for step, values in past or []:
+        for step, values in past or []:
+            if step not in logged:
                 self.metrics(values, step)
 
     def _guard(self, fn, *args, **kwargs) -> None:
@@ -130,6 +134,10 @@ class Tracker:
             # SET/METRIC as the config names them: the UI groups a set's charts by the part before the slash.
             clean = {k: float(v) for k, v in values.items() if not math.isnan(v)}  # NaN is not loggable
             self._guard(self.mlflow.log_metrics, clean, step=step)
+
+    def tags(self, values: dict[str, str]) -> None:
+        if self.active:
+            self._guard(self.mlflow.set_tags, values)
 
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.active and Path(path).exists():

@@ -172,11 +172,14 @@ def _check_resumable(saved: dict, config: Config, where: Path) -> None:
                               "or another name")
 
 
+def eval_metrics(evals: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
+    """Evaluation results as flat metric names: SET/srcc, SET/count, ... (after `prefix`)."""
+    return {f"{prefix}{name}/{k}": v for name, m in evals.items() for k, v in m.items()}
+
+
 def epoch_metrics(record: dict) -> dict[str, float]:
     """An epoch's record as flat metric names: train/loss, train/lr, train/images_per_s, SET/srcc, SET/count, ..."""
-    metrics = {f"train/{k}": record[k] for k in ("loss", "lr", "images_per_s")}
-    metrics.update({f"{name}/{k}": v for name, m in record["eval"].items() for k, v in m.items()})
-    return metrics
+    return {**{f"train/{k}": record[k] for k in ("loss", "lr", "images_per_s")}, **eval_metrics(record["eval"])}
 
 
 def _readers(config: Config, plan: BatchPlan) -> int:
@@ -236,6 +239,7 @@ class Run:
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
     elapsed_s: float = 0.0
+    lr: float = 0.0  # the rate the last optimizer step used
 
 
 def _plcc_over_step(config: Config, plan: BatchPlan) -> bool:
@@ -270,6 +274,7 @@ def _optimizer_step(run: Run) -> None:
     # Inside accumulate(): the optimizer prepared by accelerate steps only at the step's last micro-batch.
     run.optimizer.step()
     if run.accelerator.sync_gradients:
+        run.lr = run.scheduler.get_last_lr()[0]
         run.scheduler.step()
     run.optimizer.zero_grad()
 
@@ -341,7 +346,7 @@ def _fit(config: Config, run: Run) -> None:
                     save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
         train_s = train_before + time.perf_counter() - tick
         results = evaluate_sets(plain, run.sets, accelerator, config)
-        record = {"epoch": epoch + 1, "loss": total.item() / max(seen, 1), "lr": scheduler.get_last_lr()[0],
+        record = {"epoch": epoch + 1, "loss": total.item() / max(seen, 1), "lr": run.lr,
                   "images_per_s": images * run.plan.world_size / train_s, "elapsed_s": time.perf_counter() - started,
                   "eval": {name: r.metrics for name, r in results.items()}}
         history.append(record)
@@ -497,7 +502,10 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                "best_epoch": run.best["epoch"], "best": run.best["eval"], "history": run.history,
                "mlflow_run_id": tracker.run_id}
     if main:
-        (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+        # The epoch results.json reports, beside the per-epoch curves (whose latest value is the last epoch's).
+        tracker.metrics(eval_metrics(run.best["eval"], "best/"), step=run.best["epoch"])
+        tracker.tags({"best_epoch": str(run.best["epoch"])})
         (run_dir / "plots").mkdir(exist_ok=True)
         score_vs_time(run.history, [s.name for s in sets], run_dir / "plots" / "score_vs_time.png")
         for path in [run_dir / "results.json", *sorted((run_dir / "plots").glob("*.png"))]:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from temu_dist.config import ConfigError
 from temu_dist.data.splits import SplitSpec
 from temu_dist.pack import PackOptions, pack
+from temu_dist.tracking import Tracker
 from temu_dist.train import NonFiniteLoss, train
 from tests.conftest import TINY_OVERRIDES, tiny_config, write_kadid
 
@@ -54,6 +55,12 @@ def test_train_writes_results_checkpoints_plots_and_mlflow(tmp_path, shards):
     assert mlrun.data.params["model.prompt"] == "coop" and mlrun.data.tags["variant"] == "I"
     assert mlrun.data.tags["processes"] == "1" and mlrun.data.tags["torch"] == torch.__version__
     assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "test/srcc")] == [1, 2]
+    # The best epoch's results as metrics of their own (the curves' latest values are the last epoch's).
+    assert [(m.step, m.value) for m in client.get_metric_history(mlrun.info.run_id, "best/test/srcc")] == \
+        [(results["best_epoch"], pytest.approx(results["best"]["test"]["srcc"]))]
+    assert mlrun.data.tags["best_epoch"] == str(results["best_epoch"])
+    # Each epoch's learning rate is its last step's: the cosine schedule's last one is not yet 0.
+    assert results["history"][0]["lr"] > results["history"][1]["lr"] > 0
     assert mlrun.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
     assert {"results.json", "config.yaml", "plots", "best"} <= artifacts
@@ -105,6 +112,15 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypat
     monkeypatch.setattr(train_mod, "loss_fn", real)
     resumed = train(run_config(tmp_path / "c", shards, "train.epochs=3"))
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'c' / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(resumed["mlflow_run_id"], "train/loss")] == [1, 2, 3]
+    # Killed after epoch 2's checkpoint, before its metrics reached MLflow: the resumed run logs them.
+    logs = Tracker.metrics
+    monkeypatch.setattr(Tracker, "metrics", stops_after(logs, 1))
+    with pytest.raises(Interrupted):
+        train(run_config(tmp_path / "d", shards, "train.epochs=3"))
+    monkeypatch.setattr(Tracker, "metrics", logs)
+    resumed = train(run_config(tmp_path / "d", shards, "train.epochs=3"))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'd' / 'mlflow.db'}")
     assert [m.step for m in client.get_metric_history(resumed["mlflow_run_id"], "train/loss")] == [1, 2, 3]
     assert resumed["best_epoch"] == whole["best_epoch"]
     a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "last" / "weights.safetensors"))
