@@ -4,9 +4,10 @@
     accelerate launch --config_file launch/gpu1.yaml -m temu_dist.repeat --config ... --splits 10
 
 Split i trains on the pack named by data.train with "{split}" replaced by i (pack them with
-`python -m temu_dist.pack ... --out shards/agiqa3k/split$i --split-index $i`), in run folder NAME-split{i}. Finished
-splits are not trained again (each run resumes or returns its results), so a broken series continues where it stopped.
-Writes out_dir/NAME/repeat.json and prints it. MLflow: a parent run NAME with each split's run as a child, and the
+`python -m temu_dist.pack ... --out shards/agiqa3k/split$i --split-index $i`), in run folder NAME-split{i}. Each split's
+run resumes as `train` resumes: a finished one returns its results without training, one trained with other settings
+is an error naming the key, so a broken series continues where it stopped. Writes out_dir/NAME/repeat.json and prints
+it; a metric that is NaN in some splits (constant scores) is averaged over the others, and `n` says over how many. MLflow: a parent run NAME with each split's run as a child, and the
 mean and standard deviation of every set's metrics (SET/srcc_mean, SET/srcc_std, ...) once all splits are done.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from temu_dist.config import Config, ConfigError, load_config
+from temu_dist.model.io import atomic_write
 from temu_dist.tracking import finish_parent, parent_run, tracking_uri
 from temu_dist.train import NonFiniteLoss, train
 
@@ -36,7 +38,7 @@ def split_config(config: Config, index: int, parent: str | None = None) -> Confi
 
 
 def summarize(runs: list[dict]) -> dict:
-    """{set: {metric: {mean, std, values}}} over the runs' best epochs."""
+    """{set: {metric: {mean, std, n, values}}} over the runs' best epochs; NaN values are left out of mean, std, n."""
     out: dict = {}
     for name in runs[0]["best"]:
         out[name] = {}
@@ -44,7 +46,8 @@ def summarize(runs: list[dict]) -> dict:
             values = [r["best"][name][metric] for r in runs]
             finite = [v for v in values if not math.isnan(v)]
             out[name][metric] = {"mean": statistics.fmean(finite) if finite else math.nan,
-                                 "std": statistics.stdev(finite) if len(finite) > 1 else 0.0, "values": values}
+                                 "std": statistics.stdev(finite) if len(finite) > 1 else 0.0, "n": len(finite),
+                                 "values": values}
     return out
 
 
@@ -58,14 +61,8 @@ def repeat(config: Config, splits: int) -> dict:
         params = {"splits": splits, "data.train": config.data.train, "key_metric": config.train.key_metric}
         parent = parent_run(uri, config.tracking.experiment, config.name, out / "mlflow_parent_run_id", params,
                             {"temu.repeat": "true"}, "repeat")
-    runs = []
     try:
-        for i in range(splits):
-            results_file = split_config(config, i).run_dir() / "results.json"
-            if results_file.exists():
-                runs.append(json.loads(results_file.read_text()))
-                continue
-            runs.append(train(split_config(config, i, parent)))
+        runs = [train(split_config(config, i, parent)) for i in range(splits)]
     except BaseException as e:
         if parent is not None:
             finish_parent(uri, parent, [], {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -74,7 +71,7 @@ def repeat(config: Config, splits: int) -> dict:
                "sets": summarize(runs), "runs": [r["run_dir"] for r in runs]}
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "repeat.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write(out / "repeat.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
         if parent is not None:
             metrics = {f"{name}/{metric}_{stat}": values[stat] for name, by_metric in summary["sets"].items()
                        for metric, values in by_metric.items() for stat in ("mean", "std")}
@@ -99,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     if PartialState().is_main_process:
         for name, metrics in summary["sets"].items():
             print(f"repeat: {name} over {args.splits} splits: " + "; ".join(
-                f"{m} {v['mean']:.4f} +- {v['std']:.4f}" for m, v in metrics.items()))
+                f"{m} {v['mean']:.4f} +- {v['std']:.4f}" + (f" (n={v['n']})" if v["n"] < args.splits else "")
+                for m, v in metrics.items()))
     return 0
 
 

@@ -348,12 +348,16 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     assert parent.data.metrics["test/srcc_mean"] == pytest.approx(summary["sets"]["test"]["srcc"]["mean"])
     assert sorted(r.info.run_name for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id) == \
         ["rep-split0", "rep-split1"]
-    mtime = (tmp_path / "rep-split0" / "results.json").stat().st_mtime_ns
+    trained = tmp_path / "rep-split0" / "checkpoints" / "last" / "weights.safetensors"
+    mtime = trained.stat().st_mtime_ns
     # A parent run the store does not hold (another store then, or deleted) is made anew, not trusted.
     (tmp_path / "rep" / "mlflow_parent_run_id").write_text("0" * 32)
     assert repeat(config, 2)["sets"] == summary["sets"]
     assert (tmp_path / "rep" / "mlflow_parent_run_id").read_text() != "0" * 32
-    assert (tmp_path / "rep-split0" / "results.json").stat().st_mtime_ns == mtime
+    assert trained.stat().st_mtime_ns == mtime  # finished splits are not trained again
+    # Nor are their results taken for a series with other settings.
+    with pytest.raises(ConfigError, match=r"^train.epochs: .*rep-split0.* was trained with 1, this run asks for 2"):
+        repeat(run_config(tmp_path, str(tmp_path / "split{split}"), "train.epochs=2", "name=rep"), 2)
     with pytest.raises(ConfigError, match=r"data.train: must contain \{split\}"):
         repeat(run_config(tmp_path, str(tmp_path / "split0")), 2)
 
@@ -366,6 +370,15 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     broken = client.search_runs([client.get_experiment_by_name("temu-dist").experiment_id],
                                 "attributes.run_name = 'broken'")
     assert [r.info.status for r in broken] == ["FAILED"]
+
+
+def test_repeat_averages_a_metric_over_the_splits_where_it_is_finite():
+    from temu_dist.repeat import summarize
+
+    runs = [{"best": {"test": {"srcc": srcc, "plcc": 0.5, "krcc": 0.4}}} for srcc in (0.9, math.nan, 0.7)]
+    test = summarize(runs)["test"]
+    assert (test["srcc"]["n"], test["plcc"]["n"]) == (2, 3)
+    assert test["srcc"]["mean"] == pytest.approx(0.8) and math.isnan(test["srcc"]["values"][1])
 
 
 def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, capsys):
