@@ -21,7 +21,7 @@ import signal
 import sys
 import tarfile
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Callable, Iterator
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from temu_dist.config import ConfigError, check_output_folder
 from temu_dist.data.manifest import MANIFEST, ShardsMissing, read_manifest
-from temu_dist.data.sources import DATASETS, DataError, Record, read_pyiqa_meta, read_records
+from temu_dist.data.sources import DATASETS, META_SPLIT_COLUMNS, DataError, Record, read_pyiqa_meta, read_records
 from temu_dist.data.splits import SPLITS, SplitSpec, splitter
 
 FORMAT = "temu-dist-shards/1"
@@ -250,6 +250,8 @@ def _chunks(opts: PackOptions,
 def pack(opts: PackOptions) -> dict:
     """Packs and returns the manifest (also written to OUT/manifest.json, last)."""
     _check(opts)
+    if opts.split.by_reference is None:
+        opts = replace(opts, split=replace(opts.split, by_reference=DATASETS[opts.dataset].has_reference))
     out = Path(opts.out)
     # As the readers find it: a relative label file is under the root, a meta CSV where it is named.
     label_path = (Path(opts.meta_csv) if opts.meta_csv else
@@ -262,7 +264,11 @@ def pack(opts: PackOptions) -> dict:
         raise DataError(f"{out} holds an unfinished pack made with other options or labels: pack into another --out, "
                         "or delete it")
     # Reads and checks every label row, so bad labels stop the pack before anything is written.
-    route, total = splitter(_records(opts), opts.split, label_path.name)
+    info = DATASETS[opts.dataset]
+    official = None if not info.official_split else \
+        f"the meta CSV's split column ({', '.join(META_SPLIT_COLUMNS)})" if opts.meta_csv else \
+        f"{info.official_split} beside {label_path.name}"
+    route, total = splitter(_records(opts), opts.split, label_path.name, official)
     out.mkdir(parents=True, exist_ok=True)
     _write_text(started, json.dumps(identity, indent=2) + "\n")
     for stale in out.glob("*.tmp"):
@@ -309,6 +315,17 @@ def _check(opts: PackOptions) -> None:
                         ("--resize-shorter", opts.resize_shorter)):
         if value is not None and value < 1:
             raise DataError(f"{flag} must be at least 1, not {value}")
+    split = opts.split
+    for flag, value in (("--split-seed", split.seed), ("--split-index", split.index)):
+        if value < 0:
+            raise DataError(f"{flag} must be 0 or more, not {value}")
+    if (split.protocol == "file") != (split.file is not None):
+        raise DataError("--split file needs --split-file" if split.file is None else
+                        f"--split-file {split.file} is read only with --split file")
+    if split.file is not None and Path(split.file).suffix == ".pkl" and not opts.meta_csv:
+        # Its row numbers are those of IQA-PyTorch's meta CSV, whose order the release's label file does not keep.
+        raise DataError(f"--split-file {split.file}: an IQA-PyTorch split numbers the rows of its meta CSV; pass that "
+                        "CSV with --meta-csv")
     check_output_folder(Path(opts.out), "--out")
 
 
@@ -430,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if problems else 0
     if not (args.dataset and args.root and args.out):
         parser.error("--dataset, --root and --out are needed (or --verify DIR)")
-    by_ref = DATASETS[args.dataset].has_reference if args.by_reference == "auto" else args.by_reference == "yes"
+    by_ref = None if args.by_reference == "auto" else args.by_reference == "yes"
     spec = SplitSpec(args.split, tuple(args.ratios), args.split_seed, args.split_index, args.split_file, by_ref)
     opts = PackOptions(args.dataset, args.root, args.out, args.label_file, args.meta_csv, spec, args.shard_size,
                        args.workers, args.resize_shorter, args.skip_bad)

@@ -61,6 +61,17 @@ def test_pack_then_read_round_trip(tmp_path):
     assert verify(tmp_path / "out") == []
 
 
+def test_the_python_api_splits_a_dataset_with_references_by_reference_unless_told(tmp_path):
+    write_kadid(tmp_path / "kadid", refs=6, per_ref=3)
+    for by_reference, pure in ((None, True), (False, False)):
+        out = tmp_path / f"out-{by_reference}"
+        pack(_opts(tmp_path / "kadid", out, split=SplitSpec("ratio", (0.5, 0.0, 0.5), by_reference=by_reference)))
+        splits = {}
+        for label in _samples(out).values():
+            splits.setdefault(label["ref"], set()).add(label["split"])
+        assert all(len(s) == 1 for s in splits.values()) == pure
+
+
 def test_same_seed_same_shards_other_index_other_split(tmp_path):
     write_kadid(tmp_path / "kadid", refs=8, per_ref=2)
     a = pack(_opts(tmp_path / "kadid", tmp_path / "a"))
@@ -251,7 +262,15 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, capsys):
                           (["--out", str(tmp_path / "o"), "--shard-size", "0"],
                            "--shard-size must be at least 1, not 0"),
                           (["--out", str(tmp_path / "o"), "--resize-shorter", "-5"],
-                           "--resize-shorter must be at least 1, not -5")]:
+                           "--resize-shorter must be at least 1, not -5"),
+                          (["--out", str(tmp_path / "o"), "--split-index", "-1"], "--split-index must be 0 or more"),
+                          (["--out", str(tmp_path / "o"), "--split", "file"], "--split file needs --split-file"),
+                          (["--out", str(tmp_path / "o"), "--split-file", "s.csv"],
+                           "--split-file s.csv is read only with --split file"),
+                          # Its rows are numbered in IQA-PyTorch's meta CSV, in an order of its own.
+                          (["--out", str(tmp_path / "o"), "--split", "file", "--split-file", "s.pkl"],
+                           "--split-file s.pkl: an IQA-PyTorch split numbers the rows of its meta CSV; pass that CSV "
+                           "with --meta-csv")]:
         assert main(base + args) == 1
         err = capsys.readouterr().err
         assert message in err and len(err.splitlines()) == 1
@@ -264,7 +283,16 @@ def test_label_problems_stop_the_pack_with_one_line_naming_the_label_file(tmp_pa
     good = labels.read_text()
     args = ["--dataset", "kadid10k", "--root", str(tmp_path / "kadid"), "--out", str(tmp_path / "o")]
     assert main([*args, "--split", "official"]) == 1
-    assert capsys.readouterr().err.startswith("pack: dmos.csv row 2 (images/I01_01_01.png) has no official split")
+    assert capsys.readouterr().err.startswith("pack: dmos.csv row 2 (images/I01_01_01.png) has no official split: "
+                                              "this release has none")
+    # KonIQ-10k has one, in a file of its own that may be missing.
+    (tmp_path / "koniq").mkdir()
+    (tmp_path / "koniq" / "koniq10k_scores_and_distributions.csv").write_text("image_name,MOS\n0.jpg,3.0\n")
+    assert main(["--dataset", "koniq10k", "--root", str(tmp_path / "koniq"), "--out", str(tmp_path / "o"),
+                 "--split", "official"]) == 1
+    assert capsys.readouterr().err == "pack: koniq10k_scores_and_distributions.csv row 2 (1024x768/0.jpg) has no " \
+        "official split: it is read from koniq10k_distributions_sets.csv beside " \
+        "koniq10k_scores_and_distributions.csv: add that, or use the ratio protocol\n"
     for row, column, message in [(None, None, "dmos.csv: lists no images"), (3, 0, "dmos.csv row 3: empty image name"),
                                  (4, 1, "dmos.csv row 4: empty reference image name")]:
         if row is None:

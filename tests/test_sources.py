@@ -83,6 +83,14 @@ def test_koniq10k_without_its_sets_file_has_no_split(tmp_path):
     assert {r.split for r in read_records("koniq10k", koniq(tmp_path, sets=False))} == {None}
 
 
+def test_a_short_row_is_named_not_a_crash(tmp_path):
+    koniq(tmp_path)
+    with (tmp_path / "koniq10k_distributions_sets.csv").open("a") as fh:
+        fh.write("3.jpg\n")
+    with pytest.raises(DataError, match=r"^koniq10k_distributions_sets.csv row 5: set '' is not training"):
+        list(read_records("koniq10k", tmp_path))
+
+
 def test_koniq10k_image_missing_from_sets_file(tmp_path):
     koniq(tmp_path)
     write_csv(tmp_path / "koniq10k_distributions_sets.csv", ["image_name", "set"], [["0.jpg", "training"]])

@@ -57,7 +57,7 @@ class DatasetInfo:
     raw_range: tuple[float, float]
     higher_better: bool
     has_reference: bool
-    official_split: bool
+    official_split: str | None  # where the release's split is read from, beside the label file; None: it has none
     large: bool               # FLIVE and AVA: must stream
     # Values a label file may hold where it overshoots raw_range; normalised values are clipped to [0, 1].
     accept_range: tuple[float, float] | None = None
@@ -66,24 +66,26 @@ class DatasetInfo:
 DATASETS: dict[str, DatasetInfo] = {i.name: i for i in (
     # MOS (1-5) of koniq10k_scores_and_distributions.csv, images in 1024x768/; split from the optional
     # koniq10k_distributions_sets.csv (github.com/subpic/koniq metadata), as IQA-PyTorch uses it.
-    DatasetInfo("koniq10k", "koniq10k_scores_and_distributions.csv", (1.0, 5.0), True, False, True, False),
+    DatasetInfo("koniq10k", "koniq10k_scores_and_distributions.csv", (1.0, 5.0), True, False,
+                "koniq10k_distributions_sets.csv", False),
     # 'Image name' and 'MOS' (0-100) of the first sheet; images in TestImage/.
-    DatasetInfo("spaq", "Annotations/MOS and Image attribute scores.xlsx", (0.0, 100.0), True, False, False, False),
+    DatasetInfo("spaq", "Annotations/MOS and Image attribute scores.xlsx", (0.0, 100.0), True, False, None, False),
     # AllMOS_release (0-100) with AllImages_release.mat beside it; images in Images/.
-    DatasetInfo("livec", "Data/AllMOS_release.mat", (0.0, 100.0), True, False, False, False),
+    DatasetInfo("livec", "Data/AllMOS_release.mat", (0.0, 100.0), True, False, None, False),
     # 'name' and 'mos' (0-100); split from PaQ-2-PiQ's labels640.csv (test) and labels=640_padded.csv
     # ('is_valid' -> val) when both lie beside it, as IQA-PyTorch's process_flive.py derives it.
-    DatasetInfo("flive", "labels_image.csv", (0.0, 100.0), True, False, True, True),
+    DatasetInfo("flive", "labels_image.csv", (0.0, 100.0), True, False, "labels640.csv and labels=640_padded.csv",
+                True),
     # Mean of the 10 vote counts (1-10); test split from aesthetics_image_lists/generic_test.jpgl when present.
-    DatasetInfo("ava", "AVA.txt", (1.0, 10.0), True, False, True, True),
-    DatasetInfo("kadid10k", "dmos.csv", (1.0, 5.0), True, True, False, False),
-    DatasetInfo("csiq", "csiq.DMOS.xlsx", (0.0, 1.0), False, True, False, False),
+    DatasetInfo("ava", "AVA.txt", (1.0, 10.0), True, False, "aesthetics_image_lists/generic_test.jpgl", True),
+    DatasetInfo("kadid10k", "dmos.csv", (1.0, 5.0), True, True, None, False),
+    DatasetInfo("csiq", "csiq.DMOS.xlsx", (0.0, 1.0), False, True, None, False),
     # dmos.mat's dmos (as IQA-PyTorch's process_live.py reads it, not dmos_realigned.mat), about 0-100; entries a
     # little outside are kept and clipped rather than dropped. The acceptance range still catches a wrong file.
-    DatasetInfo("live", "dmos.mat", (0.0, 100.0), False, True, False, False, accept_range=(-10.0, 120.0)),
+    DatasetInfo("live", "dmos.mat", (0.0, 100.0), False, True, None, False, accept_range=(-10.0, 120.0)),
     # mos_quality (0-5); images beside data.csv or in a folder there (the release ships them as a separate zip),
     # or pass label_file when data.csv lies elsewhere.
-    DatasetInfo("agiqa3k", "data.csv", (0.0, 5.0), True, False, False, False),
+    DatasetInfo("agiqa3k", "data.csv", (0.0, 5.0), True, False, None, False),
 )}
 
 _SPLITS = ("train", "val", "test")
@@ -168,7 +170,7 @@ def _lines(fh: Iterable[str], path: Path) -> Iterator[tuple[int, str]]:
 def _csv_rows(path: Path, columns: Iterable[str]) -> Iterator[tuple[int, dict[str, str]]]:
     """(line, row) pairs, streamed; the header must hold every column asked for."""
     with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
+        reader = csv.DictReader(fh, restval="")  # a short row's missing fields: empty, which the checks name
         try:
             reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
             for col in columns:
@@ -290,7 +292,7 @@ def _read_ava(root: Path, label: Path) -> Iterator[Record]:
             # index, image id, counts of votes 1..10, two semantic tags, challenge id
             where = f"{label.name} row {row}"
             if len(fields) < 12:
-                raise DataError(f"{where}: {len(fields)} fields, expected 15 (index, id, 10 vote counts, ...)")
+                raise DataError(f"{where}: {len(fields)} fields, expected at least 12 (index, id, 10 vote counts)")
             try:
                 votes = [int(v) for v in fields[2:12]]
             except ValueError:
@@ -417,7 +419,7 @@ _PYIQA_META = {
 }
 # IQA-PyTorch's official-split column: 'split' (KonIQ, FLIVE) or 'official split' (AVA) from its scripts,
 # 'official_split' in its documented format; 0/1/2 or the phase name.
-_META_SPLIT_COLUMNS = ("official_split", "official split", "split")
+META_SPLIT_COLUMNS = ("official_split", "official split", "split")
 _META_SPLIT_VALUES = {"0": "train", "1": "val", "2": "test", **{s: s for s in _SPLITS}}
 
 
@@ -428,7 +430,7 @@ def _read_meta(dataset: str, root: Path, meta: Path, image_dir: Path) -> Iterato
             header = [c.strip() for c in next(csv.reader(fh), [])]
         except UnicodeDecodeError:
             raise _not_utf8(meta) from None
-    split_col = next((c for c in _META_SPLIT_COLUMNS if c in header), None) if info.official_split else None
+    split_col = next((c for c in META_SPLIT_COLUMNS if c in header), None) if info.official_split else None
     columns = [c for c in (spec.name_col, spec.mos_col, spec.ref_col) if c]
     for i, (row, rec) in enumerate(_csv_rows(meta, columns)):
         if dataset == "livec" and i < _LIVEC_SKIP:  # IQA-PyTorch's LIVEChallengeDataset drops them too

@@ -28,7 +28,7 @@ class SplitSpec:
     seed: int = 0
     index: int = 0  # the i-th split of a seeded series (the seed's Table 6 averages 10)
     file: str | None = None  # protocol 'file': a name,split CSV or an IQA-PyTorch split pickle
-    by_reference: bool = False
+    by_reference: bool | None = None  # None: the dataset's own way (pack: by reference where it has references)
 
     def describe(self) -> dict:
         return {"protocol": self.protocol, "ratios": list(self.ratios), "seed": self.seed, "index": self.index,
@@ -123,10 +123,10 @@ def _file_codes(records: Iterable[Record], spec: SplitSpec) -> np.ndarray:
     return np.frombuffer(codes, dtype=np.uint8)
 
 
-def splitter(records: Iterable[Record], spec: SplitSpec,
-             label: str = "label file") -> tuple[Callable[[Record], str | None], int]:
+def splitter(records: Iterable[Record], spec: SplitSpec, label: str = "label file",
+             official: str | None = None) -> tuple[Callable[[Record], str | None], int]:
     """A function record -> 'train' | 'val' | 'test' (None: a split file leaves it out), and how many records it
-    sends to a split. `label` names the label file in messages.
+    sends to a split. `label` names the label file and `official` where the release's split is read from, in messages.
 
     Reads every record of `records` first, so a bad label row or a repeated name stops the packer before it writes a
     shard. Keeps 9 bytes a record (its name's key and split code), so the packer can stream the records again
@@ -136,8 +136,9 @@ def splitter(records: Iterable[Record], spec: SplitSpec,
         count = 0
         for record in records:
             if record.split is None:
-                raise DataError(f"{label} row {record.row} ({record.name}) has no official split: this release has "
-                                "none, use the ratio protocol")
+                how = f"it is read from {official}: add that, or use" if official else "this release has none, use"
+                raise DataError(f"{label} row {record.row} ({record.name}) has no official split: {how} the ratio "
+                                "protocol")
             count += 1
         return lambda record: record.split, count
     keys = array("q")
