@@ -79,17 +79,26 @@ def _weights(run: Path) -> dict:
     return load_file(str(run / "checkpoints" / "last" / "weights.safetensors"))
 
 
-def test_one_and_two_processes_reach_the_same_weights_and_metrics(shards, tmp_path):
-    # The global batch is the whole training set, so both see the same samples per step; MSE + PLCC (taken over both
-    # processes' samples), no random augmentation, so the two runs must agree to float precision.
-    same = ["train.epochs=3", "train.batch_size=8", "ldg.enabled=false", "data.flip=false"]
-    _launch(1, "temu_dist.train", _overrides(shards, tmp_path / "one", *same), tmp_path)
-    two_processes = _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "two", *same), tmp_path)
+# The global batch is the whole training set, so every run sees the same samples per step; MSE + PLCC (taken over all
+# processes' samples), no random augmentation, so runs on any number of processes must agree to float precision.
+SAME = ["train.epochs=3", "train.batch_size=8", "ldg.enabled=false", "data.flip=false"]
+
+
+@pytest.fixture(scope="module")
+def one_process(shards, tmp_path_factory) -> Path:
+    """The run the multi-process runs are held to: one process, SAME."""
+    out = tmp_path_factory.mktemp("one")
+    _launch(1, "temu_dist.train", _overrides(shards, out, *SAME), out)
+    return out / "run"
+
+
+def test_one_and_two_processes_reach_the_same_weights_and_metrics(shards, one_process, tmp_path):
+    two_processes = _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "two", *SAME), tmp_path)
     assert "Warning" not in two_processes.stderr, two_processes.stderr[-2000:]  # e.g. torch's on the PLCC all_gather
     # And in micro-batches of 2 on each, accumulated: PLCC still over the step's 8 samples.
-    _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "accumulated", *same, "train.per_device_batch=2"),
+    _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "accumulated", *SAME, "train.per_device_batch=2"),
             tmp_path)
-    one, two = _weights(tmp_path / "one" / "run"), _weights(tmp_path / "two" / "run")
+    one, two = _weights(one_process), _weights(tmp_path / "two" / "run")
     accumulated = _weights(tmp_path / "accumulated" / "run")
     assert set(one) == set(two) == set(accumulated) == {"layer_logits", "log_tau_w", "prompts.ctx"}
     initial = _initial(shards, tmp_path)
@@ -99,7 +108,7 @@ def test_one_and_two_processes_reach_the_same_weights_and_metrics(shards, tmp_pa
         torch.testing.assert_close(one[name], accumulated[name], rtol=1e-5, atol=1e-6)
 
     # Evaluating that checkpoint with 1 and with 2 processes: the same 7 samples, the same metrics.
-    run = str(tmp_path / "one" / "run")
+    run = str(one_process)
     single = json.loads(_launch(1, "temu_dist.evaluate", ["--checkpoint", run], tmp_path).stdout)
     double = json.loads(_launch(2, "temu_dist.evaluate", ["--checkpoint", run], tmp_path).stdout)
     assert single["test"]["count"] == double["test"]["count"] == single["test"]["expected"] == 7
@@ -139,22 +148,20 @@ def test_sigkilled_run_resumes_to_the_results_of_an_unbroken_one(shards, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_deepspeed_trains_as_one_process_does_on_cpu(shards, tmp_path):
+def test_deepspeed_trains_as_one_process_does_on_cpu(shards, one_process, tmp_path):
     env = _env(tmp_path)
     del env["ACCELERATE_USE_CPU"]  # it would turn DeepSpeed off (the trainer refuses it; next test)
-    # As in the 1-and-2-process test, plus accumulation (micro-batches of 2): DeepSpeed scales its loss itself.
-    same = ["train.epochs=2", "train.batch_size=8", "ldg.enabled=false", "data.flip=false"]
-    done = _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "ds", *same, "train.per_device_batch=2"),
+    # As the 2-process run, plus accumulation (micro-batches of 2): DeepSpeed scales its loss itself.
+    done = _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "ds", *SAME, "train.per_device_batch=2"),
                    tmp_path, config_file=str(REPO / "launch" / "deepspeed.yaml"), env=env)
-    _launch(1, "temu_dist.train", _overrides(shards, tmp_path / "one", *same), tmp_path)
     results = json.loads((tmp_path / "ds" / "run" / "results.json").read_text())
-    assert [h["epoch"] for h in results["history"]] == [1, 2]
+    assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
     assert results["best"]["test"]["count"] == 7
     assert "2 process(es)" in done.stdout and "x 2 accumulation" in done.stdout
     # DeepSpeed's engine itself, as every other launcher: no clipping (its default would clip at 1.0).
     assert "DeepSpeed ZeRO stage 0, gradient clipping off" in done.stdout
     trained, initial = _weights(tmp_path / "ds" / "run"), _initial(shards, tmp_path)
-    one = _weights(tmp_path / "one" / "run")
+    one = _weights(one_process)
     for name in initial:
         assert not torch.equal(trained[name], initial[name]), f"{name} never moved"
         torch.testing.assert_close(trained[name], one[name], rtol=1e-5, atol=1e-6)
