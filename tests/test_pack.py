@@ -347,3 +347,31 @@ def test_ctrl_c_stops_the_workers_at_once_with_one_line(tmp_path):
     assert err.splitlines()[-1] == "pack: interrupted; finished shards are kept, rerun the same command to continue"
     assert "Traceback" not in err
     assert (out / "train-000000.tar").exists() and not (out / MANIFEST).exists()
+
+
+def test_a_qalign_split_becomes_the_split_file_pack_reads(tmp_path, capsys):
+    from temu_dist.data.qalign import main as qalign
+
+    labels = write_kadid(tmp_path / "kadid", refs=3, per_ref=2)
+    names = sorted(labels)  # images/I01_01_01.png, ...
+    # Q-Align names images in a folder of its own, and leaves some out.
+    for split, part in (("train", names[:3]), ("test", names[3:5])):
+        (tmp_path / f"{split}_kadid.json").write_text(json.dumps(
+            [{"id": n, "image": f"kadid10k/{Path(n).name}", "conversations": []} for n in part]))
+    args = ["--dataset", "kadid10k", "--root", str(tmp_path / "kadid"), "--train", str(tmp_path / "train_kadid.json"),
+            "--test", str(tmp_path / "test_kadid.json"), "--out", str(tmp_path / "qalign.csv")]
+    assert qalign(args) == 0
+    assert capsys.readouterr().out == f"qalign: {tmp_path / 'qalign.csv'}: train 3, test 2\n"
+    pack(_opts(tmp_path / "kadid", tmp_path / "out", split=SplitSpec("file", file=str(tmp_path / "qalign.csv"))))
+    assert {n: s["split"] for n, s in _samples(tmp_path / "out").items()} == \
+        {**{n: "train" for n in names[:3]}, **{n: "test" for n in names[3:5]}}
+    capsys.readouterr()
+    # An image the release does not have, or one in two splits, is named; the CSV stays as it was.
+    for split, image, message in (("test", "kadid10k/I09_01_01.png", "kadid10k/I09_01_01.png is not among"),
+                                  ("test", f"kadid10k/{Path(names[0]).name}", "is in the train split too")):
+        (tmp_path / f"{split}_kadid.json").write_text(json.dumps([{"image": image}]))
+        before = (tmp_path / "qalign.csv").read_text()
+        assert qalign(args) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1
+        assert (tmp_path / "qalign.csv").read_text() == before
