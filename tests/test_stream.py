@@ -80,6 +80,19 @@ def test_uneven_shards_still_give_every_rank_the_same_batches_without_repeats(tm
     assert len(seen) == 12 and len(set(seen)) == 12 and set(seen) <= set(labels)
 
 
+def test_a_short_last_shard_leaves_no_reader_short(tmp_path):
+    # 16 samples in shards of 5, 5, 5 and 1 over 2 ranks x 2 workers: one shard a reader would be a short reader.
+    folder, labels = _pack(tmp_path, refs=16, per_ref=1, shard_size=5)
+    config = tiny_config("data.workers=2", "data.shuffle_buffer=4", "ldg.enabled=false")
+    for epoch in range(3):
+        seen = []
+        for rank in range(2):
+            loader, steps = train_loader(config, folder, "train", 2, 1, rank, 2, SharedEpoch(epoch), (30, 40))
+            assert steps == 4
+            seen += [n for _, b in zip(range(steps), loader) for n in b["name"]]
+        assert sorted(seen) == sorted(labels)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resumed_epoch_passes_over_trained_batches_undecoded_then_augments_as_the_unbroken_one(tmp_path, workers):
     folder, _ = _pack(tmp_path, refs=8, per_ref=2, shard_size=3)

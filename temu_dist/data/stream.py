@@ -13,6 +13,7 @@ import multiprocessing as mp
 import random
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "png", "webp")
 
 
-def split_shards(folder: str | Path, split: str) -> tuple[list[str], int]:
-    """Shard paths and sample count of one split of a finished pack."""
+def split_shards(folder: str | Path, split: str) -> tuple[list[str], list[int]]:
+    """Shard paths and their sample counts, of one split of a finished pack."""
     manifest = read_manifest(folder)
     if split not in manifest["splits"]:
         raise ShardsMissing(f"{folder}: no '{split}' split (it has {', '.join(manifest['splits']) or 'none'}); "
@@ -43,7 +44,7 @@ def split_shards(folder: str | Path, split: str) -> tuple[list[str], int]:
     if missing:
         raise ShardsMissing(f"{missing[0]} is listed in the manifest but missing: rerun the pack command "
                             f"(python -m temu_dist.pack --verify {folder} lists what is wrong)")
-    return paths, info["count"]
+    return paths, [s["count"] for s in info["shards"]]
 
 
 class SharedEpoch:
@@ -80,11 +81,11 @@ def _slot(rank: int, world_size: int) -> tuple[int, int]:
 class TrainSamples(IterableDataset):
     """Endless raw samples for one reader (rank x worker), in passes over the data.
 
-    Each pass permutes all shards with (seed, epoch, pass). When the shards divide evenly over the readers, this
-    reader takes every n-th shard; otherwise it reads every shard and keeps every n-th sample, so no reader gets more
-    or fewer samples than another and none is read twice within a pass. Samples are shuffled within a pass, so a
-    pass is read whole before the next one starts. Resampled: shards drawn with replacement, seeded by
-    (seed, epoch, reader).
+    Each pass permutes all shards with (seed, epoch, pass) and gives each of the n readers its own n-th of the pass's
+    samples, a contiguous run in that order (by the manifest's shard counts): readers differ by at most one sample,
+    whatever the shards' sizes, none is read twice within a pass, and a reader opens only the shards its run touches.
+    Samples are shuffled within a pass, so a pass is read whole before the next one starts. Resampled: shards drawn
+    with replacement, seeded by (seed, epoch, reader).
 
     Each sample carries `__seed__`, a function of (seed, epoch, reader, position): its flip and local distortion draw
     from it alone, so a resumed epoch passes over the samples the trainer discards (`SharedEpoch.replay`) as
@@ -94,6 +95,7 @@ class TrainSamples(IterableDataset):
     """
 
     urls: list[str]
+    counts: list[int]  # samples per shard
     seed: int
     epoch: SharedEpoch
     rank: int
@@ -108,15 +110,11 @@ class TrainSamples(IterableDataset):
             rng = np.random.Generator(np.random.PCG64([self.seed, epoch, slot]))
             yield read({"url": self.urls[int(i)]} for i in iter(lambda: rng.integers(len(self.urls)), None))
             return
-        n = len(self.urls)
+        total = sum(self.counts)
+        start, end = slot * total // slots, (slot + 1) * total // slots
         for cycle in range(1 << 30):
-            order = [self.urls[int(i)] for i in np.random.Generator(np.random.PCG64([self.seed, epoch, cycle]))
-                     .permutation(n)]
-            if n % slots == 0:
-                yield read({"url": u} for u in order[slot::slots])
-            else:
-                samples = read({"url": u} for u in order)
-                yield (sample for i, sample in enumerate(samples) if i % slots == slot)
+            order = np.random.Generator(np.random.PCG64([self.seed, epoch, cycle])).permutation(len(self.urls))
+            yield _run(read, [self.urls[int(i)] for i in order], [self.counts[int(i)] for i in order], start, end)
 
     def __iter__(self) -> Iterator[dict]:
         slot, slots = _slot(self.rank, self.world_size)
@@ -136,6 +134,16 @@ class TrainSamples(IterableDataset):
                                              .generate_state(1)[0])
                     yield sample
                 position += 1
+
+
+def _run(read, urls: list[str], counts: list[int], start: int, end: int) -> Iterator[dict]:
+    """Samples start..end (end excluded) of the shards `urls` read one after another, holding `counts` samples."""
+    at = 0
+    for url, count in zip(urls, counts):
+        if at < end and at + count > start:
+            skip = max(start - at, 0)
+            yield from islice(read(iter([{"url": url}])), skip, min(end, at + count) - at)
+        at += count
 
 
 @dataclass
@@ -210,7 +218,8 @@ def train_loader(config: Config, folder: str, split: str, per_device_batch: int,
     whole global batches (per_device_batch x accumulation x world_size) of the split, capped by
     train.max_steps_per_epoch. Stop after that many. Batches: image and ldg_image uint8 [B, 3, H, W], mos [B],
     ldg [B] bool, name; the first `epoch.replay()` of an epoch are {"replayed": B}, not decoded."""
-    urls, count = split_shards(folder, split)
+    urls, counts = split_shards(folder, split)
+    count = sum(counts)
     data = config.data
     global_batch = per_device_batch * accumulation * world_size
     steps = count // global_batch
@@ -225,7 +234,7 @@ def train_loader(config: Config, folder: str, split: str, per_device_batch: int,
 
     per_worker = -(-micro_batches // max(1, workers))  # ceil: each worker's share of the epoch's batches
     pipeline = wds.DataPipeline(
-        TrainSamples(urls, config.seed, epoch, rank, world_size, data.resampled, data.shuffle_buffer,
+        TrainSamples(urls, counts, config.seed, epoch, rank, world_size, data.resampled, data.shuffle_buffer,
                      per_device_batch),
         partial(_decoded, image_hw=image_hw, flip=data.flip, ldg=ldg, ldg_p=config.ldg.p),
         wds.batched(per_device_batch, collation_fn=collate, partial=False),
@@ -253,7 +262,7 @@ def eval_loader(folder: str, split: str, batch_size: int, rank: int, world_size:
     """(loader, expected count): every sample of the split exactly once over all ranks and workers, unshuffled,
     with partial last batches. Batches: image uint8, mos, name; with `ldg`, also ldg_image, each image's local
     distortion seeded by `seed` and its name."""
-    urls, count = split_shards(folder, split)
+    urls, counts = split_shards(folder, split)
     pipeline = wds.DataPipeline(
         EvalShards(urls, rank, world_size),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
@@ -264,4 +273,4 @@ def eval_loader(folder: str, split: str, batch_size: int, rank: int, world_size:
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
     loader = DataLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
-    return loader, count
+    return loader, sum(counts)
