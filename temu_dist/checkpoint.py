@@ -49,8 +49,9 @@ def save_checkpoint(folder: Path, model: TeMuIQA, config: Config, optimizer, sch
                tmp / TRAINER_STATE)
     (tmp / TRAINER_INFO).write_text(json.dumps(info, indent=2) + "\n")
     old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    # Where a kill between the renames left only `old`, it is the checkpoint until the new one is in place.
     if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)

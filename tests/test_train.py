@@ -615,3 +615,25 @@ def test_accumulated_steps_train_as_whole_batches_with_plcc_over_the_step(tmp_pa
     assert not all(torch.allclose(weights["a"][k], weights["c"][k], atol=1e-6) for k in weights["a"])
     assert whole["history"][0]["loss"] == pytest.approx(split["history"][0]["loss"], rel=1e-5)
     assert per_micro["history"][0]["loss"] != pytest.approx(whole["history"][0]["loss"], rel=1e-5)
+
+
+def test_a_save_killed_after_an_earlier_kill_between_its_renames_keeps_the_checkpoint(tmp_path, monkeypatch):
+    from temu_dist.checkpoint import find_checkpoint, save_checkpoint
+    from temu_dist.model.temu import build_model
+
+    config = tiny_config()
+    model = build_model(config)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
+    last = tmp_path / "last"
+    save_checkpoint(last, model, config, optimizer, scheduler, {"next_epoch": 1})
+    last.rename(tmp_path / "last.old")  # what a kill between the two renames leaves
+    assert find_checkpoint(last) == tmp_path / "last.old"
+
+    def killed(self, target):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "rename", killed)  # the next save dies before its new checkpoint is in place
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(last, model, config, optimizer, scheduler, {"next_epoch": 2})
+    assert find_checkpoint(last) == tmp_path / "last.old"
