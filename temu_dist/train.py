@@ -149,13 +149,14 @@ def step_scores(model: torch.nn.Module, inputs: list[Inputs], config: Config,
 
 
 # What a resumed run may change: everything else must match the checkpoint, or the resumed run would not be the
-# run it continues (model fields are checked against the weights by load_weights).
+# run it continues. Of the model, only how it is compiled: evaluate and predict may also load a checkpoint onto another
+# input size, dtype or frozen tower, a resumed run may not train on one.
 RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.timeout_min", "data.workers", "eval.batch_size",
-                     "tracking.enabled", "tracking.uri"}
+                     "tracking.enabled", "tracking.uri", "model.compile", "model.compile_mode"}
 
 
 # Keys added since checkpoints were first written: a run saved before one resumes with this run's value.
-ADDED_SINCE = {"train.plcc_over"}
+ADDED_SINCE = {"train.plcc_over", "model.quick_gelu"}
 
 
 def _check_resumable(saved: dict, config: Config, where: Path) -> None:
@@ -165,7 +166,7 @@ def _check_resumable(saved: dict, config: Config, where: Path) -> None:
     may_change = RESUME_MAY_CHANGE | ({"train.per_device_batch"} if config.train.plcc_over == "step"
                                       and config.train.plcc_weight else set())
     for key in sorted(set(ours) | set(theirs)):
-        if key.split(".")[0] in ("seed", "train", "ldg", "data") and key not in may_change \
+        if key.split(".")[0] in ("seed", "model", "train", "ldg", "data") and key not in may_change \
                 and not (key in ADDED_SINCE and key not in theirs) and ours.get(key) != theirs.get(key):
             raise ConfigError(f"{key}: {where} was trained with {theirs.get(key)!r}, this run asks for "
                               f"{ours.get(key)!r}; resume with the same value, or start anew with train.resume=never "
