@@ -115,7 +115,7 @@ class LDGConfig(Section):
     constant: float = Field(0.5, ge=0, le=1)  # f when fidelity is 'constant' (the Fig. 11 study: 0, 0.3, 0.5, 0.7)
     region_min: int = 40  # w_min = h_min of Eq. 8
     region_max: int = 150  # w_max = h_max
-    ops: int = 6  # RandAugment N
+    ops: int = Field(6, ge=0)  # RandAugment N
     magnitude: int = Field(18, ge=0, le=30)  # RandAugment M, of torchvision's 31 bins (0..30)
 
     @model_validator(mode="after")
@@ -147,11 +147,11 @@ class TrainConfig(Section):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1)  # the global batch, whatever the number of processes
     # Per-process micro-batch; default batch_size / processes. Gradient accumulation makes up the rest.
-    per_device_batch: int | None = None
-    lr: float = 0.002
-    weight_decay: float = 0.0
-    mse_weight: float = 1.0
-    plcc_weight: float = 1.0
+    per_device_batch: int | None = Field(None, ge=1)
+    lr: float = Field(0.002, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    mse_weight: float = Field(1.0, ge=0)
+    plcc_weight: float = Field(1.0, ge=0)
     # With gradient accumulation, what the PLCC loss correlates over. step: the optimizer step's whole batch, as one
     # without accumulation would (every micro-batch runs forward twice: scores first, then gradients, as open_clip
     # accumulates its contrastive loss); micro_batch: each micro-batch's samples, at one forward each.
@@ -161,7 +161,7 @@ class TrainConfig(Section):
     # auto: continue from the run folder's last checkpoint when there is one.
     resume: Literal["auto", "never"] = "auto"
     # Cap optimizer steps per epoch (smoke runs); null: whole epochs.
-    max_steps_per_epoch: int | None = None
+    max_steps_per_epoch: int | None = Field(None, ge=1)
     # Also write checkpoints/last every this many optimizer steps within an epoch (long epochs: FLIVE, AVA); null: at
     # epoch ends only. A resume replays the epoch's data up to that step and goes on exactly as an unbroken run.
     checkpoint_every: int | None = Field(None, ge=1)
@@ -178,7 +178,7 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    batch_size: int = 64
+    batch_size: int = Field(64, ge=1)
     # Splits of data.train evaluated after each epoch (those the pack has), and cross-dataset sets.
     splits: list[str] = ["val", "test"]
     cross: list[EvalSetConfig] = []
@@ -200,7 +200,7 @@ class TrackingConfig(Section):
 
 class Config(Section):
     name: str = "temu"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's generators take no other
     # Runs write under out_dir/name.
     out_dir: str = "runs"
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -140,6 +140,11 @@ def _cw_index_map(b1: Tensor, b2: Tensor, K: float) -> Tensor:
     return (2 * torch.hypot(pooled[:, :, 0], pooled[:, :, 1]) + K + tiny) / (pooled[:, :, 2] + K + tiny)
 
 
+def cw_ssim_min_side(level: int = 4) -> int:
+    """The smallest image side cw_ssim takes at `level`: its coarsest band must still be 4 px."""
+    return 2 ** (level + 2)
+
+
 def cw_ssim(x: Tensor, y: Tensor, *, level: int = 4, ori: int = 8, guardb: int = 0, K: float = 0.0) -> Tensor:
     """Complex-wavelet SSIM of each pair, shape (B,); 1 for identical images. Defaults are pyiqa's.
 
@@ -148,8 +153,8 @@ def cw_ssim(x: Tensor, y: Tensor, *, level: int = 4, ori: int = 8, guardb: int =
     """
     _check_pair(x, y)
     h, w = x.shape[-2:]
-    if min(h, w) < 2 ** (level + 2):
-        raise ValueError(f"cw_ssim with level={level} expects images at least {2 ** (level + 2)} px a side, "
+    if min(h, w) < cw_ssim_min_side(level):
+        raise ValueError(f"cw_ssim with level={level} expects images at least {cw_ssim_min_side(level)} px a side, "
                          f"got {h}x{w}")
     gb = guardb // 2 ** (level - 1)
     bands = _coarse_bands(torch.cat([_luma255(x), _luma255(y)]), level, ori)

@@ -32,12 +32,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from temu_dist.checkpoint import find_checkpoint, load_saved_config, load_trainer_state, save_checkpoint, set_rng_state
-from temu_dist.config import Config, ConfigError, dump, load_config
+from temu_dist.config import Config, ConfigError, check_output_folder, dump, load_config
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import ldg_targets
 from temu_dist.data.stream import SharedEpoch, split_shards, train_loader
 from temu_dist.distributed import BatchPlan, make_accelerator
 from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, result_names, scatter_plots
+from temu_dist.fidelity import cw_ssim_min_side
 from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import atomic_write, load_weights
 from temu_dist.model.temu import build_model
@@ -406,6 +407,11 @@ def check_data(config: Config) -> list[EvalSet]:
     pack and split, and the evaluation sets, the key metric's among them. Returns the sets."""
     if not config.data.train:
         raise ConfigError("data.train: no training shards named (a pack folder, e.g. shards/kadid10k)")
+    check_output_folder(Path(config.out_dir), "out_dir")
+    side = min(config.model.image_hw())
+    if config.ldg.enabled and config.ldg.fidelity == "cw_ssim" and side < cw_ssim_min_side():
+        raise ConfigError(f"model.image_size: CW-SSIM (ldg.fidelity) compares images of at least {cw_ssim_min_side()} "
+                          f"px a side, this one has {side}; use a larger size or ldg.fidelity=ssim")
     split_shards(config.data.train, config.data.train_split)
     sets = eval_sets(config)
     set_name, names = config.train.key_metric.split("/")[0], result_names(sets, config)

@@ -35,6 +35,14 @@ def test_yaml_then_dotted_overrides(tmp_path):
     (["model.image_size=[64, 64, 64]"], "model.image_size: expected int or tuple[int, int] (got [64, 64, 64])"),
     (["model.quick_gelu=maybe"], "model.quick_gelu: expected bool or literal['auto'] (got 'maybe')"),
     (["model.layers=[1"], "override model.layers=[1: the value is not valid YAML"),
+    # Values torch, numpy or the stream would fail on, or quietly take for something else.
+    (["seed=-1"], "seed: Input should be greater than or equal to 0"),
+    (["train.lr=-1"], "train.lr"),
+    (["train.weight_decay=-1"], "train.weight_decay"),
+    (["train.max_steps_per_epoch=0"], "train.max_steps_per_epoch"),
+    (["train.per_device_batch=0"], "train.per_device_batch"),
+    (["eval.batch_size=0"], "eval.batch_size"),
+    (["ldg.ops=-1"], "ldg.ops"),
 ])
 def test_bad_values_fail_in_one_line_naming_the_key(overrides, names):
     with pytest.raises(ConfigError) as err:

@@ -622,6 +622,16 @@ def test_accumulated_steps_train_as_whole_batches_with_plcc_over_the_step(tmp_pa
     assert per_micro["history"][0]["loss"] != pytest.approx(whole["history"][0]["loss"], rel=1e-5)
 
 
+def test_what_training_cannot_use_is_refused_before_any_work(tmp_path, shards):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=f"^out_dir {tmp_path / 'file'}: it is a file, not a folder$"):
+        train(run_config(tmp_path / "file", shards))
+    with pytest.raises(ConfigError, match=r"^model.image_size: CW-SSIM \(ldg.fidelity\) compares images of at least 64 "
+                                          r"px a side, this one has 48"):
+        train(run_config(tmp_path, shards, "model.image_size=48"))
+    assert list(tmp_path.iterdir()) == [tmp_path / "file"]
+
+
 def test_a_save_killed_after_an_earlier_kill_between_its_renames_keeps_the_checkpoint(tmp_path, monkeypatch):
     from temu_dist.checkpoint import find_checkpoint, save_checkpoint
     from temu_dist.model.temu import build_model
