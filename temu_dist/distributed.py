@@ -38,8 +38,11 @@ def process_group_kwargs(config: Config, world_size: int, cuda: bool) -> list[In
     fails if told its backend."""
     if world_size == 1:
         return []
-    return [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo",
-                                   timeout=timedelta(minutes=config.train.timeout_min))]
+    timeout = timedelta(minutes=config.train.timeout_min)
+    if timeout == InitProcessGroupKwargs().timeout:
+        # accelerate passes on only what differs from its own default, 10 minutes: that would leave torch's (gloo: 30).
+        timeout += timedelta(milliseconds=1)
+    return [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timeout)]
 
 
 def make_accelerator(config: Config) -> tuple[Accelerator, BatchPlan]:

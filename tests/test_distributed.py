@@ -193,6 +193,9 @@ def test_the_process_group_settings_carry_the_configured_timeout_for_either_back
     (kwargs,) = process_group_kwargs(load_config(None, ["train.timeout_min=45"]), 2, cuda)
     assert (kwargs.backend, kwargs.timeout) == (backend, timedelta(minutes=45))
     assert process_group_kwargs(load_config(None, []), 1, cuda) == []
+    # What accelerate hands torch: it leaves out a value equal to its own default (10 minutes).
+    (kwargs,) = process_group_kwargs(load_config(None, ["train.timeout_min=10"]), 2, cuda)
+    assert kwargs.to_kwargs()["timeout"].total_seconds() == pytest.approx(600, abs=0.01)
 
 
 def test_processes_with_different_numbers_of_distorted_images_gather_them_all_with_gradients(tmp_path):
