@@ -157,6 +157,10 @@ def test_accumulation_multiplies_micro_batches_and_a_too_large_batch_is_named(tm
     assert train_loader(capped, folder, "train", 2, 3, 0, 2, SharedEpoch(0), (30, 40))[1] == 3
     with pytest.raises(ConfigError, match="train.batch_size: a global batch of 50 is larger than the 24 images"):
         train_loader(config, folder, "train", 25, 1, 0, 2, SharedEpoch(0), (30, 40))
+    # A reader with no sample would wait for one for ever.
+    many = tiny_config("data.workers=13", "ldg.enabled=false")
+    with pytest.raises(ConfigError, match=r"^data.workers: 26 data readers \(processes x data.workers\) for the 24 "):
+        train_loader(many, folder, "train", 2, 1, 0, 2, SharedEpoch(0), (30, 40))
 
 
 def test_missing_shards_name_the_pack_command(tmp_path, monkeypatch):

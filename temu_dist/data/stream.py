@@ -230,6 +230,10 @@ def train_loader(config: Config, folder: str, split: str, per_device_batch: int,
         steps = min(steps, config.train.max_steps_per_epoch)
     micro_batches = steps * accumulation
     workers = data.workers
+    readers = world_size * max(1, workers)
+    if count < readers:  # a reader with no samples would wait for one for ever
+        raise ConfigError(f"data.workers: {readers} data readers (processes x data.workers) for the {count} images of "
+                          f"{folder} '{split}'; use fewer data.workers")
     ldg = LocalDistortion(config.ldg) if config.ldg.enabled else None
 
     per_worker = -(-micro_batches // max(1, workers))  # ceil: each worker's share of the epoch's batches
