@@ -342,7 +342,7 @@ def _fit(config: Config, run: Run) -> None:
                     in_epoch = {"micro_batches": seen, "steps": step, "processes": run.plan.world_size,
                                 "loss_sum": total.item(), "images": images,
                                 "train_s": train_before + time.perf_counter() - tick,
-                                "readers": _readers(config, run.plan)}
+                                "readers": _readers(config, run.plan), "reader_runs": True}
                     info = {"next_epoch": epoch, "in_epoch": in_epoch, "history": history, "best": run.best,
                             "elapsed_s": time.perf_counter() - started}
                     save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
@@ -479,11 +479,15 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         moved = reads != _read_per_reader(in_epoch["micro_batches"], plan.per_device, plan.world_size,
                                           max(1, config.data.workers)) if reads is not None \
             else bool(in_epoch) and saved_position["readers"] != _readers(config, plan)
+        rest = f"the rest of epoch {info['next_epoch'] + 1} reads the samples in another order, so some repeat in it " \
+            "and some are left out"
         if moved:
             accelerator.print(f"train: warning: {_readers(config, plan)} data readers (processes x data.workers) in "
                               f"micro-batches of {plan.per_device} stand elsewhere than the checkpoint's "
-                              f"{saved_position['readers']} left off: the rest of epoch {info['next_epoch'] + 1} reads "
-                              "the samples in another order, so some repeat in it and some are left out")
+                              f"{saved_position['readers']} left off: {rest}")
+        elif in_epoch and saved_position["readers"] > 1 and "reader_runs" not in saved_position:
+            accelerator.print(f"train: warning: {last} was saved by a version that split the samples over its "
+                              f"{saved_position['readers']} data readers otherwise: {rest}")
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.state.deepspeed_plugin is not None:
         clipping = model.gradient_clipping()  # what DeepSpeed's engine does, not what the launch file asked

@@ -205,6 +205,13 @@ def test_a_resume_in_other_micro_batches_warns_where_workers_read_elsewhere_and_
     assert "train: warning: 2 data readers (processes x data.workers) in micro-batches of 4 stand elsewhere than " \
            "the checkpoint's 2 left off: the rest of epoch 1 reads the samples in another order" \
            in capsys.readouterr().out
+    # A position saved before each reader took a contiguous run of the samples: its readers stood elsewhere.
+    info = json.loads(saved)
+    del info["in_epoch"]["reader_runs"]
+    info_path.write_text(json.dumps(info))
+    train(run_config(tmp_path, shards, *settings, "train.per_device_batch=2"))
+    assert "last was saved by a version that split the samples over its 2 data readers otherwise: the rest of " \
+           "epoch 1 reads the samples in another order" in capsys.readouterr().out
     # A position saved before checkpoints said their plan: only the same micro-batch can tell where it is.
     info = json.loads(saved)
     del info["in_epoch"]["steps"], info["in_epoch"]["processes"]
