@@ -40,7 +40,7 @@ from temu_dist.distributed import BatchPlan, make_accelerator
 from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, result_names, scatter_plots
 from temu_dist.fidelity import cw_ssim_min_side
 from temu_dist.metrics import plcc_loss
-from temu_dist.model.io import atomic_write, load_weights
+from temu_dist.model.io import atomic_write, load_weights, with_legacy_fields
 from temu_dist.model.temu import build_model
 from temu_dist.plots import score_vs_time
 from temu_dist.tracking import Tracker, flatten, tracking_uri
@@ -157,7 +157,7 @@ RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.timeout_mi
 
 
 # Keys added since checkpoints were first written: a run saved before one resumes with this run's value.
-ADDED_SINCE = {"train.plcc_over", "model.quick_gelu"}
+ADDED_SINCE = {"train.plcc_over"}
 
 
 def _check_resumable(saved: dict, config: Config, where: Path) -> None:
@@ -447,7 +447,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         raise ConfigError(f"out_dir: some processes see {ckpt_dir / 'last'} and some do not; a run folder must lie "
                           "on a filesystem every node shares")
     if last is not None:
-        saved = load_saved_config(last)
+        saved = with_legacy_fields(load_saved_config(last))
         _check_resumable(saved, config, last)
         if "train.plcc_over" not in flatten(saved) and _plcc_over_step(config, plan):
             accelerator.print(f"train: warning: {last} predates train.plcc_over, when PLCC under gradient accumulation "

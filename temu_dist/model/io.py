@@ -61,6 +61,15 @@ def _mismatch(saved: dict, asked: dict, source: str) -> None:
                               f"model.{key}={asked.get(key)!r} was asked")
 
 
+def with_legacy_fields(saved: dict) -> dict:
+    """A saved config with the fields added since, as they were then: model.quick_gelu, before which a weights file
+    always gave GELU and a pretrained tag its own activation."""
+    model = saved.get("model") if isinstance(saved, dict) else None
+    if isinstance(model, dict) and "quick_gelu" not in model:
+        model["quick_gelu"] = False if names_a_file(model.get("pretrained")) else "auto"
+    return saved
+
+
 def load_config_of(directory: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The checkpoint's config with load-time overrides; an override of a field the weights depend on is an error."""
     directory = Path(directory)
@@ -71,11 +80,7 @@ def load_config_of(directory: str | Path, overrides: list[str] | tuple[str, ...]
         raise ConfigError(f"{path}: not found; is {directory} a saved run or checkpoint folder?") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    model = saved.get("model") if isinstance(saved, dict) else None
-    if isinstance(model, dict) and "quick_gelu" not in model and names_a_file(model.get("pretrained")):
-        # Saved before model.quick_gelu existed, when a weights file always gave GELU: load the tower it trained on.
-        model["quick_gelu"] = False
-    config = load_config(None, overrides, base=saved, base_source=str(path))
+    config = load_config(None, overrides, base=with_legacy_fields(saved), base_source=str(path))
     _mismatch(load_config(None, (), base=saved).model.model_dump(mode="json"), config.model.model_dump(mode="json"),
               str(path))
     return config
