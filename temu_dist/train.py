@@ -512,7 +512,9 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     summary = {"run_dir": str(run_dir), "processes": plan.world_size, "key_metric": config.train.key_metric,
                "best_epoch": run.best["epoch"], "best": run.best["eval"], "history": run.history,
                "mlflow_run_id": tracker.run_id}
-    if main:
+    # A run that had finished before this call (repeat goes through its splits again) wrote and logged all this then.
+    finished = resumed.get("start_epoch", 0) >= config.train.epochs and (run_dir / "results.json").is_file()
+    if main and not finished:
         atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
         # The epoch results.json reports, beside the per-epoch curves (whose latest value is the last epoch's).
         tracker.metrics(eval_metrics(run.best["eval"], "best/"), step=run.best["epoch"])
@@ -523,6 +525,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
             tracker.artifact(path, None if path.suffix != ".png" else "plots")
         for path in sorted((ckpt_dir / "best").glob("*")):
             tracker.artifact(path, "best")
+    if main:
         tracker.end()
     # The process group stays up: repeat and other callers may train again; the entry points tear it down.
     accelerator.wait_for_everyone()

@@ -128,9 +128,16 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypat
     assert all(torch.equal(a[k], b[k]) for k in a)
     # A finished run run again trains nothing and says so (not "resuming at epoch 4").
     capsys.readouterr()
+    results = tmp_path / "a" / "run" / "results.json"
+    written = results.stat().st_mtime_ns
     again = train(run_config(tmp_path / "a", shards, "train.epochs=3"))
     assert "has finished its 3 epochs" in capsys.readouterr().out
     assert _comparable(again["history"]) == _comparable(whole["history"])
+    # Nor writes or logs its results again.
+    assert results.stat().st_mtime_ns == written
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
+    assert len(client.get_metric_history(again["mlflow_run_id"], "best/val/srcc")) == 1
+    assert client.get_run(again["mlflow_run_id"]).info.status == "FINISHED"
 
 
 @pytest.mark.parametrize("plcc_over", ["step", "micro_batch"])
