@@ -7,8 +7,9 @@ Split i trains on the pack named by data.train with "{split}" replaced by i (pac
 `python -m temu_dist.pack ... --out shards/agiqa3k/split$i --split-index $i`), in run folder NAME-split{i}. Each split's
 run resumes as `train` resumes: a finished one returns its results without training, one trained with other settings
 is an error naming the key, so a broken series continues where it stopped. Writes out_dir/NAME/repeat.json and prints
-it; a metric that is NaN in some splits (constant scores) is averaged over the others, and `n` says over how many. MLflow: a parent run NAME with each split's run as a child, and the
-mean and standard deviation of every set's metrics (SET/srcc_mean, SET/srcc_std, ...) once all splits are done.
+it; a metric that is NaN in some splits (constant scores) is averaged over the others, and `n` says over how many.
+MLflow: a parent run NAME with each split's run as a child, and the mean and standard deviation of every set's
+metrics (SET/srcc_mean, SET/srcc_std, ...) once all splits are done.
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def repeat(config: Config, splits: int) -> dict:
+    if splits < 1:
+        raise ConfigError(f"--splits: at least 1, not {splits}")
     split_config(config, 0)  # a data.train without {split} fails before anything is made
     main = PartialState().is_main_process
     out = Path(config.out_dir) / config.name

@@ -379,6 +379,8 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
         repeat(run_config(tmp_path, str(tmp_path / "split{split}"), "train.epochs=2", "name=rep"), 2)
     with pytest.raises(ConfigError, match=r"data.train: must contain \{split\}"):
         repeat(run_config(tmp_path, str(tmp_path / "split0")), 2)
+    with pytest.raises(ConfigError, match=r"^--splits: at least 1, not 0$"):
+        repeat(config, 0)
 
     def diverges(config):
         raise NonFiniteLoss(f"{config.name}: loss is nan")
