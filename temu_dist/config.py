@@ -200,7 +200,7 @@ class TrackingConfig(Section):
 
 class Config(Section):
     name: str = "temu"
-    seed: int = Field(0, ge=0, lt=2**32)  # numpy's generators take no other
+    seed: int = Field(0, ge=0, lt=2**32)  # np.random.seed, which accelerate's set_seed calls, takes no other
     # Runs write under out_dir/name.
     out_dir: str = "runs"
     device: Literal["auto", "cpu", "cuda"] = "auto"

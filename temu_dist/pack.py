@@ -430,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", type=float, nargs=3, default=(0.8, 0.0, 0.2), metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--split-index", type=int, default=0, help="the i-th of a series of seeded splits")
-    parser.add_argument("--split-file", help="name,split CSV, or an IQA-PyTorch split pickle (with --split-index)")
+    parser.add_argument("--split-file", help="name,split CSV, or an IQA-PyTorch split pickle (with --meta-csv and "
+                        "--split-index)")
     parser.add_argument("--by-reference", choices=["auto", "yes", "no"], default="auto",
                         help="split by reference image (auto: for datasets that have references)")
     parser.add_argument("--shard-size", type=int, default=1000)

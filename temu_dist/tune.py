@@ -39,8 +39,8 @@ SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 # A Ray Train trial asks for its workers itself; the trial's own process only waits for them (Ray refuses an empty
 # request, hence a sliver of a CPU).
 TRIAL_CPU = 0.01
-# The training keys train.check_data reads, which the search checks the shards of before Ray starts.
-CHECKED_DATA_KEYS = ("data", "eval", "train.key_metric")
+# The training keys train.check_data reads, which the search checks before Ray starts.
+CHECKED_DATA_KEYS = ("data", "eval", "train.key_metric", "model.image_size", "ldg", "out_dir")
 
 
 class Resources(Section):
@@ -146,11 +146,12 @@ def _local_cpus() -> int:
 
 
 def _check_data(search: SearchConfig) -> None:
-    """The shards the trials read, checked as train() checks them and with its messages, so that a missing pack fails
-    the search now, not every trial once Ray has started: the base config with each combination of the grid and
-    choice values of the keys check_data reads (data.*, eval.*, train.key_metric: the packs, splits, evaluation sets
-    and the key metric's set). Sampled keys (uniform, loguniform, randint) are left out: they take numbers, and what
-    check_data checks are names. Paths as in the search config, relative to the working directory, as for train."""
+    """What the trials read, checked as train() checks it and with its messages, so that a missing pack fails the
+    search now, not every trial once Ray has started: the base config with each combination of the grid and choice
+    values of the keys check_data reads (data.*, eval.*, train.key_metric, model.image_size, ldg.*, out_dir: the
+    packs, splits, evaluation sets, the key metric's set, the output folder and the input size CW-SSIM needs). Sampled
+    keys (uniform, loguniform, randint) are left out: they draw numbers, which the config's own bounds check. Paths as
+    in the search config, relative to the working directory, as for train."""
     from temu_dist.train import check_data
 
     keys = [k for k, spec in search.space.items() if next(iter(spec)) in ("grid", "choice") and any(
