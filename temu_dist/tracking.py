@@ -75,6 +75,7 @@ class Tracker:
         resumed run's epochs (step, metrics), logged where its MLflow run lacks them."""
         self.active = active and config.tracking.enabled
         self.run_id: str | None = None
+        self.tags_before: dict[str, str] = {}  # the MLflow run's tags when this run went on with it
         if not self.active:
             return
         uri = tracking_uri(config.tracking.uri, config.out_dir)
@@ -97,7 +98,8 @@ class Tracker:
             run = mlflow.start_run(run_id=resume_id, run_name=None if resume_id else config.name, tags=parent)
             self.run_id = run.info.run_id
             id_file.write_text(self.run_id)
-            existing = mlflow.get_run(self.run_id).data.params
+            before = mlflow.get_run(self.run_id).data
+            existing, self.tags_before = before.params, dict(before.tags)
             # A resumed run's epochs the store lacks: all of them for a new MLflow run; else those a kill between
             # checkpoint and logging, or a server that was away, kept out.
             logged = set() if fresh_history or not resuming else \

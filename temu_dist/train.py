@@ -497,6 +497,8 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(dump(config), sort_keys=False)))
+        if last is None:  # started anew: an earlier run's results would mark this one finished
+            (run_dir / "results.json").unlink(missing_ok=True)
     tracker = Tracker(config, run_dir, main, resuming=last is not None, tags=_run_tags(accelerator, plan),
                       past=[(h["epoch"], epoch_metrics(h)) for h in resumed.get("history", [])])
     run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,
@@ -512,20 +514,22 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     summary = {"run_dir": str(run_dir), "processes": plan.world_size, "key_metric": config.train.key_metric,
                "best_epoch": run.best["epoch"], "best": run.best["eval"], "history": run.history,
                "mlflow_run_id": tracker.run_id}
-    # A run that had finished before this call (repeat goes through its splits again) wrote and logged all this then.
+    # A run that had finished before this call (repeat goes through its splits again) wrote its results then, and
+    # logged them if its MLflow run has the best_epoch tag, which is set last.
     finished = resumed.get("start_epoch", 0) >= config.train.epochs and (run_dir / "results.json").is_file()
-    if main and not finished:
-        atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
-        # The epoch results.json reports, beside the per-epoch curves (whose latest value is the last epoch's).
-        tracker.metrics(eval_metrics(run.best["eval"], "best/"), step=run.best["epoch"])
-        tracker.tags({"best_epoch": str(run.best["epoch"])})
-        (run_dir / "plots").mkdir(exist_ok=True)
-        score_vs_time(run.history, [s.name for s in sets], run_dir / "plots" / "score_vs_time.png")
-        for path in [run_dir / "results.json", *sorted((run_dir / "plots").glob("*.png"))]:
-            tracker.artifact(path, None if path.suffix != ".png" else "plots")
-        for path in sorted((ckpt_dir / "best").glob("*")):
-            tracker.artifact(path, "best")
     if main:
+        if not finished:
+            atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+            (run_dir / "plots").mkdir(exist_ok=True)
+            score_vs_time(run.history, [s.name for s in sets], run_dir / "plots" / "score_vs_time.png")
+        if not (finished and "best_epoch" in tracker.tags_before):
+            # The epoch results.json reports, beside the per-epoch curves (whose latest value is the last epoch's).
+            tracker.metrics(eval_metrics(run.best["eval"], "best/"), step=run.best["epoch"])
+            for path in [run_dir / "results.json", *sorted((run_dir / "plots").glob("*.png"))]:
+                tracker.artifact(path, None if path.suffix != ".png" else "plots")
+            for path in sorted((ckpt_dir / "best").glob("*")):
+                tracker.artifact(path, "best")
+            tracker.tags({"best_epoch": str(run.best["epoch"])})
         tracker.end()
     # The process group stays up: repeat and other callers may train again; the entry points tear it down.
     accelerator.wait_for_everyone()

@@ -138,6 +138,10 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypat
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
     assert len(client.get_metric_history(again["mlflow_run_id"], "best/val/srcc")) == 1
     assert client.get_run(again["mlflow_run_id"]).info.status == "FINISHED"
+    # Into a store that lacks its MLflow run, it logs them there.
+    other = train(run_config(tmp_path / "a", shards, "train.epochs=3", f"tracking.uri=sqlite:///{tmp_path / 'o.db'}"))
+    logged = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'o.db'}").get_run(other["mlflow_run_id"])
+    assert logged.data.tags["best_epoch"] == str(whole["best_epoch"]) and "best/val/srcc" in logged.data.metrics
 
 
 @pytest.mark.parametrize("plcc_over", ["step", "micro_batch"])
@@ -269,7 +273,9 @@ def test_ctrl_c_says_how_to_go_on_and_marks_the_mlflow_run_killed(tmp_path, shar
     assert capsys.readouterr().err.endswith(f"\ntrain: stopped; run it with train.resume=auto to go on from {last}\n")
 
 
-def test_resume_with_other_training_settings_is_refused(tmp_path, shards):
+def test_resume_with_other_training_settings_is_refused(tmp_path, shards, monkeypatch):
+    import temu_dist.train as train_mod
+
     train(run_config(tmp_path, shards, "train.epochs=1"))
     with pytest.raises(ConfigError, match=r"train.lr: .*last was trained with 0.002, this run asks for 0.01"):
         train(run_config(tmp_path, shards, "train.epochs=1", "train.lr=0.01"))
@@ -278,6 +284,12 @@ def test_resume_with_other_training_settings_is_refused(tmp_path, shards):
         train(run_config(tmp_path, shards, "train.epochs=1", "model.image_size=96"))
     with pytest.raises(ConfigError, match=r"^model.precision: .*last was trained with 'auto', this run asks for "):
         train(run_config(tmp_path, shards, "train.epochs=1", "model.precision=bf16"))
+    # Started anew, the run is not finished until it writes results of its own.
+    monkeypatch.setattr(train_mod, "loss_fn", stops_after(train_mod.loss_fn, 0))
+    with pytest.raises(Interrupted):
+        train(run_config(tmp_path, shards, "train.epochs=1", "train.lr=0.01", "train.resume=never"))
+    assert not (tmp_path / "run" / "results.json").exists()
+    monkeypatch.undo()
     fresh = train(run_config(tmp_path, shards, "train.epochs=1", "train.lr=0.01", "train.resume=never"))
     assert fresh["history"][0]["lr"] < 0.01
 
