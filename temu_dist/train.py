@@ -485,7 +485,8 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
             accelerator.print(f"train: warning: {_readers(config, plan)} data readers (processes x data.workers) in "
                               f"micro-batches of {plan.per_device} stand elsewhere than the checkpoint's "
                               f"{saved_position['readers']} left off: {rest}")
-        elif in_epoch and saved_position["readers"] > 1 and "reader_runs" not in saved_position:
+        elif in_epoch and saved_position["readers"] > 1 and "reader_runs" not in saved_position \
+                and not config.data.resampled:
             accelerator.print(f"train: warning: {last} was saved by a version that split the samples over its "
                               f"{saved_position['readers']} data readers otherwise: {rest}")
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -40,7 +40,7 @@ SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 # request, hence a sliver of a CPU).
 TRIAL_CPU = 0.01
 # The training keys train.check_data reads, which the search checks before Ray starts.
-CHECKED_DATA_KEYS = ("data", "eval", "train.key_metric", "model.image_size", "ldg", "out_dir")
+CHECKED_DATA_KEYS = ("data", "eval", "train.key_metric", "model.image_size", "ldg")
 
 
 class Resources(Section):
@@ -148,17 +148,17 @@ def _local_cpus() -> int:
 def _check_data(search: SearchConfig) -> None:
     """What the trials read, checked as train() checks it and with its messages, so that a missing pack fails the
     search now, not every trial once Ray has started: the base config with each combination of the grid and choice
-    values of the keys check_data reads (data.*, eval.*, train.key_metric, model.image_size, ldg.*, out_dir: the
-    packs, splits, evaluation sets, the key metric's set, the output folder and the input size CW-SSIM needs). Sampled
-    keys (uniform, loguniform, randint) are left out: they draw numbers, which the config's own bounds check. Paths as
-    in the search config, relative to the working directory, as for train."""
+    values of the keys check_data reads (data.*, eval.*, train.key_metric, model.image_size, ldg.*: the packs,
+    splits, evaluation sets, the key metric's set and the input size CW-SSIM needs), in the search's out_dir, where
+    the trials write. Sampled keys (uniform, loguniform, randint) are left out: they draw numbers, which the config's
+    own bounds check. Paths as in the search config, relative to the working directory, as for train."""
     from temu_dist.train import check_data
 
     keys = [k for k, spec in search.space.items() if next(iter(spec)) in ("grid", "choice") and any(
         k == read or k.startswith(f"{read}.") for read in CHECKED_DATA_KEYS)]
     for values in itertools.product(*(next(iter(search.space[k].values())) for k in keys)):
-        check_data(load_config(search.base, [*search.overrides, *(f"{k}={json.dumps(v)}"
-                                                                  for k, v in zip(keys, values))]))
+        check_data(load_config(search.base, [*search.overrides, *(f"{k}={json.dumps(v)}" for k, v in zip(keys, values)),
+                                             f"out_dir={json.dumps(search.out_dir)}"]))
 
 
 def base_config(search: SearchConfig) -> dict:

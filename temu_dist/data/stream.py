@@ -231,7 +231,7 @@ def train_loader(config: Config, folder: str, split: str, per_device_batch: int,
     micro_batches = steps * accumulation
     workers = data.workers
     readers = world_size * max(1, workers)
-    if count < readers:  # a reader with no samples would wait for one for ever
+    if count < readers and not data.resampled:  # a reader with no samples would wait for one for ever
         raise ConfigError(f"data.workers: {readers} data readers (processes x data.workers) for the {count} images of "
                           f"{folder} '{split}'; use fewer data.workers")
     ldg = LocalDistortion(config.ldg) if config.ldg.enabled else None
