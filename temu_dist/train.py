@@ -408,10 +408,16 @@ def check_data(config: Config) -> list[EvalSet]:
     if not config.data.train:
         raise ConfigError("data.train: no training shards named (a pack folder, e.g. shards/kadid10k)")
     check_output_folder(Path(config.out_dir), "out_dir")
-    side = min(config.model.image_hw())
-    if config.ldg.enabled and config.ldg.fidelity == "cw_ssim" and side < cw_ssim_min_side():
-        raise ConfigError(f"model.image_size: CW-SSIM (ldg.fidelity) compares images of at least {cw_ssim_min_side()} "
-                          f"px a side, this one has {side}; use a larger size or ldg.fidelity=ssim")
+    if config.ldg.fidelity == "cw_ssim":
+        # The input sizes local distortions are scored at: training's, and with eval.ldg every set's.
+        sizes = {"model.image_size": config.model.image_hw()} if config.ldg.enabled or config.eval.ldg else {}
+        if config.eval.ldg:
+            sizes.update({f"eval.cross.{i}.image_size": s.image_hw() for i, s in enumerate(config.eval.cross)
+                          if s.image_size is not None})
+        for key, hw in sizes.items():
+            if min(hw) < cw_ssim_min_side():
+                raise ConfigError(f"{key}: CW-SSIM (ldg.fidelity) compares images of at least {cw_ssim_min_side()} "
+                                  f"px a side, this one has {min(hw)}; use a larger size or ldg.fidelity=ssim")
     split_shards(config.data.train, config.data.train_split)
     sets = eval_sets(config)
     set_name, names = config.train.key_metric.split("/")[0], result_names(sets, config)

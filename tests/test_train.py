@@ -657,6 +657,9 @@ def test_what_training_cannot_use_is_refused_before_any_work(tmp_path, shards):
     with pytest.raises(ConfigError, match=r"^model.image_size: CW-SSIM \(ldg.fidelity\) compares images of at least 64 "
                                           r"px a side, this one has 48"):
         train(run_config(tmp_path, shards, "model.image_size=48"))
+    with pytest.raises(ConfigError, match=r"^eval.cross.0.image_size: CW-SSIM .* this one has 32"):
+        train(run_config(tmp_path, shards, "eval.ldg=true", "ldg.enabled=false",
+                         f"eval.cross=[{{name: x, shards: {shards}, image_size: 32}}]"))
     assert list(tmp_path.iterdir()) == [tmp_path / "file"]
 
 
