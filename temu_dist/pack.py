@@ -117,7 +117,7 @@ def _synced(fh: IO) -> None:
     os.fsync(fh.fileno())
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Writes path whole or not at all: to path.tmp, synced, then renamed."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
@@ -153,7 +153,7 @@ def write_shard(directory: str, name: str, split: str, samples: list[tuple[str, 
                     count += 1
             _synced(fh)
         if skipped:
-            _write_text(sidecar, json.dumps(skipped))
+            write_text_atomic(sidecar, json.dumps(skipped))
         else:  # one a run stopped before its shard's rename left behind would leave images out on resume
             sidecar.unlink(missing_ok=True)
         os.replace(tmp, final)
@@ -270,7 +270,7 @@ def pack(opts: PackOptions) -> dict:
         f"{info.official_split} beside {label_path.name}"
     route, total = splitter(_records(opts), opts.split, label_path.name, official)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(started, json.dumps(identity, indent=2) + "\n")
+    write_text_atomic(started, json.dumps(identity, indent=2) + "\n")
     for stale in out.glob("*.tmp"):
         stale.unlink()
     results: list[ShardResult] = []
@@ -303,7 +303,7 @@ def pack(opts: PackOptions) -> dict:
         progress.close()
         pool.shutdown(cancel_futures=True)
     manifest = _manifest(opts, label_path, identity, results)
-    _write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

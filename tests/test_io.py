@@ -90,7 +90,7 @@ def test_missing_or_broken_files_are_named(tmp_path):
 def test_a_checkpoint_saved_before_quick_gelu_keeps_the_gelu_tower_of_its_weights_file(tmp_path):
     # Then a weights file always built GELU towers; its head was trained on those.
     from temu_dist.model.backbone import create_clip
-    from temu_dist.model.io import load_config_of
+    from temu_dist.model.io import configs_of
 
     weights = tmp_path / "clip.bin"
     torch.save(create_clip(tiny_config().model).state_dict(), weights)
@@ -99,4 +99,4 @@ def test_a_checkpoint_saved_before_quick_gelu_keeps_the_gelu_tower_of_its_weight
     saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     del saved["model"]["quick_gelu"]
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(saved))
-    assert load_config_of(tmp_path / "ckpt").model.quick_gelu is False
+    assert configs_of(tmp_path / "ckpt")[1].model.quick_gelu is False

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path, PurePosixPath
 
 from temu_dist.config import ConfigError
 from temu_dist.data.sources import DATASETS, DataError, read_records
-from temu_dist.model.io import atomic_write
+from temu_dist.pack import write_text_atomic
 
 
 def _images(path: Path) -> list[str]:
@@ -72,12 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give at least one of --train, --val, --test")
     try:
         names = assignment(args.dataset, args.root, files)
-
-        def write(path: Path) -> None:
-            with path.open("w", newline="") as fh:
-                csv.writer(fh).writerows([("name", "split"), *names.items()])
-
-        atomic_write(args.out, write)
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows([("name", "split"), *names.items()])
+        write_text_atomic(args.out, text.getvalue())
     except ConfigError as e:
         print(f"qalign: {e}", file=sys.stderr)
         return 1

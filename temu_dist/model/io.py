@@ -70,8 +70,9 @@ def with_legacy_fields(saved: dict) -> dict:
     return saved
 
 
-def load_config_of(directory: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The checkpoint's config with load-time overrides; an override of a field the weights depend on is an error."""
+def configs_of(directory: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Config]:
+    """The checkpoint's own config, and that config with load-time overrides; an override of a field the weights
+    depend on is an error."""
     directory = Path(directory)
     path = directory / CONFIG
     try:
@@ -80,10 +81,11 @@ def load_config_of(directory: str | Path, overrides: list[str] | tuple[str, ...]
         raise ConfigError(f"{path}: not found; is {directory} a saved run or checkpoint folder?") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    config = load_config(None, overrides, base=with_legacy_fields(saved), base_source=str(path))
-    _mismatch(load_config(None, (), base=saved).model.model_dump(mode="json"), config.model.model_dump(mode="json"),
-              str(path))
-    return config
+    saved = with_legacy_fields(saved)
+    own, config = load_config(None, (), base=saved, base_source=str(path)), \
+        load_config(None, overrides, base=saved, base_source=str(path))
+    _mismatch(own.model.model_dump(mode="json"), config.model.model_dump(mode="json"), str(path))
+    return own, config
 
 
 def load_weights(model: TeMuIQA, directory: str | Path, config: Config) -> None:
@@ -117,9 +119,8 @@ def load_weights(model: TeMuIQA, directory: str | Path, config: Config) -> None:
 
 def load_model(directory: str | Path, overrides: list[str] | tuple[str, ...] = (),
                device: torch.device | None = None) -> tuple[TeMuIQA, Config]:
-    config = load_config_of(directory, overrides)
+    saved, config = configs_of(directory, overrides)
     # A random backbone is drawn again as the run drew it, whatever seed or input size this load asks for.
-    saved = load_config_of(directory)
     model = build_model(config, device, drawn_as=(saved.seed, saved.model.image_hw()))
     load_weights(model, directory, config)
     return model, config
