@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
+
+from temu_dist.atomic import write_text_atomic
 
 SIZE = (512, 384)  # KADID-10k's width x height
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
@@ -87,12 +88,9 @@ def write_demo_data(out: str | Path) -> Path:
                 dist.save(images / dist_name)
                 rows.append((dist_name, ref_name, f"{mos(ref, dist):.4f}", "0.0"))
         print(f"demo_data: {name}: {len(DISTORTIONS) * 5} distorted images", flush=True)
-    tmp = out / "dmos.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["dist_img", "ref_img", "dmos", "var"])
-        writer.writerows(rows)
-    os.replace(tmp, out / "dmos.csv")
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows([("dist_img", "ref_img", "dmos", "var"), *rows])
+    write_text_atomic(out / "dmos.csv", text.getvalue())
     return out
 
 

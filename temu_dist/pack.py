@@ -24,11 +24,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import Callable, Iterator
 
 from PIL import Image
 from tqdm import tqdm
 
+from temu_dist.atomic import write_json_atomic
 from temu_dist.config import ConfigError, check_output_folder
 from temu_dist.data.manifest import MANIFEST, ShardsMissing, read_manifest
 from temu_dist.data.sources import DATASETS, META_SPLIT_COLUMNS, DataError, Record, read_pyiqa_meta, read_records
@@ -110,22 +111,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _synced(fh: IO) -> None:
-    """Makes what was written to fh reach the disk, before the rename that publishes it: renamed unsynced, a file can
-    stand under its final name empty or cut short after a power loss."""
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes path whole or not at all: to path.tmp, synced, then renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        _synced(fh)
-    os.replace(tmp, path)
-
-
 def write_shard(directory: str, name: str, split: str, samples: list[tuple[str, dict]], resize_shorter: int | None,
                 skip_bad: bool, label_file: str) -> ShardResult:
     """Writes one shard to NAME.tmp and renames it; a bad image raises DataError (no partial shard stays) or, with
@@ -151,9 +136,10 @@ def write_shard(directory: str, name: str, split: str, samples: list[tuple[str, 
                     _add(tar, f"{key}.{ext}", data)
                     _add(tar, f"{key}.json", json.dumps(label, sort_keys=True).encode())
                     count += 1
-            _synced(fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # before the rename that publishes it, as temu_dist.atomic does
         if skipped:
-            write_text_atomic(sidecar, json.dumps(skipped))
+            write_json_atomic(sidecar, skipped)
         else:  # one a run stopped before its shard's rename left behind would leave images out on resume
             sidecar.unlink(missing_ok=True)
         os.replace(tmp, final)
@@ -270,7 +256,7 @@ def pack(opts: PackOptions) -> dict:
         f"{info.official_split} beside {label_path.name}"
     route, total = splitter(_records(opts), opts.split, label_path.name, official)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(started, json.dumps(identity, indent=2) + "\n")
+    write_json_atomic(started, identity)
     for stale in out.glob("*.tmp"):
         stale.unlink()
     results: list[ShardResult] = []
@@ -303,7 +289,7 @@ def pack(opts: PackOptions) -> dict:
         progress.close()
         pool.shutdown(cancel_futures=True)
     manifest = _manifest(opts, label_path, identity, results)
-    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 

@@ -14,7 +14,6 @@ metrics (SET/srcc_mean, SET/srcc_std, ...) once all splits are done.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -22,8 +21,8 @@ from pathlib import Path
 
 from accelerate import PartialState
 
+from temu_dist.atomic import write_json_atomic
 from temu_dist.config import Config, ConfigError, load_config
-from temu_dist.model.io import atomic_write
 from temu_dist.tracking import finish_parent, parent_run, tracking_uri
 from temu_dist.train import NonFiniteLoss, train
 
@@ -74,7 +73,7 @@ def repeat(config: Config, splits: int) -> dict:
                "sets": summarize(runs), "runs": [r["run_dir"] for r in runs]}
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "repeat.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+        write_json_atomic(out / "repeat.json", summary)
         if parent is not None:
             metrics = {f"{name}/{metric}_{stat}": values[stat] for name, by_metric in summary["sets"].items()
                        for metric, values in by_metric.items() for stat in ("mean", "std")}

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
+from temu_dist.atomic import write_text_atomic
 from temu_dist.config import Config, dump
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -97,7 +98,7 @@ class Tracker:
             parent = {"mlflow.parentRunId": config.tracking.parent_run_id} if config.tracking.parent_run_id else None
             run = mlflow.start_run(run_id=resume_id, run_name=None if resume_id else config.name, tags=parent)
             self.run_id = run.info.run_id
-            id_file.write_text(self.run_id)
+            write_text_atomic(id_file, self.run_id)
             before = mlflow.get_run(self.run_id).data
             existing, self.tags_before = before.params, dict(before.tags)
             # A resumed run's epochs the store lacks: all of them for a new MLflow run; else those a kill between
@@ -169,7 +170,7 @@ def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict
         for key, value in params.items():
             client.log_param(run.info.run_id, key, str(value)[:500])
         id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run.info.run_id)
+        write_text_atomic(id_file, run.info.run_id)
         return run.info.run_id
     except Exception as e:  # noqa: BLE001 - tracking trouble must not stop the work it tracks
         warnings.warn(f"MLflow at {uri} is not usable ({_first_line(e)}); the {what} goes on untracked", stacklevel=2)

@@ -11,7 +11,6 @@ continues from checkpoints/last (train.resume=auto).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -31,6 +30,7 @@ from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist.checkpoint import find_checkpoint, load_saved_config, load_trainer_state, save_checkpoint, set_rng_state
 from temu_dist.config import Config, ConfigError, check_output_folder, dump, load_config
 from temu_dist.data.augment import normalize
@@ -40,7 +40,7 @@ from temu_dist.distributed import BatchPlan, make_accelerator
 from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, result_names, scatter_plots
 from temu_dist.fidelity import cw_ssim_min_side
 from temu_dist.metrics import plcc_loss
-from temu_dist.model.io import atomic_write, load_weights, with_legacy_fields
+from temu_dist.model.io import load_weights, with_legacy_fields
 from temu_dist.model.temu import build_model
 from temu_dist.plots import score_vs_time
 from temu_dist.tracking import Tracker, flatten, tracking_uri
@@ -503,7 +503,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     # Only now that every input has passed its checks: a command that fails must leave an existing run as it was.
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.yaml", lambda p: p.write_text(yaml.safe_dump(dump(config), sort_keys=False)))
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dump(config), sort_keys=False))
         if last is None:  # started anew: an earlier run's results would mark this one finished
             (run_dir / "results.json").unlink(missing_ok=True)
     tracker = Tracker(config, run_dir, main, resuming=last is not None, tags=_run_tags(accelerator, plan),
@@ -526,7 +526,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     finished = resumed.get("start_epoch", 0) >= config.train.epochs and (run_dir / "results.json").is_file()
     if main:
         if not finished:
-            atomic_write(run_dir / "results.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+            write_json_atomic(run_dir / "results.json", summary)
             (run_dir / "plots").mkdir(exist_ok=True)
             score_vs_time(run.history, [s.name for s in sets], run_dir / "plots" / "score_vs_time.png")
         if not (finished and "best_epoch" in tracker.tags_before):

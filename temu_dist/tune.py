@@ -31,6 +31,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import ValidationError
 
+from temu_dist.atomic import write_json_atomic
 from temu_dist.config import (Config, ConfigError, Section, apply_overrides, dump, load_config, one_line_error,
                               read_yaml)
 from temu_dist.tracking import finish_parent, parent_run, tracking_uri
@@ -206,7 +207,9 @@ def trial_config(base: dict, params: dict, trials_dir: str, trial: str, tracking
 def _metrics(record: dict) -> dict:
     from temu_dist.train import epoch_metrics
 
-    return {**epoch_metrics(record), "epoch": record["epoch"]}  # epoch: ASHA's time axis
+    # None: a NaN as results.json writes it (strict JSON); Ray compares metrics as numbers.
+    return {**{k: math.nan if v is None else v for k, v in epoch_metrics(record).items()},
+            "epoch": record["epoch"]}  # epoch: ASHA's time axis
 
 
 def run_trial(params: dict, base: dict, trials_dir: str, tracking_uri: str, parent: str | None,
@@ -361,7 +364,7 @@ def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: st
     ok = [r for r in rows if r["best"] is not None]
     best = max(ok, key=lambda r: r["best"] if search.mode == "max" else -r["best"]) if ok else None
     summary = {"search": search.name, "metric": metric, "trials": rows, "best": best}
-    (search_dir / "search.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_json_atomic(search_dir / "search.json", summary, default=str)
     plots = []
     if "model.prompt" in search.space:
         plots.append(prompt_table(rows, metric, search_dir / "prompt_table.png"))

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from temu_dist.config import ConfigError
 from temu_dist.data.sources import DATASETS, DataError, read_records
-from temu_dist.pack import write_text_atomic
+from temu_dist.atomic import write_text_atomic
 
 
 def _images(path: Path) -> list[str]:

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from temu_dist.atomic import write_atomic
 from temu_dist.config import Config, ConfigError, dump, load_config
 from temu_dist.model.backbone import names_a_file
 from temu_dist.model.temu import TeMuIQA, build_model
@@ -23,13 +23,6 @@ PARAM_FIELDS = {"prompts.ctx": "model.n_ctx", "prompts.meta_net": "model.cocoop_
                 "layer_logits": "model.layers", "layer_norms": "model.layer_norm"}
 
 
-def atomic_write(path: Path, write) -> None:
-    """`write(tmp)` then a rename: path is replaced whole or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_model(model: TeMuIQA, config: Config, directory: str | Path) -> Path:
     """Writes weights.safetensors and config.json into `directory`, each file replaced whole or not at all."""
     directory = Path(directory)
@@ -37,8 +30,8 @@ def save_model(model: TeMuIQA, config: Config, directory: str | Path) -> Path:
     state = {k: v.float().cpu().contiguous() for k, v in model.trainable_state().items()}
     # The model section rides in the weights' metadata, so weights and config.json can be checked against each other.
     meta = {"format": "temu-dist/1", "model": json.dumps(dump(config)["model"], sort_keys=True)}
-    atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata=meta))
-    atomic_write(directory / CONFIG, lambda p: p.write_text(json.dumps(dump(config), indent=2) + "\n"))
+    write_atomic(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata=meta))
+    write_atomic(directory / CONFIG, lambda p: p.write_text(json.dumps(dump(config), indent=2) + "\n"))
     return directory
 
 
