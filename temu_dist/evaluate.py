@@ -28,7 +28,7 @@ from accelerate.utils import gather_object
 from temu_dist.config import Config, ConfigError, check_output_folder, is_override, load_config
 from temu_dist.data.augment import normalize
 from temu_dist.data.keys import name_key
-from temu_dist.data.ldg import LocalDistortion, ldg_targets
+from temu_dist.data.ldg import LocalDistortion, check_fidelity_size, ldg_targets
 from temu_dist.data.stream import eval_loader, read_manifest, split_shards
 from temu_dist.metrics import correlations
 from temu_dist.model.io import checkpoint_dir, load_model
@@ -79,14 +79,18 @@ def eval_sets(config: Config) -> list[EvalSet]:
 
 
 def _check_sets(sets: list[EvalSet], config: Config) -> None:
-    """Unique names (the SET-ldg ones too), and every pack and split there: a typo fails now, not after an epoch of
-    training."""
+    """Unique names (the SET-ldg ones too), every pack and split there, and with eval.ldg input sizes the fidelity
+    can compare: a typo fails now, not after an epoch of training."""
     names = result_names(sets, config)
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise ConfigError(f"eval: two evaluation sets are named '{duplicate}'; give each a name of its own")
+    cross = {c.name: i for i, c in enumerate(config.eval.cross)}
     for s in sets:
         split_shards(s.shards, s.split)
+        if config.eval.ldg:
+            key = "model.image_size" if s.image_hw is None else f"eval.cross.{cross[s.name]}.image_size"
+            check_fidelity_size(key, s.image_hw or config.model.image_hw(), config.ldg)
 
 
 def result_names(sets: list[EvalSet], config: Config) -> list[str]:

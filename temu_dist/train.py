@@ -34,11 +34,10 @@ from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist.checkpoint import find_checkpoint, load_saved_config, load_trainer_state, save_checkpoint, set_rng_state
 from temu_dist.config import Config, ConfigError, check_output_folder, dump, load_config
 from temu_dist.data.augment import normalize
-from temu_dist.data.ldg import ldg_targets
+from temu_dist.data.ldg import check_fidelity_size, ldg_targets
 from temu_dist.data.stream import SharedEpoch, split_shards, train_loader
 from temu_dist.distributed import BatchPlan, make_accelerator
 from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, result_names, scatter_plots
-from temu_dist.fidelity import cw_ssim_min_side
 from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights, with_legacy_fields
 from temu_dist.model.temu import build_model
@@ -408,16 +407,8 @@ def check_data(config: Config) -> list[EvalSet]:
     if not config.data.train:
         raise ConfigError("data.train: no training shards named (a pack folder, e.g. shards/kadid10k)")
     check_output_folder(Path(config.out_dir), "out_dir")
-    if config.ldg.fidelity == "cw_ssim":
-        # The input sizes local distortions are scored at: training's, and with eval.ldg every set's.
-        sizes = {"model.image_size": config.model.image_hw()} if config.ldg.enabled or config.eval.ldg else {}
-        if config.eval.ldg:
-            sizes.update({f"eval.cross.{i}.image_size": s.image_hw() for i, s in enumerate(config.eval.cross)
-                          if s.image_size is not None})
-        for key, hw in sizes.items():
-            if min(hw) < cw_ssim_min_side():
-                raise ConfigError(f"{key}: CW-SSIM (ldg.fidelity) compares images of at least {cw_ssim_min_side()} "
-                                  f"px a side, this one has {min(hw)}; use a larger size or ldg.fidelity=ssim")
+    if config.ldg.enabled:
+        check_fidelity_size("model.image_size", config.model.image_hw(), config.ldg)
     split_shards(config.data.train, config.data.train_split)
     sets = eval_sets(config)
     set_name, names = config.train.key_metric.split("/")[0], result_names(sets, config)

@@ -432,6 +432,10 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
     zero_shot = json.loads(capsys.readouterr().out)
     assert zero_shot["shards:test"]["count"] == best["test"]["count"]
     assert sorted(p.name for p in plots.iterdir()) == ["scatter_shards_test.png"]
+    assert main(["--clipiqa", "c", "--config", str(cfg), "--shards", str(shards), "eval.ldg=true",
+                 "model.image_size=48"]) == 1
+    assert capsys.readouterr().err.startswith("evaluate: model.image_size: CW-SSIM (ldg.fidelity) compares images of "
+                                              "at least 64 px a side, this one has 48;")
     assert main(["--checkpoint", str(tmp_path / "nothing")]) == 1
     assert "neither a checkpoint folder" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "run"), "--plots", str(cfg)]) == 1

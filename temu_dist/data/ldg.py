@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import RandAugment
 
-from temu_dist.config import LDGConfig
-from temu_dist.fidelity import cw_ssim, ssim
+from temu_dist.config import ConfigError, LDGConfig
+from temu_dist.fidelity import cw_ssim, cw_ssim_min_side, ssim
 
 
 def sample_region(height: int, width: int, lo: int, hi: int) -> tuple[int, int, int, int]:
@@ -46,6 +46,14 @@ def fidelity(x: torch.Tensor, x_ldg: torch.Tensor, cfg: LDGConfig) -> torch.Tens
     to_unit = (lambda t: t.float() / 255.0) if x.dtype == torch.uint8 else (lambda t: t.float())
     metric = cw_ssim if cfg.fidelity == "cw_ssim" else ssim
     return metric(to_unit(x), to_unit(x_ldg)).clamp(0.0, 1.0)
+
+
+def check_fidelity_size(key: str, hw: tuple[int, int], cfg: LDGConfig) -> None:
+    """Images scored with local distortions at input size hw (named by config key) are ones f can compare: CW-SSIM
+    needs cw_ssim_min_side() px a side. Checked before any work, not when the first such batch arrives."""
+    if cfg.fidelity == "cw_ssim" and min(hw) < cw_ssim_min_side():
+        raise ConfigError(f"{key}: CW-SSIM (ldg.fidelity) compares images of at least {cw_ssim_min_side()} px a side, "
+                          f"this one has {min(hw)}; use a larger size or ldg.fidelity=ssim")
 
 
 def ldg_targets(x: torch.Tensor, x_ldg: torch.Tensor, mos: torch.Tensor, cfg: LDGConfig) -> torch.Tensor:
