@@ -289,7 +289,8 @@ def _check_finite(loss: torch.Tensor, accelerator: Accelerator, epoch: int, conf
         bad = round((1 - finite.item()) * n)
         raise NonFiniteLoss(f"epoch {epoch + 1}: the loss became non-finite on {bad} of {n} process(es) "
                             f"(this one's: {loss.item()}); stopped. The last good checkpoint is "
-                            f"{where or 'none (nothing saved yet)'}")
+                            f"{where or 'none (nothing saved yet)'}; resuming replays the same batches to the same "
+                            "loss: start anew (train.resume=never) with a lower train.lr or another seed")
 
 
 def _fit(config: Config, run: Run) -> None:
