@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from temu_dist.atomic import write_atomic, write_text_atomic
 from temu_dist.config import Config, ConfigError
 from temu_dist.model.io import CONFIG, save_model
 from temu_dist.model.temu import TeMuIQA
@@ -46,9 +47,10 @@ def save_checkpoint(folder: Path, model: TeMuIQA, config: Config, optimizer, sch
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, config, tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / TRAINER_STATE)
-    (tmp / TRAINER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    # Each file synced before the folder is swapped in: a node that crashes must not leave one cut short under `last`.
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    write_atomic(tmp / TRAINER_STATE, lambda p: torch.save(state, p))
+    write_text_atomic(tmp / TRAINER_INFO, json.dumps(info, indent=2) + "\n")
     old = folder.with_name(folder.name + ".old")
     # Where a kill between the renames left only `old`, it is the checkpoint until the new one is in place.
     if folder.exists():
