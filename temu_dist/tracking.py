@@ -203,11 +203,12 @@ def _first_line(e: Exception) -> str:
 
 
 def _in_store(mlflow: Any, run_id: str) -> bool:
+    """The store holds the run, and not in its bin: MLflow refuses to continue a run deleted in the UI, which would
+    switch tracking off; a new run takes its place."""
     try:
-        mlflow.get_run(run_id)
+        return mlflow.get_run(run_id).info.lifecycle_stage == "active"
     except mlflow.exceptions.MlflowException:
         return False
-    return True
 
 
 def _check_reachable(uri: str) -> None:

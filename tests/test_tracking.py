@@ -9,3 +9,24 @@ def test_params_are_flat_with_each_cross_set_field_a_key_of_its_own():
     assert params["model.backbone"] == "Test-Tiny-ViT-16" and params["train.lr"] == config.train.lr
     assert params["eval.cross.0.name"] == "csiq" and params["eval.cross.1.split"] == "all"
     assert params["eval.splits"] == ["val", "test"] and "eval.cross" not in params
+
+
+def test_runs_deleted_in_the_ui_are_replaced_not_continued(tmp_path):
+    import mlflow
+
+    from temu_dist.tracking import Tracker, parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    config = tiny_config(f"out_dir={tmp_path}", f"tracking.uri={uri}")
+    first = Tracker(config, tmp_path, True)
+    first.metrics({"train/loss": 0.5}, step=1)
+    first.end()
+    client.delete_run(first.run_id)
+    again = Tracker(config, tmp_path, True, resuming=True, past=[(1, {"train/loss": 0.5})])
+    assert again.active and again.run_id != first.run_id
+    assert [m.step for m in client.get_metric_history(again.run_id, "train/loss")] == [1]
+    again.end()
+    parent = parent_run(uri, "temu-dist", "search", tmp_path / "parent_id", {}, {}, "search")
+    client.delete_run(parent)
+    assert parent_run(uri, "temu-dist", "search", tmp_path / "parent_id", {}, {}, "search") not in (None, parent)
