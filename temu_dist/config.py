@@ -6,6 +6,7 @@ that names the key, and saves the resolved copy with what it writes.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -252,10 +253,13 @@ def one_line_error(err: ValidationError, source: str) -> str:
 
 
 def check_output_folder(folder: Path, flag: str) -> None:
-    """Refuses, before any work, a folder to write into that is a file or lies under one."""
+    """Refuses, before any work, a folder to write into that is a file, lies under one, or where this user may not
+    write."""
     there = next(p for p in (folder, *folder.parents) if p.exists())
     if not there.is_dir():
         raise ConfigError(f"{flag} {folder}: {'it' if there == folder else there} is a file, not a folder")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {folder}: {there} is not writable by this user")
 
 
 def is_override(arg: str) -> bool:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import ConfigError, check_output_folder
+from temu_dist.data.images import pil_rgb
 from temu_dist.data.manifest import MANIFEST, ShardsMissing, read_manifest
 from temu_dist.data.sources import DATASETS, META_SPLIT_COLUMNS, DataError, Record, read_pyiqa_meta, read_records
 from temu_dist.data.splits import SPLITS, SplitSpec, splitter
@@ -89,7 +90,7 @@ def _encode_image(path: Path, resize_shorter: int | None) -> tuple[bytes, str]:
         if resize_shorter and min(im.size) > resize_shorter:
             scale = resize_shorter / min(im.size)
             size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-            small = im.convert("RGB").resize(size, Image.BICUBIC)
+            small = pil_rgb(im).resize(size, Image.BICUBIC)
             buf = io.BytesIO()
             if fmt == "JPEG":
                 small.save(buf, format="JPEG", quality=95)
@@ -99,7 +100,7 @@ def _encode_image(path: Path, resize_shorter: int | None) -> tuple[bytes, str]:
         if fmt in KEEP_FORMATS:
             return path.read_bytes(), KEEP_FORMATS[fmt]
         buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="PNG")
+        pil_rgb(im).save(buf, format="PNG")
         return buf.getvalue(), "png"
 
 

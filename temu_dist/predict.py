@@ -14,13 +14,20 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+from torchvision.transforms import functional as TF
 
 from temu_dist.config import ConfigError, check_output_folder, is_override, load_config
-from temu_dist.data.augment import normalize, to_input
+from temu_dist.data.augment import decode_rgb, normalize, to_input
 from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.temu import build_model
 from temu_dist.plots import heatmap_overlay
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number of at least 1: {text!r}")
+    return int(text)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -30,7 +37,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     source.add_argument("--checkpoint", help="a run folder (its best checkpoint) or a checkpoint folder")
     source.add_argument("--config", help="a config YAML: score with a freshly initialised head")
     parser.add_argument("--heatmap", help="write IMAGE_STEM.heatmap.png patch-score maps into this folder")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=_positive, default=8, help="images scored at once (default 8)")
     parser.add_argument("items", nargs="+", metavar="IMAGE | key=value")
     args = parser.parse_args(argv)
     overrides = [a for a in args.items if is_override(a) and not Path(a).exists()]
@@ -38,11 +45,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     if not args.images:
         parser.error("no images given")
     return args, overrides
-
-
-def _open(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
 
 
 def _check_heatmaps(heat_dir: Path, images: list[str]) -> None:
@@ -76,11 +78,11 @@ def predict(argv: list[str] | None = None) -> int:
         heat_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
     for start in range(0, len(args.images), args.batch_size):
-        good: list[tuple[str, Image.Image]] = []
+        good: list[tuple[str, torch.Tensor]] = []
         for path in args.images[start:start + args.batch_size]:
             try:
-                good.append((path, _open(path)))
-            except (OSError, UnidentifiedImageError, ValueError) as e:
+                good.append((path, decode_rgb(Path(path).read_bytes())))  # as training and evaluation decode
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
                 failed += 1
                 print(f"predict: cannot read image {path}: {e}", file=sys.stderr)
         if not good:
@@ -92,7 +94,7 @@ def predict(argv: list[str] | None = None) -> int:
         for i, (path, im) in enumerate(good):
             print(json.dumps({"path": path, "score": round(float(out.score[i]), 6)}), flush=True)
             if heat_dir:
-                overlay = heatmap_overlay(im, out.patch_scores[i].float().cpu().numpy())
+                overlay = heatmap_overlay(TF.to_pil_image(im), out.patch_scores[i].float().cpu().numpy())
                 overlay.save(heat_dir / f"{Path(path).stem}.heatmap.png")
     return 1 if failed else 0
 

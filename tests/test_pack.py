@@ -375,3 +375,19 @@ def test_a_qalign_split_becomes_the_split_file_pack_reads(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.splitlines()) == 1
         assert (tmp_path / "qalign.csv").read_text() == before
+
+
+@pytest.mark.parametrize("fmt", ["png", "tiff"])
+def test_16_bit_greys_are_scaled_not_clipped_when_re_encoded(tmp_path, fmt):
+    import numpy as np
+
+    from temu_dist.pack import _encode
+
+    wide = np.linspace(0, 65535, 96 * 128).reshape(96, 128).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / f"grey16.{fmt}")
+    Image.fromarray((wide >> 8).astype(np.uint8)).save(tmp_path / f"grey8.{fmt}")
+    # Resized (--resize-shorter), or re-encoded as PNG (TIFF is not a kept format): the same pixels either way.
+    resize = 48 if fmt == "png" else None
+    decoded = [np.asarray(Image.open(io.BytesIO(_encode(tmp_path / f"grey{bits}.{fmt}", resize)[0])).convert("RGB"))
+               for bits in (16, 8)]
+    assert np.array_equal(decoded[0], decoded[1])

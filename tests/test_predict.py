@@ -85,3 +85,41 @@ def test_heatmaps_that_cannot_be_written_fail_before_any_scoring(images, checkpo
     with pytest.raises(ConfigError, match=f"{good[0]} and {twin} would both write photo0.heatmap.png"):
         predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), str(good[0]), str(twin)])
     assert not (tmp_path / "maps").exists()
+
+
+def test_a_16_bit_grey_png_scores_as_its_8_bit_copy(checkpoint, tmp_path, capsys):
+    run, _ = checkpoint
+    wide = np.linspace(0, 65535, 64 * 80).reshape(64, 80).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "grey16.png")
+    Image.fromarray((wide >> 8).astype(np.uint8)).save(tmp_path / "grey8.png")
+    assert predict(["--checkpoint", str(run), str(tmp_path / "grey16.png"), str(tmp_path / "grey8.png")]) == 0
+    scores = [json.loads(line)["score"] for line in capsys.readouterr().out.splitlines()]
+    assert scores[0] == scores[1]
+
+
+def test_an_image_too_large_to_open_is_named_and_the_rest_scored(images, checkpoint, tmp_path, monkeypatch, capsys):
+    (good, _), (run, _) = images, checkpoint
+    huge = tmp_path / "huge.tif"  # TIFF: read by PIL, which guards against decompression bombs
+    Image.open(good[0]).save(huge)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    assert predict(["--checkpoint", str(run), str(huge), str(good[1])]) == 1
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["path"] for line in out.splitlines()] == [str(good[1])]
+    assert f"predict: cannot read image {huge}: Image size (4800 pixels) exceeds limit" in err
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "two"])
+def test_a_batch_size_under_1_is_refused(images, checkpoint, size, capsys):
+    (good, _), (run, _) = images, checkpoint
+    with pytest.raises(SystemExit):
+        predict(["--checkpoint", str(run), "--batch-size", size, str(good[0])])
+    assert f"--batch-size: not a whole number of at least 1: '{size}'" in capsys.readouterr().err
+
+
+def test_a_heatmap_folder_this_user_cannot_write_fails_before_any_scoring(images, checkpoint, tmp_path, monkeypatch):
+    from temu_dist.config import ConfigError
+
+    (good, _), (run, _) = images, checkpoint
+    monkeypatch.setattr("os.access", lambda path, mode: path != tmp_path)  # root may write anywhere: say it may not
+    with pytest.raises(ConfigError, match=f"^--heatmap {tmp_path / 'maps'}: {tmp_path} is not writable by this user$"):
+        predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), str(good[0])])

@@ -11,6 +11,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F2
 
+from temu_dist.data.images import pil_rgb
+
 
 def decode_rgb(data: bytes) -> torch.Tensor:
     """Encoded image -> uint8 [3, H, W] RGB. torchvision's decoders (libjpeg-turbo, libpng) write the tensor
@@ -19,7 +21,7 @@ def decode_rgb(data: bytes) -> torch.Tensor:
         x = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
         with Image.open(io.BytesIO(data)) as im:
-            return TF.pil_to_tensor(im.convert("RGB"))
+            return TF.pil_to_tensor(pil_rgb(im))
     return x if x.dtype == torch.uint8 else F2.to_dtype(x, torch.uint8, scale=True)
 
 
