@@ -45,6 +45,21 @@ def process_group_kwargs(config: Config, world_size: int, cuda: bool) -> list[In
     return [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timeout)]
 
 
+def _no_gpu() -> bool:
+    if torch.cuda.is_available():
+        return False
+    # accelerate imports DeepSpeed (where installed) to unwrap models; told the device, it does not warn that it found
+    # no GPU on every process.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return True
+
+
+def eval_accelerator() -> Accelerator:
+    """For scoring outside train() (the evaluate verb): the launched processes as one group on CPU too, which
+    accelerate makes only when told it runs on CPU; else each process would score every set on its own."""
+    return Accelerator(cpu=_no_gpu())
+
+
 def make_accelerator(config: Config) -> tuple[Accelerator, BatchPlan]:
     # Launchers (accelerate, torchrun, deepspeed) say the world size before any process group exists.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -57,11 +72,7 @@ def make_accelerator(config: Config) -> tuple[Accelerator, BatchPlan]:
         # accelerate would quietly run plain data parallel instead, with none of the DeepSpeed checks below.
         raise ConfigError("ACCELERATE_USE_CPU=true turns DeepSpeed off: unset it for a DeepSpeed launch file "
                           "(DeepSpeed finds the CPU without it)")
-    on_cpu = (config.device == "cpu" or not torch.cuda.is_available()) and not deepspeed
-    if not torch.cuda.is_available():
-        # accelerate imports DeepSpeed (where installed) to unwrap models; told the device, it does not warn that it
-        # found no GPU on every process.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    on_cpu = (_no_gpu() or config.device == "cpu") and not deepspeed
     accelerator = Accelerator(cpu=on_cpu, gradient_accumulation_steps=plan.accumulation, kwargs_handlers=handlers)
     if accelerator.state.deepspeed_plugin is not None:
         _check_deepspeed(accelerator)

@@ -30,6 +30,7 @@ from temu_dist.data.augment import normalize
 from temu_dist.data.keys import name_key
 from temu_dist.data.ldg import LocalDistortion, check_fidelity_size, ldg_targets
 from temu_dist.data.stream import eval_loader, read_manifest, split_shards
+from temu_dist.distributed import eval_accelerator
 from temu_dist.metrics import correlations
 from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.clipiqa import ClipIQA, build_clipiqa
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for o in args.overrides if not is_override(o)]
     if bad:
         parser.error(f"not key=value: {bad[0]}")
-    accelerator = Accelerator()
+    accelerator = eval_accelerator()
     try:
         if args.plots:
             check_output_folder(Path(args.plots), "--plots")

@@ -110,7 +110,9 @@ def test_one_and_two_processes_reach_the_same_weights_and_metrics(shards, one_pr
     # Evaluating that checkpoint with 1 and with 2 processes: the same 7 samples, the same metrics.
     run = str(one_process)
     single = json.loads(_launch(1, "temu_dist.evaluate", ["--checkpoint", run], tmp_path).stdout)
-    double = json.loads(_launch(2, "temu_dist.evaluate", ["--checkpoint", run], tmp_path).stdout)
+    # Without ACCELERATE_USE_CPU, as evaluate's docstring launches it: still one group of two, not two runs.
+    bare = {k: v for k, v in _env(tmp_path).items() if k != "ACCELERATE_USE_CPU"}
+    double = json.loads(_launch(2, "temu_dist.evaluate", ["--checkpoint", run], tmp_path, env=bare).stdout)
     assert single["test"]["count"] == double["test"]["count"] == single["test"]["expected"] == 7
     for key in ("srcc", "plcc", "krcc"):
         assert single["test"][key] == pytest.approx(double["test"][key], abs=1e-6)
