@@ -9,7 +9,7 @@ RUN_DIR is a run folder (its best checkpoint is used) or a checkpoint folder. --
 backbone alone (seed Tables 11-13, Fig. 9): a, the last layer's [cls]; b, layer K's; c, all layers' averaged. Without
 --shards the sets come from the config (data.train's eval.splits and eval.cross). With eval.ldg=true each set is also
 scored on locally distorted copies against f(x, x') * MOS (SET-ldg; seed Figs. 10, 11). Prints one JSON object:
-{set: {srcc, plcc, krcc, count, expected}}.
+{set: {srcc, plcc, krcc, count, expected}}, strict JSON (an undefined metric is null).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from temu_dist.atomic import strict
 from temu_dist.config import Config, ConfigError, check_output_folder, is_override, load_config
 from temu_dist.data.augment import normalize
 from temu_dist.data.keys import name_key
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for o in args.overrides if not is_override(o)]
     if bad:
         parser.error(f"not key=value: {bad[0]}")
+    if args.layer is not None and args.clipiqa != "b":
+        parser.error("--layer is for --clipiqa b (a scores the last layer, c averages all)")
     accelerator = eval_accelerator()
     try:
         if args.plots:
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: {e}", file=sys.stderr)
         return 1
     if accelerator.is_main_process:
-        print(json.dumps({name: r.metrics for name, r in results.items()}, indent=2))
+        print(json.dumps(strict({name: r.metrics for name, r in results.items()}), indent=2, allow_nan=False))
         if args.plots:
             label = Path(args.checkpoint).name if args.checkpoint else f"CLIP-IQA {args.clipiqa}"
             for path in scatter_plots(results, Path(args.plots), label):

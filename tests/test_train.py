@@ -416,6 +416,18 @@ def test_repeat_averages_a_metric_over_the_splits_where_it_is_finite():
     assert test["srcc"]["mean"] == pytest.approx(0.8) and math.isnan(test["srcc"]["values"][1])
 
 
+def test_evaluate_verb_prints_strict_json_with_an_undefined_metric_as_null(tmp_path, shards, capsys, monkeypatch):
+    import temu_dist.evaluate as evaluate
+
+    real = evaluate.correlations
+    monkeypatch.setattr(evaluate, "correlations", lambda pred, mos: {**real(pred, mos), "srcc": math.nan})
+    cfg = tmp_path / "zs.yaml"
+    cfg.write_text("model: {backbone: Test-Tiny-ViT-16, pretrained: null, image_size: 64}\n")
+    assert evaluate.main(["--clipiqa", "a", "--config", str(cfg), "--shards", str(shards)]) == 0
+    scored = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"bare {c} in the output"))
+    assert scored["shards:test"]["srcc"] is None and scored["shards:test"]["plcc"] is not None
+
+
 def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, capsys):
     from temu_dist.evaluate import main
 
@@ -438,6 +450,9 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
                  "model.image_size=48"]) == 1
     assert capsys.readouterr().err.startswith("evaluate: model.image_size: CW-SSIM (ldg.fidelity) compares images of "
                                               "at least 64 px a side, this one has 48;")
+    with pytest.raises(SystemExit):
+        main(["--clipiqa", "a", "--layer", "3", "--config", str(cfg), "--shards", str(shards)])
+    assert "--layer is for --clipiqa b" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "nothing")]) == 1
     assert "neither a checkpoint folder" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "run"), "--plots", str(cfg)]) == 1
