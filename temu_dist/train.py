@@ -40,6 +40,7 @@ from temu_dist.distributed import BatchPlan, make_accelerator
 from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, result_names, scatter_plots
 from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights, with_legacy_fields
+from temu_dist.model.backbone import check_backbone
 from temu_dist.model.temu import build_model
 from temu_dist.plots import score_vs_time
 from temu_dist.tracking import Tracker, flatten, tracking_uri
@@ -403,11 +404,12 @@ def _saved_reads(position: dict, config: Config) -> list[int] | None:
 
 
 def check_data(config: Config) -> list[EvalSet]:
-    """What train() reads, checked before it starts (Ray Tune checks a search's trials with it too): the training
-    pack and split, and the evaluation sets, the key metric's among them. Returns the sets."""
+    """What train() reads, checked before it starts (Ray Tune checks a search's trials with it too): the backbone and
+    its layers, the training pack and split, and the evaluation sets, the key metric's among them. Returns the sets."""
     if not config.data.train:
         raise ConfigError("data.train: no training shards named (a pack folder, e.g. shards/kadid10k)")
     check_output_folder(Path(config.out_dir), "out_dir")
+    check_backbone(config.model)
     if config.ldg.enabled:
         check_fidelity_size("model.image_size", config.model.image_hw(), config.ldg)
     split_shards(config.data.train, config.data.train_split)

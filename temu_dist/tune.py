@@ -34,14 +34,16 @@ from pydantic import ValidationError
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import (Config, ConfigError, Section, apply_overrides, dump, load_config, one_line_error,
                               read_yaml)
-from temu_dist.tracking import finish_parent, parent_run, tracking_uri
+from temu_dist.tracking import finish_parent, flatten, parent_run, tracking_uri
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 # A Ray Train trial asks for its workers itself; the trial's own process only waits for them (Ray refuses an empty
 # request, hence a sliver of a CPU).
 TRIAL_CPU = 0.01
 # The training keys train.check_data reads, which the search checks before Ray starts.
-CHECKED_DATA_KEYS = ("data", "eval", "train.key_metric", "model.image_size", "ldg")
+# What a search was started with (_identity), beside its Ray experiment.
+STARTED = "search-started.json"
+CHECKED_DATA_KEYS = ("data", "eval", "train.key_metric", "model.image_size", "model.backbone", "model.layers", "ldg")
 
 
 class Resources(Section):
@@ -97,7 +99,10 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def _check_space(search: SearchConfig, path: Path) -> None:
-    """Every searched key must be a valid training key with valid values: fail before Ray starts."""
+    """Every searched key must be a valid training key with valid values (layers within the backbone's depth): fail
+    before Ray starts."""
+    from temu_dist.model.backbone import check_backbone
+
     base = base_config(search)
     for key, spec in search.space.items():
         if len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
@@ -109,7 +114,12 @@ def _check_space(search: SearchConfig, path: Path) -> None:
             want = "[low, high] with low < high" if ranged else "a non-empty list"
             raise ConfigError(f"{path}: space.{key}: {kind} takes {want}, got {values}")
         for value in values:
-            load_config(None, [f"{key}={json.dumps(value)}"], base=base, base_source=f"{path} space")
+            config = load_config(None, [f"{key}={json.dumps(value)}"], base=base, base_source=f"{path} space")
+            if key in ("model.backbone", "model.layers"):
+                try:  # on a cluster too, where the shards are not checked here
+                    check_backbone(config.model)
+                except ConfigError as e:
+                    raise ConfigError(f"{path} space: {e}") from None
 
 
 def _check_fits_here(res: Resources) -> None:
@@ -149,8 +159,8 @@ def _local_cpus() -> int:
 def _check_data(search: SearchConfig) -> None:
     """What the trials read, checked as train() checks it and with its messages, so that a missing pack fails the
     search now, not every trial once Ray has started: the base config with each combination of the grid and choice
-    values of the keys check_data reads (data.*, eval.*, train.key_metric, model.image_size, ldg.*: the packs,
-    splits, evaluation sets, the key metric's set and the input size CW-SSIM needs), in the search's out_dir, where
+    values of the keys check_data reads (CHECKED_DATA_KEYS: the packs, splits, evaluation sets, the key metric's set,
+    the input size CW-SSIM needs, the backbone and its layers), in the search's out_dir, where
     the trials write. Sampled keys (uniform, loguniform, randint) are left out: they draw numbers, which the config's
     own bounds check. Paths as in the search config, relative to the working directory, as for train."""
     from temu_dist.train import check_data
@@ -287,9 +297,16 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
         _check_fits_here(search.resources)
         _check_data(search)  # on a cluster the driver need not see the shards the workers read
     search_dir = (Path(search.out_dir) / search.name).resolve()
-    search_dir.mkdir(parents=True, exist_ok=True)
     base = base_config(search)
     metric = search.metric or base["train"]["key_metric"]
+    experiment = search_dir / "ray"
+    restored = tune.Tuner.can_restore(str(experiment / search.name))
+    started = search_dir / STARTED
+    if restored:
+        _check_same_search(search, base, metric, started)
+    else:
+        search_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(started, _identity(search, base, metric))
     uri = _tracking_uri(search, base, address)
     params = {f"space.{k}": json.dumps(v) for k, v in search.space.items()}
     params.update({"base": search.base, "num_samples": search.num_samples, "metric": metric})
@@ -311,8 +328,6 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
                                       tracking_uri=uri, parent=parent, resources=res.model_dump())
         target = tune.with_resources(target, {"cpu": res.cpu, "gpu": res.gpu} if res.workers <= 1
                                      else {"cpu": TRIAL_CPU})
-        experiment = search_dir / "ray"
-        restored = tune.Tuner.can_restore(str(experiment / search.name))
         if restored:
             tuner = tune.Tuner.restore(str(experiment / search.name), target, resume_errored=True)
         else:
@@ -337,15 +352,49 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     return summarize(search, search_dir, grid, metric, uri, parent)
 
 
+def _identity(search: SearchConfig, base: dict, metric: str) -> dict:
+    """What a search's results depend on: its space, samples, metric and scheduler, and of the base training config
+    what a resumed training run may not change (train.RESUME_MAY_CHANGE)."""
+    from temu_dist.train import RESUME_MAY_CHANGE
+
+    trained = {k: v for k, v in flatten(base).items()
+               if k.split(".")[0] in ("seed", "model", "train", "ldg", "data") and k not in RESUME_MAY_CHANGE}
+    tree = {"space": search.space, "num_samples": search.num_samples, "metric": metric, "mode": search.mode,
+            "asha": search.asha.model_dump() if search.asha else None, "base": trained}
+    return json.loads(json.dumps(tree))  # as read back from the file
+
+
+def _check_same_search(search: SearchConfig, base: dict, metric: str, started: Path) -> None:
+    """A search rerun to resume it must be the one started: Ray restores the trials it began with and keeps their
+    results, so a changed space, base or sample count would come back with the old search's results under the new
+    config. A search started before this file was written is not checked."""
+    if not started.is_file():
+        return
+    before, now = flatten(json.loads(started.read_text())), flatten(_identity(search, base, metric))
+    for key in sorted(set(before) | set(now), key=lambda k: (k.split(".")[0] != "space", k)):
+        if before.get(key) != now.get(key):
+            shown = key.removeprefix("base.")
+            raise ConfigError(f"{shown}: the search {search.name} in {started.parent} was started with "
+                              f"{before.get(key)!r}, this run asks for {now.get(key)!r}; rerun it as it was started "
+                              "to resume it, or give the changed search another name=")
+
+
 def _stopped(search: SearchConfig, grid, restored: bool) -> bool:
     """Whether Ray Tune's own Ctrl-C handler stopped the search: it ends the trials and returns as if all were done.
     Some were then never started, or neither finished ("done": returned, or stopped by ASHA) nor failed. A restored
-    search runs the space it was started with, which the search config may since have changed: only the second test
-    holds there."""
+    search started before STARTED was written may have had its space changed since: only the second test holds
+    there."""
     planned = search.num_samples * math.prod(len(values) for spec in search.space.values()
                                              for kind, values in spec.items() if kind == "grid")
     cut = any(r.error is None and not (r.metrics or {}).get("done") for r in grid)
     return cut or (not restored and len(grid) < planned)
+
+
+def _error_line(error: BaseException) -> str:
+    """A failed trial's own exception in one line: Ray wraps it (RayTaskError.cause) in a traceback of its actor."""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip()
+    return f"{type(cause).__name__}: {text.splitlines()[0]}" if text else type(cause).__name__
 
 
 def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: str, parent: str | None) -> dict:
@@ -360,7 +409,7 @@ def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: st
         rows.append({"trial": f"trial-{(result.metrics or {}).get('trial_id', '?')}",
                      **{k: result.config.get(k) for k in search.space},
                      "epochs": (result.metrics or {}).get("epoch"), "best": best_value,
-                     "error": str(result.error).splitlines()[0] if result.error else None})
+                     "error": _error_line(result.error) if result.error else None})
     ok = [r for r in rows if r["best"] is not None]
     best = max(ok, key=lambda r: r["best"] if search.mode == "max" else -r["best"]) if ok else None
     summary = {"search": search.name, "metric": metric, "trials": rows, "best": best}
@@ -401,8 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     print("tune: " + " | ".join(keys))
     for row in summary["trials"]:
         print("tune: " + " | ".join(_fmt(row[k]) for k in keys) + (f" | error: {row['error']}" if row["error"] else ""))
-    if summary["best"]:
-        print(f"tune: best {summary['best']['trial']} with {summary['metric']} {summary['best']['best']:.4f}")
+    if not summary["best"]:
+        print("tune: no trial reported a result (errors above)", file=sys.stderr)
+        return 1
+    print(f"tune: best {summary['best']['trial']} with {summary['metric']} {summary['best']['best']:.4f}")
     return 0
 
 

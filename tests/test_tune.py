@@ -89,6 +89,15 @@ def test_search_gives_one_parent_run_and_a_child_run_per_trial(tmp_path, shards,
         history = client.get_metric_history(child.info.run_id, "test/srcc")
         assert [m.step for m in history] == [1, 2]
     assert json.loads((search_dir / "search.json").read_text())["best"]["trial"] == summary["best"]["trial"]
+    # Rerun with another search, under the same name: refused, not restored with this one's results.
+    path = tmp_path / "prompts.yaml"
+    with pytest.raises(ConfigError, match=r"^train.epochs: the search prompts in .* was started with 2, this run asks "
+                                          r"for 1; rerun it as it was started to resume it, or give the changed "
+                                          r"search another name=$"):
+        run_search(load_search(path, ["overrides=[train.epochs=1]"]))
+    with pytest.raises(ConfigError, match=r"^space.model.layers.grid: the search prompts .* started with None, this "
+                                          r"run asks for \['all', 'upto:3'\]"):
+        run_search(load_search(path, ['space={model.prompt: {grid: [none, coop]}, model.layers: {grid: [all, "upto:3"]}}']))
 
 
 def test_a_trial_can_train_on_several_ray_train_processes(tmp_path, shards, ray_tmp):
@@ -254,6 +263,13 @@ def test_missing_shards_are_refused_before_ray_starts_with_trains_message(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_searched_layer_the_backbone_lacks_is_refused_before_ray_starts(tmp_path, shards, no_ray):
+    path = _search_file(tmp_path, shards, "layers", {"model.layers": {"grid": ["all", "upto:99"]}})
+    with pytest.raises(ConfigError, match=r"space: model.layers: upto:99 asks for layer 99 but the backbone has 6 "
+                                          r"layers$"):
+        load_search(path)
+
+
 def test_a_missing_pack_among_the_searched_data_train_values_is_refused_before_ray_starts(tmp_path, shards, no_ray):
     missing = tmp_path / "shards" / "other"
     search = load_search(_search_file(tmp_path, shards, "datasets", {"data.train": {"grid": [shards, str(missing)]}}))
@@ -282,6 +298,15 @@ def test_a_searched_evaluation_set_that_the_key_metric_names_is_checked_with_it(
 # Results of Tuner.fit: Ray Tune's own Ctrl-C handler stops the trials and returns them, as if the search were done.
 DONE = SimpleNamespace(error=None, metrics={"epoch": 2, "done": True})
 CUT = SimpleNamespace(error=None, metrics={"epoch": 1})
+
+
+class RayTaskError(Exception):
+    """As Ray wraps a trial's exception: its message a traceback of the actor, the trial's own as `cause`."""
+    cause = ConfigError("model.layers: upto:9 asks for layer 9 but the backbone has 6 layers")
+
+
+FAILED = SimpleNamespace(error=RayTaskError("\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1)\n  File ..."),
+                         metrics={}, config={"model.prompt": "none"}, metrics_dataframe=None)
 
 
 def _raise(error: BaseException):
@@ -341,6 +366,17 @@ def test_a_search_that_does_not_finish_ends_its_parent_run(tmp_path, shards, tun
         run_search(search)
     parent, _ = _runs(tmp_path / "runs" / "unfinished")
     assert parent.info.status == status
+
+
+def test_a_search_in_which_every_trial_failed_exits_1_naming_their_errors(tmp_path, shards, tuner_stopping, capsys):
+    tuner_stopping.fit_does = lambda: [FAILED, FAILED]
+    path = _search_file(tmp_path, shards, "failing", {"model.prompt": {"grid": ["none", "coop"]}})
+    assert tune_cli.main(["--config", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert "error: ConfigError: model.layers: upto:9 asks for layer 9 but the backbone has 6 layers\n" in out
+    assert err.strip().splitlines()[-1] == "tune: no trial reported a result (errors above)"
+    parent, _ = _runs(tmp_path / "runs" / "failing")
+    assert parent.info.status == "FAILED"
 
 
 def test_searched_paths_are_made_absolute_as_the_base_configs_are(tmp_path, shards, monkeypatch):
