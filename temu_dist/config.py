@@ -95,10 +95,14 @@ class ModelConfig(Section):
         return _hw(self.image_size)
 
 
+# The splits a pack can hold: a misspelt one fails here, not as a set quietly left out.
+Split = Literal["train", "val", "test"]
+
+
 class DataConfig(Section):
     # A shard folder written by `python -m temu_dist.pack` (it holds manifest.json) and the split to train on.
     train: str | None = None
-    train_split: str = "train"
+    train_split: Split = "train"
     workers: int = Field(2, ge=0)
     shuffle_buffer: int = Field(1000, ge=0)
     # Resampled shards (with replacement) for many GPUs; otherwise each epoch is a reshuffled pass over the shards.
@@ -131,7 +135,7 @@ class EvalSetConfig(Section):
     # Names metrics (NAME/srcc) and plots: letters, digits, _ . - only, as MLflow takes them.
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     shards: str  # a pack folder
-    split: str = "test"
+    split: Split = "test"
     # This set's input size; null: the model's. The seed keeps KADID-10k at its native [384, 512] wherever it is used.
     image_size: int | tuple[int, int] | None = None
 
@@ -181,7 +185,7 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     batch_size: int = Field(64, ge=1)
     # Splits of data.train evaluated after each epoch (those the pack has), and cross-dataset sets.
-    splits: list[str] = ["val", "test"]
+    splits: list[Split] = ["val", "test"]
     cross: list[EvalSetConfig] = []
     # Also score every set with one local distortion per image (the ldg section's region, RandAugment and fidelity,
     # seeded by seed and image name) against y' = f(x, x') * y: sets named SET-ldg, with the mean prediction and

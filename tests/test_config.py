@@ -43,6 +43,10 @@ def test_yaml_then_dotted_overrides(tmp_path):
     (["train.per_device_batch=0"], "train.per_device_batch"),
     (["eval.batch_size=0"], "eval.batch_size"),
     (["ldg.ops=-1"], "ldg.ops"),
+    # A misspelt split was left out of evaluation without a word (only the pack's splits are scored).
+    (["eval.splits=[val, tset]"], "eval.splits.1: Input should be 'train', 'val' or 'test' (got 'tset')"),
+    (["data.train_split=tarin"], "data.train_split"),
+    (["eval.cross=[{name: k, shards: s, split: tst}]"], "eval.cross.0.split"),
 ])
 def test_bad_values_fail_in_one_line_naming_the_key(overrides, names):
     with pytest.raises(ConfigError) as err:

@@ -23,7 +23,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import numpy as np
 import openpyxl
@@ -31,7 +31,7 @@ import scipy.io as sio
 from openpyxl.utils.exceptions import InvalidFileException
 from scipy.io.matlab import MatReadError
 
-from temu_dist.config import ConfigError
+from temu_dist.config import ConfigError, Split
 from temu_dist.data.keys import name_key
 
 
@@ -88,7 +88,7 @@ DATASETS: dict[str, DatasetInfo] = {i.name: i for i in (
     DatasetInfo("agiqa3k", "data.csv", (0.0, 5.0), True, False, None, False),
 )}
 
-_SPLITS = ("train", "val", "test")
+_SPLITS = get_args(Split)
 # CSIQ's dst_type -> (folder under dst_imgs/, token in the file name) of the release.
 _CSIQ_TYPES = {"noise": ("awgn", "AWGN"), "jpeg": ("jpeg", "JPEG"), "jpeg 2000": ("jpeg2000", "jpeg2000"),
                "fnoise": ("fnoise", "fnoise"), "blur": ("blur", "BLUR"), "contrast": ("contrast", "contrast")}

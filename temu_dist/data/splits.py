@@ -10,14 +10,15 @@ import csv
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal, get_args
 
 import numpy as np
 
+from temu_dist.config import Split
 from temu_dist.data.keys import name_key
 from temu_dist.data.sources import DataError, Record, read_pyiqa_split
 
-SPLITS = ("train", "val", "test")
+SPLITS = get_args(Split)
 NOT_LISTED = 255  # the split code of a record a split file leaves out
 
 
