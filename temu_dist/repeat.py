@@ -24,7 +24,7 @@ from accelerate import PartialState
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import Config, ConfigError, load_config
 from temu_dist.tracking import finish_parent, parent_run, tracking_uri
-from temu_dist.train import NonFiniteLoss, train
+from temu_dist.train import NonFiniteLoss, check_data, train
 
 METRICS = ("srcc", "plcc", "krcc")
 
@@ -54,7 +54,8 @@ def summarize(runs: list[dict]) -> dict:
 def repeat(config: Config, splits: int) -> dict:
     if splits < 1:
         raise ConfigError(f"--splits: at least 1, not {splits}")
-    split_config(config, 0)  # a data.train without {split} fails before anything is made
+    for i in range(splits):  # every split's pack, before the first trains for hours
+        check_data(split_config(config, i))
     main = PartialState().is_main_process
     out = Path(config.out_dir) / config.name
     uri = tracking_uri(config.tracking.uri, config.out_dir)
