@@ -61,7 +61,8 @@ def scatter_plots(results: dict[str, SetResult], folder: Path, label: str) -> li
     for name, r in results.items():
         if r.metrics["count"]:
             m = r.metrics
-            title = f"{name}, {label}: SRCC {m['srcc']:.3f} PLCC {m['plcc']:.3f} (n={m['count']})"
+            # Two lines: names and figures on one overran the plot's width.
+            title = f"{name}, {label}\nSRCC {m['srcc']:.3f} PLCC {m['plcc']:.3f} (n={m['count']})"
             file = "scatter_" + name.replace("/", "_").replace(":", "_") + ".png"  # --shards sets are DIR:SPLIT
             # A SET-ldg set (the one with pred_mean) has f(x, x') * MOS for targets.
             target = "target: f(x, x') * normalised MOS" if "pred_mean" in m else "ground truth (normalised MOS)"

@@ -56,7 +56,7 @@ def _best_by(rows: list[dict], key: str) -> dict[str, float]:
 
 def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # the canvas grows to hold a title wider than the plot, never cuts it
     plt.close(fig)
     return Path(path)
 

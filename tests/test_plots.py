@@ -1,6 +1,6 @@
 from PIL import Image
 
-from temu_dist.plots import layer_study, prompt_table
+from temu_dist.plots import layer_study, prompt_table, scatter
 
 
 def test_search_plots_are_written(tmp_path):
@@ -13,3 +13,13 @@ def test_search_plots_are_written(tmp_path):
         path = draw(rows, "test/srcc", tmp_path / name)
         image = Image.open(path)
         assert image.size[0] > 300 and len(set(image.convert("L").getdata())) > 2
+
+
+def test_a_title_wider_than_the_plot_is_not_cut(tmp_path):
+    import numpy as np
+
+    points = np.linspace(0, 1, 5)
+    short = Image.open(scatter(points, points, "test", "ground truth", tmp_path / "short.png"))
+    long = Image.open(scatter(points, points, "shards_kadid10k-qalign:test-ldg, epoch 12: SRCC 0.912 PLCC 0.905 "
+                              "(n=2015)", "ground truth", tmp_path / "long.png"))
+    assert long.size[0] > short.size[0] + 100
