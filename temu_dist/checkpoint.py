@@ -38,8 +38,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        # One state per GPU the saving process saw: a resume on a machine with fewer sets those it has (torch's
+        # set_rng_state_all would fail on the first it lacks).
+        for index, gpu_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gpu_state, index)
 
 
 def save_checkpoint(folder: Path, model: TeMuIQA, config: Config, optimizer, scheduler, info: dict) -> Path:

@@ -708,3 +708,15 @@ def test_a_save_killed_after_an_earlier_kill_between_its_renames_keeps_the_check
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(last, model, config, optimizer, scheduler, {"next_epoch": 2})
     assert find_checkpoint(last) == tmp_path / "last.old"
+
+
+def test_a_resume_on_fewer_gpus_than_saved_sets_the_rng_of_those_it_has(monkeypatch):
+    from temu_dist.checkpoint import rng_state, set_rng_state
+
+    state = {**rng_state(), "cuda": [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]}
+    set_on = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new_state, device="cuda": set_on.append(device))
+    set_rng_state(state)
+    assert set_on == [0]
