@@ -309,7 +309,11 @@ def _check(opts: PackOptions) -> None:
     if (split.protocol == "file") != (split.file is not None):
         raise DataError("--split file needs --split-file" if split.file is None else
                         f"--split-file {split.file} is read only with --split file")
-    if split.file is not None and Path(split.file).suffix == ".pkl" and not opts.meta_csv:
+    pickled = split.file is not None and Path(split.file).suffix == ".pkl"
+    if split.index and split.protocol != "ratio" and not pickled:
+        raise DataError(f"--split-index {split.index} picks a seeded --split ratio or a split of an IQA-PyTorch pickle; "
+                        f"--split {split.protocol}{' with a CSV' if split.file else ''} has one split only")
+    if pickled and not opts.meta_csv:
         # Its row numbers are those of IQA-PyTorch's meta CSV, whose order the release's label file does not keep.
         raise DataError(f"--split-file {split.file}: an IQA-PyTorch split numbers the rows of its meta CSV; pass that "
                         "CSV with --meta-csv")
@@ -328,6 +332,12 @@ def _identity(opts: PackOptions, label_path: Path) -> dict:
             "label_sha256": sha256_of(label_path) if label_path.is_file() else None}
 
 
+# _identity's keys as a user knows them, for messages.
+IDENTITY_NAMES = {"dataset": "--dataset", "split": "split (--split and its options)",
+                  "resize_shorter": "--resize-shorter", "shard_size": "--shard-size",
+                  "label_sha256": "label file (its contents changed)"}
+
+
 def _refuse_other_pack(out: Path, ours: dict) -> None:
     """A finished pack in `out` made with other options stays untouched."""
     try:
@@ -336,9 +346,9 @@ def _refuse_other_pack(out: Path, ours: dict) -> None:
         return  # none, or one a kill cut short: an unfinished pack, which pack.json speaks for
     theirs = {k: old.get(k) for k in ("dataset", "split", "resize_shorter", "shard_size")}
     theirs["label_sha256"] = old.get("source", {}).get("label_sha256")
-    differs = [k for k in ours if ours[k] != theirs[k]]
+    differs = [IDENTITY_NAMES[k] for k in ours if ours[k] != theirs[k]]
     if differs:
-        raise DataError(f"{out} already holds a finished pack made with other {', '.join(differs)}: "
+        raise DataError(f"{out} already holds a finished pack made with another {' and another '.join(differs)}: "
                         "pack into another --out")
 
 
@@ -375,6 +385,8 @@ def _manifest(opts: PackOptions, label_path: Path, identity: dict, results: list
 def verify(directory: str | Path) -> list[str]:
     """What is wrong with a finished pack (empty: nothing): missing shards, hashes and counts that differ."""
     directory = Path(directory)
+    if not directory.is_dir():
+        return [f"{directory}: no such folder"]
     if not (directory / MANIFEST).exists():
         return [f"{directory / MANIFEST} is missing: the pack never finished (rerun the same pack command)"]
     try:

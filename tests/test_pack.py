@@ -140,14 +140,20 @@ def test_verify_names_what_is_wrong(tmp_path, capsys):
         problems = verify(out)
         assert len(problems) == 1 and f"manifest.json: {says}" in problems[0]
     assert shards[1].name in capsys.readouterr().err
-    assert "never finished" in verify(tmp_path / "nothing")[0]
+    (tmp_path / "unfinished").mkdir()
+    assert "never finished" in verify(tmp_path / "unfinished")[0]
+    assert verify(tmp_path / "nothing") == [f"{tmp_path / 'nothing'}: no such folder"]
 
 
 def test_a_finished_pack_with_other_options_is_left_alone(tmp_path):
     write_kadid(tmp_path / "kadid", refs=3, per_ref=3)
     first = pack(_opts(tmp_path / "kadid", tmp_path / "out"))
-    with pytest.raises(DataError, match="other split"):
+    with pytest.raises(DataError, match=r"made with another split \(--split and its options\): pack into another"):
         pack(_opts(tmp_path / "kadid", tmp_path / "out", split=SplitSpec("ratio", (0.5, 0.0, 0.5), seed=9)))
+    labels = tmp_path / "kadid" / "dmos.csv"
+    labels.write_bytes(labels.read_bytes().replace(b"\r\n", b"\n"))  # the same rows, another file
+    with pytest.raises(DataError, match=r"made with another label file \(its contents changed\): pack into another"):
+        pack(_opts(tmp_path / "kadid", tmp_path / "out"))
     assert json.loads((tmp_path / "out" / MANIFEST).read_text())["splits"] == first["splits"]
     assert verify(tmp_path / "out") == []
 
@@ -267,6 +273,9 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, capsys):
                           (["--out", str(tmp_path / "o"), "--split", "file"], "--split file needs --split-file"),
                           (["--out", str(tmp_path / "o"), "--split-file", "s.csv"],
                            "--split-file s.csv is read only with --split file"),
+                          (["--out", str(tmp_path / "o"), "--split", "official", "--split-index", "3"],
+                           "--split-index 3 picks a seeded --split ratio or a split of an IQA-PyTorch pickle; --split "
+                           "official has one split only"),
                           # Its rows are numbered in IQA-PyTorch's meta CSV, in an order of its own.
                           (["--out", str(tmp_path / "o"), "--split", "file", "--split-file", "s.pkl"],
                            "--split-file s.pkl: an IQA-PyTorch split numbers the rows of its meta CSV; pass that CSV "
