@@ -87,8 +87,13 @@ def test_a_short_row_is_named_not_a_crash(tmp_path):
     koniq(tmp_path)
     with (tmp_path / "koniq10k_distributions_sets.csv").open("a") as fh:
         fh.write("3.jpg\n")
-    with pytest.raises(DataError, match=r"^koniq10k_distributions_sets.csv row 5: set '' is not training"):
+    with pytest.raises(DataError, match=r"^koniq10k_distributions_sets.csv row 5: 1 fields, the header has 10$"):
         list(read_records("koniq10k", tmp_path))
+    koniq(tmp_path / "b")
+    with (tmp_path / "b" / "koniq10k_scores_and_distributions.csv").open("a") as fh:
+        fh.write("4.jpg,1,2,3\n")  # cut short before its MOS
+    with pytest.raises(DataError, match=r"^koniq10k_scores_and_distributions.csv row \d+: 4 fields, the header has "):
+        list(read_records("koniq10k", tmp_path / "b"))
 
 
 def test_koniq10k_image_missing_from_sets_file(tmp_path):

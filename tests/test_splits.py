@@ -64,7 +64,8 @@ def test_split_file_errors_name_what_is_wrong(tmp_path):
     recs = records(NAMES[:4])
     csv_file = tmp_path / "split.csv"
     csv_file.write_text("a.jpg,train\nnot-there.jpg,test\n")
-    with pytest.raises(DataError, match=r"names 1 images the labels do not have, e.g. not-there.jpg"):
+    with pytest.raises(DataError, match=rf"names 1 images the labels do not have, e.g. not-there.jpg \(the labels "
+                                        rf"name them from --root, e.g. {recs[0].name}\)$"):
         splitter(iter(recs), SplitSpec("file", file=str(csv_file)))
     pkl = tmp_path / "split.pkl"
     pkl.write_bytes(pickle.dumps({1: {"train": [0], "test": [9, 4]}}))

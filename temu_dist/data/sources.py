@@ -168,16 +168,22 @@ def _lines(fh: Iterable[str], path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _csv_rows(path: Path, columns: Iterable[str]) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line, row) pairs, streamed; the header must hold every column asked for."""
+    """(line, row) pairs, streamed; the header must hold every column asked for, and each row a value for them (a
+    row cut short is named as such, not as an empty value); other fields a short row lacks are empty."""
+    columns = list(columns)
     with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh, restval="")  # a short row's missing fields: empty, which the checks name
+        reader = csv.DictReader(fh)  # a short row's missing fields: None
         try:
             reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
             for col in columns:
                 if col not in reader.fieldnames:
                     raise DataError(f"{path.name}: no column '{col}' (columns: {', '.join(reader.fieldnames)})")
             for row in reader:
-                yield reader.line_num, row
+                if any(row[c] is None for c in columns):
+                    fields = sum(v is not None for k, v in row.items() if k is not None)
+                    raise DataError(f"{path.name} row {reader.line_num}: {fields} fields, the header has "
+                                    f"{len(reader.fieldnames)}")
+                yield reader.line_num, {k: "" if v is None else v for k, v in row.items()}
         except UnicodeDecodeError:
             raise _not_utf8(path) from None
 

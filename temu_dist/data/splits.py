@@ -111,8 +111,9 @@ def _file_codes(records: Iterable[Record], spec: SplitSpec) -> np.ndarray:
     if not assignment:  # else a finished pack of nothing
         raise DataError(f"split file {spec.file} lists no images")
     by_position = Path(spec.file).suffix == ".pkl"
-    codes = array("B")
+    codes, known = array("B"), None
     for position, r in enumerate(records):
+        known = known or r.name
         split = assignment.pop(position if by_position else r.name, None)
         codes.append(NOT_LISTED if split is None else SPLITS.index(split))
     if assignment:
@@ -120,7 +121,8 @@ def _file_codes(records: Iterable[Record], spec: SplitSpec) -> np.ndarray:
             raise DataError(f"{spec.file}: split {spec.index} '{assignment[min(assignment)]}' has row "
                             f"{min(assignment)}, the labels have {len(codes)}")
         raise DataError(f"split file {spec.file} names {len(assignment)} images the labels do not have, "
-                        f"e.g. {sorted(assignment)[0]}")
+                        f"e.g. {sorted(assignment)[0]}" + (f" (the labels name them from --root, e.g. {known})"
+                                                            if known else ""))
     return np.frombuffer(codes, dtype=np.uint8)
 
 
