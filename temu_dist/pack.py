@@ -212,6 +212,25 @@ def _records(opts: PackOptions) -> Iterator[Record]:
     return read_records(opts.dataset, opts.root, opts.label_file)
 
 
+def _noting_missing(records: Iterator[Record], missing: list[Record]) -> Iterator[Record]:
+    """The records, each whose image file is not there also added to `missing`."""
+    for record in records:
+        if not record.path.exists():  # what is there but unreadable, the worker names
+            missing.append(record)
+        yield record
+
+
+def _refuse_missing(missing: list[Record], route: Callable[[Record], str | None], opts: PackOptions,
+                    label_file: str) -> None:
+    """All the images to pack that are not there, in one error before any shard (a worker stops at the first), unless
+    --skip-bad leaves them out. Images a split file leaves out need not be there."""
+    absent = [r for r in missing if route(r) is not None]
+    if absent and not opts.skip_bad:
+        shown = ", ".join(f"{r.name} (row {r.row})" for r in absent[:3])
+        raise DataError(f"{label_file}: {len(absent)} of the images it names are not under {opts.root}, e.g. {shown}: "
+                        "fix --root or the files, or leave them out with --skip-bad")
+
+
 def _chunks(opts: PackOptions,
             route: Callable[[Record], str | None]) -> Iterator[tuple[str, str, list[tuple[str, dict]]]]:
     """(shard name, split, samples) in a fixed order, streaming the records; a shard per shard_size samples."""
@@ -255,7 +274,9 @@ def pack(opts: PackOptions) -> dict:
     official = None if not info.official_split else \
         f"the meta CSV's split column ({', '.join(META_SPLIT_COLUMNS)})" if opts.meta_csv else \
         f"{info.official_split} beside {label_path.name}"
-    route, total = splitter(_records(opts), opts.split, label_path.name, official)
+    missing: list[Record] = []
+    route, total = splitter(_noting_missing(_records(opts), missing), opts.split, label_path.name, official)
+    _refuse_missing(missing, route, opts, label_path.name)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(started, identity)
     for stale in out.glob("*.tmp"):

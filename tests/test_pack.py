@@ -113,7 +113,16 @@ def test_skip_bad_reports_every_skipped_image(tmp_path):
     labels = write_kadid(tmp_path / "kadid", refs=3, per_ref=3)
     (tmp_path / "kadid" / "images" / "I02_01_01.png").write_bytes(b"not an image")
     (tmp_path / "kadid" / "images" / "I03_03_01.png").unlink()
-    with pytest.raises(DataError, match=r"I02_01_01.png .*not an image|I03_03_01.png .*file not found"):
+    # Every missing image at once, before any shard: a worker would stop at the first.
+    (tmp_path / "kadid" / "images" / "I01_02_01.png").unlink()
+    with pytest.raises(DataError, match=rf"^dmos.csv: 2 of the images it names are not under {tmp_path / 'kadid'}, "
+                                        r"e.g. images/I01_02_01.png \(row \d+\), images/I03_03_01.png \(row \d+\): "
+                                        r"fix --root or the files, or leave them out with --skip-bad$"):
+        pack(_opts(tmp_path / "kadid", tmp_path / "strict2"))
+    assert not (tmp_path / "strict2").exists()
+    (tmp_path / "kadid" / "images" / "I01_02_01.png").write_bytes((tmp_path / "kadid" / "images" /
+                                                                  "I01_01_01.png").read_bytes())
+    with pytest.raises(DataError, match=r"^dmos.csv: 1 of the images it names are not under .*images/I03_03_01.png"):
         pack(_opts(tmp_path / "kadid", tmp_path / "strict"))
     manifest = pack(_opts(tmp_path / "kadid", tmp_path / "out", skip_bad=True))
     assert sorted(s["name"] for s in manifest["skipped"]) == ["images/I02_01_01.png", "images/I03_03_01.png"]
