@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,8 @@ from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.clipiqa import ClipIQA, build_clipiqa
 from temu_dist.model.temu import QualityOutput, TeMuIQA
 from temu_dist.plots import scatter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -157,8 +159,8 @@ def _gathered(name: str, keys: list[np.ndarray], scored: tuple[list, list], expe
     pred, target = pred[order].astype(np.float64), target[order].astype(np.float64)
     metrics = {**correlations(pred, target), "expected": expected}
     if metrics["count"] != expected and accelerator.is_main_process:
-        warnings.warn(f"{name}: scored {metrics['count']} of {expected} samples (corrupt samples were skipped)",
-                      stacklevel=3)
+        log.warning("%s: scored %d of %d samples (corrupt samples were skipped, named above)", name,
+                    metrics["count"], expected)
     return SetResult(metrics, pred, target)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -20,8 +20,11 @@ def decode_rgb(data: bytes) -> torch.Tensor:
     try:
         x = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
-        with Image.open(io.BytesIO(data)) as im:
-            return TF.pil_to_tensor(pil_rgb(im))
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return TF.pil_to_tensor(pil_rgb(im))
+        except UnidentifiedImageError:  # whose message names only the in-memory buffer
+            raise ValueError("not an image torchvision or PIL can decode") from None
     return x if x.dtype == torch.uint8 else F2.to_dtype(x, torch.uint8, scale=True)
 
 

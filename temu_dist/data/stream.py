@@ -172,15 +172,24 @@ def _keep_mine(samples: Iterator[dict], rank: int, world_size: int, n_shards: in
             yield sample
 
 
+def _reason(e: Exception) -> str:
+    """Why a sample did not decode, in one line."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
 def decode_sample(sample: dict, image_hw: tuple[int, int], flip: bool, ldg: LocalDistortion | None,
             ldg_p: float) -> dict | None:
     """Raw tar sample -> tensors; a corrupt sample is logged and dropped (the caller counts what it got)."""
+    label = None
     try:
-        ext = next(e for e in IMAGE_EXTS if e in sample)
         label = json.loads(sample["json"])
+        ext = next(e for e in IMAGE_EXTS if e in sample)
         image = to_input(decode_rgb(sample[ext]), image_hw, flip=flip and bool(torch.rand(()) < 0.5))
     except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped, whatever the decoder raised
-        log.warning("skipping corrupt sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), e)
+        # The image's name as the labels give it, where its label survived; else the sample's key in the shard.
+        what = label["name"] if isinstance(label, dict) and "name" in label else f"sample {sample.get('__key__')}"
+        log.warning("skipping corrupt sample %s in %s: %s", what, sample.get("__url__"), _reason(e))
         return None
     out = {"image": image, "mos": torch.tensor(label["mos"], dtype=torch.float32), "name": label["name"]}
     if ldg is not None:
