@@ -1,6 +1,6 @@
 """Score images with a saved model: one JSON line (path, score) per image, optional patch-score heatmaps.
 
-    python -m temu_dist.predict --checkpoint RUN_DIR IMAGE... [--heatmap DIR] [key=value ...]
+    python -m temu_dist.predict --checkpoint RUN_DIR IMAGE|FOLDER... [--heatmap DIR] [key=value ...]
     python -m temu_dist.predict --config configs/X.yaml IMAGE...   (an untrained head: zero-shot multi-layer scoring)
 
 An image that cannot be read gets an error line on stderr naming it; the others are still scored, and the exit
@@ -30,6 +30,13 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _images_in(folder: Path) -> list[str]:
+    """The image files in folder and below, sorted by path: those whose extension PIL opens (torchvision's decoders
+    take a subset of them)."""
+    opened = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in opened and p.is_file())
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m temu_dist.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,10 +45,19 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     source.add_argument("--config", help="a config YAML: score with a freshly initialised head")
     parser.add_argument("--heatmap", help="write IMAGE_STEM.heatmap.png patch-score maps into this folder")
     parser.add_argument("--batch-size", type=_positive, default=8, help="images scored at once (default 8)")
-    parser.add_argument("items", nargs="+", metavar="IMAGE | key=value")
+    parser.add_argument("items", nargs="+", metavar="IMAGE | FOLDER | key=value",
+                        help="images, folders (every image in them and below, by path) and config overrides")
     args = parser.parse_args(argv)
     overrides = [a for a in args.items if is_override(a) and not Path(a).exists()]
-    args.images = [a for a in args.items if a not in overrides]
+    args.images = []
+    for item in (a for a in args.items if a not in overrides):
+        if not Path(item).is_dir():
+            args.images.append(item)
+            continue
+        found = _images_in(Path(item))
+        if not found:
+            parser.error(f"{item}: a folder with no image files in it or below")
+        args.images += found
     if not args.images:
         parser.error("no images given")
     return args, overrides

@@ -123,3 +123,18 @@ def test_a_heatmap_folder_this_user_cannot_write_fails_before_any_scoring(images
     monkeypatch.setattr("os.access", lambda path, mode: path != tmp_path)  # root may write anywhere: say it may not
     with pytest.raises(ConfigError, match=f"^--heatmap {tmp_path / 'maps'}: {tmp_path} is not writable by this user$"):
         predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), str(good[0])])
+
+
+def test_a_folder_is_scored_image_by_image_in_path_order(images, checkpoint, tmp_path, capsys):
+    (good, corrupt), (run, _) = images, checkpoint
+    (tmp_path / "notes.txt").write_text("not an image")  # left alone, as the corrupt .jpg is not
+    nested = tmp_path / "more" / "photo9.png"
+    nested.parent.mkdir()
+    nested.write_bytes(good[0].read_bytes())
+    assert predict(["--checkpoint", str(run), str(tmp_path)]) == 1
+    scored = [json.loads(line)["path"] for line in capsys.readouterr().out.splitlines()]
+    assert scored == sorted(map(str, [*good, nested]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        predict(["--checkpoint", str(run), str(tmp_path / "empty")])
+    assert f"{tmp_path / 'empty'}: a folder with no image files in it or below" in capsys.readouterr().err
