@@ -294,16 +294,21 @@ def _where(e: yaml.YAMLError) -> str:
 def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """`key.sub=value` items set into the tree, values parsed as YAML."""
     for item in overrides:
-        if not is_override(item):
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. model.prompt=coop)")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
-                              "quote it if it is a string") from None
+        key, value = parse_override(item)
         set_dotted(tree, key, value, f"override {item}")
     return tree
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key.sub=value` -> (key.sub, the value parsed as YAML)."""
+    if not is_override(item):
+        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. model.prompt=coop)")
+    key, raw = item.split("=", 1)
+    try:
+        return key, yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                          "quote it if it is a string") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

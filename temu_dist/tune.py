@@ -4,7 +4,7 @@
     RAY_ADDRESS=auto python -m temu_dist.tune --config configs/tune/X.yaml        # an existing Ray cluster
 
 key=value overrides set keys of the search config, not of the training config: resources.gpu=0, num_samples=4,
-"space={model.prompt: {grid: [none, coop]}}". Training keys go in the search config's own overrides list, which
+"space={model.prompt: {grid: [none, coop]}}" (the whole space), "space.model.prompt={grid: [none, coop]}" (one key). Training keys go in the search config's own overrides list, which
 such an override replaces: "overrides=[train.epochs=2, data.workers=0]".
 
 Every trial calls the same `train(config)` as `accelerate launch`, with the trial's values as overrides of the base
@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import (Config, ConfigError, Section, apply_overrides, dump, load_config, one_line_error,
-                              read_yaml)
+                              parse_override, read_yaml)
 from temu_dist.tracking import finish_parent, flatten, parent_run, tracking_uri
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -80,7 +80,15 @@ class SearchConfig(Section):
 
 def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SearchConfig:
     path = Path(path)
-    tree = apply_overrides(read_yaml(path, "search config"), overrides)
+    tree = read_yaml(path, "search config")
+    for item in overrides:
+        if item.startswith("space."):  # the space's keys are dotted training keys: space.model.prompt=... sets one
+            key, value = parse_override(item)
+            space = tree.setdefault("space", {})
+            if isinstance(space, dict):
+                space[key.removeprefix("space.")] = value
+                continue
+        apply_overrides(tree, [item])
     try:
         search = SearchConfig.model_validate(tree)
     except ValidationError as e:

@@ -263,6 +263,14 @@ def test_missing_shards_are_refused_before_ray_starts_with_trains_message(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+def test_one_key_of_the_space_is_set_from_the_command_line(tmp_path, shards):
+    path = _search_file(tmp_path, shards, "cli", {"model.prompt": {"grid": ["none", "coop"]}})
+    search = load_search(path, ["space.model.layers={grid: [all, 'upto:3']}", "space.model.prompt={grid: [coop]}"])
+    assert search.space == {"model.prompt": {"grid": ["coop"]}, "model.layers": {"grid": ["all", "upto:3"]}}
+    with pytest.raises(ConfigError, match=r"space \+ overrides: invalid config: model.promt: unknown key$"):
+        load_search(path, ["space.model.promt={grid: [none]}"])
+
+
 def test_a_searched_layer_the_backbone_lacks_is_refused_before_ray_starts(tmp_path, shards, no_ray):
     path = _search_file(tmp_path, shards, "layers", {"model.layers": {"grid": ["all", "upto:99"]}})
     with pytest.raises(ConfigError, match=r"space: model.layers: upto:99 asks for layer 99 but the backbone has 6 "
