@@ -14,7 +14,7 @@ def _by_hand(clip, x, image_features):
 
 
 def test_option_a_is_clip_iqa():
-    config = tiny_config()
+    config = tiny_config("model.layers=only:13")  # a config written for ViT-L: CLIP-IQA picks its own layers
     clip = create_clip(config.model, config.seed)
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():

@@ -29,18 +29,22 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def check_backbone(cfg: ModelConfig) -> None:
-    """model.backbone is an open_clip model and model.layers within its depth, from open_clip's config alone (no
-    weights, no model built): a search checks every trial's before Ray starts. hf-hub: names are checked on loading."""
-    name = cfg.backbone
-    if ":" in name:
-        return
-    if name.replace("/", "-") not in open_clip.list_models():
+def _check_name(name: str) -> None:
+    if ":" not in name and name.replace("/", "-") not in open_clip.list_models():  # hf-hub: names, checked on loading
         close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.4)
         examples = close or ["ViT-L-14", "ViT-B-16", "ViT-B-32"]
         raise ConfigError(f"model.backbone: unknown open_clip model '{name}'; valid names include {', '.join(examples)}"
                           " (open_clip.list_models() lists all)")
-    depth = open_clip.get_model_config(name.replace("/", "-"))["vision_cfg"].get("layers")
+
+
+def check_backbone(cfg: ModelConfig) -> None:
+    """model.backbone is an open_clip model and model.layers within its depth, from open_clip's config alone (no
+    weights, no model built): train checks it before any work, a search every trial's before Ray starts. (Not in
+    create_clip: CLIP-IQA builds the tower whatever model.layers says, then picks its own layers.)"""
+    _check_name(cfg.backbone)
+    if ":" in cfg.backbone:
+        return
+    depth = open_clip.get_model_config(cfg.backbone.replace("/", "-"))["vision_cfg"].get("layers")
     if isinstance(depth, int):  # a ViT's; ResNet and timm towers, which create_clip refuses, say it otherwise
         layer_indices(cfg.layers, depth)
 
@@ -52,7 +56,7 @@ def create_clip(cfg: ModelConfig, seed: int = 0, drawn_at: tuple[int, int] | Non
     saved run reloads onto the very same backbone at any input size.
     """
     name = cfg.backbone
-    check_backbone(cfg)
+    _check_name(name)
     pretrained = cfg.pretrained
     is_file = pretrained is not None and Path(pretrained).expanduser().is_file()
     if pretrained is not None and not is_file and ":" not in name:
