@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import tarfile
+from array import array
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -212,23 +213,34 @@ def _records(opts: PackOptions) -> Iterator[Record]:
     return read_records(opts.dataset, opts.root, opts.label_file)
 
 
-def _noting_missing(records: Iterator[Record], missing: list[Record]) -> Iterator[Record]:
-    """The records, each whose image file is not there also added to `missing`."""
-    for record in records:
+def _noting_missing(records: Iterator[Record], missing: array) -> Iterator[Record]:
+    """The records, each one's position added to `missing` where its image file is not there (8 bytes each: memory
+    stays flat, as the label pass's does)."""
+    for position, record in enumerate(records):
         if not record.path.exists():  # what is there but unreadable, the worker names
-            missing.append(record)
+            missing.append(position)
         yield record
 
 
-def _refuse_missing(missing: list[Record], route: Callable[[Record], str | None], opts: PackOptions,
-                    label_file: str) -> None:
-    """All the images to pack that are not there, in one error before any shard (a worker stops at the first), unless
-    --skip-bad leaves them out. Images a split file leaves out need not be there."""
-    absent = [r for r in missing if route(r) is not None]
-    if absent and not opts.skip_bad:
-        shown = ", ".join(f"{r.name} (row {r.row})" for r in absent[:3])
-        raise DataError(f"{label_file}: {len(absent)} of the images it names are not under {opts.root}, e.g. {shown}: "
-                        "fix --root or the files, or leave them out with --skip-bad")
+def _refuse_missing(missing: array, route: Callable[[Record], str | None], opts: PackOptions, label_file: str) -> None:
+    """All the images to pack that are not there, in one error before any shard (a worker stops at the first). Images
+    a split file leaves out need not be there. Reads the labels again to name them, only when some are missing."""
+    if not missing:
+        return
+    wanted, absent, shown = iter(missing), 0, []
+    next_missing = next(wanted)
+    for position, record in enumerate(_records(opts)):
+        if position != next_missing:
+            continue
+        if route(record) is not None:
+            absent += 1
+            shown += [f"{record.name} (row {record.row})"][:3 - len(shown)]
+        next_missing = next(wanted, -1)
+        if next_missing < 0:
+            break
+    if absent:
+        raise DataError(f"{label_file}: {absent} of the images it names are not under {opts.root}, e.g. "
+                        f"{', '.join(shown)}: fix --root or the files, or leave them out with --skip-bad")
 
 
 def _chunks(opts: PackOptions,
@@ -274,8 +286,10 @@ def pack(opts: PackOptions) -> dict:
     official = None if not info.official_split else \
         f"the meta CSV's split column ({', '.join(META_SPLIT_COLUMNS)})" if opts.meta_csv else \
         f"{info.official_split} beside {label_path.name}"
-    missing: list[Record] = []
-    route, total = splitter(_noting_missing(_records(opts), missing), opts.split, label_path.name, official)
+    # Only before a pack's first shard: a rerun reuses finished shards, whose images need not be there any more.
+    missing = array("q")
+    records = _records(opts) if opts.skip_bad or any(out.glob("*.tar")) else _noting_missing(_records(opts), missing)
+    route, total = splitter(records, opts.split, label_path.name, official)
     _refuse_missing(missing, route, opts, label_path.name)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(started, identity)

@@ -409,3 +409,10 @@ def test_16_bit_greys_are_scaled_not_clipped_when_re_encoded(tmp_path, fmt):
     decoded = [np.asarray(Image.open(io.BytesIO(_encode(tmp_path / f"grey{bits}.{fmt}", resize)[0])).convert("RGB"))
                for bits in (16, 8)]
     assert np.array_equal(decoded[0], decoded[1])
+
+
+def test_a_rerun_reuses_finished_shards_whose_images_are_gone(tmp_path):
+    write_kadid(tmp_path / "kadid", refs=3, per_ref=3)
+    first = pack(_opts(tmp_path / "kadid", tmp_path / "out"))
+    (tmp_path / "kadid" / "images" / "I01_01_01.png").unlink()  # packed already: the pack need not read it again
+    assert pack(_opts(tmp_path / "kadid", tmp_path / "out"))["splits"] == first["splits"]
