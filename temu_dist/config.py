@@ -266,6 +266,12 @@ def check_output_folder(folder: Path, flag: str) -> None:
         raise ConfigError(f"{flag} {folder}: {there} is not writable by this user")
 
 
+def error_line(e: BaseException) -> str:
+    """An exception in one line for a message: its type and its message's first line."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def is_override(arg: str) -> bool:
     return bool(OVERRIDE.match(arg))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from temu_dist.atomic import write_text_atomic
-from temu_dist.config import Config, dump
+from temu_dist.config import Config, dump, error_line
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # The user's store, read before anything runs: mlflow.set_tracking_uri writes this variable, and a later run in the
@@ -106,7 +106,7 @@ class Tracker:
             logged = set() if fresh_history or not resuming else \
                 {m.step for m in mlflow.MlflowClient().get_metric_history(self.run_id, "train/loss")}
         except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
-            warnings.warn(f"MLflow tracking at {uri} is not usable ({_first_line(e)}); "
+            warnings.warn(f"MLflow tracking at {uri} is not usable ({error_line(e)}); "
                           f"training goes on and results stay in {run_dir}", stacklevel=2)
             self.active = False
             return
@@ -128,7 +128,7 @@ class Tracker:
         try:
             fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - a server that goes away mid-run is a warning
-            warnings.warn(f"MLflow call {fn.__name__} failed ({_first_line(e)}); "
+            warnings.warn(f"MLflow call {fn.__name__} failed ({error_line(e)}); "
                           "tracking stops, training goes on", stacklevel=2)
             self.active = False
 
@@ -173,7 +173,7 @@ def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict
         write_text_atomic(id_file, run.info.run_id)
         return run.info.run_id
     except Exception as e:  # noqa: BLE001 - tracking trouble must not stop the work it tracks
-        warnings.warn(f"MLflow at {uri} is not usable ({_first_line(e)}); the {what} goes on untracked", stacklevel=2)
+        warnings.warn(f"MLflow at {uri} is not usable ({error_line(e)}); the {what} goes on untracked", stacklevel=2)
         return None
 
 
@@ -194,12 +194,7 @@ def finish_parent(uri: str, run_id: str, artifacts: list[Path], metrics: dict[st
             client.set_tag(run_id, key, value)
         client.set_terminated(run_id, status)
     except Exception as e:  # noqa: BLE001 - the work is done and written; only its record in MLflow is missing
-        warnings.warn(f"MLflow at {uri}: could not finish run {run_id} ({_first_line(e)})", stacklevel=2)
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        warnings.warn(f"MLflow at {uri}: could not finish run {run_id} ({error_line(e)})", stacklevel=2)
 
 
 def _in_store(mlflow: Any, run_id: str) -> bool:

@@ -32,17 +32,17 @@ from typing import Any, Callable, Literal
 from pydantic import ValidationError
 
 from temu_dist.atomic import write_json_atomic
-from temu_dist.config import (Config, ConfigError, Section, apply_overrides, dump, load_config, one_line_error,
-                              parse_override, read_yaml)
+from temu_dist.config import (Config, ConfigError, Section, apply_overrides, dump, error_line, load_config,
+                              one_line_error, parse_override, read_yaml)
 from temu_dist.tracking import finish_parent, flatten, parent_run, tracking_uri
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 # A Ray Train trial asks for its workers itself; the trial's own process only waits for them (Ray refuses an empty
 # request, hence a sliver of a CPU).
 TRIAL_CPU = 0.01
-# The training keys train.check_data reads, which the search checks before Ray starts.
 # What a search was started with (_identity), beside its Ray experiment.
 STARTED = "search-started.json"
+# The training keys train.check_data reads, which the search checks before Ray starts.
 CHECKED_DATA_KEYS = ("data", "eval", "train.key_metric", "model.image_size", "model.backbone", "model.layers", "ldg")
 
 
@@ -361,12 +361,17 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
 
 
 def _identity(search: SearchConfig, base: dict, metric: str) -> dict:
-    """What a search's results depend on: its space, samples, metric and scheduler, and of the base training config
-    what a resumed training run may not change (train.RESUME_MAY_CHANGE)."""
+    """What a search's results depend on: its space, samples, metric and scheduler, and the base training config's
+    keys that the trials train or are scored with, but for those a resumed training run may change
+    (train.RESUME_MAY_CHANGE) and those every trial sets from the space."""
     from temu_dist.train import RESUME_MAY_CHANGE
 
+    def searched(key: str) -> bool:
+        return any(key == k or key.startswith(f"{k}.") for k in search.space)
+
     trained = {k: v for k, v in flatten(base).items()
-               if k.split(".")[0] in ("seed", "model", "train", "ldg", "data") and k not in RESUME_MAY_CHANGE}
+               if k.split(".")[0] in ("seed", "model", "train", "ldg", "data", "eval") and k not in RESUME_MAY_CHANGE
+               and not searched(k)}
     tree = {"space": search.space, "num_samples": search.num_samples, "metric": metric, "mode": search.mode,
             "asha": search.asha.model_dump() if search.asha else None, "base": trained}
     return json.loads(json.dumps(tree))  # as read back from the file
@@ -398,13 +403,6 @@ def _stopped(search: SearchConfig, grid, restored: bool) -> bool:
     return cut or (not restored and len(grid) < planned)
 
 
-def _error_line(error: BaseException) -> str:
-    """A failed trial's own exception in one line: Ray wraps it (RayTaskError.cause) in a traceback of its actor."""
-    cause = getattr(error, "cause", None) or error
-    text = str(cause).strip()
-    return f"{type(cause).__name__}: {text.splitlines()[0]}" if text else type(cause).__name__
-
-
 def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: str, parent: str | None) -> dict:
     """Results table, plots and the best trial's config, to search.json and the parent MLflow run."""
     from temu_dist.plots import layer_study, prompt_table
@@ -417,7 +415,9 @@ def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: st
         rows.append({"trial": f"trial-{(result.metrics or {}).get('trial_id', '?')}",
                      **{k: result.config.get(k) for k in search.space},
                      "epochs": (result.metrics or {}).get("epoch"), "best": best_value,
-                     "error": _error_line(result.error) if result.error else None})
+                     # Ray wraps a trial's exception (as .cause) in a traceback of its actor.
+                     "error": error_line(getattr(result.error, "cause", None) or result.error) if result.error
+                     else None})
     ok = [r for r in rows if r["best"] is not None]
     best = max(ok, key=lambda r: r["best"] if search.mode == "max" else -r["best"]) if ok else None
     summary = {"search": search.name, "metric": metric, "trials": rows, "best": best}

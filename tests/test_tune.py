@@ -263,6 +263,20 @@ def test_missing_shards_are_refused_before_ray_starts_with_trains_message(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_rerun_is_held_to_what_its_results_depend_on(tmp_path, shards):
+    path = _search_file(tmp_path, shards, "same", {"model.prompt": {"grid": ["none", "coop"]}})
+
+    def identity(*overrides):
+        search = load_search(path, [f"overrides={json.dumps(list(overrides))}"])
+        base = tune_cli.base_config(search)
+        return tune_cli._identity(search, base, search.metric or base["train"]["key_metric"])
+
+    # What every trial sets from the space, and what a resumed run may change, do not change the results.
+    assert identity() == identity("model.prompt=cocoop", "eval.batch_size=2", "data.workers=1")
+    # What the trials are scored on does.
+    assert identity() != identity("eval.splits=[train]")
+
+
 def test_one_key_of_the_space_is_set_from_the_command_line(tmp_path, shards):
     path = _search_file(tmp_path, shards, "cli", {"model.prompt": {"grid": ["none", "coop"]}})
     search = load_search(path, ["space.model.layers={grid: [all, 'upto:3']}", "space.model.prompt={grid: [coop]}"])

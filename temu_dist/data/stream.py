@@ -22,7 +22,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from temu_dist.config import Config, ConfigError
+from temu_dist.config import Config, ConfigError, error_line
 from temu_dist.data.augment import decode_rgb, to_input
 from temu_dist.data.keys import name_key
 from temu_dist.data.ldg import LocalDistortion
@@ -172,12 +172,6 @@ def _keep_mine(samples: Iterator[dict], rank: int, world_size: int, n_shards: in
             yield sample
 
 
-def _reason(e: Exception) -> str:
-    """Why a sample did not decode, in one line."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
 def decode_sample(sample: dict, image_hw: tuple[int, int], flip: bool, ldg: LocalDistortion | None,
             ldg_p: float) -> dict | None:
     """Raw tar sample -> tensors; a corrupt sample is logged and dropped (the caller counts what it got)."""
@@ -189,7 +183,7 @@ def decode_sample(sample: dict, image_hw: tuple[int, int], flip: bool, ldg: Loca
     except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped, whatever the decoder raised
         # The image's name as the labels give it, where its label survived; else the sample's key in the shard.
         what = label["name"] if isinstance(label, dict) and "name" in label else f"sample {sample.get('__key__')}"
-        log.warning("skipping corrupt sample %s in %s: %s", what, sample.get("__url__"), _reason(e))
+        log.warning("skipping corrupt sample %s in %s: %s", what, sample.get("__url__"), error_line(e))
         return None
     out = {"image": image, "mos": torch.tensor(label["mos"], dtype=torch.float32), "name": label["name"]}
     if ldg is not None:
