@@ -346,8 +346,8 @@ def _check(opts: PackOptions) -> None:
                         f"--split-file {split.file} is read only with --split file")
     pickled = split.file is not None and Path(split.file).suffix == ".pkl"
     if split.index and split.protocol != "ratio" and not pickled:
-        raise DataError(f"--split-index {split.index} picks a seeded --split ratio or a split of an IQA-PyTorch pickle; "
-                        f"--split {split.protocol}{' with a CSV' if split.file else ''} has one split only")
+        raise DataError(f"--split-index {split.index} picks a seeded --split ratio or a split of an IQA-PyTorch "
+                        f"pickle; --split {split.protocol}{' with a CSV' if split.file else ''} has one split only")
     if pickled and not opts.meta_csv:
         # Its row numbers are those of IQA-PyTorch's meta CSV, whose order the release's label file does not keep.
         raise DataError(f"--split-file {split.file}: an IQA-PyTorch split numbers the rows of its meta CSV; pass that "

@@ -174,6 +174,18 @@ def _check_resumable(saved: dict, config: Config, where: Path) -> None:
                               "or another name")
 
 
+def _check_same_evaluation(saved: dict, config: Config, run_dir: Path) -> None:
+    """A finished run returns the results it has: asked for other evaluation sets or settings, it would hand back the
+    old ones as if they were the new."""
+    ours, theirs = flatten(dump(config)), flatten(saved)
+    for key in sorted(set(ours) | set(theirs)):
+        if key.startswith("eval.") and key not in RESUME_MAY_CHANGE and ours.get(key) != theirs.get(key):
+            raise ConfigError(f"{key}: {run_dir} finished with {theirs.get(key)!r}, this run asks for "
+                              f"{ours.get(key)!r}; a finished run is not evaluated again: score its best weights with "
+                              f"python -m temu_dist.evaluate --checkpoint {run_dir} {key}=..., or start anew with "
+                              "train.resume=never or another name")
+
+
 def eval_metrics(evals: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
     """Evaluation results as flat metric names: SET/srcc, SET/count, ... (after `prefix`)."""
     return {f"{prefix}{name}/{k}": v for name, m in evals.items() for k, v in m.items()}
@@ -469,6 +481,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         at = f", after its step {in_epoch['micro_batches'] // plan.accumulation} of {steps_per_epoch}," \
             if in_epoch else ""
         if info["next_epoch"] >= config.train.epochs:
+            _check_same_evaluation(saved, config, run_dir)
             accelerator.print(f"train: {run_dir} has finished its {config.train.epochs} epochs ({last}): nothing left "
                               "to train")
         else:

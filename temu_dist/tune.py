@@ -4,8 +4,9 @@
     RAY_ADDRESS=auto python -m temu_dist.tune --config configs/tune/X.yaml        # an existing Ray cluster
 
 key=value overrides set keys of the search config, not of the training config: resources.gpu=0, num_samples=4,
-"space={model.prompt: {grid: [none, coop]}}" (the whole space), "space.model.prompt={grid: [none, coop]}" (one key). Training keys go in the search config's own overrides list, which
-such an override replaces: "overrides=[train.epochs=2, data.workers=0]".
+"space={model.prompt: {grid: [none, coop]}}" (the whole space), "space.model.prompt={grid: [none, coop]}" (one key).
+Training keys go in the search config's own overrides list, which such an override replaces:
+"overrides=[train.epochs=2, data.workers=0]".
 
 Every trial calls the same `train(config)` as `accelerate launch`, with the trial's values as overrides of the base
 config, in its own run folder under out_dir/name/trials/. Each epoch's evaluation is reported to Ray, so ASHA can stop

@@ -340,9 +340,9 @@ def test_nan_loss_stops_with_a_clear_message_keeping_the_last_good_checkpoint(tm
 
     monkeypatch.setattr(train_mod, "loss_fn", poisoned_in_epoch_2)
     with pytest.raises(NonFiniteLoss, match=r"epoch 2: the loss became non-finite on 1 of 1 process\(es\) \(this one.s: "
-                                             r"nan\); stopped. The last good checkpoint is .*last; resuming replays the same "
-                                             r"batches to the same loss: start anew \(train.resume=never\) with a "
-                                             r"lower train.lr or another seed$"):
+                                             r"nan\); stopped. The last good checkpoint is .*last; resuming replays "
+                                             r"the same batches to the same loss: start anew \(train.resume=never\) "
+                                             r"with a lower train.lr or another seed$"):
         train(run_config(tmp_path, shards, "train.epochs=2"))
     last = tmp_path / "run" / "checkpoints" / "last"
     assert json.loads((last / "trainer.json").read_text())["next_epoch"] == 1
@@ -720,3 +720,12 @@ def test_a_resume_on_fewer_gpus_than_saved_sets_the_rng_of_those_it_has(monkeypa
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new_state, device="cuda": set_on.append(device))
     set_rng_state(state)
     assert set_on == [0]
+
+
+def test_a_finished_run_asked_for_other_evaluation_says_how_to_score_it(tmp_path, shards):
+    train(run_config(tmp_path, shards, "train.epochs=1"))
+    with pytest.raises(ConfigError, match=r"^eval.ldg: .*run finished with False, this run asks for True; a finished "
+                                          r"run is not evaluated again: score its best weights with python -m "
+                                          r"temu_dist.evaluate --checkpoint .*run eval.ldg=\.\.\., or start anew"):
+        train(run_config(tmp_path, shards, "train.epochs=1", "eval.ldg=true"))
+    train(run_config(tmp_path, shards, "train.epochs=1", "eval.batch_size=3"))  # how it is scored, not what

@@ -97,7 +97,7 @@ def test_search_gives_one_parent_run_and_a_child_run_per_trial(tmp_path, shards,
         run_search(load_search(path, ["overrides=[train.epochs=1]"]))
     with pytest.raises(ConfigError, match=r"^space.model.layers.grid: the search prompts .* started with None, this "
                                           r"run asks for \['all', 'upto:3'\]"):
-        run_search(load_search(path, ['space={model.prompt: {grid: [none, coop]}, model.layers: {grid: [all, "upto:3"]}}']))
+        run_search(load_search(path, ["space.model.layers={grid: [all, 'upto:3']}"]))
 
 
 def test_a_trial_can_train_on_several_ray_train_processes(tmp_path, shards, ray_tmp):
