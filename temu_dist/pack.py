@@ -234,7 +234,8 @@ def _refuse_missing(missing: array, route: Callable[[Record], str | None], opts:
             continue
         if route(record) is not None:
             absent += 1
-            shown += [f"{record.name} (row {record.row})"][:3 - len(shown)]
+            if len(shown) < 3:
+                shown.append(f"{record.name} (row {record.row})")
         next_missing = next(wanted, -1)
         if next_missing < 0:
             break

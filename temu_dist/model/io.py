@@ -8,7 +8,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from temu_dist.atomic import write_atomic
+from temu_dist.atomic import write_atomic, write_json_atomic
 from temu_dist.config import Config, ConfigError, dump, load_config
 from temu_dist.model.backbone import names_a_file
 from temu_dist.model.temu import TeMuIQA, build_model
@@ -31,7 +31,7 @@ def save_model(model: TeMuIQA, config: Config, directory: str | Path) -> Path:
     # The model section rides in the weights' metadata, so weights and config.json can be checked against each other.
     meta = {"format": "temu-dist/1", "model": json.dumps(dump(config)["model"], sort_keys=True)}
     write_atomic(directory / WEIGHTS, lambda p: save_file(state, str(p), metadata=meta))
-    write_atomic(directory / CONFIG, lambda p: p.write_text(json.dumps(dump(config), indent=2) + "\n"))
+    write_json_atomic(directory / CONFIG, dump(config))
     return directory
 
 
