@@ -133,8 +133,7 @@ def test_a_trial_that_raises_is_retried_and_the_search_completes(tmp_path, shard
 
 
 def test_killed_search_resumes_without_redoing_finished_trials(tmp_path, shards, ray_tmp):
-    path = _search_file(tmp_path, shards, "resume", {"model.prompt": {"grid": ["none", "coop", "cocoop"]}},
-                        max_concurrent=1)
+    path = _search_file(tmp_path, shards, "resume", {"model.prompt": {"grid": ["none", "coop"]}}, max_concurrent=1)
     search_dir = tmp_path / "runs" / "resume"
     cmd = [sys.executable, "-m", "temu_dist.tune", "--config", str(path)]
     env = dict(os.environ, PYTHONPATH=str(REPO), TEMU_RAY_TMP=ray_tmp)
@@ -155,16 +154,16 @@ def test_killed_search_resumes_without_redoing_finished_trials(tmp_path, shards,
     # A finished trial's last checkpoint is written by its last epoch; redoing any epoch would rewrite it.
     finished = {p.parent.name: (p.parent / "checkpoints" / "last" / "weights.safetensors").stat().st_mtime_ns
                 for p in (search_dir / "trials").glob("*/results.json")}
-    assert 1 <= len(finished) < 3
+    assert len(finished) == 1
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert {name: (search_dir / "trials" / name / "checkpoints" / "last" / "weights.safetensors").stat().st_mtime_ns
             for name in finished} == finished
     summary = json.loads((search_dir / "search.json").read_text())
-    assert sorted(r["model.prompt"] for r in summary["trials"]) == ["cocoop", "coop", "none"]
+    assert sorted(r["model.prompt"] for r in summary["trials"]) == ["coop", "none"]
     assert all(r["best"] is not None for r in summary["trials"])
     _, children = _runs(search_dir)
-    assert len(children) == 3
+    assert len(children) == 2
 
 
 @pytest.fixture
