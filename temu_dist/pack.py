@@ -380,8 +380,8 @@ def _refuse_other_pack(out: Path, ours: dict) -> None:
         old = read_manifest(out)
     except ShardsMissing:
         return  # none, or one a kill cut short: an unfinished pack, which pack.json speaks for
-    theirs = {k: old.get(k) for k in ("dataset", "split", "resize_shorter", "shard_size")}
-    theirs["label_sha256"] = old.get("source", {}).get("label_sha256")
+    # The manifest holds _identity's keys at its top level, but the label file's hash, under source.
+    theirs = {k: old.get("source", {}).get(k) if k == "label_sha256" else old.get(k) for k in ours}
     differs = [IDENTITY_NAMES[k] for k in ours if ours[k] != theirs[k]]
     if differs:
         raise DataError(f"{out} already holds a finished pack made with another {' and another '.join(differs)}: "

@@ -160,30 +160,42 @@ RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.timeout_mi
 ADDED_SINCE = {"train.plcc_over"}
 
 
-def _check_resumable(saved: dict, config: Config, where: Path) -> None:
+# The config sections a run's weights depend on (a search's results also on eval, what they are scored on).
+TRAINED_SECTIONS = ("seed", "model", "train", "ldg", "data")
+
+
+def _first_change(saved: dict, config: Config, sections: tuple[str, ...],
+                  may_change: set[str]) -> tuple[str, object, object] | None:
+    """(key, saved value, this run's value) of the first key of `sections` that differs, but those in may_change."""
     ours, theirs = flatten(dump(config)), flatten(saved)
+    for key in sorted(set(ours) | set(theirs)):
+        if key.split(".")[0] in sections and key not in may_change \
+                and not (key in ADDED_SINCE and key not in theirs) and ours.get(key) != theirs.get(key):
+            return key, theirs.get(key), ours.get(key)
+    return None
+
+
+def _check_resumable(saved: dict, config: Config, where: Path) -> None:
     # With PLCC over the step the micro-batch only sets memory: a resume on a smaller device may change it. (Without
     # PLCC the micro-batches' own MSE, weighted by their LDG copies, still depends on it.)
     may_change = RESUME_MAY_CHANGE | ({"train.per_device_batch"} if config.train.plcc_over == "step"
                                       and config.train.plcc_weight else set())
-    for key in sorted(set(ours) | set(theirs)):
-        if key.split(".")[0] in ("seed", "model", "train", "ldg", "data") and key not in may_change \
-                and not (key in ADDED_SINCE and key not in theirs) and ours.get(key) != theirs.get(key):
-            raise ConfigError(f"{key}: {where} was trained with {theirs.get(key)!r}, this run asks for "
-                              f"{ours.get(key)!r}; resume with the same value, or start anew with train.resume=never "
-                              "or another name")
+    change = _first_change(saved, config, TRAINED_SECTIONS, may_change)
+    if change:
+        key, theirs, ours = change
+        raise ConfigError(f"{key}: {where} was trained with {theirs!r}, this run asks for {ours!r}; resume with the "
+                          "same value, or start anew with train.resume=never or another name")
 
 
 def _check_same_evaluation(saved: dict, config: Config, run_dir: Path) -> None:
     """A finished run returns the results it has: asked for other evaluation sets or settings, it would hand back the
     old ones as if they were the new."""
-    ours, theirs = flatten(dump(config)), flatten(saved)
-    for key in sorted(set(ours) | set(theirs)):
-        if key.startswith("eval.") and key not in RESUME_MAY_CHANGE and ours.get(key) != theirs.get(key):
-            raise ConfigError(f"{key}: {run_dir} finished with {theirs.get(key)!r}, this run asks for "
-                              f"{ours.get(key)!r}; a finished run is not evaluated again: score its best weights with "
-                              f"python -m temu_dist.evaluate --checkpoint {run_dir} {key}=..., or start anew with "
-                              "train.resume=never or another name")
+    change = _first_change(saved, config, ("eval",), RESUME_MAY_CHANGE)
+    if change:
+        key, theirs, ours = change
+        raise ConfigError(f"{key}: {run_dir} finished with {theirs!r}, this run asks for {ours!r}; a finished run is "
+                          f"not evaluated again: score its best weights with python -m temu_dist.evaluate --checkpoint "
+                          f"{run_dir} {key}=..., or start anew with train.resume=never or another name")
 
 
 def eval_metrics(evals: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:

@@ -365,13 +365,13 @@ def _identity(search: SearchConfig, base: dict, metric: str) -> dict:
     """What a search's results depend on: its space, samples, metric and scheduler, and the base training config's
     keys that the trials train or are scored with, but for those a resumed training run may change
     (train.RESUME_MAY_CHANGE) and those every trial sets from the space."""
-    from temu_dist.train import RESUME_MAY_CHANGE
+    from temu_dist.train import RESUME_MAY_CHANGE, TRAINED_SECTIONS
 
     def searched(key: str) -> bool:
         return any(key == k or key.startswith(f"{k}.") for k in search.space)
 
     trained = {k: v for k, v in flatten(base).items()
-               if k.split(".")[0] in ("seed", "model", "train", "ldg", "data", "eval") and k not in RESUME_MAY_CHANGE
+               if k.split(".")[0] in (*TRAINED_SECTIONS, "eval") and k not in RESUME_MAY_CHANGE
                and not searched(k)}
     tree = {"space": search.space, "num_samples": search.num_samples, "metric": metric, "mode": search.mode,
             "asha": search.asha.model_dump() if search.asha else None, "base": trained}
