@@ -8,7 +8,8 @@ from tests.conftest import tiny_config
 
 
 def _by_hand(clip, x, image_features):
-    text = F.normalize(clip.encode_text(open_clip.get_tokenizer("Test-Tiny-ViT-16")(["Good photo.", "Bad photo."])), dim=-1)
+    tokens = open_clip.get_tokenizer("Test-Tiny-ViT-16")(["Good photo.", "Bad photo."])
+    text = F.normalize(clip.encode_text(tokens), dim=-1)
     logits = clip.logit_scale.exp() * F.normalize(image_features, dim=-1) @ text.T
     return logits.softmax(dim=-1)[:, 0]
 

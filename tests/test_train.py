@@ -339,10 +339,10 @@ def test_nan_loss_stops_with_a_clear_message_keeping_the_last_good_checkpoint(tm
         return loss * math.nan if len(calls) > 3 else loss  # 3 micro-batches per epoch
 
     monkeypatch.setattr(train_mod, "loss_fn", poisoned_in_epoch_2)
-    with pytest.raises(NonFiniteLoss, match=r"epoch 2: the loss became non-finite on 1 of 1 process\(es\) \(this one.s: "
-                                             r"nan\); stopped. The last good checkpoint is .*last; resuming replays "
-                                             r"the same batches to the same loss: start anew \(train.resume=never\) "
-                                             r"with a lower train.lr or another seed$"):
+    with pytest.raises(NonFiniteLoss, match=r"epoch 2: the loss became non-finite on 1 of 1 process\(es\) "
+                                             r"\(this one.s: nan\); stopped. The last good checkpoint is .*last; "
+                                             r"resuming replays the same batches to the same loss: start anew "
+                                             r"\(train.resume=never\) with a lower train.lr or another seed$"):
         train(run_config(tmp_path, shards, "train.epochs=2"))
     last = tmp_path / "run" / "checkpoints" / "last"
     assert json.loads((last / "trainer.json").read_text())["next_epoch"] == 1
