@@ -12,14 +12,40 @@ import numpy as np  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 from PIL import Image  # noqa: E402
 
+HEATMAP_COLOURS = "RdYlGn"  # red is bad, green is good
+
 
 def heatmap_overlay(image: Image.Image, patch_scores: np.ndarray, alpha: float = 0.45) -> Image.Image:
     """The patch-score map [gh, gw] in [0, 1], upsampled over the image: red is bad, green is good."""
     rgb = image.convert("RGB")
     scores = Image.fromarray(np.clip(patch_scores, 0.0, 1.0).astype(np.float32), mode="F")
     scores = np.asarray(scores.resize(rgb.size, Image.BILINEAR))
-    colours = (colormaps["RdYlGn"](scores)[..., :3] * 255).astype(np.uint8)
+    colours = (colormaps[HEATMAP_COLOURS](scores)[..., :3] * 255).astype(np.uint8)
     return Image.blend(rgb, Image.fromarray(colours), alpha)
+
+
+def heatmap(image: Image.Image, patch_scores: np.ndarray, score: float, path: str | Path) -> Path:
+    """The overlay under the image's score, with a colour bar for the patch scores. Shown at the image's own pixel
+    size, brought within 256-1024 px on its longer side so small images stay legible and large ones stay light."""
+    overlay = heatmap_overlay(image, patch_scores)
+    w, h = overlay.size
+    scale = min(max(1.0, 256 / max(w, h)), 1024 / max(w, h))
+    shown_w, shown_h = round(w * scale), round(h * scale)
+    bar, title = 110, 30  # px beside the image for the colour bar and its labels, px above it for the score
+    fig = plt.figure(figsize=((shown_w + bar) / 100, (shown_h + title) / 100), dpi=100)
+    width, height = shown_w + bar, shown_h + title
+    ax = fig.add_axes((0, 0, shown_w / width, shown_h / height))
+    ax.imshow(overlay, interpolation="antialiased")
+    ax.set_axis_off()
+    ax.set_title(f"score {score:.3f}", fontsize=10)
+    cax = fig.add_axes(((shown_w + 10) / width, 0.05 * shown_h / height, 12 / width, 0.9 * shown_h / height))
+    cbar = fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap=HEATMAP_COLOURS), cax=cax,
+                        ticks=[0, 0.5, 1])
+    cbar.ax.set_yticklabels(["0 worse", "0.5", "1 better"], fontsize=8)
+    cbar.set_label("patch score", fontsize=8)
+    fig.savefig(path, dpi=100)  # not bbox "tight": the canvas is laid out to the pixel above
+    plt.close(fig)
+    return Path(path)
 
 
 def scatter(pred: np.ndarray, mos: np.ndarray, title: str, target: str, path: str | Path) -> Path:

@@ -1,7 +1,10 @@
 """Score images with a saved model: one JSON line (path, score) per image, optional patch-score heatmaps.
 
-    python -m temu_dist.predict --checkpoint RUN_DIR IMAGE|FOLDER... [--heatmap DIR] [key=value ...]
+    python -m temu_dist.predict --checkpoint RUN_DIR IMAGE|FOLDER... [--heatmap DIR] [--out FILE] [key=value ...]
     python -m temu_dist.predict --config configs/X.yaml IMAGE...   (an untrained head: zero-shot multi-layer scoring)
+
+With --out, the scores go to a CSV (path,score) or JSON-lines file, written whole when every image is done, and a
+progress bar takes stdout's place.
 
 An image that cannot be read gets an error line on stderr naming it; the others are still scored, and the exit
 status is 1.
@@ -9,6 +12,8 @@ status is 1.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -16,12 +21,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
+from tqdm import tqdm
 
+from temu_dist.atomic import write_text_atomic
 from temu_dist.config import ConfigError, check_output_folder, is_override, load_config
 from temu_dist.data.augment import decode_rgb, normalize, to_input
 from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.temu import build_model
-from temu_dist.plots import heatmap_overlay
+from temu_dist.plots import heatmap
+
+OUT_FORMATS = (".csv", ".jsonl")
 
 
 def _positive(text: str) -> int:
@@ -44,6 +53,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     source.add_argument("--checkpoint", help="a run folder (its best checkpoint) or a checkpoint folder")
     source.add_argument("--config", help="a config YAML: score with a freshly initialised head")
     parser.add_argument("--heatmap", help="write IMAGE_STEM.heatmap.png patch-score maps into this folder")
+    parser.add_argument("--out", help="write the scores to this .csv (path,score) or .jsonl file instead of stdout")
     parser.add_argument("--batch-size", type=_positive, default=8, help="images scored at once (default 8)")
     parser.add_argument("items", nargs="+", metavar="IMAGE | FOLDER | key=value",
                         help="images, folders (every image in them and below, by path) and config overrides")
@@ -74,11 +84,32 @@ def _check_heatmaps(heat_dir: Path, images: list[str]) -> None:
                               "score them in separate runs")
 
 
+def _check_out(out: Path) -> None:
+    if out.suffix.lower() not in OUT_FORMATS:
+        raise ConfigError(f"--out {out}: name a .csv or a .jsonl file")
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: it is a folder, not a file")
+    check_output_folder(out.parent, "--out")
+
+
+def _scores_text(rows: list[dict], out: Path) -> str:
+    if out.suffix.lower() == ".jsonl":
+        return "".join(json.dumps(row) + "\n" for row in rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["path", "score"], lineterminator="\n")  # quotes paths with commas
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
 def predict(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     heat_dir = Path(args.heatmap) if args.heatmap else None
     if heat_dir:
         _check_heatmaps(heat_dir, args.images)
+    out_file = Path(args.out) if args.out else None
+    if out_file:
+        _check_out(out_file)
     if args.checkpoint:
         model, config = load_model(checkpoint_dir(args.checkpoint), overrides)
     else:
@@ -92,7 +123,8 @@ def predict(argv: list[str] | None = None) -> int:
     image_hw = config.model.image_hw()
     if heat_dir:
         heat_dir.mkdir(parents=True, exist_ok=True)
-    failed = 0
+    failed, rows = 0, []
+    progress = tqdm(total=len(args.images), desc="predict", unit="img", file=sys.stderr, disable=out_file is None)
     for start in range(0, len(args.images), args.batch_size):
         good: list[tuple[str, torch.Tensor]] = []
         for path in args.images[start:start + args.batch_size]:
@@ -100,7 +132,8 @@ def predict(argv: list[str] | None = None) -> int:
                 good.append((path, decode_rgb(Path(path).read_bytes())))  # as training and evaluation decode
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 failed += 1
-                print(f"predict: cannot read image {path}: {e}", file=sys.stderr)
+                progress.write(f"predict: cannot read image {path}: {e}", file=sys.stderr)
+        progress.update(len(args.images[start:start + args.batch_size]) - len(good))
         if not good:
             continue
         batch = normalize(torch.stack([to_input(im, image_hw) for _, im in good]).to(device),
@@ -108,10 +141,20 @@ def predict(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             out = model(batch)
         for i, (path, im) in enumerate(good):
-            print(json.dumps({"path": path, "score": round(float(out.score[i]), 6)}), flush=True)
+            row = {"path": path, "score": round(float(out.score[i]), 6)}
+            if out_file:
+                rows.append(row)
+            else:
+                print(json.dumps(row), flush=True)
             if heat_dir:
-                overlay = heatmap_overlay(TF.to_pil_image(im), out.patch_scores[i].float().cpu().numpy())
-                overlay.save(heat_dir / f"{Path(path).stem}.heatmap.png")
+                heatmap(TF.to_pil_image(im), out.patch_scores[i].float().cpu().numpy(), row["score"],
+                        heat_dir / f"{Path(path).stem}.heatmap.png")
+        progress.update(len(good))
+    progress.close()
+    if out_file:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_file, _scores_text(rows, out_file))
+        print(f"predict: {len(rows)} scores written to {out_file}", file=sys.stderr)
     return 1 if failed else 0
 
 

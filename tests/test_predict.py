@@ -1,3 +1,4 @@
+import csv
 import json
 
 import numpy as np
@@ -50,8 +51,14 @@ def test_scores_good_images_and_names_the_corrupt_one(images, checkpoint, tmp_pa
     with torch.no_grad():
         assert lines[2]["score"] == pytest.approx(float(model.eval()(x).score[0]), abs=1e-6)
     for p in good:
-        heat = Image.open(tmp_path / "maps" / f"{p.stem}.heatmap.png")
-        assert heat.size == Image.open(p).size
+        heat = np.asarray(Image.open(tmp_path / "maps" / f"{p.stem}.heatmap.png").convert("RGB")).astype(int)
+        w, h = Image.open(p).size
+        scale = 256 / max(w, h)  # small images are shown larger
+        assert heat.shape == (round(h * scale) + 30, round(w * scale) + 110, 3)
+        # The colour bar beside the image runs from green (1, better) at the top to red (0, worse) at the bottom.
+        bar = heat[30:, round(w * scale) + 16]
+        top, bottom = bar[round(0.1 * len(bar))], bar[round(0.9 * len(bar))]
+        assert top[1] > top[0] + 60 and bottom[0] > bottom[1] + 60, (top, bottom)
     assert not (tmp_path / "maps" / "corrupt.heatmap.png").exists()
 
 
@@ -126,7 +133,7 @@ def test_a_heatmap_folder_this_user_cannot_write_fails_before_any_scoring(images
 
 
 def test_a_folder_is_scored_image_by_image_in_path_order(images, checkpoint, tmp_path, capsys):
-    (good, corrupt), (run, _) = images, checkpoint
+    (good, _), (run, _) = images, checkpoint
     (tmp_path / "notes.txt").write_text("not an image")  # left alone, as the corrupt .jpg is not
     nested = tmp_path / "more" / "photo9.png"
     nested.parent.mkdir()
@@ -138,3 +145,48 @@ def test_a_folder_is_scored_image_by_image_in_path_order(images, checkpoint, tmp
     with pytest.raises(SystemExit):
         predict(["--checkpoint", str(run), str(tmp_path / "empty")])
     assert f"{tmp_path / 'empty'}: a folder with no image files in it or below" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_scores_go_to_a_file_written_whole_with_progress_on_stderr(images, checkpoint, tmp_path, capsys, suffix):
+    (good, corrupt), (run, _) = images, checkpoint
+    comma = tmp_path / "a, b.png"  # a path the CSV must quote
+    comma.write_bytes(good[0].read_bytes())
+    paths = [str(comma), str(corrupt), str(good[1])]
+    out = tmp_path / "scores" / f"all{suffix}"
+    assert predict(["--checkpoint", str(run), "--out", str(out), *paths]) == 1
+    printed, err = capsys.readouterr()
+    assert printed == ""
+    assert f"cannot read image {corrupt}" in err and "predict: 2 scores written to" in err
+    assert "3/3" in err  # the progress bar reached every image, the unreadable one included
+    if suffix == ".csv":
+        rows = list(csv.DictReader(out.open()))
+        assert [r["path"] for r in rows] == [str(comma), str(good[1])]
+    else:
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert predict(["--checkpoint", str(run), str(comma), str(good[1])]) == 0
+    printed = [json.loads(line)["score"] for line in capsys.readouterr().out.splitlines()]
+    assert [float(r["score"]) for r in rows] == printed
+
+
+def test_a_stopped_run_leaves_an_earlier_scores_file_as_it_was(images, checkpoint, tmp_path, monkeypatch):
+    (good, _), (run, _) = images, checkpoint
+    out = tmp_path / "scores.csv"
+    out.write_text("path,score\nearlier.png,0.5\n")
+    monkeypatch.setattr("temu_dist.predict.heatmap", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), "--out", str(out), *map(str, good)])
+    assert out.read_text() == "path,score\nearlier.png,0.5\n"
+
+
+@pytest.mark.parametrize(("name", "says"), [("scores.txt", "name a .csv or a .jsonl file"),
+                                             ("folder.csv", "it is a folder, not a file")])
+def test_an_out_file_that_cannot_be_written_fails_before_any_scoring(images, checkpoint, tmp_path, monkeypatch,
+                                                                      name, says):
+    from temu_dist.config import ConfigError
+
+    (good, _), (run, _) = images, checkpoint
+    (tmp_path / "folder.csv").mkdir()
+    monkeypatch.setattr("temu_dist.predict.load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match=f"^--out {tmp_path / name}: {says}$"):
+        predict(["--checkpoint", str(run), "--out", str(tmp_path / name), str(good[0])])
