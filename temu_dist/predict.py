@@ -24,11 +24,9 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from temu_dist.atomic import write_text_atomic
-from temu_dist.config import ConfigError, check_output_folder, is_override, load_config
-from temu_dist.data.augment import decode_rgb, normalize, to_input
-from temu_dist.model.io import checkpoint_dir, load_model
-from temu_dist.model.temu import build_model
+from temu_dist.config import ConfigError, check_output_folder, is_override
 from temu_dist.plots import heatmap
+from temu_dist.scorer import Scorer
 
 OUT_FORMATS = (".csv", ".jsonl")
 
@@ -110,17 +108,10 @@ def predict(argv: list[str] | None = None) -> int:
     out_file = Path(args.out) if args.out else None
     if out_file:
         _check_out(out_file)
-    if args.checkpoint:
-        model, config = load_model(checkpoint_dir(args.checkpoint), overrides)
-    else:
-        config = load_config(args.config, overrides)
-        model = build_model(config)
-    model.eval()
-    if config.model.pretrained is None:
+    scorer = Scorer.load(args.checkpoint, overrides) if args.checkpoint else Scorer.from_config(args.config, overrides)
+    if scorer.config.model.pretrained is None:
         print("predict: model.pretrained is null: a random backbone carries little quality information, so these "
               "scores show the pipeline working, not what TeMu-IQA reaches", file=sys.stderr)
-    device = next(model.parameters()).device
-    image_hw = config.model.image_hw()
     if heat_dir:
         heat_dir.mkdir(parents=True, exist_ok=True)
     failed, rows = 0, []
@@ -129,17 +120,14 @@ def predict(argv: list[str] | None = None) -> int:
         good: list[tuple[str, torch.Tensor]] = []
         for path in args.images[start:start + args.batch_size]:
             try:
-                good.append((path, decode_rgb(Path(path).read_bytes())))  # as training and evaluation decode
+                good.append((path, scorer.read(path)))
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 failed += 1
                 progress.write(f"predict: cannot read image {path}: {e}", file=sys.stderr)
         progress.update(len(args.images[start:start + args.batch_size]) - len(good))
         if not good:
             continue
-        batch = normalize(torch.stack([to_input(im, image_hw) for _, im in good]).to(device),
-                          model.backbone.mean, model.backbone.std)
-        with torch.no_grad():
-            out = model(batch)
+        out = scorer.outputs([im for _, im in good])
         for i, (path, im) in enumerate(good):
             row = {"path": path, "score": round(float(out.score[i]), 6)}
             if out_file:

@@ -187,6 +187,6 @@ def test_an_out_file_that_cannot_be_written_fails_before_any_scoring(images, che
 
     (good, _), (run, _) = images, checkpoint
     (tmp_path / "folder.csv").mkdir()
-    monkeypatch.setattr("temu_dist.predict.load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("temu_dist.scorer.load_model", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(ConfigError, match=f"^--out {tmp_path / name}: {says}$"):
         predict(["--checkpoint", str(run), "--out", str(tmp_path / name), str(good[0])])

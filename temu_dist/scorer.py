@@ -1,0 +1,79 @@
+"""Score images from Python, as IQA-PyTorch's metrics are called: a saved run (or a config) in, a score per image out.
+
+    from temu_dist.scorer import Scorer
+    scorer = Scorer.load("runs/koniq")     # a run folder (its best checkpoint) or a checkpoint folder
+    scorer(["a.jpg", "b.png"])             # tensor([0.61, 0.43]): in [0, 1], higher is better
+    scorer(batch)                          # images as tensors: float [N, 3, H, W] in [0, 1], or uint8; any size
+
+Images are decoded and resized as training and evaluation decode and resize them, so a file scores here as it does in
+`evaluate`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+from PIL import Image
+
+from temu_dist.config import Config, load_config
+from temu_dist.data.augment import decode_rgb, normalize, to_input
+from temu_dist.model.io import checkpoint_dir, load_model
+from temu_dist.model.temu import QualityOutput, TeMuIQA, build_model
+
+ImageLike = Union[str, Path, Image.Image, torch.Tensor]
+
+
+class Scorer:
+    def __init__(self, model: TeMuIQA, config: Config):
+        self.model = model.eval()
+        self.config = config
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, overrides: Sequence[str] = (), device: torch.device | None = None) -> Scorer:
+        """A trained run; overrides as on the command line (e.g. `model.precision=bf16`)."""
+        model, config = load_model(checkpoint_dir(checkpoint), list(overrides), device)
+        return cls(model, config)
+
+    @classmethod
+    def from_config(cls, path: str | Path | None, overrides: Sequence[str] = (),
+                    device: torch.device | None = None) -> Scorer:
+        """An untrained head on the config's backbone: zero-shot multi-layer scoring."""
+        config = load_config(path, list(overrides))
+        return cls(build_model(config, device), config)
+
+    @staticmethod
+    def read(path: str | Path) -> torch.Tensor:
+        """An image file -> uint8 [3, H, W] RGB; OSError or ValueError if it cannot be read."""
+        return decode_rgb(Path(path).read_bytes())
+
+    def _prepared(self, image: ImageLike) -> torch.Tensor:
+        """One image -> float [3, h, w] in [0, 1] at the model's input size."""
+        if isinstance(image, (str, Path)):
+            image = self.read(image)
+        elif isinstance(image, Image.Image):
+            image = image.convert("RGB")
+        elif image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"an image tensor is [3, H, W] (a batch [N, 3, H, W]); this one is {list(image.shape)}")
+        elif image.is_floating_point() and image.numel() and not 0.0 <= float(image.min()) <= float(image.max()) <= 1.0:
+            raise ValueError(f"a float image is read as [0, 1]; this one spans [{float(image.min()):g}, "
+                             f"{float(image.max()):g}]: divide by 255, or pass uint8")
+        x = to_input(image, self.config.model.image_hw())  # uint8 resized as the loader resizes it
+        return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+    def outputs(self, images: Sequence[ImageLike]) -> QualityOutput:
+        """One batch: the scores with the patch-score maps and per-layer scores."""
+        batch = torch.stack([self._prepared(im) for im in images]).to(self.device)
+        with torch.no_grad():
+            return self.model(normalize(batch, self.model.backbone.mean, self.model.backbone.std))
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 8) -> torch.Tensor:
+        """Scores [N] (fp32, on the CPU) of an image, a batch tensor [N, 3, H, W] or a list of images, in order."""
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            images = list(images)
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        scores = [self.outputs(images[i:i + batch_size]).score.float().cpu()
+                  for i in range(0, len(images), batch_size)]
+        return torch.cat(scores) if scores else torch.empty(0)

@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from temu_dist.model.io import save_model
+from temu_dist.model.temu import build_model
+from temu_dist.predict import predict
+from temu_dist.scorer import Scorer
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    config = tiny_config("model.prompt=coop")
+    path = tmp_path_factory.mktemp("run")
+    save_model(build_model(config), config, path)
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path):
+    rng = np.random.default_rng(1)
+    paths = []
+    for i, (w, h) in enumerate([(80, 60), (64, 64), (33, 90)]):
+        paths.append(tmp_path / f"p{i}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def test_files_images_and_tensors_of_the_same_pixels_score_alike_and_as_predict_prints(run, photos, capsys):
+    scorer = Scorer.load(run)
+    from_files = scorer(photos, batch_size=2)
+    assert from_files.shape == (3,) and from_files.dtype == torch.float32
+    assert predict(["--checkpoint", str(run), *map(str, photos)]) == 0
+    printed = [json.loads(line)["score"] for line in capsys.readouterr().out.splitlines()]
+    assert from_files.tolist() == pytest.approx(printed, abs=1e-6)
+    pils = [Image.open(p) for p in photos]
+    torch.testing.assert_close(scorer(pils), from_files)
+    uint8 = [torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in pils]
+    torch.testing.assert_close(scorer(uint8), from_files)
+    assert float(scorer(photos[0])) == pytest.approx(float(from_files[0]), abs=1e-6)  # one image, not a list
+    # A float batch in [0, 1] at one size: resized from float, so close to the uint8 path, not equal.
+    same_size = torch.stack([u.float() / 255 for u in uint8[:1] * 2])
+    assert scorer(same_size).tolist() == pytest.approx([float(from_files[0])] * 2, abs=2e-3)
+    assert scorer([]).shape == (0,)
+
+
+@pytest.mark.parametrize(("image", "says"), [
+    (torch.rand(3, 32, 32) * 255, r"a float image is read as \[0, 1\]; this one spans \[0.*, 25\d.*\]: divide by 255"),
+    (torch.rand(32, 32, 3), r"an image tensor is \[3, H, W\] \(a batch \[N, 3, H, W\]\); this one is \[32, 32, 3\]"),
+])
+def test_tensors_it_would_misread_are_refused_naming_what_they_are(run, image, says):
+    with pytest.raises(ValueError, match=says):
+        Scorer.load(run)(image)
+
+
+def test_an_untrained_head_scores_from_a_config(tmp_path, photos):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  backbone: Test-Tiny-ViT-16\n  pretrained: null\n  image_size: 64\n")
+    scores = Scorer.from_config(cfg)(photos)
+    assert ((scores > 0) & (scores < 1)).all()
