@@ -9,7 +9,8 @@ run resumes as `train` resumes: a finished one returns its results without train
 is an error naming the key, so a broken series continues where it stopped. Writes out_dir/NAME/repeat.json and prints
 it; a metric that is NaN in some splits (constant scores) is averaged over the others, and `n` says over how many.
 MLflow: a parent run NAME with each split's run as a child, and the mean and standard deviation of every set's
-metrics (SET/srcc_mean, SET/srcc_std, ...) once all splits are done.
+metrics (SET/srcc_mean, SET/srcc_std, ...; own_best/SET/... for each set at its own best epochs) once all splits are
+done.
 """
 from __future__ import annotations
 
@@ -37,13 +38,14 @@ def split_config(config: Config, index: int, parent: str | None = None) -> Confi
     return config.model_copy(update={"data": data, "name": f"{config.name}-split{index}", "tracking": tracking})
 
 
-def summarize(runs: list[dict]) -> dict:
-    """{set: {metric: {mean, std, n, values}}} over the runs' best epochs; NaN values are left out of mean, std, n."""
+def summarize(runs: list[dict], best: str = "best") -> dict:
+    """{set: {metric: {mean, std, n, values}}} over the runs' `best` (each set at the key metric's best epoch) or
+    `own_best` (each at its own, see train.own_best); NaN values are left out of mean, std, n."""
     out: dict = {}
-    for name in runs[0]["best"]:
+    for name in runs[0][best]:
         out[name] = {}
         for metric in METRICS:
-            values = [r["best"][name][metric] for r in runs]
+            values = [r[best][name][metric] for r in runs]
             finite = [v for v in values if not math.isnan(v)]
             out[name][metric] = {"mean": statistics.fmean(finite) if finite else math.nan,
                                  "std": statistics.stdev(finite) if len(finite) > 1 else 0.0, "n": len(finite),
@@ -71,13 +73,16 @@ def repeat(config: Config, splits: int) -> dict:
             finish_parent(uri, parent, [], {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     summary = {"config": config.name, "splits": splits, "key_metric": config.train.key_metric,
-               "sets": summarize(runs), "runs": [r["run_dir"] for r in runs]}
+               "sets": summarize(runs), "sets_own_best": summarize(runs, "own_best"),
+               "runs": [r["run_dir"] for r in runs]}
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "repeat.json", summary)
         if parent is not None:
-            metrics = {f"{name}/{metric}_{stat}": values[stat] for name, by_metric in summary["sets"].items()
-                       for metric, values in by_metric.items() for stat in ("mean", "std")}
+            metrics = {f"{prefix}{name}/{metric}_{stat}": values[stat]
+                       for prefix, sets in (("", summary["sets"]), ("own_best/", summary["sets_own_best"]))
+                       for name, by_metric in sets.items() for metric, values in by_metric.items()
+                       for stat in ("mean", "std")}
             finish_parent(uri, parent, [out / "repeat.json"], metrics, {}, "FINISHED")
     return summary
 
@@ -97,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         PartialState().destroy_process_group()
     if PartialState().is_main_process:
-        for name, metrics in summary["sets"].items():
-            print(f"repeat: {name} over {args.splits} splits: " + "; ".join(
+        own = {n: m for n, m in summary["sets_own_best"].items() if m != summary["sets"][n]}
+        for name, metrics, at in [*((n, m, "") for n, m in summary["sets"].items()),
+                                  *((n, m, " at its own best epochs") for n, m in own.items())]:
+            print(f"repeat: {name}{at} over {args.splits} splits: " + "; ".join(
                 f"{m} {v['mean']:.4f} +- {v['std']:.4f}" + (f" (n={v['n']})" if v["n"] < args.splits else "")
                 for m, v in metrics.items()))
     return 0

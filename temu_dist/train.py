@@ -208,6 +208,24 @@ def epoch_metrics(record: dict) -> dict[str, float]:
     return {**{f"train/{k}": record[k] for k in ("loss", "lr", "images_per_s")}, **eval_metrics(record["eval"])}
 
 
+def _better(value: float, than: float | None) -> bool:
+    """A NaN metric (too few samples, constant scores) never wins over a real one, nor blocks a later one."""
+    return than is None or (not math.isnan(value) and (math.isnan(than) or value > than))
+
+
+def own_best(history: list[dict], key_metric: str) -> dict[str, dict]:
+    """Every set at its own best epoch by the key metric's measure (srcc of test/srcc), its other metrics at that
+    epoch, as IQA-PyTorch reports each validation set: {set: {srcc, plcc, ..., epoch}}. The key metric's own set is
+    at the run's best epoch; a cross-dataset set may peak at another."""
+    measure = key_metric.split("/")[1]
+    best: dict[str, dict] = {}
+    for record in history:
+        for name, metrics in record["eval"].items():
+            if _better(metrics[measure], best[name][measure] if name in best else None):
+                best[name] = {**metrics, "epoch": record["epoch"]}
+    return best
+
+
 def _readers(config: Config, plan: BatchPlan) -> int:
     """How many streams the training data is split over; the epoch's sample order depends on it."""
     return plan.world_size * max(1, config.data.workers)
@@ -378,9 +396,7 @@ def _fit(config: Config, run: Run) -> None:
                   "eval": {name: r.metrics for name, r in results.items()}}
         history.append(record)
         value = results[set_name].metrics[metric]
-        # A NaN metric (too few samples, constant scores) never wins over a real one, nor blocks a later one.
-        improved = run.best is None or (not math.isnan(value) and (math.isnan(run.best["value"])
-                                                                  or value > run.best["value"]))
+        improved = _better(value, None if run.best is None else run.best["value"])
         if improved:
             run.best = {"epoch": epoch + 1, "value": value, "eval": record["eval"]}
         if main:
@@ -538,7 +554,8 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         tracker.end("FAILED")
         raise
     summary = {"run_dir": str(run_dir), "processes": plan.world_size, "key_metric": config.train.key_metric,
-               "best_epoch": run.best["epoch"], "best": run.best["eval"], "history": run.history,
+               "best_epoch": run.best["epoch"], "best": run.best["eval"],
+               "own_best": own_best(run.history, config.train.key_metric), "history": run.history,
                "mlflow_run_id": tracker.run_id}
     # A run that had finished before this call (repeat goes through its splits again) wrote its results then, and
     # logged them if its MLflow run has the best_epoch tag, which is set last.
@@ -551,6 +568,8 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         if not (finished and "best_epoch" in tracker.tags_before):
             # The epoch results.json reports, beside the per-epoch curves (whose latest value is the last epoch's).
             tracker.metrics(eval_metrics(run.best["eval"], "best/"), step=run.best["epoch"])
+            for name, metrics in summary["own_best"].items():
+                tracker.metrics(eval_metrics({name: metrics}, "own_best/"), step=metrics["epoch"])
             for path in [run_dir / "results.json", *sorted((run_dir / "plots").glob("*.png"))]:
                 tracker.artifact(path, None if path.suffix != ".png" else "plots")
             for path in sorted((ckpt_dir / "best").glob("*")):
@@ -595,6 +614,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train: best epoch {results['best_epoch']} by {results['key_metric']}: " + "; ".join(
         f"{n} srcc {m['srcc']:.4f} plcc {m['plcc']:.4f} krcc {m['krcc']:.4f} (n={m['count']})"
         for n, m in best.items()))
+    others = {n: m for n, m in results["own_best"].items() if m["epoch"] != results["best_epoch"]}
+    if others:
+        print(f"train: at their own best epochs by {results['key_metric'].split('/')[1]} (as IQA-PyTorch reports "
+              "each set): " + "; ".join(f"{n} srcc {m['srcc']:.4f} plcc {m['plcc']:.4f} krcc {m['krcc']:.4f} "
+                                        f"(epoch {m['epoch']})" for n, m in others.items()))
     print(f"train: results in {results['run_dir']}/results.json")
     if config.model.pretrained is None:
         print("train: model.pretrained is null: a random backbone carries little quality information; these figures "

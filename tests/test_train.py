@@ -59,6 +59,13 @@ def test_train_writes_results_checkpoints_plots_and_mlflow(tmp_path, shards):
     assert [(m.step, m.value) for m in client.get_metric_history(mlrun.info.run_id, "best/test/srcc")] == \
         [(results["best_epoch"], pytest.approx(results["best"]["test"]["srcc"]))]
     assert mlrun.data.tags["best_epoch"] == str(results["best_epoch"])
+    # And each set at its own best epoch by SRCC, as IQA-PyTorch reports it: the key metric's set at the best epoch.
+    own = on_disk["own_best"]
+    assert own["test"] == {**results["best"]["test"], "epoch": results["best_epoch"]}
+    val_best = max(results["history"], key=lambda h: h["eval"]["val"]["srcc"])
+    assert own["val"] == {**val_best["eval"]["val"], "epoch": val_best["epoch"]}
+    assert [(m.step, m.value) for m in client.get_metric_history(mlrun.info.run_id, "own_best/val/srcc")] == \
+        [(val_best["epoch"], pytest.approx(own["val"]["srcc"]))]
     # Each epoch's learning rate is its last step's: the cosine schedule's last one is not yet 0.
     assert results["history"][0]["lr"] > results["history"][1]["lr"] > 0
     assert mlrun.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
@@ -383,6 +390,9 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     parent = next(r for r in found if r.data.tags.get("temu.repeat") == "true")
     assert parent.info.status == "FINISHED" and parent.info.run_name == "rep"
     assert parent.data.metrics["test/srcc_mean"] == pytest.approx(summary["sets"]["test"]["srcc"]["mean"])
+    own = [r["own_best"]["val"]["srcc"] for r in runs]
+    assert summary["sets_own_best"]["val"]["srcc"]["values"] == own
+    assert parent.data.metrics["own_best/val/srcc_mean"] == pytest.approx(sum(own) / 2)
     assert sorted(r.info.run_name for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id) == \
         ["rep-split0", "rep-split1"]
     trained = tmp_path / "rep-split0" / "checkpoints" / "last" / "weights.safetensors"
@@ -409,6 +419,22 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     broken = client.search_runs([client.get_experiment_by_name("temu-dist").experiment_id],
                                 "attributes.run_name = 'broken'")
     assert [r.info.status for r in broken] == ["FAILED"]
+
+
+def test_each_set_is_reported_at_its_own_best_epoch_where_a_nan_never_wins():
+    from temu_dist.train import own_best
+
+    def epoch(n, **srcc):
+        return {"epoch": n, "eval": {name: {"srcc": v, "plcc": v / 2, "count": 4} for name, v in srcc.items()}}
+
+    history = [epoch(1, test=0.5, livec=math.nan), epoch(2, test=0.7, livec=0.2), epoch(3, test=0.6, livec=0.4),
+               epoch(4, test=0.7, livec=0.1, late=math.nan)]
+    got = own_best(history, "test/srcc")
+    assert got["test"] == {"srcc": 0.7, "plcc": 0.35, "count": 4, "epoch": 2}  # a tie keeps the first
+    assert got["livec"] == {"srcc": 0.4, "plcc": 0.2, "count": 4, "epoch": 3}
+    assert got["late"]["epoch"] == 4 and math.isnan(got["late"]["srcc"])  # only NaN: its one epoch
+    # By PLCC when that is the key metric's measure.
+    assert own_best(history, "test/plcc")["livec"]["epoch"] == 3
 
 
 def test_repeat_averages_a_metric_over_the_splits_where_it_is_finite():
