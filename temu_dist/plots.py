@@ -49,11 +49,14 @@ def heatmap(image: Image.Image, patch_scores: np.ndarray, score: float, path: st
 
 
 def scatter(pred: np.ndarray, mos: np.ndarray, title: str, target: str, path: str | Path) -> Path:
-    """Predicted versus target score, both in [0, 1], with the identity line (seed Fig. 10)."""
+    """Predicted versus target score, both in [0, 1], with the identity line (seed Fig. 10). The axes widen for
+    targets a little outside (LIVE's labels past 0-100), so no point is cut off."""
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
     ax.scatter(mos, pred, s=8, alpha=0.6)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=target, ylabel="predicted score", title=title)
+    finite = mos[np.isfinite(mos)]
+    lo, hi = min(0.0, float(finite.min(initial=0.0))), max(1.0, float(finite.max(initial=1.0)))
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel=target, ylabel="predicted score", title=title)
     return _save(fig, path)
 
 

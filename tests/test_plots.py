@@ -23,3 +23,17 @@ def test_a_title_wider_than_the_plot_is_not_cut(tmp_path):
     long = Image.open(scatter(points, points, "shards_kadid10k-qalign:test-ldg, epoch 12: SRCC 0.912 PLCC 0.905 "
                               "(n=2015)", "ground truth", tmp_path / "long.png"))
     assert long.size[0] > short.size[0] + 100
+
+
+def test_scatter_axes_widen_for_targets_a_little_outside_0_1(tmp_path, monkeypatch):
+    import numpy as np
+
+    import temu_dist.plots as plots
+
+    limits = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: limits.append((fig.axes[0].get_xlim(),
+                                                                         fig.axes[0].get_ylim())))
+    plots.scatter(np.array([0.2, 0.5]), np.array([0.3, 0.6]), "t", "ground truth", tmp_path / "in.png")
+    plots.scatter(np.array([0.2, 0.5]), np.array([-0.05, 1.03]), "t", "ground truth", tmp_path / "out.png")
+    assert limits[0] == ((0.0, 1.0), (0.0, 1.0))
+    assert limits[1] == ((-0.05, 1.03), (-0.05, 1.03))

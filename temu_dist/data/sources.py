@@ -59,7 +59,7 @@ class DatasetInfo:
     has_reference: bool
     official_split: str | None  # where the release's split is read from, beside the label file; None: it has none
     large: bool               # FLIVE and AVA: must stream
-    # Values a label file may hold where it overshoots raw_range; normalised values are clipped to [0, 1].
+    # Values a label file may hold where it overshoots raw_range; normalised, they fall a little outside [0, 1].
     accept_range: tuple[float, float] | None = None
 
 
@@ -81,7 +81,8 @@ DATASETS: dict[str, DatasetInfo] = {i.name: i for i in (
     DatasetInfo("kadid10k", "dmos.csv", (1.0, 5.0), True, True, None, False),
     DatasetInfo("csiq", "csiq.DMOS.xlsx", (0.0, 1.0), False, True, None, False),
     # dmos.mat's dmos (as IQA-PyTorch's process_live.py reads it, not dmos_realigned.mat), about 0-100; entries a
-    # little outside are kept and clipped rather than dropped. The acceptance range still catches a wrong file.
+    # little outside are kept as they are: clipped, they would tie at 0 or 1 and bias the correlations scored against
+    # them. The acceptance range still catches a wrong file.
     DatasetInfo("live", "dmos.mat", (0.0, 100.0), False, True, None, False, accept_range=(-10.0, 120.0)),
     # mos_quality (0-5); images beside data.csv or in a folder there (the release ships them as a separate zip),
     # or pass label_file when data.csv lies elsewhere.
@@ -125,11 +126,11 @@ def _checked(dataset: str, value: object, label: Path, row: int, raw_range: tupl
 def _scale(raw: float, raw_range: tuple[float, float], higher_better: bool) -> float:
     lo, hi = raw_range
     x = (raw - lo) / (hi - lo)
-    return min(1.0, max(0.0, x if higher_better else 1.0 - x))
+    return x if higher_better else 1.0 - x
 
 
 def normalise(dataset: str, raw: float) -> float:
-    """Raw label -> [0, 1], higher better. Clipping only matters for LIVE, whose readers accept a little overshoot."""
+    """Raw label -> [0, 1], higher better; LIVE's few labels past 0-100 land a little outside."""
     info = _info(dataset)
     return _scale(raw, info.raw_range, info.higher_better)
 
