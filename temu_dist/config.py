@@ -51,7 +51,9 @@ class ModelConfig(Section):
     layers: str = "all"
     # S: score-level fusion over layers; I: image-feature-level fusion.
     variant: Literal["S", "I"] = "I"
-    prompt: Literal["none", "coop", "cocoop"] = "none"
+    # Prompt tuning: none (fixed prompts), CoOp, CoCoOp. The paper's TeMu-IQA models are CoCoOp (seed Table 5's
+    # option (3) and Table 7 report the same KonIQ-10k figures).
+    prompt: Literal["none", "coop", "cocoop"] = "cocoop"
     # Antonym pairs (good, bad); with several, the patch scores of all pairs are averaged.
     prompt_pairs: list[tuple[str, str]] = [("Good photo.", "Bad photo.")]
     # CoOp/CoCoOp learnable context length and init std (IQA-PyTorch's CLIP-IQA+ uses 16 and 0.02).

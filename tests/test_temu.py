@@ -117,7 +117,7 @@ def test_identity_layer_norm_changes_nothing_at_init():
 
 def test_several_prompt_pairs_average_their_patch_scores():
     pairs = "model.prompt_pairs=[[Good photo., Bad photo.], [High quality., Low quality.]]"
-    model = build_model(tiny_config(pairs, "model.variant=S"))
+    model = build_model(tiny_config(pairs, "model.variant=S", "model.prompt=none"))
     assert model.prompts().shape == (1, 2, 2, 32)
     x = torch.randn(1, 3, 64, 64)
     f, inv_norm, g = model.features(x)
