@@ -178,10 +178,19 @@ def test_missing_shards_name_the_pack_command(tmp_path, monkeypatch):
     # A folder named after its dataset gets that dataset's command.
     for folder, dataset in (("KonIQ-10k", "koniq10k"), ("kadid", "kadid10k"), ("live", "live"), ("livec", "livec"),
                             ("CLIVE", "livec"), ("LIVE_itW", "livec"), ("livefb", "flive"), ("f", "NAME"),
-                            ("csi", "NAME"), ("mine", "NAME"), ("koniq_1024", "koniq10k"), ("csiq-all", "csiq"),
-                            ("koniq10k-official", "koniq10k"), ("agiqa3k/split3", "agiqa3k")):
+                            ("csi", "NAME"), ("mine", "NAME"), ("koniq_1024", "koniq10k")):
         with pytest.raises(ShardsMissing, match=rf"pack --dataset {dataset} --root DATASET_DIR --out .*{folder}$"):
             split_shards(tmp_path / "shards" / folder, "train")
+    # With the split the configs' folder names stand for: a cross-dataset set packed whole, Q-Align's, a series'.
+    for folder, dataset, split in (
+            ("csiq-all", "csiq", " --ratios 0 0 1 (the whole set as its test split)"),
+            ("spaq-qalign", "spaq", " --split file --split-file spaq-qalign.csv (made from Q-Align's JSON files by "
+                                    "python -m temu_dist.data.qalign)"),
+            ("koniq10k-official", "koniq10k", " --split official"), ("agiqa3k/split3", "agiqa3k", " --split-index 3")):
+        with pytest.raises(ShardsMissing) as refused:
+            split_shards(tmp_path / "shards" / folder, "train")
+        assert str(refused.value).endswith(f"pack --dataset {dataset} --root DATASET_DIR --out "
+                                           f"{tmp_path / 'shards' / folder}{split}")
     folder, _ = _pack(tmp_path, refs=3, per_ref=1, shard_size=2)
     with pytest.raises(ShardsMissing, match="no 'test' split"):
         split_shards(folder, "test")

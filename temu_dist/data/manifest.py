@@ -18,8 +18,7 @@ class ShardsMissing(ConfigError):
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        how = "make demo" if Path(folder).resolve() == Path("shards/demo").resolve() else \
-            f"python -m temu_dist.pack --dataset {_dataset_of(Path(folder))} --root DATASET_DIR --out {folder}"
+        how = "make demo" if Path(folder).resolve() == Path("shards/demo").resolve() else _pack_command(Path(folder))
         raise ShardsMissing(f"{path} not found: make the shards first, e.g. {how}")
     try:
         manifest = json.loads(path.read_text())
@@ -28,6 +27,23 @@ def read_manifest(folder: str | Path) -> dict:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
         raise ShardsMissing(f"{path}: not a pack manifest (no 'splits'): rerun the pack command that made {folder}")
     return manifest
+
+
+def _pack_command(folder: Path) -> str:
+    """The pack command for a folder, with the split its name asks for in the configs' convention: NAME-all (the whole
+    set, for cross-dataset tests), NAME-qalign (Q-Align's split), NAME-official, NAME/splitI (the i-th seeded split)."""
+    dataset = _dataset_of(folder)
+    how = f"python -m temu_dist.pack --dataset {dataset} --root DATASET_DIR --out {folder}"
+    words = set(re.split(r"[-_. ]", folder.name.lower()))
+    index = re.fullmatch(r"split(\d+)", folder.name)
+    if "all" in words:
+        return how + " --ratios 0 0 1 (the whole set as its test split)"
+    if "qalign" in words:
+        return (how + f" --split file --split-file {dataset}-qalign.csv (made from Q-Align's JSON files by python -m "
+                f"temu_dist.data.qalign)")
+    if "official" in words:
+        return how + " --split official"
+    return how + f" --split-index {index[1]}" if index else how
 
 
 # The names the papers and IQA-PyTorch give the datasets whose pack names differ.
