@@ -117,14 +117,15 @@ def predict(argv: list[str] | None = None) -> int:
     failed, rows = 0, []
     progress = tqdm(total=len(args.images), desc="predict", unit="img", file=sys.stderr, disable=out_file is None)
     for start in range(0, len(args.images), args.batch_size):
+        chunk = args.images[start:start + args.batch_size]
         good: list[tuple[str, torch.Tensor]] = []
-        for path in args.images[start:start + args.batch_size]:
+        for path in chunk:
             try:
                 good.append((path, scorer.read(path)))
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 failed += 1
                 progress.write(f"predict: cannot read image {path}: {e}", file=sys.stderr)
-        progress.update(len(args.images[start:start + args.batch_size]) - len(good))
+        progress.update(len(chunk) - len(good))
         if not good:
             continue
         out = scorer.outputs([im for _, im in good])

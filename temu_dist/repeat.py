@@ -53,6 +53,12 @@ def summarize(runs: list[dict], best: str = "best") -> dict:
     return out
 
 
+def _differs(a: dict, b: dict) -> bool:
+    """Whether two summaries of a set differ in any split's value (NaN as equal to NaN)."""
+    return any(x != y and not (math.isnan(x) and math.isnan(y))
+               for m in METRICS for x, y in zip(a[m]["values"], b[m]["values"]))
+
+
 def repeat(config: Config, splits: int) -> dict:
     if splits < 1:
         raise ConfigError(f"--splits: at least 1, not {splits}")
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         PartialState().destroy_process_group()
     if PartialState().is_main_process:
-        own = {n: m for n, m in summary["sets_own_best"].items() if m != summary["sets"][n]}
+        own = {n: m for n, m in summary["sets_own_best"].items() if _differs(m, summary["sets"][n])}
         for name, metrics, at in [*((n, m, "") for n, m in summary["sets"].items()),
                                   *((n, m, " at its own best epochs") for n, m in own.items())]:
             print(f"repeat: {name}{at} over {args.splits} splits: " + "; ".join(

@@ -437,6 +437,22 @@ def test_each_set_is_reported_at_its_own_best_epoch_where_a_nan_never_wins():
     assert own_best(history, "test/plcc")["livec"]["epoch"] == 3
 
 
+def test_repeat_prints_a_set_at_its_own_best_epochs_only_where_that_differs(monkeypatch, capsys):
+    import temu_dist.repeat as repeat_mod
+
+    def summary(*srcc):
+        return {m: {"mean": 0.5, "std": 0.1, "n": 2, "values": list(srcc)} for m in ("srcc", "plcc", "krcc")}
+
+    # NaN in both is the same (two NaNs, as two JSON reads give, are not equal to each other).
+    sets = {"test": summary(0.4, float("nan")), "livec": summary(0.3, 0.2)}
+    own = {"test": summary(0.4, float("nan")), "livec": summary(0.3, 0.25)}
+    monkeypatch.setattr(repeat_mod, "repeat", lambda config, splits: {"sets": sets, "sets_own_best": own})
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    assert repeat_mod.main(["--config", str(demo), "--splits", "2"]) == 0
+    assert [line.split(" over ")[0] for line in capsys.readouterr().out.splitlines()] == [
+        "repeat: test", "repeat: livec", "repeat: livec at its own best epochs"]
+
+
 def test_repeat_averages_a_metric_over_the_splits_where_it_is_finite():
     from temu_dist.repeat import summarize
 
