@@ -59,6 +59,9 @@ class ModelConfig(Section):
     # CoOp/CoCoOp learnable context length and init std (IQA-PyTorch's CLIP-IQA+ uses 16 and 0.02).
     n_ctx: int = Field(16, ge=1)
     ctx_init_std: float = 0.02
+    # Words whose token embeddings start the context instead of random vectors, as CoOp's and CoCoOp's CTX_INIT (their
+    # published setting: "a photo of a", with n_ctx its 4 tokens); null: random, std ctx_init_std.
+    ctx_init: str | None = None
     # CoCoOp meta-net bottleneck: hidden width = embed_dim // this.
     cocoop_reduction: int = Field(16, ge=1)
     # A trainable affine LayerNorm per layer before the frozen ln_post (initialised to identity).

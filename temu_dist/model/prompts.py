@@ -90,7 +90,12 @@ class PromptLearner(nn.Module):
         # against 989 TFLOP/s on an H100's datasheet) those 2% of a step's FLOPs would take about 12% of its time.
         # The fixed prompts above are encoded once, in fp32.
         self.text = TextTower(clip, dtype)
-        placeholder = " ".join(["X"] * cfg.n_ctx)
+        if cfg.ctx_init is not None:
+            words = int((tokenizer([cfg.ctx_init]) != 0).sum()) - 2  # less [SOS] and [EOS]
+            if words != cfg.n_ctx:
+                raise ConfigError(f"model.ctx_init: {cfg.ctx_init!r} is {words} token(s), model.n_ctx is {cfg.n_ctx}: "
+                                  f"set model.n_ctx={words}")
+        placeholder = cfg.ctx_init or " ".join(["X"] * cfg.n_ctx)
         tokens = tokenizer([f"{placeholder} {t}" for t in texts])
         longest = int((tokens != 0).sum(dim=1).max())
         if longest >= self.text.context_length:
@@ -106,7 +111,9 @@ class PromptLearner(nn.Module):
         # [SOS] before the context, the prompt words, [EOS] and padding after it: frozen.
         self.register_buffer("prefix", embeds[:, :1], persistent=False)
         self.register_buffer("suffix", embeds[:, 1 + cfg.n_ctx:], persistent=False)
-        self.ctx = nn.Parameter(torch.randn(cfg.n_ctx, self.text.width, generator=generator) * cfg.ctx_init_std)
+        ctx = embeds[0, 1:1 + cfg.n_ctx].clone() if cfg.ctx_init is not None else \
+            torch.randn(cfg.n_ctx, self.text.width, generator=generator) * cfg.ctx_init_std
+        self.ctx = nn.Parameter(ctx)
         if self.mode == "cocoop":
             embed_dim = clip.visual.proj.shape[1]
             hidden = max(1, embed_dim // cfg.cocoop_reduction)
