@@ -18,6 +18,7 @@ from PIL import Image
 
 from temu_dist.config import Config, load_config
 from temu_dist.data.augment import decode_rgb, normalize, to_input
+from temu_dist.data.images import pil_rgb
 from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.temu import QualityOutput, TeMuIQA, build_model
 
@@ -53,7 +54,7 @@ class Scorer:
         if isinstance(image, (str, Path)):
             image = self.read(image)
         elif isinstance(image, Image.Image):
-            image = image.convert("RGB")
+            image = pil_rgb(image)  # not convert("RGB"), which clips 16-bit greys to white
         elif image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"an image tensor is [3, H, W] (a batch [N, 3, H, W]); this one is {list(image.shape)}")
         elif image.is_floating_point() and image.numel() and not 0.0 <= float(image.min()) <= float(image.max()) <= 1.0:

@@ -48,6 +48,12 @@ def test_files_images_and_tensors_of_the_same_pixels_score_alike_and_as_predict_
     assert scorer([]).shape == (0,)
 
 
+def test_a_16_bit_grey_image_scores_as_its_8_bit_copy(run):
+    wide = np.linspace(0, 65535, 64 * 80).reshape(64, 80).astype(np.uint16)
+    scores = Scorer.load(run)([Image.fromarray(wide), Image.fromarray((wide >> 8).astype(np.uint8))])
+    assert float(scores[0]) == float(scores[1])
+
+
 @pytest.mark.parametrize(("image", "says"), [
     (torch.rand(3, 32, 32) * 255, r"a float image is read as \[0, 1\]; this one spans \[0.*, 25\d.*\]: divide by 255"),
     (torch.rand(32, 32, 3), r"an image tensor is \[3, H, W\] \(a batch \[N, 3, H, W\]\); this one is \[32, 32, 3\]"),
