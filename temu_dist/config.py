@@ -6,6 +6,7 @@ that names the key, and saves the resolved copy with what it writes.
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import re
 from pathlib import Path
@@ -15,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 LAYER_SPEC = re.compile(r"^(all|upto:[1-9]\d*|only:[1-9]\d*)$")
-OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
+# Segments may be numbers too (eval.cross.0.name=x), to be refused with the way to set a list.
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
 
 
 class ConfigError(ValueError):
@@ -255,10 +257,20 @@ def one_line_error(err: ValidationError, source: str) -> str:
             inputs.setdefault(key, e["input"])
         else:
             key = ".".join(str(p) for p in loc) or "<root>"
-            found[key] = "unknown key" if e["type"] == "extra_forbidden" else f"{e['msg']} (got {e['input']!r})"
+            found[key] = _unknown(key) if e["type"] == "extra_forbidden" else f"{e['msg']} (got {e['input']!r})"
     parts = [f"{key}: {v}" if isinstance(v, str) else f"{key}: expected {' or '.join(v)} (got {inputs[key]!r})"
              for key, v in found.items()]
     return f"{source}: invalid config: " + "; ".join(parts)
+
+
+def _keys(tree: dict, prefix: str = "") -> list[str]:
+    return [k for key, value in tree.items()
+            for k in (prefix + key, *(_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else ()))]
+
+
+def _unknown(key: str) -> str:
+    close = difflib.get_close_matches(key, _keys(Config().model_dump()), n=1, cutoff=0.8)
+    return f"unknown key (did you mean {close[0]}?)" if close else "unknown key"
 
 
 def check_output_folder(folder: Path, flag: str) -> None:
@@ -315,6 +327,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not is_override(item):
         raise ConfigError(f"override '{item}' is not of the form key=value (e.g. model.prompt=coop)")
     key, raw = item.split("=", 1)
+    whole = re.split(r"\.\d+(?:\.|$)", key)[0]
+    if whole != key:
+        raise ConfigError(f"override '{item}': {whole} is a list, set whole, e.g. '{whole}=[...]'")
     try:
         return key, yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError as e:

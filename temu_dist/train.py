@@ -14,12 +14,13 @@ import argparse
 import math
 import os
 import platform
+import re
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import open_clip
 import torch
@@ -162,17 +163,29 @@ ADDED_SINCE = {"train.plcc_over"}
 
 # The config sections a run's weights depend on (a search's results also on eval, what they are scored on).
 TRAINED_SECTIONS = ("seed", "model", "train", "ldg", "data")
+REPLACE = "start anew in its place with train.resume=never, which replaces its checkpoints and results"
 
 
 def _first_change(saved: dict, config: Config, sections: tuple[str, ...],
                   may_change: set[str]) -> tuple[str, object, object] | None:
-    """(key, saved value, this run's value) of the first key of `sections` that differs, but those in may_change."""
-    ours, theirs = flatten(dump(config)), flatten(saved)
+    """(key, saved value, this run's value) of the first key of `sections` that differs, but those in may_change. A
+    list of sections (eval.cross), which is given whole, is named and shown whole."""
+    tree = dump(config)
+    ours, theirs = flatten(tree), flatten(saved)
     for key in sorted(set(ours) | set(theirs)):
         if key.split(".")[0] in sections and key not in may_change \
                 and not (key in ADDED_SINCE and key not in theirs) and ours.get(key) != theirs.get(key):
+            whole = re.split(r"\.\d+(?:\.|$)", key)[0]
+            if whole != key or isinstance(ours.get(key, theirs.get(key)), list):
+                return whole, _at(saved, whole), _at(tree, whole)
             return key, theirs.get(key), ours.get(key)
     return None
+
+
+def _at(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def _check_resumable(saved: dict, config: Config, where: Path) -> None:
@@ -184,7 +197,7 @@ def _check_resumable(saved: dict, config: Config, where: Path) -> None:
     if change:
         key, theirs, ours = change
         raise ConfigError(f"{key}: {where} was trained with {theirs!r}, this run asks for {ours!r}; resume with the "
-                          "same value, or start anew with train.resume=never or another name")
+                          f"same value, or give this run another name=, or {REPLACE}")
 
 
 def _check_same_evaluation(saved: dict, config: Config, run_dir: Path) -> None:
@@ -193,9 +206,10 @@ def _check_same_evaluation(saved: dict, config: Config, run_dir: Path) -> None:
     change = _first_change(saved, config, ("eval",), RESUME_MAY_CHANGE)
     if change:
         key, theirs, ours = change
+        override = f"'{key}=[...]'" if isinstance(ours, list) else f"{key}=..."  # a list is given whole
         raise ConfigError(f"{key}: {run_dir} finished with {theirs!r}, this run asks for {ours!r}; a finished run is "
                           f"not evaluated again: score its best weights with python -m temu_dist.evaluate --checkpoint "
-                          f"{run_dir} {key}=..., or start anew with train.resume=never or another name")
+                          f"{run_dir} {override}, or train under another name=, or {REPLACE}")
 
 
 def eval_metrics(evals: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
@@ -539,8 +553,10 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dump(config), sort_keys=False))
-        if last is None:  # started anew: an earlier run's results would mark this one finished
-            (run_dir / "results.json").unlink(missing_ok=True)
+        if last is None and (run_dir / "results.json").is_file():  # it would mark this new run finished
+            accelerator.print(f"train: warning: starting anew in {run_dir}, which held a finished run: its "
+                              "results.json is removed and its checkpoints are overwritten as this run trains")
+            (run_dir / "results.json").unlink()
     tracker = Tracker(config, run_dir, main, resuming=last is not None, tags=_run_tags(accelerator, plan),
                       past=[(h["epoch"], epoch_metrics(h)) for h in resumed.get("history", [])])
     run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,20 @@ def test_override_must_be_key_value():
         load_config(None, ["model.prompt"])
     with pytest.raises(ConfigError, match="model.variant"):
         load_config(None, ["model.variant.x=1"])
+    # A list's item is not set on its own: the message says how to set the list.
+    with pytest.raises(ConfigError, match=r"^override 'eval.cross.0.name=csiq': eval.cross is a list, set whole, e.g. "
+                                          r"'eval.cross=\[\.\.\.\]'$"):
+        load_config(None, ["eval.cross.0.name=csiq"])
+
+
+@pytest.mark.parametrize(("override", "says"), [
+    ("train.epoch=3", "train.epoch: unknown key (did you mean train.epochs?)"),
+    ("model.varient=S", "model.varient: unknown key (did you mean model.variant?)"),
+    ("model.colour=red", "model.colour: unknown key$"),
+])
+def test_a_misspelt_key_is_named_with_the_key_it_may_mean(override, says):
+    with pytest.raises(ConfigError, match=re.escape(says).replace(r"\$", "$")):
+        load_config(None, [override])
 
 
 def test_overrides_leave_the_base_they_start_from_untouched():

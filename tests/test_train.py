@@ -280,7 +280,7 @@ def test_ctrl_c_says_how_to_go_on_and_marks_the_mlflow_run_killed(tmp_path, shar
     assert capsys.readouterr().err.endswith(f"\ntrain: stopped; run it with train.resume=auto to go on from {last}\n")
 
 
-def test_resume_with_other_training_settings_is_refused(tmp_path, shards, monkeypatch):
+def test_resume_with_other_training_settings_is_refused(tmp_path, shards, monkeypatch, capsys):
     import temu_dist.train as train_mod
 
     train(run_config(tmp_path, shards, "train.epochs=1"))
@@ -293,8 +293,11 @@ def test_resume_with_other_training_settings_is_refused(tmp_path, shards, monkey
         train(run_config(tmp_path, shards, "train.epochs=1", "model.precision=bf16"))
     # Started anew, the run is not finished until it writes results of its own.
     monkeypatch.setattr(train_mod, "loss_fn", stops_after(train_mod.loss_fn, 0))
+    capsys.readouterr()
     with pytest.raises(Interrupted):
         train(run_config(tmp_path, shards, "train.epochs=1", "train.lr=0.01", "train.resume=never"))
+    assert f"train: warning: starting anew in {tmp_path / 'run'}, which held a finished run: its results.json is " \
+        "removed and its checkpoints are overwritten as this run trains" in capsys.readouterr().out
     assert not (tmp_path / "run" / "results.json").exists()
     monkeypatch.undo()
     fresh = train(run_config(tmp_path, shards, "train.epochs=1", "train.lr=0.01", "train.resume=never"))
@@ -768,6 +771,14 @@ def test_a_finished_run_asked_for_other_evaluation_says_how_to_score_it(tmp_path
     train(run_config(tmp_path, shards, "train.epochs=1"))
     with pytest.raises(ConfigError, match=r"^eval.ldg: .*run finished with False, this run asks for True; a finished "
                                           r"run is not evaluated again: score its best weights with python -m "
-                                          r"temu_dist.evaluate --checkpoint .*run eval.ldg=\.\.\., or start anew"):
+                                          r"temu_dist.evaluate --checkpoint .*run eval.ldg=\.\.\., or train under "
+                                          r"another name=, or start anew in its place with train.resume=never, which "
+                                          r"replaces its checkpoints and results$"):
         train(run_config(tmp_path, shards, "train.epochs=1", "eval.ldg=true"))
+    # A list of sets is named and shown whole, and given whole in the hint: its items are not overrides of their own.
+    with pytest.raises(ConfigError, match=r"^eval.cross: .*run finished with \[\], this run asks for \[\{'name': 'x', "
+                                          r".*; a finished run is not evaluated again: score its best weights with "
+                                          r"python -m temu_dist.evaluate --checkpoint .*run 'eval.cross=\[\.\.\.\]', "
+                                          r"or"):
+        train(run_config(tmp_path, shards, "train.epochs=1", f"eval.cross=[{{name: x, shards: {shards}}}]"))
     train(run_config(tmp_path, shards, "train.epochs=1", "eval.batch_size=3"))  # how it is scored, not what
