@@ -24,9 +24,9 @@ def heatmap_overlay(image: Image.Image, patch_scores: np.ndarray, alpha: float =
     return Image.blend(rgb, Image.fromarray(colours), alpha)
 
 
-def heatmap(image: Image.Image, patch_scores: np.ndarray, score: float, path: str | Path) -> Path:
-    """The overlay under the image's score, with a colour bar for the patch scores. Shown at the image's own pixel
-    size, brought within 256-1024 px on its longer side so small images stay legible and large ones stay light."""
+def heatmap(image: Image.Image, patch_scores: np.ndarray, score: float, path: str | Path, name: str = "") -> Path:
+    """The overlay under the image's name and score, with a colour bar for the patch scores. Shown at the image's own
+    pixel size, brought within 256-1024 px on its longer side so small images stay legible and large ones stay light."""
     overlay = heatmap_overlay(image, patch_scores)
     w, h = overlay.size
     scale = min(max(1.0, 256 / max(w, h)), 1024 / max(w, h))
@@ -37,7 +37,9 @@ def heatmap(image: Image.Image, patch_scores: np.ndarray, score: float, path: st
     ax = fig.add_axes((0, 0, shown_w / width, shown_h / height))
     ax.imshow(overlay, interpolation="antialiased")
     ax.set_axis_off()
-    ax.set_title(f"score {score:.3f}", fontsize=10)
+    title = f"{name}: score {score:.3f}" if name else f"score {score:.3f}"
+    fits = shown_w // 8  # characters of 10 pt text across the image, over which the title is centred
+    ax.set_title(title if len(title) <= fits else "..." + title[-(fits - 3):], fontsize=10)
     cax = fig.add_axes(((shown_w + 10) / width, 0.05 * shown_h / height, 12 / width, 0.9 * shown_h / height))
     cbar = fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap=HEATMAP_COLOURS), cax=cax,
                         ticks=[0, 0.5, 1])

@@ -114,31 +114,42 @@ def predict(argv: list[str] | None = None) -> int:
               "scores show the pipeline working, not what TeMu-IQA reaches", file=sys.stderr)
     if heat_dir:
         heat_dir.mkdir(parents=True, exist_ok=True)
-    failed, rows = 0, []
+    failed, rows, scored, maps = 0, [], 0, 0
     progress = tqdm(total=len(args.images), desc="predict", unit="img", file=sys.stderr, disable=out_file is None)
-    for start in range(0, len(args.images), args.batch_size):
-        chunk = args.images[start:start + args.batch_size]
-        good: list[tuple[str, torch.Tensor]] = []
-        for path in chunk:
-            try:
-                good.append((path, scorer.read(path)))
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                failed += 1
-                progress.write(f"predict: cannot read image {path}: {e}", file=sys.stderr)
-        progress.update(len(chunk) - len(good))
-        if not good:
-            continue
-        out = scorer.outputs([im for _, im in good])
-        for i, (path, im) in enumerate(good):
-            row = {"path": path, "score": round(float(out.score[i]), 6)}
-            if out_file:
-                rows.append(row)
-            else:
-                print(json.dumps(row), flush=True)
-            if heat_dir:
-                heatmap(TF.to_pil_image(im), out.patch_scores[i].float().cpu().numpy(), row["score"],
-                        heat_dir / f"{Path(path).stem}.heatmap.png")
-        progress.update(len(good))
+    try:
+        for start in range(0, len(args.images), args.batch_size):
+            chunk = args.images[start:start + args.batch_size]
+            good: list[tuple[str, torch.Tensor]] = []
+            for path in chunk:
+                try:
+                    good.append((path, scorer.read(path)))
+                except (OSError, ValueError, Image.DecompressionBombError) as e:
+                    failed += 1
+                    progress.write(f"predict: cannot read image {path}: {e}", file=sys.stderr)
+            progress.update(len(chunk) - len(good))
+            if not good:
+                continue
+            out = scorer.outputs([im for _, im in good])
+            for i, (path, im) in enumerate(good):
+                row = {"path": path, "score": round(float(out.score[i]), 6)}
+                if out_file:
+                    rows.append(row)
+                else:
+                    print(json.dumps(row), flush=True)
+                scored += 1
+                if heat_dir:
+                    heatmap(TF.to_pil_image(im), out.patch_scores[i].float().cpu().numpy(), row["score"],
+                            heat_dir / f"{Path(path).stem}.heatmap.png", Path(path).name)
+                    maps += 1
+            progress.update(len(good))
+    except KeyboardInterrupt:
+        progress.close()
+        wrote = [f"{maps} heatmaps in {heat_dir}"] if heat_dir else []
+        kept = [f"{out_file} not written{' (the earlier one is as it was)' if out_file.exists() else ''}"] \
+            if out_file else []
+        print("\n" + "; ".join([f"predict: stopped after scoring {scored} of {len(args.images)} images", *wrote,
+                                *kept]), file=sys.stderr)
+        return 130
     progress.close()
     if out_file:
         out_file.parent.mkdir(parents=True, exist_ok=True)

@@ -169,14 +169,28 @@ def test_scores_go_to_a_file_written_whole_with_progress_on_stderr(images, check
     assert [float(r["score"]) for r in rows] == printed
 
 
-def test_a_stopped_run_leaves_an_earlier_scores_file_as_it_was(images, checkpoint, tmp_path, monkeypatch):
+def test_a_stopped_run_says_so_in_a_line_and_leaves_an_earlier_scores_file_as_it_was(images, checkpoint, tmp_path,
+                                                                                     monkeypatch, capsys):
+    import temu_dist.predict as predict_mod
+
     (good, _), (run, _) = images, checkpoint
     out = tmp_path / "scores.csv"
     out.write_text("path,score\nearlier.png,0.5\n")
-    monkeypatch.setattr("temu_dist.predict.heatmap", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), "--out", str(out), *map(str, good)])
+    real = predict_mod.heatmap
+    drawn = []
+
+    def ctrl_c_at_the_second(*args):
+        if drawn:
+            raise KeyboardInterrupt
+        drawn.append(real(*args))
+
+    monkeypatch.setattr(predict_mod, "heatmap", ctrl_c_at_the_second)
+    assert predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), "--out", str(out),
+                    *map(str, good)]) == 130
     assert out.read_text() == "path,score\nearlier.png,0.5\n"
+    assert capsys.readouterr().err.endswith(f"\npredict: stopped after scoring 2 of 3 images; 1 heatmaps in "
+                                            f"{tmp_path / 'maps'}; {out} not written (the earlier one is as it "
+                                            "was)\n")
 
 
 @pytest.mark.parametrize(("name", "says"), [("scores.txt", "name a .csv or a .jsonl file"),
