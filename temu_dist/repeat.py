@@ -24,7 +24,7 @@ from accelerate import PartialState
 
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import Config, ConfigError, load_config
-from temu_dist.tracking import finish_parent, parent_run, tracking_uri
+from temu_dist.tracking import config_params, config_tags, finish_parent, parent_run, tracking_uri
 from temu_dist.train import NonFiniteLoss, check_data, train
 
 METRICS = ("srcc", "plcc", "krcc")
@@ -69,9 +69,10 @@ def repeat(config: Config, splits: int) -> dict:
     uri = tracking_uri(config.tracking.uri, config.out_dir)
     parent = None
     if main and config.tracking.enabled:
-        params = {"splits": splits, "data.train": config.data.train, "key_metric": config.train.key_metric}
+        # The series' config, as each split's run has it, so the UI tells series (S from I, ...) apart.
+        params = {"splits": splits, **config_params(config)}
         parent = parent_run(uri, config.tracking.experiment, config.name, out / "mlflow_parent_run_id", params,
-                            {"temu.repeat": "true"}, "repeat")
+                            {"temu.repeat": "true", **config_tags(config)}, "repeat")
     try:
         runs = [train(split_config(config, i, parent)) for i in range(splits)]
     except BaseException as e:
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
-        summary = repeat(load_config(args.config, args.overrides), args.splits)
+        config = load_config(args.config, args.overrides)
+        summary = repeat(config, args.splits)
     except (ConfigError, NonFiniteLoss) as e:
         print(f"repeat: {e}", file=sys.stderr)
         return 1
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"repeat: {name}{at} over {args.splits} splits: " + "; ".join(
                 f"{m} {v['mean']:.4f} +- {v['std']:.4f}" + (f" (n={v['n']})" if v["n"] < args.splits else "")
                 for m, v in metrics.items()))
+        print(f"repeat: results in {Path(config.out_dir) / config.name / 'repeat.json'}")
     return 0
 
 

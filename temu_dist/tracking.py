@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from temu_dist.atomic import write_text_atomic
-from temu_dist.config import Config, dump, error_line
+from temu_dist.config import Config, ConfigError, dump, error_line
+from temu_dist.data.manifest import read_manifest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # The user's store, read before anything runs: mlflow.set_tracking_uri writes this variable, and a later run in the
@@ -110,13 +111,10 @@ class Tracker:
                           f"training goes on and results stay in {run_dir}", stacklevel=2)
             self.active = False
             return
-        params = {k: str(v) for k, v in flatten(dump(config)).items()}
-        items = [(k, v) for k, v in params.items() if k not in existing]
+        items = [(k, v) for k, v in config_params(config).items() if k not in existing]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
             self._guard(mlflow.log_params, dict(items[i:i + 100]))
-        m = config.model
-        self._guard(mlflow.set_tags, {"dataset": config.data.train or "", "variant": m.variant, "prompt": m.prompt,
-                                      "layers": m.layers, "backbone": m.backbone, **(tags or {})})
+        self._guard(mlflow.set_tags, {**config_tags(config), **(tags or {})})
         self.artifact(run_dir / "config.yaml")
         for step, values in past or []:
             if step not in logged:
@@ -151,12 +149,35 @@ class Tracker:
             self._guard(self.mlflow.end_run, status)
 
 
+def config_params(config: Config) -> dict[str, str]:
+    """The resolved config as MLflow params: one per dotted key, so the UI's columns compare runs key by key."""
+    return {k: str(v) for k, v in flatten(dump(config)).items()}
+
+
+def config_tags(config: Config) -> dict[str, str]:
+    """What the UI's run list tells runs apart by: the training pack's dataset (its manifest's name, else the path),
+    variant, prompt, layers, backbone."""
+    m = config.model
+    return {"dataset": _dataset(config.data.train), "variant": m.variant, "prompt": m.prompt, "layers": m.layers,
+            "backbone": m.backbone}
+
+
+def _dataset(train: str | None) -> str:
+    if not train:
+        return ""
+    try:
+        return str(read_manifest(train.replace("{split}", "0"))["dataset"])  # a series' packs: one dataset
+    except (ConfigError, KeyError):
+        return train
+
+
 def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict[str, Any], tags: dict[str, str],
                what: str) -> str | None:
     """An MLflow run that groups others as its children (a search's trials, a repeat's splits): made once, found
     again from `id_file` when the interrupted command is rerun. None, with a warning, where MLflow is not usable."""
     try:
         import mlflow
+        from mlflow.entities import Param
 
         http_limits(uri)
         mlflow.set_tracking_uri(uri)
@@ -167,8 +188,9 @@ def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict
             return known
         client = mlflow.MlflowClient(uri)
         run = client.create_run(experiment_id, run_name=name, tags=tags)
-        for key, value in params.items():
-            client.log_param(run.info.run_id, key, str(value)[:500])
+        items = [Param(key, str(value)[:500]) for key, value in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+            client.log_batch(run.info.run_id, params=items[i:i + 100])
         id_file.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(id_file, run.info.run_id)
         return run.info.run_id

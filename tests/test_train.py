@@ -53,6 +53,7 @@ def test_train_writes_results_checkpoints_plots_and_mlflow(tmp_path, shards):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlrun = client.get_run(results["mlflow_run_id"])
     assert mlrun.data.params["model.prompt"] == "coop" and mlrun.data.tags["variant"] == "I"
+    assert mlrun.data.tags["dataset"] == "kadid10k"  # the pack's dataset, not its path
     assert mlrun.data.tags["processes"] == "1" and mlrun.data.tags["torch"] == torch.__version__
     assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "test/srcc")] == [1, 2]
     # The best epoch's results as metrics of their own (the curves' latest values are the last epoch's).
@@ -396,6 +397,9 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     own = [r["own_best"]["val"]["srcc"] for r in runs]
     assert summary["sets_own_best"]["val"]["srcc"]["values"] == own
     assert parent.data.metrics["own_best/val/srcc_mean"] == pytest.approx(sum(own) / 2)
+    # The series' config and tags, as its runs have them: series of other variants are told apart in the UI.
+    assert parent.data.params["model.variant"] == "I" and parent.data.params["train.epochs"] == "1"
+    assert (parent.data.tags["variant"], parent.data.tags["dataset"]) == ("I", "kadid10k")
     assert sorted(r.info.run_name for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id) == \
         ["rep-split0", "rep-split1"]
     trained = tmp_path / "rep-split0" / "checkpoints" / "last" / "weights.safetensors"
@@ -453,7 +457,8 @@ def test_repeat_prints_a_set_at_its_own_best_epochs_only_where_that_differs(monk
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     assert repeat_mod.main(["--config", str(demo), "--splits", "2"]) == 0
     assert [line.split(" over ")[0] for line in capsys.readouterr().out.splitlines()] == [
-        "repeat: test", "repeat: livec", "repeat: livec at its own best epochs"]
+        "repeat: test", "repeat: livec", "repeat: livec at its own best epochs",
+        "repeat: results in runs/demo/repeat.json"]
 
 
 def test_repeat_averages_a_metric_over_the_splits_where_it_is_finite():
