@@ -4,6 +4,9 @@
     scorer = Scorer.load("runs/koniq")     # a run folder (its best checkpoint) or a checkpoint folder
     scorer(["a.jpg", "b.png"])             # tensor([0.61, 0.43]): in [0, 1], higher is better
     scorer(batch)                          # images as tensors: float [N, 3, H, W] in [0, 1], or uint8; any size
+    scorer.to("cuda")                      # an nn.Module: .to(), .cuda() move the model
+
+Scores are [N] (IQA-PyTorch's metrics give [N, 1]), higher is better (`lower_better` is False, as pyiqa names it).
 
 Images are decoded and resized as training and evaluation decode and resize them, so a file scores here as it does in
 `evaluate`.
@@ -15,6 +18,7 @@ from typing import Sequence, Union
 
 import torch
 from PIL import Image
+from torch import nn
 
 from temu_dist.config import Config, load_config
 from temu_dist.data.augment import decode_rgb, normalize, to_input
@@ -25,11 +29,23 @@ from temu_dist.model.temu import QualityOutput, TeMuIQA, build_model
 ImageLike = Union[str, Path, Image.Image, torch.Tensor]
 
 
-class Scorer:
+class Scorer(nn.Module):
+    lower_better = False
+    score_range = (0.0, 1.0)
+
     def __init__(self, model: TeMuIQA, config: Config):
+        super().__init__()
         self.model = model.eval()
         self.config = config
-        self.device = next(model.parameters()).device
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def __repr__(self) -> str:
+        m = self.config.model
+        return (f"Scorer({m.backbone}, variant={m.variant}, prompt={m.prompt}, layers={m.layers}, "
+                f"image_size={m.image_size}, device={self.device})")
 
     @classmethod
     def load(cls, checkpoint: str | Path, overrides: Sequence[str] = (), device: torch.device | None = None) -> Scorer:
@@ -51,6 +67,8 @@ class Scorer:
 
     def _prepared(self, image: ImageLike) -> torch.Tensor:
         """One image -> float [3, h, w] in [0, 1] at the model's input size."""
+        if isinstance(image, torch.Tensor):
+            image = image.detach()  # scores are not differentiable: the tower runs without autograd
         if isinstance(image, (str, Path)):
             image = self.read(image)
         elif isinstance(image, Image.Image):
@@ -59,7 +77,8 @@ class Scorer:
             raise ValueError(f"an image tensor is [3, H, W] (a batch [N, 3, H, W]); this one is {list(image.shape)}")
         elif image.is_floating_point() and image.numel() and not 0.0 <= float(image.min()) <= float(image.max()) <= 1.0:
             raise ValueError(f"a float image is read as [0, 1]; this one spans [{float(image.min()):g}, "
-                             f"{float(image.max()):g}]: divide by 255, or pass uint8")
+                             f"{float(image.max()):g}]: divide 0-255 values by 255 (or pass uint8), map -1..1 ones by "
+                             "(x + 1) / 2")
         x = to_input(image, self.config.model.image_hw())  # uint8 resized as the loader resizes it
         return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
@@ -69,7 +88,7 @@ class Scorer:
         with torch.no_grad():
             return self.model(normalize(batch, self.model.backbone.mean, self.model.backbone.std))
 
-    def __call__(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 8) -> torch.Tensor:
+    def forward(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 8) -> torch.Tensor:
         """Scores [N] (fp32, on the CPU) of an image, a batch tensor [N, 3, H, W] or a list of images, in order."""
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             images = list(images)

@@ -55,12 +55,24 @@ def test_a_16_bit_grey_image_scores_as_its_8_bit_copy(run):
 
 
 @pytest.mark.parametrize(("image", "says"), [
-    (torch.rand(3, 32, 32) * 255, r"a float image is read as \[0, 1\]; this one spans \[0.*, 25\d.*\]: divide by 255"),
+    (torch.rand(3, 32, 32) * 255, r"a float image is read as \[0, 1\]; this one spans \[0.*, 25\d.*\]: divide 0-255 "
+                                  r"values by 255 \(or pass uint8\), map -1..1 ones by \(x \+ 1\) / 2$"),
     (torch.rand(32, 32, 3), r"an image tensor is \[3, H, W\] \(a batch \[N, 3, H, W\]\); this one is \[32, 32, 3\]"),
 ])
 def test_tensors_it_would_misread_are_refused_naming_what_they_are(run, image, says):
     with pytest.raises(ValueError, match=says):
         Scorer.load(run)(image)
+
+
+def test_it_is_a_module_that_says_what_it_scores_with_and_takes_tensors_that_carry_gradients(run, recwarn):
+    scorer = Scorer.load(run)
+    assert scorer.to("cpu") is scorer and scorer.device == torch.device("cpu")
+    assert repr(scorer) == ("Scorer(Test-Tiny-ViT-16, variant=I, prompt=coop, layers=all, image_size=64, "
+                            "device=cpu)")
+    assert (scorer.lower_better, scorer.score_range) == (False, (0.0, 1.0))
+    x = torch.rand(2, 3, 40, 40, requires_grad=True)
+    assert scorer(x).shape == (2,)
+    assert not [w for w in recwarn if "requires_grad" in str(w.message)]
 
 
 def test_an_untrained_head_scores_from_a_config(tmp_path, photos):
