@@ -280,7 +280,8 @@ def test_one_key_of_the_space_is_set_from_the_command_line(tmp_path, shards):
     path = _search_file(tmp_path, shards, "cli", {"model.prompt": {"grid": ["none", "coop"]}})
     search = load_search(path, ["space.model.layers={grid: [all, 'upto:3']}", "space.model.prompt={grid: [coop]}"])
     assert search.space == {"model.prompt": {"grid": ["coop"]}, "model.layers": {"grid": ["all", "upto:3"]}}
-    with pytest.raises(ConfigError, match=r"space \+ overrides: invalid config: model.promt: unknown key$"):
+    with pytest.raises(ConfigError, match=r"space \+ overrides: invalid config: model.promt: unknown key "
+                                          r"\(did you mean model.prompt\?\)$"):
         load_search(path, ["space.model.promt={grid: [none]}"])
 
 
