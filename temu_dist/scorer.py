@@ -56,8 +56,9 @@ class Scorer(nn.Module):
     @classmethod
     def from_config(cls, path: str | Path | None, overrides: Sequence[str] = (),
                     device: torch.device | None = None) -> Scorer:
-        """An untrained head on the config's backbone: zero-shot multi-layer scoring."""
-        config = load_config(path, list(overrides))
+        """An untrained head on the config's backbone: zero-shot multi-layer scoring, with the fixed prompts unless the
+        config names a prompt tuning (whose context would be random here)."""
+        config = load_config(path, list(overrides), base={"model": {"prompt": "none"}}, base_source="untrained head")
         return cls(build_model(config, device), config)
 
     @staticmethod

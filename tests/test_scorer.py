@@ -78,5 +78,8 @@ def test_it_is_a_module_that_says_what_it_scores_with_and_takes_tensors_that_car
 def test_an_untrained_head_scores_from_a_config(tmp_path, photos):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model:\n  backbone: Test-Tiny-ViT-16\n  pretrained: null\n  image_size: 64\n")
-    scores = Scorer.from_config(cfg)(photos)
+    scorer = Scorer.from_config(cfg)
+    assert scorer.config.model.prompt == "none"  # not the trained default, cocoop, whose context would be random
+    scores = scorer(photos)
     assert ((scores > 0) & (scores < 1)).all()
+    assert Scorer.from_config(cfg, ["model.prompt=coop"]).config.model.prompt == "coop"

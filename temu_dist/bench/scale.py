@@ -66,7 +66,7 @@ def _evaluate(shards: str, queue: mp.Queue) -> None:
     from temu_dist.model.temu import build_model
 
     config = load_config(None, ["model.backbone=TeMu-Tiny-ViT-16", "model.pretrained=null", "model.image_size=32",
-                                "data.workers=2", "eval.batch_size=256", "device=cpu"])
+                                "model.prompt=none", "data.workers=2", "eval.batch_size=256", "device=cpu"])
     accelerator = Accelerator(cpu=True)
     model = build_model(config, accelerator.device)
     start = time.perf_counter()
