@@ -63,7 +63,7 @@ class ModelConfig(Section):
     ctx_init_std: float = 0.02
     # Words whose token embeddings start the context instead of random vectors, as CoOp's and CoCoOp's CTX_INIT (their
     # published setting: "a photo of a", with n_ctx its 4 tokens); null: random, std ctx_init_std.
-    ctx_init: str | None = None
+    ctx_init: str | None = Field(None, min_length=1)
     # CoCoOp meta-net bottleneck: hidden width = embed_dim // this.
     cocoop_reduction: int = Field(16, ge=1)
     # A trainable affine LayerNorm per layer before the frozen ln_post (initialised to identity).
@@ -97,6 +97,13 @@ class ModelConfig(Section):
         if not v:
             raise ValueError("at least one (good, bad) pair is needed")
         return v
+
+    @model_validator(mode="after")
+    def _context(self) -> "ModelConfig":
+        if self.ctx_init is not None and self.prompt == "none":
+            raise ValueError(f"ctx_init {self.ctx_init!r} starts a learned context, which prompt none has none of: "
+                             "set model.prompt to coop or cocoop, or leave ctx_init out")
+        return self
 
     def image_hw(self) -> tuple[int, int]:
         return _hw(self.image_size)
@@ -322,13 +329,25 @@ def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return tree
 
 
+def list_of(key: str) -> str:
+    """The key up to its first position in a list: eval.cross for eval.cross.0.name (flattened, or as typed)."""
+    return re.split(r"\.\d+(?:\.|$)", key)[0]
+
+
+def value_at(tree: Any, dotted: str) -> Any:
+    """tree's value at a dotted key, or None."""
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """`key.sub=value` -> (key.sub, the value parsed as YAML)."""
     if not is_override(item):
         raise ConfigError(f"override '{item}' is not of the form key=value (e.g. model.prompt=coop)")
     key, raw = item.split("=", 1)
-    whole = re.split(r"\.\d+(?:\.|$)", key)[0]
-    if whole != key:
+    whole = list_of(key)
+    if whole != key and isinstance(value_at(Config().model_dump(), whole), list):
         raise ConfigError(f"override '{item}': {whole} is a list, set whole, e.g. '{whole}=[...]'")
     try:
         return key, yaml.safe_load(raw) if raw else ""

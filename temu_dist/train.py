@@ -14,13 +14,12 @@ import argparse
 import math
 import os
 import platform
-import re
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import open_clip
 import torch
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist.checkpoint import find_checkpoint, load_saved_config, load_trainer_state, save_checkpoint, set_rng_state
-from temu_dist.config import Config, ConfigError, check_output_folder, dump, load_config
+from temu_dist.config import Config, ConfigError, check_output_folder, dump, list_of, load_config, value_at
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import check_fidelity_size, ldg_targets
 from temu_dist.data.stream import SharedEpoch, split_shards, train_loader
@@ -175,17 +174,11 @@ def _first_change(saved: dict, config: Config, sections: tuple[str, ...],
     for key in sorted(set(ours) | set(theirs)):
         if key.split(".")[0] in sections and key not in may_change \
                 and not (key in ADDED_SINCE and key not in theirs) and ours.get(key) != theirs.get(key):
-            whole = re.split(r"\.\d+(?:\.|$)", key)[0]
+            whole = list_of(key)
             if whole != key or isinstance(ours.get(key, theirs.get(key)), list):
-                return whole, _at(saved, whole), _at(tree, whole)
+                return whole, value_at(saved, whole), value_at(tree, whole)
             return key, theirs.get(key), ours.get(key)
     return None
-
-
-def _at(tree: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
 
 
 def _check_resumable(saved: dict, config: Config, where: Path) -> None:

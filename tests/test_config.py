@@ -101,6 +101,20 @@ def test_override_must_be_key_value():
     with pytest.raises(ConfigError, match=r"^override 'eval.cross.0.name=csiq': eval.cross is a list, set whole, e.g. "
                                           r"'eval.cross=\[\.\.\.\]'$"):
         load_config(None, ["eval.cross.0.name=csiq"])
+    for not_a_list in ("train.0=3", "model.n_ctx.0=1"):  # no list there: not said to be one
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [not_a_list])
+        assert "is a list" not in str(err.value)
+
+
+@pytest.mark.parametrize(("overrides", "says"), [
+    (["model.ctx_init="], "model.ctx_init: String should have at least 1 character"),
+    (["model.prompt=none", "model.ctx_init=a photo of a"], "model: Value error, ctx_init 'a photo of a' starts a "
+                                                           "learned context, which prompt none has none of"),
+])
+def test_context_words_need_a_learned_context(overrides, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(None, overrides)
 
 
 @pytest.mark.parametrize(("override", "says"), [
