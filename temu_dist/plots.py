@@ -31,16 +31,19 @@ def heatmap(image: Image.Image, patch_scores: np.ndarray, score: float, path: st
     w, h = overlay.size
     scale = min(max(1.0, 256 / max(w, h)), 1024 / max(w, h))
     shown_w, shown_h = round(w * scale), round(h * scale)
-    bar, title = 110, 30  # px beside the image for the colour bar and its labels, px above it for the score
-    fig = plt.figure(figsize=((shown_w + bar) / 100, (shown_h + title) / 100), dpi=100)
-    width, height = shown_w + bar, shown_h + title
+    # px: the title's line, the colour bar with its labels; the image's column and row at least as wide as a short
+    # title and as tall as a legible bar, whatever the image's aspect.
+    title_px, bar_px, column, row = 30, 110, max(shown_w, 160), max(shown_h, 120)
+    width, height = column + bar_px, row + title_px
+    fig = plt.figure(figsize=(width / 100, height / 100), dpi=100)
     ax = fig.add_axes((0, 0, shown_w / width, shown_h / height))
     ax.imshow(overlay, interpolation="antialiased")
     ax.set_axis_off()
     title = f"{name}: score {score:.3f}" if name else f"score {score:.3f}"
-    fits = shown_w // 8  # characters of 10 pt text across the image, over which the title is centred
-    ax.set_title(title if len(title) <= fits else "..." + title[-(fits - 3):], fontsize=10)
-    cax = fig.add_axes(((shown_w + 10) / width, 0.05 * shown_h / height, 12 / width, 0.9 * shown_h / height))
+    fits = (width - 8) // 8  # characters of 10 pt text across the canvas
+    fig.text(4 / width, 1 - title_px / 2 / height, title if len(title) <= fits else "..." + title[3 - fits:],
+             ha="left", va="center", fontsize=10)
+    cax = fig.add_axes(((column + 10) / width, 0.05 * row / height, 12 / width, 0.9 * row / height))
     cbar = fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap=HEATMAP_COLOURS), cax=cax,
                         ticks=[0, 0.5, 1])
     cbar.ax.set_yticklabels(["0 worse", "0.5", "1 better"], fontsize=8)

@@ -53,10 +53,11 @@ def test_scores_good_images_and_names_the_corrupt_one(images, checkpoint, tmp_pa
     for p in good:
         heat = np.asarray(Image.open(tmp_path / "maps" / f"{p.stem}.heatmap.png").convert("RGB")).astype(int)
         w, h = Image.open(p).size
-        scale = 256 / max(w, h)  # small images are shown larger
-        assert heat.shape == (round(h * scale) + 30, round(w * scale) + 110, 3)
+        scale = 256 / max(w, h)  # small images are shown larger, in a column at least 160 px wide
+        column = max(round(w * scale), 160)
+        assert heat.shape == (round(h * scale) + 30, column + 110, 3)
         # The colour bar beside the image runs from green (1, better) at the top to red (0, worse) at the bottom.
-        bar = heat[30:, round(w * scale) + 16]
+        bar = heat[30:, column + 16]
         top, bottom = bar[round(0.1 * len(bar))], bar[round(0.9 * len(bar))]
         assert top[1] > top[0] + 60 and bottom[0] > bottom[1] + 60, (top, bottom)
     assert not (tmp_path / "maps" / "corrupt.heatmap.png").exists()
