@@ -11,6 +11,7 @@ continues from checkpoints/last (train.resume=auto).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -574,11 +575,12 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
             write_json_atomic(run_dir / "results.json", summary)
             (run_dir / "plots").mkdir(exist_ok=True)
             score_vs_time(run.history, [s.name for s in sets], run_dir / "plots" / "score_vs_time.png")
+        elif _add_own_best(run_dir / "results.json", summary["own_best"]) and "best_epoch" in tracker.tags_before:
+            _log_own_best(tracker, summary["own_best"])
         if not (finished and "best_epoch" in tracker.tags_before):
             # The epoch results.json reports, beside the per-epoch curves (whose latest value is the last epoch's).
             tracker.metrics(eval_metrics(run.best["eval"], "best/"), step=run.best["epoch"])
-            for name, metrics in summary["own_best"].items():
-                tracker.metrics(eval_metrics({name: metrics}, "own_best/"), step=metrics["epoch"])
+            _log_own_best(tracker, summary["own_best"])
             for path in [run_dir / "results.json", *sorted((run_dir / "plots").glob("*.png"))]:
                 tracker.artifact(path, None if path.suffix != ".png" else "plots")
             for path in sorted((ckpt_dir / "best").glob("*")):
@@ -588,6 +590,23 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     # The process group stays up: repeat and other callers may train again; the entry points tear it down.
     accelerator.wait_for_everyone()
     return summary
+
+
+def _log_own_best(tracker: Tracker, own: dict[str, dict]) -> None:
+    for name, metrics in own.items():
+        tracker.metrics(eval_metrics({name: metrics}, "own_best/"), step=metrics["epoch"])
+
+
+def _add_own_best(path: Path, own: dict[str, dict]) -> bool:
+    """A run finished before results.json reported own_best gets it, from its history, when it is run again."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False  # the results it has stay as they are
+    if "own_best" in results:
+        return False
+    write_json_atomic(path, {**results, "own_best": own})
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -641,6 +641,21 @@ def finished_run(tmp_path_factory, shards):
     return out / "run"
 
 
+def test_a_run_finished_before_own_best_gets_it_when_run_again(tmp_path, shards, monkeypatch):
+    import temu_dist.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_log_own_best", lambda *a: None)  # as before own_best was reported
+    train(run_config(tmp_path, shards, "train.epochs=1"))
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    old = {k: v for k, v in json.loads((run / "results.json").read_text()).items() if k != "own_best"}
+    (run / "results.json").write_text(json.dumps(old))
+    again = train(run_config(tmp_path, shards, "train.epochs=1"))
+    assert json.loads((run / "results.json").read_text()) == {**old, "own_best": again["own_best"]}
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(again["mlflow_run_id"], "own_best/test/srcc")] == [1]
+
+
 def _truncate(path):
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 
