@@ -3,8 +3,8 @@
     python -m temu_dist.predict --checkpoint RUN_DIR IMAGE|FOLDER... [--heatmap DIR] [--out FILE] [key=value ...]
     python -m temu_dist.predict --config configs/X.yaml IMAGE...   (an untrained head: zero-shot multi-layer scoring)
 
-With --out, the scores go to a CSV (path,score) or JSON-lines file, written whole when every image is done, and a
-progress bar takes stdout's place.
+With --out, the scores go to a CSV (path,score) or JSON-lines file, written whole when every image is done, with a
+progress bar on stderr and nothing on stdout.
 
 An image that cannot be read gets an error line on stderr naming it; the others are still scored, and the exit
 status is 1.
@@ -163,6 +163,9 @@ def main() -> None:
         sys.exit(predict())
     except ConfigError as e:
         sys.exit(f"predict: {e}")
+    except KeyboardInterrupt:  # while the model loads; once scoring, predict says what it wrote
+        sys.stderr.write("\npredict: stopped before scoring any image; nothing written\n")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -111,9 +111,8 @@ class Tracker:
                           f"training goes on and results stay in {run_dir}", stacklevel=2)
             self.active = False
             return
-        items = [(k, v) for k, v in config_params(config).items() if k not in existing]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
-            self._guard(mlflow.log_params, dict(items[i:i + 100]))
+        self._guard(log_params, mlflow.MlflowClient(), self.run_id,
+                    {k: v for k, v in config_params(config).items() if k not in existing})
         self._guard(mlflow.set_tags, {**config_tags(config), **(tags or {})})
         self.artifact(run_dir / "config.yaml")
         for step, values in past or []:
@@ -149,6 +148,17 @@ class Tracker:
             self._guard(self.mlflow.end_run, status)
 
 
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    """params as text, in batches of 100, the most one call takes; a value past MLflow's limit is cut to it (the
+    resolved config, config.yaml, is an artifact beside them)."""
+    from mlflow.entities import Param
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    items = [Param(key, str(value)[:MAX_PARAM_VAL_LENGTH]) for key, value in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
 def config_params(config: Config) -> dict[str, str]:
     """The resolved config as MLflow params: one per dotted key, so the UI's columns compare runs key by key."""
     return {k: str(v) for k, v in flatten(dump(config)).items()}
@@ -177,7 +187,6 @@ def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict
     again from `id_file` when the interrupted command is rerun. None, with a warning, where MLflow is not usable."""
     try:
         import mlflow
-        from mlflow.entities import Param
 
         http_limits(uri)
         mlflow.set_tracking_uri(uri)
@@ -188,9 +197,7 @@ def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict
             return known
         client = mlflow.MlflowClient(uri)
         run = client.create_run(experiment_id, run_name=name, tags=tags)
-        items = [Param(key, str(value)[:500]) for key, value in params.items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
-            client.log_batch(run.info.run_id, params=items[i:i + 100])
+        log_params(client, run.info.run_id, params)
         id_file.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(id_file, run.info.run_id)
         return run.info.run_id

@@ -205,3 +205,15 @@ def test_an_out_file_that_cannot_be_written_fails_before_any_scoring(images, che
     monkeypatch.setattr("temu_dist.scorer.load_model", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(ConfigError, match=f"^--out {tmp_path / name}: {says}$"):
         predict(["--checkpoint", str(run), "--out", str(tmp_path / name), str(good[0])])
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line(images, checkpoint, monkeypatch, capsys):
+    import temu_dist.predict as predict_mod
+
+    (good, _), (run, _) = images, checkpoint
+    monkeypatch.setattr(predict_mod.Scorer, "load", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr("sys.argv", ["predict", "--checkpoint", str(run), str(good[0])])
+    with pytest.raises(SystemExit) as stopped:
+        predict_mod.main()
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == "\npredict: stopped before scoring any image; nothing written\n"

@@ -6,7 +6,8 @@ image: whether a file exists and decodes is the packer's check.
 
 Conventions, the same for every dataset:
 - `name` is the image path relative to the dataset root, POSIX style; `path` is root / name.
-- `mos` is the label rescaled from `DatasetInfo.raw_range` to [0, 1], flipped where lower is better (DMOS).
+- `mos` is the label rescaled from `DatasetInfo.raw_range` to [0, 1], flipped where lower is better (DMOS); LIVE's
+  few labels past its range land a little outside.
 - `ref` is the reference image's file name (synthetic sets only), so both sources give the same ids.
 - `row` is where a person finds the entry: the CSV/xlsx row with the header as row 1, the text line (AVA.txt),
   or the 1-based element of a .mat array.
@@ -43,7 +44,7 @@ class DataError(ConfigError):
 class Record:
     name: str            # image path relative to the dataset root, POSIX style; unique key within the dataset
     path: Path           # absolute path of the image file
-    mos: float           # normalised to [0, 1], higher is better (DMOS datasets flipped)
+    mos: float           # normalised to [0, 1] (LIVE: a little past), higher is better (DMOS datasets flipped)
     mos_raw: float       # the value exactly as in the label file (AVA: the mean of its vote counts)
     ref: str | None      # reference image file name for synthetic datasets (KADID-10k, CSIQ, LIVE), else None
     split: str | None    # the release's official split ('train' | 'val' | 'test') where it has one, else None
