@@ -14,7 +14,7 @@ Images are decoded and resized as training and evaluation decode and resize them
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Iterable, Sequence, Union
 
 import torch
 from PIL import Image
@@ -74,6 +74,8 @@ class Scorer(nn.Module):
             image = self.read(image)
         elif isinstance(image, Image.Image):
             image = pil_rgb(image)  # not convert("RGB"), which clips 16-bit greys to white
+        elif not isinstance(image, torch.Tensor):
+            raise TypeError(f"an image is a file path, a PIL image or a [3, H, W] tensor, not a {type(image).__name__}")
         elif image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"an image tensor is [3, H, W] (a batch [N, 3, H, W]); this one is {list(image.shape)}")
         elif image.is_floating_point() and image.numel() and not 0.0 <= float(image.min()) <= float(image.max()) <= 1.0:
@@ -89,12 +91,14 @@ class Scorer(nn.Module):
         with torch.no_grad():
             return self.model(normalize(batch, self.model.backbone.mean, self.model.backbone.std))
 
-    def forward(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 8) -> torch.Tensor:
+    def forward(self, images: ImageLike | Iterable[ImageLike], batch_size: int = 8) -> torch.Tensor:
         """Scores [N] (fp32, on the CPU) of an image, a batch tensor [N, 3, H, W] or a list of images, in order."""
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             images = list(images)
-        elif not isinstance(images, (list, tuple)):
+        elif isinstance(images, (str, Path, Image.Image, torch.Tensor)):
             images = [images]
+        else:
+            images = list(images)  # a list, or any iterable of images
         scores = [self.outputs(images[i:i + batch_size]).score.float().cpu()
                   for i in range(0, len(images), batch_size)]
         return torch.cat(scores) if scores else torch.empty(0)

@@ -46,6 +46,10 @@ def test_files_images_and_tensors_of_the_same_pixels_score_alike_and_as_predict_
     same_size = torch.stack([u.float() / 255 for u in uint8[:1] * 2])
     assert scorer(same_size).tolist() == pytest.approx([float(from_files[0])] * 2, abs=2e-3)
     assert scorer([]).shape == (0,)
+    torch.testing.assert_close(scorer(p for p in photos), from_files)  # any iterable
+    with pytest.raises(TypeError, match="^an image is a file path, a PIL image or a \\[3, H, W\\] tensor, not a "
+                                        "ndarray$"):
+        scorer([np.zeros((8, 8, 3), dtype=np.uint8)])
 
 
 def test_a_16_bit_grey_image_scores_as_its_8_bit_copy(run):
