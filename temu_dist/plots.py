@@ -15,25 +15,32 @@ from PIL import Image  # noqa: E402
 HEATMAP_COLOURS = "RdYlGn"  # red is bad, green is good
 
 
-def heatmap_overlay(image: Image.Image, patch_scores: np.ndarray, alpha: float = 0.45) -> Image.Image:
-    """The patch-score map [gh, gw] in [0, 1], upsampled over the image: red is bad, green is good."""
+def heatmap_overlay(image: Image.Image, patch_scores: np.ndarray, alpha: float = 0.45,
+                    span: tuple[float, float] = (0.0, 1.0)) -> Image.Image:
+    """The patch-score map [gh, gw], upsampled over the image, coloured over `span`: red is bad, green is good."""
     rgb = image.convert("RGB")
-    scores = Image.fromarray(np.clip(patch_scores, 0.0, 1.0).astype(np.float32), mode="F")
+    lo, hi = span
+    scores = Image.fromarray(np.clip((patch_scores - lo) / (hi - lo), 0.0, 1.0).astype(np.float32), mode="F")
     scores = np.asarray(scores.resize(rgb.size, Image.BILINEAR))
     colours = (colormaps[HEATMAP_COLOURS](scores)[..., :3] * 255).astype(np.uint8)
     return Image.blend(rgb, Image.fromarray(colours), alpha)
 
 
-def heatmap(image: Image.Image, patch_scores: np.ndarray, score: float, path: str | Path, name: str = "") -> Path:
+def heatmap(image: Image.Image, patch_scores: np.ndarray, score: float, path: str | Path, name: str = "",
+            stretch: bool = False) -> Path:
     """The overlay under the image's name and score, with a colour bar for the patch scores. Shown at the image's own
-    pixel size, brought within 256-1024 px on its longer side so small images stay legible and large ones stay light."""
-    overlay = heatmap_overlay(image, patch_scores)
+    pixel size, brought within 256-1024 px on its longer side so small images stay legible and large ones stay light.
+    The colours span 0-1, the same for every image; `stretch`: this map's own lowest to highest score, which shows
+    where a model whose patch scores differ little looks, but not how much."""
+    lo, hi = float(patch_scores.min()), float(patch_scores.max())
+    span = (lo, hi) if stretch and hi > lo else (0.0, 1.0)
+    overlay = heatmap_overlay(image, patch_scores, span=span)
     w, h = overlay.size
     scale = min(max(1.0, 256 / max(w, h)), 1024 / max(w, h))
     shown_w, shown_h = round(w * scale), round(h * scale)
     # px: the title's line, the colour bar with its labels; the image's column and row at least as wide as a short
     # title and as tall as a legible bar, whatever the image's aspect.
-    title_px, bar_px, column, row = 30, 110, max(shown_w, 160), max(shown_h, 120)
+    title_px, bar_px, column, row = 30, 130, max(shown_w, 160), max(shown_h, 120)
     width, height = column + bar_px, row + title_px
     fig = plt.figure(figsize=(width / 100, height / 100), dpi=100)
     ax = fig.add_axes((0, 0, shown_w / width, shown_h / height))
@@ -44,9 +51,9 @@ def heatmap(image: Image.Image, patch_scores: np.ndarray, score: float, path: st
     fig.text(4 / width, 1 - title_px / 2 / height, title if len(title) <= fits else "..." + title[3 - fits:],
              ha="left", va="center", fontsize=10)
     cax = fig.add_axes(((column + 10) / width, 0.05 * row / height, 12 / width, 0.9 * row / height))
-    cbar = fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap=HEATMAP_COLOURS), cax=cax,
-                        ticks=[0, 0.5, 1])
-    cbar.ax.set_yticklabels(["0 worse", "0.5", "1 better"], fontsize=8)
+    ticks = [span[0], sum(span) / 2, span[1]]
+    cbar = fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(*span), cmap=HEATMAP_COLOURS), cax=cax, ticks=ticks)
+    cbar.ax.set_yticklabels([f"{ticks[0]:.3g} worse", f"{ticks[1]:.3g}", f"{ticks[2]:.3g} better"], fontsize=8)
     cbar.set_label("patch score", fontsize=8)
     fig.savefig(path, dpi=100)  # not bbox "tight": the canvas is laid out to the pixel above
     plt.close(fig)

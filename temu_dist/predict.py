@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     source.add_argument("--checkpoint", help="a run folder (its best checkpoint) or a checkpoint folder")
     source.add_argument("--config", help="a config YAML: score with a freshly initialised head")
     parser.add_argument("--heatmap", help="write IMAGE_STEM.heatmap.png patch-score maps into this folder")
+    parser.add_argument("--heatmap-scale", choices=["fixed", "stretch"], default="fixed",
+                        help="colours over 0-1 for every map (fixed, default), or over each map's own lowest to "
+                             "highest score (stretch: where a model's scores differ little, where it looks)")
     parser.add_argument("--out", help="write the scores to this .csv (path,score) or .jsonl file instead of stdout")
     parser.add_argument("--batch-size", type=_positive, default=8, help="images scored at once (default 8)")
     parser.add_argument("items", nargs="+", metavar="IMAGE | FOLDER | key=value",
@@ -139,7 +142,8 @@ def predict(argv: list[str] | None = None) -> int:
                 scored += 1
                 if heat_dir:
                     heatmap(TF.to_pil_image(im), out.patch_scores[i].float().cpu().numpy(), row["score"],
-                            heat_dir / f"{Path(path).stem}.heatmap.png", Path(path).name)
+                            heat_dir / f"{Path(path).stem}.heatmap.png", Path(path).name,
+                            stretch=args.heatmap_scale == "stretch")
                     maps += 1
             progress.update(len(good))
     except KeyboardInterrupt:

@@ -37,3 +37,23 @@ def test_scatter_axes_widen_for_targets_a_little_outside_0_1(tmp_path, monkeypat
     plots.scatter(np.array([0.2, 0.5]), np.array([-0.05, 1.03]), "t", "ground truth", tmp_path / "out.png")
     assert limits[0] == ((0.0, 1.0), (0.0, 1.0))
     assert limits[1] == ((-0.05, 1.03), (-0.05, 1.03))
+
+
+def test_a_stretched_heatmap_colours_a_narrow_map_over_its_own_span(tmp_path):
+    import numpy as np
+
+    from temu_dist.plots import heatmap
+
+    grey = Image.new("RGB", (256, 128), (128, 128, 128))
+    narrow = np.array([[0.45, 0.55]])  # left patch a little worse than the right one
+
+    def halves(**kw):
+        path = heatmap(grey, narrow, 0.5, tmp_path / "h.png", "grey.png", **kw)
+        im = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return im[30 + 64, 10], im[30 + 64, 245]  # inside the left and the right patch, below the title
+
+    left, right = halves()
+    assert abs(left[0] - right[0]) < 40 and abs(left[1] - right[1]) < 40  # over 0-1: both near the middle
+    left, right = halves(stretch=True)
+    assert left[0] > left[1] + 40 and right[1] > right[0] + 40  # over 0.45-0.55: red, green
+    heatmap(grey, np.full((1, 2), 0.5), 0.5, tmp_path / "flat.png", stretch=True)  # no span: 0-1, not a division by 0

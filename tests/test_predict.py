@@ -55,7 +55,7 @@ def test_scores_good_images_and_names_the_corrupt_one(images, checkpoint, tmp_pa
         w, h = Image.open(p).size
         scale = 256 / max(w, h)  # small images are shown larger, in a column at least 160 px wide
         column = max(round(w * scale), 160)
-        assert heat.shape == (round(h * scale) + 30, column + 110, 3)
+        assert heat.shape == (round(h * scale) + 30, column + 130, 3)
         # The colour bar beside the image runs from green (1, better) at the top to red (0, worse) at the bottom.
         bar = heat[30:, column + 16]
         top, bottom = bar[round(0.1 * len(bar))], bar[round(0.9 * len(bar))]
@@ -180,10 +180,10 @@ def test_a_stopped_run_says_so_in_a_line_and_leaves_an_earlier_scores_file_as_it
     real = predict_mod.heatmap
     drawn = []
 
-    def ctrl_c_at_the_second(*args):
+    def ctrl_c_at_the_second(*args, **kwargs):
         if drawn:
             raise KeyboardInterrupt
-        drawn.append(real(*args))
+        drawn.append(real(*args, **kwargs))
 
     monkeypatch.setattr(predict_mod, "heatmap", ctrl_c_at_the_second)
     assert predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), "--out", str(out),
