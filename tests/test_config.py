@@ -120,10 +120,10 @@ def test_context_words_need_a_learned_context(overrides, says):
 @pytest.mark.parametrize(("override", "says"), [
     ("train.epoch=3", "train.epoch: unknown key (did you mean train.epochs?)"),
     ("model.varient=S", "model.varient: unknown key (did you mean model.variant?)"),
-    ("model.colour=red", "model.colour: unknown key$"),
+    ("model.colour=red", "model.colour: unknown key"),  # nothing close: no guess
 ])
 def test_a_misspelt_key_is_named_with_the_key_it_may_mean(override, says):
-    with pytest.raises(ConfigError, match=re.escape(says).replace(r"\$", "$")):
+    with pytest.raises(ConfigError, match=re.escape(says) + "$"):
         load_config(None, [override])
 
 
