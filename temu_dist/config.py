@@ -172,8 +172,9 @@ class TrainConfig(Section):
     mse_weight: float = Field(1.0, ge=0)
     plcc_weight: float = Field(1.0, ge=0)
     # With gradient accumulation, what the PLCC loss correlates over. step: the optimizer step's whole batch, as one
-    # without accumulation would (every micro-batch runs forward twice: scores first, then gradients, as open_clip
-    # accumulates its contrastive loss); micro_batch: each micro-batch's samples, at one forward each.
+    # without accumulation would (every micro-batch is scored first, then its head runs again with autograd on the
+    # tower tokens kept from then, as open_clip accumulates its contrastive loss); micro_batch: each micro-batch's
+    # samples, with nothing kept.
     plcc_over: Literal["step", "micro_batch"] = "step"
     # "SET/METRIC" that picks the best epoch, e.g. test/srcc, val/plcc.
     key_metric: str = "test/srcc"

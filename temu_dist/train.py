@@ -42,7 +42,7 @@ from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, result_names, 
 from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights, with_legacy_fields
 from temu_dist.model.backbone import check_backbone
-from temu_dist.model.temu import build_model
+from temu_dist.model.temu import TeMuIQA, Tokens, build_model
 from temu_dist.plots import score_vs_time
 from temu_dist.tracking import Tracker, flatten, tracking_uri
 
@@ -129,25 +129,30 @@ def loss_fn(model: torch.nn.Module, batch: dict, config: Config, device: torch.d
     return _loss(score, inputs.targets, inputs.weights, config, inputs.same_length)
 
 
-def step_scores(model: torch.nn.Module, inputs: list[Inputs], config: Config,
-                stats: tuple[tuple[float, ...], tuple[float, ...]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def step_scores(model: torch.nn.Module, inputs: list[Inputs], config: Config, stats: tuple[tuple[float, ...],
+                tuple[float, ...]]) -> tuple[torch.Tensor, list[torch.Tensor], list[Tokens]]:
     """The first pass of a step whose PLCC spans all its micro-batches: every micro-batch scored without autograd, the
-    step's loss over all of them, and d loss / d score for each micro-batch's rows. The second pass runs each
-    micro-batch again with autograd and back-propagates these through its scores: the gradient of the whole step's
-    loss, at the memory of one micro-batch.
+    step's loss over all of them, d loss / d score for each micro-batch's rows, and each micro-batch's tower tokens.
+    The second pass runs the head alone on these tokens with autograd and back-propagates the scores' gradients: the
+    gradient of the whole step's loss, at the memory of one micro-batch's head and the step's tokens, with the tower
+    run once.
 
     As in loss_fn, the PLCC part of each process's d loss / d score comes back multiplied by the number of processes
     (the autograd gather sums it over them) and data parallel's gradient averaging divides that out again, while it
     averages the per-process MSE."""
+    scores, tokens = [], []
     with torch.no_grad():
-        # A copy: with CUDA graphs (model.compile_mode reduce-overhead, max-autotune) each call reuses the last one's
-        # output memory.
-        scores = [model(normalize(x.images, *stats)).score.float().clone() for x in inputs]
+        for x in inputs:
+            out = model(normalize(x.images, *stats), keep_tokens=True)
+            # Copies: with CUDA graphs (model.compile_mode reduce-overhead, max-autotune) each call reuses the last
+            # one's output memory.
+            scores.append(out.score.float().clone())
+            tokens.append(tuple(t.clone() for t in out.tokens))
     score = torch.cat(scores).requires_grad_()
     loss = _loss(score, torch.cat([x.targets for x in inputs]), torch.cat([x.weights for x in inputs]), config,
                  all(x.same_length for x in inputs))
     (grad,) = torch.autograd.grad(loss, score)
-    return loss.detach(), list(grad.split([len(s) for s in scores]))
+    return loss.detach(), list(grad.split([len(s) for s in scores])), tokens
 
 
 # What a resumed run may change: everything else must match the checkpoint, or the resumed run would not be the
@@ -239,19 +244,25 @@ def _readers(config: Config, plan: BatchPlan) -> int:
     return plan.world_size * max(1, config.data.workers)
 
 
-def _describe(config: Config, plan: BatchPlan, micro_batches: int, accelerator: Accelerator) -> None:
+def _describe(config: Config, plan: BatchPlan, micro_batches: int, accelerator: Accelerator, model: TeMuIQA) -> None:
     steps = micro_batches // plan.accumulation
     accelerator.print(
         f"train: {plan.world_size} process(es) on {accelerator.device}, global batch {plan.global_batch} = "
         f"{plan.per_device} per process x {plan.accumulation} accumulation x {plan.world_size}; "
         f"{steps} optimizer steps per epoch, {steps * config.train.epochs} in all")
     if plan.accumulation > 1 and config.train.plcc_weight:
+        # The tower's tokens of a step's micro-batches (and their LDG copies), kept for the head's second pass.
+        images = plan.per_device * plan.accumulation * (2 if config.ldg.enabled else 1)
+        size = images * model.backbone.tokens_bytes(*config.model.image_hw())
+        kept = f"{size / 2 ** 30:.1f} GiB" if size >= 2 ** 29 else f"{size / 2 ** 20:.1f} MiB"
         accelerator.print(
-            f"train: PLCC over each step's {plan.global_batch} samples, every micro-batch scored twice "
-            f"(train.plcc_over=micro_batch: once, PLCC over {plan.per_device * plan.world_size})"
+            f"train: PLCC over each step's {plan.global_batch} samples: every micro-batch's tower tokens are kept for "
+            f"the step (up to {kept} per process), its head run again on them with autograd "
+            f"(train.plcc_over=micro_batch: PLCC over {plan.per_device * plan.world_size}, nothing kept)"
             if _plcc_over_step(config, plan) else
             f"train: PLCC over each micro-batch's {plan.per_device * plan.world_size} samples, not the step's "
-            f"{plan.global_batch} (train.plcc_over=step: over the step's, every micro-batch scored twice)")
+            f"{plan.global_batch} (train.plcc_over=step: over the step's, keeping its tower tokens, up to {kept} "
+            "per process)")
 
 
 def _log_line(record: dict, epochs: int) -> str:
@@ -310,11 +321,11 @@ def _train_step(config: Config, run: Run, batches: list[dict], stats: tuple[tupl
             _optimizer_step(run)
         return loss.detach()
     inputs = [training_inputs(b, config, device) for b in batches]
-    loss, grads = step_scores(model, inputs, config, stats)
+    loss, grads, tokens = step_scores(model, inputs, config, stats)
     _check_finite(loss, accelerator, epoch, config)
-    for x, grad in zip(inputs, grads, strict=True):
+    for x, grad, t in zip(inputs, grads, tokens, strict=True):
         with accelerator.accumulate(model):
-            score = model(normalize(x.images, *stats)).score.float()
+            score = model(normalize(x.images, *stats), tokens=t).score.float()
             # backward() divides by the accumulation steps, for micro-batch losses that each stand for the step;
             # these gradients are already the whole step's.
             accelerator.backward((score * grad).sum() * len(batches))
@@ -483,9 +494,8 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                                          plan.accumulation, accelerator.process_index, plan.world_size,
                                          epoch_shared, config.model.image_hw())
     steps_per_epoch = micro_batches // plan.accumulation
-    _describe(config, plan, micro_batches, accelerator)
-
     model = build_model(config, device)
+    _describe(config, plan, micro_batches, accelerator, model)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
                                  weight_decay=config.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * config.train.epochs)

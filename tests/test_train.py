@@ -716,19 +716,30 @@ def test_plcc_over_the_step_gives_the_gradient_of_the_whole_batch_from_its_micro
 
     expected = grads(loss_fn(model, whole, config, cpu, stats))
     inputs = [training_inputs(b, config, cpu) for b in micro]
-    loss, score_grads = step_scores(model, inputs, config, stats)
+    loss, score_grads, tokens = step_scores(model, inputs, config, stats)
     torch.testing.assert_close(loss, loss_fn(model, whole, config, cpu, stats).detach())
-    parts = [grads((model(normalize(x.images, *stats)).score.float() * d).sum()) for x, d in zip(inputs, score_grads)]
+    # The second pass starts from the first's tower tokens: the head alone, with autograd.
+    torch.testing.assert_close(tokens, [model.backbone(normalize(x.images, *stats)) for x in inputs])
+    parts = [grads((model(normalize(x.images, *stats), tokens=t).score.float() * d).sum())
+             for x, d, t in zip(inputs, score_grads, tokens)]
     torch.testing.assert_close([a + b for a, b in zip(*parts)], list(expected))
     # What accumulating per micro-batch losses gives instead: PLCC over 3 samples (and their copies) at a time.
     per_micro = [grads(loss_fn(model, b, config, cpu, stats)) for b in micro]
     assert not all(torch.allclose((a + b) / 2, e) for a, b, e in zip(*per_micro, expected))
 
 
-def test_accumulated_steps_train_as_whole_batches_with_plcc_over_the_step(tmp_path, shards, capsys):
+def test_accumulated_steps_train_as_whole_batches_with_plcc_over_the_step(tmp_path, shards, capsys, monkeypatch):
+    from temu_dist.model.backbone import Backbone
+
+    tower_images, forward = [], Backbone.forward
+    monkeypatch.setattr(Backbone, "forward", lambda self, x: tower_images.append(len(x)) or forward(self, x))
     whole = train(run_config(tmp_path / "a", shards, "train.epochs=1"))
+    whole_tower, tower_images[:] = sum(tower_images), []
     split = train(run_config(tmp_path / "b", shards, "train.epochs=1", "train.per_device_batch=2"))
-    assert "train: PLCC over each step's 4 samples, every micro-batch scored twice" in capsys.readouterr().out
+    # The second pass over each micro-batch runs the head alone, on the first pass's tower tokens.
+    assert sum(tower_images) == whole_tower
+    assert re.search(r"train: PLCC over each step's 4 samples: every micro-batch's tower tokens are kept for the step "
+                     r"\(up to \d+\.\d MiB per process\)", capsys.readouterr().out)
     per_micro = train(run_config(tmp_path / "c", shards, "train.epochs=1", "train.per_device_batch=2",
                                  "train.plcc_over=micro_batch"))
     assert "train: PLCC over each micro-batch's 2 samples, not the step's 4" in capsys.readouterr().out

@@ -3,8 +3,9 @@ on whatever device is present; random weights (throughput does not depend on the
 
 The step is the trainer's own without gradient accumulation: `loss_fn` (MSE + PLCC over the batch and its locally
 distorted copies, CW-SSIM fidelity on the device), backward and Adam, on a batch already on the device (the data
-stream is the `data` suite's business). Accumulated with PLCC over the step (train.plcc_over), each micro-batch runs
-forward twice. With LDG at p=1 every sample enters the tower twice, so a global batch of 32 is 64 tower images.
+stream is the `data` suite's business). Accumulated with PLCC over the step (train.plcc_over), each micro-batch's head
+runs twice, its tower once. With LDG at p=1 every sample enters the tower twice, so a global batch of 32 is 64 tower
+images.
 
 MFU = achieved FLOPs/s over the device's dense bf16 datasheet peak (none for fp32 or CPUs). `mfu` counts the frozen
 image tower's forward only (as the issue defines it); `mfu_all` adds the text passes of CoOp/CoCoOp. `gemm_tflops` is

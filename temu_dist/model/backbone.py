@@ -348,6 +348,11 @@ class Backbone(nn.Module):
     def grid_of(self, height: int, width: int) -> tuple[int, int]:
         return self.visual.conv1.grid_of(height, width)
 
+    def tokens_bytes(self, height: int, width: int) -> int:
+        """The size of one image's output of forward at this input size: each selected layer's [cls] and patches."""
+        gh, gw = self.grid_of(height, width)
+        return self.num_selected * (gh * gw + 1) * self.width * self.dtype.itemsize
+
     def train(self, mode: bool = True) -> "Backbone":
         # Frozen means frozen: dropout and friends stay in eval mode whatever the trainer asks.
         return super().train(False)

@@ -13,12 +13,17 @@ from temu_dist.model.backbone import Backbone, compute_dtype, create_clip
 from temu_dist.model.prompts import PromptLearner
 
 
+# The frozen tower's output: raw [cls] tokens [B, S, width] and patch tokens [B, S, N, width] of the S selected layers.
+Tokens = tuple[torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class QualityOutput:
     score: torch.Tensor  # [B] in [0, 1], higher is better
     layer_scores: torch.Tensor  # [B, S] per selected layer (S variant) or [B, 1] (I variant)
     patch_scores: torch.Tensor  # [B, gh, gw] the quality map, fused over layers as the score is
     patch_weights: torch.Tensor  # [B, gh, gw] how much each patch counts in the score
+    tokens: Tokens | None = None  # the tower's output, where asked for (keep_tokens)
 
 
 def tps(f: torch.Tensor, inv_norm: torch.Tensor, g: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
@@ -79,10 +84,12 @@ class TeMuIQA(nn.Module):
     def layer_weights(self) -> torch.Tensor:
         return self.layer_logits.softmax(dim=0)
 
-    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def features(self, images: torch.Tensor, tokens: Tokens | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Joint-space features of the selected layers: patches f [B, S, N, D] as projected (tower dtype, not
-        normalised), their inverse norms [B, S, N] and normalised [cls] g [B, S, D], all but f in fp32."""
-        cls, patches = self.backbone(images)
+        normalised), their inverse norms [B, S, N] and normalised [cls] g [B, S, D], all but f in fp32. `tokens`, the
+        tower's output for these images where already at hand, stand in for running it."""
+        cls, patches = self.backbone(images) if tokens is None else tokens
         if self.layer_norms is not None:
             cls, patches = cls.float(), patches.float()
             cls = torch.stack([ln(cls[:, i]) for i, ln in enumerate(self.layer_norms)], dim=1)
@@ -90,12 +97,19 @@ class TeMuIQA(nn.Module):
         f = self.backbone.project(patches)
         return f, inverse_norm(f), F.normalize(self.backbone.project(cls).float(), dim=-1)
 
-    def forward(self, images: torch.Tensor) -> QualityOutput:
-        f, inv_norm, g = self.features(images)
+    def forward(self, images: torch.Tensor, tokens: Tokens | None = None, keep_tokens: bool = False) -> QualityOutput:
+        """Scores of normalised images [B, 3, H, W]. The tower is frozen: a second pass over the same images may start
+        from the first's `tokens` (in its output where asked for by `keep_tokens`) and run the head alone."""
+        if tokens is None:
+            tokens = self.backbone(images)
+        f, inv_norm, g = self.features(images, tokens)
         # Scores are averages of softmaxes: under bf16 autocast they would be quantised to about 0.004, ties for
         # SRCC. The fusion and scoring are cheap, so they run in fp32 whatever the caller's autocast says.
         with torch.autocast(images.device.type, enabled=False):
-            return self._score(f, inv_norm, g, self.backbone.grid_of(*images.shape[-2:]))
+            out = self._score(f, inv_norm, g, self.backbone.grid_of(*images.shape[-2:]))
+        if keep_tokens:
+            out.tokens = tokens
+        return out
 
     def _score(self, f: torch.Tensor, inv_norm: torch.Tensor, g: torch.Tensor, grid: tuple[int, int]) -> QualityOutput:
         a = self.layer_weights().float()
