@@ -7,6 +7,8 @@
     scorer.to("cuda")                      # an nn.Module: .to(), .cuda() move the model
 
 Scores are [N] (IQA-PyTorch's metrics give [N, 1]), higher is better (`lower_better` is False, as pyiqa names it).
+A float tensor that requires grad gets scores with gradients towards it, on the model's device: a loss, as pyiqa's
+`as_loss` metrics are (`loss = 1 - scorer(restored).mean()`); the scorer's own weights stay frozen.
 
 Images are decoded and resized as training and evaluation decode and resize them, so a file scores here as it does in
 `evaluate`.
@@ -35,7 +37,7 @@ class Scorer(nn.Module):
 
     def __init__(self, model: TeMuIQA, config: Config):
         super().__init__()
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)  # a loss's gradients go to its input, not to the scorer
         self.config = config
 
     @property
@@ -68,8 +70,6 @@ class Scorer(nn.Module):
 
     def _prepared(self, image: ImageLike) -> torch.Tensor:
         """One image -> float [3, h, w] in [0, 1] at the model's input size."""
-        if isinstance(image, torch.Tensor):
-            image = image.detach()  # scores are not differentiable: the tower runs without autograd
         if isinstance(image, (str, Path)):
             image = self.read(image)
         elif isinstance(image, Image.Image):
@@ -78,27 +78,30 @@ class Scorer(nn.Module):
             raise TypeError(f"an image is a file path, a PIL image or a [3, H, W] tensor, not a {type(image).__name__}")
         elif image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"an image tensor is [3, H, W] (a batch [N, 3, H, W]); this one is {list(image.shape)}")
-        elif image.is_floating_point() and image.numel() and not 0.0 <= float(image.min()) <= float(image.max()) <= 1.0:
-            raise ValueError(f"a float image is read as [0, 1]; this one spans [{float(image.min()):g}, "
-                             f"{float(image.max()):g}]: divide 0-255 values by 255 (or pass uint8), map -1..1 ones by "
-                             "(x + 1) / 2")
-        x = to_input(image, self.config.model.image_hw())  # uint8 resized as the loader resizes it
+        elif image.is_floating_point() and image.numel():
+            lo, hi = (float(v) for v in image.detach().aminmax())
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"a float image is read as [0, 1]; this one spans [{lo:g}, {hi:g}]: divide 0-255 "
+                                 "values by 255 (or pass uint8), map -1..1 ones by (x + 1) / 2")
+        x = to_input(image, self.config.model.image_hw())  # as the loader resizes; differentiable for floats
         return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
     def outputs(self, images: Sequence[ImageLike]) -> QualityOutput:
-        """One batch: the scores with the patch-score maps and per-layer scores."""
+        """One batch: the scores with the patch-score maps and per-layer scores; with gradients where an image
+        requires grad."""
         batch = torch.stack([self._prepared(im) for im in images]).to(self.device)
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and batch.requires_grad):
             return self.model(normalize(batch, self.model.backbone.mean, self.model.backbone.std))
 
     def forward(self, images: ImageLike | Iterable[ImageLike], batch_size: int = 8) -> torch.Tensor:
-        """Scores [N] (fp32, on the CPU) of an image, a batch tensor [N, 3, H, W] or a list of images, in order."""
+        """Scores [N] (fp32) of an image, a batch tensor [N, 3, H, W] or a list of images, in order: on the CPU, or
+        where images require grad, with gradients towards them on the model's device."""
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             images = list(images)
         elif isinstance(images, (str, Path, Image.Image, torch.Tensor)):
             images = [images]
         else:
             images = list(images)  # a list, or any iterable of images
-        scores = [self.outputs(images[i:i + batch_size]).score.float().cpu()
-                  for i in range(0, len(images), batch_size)]
-        return torch.cat(scores) if scores else torch.empty(0)
+        scores = [self.outputs(images[i:i + batch_size]).score.float() for i in range(0, len(images), batch_size)]
+        scores = torch.cat(scores) if scores else torch.empty(0)
+        return scores if scores.requires_grad else scores.cpu()

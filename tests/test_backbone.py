@@ -88,14 +88,21 @@ def test_non_square_input_keeps_native_resolution():
     assert patches.shape == (1, 3, 27 * 36, 64)
 
 
-def test_backbone_gets_no_gradient_and_is_frozen():
+def test_backbone_is_frozen_and_keeps_no_graph_unless_its_input_asks_for_one():
     cfg = tiny_config()
     bb = Backbone(create_clip(cfg.model), cfg.model)
     bb.train()
     assert not bb.training
     assert not any(p.requires_grad for p in bb.parameters())
-    cls, patches = bb(torch.randn(1, 3, 64, 64, requires_grad=True))
-    assert not cls.requires_grad and not patches.requires_grad
+    cls, patches = bb(torch.randn(1, 3, 64, 64))
+    assert not cls.requires_grad and not patches.requires_grad  # no autograd graph kept in training
+    # Images that require grad (a score used as a loss) get their gradient; the weights still get none.
+    images = torch.randn(1, 3, 64, 64, requires_grad=True)
+    cls, patches = bb(images)
+    (cls.sum() + patches.sum()).backward()
+    assert images.grad.abs().sum() > 0 and all(p.grad is None for p in bb.parameters())
+    with torch.no_grad():
+        assert not bb(images)[1].requires_grad
 
 
 def test_unknown_model_lists_valid_names():

@@ -68,15 +68,36 @@ def test_tensors_it_would_misread_are_refused_naming_what_they_are(run, image, s
         Scorer.load(run)(image)
 
 
-def test_it_is_a_module_that_says_what_it_scores_with_and_takes_tensors_that_carry_gradients(run, recwarn):
+def test_it_is_a_module_that_says_what_it_scores_with(run):
     scorer = Scorer.load(run)
     assert scorer.to("cpu") is scorer and scorer.device == torch.device("cpu")
     assert repr(scorer) == ("Scorer(Test-Tiny-ViT-16, variant=I, prompt=coop, layers=all, image_size=64, "
                             "device=cpu)")
     assert (scorer.lower_better, scorer.score_range) == (False, (0.0, 1.0))
-    x = torch.rand(2, 3, 40, 40, requires_grad=True)
-    assert scorer(x).shape == (2,)
+
+
+@pytest.mark.parametrize("variant", ["I", "S"])
+def test_scores_of_images_that_require_grad_carry_their_gradient_as_a_loss(tmp_path, variant, recwarn):
+    config = tiny_config("model.prompt=cocoop", f"model.variant={variant}", "model.layer_norm=true")
+    save_model(build_model(config), config, tmp_path)
+    scorer = Scorer.load(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 70, 90, generator=g) * 0.8 + 0.1
+    plain = scorer(x)
+    assert not plain.requires_grad
+    x.requires_grad_()
+    scores = scorer(x, batch_size=1)
+    torch.testing.assert_close(scores.detach(), plain)
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in scorer.parameters())  # the scorer stays as it was
     assert not [w for w in recwarn if "requires_grad" in str(w.message)]
+    # It is the scores' gradient: a small step along a direction moves them by its dot product with it.
+    d = torch.randn(x.shape, generator=g)
+    d, eps = d / d.norm(), 0.05
+    with torch.no_grad():
+        moved = (scorer(x + eps * d).sum() - scorer(x - eps * d).sum()) / (2 * eps)
+    assert float(moved) == pytest.approx(float((x.grad * d).sum()), rel=0.02)
 
 
 def test_an_untrained_head_scores_from_a_config(tmp_path, photos):

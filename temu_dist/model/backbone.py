@@ -357,13 +357,13 @@ class Backbone(nn.Module):
         # Frozen means frozen: dropout and friends stay in eval mode whatever the trainer asks.
         return super().train(False)
 
-    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [B, 3, H, W] -> cls [B, S, width], patches [B, S, N, width] (tower dtype, no grad), S selected
-        layers."""
-        out = self.visual.forward_intermediates(
-            images.to(self.dtype), indices=self.indices, stop_early=True, output_fmt="NLC",
-            output_extra_tokens=True, intermediates_only=True)
+        """images [B, 3, H, W] -> cls [B, S, width], patches [B, S, N, width] (tower dtype), S selected layers.
+        Without autograd, unless the images require grad (a score used as a loss): then only towards them."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
+            out = self.visual.forward_intermediates(
+                images.to(self.dtype), indices=self.indices, stop_early=True, output_fmt="NLC",
+                output_extra_tokens=True, intermediates_only=True)
         patches = torch.stack(out["image_intermediates"], dim=1)
         cls = torch.cat(out["image_intermediates_prefix"], dim=1)
         return cls, patches
