@@ -4,6 +4,12 @@
     python -m temu_dist.pack --dataset agiqa3k --root DIR --out shards/agiqa3k/split3 --split-index 3
     python -m temu_dist.pack --verify shards/kadid10k
 
+A dataset of your own is read from a CSV, as IQA-PyTorch's general datasets are: a header, then a row per image with
+its path under --root and its score on the scale --mos-range gives (--lower-better for DMOS); --columns names the
+image, score and reference columns where they are not the first two:
+
+    python -m temu_dist.pack --dataset mine --root DIR --out shards/mine --label-file scores.csv --mos-range 1 5
+
 Each sample is the image's bytes (re-encoded only when resized or when the release stores BMP/TIFF) and a JSON label
 (name, dataset, mos, mos_raw, ref, split). A shard appears under its final name only once complete; the manifest is
 written last, so a folder with a manifest is a finished pack. Rerunning after an interruption keeps finished shards
@@ -34,7 +40,8 @@ from temu_dist.atomic import write_json_atomic
 from temu_dist.config import ConfigError, check_output_folder
 from temu_dist.data.images import pil_rgb
 from temu_dist.data.manifest import MANIFEST, ShardsMissing, read_manifest
-from temu_dist.data.sources import DATASETS, META_SPLIT_COLUMNS, DataError, Record, read_pyiqa_meta, read_records
+from temu_dist.data.sources import (DATASETS, META_SPLIT_COLUMNS, CsvLabels, DataError, DatasetInfo, Record,
+                                    read_csv_labels, read_pyiqa_meta, read_records)
 from temu_dist.data.splits import SPLITS, SplitSpec, splitter
 
 FORMAT = "temu-dist-shards/1"
@@ -54,6 +61,10 @@ class PackOptions:
     workers: int = max(1, (os.cpu_count() or 1))
     resize_shorter: int | None = None
     skip_bad: bool = False
+    csv: CsvLabels | None = None  # a dataset of one's own, from label_file
+
+    def info(self) -> DatasetInfo:
+        return self.csv.info(str(self.label_file)) if self.csv else DATASETS[self.dataset]
 
 
 @dataclass
@@ -208,6 +219,8 @@ def _existing(directory: Path, name: str, split: str, samples: list[tuple[str, d
 
 
 def _records(opts: PackOptions) -> Iterator[Record]:
+    if opts.csv:
+        return read_csv_labels(opts.csv, opts.root, opts.label_file)
     if opts.meta_csv:
         return read_pyiqa_meta(opts.dataset, opts.root, opts.meta_csv)
     return read_records(opts.dataset, opts.root, opts.label_file)
@@ -270,11 +283,11 @@ def pack(opts: PackOptions) -> dict:
     """Packs and returns the manifest (also written to OUT/manifest.json, last)."""
     _check(opts)
     if opts.split.by_reference is None:
-        opts = replace(opts, split=replace(opts.split, by_reference=DATASETS[opts.dataset].has_reference))
+        opts = replace(opts, split=replace(opts.split, by_reference=opts.info().has_reference))
     out = Path(opts.out)
     # As the readers find it: a relative label file is under the root, a meta CSV where it is named.
     label_path = (Path(opts.meta_csv) if opts.meta_csv else
-                  Path(opts.root) / (opts.label_file or DATASETS[opts.dataset].label_file))
+                  Path(opts.root) / (opts.label_file or opts.info().label_file))
     identity = _identity(opts, label_path)
     _refuse_other_pack(out, identity)
     # Shards are only ever resumed with the options and labels they were written with; before the first, any go.
@@ -283,7 +296,7 @@ def pack(opts: PackOptions) -> dict:
         raise DataError(f"{out} holds an unfinished pack made with other options or labels: pack into another --out, "
                         "or delete it")
     # Reads and checks every label row, so bad labels stop the pack before anything is written.
-    info = DATASETS[opts.dataset]
+    info = opts.info()
     official = None if not info.official_split else \
         f"the meta CSV's split column ({', '.join(META_SPLIT_COLUMNS)})" if opts.meta_csv else \
         f"{info.official_split} beside {label_path.name}"
@@ -332,8 +345,15 @@ def pack(opts: PackOptions) -> dict:
 
 def _check(opts: PackOptions) -> None:
     """Refuses options no pack can be made with, before anything is read or written."""
-    if opts.dataset not in DATASETS:
-        raise DataError(f"unknown dataset '{opts.dataset}'; one of {', '.join(DATASETS)}")
+    if opts.csv:
+        if opts.csv.name != opts.dataset:
+            raise DataError(f"--dataset {opts.dataset}: its CSV's labels name it {opts.csv.name}")
+        if not opts.label_file or opts.meta_csv:
+            raise DataError(f"--dataset {opts.dataset}, a dataset of your own, is read from its CSV: give it with "
+                            "--label-file (not --meta-csv)")
+    elif opts.dataset not in DATASETS:
+        raise DataError(f"unknown dataset '{opts.dataset}'; one of {', '.join(DATASETS)}, or a dataset of your own "
+                        "read from a CSV: add --label-file and --mos-range")
     for flag, value in (("--shard-size", opts.shard_size), ("--workers", opts.workers),
                         ("--resize-shorter", opts.resize_shorter)):
         if value is not None and value < 1:
@@ -349,7 +369,7 @@ def _check(opts: PackOptions) -> None:
     if split.index and split.protocol != "ratio" and not pickled:
         raise DataError(f"--split-index {split.index} picks a seeded --split ratio or a split of an IQA-PyTorch "
                         f"pickle; --split {split.protocol}{' with a CSV' if split.file else ''} has one split only")
-    if pickled and not opts.meta_csv:
+    if pickled and not (opts.meta_csv or opts.csv):
         # Its row numbers are those of IQA-PyTorch's meta CSV, whose order the release's label file does not keep.
         raise DataError(f"--split-file {split.file}: an IQA-PyTorch split numbers the rows of its meta CSV; pass that "
                         "CSV with --meta-csv")
@@ -363,15 +383,18 @@ def _leave_sigint_to_main() -> None:
 
 def _identity(opts: PackOptions, label_path: Path) -> dict:
     """What decides a pack's content: two packs that agree on it write the same shards."""
-    return {"dataset": opts.dataset, "split": opts.split.describe(), "resize_shorter": opts.resize_shorter,
-            "shard_size": opts.shard_size,
-            "label_sha256": sha256_of(label_path) if label_path.is_file() else None}
+    identity = {"dataset": opts.dataset, "split": opts.split.describe(), "resize_shorter": opts.resize_shorter,
+                "shard_size": opts.shard_size,
+                "label_sha256": sha256_of(label_path) if label_path.is_file() else None}
+    # Only a CSV of one's own has labels read by options; a release's are read as released.
+    return {**identity, "labels": opts.csv.describe()} if opts.csv else identity
 
 
 # _identity's keys as a user knows them, for messages.
 IDENTITY_NAMES = {"dataset": "--dataset", "split": "split (--split and its options)",
                   "resize_shorter": "--resize-shorter", "shard_size": "--shard-size",
-                  "label_sha256": "label file (its contents changed)"}
+                  "label_sha256": "label file (its contents changed)",
+                  "labels": "--columns, --mos-range or --lower-better"}
 
 
 def _refuse_other_pack(out: Path, ours: dict) -> None:
@@ -408,7 +431,9 @@ def _manifest(opts: PackOptions, label_path: Path, identity: dict, results: list
         "format": FORMAT,
         "dataset": opts.dataset,
         "source": {"root": str(Path(opts.root).resolve()), "label_file": str(label_path.resolve()),
-                   "label_sha256": identity["label_sha256"], "kind": "pyiqa-meta" if opts.meta_csv else "release"},
+                   "label_sha256": identity["label_sha256"],
+                   "kind": "csv" if opts.csv else "pyiqa-meta" if opts.meta_csv else "release"},
+        **({"labels": identity["labels"]} if opts.csv else {}),
         "split": identity["split"],
         "resize_shorter": opts.resize_shorter,
         "shard_size": opts.shard_size,
@@ -456,11 +481,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m temu_dist.pack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verify", metavar="DIR", help="recheck a finished pack's counts and hashes")
-    parser.add_argument("--dataset", choices=sorted(DATASETS))
+    parser.add_argument("--dataset", metavar="NAME", help=f"{', '.join(sorted(DATASETS))}, or a name of your own "
+                        "with --label-file and --mos-range")
     parser.add_argument("--root", help="the dataset's release folder")
     parser.add_argument("--out", help="shard folder, e.g. shards/NAME")
     parser.add_argument("--label-file", help="label file, if not at its released place under --root")
     parser.add_argument("--meta-csv", help="read labels from an IQA-PyTorch meta-info CSV instead")
+    parser.add_argument("--mos-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="a dataset of your own: its score scale, mapped to 0-1")
+    parser.add_argument("--lower-better", action="store_true", help="a dataset of your own: its scores are DMOS")
+    parser.add_argument("--columns", nargs="+", metavar="COLUMN",
+                        help="a dataset of your own: its image, score and (optional) reference columns; default: the "
+                        "first two")
     parser.add_argument("--split", choices=["official", "ratio", "file"], default="ratio")
     parser.add_argument("--ratios", type=float, nargs=3, default=(0.8, 0.0, 0.2), metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--split-seed", type=int, default=0)
@@ -485,9 +517,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--dataset, --root and --out are needed (or --verify DIR)")
     by_ref = None if args.by_reference == "auto" else args.by_reference == "yes"
     spec = SplitSpec(args.split, tuple(args.ratios), args.split_seed, args.split_index, args.split_file, by_ref)
-    opts = PackOptions(args.dataset, args.root, args.out, args.label_file, args.meta_csv, spec, args.shard_size,
-                       args.workers, args.resize_shorter, args.skip_bad)
     try:
+        own = args.mos_range is not None
+        if not own and (args.lower_better or args.columns):
+            raise DataError("--lower-better and --columns describe a dataset of your own: give its --mos-range too")
+        labels = CsvLabels(args.dataset, tuple(args.mos_range), not args.lower_better,
+                           tuple(args.columns or ())) if own else None
+        opts = PackOptions(args.dataset, args.root, args.out, args.label_file, args.meta_csv, spec, args.shard_size,
+                           args.workers, args.resize_shorter, args.skip_bad, labels)
         manifest = pack(opts)
     except ConfigError as e:
         print(f"pack: {e}", file=sys.stderr)

@@ -2,6 +2,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from temu_dist.data.sources import DataError
+from temu_dist.data.sources import CsvLabels, DataError
 from temu_dist.data.splits import SplitSpec
 from temu_dist.pack import MANIFEST, PackOptions, main, pack, verify, write_shard
 from tests.conftest import write_kadid
@@ -416,3 +417,96 @@ def test_a_rerun_reuses_finished_shards_whose_images_are_gone(tmp_path):
     first = pack(_opts(tmp_path / "kadid", tmp_path / "out"))
     (tmp_path / "kadid" / "images" / "I01_01_01.png").unlink()  # packed already: the pack need not read it again
     assert pack(_opts(tmp_path / "kadid", tmp_path / "out"))["splits"] == first["splits"]
+
+
+def _own_csv(root: Path, header: str, rows: list[str]) -> Path:
+    path = root / "scores.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def test_a_dataset_of_ones_own_packs_from_a_csv_as_iqa_pytorch_reads_one(tmp_path, capsys):
+    labels = write_kadid(tmp_path / "mine", refs=4, per_ref=3)
+    # IQA-PyTorch's general NR meta CSV: image, then score, by position; other columns are left alone.
+    _own_csv(tmp_path / "mine", "img_name,mos,std", [f"{n},{m},0.1" for n, (_, m) in labels.items()])
+    out = tmp_path / "shards" / "mine"
+    assert main(["--dataset", "mine", "--root", str(tmp_path / "mine"), "--out", str(out), "--label-file",
+                 "scores.csv", "--mos-range", "1", "5", "--workers", "1"]) == 0
+    assert f"pack: {out}: train 10, test 2" in capsys.readouterr().out
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["dataset"] == "mine" and manifest["source"]["kind"] == "csv"
+    assert manifest["labels"] == {"columns": [], "mos_range": [1.0, 5.0], "higher_better": True}
+    samples = _samples(out)
+    assert {n: (s["mos_raw"], s["mos"], s["dataset"], s["ref"]) for n, s in samples.items()} == \
+        {f"{n}": (pytest.approx(m), pytest.approx((m - 1) / 4), "mine", None) for n, (_, m) in labels.items()}
+
+    # Named columns, with references (split by reference unless told) and DMOS, lower better.
+    _own_csv(tmp_path / "mine", "ref,dmos,image", [f"{r},{m},{n}" for n, (r, m) in labels.items()])
+    assert main(["--dataset", "mine", "--root", str(tmp_path / "mine"), "--out", str(tmp_path / "by-ref"),
+                 "--label-file", "scores.csv", "--mos-range", "1", "5", "--lower-better", "--columns", "image", "dmos",
+                 "ref", "--ratios", "0.5", "0", "0.5", "--workers", "1"]) == 0
+    samples = _samples(tmp_path / "by-ref")
+    by_ref: dict[str, set] = {}
+    for label in samples.values():
+        by_ref.setdefault(label["ref"], set()).add(label["split"])
+    assert len(by_ref) == 4 and all(len(s) == 1 for s in by_ref.values())
+    assert all(s["mos"] == pytest.approx(1 - (s["mos_raw"] - 1) / 4) for s in samples.values())
+    # Another scale for the same folder is another pack.
+    assert main(["--dataset", "mine", "--root", str(tmp_path / "mine"), "--out", str(tmp_path / "by-ref"),
+                 "--label-file", "scores.csv", "--mos-range", "0", "5", "--lower-better", "--columns", "image", "dmos",
+                 "ref", "--ratios", "0.5", "0", "0.5", "--workers", "1"]) == 1
+    assert "already holds a finished pack made with another --columns, --mos-range or --lower-better" in \
+        capsys.readouterr().err
+
+
+def test_a_csv_of_ones_own_with_a_split_column_gives_the_official_split(tmp_path):
+    labels = write_kadid(tmp_path / "mine", refs=3, per_ref=2)
+    splits = ["train", "0", "test", "2", "val", "1"]
+    _own_csv(tmp_path / "mine", "img_name,mos,split",
+             [f"{n},{m},{splits[i]}" for i, (n, (_, m)) in enumerate(labels.items())])
+    manifest = pack(PackOptions("mine", str(tmp_path / "mine"), str(tmp_path / "out"), "scores.csv",
+                                split=SplitSpec("official"), workers=1, csv=CsvLabels("mine", (1.0, 5.0))))
+    assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 2, "val": 2, "test": 2}
+    # An IQA-PyTorch split pickle numbers the CSV's rows, as for its general datasets.
+    with open(tmp_path / "split.pkl", "wb") as fh:
+        pickle.dump({1: {"train": [0, 1, 2], "val": [], "test": [5]}}, fh)
+    manifest = pack(PackOptions("mine", str(tmp_path / "mine"), str(tmp_path / "pkl"), "scores.csv",
+                                split=SplitSpec("file", file=str(tmp_path / "split.pkl")), workers=1,
+                                csv=CsvLabels("mine", (1.0, 5.0))))
+    assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 3, "test": 1}
+    assert {x["name"] for x in _samples(tmp_path / "pkl").values() if x["split"] == "test"} == {list(labels)[5]}
+
+
+def test_what_a_csv_of_ones_own_cannot_be_read_with_is_one_line_naming_it(tmp_path, capsys):
+    labels = write_kadid(tmp_path / "mine", refs=2, per_ref=2)
+    rows = [f"{n},{m}" for n, (_, m) in labels.items()]
+    base = ["--root", str(tmp_path / "mine"), "--out", str(tmp_path / "o")]
+    mine = ["--dataset", "mine", *base, "--label-file", "scores.csv"]
+    for header, body, args, message in [
+        ("img_name,mos", rows, ["--dataset", "koniq", *base],
+         "unknown dataset 'koniq'; one of koniq10k, spaq, livec, flive, ava, kadid10k, csiq, live, agiqa3k, or a "
+         "dataset of your own read from a CSV: add --label-file and --mos-range"),
+        ("img_name,mos", rows, ["--dataset", "kadid10k", *base, "--mos-range", "1", "5"],
+         "--dataset kadid10k is one of the nine releases, read from its own label files, not with --mos-range"),
+        ("img_name,mos", rows, [*mine, "--lower-better"],
+         "--lower-better and --columns describe a dataset of your own: give its --mos-range too"),
+        ("img_name,mos", rows, [*mine, "--mos-range", "5", "1"],
+         "--mos-range 5 1: the lowest score first, then the highest"),
+        ("img_name,mos", rows, ["--dataset", "mine", *base, "--mos-range", "1", "5"],
+         "--dataset mine, a dataset of your own, is read from its CSV: give it with --label-file (not --meta-csv)"),
+        ("img_name,mos", rows, [*mine, "--mos-range", "1", "5", "--columns", "img_name"],
+         "--columns takes the image and score columns and optionally the reference's, not 1"),
+        ("img_name,mos", rows, [*mine, "--mos-range", "1", "5", "--columns", "image", "mos"],
+         "scores.csv: no column 'image' (columns: img_name, mos)"),
+        ("img_name,mos", rows[:1] + ["images/x.png,7.5"], [*mine, "--mos-range", "1", "5"],
+         "scores.csv row 3: MOS 7.5 is outside 1..5 for mine"),
+        ("img_name,mos,split", [r + ",later" for r in rows], [*mine, "--mos-range", "1", "5"],
+         "scores.csv row 2: split 'later' is not 0/1/2 or train/val/test"),
+        ("img_name,mos", rows + [rows[0]], [*mine, "--mos-range", "1", "5"],
+         f"scores.csv row 6: image '{rows[0].split(',')[0]}' already listed at row 2"),
+    ]:
+        _own_csv(tmp_path / "mine", header, body)
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert err == f"pack: {message}\n"
+    assert not (tmp_path / "o").exists()

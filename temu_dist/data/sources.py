@@ -113,14 +113,14 @@ def _text(value: object) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _checked(dataset: str, value: object, label: Path, row: int, raw_range: tuple[float, float]) -> float:
+def _checked(info: DatasetInfo, value: object, label: Path, row: int, raw_range: tuple[float, float]) -> float:
     try:
         raw = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise DataError(f"{label.name} row {row}: MOS {_text(value)!r} is not a number") from None
-    lo, hi = DATASETS[dataset].accept_range or raw_range
+    lo, hi = info.accept_range or raw_range
     if not lo <= raw <= hi:
-        raise DataError(f"{label.name} row {row}: MOS {raw:g} is outside {lo:g}..{hi:g} for {dataset}")
+        raise DataError(f"{label.name} row {row}: MOS {raw:g} is outside {lo:g}..{hi:g} for {info.name}")
     return raw
 
 
@@ -136,16 +136,16 @@ def normalise(dataset: str, raw: float) -> float:
     return _scale(raw, info.raw_range, info.higher_better)
 
 
-def _record(dataset: str, root: Path, name: str, value: object, label: Path, row: int, ref: str | None = None,
-            split: str | None = None, raw_range: tuple[float, float] | None = None) -> Record:
+def _record(dataset: str | DatasetInfo, root: Path, name: str, value: object, label: Path, row: int,
+            ref: str | None = None, split: str | None = None, raw_range: tuple[float, float] | None = None) -> Record:
     # A name ending in "/" is a reader's folder prefix with an empty cell after it.
     if not PurePosixPath(name).name or name.endswith("/"):
         raise DataError(f"{label.name} row {row}: empty image name")
     if ref == "":  # the split by reference image would take the image for its own reference
         raise DataError(f"{label.name} row {row}: empty reference image name")
-    info = DATASETS[dataset]
+    info = dataset if isinstance(dataset, DatasetInfo) else DATASETS[dataset]
     raw_range = raw_range or info.raw_range
-    raw = _checked(dataset, value, label, row, raw_range)
+    raw = _checked(info, value, label, row, raw_range)
     return Record(name, root / name, _scale(raw, raw_range, info.higher_better), raw, ref, split, row)
 
 
@@ -167,6 +167,14 @@ def _lines(fh: Iterable[str], path: Path) -> Iterator[tuple[int, str]]:
         yield from enumerate(fh, 1)
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
+
+
+def _header(path: Path) -> list[str]:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        try:
+            return [c.strip() for c in next(csv.reader(fh), [])]
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
 
 
 def _csv_rows(path: Path, columns: Iterable[str]) -> Iterator[tuple[int, dict[str, str]]]:
@@ -433,11 +441,7 @@ _META_SPLIT_VALUES = {"0": "train", "1": "val", "2": "test", **{s: s for s in _S
 
 def _read_meta(dataset: str, root: Path, meta: Path, image_dir: Path) -> Iterator[Record]:
     spec, info = _PYIQA_META[dataset], DATASETS[dataset]
-    with meta.open(newline="", encoding="utf-8-sig") as fh:
-        try:
-            header = [c.strip() for c in next(csv.reader(fh), [])]
-        except UnicodeDecodeError:
-            raise _not_utf8(meta) from None
+    header = _header(meta)
     split_col = next((c for c in META_SPLIT_COLUMNS if c in header), None) if info.official_split else None
     columns = [c for c in (spec.name_col, spec.mos_col, spec.ref_col) if c]
     for i, (row, rec) in enumerate(_csv_rows(meta, columns)):
@@ -468,6 +472,65 @@ def read_pyiqa_meta(dataset: str, root: str | Path, meta_csv: str | Path,
     meta = _need(Path(meta_csv).absolute(), f"IQA-PyTorch's meta-info CSV for {dataset}")
     folder = root / (image_dir if image_dir is not None else _PYIQA_META[dataset].image_dir)
     return _unique(lambda: _read_meta(dataset, root, meta, folder), meta)
+
+
+@dataclass(frozen=True)
+class CsvLabels:
+    """A dataset outside the nine, as IQA-PyTorch's general datasets take one: a CSV with a header and a row per image.
+    `columns` name the image path (relative to the root), its score and optionally its reference image (for splits by
+    reference); left empty, the first column is the image and the second its score, as IQA-PyTorch's GeneralNRDataset
+    reads its meta CSV. A split column (official_split, official split or split) gives an official split."""
+    name: str
+    mos_range: tuple[float, float]
+    higher_better: bool = True
+    columns: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.name in DATASETS:
+            raise DataError(f"--dataset {self.name} is one of the nine releases, read from its own label files, not "
+                            "with --mos-range")
+        lo, hi = self.mos_range
+        if not lo < hi:
+            raise DataError(f"--mos-range {lo:g} {hi:g}: the lowest score first, then the highest")
+        if self.columns and len(self.columns) not in (2, 3):
+            raise DataError(f"--columns takes the image and score columns and optionally the reference's, not "
+                            f"{len(self.columns)}")
+
+    def info(self, label_file: str) -> DatasetInfo:
+        return DatasetInfo(self.name, label_file, self.mos_range, self.higher_better, len(self.columns) == 3,
+                           f"its split column ({', '.join(META_SPLIT_COLUMNS)})", False)
+
+    def describe(self) -> dict:
+        return {"columns": list(self.columns), "mos_range": list(self.mos_range), "higher_better": self.higher_better}
+
+
+def _read_csv(spec: CsvLabels, root: Path, label: Path) -> Iterator[Record]:
+    header = _header(label)
+    columns = spec.columns or tuple(header[:2])
+    if len(columns) < 2:
+        raise DataError(f"{label.name}: a header with the image and score columns is needed (columns: "
+                        f"{', '.join(header) or 'none'})")
+    info = spec.info(label.name)
+    split_col = next((c for c in META_SPLIT_COLUMNS if c in header), None)
+    for row, rec in _csv_rows(label, columns):
+        split = None
+        if split_col:
+            split = _META_SPLIT_VALUES.get(rec[split_col].strip())
+            if split is None:
+                raise DataError(f"{label.name} row {row}: {split_col} {rec[split_col]!r} is not 0/1/2 or "
+                                "train/val/test")
+        image = rec[columns[0]].strip()
+        ref = PurePosixPath(rec[columns[2]].strip()).name if len(columns) == 3 else None
+        yield _record(info, root, PurePosixPath(image).as_posix() if image else "", rec[columns[1]], label, row, ref,
+                      split)
+
+
+def read_csv_labels(spec: CsvLabels, root: str | Path, label_file: str | Path) -> Iterator[Record]:
+    """Records of a dataset of one's own from its CSV (a relative path is under root), lazily, normalised from
+    spec.mos_range to [0, 1], higher better."""
+    root = Path(root).absolute()
+    label = _need(root / label_file, f"{spec.name}'s label CSV (--label-file)")
+    return _unique(lambda: _read_csv(spec, root, label), label)
 
 
 class _PlainUnpickler(pickle.Unpickler):
