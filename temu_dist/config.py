@@ -172,10 +172,13 @@ class TrainConfig(Section):
     mse_weight: float = Field(1.0, ge=0)
     plcc_weight: float = Field(1.0, ge=0)
     # With gradient accumulation, what the PLCC loss correlates over. step: the optimizer step's whole batch, as one
-    # without accumulation would (every micro-batch is scored first, then its head runs again with autograd on the
-    # tower tokens kept from then, as open_clip accumulates its contrastive loss); micro_batch: each micro-batch's
-    # samples, with nothing kept.
+    # without accumulation would (every micro-batch is scored first, then run again with autograd, as open_clip
+    # accumulates its contrastive loss); micro_batch: each micro-batch's samples, at one pass each.
     plcc_over: Literal["step", "micro_batch"] = "step"
+    # With PLCC over the step, keep each micro-batch's frozen-tower tokens from the first pass, so the second runs the
+    # head alone (ViT-L-14 at 448 in bf16: 48 MiB per tower image, kept for the whole step); false runs the tower
+    # again, at one micro-batch's memory.
+    keep_tokens: bool = True
     # "SET/METRIC" that picks the best epoch, e.g. test/srcc, val/plcc.
     key_metric: str = "test/srcc"
     # auto: continue from the run folder's last checkpoint when there is one.

@@ -130,24 +130,27 @@ def loss_fn(model: torch.nn.Module, batch: dict, config: Config, device: torch.d
 
 
 def step_scores(model: torch.nn.Module, inputs: list[Inputs], config: Config, stats: tuple[tuple[float, ...],
-                tuple[float, ...]]) -> tuple[torch.Tensor, list[torch.Tensor], list[Tokens]]:
+                tuple[float, ...]]) -> tuple[torch.Tensor, list[torch.Tensor], list[Tokens | None]]:
     """The first pass of a step whose PLCC spans all its micro-batches: every micro-batch scored without autograd, the
-    step's loss over all of them, d loss / d score for each micro-batch's rows, and each micro-batch's tower tokens.
-    The second pass runs the head alone on these tokens with autograd and back-propagates the scores' gradients: the
-    gradient of the whole step's loss, at the memory of one micro-batch's head and the step's tokens, with the tower
-    run once.
+    step's loss over all of them, d loss / d score for each micro-batch's rows and, with train.keep_tokens, its tower
+    tokens. The second pass runs each micro-batch again with autograd (from its tokens: the head alone) and
+    back-propagates these through its scores: the gradient of the whole step's loss, at the memory of one
+    micro-batch (and the step's tokens).
 
     As in loss_fn, the PLCC part of each process's d loss / d score comes back multiplied by the number of processes
     (the autograd gather sums it over them) and data parallel's gradient averaging divides that out again, while it
     averages the per-process MSE."""
+    keep = config.train.keep_tokens
+    # With CUDA graphs (model.compile_mode reduce-overhead, max-autotune) each call reuses the last one's output
+    # memory: what is kept past the next call is copied.
+    reused = config.model.compile and config.model.compile_mode in ("reduce-overhead", "max-autotune")
     scores, tokens = [], []
     with torch.no_grad():
         for x in inputs:
-            out = model(normalize(x.images, *stats), keep_tokens=True)
-            # Copies: with CUDA graphs (model.compile_mode reduce-overhead, max-autotune) each call reuses the last
-            # one's output memory.
+            out = model(normalize(x.images, *stats), keep_tokens=keep)
             scores.append(out.score.float().clone())
-            tokens.append(tuple(t.clone() for t in out.tokens))
+            tokens.append(tuple(t.clone() for t in out.tokens) if keep and reused else out.tokens)
+            del out  # before the next micro-batch's tower runs
     score = torch.cat(scores).requires_grad_()
     loss = _loss(score, torch.cat([x.targets for x in inputs]), torch.cat([x.weights for x in inputs]), config,
                  all(x.same_length for x in inputs))
@@ -159,7 +162,7 @@ def step_scores(model: torch.nn.Module, inputs: list[Inputs], config: Config, st
 # run it continues. Of the model, only how it is compiled: evaluate and predict may also load a checkpoint onto another
 # input size, dtype or frozen tower, a resumed run may not train on one.
 RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.timeout_min", "data.workers", "eval.batch_size",
-                     "tracking.enabled", "tracking.uri", "model.compile", "model.compile_mode"}
+                     "tracking.enabled", "tracking.uri", "model.compile", "model.compile_mode", "train.keep_tokens"}
 
 
 # Keys added since checkpoints were first written: a run saved before one resumes with this run's value.
@@ -248,21 +251,29 @@ def _describe(config: Config, plan: BatchPlan, micro_batches: int, accelerator: 
     steps = micro_batches // plan.accumulation
     accelerator.print(
         f"train: {plan.world_size} process(es) on {accelerator.device}, global batch {plan.global_batch} = "
-        f"{plan.per_device} per process x {plan.accumulation} accumulation x {plan.world_size}; "
-        f"{steps} optimizer steps per epoch, {steps * config.train.epochs} in all")
-    if plan.accumulation > 1 and config.train.plcc_weight:
-        # The tower's tokens of a step's micro-batches (and their LDG copies), kept for the head's second pass.
+        f"{plan.per_device} per process x {plan.accumulation} accumulated x {plan.world_size} process(es); "
+        f"{steps} optimizer step(s) per epoch, {steps * config.train.epochs} in all")
+    if not config.train.plcc_weight:
+        return
+    micro = plan.per_device * plan.world_size  # one micro-batch's samples over the processes
+    if _plcc_over_step(config, plan):
         images = plan.per_device * plan.accumulation * (2 if config.ldg.enabled else 1)
         size = images * model.backbone.tokens_bytes(*config.model.image_hw())
         kept = f"{size / 2 ** 30:.1f} GiB" if size >= 2 ** 29 else f"{size / 2 ** 20:.1f} MiB"
-        accelerator.print(
-            f"train: PLCC over each step's {plan.global_batch} samples: every micro-batch's tower tokens are kept for "
-            f"the step (up to {kept} per process), its head run again on them with autograd "
-            f"(train.plcc_over=micro_batch: PLCC over {plan.per_device * plan.world_size}, nothing kept)"
-            if _plcc_over_step(config, plan) else
-            f"train: PLCC over each micro-batch's {plan.per_device * plan.world_size} samples, not the step's "
-            f"{plan.global_batch} (train.plcc_over=step: over the step's, keeping its tower tokens, up to {kept} "
-            "per process)")
+        tower_images = f"{images} tower images{', the samples and their LDG copies' if config.ldg.enabled else ''}"
+        how = (f"each micro-batch's tower tokens are kept for the step ({tower_images}: up to {kept} per process), so "
+               "its second pass, with autograd, runs the head alone (train.keep_tokens=false: the tower again, "
+               "nothing kept)" if config.train.keep_tokens else
+               f"each micro-batch runs through the tower twice (train.keep_tokens=true: once, keeping its tokens for "
+               f"the step, up to {kept} per process)")
+        accelerator.print(f"train: PLCC over each step's {plan.global_batch} samples, not each micro-batch's {micro} "
+                          f"(train.plcc_over=micro_batch): {how}")
+    elif plan.accumulation > 1:
+        accelerator.print(f"train: PLCC over each micro-batch's {micro} sample(s), not the step's "
+                          f"{plan.global_batch} (train.plcc_over=step)")
+    if (plan.global_batch if plan.accumulation == 1 or _plcc_over_step(config, plan) else micro) < 2:
+        accelerator.print("train: warning: PLCC over 1 sample at a time is no correlation (0 alone, +-1 with its LDG "
+                          "copy): raise train.per_device_batch, or use train.plcc_over=step")
 
 
 def _log_line(record: dict, epochs: int) -> str:

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from temu_dist.config import ConfigError
 from temu_dist.model import backbone as backbone_mod
-from temu_dist.model.backbone import Backbone, PatchEmbed, create_clip, layer_indices
+from temu_dist.model.backbone import Backbone, PatchEmbed, compute_dtype, create_clip, layer_indices
 from tests.conftest import tiny_config
 
 
@@ -306,3 +306,12 @@ def test_compiled_model_scores_and_learns_as_the_eager_one():
         if p.requires_grad:
             # Fused kernels sum in another order: fp32 rounding, on the scale of the largest gradient.
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize(("overrides", "hw"), [((), (64, 64)),
+                                               (("model.layers=upto:1", "model.precision=bf16"), (48, 80))])
+def test_tokens_bytes_is_the_size_of_one_images_tower_output(overrides, hw):
+    cfg = tiny_config(*overrides)
+    bb = Backbone(create_clip(cfg.model), cfg.model, compute_dtype(cfg.model.precision, torch.device("cpu")))
+    cls, patches = bb(torch.rand(3, 3, *hw))
+    assert bb.tokens_bytes(*hw) == (cls.nbytes + patches.nbytes) / 3

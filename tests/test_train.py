@@ -733,22 +733,37 @@ def test_accumulated_steps_train_as_whole_batches_with_plcc_over_the_step(tmp_pa
 
     tower_images, forward = [], Backbone.forward
     monkeypatch.setattr(Backbone, "forward", lambda self, x: tower_images.append(len(x)) or forward(self, x))
-    whole = train(run_config(tmp_path / "a", shards, "train.epochs=1"))
-    whole_tower, tower_images[:] = sum(tower_images), []
-    split = train(run_config(tmp_path / "b", shards, "train.epochs=1", "train.per_device_batch=2"))
+
+    def tower_images_of(name: str, *overrides: str) -> tuple[dict, int]:
+        tower_images.clear()
+        return train(run_config(tmp_path / name, shards, "train.epochs=1", *overrides)), sum(tower_images)
+
+    (whole, whole_tower), (split, split_tower) = tower_images_of("a"), tower_images_of("b", "train.per_device_batch=2")
     # The second pass over each micro-batch runs the head alone, on the first pass's tower tokens.
-    assert sum(tower_images) == whole_tower
-    assert re.search(r"train: PLCC over each step's 4 samples: every micro-batch's tower tokens are kept for the step "
-                     r"\(up to \d+\.\d MiB per process\)", capsys.readouterr().out)
+    assert split_tower == whole_tower
+    assert re.search(r"train: PLCC over each step's 4 samples, not each micro-batch's 2 "
+                     r"\(train.plcc_over=micro_batch\): each micro-batch's tower tokens are kept for the step \(8 "
+                     r"tower images, the samples and their LDG copies: up to \d+\.\d MiB per process\)",
+                     capsys.readouterr().out)
+    # Without them it runs the tower again: the same step at one micro-batch's memory.
+    _, again_tower = tower_images_of("d", "train.per_device_batch=2", "train.keep_tokens=false")
+    assert again_tower > whole_tower
+    assert "each micro-batch runs through the tower twice (train.keep_tokens=true: once" in capsys.readouterr().out
     per_micro = train(run_config(tmp_path / "c", shards, "train.epochs=1", "train.per_device_batch=2",
                                  "train.plcc_over=micro_batch"))
-    assert "train: PLCC over each micro-batch's 2 samples, not the step's 4" in capsys.readouterr().out
+    assert "train: PLCC over each micro-batch's 2 sample(s), not the step's 4" in capsys.readouterr().out
     weights = {name: load_file(str(tmp_path / name / "run" / "checkpoints" / "last" / "weights.safetensors"))
-               for name in "abc"}
-    assert all(torch.allclose(weights["a"][k], weights["b"][k], atol=1e-6) for k in weights["a"])
+               for name in "abcd"}
+    assert all(torch.allclose(weights["a"][k], weights[other][k], atol=1e-6) for k in weights["a"] for other in "bd")
     assert not all(torch.allclose(weights["a"][k], weights["c"][k], atol=1e-6) for k in weights["a"])
     assert whole["history"][0]["loss"] == pytest.approx(split["history"][0]["loss"], rel=1e-5)
     assert per_micro["history"][0]["loss"] != pytest.approx(whole["history"][0]["loss"], rel=1e-5)
+
+
+def test_plcc_over_one_sample_at_a_time_is_said_to_be_no_correlation(tmp_path, shards, capsys):
+    train(run_config(tmp_path, shards, "train.epochs=1", "train.batch_size=2", "train.per_device_batch=1",
+                     "train.plcc_over=micro_batch", "train.max_steps_per_epoch=1"))
+    assert "train: warning: PLCC over 1 sample at a time is no correlation" in capsys.readouterr().out
 
 
 def test_what_training_cannot_use_is_refused_before_any_work(tmp_path, shards):
