@@ -142,7 +142,7 @@ def write_shard(directory: str, name: str, split: str, samples: list[tuple[str, 
                     if isinstance(encoded, str):
                         if not skip_bad:
                             raise DataError(f"{label['name']} ({label_file} row {label['row']}): cannot read image: "
-                                            f"{encoded}")
+                                            f"{encoded}; fix or remove it, or leave it out with --skip-bad")
                         skipped.append({"name": label["name"], "row": label["row"], "reason": encoded})
                         continue
                     data, ext = encoded
@@ -299,6 +299,7 @@ def pack(opts: PackOptions) -> dict:
     info = opts.info()
     official = None if not info.official_split else \
         f"the meta CSV's split column ({', '.join(META_SPLIT_COLUMNS)})" if opts.meta_csv else \
+        f"{label_path.name}'s split column ({', '.join(META_SPLIT_COLUMNS)})" if opts.csv else \
         f"{info.official_split} beside {label_path.name}"
     # Only before a pack's first shard: a rerun reuses finished shards, whose images need not be there any more.
     missing = array("q")
@@ -354,6 +355,10 @@ def _check(opts: PackOptions) -> None:
     elif opts.dataset not in DATASETS:
         raise DataError(f"unknown dataset '{opts.dataset}'; one of {', '.join(DATASETS)}, or a dataset of your own "
                         "read from a CSV: add --label-file and --mos-range")
+    if opts.split.by_reference and not opts.info().has_reference:
+        # Else each image would be its own reference: a split by image, said to be by reference.
+        raise DataError(f"--by-reference yes: {opts.dataset} has no reference images"
+                        + (": name its reference column with --columns IMAGE SCORE REF" if opts.csv else ""))
     for flag, value in (("--shard-size", opts.shard_size), ("--workers", opts.workers),
                         ("--resize-shorter", opts.resize_shorter)):
         if value is not None and value < 1:
@@ -485,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
                         "with --label-file and --mos-range")
     parser.add_argument("--root", help="the dataset's release folder")
     parser.add_argument("--out", help="shard folder, e.g. shards/NAME")
-    parser.add_argument("--label-file", help="label file, if not at its released place under --root")
+    parser.add_argument("--label-file", help="label file, if not at its released place; a relative path is under "
+                        "--root")
     parser.add_argument("--meta-csv", help="read labels from an IQA-PyTorch meta-info CSV instead")
     parser.add_argument("--mos-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="a dataset of your own: its score scale, mapped to 0-1")
@@ -496,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=["official", "ratio", "file"], default="ratio")
     parser.add_argument("--ratios", type=float, nargs=3, default=(0.8, 0.0, 0.2), metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--split-index", type=int, default=0, help="the i-th of a series of seeded splits")
+    parser.add_argument("--split-index", type=int, default=0, help="the i-th (from 0) of a series of seeded splits, "
+                        "or of an IQA-PyTorch pickle's splits (numbered from 1 there: its split 1 is index 0)")
     parser.add_argument("--split-file", help="name,split CSV, or an IQA-PyTorch split pickle (with --meta-csv and "
                         "--split-index)")
     parser.add_argument("--by-reference", choices=["auto", "yes", "no"], default="auto",
@@ -519,8 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     spec = SplitSpec(args.split, tuple(args.ratios), args.split_seed, args.split_index, args.split_file, by_ref)
     try:
         own = args.mos_range is not None
-        if not own and (args.lower_better or args.columns):
-            raise DataError("--lower-better and --columns describe a dataset of your own: give its --mos-range too")
+        given = [flag for flag, value in (("--lower-better", args.lower_better), ("--columns", args.columns)) if value]
+        if not own and given:
+            raise DataError(f"{' and '.join(given)} describe{'s' if len(given) == 1 else ''} a dataset of your own: "
+                            "give its --mos-range too")
         labels = CsvLabels(args.dataset, tuple(args.mos_range), not args.lower_better,
                            tuple(args.columns or ())) if own else None
         opts = PackOptions(args.dataset, args.root, args.out, args.label_file, args.meta_csv, spec, args.shard_size,

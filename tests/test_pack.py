@@ -210,7 +210,8 @@ def test_a_pack_stopped_before_its_first_shard_reruns_with_fixed_labels(tmp_path
     labels.write_text(good)
     (tmp_path / "kadid" / "images" / "I01_01_01.png").write_bytes(b"not an image")
     one_shard = SplitSpec("ratio", (1.0, 0.0, 0.0))
-    with pytest.raises(DataError, match=r"images/I01_01_01.png \(dmos.csv row 2\): cannot read image"):
+    with pytest.raises(DataError, match=r"images/I01_01_01.png \(dmos.csv row 2\): cannot read image: .*; fix or "
+                                        r"remove it, or leave it out with --skip-bad$"):
         pack(_opts(tmp_path / "kadid", out, shard_size=100, split=one_shard))
     assert (out / "pack.json").exists() and not list(out.glob("*.tar"))
     labels.write_text("".join(line for line in good.splitlines(keepends=True) if "I01_01_01" not in line))
@@ -489,9 +490,32 @@ def test_what_a_csv_of_ones_own_cannot_be_read_with_is_one_line_naming_it(tmp_pa
         ("img_name,mos", rows, ["--dataset", "kadid10k", *base, "--mos-range", "1", "5"],
          "--dataset kadid10k is one of the nine releases, read from its own label files, not with --mos-range"),
         ("img_name,mos", rows, [*mine, "--lower-better"],
-         "--lower-better and --columns describe a dataset of your own: give its --mos-range too"),
+         "--lower-better describes a dataset of your own: give its --mos-range too"),
         ("img_name,mos", rows, [*mine, "--mos-range", "5", "1"],
-         "--mos-range 5 1: the lowest score first, then the highest"),
+         "--mos-range 5 1: the lowest score first, then the highest, both finite"),
+        ("img_name,mos", rows, [*mine, "--mos-range", "0", "inf"],
+         "--mos-range 0 inf: the lowest score first, then the highest, both finite"),
+        ("img_name,mos", rows, [*mine, "--mos-range", "1", "5", "--by-reference", "yes"],
+         "--by-reference yes: mine has no reference images: name its reference column with --columns IMAGE SCORE REF"),
+        ("img_name,mos", rows, ["--dataset", "koniq10k", *base, "--by-reference", "yes"],
+         "--by-reference yes: koniq10k has no reference images"),
+        (rows[0], rows[1:], [*mine, "--mos-range", "1", "5"],
+         f"scores.csv row 1 is data ('{rows[0].split(',')[1]}' where the score column's name belongs): the first line "
+         "must be a header naming the columns"),
+        ("img_name,mos,mos", [r + ",9" for r in rows], [*mine, "--mos-range", "1", "5"],
+         "scores.csv: the header names column 'mos' 2 times; rename all but one"),
+        ("ref_name,dist_name,mos", [f"I01.png,{r}" for r in rows], [*mine, "--mos-range", "1", "5"],
+         f"scores.csv row 2: score '{rows[0].split(',')[0]}' of the second column, 'dist_name', is not a number: name "
+         "the image and score columns with --columns (columns: ref_name, dist_name, mos)"),
+        ("img_name,mos", [f"{tmp_path}/mine/{rows[0]}"], [*mine, "--mos-range", "1", "5"],
+         f"scores.csv row 2: image '{tmp_path}/mine/{rows[0].split(',')[0]}' is not under --root: name images by their "
+         "path relative to it"),
+        ("img_name,mos", [f"../mine/{rows[0]}"], [*mine, "--mos-range", "1", "5"],
+         f"scores.csv row 2: image '../mine/{rows[0].split(',')[0]}' is not under --root: name images by their path "
+         "relative to it"),
+        ("img_name,mos", rows, [*mine, "--mos-range", "1", "5", "--split", "official"],
+         f"scores.csv row 2 ({rows[0].split(',')[0]}) has no official split: it is read from scores.csv's split column "
+         "(official_split, official split, split): add that, or use the ratio protocol"),
         ("img_name,mos", rows, ["--dataset", "mine", *base, "--mos-range", "1", "5"],
          "--dataset mine, a dataset of your own, is read from its CSV: give it with --label-file (not --meta-csv)"),
         ("img_name,mos", rows, [*mine, "--mos-range", "1", "5", "--columns", "img_name"],

@@ -17,6 +17,7 @@ Conventions, the same for every dataset:
 from __future__ import annotations
 
 import csv
+import math
 import os
 import pickle
 import zipfile
@@ -167,6 +168,14 @@ def _lines(fh: Iterable[str], path: Path) -> Iterator[tuple[int, str]]:
         yield from enumerate(fh, 1)
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _header(path: Path) -> list[str]:
@@ -490,8 +499,8 @@ class CsvLabels:
             raise DataError(f"--dataset {self.name} is one of the nine releases, read from its own label files, not "
                             "with --mos-range")
         lo, hi = self.mos_range
-        if not lo < hi:
-            raise DataError(f"--mos-range {lo:g} {hi:g}: the lowest score first, then the highest")
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise DataError(f"--mos-range {lo:g} {hi:g}: the lowest score first, then the highest, both finite")
         if self.columns and len(self.columns) not in (2, 3):
             raise DataError(f"--columns takes the image and score columns and optionally the reference's, not "
                             f"{len(self.columns)}")
@@ -507,22 +516,35 @@ class CsvLabels:
 def _read_csv(spec: CsvLabels, root: Path, label: Path) -> Iterator[Record]:
     header = _header(label)
     columns = spec.columns or tuple(header[:2])
+    listed = f"columns: {', '.join(header) or 'none'}"
     if len(columns) < 2:
-        raise DataError(f"{label.name}: a header with the image and score columns is needed (columns: "
-                        f"{', '.join(header) or 'none'})")
-    info = spec.info(label.name)
+        raise DataError(f"{label.name}: a header with the image and score columns is needed ({listed})")
+    if not spec.columns and _is_number(columns[1]):
+        raise DataError(f"{label.name} row 1 is data ({columns[1]!r} where the score column's name belongs): the "
+                        "first line must be a header naming the columns")
     split_col = next((c for c in META_SPLIT_COLUMNS if c in header), None)
+    twice = next((c for c in (*columns, split_col) if c and header.count(c) > 1), None)
+    if twice:  # read by name, the last of them would be taken
+        raise DataError(f"{label.name}: the header names column '{twice}' {header.count(twice)} times; rename all "
+                        "but one")
+    info = spec.info(label.name)
     for row, rec in _csv_rows(label, columns):
+        if not spec.columns and not _is_number(rec[columns[1]]):
+            raise DataError(f"{label.name} row {row}: score {rec[columns[1]].strip()!r} of the second column, "
+                            f"'{columns[1]}', is not a number: name the image and score columns with --columns "
+                            f"({listed})")
+        image = PurePosixPath(rec[columns[0]].strip())
+        if image.is_absolute() or ".." in image.parts:
+            raise DataError(f"{label.name} row {row}: image {str(image)!r} is not under --root: name images by their "
+                            "path relative to it")
         split = None
         if split_col:
             split = _META_SPLIT_VALUES.get(rec[split_col].strip())
             if split is None:
                 raise DataError(f"{label.name} row {row}: {split_col} {rec[split_col]!r} is not 0/1/2 or "
                                 "train/val/test")
-        image = rec[columns[0]].strip()
         ref = PurePosixPath(rec[columns[2]].strip()).name if len(columns) == 3 else None
-        yield _record(info, root, PurePosixPath(image).as_posix() if image else "", rec[columns[1]], label, row, ref,
-                      split)
+        yield _record(info, root, image.as_posix() if image.name else "", rec[columns[1]], label, row, ref, split)
 
 
 def read_csv_labels(spec: CsvLabels, root: str | Path, label_file: str | Path) -> Iterator[Record]:
