@@ -8,7 +8,8 @@
 
 Scores are [N] (IQA-PyTorch's metrics give [N, 1]), higher is better (`lower_better` is False, as pyiqa names it).
 A float tensor that requires grad gets scores with gradients towards it, on the model's device: a loss, as pyiqa's
-`as_loss` metrics are (`loss = 1 - scorer(restored).mean()`); the scorer's own weights stay frozen.
+`as_loss` metrics are (`loss = 1 - scorer(restored).mean()`); the scorer's own weights stay frozen. Float images may
+overshoot [0, 1] by up to 0.25, as a restoration's output may, and are scored as they are, unclamped.
 
 Images are decoded and resized as training and evaluation decode and resize them, so a file scores here as it does in
 `evaluate`.
@@ -29,6 +30,7 @@ from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.temu import QualityOutput, TeMuIQA, build_model
 
 ImageLike = Union[str, Path, Image.Image, torch.Tensor]
+OVERSHOOT = 0.25  # how far past [0, 1] a float image is still taken as one in [0, 1]
 
 
 class Scorer(nn.Module):
@@ -37,8 +39,9 @@ class Scorer(nn.Module):
 
     def __init__(self, model: TeMuIQA, config: Config):
         super().__init__()
-        self.model = model.eval().requires_grad_(False)  # a loss's gradients go to its input, not to the scorer
+        self.model = model.requires_grad_(False)  # a loss's gradients go to its input, not to the scorer
         self.config = config
+        self.eval()
 
     @property
     def device(self) -> torch.device:
@@ -80,9 +83,11 @@ class Scorer(nn.Module):
             raise ValueError(f"an image tensor is [3, H, W] (a batch [N, 3, H, W]); this one is {list(image.shape)}")
         elif image.is_floating_point() and image.numel():
             lo, hi = (float(v) for v in image.detach().aminmax())
-            if not 0.0 <= lo <= hi <= 1.0:
-                raise ValueError(f"a float image is read as [0, 1]; this one spans [{lo:g}, {hi:g}]: divide 0-255 "
-                                 "values by 255 (or pass uint8), map -1..1 ones by (x + 1) / 2")
+            # A restoration network's output (a loss's input) may overshoot a little; 0-255 or -1..1 ones go far past.
+            if not -OVERSHOOT <= lo <= hi <= 1.0 + OVERSHOOT:
+                raise ValueError(f"a float image is read as [0, 1] (up to {OVERSHOOT:g} past it as it is); this one "
+                                 f"spans [{lo:g}, {hi:g}]: divide 0-255 values by 255 (or pass uint8), map -1..1 ones "
+                                 "by (x + 1) / 2")
         x = to_input(image, self.config.model.image_hw())  # as the loader resizes; differentiable for floats
         return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
