@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     bad = [o for o in args.overrides if not is_override(o)]
     if bad:
-        parser.error(f"not key=value: {bad[0]}")
+        folder = Path(bad[0].partition(":")[0])
+        parser.error(f"not key=value: {bad[0]}" + (" (a pack? give each its own --shards)"
+                                                    if folder.is_dir() and args.shards else ""))
     if args.layer is not None and args.clipiqa != "b":
         parser.error("--layer is for --clipiqa b (a scores the last layer, c averages all)")
     accelerator = eval_accelerator()

@@ -507,6 +507,9 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
     with pytest.raises(SystemExit):
         main(["--clipiqa", "a", "--layer", "3", "--config", str(cfg), "--shards", str(shards)])
     assert "--layer is for --clipiqa b" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--clipiqa", "c", "--config", str(cfg), "--shards", str(shards), f"{shards}:val"])
+    assert f"not key=value: {shards}:val (a pack? give each its own --shards)" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "nothing")]) == 1
     assert "neither a checkpoint folder" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "run"), "--plots", str(cfg)]) == 1
