@@ -159,7 +159,7 @@ def test_deepspeed_trains_as_one_process_does_on_cpu(shards, one_process, tmp_pa
     results = json.loads((tmp_path / "ds" / "run" / "results.json").read_text())
     assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
     assert results["best"]["test"]["count"] == 7
-    assert "2 process(es)" in done.stdout and "x 2 accumulation" in done.stdout
+    assert "2 process(es)" in done.stdout and "x 2 accumulated x 2 process(es)" in done.stdout
     # DeepSpeed's engine itself, as every other launcher: no clipping (its default would clip at 1.0).
     assert "DeepSpeed ZeRO stage 0, gradient clipping off" in done.stdout
     trained, initial = _weights(tmp_path / "ds" / "run"), _initial(shards, tmp_path)
