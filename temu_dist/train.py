@@ -273,7 +273,7 @@ def _describe(config: Config, plan: BatchPlan, micro_batches: int, accelerator: 
                           f"{plan.global_batch} (train.plcc_over=step)")
     if (plan.global_batch if plan.accumulation == 1 or _plcc_over_step(config, plan) else micro) < 2:
         accelerator.print("train: warning: PLCC over 1 sample at a time is no correlation (0 alone, +-1 with its LDG "
-                          "copy): raise train.per_device_batch, or use train.plcc_over=step")
+                          "copy): raise train.batch_size or train.per_device_batch, or use train.plcc_over=step")
 
 
 def _log_line(record: dict, epochs: int) -> str:
