@@ -195,9 +195,7 @@ class TrainConfig(Section):
     @field_validator("key_metric")
     @classmethod
     def _key(cls, v: str) -> str:
-        if v.count("/") != 1 or v.split("/")[1] not in ("srcc", "plcc", "krcc"):
-            raise ValueError(f"'{v}' is not SET/METRIC with METRIC one of srcc, plcc, krcc")
-        return v
+        return metric_key(v)
 
 
 class EvalConfig(Section):
@@ -279,8 +277,16 @@ def _keys(tree: dict, prefix: str = "") -> list[str]:
             for k in (prefix + key, *(_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else ()))]
 
 
+def metric_key(v: str) -> str:
+    """A SET/METRIC name (train.key_metric, a search's metric), or ValueError."""
+    if v.count("/") != 1 or v.split("/")[1] not in ("srcc", "plcc", "krcc"):
+        raise ValueError(f"'{v}' is not SET/METRIC with METRIC one of srcc, plcc, krcc")
+    return v
+
+
 def _unknown(key: str) -> str:
-    close = difflib.get_close_matches(key, _keys(Config().model_dump()), n=1, cutoff=0.8)
+    # A training key unknown where it stands (at the top of a search config) would be its own closest match.
+    close = [k for k in difflib.get_close_matches(key, _keys(Config().model_dump()), n=2, cutoff=0.8) if k != key]
     return f"unknown key (did you mean {close[0]}?)" if close else "unknown key"
 
 

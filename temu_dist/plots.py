@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # files only: training nodes have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
 HEATMAP_COLOURS = "RdYlGn"  # red is bad, green is good
@@ -95,6 +96,32 @@ def _best_by(rows: list[dict], key: str) -> dict[str, float]:
     return best
 
 
+# A search row's keys that are not searched settings.
+_RESULT_KEYS = ("trial", "epochs", "best", "error")
+
+
+def _others(rows: list[dict], key: str) -> list[str]:
+    """The searched keys besides `key` whose values differ between rows: what a plot of `key` takes the best over."""
+    return [k for k in rows[0] if k not in (*_RESULT_KEYS, key) and len({str(r.get(k)) for r in rows}) > 1] \
+        if rows else []
+
+
+def prompt_cells(rows: list[dict]) -> list[list[str]]:
+    """Per prompt option of a search: its best value, the other settings of the trial that reached it, and the mean
+    and standard deviation over its trials (repeats or other settings)."""
+    others = _others(rows, "model.prompt")
+    cells = []
+    for prompt, label in (("none", "(1) none"), ("coop", "(2) CoOp"), ("cocoop", "(3) CoCoOp")):
+        values = [r for r in rows if r.get("model.prompt") == prompt and r.get("best") is not None]
+        if not values:
+            continue
+        top = max(values, key=lambda r: r["best"])
+        scores = np.array([r["best"] for r in values])
+        cells.append([label, f"{top['best']:.4f}", ", ".join(f"{k}={top[k]}" for k in others) or "-",
+                      f"{scores.mean():.4f} ± {scores.std(ddof=1):.4f} (n={len(scores)})" if len(scores) > 1 else "-"])
+    return cells
+
+
 def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")  # the canvas grows to hold a title wider than the plot, never cuts it
@@ -103,32 +130,46 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def prompt_table(rows: list[dict], metric: str, path: str | Path) -> Path:
-    """The prompt-tuning table (seed Table 5): the best `metric` each prompt option reached over the search."""
-    best = _best_by(rows, "model.prompt")
-    order = [p for p in ("none", "coop", "cocoop") if p in best]
-    fig, ax = plt.subplots(figsize=(4.5, 0.6 + 0.4 * len(order)), dpi=110)
+    """The prompt-tuning table (seed Table 5): the best `metric` each prompt option reached over the search, where,
+    and its mean and spread over its trials."""
+    cells = prompt_cells(rows)
+    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.4 * len(cells)), dpi=110)
     ax.axis("off")
-    cells = [[{"none": "(1) none", "coop": "(2) CoOp", "cocoop": "(3) CoCoOp"}[p], f"{best[p]:.4f}"] for p in order]
-    table = ax.table(cellText=cells or [["-", "-"]], colLabels=["prompt", metric], loc="center", cellLoc="center")
+    table = ax.table(cellText=cells or [["-"] * 4], colLabels=["prompt", f"best {metric}", "best at", "mean ± sd"],
+                     loc="center", cellLoc="center")
+    table.auto_set_column_width(range(4))
     table.scale(1, 1.4)
-    if order:
-        top = max(order, key=best.get)
-        table[(order.index(top) + 1, 1)].get_text().set_fontweight("bold")
+    if cells:
+        top = max(range(len(cells)), key=lambda i: float(cells[i][1]))
+        table[(top + 1, 1)].get_text().set_fontweight("bold")
     ax.set_title("prompt tuning")
     return _save(fig, path)
 
 
+def layer_lines(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """The best value per layer selection, a set of them per prompt option where the search varied the prompt too
+    (keyed by the option, else ""): the lines of the layer study."""
+    prompts = sorted({str(r.get("model.prompt")) for r in rows}) if "model.prompt" in _others(rows, "model.layers") \
+        else [""]
+    return {p: best for p in prompts
+            if (best := _best_by([r for r in rows if not p or str(r.get("model.prompt")) == p], "model.layers"))}
+
+
 def layer_study(rows: list[dict], metric: str, path: str | Path) -> Path:
-    """The best `metric` per layer selection (seed Fig. 8): upto:K and only:K against K, `all` as a line."""
-    best = _best_by(rows, "model.layers")
+    """The best `metric` per layer selection (seed Fig. 8): upto:K and only:K against K, `all` as a line; a line per
+    prompt option where the search varied it, and the title names what else it took the best over."""
+    lines = layer_lines(rows)
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
-    for kind, style in (("upto", "o-"), ("only", "s--")):
-        points = sorted((int(k.split(":")[1]), v) for k, v in best.items() if k.startswith(kind + ":"))
-        if points:
-            ax.plot(*zip(*points), style, ms=4, label=f"{kind}:K")
-    if "all" in best:
-        ax.axhline(best["all"], color="grey", lw=1, ls=":", label="all layers")
-    ax.set(xlabel="layer K", ylabel=metric, title="layer study")
+    for (prompt, best), colour in zip(lines.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        for kind, style in (("upto", "o-"), ("only", "s--")):
+            points = sorted((int(k.split(":")[1]), v) for k, v in best.items() if k.startswith(kind + ":"))
+            if points:
+                ax.plot(*zip(*points), style, ms=4, color=colour, label=f"{kind}:K" + (f", {prompt}" if prompt else ""))
+        if "all" in best:
+            ax.axhline(best["all"], color=colour, lw=1, ls=":", label="all layers" + (f", {prompt}" if prompt else ""))
+    over = [k for k in _others(rows, "model.layers") if k != "model.prompt"]
+    ax.set(xlabel="layer K", ylabel=metric, title="layer study" + (f" (best over {', '.join(over)})" if over else ""))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     return _save(fig, path)

@@ -26,15 +26,16 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import ValidationError
+from pydantic import ValidationError, field_validator
 
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import (Config, ConfigError, Section, apply_overrides, dump, error_line, load_config,
-                              one_line_error, parse_override, read_yaml)
+                              metric_key, one_line_error, parse_override, read_yaml)
 from temu_dist.tracking import finish_parent, flatten, parent_run, tracking_uri
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -77,6 +78,11 @@ class SearchConfig(Section):
     max_failures: int = 2  # retries of a failing trial
     address: str | None = None  # null: RAY_ADDRESS if set, else a local Ray with this machine's CPUs and GPUs
     tracking_uri: str | None = None  # null: as a training run's tracking.uri (MLFLOW_TRACKING_URI, out_dir/mlflow.db)
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str | None) -> str | None:
+        return v if v is None else metric_key(v)
 
 
 def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SearchConfig:
@@ -129,6 +135,11 @@ def _check_space(search: SearchConfig, path: Path) -> None:
                     check_backbone(config.model)
                 except ConfigError as e:
                     raise ConfigError(f"{path} space: {e}") from None
+    if search.num_samples > 1 and all(next(iter(spec)) == "grid" for spec in search.space.values()):
+        # Every sample of a grid point would be the same trial: same values, same seed, same result.
+        raise ConfigError(f"{path}: num_samples: {search.num_samples} samples of an all-grid space train each grid "
+                          "point that many times over, alike; for repeats, search the seed: "
+                          "'space.seed={grid: [0, 1, 2]}'")
 
 
 def _check_fits_here(res: Resources) -> None:
@@ -176,9 +187,17 @@ def _check_data(search: SearchConfig) -> None:
 
     keys = [k for k, spec in search.space.items() if next(iter(spec)) in ("grid", "choice") and any(
         k == read or k.startswith(f"{read}.") for read in CHECKED_DATA_KEYS)]
+    # The search's metric is checked as the key metric is: a set the trials evaluate.
+    metric = [f"train.key_metric={search.metric}"] if search.metric else []
     for values in itertools.product(*(next(iter(search.space[k].values())) for k in keys)):
-        check_data(load_config(search.base, [*search.overrides, *(f"{k}={json.dumps(v)}" for k, v in zip(keys, values)),
-                                             f"out_dir={json.dumps(search.out_dir)}"]))
+        try:
+            check_data(load_config(search.base, [
+                *search.overrides, *(f"{k}={json.dumps(v)}" for k, v in zip(keys, values)), *metric,
+                f"out_dir={json.dumps(search.out_dir)}"]))
+        except ConfigError as e:
+            if metric and str(e).startswith("train.key_metric:"):
+                raise ConfigError(f"metric{str(e).removeprefix('train.key_metric')}") from None
+            raise
 
 
 def base_config(search: SearchConfig) -> dict:
@@ -313,12 +332,14 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     started = search_dir / STARTED
     if restored:
         _check_same_search(search, base, metric, started)
+        print(f"tune: resuming the search {search.name} in {search_dir}: finished trials are kept, stopped ones go on")
     else:
         search_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(started, _identity(search, base, metric))
     uri = _tracking_uri(search, base, address)
     params = {f"space.{k}": json.dumps(v) for k, v in search.space.items()}
-    params.update({"base": search.base, "num_samples": search.num_samples, "metric": metric})
+    params.update({"base": search.base, "overrides": json.dumps(search.overrides), "num_samples": search.num_samples,
+                   "metric": metric})
     parent = None
     if base["tracking"]["enabled"]:
         parent = parent_run(uri, base["tracking"]["experiment"], search.name, search_dir / "mlflow_parent_run_id",
@@ -421,7 +442,8 @@ def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: st
                      else None})
     ok = [r for r in rows if r["best"] is not None]
     best = max(ok, key=lambda r: r["best"] if search.mode == "max" else -r["best"]) if ok else None
-    summary = {"search": search.name, "metric": metric, "trials": rows, "best": best}
+    summary = {"search": search.name, "metric": metric, "trials": rows, "best": best,
+               "mlflow": uri if parent is not None else None}
     write_json_atomic(search_dir / "search.json", summary, default=str)
     plots = []
     if "model.prompt" in search.space:
@@ -446,8 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="keys of the search config, not of the training config (examples above)")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     try:
-        summary = run_search(load_search(args.config, args.overrides))
+        search = load_search(args.config, args.overrides)
+        summary = run_search(search)
     except ConfigError as e:
         print(f"tune: {e}", file=sys.stderr)
         return 1
@@ -463,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
         print("tune: no trial reported a result (errors above)", file=sys.stderr)
         return 1
     print(f"tune: best {summary['best']['trial']} with {summary['metric']} {summary['best']['best']:.4f}")
+    print(f"tune: {len(summary['trials'])} trial(s) in {(time.perf_counter() - started) / 60:.1f} min; results in "
+          f"{Path(search.out_dir).resolve() / search.name / 'search.json'}, with its plots beside it")
+    if summary["mlflow"]:
+        print(f"tune: compare the trials with: mlflow ui --backend-store-uri {summary['mlflow']}")
     return 0
 
 

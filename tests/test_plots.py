@@ -1,6 +1,8 @@
 from PIL import Image
 
-from temu_dist.plots import layer_study, prompt_table, scatter
+import pytest
+
+from temu_dist.plots import layer_lines, layer_study, prompt_cells, prompt_table, scatter
 
 
 def test_search_plots_are_written(tmp_path):
@@ -13,6 +15,21 @@ def test_search_plots_are_written(tmp_path):
         path = draw(rows, "test/srcc", tmp_path / name)
         image = Image.open(path)
         assert image.size[0] > 300 and len(set(image.convert("L").getdata())) > 2
+
+
+def test_a_crossed_search_shows_each_prompt_where_it_peaked_and_its_own_layer_line():
+    rows = [{"trial": "t1", "model.prompt": "none", "model.layers": "upto:2", "seed": 0, "best": 0.24},
+            {"trial": "t2", "model.prompt": "none", "model.layers": "upto:4", "seed": 0, "best": 0.30},
+            {"trial": "t3", "model.prompt": "coop", "model.layers": "upto:2", "seed": 0, "best": 0.11},
+            {"trial": "t4", "model.prompt": "coop", "model.layers": "upto:4", "seed": 1, "best": -0.04},
+            {"trial": "t5", "model.prompt": "coop", "model.layers": "all", "seed": 1, "best": None}]
+    cells = prompt_cells(rows)
+    assert [c[:3] for c in cells] == [["(1) none", "0.3000", "model.layers=upto:4, seed=0"],
+                                      ["(2) CoOp", "0.1100", "model.layers=upto:2, seed=0"]]
+    assert cells[0][3] == "0.2700 ± 0.0424 (n=2)"
+    assert layer_lines(rows) == {"coop": {"upto:2": 0.11, "upto:4": -0.04}, "none": {"upto:2": 0.24, "upto:4": 0.30}}
+    one_prompt = [r for r in rows if r["model.prompt"] == "none"]
+    assert layer_lines(one_prompt) == {"": {"upto:2": 0.24, "upto:4": pytest.approx(0.30)}}
 
 
 def test_a_title_wider_than_the_plot_is_not_cut(tmp_path):

@@ -81,6 +81,7 @@ def test_search_gives_one_parent_run_and_a_child_run_per_trial(tmp_path, shards,
     client = mlflow.MlflowClient(f"sqlite:///{search_dir.parent / 'mlflow.db'}")
     assert parent.info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri())
     assert parent.info.status == "FINISHED"
+    assert json.loads(parent.data.params["overrides"]) == [] and summary["mlflow"].startswith("sqlite:///")
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"search.json", "prompt_table.png",
                                                                           "config.yaml"}
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
@@ -306,6 +307,22 @@ def test_a_searched_key_metric_without_its_evaluation_set_is_refused_before_ray_
         run_search(search)
 
 
+def test_a_searchs_metric_and_samples_are_checked_before_ray_starts(tmp_path, shards, no_ray):
+    path = _search_file(tmp_path, shards, "metric", {"model.prompt": {"grid": ["none"]}})
+    with pytest.raises(ConfigError, match=r"metric: Value error, 'test/srocc' is not SET/METRIC with METRIC one of "
+                                          r"srcc, plcc, krcc"):
+        load_search(path, ["metric=test/srocc"])
+    with pytest.raises(ConfigError, match=r"^metric: no evaluation set 'val' \(sets: test\)$"):
+        run_search(load_search(path, ["metric=val/srcc"]))
+    assert not (tmp_path / "runs").exists()  # nothing started, so the corrected search may take the name
+    with pytest.raises(ConfigError, match=r"train: unknown key; training keys go in the search config's overrides "):
+        load_search(path, ["train.epochs=1"])
+    with pytest.raises(ConfigError, match=r"num_samples: 2 samples of an all-grid space train each grid point that "
+                                          r"many times over, alike; for repeats, search the seed"):
+        load_search(path, ["num_samples=2"])
+    assert load_search(path, ["num_samples=2", "space.train.lr={loguniform: [0.0001, 0.01]}"]).num_samples == 2
+
+
 def test_a_searched_evaluation_set_that_the_key_metric_names_is_checked_with_it(tmp_path, shards, monkeypatch,
                                                                                 ray_joins):
     # Each eval.cross value adds the set train.key_metric names: every trial has it, so the search starts.
@@ -390,6 +407,19 @@ def test_a_search_that_does_not_finish_ends_its_parent_run(tmp_path, shards, tun
     assert parent.info.status == status
 
 
+def test_a_finished_search_says_where_its_results_are_and_how_to_compare_them(tmp_path, shards, monkeypatch,
+                                                                             capsys):
+    path = _search_file(tmp_path, shards, "said", {"model.prompt": {"grid": ["none"]}})
+    row = {"trial": "trial-1", "model.prompt": "none", "epochs": 2, "best": 0.5, "error": None}
+    monkeypatch.setattr(tune_cli, "run_search", lambda search: {"search": "said", "metric": "test/srcc",
+                                                                "trials": [row], "best": row, "mlflow": "sqlite:///x"})
+    assert tune_cli.main(["--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    where = re.escape(str(tmp_path / "runs" / "said" / "search.json"))
+    assert re.search(rf"tune: 1 trial\(s\) in \d+\.\d min; results in {where}, with its plots beside it\n", out)
+    assert out.endswith("tune: compare the trials with: mlflow ui --backend-store-uri sqlite:///x\n")
+
+
 def test_a_search_in_which_every_trial_failed_exits_1_naming_their_errors(tmp_path, shards, tuner_stopping, capsys):
     tuner_stopping.fit_does = lambda: [FAILED, FAILED]
     path = _search_file(tmp_path, shards, "failing", {"model.prompt": {"grid": ["none", "coop"]}})
@@ -413,7 +443,8 @@ def test_searched_paths_are_made_absolute_as_the_base_configs_are(tmp_path, shar
 
 def test_a_restored_search_is_not_read_as_stopped_for_a_space_changed_since(tmp_path, shards):
     # A finished 3-trial search rerun with num_samples=4: Ray restores its 3 trials, which are all there is.
-    search = load_search(_search_file(tmp_path, shards, "grown", {"model.prompt": {"grid": ["none", "coop", "cocoop"]}},
+    search = load_search(_search_file(tmp_path, shards, "grown", {"model.prompt": {"grid": ["none", "coop", "cocoop"]},
+                                                                  "train.lr": {"loguniform": [0.0001, 0.01]}},
                                       num_samples=4))
     assert not tune_cli._stopped(search, [DONE] * 3, restored=True)
     assert tune_cli._stopped(search, [DONE] * 3, restored=False)  # started afresh, 9 trials never ran
