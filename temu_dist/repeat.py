@@ -24,7 +24,7 @@ from accelerate import PartialState
 
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import Config, ConfigError, load_config
-from temu_dist.tracking import config_params, config_tags, finish_parent, parent_run, tracking_uri
+from temu_dist.tracking import config_params, config_tags, finish_run, parent_run, tracking_uri
 from temu_dist.train import NonFiniteLoss, check_data, train
 
 METRICS = ("srcc", "plcc", "krcc")
@@ -77,7 +77,7 @@ def repeat(config: Config, splits: int) -> dict:
         runs = [train(split_config(config, i, parent)) for i in range(splits)]
     except BaseException as e:
         if parent is not None:
-            finish_parent(uri, parent, [], {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            finish_run(uri, parent, [], {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     summary = {"config": config.name, "splits": splits, "key_metric": config.train.key_metric,
                "sets": summarize(runs), "sets_own_best": summarize(runs, "own_best"),
@@ -90,7 +90,7 @@ def repeat(config: Config, splits: int) -> dict:
                        for prefix, sets in (("", summary["sets"]), ("own_best/", summary["sets_own_best"]))
                        for name, by_metric in sets.items() for metric, values in by_metric.items()
                        for stat in ("mean", "std")}
-            finish_parent(uri, parent, [out / "repeat.json"], metrics, {}, "FINISHED")
+            finish_run(uri, parent, [out / "repeat.json"], metrics, {}, "FINISHED")
     return summary
 
 

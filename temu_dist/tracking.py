@@ -206,10 +206,10 @@ def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict
         return None
 
 
-def finish_parent(uri: str, run_id: str, artifacts: list[Path], metrics: dict[str, float], tags: dict[str, str],
+def finish_run(uri: str, run_id: str, artifacts: list[Path], metrics: dict[str, float], tags: dict[str, str],
                   status: Literal["FINISHED", "FAILED", "KILLED"]) -> None:
-    """Logs a parent run's results and ends it with `status`; trouble with MLflow is a warning, the results are on
-    disk."""
+    """Logs a run's results (a parent's, a trial stopped early) and ends it with `status`; trouble with MLflow is a
+    warning, the results are on disk."""
     try:
         import mlflow
 

@@ -36,7 +36,7 @@ from pydantic import ValidationError, field_validator
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import (Config, ConfigError, Section, apply_overrides, dump, error_line, load_config,
                               metric_key, one_line_error, parse_override, read_yaml)
-from temu_dist.tracking import finish_parent, flatten, parent_run, tracking_uri
+from temu_dist.tracking import finish_run, flatten, parent_run, tracking_uri
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 # A Ray Train trial asks for its workers itself; the trial's own process only waits for them (Ray refuses an empty
@@ -377,9 +377,9 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
             raise KeyboardInterrupt
     except BaseException as e:
         if parent is not None:
-            finish_parent(uri, parent, [], {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            finish_run(uri, parent, [], {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    return summarize(search, search_dir, grid, metric, uri, parent)
+    return summarize(search, search_dir, grid, metric, uri, parent, base["train"]["epochs"])
 
 
 def _identity(search: SearchConfig, base: dict, metric: str) -> dict:
@@ -425,8 +425,10 @@ def _stopped(search: SearchConfig, grid, restored: bool) -> bool:
     return cut or (not restored and len(grid) < planned)
 
 
-def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: str, parent: str | None) -> dict:
-    """Results table, plots and the best trial's config, to search.json and the parent MLflow run."""
+def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: str, parent: str | None,
+              epochs: int) -> dict:
+    """Results table, plots and the best trial's config, to search.json and the parent MLflow run. Trials ASHA
+    stopped early get their best value and a tag saying so: Ray ends them as Ctrl-C would, without results."""
     from temu_dist.plots import layer_study, prompt_table
 
     rows = []
@@ -454,9 +456,14 @@ def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: st
     if best is not None:
         best_config = search_dir / "trials" / best["trial"] / "config.yaml"
     if parent is not None:
+        for row in rows:
+            id_file = search_dir / "trials" / row["trial"] / "mlflow_run_id"
+            if row["error"] is None and row["best"] is not None and (row["epochs"] or 0) < epochs and id_file.is_file():
+                finish_run(uri, id_file.read_text().strip(), [], {f"best/{metric}": row["best"]},
+                           {"temu.stopped": f"early, by ASHA after epoch {row['epochs']} of {epochs}"}, "KILLED")
         artifacts = [search_dir / "search.json", *plots, *([best_config] if best_config and best_config.exists()
                                                            else [])]
-        finish_parent(uri, parent, artifacts, {f"best/{metric}": float(best["best"])} if best else {},
+        finish_run(uri, parent, artifacts, {f"best/{metric}": float(best["best"])} if best else {},
                       {"best_trial": best["trial"]} if best else {}, "FINISHED" if ok else "FAILED")
     return summary
 

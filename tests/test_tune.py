@@ -449,3 +449,28 @@ def test_a_restored_search_is_not_read_as_stopped_for_a_space_changed_since(tmp_
     assert not tune_cli._stopped(search, [DONE] * 3, restored=True)
     assert tune_cli._stopped(search, [DONE] * 3, restored=False)  # started afresh, 9 trials never ran
     assert tune_cli._stopped(search, [DONE, CUT, DONE], restored=True)
+
+
+def test_a_trial_asha_stopped_early_is_marked_so_in_mlflow_with_its_best(tmp_path, shards):
+    import pandas as pd
+
+    search = load_search(_search_file(tmp_path, shards, "asha", {"model.prompt": {"grid": ["none", "coop"]}}))
+    search_dir, uri = tmp_path / "runs" / "asha", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("temu-dist")
+    grid, run_ids = [], []
+    for i, (prompt, scores) in enumerate([("none", [0.1, 0.3]), ("coop", [0.2])]):
+        run_ids.append(client.create_run(experiment).info.run_id)
+        client.set_terminated(run_ids[-1], "FINISHED" if len(scores) == 2 else "KILLED")  # as train ends them
+        (search_dir / "trials" / f"trial-{i}").mkdir(parents=True)
+        (search_dir / "trials" / f"trial-{i}" / "mlflow_run_id").write_text(run_ids[-1])
+        grid.append(SimpleNamespace(metrics_dataframe=pd.DataFrame({"test/srcc": scores}),
+                                    config={"model.prompt": prompt}, error=None,
+                                    metrics={"trial_id": str(i), "epoch": len(scores), "done": True}))
+    parent = client.create_run(experiment).info.run_id
+    summary = tune_cli.summarize(search, search_dir, grid, "test/srcc", uri, parent, 2)
+    assert [r["best"] for r in summary["trials"]] == [0.3, 0.2]
+    finished, stopped = (client.get_run(r) for r in run_ids)
+    assert stopped.data.tags["temu.stopped"] == "early, by ASHA after epoch 1 of 2"
+    assert stopped.data.metrics["best/test/srcc"] == 0.2 and stopped.info.status == "KILLED"
+    assert "temu.stopped" not in finished.data.tags
