@@ -169,6 +169,14 @@ def test_accumulation_multiplies_micro_batches_and_a_too_large_batch_is_named(tm
 def test_missing_shards_name_the_pack_command(tmp_path, monkeypatch):
     with pytest.raises(ShardsMissing, match=r"python -m temu_dist.pack --dataset NAME --root DATASET_DIR"):
         split_shards(tmp_path / "nowhere", "train")
+    # A dataset's own folder named where a pack belongs: the command would pack it into itself.
+    (tmp_path / "koniq10k").mkdir()
+    (tmp_path / "koniq10k" / "scores.csv").write_text("x")
+    with pytest.raises(ShardsMissing, match=rf"^{tmp_path / 'koniq10k'} holds no pack \(.tar shards and a "
+                                            rf"manifest.json\): if these are a dataset's own files, pack them into a "
+                                            rf"folder of its own, e.g. python -m temu_dist.pack --dataset NAME --root "
+                                            rf"{tmp_path / 'koniq10k'} --out shards/NAME, and name that$"):
+        split_shards(tmp_path / "koniq10k", "train")
     # The demo's own folder (the Makefile packs it), and only that one.
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ShardsMissing, match=r"make the shards first, e.g. make demo$"):

@@ -257,7 +257,7 @@ def test_missing_shards_are_refused_before_ray_starts_with_trains_message(tmp_pa
     path = _search_file(tmp_path, "shards/koniq10k", "nodata", {"model.prompt": {"grid": ["coop"]}})
     assert train_cli.main(["--config", str(tmp_path / "base.yaml")]) == 1
     trained = capsys.readouterr().err.strip().splitlines()[-1]
-    assert trained.startswith("train: shards/koniq10k/manifest.json not found")
+    assert trained.startswith("train: data.train: shards/koniq10k/manifest.json not found")
     assert tune_cli.main(["--config", str(path)]) == 1
     assert capsys.readouterr().err.strip() == trained.replace("train: ", "tune: ", 1)
     assert not (tmp_path / "runs").exists()
@@ -296,7 +296,8 @@ def test_a_searched_layer_the_backbone_lacks_is_refused_before_ray_starts(tmp_pa
 def test_a_missing_pack_among_the_searched_data_train_values_is_refused_before_ray_starts(tmp_path, shards, no_ray):
     missing = tmp_path / "shards" / "other"
     search = load_search(_search_file(tmp_path, shards, "datasets", {"data.train": {"grid": [shards, str(missing)]}}))
-    with pytest.raises(ConfigError, match=f"^{re.escape(str(missing / 'manifest.json'))} not found: make the shards"):
+    where = re.escape(str(missing / "manifest.json"))
+    with pytest.raises(ConfigError, match=f"^data.train: {where} not found: make the shards"):
         run_search(search)
 
 

@@ -17,6 +17,11 @@ class ShardsMissing(ConfigError):
 
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
+    if not path.is_file() and Path(folder).is_dir() and any(Path(folder).iterdir()) \
+            and not any(Path(folder).glob("*.tar")) and not (Path(folder) / "pack.json").exists():
+        raise ShardsMissing(f"{folder} holds no pack (.tar shards and a {MANIFEST}): if these are a dataset's own "
+                            f"files, pack them into a folder of its own, e.g. python -m temu_dist.pack --dataset NAME "
+                            f"--root {folder} --out shards/NAME, and name that")
     if not path.is_file():
         how = "make demo" if Path(folder).resolve() == Path("shards/demo").resolve() else _pack_command(Path(folder))
         raise ShardsMissing(f"{path} not found: make the shards first, e.g. {how}")
