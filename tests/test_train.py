@@ -379,7 +379,7 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
                          split=SplitSpec("ratio", (0.6, 0.2, 0.2), index=i, by_reference=True), workers=1))
     config = run_config(tmp_path, str(tmp_path / "split{split}"), "train.epochs=1", "name=rep")
     # Every split's pack is checked before the first trains: a missing one does not cost the others' hours.
-    with pytest.raises(ConfigError, match=f"^{tmp_path / 'split2' / 'manifest.json'} not found"):
+    with pytest.raises(ConfigError, match=f"^data.train: {tmp_path / 'split2' / 'manifest.json'} not found"):
         repeat(config, 3)
     assert not (tmp_path / "rep-split0").exists()
     summary = repeat(config, 2)
