@@ -86,7 +86,7 @@ def eval_sets(config: Config) -> list[EvalSet]:
     return sets
 
 
-def _check_sets(sets: list[EvalSet], config: Config) -> None:
+def _check_sets(sets: list[EvalSet], config: Config, flag: str | None = None) -> None:
     """Unique names (the SET-ldg ones too), every pack and split there, and with eval.ldg input sizes the fidelity
     can compare: a typo fails now, not after an epoch of training."""
     names = result_names(sets, config)
@@ -95,8 +95,8 @@ def _check_sets(sets: list[EvalSet], config: Config) -> None:
         raise ConfigError(f"eval: two evaluation sets are named '{duplicate}'; give each a name of its own")
     cross = {c.name: i for i, c in enumerate(config.eval.cross)}
     for s in sets:
-        key = f"eval.cross.{cross[s.name]}.shards" if s.name in cross else \
-            "data.train" if s.shards == config.data.train else "--shards"
+        # Named as the user named the pack: on the command line (flag), in eval.cross, or as data.train.
+        key = flag or (f"eval.cross.{cross[s.name]}.shards" if s.name in cross else "data.train")
         try:
             split_shards(s.shards, s.split)
         except ShardsMissing as e:
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 folder, _, split = item.partition(":")
                 split = split or "test"
                 sets.append(EvalSet(f"{Path(folder).name}:{split}", folder, split))
-            _check_sets(sets, config)
+            _check_sets(sets, config, "--shards")
         else:
             sets = eval_sets(config)
         if not sets:

@@ -1,7 +1,6 @@
 """Pictures people look at instead of tables: heatmaps, prediction scatter (seed Fig. 10), score vs time (Fig. 6)."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import matplotlib
@@ -87,12 +86,13 @@ def score_vs_time(history: list[dict], sets: list[str], path: str | Path) -> Pat
     return _save(fig, path)
 
 
-def _best_by(rows: list[dict], key: str) -> dict[str, float]:
-    """The best value each setting of `key` reached over a search's result rows."""
+def _best_by(rows: list[dict], key: str, mode: str = "max") -> dict[str, float]:
+    """The best value (by `mode`, max or min) each setting of `key` reached over a search's result rows."""
+    pick = max if mode == "max" else min
     best: dict[str, float] = {}
     for r in rows:
         if r.get("best") is not None:
-            best[r[key]] = max(best.get(r[key], -math.inf), r["best"])
+            best[r[key]] = pick(best.get(r[key], r["best"]), r["best"])
     return best
 
 
@@ -106,7 +106,7 @@ def _others(rows: list[dict], key: str) -> list[str]:
         if rows else []
 
 
-def prompt_cells(rows: list[dict]) -> list[list[str]]:
+def prompt_cells(rows: list[dict], mode: str = "max") -> list[list[str]]:
     """Per prompt option of a search: its best value, the other settings of the trial that reached it, and the mean
     and standard deviation over its trials (repeats or other settings)."""
     others = _others(rows, "model.prompt")
@@ -115,7 +115,7 @@ def prompt_cells(rows: list[dict]) -> list[list[str]]:
         values = [r for r in rows if r.get("model.prompt") == prompt and r.get("best") is not None]
         if not values:
             continue
-        top = max(values, key=lambda r: r["best"])
+        top = (max if mode == "max" else min)(values, key=lambda r: r["best"])
         scores = np.array([r["best"] for r in values])
         cells.append([label, f"{top['best']:.4f}", ", ".join(f"{k}={top[k]}" for k in others) or "-",
                       f"{scores.mean():.4f} ± {scores.std(ddof=1):.4f} (n={len(scores)})" if len(scores) > 1 else "-"])
@@ -129,10 +129,10 @@ def _save(fig, path: str | Path) -> Path:
     return Path(path)
 
 
-def prompt_table(rows: list[dict], metric: str, path: str | Path) -> Path:
+def prompt_table(rows: list[dict], metric: str, path: str | Path, mode: str = "max") -> Path:
     """The prompt-tuning table (seed Table 5): the best `metric` each prompt option reached over the search, where,
     and its mean and spread over its trials."""
-    cells = prompt_cells(rows)
+    cells = prompt_cells(rows, mode)
     fig, ax = plt.subplots(figsize=(8, 0.6 + 0.4 * len(cells)), dpi=110)
     ax.axis("off")
     table = ax.table(cellText=cells or [["-"] * 4], colLabels=["prompt", f"best {metric}", "best at", "mean ± sd"],
@@ -140,25 +140,25 @@ def prompt_table(rows: list[dict], metric: str, path: str | Path) -> Path:
     table.auto_set_column_width(range(4))
     table.scale(1, 1.4)
     if cells:
-        top = max(range(len(cells)), key=lambda i: float(cells[i][1]))
+        top = (max if mode == "max" else min)(range(len(cells)), key=lambda i: float(cells[i][1]))
         table[(top + 1, 1)].get_text().set_fontweight("bold")
     ax.set_title("prompt tuning")
     return _save(fig, path)
 
 
-def layer_lines(rows: list[dict]) -> dict[str, dict[str, float]]:
+def layer_lines(rows: list[dict], mode: str = "max") -> dict[str, dict[str, float]]:
     """The best value per layer selection, a set of them per prompt option where the search varied the prompt too
     (keyed by the option, else ""): the lines of the layer study."""
     prompts = sorted({str(r.get("model.prompt")) for r in rows}) if "model.prompt" in _others(rows, "model.layers") \
         else [""]
     return {p: best for p in prompts
-            if (best := _best_by([r for r in rows if not p or str(r.get("model.prompt")) == p], "model.layers"))}
+            if (best := _best_by([r for r in rows if not p or str(r.get("model.prompt")) == p], "model.layers", mode))}
 
 
-def layer_study(rows: list[dict], metric: str, path: str | Path) -> Path:
+def layer_study(rows: list[dict], metric: str, path: str | Path, mode: str = "max") -> Path:
     """The best `metric` per layer selection (seed Fig. 8): upto:K and only:K against K, `all` as a line; a line per
     prompt option where the search varied it, and the title names what else it took the best over."""
-    lines = layer_lines(rows)
+    lines = layer_lines(rows, mode)
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
     for (prompt, best), colour in zip(lines.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         for kind, style in (("upto", "o-"), ("only", "s--")):

@@ -271,9 +271,11 @@ def _describe(config: Config, plan: BatchPlan, micro_batches: int, accelerator: 
     elif plan.accumulation > 1:
         accelerator.print(f"train: PLCC over each micro-batch's {micro} sample(s), not the step's "
                           f"{plan.global_batch} (train.plcc_over=step)")
-    if (plan.global_batch if plan.accumulation == 1 or _plcc_over_step(config, plan) else micro) < 2:
+    whole = plan.accumulation == 1 or _plcc_over_step(config, plan)  # PLCC over the step's samples
+    if (plan.global_batch if whole else micro) < 2:
         accelerator.print("train: warning: PLCC over 1 sample at a time is no correlation (0 alone, +-1 with its LDG "
-                          "copy): raise train.batch_size or train.per_device_batch, or use train.plcc_over=step")
+                          "copy): " + ("raise train.batch_size" if whole else
+                                       "raise train.per_device_batch, or use train.plcc_over=step"))
 
 
 def _log_line(record: dict, epochs: int) -> str:

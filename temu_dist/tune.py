@@ -183,21 +183,18 @@ def _check_data(search: SearchConfig) -> None:
     the input size CW-SSIM needs, the backbone and its layers), in the search's out_dir, where
     the trials write. Sampled keys (uniform, loguniform, randint) are left out: they draw numbers, which the config's
     own bounds check. Paths as in the search config, relative to the working directory, as for train."""
+    from temu_dist.evaluate import result_names
     from temu_dist.train import check_data
 
     keys = [k for k, spec in search.space.items() if next(iter(spec)) in ("grid", "choice") and any(
         k == read or k.startswith(f"{read}.") for read in CHECKED_DATA_KEYS)]
-    # The search's metric is checked as the key metric is: a set the trials evaluate.
-    metric = [f"train.key_metric={search.metric}"] if search.metric else []
     for values in itertools.product(*(next(iter(search.space[k].values())) for k in keys)):
-        try:
-            check_data(load_config(search.base, [
-                *search.overrides, *(f"{k}={json.dumps(v)}" for k, v in zip(keys, values)), *metric,
-                f"out_dir={json.dumps(search.out_dir)}"]))
-        except ConfigError as e:
-            if metric and str(e).startswith("train.key_metric:"):
-                raise ConfigError(f"metric{str(e).removeprefix('train.key_metric')}") from None
-            raise
+        config = load_config(search.base, [*search.overrides, *(f"{k}={json.dumps(v)}" for k, v in zip(keys, values)),
+                                           f"out_dir={json.dumps(search.out_dir)}"])
+        sets = check_data(config)
+        # The search's own metric, as the key metric is: a set the trials evaluate.
+        if search.metric and search.metric.split("/")[0] not in (names := result_names(sets, config)):
+            raise ConfigError(f"metric: no evaluation set '{search.metric.split('/')[0]}' (sets: {', '.join(names)})")
 
 
 def base_config(search: SearchConfig) -> dict:
@@ -444,23 +441,25 @@ def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: st
                      else None})
     ok = [r for r in rows if r["best"] is not None]
     best = max(ok, key=lambda r: r["best"] if search.mode == "max" else -r["best"]) if ok else None
-    summary = {"search": search.name, "metric": metric, "trials": rows, "best": best,
-               "mlflow": uri if parent is not None else None}
-    write_json_atomic(search_dir / "search.json", summary, default=str)
     plots = []
     if "model.prompt" in search.space:
-        plots.append(prompt_table(rows, metric, search_dir / "prompt_table.png"))
+        plots.append(prompt_table(rows, metric, search_dir / "prompt_table.png", search.mode))
     if "model.layers" in search.space:
-        plots.append(layer_study(rows, metric, search_dir / "layer_study.png"))
+        plots.append(layer_study(rows, metric, search_dir / "layer_study.png", search.mode))
+    summary = {"search": search.name, "metric": metric, "trials": rows, "best": best,
+               "mlflow": uri if parent is not None else None, "plots": [p.name for p in plots]}
+    write_json_atomic(search_dir / "search.json", summary, default=str)
     best_config = None
     if best is not None:
         best_config = search_dir / "trials" / best["trial"] / "config.yaml"
     if parent is not None:
-        for row in rows:
+        for row in rows if search.asha else []:
+            planned = row.get("train.epochs", epochs)  # a search over train.epochs plans each trial's own
             id_file = search_dir / "trials" / row["trial"] / "mlflow_run_id"
-            if row["error"] is None and row["best"] is not None and (row["epochs"] or 0) < epochs and id_file.is_file():
+            stopped = row["error"] is None and row["best"] is not None and (row["epochs"] or 0) < planned
+            if stopped and id_file.is_file():
                 finish_run(uri, id_file.read_text().strip(), [], {f"best/{metric}": row["best"]},
-                           {"temu.stopped": f"early, by ASHA after epoch {row['epochs']} of {epochs}"}, "KILLED")
+                           {"temu.stopped": f"early, by ASHA after epoch {row['epochs']} of {planned}"}, "KILLED")
         artifacts = [search_dir / "search.json", *plots, *([best_config] if best_config and best_config.exists()
                                                            else [])]
         finish_run(uri, parent, artifacts, {f"best/{metric}": float(best["best"])} if best else {},
@@ -494,10 +493,13 @@ def main(argv: list[str] | None = None) -> int:
         print("tune: no trial reported a result (errors above)", file=sys.stderr)
         return 1
     print(f"tune: best {summary['best']['trial']} with {summary['metric']} {summary['best']['best']:.4f}")
+    where = Path(search.out_dir).resolve() / search.name
     print(f"tune: {len(summary['trials'])} trial(s) in {(time.perf_counter() - started) / 60:.1f} min; results in "
-          f"{Path(search.out_dir).resolve() / search.name / 'search.json'}, with its plots beside it")
-    if summary["mlflow"]:
-        print(f"tune: compare the trials with: mlflow ui --backend-store-uri {summary['mlflow']}")
+          f"{where / 'search.json'}" + (f", plots {', '.join(summary['plots'])} beside it" if summary["plots"] else ""))
+    uri = summary["mlflow"]
+    if uri:
+        print(f"tune: compare the trials with: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:///")
+              else f"tune: compare the trials in MLflow at {uri}")
     return 0
 
 

@@ -507,6 +507,8 @@ def test_what_a_csv_of_ones_own_cannot_be_read_with_is_one_line_naming_it(tmp_pa
         ("ref_name,dist_name,mos", [f"I01.png,{r}" for r in rows], [*mine, "--mos-range", "1", "5"],
          f"scores.csv row 2: score '{rows[0].split(',')[0]}' of the second column, 'dist_name', is not a number: name "
          "the image and score columns with --columns (columns: ref_name, dist_name, mos)"),
+        ("img_name,mos", rows[:1] + [rows[1].split(",")[0] + ",NA"], [*mine, "--mos-range", "1", "5"],
+         "scores.csv row 3: MOS 'NA' is not a number"),
         ("img_name,mos", [f"{tmp_path}/mine/{rows[0]}"], [*mine, "--mos-range", "1", "5"],
          f"scores.csv row 2: image '{tmp_path}/mine/{rows[0].split(',')[0]}' is not under --root: name images by their "
          "path relative to it"),

@@ -27,6 +27,7 @@ def test_a_crossed_search_shows_each_prompt_where_it_peaked_and_its_own_layer_li
     assert [c[:3] for c in cells] == [["(1) none", "0.3000", "model.layers=upto:4, seed=0"],
                                       ["(2) CoOp", "0.1100", "model.layers=upto:2, seed=0"]]
     assert cells[0][3] == "0.2700 ± 0.0424 (n=2)"
+    assert [c[1] for c in prompt_cells(rows, "min")] == ["0.2400", "-0.0400"]  # a search with mode: min
     assert layer_lines(rows) == {"coop": {"upto:2": 0.11, "upto:4": -0.04}, "none": {"upto:2": 0.24, "upto:4": 0.30}}
     one_prompt = [r for r in rows if r["model.prompt"] == "none"]
     assert layer_lines(one_prompt) == {"": {"upto:2": 0.24, "upto:4": pytest.approx(0.30)}}

@@ -174,9 +174,20 @@ def test_missing_shards_name_the_pack_command(tmp_path, monkeypatch):
     (tmp_path / "koniq10k" / "scores.csv").write_text("x")
     with pytest.raises(ShardsMissing, match=rf"^{tmp_path / 'koniq10k'} holds no pack \(.tar shards and a "
                                             rf"manifest.json\): if these are a dataset's own files, pack them into a "
-                                            rf"folder of its own, e.g. python -m temu_dist.pack --dataset NAME --root "
-                                            rf"{tmp_path / 'koniq10k'} --out shards/NAME, and name that$"):
+                                            rf"folder of their own, e.g. python -m temu_dist.pack --dataset koniq10k "
+                                            rf"--root {tmp_path / 'koniq10k'} --out shards/koniq10k, and name that$"):
         split_shards(tmp_path / "koniq10k", "train")
+    # A series' parent folder names its packs; hidden files alone are no dataset.
+    for i in range(2):
+        (tmp_path / "agiqa3k" / f"split{i}").mkdir(parents=True)
+        (tmp_path / "agiqa3k" / f"split{i}" / "manifest.json").write_text("{}")
+    with pytest.raises(ShardsMissing, match=rf"^{tmp_path / 'agiqa3k'} is no pack but holds packs \(split0, split1\): "
+                                            rf"name one, e.g. {tmp_path / 'agiqa3k' / 'split0'}$"):
+        split_shards(tmp_path / "agiqa3k", "train")
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / ".DS_Store").write_text("x")
+    with pytest.raises(ShardsMissing, match="manifest.json not found: make the shards first"):
+        split_shards(tmp_path / "hidden", "train")
     # The demo's own folder (the Makefile packs it), and only that one.
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ShardsMissing, match=r"make the shards first, e.g. make demo$"):

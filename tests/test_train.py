@@ -507,6 +507,8 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
     with pytest.raises(SystemExit):
         main(["--clipiqa", "a", "--layer", "3", "--config", str(cfg), "--shards", str(shards)])
     assert "--layer is for --clipiqa b" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path / "run"), "--shards", f"{shards}:val2"]) == 1
+    assert capsys.readouterr().err.startswith(f"evaluate: --shards: {shards}: no 'val2' split")
     with pytest.raises(SystemExit):
         main(["--clipiqa", "c", "--config", str(cfg), "--shards", str(shards), f"{shards}:val"])
     assert f"not key=value: {shards}:val (a pack? give each its own --shards)" in capsys.readouterr().err
@@ -766,7 +768,10 @@ def test_accumulated_steps_train_as_whole_batches_with_plcc_over_the_step(tmp_pa
 def test_plcc_over_one_sample_at_a_time_is_said_to_be_no_correlation(tmp_path, shards, capsys):
     train(run_config(tmp_path, shards, "train.epochs=1", "train.batch_size=2", "train.per_device_batch=1",
                      "train.plcc_over=micro_batch", "train.max_steps_per_epoch=1"))
-    assert "train: warning: PLCC over 1 sample at a time is no correlation" in capsys.readouterr().out
+    assert "train: warning: PLCC over 1 sample at a time is no correlation (0 alone, +-1 with its LDG copy): raise " \
+           "train.per_device_batch, or use train.plcc_over=step\n" in capsys.readouterr().out
+    train(run_config(tmp_path / "one", shards, "train.epochs=1", "train.batch_size=1", "train.max_steps_per_epoch=1"))
+    assert "copy): raise train.batch_size\n" in capsys.readouterr().out
 
 
 def test_what_training_cannot_use_is_refused_before_any_work(tmp_path, shards):
@@ -779,6 +784,8 @@ def test_what_training_cannot_use_is_refused_before_any_work(tmp_path, shards):
     with pytest.raises(ConfigError, match=r"^eval.cross.0.image_size: CW-SSIM .* this one has 32"):
         train(run_config(tmp_path, shards, "eval.ldg=true", "ldg.enabled=false",
                          f"eval.cross=[{{name: x, shards: {shards}, image_size: 32}}]"))
+    with pytest.raises(ConfigError, match=f"^eval.cross.0.shards: {tmp_path / 'none' / 'manifest.json'} not found"):
+        train(run_config(tmp_path, shards, f"eval.cross=[{{name: x, shards: {tmp_path / 'none'}}}]"))
     assert list(tmp_path.iterdir()) == [tmp_path / "file"]
 
 

@@ -315,6 +315,9 @@ def test_a_searchs_metric_and_samples_are_checked_before_ray_starts(tmp_path, sh
         load_search(path, ["metric=test/srocc"])
     with pytest.raises(ConfigError, match=r"^metric: no evaluation set 'val' \(sets: test\)$"):
         run_search(load_search(path, ["metric=val/srcc"]))
+    # The trials' own key metric is checked too, whatever metric the search ranks them by.
+    with pytest.raises(ConfigError, match=r"^train.key_metric: no evaluation set 'val' \(sets: test\)$"):
+        run_search(load_search(path, ["metric=test/srcc", "overrides=[train.key_metric=val/srcc]"]))
     assert not (tmp_path / "runs").exists()  # nothing started, so the corrected search may take the name
     with pytest.raises(ConfigError, match=r"train: unknown key; training keys go in the search config's overrides "):
         load_search(path, ["train.epochs=1"])
@@ -412,13 +415,20 @@ def test_a_finished_search_says_where_its_results_are_and_how_to_compare_them(tm
                                                                              capsys):
     path = _search_file(tmp_path, shards, "said", {"model.prompt": {"grid": ["none"]}})
     row = {"trial": "trial-1", "model.prompt": "none", "epochs": 2, "best": 0.5, "error": None}
-    monkeypatch.setattr(tune_cli, "run_search", lambda search: {"search": "said", "metric": "test/srcc",
-                                                                "trials": [row], "best": row, "mlflow": "sqlite:///x"})
-    assert tune_cli.main(["--config", str(path)]) == 0
-    out = capsys.readouterr().out
+
+    def said(uri: str, plots: list[str]) -> str:
+        monkeypatch.setattr(tune_cli, "run_search", lambda search: {
+            "search": "said", "metric": "test/srcc", "trials": [row], "best": row, "mlflow": uri, "plots": plots})
+        assert tune_cli.main(["--config", str(path)]) == 0
+        return capsys.readouterr().out
+
+    out = said("sqlite:///x", ["prompt_table.png"])
     where = re.escape(str(tmp_path / "runs" / "said" / "search.json"))
-    assert re.search(rf"tune: 1 trial\(s\) in \d+\.\d min; results in {where}, with its plots beside it\n", out)
+    assert re.search(rf"tune: 1 trial\(s\) in \d+\.\d min; results in {where}, plots prompt_table.png beside it\n",
+                     out)
     assert out.endswith("tune: compare the trials with: mlflow ui --backend-store-uri sqlite:///x\n")
+    out = said("http://mlflow:5000", [])
+    assert re.search(rf"results in {where}\n", out) and out.endswith("compare the trials in MLflow at http://mlflow:5000\n")
 
 
 def test_a_search_in_which_every_trial_failed_exits_1_naming_their_errors(tmp_path, shards, tuner_stopping, capsys):
@@ -455,23 +465,31 @@ def test_a_restored_search_is_not_read_as_stopped_for_a_space_changed_since(tmp_
 def test_a_trial_asha_stopped_early_is_marked_so_in_mlflow_with_its_best(tmp_path, shards):
     import pandas as pd
 
-    search = load_search(_search_file(tmp_path, shards, "asha", {"model.prompt": {"grid": ["none", "coop"]}}))
-    search_dir, uri = tmp_path / "runs" / "asha", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("temu-dist")
-    grid, run_ids = [], []
-    for i, (prompt, scores) in enumerate([("none", [0.1, 0.3]), ("coop", [0.2])]):
-        run_ids.append(client.create_run(experiment).info.run_id)
-        client.set_terminated(run_ids[-1], "FINISHED" if len(scores) == 2 else "KILLED")  # as train ends them
-        (search_dir / "trials" / f"trial-{i}").mkdir(parents=True)
-        (search_dir / "trials" / f"trial-{i}" / "mlflow_run_id").write_text(run_ids[-1])
-        grid.append(SimpleNamespace(metrics_dataframe=pd.DataFrame({"test/srcc": scores}),
-                                    config={"model.prompt": prompt}, error=None,
-                                    metrics={"trial_id": str(i), "epoch": len(scores), "done": True}))
-    parent = client.create_run(experiment).info.run_id
-    summary = tune_cli.summarize(search, search_dir, grid, "test/srcc", uri, parent, 2)
-    assert [r["best"] for r in summary["trials"]] == [0.3, 0.2]
-    finished, stopped = (client.get_run(r) for r in run_ids)
+
+    def summarized(name: str, asha: dict | None) -> list[mlflow.entities.Run]:
+        space = {"model.prompt": {"grid": ["none", "coop"]}, "train.epochs": {"grid": [1, 2]}}
+        search = load_search(_search_file(tmp_path, shards, name, space, asha=asha))
+        search_dir, grid, run_ids = tmp_path / "runs" / name, [], []
+        # Trials of 2 planned epochs that ran 2 and 1 (stopped), and one of 1 planned epoch that ran it.
+        for i, (prompt, epochs, scores) in enumerate([("none", 2, [0.1, 0.3]), ("coop", 2, [0.2]), ("none", 1, [0.4])]):
+            run_ids.append(client.create_run(experiment).info.run_id)
+            client.set_terminated(run_ids[-1], "FINISHED" if len(scores) == epochs else "KILLED")  # as train ends them
+            (search_dir / "trials" / f"trial-{i}").mkdir(parents=True)
+            (search_dir / "trials" / f"trial-{i}" / "mlflow_run_id").write_text(run_ids[-1])
+            grid.append(SimpleNamespace(metrics_dataframe=pd.DataFrame({"test/srcc": scores}), error=None,
+                                        config={"model.prompt": prompt, "train.epochs": epochs},
+                                        metrics={"trial_id": str(i), "epoch": len(scores), "done": True}))
+        parent = client.create_run(experiment).info.run_id
+        summary = tune_cli.summarize(search, search_dir, grid, "test/srcc", uri, parent, 2)
+        assert [r["best"] for r in summary["trials"]] == [0.3, 0.2, 0.4]
+        return [client.get_run(r) for r in run_ids]
+
+    finished, stopped, short = summarized("asha", {"grace_period": 1})
     assert stopped.data.tags["temu.stopped"] == "early, by ASHA after epoch 1 of 2"
     assert stopped.data.metrics["best/test/srcc"] == 0.2 and stopped.info.status == "KILLED"
-    assert "temu.stopped" not in finished.data.tags
+    assert not {"temu.stopped", "best/test/srcc"} & {*finished.data.tags, *short.data.tags, *short.data.metrics}
+    # Without ASHA nothing stops a trial early: a KILLED one was stopped by hand, and is left as it is.
+    assert all("temu.stopped" not in run.data.tags for run in summarized("plain", None))

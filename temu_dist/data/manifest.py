@@ -17,12 +17,8 @@ class ShardsMissing(ConfigError):
 
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
-    if not path.is_file() and Path(folder).is_dir() and any(Path(folder).iterdir()) \
-            and not any(Path(folder).glob("*.tar")) and not (Path(folder) / "pack.json").exists():
-        raise ShardsMissing(f"{folder} holds no pack (.tar shards and a {MANIFEST}): if these are a dataset's own "
-                            f"files, pack them into a folder of its own, e.g. python -m temu_dist.pack --dataset NAME "
-                            f"--root {folder} --out shards/NAME, and name that")
     if not path.is_file():
+        _refuse_other_files(Path(folder))
         how = "make demo" if Path(folder).resolve() == Path("shards/demo").resolve() else _pack_command(Path(folder))
         raise ShardsMissing(f"{path} not found: make the shards first, e.g. {how}")
     try:
@@ -32,6 +28,23 @@ def read_manifest(folder: str | Path) -> dict:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
         raise ShardsMissing(f"{path}: not a pack manifest (no 'splits'): rerun the pack command that made {folder}")
     return manifest
+
+
+def _refuse_other_files(folder: Path) -> None:
+    """A folder named as a pack that holds something else: packs in its subfolders (a series' parent), or a dataset's
+    own files, which the pack command a missing pack is told would write its pack into. A pack being written
+    (pack.json, shards) and an empty folder pass: they are missing packs."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+    if not entries or (folder / "pack.json").exists() or any(folder.glob("*.tar*")):
+        return
+    packs = sorted(p.name for p in entries if (p / MANIFEST).is_file())
+    if packs:
+        raise ShardsMissing(f"{folder} is no pack but holds packs ({', '.join(packs[:3])}{', ...' * (len(packs) > 3)})"
+                            f": name one, e.g. {folder / packs[0]}")
+    dataset = _dataset_of(folder)
+    raise ShardsMissing(f"{folder} holds no pack (.tar shards and a {MANIFEST}): if these are a dataset's own files, "
+                        f"pack them into a folder of their own, e.g. python -m temu_dist.pack --dataset {dataset} "
+                        f"--root {folder} --out shards/{dataset}, and name that")
 
 
 def _pack_command(folder: Path) -> str:

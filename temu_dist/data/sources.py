@@ -528,8 +528,9 @@ def _read_csv(spec: CsvLabels, root: Path, label: Path) -> Iterator[Record]:
         raise DataError(f"{label.name}: the header names column '{twice}' {header.count(twice)} times; rename all "
                         "but one")
     info = spec.info(label.name)
-    for row, rec in _csv_rows(label, columns):
-        if not spec.columns and not _is_number(rec[columns[1]]):
+    for i, (row, rec) in enumerate(_csv_rows(label, columns)):
+        # Text in the first row's score column: another column order, not one bad value.
+        if i == 0 and not spec.columns and not _is_number(rec[columns[1]]):
             raise DataError(f"{label.name} row {row}: score {rec[columns[1]].strip()!r} of the second column, "
                             f"'{columns[1]}', is not a number: name the image and score columns with --columns "
                             f"({listed})")
