@@ -441,14 +441,13 @@ def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: st
                      else None})
     ok = [r for r in rows if r["best"] is not None]
     best = max(ok, key=lambda r: r["best"] if search.mode == "max" else -r["best"]) if ok else None
-    plots = []
-    if "model.prompt" in search.space:
-        plots.append(prompt_table(rows, metric, search_dir / "prompt_table.png", search.mode))
-    if "model.layers" in search.space:
-        plots.append(layer_study(rows, metric, search_dir / "layer_study.png", search.mode))
+    draw = [(name, plot) for key, name, plot in (("model.prompt", "prompt_table.png", prompt_table),
+                                                 ("model.layers", "layer_study.png", layer_study))
+            if key in search.space]
     summary = {"search": search.name, "metric": metric, "trials": rows, "best": best,
-               "mlflow": uri if parent is not None else None, "plots": [p.name for p in plots]}
-    write_json_atomic(search_dir / "search.json", summary, default=str)
+               "mlflow": uri if parent is not None else None, "plots": [name for name, _ in draw]}
+    write_json_atomic(search_dir / "search.json", summary, default=str)  # first: the results, whatever the plots do
+    plots = [plot(rows, metric, search_dir / name, search.mode) for name, plot in draw]
     best_config = None
     if best is not None:
         best_config = search_dir / "trials" / best["trial"] / "config.yaml"
