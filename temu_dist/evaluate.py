@@ -30,7 +30,8 @@ from temu_dist.config import Config, ConfigError, check_output_folder, is_overri
 from temu_dist.data.augment import normalize
 from temu_dist.data.keys import name_key
 from temu_dist.data.ldg import LocalDistortion, check_fidelity_size, ldg_targets
-from temu_dist.data.stream import ShardsMissing, eval_loader, read_manifest, split_shards
+from temu_dist.data.manifest import pack_named_by
+from temu_dist.data.stream import eval_loader, read_manifest, split_shards
 from temu_dist.distributed import eval_accelerator
 from temu_dist.metrics import correlations
 from temu_dist.model.io import checkpoint_dir, load_model
@@ -76,10 +77,8 @@ def eval_sets(config: Config) -> list[EvalSet]:
     """The configured evaluation sets: those of eval.splits that data.train's pack has, then eval.cross."""
     sets = []
     if config.data.train:
-        try:
+        with pack_named_by("data.train"):
             have = read_manifest(config.data.train)["splits"]
-        except ShardsMissing as e:
-            raise ShardsMissing(f"data.train: {e}") from None
         sets += [EvalSet(split, config.data.train, split) for split in config.eval.splits if split in have]
     sets += [EvalSet(c.name, c.shards, c.split, c.image_hw()) for c in config.eval.cross]
     _check_sets(sets, config)
@@ -97,10 +96,8 @@ def _check_sets(sets: list[EvalSet], config: Config, flag: str | None = None) ->
     for s in sets:
         # Named as the user named the pack: on the command line (flag), in eval.cross, or as data.train.
         key = flag or (f"eval.cross.{cross[s.name]}.shards" if s.name in cross else "data.train")
-        try:
+        with pack_named_by(key):
             split_shards(s.shards, s.split)
-        except ShardsMissing as e:
-            raise ShardsMissing(f"{key}: {e}") from None
         if config.eval.ldg:
             key = "model.image_size" if s.image_hw is None else f"eval.cross.{cross[s.name]}.image_size"
             check_fidelity_size(key, s.image_hw or config.model.image_hw(), config.ldg)

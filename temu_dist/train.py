@@ -36,7 +36,8 @@ from temu_dist.checkpoint import find_checkpoint, load_saved_config, load_traine
 from temu_dist.config import Config, ConfigError, check_output_folder, dump, list_of, load_config, value_at
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import check_fidelity_size, ldg_targets
-from temu_dist.data.stream import SharedEpoch, ShardsMissing, split_shards, train_loader
+from temu_dist.data.manifest import pack_named_by
+from temu_dist.data.stream import SharedEpoch, split_shards, train_loader
 from temu_dist.distributed import BatchPlan, make_accelerator
 from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, result_names, scatter_plots
 from temu_dist.metrics import plcc_loss
@@ -484,10 +485,8 @@ def check_data(config: Config) -> list[EvalSet]:
     check_backbone(config.model)
     if config.ldg.enabled:
         check_fidelity_size("model.image_size", config.model.image_hw(), config.ldg)
-    try:
+    with pack_named_by("data.train"):
         split_shards(config.data.train, config.data.train_split)
-    except ShardsMissing as e:
-        raise ShardsMissing(f"data.train: {e}") from None
     sets = eval_sets(config)
     set_name, names = config.train.key_metric.split("/")[0], result_names(sets, config)
     if set_name not in names:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from temu_dist.config import ConfigError
@@ -13,6 +15,15 @@ MANIFEST = "manifest.json"
 
 class ShardsMissing(ConfigError):
     """A shard folder or split that is not there; the message says which pack command makes it."""
+
+
+@contextmanager
+def pack_named_by(key: str) -> Iterator[None]:
+    """A missing pack's message, within, starts with the key that named the folder (data.train, eval.cross.0.shards)."""
+    try:
+        yield
+    except ShardsMissing as e:
+        raise ShardsMissing(f"{key}: {e}") from None
 
 
 def read_manifest(folder: str | Path) -> dict:
