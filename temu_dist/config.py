@@ -215,6 +215,8 @@ class TrackingConfig(Section):
     # http://127.0.0.1:5000.
     uri: str | None = None
     experiment: str = "temu-dist"
+    # The MLflow run's name; null: the run's name. A search names each trial's by the values it tries.
+    run_name: str | None = None
     # Set by a Ray Tune search: this run is a child of the search's MLflow run.
     parent_run_id: str | None = None
 

@@ -97,7 +97,8 @@ class Tracker:
             if fresh_history:
                 resume_id = None
             parent = {"mlflow.parentRunId": config.tracking.parent_run_id} if config.tracking.parent_run_id else None
-            run = mlflow.start_run(run_id=resume_id, run_name=None if resume_id else config.name, tags=parent)
+            name = None if resume_id else config.tracking.run_name or config.name
+            run = mlflow.start_run(run_id=resume_id, run_name=name, tags=parent)
             self.run_id = run.info.run_id
             write_text_atomic(id_file, self.run_id)
             before = mlflow.get_run(self.run_id).data

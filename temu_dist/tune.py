@@ -235,8 +235,20 @@ def trial_config(base: dict, params: dict, trials_dir: str, trial: str, tracking
     """The training config of one trial: the base, the trial's values, its own run folder and MLflow parent."""
     overrides = [f"{k}={json.dumps(v)}" for k, v in params.items()]
     overrides += [f"out_dir={trials_dir}", f"name={trial}", f"tracking.uri={tracking_uri}",
+                  f"tracking.run_name={json.dumps(trial_label(trial, params))}",
                   f"tracking.parent_run_id={json.dumps(parent)}", "train.resume=auto"]
     return load_config(None, overrides, base=base)
+
+
+def trial_label(trial: str, params: dict) -> str:
+    """The trial's MLflow run name: its id and the values it tries, by the key's last part where that is unique
+    (trial-ab12_00003 prompt=coop layers=upto:12), so the UI's run list reads as the search's table."""
+    last = [key.rsplit(".", 1)[-1] for key in params]
+    shown = [short if last.count(short) == 1 else key for key, short in zip(params, last)]
+    # A searched path (data.train) by its last part: the folder is in the run's params.
+    values = [f"{v:.4g}" if isinstance(v, float) else Path(v).name if isinstance(v, str) and "/" in v else v
+              for v in params.values()]
+    return " ".join([trial, *(f"{k}={v}" for k, v in zip(shown, values))])
 
 
 def _metrics(record: dict) -> dict:

@@ -21,7 +21,7 @@ from temu_dist import tune as tune_cli
 from temu_dist.config import ConfigError
 from temu_dist.data.splits import SplitSpec
 from temu_dist.pack import PackOptions, pack
-from temu_dist.tune import load_search, param_space, run_search, run_trial
+from temu_dist.tune import load_search, param_space, run_search, run_trial, trial_label
 from tests.conftest import write_kadid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,8 @@ def test_search_gives_one_parent_run_and_a_child_run_per_trial(tmp_path, shards,
                                                                           "config.yaml"}
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert sorted(c.data.params["model.prompt"] for c in children) == ["coop", "none"]
-    for child in children:
+    for child in children:  # the UI's run list reads as the search's table
+        assert child.info.run_name == f"{child.data.params['name']} prompt={child.data.params['model.prompt']}"
         history = client.get_metric_history(child.info.run_id, "test/srcc")
         assert [m.step for m in history] == [1, 2]
     assert json.loads((search_dir / "search.json").read_text())["best"]["trial"] == summary["best"]["trial"]
@@ -99,6 +100,14 @@ def test_search_gives_one_parent_run_and_a_child_run_per_trial(tmp_path, shards,
     with pytest.raises(ConfigError, match=r"^space.model.layers.grid: the search prompts .* started with None, this "
                                           r"run asks for \['all', 'upto:3'\]"):
         run_search(load_search(path, ["space.model.layers={grid: [all, 'upto:3']}"]))
+
+
+def test_a_trials_run_name_says_the_values_it_tries():
+    params = {"model.prompt": "coop", "model.layers": "upto:12", "train.lr": 0.000123456, "ldg.weight": 0.5,
+              "data.train": "/data/shards/koniq", "model.weight": 1, "ldg.enabled": True}
+    assert trial_label("trial-ab12_00003", params) == (
+        "trial-ab12_00003 prompt=coop layers=upto:12 lr=0.0001235 ldg.weight=0.5 train=koniq model.weight=1 "
+        "enabled=True")
 
 
 def test_a_trial_can_train_on_several_ray_train_processes(tmp_path, shards, ray_tmp):
