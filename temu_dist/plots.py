@@ -129,9 +129,9 @@ def _save(fig, path: str | Path) -> Path:
     return Path(path)
 
 
-def prompt_table(rows: list[dict], metric: str, path: str | Path, mode: str = "max") -> Path:
+def prompt_table(rows: list[dict], metric: str, path: str | Path, mode: str = "max", note: str = "") -> Path:
     """The prompt-tuning table (seed Table 5): the best `metric` each prompt option reached over the search, where,
-    and its mean and spread over its trials."""
+    and its mean and spread over its trials; `note` follows the title (a search still running says how far)."""
     cells = prompt_cells(rows, mode)
     fig, ax = plt.subplots(figsize=(8, 0.6 + 0.4 * len(cells)), dpi=110)
     ax.axis("off")
@@ -142,7 +142,7 @@ def prompt_table(rows: list[dict], metric: str, path: str | Path, mode: str = "m
     if cells:
         top = (max if mode == "max" else min)(range(len(cells)), key=lambda i: float(cells[i][1]))
         table[(top + 1, 1)].get_text().set_fontweight("bold")
-    ax.set_title("prompt tuning")
+    ax.set_title("prompt tuning" + (f" ({note})" if note else ""))
     return _save(fig, path)
 
 
@@ -155,7 +155,7 @@ def layer_lines(rows: list[dict], mode: str = "max") -> dict[str, dict[str, floa
             if (best := _best_by([r for r in rows if not p or str(r.get("model.prompt")) == p], "model.layers", mode))}
 
 
-def layer_study(rows: list[dict], metric: str, path: str | Path, mode: str = "max") -> Path:
+def layer_study(rows: list[dict], metric: str, path: str | Path, mode: str = "max", note: str = "") -> Path:
     """The best `metric` per layer selection (seed Fig. 8): upto:K and only:K against K, `all` as a line; a line per
     prompt option where the search varied it, and the title names what else it took the best over."""
     lines = layer_lines(rows, mode)
@@ -168,7 +168,8 @@ def layer_study(rows: list[dict], metric: str, path: str | Path, mode: str = "ma
         if "all" in best:
             ax.axhline(best["all"], color=colour, lw=1, ls=":", label="all layers" + (f", {prompt}" if prompt else ""))
     over = [k for k in _others(rows, "model.layers") if k != "model.prompt"]
-    ax.set(xlabel="layer K", ylabel=metric, title="layer study" + (f" (best over {', '.join(over)})" if over else ""))
+    said = [*([f"best over {', '.join(over)}"] if over else []), *([note] if note else [])]
+    ax.set(xlabel="layer K", ylabel=metric, title="layer study" + (f" ({'; '.join(said)})" if said else ""))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")

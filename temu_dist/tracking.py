@@ -207,6 +207,20 @@ def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict
         return None
 
 
+def log_artifacts(uri: str, run_id: str, artifacts: list[Path]) -> None:
+    """Logs files to a run that goes on (a search's parent, as its trials end), replacing those of the same name;
+    trouble with MLflow is a warning, the files are on disk."""
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(uri)
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+    except Exception as e:  # noqa: BLE001 - the work goes on; only its record in MLflow lags
+        warnings.warn(f"MLflow at {uri}: could not log {', '.join(p.name for p in artifacts)} to run {run_id} "
+                      f"({error_line(e)})", stacklevel=2)
+
+
 def finish_run(uri: str, run_id: str, artifacts: list[Path], metrics: dict[str, float], tags: dict[str, str],
                   status: Literal["FINISHED", "FAILED", "KILLED"]) -> None:
     """Logs a run's results (a parent's, a trial stopped early) and ends it with `status`; trouble with MLflow is a

@@ -13,7 +13,7 @@ config, in its own run folder under out_dir/name/trials/. Each epoch's evaluatio
 weak trials early. MLflow: one parent run for the search (in out_dir/mlflow.db with the other runs there, unless
 tracking_uri, the base config's tracking.uri or MLFLOW_TRACKING_URI names another store), one child run per trial;
 the parent gets the results table, the prompt-tuning table (seed Table 5), the layer study (Fig. 8) and the best
-trial's config. A failing trial is retried (max_failures) and continues from its
+trial's config; the plots are redrawn there as each trial ends. A failing trial is retried (max_failures) and continues from its
 own last checkpoint; rerunning the same command after the driver was killed resumes the search without redoing
 finished trials. Before a local Ray or MLflow start, the shards are checked as train checks them, and one trial's
 resources against this machine's CPUs and GPUs. Ctrl-C stops the search (exit code 130, parent run KILLED).
@@ -367,6 +367,7 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
                                       tracking_uri=uri, parent=parent, resources=res.model_dump())
         target = tune.with_resources(target, {"cpu": res.cpu, "gpu": res.gpu} if res.workers <= 1
                                      else {"cpu": TRIAL_CPU})
+        progress = _progress(search, search_dir, metric, uri, parent)  # a restored search keeps the one it began with
         if restored:
             tuner = tune.Tuner.restore(str(experiment / search.name), target, resume_errored=True)
         else:
@@ -380,7 +381,7 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
                                             max_concurrent_trials=search.max_concurrent or None),
                 run_config=tune.RunConfig(name=search.name, storage_path=str(experiment),
                                           failure_config=tune.FailureConfig(max_failures=search.max_failures),
-                                          verbose=1))
+                                          callbacks=[progress], verbose=1))
         grid = tuner.fit()
         if _stopped(search, grid, restored):
             raise KeyboardInterrupt
@@ -438,28 +439,17 @@ def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: st
               epochs: int) -> dict:
     """Results table, plots and the best trial's config, to search.json and the parent MLflow run. Trials ASHA
     stopped early get their best value and a tag saying so: Ray ends them as Ctrl-C would, without results."""
-    from temu_dist.plots import layer_study, prompt_table
-
-    rows = []
-    for result in grid:
-        history = result.metrics_dataframe
-        scores = history[metric].dropna() if history is not None and metric in history else []
-        best_value = None if len(scores) == 0 else float(scores.max() if search.mode == "max" else scores.min())
-        rows.append({"trial": f"trial-{(result.metrics or {}).get('trial_id', '?')}",
-                     **{k: result.config.get(k) for k in search.space},
-                     "epochs": (result.metrics or {}).get("epoch"), "best": best_value,
-                     # Ray wraps a trial's exception (as .cause) in a traceback of its actor.
-                     "error": error_line(getattr(result.error, "cause", None) or result.error) if result.error
-                     else None})
+    rows = [_row(search, metric, (result.metrics or {}).get("trial_id", "?"), result.config,
+                 result.metrics_dataframe, (result.metrics or {}).get("epoch"),
+                 # Ray wraps a trial's exception (as .cause) in a traceback of its actor.
+                 error_line(getattr(result.error, "cause", None) or result.error) if result.error else None)
+            for result in grid]
     ok = [r for r in rows if r["best"] is not None]
     best = max(ok, key=lambda r: r["best"] if search.mode == "max" else -r["best"]) if ok else None
-    draw = [(name, plot) for key, name, plot in (("model.prompt", "prompt_table.png", prompt_table),
-                                                 ("model.layers", "layer_study.png", layer_study))
-            if key in search.space]
     summary = {"search": search.name, "metric": metric, "trials": rows, "best": best,
-               "mlflow": uri if parent is not None else None, "plots": [name for name, _ in draw]}
+               "mlflow": uri if parent is not None else None, "plots": [path.name for path in _plots(search)]}
     write_json_atomic(search_dir / "search.json", summary, default=str)  # first: the results, whatever the plots do
-    plots = [plot(rows, metric, search_dir / name, search.mode) for name, plot in draw]
+    plots = _draw(search, search_dir, rows, metric)
     best_config = None
     if best is not None:
         best_config = search_dir / "trials" / best["trial"] / "config.yaml"
@@ -476,6 +466,73 @@ def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: st
         finish_run(uri, parent, artifacts, {f"best/{metric}": float(best["best"])} if best else {},
                       {"best_trial": best["trial"]} if best else {}, "FINISHED" if ok else "FAILED")
     return summary
+
+
+def _row(search: SearchConfig, metric: str, trial_id: str, config: dict, history, epoch: int | None,
+         error: str | None) -> dict:
+    """A trial's line of the results table: its values, epochs trained and best `metric` (NaN epochs left out)."""
+    scores = history[metric].dropna() if history is not None and metric in history else []
+    best = None if len(scores) == 0 else float(scores.max() if search.mode == "max" else scores.min())
+    return {"trial": f"trial-{trial_id}", **{k: config.get(k) for k in search.space}, "epochs": epoch, "best": best,
+            "error": error}
+
+
+def _plots(search: SearchConfig) -> dict[Path, Callable]:
+    """The search's plots, by file name: those its space calls for."""
+    from temu_dist.plots import layer_study, prompt_table
+
+    return {Path(name): plot for key, name, plot in (("model.prompt", "prompt_table.png", prompt_table),
+                                                     ("model.layers", "layer_study.png", layer_study))
+            if key in search.space}
+
+
+def _draw(search: SearchConfig, search_dir: Path, rows: list[dict], metric: str, note: str = "") -> list[Path]:
+    return [plot(rows, metric, search_dir / name, search.mode, note) for name, plot in _plots(search).items()]
+
+
+def _progress(search: SearchConfig, search_dir: Path, metric: str, uri: str, parent: str | None):
+    """A Ray Tune callback that redraws the search's plots, beside search.json and on the parent MLflow run, each time
+    a trial ends: a search of hours is followed as it goes, not only once it is over."""
+    import pandas as pd
+    from ray.tune import Callback
+
+    from temu_dist.tracking import log_artifacts
+
+    def history(trial) -> pd.DataFrame | None:
+        # What Ray's own CSV logger wrote of the trial's reports, in the driver: the ResultGrid's source too.
+        path = Path(trial.local_path or "", "progress.csv")
+        try:
+            return pd.read_csv(path)
+        except (OSError, ValueError):
+            return None
+
+    class Progress(Callback):
+        def __init__(self) -> None:
+            self.ended: set[str] = set()
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self._redraw(trials, trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._redraw(trials, trial)
+
+        def _redraw(self, trials, trial) -> None:
+            self.ended.add(trial.trial_id)
+            # Trials that ended before a resume are restored as such.
+            ended = [t for t in trials if t.trial_id in self.ended or t.status in ("TERMINATED", "ERROR")]
+            rows = [_row(search, metric, t.trial_id, t.config, history(t), t.last_result.get("epoch"), None)
+                    for t in ended]
+            if not any(r["best"] is not None for r in rows):
+                return
+            try:
+                plots = _draw(search, search_dir, rows, metric, f"{len(ended)} of {len(trials)} trials ended")
+            except Exception as e:  # noqa: BLE001 - a plot must not stop the search; the final one is drawn again
+                warnings.warn(f"tune: could not draw the search's plots so far ({error_line(e)})", stacklevel=2)
+                return
+            if parent is not None:
+                log_artifacts(uri, parent, plots)
+
+    return Progress()
 
 
 def main(argv: list[str] | None = None) -> int:

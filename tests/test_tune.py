@@ -1,5 +1,6 @@
 """Ray Tune searches end to end on tiny shards: MLflow parent/child runs, a retried trial, a resumed search."""
 import json
+import math
 import os
 import re
 import signal
@@ -152,7 +153,7 @@ def test_killed_search_resumes_without_redoing_finished_trials(tmp_path, shards,
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            if list((search_dir / "trials").glob("*/results.json")):
+            if (search_dir / "prompt_table.png").exists():  # drawn as the first trial ended, not only at the end
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the search ended before it could be killed"
@@ -174,6 +175,54 @@ def test_killed_search_resumes_without_redoing_finished_trials(tmp_path, shards,
     assert all(r["best"] is not None for r in summary["trials"])
     _, children = _runs(search_dir)
     assert len(children) == 2
+
+
+def _trial(tmp_path: Path, trial_id: str, config: dict, reports: list[float] | None, status: str = "RUNNING"):
+    """A Ray Tune trial as the driver's callbacks see it, with what Ray's CSV logger wrote of its reports."""
+    folder = tmp_path / "ray" / trial_id
+    folder.mkdir(parents=True)
+    if reports is not None:
+        (folder / "progress.csv").write_text("epoch,test/srcc,trial_id\n" + "".join(
+            f"{epoch},{value},{trial_id}\n" for epoch, value in enumerate(reports, 1)))
+    return SimpleNamespace(trial_id=trial_id, config=config, status=status, local_path=str(folder),
+                           last_result={"epoch": len(reports)} if reports else {})
+
+
+def test_the_search_plots_are_redrawn_and_logged_to_its_parent_run_each_time_a_trial_ends(tmp_path, monkeypatch):
+    from ray import cloudpickle
+
+    from temu_dist import plots
+    from temu_dist.tracking import parent_run
+
+    search = tune_cli.SearchConfig(base="base.yaml", space={"model.prompt": {"grid": ["none", "coop"]},
+                                                            "model.layers": {"grid": ["all", "upto:3"]}})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = parent_run(uri, "temu-dist", "search", tmp_path / "parent_id", {}, {}, "search")
+    drawn = []
+    real = plots.prompt_table
+    monkeypatch.setattr(plots, "prompt_table", lambda rows, *args: drawn.append((rows, args[-1])) or real(rows, *args))
+    a = _trial(tmp_path, "a", {"model.prompt": "coop", "model.layers": "all"}, [math.nan, 0.4, 0.3])
+    b = _trial(tmp_path, "b", {"model.prompt": "none", "model.layers": "upto:3"}, None)
+    c = _trial(tmp_path, "c", {"model.prompt": "none", "model.layers": "all"}, [0.2], status="TERMINATED")
+    d = _trial(tmp_path, "d", {"model.prompt": "coop", "model.layers": "upto:3"}, [0.1])
+    callback = tune_cli._progress(search, tmp_path, "test/srcc", uri, parent)
+    callback.on_trial_error(iteration=1, trials=[b], trial=b)  # no result yet: nothing to draw
+    assert not (tmp_path / "prompt_table.png").exists() and not drawn
+    # As Ray saves it with the search and a resumed search gets it back: c ended before the resume.
+    callback = cloudpickle.loads(cloudpickle.dumps(callback))
+    callback.on_trial_complete(iteration=2, trials=[a, b, c, d], trial=a)
+    rows, note = drawn[-1]
+    assert [(r["trial"], r["model.prompt"], r["best"], r["epochs"]) for r in rows] == [
+        ("trial-a", "coop", 0.4, 3), ("trial-b", "none", None, None), ("trial-c", "none", 0.2, 1)]  # NaN left out
+    assert note == "3 of 4 trials ended"  # d still runs
+    client = mlflow.MlflowClient(uri)
+    assert {f.path for f in client.list_artifacts(parent)} == {"prompt_table.png", "layer_study.png"}
+    assert client.get_run(parent).info.status == "RUNNING"
+    before = (tmp_path / "layer_study.png").read_bytes()
+    callback.on_trial_complete(iteration=3, trials=[a, b, c, d], trial=d)
+    assert [r["trial"] for r in drawn[-1][0]] == ["trial-a", "trial-b", "trial-c", "trial-d"] and drawn[-1][1] == \
+        "4 of 4 trials ended"
+    assert (tmp_path / "layer_study.png").read_bytes() != before
 
 
 @pytest.fixture
