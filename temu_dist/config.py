@@ -279,6 +279,16 @@ def _keys(tree: dict, prefix: str = "") -> list[str]:
             for k in (prefix + key, *(_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else ()))]
 
 
+def settings_label(values: dict[str, Any]) -> str:
+    """Settings as a short line (prompt=coop layers=upto:12 lr=0.0001235): each key by its last part where that is
+    unique among them, a float to 4 digits, a path by its last part."""
+    last = [key.rsplit(".", 1)[-1] for key in values]
+    shown = [short if last.count(short) == 1 else key for key, short in zip(values, last)]
+    told = [f"{v:.4g}" if isinstance(v, float) else Path(v).name if isinstance(v, str) and "/" in v else v
+            for v in values.values()]
+    return " ".join(f"{k}={v}" for k, v in zip(shown, told))
+
+
 def metric_key(v: str) -> str:
     """A SET/METRIC name (train.key_metric, a search's metric), or ValueError."""
     if v.count("/") != 1 or v.split("/")[1] not in ("srcc", "plcc", "krcc"):

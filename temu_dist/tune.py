@@ -13,8 +13,8 @@ config, in its own run folder under out_dir/name/trials/. Each epoch's evaluatio
 weak trials early. MLflow: one parent run for the search (in out_dir/mlflow.db with the other runs there, unless
 tracking_uri, the base config's tracking.uri or MLFLOW_TRACKING_URI names another store), one child run per trial;
 the parent gets the results table, the prompt-tuning table (seed Table 5), the layer study (Fig. 8) and the best
-trial's config; the plots are redrawn there as each trial ends. A failing trial is retried (max_failures) and continues from its
-own last checkpoint; rerunning the same command after the driver was killed resumes the search without redoing
+trial's config; the plots are redrawn there as each trial ends. A failing trial is retried (max_failures) and
+continues from its own last checkpoint; rerunning the same command after the driver was killed resumes the search without redoing
 finished trials. Before a local Ray or MLflow start, the shards are checked as train checks them, and one trial's
 resources against this machine's CPUs and GPUs. Ctrl-C stops the search (exit code 130, parent run KILLED).
 """
@@ -35,7 +35,7 @@ from pydantic import ValidationError, field_validator
 
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import (Config, ConfigError, Section, apply_overrides, dump, error_line, load_config,
-                              metric_key, one_line_error, parse_override, read_yaml)
+                              metric_key, one_line_error, parse_override, read_yaml, settings_label)
 from temu_dist.tracking import finish_run, flatten, parent_run, tracking_uri
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -241,14 +241,9 @@ def trial_config(base: dict, params: dict, trials_dir: str, trial: str, tracking
 
 
 def trial_label(trial: str, params: dict) -> str:
-    """The trial's MLflow run name: its id and the values it tries, by the key's last part where that is unique
-    (trial-ab12_00003 prompt=coop layers=upto:12), so the UI's run list reads as the search's table."""
-    last = [key.rsplit(".", 1)[-1] for key in params]
-    shown = [short if last.count(short) == 1 else key for key, short in zip(params, last)]
-    # A searched path (data.train) by its last part: the folder is in the run's params.
-    values = [f"{v:.4g}" if isinstance(v, float) else Path(v).name if isinstance(v, str) and "/" in v else v
-              for v in params.values()]
-    return " ".join([trial, *(f"{k}={v}" for k, v in zip(shown, values))])
+    """The trial's MLflow run name, its id and the values it tries (trial-ab12_00003 prompt=coop layers=upto:12): the
+    UI's run list reads as the search's table."""
+    return f"{trial} {settings_label(params)}".strip()
 
 
 def _metrics(record: dict) -> dict:
