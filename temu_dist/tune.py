@@ -14,9 +14,10 @@ weak trials early. MLflow: one parent run for the search (in out_dir/mlflow.db w
 tracking_uri, the base config's tracking.uri or MLFLOW_TRACKING_URI names another store), one child run per trial;
 the parent gets the results table, the prompt-tuning table (seed Table 5), the layer study (Fig. 8) and the best
 trial's config; the plots are redrawn there as each trial ends. A failing trial is retried (max_failures) and
-continues from its own last checkpoint; rerunning the same command after the driver was killed resumes the search without redoing
-finished trials. Before a local Ray or MLflow start, the shards are checked as train checks them, and one trial's
-resources against this machine's CPUs and GPUs. Ctrl-C stops the search (exit code 130, parent run KILLED).
+continues from its own last checkpoint; rerunning the same command after the driver was killed resumes the search
+without redoing finished trials. Before a local Ray or MLflow start, the shards are checked as train checks them,
+and one trial's resources against this machine's CPUs and GPUs. Ctrl-C stops the search (exit code 130, parent run
+KILLED).
 """
 from __future__ import annotations
 
