@@ -174,3 +174,24 @@ def layer_study(rows: list[dict], metric: str, path: str | Path, mode: str = "ma
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, path)
+
+
+def results_grid(rows: list[str], columns: list[str], values: list[list[float]], metric: str,
+                 path: str | Path) -> Path:
+    """Runs against evaluation sets, each cell coloured by its `metric` and printed in it (a missing one blank): a
+    cross-dataset table (seed Table 8) read at a glance."""
+    grid = np.array(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(columns) + 0.06 * max(map(len, rows)), 0.9 + 0.45 * len(rows)),
+                           dpi=110)
+    finite = grid[np.isfinite(grid)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=HEATMAP_COLOURS, vmin=lo, vmax=hi if hi > lo else lo + 1e-6,
+                      aspect="auto")
+    for (i, j), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    fig.colorbar(image, ax=ax, label=metric)
+    ax.set_title(f"{metric} per evaluation set")
+    return _save(fig, path)

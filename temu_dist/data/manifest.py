@@ -52,7 +52,7 @@ def _refuse_other_files(folder: Path) -> None:
     if packs:
         raise ShardsMissing(f"{folder} is no pack but holds packs ({', '.join(packs[:3])}{', ...' * (len(packs) > 3)})"
                             f": name one, e.g. {folder / packs[0]}")
-    dataset = _dataset_of(folder)
+    dataset = dataset_of(folder)
     raise ShardsMissing(f"{folder} holds no pack (.tar shards and a {MANIFEST}): if these are a dataset's own files, "
                         f"pack them into a folder of their own, e.g. python -m temu_dist.pack --dataset {dataset} "
                         f"--root {folder} --out shards/{dataset}, and name that")
@@ -61,7 +61,7 @@ def _refuse_other_files(folder: Path) -> None:
 def _pack_command(folder: Path) -> str:
     """The pack command for a folder, with the split its name asks for in the configs' convention: NAME-all (the whole
     set, for cross-dataset tests), NAME-qalign (Q-Align's split), NAME-official, NAME/splitI (the i-th seeded split)."""
-    dataset = _dataset_of(folder)
+    dataset = dataset_of(folder)
     how = f"python -m temu_dist.pack --dataset {dataset} --root DATASET_DIR --out {folder}"
     words = set(re.split(r"[-_. ]", folder.name.lower()))
     index = re.fullmatch(r"split(\d+)", folder.name)
@@ -79,7 +79,7 @@ def _pack_command(folder: Path) -> str:
 ALIASES = {"clive": "livec", "livechallenge": "livec", "liveitw": "livec", "livefb": "flive", "paq2piq": "flive"}
 
 
-def _dataset_of(folder: Path) -> str:
+def dataset_of(folder: Path) -> str:
     """The dataset a pack folder's name, or its parent's, points at (shards/KonIQ-10k, shards/koniq_1024,
     shards/csiq-all, shards/agiqa3k/split3, shards/clive), else NAME."""
     # Imported only for this message: the module holds the release readers.

@@ -1,0 +1,225 @@
+"""Finished runs as one table, as a paper prints one: a row per run or repeat series, a column per evaluation set,
+SRCC / PLCC in each cell (the seed's Tables 5-13).
+
+    python -m temu_dist.report runs/table8-*                          # Table 8 from its 12 runs
+    python -m temu_dist.report runs/table6-agiqa3k-S runs/table6-agiqa3k-I   # repeat series: mean +- sd
+    python -m temu_dist.report runs/table5-clive-prompts                 # a search: a row per trial
+    python -m temu_dist.report runs/table8-* --out table8.md --plot table8.png    # .csv for a spreadsheet
+
+A folder is a finished run (results.json), a finished repeat series (repeat.json), a search (its finished trials) or
+a folder of them (out_dir); a series' own split runs are left out where the series is there too. Rows are labelled by
+the config keys whose values differ between them (the training set, model.variant, model.layers, ...). A run's own
+splits are named after the dataset it trained on, so that runs trained on different sets line up with each other's
+cross-dataset columns. Each set is taken at its own best epoch, as IQA-PyTorch reports it (--each-at key: every set
+at the key metric's best epoch, that of the weights in checkpoints/best).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from temu_dist.atomic import write_text_atomic
+from temu_dist.config import ConfigError, read_yaml, settings_label
+from temu_dist.data.manifest import MANIFEST, dataset_of
+from temu_dist.tracking import flatten
+
+METRICS = ("srcc", "plcc", "krcc")
+# Config keys that do not tell runs apart as a paper's rows do: where they ran, how they were tracked or loaded.
+# The evaluation sets are the columns.
+NOT_SETTINGS = ("name", "out_dir", "device", "tracking.", "data.workers", "eval.", "train.resume",
+                "train.checkpoint_every", "train.timeout_min", "model.compile")
+
+
+@dataclass
+class Row:
+    folder: Path
+    config: dict  # flattened
+    # column -> metric -> (value, standard deviation over a series' splits or None)
+    cells: dict[str, dict[str, tuple[float, float | None]]]
+    splits: int | None = None  # a series' number of splits
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable ({e})") from None
+
+
+def _config(run: Path) -> dict:
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: the run's config, which train writes beside results.json")
+    return flatten(read_yaml(path, "run config"))
+
+
+def _dataset(config: dict) -> str:
+    """The dataset a run trained on: its pack's manifest says, else the pack folder's name."""
+    train = config.get("data.train") or ""
+    try:
+        return json.loads((Path(train) / MANIFEST).read_text())["dataset"]
+    except (OSError, ValueError, KeyError, TypeError):
+        guess = dataset_of(Path(train))
+        return guess if guess != "NAME" else Path(train).name or "train"
+
+
+def _columns(sets: dict, config: dict) -> dict:
+    """The run's own splits (test, val) named after its dataset (koniq10k, koniq10k val), unless a cross-dataset set
+    of the run already has that name."""
+    own, dataset = config.get("eval.splits") or [], _dataset(config)
+    named = {}
+    for name, value in sets.items():
+        column = (dataset if name == "test" else f"{dataset} {name}") if name in own else name
+        named[column if column not in sets else name] = value
+    return named
+
+
+def read_run(folder: Path, each_at: str) -> Row:
+    path = folder / "results.json"
+    results, config = _read_json(path), _config(folder)
+    key = "own_best" if each_at == "own" else "best"
+    if key not in results:
+        raise ConfigError(f"{path}: no own_best, as results were written before it: run the run's train command "
+                          "again, which adds it without training, or use --each-at key")
+    cells = {name: {m: (float(values[m]), None) for m in METRICS if m in values}
+             for name, values in results[key].items()}
+    return Row(folder, config, _columns(cells, config))
+
+
+def read_series(folder: Path, each_at: str) -> Row:
+    path = folder / "repeat.json"
+    summary = _read_json(path)
+    key = "sets_own_best" if each_at == "own" else "sets"
+    if key not in summary or "runs" not in summary:
+        raise ConfigError(f"{path}: written before it held {key} and its runs: run the repeat command again, which "
+                          "adds them without training")
+    # The split runs are the series' siblings (out_dir/NAME-splitI); their configs differ in data.train alone.
+    config = _config(folder.parent / Path(summary["runs"][0]).name)
+    cells = {name: {m: (float(v["mean"]), float(v["std"])) for m, v in values.items()}
+             for name, values in summary[key].items()}
+    return Row(folder, config, _columns(cells, config), summary["splits"])
+
+
+def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
+    """The rows of the given folders, in order; a folder of runs stands for those in it."""
+    found: list[Path] = []
+    for folder in map(Path, folders):
+        if (folder / "results.json").is_file() or (folder / "repeat.json").is_file():
+            found.append(folder)
+        elif (folder / "search.json").is_file():  # a Ray Tune search: its finished trials
+            found += sorted(p.parent for p in folder.glob("trials/*/results.json"))
+        elif folder.is_dir() and (inside := sorted(p.parent for p in [*folder.glob("*/results.json"),
+                                                                      *folder.glob("*/repeat.json")])):
+            found += inside
+        elif (folder / "checkpoints").is_dir():
+            raise ConfigError(f"{folder}: has not finished (no results.json): rerun its train command to go on")
+        else:
+            raise ConfigError(f"{folder}: no results.json (a finished run) or repeat.json (a finished repeat series) "
+                              "in it or in its subfolders")
+    rows = [read_series(f, each_at) if (f / "repeat.json").is_file() else read_run(f, each_at)
+            for f in dict.fromkeys(found)]
+    in_series = {(r.folder.parent / Path(run).name).resolve() for r in rows if r.splits
+                 for run in _read_json(r.folder / "repeat.json")["runs"]}
+    return [r for r in rows if r.folder.resolve() not in in_series]
+
+
+def labels(rows: list[Row]) -> list[str]:
+    """Each row's settings that differ between the rows (the training set by its dataset), and its folder's name
+    where none do or two rows would read alike."""
+    keys = sorted({k for r in rows for k in r.config if not k.startswith(NOT_SETTINGS)},
+                  key=lambda k: (k != "data.train", k))
+    shown = [{("train" if k == "data.train" else k): _dataset(r.config) if k == "data.train" else r.config.get(k)
+              for k in keys} for r in rows]
+    differ = [k for k in shown[0] if len({json.dumps(s[k], default=str) for s in shown}) > 1] if rows else []
+    said = [settings_label({k: s[k] for k in differ}) for s in shown]
+    return [(f"{label} ({r.folder.name})" if said.count(label) > 1 else label) if label else r.folder.name
+            for label, r in zip(said, rows)]
+
+
+def columns(rows: list[Row]) -> list[str]:
+    return list(dict.fromkeys(c for r in rows for c in r.cells))
+
+
+def _cell(value: tuple[float, float | None] | None) -> str:
+    if value is None:
+        return "-"
+    mean, sd = value
+    return f"{mean:.4f}" if sd is None else f"{mean:.4f}±{sd:.4f}"
+
+
+def markdown(rows: list[Row], metrics: tuple[str, ...], each_at: str) -> str:
+    """A row per run, SRCC / PLCC per set; each column's best first metric in bold, as the seed marks its best."""
+    names, cols = labels(rows), columns(rows)
+    best = {c: max((r.cells[c][metrics[0]][0] for r in rows if c in r.cells and metrics[0] in r.cells[c]
+                    and not math.isnan(r.cells[c][metrics[0]][0])), default=None) for c in cols}
+    lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, row in zip(names, rows):
+        cells = []
+        for c in cols:
+            values = [_cell(row.cells.get(c, {}).get(m)) for m in metrics]
+            top = len(rows) > 1 and c in row.cells and row.cells[c].get(metrics[0], (None,))[0] == best[c]
+            cells.append(" / ".join([f"**{values[0]}**" if top else values[0], *values[1:]]))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    series = sorted({r.splits for r in rows if r.splits})
+    at = "each set at its own best epoch (IQA-PyTorch's way)" if each_at == "own" else \
+        "every set at the epoch the key metric chose (the weights in checkpoints/best)"
+    lines.append("")
+    lines.append(f"{' / '.join(m.upper() for m in metrics)}; {at}" + (
+        f"; mean±sd (sample, n-1) over {'/'.join(map(str, series))} splits for a repeat series" if series else ""))
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(rows: list[Row], metrics: tuple[str, ...]) -> str:
+    """A row per run, a column per set and metric (and its sd over a series' splits), for a spreadsheet."""
+    cols = columns(rows)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["run", "folder", "splits", *(f"{c}/{m}{s}" for c in cols for m in metrics for s in ("", "_sd"))])
+    for name, row in zip(labels(rows), rows):
+        values = [row.cells.get(c, {}).get(m) or ("", None) for c in cols for m in metrics]
+        writer.writerow([name, str(row.folder), row.splits or "",
+                         *(x for mean, sd in values for x in (mean, "" if sd is None else sd))])
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m temu_dist.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", metavar="RUN", help="run folders, repeat series, or folders of them")
+    parser.add_argument("--each-at", choices=("own", "key"), default="own",
+                        help="own: each set at its own best epoch (IQA-PyTorch); key: at the key metric's best epoch")
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=["srcc", "plcc"])
+    parser.add_argument("--out", help="also write the table to this .md or .csv file")
+    parser.add_argument("--plot", help="also draw the first metric as a coloured grid to this .png file")
+    args = parser.parse_args(argv)
+    metrics = tuple(args.metrics)
+    try:
+        if args.out and Path(args.out).suffix not in (".md", ".csv"):
+            raise ConfigError(f"--out {args.out}: a .md or .csv file")
+        rows = collect(args.folders, args.each_at)
+    except ConfigError as e:
+        print(f"report: {e}", file=sys.stderr)
+        return 1
+    table = markdown(rows, metrics, args.each_at)
+    print(table, end="")
+    if args.out:
+        write_text_atomic(Path(args.out), table if args.out.endswith(".md") else table_csv(rows, metrics))
+        print(f"report: written to {args.out}")
+    if args.plot:
+        from temu_dist.plots import results_grid
+
+        cols = columns(rows)
+        values = [[r.cells.get(c, {}).get(metrics[0], (math.nan, None))[0] for c in cols] for r in rows]
+        results_grid(labels(rows), cols, values, metrics[0].upper(), args.plot)
+        print(f"report: plot in {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""python -m temu_dist.report: finished runs, repeat series and searches as one paper-style table."""
+import csv
+import io
+import json
+import shutil
+
+import pytest
+import yaml
+
+from temu_dist import report
+from temu_dist.data.splits import SplitSpec
+from temu_dist.pack import PackOptions, pack
+from temu_dist.train import train
+from tests.conftest import tiny_config, write_kadid
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One real finished run (trained on a KADID-10k pack, tested on its own test split and on a cross set)."""
+    root = tmp_path_factory.mktemp("report")
+    write_kadid(root / "kadid", refs=6, per_ref=3, size=(64, 64))
+    shards = root / "shards" / "kadid10k"
+    pack(PackOptions("kadid10k", str(root / "kadid"), str(shards), split=SplitSpec("ratio", (0.5, 0.0, 0.5),
+                                                                                   by_reference=True), workers=1))
+    train(tiny_config(f"data.train={shards}", f"out_dir={root / 'runs'}", "name=koniq-I", "data.workers=0",
+                      "train.epochs=2", "train.batch_size=4", "ldg.region_min=8", "ldg.region_max=24",
+                      "tracking.enabled=false", f"eval.cross=[{{name: csiq, shards: '{shards}', split: test}}]"))
+    return root / "runs" / "koniq-I"
+
+
+def _copy(run, to, config: dict, results: dict):
+    """`run` copied to `to` with its config and results changed: a run of other settings, as train writes it."""
+    shutil.copytree(run, to)
+    saved = yaml.safe_load((to / "config.yaml").read_text())
+    for dotted, value in config.items():
+        section, key = dotted.split(".")
+        saved[section][key] = value
+    (to / "config.yaml").write_text(yaml.safe_dump(saved))
+    data = json.loads((to / "results.json").read_text())
+    for which, sets in results.items():
+        for name, metrics in sets.items():
+            data[which][name].update(metrics)
+    (to / "results.json").write_text(json.dumps(data))
+    return to
+
+
+def test_runs_line_up_as_a_cross_dataset_table_with_their_own_split_named_after_their_dataset(finished, tmp_path,
+                                                                                             capsys):
+    results = json.loads((finished / "results.json").read_text())
+    other = _copy(finished, tmp_path / "koniq-S", {"model.variant": "S"},
+                  {"own_best": {"csiq": {"srcc": 0.9, "plcc": 0.8}}, "best": {"csiq": {"srcc": 0.7}}})
+    assert report.main([str(finished), str(other), "--out", str(tmp_path / "t.csv"),
+                        "--plot", str(tmp_path / "t.png")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    own, cross = results["own_best"]["test"], results["own_best"]["csiq"]
+    assert out[0] == "| run | kadid10k | csiq |"
+    first = f"| variant=I | {own['srcc']:.4f} / {own['plcc']:.4f} | {cross['srcc']:.4f} / {cross['plcc']:.4f} |"
+    assert out[2] == first.replace(f"| {own['srcc']:.4f}", f"| **{own['srcc']:.4f}**", 1)  # tied with S: both bold
+    assert out[3].endswith("| **0.9000** / 0.8000 |") and out[3].startswith("| variant=S | **")
+    assert out[5] == "SRCC / PLCC; each set at its own best epoch (IQA-PyTorch's way)"
+    table = list(csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text())))
+    assert [r["run"] for r in table] == ["variant=I", "variant=S"]
+    assert float(table[1]["csiq/srcc"]) == 0.9 and table[1]["csiq/srcc_sd"] == "" and table[1]["splits"] == ""
+    assert (tmp_path / "t.png").read_bytes().startswith(b"\x89PNG")
+    # At the key metric's best epoch instead: the weights one would ship.
+    assert report.main([str(finished), str(other), "--each-at", "key", "--metrics", "srcc"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[3].endswith("| **0.7000** |")
+    assert out[5].startswith("SRCC; every set at the epoch the key metric chose")
+
+
+def test_a_series_is_its_mean_and_sd_and_its_split_runs_are_left_out(finished, tmp_path):
+    for i, srcc in enumerate((0.5, 0.7)):
+        _copy(finished, tmp_path / f"rep-split{i}", {}, {"own_best": {"test": {"srcc": srcc}}})
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "repeat.json").write_text(json.dumps({
+        "splits": 2, "runs": [str(tmp_path / f"rep-split{i}") for i in range(2)],
+        "sets": {"test": {"srcc": {"mean": 0.6, "std": 0.0, "n": 2}}},
+        "sets_own_best": {"test": {"srcc": {"mean": 0.6, "std": 0.1414, "n": 2}}}}))
+    rows = report.collect([tmp_path])  # the out_dir: the series and its two split runs
+    assert [r.folder.name for r in rows] == ["rep"]
+    assert rows[0].cells == {"kadid10k": {"srcc": (0.6, 0.1414)}}
+    text = report.markdown(rows, ("srcc",), "own")
+    assert "| rep | 0.6000±0.1414 |" in text and "mean±sd (sample, n-1) over 2 splits" in text
+    table = report.table_csv(report.collect([tmp_path / "rep"], "key"), ("srcc",))
+    assert list(csv.DictReader(io.StringIO(table)))[0]["kadid10k/srcc_sd"] == "0.0"  # an sd of 0 is a value
+
+
+def test_a_search_is_a_row_per_finished_trial_labelled_by_what_it_tried(finished, tmp_path):
+    search = tmp_path / "prompts"
+    (search / "trials").mkdir(parents=True)
+    (search / "search.json").write_text("{}")
+    for prompt in ("none", "coop"):
+        _copy(finished, search / "trials" / f"trial-{prompt}", {"model.prompt": prompt}, {})
+    (search / "trials" / "trial-cut" / "checkpoints").mkdir(parents=True)  # stopped before it finished
+    rows = report.collect([search])
+    assert report.labels(rows) == ["prompt=coop", "prompt=none"]
+    # Alike but for a setting the table does not show: told apart by their folders.
+    twin = _copy(finished, tmp_path / "koniq-I-again", {"data.workers": 4}, {})
+    assert report.labels(report.collect([finished, twin])) == ["koniq-I", "koniq-I-again"]
+
+
+def test_what_is_not_a_finished_run_is_one_line_naming_it(finished, tmp_path, capsys):
+    unfinished = tmp_path / "cut"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    assert report.main([str(unfinished)]) == 1
+    assert capsys.readouterr().err == f"report: {unfinished}: has not finished (no results.json): rerun its train " \
+                                      "command to go on\n"
+    assert report.main([str(tmp_path / "nothing")]) == 1
+    assert "no results.json (a finished run) or repeat.json" in capsys.readouterr().err
+    old = shutil.copytree(finished, tmp_path / "old")
+    results = json.loads((old / "results.json").read_text())
+    del results["own_best"]
+    (old / "results.json").write_text(json.dumps(results))
+    assert report.main([str(old)]) == 1
+    assert capsys.readouterr().err.startswith(f"report: {old / 'results.json'}: no own_best")
+    assert report.main([str(old), "--each-at", "key"]) == 0
+    assert report.main([str(finished), "--out", str(tmp_path / "t.txt")]) == 1
+    assert capsys.readouterr().err.endswith("--out " + str(tmp_path / "t.txt") + ": a .md or .csv file\n")
