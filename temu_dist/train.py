@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 import warnings
@@ -50,6 +51,15 @@ from temu_dist.tracking import Tracker, flatten, tracking_uri
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (SLURM's scancel and time limit, docker stop, kill), met as Ctrl-C is: the MLflow run ends KILLED and
+    the command says how to go on, where the signal's default would end the process on the spot."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
 
 
 def _all_gather(x: torch.Tensor) -> list[torch.Tensor]:
@@ -644,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every process stops alike: the first on each node says why, in one write, so that two nodes' lines cannot run
     # together.
     says = os.environ.get("LOCAL_RANK", "0") == "0"
+    before = signal.signal(signal.SIGTERM, _terminate)
     try:
         config = load_config(args.config, args.overrides)
         results = train(config)
@@ -651,15 +662,17 @@ def main(argv: list[str] | None = None) -> int:
         if says:
             sys.stderr.write(f"train: {e}\n")
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        by = " by SIGTERM" if isinstance(e, Terminated) else ""
         if says and config is not None:
             last = find_checkpoint(config.run_dir() / "checkpoints" / "last")
             how = "the same command starts it anew" if last is None else \
                 f"run the same command again to go on from {last}" if config.train.resume == "auto" else \
                 f"run it with train.resume=auto to go on from {last}"
-            sys.stderr.write(f"\ntrain: stopped{' before its first checkpoint' if last is None else ''}; {how}\n")
-        return 130
+            sys.stderr.write(f"\ntrain: stopped{by}{' before its first checkpoint' if last is None else ''}; {how}\n")
+        return 128 + signal.SIGTERM if by else 130
     finally:
+        signal.signal(signal.SIGTERM, before)
         PartialState().destroy_process_group()
     if not PartialState().is_main_process:
         return 0

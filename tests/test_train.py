@@ -281,6 +281,40 @@ def test_ctrl_c_says_how_to_go_on_and_marks_the_mlflow_run_killed(tmp_path, shar
     assert capsys.readouterr().err.endswith(f"\ntrain: stopped; run it with train.resume=auto to go on from {last}\n")
 
 
+def test_sigterm_stops_as_ctrl_c_does_and_says_so(tmp_path, shards, monkeypatch, capsys):
+    """SLURM's scancel and time limit send SIGTERM: the run ends KILLED in MLflow with the way to go on, not at once."""
+    import os
+    import signal
+
+    import temu_dist.train as train_mod
+
+    real = train_mod.training_inputs
+
+    def terminated_at_step_3(*args, **kwargs):
+        terminated_at_step_3.calls += 1
+        if terminated_at_step_3.calls == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    terminated_at_step_3.calls = 0
+    monkeypatch.setattr(train_mod, "training_inputs", terminated_at_step_3)
+    args = [*TINY_OVERRIDES, f"data.train={shards}", f"out_dir={tmp_path}", "name=run", "data.workers=0",
+            "train.batch_size=4", "train.checkpoint_every=1"]
+    # The caller's own handler (here the test's, which lets the run go on), in place again after the command.
+    caller = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        assert train_mod.main(args) == 143
+        assert signal.getsignal(signal.SIGTERM) is not train_mod._terminate
+    finally:
+        signal.signal(signal.SIGTERM, caller)
+    last = tmp_path / "run" / "checkpoints" / "last"
+    assert capsys.readouterr().err.endswith(f"\ntrain: stopped by SIGTERM; run the same command again to go on from "
+                                            f"{last}\n")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("temu-dist").experiment_id])
+    assert run.info.status == "KILLED"
+
+
 def test_resume_with_other_training_settings_is_refused(tmp_path, shards, monkeypatch, capsys):
     import temu_dist.train as train_mod
 
