@@ -1,0 +1,77 @@
+"""launch/slurm.sbatch run under stand-ins for srun, scontrol, nvidia-smi and accelerate: the command each node runs."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STAND_INS = {
+    # srun: the command once per node, as SLURM would set SLURM_NODEID on each.
+    "srun": 'while [[ "$1" == --* ]]; do shift; done\n'
+            'for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@"; done',
+    "scontrol": "echo gpu-a01; echo gpu-a02",
+    "accelerate": 'printf "node %s:" "$SLURM_NODEID"; printf " %q" "$@"; echo',
+}
+
+
+@pytest.fixture
+def job(tmp_path):
+    """A job's working directory (the repository's launch files, an empty .venv) and its environment."""
+    shutil.copytree(REPO / "launch", tmp_path / "launch")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "activate").write_text("")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in STAND_INS.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu-a[01-02]",
+           "SLURM_JOB_ID": "12345", "SLURM_CPUS_PER_TASK": "32", "SLURM_GPUS_ON_NODE": "8"}
+    return tmp_path, env
+
+
+def _sbatch(job, *args, **env):
+    folder, base = job
+    return subprocess.run(["bash", "launch/slurm.sbatch", *args], cwd=folder, env={**base, **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_each_node_launches_all_its_gpus_with_its_rank_pointing_at_the_first_node(job):
+    done = _sbatch(job, "configs/x.yaml", "train.lr=0.001", "name=a b")
+    assert done.returncode == 0, done.stderr
+    port = 20000 + 12345 % 12000
+    assert done.stdout.splitlines() == [
+        f"node {rank}: launch --config_file launch/multinode.yaml --num_machines 2 --num_processes 16 --machine_rank "
+        f"{rank} --main_process_ip gpu-a01 --main_process_port {port} -m temu_dist.train --config configs/x.yaml "
+        r"data.resampled=true train.lr=0.001 name=a\ b" for rank in (0, 1)]
+    deepspeed = _sbatch(job, "configs/x.yaml", LAUNCH="launch/deepspeed-multinode.yaml")
+    assert deepspeed.stdout.count("--config_file launch/deepspeed-multinode.yaml") == 2
+
+
+def test_a_node_without_gpus_or_a_missing_launch_file_stops_the_job_before_any_launch(job):
+    folder, env = job
+    del env["SLURM_GPUS_ON_NODE"]  # and no nvidia-smi on the PATH
+    done = _sbatch(job, "configs/x.yaml")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "slurm.sbatch: no GPUs on this node (SLURM_GPUS_ON_NODE 'unset'; nvidia-smi lists 0): ask " \
+                          "for them with --gpus-per-node\n"
+    (folder / "bin" / "nvidia-smi").write_text("#!/usr/bin/env bash\nprintf 'GPU 0: H100\\nGPU 1: H100\\n'\n")
+    (folder / "bin" / "nvidia-smi").chmod(0o755)
+    assert "--num_processes 4 " in _sbatch(job, "configs/x.yaml").stdout
+    missing = _sbatch(job, "configs/x.yaml", LAUNCH="launch/deepspeed-multi.yaml")
+    assert missing.returncode == 2 and missing.stderr == \
+        "slurm.sbatch: LAUNCH=launch/deepspeed-multi.yaml: no such file (run sbatch from the repository)\n"
+
+
+def test_the_multinode_deepspeed_file_starts_each_node_itself():
+    """accelerate's default multi-node DeepSpeed launcher is pdsh, which without a hostfile trains each node alone."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "launch" / "deepspeed-multinode.yaml").read_text())
+    single = yaml.safe_load((REPO / "launch" / "deepspeed.yaml").read_text())
+    assert config["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"
+    # Otherwise as the one-node file: stage 0, no DeepSpeed mixed precision, no clipping.
+    assert {k: v for k, v in config["deepspeed_config"].items() if k != "deepspeed_multinode_launcher"} == \
+        single["deepspeed_config"]
+    assert config["mixed_precision"] == single["mixed_precision"] == "no"
