@@ -4,12 +4,19 @@
 # on every worker node (HEAD_IP: the head's address):
 #   bash launch/ray-cluster.sh worker HEAD_IP
 # then, on the head, run the search against it (trials see the same paths: put shards and runs on a shared disk):
-#   RAY_ADDRESS=auto python -m temu_dist.tune --config configs/tune/prompt-layers.yaml
+#   RAY_AUTH_MODE=token RAY_ADDRESS=auto python -m temu_dist.tune --config configs/tune/prompt-layers.yaml
 # and `ray stop` on every node when done.
+# Token authentication: the head makes a token (~/.ray/auth_token) unless one is there; every node and the search's
+# driver need RAY_AUTH_MODE=token and that token, which a shared home gives them, else RAY_AUTH_TOKEN=TOKEN (printed by
+# `ray get-auth-token` on the head). Ray 2.60 turns tokens on at a head that finds one but not at a joining node, so
+# without this a worker is refused (InvalidAuthToken).
 set -euo pipefail
 source "$(dirname "$0")/../.venv/bin/activate"
+export RAY_AUTH_MODE=token
 case "${1:-}" in
-  head) ray start --head --port 6379 --include-dashboard=false ;;
-  worker) ray start --address "${2:?usage: ray-cluster.sh worker HEAD_IP}:6379" ;;
+  head)
+    ray get-auth-token --generate >/dev/null
+    ray start --head --port "${RAY_PORT:-6379}" --include-dashboard=false ;;
+  worker) ray start --address "${2:?usage: ray-cluster.sh worker HEAD_IP}:${RAY_PORT:-6379}" ;;
   *) echo "usage: ray-cluster.sh head | worker HEAD_IP" >&2; exit 2 ;;
 esac

@@ -45,6 +45,10 @@ SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 TRIAL_CPU = 0.01
 # What a search was started with (_identity), beside its Ray experiment.
 STARTED = "search-started.json"
+# What trials on a cluster's other nodes need of the driver's environment, which Ray passes on only to a local Ray's
+# workers: the MLflow server's login, artifact stores' credentials, Hugging Face's and the proxies' settings.
+FORWARDED_ENV = ("MLFLOW_", "HF_", "HUGGING_FACE_", "AWS_", "AZURE_STORAGE_", "GOOGLE_APPLICATION_CREDENTIALS",
+                 "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 # The training keys train.check_data reads, which the search checks before Ray starts.
 CHECKED_DATA_KEYS = ("data", "eval", "train.key_metric", "model.image_size", "model.backbone", "model.layers", "ldg")
 
@@ -337,6 +341,20 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     started = search_dir / STARTED
     if restored:
         _check_same_search(search, base, metric, started)
+    if address and not ray.is_initialized():  # a search that cannot start writes nothing
+        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+        try:
+            ray.init(address=address, **({"runtime_env": {"env_vars": env}} if env else {}))
+        except (ConnectionError, ray.exceptions.RayError) as e:
+            # A refused token comes back as a connection that failed, after Ray's own retries.
+            auth = "; one with token authentication (as launch/ray-cluster.sh starts it) also needs " \
+                "RAY_AUTH_MODE=token here and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token)" \
+                if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" else ""
+            local = "address: null in the search config" if search.address else "RAY_ADDRESS unset"
+            raise ConfigError(f"address: could not join the Ray cluster at {address} ({error_line(e)}): start it "
+                              f"with bash launch/ray-cluster.sh head{auth}; or search on a local Ray, with {local}") \
+                from None
+    if restored:
         print(f"tune: resuming the search {search.name} in {search_dir}: finished trials are kept, stopped ones go on")
     else:
         search_dir.mkdir(parents=True, exist_ok=True)
@@ -351,13 +369,10 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
                             params, {"temu.search": "true"}, "search")
     try:
         if not ray.is_initialized():
-            if address:
-                ray.init(address=address)
-            else:
-                # Ray's temp files (sockets, logs) go inside the search folder, not /tmp/ray or ~/.ray.
-                temp = Path(os.environ.get("TEMU_RAY_TMP", search_dir / "ray"))
-                temp.mkdir(parents=True, exist_ok=True)
-                ray.init(include_dashboard=False, _temp_dir=str(temp), log_to_driver=True)
+            # Ray's temp files (sockets, logs) go inside the search folder, not /tmp/ray or ~/.ray.
+            temp = Path(os.environ.get("TEMU_RAY_TMP", search_dir / "ray"))
+            temp.mkdir(parents=True, exist_ok=True)
+            ray.init(include_dashboard=False, _temp_dir=str(temp), log_to_driver=True)
         res = search.resources
         target = tune.with_parameters(trainable or run_trial, base=base, trials_dir=str(search_dir / "trials"),
                                       tracking_uri=uri, parent=parent, resources=res.model_dump())

@@ -305,9 +305,43 @@ def test_a_search_on_a_ray_cluster_is_not_checked_against_this_machine(tmp_path,
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     search = load_search(_search_file(tmp_path, shards, "cluster", {"model.prompt": {"grid": ["coop"]}},
                                       resources={"cpu": 64, "gpu": 8}, overrides=["tracking.enabled=false"]))
+    # Trials on other nodes get what the driver's environment says of the MLflow server, Hugging Face and proxies.
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "secret")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("https_proxy", "http://proxy:3128")
+    monkeypatch.setenv("UNRELATED", "x")
     with pytest.raises(Joined) as joined:
         run_search(search)
-    assert joined.value.args[0] == {"address": "ray://head:10001"}
+    assert joined.value.args[0]["address"] == "ray://head:10001"
+    env = joined.value.args[0]["runtime_env"]["env_vars"]
+    assert (env["MLFLOW_TRACKING_TOKEN"], env["HF_HUB_OFFLINE"], env["https_proxy"]) == ("secret", "1",
+                                                                                         "http://proxy:3128")
+    assert "UNRELATED" not in env and "PATH" not in env
+    assert not (tmp_path / "runs").exists()  # joined before anything is written
+
+
+@pytest.mark.parametrize("error", [ConnectionError("Could not find any running Ray instance."),
+                                   ray.exceptions.AuthenticationError("Authentication failed: InvalidAuthToken")])
+def test_a_cluster_that_cannot_be_joined_is_one_line_and_leaves_nothing_written(tmp_path, shards, monkeypatch,
+                                                                                capsys, error):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    def refuse(**kwargs):
+        raise error
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    path = _search_file(tmp_path, shards, "away", {"model.prompt": {"grid": ["coop"]}})
+    assert tune_cli.main(["--config", str(path)]) == 1
+    message = capsys.readouterr().err
+    assert message.startswith("tune: address: could not join the Ray cluster at auto (") and message.count("\n") == 1
+    assert message.endswith("start it with bash launch/ray-cluster.sh head; one with token authentication (as "
+                            "launch/ray-cluster.sh starts it) also needs RAY_AUTH_MODE=token here and its token "
+                            "(RAY_AUTH_TOKEN, or ~/.ray/auth_token); or search on a local Ray, with RAY_ADDRESS "
+                            "unset\n")
+    assert not (tmp_path / "runs").exists()  # no search folder, no MLflow store nor parent run
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert tune_cli.main(["--config", str(path)]) == 1
+    assert "also needs RAY_AUTH_MODE" not in capsys.readouterr().err  # set already: not the cause
 
 
 def test_missing_shards_are_refused_before_ray_starts_with_trains_message(tmp_path, no_ray, monkeypatch, capsys):
