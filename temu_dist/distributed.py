@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, parse_flag_from_env
 
-from temu_dist.config import Config, ConfigError
+from temu_dist.config import Config, ConfigError, dump
+from temu_dist.tracking import flatten
 
 
 @dataclass(frozen=True)
@@ -101,3 +105,36 @@ def _check_deepspeed(accelerator: Accelerator) -> None:
     if accelerator.mixed_precision != "no":
         raise ConfigError(f"DeepSpeed with mixed_precision {accelerator.mixed_precision}: use 'no' (the frozen towers "
                           "run in bf16 on GPU anyway, model.precision=auto)")
+
+
+def check_processes_agree(config: Config, accelerator: Accelerator) -> None:
+    """Every process trains the same config, in an out_dir they all see. Nodes started with other overrides would
+    train apart under one run's name, or wait on a collective that never matches; an out_dir private to one node
+    keeps checkpoints that the others, or a requeued job on other nodes, never find. Each process raises the same
+    one-line error, so all stop alike."""
+    if accelerator.num_processes == 1:
+        return
+    token = [uuid.uuid4().hex if accelerator.is_main_process else None]
+    broadcast_object_list(token)
+    probe = Path(config.out_dir) / f".temu-shared-{token[0]}"
+    if accelerator.is_main_process:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+    accelerator.wait_for_everyone()
+    seen = gather_object([(probe.is_file(), flatten(dump(config)), socket.gethostname())])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink(missing_ok=True)
+    blind = [(rank, host) for rank, (sees, _, host) in enumerate(seen) if not sees]
+    if blind:
+        where = ", ".join(sorted({host for _, host in blind}))
+        ranks = f"rank {blind[0][0]}{', ...' * (len(blind) > 1)}"
+        raise ConfigError(f"out_dir: {len(blind)} process(es) on {where} ({ranks}) do not see the file process 0 "
+                          f"wrote in {seen[0][1]['out_dir']} (on {seen[0][2]}): the run folder must lie on a filesystem "
+                          "every node shares")
+    ours = seen[0][1]
+    for rank, (_, theirs, host) in enumerate(seen[1:], 1):
+        key = next((k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)), None)
+        if key:
+            raise ConfigError(f"{key}: process {rank} (on {host}) was given {theirs.get(key)!r}, process 0 "
+                              f"{ours.get(key)!r}: start every node with the same config and overrides")

@@ -39,7 +39,7 @@ from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import check_fidelity_size, ldg_targets
 from temu_dist.data.manifest import pack_named_by
 from temu_dist.data.stream import SharedEpoch, split_shards, train_loader
-from temu_dist.distributed import BatchPlan, make_accelerator
+from temu_dist.distributed import BatchPlan, check_processes_agree, make_accelerator
 from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, result_names, scatter_plots
 from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights, with_legacy_fields
@@ -508,6 +508,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     """Trains and evaluates as the config says; returns what results.json holds. `on_epoch` gets each epoch's record
     (loss, lr, images/s, elapsed, per-set metrics) on every process: Ray Tune reports it to its scheduler."""
     accelerator, plan = make_accelerator(config)
+    check_processes_agree(config, accelerator)
     main = accelerator.is_main_process
     sets = check_data(config)
     run_dir = config.run_dir()

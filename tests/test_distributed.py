@@ -169,6 +169,35 @@ def test_deepspeed_trains_as_one_process_does_on_cpu(shards, one_process, tmp_pa
         torch.testing.assert_close(trained[name], one[name], rtol=1e-5, atol=1e-6)
 
 
+def _two_nodes(tmp_path: Path, args: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """Two processes started apart, as two nodes each start their own (RANK 0 and 1, each LOCAL_RANK 0), with args
+    of their own: what a job whose nodes were given different commands runs."""
+    procs = []
+    for rank, extra in enumerate(args):
+        env = dict(_env(tmp_path), RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT="29541")
+        procs.append(subprocess.Popen([sys.executable, "-m", "temu_dist.train", *extra], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
+
+
+def test_nodes_given_other_settings_or_a_run_folder_not_shared_stop_alike_with_one_line(shards, tmp_path):
+    """Before, both trained and exited 0: apart under one run's name, or checkpointing on node 0 alone."""
+    run = tmp_path / "runs"
+    base = _overrides(shards, run, "tracking.enabled=false")
+    done = _two_nodes(tmp_path, [base, [*base, "train.lr=0.5"]])
+    assert [d.returncode for d in done] == [1, 1]
+    assert all(d.stderr.endswith("train: train.lr: process 1 (on {}) was given 0.5, process 0 0.002: start every node "
+                                 "with the same config and overrides\n".format(os.uname().nodename)) for d in done)
+    # A folder node 1 does not see, as one private to node 0 would be: here another path.
+    done = _two_nodes(tmp_path, [base, _overrides(shards, tmp_path / "elsewhere", "tracking.enabled=false")])
+    assert [d.returncode for d in done] == [1, 1]
+    assert all(f"out_dir: 1 process(es) on {os.uname().nodename} (rank 1) do not see the file process 0 wrote in "
+               f"{run} " in d.stderr for d in done)
+    assert not any(run.iterdir())  # the probe gone, no run folder made
+
+
 def test_deepspeed_with_accelerate_told_cpu_is_refused(monkeypatch):
     # accelerate would run plain data parallel instead, quietly, with none of the DeepSpeed checks.
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
