@@ -130,8 +130,8 @@ def check_processes_agree(config: Config, accelerator: Accelerator) -> None:
         where = ", ".join(sorted({host for _, host in blind}))
         ranks = f"rank {blind[0][0]}{', ...' * (len(blind) > 1)}"
         raise ConfigError(f"out_dir: {len(blind)} process(es) on {where} ({ranks}) do not see the file process 0 "
-                          f"wrote in {seen[0][1]['out_dir']} (on {seen[0][2]}): the run folder must lie on a filesystem "
-                          "every node shares")
+                          f"wrote in {seen[0][1]['out_dir']} (on {seen[0][2]}): the run folder must lie on a "
+                          "filesystem every node shares")
     ours = seen[0][1]
     for rank, (_, theirs, host) in enumerate(seen[1:], 1):
         key = next((k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)), None)

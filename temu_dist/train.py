@@ -236,8 +236,9 @@ def epoch_metrics(record: dict) -> dict[str, float]:
 
 
 def _better(value: float, than: float | None) -> bool:
-    """A NaN metric (too few samples, constant scores) never wins over a real one, nor blocks a later one."""
-    return than is None or (not math.isnan(value) and (math.isnan(than) or value > than))
+    """A tie goes to the later epoch, as in IQA-PyTorch (>=), whose best epochs the paper's tables report. A NaN
+    metric (too few samples, constant scores) never wins over a real one, nor blocks a later one."""
+    return than is None or (not math.isnan(value) and (math.isnan(than) or value >= than))
 
 
 def own_best(history: list[dict], key_metric: str) -> dict[str, dict]:

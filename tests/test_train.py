@@ -43,7 +43,7 @@ def test_train_writes_results_checkpoints_plots_and_mlflow(tmp_path, shards):
     assert results["best"]["test"]["count"] == results["best"]["test"]["expected"] > 0
     on_disk = json.loads((run / "results.json").read_text())
     assert on_disk["best_epoch"] == results["best_epoch"]
-    best = max(results["history"], key=lambda h: h["eval"]["test"]["srcc"])
+    best = max(reversed(results["history"]), key=lambda h: h["eval"]["test"]["srcc"])  # a tie: the later epoch
     assert results["best_epoch"] == best["epoch"]
     for ckpt in ("best", "last"):
         assert set(load_file(str(run / "checkpoints" / ckpt / "weights.safetensors"))) == \
@@ -63,7 +63,7 @@ def test_train_writes_results_checkpoints_plots_and_mlflow(tmp_path, shards):
     # And each set at its own best epoch by SRCC, as IQA-PyTorch reports it: the key metric's set at the best epoch.
     own = on_disk["own_best"]
     assert own["test"] == {**results["best"]["test"], "epoch": results["best_epoch"]}
-    val_best = max(results["history"], key=lambda h: h["eval"]["val"]["srcc"])
+    val_best = max(reversed(results["history"]), key=lambda h: h["eval"]["val"]["srcc"])
     assert own["val"] == {**val_best["eval"]["val"], "epoch": val_best["epoch"]}
     assert [(m.step, m.value) for m in client.get_metric_history(mlrun.info.run_id, "own_best/val/srcc")] == \
         [(val_best["epoch"], pytest.approx(own["val"]["srcc"]))]
@@ -469,9 +469,9 @@ def test_each_set_is_reported_at_its_own_best_epoch_where_a_nan_never_wins():
         return {"epoch": n, "eval": {name: {"srcc": v, "plcc": v / 2, "count": 4} for name, v in srcc.items()}}
 
     history = [epoch(1, test=0.5, livec=math.nan), epoch(2, test=0.7, livec=0.2), epoch(3, test=0.6, livec=0.4),
-               epoch(4, test=0.7, livec=0.1, late=math.nan)]
+               epoch(4, test=0.7, livec=0.1, late=math.nan), epoch(5, test=0.6, livec=math.nan)]
     got = own_best(history, "test/srcc")
-    assert got["test"] == {"srcc": 0.7, "plcc": 0.35, "count": 4, "epoch": 2}  # a tie keeps the first
+    assert got["test"] == {"srcc": 0.7, "plcc": 0.35, "count": 4, "epoch": 4}  # a tie: the later, as pyiqa's >=
     assert got["livec"] == {"srcc": 0.4, "plcc": 0.2, "count": 4, "epoch": 3}
     assert got["late"]["epoch"] == 4 and math.isnan(got["late"]["srcc"])  # only NaN: its one epoch
     # By PLCC when that is the key metric's measure.
