@@ -40,7 +40,8 @@ def split_config(config: Config, index: int, parent: str | None = None) -> Confi
 
 def summarize(runs: list[dict], best: str = "best") -> dict:
     """{set: {metric: {mean, std, n, values}}} over the runs' `best` (each set at the key metric's best epoch) or
-    `own_best` (each at its own, see train.own_best); NaN values are left out of mean, std, n."""
+    `own_best` (each at its own, see train.own_best); std is the sample standard deviation (n - 1), 0 for one split;
+    NaN values are left out of mean, std, n."""
     out: dict = {}
     for name in runs[0][best]:
         out[name] = {}
