@@ -132,8 +132,10 @@ def check_processes_agree(config: Config, accelerator: Accelerator) -> None:
         raise ConfigError(f"out_dir: {len(blind)} process(es) on {where} ({ranks}) do not see the file process 0 "
                           f"wrote in {seen[0][1]['out_dir']} (on {seen[0][2]}): the run folder must lie on a "
                           "filesystem every node shares")
-    ours = seen[0][1]
+    # Tracking is process 0's alone, and a repeat's parent run is made there only.
+    ours = {k: v for k, v in seen[0][1].items() if not k.startswith("tracking.")}
     for rank, (_, theirs, host) in enumerate(seen[1:], 1):
+        theirs = {k: v for k, v in theirs.items() if not k.startswith("tracking.")}
         key = next((k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)), None)
         if key:
             raise ConfigError(f"{key}: process {rank} (on {host}) was given {theirs.get(key)!r}, process 0 "

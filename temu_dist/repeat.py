@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
 import statistics
 import sys
 from pathlib import Path
@@ -25,7 +27,7 @@ from accelerate import PartialState
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import Config, ConfigError, load_config
 from temu_dist.tracking import config_params, config_tags, finish_run, parent_run, tracking_uri
-from temu_dist.train import NonFiniteLoss, check_data, train
+from temu_dist.train import NonFiniteLoss, Terminated, check_data, terminate, train
 
 METRICS = ("srcc", "plcc", "krcc")
 
@@ -34,7 +36,8 @@ def split_config(config: Config, index: int, parent: str | None = None) -> Confi
     if not config.data.train or "{split}" not in config.data.train:
         raise ConfigError("data.train: must contain {split}, e.g. shards/agiqa3k/split{split}, for repeat")
     data = config.data.model_copy(update={"train": config.data.train.format(split=index)})
-    tracking = config.tracking.model_copy(update={"parent_run_id": parent})
+    tracking = config.tracking.model_copy(update={"parent_run_id": parent, "run_name": config.tracking.run_name and
+                                                  f"{config.tracking.run_name}-split{index}"})
     return config.model_copy(update={"data": data, "name": f"{config.name}-split{index}", "tracking": tracking})
 
 
@@ -60,12 +63,18 @@ def _differs(a: dict, b: dict) -> bool:
                for m in METRICS for x, y in zip(a[m]["values"], b[m]["values"]))
 
 
+def _is_first_process() -> bool:
+    """Asked before train() has set up the process group, which PartialState() alone would not join on CPU (every
+    process would take itself for the first): the launcher's RANK says."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def repeat(config: Config, splits: int) -> dict:
     if splits < 1:
         raise ConfigError(f"--splits: at least 1, not {splits}")
     for i in range(splits):  # every split's pack, before the first trains for hours
         check_data(split_config(config, i))
-    main = PartialState().is_main_process
+    main = _is_first_process()
     out = Path(config.out_dir) / config.name
     uri = tracking_uri(config.tracking.uri, config.out_dir)
     parent = None
@@ -102,15 +111,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", type=int, default=10)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    says = os.environ.get("LOCAL_RANK", "0") == "0"  # the first process on each node says why it stops
+    before = signal.signal(signal.SIGTERM, terminate)
     try:
         config = load_config(args.config, args.overrides)
         summary = repeat(config, args.splits)
     except (ConfigError, NonFiniteLoss) as e:
-        print(f"repeat: {e}", file=sys.stderr)
+        if says:
+            print(f"repeat: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (scancel)
+        if says:
+            print("\nrepeat: stopped; run the same command again: finished splits are kept, the stopped one goes on "
+                  "from its last checkpoint", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
     finally:
+        signal.signal(signal.SIGTERM, before)
         PartialState().destroy_process_group()
-    if PartialState().is_main_process:
+    if _is_first_process():
         own = {n: m for n, m in summary["sets_own_best"].items() if _differs(m, summary["sets"][n])}
         for name, metrics, at in [*((n, m, "") for n, m in summary["sets"].items()),
                                   *((n, m, " at its own best epochs") for n, m in own.items())]:

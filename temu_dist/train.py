@@ -58,7 +58,8 @@ class Terminated(KeyboardInterrupt):
     the command says how to go on, where the signal's default would end the process on the spot."""
 
 
-def _terminate(signum, frame) -> None:
+def terminate(signum, frame) -> None:
+    """The entry points' SIGTERM handler."""
     raise Terminated
 
 
@@ -656,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every process stops alike: the first on each node says why, in one write, so that two nodes' lines cannot run
     # together.
     says = os.environ.get("LOCAL_RANK", "0") == "0"
-    before = signal.signal(signal.SIGTERM, _terminate)
+    before = signal.signal(signal.SIGTERM, terminate)
     try:
         config = load_config(args.config, args.overrides)
         results = train(config)

@@ -172,10 +172,15 @@ def test_deepspeed_trains_as_one_process_does_on_cpu(shards, one_process, tmp_pa
 def _two_nodes(tmp_path: Path, args: list[list[str]]) -> list[subprocess.CompletedProcess]:
     """Two processes started apart, as two nodes each start their own (RANK 0 and 1, each LOCAL_RANK 0), with args
     of their own: what a job whose nodes were given different commands runs."""
+    import socket
+
+    with socket.socket() as free:  # a port no other test or program holds
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
     procs = []
     for rank, extra in enumerate(args):
         env = dict(_env(tmp_path), RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT="29541")
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen([sys.executable, "-m", "temu_dist.train", *extra], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=300) for p in procs]
@@ -196,6 +201,26 @@ def test_nodes_given_other_settings_or_a_run_folder_not_shared_stop_alike_with_o
     assert all(f"out_dir: 1 process(es) on {os.uname().nodename} (rank 1) do not see the file process 0 wrote in "
                f"{run} " in d.stderr for d in done)
     assert not any(run.iterdir())  # the probe gone, no run folder made
+
+
+def test_repeat_on_two_processes_makes_one_parent_run_and_says_its_results_once(shards, tmp_path):
+    import mlflow
+
+    (tmp_path / "packs").mkdir()
+    (tmp_path / "packs" / "split0").symlink_to(shards)
+    config = tmp_path / "series.yaml"
+    config.write_text("name: rep\n")
+    args = ["--config", str(config), "--splits", "1",
+            *_overrides(str(tmp_path / "packs" / "split{split}"), tmp_path / "runs", "train.epochs=1",
+                        "train.batch_size=4", "name=rep")]
+    done = _launch(2, "temu_dist.repeat", args, tmp_path)
+    assert done.stdout.count("repeat: results in") == 1
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("temu-dist").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("temu.repeat") == "true"]
+    assert [(r.info.run_name, r.info.status) for r in runs if r.data.tags.get("mlflow.parentRunId") ==
+            parent.info.run_id] == [("rep-split0", "FINISHED")]
+    assert parent.info.status == "FINISHED" and len(runs) == 2
 
 
 def test_deepspeed_with_accelerate_told_cpu_is_refused(monkeypatch):
