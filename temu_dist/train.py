@@ -242,16 +242,20 @@ def _better(value: float, than: float | None) -> bool:
     return than is None or (not math.isnan(value) and (math.isnan(than) or value >= than))
 
 
-def own_best(history: list[dict], key_metric: str) -> dict[str, dict]:
+def own_best(history: list[dict], key_metric: str, run_best: dict | None = None) -> dict[str, dict]:
     """Every set at its own best epoch by the key metric's measure (srcc of test/srcc), its other metrics at that
     epoch, as IQA-PyTorch reports each validation set: {set: {srcc, plcc, ..., epoch}}. The key metric's own set is
-    at the run's best epoch; a cross-dataset set may peak at another."""
+    at the run's best epoch (`run_best`, the one the run chose, which a run made before ties went to the later epoch
+    chose otherwise); a cross-dataset set may peak at another."""
     measure = key_metric.split("/")[1]
     best: dict[str, dict] = {}
     for record in history:
         for name, metrics in record["eval"].items():
             if _better(metrics[measure], best[name][measure] if name in best else None):
                 best[name] = {**metrics, "epoch": record["epoch"]}
+    key_set = key_metric.split("/")[0]
+    if run_best is not None and key_set in run_best["eval"]:
+        best[key_set] = {**run_best["eval"][key_set], "epoch": run_best["epoch"]}
     return best
 
 
@@ -603,7 +607,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         raise
     summary = {"run_dir": str(run_dir), "processes": plan.world_size, "key_metric": config.train.key_metric,
                "best_epoch": run.best["epoch"], "best": run.best["eval"],
-               "own_best": own_best(run.history, config.train.key_metric), "history": run.history,
+               "own_best": own_best(run.history, config.train.key_metric, run.best), "history": run.history,
                "mlflow_run_id": tracker.run_id}
     # A run that had finished before this call (repeat goes through its splits again) wrote its results then, and
     # logged them if its MLflow run has the best_epoch tag, which is set last.

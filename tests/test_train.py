@@ -476,6 +476,9 @@ def test_each_set_is_reported_at_its_own_best_epoch_where_a_nan_never_wins():
     assert got["late"]["epoch"] == 4 and math.isnan(got["late"]["srcc"])  # only NaN: its one epoch
     # By PLCC when that is the key metric's measure.
     assert own_best(history, "test/plcc")["livec"]["epoch"] == 3
+    # The key metric's set at the epoch the run chose: a run made when ties went to the earlier epoch chose 2.
+    chose = {"epoch": 2, "eval": history[1]["eval"]}
+    assert own_best(history, "test/srcc", chose)["test"]["epoch"] == 2
 
 
 def test_repeat_prints_a_set_at_its_own_best_epochs_only_where_that_differs(monkeypatch, capsys):
