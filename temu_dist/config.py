@@ -281,11 +281,11 @@ def _keys(tree: dict, prefix: str = "") -> list[str]:
 
 def settings_label(values: dict[str, Any]) -> str:
     """Settings as a short line (prompt=coop layers=upto:12 lr=0.0001235): each key by its last part where that is
-    unique among them, a float to 4 digits, a path by its last part."""
+    unique among them, a float to 4 digits, a path (data.train, a weights file) by its last part."""
     last = [key.rsplit(".", 1)[-1] for key in values]
     shown = [short if last.count(short) == 1 else key for key, short in zip(values, last)]
-    told = [f"{v:.4g}" if isinstance(v, float) else Path(v).name if isinstance(v, str) and "/" in v else v
-            for v in values.values()]
+    told = [f"{v:.4g}" if isinstance(v, float) else Path(v).name if k in ("data.train", "model.pretrained")
+            and isinstance(v, str) and "/" in v and ":" not in v else v for k, v in values.items()]
     return " ".join(f"{k}={v}" for k, v in zip(shown, told))
 
 

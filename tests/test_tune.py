@@ -105,10 +105,11 @@ def test_search_gives_one_parent_run_and_a_child_run_per_trial(tmp_path, shards,
 
 def test_a_trials_run_name_says_the_values_it_tries():
     params = {"model.prompt": "coop", "model.layers": "upto:12", "train.lr": 0.000123456, "ldg.weight": 0.5,
-              "data.train": "/data/shards/koniq", "model.weight": 1, "ldg.enabled": True}
+              "data.train": "/data/shards/koniq", "model.weight": 1, "ldg.enabled": True,
+              "train.key_metric": "val/srcc", "model.backbone": "hf-hub:org/model"}
     assert trial_label("trial-ab12_00003", params) == (
         "trial-ab12_00003 prompt=coop layers=upto:12 lr=0.0001235 ldg.weight=0.5 train=koniq model.weight=1 "
-        "enabled=True")
+        "enabled=True key_metric=val/srcc backbone=hf-hub:org/model")  # paths alone by their last part
 
 
 def test_a_trial_can_train_on_several_ray_train_processes(tmp_path, shards, ray_tmp):
