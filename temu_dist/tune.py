@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import ValidationError, field_validator
+from ray.tune import Callback
 
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import (Config, ConfigError, Section, apply_overrides, dump, error_line, load_config,
                               metric_key, one_line_error, parse_override, read_yaml, settings_label)
-from temu_dist.tracking import finish_run, flatten, parent_run, tracking_uri
+from temu_dist.tracking import finish_run, flatten, log_artifacts, parent_run, tracking_uri
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 # A Ray Train trial asks for its workers itself; the trial's own process only waits for them (Ray refuses an empty
@@ -378,8 +379,7 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
                                       tracking_uri=uri, parent=parent, resources=res.model_dump())
         target = tune.with_resources(target, {"cpu": res.cpu, "gpu": res.gpu} if res.workers <= 1
                                      else {"cpu": TRIAL_CPU})
-        progress = _progress(search, search_dir, metric, uri, parent)  # a restored search keeps the one it began with
-        if restored:
+        if restored:  # with the callbacks Ray saved with the search
             tuner = tune.Tuner.restore(str(experiment / search.name), target, resume_errored=True)
         else:
             scheduler = ASHAScheduler(time_attr="epoch", max_t=base["train"]["epochs"],
@@ -392,7 +392,8 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
                                             max_concurrent_trials=search.max_concurrent or None),
                 run_config=tune.RunConfig(name=search.name, storage_path=str(experiment),
                                           failure_config=tune.FailureConfig(max_failures=search.max_failures),
-                                          callbacks=[progress], verbose=1))
+                                          callbacks=[SearchProgress(search, search_dir, metric, uri, parent)],
+                                          verbose=1))
         grid = tuner.fit()
         if _stopped(search, grid, restored):
             raise KeyboardInterrupt
@@ -440,8 +441,7 @@ def _stopped(search: SearchConfig, grid, restored: bool) -> bool:
     Some were then never started, or neither finished ("done": returned, or stopped by ASHA) nor failed. A restored
     search started before STARTED was written may have had its space changed since: only the second test holds
     there."""
-    planned = search.num_samples * math.prod(len(values) for spec in search.space.values()
-                                             for kind, values in spec.items() if kind == "grid")
+    planned = _planned(search)
     cut = any(r.error is None and not (r.metrics or {}).get("done") for r in grid)
     return cut or (not restored and len(grid) < planned)
 
@@ -501,49 +501,58 @@ def _draw(search: SearchConfig, search_dir: Path, rows: list[dict], metric: str,
     return [plot(rows, metric, search_dir / name, search.mode, note) for name, plot in _plots(search).items()]
 
 
-def _progress(search: SearchConfig, search_dir: Path, metric: str, uri: str, parent: str | None):
-    """A Ray Tune callback that redraws the search's plots, beside search.json and on the parent MLflow run, each time
-    a trial ends: a search of hours is followed as it goes, not only once it is over."""
-    import pandas as pd
-    from ray.tune import Callback
+class SearchProgress(Callback):
+    """Redraws the search's plots, beside search.json and on the parent MLflow run, each time a trial ends: a search
+    of hours is followed as it goes, not only once it is over. Ray saves it with the search, by reference to this
+    class: a resumed search runs this code, not that of the version that started it."""
 
-    from temu_dist.tracking import log_artifacts
+    def __init__(self, search: SearchConfig, search_dir: Path, metric: str, uri: str, parent: str | None) -> None:
+        self.search, self.search_dir, self.metric, self.uri, self.parent = search, search_dir, metric, uri, parent
+        self.ended: set[str] = set()
 
-    def history(trial) -> pd.DataFrame | None:
-        # What Ray's own CSV logger wrote of the trial's reports, in the driver: the ResultGrid's source too.
-        path = Path(trial.local_path or "", "progress.csv")
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._redraw(trials, trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._redraw(trials, trial)
+
+    def _redraw(self, trials, trial) -> None:
         try:
-            return pd.read_csv(path)
-        except (OSError, ValueError):
-            return None
-
-    class Progress(Callback):
-        def __init__(self) -> None:
-            self.ended: set[str] = set()
-
-        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            self._redraw(trials, trial)
-
-        def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            self._redraw(trials, trial)
-
-        def _redraw(self, trials, trial) -> None:
             self.ended.add(trial.trial_id)
             # Trials that ended before a resume are restored as such.
             ended = [t for t in trials if t.trial_id in self.ended or t.status in ("TERMINATED", "ERROR")]
-            rows = [_row(search, metric, t.trial_id, t.config, history(t), t.last_result.get("epoch"), None)
-                    for t in ended]
+            rows = [_row(self.search, self.metric, t.trial_id, t.config, _history(t), t.last_result.get("epoch"),
+                         None) for t in ended]
             if not any(r["best"] is not None for r in rows):
                 return
-            try:
-                plots = _draw(search, search_dir, rows, metric, f"{len(ended)} of {len(trials)} trials ended")
-            except Exception as e:  # noqa: BLE001 - a plot must not stop the search; the final one is drawn again
-                warnings.warn(f"tune: could not draw the search's plots so far ({error_line(e)})", stacklevel=2)
-                return
-            if parent is not None:
-                log_artifacts(uri, parent, plots)
+            # Ray makes a grid's trials as it goes: the planned number, not those made so far.
+            note = f"{len(ended)} of {max(_planned(self.search), len(trials))} trials ended"
+            plots = _draw(self.search, self.search_dir, rows, self.metric, note)
+            if self.parent is not None:
+                log_artifacts(self.uri, self.parent, plots)
+        except Exception as e:  # noqa: BLE001 - a plot must not stop the search; the final ones are drawn anyway
+            warnings.warn(f"tune: could not draw the search's plots so far ({error_line(e)})", stacklevel=2)
 
-    return Progress()
+
+def _history(trial) -> Any:
+    """What Ray's CSV logger wrote of a trial's reports (the ResultGrid's source too): in this session's staging
+    folder, or, for a trial that ended before a resume, in the search's own."""
+    import pandas as pd
+
+    for folder in (trial.local_path, trial.path):
+        path = Path(folder or "", "progress.csv")
+        if folder and path.is_file():
+            try:
+                return pd.read_csv(path)
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def _planned(search: SearchConfig) -> int:
+    """The trials a search makes: its samples times the grid's points."""
+    return search.num_samples * math.prod(len(values) for spec in search.space.values()
+                                          for kind, values in spec.items() if kind == "grid")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -178,25 +178,30 @@ def test_killed_search_resumes_without_redoing_finished_trials(tmp_path, shards,
     assert len(children) == 2
 
 
-def _trial(tmp_path: Path, trial_id: str, config: dict, reports: list[float] | None, status: str = "RUNNING"):
-    """A Ray Tune trial as the driver's callbacks see it, with what Ray's CSV logger wrote of its reports."""
-    folder = tmp_path / "ray" / trial_id
-    folder.mkdir(parents=True)
+def _trial(tmp_path: Path, trial_id: str, config: dict, reports: list[float] | None, status: str = "RUNNING",
+           restored: bool = False):
+    """A Ray Tune trial as the driver's callbacks see it, with what Ray's CSV logger wrote of its reports: in this
+    session's staging folder, or, for one that ended before a resume, in the search's own folder only."""
+    staging, stored = tmp_path / "session" / trial_id, tmp_path / "ray" / trial_id
+    for folder in (staging, stored):
+        folder.mkdir(parents=True)
     if reports is not None:
-        (folder / "progress.csv").write_text("epoch,test/srcc,trial_id\n" + "".join(
-            f"{epoch},{value},{trial_id}\n" for epoch, value in enumerate(reports, 1)))
-    return SimpleNamespace(trial_id=trial_id, config=config, status=status, local_path=str(folder),
-                           last_result={"epoch": len(reports)} if reports else {})
+        (stored if restored else staging).joinpath("progress.csv").write_text(
+            "epoch,test/srcc,trial_id\n" + "".join(f"{epoch},{value},{trial_id}\n"
+                                                  for epoch, value in enumerate(reports, 1)))
+    return SimpleNamespace(trial_id=trial_id, config=config, status=status, local_path=str(staging),
+                           path=str(stored), last_result={"epoch": len(reports)} if reports else {})
 
 
 def test_the_search_plots_are_redrawn_and_logged_to_its_parent_run_each_time_a_trial_ends(tmp_path, monkeypatch):
-    from ray import cloudpickle
+    import pickle
 
     from temu_dist import plots
     from temu_dist.tracking import parent_run
 
     search = tune_cli.SearchConfig(base="base.yaml", space={"model.prompt": {"grid": ["none", "coop"]},
-                                                            "model.layers": {"grid": ["all", "upto:3"]}})
+                                                            "model.layers": {"grid": ["all", "upto:3"]}},
+                                   num_samples=1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = parent_run(uri, "temu-dist", "search", tmp_path / "parent_id", {}, {}, "search")
     drawn = []
@@ -204,18 +209,19 @@ def test_the_search_plots_are_redrawn_and_logged_to_its_parent_run_each_time_a_t
     monkeypatch.setattr(plots, "prompt_table", lambda rows, *args: drawn.append((rows, args[-1])) or real(rows, *args))
     a = _trial(tmp_path, "a", {"model.prompt": "coop", "model.layers": "all"}, [math.nan, 0.4, 0.3])
     b = _trial(tmp_path, "b", {"model.prompt": "none", "model.layers": "upto:3"}, None)
-    c = _trial(tmp_path, "c", {"model.prompt": "none", "model.layers": "all"}, [0.2], status="TERMINATED")
+    c = _trial(tmp_path, "c", {"model.prompt": "none", "model.layers": "all"}, [0.2], "TERMINATED", restored=True)
     d = _trial(tmp_path, "d", {"model.prompt": "coop", "model.layers": "upto:3"}, [0.1])
-    callback = tune_cli._progress(search, tmp_path, "test/srcc", uri, parent)
+    callback = tune_cli.SearchProgress(search, tmp_path, "test/srcc", uri, parent)
     callback.on_trial_error(iteration=1, trials=[b], trial=b)  # no result yet: nothing to draw
     assert not (tmp_path / "prompt_table.png").exists() and not drawn
-    # As Ray saves it with the search and a resumed search gets it back: c ended before the resume.
-    callback = cloudpickle.loads(cloudpickle.dumps(callback))
-    callback.on_trial_complete(iteration=2, trials=[a, b, c, d], trial=a)
+    # As Ray saves it with the search, by reference to the class (plain pickle refuses a class made in a function);
+    # c ended before the resume.
+    callback = pickle.loads(pickle.dumps(callback))
+    callback.on_trial_complete(iteration=2, trials=[a, b, c], trial=a)
     rows, note = drawn[-1]
     assert [(r["trial"], r["model.prompt"], r["best"], r["epochs"]) for r in rows] == [
         ("trial-a", "coop", 0.4, 3), ("trial-b", "none", None, None), ("trial-c", "none", 0.2, 1)]  # NaN left out
-    assert note == "3 of 4 trials ended"  # d still runs
+    assert note == "3 of 4 trials ended"  # of the 4 planned, though Ray has made 3 so far
     client = mlflow.MlflowClient(uri)
     assert {f.path for f in client.list_artifacts(parent)} == {"prompt_table.png", "layer_study.png"}
     assert client.get_run(parent).info.status == "RUNNING"
@@ -224,6 +230,10 @@ def test_the_search_plots_are_redrawn_and_logged_to_its_parent_run_each_time_a_t
     assert [r["trial"] for r in drawn[-1][0]] == ["trial-a", "trial-b", "trial-c", "trial-d"] and drawn[-1][1] == \
         "4 of 4 trials ended"
     assert (tmp_path / "layer_study.png").read_bytes() != before
+    # A plot that fails is a warning: the search goes on.
+    monkeypatch.setattr(plots, "prompt_table", lambda *args: 1 / 0)
+    with pytest.warns(UserWarning, match=r"could not draw the search's plots so far \(ZeroDivisionError"):
+        callback.on_trial_complete(iteration=4, trials=[a, b, c, d], trial=d)
 
 
 @pytest.fixture
