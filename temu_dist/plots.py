@@ -177,9 +177,9 @@ def layer_study(rows: list[dict], metric: str, path: str | Path, mode: str = "ma
 
 
 def results_grid(rows: list[str], columns: list[str], values: list[list[float]], metric: str,
-                 path: str | Path) -> Path:
+                 path: str | Path, note: str = "") -> Path:
     """Runs against evaluation sets, each cell coloured by its `metric` and printed in it (a missing one blank): a
-    cross-dataset table (seed Table 8) read at a glance."""
+    cross-dataset table (seed Table 8) read at a glance; `note` says under the title how the values were taken."""
     grid = np.array(values, dtype=float)
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(columns) + 0.06 * max(map(len, rows)), 0.9 + 0.45 * len(rows)),
                            dpi=110)
@@ -193,5 +193,5 @@ def results_grid(rows: list[str], columns: list[str], values: list[list[float]],
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
     fig.colorbar(image, ax=ax, label=metric)
-    ax.set_title(f"{metric} per evaluation set")
+    ax.set_title(f"{metric} per evaluation set" + (f"\n{note}" if note else ""), fontsize=10)
     return _save(fig, path)

@@ -6,8 +6,9 @@ SRCC / PLCC in each cell (the seed's Tables 5-13).
     python -m temu_dist.report runs/table5-clive-prompts                 # a search: a row per trial
     python -m temu_dist.report runs/table8-* --out table8.md --plot table8.png    # .csv for a spreadsheet
 
-A folder is a finished run (results.json), a finished repeat series (repeat.json), a search (its finished trials) or
-a folder of them (out_dir); a series' own split runs are left out where the series is there too. Rows are labelled by
+A folder is a finished run (results.json), a finished repeat series (repeat.json), a search (its trials, finished or
+stopped early, running or done) or a folder of them (out_dir); a series' own split runs are left out where the series
+is there too, and what is left out is said. Rows are labelled by
 the config keys whose values differ between them (the training set, model.variant, model.layers, ...). A run's own
 splits are named after the dataset it trained on, so that runs trained on different sets line up with each other's
 cross-dataset columns. Each set is taken at its own best epoch, as IQA-PyTorch reports it (--each-at key: every set
@@ -21,12 +22,14 @@ import io
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from temu_dist.atomic import write_text_atomic
-from temu_dist.config import ConfigError, read_yaml, settings_label
-from temu_dist.data.manifest import MANIFEST, dataset_of
+from temu_dist.checkpoint import TRAINER_INFO
+from temu_dist.config import ConfigError, dump, load_config, read_yaml, settings_label
+from temu_dist.data.manifest import dataset_name
+from temu_dist.model.io import with_legacy_fields
 from temu_dist.tracking import flatten
 
 METRICS = ("srcc", "plcc", "krcc")
@@ -43,6 +46,8 @@ class Row:
     # column -> metric -> (value, standard deviation over a series' splits or None)
     cells: dict[str, dict[str, tuple[float, float | None]]]
     splits: int | None = None  # a series' number of splits
+    counts: dict[str, int] = field(default_factory=dict)  # column -> samples scored (a run's)
+    stopped: str = ""  # a search's trial stopped before its last epoch: when
 
 
 def _read_json(path: Path) -> dict:
@@ -53,29 +58,30 @@ def _read_json(path: Path) -> dict:
 
 
 def _config(run: Path) -> dict:
+    """The run's resolved config, with the keys added since an older version wrote it at their defaults (else they
+    would read as settings that differ)."""
     path = run / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path} not found: the run's config, which train writes beside results.json")
-    return flatten(read_yaml(path, "run config"))
-
-
-def _dataset(config: dict) -> str:
-    """The dataset a run trained on: its pack's manifest says, else the pack folder's name."""
-    train = config.get("data.train") or ""
+    saved = read_yaml(path, "run config")
     try:
-        return json.loads((Path(train) / MANIFEST).read_text())["dataset"]
-    except (OSError, ValueError, KeyError, TypeError):
-        guess = dataset_of(Path(train))
-        return guess if guess != "NAME" else Path(train).name or "train"
+        return flatten(dump(load_config(None, (), base=with_legacy_fields(saved))))
+    except ConfigError:  # a key since renamed or removed: as saved
+        return flatten(saved)
+
+
+def _value(v: float | None) -> float:
+    return math.nan if v is None else float(v)  # results.json writes an undefined metric as null
 
 
 def _columns(sets: dict, config: dict) -> dict:
-    """The run's own splits (test, val) named after its dataset (koniq10k, koniq10k val), unless a cross-dataset set
-    of the run already has that name."""
-    own, dataset = config.get("eval.splits") or [], _dataset(config)
+    """The run's own splits (test, val, and their LDG copies) named after its dataset (koniq10k, koniq10k val,
+    koniq10k-ldg), unless a cross-dataset set of the run already has that name."""
+    own, dataset = config.get("eval.splits") or [], dataset_name(config.get("data.train"))
     named = {}
     for name, value in sets.items():
-        column = (dataset if name == "test" else f"{dataset} {name}") if name in own else name
+        split, ldg = name.removesuffix("-ldg"), "-ldg" if name.endswith("-ldg") else ""
+        column = (dataset if split == "test" else f"{dataset} {split}") + ldg if split in own else name
         named[column if column not in sets else name] = value
     return named
 
@@ -87,9 +93,25 @@ def read_run(folder: Path, each_at: str) -> Row:
     if key not in results:
         raise ConfigError(f"{path}: no own_best, as results were written before it: run the run's train command "
                           "again, which adds it without training, or use --each-at key")
-    cells = {name: {m: (float(values[m]), None) for m in METRICS if m in values}
-             for name, values in results[key].items()}
-    return Row(folder, config, _columns(cells, config))
+    return _row(folder, config, results[key])
+
+
+def _row(folder: Path, config: dict, sets: dict, stopped: str = "") -> Row:
+    cells = {name: {m: (_value(values[m]), None) for m in METRICS if m in values} for name, values in sets.items()}
+    counts = {name: values["count"] for name, values in sets.items() if "count" in values}
+    return Row(folder, config, _columns(cells, config), counts=_columns(counts, config), stopped=stopped)
+
+
+def read_stopped_trial(folder: Path, each_at: str) -> Row:
+    """A search's trial stopped before its last epoch (by ASHA, or with the search): its best so far, from its last
+    checkpoint, which says after which epoch."""
+    from temu_dist.train import own_best  # torch: only for such a trial
+
+    info = _read_json(folder / "checkpoints" / "last" / TRAINER_INFO)
+    config = _config(folder)
+    best = info["best"]
+    sets = own_best(info["history"], config["train.key_metric"], best) if each_at == "own" else best["eval"]
+    return _row(folder, config, sets, f"stopped after epoch {info['next_epoch']} of {config['train.epochs']}")
 
 
 def read_series(folder: Path, each_at: str) -> Row:
@@ -101,32 +123,64 @@ def read_series(folder: Path, each_at: str) -> Row:
                           "adds them without training")
     # The split runs are the series' siblings (out_dir/NAME-splitI); their configs differ in data.train alone.
     config = _config(folder.parent / Path(summary["runs"][0]).name)
-    cells = {name: {m: (float(v["mean"]), float(v["std"])) for m, v in values.items()}
-             for name, values in summary[key].items()}
+    cells = {name: {m: (_value(v["mean"]), _value(v["std"]) if summary["splits"] > 1 else None)
+                    for m, v in values.items()} for name, values in summary[key].items()}
     return Row(folder, config, _columns(cells, config), summary["splits"])
 
 
+def _is_search(folder: Path) -> bool:
+    """A Ray Tune search, finished (search.json) or not (its trials' folder)."""
+    return (folder / "search.json").is_file() or (folder / "trials").is_dir()
+
+
+def _trials(search: Path) -> tuple[list[Path], list[Path]]:
+    """A search's trials: those finished, and those stopped before their last epoch with a checkpoint to show."""
+    trials = sorted(p for p in (search / "trials").glob("*") if p.is_dir())
+    return ([t for t in trials if (t / "results.json").is_file()],
+            [t for t in trials if not (t / "results.json").is_file()
+             and (t / "checkpoints" / "last" / TRAINER_INFO).is_file()])
+
+
 def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
-    """The rows of the given folders, in order; a folder of runs stands for those in it."""
-    found: list[Path] = []
+    """The rows of the given folders, in order; a folder of runs stands for the runs, series and searches in it.
+    What is left out of a folder of runs (unfinished runs, a series' split runs) is said on stderr."""
+    finished: list[Path] = []
+    stopped: list[Path] = []
+    left_out: list[str] = []
     for folder in map(Path, folders):
         if (folder / "results.json").is_file() or (folder / "repeat.json").is_file():
-            found.append(folder)
-        elif (folder / "search.json").is_file():  # a Ray Tune search: its finished trials
-            found += sorted(p.parent for p in folder.glob("trials/*/results.json"))
-        elif folder.is_dir() and (inside := sorted(p.parent for p in [*folder.glob("*/results.json"),
-                                                                      *folder.glob("*/repeat.json")])):
-            found += inside
+            finished.append(folder)
+        elif _is_search(folder):
+            done, cut = _trials(folder)
+            finished, stopped = finished + done, stopped + cut
         elif (folder / "checkpoints").is_dir():
             raise ConfigError(f"{folder}: has not finished (no results.json): rerun its train command to go on")
+        elif folder.is_dir() and (inside := sorted(p for p in folder.iterdir() if p.is_dir() and (
+                (p / "results.json").is_file() or (p / "repeat.json").is_file() or _is_search(p)
+                or (p / "checkpoints").is_dir()))):
+            for sub in inside:
+                if _is_search(sub):
+                    done, cut = _trials(sub)
+                    finished, stopped = finished + done, stopped + cut
+                elif (sub / "results.json").is_file() or (sub / "repeat.json").is_file():
+                    finished.append(sub)
+                else:
+                    left_out.append(f"{sub.name} (not finished)")
         else:
-            raise ConfigError(f"{folder}: no results.json (a finished run) or repeat.json (a finished repeat series) "
-                              "in it or in its subfolders")
+            raise ConfigError(f"{folder}: no results.json (a finished run), repeat.json (a finished repeat series) "
+                              "or search in it or in its subfolders")
     rows = [read_series(f, each_at) if (f / "repeat.json").is_file() else read_run(f, each_at)
-            for f in dict.fromkeys(found)]
-    in_series = {(r.folder.parent / Path(run).name).resolve() for r in rows if r.splits
+            for f in dict.fromkeys(finished)] + [read_stopped_trial(f, each_at) for f in dict.fromkeys(stopped)]
+    in_series = {(r.folder.parent / Path(run).name).resolve(): r.folder.name for r in rows if r.splits
                  for run in _read_json(r.folder / "repeat.json")["runs"]}
-    return [r for r in rows if r.folder.resolve() not in in_series]
+    left_out += [f"{r.folder.name} (a split of the series {in_series[r.folder.resolve()]}, in its row)"
+                 for r in rows if r.folder.resolve() in in_series]
+    if left_out:
+        print(f"report: left out: {'; '.join(left_out)}", file=sys.stderr)
+    rows = [r for r in rows if r.folder.resolve() not in in_series]
+    if not rows:
+        raise ConfigError(f"{', '.join(map(str, folders))}: no finished run, series or trial to report")
+    return rows
 
 
 def labels(rows: list[Row]) -> list[str]:
@@ -134,12 +188,15 @@ def labels(rows: list[Row]) -> list[str]:
     where none do or two rows would read alike."""
     keys = sorted({k for r in rows for k in r.config if not k.startswith(NOT_SETTINGS)},
                   key=lambda k: (k != "data.train", k))
-    shown = [{("train" if k == "data.train" else k): _dataset(r.config) if k == "data.train" else r.config.get(k)
-              for k in keys} for r in rows]
+    shown = [{("train" if k == "data.train" else k): dataset_name(r.config.get(k)) if k == "data.train"
+              else r.config.get(k) for k in keys} for r in rows]
     differ = [k for k in shown[0] if len({json.dumps(s[k], default=str) for s in shown}) > 1] if rows else []
     said = [settings_label({k: s[k] for k in differ}) for s in shown]
-    return [(f"{label} ({r.folder.name})" if said.count(label) > 1 else label) if label else r.folder.name
-            for label, r in zip(said, rows)]
+    named = [(f"{label} ({r.folder.name})" if said.count(label) > 1 else label) if label else r.folder.name
+             for label, r in zip(said, rows)]
+    return [name + (f" ({r.splits} split{'s' * (r.splits != 1)})" if r.splits else "")
+            + (f" [{r.stopped}]" if r.stopped else "")
+            for name, r in zip(named, rows)]
 
 
 def columns(rows: list[Row]) -> list[str]:
@@ -166,13 +223,15 @@ def markdown(rows: list[Row], metrics: tuple[str, ...], each_at: str) -> str:
             top = len(rows) > 1 and c in row.cells and row.cells[c].get(metrics[0], (None,))[0] == best[c]
             cells.append(" / ".join([f"**{values[0]}**" if top else values[0], *values[1:]]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    series = sorted({r.splits for r in rows if r.splits})
-    at = "each set at its own best epoch (IQA-PyTorch's way)" if each_at == "own" else \
-        "every set at the epoch the key metric chose (the weights in checkpoints/best)"
     lines.append("")
-    lines.append(f"{' / '.join(m.upper() for m in metrics)}; {at}" + (
-        f"; mean±sd (sample, n-1) over {'/'.join(map(str, series))} splits for a repeat series" if series else ""))
+    lines.append(f"{' / '.join(m.upper() for m in metrics)}; {_at(each_at)}" + (
+        "; a repeat series: mean±sd (sample, n-1) over its splits" if any(r.splits for r in rows) else ""))
     return "\n".join(lines) + "\n"
+
+
+def _at(each_at: str) -> str:
+    return "each set at its own best epoch (IQA-PyTorch's way)" if each_at == "own" else \
+        "every set at the epoch the key metric chose (the weights in checkpoints/best)"
 
 
 def table_csv(rows: list[Row], metrics: tuple[str, ...]) -> str:
@@ -180,11 +239,16 @@ def table_csv(rows: list[Row], metrics: tuple[str, ...]) -> str:
     cols = columns(rows)
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["run", "folder", "splits", *(f"{c}/{m}{s}" for c in cols for m in metrics for s in ("", "_sd"))])
+    writer.writerow(["run", "folder", "splits", *(name for c in cols for name in (
+        *(f"{c}/{m}{s}" for m in metrics for s in ("", "_sd")), f"{c}/count"))])
     for name, row in zip(labels(rows), rows):
-        values = [row.cells.get(c, {}).get(m) or ("", None) for c in cols for m in metrics]
-        writer.writerow([name, str(row.folder), row.splits or "",
-                         *(x for mean, sd in values for x in (mean, "" if sd is None else sd))])
+        values = []
+        for c in cols:
+            for m in metrics:
+                mean, sd = row.cells.get(c, {}).get(m) or ("", None)
+                values += [mean, "" if sd is None else sd]
+            values.append(row.counts.get(c, ""))  # the samples a run's set scored: which set a column holds
+        writer.writerow([name, str(row.folder), row.splits or "", *values])
     return out.getvalue()
 
 
@@ -200,8 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     metrics = tuple(args.metrics)
     try:
-        if args.out and Path(args.out).suffix not in (".md", ".csv"):
-            raise ConfigError(f"--out {args.out}: a .md or .csv file")
+        for flag, path, suffixes in (("--out", args.out, (".md", ".csv")), ("--plot", args.plot, (".png",))):
+            if path and Path(path).suffix not in suffixes:
+                raise ConfigError(f"{flag} {path}: a {' or '.join(suffixes)} file")
+            if path and not Path(path).resolve().parent.is_dir():
+                raise ConfigError(f"{flag} {path}: no folder {Path(path).resolve().parent}")
         rows = collect(args.folders, args.each_at)
     except ConfigError as e:
         print(f"report: {e}", file=sys.stderr)
@@ -216,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cols = columns(rows)
         values = [[r.cells.get(c, {}).get(metrics[0], (math.nan, None))[0] for c in cols] for r in rows]
-        results_grid(labels(rows), cols, values, metrics[0].upper(), args.plot)
+        results_grid(labels(rows), cols, values, metrics[0].upper(), args.plot, _at(args.each_at))
         print(f"report: plot in {args.plot}")
     return 0
 

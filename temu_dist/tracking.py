@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from temu_dist.atomic import write_text_atomic
-from temu_dist.config import Config, ConfigError, dump, error_line
-from temu_dist.data.manifest import read_manifest
+from temu_dist.config import Config, dump, error_line
+from temu_dist.data.manifest import dataset_name
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # The user's store, read before anything runs: mlflow.set_tracking_uri writes this variable, and a later run in the
@@ -169,17 +169,8 @@ def config_tags(config: Config) -> dict[str, str]:
     """What the UI's run list tells runs apart by: the training pack's dataset (its manifest's name, else the path),
     variant, prompt, layers, backbone."""
     m = config.model
-    return {"dataset": _dataset(config.data.train), "variant": m.variant, "prompt": m.prompt, "layers": m.layers,
+    return {"dataset": dataset_name(config.data.train), "variant": m.variant, "prompt": m.prompt, "layers": m.layers,
             "backbone": m.backbone}
-
-
-def _dataset(train: str | None) -> str:
-    if not train:
-        return ""
-    try:
-        return str(read_manifest(train.replace("{split}", "0"))["dataset"])  # a series' packs: one dataset
-    except (ConfigError, KeyError):
-        return train
 
 
 def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict[str, Any], tags: dict[str, str],

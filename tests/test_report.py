@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import math
 import shutil
 
 import pytest
@@ -69,7 +70,7 @@ def test_runs_line_up_as_a_cross_dataset_table_with_their_own_split_named_after_
     assert out[5].startswith("SRCC; every set at the epoch the key metric chose")
 
 
-def test_a_series_is_its_mean_and_sd_and_its_split_runs_are_left_out(finished, tmp_path):
+def test_a_series_is_its_mean_and_sd_and_its_split_runs_are_left_out(finished, tmp_path, capsys):
     for i, srcc in enumerate((0.5, 0.7)):
         _copy(finished, tmp_path / f"rep-split{i}", {}, {"own_best": {"test": {"srcc": srcc}}})
     (tmp_path / "rep").mkdir()
@@ -77,27 +78,63 @@ def test_a_series_is_its_mean_and_sd_and_its_split_runs_are_left_out(finished, t
         "splits": 2, "runs": [str(tmp_path / f"rep-split{i}") for i in range(2)],
         "sets": {"test": {"srcc": {"mean": 0.6, "std": 0.0, "n": 2}}},
         "sets_own_best": {"test": {"srcc": {"mean": 0.6, "std": 0.1414, "n": 2}}}}))
-    rows = report.collect([tmp_path])  # the out_dir: the series and its two split runs
+    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
+    rows = report.collect([tmp_path])  # the out_dir: the series, its two split runs, an unfinished run
+    assert capsys.readouterr().err == "report: left out: cut (not finished); rep-split0 (a split of the series rep, " \
+                                      "in its row); rep-split1 (a split of the series rep, in its row)\n"
     assert [r.folder.name for r in rows] == ["rep"]
     assert rows[0].cells == {"kadid10k": {"srcc": (0.6, 0.1414)}}
     text = report.markdown(rows, ("srcc",), "own")
-    assert "| rep | 0.6000±0.1414 |" in text and "mean±sd (sample, n-1) over 2 splits" in text
+    assert "| rep (2 splits) | 0.6000±0.1414 |" in text and "a repeat series: mean±sd (sample, n-1)" in text
     table = report.table_csv(report.collect([tmp_path / "rep"], "key"), ("srcc",))
     assert list(csv.DictReader(io.StringIO(table)))[0]["kadid10k/srcc_sd"] == "0.0"  # an sd of 0 is a value
+    # One split has no spread; a metric undefined in every split (null in repeat.json) is nan, not a crash.
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "repeat.json").write_text(json.dumps({
+        "splits": 1, "runs": [str(tmp_path / "rep-split0")],
+        "sets_own_best": {"test": {"srcc": {"mean": 0.5, "std": 0.0, "n": 1}, "plcc": {"mean": None, "std": None,
+                                                                                       "n": 0}}}}))
+    assert "| one (1 split) | 0.5000 / nan |" in report.markdown(report.collect([tmp_path / "one"]), ("srcc", "plcc"),
+                                                                  "own")
 
 
-def test_a_search_is_a_row_per_finished_trial_labelled_by_what_it_tried(finished, tmp_path):
+def test_a_search_is_a_row_per_trial_labelled_by_what_it_tried_with_those_stopped_early_marked(finished, tmp_path):
     search = tmp_path / "prompts"
-    (search / "trials").mkdir(parents=True)
-    (search / "search.json").write_text("{}")
+    (search / "trials").mkdir(parents=True)  # still running: no search.json yet
     for prompt in ("none", "coop"):
         _copy(finished, search / "trials" / f"trial-{prompt}", {"model.prompt": prompt}, {})
-    (search / "trials" / "trial-cut" / "checkpoints").mkdir(parents=True)  # stopped before it finished
-    rows = report.collect([search])
-    assert report.labels(rows) == ["prompt=coop", "prompt=none"]
+    # Stopped by ASHA after its first epoch: its best so far, from its last checkpoint.
+    cut = _copy(finished, search / "trials" / "trial-cut", {"model.prompt": "cocoop"}, {})
+    (cut / "results.json").unlink()
+    info = json.loads((cut / "checkpoints" / "last" / "trainer.json").read_text())
+    info.update(next_epoch=1, history=info["history"][:1])
+    (cut / "checkpoints" / "last" / "trainer.json").write_text(json.dumps(info))
+    (search / "trials" / "trial-new").mkdir()  # not started: no row
+    rows = report.collect([tmp_path])  # a folder holding the search
+    assert report.labels(rows) == ["prompt=coop", "prompt=none", "prompt=cocoop [stopped after epoch 1 of 2]"]
+    assert rows[2].cells["kadid10k"]["srcc"][0] == info["history"][0]["eval"]["test"]["srcc"]
     # Alike but for a setting the table does not show: told apart by their folders.
     twin = _copy(finished, tmp_path / "koniq-I-again", {"data.workers": 4}, {})
     assert report.labels(report.collect([finished, twin])) == ["koniq-I", "koniq-I-again"]
+    # A key an older version did not write reads as its default, not as a setting that differs.
+    old = _copy(finished, tmp_path / "old", {"model.variant": "S"}, {})
+    saved = yaml.safe_load((old / "config.yaml").read_text())
+    del saved["model"]["layer_norm"]
+    (old / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert report.labels(report.collect([finished, old])) == ["variant=I", "variant=S"]
+
+
+def test_undefined_metrics_and_ldg_copies_take_their_places(finished, tmp_path):
+    # SRCC over constant scores is undefined: results.json says null.
+    run = _copy(finished, tmp_path / "constant", {"eval.ldg": True}, {})
+    results = json.loads((run / "results.json").read_text())
+    results["own_best"]["test-ldg"] = {**results["own_best"]["test"], "srcc": None}
+    results["own_best"]["csiq-ldg"] = results["own_best"]["csiq"]
+    (run / "results.json").write_text(json.dumps(results))
+    (row,) = report.collect([run])
+    assert list(row.cells) == ["kadid10k", "csiq", "kadid10k-ldg", "csiq-ldg"]  # its own split's LDG copy named too
+    assert math.isnan(row.cells["kadid10k-ldg"]["srcc"][0])
+    assert "| nan / " in report.markdown([row, *report.collect([finished])], ("srcc", "plcc"), "own")
 
 
 def test_what_is_not_a_finished_run_is_one_line_naming_it(finished, tmp_path, capsys):
@@ -107,7 +144,11 @@ def test_what_is_not_a_finished_run_is_one_line_naming_it(finished, tmp_path, ca
     assert capsys.readouterr().err == f"report: {unfinished}: has not finished (no results.json): rerun its train " \
                                       "command to go on\n"
     assert report.main([str(tmp_path / "nothing")]) == 1
-    assert "no results.json (a finished run) or repeat.json" in capsys.readouterr().err
+    assert "no results.json (a finished run), repeat.json (a finished repeat series) or search" in \
+        capsys.readouterr().err
+    (tmp_path / "empty" / "trials").mkdir(parents=True)
+    assert report.main([str(tmp_path / "empty")]) == 1
+    assert capsys.readouterr().err.endswith("empty: no finished run, series or trial to report\n")
     old = shutil.copytree(finished, tmp_path / "old")
     results = json.loads((old / "results.json").read_text())
     del results["own_best"]
@@ -115,5 +156,8 @@ def test_what_is_not_a_finished_run_is_one_line_naming_it(finished, tmp_path, ca
     assert report.main([str(old)]) == 1
     assert capsys.readouterr().err.startswith(f"report: {old / 'results.json'}: no own_best")
     assert report.main([str(old), "--each-at", "key"]) == 0
-    assert report.main([str(finished), "--out", str(tmp_path / "t.txt")]) == 1
-    assert capsys.readouterr().err.endswith("--out " + str(tmp_path / "t.txt") + ": a .md or .csv file\n")
+    for flag, path, said in (("--out", "t.txt", "a .md or .csv file"), ("--plot", "t.jpg", "a .png file"),
+                             ("--out", "no/t.md", f"no folder {tmp_path / 'no'}")):
+        capsys.readouterr()
+        assert report.main([str(finished), flag, str(tmp_path / path)]) == 1
+        assert capsys.readouterr() == ("", f"report: {flag} {tmp_path / path}: {said}\n")  # before any table

@@ -79,6 +79,19 @@ def _pack_command(folder: Path) -> str:
 ALIASES = {"clive": "livec", "livechallenge": "livec", "liveitw": "livec", "livefb": "flive", "paq2piq": "flive"}
 
 
+def dataset_name(train: str | None) -> str:
+    """The dataset a training pack holds (a series' packs, data.train with {split}: the first's), as its manifest
+    says; else as its folder's name suggests; else that name."""
+    if not train:
+        return ""
+    folder = Path(train.replace("{split}", "0"))
+    try:
+        return str(json.loads((folder / MANIFEST).read_text())["dataset"])
+    except (OSError, ValueError, KeyError, TypeError):
+        guess = dataset_of(folder)
+        return guess if guess != "NAME" else folder.name
+
+
 def dataset_of(folder: Path) -> str:
     """The dataset a pack folder's name, or its parent's, points at (shards/KonIQ-10k, shards/koniq_1024,
     shards/csiq-all, shards/agiqa3k/split3, shards/clive), else NAME."""
