@@ -166,8 +166,8 @@ def config_params(config: Config) -> dict[str, str]:
 
 
 def config_tags(config: Config) -> dict[str, str]:
-    """What the UI's run list tells runs apart by: the training pack's dataset (its manifest's name, else the path),
-    variant, prompt, layers, backbone."""
+    """What the UI's run list tells runs apart by: the training pack's dataset (its manifest's name, else what its
+    folder's name suggests), variant, prompt, layers, backbone."""
     m = config.model
     return {"dataset": dataset_name(config.data.train), "variant": m.variant, "prompt": m.prompt, "layers": m.layers,
             "backbone": m.backbone}
