@@ -8,11 +8,11 @@ SRCC / PLCC in each cell (the seed's Tables 5-13).
 
 A folder is a finished run (results.json), a finished repeat series (repeat.json), a search (its trials, finished or
 stopped early, running or done) or a folder of them (out_dir); a series' own split runs are left out where the series
-is there too, and what is left out is said. Rows are labelled by
-the config keys whose values differ between them (the training set, model.variant, model.layers, ...). A run's own
-splits are named after the dataset it trained on, so that runs trained on different sets line up with each other's
-cross-dataset columns. Each set is taken at its own best epoch, as IQA-PyTorch reports it (--each-at key: every set
-at the key metric's best epoch, that of the weights in checkpoints/best).
+is there too, and what is left out is said. Rows are labelled by the config keys whose values differ between them
+(the training set, model.variant, model.layers, ...). A run's own splits are named after the dataset it trained on,
+so that runs trained on different sets line up with each other's cross-dataset columns. Each set is taken at its
+own best epoch, as IQA-PyTorch reports it (--each-at key: every set at the key metric's best epoch, that of the
+weights in checkpoints/best).
 """
 from __future__ import annotations
 
@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from temu_dist.atomic import write_text_atomic
-from temu_dist.checkpoint import TRAINER_INFO
 from temu_dist.config import ConfigError, dump, load_config, read_yaml, settings_label
 from temu_dist.data.manifest import dataset_name
-from temu_dist.model.io import with_legacy_fields
 from temu_dist.tracking import flatten
 
 METRICS = ("srcc", "plcc", "krcc")
+_TRAINER_INFO = "trainer.json"  # checkpoint.TRAINER_INFO, whose module would bring torch into a table's command
 # Config keys that do not tell runs apart as a paper's rows do: where they ran, how they were tracked or loaded.
 # The evaluation sets are the columns.
 NOT_SETTINGS = ("name", "out_dir", "device", "tracking.", "data.workers", "eval.", "train.resume",
@@ -65,7 +64,7 @@ def _config(run: Path) -> dict:
         raise ConfigError(f"{path} not found: the run's config, which train writes beside results.json")
     saved = read_yaml(path, "run config")
     try:
-        return flatten(dump(load_config(None, (), base=with_legacy_fields(saved))))
+        return flatten(dump(load_config(None, (), base=saved)))
     except ConfigError:  # a key since renamed or removed: as saved
         return flatten(saved)
 
@@ -107,11 +106,20 @@ def read_stopped_trial(folder: Path, each_at: str) -> Row:
     checkpoint, which says after which epoch."""
     from temu_dist.train import own_best  # torch: only for such a trial
 
-    info = _read_json(folder / "checkpoints" / "last" / TRAINER_INFO)
+    info = _read_json(folder / "checkpoints" / "last" / _TRAINER_INFO)
     config = _config(folder)
     best = info["best"]
     sets = own_best(info["history"], config["train.key_metric"], best) if each_at == "own" else best["eval"]
     return _row(folder, config, sets, f"stopped after epoch {info['next_epoch']} of {config['train.epochs']}")
+
+
+def _stopped_with_an_epoch(trial: Path) -> bool:
+    """A trial without results whose last checkpoint holds an evaluated epoch (a checkpoint within its first epoch
+    has none to show)."""
+    try:
+        return bool(json.loads((trial / "checkpoints" / "last" / _TRAINER_INFO).read_text()).get("best"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_series(folder: Path, each_at: str) -> Row:
@@ -137,8 +145,7 @@ def _trials(search: Path) -> tuple[list[Path], list[Path]]:
     """A search's trials: those finished, and those stopped before their last epoch with a checkpoint to show."""
     trials = sorted(p for p in (search / "trials").glob("*") if p.is_dir())
     return ([t for t in trials if (t / "results.json").is_file()],
-            [t for t in trials if not (t / "results.json").is_file()
-             and (t / "checkpoints" / "last" / TRAINER_INFO).is_file()])
+            [t for t in trials if not (t / "results.json").is_file() and _stopped_with_an_epoch(t)])
 
 
 def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:

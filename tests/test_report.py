@@ -110,6 +110,9 @@ def test_a_search_is_a_row_per_trial_labelled_by_what_it_tried_with_those_stoppe
     info.update(next_epoch=1, history=info["history"][:1])
     (cut / "checkpoints" / "last" / "trainer.json").write_text(json.dumps(info))
     (search / "trials" / "trial-new").mkdir()  # not started: no row
+    early = shutil.copytree(cut, search / "trials" / "trial-early")  # checkpointed within its first epoch: no row
+    (early / "checkpoints" / "last" / "trainer.json").write_text(json.dumps({**info, "next_epoch": 0, "history": [],
+                                                                              "best": None}))
     rows = report.collect([tmp_path])  # a folder holding the search
     assert report.labels(rows) == ["prompt=coop", "prompt=none", "prompt=cocoop [stopped after epoch 1 of 2]"]
     assert rows[2].cells["kadid10k"]["srcc"][0] == info["history"][0]["eval"]["test"]["srcc"]
@@ -135,6 +138,12 @@ def test_undefined_metrics_and_ldg_copies_take_their_places(finished, tmp_path):
     assert list(row.cells) == ["kadid10k", "csiq", "kadid10k-ldg", "csiq-ldg"]  # its own split's LDG copy named too
     assert math.isnan(row.cells["kadid10k-ldg"]["srcc"][0])
     assert "| nan / " in report.markdown([row, *report.collect([finished])], ("srcc", "plcc"), "own")
+
+
+def test_report_reads_the_checkpoint_file_train_writes():
+    from temu_dist.checkpoint import TRAINER_INFO
+
+    assert report._TRAINER_INFO == TRAINER_INFO  # kept apart only so that report does not import torch
 
 
 def test_what_is_not_a_finished_run_is_one_line_naming_it(finished, tmp_path, capsys):
