@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from temu_dist.atomic import write_text_atomic
-from temu_dist.config import ConfigError, dump, load_config, read_yaml, settings_label
+from temu_dist.config import ConfigError, dump, error_line, load_config, read_yaml, settings_label
 from temu_dist.data.manifest import dataset_name
 from temu_dist.tracking import flatten
 
@@ -46,7 +46,9 @@ class Row:
     cells: dict[str, dict[str, tuple[float, float | None]]]
     splits: int | None = None  # a series' number of splits
     counts: dict[str, int] = field(default_factory=dict)  # column -> samples scored (a run's)
-    stopped: str = ""  # a search's trial stopped before its last epoch: when
+    stopped: str = ""  # a search's trial without results: how far its last checkpoint got
+    # (column, metric) -> the splits a series' value is over, where a metric undefined in some left fewer
+    fewer: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def _read_json(path: Path) -> dict:
@@ -101,19 +103,25 @@ def _row(folder: Path, config: dict, sets: dict, stopped: str = "") -> Row:
     return Row(folder, config, _columns(cells, config), counts=_columns(counts, config), stopped=stopped)
 
 
-def read_stopped_trial(folder: Path, each_at: str) -> Row:
-    """A search's trial stopped before its last epoch (by ASHA, or with the search): its best so far, from its last
-    checkpoint, which says after which epoch."""
-    from temu_dist.train import own_best  # torch: only for such a trial
+def read_stopped_trial(folder: Path, each_at: str, search: dict) -> Row:
+    """A search's trial without results: its best so far, from its last checkpoint. `search`: its search.json, which
+    says whether it failed; where there is none yet (a search running or cut), it may still run."""
+    from temu_dist.best import own_best
 
-    info = _read_json(folder / "checkpoints" / "last" / _TRAINER_INFO)
+    path = folder / "checkpoints" / "last" / _TRAINER_INFO
+    info = _read_json(path)
     config = _config(folder)
-    best = info["best"]
-    sets = own_best(info["history"], config["train.key_metric"], best) if each_at == "own" else best["eval"]
-    return _row(folder, config, sets, f"stopped after epoch {info['next_epoch']} of {config['train.epochs']}")
+    try:
+        best, epoch = info["best"], info["next_epoch"]
+        sets = own_best(info["history"], config["train.key_metric"], best) if each_at == "own" else best["eval"]
+    except (KeyError, TypeError, IndexError) as e:
+        raise ConfigError(f"{path}: not a checkpoint's trainer state ({error_line(e)})") from None
+    row = next((r for r in search.get("trials", []) if r.get("trial") == folder.name), None)
+    how = "last checkpoint at" if row is None else "failed after" if row.get("error") else "stopped after"
+    return _row(folder, config, sets, f"{how} epoch {epoch} of {config['train.epochs']}")
 
 
-def _stopped_with_an_epoch(trial: Path) -> bool:
+def _has_an_epoch(trial: Path) -> bool:
     """A trial without results whose last checkpoint holds an evaluated epoch (a checkpoint within its first epoch
     has none to show)."""
     try:
@@ -126,14 +134,25 @@ def read_series(folder: Path, each_at: str) -> Row:
     path = folder / "repeat.json"
     summary = _read_json(path)
     key = "sets_own_best" if each_at == "own" else "sets"
-    if key not in summary or "runs" not in summary:
+    if key not in summary or not summary.get("runs"):
         raise ConfigError(f"{path}: written before it held {key} and its runs: run the repeat command again, which "
                           "adds them without training")
-    # The split runs are the series' siblings (out_dir/NAME-splitI); their configs differ in data.train alone.
-    config = _config(folder.parent / Path(summary["runs"][0]).name)
-    cells = {name: {m: (_value(v["mean"]), _value(v["std"]) if summary["splits"] > 1 else None)
+    # Each split's config differs in data.train alone.
+    config = _config(_split_run(folder, summary["runs"][0]))
+    splits = summary["splits"]
+    # An sd over fewer than 2 values (a metric undefined in the other splits) is none.
+    cells = {name: {m: (_value(v["mean"]), _value(v["std"]) if v.get("n", splits) > 1 else None)
                     for m, v in values.items()} for name, values in summary[key].items()}
-    return Row(folder, config, _columns(cells, config), summary["splits"])
+    columns = dict(zip(cells, _columns(cells, config)))
+    fewer = {(columns[name], m): v["n"] for name, values in summary[key].items() for m, v in values.items()
+             if v.get("n", splits) < splits}
+    return Row(folder, config, _columns(cells, config), splits, fewer=fewer)
+
+
+def _split_run(series: Path, run: str) -> Path:
+    """A series' split run as repeat.json names it (relative to where repeat ran), else beside the series
+    (out_dir/NAME-splitI), wherever the series was reached from."""
+    return Path(run) if (Path(run) / "config.yaml").is_file() else series.parent / Path(run).name
 
 
 def _is_search(folder: Path) -> bool:
@@ -141,11 +160,13 @@ def _is_search(folder: Path) -> bool:
     return (folder / "search.json").is_file() or (folder / "trials").is_dir()
 
 
-def _trials(search: Path) -> tuple[list[Path], list[Path]]:
-    """A search's trials: those finished, and those stopped before their last epoch with a checkpoint to show."""
+def _trials(search: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """A search's trials: those finished, those without results whose checkpoint has an epoch to show, and those
+    with none yet."""
     trials = sorted(p for p in (search / "trials").glob("*") if p.is_dir())
-    return ([t for t in trials if (t / "results.json").is_file()],
-            [t for t in trials if not (t / "results.json").is_file() and _stopped_with_an_epoch(t)])
+    done = [t for t in trials if (t / "results.json").is_file()]
+    cut = [t for t in trials if t not in done and _has_an_epoch(t)]
+    return done, cut, [t for t in trials if t not in done and t not in cut]
 
 
 def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
@@ -154,12 +175,13 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
     finished: list[Path] = []
     stopped: list[Path] = []
     left_out: list[str] = []
-    for folder in map(Path, folders):
+    for folder in (Path(f).absolute() for f in folders):  # a folder's name and parent, also for `report .`
         if (folder / "results.json").is_file() or (folder / "repeat.json").is_file():
             finished.append(folder)
         elif _is_search(folder):
-            done, cut = _trials(folder)
+            done, cut, empty = _trials(folder)
             finished, stopped = finished + done, stopped + cut
+            left_out += [f"{t.name} (no epoch yet)" for t in empty]
         elif (folder / "checkpoints").is_dir():
             raise ConfigError(f"{folder}: has not finished (no results.json): rerun its train command to go on")
         elif folder.is_dir() and (inside := sorted(p for p in folder.iterdir() if p.is_dir() and (
@@ -167,8 +189,9 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
                 or (p / "checkpoints").is_dir()))):
             for sub in inside:
                 if _is_search(sub):
-                    done, cut = _trials(sub)
+                    done, cut, empty = _trials(sub)
                     finished, stopped = finished + done, stopped + cut
+                    left_out += [f"{sub.name}/trials/{t.name} (no epoch yet)" for t in empty]
                 elif (sub / "results.json").is_file() or (sub / "repeat.json").is_file():
                     finished.append(sub)
                 else:
@@ -177,8 +200,11 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
             raise ConfigError(f"{folder}: no results.json (a finished run), repeat.json (a finished repeat series) "
                               "or search in it or in its subfolders")
     rows = [read_series(f, each_at) if (f / "repeat.json").is_file() else read_run(f, each_at)
-            for f in dict.fromkeys(finished)] + [read_stopped_trial(f, each_at) for f in dict.fromkeys(stopped)]
-    in_series = {(r.folder.parent / Path(run).name).resolve(): r.folder.name for r in rows if r.splits
+            for f in dict.fromkeys(finished)]
+    for trial in dict.fromkeys(stopped):
+        search = trial.parent.parent / "search.json"
+        rows.append(read_stopped_trial(trial, each_at, _read_json(search) if search.is_file() else {}))
+    in_series = {_split_run(r.folder, run).resolve(): r.folder.name for r in rows if r.splits
                  for run in _read_json(r.folder / "repeat.json")["runs"]}
     left_out += [f"{r.folder.name} (a split of the series {in_series[r.folder.resolve()]}, in its row)"
                  for r in rows if r.folder.resolve() in in_series]
@@ -226,7 +252,8 @@ def markdown(rows: list[Row], metrics: tuple[str, ...], each_at: str) -> str:
     for name, row in zip(names, rows):
         cells = []
         for c in cols:
-            values = [_cell(row.cells.get(c, {}).get(m)) for m in metrics]
+            values = [_cell(row.cells.get(c, {}).get(m)) + (f" (n={row.fewer[c, m]})" if (c, m) in row.fewer else "")
+                      for m in metrics]
             top = len(rows) > 1 and c in row.cells and row.cells[c].get(metrics[0], (None,))[0] == best[c]
             cells.append(" / ".join([f"**{values[0]}**" if top else values[0], *values[1:]]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

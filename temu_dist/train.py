@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import signal
@@ -33,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from temu_dist.atomic import write_json_atomic, write_text_atomic
+from temu_dist.best import better, own_best
 from temu_dist.checkpoint import find_checkpoint, load_saved_config, load_trainer_state, save_checkpoint, set_rng_state
 from temu_dist.config import Config, ConfigError, check_output_folder, dump, list_of, load_config, value_at
 from temu_dist.data.augment import normalize
@@ -236,29 +236,6 @@ def epoch_metrics(record: dict) -> dict[str, float]:
     return {**{f"train/{k}": record[k] for k in ("loss", "lr", "images_per_s")}, **eval_metrics(record["eval"])}
 
 
-def _better(value: float, than: float | None) -> bool:
-    """A tie goes to the later epoch, as in IQA-PyTorch (>=), whose best epochs the paper's tables report. A NaN
-    metric (too few samples, constant scores) never wins over a real one, nor blocks a later one."""
-    return than is None or (not math.isnan(value) and (math.isnan(than) or value >= than))
-
-
-def own_best(history: list[dict], key_metric: str, run_best: dict | None = None) -> dict[str, dict]:
-    """Every set at its own best epoch by the key metric's measure (srcc of test/srcc), its other metrics at that
-    epoch, as IQA-PyTorch reports each validation set: {set: {srcc, plcc, ..., epoch}}. The key metric's own set is
-    at the run's best epoch (`run_best`, the one the run chose, which a run made before ties went to the later epoch
-    chose otherwise); a cross-dataset set may peak at another."""
-    measure = key_metric.split("/")[1]
-    best: dict[str, dict] = {}
-    for record in history:
-        for name, metrics in record["eval"].items():
-            if _better(metrics[measure], best[name][measure] if name in best else None):
-                best[name] = {**metrics, "epoch": record["epoch"]}
-    key_set = key_metric.split("/")[0]
-    if run_best is not None and key_set in run_best["eval"]:
-        best[key_set] = {**run_best["eval"][key_set], "epoch": run_best["epoch"]}
-    return best
-
-
 def _readers(config: Config, plan: BatchPlan) -> int:
     """How many streams the training data is split over; the epoch's sample order depends on it."""
     return plan.world_size * max(1, config.data.workers)
@@ -445,7 +422,7 @@ def _fit(config: Config, run: Run) -> None:
                   "eval": {name: r.metrics for name, r in results.items()}}
         history.append(record)
         value = results[set_name].metrics[metric]
-        improved = _better(value, None if run.best is None else run.best["value"])
+        improved = better(value, None if run.best is None else run.best["value"])
         if improved:
             run.best = {"epoch": epoch + 1, "value": value, "eval": record["eval"]}
         if main:

@@ -504,7 +504,8 @@ def _draw(search: SearchConfig, search_dir: Path, rows: list[dict], metric: str,
 class SearchProgress(Callback):
     """Redraws the search's plots, beside search.json and on the parent MLflow run, each time a trial ends: a search
     of hours is followed as it goes, not only once it is over. Ray saves it with the search, by reference to this
-    class: a resumed search runs this code, not that of the version that started it."""
+    class: a resumed search runs this code, not that of the version that started it (but for searches started before
+    it was here, whose saved callback is the older one, kept whole)."""
 
     def __init__(self, search: SearchConfig, search_dir: Path, metric: str, uri: str, parent: str | None) -> None:
         self.search, self.search_dir, self.metric, self.uri, self.parent = search, search_dir, metric, uri, parent

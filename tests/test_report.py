@@ -70,7 +70,7 @@ def test_runs_line_up_as_a_cross_dataset_table_with_their_own_split_named_after_
     assert out[5].startswith("SRCC; every set at the epoch the key metric chose")
 
 
-def test_a_series_is_its_mean_and_sd_and_its_split_runs_are_left_out(finished, tmp_path, capsys):
+def test_a_series_is_its_mean_and_sd_and_its_split_runs_are_left_out(finished, tmp_path, capsys, monkeypatch):
     for i, srcc in enumerate((0.5, 0.7)):
         _copy(finished, tmp_path / f"rep-split{i}", {}, {"own_best": {"test": {"srcc": srcc}}})
     (tmp_path / "rep").mkdir()
@@ -94,11 +94,21 @@ def test_a_series_is_its_mean_and_sd_and_its_split_runs_are_left_out(finished, t
         "splits": 1, "runs": [str(tmp_path / "rep-split0")],
         "sets_own_best": {"test": {"srcc": {"mean": 0.5, "std": 0.0, "n": 1}, "plcc": {"mean": None, "std": None,
                                                                                        "n": 0}}}}))
-    assert "| one (1 split) | 0.5000 / nan |" in report.markdown(report.collect([tmp_path / "one"]), ("srcc", "plcc"),
-                                                                  "own")
+    assert "| one (1 split) | 0.5000 / nan (n=0) |" in report.markdown(report.collect([tmp_path / "one"]),
+                                                                        ("srcc", "plcc"), "own")
+    # A metric defined in one split of two: its value, over how many, and no spread (repeat writes an sd of 0).
+    summary = json.loads((tmp_path / "rep" / "repeat.json").read_text())
+    summary["sets_own_best"]["test"]["plcc"] = {"mean": 0.4, "std": 0.0, "n": 1}
+    (tmp_path / "rep" / "repeat.json").write_text(json.dumps(summary))
+    assert "| rep (2 splits) | 0.6000±0.1414 / 0.4000 (n=1) |" in report.markdown(
+        report.collect([tmp_path / "rep"]), ("srcc", "plcc"), "own")
+    # Reached from inside the series' folder: its split runs are still found, and its row named.
+    monkeypatch.chdir(tmp_path / "rep")
+    assert [r.folder.name for r in report.collect(["."])] == ["rep"]
 
 
-def test_a_search_is_a_row_per_trial_labelled_by_what_it_tried_with_those_stopped_early_marked(finished, tmp_path):
+def test_a_search_is_a_row_per_trial_labelled_by_what_it_tried_with_those_stopped_early_marked(finished, tmp_path,
+                                                                                               capsys):
     search = tmp_path / "prompts"
     (search / "trials").mkdir(parents=True)  # still running: no search.json yet
     for prompt in ("none", "coop"):
@@ -107,15 +117,28 @@ def test_a_search_is_a_row_per_trial_labelled_by_what_it_tried_with_those_stoppe
     cut = _copy(finished, search / "trials" / "trial-cut", {"model.prompt": "cocoop"}, {})
     (cut / "results.json").unlink()
     info = json.loads((cut / "checkpoints" / "last" / "trainer.json").read_text())
-    info.update(next_epoch=1, history=info["history"][:1])
+    first = info["history"][0]
+    first["eval"]["test"].update(srcc=0.123, plcc=0.456)
+    info.update(next_epoch=1, history=[first], best={"epoch": 1, "value": 0.123, "eval": first["eval"]})
     (cut / "checkpoints" / "last" / "trainer.json").write_text(json.dumps(info))
     (search / "trials" / "trial-new").mkdir()  # not started: no row
     early = shutil.copytree(cut, search / "trials" / "trial-early")  # checkpointed within its first epoch: no row
     (early / "checkpoints" / "last" / "trainer.json").write_text(json.dumps({**info, "next_epoch": 0, "history": [],
                                                                               "best": None}))
-    rows = report.collect([tmp_path])  # a folder holding the search
-    assert report.labels(rows) == ["prompt=coop", "prompt=none", "prompt=cocoop [stopped after epoch 1 of 2]"]
-    assert rows[2].cells["kadid10k"]["srcc"][0] == info["history"][0]["eval"]["test"]["srcc"]
+    rows = report.collect([tmp_path])  # a folder holding the search, still running: it may go on
+    assert report.labels(rows) == ["prompt=coop", "prompt=none", "prompt=cocoop [last checkpoint at epoch 1 of 2]"]
+    assert rows[2].cells["kadid10k"]["srcc"] == (0.123, None) and rows[2].cells["kadid10k"]["plcc"] == (0.456, None)
+    assert capsys.readouterr().err == "report: left out: prompts/trials/trial-early (no epoch yet); prompts/trials/" \
+                                      "trial-new (no epoch yet)\n"
+    damaged = cut / "checkpoints" / "last" / "trainer.json"
+    damaged.write_text(json.dumps({**info, "history": None}))
+    with pytest.raises(report.ConfigError, match=f"^{damaged}: not a checkpoint's trainer state"):
+        report.collect([search])
+    damaged.write_text(json.dumps(info))
+    # Once the search is over, its search.json says whether the trial failed or was stopped (by ASHA).
+    for error, said in ((None, "stopped after"), ("NonFiniteLoss: loss is nan", "failed after")):
+        (search / "search.json").write_text(json.dumps({"trials": [{"trial": "trial-cut", "error": error}]}))
+        assert report.labels(report.collect([search]))[2] == f"prompt=cocoop [{said} epoch 1 of 2]"
     # Alike but for a setting the table does not show: told apart by their folders.
     twin = _copy(finished, tmp_path / "koniq-I-again", {"data.workers": 4}, {})
     assert report.labels(report.collect([finished, twin])) == ["koniq-I", "koniq-I-again"]

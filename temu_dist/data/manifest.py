@@ -81,7 +81,7 @@ ALIASES = {"clive": "livec", "livechallenge": "livec", "liveitw": "livec", "live
 
 def dataset_name(train: str | None) -> str:
     """The dataset a training pack holds (a series' packs, data.train with {split}: the first's), as its manifest
-    says; else as its folder's name suggests; else that name."""
+    says; else as its folder's name suggests; else the path as given."""
     if not train:
         return ""
     folder = Path(train.replace("{split}", "0"))
@@ -89,7 +89,7 @@ def dataset_name(train: str | None) -> str:
         return str(json.loads((folder / MANIFEST).read_text())["dataset"])
     except (OSError, ValueError, KeyError, TypeError):
         guess = dataset_of(folder)
-        return guess if guess != "NAME" else folder.name
+        return guess if guess != "NAME" else train
 
 
 def dataset_of(folder: Path) -> str:
