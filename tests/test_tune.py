@@ -499,6 +499,27 @@ def test_a_search_stopped_by_ctrl_c_ends_its_parent_run_killed_and_exits_130(tmp
     assert parent.info.status == "KILLED"
 
 
+def test_a_search_sent_sigterm_stops_as_ctrl_c_does(tmp_path, shards, tuner_stopping, capsys):
+    """scancel and a job's time limit send SIGTERM: the parent run ends KILLED with the way to resume said."""
+    def terminated():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises first
+        return []
+
+    tuner_stopping.fit_does = terminated
+    path = _search_file(tmp_path, shards, "termed", {"model.prompt": {"grid": ["none", "coop"]}})
+    caller = signal.signal(signal.SIGTERM, lambda *_: None)  # the test's own, which lets the search go on
+    try:
+        assert tune_cli.main(["--config", str(path)]) == 143
+        assert signal.getsignal(signal.SIGTERM) is not train_cli.terminate
+    finally:
+        signal.signal(signal.SIGTERM, caller)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "tune: stopped by SIGTERM; finished trials are kept, rerun the same command to resume the search")
+    parent, _ = _runs(tmp_path / "runs" / "termed")
+    assert parent.info.status == "KILLED"
+
+
 @pytest.mark.parametrize(("fit", "raised", "status"), [
     (lambda: [DONE, DONE], KeyboardInterrupt, "KILLED"),  # stopped by Ray Tune's Ctrl-C: a trial never started
     (lambda: [DONE, CUT, DONE], KeyboardInterrupt, "KILLED"),  # ... or one stopped mid-way
