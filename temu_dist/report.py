@@ -49,6 +49,7 @@ class Row:
     stopped: str = ""  # a search's trial without results: how far its last checkpoint got
     # (column, metric) -> the splits a series' value is over, where a metric undefined in some left fewer
     fewer: dict[tuple[str, str], int] = field(default_factory=dict)
+    split_runs: list[Path] = field(default_factory=list)  # a series' own runs
 
 
 def _read_json(path: Path) -> dict:
@@ -146,7 +147,8 @@ def read_series(folder: Path, each_at: str) -> Row:
     columns = dict(zip(cells, _columns(cells, config)))
     fewer = {(columns[name], m): v["n"] for name, values in summary[key].items() for m, v in values.items()
              if v.get("n", splits) < splits}
-    return Row(folder, config, _columns(cells, config), splits, fewer=fewer)
+    return Row(folder, config, _columns(cells, config), splits, fewer=fewer,
+               split_runs=[_split_run(folder, run) for run in summary["runs"]])
 
 
 def _split_run(series: Path, run: str) -> Path:
@@ -175,28 +177,29 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
     finished: list[Path] = []
     stopped: list[Path] = []
     left_out: list[str] = []
-    for folder in (Path(f).absolute() for f in folders):  # a folder's name and parent, also for `report .`
+    def take(folder: Path, named: str) -> bool:
+        """Takes a finished run or series, or a search's trials; False for anything else."""
         if (folder / "results.json").is_file() or (folder / "repeat.json").is_file():
             finished.append(folder)
         elif _is_search(folder):
             done, cut, empty = _trials(folder)
-            finished, stopped = finished + done, stopped + cut
-            left_out += [f"{t.name} (no epoch yet)" for t in empty]
-        elif (folder / "checkpoints").is_dir():
-            raise ConfigError(f"{folder}: has not finished (no results.json): rerun its train command to go on")
-        elif folder.is_dir() and (inside := sorted(p for p in folder.iterdir() if p.is_dir() and (
-                (p / "results.json").is_file() or (p / "repeat.json").is_file() or _is_search(p)
-                or (p / "checkpoints").is_dir()))):
-            for sub in inside:
-                if _is_search(sub):
-                    done, cut, empty = _trials(sub)
-                    finished, stopped = finished + done, stopped + cut
-                    left_out += [f"{sub.name}/trials/{t.name} (no epoch yet)" for t in empty]
-                elif (sub / "results.json").is_file() or (sub / "repeat.json").is_file():
-                    finished.append(sub)
-                else:
-                    left_out.append(f"{sub.name} (not finished)")
+            finished.extend(done)
+            stopped.extend(cut)
+            left_out.extend(f"{named}{t.name} (no epoch yet)" for t in empty)
         else:
+            return False
+        return True
+
+    for folder in (Path(f).absolute() for f in folders):  # a folder's name and parent, also for `report .`
+        if take(folder, ""):
+            continue
+        if (folder / "checkpoints").is_dir():
+            raise ConfigError(f"{folder}: has not finished (no results.json): rerun its train command to go on")
+        inside = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        taken = [take(sub, f"{sub.name}/trials/") for sub in inside]
+        left_out.extend(f"{sub.name} (not finished)" for sub, ok in zip(inside, taken)
+                        if not ok and (sub / "checkpoints").is_dir())
+        if not any(taken):
             raise ConfigError(f"{folder}: no results.json (a finished run), repeat.json (a finished repeat series) "
                               "or search in it or in its subfolders")
     rows = [read_series(f, each_at) if (f / "repeat.json").is_file() else read_run(f, each_at)
@@ -204,8 +207,7 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
     for trial in dict.fromkeys(stopped):
         search = trial.parent.parent / "search.json"
         rows.append(read_stopped_trial(trial, each_at, _read_json(search) if search.is_file() else {}))
-    in_series = {_split_run(r.folder, run).resolve(): r.folder.name for r in rows if r.splits
-                 for run in _read_json(r.folder / "repeat.json")["runs"]}
+    in_series = {run.resolve(): r.folder.name for r in rows for run in r.split_runs}
     left_out += [f"{r.folder.name} (a split of the series {in_series[r.folder.resolve()]}, in its row)"
                  for r in rows if r.folder.resolve() in in_series]
     if left_out:
