@@ -86,9 +86,14 @@ def score_vs_time(history: list[dict], sets: list[str], path: str | Path) -> Pat
     return _save(fig, path)
 
 
+def _pick(mode: str):
+    """The better of values by a search's `mode`: max or min."""
+    return max if mode == "max" else min
+
+
 def _best_by(rows: list[dict], key: str, mode: str = "max") -> dict[str, float]:
     """The best value (by `mode`, max or min) each setting of `key` reached over a search's result rows."""
-    pick = max if mode == "max" else min
+    pick = _pick(mode)
     best: dict[str, float] = {}
     for r in rows:
         if r.get("best") is not None:
@@ -115,7 +120,7 @@ def prompt_cells(rows: list[dict], mode: str = "max") -> list[list[str]]:
         values = [r for r in rows if r.get("model.prompt") == prompt and r.get("best") is not None]
         if not values:
             continue
-        top = (max if mode == "max" else min)(values, key=lambda r: r["best"])
+        top = _pick(mode)(values, key=lambda r: r["best"])
         scores = np.array([r["best"] for r in values])
         cells.append([label, f"{top['best']:.4f}", ", ".join(f"{k}={top[k]}" for k in others) or "-",
                       f"{scores.mean():.4f} ± {scores.std(ddof=1):.4f} (n={len(scores)})" if len(scores) > 1 else "-"])
@@ -140,7 +145,7 @@ def prompt_table(rows: list[dict], metric: str, path: str | Path, mode: str = "m
     table.auto_set_column_width(range(4))
     table.scale(1, 1.4)
     if cells:
-        top = (max if mode == "max" else min)(range(len(cells)), key=lambda i: float(cells[i][1]))
+        top = _pick(mode)(range(len(cells)), key=lambda i: float(cells[i][1]))
         table[(top + 1, 1)].get_text().set_fontweight("bold")
     ax.set_title("prompt tuning" + (f" ({note})" if note else ""))
     return _save(fig, path)

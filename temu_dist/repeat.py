@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import statistics
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from accelerate import PartialState
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import Config, ConfigError, load_config
 from temu_dist.tracking import config_params, config_tags, finish_run, parent_run, tracking_uri
-from temu_dist.train import NonFiniteLoss, Terminated, check_data, terminate, train
+from temu_dist.train import NonFiniteLoss, check_data, sigterm_as_ctrl_c, stop_code, train
 
 METRICS = ("srcc", "plcc", "krcc")
 
@@ -112,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     says = os.environ.get("LOCAL_RANK", "0") == "0"  # the first process on each node says why it stops
-    before = signal.signal(signal.SIGTERM, terminate)
     try:
         config = load_config(args.config, args.overrides)
-        summary = repeat(config, args.splits)
+        with sigterm_as_ctrl_c():
+            summary = repeat(config, args.splits)
     except (ConfigError, NonFiniteLoss) as e:
         if says:
             print(f"repeat: {e}", file=sys.stderr)
@@ -124,9 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         if says:
             print("\nrepeat: stopped; run the same command again: finished splits are kept, the stopped one goes on "
                   "from its last checkpoint", file=sys.stderr)
-        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
+        return stop_code(e)
     finally:
-        signal.signal(signal.SIGTERM, before)
         PartialState().destroy_process_group()
     if _is_first_process():
         own = {n: m for n, m in summary["sets_own_best"].items() if _differs(m, summary["sets"][n])}

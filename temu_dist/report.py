@@ -245,9 +245,9 @@ def _cell(value: tuple[float, float | None] | None) -> str:
     return f"{mean:.4f}" if sd is None else f"{mean:.4f}±{sd:.4f}"
 
 
-def markdown(rows: list[Row], metrics: tuple[str, ...], each_at: str) -> str:
+def markdown(rows: list[Row], metrics: tuple[str, ...], each_at: str, names: list[str] | None = None) -> str:
     """A row per run, SRCC / PLCC per set; each column's best first metric in bold, as the seed marks its best."""
-    names, cols = labels(rows), columns(rows)
+    names, cols = names or labels(rows), columns(rows)
     best = {c: max((r.cells[c][metrics[0]][0] for r in rows if c in r.cells and metrics[0] in r.cells[c]
                     and not math.isnan(r.cells[c][metrics[0]][0])), default=None) for c in cols}
     lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -270,14 +270,14 @@ def _at(each_at: str) -> str:
         "every set at the epoch the key metric chose (the weights in checkpoints/best)"
 
 
-def table_csv(rows: list[Row], metrics: tuple[str, ...]) -> str:
+def table_csv(rows: list[Row], metrics: tuple[str, ...], names: list[str] | None = None) -> str:
     """A row per run, a column per set and metric (and its sd over a series' splits), for a spreadsheet."""
     cols = columns(rows)
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["run", "folder", "splits", *(name for c in cols for name in (
         *(f"{c}/{m}{s}" for m in metrics for s in ("", "_sd")), f"{c}/count"))])
-    for name, row in zip(labels(rows), rows):
+    for name, row in zip(names or labels(rows), rows):
         values = []
         for c in cols:
             for m in metrics:
@@ -309,17 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"report: {e}", file=sys.stderr)
         return 1
-    table = markdown(rows, metrics, args.each_at)
+    names = labels(rows)  # each run's pack manifest read once, for every output
+    table = markdown(rows, metrics, args.each_at, names)
     print(table, end="")
     if args.out:
-        write_text_atomic(Path(args.out), table if args.out.endswith(".md") else table_csv(rows, metrics))
+        write_text_atomic(Path(args.out), table if args.out.endswith(".md") else table_csv(rows, metrics, names))
         print(f"report: written to {args.out}")
     if args.plot:
         from temu_dist.plots import results_grid
 
         cols = columns(rows)
         values = [[r.cells.get(c, {}).get(metrics[0], (math.nan, None))[0] for c in cols] for r in rows]
-        results_grid(labels(rows), cols, values, metrics[0].upper(), args.plot, _at(args.each_at))
+        results_grid(names, cols, values, metrics[0].upper(), args.plot, _at(args.each_at))
         print(f"report: plot in {args.plot}")
     return 0
 

@@ -18,6 +18,8 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -58,9 +60,23 @@ class Terminated(KeyboardInterrupt):
     the command says how to go on, where the signal's default would end the process on the spot."""
 
 
-def terminate(signum, frame) -> None:
-    """The entry points' SIGTERM handler."""
+def _terminate(signum, frame) -> None:
     raise Terminated
+
+
+@contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """Within (an entry point's work), SIGTERM raises Terminated; the caller's own handler is back after."""
+    before = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def stop_code(e: KeyboardInterrupt) -> int:
+    """An entry point's exit status when stopped: a shell's, 128 + SIGTERM or 130 (SIGINT)."""
+    return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
 
 
 def _all_gather(x: torch.Tensor) -> list[torch.Tensor]:
@@ -638,10 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     # Every process stops alike: the first on each node says why, in one write, so that two nodes' lines cannot run
     # together.
     says = os.environ.get("LOCAL_RANK", "0") == "0"
-    before = signal.signal(signal.SIGTERM, terminate)
     try:
         config = load_config(args.config, args.overrides)
-        results = train(config)
+        with sigterm_as_ctrl_c():
+            results = train(config)
     except (ConfigError, NonFiniteLoss) as e:
         if says:
             sys.stderr.write(f"train: {e}\n")
@@ -654,9 +670,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"run the same command again to go on from {last}" if config.train.resume == "auto" else \
                 f"run it with train.resume=auto to go on from {last}"
             sys.stderr.write(f"\ntrain: stopped{by}{' before its first checkpoint' if last is None else ''}; {how}\n")
-        return 128 + signal.SIGTERM if by else 130
+        return stop_code(e)
     finally:
-        signal.signal(signal.SIGTERM, before)
         PartialState().destroy_process_group()
     if not PartialState().is_main_process:
         return 0

@@ -26,7 +26,6 @@ import itertools
 import json
 import math
 import os
-import signal
 import sys
 import time
 import warnings
@@ -565,21 +564,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="keys of the search config, not of the training config (examples above)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    from temu_dist.train import Terminated, terminate
+    from temu_dist.train import Terminated, sigterm_as_ctrl_c, stop_code
 
-    before = signal.signal(signal.SIGTERM, terminate)  # scancel, a job's time limit: as Ctrl-C
     try:
         search = load_search(args.config, args.overrides)
-        summary = run_search(search)
+        with sigterm_as_ctrl_c():  # scancel, a job's time limit
+            summary = run_search(search)
     except ConfigError as e:
         print(f"tune: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         print(f"tune: {'stopped by SIGTERM' if isinstance(e, Terminated) else 'interrupted'}; finished trials are "
               "kept, rerun the same command to resume the search", file=sys.stderr)
-        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
-    finally:
-        signal.signal(signal.SIGTERM, before)
+        return stop_code(e)
     keys = [k for k in summary["trials"][0] if k not in ("error",)] if summary["trials"] else []
     print("tune: " + " | ".join(keys))
     for row in summary["trials"]:

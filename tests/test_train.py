@@ -304,7 +304,7 @@ def test_sigterm_stops_as_ctrl_c_does_and_says_so(tmp_path, shards, monkeypatch,
     caller = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         assert train_mod.main(args) == 143
-        assert signal.getsignal(signal.SIGTERM) is not train_mod.terminate
+        assert signal.getsignal(signal.SIGTERM) is not train_mod._terminate
     finally:
         signal.signal(signal.SIGTERM, caller)
     last = tmp_path / "run" / "checkpoints" / "last"

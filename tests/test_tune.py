@@ -511,7 +511,7 @@ def test_a_search_sent_sigterm_stops_as_ctrl_c_does(tmp_path, shards, tuner_stop
     caller = signal.signal(signal.SIGTERM, lambda *_: None)  # the test's own, which lets the search go on
     try:
         assert tune_cli.main(["--config", str(path)]) == 143
-        assert signal.getsignal(signal.SIGTERM) is not train_cli.terminate
+        assert signal.getsignal(signal.SIGTERM) is not train_cli._terminate
     finally:
         signal.signal(signal.SIGTERM, caller)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
