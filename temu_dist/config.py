@@ -72,6 +72,11 @@ class ModelConfig(Section):
     tau_w_init: float = Field(1.0, gt=0)
     # Frozen towers' dtype: auto = bf16 on GPU, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # The frozen image tower's linear layers (over 80% of its FLOPs) as fp8 matmuls, per-token and per-channel scales,
+    # bf16 out: on Hopper GPUs (H100, H200) with model.compile, a ViT-L-14 step 11% faster (benchmarks/RESULTS.md), with
+    # rounding bf16 has not. Compare the scores with it on and off on your own weights and data
+    # (`python -m temu_dist.evaluate ... model.tower_fp8=true`) before relying on it.
+    tower_fp8: bool = False
     # torch.compile the model: a one-off compile (ViT-L-14 on an H100: 20-50 s), then faster steps
     # (benchmarks/RESULTS.md).
     compile: bool = False

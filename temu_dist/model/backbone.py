@@ -17,6 +17,7 @@ from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
 from temu_dist.config import ConfigError, ModelConfig
+from temu_dist.model.fp8 import linears_to_fp8
 
 # The tiny backbones the demo runs on ship with the package; registering them makes their names valid everywhere.
 PACKAGE_MODEL_CONFIGS = Path(__file__).parent / "configs"
@@ -220,14 +221,18 @@ class SelfAttention(nn.Module):
             raise ConfigError("model.backbone: this image tower's attention layout is not supported (needs open_clip's "
                               "batch-first, packed-projection attention)")
         self.heads = mha.num_heads
-        self.in_proj_weight, self.in_proj_bias, self.out_proj = mha.in_proj_weight, mha.in_proj_bias, mha.out_proj
+        # The packed q, k, v projection as a module of its own, so model.tower_fp8 swaps it as it does the others
+        # (made on the meta device: no initialisation drawn from the global generator, then the tower's own weights).
+        self.in_proj = nn.Linear(mha.embed_dim, 3 * mha.embed_dim, bias=mha.in_proj_bias is not None, device="meta")
+        self.in_proj.weight, self.in_proj.bias = mha.in_proj_weight, mha.in_proj_bias
+        self.out_proj = mha.out_proj
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, need_weights: bool = False,
                 attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         if key is not query or value is not query or attn_mask is not None:
             raise ValueError("SelfAttention takes unmasked self-attention only")
         b, n, d = query.shape
-        q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).unbind(2)
+        q, k, v = self.in_proj(query).view(b, n, 3, self.heads, -1).unbind(2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), None
 
@@ -333,6 +338,11 @@ class Backbone(nn.Module):
             if layout == ["c_fc", "gelu", "c_proj"] and isinstance(block.mlp.gelu, QuickGELU):
                 quick_gelu_as_silu(block.mlp)
         self.visual.to(dtype)
+        if cfg.tower_fp8:
+            if dtype != torch.bfloat16:
+                raise ConfigError("model.tower_fp8: the fp8 tower writes bf16; set model.precision=bf16 (auto is "
+                                  "bf16 on a GPU only)")
+            linears_to_fp8(self.visual.transformer)
         self.dtype = dtype
         self.width = visual.transformer.width
         self.embed_dim = visual.proj.shape[1]

@@ -17,7 +17,7 @@ WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 # Fields a loaded checkpoint may take from the command line: where the frozen weights come from and the activation they
 # were trained with, their dtype and the input size. Everything else shapes the trainable weights or what they mean.
-LOAD_TIME_FIELDS = {"pretrained", "quick_gelu", "precision", "image_size", "compile", "compile_mode"}
+LOAD_TIME_FIELDS = {"pretrained", "quick_gelu", "precision", "tower_fp8", "image_size", "compile", "compile_mode"}
 # Which config field decides the shape of which trainable parameter, for errors.
 PARAM_FIELDS = {"prompts.ctx": "model.n_ctx", "prompts.meta_net": "model.cocoop_reduction",
                 "layer_logits": "model.layers", "layer_norms": "model.layer_norm"}

@@ -10,6 +10,7 @@ from torch import nn
 
 from temu_dist.config import Config, ModelConfig
 from temu_dist.model.backbone import Backbone, compute_dtype, create_clip
+from temu_dist.model.fp8 import check_fp8
 from temu_dist.model.prompts import PromptLearner
 
 
@@ -145,6 +146,8 @@ def build_model(config: Config, device: torch.device | None = None,
     device = device or resolve_device(config.device)
     cfg = config.model
     dtype = compute_dtype(cfg.precision, device)
+    if cfg.tower_fp8:
+        check_fp8(device, cfg.compile)
     generator = torch.Generator().manual_seed(config.seed)
     seed, drawn_at = drawn_as or (config.seed, cfg.image_hw())
     clip = create_clip(cfg, seed, drawn_at)
