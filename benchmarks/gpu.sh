@@ -10,7 +10,9 @@
 #      openai`), S and I with none/CoOp/CoCoOp;
 #   5. step_modes: S none on that tower eager (its QuickGELU as one SiLU kernel, not yet measured on a GPU) and under
 #      `default` and `max-autotune` (model.compile_mode), profiled. The other modes ran on 2026-11-26
-#      (benchmarks/RESULTS.md); max-autotune autotuned for over 4 minutes on a cold cache.
+#      (benchmarks/RESULTS.md); max-autotune autotuned for over 4 minutes on a cold cache;
+#   6. step_fp8: S with none/CoOp on that tower, compiled, with the bf16 tower and the fp8 one (model.tower_fp8),
+#      profiled, and the fp8 tower's token error against the bf16 one (on an H200 with eager rows too: 3.5 minutes).
 # With no names it runs them all (more than one device call's 10 minutes); name suites to run only those, e.g.
 # `bash benchmarks/gpu.sh step_modes`.
 # Each suite's log lands in $OUT (the device tool's folder) or benchmarks/out. Random weights: throughput does not
@@ -44,3 +46,5 @@ bench data 100 data --workers 1 8 15 --epochs 1 --images 960
 bench step_compile 270 step --backbone ViT-L-14-quickgelu --modes default
 bench step_modes 420 step --backbone ViT-L-14-quickgelu --modes eager default max-autotune --variants S \
     --prompts none --profile 12
+bench step_fp8 300 step --backbone ViT-L-14-quickgelu --modes default --towers bf16 fp8 --variants S \
+    --prompts none coop --profile 12

@@ -26,10 +26,11 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from temu_dist.bench.common import device_name, now, sig, sync, timed
-from temu_dist.config import Config, load_config
+from temu_dist.config import Config, ConfigError, load_config
 from temu_dist.data.ldg import sample_region
-from temu_dist.model.backbone import compute_dtype
+from temu_dist.model.backbone import Backbone, compute_dtype, create_clip
 from temu_dist.model.flops import step_flops
+from temu_dist.model.fp8 import check_fp8, quantize_rows
 from temu_dist.model.temu import build_model, resolve_device
 from temu_dist.train import loss_fn
 
@@ -57,6 +58,41 @@ def gemm_tflops(device: torch.device, dtype: torch.dtype, repeat: int = 5) -> fl
     a @ b  # warm-up
     best = timed(lambda: (a @ b, sync(device)), repeat)
     return 2 * n ** 3 / best / 1e12
+
+
+def fp8_gemm_tflops(device: torch.device, repeat: int = 5) -> float:
+    """Best achieved TFLOP/s of the fp8 tower's matmul (rowwise scales, bf16 out) at n x n, n as gemm_tflops's."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, scale_a = quantize_rows(torch.randn(n, n, device=device))
+    b, scale_b = quantize_rows(torch.randn(n, n, device=device))
+
+    def mm() -> None:
+        torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b.t(), out_dtype=torch.bfloat16)
+        sync(device)
+
+    mm()  # warm-up
+    return 2 * n ** 3 / timed(mm, repeat) / 1e12
+
+
+def fp8_figures(config: Config, device: torch.device, images: int = 8) -> dict:
+    """The fp8 matmul's ceiling on this device, and how far the fp8 tower's tokens lie from the bf16 tower's on the
+    same (random) weights: relative RMS error of each selected layer's patch tokens, and the worst layer's."""
+    try:
+        check_fp8(device, compiled=True)
+    except ConfigError as e:
+        return {"fp8_error": str(e)}
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(images, 3, *config.model.image_hw(), generator=generator).to(device)
+    clip = create_clip(config.model, config.seed)
+    patches = {}
+    for fp8 in (False, True):
+        cfg = config.model.model_copy(update={"tower_fp8": fp8})
+        with torch.no_grad():
+            patches[fp8] = Backbone(clip, cfg, torch.bfloat16).to(device)(x)[1].float()
+    ref = patches[False]
+    rel = ((patches[True] - ref).pow(2).mean(dim=(0, 2, 3)) / ref.pow(2).mean(dim=(0, 2, 3))).sqrt()
+    return {"fp8_gemm_tflops": sig(fp8_gemm_tflops(device)), "fp8_tokens_rel_rms": [sig(v) for v in rel.tolist()],
+            "fp8_tokens_rel_rms_worst": sig(rel.max().item())}
 
 
 def synthetic_batch(config: Config, batch: int, device: torch.device, generator: torch.Generator) -> dict:
@@ -135,9 +171,11 @@ def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.d
 
 
 def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, precision: str, modes: list[str],
-        variants: list[str], prompts: list[str], peak_tflops: float | None, profile_top: int = 0) -> dict:
-    """`modes`: "eager" and/or torch.compile modes (model.compile_mode); a row for each with each variant and prompt,
-    so one run compares them on the same machine."""
+        variants: list[str], prompts: list[str], peak_tflops: float | None, profile_top: int = 0,
+        towers: tuple[str, ...] = ("bf16",)) -> dict:
+    """`modes`: "eager" and/or torch.compile modes (model.compile_mode); `towers`: "bf16" and/or "fp8"
+    (model.tower_fp8, its rows in bf16 whatever `precision` says); a row for each with each variant and prompt, so one
+    run compares them on the same machine."""
     device = resolve_device("auto")
     base = [f"model.backbone={backbone}", "model.pretrained=null", f"model.image_size={image_size}",
             f"model.precision={precision}", "ldg.p=1.0", f"train.batch_size={batch}"]
@@ -149,12 +187,15 @@ def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, pre
               "gemm_tflops": sig(gemm),
               "peak_tflops": peak, "peak_source": "given" if peak_tflops else "datasheet" if peak else None,
               "rows": []}
-    for mode, variant, prompt in itertools.product(modes, variants, prompts):
+    if "fp8" in towers:
+        result.update(fp8_figures(load_config(None, [*base, "model.precision=bf16"]), device))
+    for mode, tower, variant, prompt in itertools.product(modes, towers, variants, prompts):
         compiled = ["model.compile=false"] if mode == "eager" else ["model.compile=true", f"model.compile_mode={mode}"]
-        config = load_config(None, [*base, *compiled, f"model.variant={variant}", f"model.prompt={prompt}"])
+        fp8 = ["model.tower_fp8=true", "model.precision=bf16"] if tower == "fp8" else []
+        config = load_config(None, [*base, *compiled, *fp8, f"model.variant={variant}", f"model.prompt={prompt}"])
         # Each model is compiled afresh: dynamo's cache of the same forward would fill up and fall back to eager.
         torch._dynamo.reset()
-        row = {"variant": variant, "prompt": prompt, "mode": mode}
+        row = {"variant": variant, "prompt": prompt, "mode": mode, "tower": tower}
         try:
             row.update(measure(config, batch, steps, warmup, device, profile_top))
         except Exception as e:  # noqa: BLE001 - one failing mode or variant must not lose the rows of a device run
@@ -170,10 +211,10 @@ def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, pre
         if device.type == "cuda":
             torch.cuda.empty_cache()
     timed_rows = [r for r in result["rows"] if "step_s" in r]
-    coop = {(r["variant"], r["mode"]): r["step_s"] for r in timed_rows if r["prompt"] == "coop"}
+    coop = {(r["variant"], r["mode"], r["tower"]): r["step_s"] for r in timed_rows if r["prompt"] == "coop"}
     result["cocoop_over_coop"] = {}
     for r in timed_rows:
-        if r["prompt"] == "cocoop" and (r["variant"], r["mode"]) in coop:
-            result["cocoop_over_coop"][f"{r['variant']} {r['mode']}"] = round(
-                r["step_s"] / coop[r["variant"], r["mode"]], 3)
+        key = (r["variant"], r["mode"], r["tower"])
+        if r["prompt"] == "cocoop" and key in coop:
+            result["cocoop_over_coop"][" ".join(key)] = round(r["step_s"] / coop[key], 3)
     return result

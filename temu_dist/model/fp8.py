@@ -70,7 +70,7 @@ def check_fp8(device: torch.device, compiled: bool) -> None:
     """A one-line error where the fp8 tower would not pay: uncompiled on a GPU, or on a device where torch cannot run
     the rowwise-scaled fp8 matmul (GPUs before Hopper)."""
     if device.type == "cuda" and not compiled:
-        # Eager, each quantisation is five kernels of its own: an H200's ViT-L-14 step took 219.5 ms, against 123.0
+        # Eager, each quantisation is several kernels of its own: an H200's ViT-L-14 step took 219.5 ms, against 123.0
         # in bf16; compiled, they fuse into the kernels before them.
         raise ConfigError("model.tower_fp8: on a GPU the fp8 tower is slower than bf16 unless compiled; set "
                           "model.compile=true")
