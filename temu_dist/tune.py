@@ -170,6 +170,27 @@ def _check_fits_here(res: Resources) -> None:
                           "the search config)")
 
 
+def _no_node_fits(res: Resources, nodes: list[dict]) -> str | None:
+    """Why no trial can start on a cluster of these nodes (ray.nodes()), or None where one can. A trial of one process
+    needs its CPUs and GPUs on one node; a Ray Train trial needs room for its workers over all nodes."""
+    asks = {"CPU": res.cpu, "GPU": res.gpu}
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+
+    def room(have: dict) -> int:  # how many of one trial's processes fit on a node
+        return min((math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in asks.items() if v > 0), default=1)
+
+    workers = max(res.workers, 1)
+    if sum(room(have) for have in alive) >= workers:
+        return None
+    each = ", ".join(f"{v:g} {k}{'s' * (v != 1)}" for k, v in asks.items() if v > 0)
+    wants = f"{workers} processes of {each}" if workers > 1 else each
+    nodes_said = "; ".join(f"{have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs" for have in alive[:4])
+    more = f" and {len(alive) - 4} more" if len(alive) > 4 else ""
+    return (f"resources: one trial asks for {wants}, which no node of the cluster has ({len(alive)} alive: "
+            f"{nodes_said or 'none'}{more}); its trials stay PENDING until an autoscaler adds such a node (Ctrl-C "
+            "stops the search), or lower resources.cpu / resources.gpu")
+
+
 def _local_cpus() -> int:
     """The CPUs a local Ray starts with: Ray's own count, which takes a container's cgroup CPU quota or cpuset (docker
     --cpus=4 on a 64-core host: 4), not os.cpu_count(). A Ray without that function: the CPUs this process may use."""
@@ -330,7 +351,8 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     from ray.tune.schedulers import ASHAScheduler
 
     address = search.address or os.environ.get("RAY_ADDRESS")
-    # Before anything is made or started. A cluster is not checked: it may add nodes for what the trials ask.
+    # Before anything is made or started. A cluster is not held to this machine's CPUs and GPUs; once joined, a
+    # trial no node can hold is only warned about, since an autoscaler may add nodes for it.
     if not address:
         _check_fits_here(search.resources)
         _check_data(search)  # on a cluster the driver need not see the shards the workers read
@@ -355,6 +377,9 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
             raise ConfigError(f"address: could not join the Ray cluster at {address} ({error_line(e)}): start it "
                               f"with bash launch/ray-cluster.sh head{auth}; or search on a local Ray, with {local}") \
                 from None
+        # Ray itself only logs the autoscaler's view every half a minute, with the trials already PENDING.
+        if (why := _no_node_fits(search.resources, ray.nodes())) is not None:
+            warnings.warn(f"the Ray cluster at {address}: {why}", stacklevel=2)
     if restored:
         print(f"tune: resuming the search {search.name} in {search_dir}: finished trials are kept, stopped ones go on")
     else:

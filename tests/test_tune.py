@@ -331,6 +331,43 @@ def test_a_search_on_a_ray_cluster_is_not_checked_against_this_machine(tmp_path,
     assert not (tmp_path / "runs").exists()  # joined before anything is written
 
 
+def _node(cpus, gpus=0, alive=True):
+    return {"Alive": alive, "Resources": {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {}), "memory": 1e9}}
+
+
+def test_a_trial_no_node_of_the_cluster_can_hold_is_said_and_one_that_fits_is_not():
+    gpu_trial = tune_cli.Resources(cpu=2, gpu=1)
+    assert tune_cli._no_node_fits(gpu_trial, [_node(4), _node(8, 1, alive=False)]) == (
+        "resources: one trial asks for 2 CPUs, 1 GPU, which no node of the cluster has (1 alive: 4 CPUs, 0 GPUs); its "
+        "trials stay PENDING until an autoscaler adds such a node (Ctrl-C stops the search), or lower resources.cpu / "
+        "resources.gpu")
+    assert tune_cli._no_node_fits(gpu_trial, [_node(4), _node(2, 1)]) is None
+    assert tune_cli._no_node_fits(gpu_trial, [_node(1, 1)]) is not None  # the GPU, but not the CPUs, on one node
+    # A Ray Train trial's workers may spread over the nodes.
+    train_trial = tune_cli.Resources(cpu=1, gpu=1, workers=2)
+    assert tune_cli._no_node_fits(train_trial, [_node(4, 1), _node(4, 1)]) is None
+    assert tune_cli._no_node_fits(train_trial, [_node(4, 1)]).startswith(
+        "resources: one trial asks for 2 processes of 1 CPU, 1 GPU, which no node")
+    assert tune_cli._no_node_fits(tune_cli.Resources(cpu=0.5), [_node(1)]) is None
+
+
+def test_joining_a_cluster_without_room_for_a_trial_warns_at_once(tmp_path, shards, monkeypatch):
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(ray, "nodes", lambda: [_node(4)])
+
+    def stop(*args):
+        raise Joined(args)
+
+    monkeypatch.setattr(tune_cli, "_tracking_uri", stop)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    search = load_search(_search_file(tmp_path, shards, "nogpu", {"model.prompt": {"grid": ["coop"]}},
+                                      resources={"cpu": 1, "gpu": 1}, overrides=["tracking.enabled=false"]))
+    with pytest.warns(UserWarning, match=r"^the Ray cluster at ray://head:10001: resources: one trial asks for 1 CPU, "
+                                         r"1 GPU, which no node of the cluster has \(1 alive: 4 CPUs, 0 GPUs\)"), \
+            pytest.raises(Joined):
+        run_search(search)
+
+
 @pytest.mark.parametrize("error", [ConnectionError("Could not find any running Ray instance."),
                                    ray.exceptions.AuthenticationError("Authentication failed: InvalidAuthToken")])
 def test_a_cluster_that_cannot_be_joined_is_one_line_and_leaves_nothing_written(tmp_path, shards, monkeypatch,
