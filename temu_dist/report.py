@@ -4,7 +4,7 @@ SRCC / PLCC in each cell (the seed's Tables 5-13).
     python -m temu_dist.report runs/table8-*                          # Table 8 from its 12 runs
     python -m temu_dist.report runs/table6-agiqa3k-S runs/table6-agiqa3k-I   # repeat series: mean +- sd
     python -m temu_dist.report runs/table5-clive-prompts                 # a search: a row per trial
-    python -m temu_dist.report runs/table8-* --out table8.md --plot table8.png    # .csv for a spreadsheet
+    python -m temu_dist.report runs/table8-* --out table8.md --plot table8.png    # .csv, .tex (LaTeX) too
 
 A folder is a finished run (results.json), a finished repeat series (repeat.json), a search (its trials, finished or
 stopped early, running or done) or a folder of them (out_dir); a series' own split runs are left out where the series
@@ -245,24 +245,53 @@ def _cell(value: tuple[float, float | None] | None) -> str:
     return f"{mean:.4f}" if sd is None else f"{mean:.4f}±{sd:.4f}"
 
 
-def markdown(rows: list[Row], metrics: tuple[str, ...], each_at: str, names: list[str] | None = None) -> str:
-    """A row per run, SRCC / PLCC per set; each column's best first metric in bold, as the seed marks its best."""
-    names, cols = names or labels(rows), columns(rows)
+def _grid(rows: list[Row], metrics: tuple[str, ...]) -> list[list[tuple[list[str], bool]]]:
+    """Each row's cells: the metrics' values as text, and whether the first is its column's best (as the seed marks
+    its best in bold)."""
+    cols = columns(rows)
     best = {c: max((r.cells[c][metrics[0]][0] for r in rows if c in r.cells and metrics[0] in r.cells[c]
                     and not math.isnan(r.cells[c][metrics[0]][0])), default=None) for c in cols}
+    return [[([_cell(row.cells.get(c, {}).get(m)) + (f" (n={row.fewer[c, m]})" if (c, m) in row.fewer else "")
+               for m in metrics],
+              len(rows) > 1 and c in row.cells and row.cells[c].get(metrics[0], (None,))[0] == best[c])
+             for c in cols] for row in rows]
+
+
+def _footer(rows: list[Row], metrics: tuple[str, ...], each_at: str) -> str:
+    return f"{' / '.join(m.upper() for m in metrics)}; {_at(each_at)}" + (
+        "; a repeat series: mean±sd (sample, n-1) over its splits" if any(r.splits for r in rows) else "")
+
+
+def markdown(rows: list[Row], metrics: tuple[str, ...], each_at: str, names: list[str] | None = None) -> str:
+    """A row per run, SRCC / PLCC per set; each column's best first metric in bold."""
+    cols = columns(rows)
     lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, row in zip(names, rows):
-        cells = []
-        for c in cols:
-            values = [_cell(row.cells.get(c, {}).get(m)) + (f" (n={row.fewer[c, m]})" if (c, m) in row.fewer else "")
-                      for m in metrics]
-            top = len(rows) > 1 and c in row.cells and row.cells[c].get(metrics[0], (None,))[0] == best[c]
-            cells.append(" / ".join([f"**{values[0]}**" if top else values[0], *values[1:]]))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(f"{' / '.join(m.upper() for m in metrics)}; {_at(each_at)}" + (
-        "; a repeat series: mean±sd (sample, n-1) over its splits" if any(r.splits for r in rows) else ""))
-    return "\n".join(lines) + "\n"
+    for name, cells in zip(names or labels(rows), _grid(rows, metrics)):
+        lines.append(f"| {name} | " + " | ".join(" / ".join([f"**{values[0]}**" if top else values[0], *values[1:]])
+                                                 for values, top in cells) + " |")
+    return "\n".join([*lines, "", _footer(rows, metrics, each_at)]) + "\n"
+
+
+# LaTeX's special characters in text, each as LaTeX writes it.
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _tex(text: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in text).replace("±", r"$\pm$")
+
+
+def latex(rows: list[Row], metrics: tuple[str, ...], each_at: str, names: list[str] | None = None) -> str:
+    """The same table as a booktabs tabular, to paste into a paper's table environment."""
+    cols = columns(rows)
+    lines = [f"% {_tex(_footer(rows, metrics, each_at))}; needs \\usepackage{{booktabs}}",
+             f"\\begin{{tabular}}{{l{'c' * len(cols)}}}", "\\toprule",
+             " & ".join(["Run", *map(_tex, cols)]) + " \\\\", "\\midrule"]
+    for name, cells in zip(names or labels(rows), _grid(rows, metrics)):
+        lines.append(" & ".join([_tex(name), *(" / ".join(
+            [f"\\textbf{{{_tex(values[0])}}}" if top else _tex(values[0]), *map(_tex, values[1:])])
+            for values, top in cells)]) + " \\\\")
+    return "\n".join([*lines, "\\bottomrule", "\\end{tabular}"]) + "\n"
 
 
 def _at(each_at: str) -> str:
@@ -288,6 +317,9 @@ def table_csv(rows: list[Row], metrics: tuple[str, ...], names: list[str] | None
     return out.getvalue()
 
 
+OUT_SUFFIXES = (".md", ".csv", ".tex")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m temu_dist.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -295,12 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--each-at", choices=("own", "key"), default="own",
                         help="own: each set at its own best epoch (IQA-PyTorch); key: at the key metric's best epoch")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=["srcc", "plcc"])
-    parser.add_argument("--out", help="also write the table to this .md or .csv file")
+    parser.add_argument("--out", help="also write the table to this .md, .csv or .tex (LaTeX, booktabs) file")
     parser.add_argument("--plot", help="also draw the first metric as a coloured grid to this .png file")
     args = parser.parse_args(argv)
     metrics = tuple(args.metrics)
     try:
-        for flag, path, suffixes in (("--out", args.out, (".md", ".csv")), ("--plot", args.plot, (".png",))):
+        for flag, path, suffixes in (("--out", args.out, OUT_SUFFIXES), ("--plot", args.plot, (".png",))):
             if path and Path(path).suffix not in suffixes:
                 raise ConfigError(f"{flag} {path}: a {' or '.join(suffixes)} file")
             if path and not Path(path).resolve().parent.is_dir():
@@ -313,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, metrics, args.each_at, names)
     print(table, end="")
     if args.out:
-        write_text_atomic(Path(args.out), table if args.out.endswith(".md") else table_csv(rows, metrics, names))
+        suffix = Path(args.out).suffix
+        write_text_atomic(Path(args.out), table if suffix == ".md" else table_csv(rows, metrics, names)
+                          if suffix == ".csv" else latex(rows, metrics, args.each_at, names))
         print(f"report: written to {args.out}")
     if args.plot:
         from temu_dist.plots import results_grid

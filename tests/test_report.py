@@ -63,6 +63,16 @@ def test_runs_line_up_as_a_cross_dataset_table_with_their_own_split_named_after_
     assert [r["run"] for r in table] == ["variant=I", "variant=S"]
     assert float(table[1]["csiq/srcc"]) == 0.9 and table[1]["csiq/srcc_sd"] == "" and table[1]["splits"] == ""
     assert (tmp_path / "t.png").read_bytes().startswith(b"\x89PNG")
+    # The same table for a paper, in LaTeX.
+    assert report.main([str(finished), str(other), "--out", str(tmp_path / "t.tex")]) == 0
+    capsys.readouterr()
+    tex = (tmp_path / "t.tex").read_text().splitlines()
+    assert tex[0] == "% SRCC / PLCC; each set at its own best epoch (IQA-PyTorch's way); needs \\usepackage{booktabs}"
+    assert tex[1:5] == ["\\begin{tabular}{lcc}", "\\toprule", "Run & kadid10k & csiq \\\\", "\\midrule"]
+    assert tex[6].startswith("variant=S & \\textbf{") and tex[6].endswith(" & \\textbf{0.9000} / 0.8000 \\\\")
+    assert tex[7:] == ["\\bottomrule", "\\end{tabular}"]
+    assert report._tex("run_1 & 50% #2 {a} ~^\\ 0.6±0.1") == \
+        "run\\_1 \\& 50\\% \\#2 \\{a\\} \\textasciitilde{}\\textasciicircum{}\\textbackslash{} 0.6$\\pm$0.1"
     # At the key metric's best epoch instead: the weights one would ship.
     assert report.main([str(finished), str(other), "--each-at", "key", "--metrics", "srcc"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -188,7 +198,7 @@ def test_what_is_not_a_finished_run_is_one_line_naming_it(finished, tmp_path, ca
     assert report.main([str(old)]) == 1
     assert capsys.readouterr().err.startswith(f"report: {old / 'results.json'}: no own_best")
     assert report.main([str(old), "--each-at", "key"]) == 0
-    for flag, path, said in (("--out", "t.txt", "a .md or .csv file"), ("--plot", "t.jpg", "a .png file"),
+    for flag, path, said in (("--out", "t.txt", "a .md or .csv or .tex file"), ("--plot", "t.jpg", "a .png file"),
                              ("--out", "no/t.md", f"no folder {tmp_path / 'no'}")):
         capsys.readouterr()
         assert report.main([str(finished), flag, str(tmp_path / path)]) == 1
