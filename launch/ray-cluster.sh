@@ -5,7 +5,7 @@
 #   bash launch/ray-cluster.sh worker HEAD_IP
 # then, on the head, run the search against it (trials see the same paths: put shards and runs on a shared disk):
 #   RAY_AUTH_MODE=token RAY_ADDRESS=auto python -m temu_dist.tune --config configs/tune/prompt-layers.yaml
-# and `ray stop` on every node when done.
+# and `ray stop` on every node when done. Under SLURM, launch/ray-slurm.sbatch does all of this in one job.
 # Token authentication: the head makes a token (~/.ray/auth_token) unless one is there; every node and the search's
 # driver need RAY_AUTH_MODE=token and that token, which a shared home gives them, else RAY_AUTH_TOKEN=TOKEN (printed by
 # `ray get-auth-token` on the head). Ray 2.60 turns tokens on at a head that finds one but not at a joining node, so

@@ -1,4 +1,5 @@
-"""launch/slurm.sbatch run under stand-ins for srun, scontrol, nvidia-smi and accelerate: the command each node runs."""
+"""launch/slurm.sbatch and launch/ray-slurm.sbatch run under stand-ins for srun, scontrol, nvidia-smi, accelerate, ray
+and python: the commands each node runs."""
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,20 +16,37 @@ STAND_INS = {
 }
 
 
-@pytest.fixture
-def job(tmp_path):
+# The same for a Ray cluster: each srun says where it runs, then runs its command once.
+RAY_STAND_INS = {
+    # Each line in one write: the steps in the background print at once.
+    "srun": 'echo "srun$(printf " %q" "$@")" >&2\n'
+            'while [[ "$1" == -* ]]; do [[ "$1" == -w ]] && shift; shift; done\n"$@"',
+    "scontrol": "echo gpu-a01; echo gpu-a02; echo gpu-a03",
+    "hostname": "echo 10.0.0.1 172.17.0.1",
+    "ray": 'case "$1" in get-auth-token) printf TOKEN ;; status) ;; *) echo "ray$(printf " %q" "$@")" ;; esac',
+    "python": 'echo "python $* (RAY_ADDRESS=$RAY_ADDRESS RAY_AUTH_TOKEN=$RAY_AUTH_TOKEN" \\\n'
+              '  "SRUN_CPUS_PER_TASK=$SRUN_CPUS_PER_TASK)"',
+}
+
+
+def _job(tmp_path, stand_ins):
     """A job's working directory (the repository's launch files, an empty .venv) and its environment."""
     shutil.copytree(REPO / "launch", tmp_path / "launch")
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     (tmp_path / ".venv" / "bin" / "activate").write_text("")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, body in STAND_INS.items():
+    for name, body in stand_ins.items():
         (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu-a[01-02]",
            "SLURM_JOB_ID": "12345", "SLURM_CPUS_PER_TASK": "32", "SLURM_GPUS_ON_NODE": "8"}
     return tmp_path, env
+
+
+@pytest.fixture
+def job(tmp_path):
+    return _job(tmp_path, STAND_INS)
 
 
 def _sbatch(job, *args, **env):
@@ -75,3 +93,30 @@ def test_the_multinode_deepspeed_file_starts_each_node_itself():
     assert {k: v for k, v in config["deepspeed_config"].items() if k != "deepspeed_multinode_launcher"} == \
         single["deepspeed_config"]
     assert config["mixed_precision"] == single["mixed_precision"] == "no"
+
+
+def test_a_search_under_slurm_starts_a_ray_head_and_a_worker_per_other_node_with_slurms_cpus_and_gpus(tmp_path):
+    folder, env = _job(tmp_path, RAY_STAND_INS)
+    env.update(SLURM_NNODES="3", SLURM_JOB_NODELIST="gpu-a[01-03]")
+    done = subprocess.run(["bash", "launch/ray-slurm.sbatch", "configs/tune/x.yaml", "num_samples=2"], cwd=folder,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    port = 20000 + 12345 % 12000
+    head = f"ray start --head --node-ip-address=10.0.0.1 --port={port} --num-cpus=32 --num-gpus=8 " \
+           "--include-dashboard=false --block"
+    worker = f"ray start --address=10.0.0.1:{port} --num-cpus=32 --num-gpus=8 --block"
+    # srun says on stderr where each step runs; the steps' commands print on stdout. The head and the workers run in
+    # the background, so only the first step comes in a fixed order.
+    steps = done.stderr.splitlines()
+    assert steps[0] == "srun --nodes=1 --ntasks=1 -w gpu-a01 hostname --ip-address"
+    assert sorted(steps[1:]) == [f"srun --nodes=1 --ntasks=1 -w gpu-a01 {head}",
+                                 f"srun --nodes=1 --ntasks=1 -w gpu-a02 {worker}",
+                                 f"srun --nodes=1 --ntasks=1 -w gpu-a03 {worker}"]
+    assert sorted(done.stdout.splitlines()) == sorted([
+        head, worker, worker, f"python -m temu_dist.tune --config configs/tune/x.yaml num_samples=2 "
+        f"(RAY_ADDRESS=10.0.0.1:{port} RAY_AUTH_TOKEN=TOKEN SRUN_CPUS_PER_TASK=32)"])
+    # A CPU-only allocation is a CPU-only cluster, not an error: a search may well run without GPUs.
+    del env["SLURM_GPUS_ON_NODE"]
+    cpu = subprocess.run(["bash", "launch/ray-slurm.sbatch", "configs/tune/x.yaml"], cwd=folder, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert cpu.returncode == 0 and cpu.stdout.count("--num-gpus=0") == 3  # the head and both workers
