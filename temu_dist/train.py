@@ -193,8 +193,9 @@ RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.timeout_mi
                      "tracking.enabled", "tracking.uri", "model.compile", "model.compile_mode", "train.keep_tokens"}
 
 
-# Keys added since checkpoints were first written: a run saved before one resumes with this run's value.
-ADDED_SINCE = {"train.plcc_over"}
+# Keys added since checkpoints were first written, each with the value a run saved before it trained with; None where
+# no value holds (train.plcc_over: such a run resumes with this run's value, and says so).
+ADDED_SINCE: dict[str, object] = {"train.plcc_over": None, "model.tower_fp8": False}
 
 
 # The config sections a run's weights depend on (a search's results also on eval, what they are scored on).
@@ -209,8 +210,12 @@ def _first_change(saved: dict, config: Config, sections: tuple[str, ...],
     tree = dump(config)
     ours, theirs = flatten(tree), flatten(saved)
     for key in sorted(set(ours) | set(theirs)):
-        if key.split(".")[0] in sections and key not in may_change \
-                and not (key in ADDED_SINCE and key not in theirs) and ours.get(key) != theirs.get(key):
+        if key.split(".")[0] not in sections or key in may_change:
+            continue
+        if key in ADDED_SINCE and key not in theirs:
+            if ADDED_SINCE[key] is not None and ours.get(key) != ADDED_SINCE[key]:
+                return key, ADDED_SINCE[key], ours.get(key)
+        elif ours.get(key) != theirs.get(key):
             whole = list_of(key)
             if whole != key or isinstance(ours.get(key, theirs.get(key)), list):
                 return whole, value_at(saved, whole), value_at(tree, whole)

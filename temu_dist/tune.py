@@ -450,14 +450,19 @@ def _check_same_search(search: SearchConfig, base: dict, metric: str, started: P
     """A search rerun to resume it must be the one started: Ray restores the trials it began with and keeps their
     results, so a changed space, base or sample count would come back with the old search's results under the new
     config. A search started before this file was written is not checked."""
+    from temu_dist.train import ADDED_SINCE
+
     if not started.is_file():
         return
     before, now = flatten(json.loads(started.read_text())), flatten(_identity(search, base, metric))
     for key in sorted(set(before) | set(now), key=lambda k: (k.split(".")[0] != "space", k)):
-        if before.get(key) != now.get(key):
-            shown = key.removeprefix("base.")
+        shown = key.removeprefix("base.")
+        # A key added since the search started: its trials trained with the value ADDED_SINCE gives, if any.
+        added = key not in before and key != shown and shown in ADDED_SINCE
+        was = ADDED_SINCE[shown] if added else before.get(key)
+        if (was is not None or not added) and was != now.get(key):
             raise ConfigError(f"{shown}: the search {search.name} in {started.parent} was started with "
-                              f"{before.get(key)!r}, this run asks for {now.get(key)!r}; rerun it as it was started "
+                              f"{was!r}, this run asks for {now.get(key)!r}; rerun it as it was started "
                               "to resume it, or give the changed search another name=")
 
 

@@ -359,6 +359,17 @@ def test_a_run_saved_before_plcc_over_existed_resumes_with_a_warning_and_a_saved
     assert "predates" not in capsys.readouterr().out
 
 
+def test_a_run_saved_before_tower_fp8_existed_trained_a_bf16_tower_and_resumes_on_one_only():
+    from temu_dist.config import dump
+    from temu_dist.train import _first_change
+
+    saved = dump(tiny_config())
+    del saved["model"]["tower_fp8"]
+    assert _first_change(saved, tiny_config(), ("model",), set()) is None
+    assert _first_change(saved, tiny_config("model.tower_fp8=true"), ("model",), set()) == \
+        ("model.tower_fp8", False, True)
+
+
 def test_a_relative_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, shards, monkeypatch):
     monkeypatch.chdir(tmp_path)
     results = train(run_config(tmp_path, shards, "train.epochs=1", "tracking.uri=sqlite:///rel.db"))

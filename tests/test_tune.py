@@ -403,6 +403,21 @@ def test_missing_shards_are_refused_before_ray_starts_with_trains_message(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_search_started_before_a_key_existed_resumes_where_its_trials_had_that_keys_value(tmp_path, shards):
+    search = load_search(_search_file(tmp_path, shards, "old", {"model.prompt": {"grid": ["none", "coop"]}}))
+    base = tune_cli.base_config(search)
+    identity = tune_cli._identity(search, base, "test/srcc")
+    del identity["base"]["model.tower_fp8"], identity["base"]["train.plcc_over"]
+    started = tmp_path / "started.json"
+    started.write_text(json.dumps(identity))
+    tune_cli._check_same_search(search, base, "test/srcc", started)  # as its trials trained: no error
+    fp8 = tune_cli.base_config(load_search(_search_file(tmp_path, shards, "old", {"model.prompt": {"grid": ["coop"]}},
+                                                        overrides=["model.tower_fp8=true"])))
+    with pytest.raises(ConfigError, match=r"^model.tower_fp8: the search old in .* was started with False, this run "
+                                          r"asks for True"):
+        tune_cli._check_same_search(search, fp8, "test/srcc", started)
+
+
 def test_a_rerun_is_held_to_what_its_results_depend_on(tmp_path, shards):
     path = _search_file(tmp_path, shards, "same", {"model.prompt": {"grid": ["none", "coop"]}})
 
