@@ -5,6 +5,7 @@ from torch import nn
 
 from temu_dist.config import ConfigError
 from temu_dist.model import fp8
+from temu_dist.model.clipiqa import build_clipiqa
 from temu_dist.model.fp8 import E4M3_MAX, Fp8Linear, check_fp8, quantize_rows
 from temu_dist.model.io import load_model, save_model
 from temu_dist.model.temu import build_model
@@ -61,6 +62,9 @@ def test_an_fp8_tower_needs_bf16_a_compiled_gpu_model_and_widths_of_16():
         check_fp8(torch.device("cuda"), compiled=False)
     with pytest.raises(ConfigError, match=r"^model.tower_fp8: fp8 matmuls need widths divisible by 16; .* 24 -> 48"):
         Fp8Linear(nn.Linear(24, 48))
+    with pytest.raises(ConfigError, match=r"^model.tower_fp8: CLIP-IQA scores with the bf16 tower; set "
+                                          r"model.tower_fp8=false$"):
+        build_clipiqa(tiny_config("model.precision=bf16", "model.tower_fp8=true"))
 
 
 def test_a_device_torch_cannot_run_fp8_on_is_one_line(monkeypatch):
@@ -83,3 +87,17 @@ def test_a_run_trained_in_bf16_is_scored_with_the_fp8_tower_by_an_override(tmp_p
     assert loaded_config.model.tower_fp8 and isinstance(loaded.backbone.visual.transformer.resblocks[0].mlp.c_fc,
                                                         Fp8Linear)
     torch.testing.assert_close(loaded.prompts.ctx, model.prompts.ctx, rtol=0, atol=0)
+
+
+def test_a_score_used_as_a_loss_has_a_gradient_through_the_fp8_tower():
+    from temu_dist.scorer import Scorer
+    from tests.conftest import TINY_OVERRIDES
+
+    grads = {}
+    for on in ("false", "true"):
+        scorer = Scorer.from_config(None, [*TINY_OVERRIDES, "model.precision=bf16", f"model.tower_fp8={on}"])
+        x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        (1 - scorer(x).mean()).backward()
+        grads[on] = x.grad.flatten()
+    # Through the dequantised weights, the activations' rounding passed straight through: near the bf16 tower's.
+    assert torch.nn.functional.cosine_similarity(grads["true"], grads["false"], dim=0) > 0.95

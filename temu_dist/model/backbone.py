@@ -341,7 +341,7 @@ class Backbone(nn.Module):
         if cfg.tower_fp8:
             if dtype != torch.bfloat16:
                 raise ConfigError("model.tower_fp8: the fp8 tower writes bf16; set model.precision=bf16 (auto is "
-                                  "bf16 on a GPU only)")
+                                  "bf16 on a GPU only), or model.tower_fp8=false")
             linears_to_fp8(self.visual.transformer)
         self.dtype = dtype
         self.width = visual.transformer.width

@@ -50,6 +50,9 @@ def layer_spec(option: Option, layer: int | None, num_layers: int) -> str:
 def build_clipiqa(config: Config, option: Option = "a", layer: int | None = None,
                   device: torch.device | None = None) -> ClipIQA:
     """Fixed prompts (model.prompt_pairs) whatever model.prompt says: zero-shot means nothing is learned."""
+    if config.model.tower_fp8:
+        # Zero-shot scoring runs uncompiled, where the fp8 tower is slower than bf16 on a GPU.
+        raise ConfigError("model.tower_fp8: CLIP-IQA scores with the bf16 tower; set model.tower_fp8=false")
     device = device or resolve_device(config.device)
     clip = create_clip(config.model, config.seed)
     num_layers = len(clip.visual.transformer.resblocks)

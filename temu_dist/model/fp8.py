@@ -1,10 +1,9 @@
 """The frozen image tower's linear layers as fp8 matmuls (`model.tower_fp8`): e4m3 weights with one scale per output
-channel, quantised once, and activations quantised per token on the fly, each product accumulated in fp32 and written
-in the tower's dtype (bf16).
+channel, quantised once, and activations quantised per token on the fly, written in the tower's dtype (bf16).
 
 Written here rather than taken from torchao: this is the one matmul torch itself ships (`torch._scaled_mm`, rowwise
 scales), and torchao's releases each pin a narrow range of torch versions, which the GPU nodes and the CPU tests here
-do not share. The tower is frozen and runs without autograd, so no backward is needed.
+do not share. The tower is frozen: a backward is needed only towards its input, where a score is used as a loss.
 """
 from __future__ import annotations
 
@@ -18,10 +17,34 @@ E4M3_MAX = torch.finfo(E4M3).max  # 448
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (e4m3 [M, K], fp32 scales [M, 1]) with x ~ q * scale, each row's largest magnitude at E4M3_MAX."""
+    """x [M, K] -> (e4m3 [M, K], fp32 scales [M, 1]) with x ~ q * scale, each row's largest magnitude at E4M3_MAX.
+    (A rounding of amax / scale a hair over 448 needs no clamp: the cast to e4m3fn saturates.)"""
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / E4M3_MAX
-    # The clamp keeps a rounding of amax / scale a hair over 448 from becoming NaN (e4m3fn has no infinity).
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+    return (x.float() / scale).to(E4M3), scale
+
+
+def fp8_matmul(x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """(x * scale) @ (weight * weight_scale.T).T + bias for e4m3 x [M, K] and weight [N, K] with their row scales
+    ([M, 1], [1, N]). Fast accumulation made the ViT-L-14 step 5% faster on an H200 and left the tokens' error where
+    it was (benchmarks/RESULTS.md)."""
+    # mat2 must be column-major: the [N, K] row-major weight, transposed, is.
+    return torch._scaled_mm(x, weight.t(), scale_a=scale, scale_b=weight_scale, bias=bias, out_dtype=out_dtype,
+                            use_fast_accum=True)
+
+
+class _TowardsInput(torch.autograd.Function):
+    """The fp8 product, with a gradient towards its input through the dequantised weight: the activations' rounding
+    taken as the identity (the straight-through estimate), since _scaled_mm has no backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "Fp8Linear") -> torch.Tensor:
+        ctx.layer = layer
+        return layer.product(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.layer.dequantized_weight().to(grad.dtype), None
 
 
 class Fp8Linear(nn.Module):
@@ -41,16 +64,18 @@ class Fp8Linear(nn.Module):
         self.out_dtype = linear.weight.dtype
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The weight the matmul uses, in fp32 (for tests and error reports)."""
+        """The weight the matmul uses, in fp32."""
         return self.weight_bits.view(E4M3).float() * self.weight_scale.t()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def product(self, x: torch.Tensor) -> torch.Tensor:
         q, scale = quantize_rows(x.reshape(-1, self.in_features))
-        # mat2 must be column-major: the [out, in] row-major weight, transposed, is. Fast accumulation made the
-        # ViT-L-14 step 5% faster on an H200 and left the tokens' error where it was (benchmarks/RESULTS.md).
-        out = torch._scaled_mm(q, self.weight_bits.view(E4M3).t(), scale_a=scale, scale_b=self.weight_scale,
-                               bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=True)
+        out = fp8_matmul(q, scale, self.weight_bits.view(E4M3), self.weight_scale, self.bias, self.out_dtype)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # a score used as a loss (temu_dist.scorer)
+            return _TowardsInput.apply(x, self)
+        return self.product(x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3, rowwise scales"
@@ -74,10 +99,9 @@ def check_fp8(device: torch.device, compiled: bool) -> None:
         # in bf16; compiled, they fuse into the kernels before them.
         raise ConfigError("model.tower_fp8: on a GPU the fp8 tower is slower than bf16 unless compiled; set "
                           "model.compile=true")
-    a = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
     try:
-        q, scale = quantize_rows(a)
-        torch._scaled_mm(q, q.t(), scale_a=scale, scale_b=scale.t(), out_dtype=torch.bfloat16)
+        q, scale = quantize_rows(torch.ones(16, 16, device=device, dtype=torch.bfloat16))
+        fp8_matmul(q, scale, q, scale.t())
     except (RuntimeError, NotImplementedError) as e:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
