@@ -46,5 +46,5 @@ bench data 100 data --workers 1 8 15 --epochs 1 --images 960
 bench step_compile 270 step --backbone ViT-L-14-quickgelu --modes default
 bench step_modes 420 step --backbone ViT-L-14-quickgelu --modes eager default max-autotune --variants S \
     --prompts none --profile 12
-bench step_fp8 300 step --backbone ViT-L-14-quickgelu --modes default --towers bf16 fp8 --variants S \
+bench step_fp8 300 step --backbone ViT-L-14-quickgelu --modes default --towers plain fp8 --variants S \
     --prompts none coop --profile 12

@@ -46,7 +46,7 @@ def test_step_suite_rows():
         ops = r["profile"]["ops"]
         assert len(ops) == 5 and ops[0]["self_ms"] >= ops[-1]["self_ms"] > 0 and sum(o["share"] for o in ops) <= 1.001
     ratio = rows["cocoop"]["step_s"] / rows["coop"]["step_s"]
-    assert result["cocoop_over_coop"] == {"I eager bf16": pytest.approx(ratio, abs=1e-3)}
+    assert result["cocoop_over_coop"] == {"I eager fp32": pytest.approx(ratio, abs=1e-3)}
 
 
 def test_step_suite_compares_compile_modes_on_the_same_machine():
@@ -56,10 +56,13 @@ def test_step_suite_compares_compile_modes_on_the_same_machine():
 
 
 def test_step_suite_compares_the_fp8_tower_with_the_bf16_one():
-    result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", ["eager"], ["S"], ["none"], 2.0,
-                      towers=("bf16", "fp8"))
+    result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "bf16", ["eager"], ["S"], ["none"], 2.0,
+                      towers=("plain", "fp8"))
     bf16, fp8 = result["rows"]
     assert (bf16["tower"], fp8["tower"]) == ("bf16", "fp8") and bf16["step_s"] > 0 and fp8["step_s"] > 0
+    # A plain row is named by the dtype it ran in (fp32: auto on a CPU).
+    assert step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", ["eager"], ["S"], ["none"], 2.0)["rows"][0]["tower"] == \
+        "fp32"
     # fp8 keeps 3 mantissa bits to bf16's 8: a few percent off on every layer, not more, and not nothing.
     errors = result["fp8_tokens_rel_rms"]
     assert len(errors) == 4 and all(0.001 < e < 0.1 for e in errors)
@@ -77,7 +80,7 @@ def test_a_row_that_fails_is_recorded_and_the_other_rows_still_run(monkeypatch):
     monkeypatch.setattr(step, "measure", measure)
     result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", ["reduce-overhead", "eager"], ["S"], ["none"], 2.0)
     failed, timed = result["rows"]
-    assert failed == {"variant": "S", "prompt": "none", "mode": "reduce-overhead", "tower": "bf16",
+    assert failed == {"variant": "S", "prompt": "none", "mode": "reduce-overhead", "tower": "fp32",
                       "error": "RuntimeError: no CUDA graphs on this device"}
     assert timed["mode"] == "eager" and timed["step_s"] > 0 and timed["mfu"] > 0
 

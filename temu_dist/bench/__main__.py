@@ -2,7 +2,7 @@
 time). Results are kept in benchmarks/RESULTS.md with the machine and the date.
 
     python -m temu_dist.bench step [--backbone ViT-L-14] [--image-size 448] [--batch 32] [--modes eager default ...]
-        [--towers bf16 fp8] [--out FILE]
+        [--towers plain fp8] [--out FILE]
     python -m temu_dist.bench data [--workers 0 1 2] [--feed 375] [--dataset NAME --root DIR]
     python -m temu_dist.bench cw_ssim [--pairs 32]
     python -m temu_dist.bench scale [--sizes 10000 255000]
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--modes", nargs="+", default=["eager"],
                       choices=["eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                       help="eager and/or model.compile_mode values (each compiled): a row for each")
-    step.add_argument("--towers", nargs="+", choices=["bf16", "fp8"], default=["bf16"],
-                      help="the frozen tower's matmuls: bf16, and/or fp8 (model.tower_fp8)")
+    step.add_argument("--towers", nargs="+", choices=["plain", "fp8"], default=["plain"],
+                      help="the frozen tower in --precision's dtype (plain), and/or with fp8 matmuls (model.tower_fp8)")
     step.add_argument("--variants", nargs="+", choices=["S", "I"], default=["S", "I"])
     step.add_argument("--prompts", nargs="+", choices=["none", "coop", "cocoop"], default=["none", "coop", "cocoop"])
     step.add_argument("--peak-tflops", type=float, help="the device's peak, where the datasheet table lacks it")

@@ -30,7 +30,7 @@ from temu_dist.config import Config, ConfigError, load_config
 from temu_dist.data.ldg import sample_region
 from temu_dist.model.backbone import Backbone, compute_dtype, create_clip
 from temu_dist.model.flops import step_flops
-from temu_dist.model.fp8 import check_fp8, quantize_rows
+from temu_dist.model.fp8 import check_fp8, fp8_matmul, quantize_rows
 from temu_dist.model.temu import build_model, resolve_device
 from temu_dist.train import loss_fn
 
@@ -67,7 +67,7 @@ def fp8_gemm_tflops(device: torch.device, repeat: int = 5) -> float:
     b, scale_b = quantize_rows(torch.randn(n, n, device=device))
 
     def mm() -> None:
-        torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b.t(), out_dtype=torch.bfloat16)
+        fp8_matmul(a, scale_a, b, scale_b.t())
         sync(device)
 
     mm()  # warm-up
@@ -172,10 +172,10 @@ def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.d
 
 def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, precision: str, modes: list[str],
         variants: list[str], prompts: list[str], peak_tflops: float | None, profile_top: int = 0,
-        towers: tuple[str, ...] = ("bf16",)) -> dict:
-    """`modes`: "eager" and/or torch.compile modes (model.compile_mode); `towers`: "bf16" and/or "fp8"
-    (model.tower_fp8, its rows in bf16 whatever `precision` says); a row for each with each variant and prompt, so one
-    run compares them on the same machine."""
+        towers: tuple[str, ...] = ("plain",)) -> dict:
+    """`modes`: "eager" and/or torch.compile modes (model.compile_mode); `towers`: "plain" (the tower in `precision`'s
+    dtype) and/or "fp8" (model.tower_fp8, bf16 around it); a row for each with each variant and prompt, so one run
+    compares them on the same machine. A row's "tower" says which ran: bf16, fp32 or fp8."""
     device = resolve_device("auto")
     base = [f"model.backbone={backbone}", "model.pretrained=null", f"model.image_size={image_size}",
             f"model.precision={precision}", "ldg.p=1.0", f"train.batch_size={batch}"]
@@ -195,7 +195,8 @@ def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, pre
         config = load_config(None, [*base, *compiled, *fp8, f"model.variant={variant}", f"model.prompt={prompt}"])
         # Each model is compiled afresh: dynamo's cache of the same forward would fill up and fall back to eager.
         torch._dynamo.reset()
-        row = {"variant": variant, "prompt": prompt, "mode": mode, "tower": tower}
+        row = {"variant": variant, "prompt": prompt, "mode": mode,
+               "tower": tower if tower == "fp8" else "bf16" if dtype == torch.bfloat16 else "fp32"}
         try:
             row.update(measure(config, batch, steps, warmup, device, profile_top))
         except Exception as e:  # noqa: BLE001 - one failing mode or variant must not lose the rows of a device run
