@@ -39,11 +39,12 @@ def test_an_fp8_linear_is_the_matmul_of_its_quantised_operands():
     assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05
 
 
-def test_the_fp8_tower_swaps_every_linear_layer_and_scores_close_to_the_bf16_one():
+@pytest.mark.parametrize("quick_gelu", ["false", "true"])  # true: the OpenAI weights' tower, its scale folded first
+def test_the_fp8_tower_swaps_every_linear_layer_and_scores_close_to_the_bf16_one(quick_gelu):
     torch.manual_seed(0)
     x = torch.randn(16, 3, 64, 64)
-    bf16 = build_model(tiny_config("model.precision=bf16"))
-    model = build_model(tiny_config("model.precision=bf16", "model.tower_fp8=true"))
+    bf16 = build_model(tiny_config("model.precision=bf16", f"model.quick_gelu={quick_gelu}"))
+    model = build_model(tiny_config("model.precision=bf16", f"model.quick_gelu={quick_gelu}", "model.tower_fp8=true"))
     blocks = model.backbone.visual.transformer
     assert sum(isinstance(m, Fp8Linear) for m in blocks.modules()) == 4 * 4  # qkv, out, fc1, fc2 of 4 blocks
     assert not any(isinstance(m, nn.Linear) for m in blocks.modules())
