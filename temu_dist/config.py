@@ -75,7 +75,7 @@ class ModelConfig(Section):
     # The frozen image tower's linear layers (over 80% of its FLOPs) as fp8 matmuls, per-token and per-channel scales,
     # bf16 out: on Hopper GPUs (H100, H200) with model.compile, a ViT-L-14 step 11% faster (benchmarks/RESULTS.md), with
     # rounding bf16 has not. Compare the scores with it on and off on your own weights and data
-    # (`python -m temu_dist.evaluate ... model.tower_fp8=true`) before relying on it.
+    # (`python -m temu_dist.evaluate ... model.tower_fp8=true model.compile=true`) before relying on it.
     tower_fp8: bool = False
     # torch.compile the model: a one-off compile (ViT-L-14 on an H100: 20-50 s), then faster steps
     # (benchmarks/RESULTS.md).

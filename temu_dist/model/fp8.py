@@ -81,14 +81,12 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3, rowwise scales"
 
 
-def linears_to_fp8(module: nn.Module) -> int:
-    """Replaces every nn.Linear inside `module` by an Fp8Linear of its weights; returns how many."""
-    names = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
-    for name in names:
+def linears_to_fp8(module: nn.Module) -> None:
+    """Replaces every nn.Linear inside `module` by an Fp8Linear of its weights."""
+    for name in [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]:
         parent, _, child = name.rpartition(".")
         owner = module.get_submodule(parent)
         setattr(owner, child, Fp8Linear(getattr(owner, child)))
-    return len(names)
 
 
 def check_fp8(device: torch.device, compiled: bool) -> None:
