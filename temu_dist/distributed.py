@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list,
-                               gather_object, parse_flag_from_env)
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, parse_flag_from_env
 
 from temu_dist.config import Config, ConfigError, dump
 from temu_dist.tracking import flatten
@@ -50,6 +49,14 @@ def process_group_kwargs(config: Config, world_size: int, cuda: bool) -> list[In
     return [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timeout)]
 
 
+def keep_buffers_in_place(model: torch.nn.Module) -> None:
+    """A DDP-wrapped model's buffers are constants (the fp8 tower's weights among them, 300 MB for ViT-L-14): DDP
+    would broadcast them from process 0 before every forward. Set on the wrapped model, not as DDP's keyword: that
+    would also skip their sync when DDP wraps, and torch 2.14 warns that the keyword is deprecated."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model.broadcast_buffers = False
+
+
 def _no_gpu() -> bool:
     if torch.cuda.is_available():
         return False
@@ -78,9 +85,6 @@ def make_accelerator(config: Config) -> tuple[Accelerator, BatchPlan]:
         raise ConfigError("ACCELERATE_USE_CPU=true turns DeepSpeed off: unset it for a DeepSpeed launch file "
                           "(DeepSpeed finds the CPU without it)")
     on_cpu = (_no_gpu() or config.device == "cpu") and not deepspeed
-    # The model's buffers are constants (the fp8 tower's weights among them, 300 MB for ViT-L-14): DDP would broadcast
-    # them from process 0 before every forward.
-    handlers.append(DistributedDataParallelKwargs(broadcast_buffers=False))
     accelerator = Accelerator(cpu=on_cpu, gradient_accumulation_steps=plan.accumulation, kwargs_handlers=handlers)
     if accelerator.state.deepspeed_plugin is not None:
         _check_deepspeed(accelerator)

@@ -41,7 +41,7 @@ from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import check_fidelity_size, ldg_targets
 from temu_dist.data.manifest import pack_named_by
 from temu_dist.data.stream import SharedEpoch, split_shards, train_loader
-from temu_dist.distributed import BatchPlan, check_processes_agree, make_accelerator
+from temu_dist.distributed import BatchPlan, check_processes_agree, keep_buffers_in_place, make_accelerator
 from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, result_names, scatter_plots
 from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights, with_legacy_fields
@@ -579,6 +579,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
             accelerator.print(f"train: warning: {last} was saved by a version that split the samples over its "
                               f"{saved_position['readers']} data readers otherwise: {rest}")
     model, optimizer = accelerator.prepare(model, optimizer)
+    keep_buffers_in_place(model)
     if accelerator.state.deepspeed_plugin is not None:
         clipping = model.gradient_clipping()  # what DeepSpeed's engine does, not what the launch file asked
         accelerator.print(f"train: DeepSpeed ZeRO stage {accelerator.state.deepspeed_plugin.zero_stage}, gradient "

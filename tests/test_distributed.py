@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from temu_dist.config import ConfigError, load_config
 from temu_dist.data.splits import SplitSpec
-from temu_dist.distributed import make_accelerator, process_group_kwargs
+from temu_dist.distributed import keep_buffers_in_place, make_accelerator, process_group_kwargs
 from temu_dist.model.temu import build_model
 from temu_dist.pack import PackOptions, pack
-from tests.conftest import write_kadid
+from tests.conftest import tiny_config, write_kadid
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -265,9 +265,20 @@ def test_processes_with_different_numbers_of_distorted_images_gather_them_all_wi
     assert got[1]["grad"].tolist() == [4.0, 6.0, 8.0, 10.0]
 
 
-def test_ddp_leaves_the_models_constant_buffers_where_they_are():
-    # broadcast_buffers=True (DDP's default) sent every buffer from process 0 before each forward: with the fp8 tower,
-    # its weights (737,702 bytes a forward for the tiny tower here, about 300 MB for ViT-L-14), measured on 2 CPU
-    # processes.
-    accelerator, _ = make_accelerator(load_config(None, []))
-    assert accelerator.ddp_handler.to_kwargs() == {"broadcast_buffers": False}
+def test_ddp_leaves_the_models_constant_buffers_where_they_are(monkeypatch, tmp_path):
+    # DDP's default sent every buffer from process 0 before each forward: with the fp8 tower, its weights (737,702
+    # bytes a forward for the tiny tower, about 300 MB for ViT-L-14; measured on 2 CPU processes).
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'group'}")
+    try:
+        model = build_model(tiny_config("model.precision=bf16", "model.tower_fp8=true", "model.prompt=coop"))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        sent = []
+        monkeypatch.setattr(ddp, "_distributed_broadcast_coalesced", lambda tensors, *a, **k: sent.append(tensors))
+        ddp(torch.randn(2, 3, 64, 64)).score.sum().backward()
+        assert sent  # DDP's own default
+        sent.clear()
+        keep_buffers_in_place(ddp)
+        ddp(torch.randn(2, 3, 64, 64)).score.sum().backward()
+        assert sent == []
+    finally:
+        torch.distributed.destroy_process_group()
