@@ -193,9 +193,9 @@ RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.timeout_mi
                      "tracking.enabled", "tracking.uri", "model.compile", "model.compile_mode", "train.keep_tokens"}
 
 
-# Keys added since checkpoints were first written, each with the value a run saved before it trained with; None where
-# no value holds (train.plcc_over: such a run resumes with this run's value, and says so).
-ADDED_SINCE: dict[str, object] = {"train.plcc_over": None, "model.tower_fp8": False}
+# Keys added since checkpoints were first written, each with the value a run saved before it had (trained or was
+# scored with); None where no value holds (train.plcc_over: such a run resumes with this run's value, and says so).
+ADDED_SINCE: dict[str, object] = {"train.plcc_over": None, "model.tower_fp8": False, "eval.ldg": False}
 
 
 # The config sections a run's weights depend on (a search's results also on eval, what they are scored on).

@@ -359,15 +359,17 @@ def test_a_run_saved_before_plcc_over_existed_resumes_with_a_warning_and_a_saved
     assert "predates" not in capsys.readouterr().out
 
 
-def test_a_run_saved_before_tower_fp8_existed_trained_a_bf16_tower_and_resumes_on_one_only():
+def test_a_run_saved_before_a_key_existed_is_held_to_the_value_it_had():
     from temu_dist.config import dump
     from temu_dist.train import _first_change
 
     saved = dump(tiny_config())
-    del saved["model"]["tower_fp8"]
-    assert _first_change(saved, tiny_config(), ("model",), set()) is None
+    del saved["model"]["tower_fp8"], saved["eval"]["ldg"]
+    assert _first_change(saved, tiny_config(), ("model", "eval"), set()) is None
     assert _first_change(saved, tiny_config("model.tower_fp8=true"), ("model",), set()) == \
         ("model.tower_fp8", False, True)
+    # A run finished before eval.ldg was scored without LDG copies: rerun as it was, it hands back its results.
+    assert _first_change(saved, tiny_config("eval.ldg=true"), ("eval",), set()) == ("eval.ldg", False, True)
 
 
 def test_a_relative_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, shards, monkeypatch):
