@@ -16,16 +16,29 @@ STAND_INS = {
 }
 
 
-# The same for a Ray cluster: each srun says where it runs, then runs its command once.
+# The same for a Ray cluster: each srun says where it runs, then runs its command once (a line in one write: the steps
+# in the background print at once). `python -c` is the count of nodes alive (STANDIN_ALIVE, default all); the search
+# itself, with STANDIN_DRIVER_WAITS, runs until SIGINT. A head with STANDIN_HEAD_STAYS keeps running; a worker with
+# STANDIN_WORKER_FAILS fails at once.
 RAY_STAND_INS = {
-    # Each line in one write: the steps in the background print at once.
     "srun": 'echo "srun$(printf " %q" "$@")" >&2\n'
-            'while [[ "$1" == -* ]]; do [[ "$1" == -w ]] && shift; shift; done\n"$@"',
+            'while [[ "$1" == -* ]]; do [[ "$1" == -w ]] && shift; shift; done\nexec "$@"',
     "scontrol": "echo gpu-a01; echo gpu-a02; echo gpu-a03",
-    "hostname": "echo 10.0.0.1 172.17.0.1",
-    "ray": 'case "$1" in get-auth-token) printf TOKEN ;; status) ;; *) echo "ray$(printf " %q" "$@")" ;; esac',
-    "python": 'echo "python $* (RAY_ADDRESS=$RAY_ADDRESS RAY_AUTH_TOKEN=$RAY_AUTH_TOKEN" \\\n'
-              '  "SRUN_CPUS_PER_TASK=$SRUN_CPUS_PER_TASK)"',
+    "hostname": 'case "$1" in --ip-address) echo 127.0.1.1 fe80::1 ;; *) echo 10.0.0.1 172.17.0.1 ;; esac',
+    "ray": 'case "$1 $2" in\n'
+           '  "get-auth-token "*) printf TOKEN ;;\n'
+           '  "status "*) ;;\n'
+           '  *) echo "ray$(printf " %q" "$@")"\n'
+           '     [[ "$2" == --head && -n "${STANDIN_HEAD_STAYS:-}" ]] && exec sleep 20 >/dev/null 2>&1\n'
+           '     [[ "$2" == --address=* && -n "${STANDIN_WORKER_FAILS:-}" ]] && exit 1 ;;\n'
+           'esac\nexit 0',
+    "python": 'if [[ "$1" == -c ]]; then echo "${STANDIN_ALIVE:-3}"; exit; fi\n'
+              'echo "python $* (RAY_ADDRESS=$RAY_ADDRESS RAY_AUTH_TOKEN=$RAY_AUTH_TOKEN" \\\n'
+              '  "SRUN_CPUS_PER_TASK=$SRUN_CPUS_PER_TASK)"\n'
+              'if [[ -n "${STANDIN_DRIVER_WAITS:-}" ]]; then\n'
+              '  trap \'echo "driver: SIGINT"; exit 130\' INT\n'
+              '  while :; do sleep 0.1; done\n'
+              'fi',
 }
 
 
@@ -95,20 +108,27 @@ def test_the_multinode_deepspeed_file_starts_each_node_itself():
     assert config["mixed_precision"] == single["mixed_precision"] == "no"
 
 
+def _ray_job(tmp_path, **env):
+    folder, base = _job(tmp_path, RAY_STAND_INS)
+    base.update(SLURM_NNODES="3", SLURM_JOB_NODELIST="gpu-a[01-03]", **env)
+    return folder, base
+
+
 def test_a_search_under_slurm_starts_a_ray_head_and_a_worker_per_other_node_with_slurms_cpus_and_gpus(tmp_path):
-    folder, env = _job(tmp_path, RAY_STAND_INS)
-    env.update(SLURM_NNODES="3", SLURM_JOB_NODELIST="gpu-a[01-03]")
+    folder, env = _ray_job(tmp_path)
     done = subprocess.run(["bash", "launch/ray-slurm.sbatch", "configs/tune/x.yaml", "num_samples=2"], cwd=folder,
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    port = 20000 + 12345 % 12000
-    head = f"ray start --head --node-ip-address=10.0.0.1 --port={port} --num-cpus=32 --num-gpus=8 " \
-           "--include-dashboard=false --block"
-    worker = f"ray start --address=10.0.0.1:{port} --num-cpus=32 --num-gpus=8 --block"
+    port = 20000 + 12345 % 4000 * 3
+    head = f"ray start --head --node-ip-address=10.0.0.1 --port={port} --ray-client-server-port={port + 1} " \
+           f"--include-dashboard=false --num-cpus=32 --num-gpus=8 --dashboard-agent-listen-port={port + 2} --block"
+    worker = f"ray start --address=10.0.0.1:{port} --num-cpus=32 --num-gpus=8 --dashboard-agent-listen-port=" \
+             f"{port + 2} --block"
     # srun says on stderr where each step runs; the steps' commands print on stdout. The head and the workers run in
-    # the background, so only the first step comes in a fixed order.
+    # the background, so only the first step comes in a fixed order. The head's address is its first IPv4 one that
+    # is not loopback (127.0.1.1 is what Debian maps a host's name to).
     steps = done.stderr.splitlines()
-    assert steps[0] == "srun --nodes=1 --ntasks=1 -w gpu-a01 hostname --ip-address"
+    assert steps[0] == r"srun --nodes=1 --ntasks=1 -w gpu-a01 bash -c hostname\ --ip-address\;\ hostname\ -I"
     assert sorted(steps[1:]) == [f"srun --nodes=1 --ntasks=1 -w gpu-a01 {head}",
                                  f"srun --nodes=1 --ntasks=1 -w gpu-a02 {worker}",
                                  f"srun --nodes=1 --ntasks=1 -w gpu-a03 {worker}"]
@@ -120,3 +140,27 @@ def test_a_search_under_slurm_starts_a_ray_head_and_a_worker_per_other_node_with
     cpu = subprocess.run(["bash", "launch/ray-slurm.sbatch", "configs/tune/x.yaml"], cwd=folder, env=env,
                          capture_output=True, text=True, timeout=60)
     assert cpu.returncode == 0 and cpu.stdout.count("--num-gpus=0") == 3  # the head and both workers
+
+
+def test_a_worker_that_cannot_join_stops_the_job_before_the_search(tmp_path):
+    folder, env = _ray_job(tmp_path, STANDIN_ALIVE="1", STANDIN_HEAD_STAYS="1", STANDIN_WORKER_FAILS="1")
+    done = subprocess.run(["bash", "launch/ray-slurm.sbatch", "configs/tune/x.yaml"], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "python -m temu_dist.tune" not in done.stdout
+    assert done.stderr.splitlines()[-1] == "ray-slurm.sbatch: the Ray node on gpu-a02 exited before joining"
+
+
+def test_sigterm_to_the_job_stops_the_search_as_ctrl_c_does(tmp_path):
+    import signal
+    import time
+
+    folder, env = _ray_job(tmp_path, STANDIN_DRIVER_WAITS="1")
+    job = subprocess.Popen(["bash", "launch/ray-slurm.sbatch", "configs/tune/x.yaml"], cwd=folder, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    while not any(line.startswith("python -m temu_dist.tune") for line in lines):
+        lines.append(job.stdout.readline())
+    time.sleep(0.5)  # the driver's trap is set on its first line
+    job.send_signal(signal.SIGTERM)  # as SLURM's --signal=B:TERM, or scancel --batch --signal=TERM
+    out, _ = job.communicate(timeout=30)
+    assert job.returncode == 130 and "driver: SIGINT" in out
