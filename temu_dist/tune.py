@@ -173,22 +173,25 @@ def _check_fits_here(res: Resources) -> None:
 def _no_node_fits(res: Resources, nodes: list[dict]) -> str | None:
     """Why no trial can start on a cluster of these nodes (ray.nodes()), or None where one can. A trial of one process
     needs its CPUs and GPUs on one node; a Ray Train trial needs room for its workers over all nodes."""
-    asks = {"CPU": res.cpu, "GPU": res.gpu}
+    asks = {k: v for k, v in (("CPU", res.cpu), ("GPU", res.gpu)) if v > 0}
+    if not asks:
+        return None
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
 
     def room(have: dict) -> int:  # how many of one trial's processes fit on a node
-        return min((math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in asks.items() if v > 0), default=1)
+        return min(math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in asks.items())
 
     workers = max(res.workers, 1)
     if sum(room(have) for have in alive) >= workers:
         return None
-    each = ", ".join(f"{v:g} {k}{'s' * (v != 1)}" for k, v in asks.items() if v > 0)
-    wants = f"{workers} processes of {each}" if workers > 1 else each
+    each = ", ".join(f"{v:g} {k}{'s' * (v != 1)}" for k, v in asks.items())
+    wants = f"{workers} processes of {each}, which the cluster's nodes have no room for" if workers > 1 \
+        else f"{each}, which no node of the cluster has"
     nodes_said = "; ".join(f"{have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs" for have in alive[:4])
     more = f" and {len(alive) - 4} more" if len(alive) > 4 else ""
-    return (f"resources: one trial asks for {wants}, which no node of the cluster has ({len(alive)} alive: "
-            f"{nodes_said or 'none'}{more}); its trials stay PENDING until an autoscaler adds such a node (Ctrl-C "
-            "stops the search), or lower resources.cpu / resources.gpu")
+    return (f"resources: one trial asks for {wants} ({len(alive)} alive: {nodes_said or 'none'}{more}); its trials "
+            "stay PENDING until an autoscaler adds such nodes (Ctrl-C stops the search), or lower resources.cpu / "
+            "resources.gpu")
 
 
 def _local_cpus() -> int:

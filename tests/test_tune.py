@@ -339,7 +339,7 @@ def test_a_trial_no_node_of_the_cluster_can_hold_is_said_and_one_that_fits_is_no
     gpu_trial = tune_cli.Resources(cpu=2, gpu=1)
     assert tune_cli._no_node_fits(gpu_trial, [_node(4), _node(8, 1, alive=False)]) == (
         "resources: one trial asks for 2 CPUs, 1 GPU, which no node of the cluster has (1 alive: 4 CPUs, 0 GPUs); its "
-        "trials stay PENDING until an autoscaler adds such a node (Ctrl-C stops the search), or lower resources.cpu / "
+        "trials stay PENDING until an autoscaler adds such nodes (Ctrl-C stops the search), or lower resources.cpu / "
         "resources.gpu")
     assert tune_cli._no_node_fits(gpu_trial, [_node(4), _node(2, 1)]) is None
     assert tune_cli._no_node_fits(gpu_trial, [_node(1, 1)]) is not None  # the GPU, but not the CPUs, on one node
@@ -347,8 +347,10 @@ def test_a_trial_no_node_of_the_cluster_can_hold_is_said_and_one_that_fits_is_no
     train_trial = tune_cli.Resources(cpu=1, gpu=1, workers=2)
     assert tune_cli._no_node_fits(train_trial, [_node(4, 1), _node(4, 1)]) is None
     assert tune_cli._no_node_fits(train_trial, [_node(4, 1)]).startswith(
-        "resources: one trial asks for 2 processes of 1 CPU, 1 GPU, which no node")
+        "resources: one trial asks for 2 processes of 1 CPU, 1 GPU, which the cluster's nodes have no room for (1 "
+        "alive: 4 CPUs, 1 GPUs)")
     assert tune_cli._no_node_fits(tune_cli.Resources(cpu=0.5), [_node(1)]) is None
+    assert tune_cli._no_node_fits(tune_cli.Resources(cpu=0, workers=3), []) is None  # it asks for nothing
 
 
 def test_joining_a_cluster_without_room_for_a_trial_warns_at_once(tmp_path, shards, monkeypatch):
