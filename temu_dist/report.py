@@ -272,9 +272,11 @@ def markdown(rows: list[Row], metrics: tuple[str, ...], each_at: str, names: lis
     return "\n".join([*lines, "", _footer(rows, metrics, each_at)]) + "\n"
 
 
-# LaTeX's special characters in text, each as LaTeX writes it.
+# LaTeX's special characters in text, each as LaTeX writes it (<, > and | print otherwise as other glyphs in the default
+# font encoding).
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}",
+        "|": r"\textbar{}"}
 
 
 def _tex(text: str) -> str:
@@ -282,16 +284,18 @@ def _tex(text: str) -> str:
 
 
 def latex(rows: list[Row], metrics: tuple[str, ...], each_at: str, names: list[str] | None = None) -> str:
-    """The same table as a booktabs tabular, to paste into a paper's table environment."""
+    """The same table as a booktabs tabular, to paste into a paper's table environment, with the markdown's footer as
+    its last row."""
     cols = columns(rows)
-    lines = [f"% {_tex(_footer(rows, metrics, each_at))}; needs \\usepackage{{booktabs}}",
-             f"\\begin{{tabular}}{{l{'c' * len(cols)}}}", "\\toprule",
+    lines = ["% needs \\usepackage{booktabs}", f"\\begin{{tabular}}{{l{'c' * len(cols)}}}", "\\toprule",
              " & ".join(["Run", *map(_tex, cols)]) + " \\\\", "\\midrule"]
     for name, cells in zip(names or labels(rows), _grid(rows, metrics)):
-        lines.append(" & ".join([_tex(name), *(" / ".join(
+        # {} first: a row that began with [ would be read as the optional argument of the \\ before it.
+        lines.append(" & ".join(["{}" + _tex(name), *(" / ".join(
             [f"\\textbf{{{_tex(values[0])}}}" if top else _tex(values[0]), *map(_tex, values[1:])])
             for values, top in cells)]) + " \\\\")
-    return "\n".join([*lines, "\\bottomrule", "\\end{tabular}"]) + "\n"
+    footer = f"\\multicolumn{{{len(cols) + 1}}}{{l}}{{\\footnotesize {_tex(_footer(rows, metrics, each_at))}}} \\\\"
+    return "\n".join([*lines, "\\bottomrule", footer, "\\end{tabular}"]) + "\n"
 
 
 def _at(each_at: str) -> str:

@@ -67,12 +67,14 @@ def test_runs_line_up_as_a_cross_dataset_table_with_their_own_split_named_after_
     assert report.main([str(finished), str(other), "--out", str(tmp_path / "t.tex")]) == 0
     capsys.readouterr()
     tex = (tmp_path / "t.tex").read_text().splitlines()
-    assert tex[0] == "% SRCC / PLCC; each set at its own best epoch (IQA-PyTorch's way); needs \\usepackage{booktabs}"
-    assert tex[1:5] == ["\\begin{tabular}{lcc}", "\\toprule", "Run & kadid10k & csiq \\\\", "\\midrule"]
-    assert tex[6].startswith("variant=S & \\textbf{") and tex[6].endswith(" & \\textbf{0.9000} / 0.8000 \\\\")
-    assert tex[7:] == ["\\bottomrule", "\\end{tabular}"]
-    assert report._tex("run_1 & 50% #2 {a} ~^\\ 0.6±0.1") == \
-        "run\\_1 \\& 50\\% \\#2 \\{a\\} \\textasciitilde{}\\textasciicircum{}\\textbackslash{} 0.6$\\pm$0.1"
+    assert tex[:5] == ["% needs \\usepackage{booktabs}", "\\begin{tabular}{lcc}", "\\toprule",
+                       "Run & kadid10k & csiq \\\\", "\\midrule"]
+    assert tex[6].startswith("{}variant=S & \\textbf{") and tex[6].endswith(" & \\textbf{0.9000} / 0.8000 \\\\")
+    assert tex[7:] == ["\\bottomrule", "\\multicolumn{3}{l}{\\footnotesize SRCC / PLCC; each set at its own best "
+                       "epoch (IQA-PyTorch's way)} \\\\", "\\end{tabular}"]
+    assert report._tex("run_1 & 50% #2 {a} ~^\\ <|> 0.6±0.1") == (
+        "run\\_1 \\& 50\\% \\#2 \\{a\\} \\textasciitilde{}\\textasciicircum{}\\textbackslash{} "
+        "\\textless{}\\textbar{}\\textgreater{} 0.6$\\pm$0.1")
     # At the key metric's best epoch instead: the weights one would ship.
     assert report.main([str(finished), str(other), "--each-at", "key", "--metrics", "srcc"]) == 0
     out = capsys.readouterr().out.splitlines()
