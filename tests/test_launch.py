@@ -1,5 +1,6 @@
 """launch/slurm.sbatch and launch/ray-slurm.sbatch run under stand-ins for srun, scontrol, nvidia-smi, accelerate, ray
 and python: the commands each node runs."""
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -147,7 +148,8 @@ def test_a_worker_that_cannot_join_stops_the_job_before_the_search(tmp_path):
     done = subprocess.run(["bash", "launch/ray-slurm.sbatch", "configs/tune/x.yaml"], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "python -m temu_dist.tune" not in done.stdout
-    assert done.stderr.splitlines()[-1] == "ray-slurm.sbatch: the Ray node on gpu-a02 exited before joining"
+    # Both workers fail, in either order; srun's own lines may come after the message.
+    assert re.search(r"^ray-slurm\.sbatch: the Ray node on gpu-a0[23] exited before joining$", done.stderr, re.M)
 
 
 def test_sigterm_to_the_job_stops_the_search_as_ctrl_c_does(tmp_path):
@@ -157,9 +159,8 @@ def test_sigterm_to_the_job_stops_the_search_as_ctrl_c_does(tmp_path):
     folder, env = _ray_job(tmp_path, STANDIN_DRIVER_WAITS="1")
     job = subprocess.Popen(["bash", "launch/ray-slurm.sbatch", "configs/tune/x.yaml"], cwd=folder, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = []
-    while not any(line.startswith("python -m temu_dist.tune") for line in lines):
-        lines.append(job.stdout.readline())
+    while not (line := job.stdout.readline()).startswith("python -m temu_dist.tune"):
+        assert line, "the job ended before the search started"
     time.sleep(0.5)  # the driver's trap is set on its first line
     job.send_signal(signal.SIGTERM)  # as SLURM's --signal=B:TERM, or scancel --batch --signal=TERM
     out, _ = job.communicate(timeout=30)
