@@ -53,8 +53,9 @@ def keep_buffers_in_place(model: torch.nn.Module) -> None:
     """A DDP-wrapped model's buffers are constants (the fp8 tower's weights among them, 300 MB for ViT-L-14): DDP
     would broadcast them from process 0 before every forward. Set on the wrapped model, not as DDP's keyword: that
     would also skip their sync when DDP wraps, and torch 2.14 warns that the keyword is deprecated."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model.broadcast_buffers = False
+    ddp = getattr(model, "_orig_mod", model)  # under accelerate's dynamo backend, DDP inside the compiled wrapper
+    if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        ddp.broadcast_buffers = False
 
 
 def _no_gpu() -> bool:
