@@ -284,8 +284,8 @@ def _tex(text: str) -> str:
 
 
 def latex(rows: list[Row], metrics: tuple[str, ...], each_at: str, names: list[str] | None = None) -> str:
-    """The same table as a booktabs tabular, to paste into a paper's table environment, with the markdown's footer as
-    its last row."""
+    """The same table as a booktabs tabular, to paste into a paper's table environment, with the markdown's footer
+    below it (a row of the table would widen its last column to the footer's length)."""
     cols = columns(rows)
     lines = ["% needs \\usepackage{booktabs}", f"\\begin{{tabular}}{{l{'c' * len(cols)}}}", "\\toprule",
              " & ".join(["Run", *map(_tex, cols)]) + " \\\\", "\\midrule"]
@@ -294,8 +294,8 @@ def latex(rows: list[Row], metrics: tuple[str, ...], each_at: str, names: list[s
         lines.append(" & ".join(["{}" + _tex(name), *(" / ".join(
             [f"\\textbf{{{_tex(values[0])}}}" if top else _tex(values[0]), *map(_tex, values[1:])])
             for values, top in cells)]) + " \\\\")
-    footer = f"\\multicolumn{{{len(cols) + 1}}}{{l}}{{\\footnotesize {_tex(_footer(rows, metrics, each_at))}}} \\\\"
-    return "\n".join([*lines, "\\bottomrule", footer, "\\end{tabular}"]) + "\n"
+    footer = f"\\par\\smallskip{{\\footnotesize {_tex(_footer(rows, metrics, each_at))}}}"
+    return "\n".join([*lines, "\\bottomrule", "\\end{tabular}", footer]) + "\n"
 
 
 def _at(each_at: str) -> str:

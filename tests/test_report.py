@@ -70,8 +70,8 @@ def test_runs_line_up_as_a_cross_dataset_table_with_their_own_split_named_after_
     assert tex[:5] == ["% needs \\usepackage{booktabs}", "\\begin{tabular}{lcc}", "\\toprule",
                        "Run & kadid10k & csiq \\\\", "\\midrule"]
     assert tex[6].startswith("{}variant=S & \\textbf{") and tex[6].endswith(" & \\textbf{0.9000} / 0.8000 \\\\")
-    assert tex[7:] == ["\\bottomrule", "\\multicolumn{3}{l}{\\footnotesize SRCC / PLCC; each set at its own best "
-                       "epoch (IQA-PyTorch's way)} \\\\", "\\end{tabular}"]
+    assert tex[7:] == ["\\bottomrule", "\\end{tabular}", "\\par\\smallskip{\\footnotesize SRCC / PLCC; each set at "
+                       "its own best epoch (IQA-PyTorch's way)}"]
     assert report._tex("run_1 & 50% #2 {a} ~^\\ <|> 0.6±0.1") == (
         "run\\_1 \\& 50\\% \\#2 \\{a\\} \\textasciitilde{}\\textasciicircum{}\\textbackslash{} "
         "\\textless{}\\textbar{}\\textgreater{} 0.6$\\pm$0.1")
