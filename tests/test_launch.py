@@ -63,9 +63,9 @@ def job(tmp_path):
     return _job(tmp_path, STAND_INS)
 
 
-def _sbatch(job, *args, **env):
+def _sbatch(job, *args, script="launch/slurm.sbatch", **env):
     folder, base = job
-    return subprocess.run(["bash", "launch/slurm.sbatch", *args], cwd=folder, env={**base, **env},
+    return subprocess.run(["bash", script, *args], cwd=folder, env={**base, **env},
                           capture_output=True, text=True, timeout=60)
 
 
@@ -109,6 +109,9 @@ def test_the_multinode_deepspeed_file_starts_each_node_itself():
     assert config["mixed_precision"] == single["mixed_precision"] == "no"
 
 
+RAY_SBATCH = "launch/ray-slurm.sbatch"
+
+
 def _ray_job(tmp_path, **env):
     folder, base = _job(tmp_path, RAY_STAND_INS)
     base.update(SLURM_NNODES="3", SLURM_JOB_NODELIST="gpu-a[01-03]", **env)
@@ -116,9 +119,8 @@ def _ray_job(tmp_path, **env):
 
 
 def test_a_search_under_slurm_starts_a_ray_head_and_a_worker_per_other_node_with_slurms_cpus_and_gpus(tmp_path):
-    folder, env = _ray_job(tmp_path)
-    done = subprocess.run(["bash", "launch/ray-slurm.sbatch", "configs/tune/x.yaml", "num_samples=2"], cwd=folder,
-                          env=env, capture_output=True, text=True, timeout=60)
+    job = _ray_job(tmp_path)
+    done = _sbatch(job, "configs/tune/x.yaml", "num_samples=2", script=RAY_SBATCH)
     assert done.returncode == 0, done.stderr
     port = 20000 + 12345 % 4000 * 3
     head = f"ray start --head --node-ip-address=10.0.0.1 --port={port} --ray-client-server-port={port + 1} " \
@@ -137,16 +139,14 @@ def test_a_search_under_slurm_starts_a_ray_head_and_a_worker_per_other_node_with
         head, worker, worker, f"python -m temu_dist.tune --config configs/tune/x.yaml num_samples=2 "
         f"(RAY_ADDRESS=10.0.0.1:{port} RAY_AUTH_TOKEN=TOKEN SRUN_CPUS_PER_TASK=32)"])
     # A CPU-only allocation is a CPU-only cluster, not an error: a search may well run without GPUs.
-    del env["SLURM_GPUS_ON_NODE"]
-    cpu = subprocess.run(["bash", "launch/ray-slurm.sbatch", "configs/tune/x.yaml"], cwd=folder, env=env,
-                         capture_output=True, text=True, timeout=60)
+    del job[1]["SLURM_GPUS_ON_NODE"]
+    cpu = _sbatch(job, "configs/tune/x.yaml", script=RAY_SBATCH)
     assert cpu.returncode == 0 and cpu.stdout.count("--num-gpus=0") == 3  # the head and both workers
 
 
 def test_a_worker_that_cannot_join_stops_the_job_before_the_search(tmp_path):
-    folder, env = _ray_job(tmp_path, STANDIN_ALIVE="1", STANDIN_HEAD_STAYS="1", STANDIN_WORKER_FAILS="1")
-    done = subprocess.run(["bash", "launch/ray-slurm.sbatch", "configs/tune/x.yaml"], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=60)
+    job = _ray_job(tmp_path, STANDIN_ALIVE="1", STANDIN_HEAD_STAYS="1", STANDIN_WORKER_FAILS="1")
+    done = _sbatch(job, "configs/tune/x.yaml", script=RAY_SBATCH)
     assert done.returncode == 1 and "python -m temu_dist.tune" not in done.stdout
     # Both workers fail, in either order; srun's own lines may come after the message.
     assert re.search(r"^ray-slurm\.sbatch: the Ray node on gpu-a0[23] exited before joining$", done.stderr, re.M)
@@ -157,7 +157,7 @@ def test_sigterm_to_the_job_stops_the_search_as_ctrl_c_does(tmp_path):
     import time
 
     folder, env = _ray_job(tmp_path, STANDIN_DRIVER_WAITS="1")
-    job = subprocess.Popen(["bash", "launch/ray-slurm.sbatch", "configs/tune/x.yaml"], cwd=folder, env=env,
+    job = subprocess.Popen(["bash", RAY_SBATCH, "configs/tune/x.yaml"], cwd=folder, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not (line := job.stdout.readline()).startswith("python -m temu_dist.tune"):
         assert line, "the job ended before the search started"

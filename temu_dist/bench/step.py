@@ -17,6 +17,7 @@ run says where an MFU short of the target goes.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import time
@@ -30,7 +31,7 @@ from temu_dist.config import Config, ConfigError, load_config
 from temu_dist.data.ldg import sample_region
 from temu_dist.model.backbone import Backbone, compute_dtype, create_clip
 from temu_dist.model.flops import step_flops
-from temu_dist.model.fp8 import check_fp8, fp8_matmul, quantize_rows
+from temu_dist.model.fp8 import E4M3, check_fp8, fp8_matmul, quantize_rows
 from temu_dist.model.temu import build_model, resolve_device
 from temu_dist.train import loss_fn
 
@@ -51,27 +52,17 @@ def datasheet_peak(device: torch.device, dtype: torch.dtype) -> float | None:
 
 
 def gemm_tflops(device: torch.device, dtype: torch.dtype, repeat: int = 5) -> float:
-    """Best achieved TFLOP/s of an n x n matmul (n = 8192 on GPU, 2048 on CPU)."""
+    """Best achieved TFLOP/s of an n x n matmul (n = 8192 on GPU, 2048 on CPU); for torch.float8_e4m3fn, the fp8
+    tower's (rowwise scales, bf16 out)."""
     n = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
-    best = timed(lambda: (a @ b, sync(device)), repeat)
-    return 2 * n ** 3 / best / 1e12
-
-
-def fp8_gemm_tflops(device: torch.device, repeat: int = 5) -> float:
-    """Best achieved TFLOP/s of the fp8 tower's matmul (rowwise scales, bf16 out) at n x n, n as gemm_tflops's."""
-    n = 8192 if device.type == "cuda" else 2048
-    a, scale_a = quantize_rows(torch.randn(n, n, device=device))
-    b, scale_b = quantize_rows(torch.randn(n, n, device=device))
-
-    def mm() -> None:
-        fp8_matmul(a, scale_a, b, scale_b.t())
-        sync(device)
-
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    if dtype == E4M3:
+        (a, scale_a), (b, scale_b) = quantize_rows(a), quantize_rows(b)
+        mm = functools.partial(fp8_matmul, a, scale_a, b, scale_b.t())
+    else:
+        mm = functools.partial(torch.matmul, a.to(dtype), b.to(dtype))
     mm()  # warm-up
-    return 2 * n ** 3 / timed(mm, repeat) / 1e12
+    return 2 * n ** 3 / timed(lambda: (mm(), sync(device)), repeat) / 1e12
 
 
 def fp8_figures(config: Config, device: torch.device, images: int = 8) -> dict:
@@ -91,7 +82,7 @@ def fp8_figures(config: Config, device: torch.device, images: int = 8) -> dict:
             patches[fp8] = Backbone(clip, cfg, torch.bfloat16).to(device)(x)[1].float()
     ref = patches[False]
     rel = ((patches[True] - ref).pow(2).mean(dim=(0, 2, 3)) / ref.pow(2).mean(dim=(0, 2, 3))).sqrt()
-    return {"fp8_gemm_tflops": sig(fp8_gemm_tflops(device)), "fp8_tokens_rel_rms": [sig(v) for v in rel.tolist()],
+    return {"fp8_gemm_tflops": sig(gemm_tflops(device, E4M3)), "fp8_tokens_rel_rms": [sig(v) for v in rel.tolist()],
             "fp8_tokens_rel_rms_worst": sig(rel.max().item())}
 
 
