@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import signal
@@ -227,12 +228,44 @@ def _check_resumable(saved: dict, config: Config, where: Path) -> None:
     # With PLCC over the step the micro-batch only sets memory: a resume on a smaller device may change it. (Without
     # PLCC the micro-batches' own MSE, weighted by their LDG copies, still depends on it.)
     may_change = RESUME_MAY_CHANGE | ({"train.per_device_batch"} if config.train.plcc_over == "step"
-                                      and config.train.plcc_weight else set())
+                                      and config.train.plcc_weight else set()) \
+        | ({"train.epochs"} if config.train.resume == "extend" else set())
     change = _first_change(saved, config, TRAINED_SECTIONS, may_change)
     if change:
         key, theirs, ours = change
-        raise ConfigError(f"{key}: {where} was trained with {theirs!r}, this run asks for {ours!r}; resume with the "
-                          f"same value, or give this run another name=, or {REPLACE}")
+        further = "train it for another number of epochs with train.resume=extend, or " if key == "train.epochs" else ""
+        raise ConfigError(f"{key}: {where} was trained with {theirs!r}, this run asks for {ours!r}; {further}resume "
+                          f"with the same value, or give this run another name=, or {REPLACE}")
+
+
+def _stretch_schedule(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, steps: int) -> tuple[float, float]:
+    """Makes the cosine schedule `steps` long from the step it stands at; returns the rate before and after. The rate
+    is set by hand: CosineAnnealingLR scales the last rate step by step, so a new length alone would scale the old
+    schedule's rate (0 at its end)."""
+    state = scheduler.state_dict()
+    t, low = state["last_epoch"], state["eta_min"]
+    rates = [low + (base - low) * (1 + math.cos(math.pi * t / steps)) / 2 for base in state["base_lrs"]]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler.load_state_dict({**state, "T_max": steps, "_last_lr": rates})
+    return state["_last_lr"][0], rates[0]
+
+
+def _extend(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, saved_epochs: int, trained: int, config: Config,
+            steps_per_epoch: int, where: Path) -> dict:
+    """Gives a resumed run train.epochs in place of the `saved_epochs` it was started for; what changed, for its
+    records (a run extended so does not train as one started for its epochs would)."""
+    if config.train.epochs < trained:
+        raise ConfigError(f"train.epochs: {where} has trained {trained} epochs (the last may be partly done); ask for "
+                          f"{trained} or more")
+    before, after = _stretch_schedule(scheduler, steps_per_epoch * config.train.epochs)
+    return {"epochs_from": saved_epochs, "epochs_to": config.train.epochs, "after_step": scheduler.last_epoch,
+            "lr_from": before, "lr_to": after}
+
+
+def _extended_tag(extended: list[dict]) -> dict[str, str]:
+    return {"extended": "; ".join(f"{e['epochs_from']} -> {e['epochs_to']} epochs after step {e['after_step']}"
+                                  for e in extended)} if extended else {}
 
 
 def _check_same_evaluation(saved: dict, config: Config, run_dir: Path) -> None:
@@ -330,6 +363,8 @@ class Run:
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
     elapsed_s: float = 0.0
+    # Each time train.resume=extend gave the run another train.epochs (_extend).
+    extended: list[dict] = field(default_factory=list)
     lr: float = 0.0  # the rate the last optimizer step used
 
 
@@ -434,7 +469,7 @@ def _fit(config: Config, run: Run) -> None:
                                 "train_s": train_before + time.perf_counter() - tick,
                                 "readers": _readers(config, run.plan), "reader_runs": True}
                     info = {"next_epoch": epoch, "in_epoch": in_epoch, "history": history, "best": run.best,
-                            "elapsed_s": time.perf_counter() - started}
+                            "elapsed_s": time.perf_counter() - started, "extended": run.extended}
                     save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
         train_s = train_before + time.perf_counter() - tick
         results = evaluate_sets(plain, run.sets, accelerator, config)
@@ -447,7 +482,8 @@ def _fit(config: Config, run: Run) -> None:
         if improved:
             run.best = {"epoch": epoch + 1, "value": value, "eval": record["eval"]}
         if main:
-            info = {"next_epoch": epoch + 1, "history": history, "best": run.best, "elapsed_s": record["elapsed_s"]}
+            info = {"next_epoch": epoch + 1, "history": history, "best": run.best, "elapsed_s": record["elapsed_s"],
+                    "extended": run.extended}
             # best first: a kill between the two leaves `last` (what a resume trusts) naming the older best.
             if improved:
                 save_checkpoint(ckpt_dir / "best", plain, config, optimizer, scheduler, info)
@@ -530,10 +566,13 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                                  weight_decay=config.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * config.train.epochs)
     resumed = {}
-    last = find_checkpoint(ckpt_dir / "last") if config.train.resume == "auto" else None
+    last = find_checkpoint(ckpt_dir / "last") if config.train.resume != "never" else None
     if len(set(gather_object([last is not None]))) > 1:
         raise ConfigError(f"out_dir: some processes see {ckpt_dir / 'last'} and some do not; a run folder must lie "
                           "on a filesystem every node shares")
+    if last is None and config.train.resume == "extend":
+        raise ConfigError(f"train.resume: extend, but {run_dir} holds no run to extend (checkpoints/last); start it "
+                          "with train.resume=auto")
     if last is not None:
         saved = with_legacy_fields(load_saved_config(last))
         _check_resumable(saved, config, last)
@@ -551,9 +590,17 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                 and saved["train"].get("per_device_batch") != config.train.per_device_batch:
             raise ConfigError(f"train.per_device_batch: {last} holds a mid-epoch position saved before a resume could "
                               f"change it; resume with {saved['train'].get('per_device_batch')!r}")
+        extended = info.get("extended", [])
+        if saved["train"]["epochs"] != config.train.epochs:
+            extended = [*extended, _extend(scheduler, saved["train"]["epochs"],
+                                           info["next_epoch"] + bool(saved_position), config, steps_per_epoch, last)]
+            accelerator.print(f"train: extending {run_dir} from {extended[-1]['epochs_from']} to {config.train.epochs} "
+                              f"epochs: from its step {extended[-1]['after_step']} on, the learning rate follows a "
+                              f"{config.train.epochs}-epoch cosine ({extended[-1]['lr_from']:.3g} -> "
+                              f"{extended[-1]['lr_to']:.3g}), unlike a run started for {config.train.epochs} epochs")
         in_epoch = _in_this_plan(saved_position, plan)
         resumed = {"start_epoch": info["next_epoch"], "in_epoch": in_epoch, "history": info["history"],
-                   "best": info["best"], "elapsed_s": info["elapsed_s"]}
+                   "best": info["best"], "elapsed_s": info["elapsed_s"], "extended": extended}
         at = f", after its step {in_epoch['micro_batches'] // plan.accumulation} of {steps_per_epoch}," \
             if in_epoch else ""
         if info["next_epoch"] >= config.train.epochs:
@@ -592,7 +639,8 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
             accelerator.print(f"train: warning: starting anew in {run_dir}, which held a finished run: its "
                               "results.json is removed and its checkpoints are overwritten as this run trains")
             (run_dir / "results.json").unlink()
-    tracker = Tracker(config, run_dir, main, resuming=last is not None, tags=_run_tags(accelerator, plan),
+    tracker = Tracker(config, run_dir, main, resuming=last is not None,
+                      tags={**_run_tags(accelerator, plan), **_extended_tag(resumed.get("extended", []))},
                       past=[(h["epoch"], epoch_metrics(h)) for h in resumed.get("history", [])])
     run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,
               on_epoch, **resumed)
@@ -607,7 +655,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     summary = {"run_dir": str(run_dir), "processes": plan.world_size, "key_metric": config.train.key_metric,
                "best_epoch": run.best["epoch"], "best": run.best["eval"],
                "own_best": own_best(run.history, config.train.key_metric, run.best), "history": run.history,
-               "mlflow_run_id": tracker.run_id}
+               "mlflow_run_id": tracker.run_id, **({"extended": run.extended} if run.extended else {})}
     # A run that had finished before this call (repeat goes through its splits again) wrote its results then, and
     # logged them if its MLflow run has the best_epoch tag, which is set last.
     finished = resumed.get("start_epoch", 0) >= config.train.epochs and (run_dir / "results.json").is_file()

@@ -152,6 +152,37 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypat
     assert logged.data.tags["best_epoch"] == str(whole["best_epoch"]) and "best/val/srcc" in logged.data.metrics
 
 
+def test_resume_extend_trains_a_finished_run_further_on_a_cosine_of_the_new_length(tmp_path, shards, capsys):
+    first = train(run_config(tmp_path, shards))  # 2 epochs of 3 steps: the cosine ends at 0 after step 6
+    before = _files(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^train.epochs: .*last was trained with 2, this run asks for 3; train it "
+                                          r"for another number of epochs with train.resume=extend"):
+        train(run_config(tmp_path, shards, "train.epochs=3"))
+    with pytest.raises(ConfigError, match=r"^train.resume: extend, but .*other holds no run to extend"):
+        train(run_config(tmp_path, shards, "train.epochs=3", "train.resume=extend", "name=other"))
+    assert _files(tmp_path / "run") == before and not (tmp_path / "other").exists()
+    capsys.readouterr()
+    longer = train(run_config(tmp_path, shards, "train.epochs=3", "train.resume=extend"))
+    assert "extending" in capsys.readouterr().out
+    lr = run_config(tmp_path, shards).train.lr
+    assert _comparable(longer["history"][:2]) == _comparable(first["history"])
+    # Step 9, the third epoch's last, at a 9-step cosine's rate (the 6-step one had ended at 0), on from its step 6.
+    assert longer["history"][2]["lr"] == pytest.approx(lr * (1 + math.cos(math.pi * 8 / 9)) / 2)
+    assert longer["extended"] == [{"epochs_from": 2, "epochs_to": 3, "after_step": 6,
+                                   "lr_from": pytest.approx(0, abs=1e-12),
+                                   "lr_to": pytest.approx(lr * (1 + math.cos(math.pi * 6 / 9)) / 2)}]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["extended"] == longer["extended"]
+    assert longer["mlflow_run_id"] == first["mlflow_run_id"]  # the same MLflow run goes on, and says why
+    logged = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(longer["mlflow_run_id"])
+    assert logged.data.tags["extended"] == "2 -> 3 epochs after step 6" and logged.info.status == "FINISHED"
+    assert logged.data.tags["best_epoch"] == str(longer["best_epoch"])
+    capsys.readouterr()
+    again = train(run_config(tmp_path, shards, "train.epochs=3"))  # what it was extended to is now its own
+    assert "has finished its 3 epochs" in capsys.readouterr().out and again["extended"] == longer["extended"]
+    with pytest.raises(ConfigError, match=r"^train.epochs: .*last has trained 3 epochs .*; ask for 3 or more$"):
+        train(run_config(tmp_path, shards, "train.epochs=2", "train.resume=extend"))
+
+
 @pytest.mark.parametrize("plcc_over", ["step", "micro_batch"])
 def test_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_to_the_same_results(tmp_path, shards,
                                                                                         monkeypatch, plcc_over):
