@@ -47,6 +47,7 @@ class Row:
     splits: int | None = None  # a series' number of splits
     counts: dict[str, int] = field(default_factory=dict)  # column -> samples scored (a run's)
     stopped: str = ""  # a search's trial without results: how far its last checkpoint got
+    extended_from: int | None = None  # the epochs a run was started for, where train.resume=extend changed them
     # (column, metric) -> the splits a series' value is over, where a metric undefined in some left fewer
     fewer: dict[tuple[str, str], int] = field(default_factory=dict)
     split_runs: list[Path] = field(default_factory=list)  # a series' own runs
@@ -95,7 +96,9 @@ def read_run(folder: Path, each_at: str) -> Row:
     if key not in results:
         raise ConfigError(f"{path}: no own_best, as results were written before it: run the run's train command "
                           "again, which adds it without training, or use --each-at key")
-    return _row(folder, config, results[key])
+    row = _row(folder, config, results[key])
+    row.extended_from = results["extended"][0]["epochs_from"] if results.get("extended") else None
+    return row
 
 
 def _row(folder: Path, config: dict, sets: dict, stopped: str = "") -> Row:
@@ -231,6 +234,8 @@ def labels(rows: list[Row]) -> list[str]:
              for label, r in zip(said, rows)]
     return [name + (f" ({r.splits} split{'s' * (r.splits != 1)})" if r.splits else "")
             + (f" [{r.stopped}]" if r.stopped else "")
+            # Not what its config gives from scratch: its learning-rate schedule changed length midway.
+            + (f" [extended from {r.extended_from} epochs]" if r.extended_from is not None else "")
             for name, r in zip(named, rows)]
 
 

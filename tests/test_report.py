@@ -82,6 +82,15 @@ def test_runs_line_up_as_a_cross_dataset_table_with_their_own_split_named_after_
     assert out[5].startswith("SRCC; every set at the epoch the key metric chose")
 
 
+def test_a_run_extended_past_the_epochs_it_started_for_says_so_in_its_label(finished, tmp_path):
+    longer = _copy(finished, tmp_path / "longer", {"train.epochs": 3}, {})
+    results = json.loads((longer / "results.json").read_text())
+    results["extended"] = [{"epochs_from": 2, "epochs_to": 3, "after_step": 4, "lr_from": 0.0, "lr_to": 5e-5}]
+    (longer / "results.json").write_text(json.dumps(results))
+    rows = report.collect([finished, longer])
+    assert report.labels(rows) == ["epochs=2", "epochs=3 [extended from 2 epochs]"]
+
+
 def test_a_series_is_its_mean_and_sd_and_its_split_runs_are_left_out(finished, tmp_path, capsys, monkeypatch):
     for i, srcc in enumerate((0.5, 0.7)):
         _copy(finished, tmp_path / f"rep-split{i}", {}, {"own_best": {"test": {"srcc": srcc}}})
