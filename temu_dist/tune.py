@@ -182,11 +182,16 @@ def _no_node_fits(res: Resources, nodes: list[dict]) -> str | None:
         return min(math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in asks.items())
 
     workers = max(res.workers, 1)
-    if sum(room(have) for have in alive) >= workers:
+    rooms = [room(have) for have in alive]
+    if workers == 1 and sum(rooms) >= 1:
+        return None
+    # A Ray Train trial's own TRIAL_CPU sits on one node beside whichever workers that node still has room for.
+    if workers > 1 and any(sum(rooms) - r + room({**have, "CPU": have.get("CPU", 0.0) - TRIAL_CPU}) >= workers
+                           for have, r in zip(alive, rooms) if have.get("CPU", 0.0) >= TRIAL_CPU - 1e-9):
         return None
     each = ", ".join(f"{v:g} {k}{'s' * (v != 1)}" for k, v in asks.items())
-    wants = f"{workers} processes of {each}, which the cluster's nodes have no room for" if workers > 1 \
-        else f"{each}, which no node of the cluster has"
+    wants = f"{workers} processes of {each} and {TRIAL_CPU:g} CPU for the trial itself, which the cluster's nodes " \
+        "have no room for" if workers > 1 else f"{each}, which no node of the cluster has"
     nodes_said = "; ".join(f"{have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs" for have in alive[:4])
     more = f" and {len(alive) - 4} more" if len(alive) > 4 else ""
     return (f"resources: one trial asks for {wants} ({len(alive)} alive: {nodes_said or 'none'}{more}); its trials "

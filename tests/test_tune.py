@@ -347,8 +347,12 @@ def test_a_trial_no_node_of_the_cluster_can_hold_is_said_and_one_that_fits_is_no
     train_trial = tune_cli.Resources(cpu=1, gpu=1, workers=2)
     assert tune_cli._no_node_fits(train_trial, [_node(4, 1), _node(4, 1)]) is None
     assert tune_cli._no_node_fits(train_trial, [_node(4, 1)]).startswith(
-        "resources: one trial asks for 2 processes of 1 CPU, 1 GPU, which the cluster's nodes have no room for (1 "
-        "alive: 4 CPUs, 1 GPUs)")
+        "resources: one trial asks for 2 processes of 1 CPU, 1 GPU and 0.01 CPU for the trial itself, which the "
+        "cluster's nodes have no room for (1 alive: 4 CPUs, 1 GPUs)")
+    # Workers that take every CPU leave none for the trial's own 0.01: it would wait for ever.
+    assert tune_cli._no_node_fits(train_trial, [_node(1, 1), _node(1, 1)]) is not None
+    assert tune_cli._no_node_fits(train_trial, [_node(1, 1), _node(1.01, 1)]) is None
+    assert tune_cli._no_node_fits(train_trial, [_node(1, 1), _node(1, 1), _node(0.5)]) is None
     assert tune_cli._no_node_fits(tune_cli.Resources(cpu=0.5), [_node(1)]) is None
     assert tune_cli._no_node_fits(tune_cli.Resources(cpu=0, workers=3), []) is None  # it asks for nothing
 
