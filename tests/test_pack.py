@@ -3,6 +3,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -332,6 +333,12 @@ def test_relative_label_file_is_under_the_root(tmp_path, monkeypatch):
     manifest = pack(_opts(tmp_path / "kadid", tmp_path / "out", label_file="labels/dmos.csv"))
     assert manifest["source"]["label_file"] == str(moved)
     assert manifest["source"]["label_sha256"] == hashlib.sha256(moved.read_bytes()).hexdigest()
+    # One in the working folder but not under the root: the error says how to give it.
+    shutil.copy(moved, tmp_path / "mine.csv")
+    with pytest.raises(DataError, match=r"kadid/mine.csv not found: .*; a relative --label-file is read under --root, "
+                                        r"and mine.csv is in the working folder: give it as .*/mine.csv$"):
+        pack(_opts(tmp_path / "kadid", tmp_path / "out2", label_file="mine.csv"))
+    assert not (tmp_path / "out2").exists()
 
 
 def test_progress_shows_its_total_when_stderr_is_no_terminal(tmp_path, capsys):

@@ -107,6 +107,16 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
+def _label_under(root: Path, label_file: str | Path, what: str) -> Path:
+    """root / label_file, which must be there. A relative label file that is not under root but in the working folder
+    is said so: a shell's user reads a relative path from the working folder."""
+    path = root / label_file
+    if not path.is_file() and not Path(label_file).is_absolute() and Path(label_file).is_file():
+        raise DataError(f"{path} not found: expected {what}; a relative --label-file is read under --root, and "
+                        f"{label_file} is in the working folder: give it as {Path(label_file).absolute()}")
+    return _need(path, what)
+
+
 def _text(value: object) -> str:
     """A cell as text: spreadsheets store image ids and levels such as 1600 or 3 as numbers."""
     if isinstance(value, float) and value.is_integer():
@@ -418,7 +428,7 @@ def read_records(dataset: str, root: str | Path, label_file: str | Path | None =
     The dataset name and the label file's presence are checked now, the rows as they are read."""
     info = _info(dataset)
     root = Path(root).absolute()
-    label = _need(root / (label_file or info.label_file), f"the {dataset} release's '{info.label_file}'")
+    label = _label_under(root, label_file or info.label_file, f"the {dataset} release's '{info.label_file}'")
     return _unique(lambda: _READERS[dataset](root, label), label)
 
 
@@ -552,7 +562,7 @@ def read_csv_labels(spec: CsvLabels, root: str | Path, label_file: str | Path) -
     """Records of a dataset of one's own from its CSV (a relative path is under root), lazily, normalised from
     spec.mos_range to [0, 1], higher better."""
     root = Path(root).absolute()
-    label = _need(root / label_file, f"{spec.name}'s label CSV (--label-file)")
+    label = _label_under(root, label_file, f"{spec.name}'s label CSV (--label-file)")
     return _unique(lambda: _read_csv(spec, root, label), label)
 
 
