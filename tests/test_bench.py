@@ -55,7 +55,17 @@ def test_step_suite_compares_compile_modes_on_the_same_machine():
     assert all(r["step_s"] > 0 for r in result["rows"])
 
 
-def test_step_suite_compares_the_fp8_tower_with_the_bf16_one():
+def test_step_suite_forces_the_attention_kernel_asked_for():
+    result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", ["eager"], ["S"], ["coop", "cocoop"], 2.0,
+                      sdpa=("math", "cudnn"))
+    math_rows, cudnn_rows = result["rows"][:2], result["rows"][2:]
+    assert all(r["sdpa"] == "math" and r["step_s"] > 0 for r in math_rows)
+    # A CPU has no cuDNN kernel: forced, the step has none left to run.
+    assert all(r["sdpa"] == "cudnn" and "No viable backend" in r["error"] for r in cudnn_rows)
+    assert list(result["cocoop_over_coop"]) == ["S eager fp32 math"]
+
+
+
     result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "bf16", ["eager"], ["S"], ["none"], 2.0,
                       towers=("plain", "fp8"))
     bf16, fp8 = result["rows"]
@@ -80,7 +90,7 @@ def test_a_row_that_fails_is_recorded_and_the_other_rows_still_run(monkeypatch):
     monkeypatch.setattr(step, "measure", measure)
     result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", ["reduce-overhead", "eager"], ["S"], ["none"], 2.0)
     failed, timed = result["rows"]
-    assert failed == {"variant": "S", "prompt": "none", "mode": "reduce-overhead", "tower": "fp32",
+    assert failed == {"variant": "S", "prompt": "none", "mode": "reduce-overhead", "tower": "fp32", "sdpa": "default",
                       "error": "RuntimeError: no CUDA graphs on this device"}
     assert timed["mode"] == "eager" and timed["step_s"] > 0 and timed["mfu"] > 0
 

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="eager and/or model.compile_mode values (each compiled): a row for each")
     step.add_argument("--towers", nargs="+", choices=["plain", "fp8"], default=["plain"],
                       help="the frozen tower in --precision's dtype (plain), and/or with fp8 matmuls (model.tower_fp8)")
+    step.add_argument("--sdpa", nargs="+", choices=["default", "flash", "efficient", "cudnn", "math"],
+                      default=["default"], help="the tower's attention kernel: torch's choice and/or one forced")
     step.add_argument("--variants", nargs="+", choices=["S", "I"], default=["S", "I"])
     step.add_argument("--prompts", nargs="+", choices=["none", "coop", "cocoop"], default=["none", "coop", "cocoop"])
     step.add_argument("--peak-tflops", type=float, help="the device's peak, where the datasheet table lacks it")
@@ -84,7 +86,7 @@ def _run(args: argparse.Namespace) -> dict:
 
         return suite.run(args.backbone, args.image_size, args.batch, args.steps, args.warmup, args.precision,
                          args.modes, args.variants, args.prompts, args.peak_tflops, args.profile,
-                         tuple(args.towers))
+                         tuple(args.towers), tuple(args.sdpa))
     if args.suite == "data":
         from temu_dist.bench import data as suite
 

@@ -17,6 +17,7 @@ run says where an MFU short of the target goes.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -24,6 +25,7 @@ import time
 
 import torch
 from torch.autograd import DeviceType
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from temu_dist.bench.common import device_name, now, sig, sync, timed
@@ -161,12 +163,18 @@ def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.d
     return row
 
 
+# The tower's attention kernels that --sdpa can force (default: torch's own choice, flash first on a GPU).
+SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
 def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, precision: str, modes: list[str],
         variants: list[str], prompts: list[str], peak_tflops: float | None, profile_top: int = 0,
-        towers: tuple[str, ...] = ("plain",)) -> dict:
+        towers: tuple[str, ...] = ("plain",), sdpa: tuple[str, ...] = ("default",)) -> dict:
     """`modes`: "eager" and/or torch.compile modes (model.compile_mode); `towers`: "plain" (the tower in `precision`'s
-    dtype) and/or "fp8" (model.tower_fp8, bf16 around it); a row for each with each variant and prompt, so one run
-    compares them on the same machine. A row's "tower" says which ran: bf16, fp32 or fp8."""
+    dtype) and/or "fp8" (model.tower_fp8, bf16 around it); `sdpa`: "default" and/or attention kernels forced (SDPA);
+    a row for each with each variant and prompt, so one run compares them on the same machine. A row's "tower" says
+    which ran: bf16, fp32 or fp8."""
     device = resolve_device("auto")
     base = [f"model.backbone={backbone}", "model.pretrained=null", f"model.image_size={image_size}",
             f"model.precision={precision}", "ldg.p=1.0", f"train.batch_size={batch}"]
@@ -180,16 +188,18 @@ def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, pre
               "rows": []}
     if "fp8" in towers:
         result.update(fp8_figures(load_config(None, [*base, "model.precision=bf16"]), device))
-    for mode, tower, variant, prompt in itertools.product(modes, towers, variants, prompts):
+    for mode, tower, attention, variant, prompt in itertools.product(modes, towers, sdpa, variants, prompts):
         compiled = ["model.compile=false"] if mode == "eager" else ["model.compile=true", f"model.compile_mode={mode}"]
         fp8 = ["model.tower_fp8=true", "model.precision=bf16"] if tower == "fp8" else []
         config = load_config(None, [*base, *compiled, *fp8, f"model.variant={variant}", f"model.prompt={prompt}"])
         # Each model is compiled afresh: dynamo's cache of the same forward would fill up and fall back to eager.
         torch._dynamo.reset()
         row = {"variant": variant, "prompt": prompt, "mode": mode,
-               "tower": tower if tower == "fp8" else "bf16" if dtype == torch.bfloat16 else "fp32"}
+               "tower": tower if tower == "fp8" else "bf16" if dtype == torch.bfloat16 else "fp32", "sdpa": attention}
         try:
-            row.update(measure(config, batch, steps, warmup, device, profile_top))
+            # Around the compile too: the traced graph takes the kernel the flags allow then.
+            with contextlib.nullcontext() if attention == "default" else sdpa_kernel(SDPA[attention]):
+                row.update(measure(config, batch, steps, warmup, device, profile_top))
         except Exception as e:  # noqa: BLE001 - one failing mode or variant must not lose the rows of a device run
             row["error"] = f"{type(e).__name__}: {e}"[:500]
         if "step_s" in row:
@@ -203,10 +213,11 @@ def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, pre
         if device.type == "cuda":
             torch.cuda.empty_cache()
     timed_rows = [r for r in result["rows"] if "step_s" in r]
-    coop = {(r["variant"], r["mode"], r["tower"]): r["step_s"] for r in timed_rows if r["prompt"] == "coop"}
-    result["cocoop_over_coop"] = {}
-    for r in timed_rows:
-        key = (r["variant"], r["mode"], r["tower"])
-        if r["prompt"] == "cocoop" and key in coop:
-            result["cocoop_over_coop"][" ".join(key)] = round(r["step_s"] / coop[key], 3)
+
+    def key(r: dict) -> str:
+        return " ".join([r["variant"], r["mode"], r["tower"], *([] if r["sdpa"] == "default" else [r["sdpa"]])])
+
+    coop = {key(r): r["step_s"] for r in timed_rows if r["prompt"] == "coop"}
+    result["cocoop_over_coop"] = {key(r): round(r["step_s"] / coop[key(r)], 3) for r in timed_rows
+                                  if r["prompt"] == "cocoop" and key(r) in coop}
     return result
