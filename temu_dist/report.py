@@ -243,6 +243,24 @@ def columns(rows: list[Row]) -> list[str]:
     return list(dict.fromkeys(c for r in rows for c in r.cells))
 
 
+def rename(rows: list[Row], names: list[str], pairs: list[tuple[str, str]]) -> list[str]:
+    """The row names and the rows' columns (in place) as --rename pairs (label or column, new name) give them."""
+    cols = columns(rows)
+    for old, _ in pairs:
+        if old not in names and old not in cols:
+            raise ConfigError(f"--rename {old!r}: no row label or column is named so; the rows: {', '.join(names)}; "
+                              f"the columns: {', '.join(cols)}")
+    new = dict(pairs)
+    renamed = [new.get(c, c) for c in cols]
+    if len(set(renamed)) < len(renamed):
+        twice = next(c for c in renamed if renamed.count(c) > 1)
+        raise ConfigError(f"--rename: two columns would both be named {twice!r}")
+    for row in rows:
+        row.cells = {new.get(c, c): v for c, v in row.cells.items()}
+        row.counts = {new.get(c, c): v for c, v in row.counts.items()}
+    return [new.get(n, n) for n in names]
+
+
 def _cell(value: tuple[float, float | None] | None) -> str:
     if value is None:
         return "-"
@@ -338,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=["srcc", "plcc"])
     parser.add_argument("--out", help="also write the table to this .md, .csv or .tex (LaTeX, booktabs) file")
     parser.add_argument("--plot", help="also draw the first metric as a coloured grid to this .png file")
+    parser.add_argument("--rename", nargs=2, action="append", default=[], metavar=("NAME", "NEW"),
+                        help="print a row label or a column under another name, e.g. --rename variant=S 'TeMu-IQA (S)' "
+                             "--rename kadid10k KADID-10k (repeatable)")
     args = parser.parse_args(argv)
     metrics = tuple(args.metrics)
     try:
@@ -347,10 +368,10 @@ def main(argv: list[str] | None = None) -> int:
             if path and not Path(path).resolve().parent.is_dir():
                 raise ConfigError(f"{flag} {path}: no folder {Path(path).resolve().parent}")
         rows = collect(args.folders, args.each_at)
+        names = rename(rows, labels(rows), args.rename)  # each run's pack manifest read once, for every output
     except ConfigError as e:
         print(f"report: {e}", file=sys.stderr)
         return 1
-    names = labels(rows)  # each run's pack manifest read once, for every output
     table = markdown(rows, metrics, args.each_at, names)
     print(table, end="")
     if args.out:

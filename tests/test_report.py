@@ -91,6 +91,23 @@ def test_a_run_extended_past_the_epochs_it_started_for_says_so_in_its_label(fini
     assert report.labels(rows) == ["epochs=2", "epochs=3 [extended from 2 epochs]"]
 
 
+def test_rows_and_columns_print_under_the_names_a_paper_gives_them(finished, tmp_path, capsys):
+    other = _copy(finished, tmp_path / "koniq-S", {"model.variant": "S"}, {})
+    runs = [str(finished), str(other)]
+    assert report.main([*runs, "--rename", "variant=S", "TeMu-IQA (S)", "--rename", "kadid10k", "KADID-10k",
+                        "--out", str(tmp_path / "t.csv")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "| run | KADID-10k | csiq |"
+    assert out[2].startswith("| variant=I |") and out[3].startswith("| TeMu-IQA (S) |")
+    table = list(csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text())))
+    assert table[1]["run"] == "TeMu-IQA (S)" and "KADID-10k/srcc" in table[1]
+    assert report.main([*runs, "--rename", "variant=s", "x"]) == 1
+    assert capsys.readouterr().err == "report: --rename 'variant=s': no row label or column is named so; the rows: " \
+                                      "variant=I, variant=S; the columns: kadid10k, csiq\n"
+    assert report.main([*runs, "--rename", "kadid10k", "csiq"]) == 1
+    assert capsys.readouterr().err == "report: --rename: two columns would both be named 'csiq'\n"
+
+
 def test_a_series_is_its_mean_and_sd_and_its_split_runs_are_left_out(finished, tmp_path, capsys, monkeypatch):
     for i, srcc in enumerate((0.5, 0.7)):
         _copy(finished, tmp_path / f"rep-split{i}", {}, {"own_best": {"test": {"srcc": srcc}}})
