@@ -121,6 +121,11 @@ def load_trainer_state(folder: Path) -> tuple[dict, dict]:
         raise _damaged(path, f"not a readable torch file ({_reason(e)})") from None
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
         raise _damaged(path, "not a trainer state (optimizer, scheduler, rng)")
+    return state, load_trainer_info(folder)
+
+
+def load_trainer_info(folder: Path) -> dict:
+    """A checkpoint's trainer.json (epochs done, position, history, best), checked; a damaged one is a ConfigError."""
     info_path = folder / TRAINER_INFO
     info = _read_json(info_path)
     _check_fields(info, INFO_FIELDS, info_path)
@@ -129,4 +134,4 @@ def load_trainer_state(folder: Path) -> tuple[dict, dict]:
         _check_fields(info["in_epoch"], IN_EPOCH_FIELDS, info_path, "in_epoch.")
         added = {k: kind for k, kind in IN_EPOCH_ADDED.items() if k in info["in_epoch"]}
         _check_fields(info["in_epoch"], added, info_path, "in_epoch.")
-    return state, info
+    return info

@@ -26,7 +26,7 @@ from accelerate import PartialState
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import Config, ConfigError, load_config
 from temu_dist.tracking import config_params, config_tags, finish_run, parent_run, tracking_uri
-from temu_dist.train import NonFiniteLoss, check_data, sigterm_as_ctrl_c, stop_code, train
+from temu_dist.train import NonFiniteLoss, check_data, check_extendable, sigterm_as_ctrl_c, stop_code, train
 
 METRICS = ("srcc", "plcc", "krcc")
 
@@ -71,8 +71,10 @@ def _is_first_process() -> bool:
 def repeat(config: Config, splits: int) -> dict:
     if splits < 1:
         raise ConfigError(f"--splits: at least 1, not {splits}")
-    for i in range(splits):  # every split's pack, before the first trains for hours
+    for i in range(splits):  # every split's pack (and run to extend), before the first trains for hours
         check_data(split_config(config, i))
+        if config.train.resume == "extend":
+            check_extendable(split_config(config, i))
     main = _is_first_process()
     out = Path(config.out_dir) / config.name
     uri = tracking_uri(config.tracking.uri, config.out_dir)

@@ -235,7 +235,7 @@ def labels(rows: list[Row]) -> list[str]:
     return [name + (f" ({r.splits} split{'s' * (r.splits != 1)})" if r.splits else "")
             + (f" [{r.stopped}]" if r.stopped else "")
             # Not what its config gives from scratch: its learning-rate schedule changed length midway.
-            + (f" [extended from {r.extended_from} epochs]" if r.extended_from is not None else "")
+            + (f" [started for {r.extended_from} epochs]" if r.extended_from is not None else "")
             for name, r in zip(named, rows)]
 
 

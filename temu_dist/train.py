@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist.best import better, own_best
-from temu_dist.checkpoint import find_checkpoint, load_saved_config, load_trainer_state, save_checkpoint, set_rng_state
+from temu_dist.checkpoint import (find_checkpoint, load_saved_config, load_trainer_info, load_trainer_state,
+                                  save_checkpoint, set_rng_state)
 from temu_dist.config import Config, ConfigError, check_output_folder, dump, list_of, load_config, value_at
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import check_fidelity_size, ldg_targets
@@ -251,13 +252,23 @@ def _stretch_schedule(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, ste
     return state["_last_lr"][0], rates[0]
 
 
-def _extend(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, saved_epochs: int, trained: int, config: Config,
-            steps_per_epoch: int, where: Path) -> dict:
+def check_extendable(config: Config) -> None:
+    """train.resume=extend asks a run to go on for train.epochs: it must be there, and have an epoch or part of one
+    left under the new count. Checked before anything is written (repeat: for every split before the first trains)."""
+    last = find_checkpoint(config.run_dir() / "checkpoints" / "last")
+    if last is None:
+        raise ConfigError(f"train.resume: extend, but {config.run_dir()} holds no run to extend (checkpoints/last); "
+                          "start it with train.resume=auto")
+    saved, trained = load_saved_config(last)["train"]["epochs"], load_trainer_info(last)["next_epoch"]
+    if config.train.epochs != saved and config.train.epochs <= trained:
+        raise ConfigError(f"train.epochs: {last} has trained {trained} epochs; extend it to more than {trained}, or "
+                          f"leave it at {saved}")
+
+
+def _extend(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, saved_epochs: int, config: Config,
+            steps_per_epoch: int) -> dict:
     """Gives a resumed run train.epochs in place of the `saved_epochs` it was started for; what changed, for its
     records (a run extended so does not train as one started for its epochs would)."""
-    if config.train.epochs < trained:
-        raise ConfigError(f"train.epochs: {where} has trained {trained} epochs (the last may be partly done); ask for "
-                          f"{trained} or more")
     before, after = _stretch_schedule(scheduler, steps_per_epoch * config.train.epochs)
     return {"epochs_from": saved_epochs, "epochs_to": config.train.epochs, "after_step": scheduler.last_epoch,
             "lr_from": before, "lr_to": after}
@@ -565,14 +576,13 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
                                  weight_decay=config.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * config.train.epochs)
-    resumed = {}
+    resumed, extending = {}, False
     last = find_checkpoint(ckpt_dir / "last") if config.train.resume != "never" else None
     if len(set(gather_object([last is not None]))) > 1:
         raise ConfigError(f"out_dir: some processes see {ckpt_dir / 'last'} and some do not; a run folder must lie "
                           "on a filesystem every node shares")
-    if last is None and config.train.resume == "extend":
-        raise ConfigError(f"train.resume: extend, but {run_dir} holds no run to extend (checkpoints/last); start it "
-                          "with train.resume=auto")
+    if config.train.resume == "extend":
+        check_extendable(config)
     if last is not None:
         saved = with_legacy_fields(load_saved_config(last))
         _check_resumable(saved, config, last)
@@ -591,10 +601,10 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
             raise ConfigError(f"train.per_device_batch: {last} holds a mid-epoch position saved before a resume could "
                               f"change it; resume with {saved['train'].get('per_device_batch')!r}")
         extended = info.get("extended", [])
-        if saved["train"]["epochs"] != config.train.epochs:
-            extended = [*extended, _extend(scheduler, saved["train"]["epochs"],
-                                           info["next_epoch"] + bool(saved_position), config, steps_per_epoch, last)]
-            accelerator.print(f"train: extending {run_dir} from {extended[-1]['epochs_from']} to {config.train.epochs} "
+        extending = saved["train"]["epochs"] != config.train.epochs
+        if extending:
+            extended = [*extended, _extend(scheduler, saved["train"]["epochs"], config, steps_per_epoch)]
+            accelerator.print(f"train: {run_dir} goes from {extended[-1]['epochs_from']} to {config.train.epochs} "
                               f"epochs: from its step {extended[-1]['after_step']} on, the learning rate follows a "
                               f"{config.train.epochs}-epoch cosine ({extended[-1]['lr_from']:.3g} -> "
                               f"{extended[-1]['lr_to']:.3g}), unlike a run started for {config.train.epochs} epochs")
@@ -638,6 +648,9 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         if last is None and (run_dir / "results.json").is_file():  # it would mark this new run finished
             accelerator.print(f"train: warning: starting anew in {run_dir}, which held a finished run: its "
                               "results.json is removed and its checkpoints are overwritten as this run trains")
+            (run_dir / "results.json").unlink()
+        elif extending and (run_dir / "results.json").is_file():
+            # Stale until the new epochs end: a kill before then must not leave the run looking finished.
             (run_dir / "results.json").unlink()
     tracker = Tracker(config, run_dir, main, resuming=last is not None,
                       tags={**_run_tags(accelerator, plan), **_extended_tag(resumed.get("extended", []))},

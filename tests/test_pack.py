@@ -339,6 +339,10 @@ def test_relative_label_file_is_under_the_root(tmp_path, monkeypatch):
                                         r"and mine.csv is in the working folder: give it as .*/mine.csv$"):
         pack(_opts(tmp_path / "kadid", tmp_path / "out2", label_file="mine.csv"))
     assert not (tmp_path / "out2").exists()
+    # Not asked for by name, the release's label file is not looked for in the working folder.
+    shutil.copy(moved, tmp_path / "dmos.csv")
+    with pytest.raises(DataError, match=r"kadid/dmos.csv not found: expected the kadid10k release's 'dmos.csv'$"):
+        pack(_opts(tmp_path / "kadid", tmp_path / "out2"))
 
 
 def test_progress_shows_its_total_when_stderr_is_no_terminal(tmp_path, capsys):

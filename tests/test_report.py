@@ -88,7 +88,7 @@ def test_a_run_extended_past_the_epochs_it_started_for_says_so_in_its_label(fini
     results["extended"] = [{"epochs_from": 2, "epochs_to": 3, "after_step": 4, "lr_from": 0.0, "lr_to": 5e-5}]
     (longer / "results.json").write_text(json.dumps(results))
     rows = report.collect([finished, longer])
-    assert report.labels(rows) == ["epochs=2", "epochs=3 [extended from 2 epochs]"]
+    assert report.labels(rows) == ["epochs=2", "epochs=3 [started for 2 epochs]"]
 
 
 def test_rows_and_columns_print_under_the_names_a_paper_gives_them(finished, tmp_path, capsys):

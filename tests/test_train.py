@@ -162,8 +162,17 @@ def test_resume_extend_trains_a_finished_run_further_on_a_cosine_of_the_new_leng
         train(run_config(tmp_path, shards, "train.epochs=3", "train.resume=extend", "name=other"))
     assert _files(tmp_path / "run") == before and not (tmp_path / "other").exists()
     capsys.readouterr()
-    longer = train(run_config(tmp_path, shards, "train.epochs=3", "train.resume=extend"))
-    assert "extending" in capsys.readouterr().out
+
+    def killed_at_epoch_3(record):
+        if record["epoch"] == 3:  # its checkpoint written, its results not yet
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(run_config(tmp_path, shards, "train.epochs=3", "train.resume=extend"), on_epoch=killed_at_epoch_3)
+    assert "goes from 2 to 3 epochs: from its step 6 on" in capsys.readouterr().out
+    # The 2-epoch results went when the extension began: a killed one must not look finished.
+    assert not (tmp_path / "run" / "results.json").exists()
+    longer = train(run_config(tmp_path, shards, "train.epochs=3"))  # the checkpoint says 3 now: it writes its results
     lr = run_config(tmp_path, shards).train.lr
     assert _comparable(longer["history"][:2]) == _comparable(first["history"])
     # Step 9, the third epoch's last, at a 9-step cosine's rate (the 6-step one had ended at 0), on from its step 6.
@@ -179,7 +188,8 @@ def test_resume_extend_trains_a_finished_run_further_on_a_cosine_of_the_new_leng
     capsys.readouterr()
     again = train(run_config(tmp_path, shards, "train.epochs=3"))  # what it was extended to is now its own
     assert "has finished its 3 epochs" in capsys.readouterr().out and again["extended"] == longer["extended"]
-    with pytest.raises(ConfigError, match=r"^train.epochs: .*last has trained 3 epochs .*; ask for 3 or more$"):
+    with pytest.raises(ConfigError, match=r"^train.epochs: .*last has trained 3 epochs; extend it to more than 3, or "
+                                          r"leave it at 3$"):
         train(run_config(tmp_path, shards, "train.epochs=2", "train.resume=extend"))
 
 
@@ -490,6 +500,13 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     # Nor are their results taken for a series with other settings.
     with pytest.raises(ConfigError, match=r"^train.epochs: .*rep-split0.* was trained with 1, this run asks for 2"):
         repeat(run_config(tmp_path, str(tmp_path / "split{split}"), "train.epochs=2", "name=rep"), 2)
+    # Extended, a series with a split never trained stops before the others train on.
+    (tmp_path / "rep-split1").rename(tmp_path / "away")
+    with pytest.raises(ConfigError, match=r"^train.resume: extend, but .*rep-split1 holds no run to extend"):
+        repeat(run_config(tmp_path, str(tmp_path / "split{split}"), "train.epochs=2", "name=rep",
+                          "train.resume=extend"), 2)
+    assert trained.stat().st_mtime_ns == mtime
+    (tmp_path / "away").rename(tmp_path / "rep-split1")
     with pytest.raises(ConfigError, match=r"data.train: must contain \{split\}"):
         repeat(run_config(tmp_path, str(tmp_path / "split0")), 2)
     with pytest.raises(ConfigError, match=r"^--splits: at least 1, not 0$"):

@@ -428,7 +428,8 @@ def read_records(dataset: str, root: str | Path, label_file: str | Path | None =
     The dataset name and the label file's presence are checked now, the rows as they are read."""
     info = _info(dataset)
     root = Path(root).absolute()
-    label = _label_under(root, label_file or info.label_file, f"the {dataset} release's '{info.label_file}'")
+    what = f"the {dataset} release's '{info.label_file}'"
+    label = _label_under(root, label_file, what) if label_file else _need(root / info.label_file, what)
     return _unique(lambda: _READERS[dataset](root, label), label)
 
 
