@@ -55,7 +55,16 @@ def test_step_suite_compares_compile_modes_on_the_same_machine():
     assert all(r["step_s"] > 0 for r in result["rows"])
 
 
-def test_step_suite_forces_the_attention_kernel_asked_for():
+def test_step_suite_forces_the_attention_kernel_asked_for(monkeypatch):
+    import torch
+
+    real, seen = step.measure, []
+
+    def measure(*args, **kwargs):
+        seen.append((torch.backends.cuda.flash_sdp_enabled(), torch._inductor.config.force_disable_caches))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step, "measure", measure)
     result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", ["eager"], ["S"], ["coop", "cocoop"], 2.0,
                       sdpa=("math", "cudnn"))
     math_rows, cudnn_rows = result["rows"][:2], result["rows"][2:]
@@ -63,6 +72,10 @@ def test_step_suite_forces_the_attention_kernel_asked_for():
     # A CPU has no cuDNN kernel: forced, the step has none left to run.
     assert all(r["sdpa"] == "cudnn" and "No viable backend" in r["error"] for r in cudnn_rows)
     assert list(result["cocoop_over_coop"]) == ["S eager fp32 math"]
+    # Forced, a row compiles afresh: inductor's caches would hand it a graph traced with another kernel.
+    assert seen == [(False, True)] * 4
+    assert step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", ["eager"], ["S"], ["none"], 2.0)["rows"][0]["sdpa"] == \
+        "default" and seen[-1] == (True, False)
 
 
 

@@ -197,8 +197,12 @@ def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, pre
         row = {"variant": variant, "prompt": prompt, "mode": mode,
                "tower": tower if tower == "fp8" else "bf16" if dtype == torch.bfloat16 else "fp32", "sdpa": attention}
         try:
-            # Around the compile too: the traced graph takes the kernel the flags allow then.
-            with contextlib.nullcontext() if attention == "default" else sdpa_kernel(SDPA[attention]):
+            with contextlib.ExitStack() as forced:
+                if attention != "default":
+                    # Around the compile too: the traced graph takes the kernel the flags allow then. Inductor's
+                    # caches key a graph without those flags, so a forced row would run another row's kernel.
+                    forced.enter_context(sdpa_kernel(SDPA[attention]))
+                    forced.enter_context(torch._inductor.config.patch(force_disable_caches=True))
                 row.update(measure(config, batch, steps, warmup, device, profile_top))
         except Exception as e:  # noqa: BLE001 - one failing mode or variant must not lose the rows of a device run
             row["error"] = f"{type(e).__name__}: {e}"[:500]
