@@ -14,10 +14,11 @@
 #   6. step_fp8: S with none/CoOp on that tower, compiled, with the bf16 tower and the fp8 one (model.tower_fp8),
 #      profiled, and the fp8 tower's token error against the bf16 one (on an H200 with eager rows too: 3.5 minutes);
 #   7. fp8_one, fp8_one_mk: S none on the fp8 tower, compiled and profiled: fp8_one with torch's attention kernel and
-#      with cuDNN's forced (--sdpa; attention took 21.7 ms of a 101.9 ms step on an H200), fp8_one_mk with
-#      TORCHINDUCTOR_MULTI_KERNEL=1. Inductor loops a reduction over more than 1024 elements, so it reads fc2's
-#      4096-wide input twice to quantise it (17.1 ms of that step); multi-kernel also compiles such reductions
-#      persistent, one read, and keeps whichever variant runs faster. Run both in one call to compare (about 6 min).
+#      with cuDNN's forced (--sdpa: the H200's torch chose cuDNN's, 23.4 ms a bf16 step, but the first H100 lease's
+#      chose FlashAttention-2, 32.3 ms), fp8_one_mk with TORCHINDUCTOR_MULTI_KERNEL=1. Inductor loops a reduction
+#      over more than 1024 elements, so it reads fc2's 4096-wide input twice to quantise it (17.1 ms of the 101.9 ms
+#      fp8 step, H200); multi-kernel also compiles such reductions persistent, one read, and keeps whichever variant
+#      runs faster. Run both in one call to compare (about 6 min).
 # With no names it runs them all (more than one device call's 10 minutes); name suites to run only those, e.g.
 # `bash benchmarks/gpu.sh step_modes`.
 # Each suite's log lands in $OUT (the device tool's folder) or benchmarks/out. Random weights: throughput does not
