@@ -55,30 +55,31 @@ def test_step_suite_compares_compile_modes_on_the_same_machine():
     assert all(r["step_s"] > 0 for r in result["rows"])
 
 
-def test_step_suite_forces_the_attention_kernel_asked_for(monkeypatch):
+def test_step_suite_forces_the_attention_kernel_asked_for_on_the_steps_only(monkeypatch):
     import torch
 
-    real, seen = step.measure, []
+    def flags():
+        return torch.backends.cuda.flash_sdp_enabled(), torch._inductor.config.force_disable_caches
 
-    def measure(*args, **kwargs):
-        seen.append((torch.backends.cuda.flash_sdp_enabled(), torch._inductor.config.force_disable_caches))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(step, "measure", measure)
-    result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", ["eager"], ["S"], ["coop", "cocoop"], 2.0,
+    real_build, real_loss, built, stepped = step.build_model, step.loss_fn, [], []
+    monkeypatch.setattr(step, "build_model", lambda *a, **k: built.append(flags()) or real_build(*a, **k))
+    monkeypatch.setattr(step, "loss_fn", lambda *a, **k: stepped.append(flags()) or real_loss(*a, **k))
+    result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", ["eager"], ["S"], ["none", "coop", "cocoop"], 2.0,
                       sdpa=("math", "cudnn"))
-    math_rows, cudnn_rows = result["rows"][:2], result["rows"][2:]
+    math_rows, cudnn_rows = result["rows"][:3], result["rows"][3:]
     assert all(r["sdpa"] == "math" and r["step_s"] > 0 for r in math_rows)
     # A CPU has no cuDNN kernel: forced, the step has none left to run.
     assert all(r["sdpa"] == "cudnn" and "No viable backend" in r["error"] for r in cudnn_rows)
     assert list(result["cocoop_over_coop"]) == ["S eager fp32 math"]
-    # Forced, a row compiles afresh: inductor's caches would hand it a graph traced with another kernel.
-    assert seen == [(False, True)] * 4
+    # Built as usual (prompts without tuning are encoded then, on the CPU), stepped forced and compiled afresh:
+    # inductor's caches would hand a compiled row a graph traced with another kernel.
+    assert set(built) == {(True, False)} and len(built) == 6 and set(stepped) == {(False, True)}
+    stepped.clear()
     assert step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "auto", ["eager"], ["S"], ["none"], 2.0)["rows"][0]["sdpa"] == \
-        "default" and seen[-1] == (True, False)
+        "default" and set(stepped) == {(True, False)}
 
 
-
+def test_step_suite_compares_the_fp8_tower_with_the_bf16_one():
     result = step.run("Test-Tiny-ViT-16", 64, 2, 1, 1, "bf16", ["eager"], ["S"], ["none"], 2.0,
                       towers=("plain", "fp8"))
     bf16, fp8 = result["rows"]

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--towers", nargs="+", choices=["plain", "fp8"], default=["plain"],
                       help="the frozen tower in --precision's dtype (plain), and/or with fp8 matmuls (model.tower_fp8)")
     step.add_argument("--sdpa", nargs="+", choices=["default", "flash", "efficient", "cudnn", "math"],
-                      default=["default"], help="the tower's attention kernel: torch's choice and/or one forced")
+                      default=["default"], help="the attention kernel: torch's choice and/or one forced on every "
+                      "SDPA call")
     step.add_argument("--variants", nargs="+", choices=["S", "I"], default=["S", "I"])
     step.add_argument("--prompts", nargs="+", choices=["none", "coop", "cocoop"], default=["none", "coop", "cocoop"])
     step.add_argument("--peak-tflops", type=float, help="the device's peak, where the datasheet table lacks it")

@@ -121,8 +121,21 @@ def top_ops(step, device: torch.device, n: int) -> dict:
     return out
 
 
-def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.device, profile_top: int = 0) -> dict:
-    """Seconds per training step (the median of `steps` after `warmup`), images/s, FLOPs and peak memory."""
+def forced_attention(attention: str) -> contextlib.ExitStack:
+    """Every scaled_dot_product_attention call (the image tower's, and the text tower's for CoOp/CoCoOp) on the kernel
+    `attention` names, with inductor's caches off: they key a graph without the SDPA flags, so a compiled row would
+    run a graph traced for another kernel. "default": torch's own choice."""
+    stack = contextlib.ExitStack()
+    if attention != "default":
+        stack.enter_context(sdpa_kernel(SDPA[attention]))
+        stack.enter_context(torch._inductor.config.patch(force_disable_caches=True))
+    return stack
+
+
+def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.device, profile_top: int = 0,
+            attention: str = "default") -> dict:
+    """Seconds per training step (the median of `steps` after `warmup`), images/s, FLOPs and peak memory; the steps
+    (and the compile, in the first) on the attention kernel `attention` names."""
     model = build_model(config, device).train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.train.lr)
     stats = (model.backbone.mean, model.backbone.std)
@@ -136,17 +149,21 @@ def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.d
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()  # the warm-up holds any compile
-    for _ in range(warmup):
-        step()
-    sync(device)
-    warmup_s = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
+    # Not around the build: a model without prompt tuning encodes its prompts then, on the CPU, which a GPU's
+    # kernels (cuDNN's, the memory-efficient one) do not serve.
+    with forced_attention(attention):
+        start = time.perf_counter()  # the warm-up holds any compile
+        for _ in range(warmup):
+            step()
         sync(device)
-        times.append(time.perf_counter() - start)
+        warmup_s = time.perf_counter() - start
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        profiled = top_ops(step, device, profile_top) if profile_top else None
     seconds = sorted(times)[len(times) // 2]  # the median: one slow step (a GC, a page fault) does not count
     tower_images = 2 * batch
     flops = step_flops(model, tower_images)
@@ -158,12 +175,12 @@ def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.d
            "all_tflops_per_s": sig(flops.total / seconds / 1e12), "trainable": model.num_trainable()}
     if device.type == "cuda":
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-    if profile_top:
-        row["profile"] = top_ops(step, device, profile_top)
+    if profiled is not None:
+        row["profile"] = profiled
     return row
 
 
-# The tower's attention kernels that --sdpa can force (default: torch's own choice, flash first on a GPU).
+# The attention kernels that --sdpa can force (default: torch's own choice).
 SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
@@ -172,9 +189,9 @@ def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, pre
         variants: list[str], prompts: list[str], peak_tflops: float | None, profile_top: int = 0,
         towers: tuple[str, ...] = ("plain",), sdpa: tuple[str, ...] = ("default",)) -> dict:
     """`modes`: "eager" and/or torch.compile modes (model.compile_mode); `towers`: "plain" (the tower in `precision`'s
-    dtype) and/or "fp8" (model.tower_fp8, bf16 around it); `sdpa`: "default" and/or attention kernels forced (SDPA);
-    a row for each with each variant and prompt, so one run compares them on the same machine. A row's "tower" says
-    which ran: bf16, fp32 or fp8."""
+    dtype) and/or "fp8" (model.tower_fp8, bf16 around it); `sdpa`: "default" and/or an attention kernel forced
+    (forced_attention); a row for each with each variant and prompt, so one run compares them on the same machine. A
+    row's "tower" says which ran: bf16, fp32 or fp8."""
     device = resolve_device("auto")
     base = [f"model.backbone={backbone}", "model.pretrained=null", f"model.image_size={image_size}",
             f"model.precision={precision}", "ldg.p=1.0", f"train.batch_size={batch}"]
@@ -197,13 +214,7 @@ def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, pre
         row = {"variant": variant, "prompt": prompt, "mode": mode,
                "tower": tower if tower == "fp8" else "bf16" if dtype == torch.bfloat16 else "fp32", "sdpa": attention}
         try:
-            with contextlib.ExitStack() as forced:
-                if attention != "default":
-                    # Around the compile too: the traced graph takes the kernel the flags allow then. Inductor's
-                    # caches key a graph without those flags, so a forced row would run another row's kernel.
-                    forced.enter_context(sdpa_kernel(SDPA[attention]))
-                    forced.enter_context(torch._inductor.config.patch(force_disable_caches=True))
-                row.update(measure(config, batch, steps, warmup, device, profile_top))
+            row.update(measure(config, batch, steps, warmup, device, profile_top, attention))
         except Exception as e:  # noqa: BLE001 - one failing mode or variant must not lose the rows of a device run
             row["error"] = f"{type(e).__name__}: {e}"[:500]
         if "step_s" in row:
