@@ -187,7 +187,7 @@ class TrainConfig(Section):
     # "SET/METRIC" that picks the best epoch, e.g. test/srcc, val/plcc.
     key_metric: str = "test/srcc"
     # auto: continue from the run folder's last checkpoint when there is one. extend: continue from it with another
-    # train.epochs, no fewer than it trained; the cosine schedule takes the new length from its step on.
+    # train.epochs, more than it has trained; the cosine schedule takes the new length from its step on.
     resume: Literal["auto", "never", "extend"] = "auto"
     # Cap optimizer steps per epoch (smoke runs); null: whole epochs.
     max_steps_per_epoch: int | None = Field(None, ge=1)

@@ -71,12 +71,15 @@ def _is_first_process() -> bool:
 def repeat(config: Config, splits: int) -> dict:
     if splits < 1:
         raise ConfigError(f"--splits: at least 1, not {splits}")
+    extending = False
     for i in range(splits):  # every split's pack (and run to extend), before the first trains for hours
         check_data(split_config(config, i))
         if config.train.resume == "extend":
-            check_extendable(split_config(config, i))
+            extending |= check_extendable(split_config(config, i))
     main = _is_first_process()
     out = Path(config.out_dir) / config.name
+    if main and extending:  # stale until every split has its new epochs
+        (out / "repeat.json").unlink(missing_ok=True)
     uri = tracking_uri(config.tracking.uri, config.out_dir)
     parent = None
     if main and config.tracking.enabled:
@@ -90,9 +93,11 @@ def repeat(config: Config, splits: int) -> dict:
         if parent is not None:
             finish_run(uri, parent, [], {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
+    # The epochs splits were started for where train.resume=extend changed them: report marks the series so.
+    started_for = sorted({r["extended"][0]["epochs_from"] for r in runs if r.get("extended")})
     summary = {"config": config.name, "splits": splits, "key_metric": config.train.key_metric,
                "sets": summarize(runs), "sets_own_best": summarize(runs, "own_best"),
-               "runs": [r["run_dir"] for r in runs]}
+               "runs": [r["run_dir"] for r in runs], **({"started_for": started_for} if started_for else {})}
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "repeat.json", summary)

@@ -47,7 +47,8 @@ class Row:
     splits: int | None = None  # a series' number of splits
     counts: dict[str, int] = field(default_factory=dict)  # column -> samples scored (a run's)
     stopped: str = ""  # a search's trial without results: how far its last checkpoint got
-    extended_from: int | None = None  # the epochs a run was started for, where train.resume=extend changed them
+    # The epochs a run (a series' runs) was started for, where train.resume=extend changed them.
+    started_for: list[int] = field(default_factory=list)
     # (column, metric) -> the splits a series' value is over, where a metric undefined in some left fewer
     fewer: dict[tuple[str, str], int] = field(default_factory=dict)
     split_runs: list[Path] = field(default_factory=list)  # a series' own runs
@@ -97,7 +98,7 @@ def read_run(folder: Path, each_at: str) -> Row:
         raise ConfigError(f"{path}: no own_best, as results were written before it: run the run's train command "
                           "again, which adds it without training, or use --each-at key")
     row = _row(folder, config, results[key])
-    row.extended_from = results["extended"][0]["epochs_from"] if results.get("extended") else None
+    row.started_for = [results["extended"][0]["epochs_from"]] if results.get("extended") else []
     return row
 
 
@@ -151,7 +152,8 @@ def read_series(folder: Path, each_at: str) -> Row:
     fewer = {(columns[name], m): v["n"] for name, values in summary[key].items() for m, v in values.items()
              if v.get("n", splits) < splits}
     return Row(folder, config, _columns(cells, config), splits, fewer=fewer,
-               split_runs=[_split_run(folder, run) for run in summary["runs"]])
+               split_runs=[_split_run(folder, run) for run in summary["runs"]],
+               started_for=summary.get("started_for", []))
 
 
 def _split_run(series: Path, run: str) -> Path:
@@ -222,6 +224,10 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
 
 
 def labels(rows: list[Row]) -> list[str]:
+    return _marked(rows, _base_labels(rows))
+
+
+def _base_labels(rows: list[Row]) -> list[str]:
     """Each row's settings that differ between the rows (the training set by its dataset), and its folder's name
     where none do or two rows would read alike."""
     keys = sorted({k for r in rows for k in r.config if not k.startswith(NOT_SETTINGS)},
@@ -230,35 +236,43 @@ def labels(rows: list[Row]) -> list[str]:
               else r.config.get(k) for k in keys} for r in rows]
     differ = [k for k in shown[0] if len({json.dumps(s[k], default=str) for s in shown}) > 1] if rows else []
     said = [settings_label({k: s[k] for k in differ}) for s in shown]
-    named = [(f"{label} ({r.folder.name})" if said.count(label) > 1 else label) if label else r.folder.name
-             for label, r in zip(said, rows)]
+    return [(f"{label} ({r.folder.name})" if said.count(label) > 1 else label) if label else r.folder.name
+            for label, r in zip(said, rows)]
+
+
+def _marked(rows: list[Row], names: list[str]) -> list[str]:
+    """The names with what a reader must know of each row: its splits, how far a stopped trial got, and the epochs
+    it was started for where train.resume=extend changed them (its config alone would not train it so)."""
     return [name + (f" ({r.splits} split{'s' * (r.splits != 1)})" if r.splits else "")
             + (f" [{r.stopped}]" if r.stopped else "")
-            # Not what its config gives from scratch: its learning-rate schedule changed length midway.
-            + (f" [started for {r.extended_from} epochs]" if r.extended_from is not None else "")
-            for name, r in zip(named, rows)]
+            + (f" [started for {', '.join(map(str, r.started_for))} epoch{'s' * (r.started_for != [1])}]"
+               if r.started_for else "")
+            for name, r in zip(names, rows)]
 
 
 def columns(rows: list[Row]) -> list[str]:
     return list(dict.fromkeys(c for r in rows for c in r.cells))
 
 
-def rename(rows: list[Row], names: list[str], pairs: list[tuple[str, str]]) -> list[str]:
-    """The row names and the rows' columns (in place) as --rename pairs (label or column, new name) give them."""
-    cols = columns(rows)
+def rename(rows: list[Row], pairs: list[tuple[str, str]]) -> list[str]:
+    """The rows' labels, and their columns (in place), as --rename pairs (label or column, new name) give them. A
+    label is renamed without its marks (splits, stopped, started for), which it keeps."""
+    names, cols = _base_labels(rows), columns(rows)
     for old, _ in pairs:
         if old not in names and old not in cols:
-            raise ConfigError(f"--rename {old!r}: no row label or column is named so; the rows: {', '.join(names)}; "
-                              f"the columns: {', '.join(cols)}")
+            raise ConfigError(f"--rename {old!r}: no row label or column is named so; the rows: "
+                              f"{', '.join(repr(n) for n in names)}; the columns: {', '.join(repr(c) for c in cols)}")
     new = dict(pairs)
-    renamed = [new.get(c, c) for c in cols]
-    if len(set(renamed)) < len(renamed):
-        twice = next(c for c in renamed if renamed.count(c) > 1)
-        raise ConfigError(f"--rename: two columns would both be named {twice!r}")
+    for kind, given in (("rows", names), ("columns", cols)):
+        renamed = [new.get(n, n) for n in given]
+        if len(set(renamed)) < len(renamed):
+            twice = next(n for n in renamed if renamed.count(n) > 1)
+            raise ConfigError(f"--rename: two {kind} would both be named {twice!r}")
     for row in rows:
         row.cells = {new.get(c, c): v for c, v in row.cells.items()}
         row.counts = {new.get(c, c): v for c, v in row.counts.items()}
-    return [new.get(n, n) for n in names]
+        row.fewer = {(new.get(c, c), m): n for (c, m), n in row.fewer.items()}
+    return _marked(rows, [new.get(n, n) for n in names])
 
 
 def _cell(value: tuple[float, float | None] | None) -> str:
@@ -368,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             if path and not Path(path).resolve().parent.is_dir():
                 raise ConfigError(f"{flag} {path}: no folder {Path(path).resolve().parent}")
         rows = collect(args.folders, args.each_at)
-        names = rename(rows, labels(rows), args.rename)  # each run's pack manifest read once, for every output
+        names = rename(rows, args.rename)  # each run's pack manifest read once, for every output
     except ConfigError as e:
         print(f"report: {e}", file=sys.stderr)
         return 1

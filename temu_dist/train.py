@@ -252,17 +252,28 @@ def _stretch_schedule(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, ste
     return state["_last_lr"][0], rates[0]
 
 
-def check_extendable(config: Config) -> None:
-    """train.resume=extend asks a run to go on for train.epochs: it must be there, and have an epoch or part of one
-    left under the new count. Checked before anything is written (repeat: for every split before the first trains)."""
+def check_extendable(config: Config) -> bool:
+    """train.resume=extend asks a run to go on for train.epochs: it must be there, have an epoch or part of one left
+    under the new count, and be scored as its epochs so far were, so that they compare. Checked before anything is
+    written (repeat: for every split before the first trains). Whether its train.epochs changes."""
     last = find_checkpoint(config.run_dir() / "checkpoints" / "last")
     if last is None:
         raise ConfigError(f"train.resume: extend, but {config.run_dir()} holds no run to extend (checkpoints/last); "
                           "start it with train.resume=auto")
-    saved, trained = load_saved_config(last)["train"]["epochs"], load_trainer_info(last)["next_epoch"]
-    if config.train.epochs != saved and config.train.epochs <= trained:
+    saved = with_legacy_fields(load_saved_config(last))
+    epochs, trained = saved["train"]["epochs"], load_trainer_info(last)["next_epoch"]
+    if config.train.epochs == epochs:
+        return False
+    if config.train.epochs <= trained:
         raise ConfigError(f"train.epochs: {last} has trained {trained} epochs; extend it to more than {trained}, or "
-                          f"leave it at {saved}")
+                          f"leave it at {epochs}")
+    change = _first_change(saved, config, ("eval",), RESUME_MAY_CHANGE)
+    if change:
+        key, theirs, ours = change
+        raise ConfigError(f"{key}: {last} was scored with {theirs!r}, this run asks for {ours!r}; an extended run is "
+                          "scored as its epochs so far were, so that they compare: extend it with the same value, and "
+                          "score its weights otherwise with python -m temu_dist.evaluate")
+    return True
 
 
 def _extend(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, saved_epochs: int, config: Config,

@@ -103,9 +103,11 @@ def test_rows_and_columns_print_under_the_names_a_paper_gives_them(finished, tmp
     assert table[1]["run"] == "TeMu-IQA (S)" and "KADID-10k/srcc" in table[1]
     assert report.main([*runs, "--rename", "variant=s", "x"]) == 1
     assert capsys.readouterr().err == "report: --rename 'variant=s': no row label or column is named so; the rows: " \
-                                      "variant=I, variant=S; the columns: kadid10k, csiq\n"
+                                      "'variant=I', 'variant=S'; the columns: 'kadid10k', 'csiq'\n"
     assert report.main([*runs, "--rename", "kadid10k", "csiq"]) == 1
     assert capsys.readouterr().err == "report: --rename: two columns would both be named 'csiq'\n"
+    assert report.main([*runs, "--rename", "variant=S", "variant=I"]) == 1
+    assert capsys.readouterr().err == "report: --rename: two rows would both be named 'variant=I'\n"
 
 
 def test_a_series_is_its_mean_and_sd_and_its_split_runs_are_left_out(finished, tmp_path, capsys, monkeypatch):
@@ -124,6 +126,10 @@ def test_a_series_is_its_mean_and_sd_and_its_split_runs_are_left_out(finished, t
     assert rows[0].cells == {"kadid10k": {"srcc": (0.6, 0.1414)}}
     text = report.markdown(rows, ("srcc",), "own")
     assert "| rep (2 splits) | 0.6000±0.1414 |" in text and "a repeat series: mean±sd (sample, n-1)" in text
+    # Renamed, a series keeps its marks: the splits, and a mean over fewer of them.
+    rows[0].fewer = {("kadid10k", "srcc"): 1}
+    assert "| Ours (2 splits) | 0.6000±0.1414 (n=1) |" in report.markdown(
+        rows, ("srcc",), "own", report.rename(rows, [("rep", "Ours"), ("kadid10k", "KADID")]))
     table = report.table_csv(report.collect([tmp_path / "rep"], "key"), ("srcc",))
     assert list(csv.DictReader(io.StringIO(table)))[0]["kadid10k/srcc_sd"] == "0.0"  # an sd of 0 is a value
     # One split has no spread; a metric undefined in every split (null in repeat.json) is nan, not a crash.
@@ -140,6 +146,10 @@ def test_a_series_is_its_mean_and_sd_and_its_split_runs_are_left_out(finished, t
     (tmp_path / "rep" / "repeat.json").write_text(json.dumps(summary))
     assert "| rep (2 splits) | 0.6000±0.1414 / 0.4000 (n=1) |" in report.markdown(
         report.collect([tmp_path / "rep"]), ("srcc", "plcc"), "own")
+    # A series whose runs were extended (repeat ... train.resume=extend) says the epochs they were started for.
+    summary["started_for"] = [1]
+    (tmp_path / "rep" / "repeat.json").write_text(json.dumps(summary))
+    assert report.labels(report.collect([tmp_path / "rep"])) == ["rep (2 splits) [started for 1 epoch]"]
     # Reached from inside the series' folder: its split runs are still found, and its row named.
     monkeypatch.chdir(tmp_path / "rep")
     assert [r.folder.name for r in report.collect(["."])] == ["rep"]

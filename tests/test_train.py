@@ -191,6 +191,10 @@ def test_resume_extend_trains_a_finished_run_further_on_a_cosine_of_the_new_leng
     with pytest.raises(ConfigError, match=r"^train.epochs: .*last has trained 3 epochs; extend it to more than 3, or "
                                           r"leave it at 3$"):
         train(run_config(tmp_path, shards, "train.epochs=2", "train.resume=extend"))
+    # Scored otherwise, its new epochs would not compare with the old.
+    with pytest.raises(ConfigError, match=r"^eval.ldg: .*last was scored with False, this run asks for True; an "
+                                          r"extended run is scored as its epochs so far were"):
+        train(run_config(tmp_path, shards, "train.epochs=4", "train.resume=extend", "eval.ldg=true"))
 
 
 @pytest.mark.parametrize("plcc_over", ["step", "micro_batch"])
@@ -507,6 +511,22 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
                           "train.resume=extend"), 2)
     assert trained.stat().st_mtime_ns == mtime
     (tmp_path / "away").rename(tmp_path / "rep-split1")
+    # Its repeat.json goes as the extension starts: a series stopped midway must not show the old means.
+    longer = run_config(tmp_path, str(tmp_path / "split{split}"), "train.epochs=2", "name=rep", "train.resume=extend")
+    real_train = repeat_mod.train
+
+    def stopped_at_split1(config):
+        if config.name == "rep-split1":
+            raise KeyboardInterrupt
+        return real_train(config)
+
+    monkeypatch.setattr(repeat_mod, "train", stopped_at_split1)
+    with pytest.raises(KeyboardInterrupt):
+        repeat(longer, 2)
+    assert not (tmp_path / "rep" / "repeat.json").exists()
+    monkeypatch.setattr(repeat_mod, "train", real_train)
+    assert repeat(longer, 2)["started_for"] == [1]
+    assert json.loads((tmp_path / "rep" / "repeat.json").read_text())["started_for"] == [1]
     with pytest.raises(ConfigError, match=r"data.train: must contain \{split\}"):
         repeat(run_config(tmp_path, str(tmp_path / "split0")), 2)
     with pytest.raises(ConfigError, match=r"^--splits: at least 1, not 0$"):
