@@ -13,12 +13,13 @@
 #      (benchmarks/RESULTS.md); max-autotune autotuned for over 4 minutes on a cold cache;
 #   6. step_fp8: S with none/CoOp on that tower, compiled, with the bf16 tower and the fp8 one (model.tower_fp8),
 #      profiled, and the fp8 tower's token error against the bf16 one (on an H200 with eager rows too: 3.5 minutes);
-#   7. fp8_one, fp8_one_mk: S none on the fp8 tower, compiled and profiled: fp8_one with torch's attention kernel and
-#      with cuDNN's forced (--sdpa: the H200's torch chose cuDNN's, 23.4 ms a bf16 step, but the first H100 lease's
-#      chose FlashAttention-2, 32.3 ms), fp8_one_mk with TORCHINDUCTOR_MULTI_KERNEL=1. Inductor loops a reduction
-#      over more than 1024 elements, so it reads fc2's 4096-wide input twice to quantise it (17.1 ms of the 101.9 ms
-#      fp8 step, H200); multi-kernel also compiles such reductions persistent, one read, and keeps whichever variant
-#      runs faster. Run both in one call to compare (about 6 min).
+#   7. step_sdpa: S none on that tower, bf16 and fp8, compiled and profiled, with torch's attention kernel and with
+#      cuDNN's forced (--sdpa: the H200's torch chose cuDNN's, 23.4 ms a bf16 step, but the first H100 lease's chose
+#      FlashAttention-2, 32.3 ms; about 5 minutes on an H200);
+#   8. fp8_one_mk: S none on the fp8 tower with TORCHINDUCTOR_MULTI_KERNEL=1, compiled and profiled. Inductor loops a
+#      reduction over more than 1024 elements, so it reads fc2's 4096-wide input twice to quantise it (17.1 ms of the
+#      101.9 ms fp8 step, H200); multi-kernel also compiles such reductions persistent, one read, and keeps whichever
+#      variant runs faster. Its baseline is step_sdpa's fp8 row with torch's kernel: run the two in one call.
 # With no names it runs them all (more than one device call's 10 minutes); name suites to run only those, e.g.
 # `bash benchmarks/gpu.sh step_modes`.
 # Each suite's log lands in $OUT (the device tool's folder) or benchmarks/out. Random weights: throughput does not
@@ -54,7 +55,7 @@ bench step_modes 420 step --backbone ViT-L-14-quickgelu --modes eager default ma
     --prompts none --profile 12
 bench step_fp8 300 step --backbone ViT-L-14-quickgelu --modes default --towers plain fp8 --variants S \
     --prompts none coop --profile 12
-bench fp8_one 240 step --backbone ViT-L-14-quickgelu --modes default --towers fp8 --sdpa default cudnn --variants S \
-    --prompts none --profile 12
+bench step_sdpa 330 step --backbone ViT-L-14-quickgelu --modes default --towers plain fp8 --sdpa default cudnn \
+    --variants S --prompts none --profile 12
 TORCHINDUCTOR_MULTI_KERNEL=1 bench fp8_one_mk 200 step --backbone ViT-L-14-quickgelu --modes default --towers fp8 \
     --variants S --prompts none --profile 12
