@@ -140,6 +140,11 @@ class Tracker:
         if self.active:
             self._guard(self.mlflow.set_tags, values)
 
+    def drop_tag(self, key: str) -> None:
+        """Removes a tag the run had when this one went on with it."""
+        if self.active and key in self.tags_before:
+            self._guard(self.mlflow.delete_tag, key)
+
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.active and Path(path).exists():
             self._guard(self.mlflow.log_artifact, str(path), folder)

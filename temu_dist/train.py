@@ -666,6 +666,8 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     tracker = Tracker(config, run_dir, main, resuming=last is not None,
                       tags={**_run_tags(accelerator, plan), **_extended_tag(resumed.get("extended", []))},
                       past=[(h["epoch"], epoch_metrics(h)) for h in resumed.get("history", [])])
+    if not resumed.get("extended"):  # set by an extension stopped before it saved a checkpoint, then given up
+        tracker.drop_tag("extended")
     run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,
               on_epoch, **resumed)
     try:

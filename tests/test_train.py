@@ -197,6 +197,22 @@ def test_resume_extend_trains_a_finished_run_further_on_a_cosine_of_the_new_leng
         train(run_config(tmp_path, shards, "train.epochs=4", "train.resume=extend", "eval.ldg=true"))
 
 
+def test_an_extension_given_up_before_its_first_checkpoint_leaves_no_mark(tmp_path, shards, monkeypatch):
+    import temu_dist.train as train_mod
+
+    first = train(run_config(tmp_path, shards))
+    real = train_mod.loss_fn
+    monkeypatch.setattr(train_mod, "loss_fn", stops_after(real, 0))
+    with pytest.raises(Interrupted):
+        train(run_config(tmp_path, shards, "train.epochs=3", "train.resume=extend"))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(first["mlflow_run_id"]).data.tags["extended"] == "2 -> 3 epochs after step 6"
+    monkeypatch.setattr(train_mod, "loss_fn", real)
+    again = train(run_config(tmp_path, shards))  # back to the 2 epochs its checkpoint holds
+    assert "extended" not in again and "extended" not in client.get_run(first["mlflow_run_id"]).data.tags
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["history"] == again["history"]
+
+
 @pytest.mark.parametrize("plcc_over", ["step", "micro_batch"])
 def test_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_to_the_same_results(tmp_path, shards,
                                                                                         monkeypatch, plcc_over):
