@@ -332,7 +332,11 @@ def latex(rows: list[Row], metrics: tuple[str, ...], each_at: str, names: list[s
             [f"\\textbf{{{_tex(values[0])}}}" if top else _tex(values[0]), *map(_tex, values[1:])])
             for values, top in cells)]) + " \\\\")
     footer = f"\\par\\smallskip{{\\footnotesize {_tex(_footer(rows, metrics, each_at))}}}"
-    return "\n".join([*lines, "\\bottomrule", "\\end{tabular}", footer]) + "\n"
+    text = "\n".join([*lines, "\\bottomrule", "\\end{tabular}", footer]) + "\n"
+    # Named by the user (--rename, folder names): pdfLaTeX reads UTF-8 but has glyphs for Latin scripts only.
+    other = "".join(dict.fromkeys(ch for ch in text if ord(ch) > 127))
+    return text if not other else f"% holds non-ASCII text ({other}): pdfLaTeX prints Latin letters only; for others " \
+        f"compile with XeLaTeX or LuaLaTeX\n{text}"
 
 
 def _at(each_at: str) -> str:

@@ -106,6 +106,11 @@ def test_rows_and_columns_print_under_the_names_a_paper_gives_them(finished, tmp
                                       "'variant=I', 'variant=S'; the columns: 'kadid10k', 'csiq'\n"
     assert report.main([*runs, "--rename", "kadid10k", "csiq"]) == 1
     assert capsys.readouterr().err == "report: --rename: two columns would both be named 'csiq'\n"
+    # A name outside ASCII: the LaTeX says what it needs.
+    assert report.main([*runs, "--rename", "variant=S", "Ours (κ=1, é)", "--out", str(tmp_path / "t.tex")]) == 0
+    tex = (tmp_path / "t.tex").read_text().splitlines()
+    assert tex[0] == "% holds non-ASCII text (κé): pdfLaTeX prints Latin letters only; for others compile with " \
+                     "XeLaTeX or LuaLaTeX" and tex[1] == "% needs \\usepackage{booktabs}"
     assert report.main([*runs, "--rename", "variant=S", "variant=I"]) == 1
     assert capsys.readouterr().err == "report: --rename: two rows would both be named 'variant=I'\n"
 
