@@ -22,6 +22,7 @@ import io
 import json
 import math
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -264,9 +265,10 @@ def rename(rows: list[Row], pairs: list[tuple[str, str]]) -> list[str]:
                               f"{', '.join(repr(n) for n in names)}; the columns: {', '.join(repr(c) for c in cols)}")
     new = dict(pairs)
     for kind, given in (("rows", names), ("columns", cols)):
+        # Rows alike before (same folder names and settings) stay so: only a rename that makes two alike is refused.
         renamed = [new.get(n, n) for n in given]
-        if len(set(renamed)) < len(renamed):
-            twice = next(n for n in renamed if renamed.count(n) > 1)
+        twice = next((m for n, m in zip(given, renamed) if n in new and renamed.count(m) > 1), None)
+        if twice is not None:
             raise ConfigError(f"--rename: two {kind} would both be named {twice!r}")
     for row in rows:
         row.cells = {new.get(c, c): v for c, v in row.cells.items()}
@@ -334,9 +336,9 @@ def latex(rows: list[Row], metrics: tuple[str, ...], each_at: str, names: list[s
     footer = f"\\par\\smallskip{{\\footnotesize {_tex(_footer(rows, metrics, each_at))}}}"
     text = "\n".join([*lines, "\\bottomrule", "\\end{tabular}", footer]) + "\n"
     # Named by the user (--rename, folder names): pdfLaTeX reads UTF-8 but has glyphs for Latin scripts only.
-    other = "".join(dict.fromkeys(ch for ch in text if ord(ch) > 127))
-    return text if not other else f"% holds non-ASCII text ({other}): pdfLaTeX prints Latin letters only; for others " \
-        f"compile with XeLaTeX or LuaLaTeX\n{text}"
+    other = "".join(dict.fromkeys(ch for ch in text if ord(ch) > 127 and "LATIN" not in unicodedata.name(ch, "")))
+    return text if not other else f"% holds characters outside the Latin script ({other}), which pdfLaTeX has no " \
+        f"glyphs for: compile with XeLaTeX or LuaLaTeX\n{text}"
 
 
 def _at(each_at: str) -> str:

@@ -253,14 +253,16 @@ def _stretch_schedule(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, ste
 
 
 def check_extendable(config: Config) -> bool:
-    """train.resume=extend asks a run to go on for train.epochs: it must be there, have an epoch or part of one left
-    under the new count, and be scored as its epochs so far were, so that they compare. Checked before anything is
-    written (repeat: for every split before the first trains). Whether its train.epochs changes."""
+    """train.resume=extend asks a run to go on for train.epochs: it must be there, resumable with this config, have an
+    epoch or part of one left under the new count, and be scored as its epochs so far were, so that they compare.
+    Checked before anything is written (repeat: for every split before the first trains). Whether train.epochs
+    changes."""
     last = find_checkpoint(config.run_dir() / "checkpoints" / "last")
     if last is None:
         raise ConfigError(f"train.resume: extend, but {config.run_dir()} holds no run to extend (checkpoints/last); "
                           "start it with train.resume=auto")
     saved = with_legacy_fields(load_saved_config(last))
+    _check_resumable(saved, config, last)
     epochs, trained = saved["train"]["epochs"], load_trainer_info(last)["next_epoch"]
     if config.train.epochs == epochs:
         return False

@@ -109,10 +109,13 @@ def test_rows_and_columns_print_under_the_names_a_paper_gives_them(finished, tmp
     # A name outside ASCII: the LaTeX says what it needs.
     assert report.main([*runs, "--rename", "variant=S", "Ours (κ=1, é)", "--out", str(tmp_path / "t.tex")]) == 0
     tex = (tmp_path / "t.tex").read_text().splitlines()
-    assert tex[0] == "% holds non-ASCII text (κé): pdfLaTeX prints Latin letters only; for others compile with " \
-                     "XeLaTeX or LuaLaTeX" and tex[1] == "% needs \\usepackage{booktabs}"
+    assert tex[0] == "% holds characters outside the Latin script (κ), which pdfLaTeX has no glyphs for: compile " \
+                     "with XeLaTeX or LuaLaTeX" and tex[1] == "% needs \\usepackage{booktabs}"
     assert report.main([*runs, "--rename", "variant=S", "variant=I"]) == 1
     assert capsys.readouterr().err == "report: --rename: two rows would both be named 'variant=I'\n"
+    # Rows alike of themselves (the same run in two folders of one name) are still shown.
+    twin = _copy(finished, tmp_path / "b" / finished.name, {}, {})
+    assert report.main([str(finished), str(twin)]) == 0
 
 
 def test_a_series_is_its_mean_and_sd_and_its_split_runs_are_left_out(finished, tmp_path, capsys, monkeypatch):

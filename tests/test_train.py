@@ -527,6 +527,11 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
                           "train.resume=extend"), 2)
     assert trained.stat().st_mtime_ns == mtime
     (tmp_path / "away").rename(tmp_path / "rep-split1")
+    # Refused for another setting, before its repeat.json goes.
+    with pytest.raises(ConfigError, match=r"^train.lr: .*rep-split0.* was trained with"):
+        repeat(run_config(tmp_path, str(tmp_path / "split{split}"), "train.epochs=2", "name=rep", "train.lr=0.5",
+                          "train.resume=extend"), 2)
+    assert (tmp_path / "rep" / "repeat.json").is_file()
     # Its repeat.json goes as the extension starts: a series stopped midway must not show the old means.
     longer = run_config(tmp_path, str(tmp_path / "split{split}"), "train.epochs=2", "name=rep", "train.resume=extend")
     real_train = repeat_mod.train
