@@ -15,7 +15,7 @@
 #      profiled, and the fp8 tower's token error against the bf16 one (on an H200 with eager rows too: 3.5 minutes);
 #   7. step_sdpa: S none on that tower, bf16 and fp8, compiled and profiled, with torch's attention kernel and with
 #      cuDNN's forced (--sdpa: the H200's torch chose cuDNN's, 23.4 ms a bf16 step, but the first H100 lease's chose
-#      FlashAttention-2, 32.3 ms; about 5 minutes on an H200);
+#      FlashAttention-2, 32.3 ms; not yet run);
 #   8. fp8_one_mk: S none on the fp8 tower with TORCHINDUCTOR_MULTI_KERNEL=1, compiled and profiled. Inductor loops a
 #      reduction over more than 1024 elements, so it reads fc2's 4096-wide input twice to quantise it (17.1 ms of the
 #      101.9 ms fp8 step, H200); multi-kernel also compiles such reductions persistent, one read, and keeps whichever

@@ -73,9 +73,10 @@ def repeat(config: Config, splits: int) -> dict:
         raise ConfigError(f"--splits: at least 1, not {splits}")
     extending = False
     for i in range(splits):  # every split's pack (and run to extend), before the first trains for hours
-        check_data(split_config(config, i))
+        split = split_config(config, i)
+        check_data(split)
         if config.train.resume == "extend":
-            extending |= check_extendable(split_config(config, i))
+            extending |= check_extendable(split)
     main = _is_first_process()
     out = Path(config.out_dir) / config.name
     if main and extending:  # stale until every split has its new epochs

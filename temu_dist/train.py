@@ -239,19 +239,6 @@ def _check_resumable(saved: dict, config: Config, where: Path) -> None:
                           f"with the same value, or give this run another name=, or {REPLACE}")
 
 
-def _stretch_schedule(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, steps: int) -> tuple[float, float]:
-    """Makes the cosine schedule `steps` long from the step it stands at; returns the rate before and after. The rate
-    is set by hand: CosineAnnealingLR scales the last rate step by step, so a new length alone would scale the old
-    schedule's rate (0 at its end)."""
-    state = scheduler.state_dict()
-    t, low = state["last_epoch"], state["eta_min"]
-    rates = [low + (base - low) * (1 + math.cos(math.pi * t / steps)) / 2 for base in state["base_lrs"]]
-    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
-        group["lr"] = rate
-    scheduler.load_state_dict({**state, "T_max": steps, "_last_lr": rates})
-    return state["_last_lr"][0], rates[0]
-
-
 def check_extendable(config: Config) -> bool:
     """train.resume=extend asks a run to go on for train.epochs: it must be there, resumable with this config, have an
     epoch or part of one left under the new count, and be scored as its epochs so far were, so that they compare.
@@ -278,13 +265,20 @@ def check_extendable(config: Config) -> bool:
     return True
 
 
-def _extend(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, saved_epochs: int, config: Config,
+def _extend(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, saved_epochs: int, epochs: int,
             steps_per_epoch: int) -> dict:
-    """Gives a resumed run train.epochs in place of the `saved_epochs` it was started for; what changed, for its
-    records (a run extended so does not train as one started for its epochs would)."""
-    before, after = _stretch_schedule(scheduler, steps_per_epoch * config.train.epochs)
-    return {"epochs_from": saved_epochs, "epochs_to": config.train.epochs, "after_step": scheduler.last_epoch,
-            "lr_from": before, "lr_to": after}
+    """Makes the cosine schedule of a run started for `saved_epochs` as long as `epochs` from the step it stands at;
+    what changed, for the run's records (extended so, it does not train as one started for `epochs` would). The rate
+    is set by hand: CosineAnnealingLR scales the last rate step by step, so a new length alone would scale the old
+    schedule's rate (0 at its end)."""
+    state, steps = scheduler.state_dict(), steps_per_epoch * epochs
+    t, low = state["last_epoch"], state["eta_min"]
+    rates = [low + (base - low) * (1 + math.cos(math.pi * t / steps)) / 2 for base in state["base_lrs"]]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler.load_state_dict({**state, "T_max": steps, "_last_lr": rates})
+    return {"epochs_from": saved_epochs, "epochs_to": epochs, "after_step": t, "lr_from": state["_last_lr"][0],
+            "lr_to": rates[0]}
 
 
 def _extended_tag(extended: list[dict]) -> dict[str, str]:
@@ -589,13 +583,12 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
                                  weight_decay=config.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * config.train.epochs)
-    resumed, extending = {}, False
+    resumed = {}
     last = find_checkpoint(ckpt_dir / "last") if config.train.resume != "never" else None
     if len(set(gather_object([last is not None]))) > 1:
         raise ConfigError(f"out_dir: some processes see {ckpt_dir / 'last'} and some do not; a run folder must lie "
                           "on a filesystem every node shares")
-    if config.train.resume == "extend":
-        check_extendable(config)
+    extending = config.train.resume == "extend" and check_extendable(config)
     if last is not None:
         saved = with_legacy_fields(load_saved_config(last))
         _check_resumable(saved, config, last)
@@ -614,9 +607,8 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
             raise ConfigError(f"train.per_device_batch: {last} holds a mid-epoch position saved before a resume could "
                               f"change it; resume with {saved['train'].get('per_device_batch')!r}")
         extended = info.get("extended", [])
-        extending = saved["train"]["epochs"] != config.train.epochs
         if extending:
-            extended = [*extended, _extend(scheduler, saved["train"]["epochs"], config, steps_per_epoch)]
+            extended = [*extended, _extend(scheduler, saved["train"]["epochs"], config.train.epochs, steps_per_epoch)]
             accelerator.print(f"train: {run_dir} goes from {extended[-1]['epochs_from']} to {config.train.epochs} "
                               f"epochs: from its step {extended[-1]['after_step']} on, the learning rate follows a "
                               f"{config.train.epochs}-epoch cosine ({extended[-1]['lr_from']:.3g} -> "

@@ -121,6 +121,11 @@ def top_ops(step, device: torch.device, n: int) -> dict:
     return out
 
 
+# The attention kernels that --sdpa can force (default: torch's own choice).
+SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
 def forced_attention(attention: str) -> contextlib.ExitStack:
     """Every scaled_dot_product_attention call (the image tower's, and the text tower's for CoOp/CoCoOp) on the kernel
     `attention` names, with inductor's caches off: they key a graph without the SDPA flags, so a compiled row would
@@ -178,11 +183,6 @@ def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.d
     if profiled is not None:
         row["profile"] = profiled
     return row
-
-
-# The attention kernels that --sdpa can force (default: torch's own choice).
-SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
 
 def run(backbone: str, image_size: int, batch: int, steps: int, warmup: int, precision: str, modes: list[str],
