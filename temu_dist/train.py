@@ -250,19 +250,28 @@ def check_extendable(config: Config) -> bool:
                           "start it with train.resume=auto")
     saved = with_legacy_fields(load_saved_config(last))
     _check_resumable(saved, config, last)
-    epochs, trained = saved["train"]["epochs"], load_trainer_info(last)["next_epoch"]
+    info = load_trainer_info(last)
+    epochs, trained = saved["train"]["epochs"], info["next_epoch"]
     if config.train.epochs == epochs:
         return False
     if config.train.epochs <= trained:
         raise ConfigError(f"train.epochs: {last} has trained {trained} epochs; extend it to more than {trained}, or "
                           f"leave it at {epochs}")
-    change = _first_change(saved, config, ("eval",), RESUME_MAY_CHANGE)
+    _check_scored_alike(saved, config, last, info["history"])
+    return True
+
+
+def _check_scored_alike(saved: dict, config: Config, where: Path, history: list[dict]) -> None:
+    """A run that goes on (resumed, or extended) is scored as its epochs so far were: only so do they compare, and is
+    its best epoch picked among alike. Before its first epoch's scores anything goes."""
+    change = _first_change(saved, config, ("eval",), RESUME_MAY_CHANGE) if history else None
     if change:
         key, theirs, ours = change
-        raise ConfigError(f"{key}: {last} was scored with {theirs!r}, this run asks for {ours!r}; an extended run is "
-                          "scored as its epochs so far were, so that they compare: extend it with the same value, and "
-                          "score its weights otherwise with python -m temu_dist.evaluate")
-    return True
+        done, do = ("an extended", "extend") if config.train.resume == "extend" else ("a resumed", "resume")
+        raise ConfigError(f"{key}: {where} was scored with {theirs!r}, this run asks for {ours!r}; {done} run is "
+                          f"scored as its epochs so far were, so that they compare: {do} it with the same value "
+                          f"and score its weights otherwise with python -m temu_dist.evaluate, or train under another "
+                          f"name=, or {REPLACE}")
 
 
 def _extend(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, saved_epochs: int, epochs: int,
@@ -623,6 +632,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
             accelerator.print(f"train: {run_dir} has finished its {config.train.epochs} epochs ({last}): nothing left "
                               "to train")
         else:
+            _check_scored_alike(saved, config, last, info["history"])
             accelerator.print(f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1}{at} from {last}")
         # Lists of another length where the readers' number changed; a checkpoint that does not say its plan is only
         # compared by that number.

@@ -402,6 +402,33 @@ def test_resume_with_other_training_settings_is_refused(tmp_path, shards, monkey
     assert fresh["history"][0]["lr"] < 0.01
 
 
+def test_a_run_goes_on_scored_as_its_epochs_so_far_were(tmp_path, shards, monkeypatch, capsys):
+    import temu_dist.train as train_mod
+
+    real = train_mod.loss_fn
+    monkeypatch.setattr(train_mod, "loss_fn", stops_after(real, 3))  # 3 micro-batches per epoch: dies in epoch 2
+    with pytest.raises(Interrupted):
+        train(run_config(tmp_path, shards))
+    monkeypatch.setattr(train_mod, "loss_fn", real)
+    written = (tmp_path / "run" / "config.yaml").read_text()
+    # Epoch 1 was scored without LDG copies; its best would be picked among epochs scored otherwise.
+    with pytest.raises(ConfigError, match=r"^eval.ldg: .*last was scored with False, this run asks for True; a resumed "
+                                          r"run is scored as its epochs so far were, so that they compare: resume it "
+                                          r"with the same value and score its weights otherwise with python -m "
+                                          r"temu_dist.evaluate, or train under another name="):
+        train(run_config(tmp_path, shards, "eval.ldg=true"))
+    assert (tmp_path / "run" / "config.yaml").read_text() == written
+    assert [h["epoch"] for h in train(run_config(tmp_path, shards))["history"]] == [1, 2]
+    # Killed before its first epoch was scored, it has nothing to compare with.
+    monkeypatch.setattr(train_mod, "loss_fn", stops_after(real, 1))
+    with pytest.raises(Interrupted):
+        train(run_config(tmp_path / "early", shards, "train.checkpoint_every=1"))
+    monkeypatch.setattr(train_mod, "loss_fn", real)
+    capsys.readouterr()
+    later = train(run_config(tmp_path / "early", shards, "train.checkpoint_every=1", "eval.ldg=true"))
+    assert "resuming" in capsys.readouterr().out and "test-ldg" in later["best"]
+
+
 def test_a_run_saved_before_plcc_over_existed_resumes_with_a_warning_and_a_saved_one_only_with_its_value(
         tmp_path, shards, capsys):
     accumulating = ("train.per_device_batch=2",)
