@@ -107,7 +107,10 @@ def repeat(config: Config, splits: int) -> dict:
                        for prefix, sets in (("", summary["sets"]), ("own_best/", summary["sets_own_best"]))
                        for name, by_metric in sets.items() for metric, values in by_metric.items()
                        for stat in ("mean", "std")}
-            finish_run(uri, parent, [out / "repeat.json"], metrics, {}, "FINISHED")
+            # MLflow keeps a param's first value: the parent's train.epochs stays the one the series started with.
+            extended = {"extended": f"{', '.join(map(str, started_for))} -> {config.train.epochs} epochs"} \
+                if started_for else {}
+            finish_run(uri, parent, [out / "repeat.json"], metrics, extended, "FINISHED")
     return summary
 
 

@@ -577,6 +577,8 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     monkeypatch.setattr(repeat_mod, "train", real_train)
     assert repeat(longer, 2)["started_for"] == [1]
     assert json.loads((tmp_path / "rep" / "repeat.json").read_text())["started_for"] == [1]
+    parent = client.get_run((tmp_path / "rep" / "mlflow_parent_run_id").read_text())
+    assert parent.data.params["train.epochs"] == "1" and parent.data.tags["extended"] == "1 -> 2 epochs"
     with pytest.raises(ConfigError, match=r"data.train: must contain \{split\}"):
         repeat(run_config(tmp_path, str(tmp_path / "split0")), 2)
     with pytest.raises(ConfigError, match=r"^--splits: at least 1, not 0$"):
