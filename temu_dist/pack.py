@@ -42,7 +42,7 @@ from temu_dist.data.images import pil_rgb
 from temu_dist.data.manifest import MANIFEST, ShardsMissing, read_manifest
 from temu_dist.data.sources import (DATASETS, META_SPLIT_COLUMNS, CsvLabels, DataError, DatasetInfo, Record,
                                     read_csv_labels, read_pyiqa_meta, read_records)
-from temu_dist.data.splits import SPLITS, SplitSpec, splitter
+from temu_dist.data.splits import SPLITS, SplitSpec, split_read, splitter
 
 FORMAT = "temu-dist-shards/1"
 # Formats kept byte for byte; anything else (BMP, TIFF, ...) is stored losslessly as PNG.
@@ -292,7 +292,7 @@ def pack(opts: PackOptions) -> dict:
     _refuse_other_pack(out, identity)
     # Shards are only ever resumed with the options and labels they were written with; before the first, any go.
     started = out / "pack.json"
-    if started.exists() and any(out.glob("*.tar")) and _read_json(started) != identity:
+    if started.exists() and any(out.glob("*.tar")) and _as_identity(_read_json(started)) != identity:
         raise DataError(f"{out} holds an unfinished pack made with other options or labels: pack into another --out, "
                         "or delete it")
     # Reads and checks every label row, so bad labels stop the pack before anything is written.
@@ -395,6 +395,12 @@ def _identity(opts: PackOptions, label_path: Path) -> dict:
     return {**identity, "labels": opts.csv.describe()} if opts.csv else identity
 
 
+def _as_identity(written: dict) -> dict:
+    """An identity as read back from a pack, as _identity now writes it."""
+    split = written.get("split")
+    return {**written, "split": split_read(split)} if isinstance(split, dict) else written
+
+
 # _identity's keys as a user knows them, for messages.
 IDENTITY_NAMES = {"dataset": "--dataset", "split": "split (--split and its options)",
                   "resize_shorter": "--resize-shorter", "shard_size": "--shard-size",
@@ -409,7 +415,7 @@ def _refuse_other_pack(out: Path, ours: dict) -> None:
     except ShardsMissing:
         return  # none, or one a kill cut short: an unfinished pack, which pack.json speaks for
     # The manifest holds _identity's keys at its top level, but the label file's hash, under source.
-    theirs = {k: old.get("source", {}).get(k) if k == "label_sha256" else old.get(k) for k in ours}
+    theirs = _as_identity({k: old.get("source", {}).get(k) if k == "label_sha256" else old.get(k) for k in ours})
     differs = [IDENTITY_NAMES[k] for k in ours if ours[k] != theirs[k]]
     if differs:
         raise DataError(f"{out} already holds a finished pack made with another {' and another '.join(differs)}: "
@@ -500,8 +506,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a dataset of your own: its image, score and (optional) reference columns; default: the "
                         "first two")
     parser.add_argument("--split", choices=["official", "ratio", "file"], default="ratio")
-    parser.add_argument("--ratios", type=float, nargs=3, default=(0.8, 0.0, 0.2), metavar=("TRAIN", "VAL", "TEST"))
-    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--ratios", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                        help="--split ratio's fractions (default 0.8 0 0.2)")
+    parser.add_argument("--split-seed", type=int, help="--split ratio's seed (default 0)")
     parser.add_argument("--split-index", type=int, default=0, help="the i-th (from 0) of a series of seeded splits, "
                         "or of an IQA-PyTorch pickle's splits (numbered from 1 there: its split 1 is index 0)")
     parser.add_argument("--split-file", help="name,split CSV, or an IQA-PyTorch split pickle (with --meta-csv and "
@@ -523,8 +530,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.dataset and args.root and args.out):
         parser.error("--dataset, --root and --out are needed (or --verify DIR)")
     by_ref = None if args.by_reference == "auto" else args.by_reference == "yes"
-    spec = SplitSpec(args.split, tuple(args.ratios), args.split_seed, args.split_index, args.split_file, by_ref)
+    by_ratio = {k: v for k, v in (("ratios", args.ratios and tuple(args.ratios)), ("seed", args.split_seed))
+                if v is not None}
+    spec = SplitSpec(args.split, index=args.split_index, file=args.split_file, by_reference=by_ref, **by_ratio)
     try:
+        if by_ratio and args.split != "ratio":
+            flags = " and ".join({"ratios": "--ratios", "seed": "--split-seed"}[k] for k in by_ratio)
+            raise DataError(f"{flags}: read only with --split ratio, not --split {args.split}")
         own = args.mos_range is not None
         given = [flag for flag, value in (("--lower-better", args.lower_better), ("--columns", args.columns)) if value]
         if not own and given:

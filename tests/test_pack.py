@@ -285,6 +285,12 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, capsys):
                           (["--out", str(tmp_path / "o"), "--split", "file"], "--split file needs --split-file"),
                           (["--out", str(tmp_path / "o"), "--split-file", "s.csv"],
                            "--split-file s.csv is read only with --split file"),
+                          # A release's split is its own: no fractions or seed of ours move it.
+                          (["--out", str(tmp_path / "o"), "--split", "official", "--ratios", "0.7", "0.1", "0.2"],
+                           "--ratios: read only with --split ratio, not --split official"),
+                          (["--out", str(tmp_path / "o"), "--split", "file", "--split-file", "s.csv", "--split-seed",
+                            "3", "--ratios", "0", "0", "1"],
+                           "--ratios and --split-seed: read only with --split ratio, not --split file"),
                           (["--out", str(tmp_path / "o"), "--split", "official", "--split-index", "3"],
                            "--split-index 3 picks a seeded --split ratio or a split of an IQA-PyTorch pickle; --split "
                            "official has one split only"),
@@ -479,6 +485,14 @@ def test_a_csv_of_ones_own_with_a_split_column_gives_the_official_split(tmp_path
     manifest = pack(PackOptions("mine", str(tmp_path / "mine"), str(tmp_path / "out"), "scores.csv",
                                 split=SplitSpec("official"), workers=1, csv=CsvLabels("mine", (1.0, 5.0))))
     assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 2, "val": 2, "test": 2}
+    assert manifest["split"] == {"protocol": "official"}  # no ratios or seed, which it does not read
+    # A pack written when manifests recorded every option is the same pack: a rerun finishes it, in today's form.
+    path = tmp_path / "out" / "manifest.json"
+    path.write_text(json.dumps({**manifest, "split": {"protocol": "official", "ratios": [0.8, 0.0, 0.2], "seed": 0,
+                                                      "index": 0, "file": None, "by_reference": True}}))
+    assert pack(PackOptions("mine", str(tmp_path / "mine"), str(tmp_path / "out"), "scores.csv",
+                            split=SplitSpec("official"), workers=1, csv=CsvLabels("mine", (1.0, 5.0)))) == manifest
+    assert json.loads(path.read_text())["split"] == {"protocol": "official"}
     # An IQA-PyTorch split pickle numbers the CSV's rows, as for its general datasets.
     with open(tmp_path / "split.pkl", "wb") as fh:
         pickle.dump({1: {"train": [0, 1, 2], "val": [], "test": [5]}}, fh)
@@ -486,6 +500,7 @@ def test_a_csv_of_ones_own_with_a_split_column_gives_the_official_split(tmp_path
                                 split=SplitSpec("file", file=str(tmp_path / "split.pkl")), workers=1,
                                 csv=CsvLabels("mine", (1.0, 5.0))))
     assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 3, "test": 1}
+    assert manifest["split"] == {"protocol": "file", "file": str(tmp_path / "split.pkl"), "index": 0}
     assert {x["name"] for x in _samples(tmp_path / "pkl").values() if x["split"] == "test"} == {list(labels)[5]}
 
 

@@ -32,8 +32,19 @@ class SplitSpec:
     by_reference: bool | None = None  # None: the dataset's own way (pack: by reference where it has references)
 
     def describe(self) -> dict:
-        return {"protocol": self.protocol, "ratios": list(self.ratios), "seed": self.seed, "index": self.index,
-                "file": self.file, "by_reference": self.by_reference}
+        """What a manifest records of the split: the options its protocol reads."""
+        return split_read({"protocol": self.protocol, "ratios": list(self.ratios), "seed": self.seed,
+                           "index": self.index, "file": self.file, "by_reference": self.by_reference})
+
+
+# The options each protocol reads: a release's official split has no ratios, seed or index.
+READS = {"official": (), "ratio": ("ratios", "seed", "index", "by_reference"), "file": ("file", "index")}
+
+
+def split_read(described: dict) -> dict:
+    """Of a described split, the options its protocol reads: older packs recorded every option, used or not."""
+    reads = READS.get(described.get("protocol"))
+    return described if reads is None else {"protocol": described["protocol"], **{k: described.get(k) for k in reads}}
 
 
 class _Strings:
