@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import sys
 import tarfile
@@ -45,6 +46,10 @@ from temu_dist.data.sources import (DATASETS, META_SPLIT_COLUMNS, CsvLabels, Dat
 from temu_dist.data.splits import SPLITS, SplitSpec, split_read, splitter
 
 FORMAT = "temu-dist-shards/1"
+STARTED = "pack.json"
+# What a pack folder holds: shards, the images each left out, pack.json, the manifest; each as NAME.tmp while written.
+PACK_FILE = re.compile(rf"(?:(?:{'|'.join(SPLITS)})-\d{{6,}}\.tar(?:\.skipped\.json)?|{re.escape(STARTED)}|"
+                       rf"{re.escape(MANIFEST)})(?:\.tmp)?")
 # Formats kept byte for byte; anything else (BMP, TIFF, ...) is stored losslessly as PNG.
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -195,15 +200,18 @@ def _read_json(path: Path) -> object | None:
         return None
 
 
-def _existing(directory: Path, name: str, split: str, samples: list[tuple[str, dict]]) -> ShardResult | None:
-    """A shard a previous run finished, if it holds exactly these images (less any it reported skipped); None where
-    there is none or it is incomplete, so it is written again."""
+def _existing(directory: Path, name: str, split: str, samples: list[tuple[str, dict]],
+              skip_bad: bool) -> ShardResult | None:
+    """A shard a previous run finished, if it holds exactly these images (less any it reported skipped, with
+    skip_bad); None where there is none or it is incomplete, so it is written again."""
     final = directory / name
     if not final.exists():
         return None
     sidecar = final.with_name(name + ".skipped.json")
     skipped = _read_json(sidecar) if sidecar.exists() else []
-    if skipped is None:  # cut short: which images it left out is unknown, so the shard is written again
+    # Cut short, which images it left out is unknown. Without --skip-bad, those it left out are read again: fixed
+    # since, they go in; still bad, the pack stops, naming the first, as a first pack without --skip-bad would.
+    if skipped is None or (skipped and not skip_bad):
         return None
     left_out = {s["name"] for s in skipped}
     expected = [label["name"] for _, label in samples if label["name"] not in left_out]
@@ -253,8 +261,27 @@ def _refuse_missing(missing: array, route: Callable[[Record], str | None], opts:
         if next_missing < 0:
             break
     if absent:
-        raise DataError(f"{label_file}: {absent} of the images it names are not under {opts.root}, e.g. "
+        raise DataError(f"{label_file}: {absent} of the images it names {'is' if absent == 1 else 'are'} not under "
+                        f"{opts.root}, e.g. "
                         f"{', '.join(shown)}: fix --root or the files, or leave them out with --skip-bad")
+
+
+def _reopen_for_left_out(out: Path, opts: PackOptions, label_file: str) -> None:
+    """A finished pack that left images out (--skip-bad), packed again without --skip-bad: each must read now, or
+    nothing changes. Then the pack is unfinished until the shards that left them out are written again with them."""
+    if opts.skip_bad or not (out / MANIFEST).is_file():
+        return
+    try:
+        left_out = {s["name"] for s in read_manifest(out).get("skipped", [])}
+    except (ShardsMissing, TypeError, KeyError):  # a damaged manifest: its shards are checked one by one
+        return
+    if not left_out:
+        return
+    for record in _records(opts):
+        if record.name in left_out and isinstance(why := _encode(record.path, opts.resize_shorter), str):
+            raise DataError(f"{record.name} ({label_file} row {record.row}), which {out} left out (--skip-bad), "
+                            f"still cannot be read: {why}; fix it, or pack with --skip-bad as before")
+    (out / MANIFEST).unlink()
 
 
 def _chunks(opts: PackOptions,
@@ -291,7 +318,7 @@ def pack(opts: PackOptions) -> dict:
     identity = _identity(opts, label_path)
     _refuse_other_pack(out, identity)
     # Shards are only ever resumed with the options and labels they were written with; before the first, any go.
-    started = out / "pack.json"
+    started = out / STARTED
     if started.exists() and any(out.glob("*.tar")) and _as_identity(_read_json(started)) != identity:
         raise DataError(f"{out} holds an unfinished pack made with other options or labels: pack into another --out, "
                         "or delete it")
@@ -306,9 +333,10 @@ def pack(opts: PackOptions) -> dict:
     records = _records(opts) if opts.skip_bad or any(out.glob("*.tar")) else _noting_missing(_records(opts), missing)
     route, total = splitter(records, opts.split, label_path.name, official)
     _refuse_missing(missing, route, opts, label_path.name)
+    _reopen_for_left_out(out, opts, label_path.name)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(started, identity)
-    for stale in out.glob("*.tmp"):
+    for stale in out.glob("*.tmp"):  # only the packer's own: _check refused a folder holding others
         stale.unlink()
     results: list[ShardResult] = []
     # In a log (nohup, sbatch) rather than on a terminal, a line every half minute.
@@ -318,7 +346,7 @@ def pack(opts: PackOptions) -> dict:
     pending: set[Future] = set()
     try:
         for name, split, samples in _chunks(opts, route):
-            done = _existing(out, name, split, samples)
+            done = _existing(out, name, split, samples, opts.skip_bad)
             if done is not None:
                 results.append(done)
                 progress.update(done.count + len(done.skipped))
@@ -379,6 +407,20 @@ def _check(opts: PackOptions) -> None:
         raise DataError(f"--split-file {split.file}: an IQA-PyTorch split numbers the rows of its meta CSV; pass that "
                         "CSV with --meta-csv")
     check_output_folder(Path(opts.out), "--out")
+    _refuse_foreign_files(Path(opts.out))
+
+
+def _refuse_foreign_files(out: Path) -> None:
+    """A pack goes into a folder of its own (new, empty, or a pack's): shards written among a dataset's or a user's
+    files would mix with them, and a rerun clears the pack's unfinished files."""
+    if not out.is_dir():
+        return
+    # Dot files are the system's (.DS_Store, NFS's .nfsXXXX), not the user's work.
+    foreign = sorted(p.name + "/" * p.is_dir() for p in out.iterdir()
+                     if not p.name.startswith(".") and not PACK_FILE.fullmatch(p.name))
+    if foreign:
+        raise DataError(f"--out {out} holds files that are no pack's ({', '.join(foreign[:3])}"
+                        f"{', ...' * (len(foreign) > 3)}): pack into a new or an empty folder")
 
 
 def _leave_sigint_to_main() -> None:

@@ -124,13 +124,27 @@ def test_skip_bad_reports_every_skipped_image(tmp_path):
     assert not (tmp_path / "strict2").exists()
     (tmp_path / "kadid" / "images" / "I01_02_01.png").write_bytes((tmp_path / "kadid" / "images" /
                                                                   "I01_01_01.png").read_bytes())
-    with pytest.raises(DataError, match=r"^dmos.csv: 1 of the images it names are not under .*images/I03_03_01.png"):
+    with pytest.raises(DataError, match=r"^dmos.csv: 1 of the images it names is not under .*images/I03_03_01.png"):
         pack(_opts(tmp_path / "kadid", tmp_path / "strict"))
     manifest = pack(_opts(tmp_path / "kadid", tmp_path / "out", skip_bad=True))
     assert sorted(s["name"] for s in manifest["skipped"]) == ["images/I02_01_01.png", "images/I03_03_01.png"]
     assert all(s["row"] >= 2 and s["reason"] for s in manifest["skipped"])
     assert sum(info["count"] for info in manifest["splits"].values()) == len(labels) - 2
     assert set(_samples(tmp_path / "out")) == set(labels) - {"images/I02_01_01.png", "images/I03_03_01.png"}
+    # Packed again without --skip-bad, the images it left out must read now: one does not, so nothing changes.
+    images = tmp_path / "kadid" / "images"
+    (images / "I02_01_01.png").write_bytes((images / "I02_02_01.png").read_bytes())
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(DataError, match=rf"^images/I03_03_01.png \(dmos.csv row \d+\), which {tmp_path / 'out'} left "
+                                        r"out \(--skip-bad\), still cannot be read: file not found: .*; fix it, or "
+                                        r"pack with --skip-bad as before$"):
+        pack(_opts(tmp_path / "kadid", tmp_path / "out"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    # Both fixed, they go in.
+    (images / "I03_03_01.png").write_bytes((images / "I03_02_01.png").read_bytes())
+    whole = pack(_opts(tmp_path / "kadid", tmp_path / "out"))
+    assert whole["skipped"] == [] and set(_samples(tmp_path / "out")) == set(labels)
+    assert not list((tmp_path / "out").glob("*.skipped.json")) and not verify(tmp_path / "out")
 
 
 def test_verify_names_what_is_wrong(tmp_path, capsys):
@@ -428,6 +442,24 @@ def test_16_bit_greys_are_scaled_not_clipped_when_re_encoded(tmp_path, fmt):
     decoded = [np.asarray(Image.open(io.BytesIO(_encode(tmp_path / f"grey{bits}.{fmt}", resize)[0])).convert("RGB"))
                for bits in (16, 8)]
     assert np.array_equal(decoded[0], decoded[1])
+
+
+def test_a_pack_goes_into_a_folder_of_its_own(tmp_path):
+    write_kadid(tmp_path / "kadid", refs=2, per_ref=2)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "draft.tmp").write_text("precious")  # a rerun clears a pack's own unfinished files only
+    with pytest.raises(DataError, match=rf"^--out {tmp_path / 'mine'} holds files that are no pack's \(draft.tmp\): "
+                                        r"pack into a new or an empty folder$"):
+        pack(_opts(tmp_path / "kadid", tmp_path / "mine"))
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["draft.tmp"]
+    with pytest.raises(DataError, match=r"holds files that are no pack's \(dmos.csv, images/\)"):
+        pack(_opts(tmp_path / "kadid", tmp_path / "kadid"))  # shards among the dataset's own files
+    # A pack's unfinished files and the system's dot files are no obstacle.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".nfs0001").write_text("")
+    (tmp_path / "out" / "train-000000.tar.tmp").write_text("cut short")
+    pack(_opts(tmp_path / "kadid", tmp_path / "out"))
+    assert not list((tmp_path / "out").glob("*.tmp")) and not verify(tmp_path / "out")
 
 
 def test_a_rerun_reuses_finished_shards_whose_images_are_gone(tmp_path):
