@@ -331,7 +331,7 @@ def pack(opts: PackOptions) -> dict:
     # Only before a pack's first shard: a rerun reuses finished shards, whose images need not be there any more.
     missing = array("q")
     records = _records(opts) if opts.skip_bad or any(out.glob("*.tar")) else _noting_missing(_records(opts), missing)
-    route, total = splitter(records, opts.split, label_path.name, official)
+    route, total, unlisted = splitter(records, opts.split, label_path.name, official)
     _refuse_missing(missing, route, opts, label_path.name)
     _reopen_for_left_out(out, opts, label_path.name)
     out.mkdir(parents=True, exist_ok=True)
@@ -367,8 +367,13 @@ def pack(opts: PackOptions) -> dict:
     finally:
         progress.close()
         pool.shutdown(cancel_futures=True)
-    manifest = _manifest(opts, label_path, identity, results)
+    manifest = _manifest(opts, label_path, identity, results, unlisted)
     write_json_atomic(out / MANIFEST, manifest)
+    empty = [s for s, r in zip(SPLITS, opts.split.ratios) if r > 0 and s not in manifest["splits"]]
+    if opts.split.protocol == "ratio" and empty:  # a run would find no such set to score
+        groups = "reference images" if opts.split.by_reference else "images"
+        tqdm.write(f"pack: warning: {out}: the ratios {list(opts.split.ratios)} of its {groups} leave no images in "
+                   f"its {' and '.join(empty)} split: pack a larger set, or other --ratios", file=sys.stderr)
     return manifest
 
 
@@ -473,7 +478,8 @@ def _collect(pending: set[Future], results: list[ShardResult], progress: tqdm) -
     return pending
 
 
-def _manifest(opts: PackOptions, label_path: Path, identity: dict, results: list[ShardResult]) -> dict:
+def _manifest(opts: PackOptions, label_path: Path, identity: dict, results: list[ShardResult],
+              unlisted: int) -> dict:
     splits = {}
     for split in SPLITS:
         shards = sorted((r for r in results if r.split == split), key=lambda r: r.name)
@@ -492,6 +498,8 @@ def _manifest(opts: PackOptions, label_path: Path, identity: dict, results: list
         "shard_size": opts.shard_size,
         "splits": splits,
         "skipped": [s for r in sorted(results, key=lambda r: r.name) for s in r.skipped],
+        # The labelled images a split file leaves out, in no split.
+        **({"unlisted": unlisted} if opts.split.protocol == "file" else {}),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -596,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
         print("pack: interrupted; finished shards are kept, rerun the same command to continue", file=sys.stderr)
         return 130
     counts = ", ".join(f"{s} {info['count']}" for s, info in manifest["splits"].items())
-    print(f"pack: {args.out}: {counts}; skipped {len(manifest['skipped'])}")
+    unlisted = f"; not in the split file {manifest['unlisted']}" if manifest.get("unlisted") else ""
+    print(f"pack: {args.out}: {counts}; skipped {len(manifest['skipped'])}{unlisted}")
     return 0
 
 

@@ -413,10 +413,13 @@ def test_a_qalign_split_becomes_the_split_file_pack_reads(tmp_path, capsys):
             "--test", str(tmp_path / "test_kadid.json"), "--out", str(tmp_path / "qalign.csv")]
     assert qalign(args) == 0
     assert capsys.readouterr().out == f"qalign: {tmp_path / 'qalign.csv'}: train 3, test 2\n"
-    pack(_opts(tmp_path / "kadid", tmp_path / "out", split=SplitSpec("file", file=str(tmp_path / "qalign.csv"))))
+    assert main(["--dataset", "kadid10k", "--root", str(tmp_path / "kadid"), "--out", str(tmp_path / "out"),
+                 "--split", "file", "--split-file", str(tmp_path / "qalign.csv")]) == 0
     assert {n: s["split"] for n, s in _samples(tmp_path / "out").items()} == \
         {**{n: "train" for n in names[:3]}, **{n: "test" for n in names[3:5]}}
-    capsys.readouterr()
+    # The image it leaves out is counted, in the manifest and in the summary line.
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["unlisted"] == 1
+    assert capsys.readouterr().out == f"pack: {tmp_path / 'out'}: train 3, test 2; skipped 0; not in the split file 1\n"
     # An image the release does not have, or one in two splits, is named; the CSV stays as it was.
     for split, image, message in (("test", "kadid10k/I09_01_01.png", "kadid10k/I09_01_01.png is not among"),
                                   ("test", f"kadid10k/{Path(names[0]).name}", "is in the train split too")):
@@ -460,6 +463,14 @@ def test_a_pack_goes_into_a_folder_of_its_own(tmp_path):
     (tmp_path / "out" / "train-000000.tar.tmp").write_text("cut short")
     pack(_opts(tmp_path / "kadid", tmp_path / "out"))
     assert not list((tmp_path / "out").glob("*.tmp")) and not verify(tmp_path / "out")
+
+
+def test_ratios_that_leave_a_split_empty_are_warned_of(tmp_path, capsys):
+    write_kadid(tmp_path / "kadid", refs=2, per_ref=2)
+    manifest = pack(_opts(tmp_path / "kadid", tmp_path / "out", split=SplitSpec("ratio", (0.8, 0.0, 0.2))))
+    assert list(manifest["splits"]) == ["train"]  # 2 references: 80% is both
+    assert f"pack: warning: {tmp_path / 'out'}: the ratios [0.8, 0.0, 0.2] of its reference images leave no images " \
+        "in its test split: pack a larger set, or other --ratios" in capsys.readouterr().err
 
 
 def test_a_rerun_reuses_finished_shards_whose_images_are_gone(tmp_path):

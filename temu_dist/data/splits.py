@@ -101,8 +101,13 @@ def _file_assignment(spec: SplitSpec) -> dict[str, str] | dict[int, str]:
     if not path.is_file():
         raise DataError(f"split file {path} not found")
     if path.suffix == ".pkl":
-        return {i: split for split, rows in read_pyiqa_split(path, spec.index).items() for i in rows}
-    assignment = {}
+        positions = {}
+        for split, rows in read_pyiqa_split(path, spec.index).items():
+            for i in rows:
+                if positions.setdefault(i, split) != split:
+                    raise DataError(f"{path}: split {spec.index} puts row {i} in both {positions[i]} and {split}")
+        return positions
+    assignment, rows = {}, {}
     with open(path, newline="", encoding="utf-8-sig") as fh:
         try:
             for row_no, row in enumerate(csv.reader(fh), start=1):
@@ -110,7 +115,10 @@ def _file_assignment(spec: SplitSpec) -> dict[str, str] | dict[int, str]:
                     continue
                 if len(row) != 2 or row[1] not in SPLITS:
                     raise DataError(f"{path} row {row_no}: expected 'name,split' with split one of {', '.join(SPLITS)}")
-                assignment[row[0]] = row[1]
+                if assignment.setdefault(row[0], row[1]) != row[1]:  # an image in two splits leaks between them
+                    raise DataError(f"{path} row {row_no}: {row[0]} in {row[1]}, but row {rows[row[0]]} puts it in "
+                                    f"{assignment[row[0]]}")
+                rows.setdefault(row[0], row_no)
         except UnicodeDecodeError:
             raise DataError(f"split file {path}: not UTF-8 text") from None
     return assignment
@@ -138,9 +146,10 @@ def _file_codes(records: Iterable[Record], spec: SplitSpec) -> np.ndarray:
 
 
 def splitter(records: Iterable[Record], spec: SplitSpec, label: str = "label file",
-             official: str | None = None) -> tuple[Callable[[Record], str | None], int]:
-    """A function record -> 'train' | 'val' | 'test' (None: a split file leaves it out), and how many records it
-    sends to a split. `label` names the label file and `official` where the release's split is read from, in messages.
+             official: str | None = None) -> tuple[Callable[[Record], str | None], int, int]:
+    """A function record -> 'train' | 'val' | 'test' (None: a split file leaves it out), how many records it sends
+    to a split and how many it leaves out. `label` names the label file and `official` where the release's split is
+    read from, in messages.
 
     Reads every record of `records` first, so a bad label row or a repeated name stops the packer before it writes a
     shard. Keeps 9 bytes a record (its name's key and split code), so the packer can stream the records again
@@ -154,7 +163,7 @@ def splitter(records: Iterable[Record], spec: SplitSpec, label: str = "label fil
                 raise DataError(f"{label} row {record.row} ({record.name}) has no official split: {how} the ratio "
                                 "protocol")
             count += 1
-        return lambda record: record.split, count
+        return lambda record: record.split, count, 0
     keys = array("q")
 
     def keyed() -> Iterator[Record]:
@@ -174,4 +183,5 @@ def splitter(records: Iterable[Record], spec: SplitSpec, label: str = "label fil
             return None
         return SPLITS[sorted_codes[i]]
 
-    return route, int((codes != NOT_LISTED).sum())
+    listed = int((codes != NOT_LISTED).sum())
+    return route, listed, len(codes) - listed
