@@ -31,6 +31,7 @@ from temu_dist.data.augment import normalize
 from temu_dist.data.keys import name_key
 from temu_dist.data.ldg import LocalDistortion, check_fidelity_size, ldg_targets
 from temu_dist.data.manifest import pack_named_by
+from temu_dist.data.splits import SPLITS
 from temu_dist.data.stream import eval_loader, read_manifest, split_shards
 from temu_dist.distributed import eval_accelerator
 from temu_dist.metrics import correlations
@@ -101,6 +102,18 @@ def _check_sets(sets: list[EvalSet], config: Config, flag: str | None = None) ->
         if config.eval.ldg:
             key = "model.image_size" if s.image_hw is None else f"eval.cross.{cross[s.name]}.image_size"
             check_fidelity_size(key, s.image_hw or config.model.image_hw(), config.ldg)
+
+
+def no_such_set(key: str, name: str, sets: list[EvalSet], config: Config) -> ConfigError:
+    """A metric named after a set evaluation does not report; where it names a split of the training pack, why."""
+    why, split = "", name.removesuffix("-ldg")
+    if split in SPLITS and config.data.train and not any(s.name == split for s in sets):
+        have = read_manifest(config.data.train)["splits"]
+        why = (f"; data.train's pack {config.data.train} has no '{split}' split (it has {', '.join(have) or 'none'}): "
+               "pack one there (python -m temu_dist.pack --ratios), or name another set" if split not in have else
+               f"; add it to eval.splits ({config.eval.splits} now)")
+    return ConfigError(f"{key}: no evaluation set '{name}' (sets: {', '.join(result_names(sets, config)) or 'none'})"
+                       f"{why}")
 
 
 def result_names(sets: list[EvalSet], config: Config) -> list[str]:

@@ -44,7 +44,7 @@ from temu_dist.data.ldg import check_fidelity_size, ldg_targets
 from temu_dist.data.manifest import pack_named_by
 from temu_dist.data.stream import SharedEpoch, split_shards, train_loader
 from temu_dist.distributed import BatchPlan, check_processes_agree, keep_buffers_in_place, make_accelerator
-from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, result_names, scatter_plots
+from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, no_such_set, result_names, scatter_plots
 from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights, with_legacy_fields
 from temu_dist.model.backbone import check_backbone
@@ -565,9 +565,9 @@ def check_data(config: Config) -> list[EvalSet]:
     with pack_named_by("data.train"):
         split_shards(config.data.train, config.data.train_split)
     sets = eval_sets(config)
-    set_name, names = config.train.key_metric.split("/")[0], result_names(sets, config)
-    if set_name not in names:
-        raise ConfigError(f"train.key_metric: no evaluation set '{set_name}' (sets: {', '.join(names)})")
+    set_name = config.train.key_metric.split("/")[0]
+    if set_name not in result_names(sets, config):
+        raise no_such_set("train.key_metric", set_name, sets, config)
     return sets
 
 

@@ -500,8 +500,19 @@ def test_nan_loss_stops_with_a_clear_message_keeping_the_last_good_checkpoint(tm
 def test_missing_shards_and_bad_key_metric_fail_before_any_work(tmp_path, shards):
     with pytest.raises(ConfigError, match="python -m temu_dist.pack"):
         train(run_config(tmp_path, str(tmp_path / "nowhere")))
-    with pytest.raises(ConfigError, match="train.key_metric: no evaluation set 'koniq'"):
+    with pytest.raises(ConfigError, match=r"^train.key_metric: no evaluation set 'koniq' \(sets: val, test\)$"):
         train(run_config(tmp_path, shards, "train.key_metric=koniq/srcc"))
+    # A split of the pack: why it is no set.
+    with pytest.raises(ConfigError, match=r"^train.key_metric: no evaluation set 'val' \(sets: test\); add it to "
+                                          r"eval.splits \(\['test'\] now\)$"):
+        train(run_config(tmp_path, shards, "train.key_metric=val/srcc", "eval.splits=[test]"))
+    only_train = tmp_path / "only-train"
+    write_kadid(tmp_path / "two", refs=2, per_ref=2, size=(64, 64))
+    pack(PackOptions("kadid10k", str(tmp_path / "two"), str(only_train), split=SplitSpec("ratio", (0.8, 0.0, 0.2)),
+                     workers=1))
+    with pytest.raises(ConfigError, match=rf"^train.key_metric: no evaluation set 'test' \(sets: none\); data.train's "
+                                          rf"pack {only_train} has no 'test' split \(it has train\): pack one there"):
+        train(run_config(tmp_path, str(only_train)))
     assert not (tmp_path / "run" / "checkpoints" / "last").exists()
 
 

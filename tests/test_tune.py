@@ -474,10 +474,12 @@ def test_a_searchs_metric_and_samples_are_checked_before_ray_starts(tmp_path, sh
     with pytest.raises(ConfigError, match=r"metric: Value error, 'test/srocc' is not SET/METRIC with METRIC one of "
                                           r"srcc, plcc, krcc"):
         load_search(path, ["metric=test/srocc"])
-    with pytest.raises(ConfigError, match=r"^metric: no evaluation set 'val' \(sets: test\)$"):
+    # The pack has no val split: it says so.
+    lacks = rf"; data.train's pack {re.escape(str(shards))} has no 'val' split \(it has train, test\): pack one there "
+    with pytest.raises(ConfigError, match=r"^metric: no evaluation set 'val' \(sets: test\)" + lacks):
         run_search(load_search(path, ["metric=val/srcc"]))
     # The trials' own key metric is checked too, whatever metric the search ranks them by.
-    with pytest.raises(ConfigError, match=r"^train.key_metric: no evaluation set 'val' \(sets: test\)$"):
+    with pytest.raises(ConfigError, match=r"^train.key_metric: no evaluation set 'val' \(sets: test\)" + lacks):
         run_search(load_search(path, ["metric=test/srcc", "overrides=[train.key_metric=val/srcc]"]))
     assert not (tmp_path / "runs").exists()  # nothing started, so the corrected search may take the name
     with pytest.raises(ConfigError, match=r"train: unknown key; training keys go in the search config's overrides "):
