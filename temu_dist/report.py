@@ -304,11 +304,16 @@ def _footer(rows: list[Row], metrics: tuple[str, ...], each_at: str) -> str:
 def markdown(rows: list[Row], metrics: tuple[str, ...], each_at: str, names: list[str] | None = None) -> str:
     """A row per run, SRCC / PLCC per set; each column's best first metric in bold."""
     cols = columns(rows)
-    lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = ["| run | " + " | ".join(map(_md, cols)) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, cells in zip(names or labels(rows), _grid(rows, metrics)):
-        lines.append(f"| {name} | " + " | ".join(" / ".join([f"**{values[0]}**" if top else values[0], *values[1:]])
-                                                 for values, top in cells) + " |")
+        lines.append(f"| {_md(name)} | " + " | ".join(
+            " / ".join([f"**{values[0]}**" if top else values[0], *values[1:]]) for values, top in cells) + " |")
     return "\n".join([*lines, "", _footer(rows, metrics, each_at)]) + "\n"
+
+
+def _md(text: str) -> str:
+    """Text as a markdown table cell holds it: a bare | would end the cell."""
+    return text.replace("|", r"\|")
 
 
 # LaTeX's special characters in text, each as LaTeX writes it (<, > and | print otherwise as other glyphs in the default

@@ -99,6 +99,10 @@ def test_rows_and_columns_print_under_the_names_a_paper_gives_them(finished, tmp
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "| run | KADID-10k | csiq |"
     assert out[2].startswith("| variant=I |") and out[3].startswith("| TeMu-IQA (S) |")
+    # A | of a name stays in its cell.
+    assert report.main([*runs, "--rename", "kadid10k", "KADID|train", "--rename", "variant=S", "S|1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == r"| run | KADID\|train | csiq |" and out[3].startswith(r"| S\|1 |")
     table = list(csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text())))
     assert table[1]["run"] == "TeMu-IQA (S)" and "KADID-10k/srcc" in table[1]
     assert report.main([*runs, "--rename", "variant=s", "x"]) == 1
