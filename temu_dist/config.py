@@ -227,8 +227,16 @@ class TrackingConfig(Section):
     parent_run_id: str | None = None
 
 
+def folder_name(name: str) -> str:
+    """A name that is one folder under out_dir: a path (runs/../x) would write elsewhere, beside other work."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"{name!r} is no folder name: the work goes to out_dir/NAME (set out_dir for where)")
+    return name
+
+
 class Config(Section):
     name: str = "temu"
+    _name = field_validator("name")(folder_name)
     seed: int = Field(0, ge=0, lt=2**32)  # np.random.seed, which accelerate's set_seed calls, takes no other
     # Runs write under out_dir/name.
     out_dir: str = "runs"

@@ -36,8 +36,8 @@ from pydantic import ValidationError, field_validator
 from ray.tune import Callback
 
 from temu_dist.atomic import write_json_atomic
-from temu_dist.config import (Config, ConfigError, Section, apply_overrides, dump, error_line, load_config,
-                              metric_key, one_line_error, parse_override, read_yaml, settings_label)
+from temu_dist.config import (Config, ConfigError, Section, apply_overrides, dump, error_line, folder_name,
+                              load_config, metric_key, one_line_error, parse_override, read_yaml, settings_label)
 from temu_dist.tracking import finish_run, flatten, log_artifacts, parent_run, tracking_uri
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -69,6 +69,7 @@ class AshaConfig(Section):
 
 class SearchConfig(Section):
     name: str = "tune"
+    _name = field_validator("name")(folder_name)
     out_dir: str = "runs"
     base: str  # the training config every trial starts from
     overrides: list[str] = []  # key=value applied to the base before the trial's own values

@@ -49,6 +49,10 @@ def test_yaml_then_dotted_overrides(tmp_path):
     (["eval.splits=[val, tset]"], "eval.splits.1: Input should be 'train', 'val' or 'test' (got 'tset')"),
     (["data.train_split=tarin"], "data.train_split"),
     (["eval.cross=[{name: k, shards: s, split: tst}]"], "eval.cross.0.split"),
+    # The run's folder is out_dir/NAME: a path would write it elsewhere.
+    (["name=../esc"], "name: Value error, '../esc' is no folder name: the work goes to out_dir/NAME (set out_dir for "
+                      "where)"),
+    (["name=a/b"], "name: Value error, 'a/b' is no folder name"),
 ])
 def test_bad_values_fail_in_one_line_naming_the_key(overrides, names):
     with pytest.raises(ConfigError) as err:
@@ -90,6 +94,9 @@ def test_search_space_values_are_checked_against_the_training_config(tmp_path):
         path.write_text(f"base: {REPO / 'configs' / 'demo.yaml'}\nspace:\n  train.lr: {bad}\n")
         with pytest.raises(ConfigError, match=f"{path}: space.train.lr: .* takes "):
             load_search(path)
+    path.write_text(f"base: {REPO / 'configs' / 'demo.yaml'}\nspace:\n  train.lr: {{grid: [0.1]}}\n")
+    with pytest.raises(ConfigError, match=r"name: Value error, '\.\./x' is no folder name"):
+        load_search(path, ["name=../x"])  # the search's folder is out_dir/NAME too
 
 
 def test_override_must_be_key_value():
