@@ -695,6 +695,13 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
     assert f"not key=value: {shards}:val (a pack? give each its own --shards)" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "nothing")]) == 1
     assert "neither a checkpoint folder" in capsys.readouterr().err
+    # A run stopped before its first epoch was scored: its last checkpoint is named.
+    stopped = tmp_path / "stopped" / "checkpoints" / "last"
+    stopped.mkdir(parents=True)
+    shutil.copy(tmp_path / "run" / "checkpoints" / "last" / "weights.safetensors", stopped)
+    assert main(["--checkpoint", str(tmp_path / "stopped")]) == 1
+    assert capsys.readouterr().err == f"evaluate: {tmp_path / 'stopped'}: a run with no checkpoints/best yet (none " \
+        f"of its epochs has been scored); its latest weights are {stopped}: name that\n"
     assert main(["--checkpoint", str(tmp_path / "run"), "--plots", str(cfg)]) == 1
     assert capsys.readouterr().err == f"evaluate: --plots {cfg}: it is a file, not a folder\n"
 

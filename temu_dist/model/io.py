@@ -42,6 +42,10 @@ def checkpoint_dir(path: str | Path) -> Path:
     for candidate in (path, path / "checkpoints" / "best", path / "checkpoints" / "best.old"):
         if (candidate / WEIGHTS).is_file():
             return candidate
+    last = path / "checkpoints" / "last"
+    if (last / WEIGHTS).is_file():  # a run stopped before its first epoch was scored
+        raise ConfigError(f"{path}: a run with no checkpoints/best yet (none of its epochs has been scored); its "
+                          f"latest weights are {last}: name that")
     raise ConfigError(f"{path}: neither a checkpoint folder ({WEIGHTS}) nor a run folder with checkpoints/best")
 
 
