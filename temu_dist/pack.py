@@ -386,8 +386,9 @@ def _check(opts: PackOptions) -> None:
             raise DataError(f"--dataset {opts.dataset}, a dataset of your own, is read from its CSV: give it with "
                             "--label-file (not --meta-csv)")
     elif opts.dataset not in DATASETS:
+        need = "its scale with --mos-range" if opts.label_file else "--label-file and --mos-range"
         raise DataError(f"unknown dataset '{opts.dataset}'; one of {', '.join(DATASETS)}, or a dataset of your own "
-                        "read from a CSV: add --label-file and --mos-range")
+                        f"read from a CSV: add {need}")
     if opts.split.by_reference and not opts.info().has_reference:
         # Else each image would be its own reference: a split by image, said to be by reference.
         raise DataError(f"--by-reference yes: {opts.dataset} has no reference images"
@@ -407,6 +408,9 @@ def _check(opts: PackOptions) -> None:
     if split.index and split.protocol != "ratio" and not pickled:
         raise DataError(f"--split-index {split.index} picks a seeded --split ratio or a split of an IQA-PyTorch "
                         f"pickle; --split {split.protocol}{' with a CSV' if split.file else ''} has one split only")
+    if split.protocol == "official" and not opts.csv and not opts.info().official_split:
+        raise DataError(f"--split official: the {opts.dataset} release has no official split; use --split ratio (the "
+                        "default) or --split file")
     if pickled and not (opts.meta_csv or opts.csv):
         # Its row numbers are those of IQA-PyTorch's meta CSV, whose order the release's label file does not keep.
         raise DataError(f"--split-file {split.file}: an IQA-PyTorch split numbers the rows of its meta CSV; pass that "

@@ -324,8 +324,8 @@ def test_label_problems_stop_the_pack_with_one_line_naming_the_label_file(tmp_pa
     good = labels.read_text()
     args = ["--dataset", "kadid10k", "--root", str(tmp_path / "kadid"), "--out", str(tmp_path / "o")]
     assert main([*args, "--split", "official"]) == 1
-    assert capsys.readouterr().err.startswith("pack: dmos.csv row 2 (images/I01_01_01.png) has no official split: "
-                                              "this release has none")
+    assert capsys.readouterr().err == "pack: --split official: the kadid10k release has no official split; use " \
+                                      "--split ratio (the default) or --split file\n"
     # KonIQ-10k has one, in a file of its own that may be missing.
     (tmp_path / "koniq").mkdir()
     (tmp_path / "koniq" / "koniq10k_scores_and_distributions.csv").write_text("image_name,MOS\n0.jpg,3.0\n")
@@ -556,6 +556,8 @@ def test_what_a_csv_of_ones_own_cannot_be_read_with_is_one_line_naming_it(tmp_pa
         ("img_name,mos", rows, ["--dataset", "koniq", *base],
          "unknown dataset 'koniq'; one of koniq10k, spaq, livec, flive, ava, kadid10k, csiq, live, agiqa3k, or a "
          "dataset of your own read from a CSV: add --label-file and --mos-range"),
+        ("img_name,mos", rows, mine, "unknown dataset 'mine'; one of koniq10k, spaq, livec, flive, ava, kadid10k, "
+         "csiq, live, agiqa3k, or a dataset of your own read from a CSV: add its scale with --mos-range"),
         ("img_name,mos", rows, ["--dataset", "kadid10k", *base, "--mos-range", "1", "5"],
          "--dataset kadid10k is one of the nine releases, read from its own label files, not with --mos-range"),
         ("img_name,mos", rows, [*mine, "--lower-better"],
