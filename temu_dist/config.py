@@ -10,7 +10,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -268,7 +268,10 @@ def _union_member(loc_part: Any) -> bool:
     return isinstance(loc_part, str) and ("[" in loc_part or loc_part in ("int", "float", "bool", "str"))
 
 
-def one_line_error(err: ValidationError, source: str) -> str:
+def one_line_error(err: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
+    """The errors of validating `model` (default: Config) in one line, an unknown key with the known one it may
+    mean."""
+    known = field_keys(model or Config)
     found: dict[str, str | list[str]] = {}  # key -> its message, or the union members its value fitted none of
     inputs: dict[str, Any] = {}
     for e in err.errors():
@@ -282,15 +285,10 @@ def one_line_error(err: ValidationError, source: str) -> str:
             inputs.setdefault(key, e["input"])
         else:
             key = ".".join(str(p) for p in loc) or "<root>"
-            found[key] = _unknown(key) if e["type"] == "extra_forbidden" else f"{e['msg']} (got {e['input']!r})"
+            found[key] = _unknown(key, known) if e["type"] == "extra_forbidden" else f"{e['msg']} (got {e['input']!r})"
     parts = [f"{key}: {v}" if isinstance(v, str) else f"{key}: expected {' or '.join(v)} (got {inputs[key]!r})"
              for key, v in found.items()]
     return f"{source}: invalid config: " + "; ".join(parts)
-
-
-def _keys(tree: dict, prefix: str = "") -> list[str]:
-    return [k for key, value in tree.items()
-            for k in (prefix + key, *(_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else ()))]
 
 
 def settings_label(values: dict[str, Any]) -> str:
@@ -310,9 +308,20 @@ def metric_key(v: str) -> str:
     return v
 
 
-def _unknown(key: str) -> str:
+def field_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of a config class, those of its sections (optional ones too) included."""
+    keys = []
+    for name, info in model.model_fields.items():
+        keys.append(prefix + name)
+        for kind in (info.annotation, *get_args(info.annotation)):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                keys += field_keys(kind, f"{prefix}{name}.")
+    return keys
+
+
+def _unknown(key: str, known: list[str]) -> str:
     # A training key unknown where it stands (at the top of a search config) would be its own closest match.
-    close = [k for k in difflib.get_close_matches(key, _keys(Config().model_dump()), n=2, cutoff=0.8) if k != key]
+    close = [k for k in difflib.get_close_matches(key, known, n=2, cutoff=0.8) if k != key]
     return f"unknown key (did you mean {close[0]}?)" if close else "unknown key"
 
 

@@ -106,7 +106,7 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         search = SearchConfig.model_validate(tree)
     except ValidationError as e:
-        message = one_line_error(e, str(path))
+        message = one_line_error(e, str(path), SearchConfig)
         if any(err["type"] == "extra_forbidden" and err["loc"][0] in Config.model_fields for err in e.errors()):
             # Most likely a training key given as a key=value override of the search.
             message += "; training keys go in the search config's overrides list, e.g. 'overrides=[train.epochs=2]'"

@@ -97,6 +97,10 @@ def test_search_space_values_are_checked_against_the_training_config(tmp_path):
     path.write_text(f"base: {REPO / 'configs' / 'demo.yaml'}\nspace:\n  train.lr: {{grid: [0.1]}}\n")
     with pytest.raises(ConfigError, match=r"name: Value error, '\.\./x' is no folder name"):
         load_search(path, ["name=../x"])  # the search's folder is out_dir/NAME too
+    with pytest.raises(ConfigError, match=r"num_sample: unknown key \(did you mean num_samples\?\)$"):
+        load_search(path, ["num_sample=2"])
+    with pytest.raises(ConfigError, match=r"asha.grace_perod: unknown key \(did you mean asha.grace_period\?\)$"):
+        load_search(path, ["asha.grace_perod=2"])
 
 
 def test_override_must_be_key_value():
