@@ -494,6 +494,7 @@ def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: st
                  # Ray wraps a trial's exception (as .cause) in a traceback of its actor.
                  error_line(getattr(result.error, "cause", None) or result.error) if result.error else None)
             for result in grid]
+    rows.sort(key=lambda r: r["trial"])  # in the order they were made (Ray's ids count up): a restored grid has its own
     ok = [r for r in rows if r["best"] is not None]
     best = max(ok, key=lambda r: r["best"] if search.mode == "max" else -r["best"]) if ok else None
     summary = {"search": search.name, "metric": metric, "trials": rows, "best": best,

@@ -667,7 +667,8 @@ def test_a_trial_asha_stopped_early_is_marked_so_in_mlflow_with_its_best(tmp_pat
                                         config={"model.prompt": prompt, "train.epochs": epochs},
                                         metrics={"trial_id": str(i), "epoch": len(scores), "done": True}))
         parent = client.create_run(experiment).info.run_id
-        summary = tune_cli.summarize(search, search_dir, grid, "test/srcc", uri, parent, 2)
+        # A restored search's grid comes in an order of its own: the table keeps the trials' own.
+        summary = tune_cli.summarize(search, search_dir, grid[::-1], "test/srcc", uri, parent, 2)
         assert [r["best"] for r in summary["trials"]] == [0.3, 0.2, 0.4]
         return [client.get_run(r) for r in run_ids]
 
