@@ -9,8 +9,11 @@ import copy
 import difflib
 import os
 import re
+import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Iterator, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -333,6 +336,27 @@ def check_output_folder(folder: Path, flag: str) -> None:
         raise ConfigError(f"{flag} {folder}: {'it' if there == folder else there} is a file, not a folder")
     if not os.access(there, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {folder}: {there} is not writable by this user")
+
+
+class Notice(UserWarning):
+    """A warning for the person at the terminal (tracking lost, a cluster short of room), not for a developer."""
+
+
+@contextmanager
+def notices_as_lines(prog: str) -> Iterator[None]:
+    """Within, a Notice prints as `PROG: warning: ...`, as the command says its errors, not with Python's file and
+    source line; other warnings as Python prints them."""
+    with warnings.catch_warnings():
+        python = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # warnings.showwarning's signature
+            if issubclass(category, Notice):
+                print(f"{prog}: warning: {message}", file=file or sys.stderr)
+            else:
+                python(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def error_line(e: BaseException) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from temu_dist.atomic import write_json_atomic
-from temu_dist.config import Config, ConfigError, load_config
+from temu_dist.config import Config, ConfigError, load_config, notices_as_lines
 from temu_dist.tracking import config_params, config_tags, finish_run, parent_run, tracking_uri
 from temu_dist.train import NonFiniteLoss, check_data, check_extendable, sigterm_as_ctrl_c, stop_code, train
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     says = os.environ.get("LOCAL_RANK", "0") == "0"  # the first process on each node says why it stops
     try:
         config = load_config(args.config, args.overrides)
-        with sigterm_as_ctrl_c():
+        with sigterm_as_ctrl_c(), notices_as_lines("repeat"):
             summary = repeat(config, args.splits)
     except (ConfigError, NonFiniteLoss) as e:
         if says:

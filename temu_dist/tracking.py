@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from temu_dist.atomic import write_text_atomic
-from temu_dist.config import Config, dump, error_line
+from temu_dist.config import Config, Notice, dump, error_line
 from temu_dist.data.manifest import dataset_name
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -109,7 +109,7 @@ class Tracker:
                 {m.step for m in mlflow.MlflowClient().get_metric_history(self.run_id, "train/loss")}
         except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
             warnings.warn(f"MLflow tracking at {uri} is not usable ({error_line(e)}); "
-                          f"training goes on and results stay in {run_dir}", stacklevel=2)
+                          f"training goes on and results stay in {run_dir}", Notice, stacklevel=2)
             self.active = False
             return
         self._guard(log_params, mlflow.MlflowClient(), self.run_id,
@@ -127,7 +127,7 @@ class Tracker:
             fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - a server that goes away mid-run is a warning
             warnings.warn(f"MLflow call {fn.__name__} failed ({error_line(e)}); "
-                          "tracking stops, training goes on", stacklevel=2)
+                          "tracking stops, training goes on", Notice, stacklevel=2)
             self.active = False
 
     def metrics(self, values: dict[str, float], step: int) -> None:
@@ -199,7 +199,8 @@ def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict
         write_text_atomic(id_file, run.info.run_id)
         return run.info.run_id
     except Exception as e:  # noqa: BLE001 - tracking trouble must not stop the work it tracks
-        warnings.warn(f"MLflow at {uri} is not usable ({error_line(e)}); the {what} goes on untracked", stacklevel=2)
+        warnings.warn(f"MLflow at {uri} is not usable ({error_line(e)}); the {what} goes on untracked", Notice,
+                      stacklevel=2)
         return None
 
 
@@ -214,7 +215,7 @@ def log_artifacts(uri: str, run_id: str, artifacts: list[Path]) -> None:
             client.log_artifact(run_id, str(path))
     except Exception as e:  # noqa: BLE001 - the work goes on; only its record in MLflow lags
         warnings.warn(f"MLflow at {uri}: could not log {', '.join(p.name for p in artifacts)} to run {run_id} "
-                      f"({error_line(e)})", stacklevel=2)
+                      f"({error_line(e)})", Notice, stacklevel=2)
 
 
 def finish_run(uri: str, run_id: str, artifacts: list[Path], metrics: dict[str, float], tags: dict[str, str],
@@ -234,7 +235,7 @@ def finish_run(uri: str, run_id: str, artifacts: list[Path], metrics: dict[str, 
             client.set_tag(run_id, key, value)
         client.set_terminated(run_id, status)
     except Exception as e:  # noqa: BLE001 - the work is done and written; only its record in MLflow is missing
-        warnings.warn(f"MLflow at {uri}: could not finish run {run_id} ({error_line(e)})", stacklevel=2)
+        warnings.warn(f"MLflow at {uri}: could not finish run {run_id} ({error_line(e)})", Notice, stacklevel=2)
 
 
 def _in_store(mlflow: Any, run_id: str) -> bool:

@@ -38,7 +38,8 @@ from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist.best import better, own_best
 from temu_dist.checkpoint import (find_checkpoint, load_saved_config, load_trainer_info, load_trainer_state,
                                   save_checkpoint, set_rng_state)
-from temu_dist.config import Config, ConfigError, check_output_folder, dump, list_of, load_config, value_at
+from temu_dist.config import (Config, ConfigError, check_output_folder, dump, list_of, load_config, notices_as_lines,
+                              value_at)
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import check_fidelity_size, ldg_targets
 from temu_dist.data.manifest import pack_named_by
@@ -740,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     says = os.environ.get("LOCAL_RANK", "0") == "0"
     try:
         config = load_config(args.config, args.overrides)
-        with sigterm_as_ctrl_c():
+        with sigterm_as_ctrl_c(), notices_as_lines("train"):
             results = train(config)
     except (ConfigError, NonFiniteLoss) as e:
         if says:

@@ -36,8 +36,9 @@ from pydantic import ValidationError, field_validator
 from ray.tune import Callback
 
 from temu_dist.atomic import write_json_atomic
-from temu_dist.config import (Config, ConfigError, Section, apply_overrides, dump, error_line, folder_name,
-                              load_config, metric_key, one_line_error, parse_override, read_yaml, settings_label)
+from temu_dist.config import (Config, ConfigError, Notice, Section, apply_overrides, dump, error_line, folder_name,
+                              load_config, metric_key, notices_as_lines, one_line_error, parse_override, read_yaml,
+                              settings_label)
 from temu_dist.tracking import finish_run, flatten, log_artifacts, parent_run, tracking_uri
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -348,7 +349,7 @@ def _tracking_uri(search: SearchConfig, base: dict, address: str | None) -> str:
     if address and uri.startswith("sqlite:"):
         warnings.warn(f"a search on the Ray cluster at {address} tracks into {uri}: trials on several nodes writing "
                       "one sqlite file over a shared disk can fail to lock it; run an MLflow server and set "
-                      "tracking_uri", stacklevel=2)
+                      "tracking_uri", Notice, stacklevel=2)
     return uri
 
 
@@ -388,7 +389,7 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
                 from None
         # Ray itself only logs the autoscaler's view every half a minute, with the trials already PENDING.
         if (why := _no_node_fits(search.resources, ray.nodes())) is not None:
-            warnings.warn(f"the Ray cluster at {address}: {why}", stacklevel=2)
+            warnings.warn(f"the Ray cluster at {address}: {why}", Notice, stacklevel=2)
     if restored:
         print(f"tune: resuming the search {search.name} in {search_dir}: finished trials are kept, stopped ones go on")
     else:
@@ -572,7 +573,7 @@ class SearchProgress(Callback):
             if self.parent is not None:
                 log_artifacts(self.uri, self.parent, plots)
         except Exception as e:  # noqa: BLE001 - a plot must not stop the search; the final ones are drawn anyway
-            warnings.warn(f"tune: could not draw the search's plots so far ({error_line(e)})", stacklevel=2)
+            warnings.warn(f"could not draw the search's plots so far ({error_line(e)})", Notice, stacklevel=2)
 
 
 def _history(trial) -> Any:
@@ -608,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         search = load_search(args.config, args.overrides)
-        with sigterm_as_ctrl_c():  # scancel, a job's time limit
+        with sigterm_as_ctrl_c(), notices_as_lines("tune"):  # SIGTERM: scancel, a job's time limit
             summary = run_search(search)
     except ConfigError as e:
         print(f"tune: {e}", file=sys.stderr)

@@ -469,11 +469,21 @@ def test_a_relative_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, shards,
     assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
 
 
-def test_unreachable_tracking_server_warns_and_training_goes_on(tmp_path, shards):
+def test_unreachable_tracking_server_warns_and_training_goes_on(tmp_path, shards, capsys):
+    from temu_dist.config import dump
+    from temu_dist.train import main
+
     with pytest.warns(UserWarning, match="MLflow tracking at http://127.0.0.1:9 is not usable"):
         results = train(run_config(tmp_path, shards, "train.epochs=1", "tracking.uri=http://127.0.0.1:9"))
     assert results["mlflow_run_id"] is None
     assert (tmp_path / "run" / "results.json").exists()
+    # On the command line, one line as the command's errors are, not Python's file and source line.
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(dump(run_config(tmp_path, shards, "train.epochs=1", "name=cli",
+                                                 "tracking.uri=http://127.0.0.1:9"))))
+    assert main(["--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "train: warning: MLflow tracking at http://127.0.0.1:9 is not usable (" in err and "Warning" not in err
 
 
 def test_nan_loss_stops_with_a_clear_message_keeping_the_last_good_checkpoint(tmp_path, shards, monkeypatch):
