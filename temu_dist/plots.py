@@ -186,8 +186,9 @@ def results_grid(rows: list[str], columns: list[str], values: list[list[float]],
     """Runs against evaluation sets, each cell coloured by its `metric` and printed in it (a missing one blank): a
     cross-dataset table (seed Table 8) read at a glance; `note` says under the title how the values were taken."""
     grid = np.array(values, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(columns) + 0.06 * max(map(len, rows)), 0.9 + 0.45 * len(rows)),
-                           dpi=110)
+    # Room for the title, the set names under the grid and the colour bar, which crushed a grid of few runs.
+    width = max(4.5, 1.6 + 1.1 * len(columns) + 0.06 * max(map(len, rows)))
+    fig, ax = plt.subplots(figsize=(width, 1.7 + 0.45 * len(rows) + 0.2 * bool(note)), dpi=110)
     finite = grid[np.isfinite(grid)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=HEATMAP_COLOURS, vmin=lo, vmax=hi if hi > lo else lo + 1e-6,

@@ -75,3 +75,12 @@ def test_a_stretched_heatmap_colours_a_narrow_map_over_its_own_span(tmp_path):
     left, right = halves(stretch=True)
     assert left[0] > left[1] + 40 and right[1] > right[0] + 40  # over 0.45-0.55: red, green
     heatmap(grey, np.full((1, 2), 0.5), 0.5, tmp_path / "flat.png", stretch=True)  # no span: 0-1, not a division by 0
+
+
+def test_a_results_grid_of_few_runs_leaves_the_grid_room_beside_its_title_and_labels(tmp_path):
+    from temu_dist.plots import results_grid
+
+    path = results_grid(["variant=I [started for 2 epochs]", "variant=S"], ["kadid10k"], [[0.61], [0.55]], "srcc",
+                        tmp_path / "grid.png", note="each run at its best epoch by test/srcc")
+    # Cropped to what it draws, at 110 dpi: the grid was a sliver under the title (187 px in all), now 297 px.
+    assert Image.open(path).size[1] >= 260
