@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import signal
 import sys
 import tarfile
@@ -40,16 +39,12 @@ from tqdm import tqdm
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import ConfigError, check_output_folder
 from temu_dist.data.images import pil_rgb
-from temu_dist.data.manifest import MANIFEST, ShardsMissing, read_manifest
+from temu_dist.data.manifest import MANIFEST, PACK_FILE, STARTED, ShardsMissing, read_manifest
 from temu_dist.data.sources import (DATASETS, META_SPLIT_COLUMNS, CsvLabels, DataError, DatasetInfo, Record,
                                     read_csv_labels, read_pyiqa_meta, read_records)
 from temu_dist.data.splits import SPLITS, SplitSpec, split_read, splitter
 
 FORMAT = "temu-dist-shards/1"
-STARTED = "pack.json"
-# What a pack folder holds: shards, the images each left out, pack.json, the manifest; each as NAME.tmp while written.
-PACK_FILE = re.compile(rf"(?:(?:{'|'.join(SPLITS)})-\d{{6,}}\.tar(?:\.skipped\.json)?|{re.escape(STARTED)}|"
-                       rf"{re.escape(MANIFEST)})(?:\.tmp)?")
 # Formats kept byte for byte; anything else (BMP, TIFF, ...) is stored losslessly as PNG.
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -267,20 +262,29 @@ def _refuse_missing(missing: array, route: Callable[[Record], str | None], opts:
 
 
 def _reopen_for_left_out(out: Path, opts: PackOptions, label_file: str) -> None:
-    """A finished pack that left images out (--skip-bad), packed again without --skip-bad: each must read now, or
-    nothing changes. Then the pack is unfinished until the shards that left them out are written again with them."""
+    """A finished pack that left images out (--skip-bad), packed again without --skip-bad: the shards that left them
+    out are written again whole, so each of their images must read now (those it left out and those it holds), or
+    nothing changes. Then the pack is unfinished until they are written."""
     if opts.skip_bad or not (out / MANIFEST).is_file():
         return
-    try:
-        left_out = {s["name"] for s in read_manifest(out).get("skipped", [])}
-    except (ShardsMissing, TypeError, KeyError):  # a damaged manifest: its shards are checked one by one
-        return
+    left_out, held = set(), set()
+    for sidecar in out.glob("*.tar.skipped.json"):
+        skipped = _read_json(sidecar)
+        if isinstance(skipped, list):
+            left_out |= {s.get("name") for s in skipped if isinstance(s, dict)}
+            held |= set(_whole_shard_names(out / sidecar.name.removesuffix(".skipped.json")) or ())
     if not left_out:
         return
+    needed = left_out | held
     for record in _records(opts):
-        if record.name in left_out and isinstance(why := _encode(record.path, opts.resize_shorter), str):
+        if record.name not in needed or not isinstance(why := _encode(record.path, opts.resize_shorter), str):
+            continue
+        if record.name in left_out:
             raise DataError(f"{record.name} ({label_file} row {record.row}), which {out} left out (--skip-bad), "
                             f"still cannot be read: {why}; fix it, or pack with --skip-bad as before")
+        raise DataError(f"{record.name} ({label_file} row {record.row}) cannot be read ({why}), and its shard is "
+                        f"written again to take in the images {out} left out (--skip-bad): put it back, or pack with "
+                        "--skip-bad as before")
     (out / MANIFEST).unlink()
 
 
@@ -336,8 +340,9 @@ def pack(opts: PackOptions) -> dict:
     _reopen_for_left_out(out, opts, label_path.name)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(started, identity)
-    for stale in out.glob("*.tmp"):  # only the packer's own: _check refused a folder holding others
-        stale.unlink()
+    for stale in out.iterdir():  # the packer's own only: a user's dot files stay
+        if stale.name.endswith(".tmp") and PACK_FILE.fullmatch(stale.name):
+            stale.unlink()
     results: list[ShardResult] = []
     # In a log (nohup, sbatch) rather than on a terminal, a line every half minute.
     progress = tqdm(total=total, desc=f"pack {opts.dataset}", unit="img", file=sys.stderr,
@@ -446,9 +451,9 @@ def _identity(opts: PackOptions, label_path: Path) -> dict:
     return {**identity, "labels": opts.csv.describe()} if opts.csv else identity
 
 
-def _as_identity(written: dict) -> dict:
-    """An identity as read back from a pack, as _identity now writes it."""
-    split = written.get("split")
+def _as_identity(written: object) -> object:
+    """An identity as read back from a pack, as _identity now writes it (what is no identity, as it is)."""
+    split = written.get("split") if isinstance(written, dict) else None
     return {**written, "split": split_read(split)} if isinstance(split, dict) else written
 
 

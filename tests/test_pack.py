@@ -140,8 +140,19 @@ def test_skip_bad_reports_every_skipped_image(tmp_path):
                                         r"pack with --skip-bad as before$"):
         pack(_opts(tmp_path / "kadid", tmp_path / "out"))
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
-    # Both fixed, they go in.
+    # The shards that left images out are written again whole: an image they hold that is gone since stops it too.
     (images / "I03_03_01.png").write_bytes((images / "I03_02_01.png").read_bytes())
+    shard = next(label["shard"] for label in _samples(tmp_path / "out").values()
+                 if label["shard"] + ".skipped.json" in before)
+    held = next(name for name, label in _samples(tmp_path / "out").items() if label["shard"] == shard)
+    kept = (tmp_path / "kadid" / held).read_bytes()
+    (tmp_path / "kadid" / held).unlink()
+    with pytest.raises(DataError, match=rf"^{held} \(dmos.csv row \d+\) cannot be read \(file not found: .*\), and "
+                                        r"its shard is written again to take in the images .* left out \(--skip-bad\)"):
+        pack(_opts(tmp_path / "kadid", tmp_path / "out"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    (tmp_path / "kadid" / held).write_bytes(kept)
+    # Both fixed, they go in.
     whole = pack(_opts(tmp_path / "kadid", tmp_path / "out"))
     assert whole["skipped"] == [] and set(_samples(tmp_path / "out")) == set(labels)
     assert not list((tmp_path / "out").glob("*.skipped.json")) and not verify(tmp_path / "out")
@@ -460,9 +471,16 @@ def test_a_pack_goes_into_a_folder_of_its_own(tmp_path):
     # A pack's unfinished files and the system's dot files are no obstacle.
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / ".nfs0001").write_text("")
+    (tmp_path / "out" / ".notes.tmp").write_text("mine")
     (tmp_path / "out" / "train-000000.tar.tmp").write_text("cut short")
     pack(_opts(tmp_path / "kadid", tmp_path / "out"))
-    assert not list((tmp_path / "out").glob("*.tmp")) and not verify(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tmp")) == [".notes.tmp"]  # the packer's own went
+    assert not verify(tmp_path / "out")
+    # An unfinished pack whose pack.json a power cut emptied is taken for another pack's, not a crash.
+    (tmp_path / "out" / MANIFEST).unlink()
+    (tmp_path / "out" / "pack.json").write_text("")
+    with pytest.raises(DataError, match=r"holds an unfinished pack made with other options or labels"):
+        pack(_opts(tmp_path / "kadid", tmp_path / "out"))
 
 
 def test_ratios_that_leave_a_split_empty_are_warned_of(tmp_path, capsys):

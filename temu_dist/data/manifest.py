@@ -7,10 +7,15 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import get_args
 
-from temu_dist.config import ConfigError
+from temu_dist.config import ConfigError, Split
 
 MANIFEST = "manifest.json"
+STARTED = "pack.json"  # the options a pack was started with, written before its first shard
+# What a pack folder holds: shards, the images each left out, pack.json, the manifest; each as NAME.tmp while written.
+PACK_FILE = re.compile(rf"(?:(?:{'|'.join(get_args(Split))})-\d{{6,}}\.tar(?:\.skipped\.json)?|"
+                       rf"{re.escape(STARTED)}|{re.escape(MANIFEST)})(?:\.tmp)?")
 
 
 class ShardsMissing(ConfigError):
@@ -46,7 +51,7 @@ def _refuse_other_files(folder: Path) -> None:
     own files, which the pack command a missing pack is told would write its pack into. A pack being written
     (pack.json, shards) and an empty folder pass: they are missing packs."""
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
-    if not entries or (folder / "pack.json").exists() or any(folder.glob("*.tar*")):
+    if not entries or any(PACK_FILE.fullmatch(p.name) for p in entries):
         return
     packs = sorted(p.name for p in entries if (p / MANIFEST).is_file())
     if packs:
