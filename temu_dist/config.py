@@ -231,9 +231,11 @@ class TrackingConfig(Section):
 
 
 def folder_name(name: str) -> str:
-    """A name that is one folder under out_dir: a path (runs/../x) would write elsewhere, beside other work."""
-    if name in ("", ".", "..") or "/" in name or "\\" in name:
-        raise ValueError(f"{name!r} is no folder name: the work goes to out_dir/NAME (set out_dir for where)")
+    """A name whose folder lies under out_dir (ablations/coop too): one that leaves it (../x, /x) would write beside
+    other work."""
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise ValueError(f"{name!r} is no folder under out_dir: the work goes to out_dir/NAME (set out_dir for where)")
     return name
 
 

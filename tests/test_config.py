@@ -49,10 +49,11 @@ def test_yaml_then_dotted_overrides(tmp_path):
     (["eval.splits=[val, tset]"], "eval.splits.1: Input should be 'train', 'val' or 'test' (got 'tset')"),
     (["data.train_split=tarin"], "data.train_split"),
     (["eval.cross=[{name: k, shards: s, split: tst}]"], "eval.cross.0.split"),
-    # The run's folder is out_dir/NAME: a path would write it elsewhere.
-    (["name=../esc"], "name: Value error, '../esc' is no folder name: the work goes to out_dir/NAME (set out_dir for "
-                      "where)"),
-    (["name=a/b"], "name: Value error, 'a/b' is no folder name"),
+    # The run's folder is out_dir/NAME: one that leaves it would write elsewhere.
+    (["name=../esc"], "name: Value error, '../esc' is no folder under out_dir: the work goes to out_dir/NAME (set "
+                      "out_dir for where)"),
+    (["name=/tmp/x"], "name: Value error, '/tmp/x' is no folder under out_dir"),
+    (["name=a/../../b"], "name: Value error, 'a/../../b' is no folder under out_dir"),
 ])
 def test_bad_values_fail_in_one_line_naming_the_key(overrides, names):
     with pytest.raises(ConfigError) as err:
@@ -95,7 +96,7 @@ def test_search_space_values_are_checked_against_the_training_config(tmp_path):
         with pytest.raises(ConfigError, match=f"{path}: space.train.lr: .* takes "):
             load_search(path)
     path.write_text(f"base: {REPO / 'configs' / 'demo.yaml'}\nspace:\n  train.lr: {{grid: [0.1]}}\n")
-    with pytest.raises(ConfigError, match=r"name: Value error, '\.\./x' is no folder name"):
+    with pytest.raises(ConfigError, match=r"name: Value error, '\.\./x' is no folder under out_dir"):
         load_search(path, ["name=../x"])  # the search's folder is out_dir/NAME too
     with pytest.raises(ConfigError, match=r"num_sample: unknown key \(did you mean num_samples\?\)$"):
         load_search(path, ["num_sample=2"])
@@ -136,6 +137,10 @@ def test_context_words_need_a_learned_context(overrides, says):
 def test_a_misspelt_key_is_named_with_the_key_it_may_mean(override, says):
     with pytest.raises(ConfigError, match=re.escape(says) + "$"):
         load_config(None, [override])
+
+
+def test_a_name_may_group_runs_in_a_folder_of_out_dir():
+    assert load_config(None, ["name=ablations/coop"]).run_dir() == Path("runs/ablations/coop")
 
 
 def test_overrides_leave_the_base_they_start_from_untouched():
