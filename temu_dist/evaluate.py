@@ -105,13 +105,16 @@ def _check_sets(sets: list[EvalSet], config: Config, flag: str | None = None) ->
 
 
 def no_such_set(key: str, name: str, sets: list[EvalSet], config: Config) -> ConfigError:
-    """A metric named after a set evaluation does not report; where it names a split of the training pack, why."""
+    """A metric named after a set evaluation does not report; where it names a split of the training pack or a set's
+    locally distorted copy, why."""
     why, split = "", name.removesuffix("-ldg")
     if split in SPLITS and config.data.train and not any(s.name == split for s in sets):
         have = read_manifest(config.data.train)["splits"]
         why = (f"; data.train's pack {config.data.train} has no '{split}' split (it has {', '.join(have) or 'none'}): "
-               "pack one there (python -m temu_dist.pack --ratios), or name another set" if split not in have else
-               f"; add it to eval.splits ({config.eval.splits} now)")
+               "pack one into another folder (python -m temu_dist.pack --ratios) and train on that, or name another "
+               "set" if split not in have else f"; add it to eval.splits ({config.eval.splits} now)")
+    elif name != split and not config.eval.ldg:
+        why = f"; {name} is scored with eval.ldg=true"
     return ConfigError(f"{key}: no evaluation set '{name}' (sets: {', '.join(result_names(sets, config)) or 'none'})"
                        f"{why}")
 

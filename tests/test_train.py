@@ -521,8 +521,12 @@ def test_missing_shards_and_bad_key_metric_fail_before_any_work(tmp_path, shards
     pack(PackOptions("kadid10k", str(tmp_path / "two"), str(only_train), split=SplitSpec("ratio", (0.8, 0.0, 0.2)),
                      workers=1))
     with pytest.raises(ConfigError, match=rf"^train.key_metric: no evaluation set 'test' \(sets: none\); data.train's "
-                                          rf"pack {only_train} has no 'test' split \(it has train\): pack one there"):
+                                          rf"pack {only_train} has no 'test' split \(it has train\): pack one into "
+                                          r"another folder"):
         train(run_config(tmp_path, str(only_train)))
+    with pytest.raises(ConfigError, match=r"^train.key_metric: no evaluation set 'test-ldg' \(sets: val, test\); "
+                                          r"test-ldg is scored with eval.ldg=true$"):
+        train(run_config(tmp_path, shards, "train.key_metric=test-ldg/srcc"))
     assert not (tmp_path / "run" / "checkpoints" / "last").exists()
 
 

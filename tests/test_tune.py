@@ -475,7 +475,7 @@ def test_a_searchs_metric_and_samples_are_checked_before_ray_starts(tmp_path, sh
                                           r"srcc, plcc, krcc"):
         load_search(path, ["metric=test/srocc"])
     # The pack has no val split: it says so.
-    lacks = rf"; data.train's pack {re.escape(str(shards))} has no 'val' split \(it has train, test\): pack one there "
+    lacks = rf"; data.train's pack {re.escape(str(shards))} has no 'val' split \(it has train, test\): pack one into "
     with pytest.raises(ConfigError, match=r"^metric: no evaluation set 'val' \(sets: test\)" + lacks):
         run_search(load_search(path, ["metric=val/srcc"]))
     # The trials' own key metric is checked too, whatever metric the search ranks them by.
