@@ -13,7 +13,8 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal, get_args
+from types import UnionType
+from typing import Any, Iterator, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -314,11 +315,13 @@ def metric_key(v: str) -> str:
 
 
 def field_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    """Every dotted key of a config class, those of its sections (optional ones too) included."""
+    """Every dotted key of a config class, those of its sections (optional ones too) included; not those within a
+    list's items (eval.cross.0.name), which no name alone stands for."""
     keys = []
     for name, info in model.model_fields.items():
         keys.append(prefix + name)
-        for kind in (info.annotation, *get_args(info.annotation)):
+        optional = get_args(info.annotation) if get_origin(info.annotation) in (Union, UnionType) else ()
+        for kind in (info.annotation, *optional):
             if isinstance(kind, type) and issubclass(kind, BaseModel):
                 keys += field_keys(kind, f"{prefix}{name}.")
     return keys

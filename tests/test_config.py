@@ -133,6 +133,8 @@ def test_context_words_need_a_learned_context(overrides, says):
     ("train.epoch=3", "train.epoch: unknown key (did you mean train.epochs?)"),
     ("model.varient=S", "model.varient: unknown key (did you mean model.variant?)"),
     ("model.colour=red", "model.colour: unknown key"),  # nothing close: no guess
+    # A list item's keys: eval.cross.image_size is no key to give.
+    ("eval.cross=[{name: k, shards: s, imge_size: 64}]", "eval.cross.0.imge_size: unknown key"),
 ])
 def test_a_misspelt_key_is_named_with_the_key_it_may_mean(override, says):
     with pytest.raises(ConfigError, match=re.escape(says) + "$"):
