@@ -311,7 +311,8 @@ def run_trial(params: dict, base: dict, trials_dir: str, tracking_uri: str, pare
             if record["epoch"] < config.train.epochs:
                 tune.report(_metrics(record))
 
-        results = train(config, on_epoch=report)
+        with notices_as_lines(trial):  # in the trial's log, beside Ray's own prefix
+            results = train(config, on_epoch=report)
     else:
         results = _train_on_workers(config, res, trial)
     tune.report(_metrics(results["history"][-1]))
@@ -333,7 +334,8 @@ def _train_on_workers(config, res: Resources, trial: str) -> dict:
             if record["epoch"] < config.train.epochs:
                 ray_train.report(_metrics(record))
 
-        train(config, on_epoch=report)
+        with notices_as_lines(trial):
+            train(config, on_epoch=report)
 
     # Ray makes the process group, so its timeout is said here; accelerate keeps the group it finds.
     TorchTrainer(loop, torch_config=TorchConfig(timeout_s=round(config.train.timeout_min * 60)),

@@ -124,6 +124,29 @@ def test_a_trial_can_train_on_several_ray_train_processes(tmp_path, shards, ray_
     assert results["best"]["test"]["count"] == results["best"]["test"]["expected"]
 
 
+def test_a_trials_warnings_for_the_user_are_one_line_naming_the_trial(tmp_path, shards, monkeypatch, capsys):
+    import warnings
+
+    import ray.tune
+    import temu_dist.train as train_mod
+    from temu_dist.config import Notice
+    from temu_dist.tune import base_config
+
+    record = {"epoch": 1, "loss": 0.1, "lr": 0.0, "images_per_s": 1.0, "eval": {"test": {"srcc": 0.5}}}
+
+    def warns(config, on_epoch):
+        warnings.warn("MLflow tracking at X is not usable", Notice, stacklevel=2)
+        return {"history": [record]}
+
+    monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "ab_00001"))
+    monkeypatch.setattr(ray.tune, "report", lambda metrics: None)
+    monkeypatch.setattr(train_mod, "train", warns)
+    search = load_search(_search_file(tmp_path, shards, "notice", {"model.prompt": {"grid": ["none"]}}))
+    run_trial({"model.prompt": "none"}, base=base_config(search), trials_dir=str(tmp_path / "trials"),
+              tracking_uri="sqlite:///x.db", parent=None)
+    assert capsys.readouterr().err == "trial-ab_00001: warning: MLflow tracking at X is not usable\n"
+
+
 def flaky_trial(params, **kwargs):
     """Fails the first attempt of every trial, as a lost node or an out-of-memory kill would."""
     from ray import tune
