@@ -258,21 +258,8 @@ def check_extendable(config: Config) -> bool:
     if config.train.epochs <= trained:
         raise ConfigError(f"train.epochs: {last} has trained {trained} epochs; extend it to more than {trained}, or "
                           f"leave it at {epochs}")
-    _check_scored_alike(saved, config, last, info["history"])
+    _check_same_evaluation(saved, config, last, info, "extended")
     return True
-
-
-def _check_scored_alike(saved: dict, config: Config, where: Path, history: list[dict]) -> None:
-    """A run that goes on (resumed, or extended) is scored as its epochs so far were: only so do they compare, and is
-    its best epoch picked among alike. Before its first epoch's scores anything goes."""
-    change = _first_change(saved, config, ("eval",), RESUME_MAY_CHANGE) if history else None
-    if change:
-        key, theirs, ours = change
-        done, do = ("an extended", "extend") if config.train.resume == "extend" else ("a resumed", "resume")
-        raise ConfigError(f"{key}: {where} was scored with {theirs!r}, this run asks for {ours!r}; {done} run is "
-                          f"scored as its epochs so far were, so that they compare: {do} it with the same value "
-                          f"and score its weights otherwise with python -m temu_dist.evaluate, or train under another "
-                          f"name=, or {REPLACE}")
 
 
 def _extend(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, saved_epochs: int, epochs: int,
@@ -296,16 +283,25 @@ def _extended_tag(extended: list[dict]) -> dict[str, str]:
                                   for e in extended)} if extended else {}
 
 
-def _check_same_evaluation(saved: dict, config: Config, run_dir: Path) -> None:
-    """A finished run returns the results it has: asked for other evaluation sets or settings, it would hand back the
-    old ones as if they were the new."""
-    change = _first_change(saved, config, ("eval",), RESUME_MAY_CHANGE)
-    if change:
-        key, theirs, ours = change
+def _check_same_evaluation(saved: dict, config: Config, last: Path, info: dict, how: str) -> None:
+    """A run goes on scored as its epochs so far were (`how` it goes on: finished, resumed, extended). Finished, it
+    returns the results it has, which other evaluation sets or settings would pass off as theirs; resumed or extended,
+    its epochs compare, and its best is picked among them, only so. Before its first epoch's scores anything goes."""
+    change = _first_change(saved, config, ("eval",), RESUME_MAY_CHANGE) if info["history"] else None
+    if not change:
+        return
+    key, theirs, ours = change
+    if how == "finished":
+        run_dir = last.parent.parent
         override = f"'{key}=[...]'" if isinstance(ours, list) else f"{key}=..."  # a list is given whole
         raise ConfigError(f"{key}: {run_dir} finished with {theirs!r}, this run asks for {ours!r}; a finished run is "
                           f"not evaluated again: score its best weights with python -m temu_dist.evaluate --checkpoint "
                           f"{run_dir} {override}, or train under another name=, or {REPLACE}")
+    a_run, verb = {"resumed": ("a resumed", "resume"), "extended": ("an extended", "extend")}[how]
+    raise ConfigError(f"{key}: {last} was scored with {theirs!r}, this run asks for {ours!r}; {a_run} run is scored "
+                      f"as its epochs so far were, so that they compare: {verb} it with the same value and score its "
+                      f"weights otherwise with python -m temu_dist.evaluate, or train under another name=, or "
+                      f"{REPLACE}")
 
 
 def eval_metrics(evals: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
@@ -629,11 +625,11 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         at = f", after its step {in_epoch['micro_batches'] // plan.accumulation} of {steps_per_epoch}," \
             if in_epoch else ""
         if info["next_epoch"] >= config.train.epochs:
-            _check_same_evaluation(saved, config, run_dir)
+            _check_same_evaluation(saved, config, last, info, "finished")
             accelerator.print(f"train: {run_dir} has finished its {config.train.epochs} epochs ({last}): nothing left "
                               "to train")
         else:
-            _check_scored_alike(saved, config, last, info["history"])
+            _check_same_evaluation(saved, config, last, info, "extended" if extending else "resumed")
             accelerator.print(f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1}{at} from {last}")
         # Lists of another length where the readers' number changed; a checkpoint that does not say its plan is only
         # compared by that number.

@@ -417,6 +417,8 @@ def test_a_run_goes_on_scored_as_its_epochs_so_far_were(tmp_path, shards, monkey
                                           r"with the same value and score its weights otherwise with python -m "
                                           r"temu_dist.evaluate, or train under another name="):
         train(run_config(tmp_path, shards, "eval.ldg=true"))
+    with pytest.raises(ConfigError, match=r"True; a resumed run is scored"):  # extend to the epochs it has: a resume
+        train(run_config(tmp_path, shards, "eval.ldg=true", "train.resume=extend"))
     assert (tmp_path / "run" / "config.yaml").read_text() == written
     assert [h["epoch"] for h in train(run_config(tmp_path, shards))["history"]] == [1, 2]
     # Killed before its first epoch was scored, it has nothing to compare with.
