@@ -53,9 +53,12 @@ class Scorer(nn.Module):
                 f"image_size={m.image_size}, device={self.device})")
 
     @classmethod
-    def load(cls, checkpoint: str | Path, overrides: Sequence[str] = (), device: torch.device | None = None) -> Scorer:
-        """A trained run; overrides as on the command line (e.g. `model.precision=bf16`)."""
-        model, config = load_model(checkpoint_dir(checkpoint), list(overrides), device)
+    def load(cls, checkpoint: str | Path, overrides: Sequence[str] = (),
+             device: torch.device | str | None = None) -> Scorer:
+        """A trained run; overrides as on the command line (e.g. `model.precision=bf16`); device as .to() takes it
+        ("cuda:1")."""
+        model, config = load_model(checkpoint_dir(checkpoint), list(overrides),
+                                   None if device is None else torch.device(device))
         return cls(model, config)
 
     @classmethod

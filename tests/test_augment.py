@@ -33,6 +33,14 @@ def test_decode_gives_what_pil_gives(fmt, mode, kw):
     assert (x.int() - _pil(data).int()).abs().max() <= (1 if fmt == "JPEG" else 0)
 
 
+def test_an_animated_gif_decodes_to_its_first_frame_as_pil_shows_it():
+    frames = [photo(name, (96, 64)).convert("P") for name in ("coffee", "astronaut")]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    x = decode_rgb(buf.getvalue())
+    assert x.shape == (3, 64, 96) and torch.equal(x, _pil(buf.getvalue()))
+
+
 def test_sixteen_bit_png_is_scaled_to_eight_bits():
     im = Image.fromarray(np.arange(64 * 96, dtype=np.uint16).reshape(64, 96) * 10)  # mode I;16
     x = decode_rgb(_encoded(im, "PNG"))

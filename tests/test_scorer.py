@@ -34,6 +34,7 @@ def test_files_images_and_tensors_of_the_same_pixels_score_alike_and_as_predict_
     scorer = Scorer.load(run)
     from_files = scorer(photos, batch_size=2)
     assert from_files.shape == (3,) and from_files.dtype == torch.float32
+    torch.testing.assert_close(Scorer.load(run, device="cpu")(photos), from_files)  # a device named as .to() takes it
     assert predict(["--checkpoint", str(run), *map(str, photos)]) == 0
     printed = [json.loads(line)["score"] for line in capsys.readouterr().out.splitlines()]
     assert from_files.tolist() == pytest.approx(printed, abs=1e-6)

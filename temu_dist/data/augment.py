@@ -25,6 +25,7 @@ def decode_rgb(data: bytes) -> torch.Tensor:
                 return TF.pil_to_tensor(pil_rgb(im))
         except UnidentifiedImageError:  # whose message names only the in-memory buffer
             raise ValueError("not an image torchvision or PIL can decode") from None
+    x = x[0] if x.ndim == 4 else x  # an animated GIF's frames: its first, as PIL shows it
     return x if x.dtype == torch.uint8 else F2.to_dtype(x, torch.uint8, scale=True)
 
 
