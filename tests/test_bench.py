@@ -21,6 +21,29 @@ def test_dataset_needs_its_root():
         main(["data", "--dataset", "koniq10k"])
 
 
+@pytest.mark.parametrize(("argv", "says"), [
+    (["cw_ssim", "--pairs", "0"], "argument --pairs: at least 1, not 0"),
+    (["cw_ssim", "--repeat", "0"], "argument --repeat: at least 1, not 0"),
+    (["scale", "--sizes", "10", "0"], "argument --sizes: at least 1, not 0"),
+    (["step", "--steps", "0"], "argument --steps: at least 1, not 0"),
+    (["data", "--feed", "0"], "argument --feed: more than 0, not 0"),
+    # Another suite's option would be ignored without a word.
+    (["cw_ssim", "--batch", "7"], "--batch: the cw_ssim suite does not read it"),
+])
+def test_options_are_checked_before_a_suite_runs(argv, says, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {says}")
+
+
+def test_an_out_file_that_cannot_be_written_is_refused_before_the_suite_runs(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["cw_ssim", "--pairs", "2", "--repeat", "1", "--out", str(tmp_path / "file" / "x.json")]) == 1
+    assert capsys.readouterr() == ("", f"bench: --out {tmp_path / 'file'}: it is a file, not a folder\n")
+    assert main(["cw_ssim", "--pairs", "2", "--repeat", "1", "--out", str(tmp_path / "new" / "x.json")]) == 0
+    assert json.loads((tmp_path / "new" / "x.json").read_text())["suite"] == "cw_ssim"
+
+
 def test_a_release_that_is_not_there_is_one_line_and_a_failed_row_fails_the_command(tmp_path, capsys):
     assert main(["data", "--dataset", "koniq10k", "--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err

@@ -15,10 +15,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from temu_dist.config import ConfigError
+from temu_dist.config import ConfigError, check_output_folder
 
 SUITES = ("step", "data", "cw_ssim", "scale", "model")
+# The options each suite reads (--out for all): another's, given, would be ignored without a word.
+READS = {"step": {"backbone", "image_size", "batch", "steps", "warmup", "precision", "modes", "towers", "sdpa",
+                  "variants", "prompts", "peak_tflops", "profile"},
+         "data": {"workers", "epochs", "image_size", "images", "feed", "dataset", "root"},
+         "cw_ssim": {"pairs", "repeat"}, "scale": {"sizes", "workdir"}, "model": {"backbones", "image_size", "repeat"}}
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"at least {low}, not {value}")
+        return value
+    return parse
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"more than 0, not {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=SUITES)
     parser.add_argument("--out", help="also write the JSON result here")
-    parser.add_argument("--repeat", type=int, default=3, help="model, cw_ssim: best of this many runs")
+    parser.add_argument("--repeat", type=_at_least(1), default=3, help="model, cw_ssim: best of this many runs")
     step = parser.add_argument_group("step")
     step.add_argument("--backbone", default="ViT-L-14")
-    step.add_argument("--image-size", type=int, default=448, help="also model and data")
-    step.add_argument("--batch", type=int, default=32, help="global batch (samples; LDG doubles the tower images)")
-    step.add_argument("--steps", type=int, default=10, help="timed steps (the median counts)")
-    step.add_argument("--warmup", type=int, default=3)
+    step.add_argument("--image-size", type=_at_least(1), default=448, help="also model and data")
+    step.add_argument("--batch", type=_at_least(1), default=32,
+                      help="global batch (samples; LDG doubles the tower images)")
+    step.add_argument("--steps", type=_at_least(1), default=10, help="timed steps (the median counts)")
+    step.add_argument("--warmup", type=_at_least(0), default=3)
     step.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     step.add_argument("--modes", nargs="+", default=["eager"],
                       choices=["eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
@@ -44,25 +67,31 @@ def main(argv: list[str] | None = None) -> int:
                       "SDPA call")
     step.add_argument("--variants", nargs="+", choices=["S", "I"], default=["S", "I"])
     step.add_argument("--prompts", nargs="+", choices=["none", "coop", "cocoop"], default=["none", "coop", "cocoop"])
-    step.add_argument("--peak-tflops", type=float, help="the device's peak, where the datasheet table lacks it")
-    step.add_argument("--profile", type=int, default=0, metavar="N",
+    step.add_argument("--peak-tflops", type=_positive, help="the device's peak, where the datasheet table lacks it")
+    step.add_argument("--profile", type=_at_least(0), default=0, metavar="N",
                       help="profile one more step per row: its N costliest operations (GPU: kernels)")
     data = parser.add_argument_group("data")
-    data.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    data.add_argument("--epochs", type=int, default=2)
-    data.add_argument("--images", type=int, default=256, help="size of the KonIQ-10k-like set")
-    data.add_argument("--feed", type=float, help="samples/s the workers must feed (default: the H100 target, 375)")
+    data.add_argument("--workers", type=_at_least(0), nargs="+", default=[0, 1, 2])
+    data.add_argument("--epochs", type=_at_least(1), default=2)
+    data.add_argument("--images", type=_at_least(1), default=256, help="size of the KonIQ-10k-like set")
+    data.add_argument("--feed", type=_positive, help="samples/s the workers must feed (default: the H100 target, 375)")
     data.add_argument("--dataset", help="measure this release instead (with --root)")
     data.add_argument("--root")
     other = parser.add_argument_group("cw_ssim, scale, model")
-    other.add_argument("--pairs", type=int, default=32)
-    other.add_argument("--sizes", type=int, nargs="+", default=[10_000, 255_000])
+    other.add_argument("--pairs", type=_at_least(1), default=32)
+    other.add_argument("--sizes", type=_at_least(1), nargs="+", default=[10_000, 255_000])
     other.add_argument("--workdir", help="scale: where to write the synthetic sets (default: the temp folder)")
     other.add_argument("--backbones", nargs="+", default=["ViT-B-16", "ViT-L-14"])
     args = parser.parse_args(argv)
     if (args.dataset is None) != (args.root is None):
         parser.error("--dataset and --root go together")
+    other = [name for name in vars(args) if name not in ("suite", "out", *READS[args.suite])
+             and getattr(args, name) != parser.get_default(name)]
+    if other:
+        parser.error(f"--{other[0].replace('_', '-')}: the {args.suite} suite does not read it")
     try:
+        if args.out:
+            check_output_folder(Path(args.out).parent, "--out")  # before the benchmark, not after its minutes
         result = _run(args)
     except ConfigError as e:
         print(f"bench: {e}", file=sys.stderr)
@@ -70,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
     failed = [row for row in result.get("rows", []) if "error" in row]
     if failed:
         # The rows that ran are kept above; the exit status tells a script that some did not.
