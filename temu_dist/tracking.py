@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 import warnings
+from functools import cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,7 +117,7 @@ class Tracker:
             return
         self._guard(log_params, mlflow.MlflowClient(), self.run_id,
                     {k: v for k, v in config_params(config).items() if k not in existing})
-        self._guard(mlflow.set_tags, {**config_tags(config), **(tags or {})})
+        self._guard(mlflow.set_tags, {**config_tags(config), **code_tags(), **(tags or {})})
         self.artifact(run_dir / "config.yaml")
         for step, values in past or []:
             if step not in logged:
@@ -178,6 +181,24 @@ def config_tags(config: Config) -> dict[str, str]:
             "backbone": m.backbone}
 
 
+@cache
+def code_tags() -> dict[str, str]:
+    """The code a run ran: this package's git commit (temu.git_dirty where its checkout had uncommitted changes), or
+    the installed version where it is no checkout. MLflow finds a commit only above the entry script, which a search's
+    trials, started by Ray's workers, do not have."""
+    here = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:
+        commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return {"temu.version": metadata.version("temu-dist")}
+    return {"mlflow.source.git.commit": commit, **({"temu.git_dirty": "true"} if changes else {})}
+
+
 def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict[str, Any], tags: dict[str, str],
                what: str) -> str | None:
     """An MLflow run that groups others as its children (a search's trials, a repeat's splits): made once, found
@@ -193,7 +214,7 @@ def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict
         if known and _in_store(mlflow, known):
             return known
         client = mlflow.MlflowClient(uri)
-        run = client.create_run(experiment_id, run_name=name, tags=tags)
+        run = client.create_run(experiment_id, run_name=name, tags={**code_tags(), **tags})
         log_params(client, run.info.run_id, params)
         id_file.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(id_file, run.info.run_id)

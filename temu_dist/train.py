@@ -362,7 +362,7 @@ def _run_tags(accelerator: Accelerator, plan: BatchPlan) -> dict[str, str]:
     device = accelerator.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"processes": str(plan.world_size), "per_device_batch": str(plan.per_device),
-            "accumulation": str(plan.accumulation), "distributed": str(accelerator.distributed_type),
+            "accumulation": str(plan.accumulation), "distributed": accelerator.distributed_type.value,
             "device": name, "torch": torch.__version__, "open_clip": open_clip.__version__}
 
 

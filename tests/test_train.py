@@ -3,6 +3,7 @@ import json
 import math
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -55,6 +56,11 @@ def test_train_writes_results_checkpoints_plots_and_mlflow(tmp_path, shards):
     assert mlrun.data.params["model.prompt"] == "coop" and mlrun.data.tags["variant"] == "I"
     assert mlrun.data.tags["dataset"] == "kadid10k"  # the pack's dataset, not its path
     assert mlrun.data.tags["processes"] == "1" and mlrun.data.tags["torch"] == torch.__version__
+    assert mlrun.data.tags["distributed"] == "NO"  # accelerate's name, not the enum's repr
+    # The code it ran: this checkout's commit, also where MLflow's own lookup finds none (a search's trials).
+    repo = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert mlrun.data.tags["mlflow.source.git.commit"] == head
     assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "test/srcc")] == [1, 2]
     # The best epoch's results as metrics of their own (the curves' latest values are the last epoch's).
     assert [(m.step, m.value) for m in client.get_metric_history(mlrun.info.run_id, "best/test/srcc")] == \
@@ -564,6 +570,7 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     # The series' config and tags, as its runs have them: series of other variants are told apart in the UI.
     assert parent.data.params["model.variant"] == "I" and parent.data.params["train.epochs"] == "1"
     assert (parent.data.tags["variant"], parent.data.tags["dataset"]) == ("I", "kadid10k")
+    assert "mlflow.source.git.commit" in parent.data.tags  # the code, as its runs have it
     assert sorted(r.info.run_name for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id) == \
         ["rep-split0", "rep-split1"]
     trained = tmp_path / "rep-split0" / "checkpoints" / "last" / "weights.safetensors"
