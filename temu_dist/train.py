@@ -473,15 +473,16 @@ def _fit(config: Config, run: Run) -> None:
                   mininterval=0.1 if tty else 30) as bar:
             pending: list[dict] = []
             for i, batch in zip(range(micro_batches), run.loader):
-                bar.update()
                 if i < skip:
                     # Trained before the resume: the loader passed over these samples without decoding them.
+                    bar.update()
                     tick = time.perf_counter()
                     continue
                 pending.append(batch)
                 if len(pending) < group:
                     continue
                 total += _train_step(config, run, pending, stats, epoch)
+                bar.update(len(pending))  # trained, not only read: a stopped run's bar says where it goes on from
                 seen += len(pending)
                 images += sum(len(b["name"]) for b in pending)
                 pending = []

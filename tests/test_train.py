@@ -408,6 +408,17 @@ def test_resume_with_other_training_settings_is_refused(tmp_path, shards, monkey
     assert fresh["history"][0]["lr"] < 0.01
 
 
+def test_a_stopped_runs_progress_bar_counts_the_micro_batches_it_trained(tmp_path, shards, monkeypatch, capsys):
+    import temu_dist.train as train_mod
+
+    # 3 micro-batches an epoch: the 5th call fails, in epoch 2 after 1 trained (the 2nd was read).
+    monkeypatch.setattr(train_mod, "loss_fn", stops_after(train_mod.loss_fn, 4))
+    with pytest.raises(Interrupted):
+        train(run_config(tmp_path, shards, "train.checkpoint_every=1"))
+    bars = re.findall(r"epoch 2: .*?(\d)/3", capsys.readouterr().err)
+    assert bars and bars[-1] == "1"
+
+
 def test_a_run_goes_on_scored_as_its_epochs_so_far_were(tmp_path, shards, monkeypatch, capsys):
     import temu_dist.train as train_mod
 
