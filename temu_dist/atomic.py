@@ -23,7 +23,7 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda p: p.write_text(text))
+    write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))  # whatever the locale: names may be any
 
 
 def strict(value: Any) -> Any:

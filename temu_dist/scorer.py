@@ -86,6 +86,8 @@ class Scorer(nn.Module):
             raise ValueError(f"an image tensor is [3, H, W] (a batch [N, 3, H, W]); this one is {list(image.shape)}")
         elif image.is_floating_point() and image.numel():
             lo, hi = (float(v) for v in image.detach().aminmax())
+            if not image.isfinite().all():  # a diverged network's output: no scale of its values helps
+                raise ValueError("a float image holds NaN or infinite values")
             # A restoration network's output (a loss's input) may overshoot a little; 0-255 or -1..1 ones go far past.
             if not -OVERSHOOT <= lo <= hi <= 1.0 + OVERSHOOT:
                 raise ValueError(f"a float image is read as [0, 1] (up to {OVERSHOOT:g} past it as it is); this one "

@@ -49,8 +49,10 @@ def test_sixteen_bit_png_is_scaled_to_eight_bits():
 
 
 def test_unreadable_bytes_raise():
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="^not an image torchvision or PIL can decode$"):
         decode_rgb(b"not an image")
+    with pytest.raises(ValueError, match="^an empty file$"):
+        decode_rgb(b"")
 
 
 def test_resize_is_within_a_grey_level_of_pil_bicubic():

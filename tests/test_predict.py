@@ -151,7 +151,7 @@ def test_a_folder_is_scored_image_by_image_in_path_order(images, checkpoint, tmp
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_scores_go_to_a_file_written_whole_with_progress_on_stderr(images, checkpoint, tmp_path, capsys, suffix):
     (good, corrupt), (run, _) = images, checkpoint
-    comma = tmp_path / "a, b.png"  # a path the CSV must quote
+    comma = tmp_path / "a, bü.png"  # a path the CSV must quote, written as it is named
     comma.write_bytes(good[0].read_bytes())
     paths = [str(comma), str(corrupt), str(good[1])]
     out = tmp_path / "scores" / f"all{suffix}"
@@ -165,6 +165,7 @@ def test_scores_go_to_a_file_written_whole_with_progress_on_stderr(images, check
         assert [r["path"] for r in rows] == [str(comma), str(good[1])]
     else:
         rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert "bü.png" in out.read_text(encoding="utf-8")  # not \u00fc
     assert predict(["--checkpoint", str(run), str(comma), str(good[1])]) == 0
     printed = [json.loads(line)["score"] for line in capsys.readouterr().out.splitlines()]
     assert [float(r["score"]) for r in rows] == printed

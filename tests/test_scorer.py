@@ -65,6 +65,7 @@ def test_a_16_bit_grey_image_scores_as_its_8_bit_copy(run):
                                   r"\(x \+ 1\) / 2$"),
     (torch.rand(3, 32, 32) * 2 - 1, r"this one spans \[-0.9.*, 0.9.*\]: .* map -1..1 ones by \(x \+ 1\) / 2$"),
     (torch.rand(32, 32, 3), r"an image tensor is \[3, H, W\] \(a batch \[N, 3, H, W\]\); this one is \[32, 32, 3\]"),
+    (torch.full((3, 32, 32), float("nan")), r"^a float image holds NaN or infinite values$"),  # no scale helps it
 ])
 def test_tensors_it_would_misread_are_refused_naming_what_they_are(run, image, says):
     with pytest.raises(ValueError, match=says):

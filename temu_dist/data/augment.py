@@ -17,6 +17,8 @@ from temu_dist.data.images import pil_rgb
 def decode_rgb(data: bytes) -> torch.Tensor:
     """Encoded image -> uint8 [3, H, W] RGB. torchvision's decoders (libjpeg-turbo, libpng) write the tensor
     directly, 5x faster than PIL's decode and copy for a 1024x768 JPEG; PIL reads what they cannot."""
+    if not data:
+        raise ValueError("an empty file")
     try:
         x = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
