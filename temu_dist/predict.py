@@ -78,11 +78,11 @@ def _check_heatmaps(heat_dir: Path, images: list[str]) -> None:
     """Before any work: the folder can be made, and no two images would write the same heatmap file."""
     check_output_folder(heat_dir, "--heatmap")
     first: dict[str, str] = {}
-    for path in images:
-        other = first.setdefault(Path(path).stem, path)
-        if other != path:
-            raise ConfigError(f"--heatmap: {other} and {path} would both write {Path(path).stem}.heatmap.png; "
-                              "score them in separate runs")
+    clashes = [(other, path) for path in images if (other := first.setdefault(Path(path).stem, path)) != path]
+    if clashes:  # all at once, not one pair a run
+        shown = "; ".join(f"{a} and {b} would both write {Path(b).stem}.heatmap.png" for a, b in clashes[:3])
+        more = f" ({len(clashes)} such images in all)" if len(clashes) > 3 else ""
+        raise ConfigError(f"--heatmap: {shown}{more}; score them in separate runs")
 
 
 def _check_out(out: Path) -> None:

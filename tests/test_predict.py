@@ -90,8 +90,14 @@ def test_heatmaps_that_cannot_be_written_fail_before_any_scoring(images, checkpo
     twin = tmp_path / "other" / good[0].name
     twin.parent.mkdir()
     twin.write_bytes(good[0].read_bytes())
-    with pytest.raises(ConfigError, match=f"{good[0]} and {twin} would both write photo0.heatmap.png"):
+    with pytest.raises(ConfigError, match=f"{good[0]} and {twin} would both write photo0.heatmap.png; score"):
         predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), str(good[0]), str(twin)])
+    # Every clash at once, not one a run.
+    other_twin = tmp_path / "other" / good[1].name
+    other_twin.write_bytes(good[1].read_bytes())
+    with pytest.raises(ConfigError, match=f"photo0.heatmap.png; {good[1]} and {other_twin} would both write "
+                                          f"photo1.heatmap.png; score them"):
+        predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), *map(str, [*good, twin, other_twin])])
     assert not (tmp_path / "maps").exists()
 
 
