@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import sys
 import time
@@ -65,6 +66,15 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, frame) -> None:
     raise Terminated
+
+
+# torch's report of a data worker a SIGTERM ended: sent to the whole process group (scancel, docker stop), the signal
+# may end a worker before the main process meets its own, and this error would stand in for the stop.
+WORKER_TERMINATED = re.compile(r"DataLoader worker \(pid \d+\) is killed by signal: Terminated")
+
+
+def _stopped_by_sigterm(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and bool(WORKER_TERMINATED.search(str(e)))
 
 
 @contextmanager
@@ -677,8 +687,11 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     except (SystemExit, KeyboardInterrupt):
         tracker.end("KILLED")  # how Ray Tune stops a trial early (ASHA), and Ctrl-C
         raise
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as e:
+        stopped = _stopped_by_sigterm(e)
+        tracker.end("KILLED" if stopped else "FAILED")
+        if stopped:
+            raise Terminated from e
         raise
     summary = {"run_dir": str(run_dir), "processes": plan.world_size, "key_metric": config.train.key_metric,
                "best_epoch": run.best["epoch"], "best": run.best["eval"],

@@ -232,23 +232,3 @@ def test_loaders_work_with_spawned_workers(tmp_path):
     train.multiprocessing_context = "spawn"
     assert len(list(zip(range(steps), train))) == steps == 3
 
-
-def test_a_worker_takes_sigterm_as_ctrl_c_and_ends_quietly(tmp_path):
-    import subprocess
-
-    # scancel and docker stop signal the whole process group; a worker killed by SIGTERM had torch raise "DataLoader
-    # worker killed by signal" in the main process, in place of the run's own stop. (torch's own handler quiets a
-    # SIGTERM from the main process only: this one comes from another, as theirs do.)
-    folder, _ = _pack(tmp_path, refs=12, per_ref=2, shard_size=3)
-    config = tiny_config("data.workers=1", "ldg.enabled=false")
-    train, _ = train_loader(config, folder, "train", per_device_batch=2, accumulation=1, rank=0, world_size=1,
-                            epoch=SharedEpoch(0), image_hw=(30, 40))
-    evaluation, _ = eval_loader(folder, "train", batch_size=2, rank=0, world_size=1, workers=1, image_hw=(30, 40))
-    for loader in (train, evaluation):
-        batches = iter(loader)
-        next(batches)
-        (worker,) = batches._workers
-        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
-        worker.join(timeout=30)
-        assert worker.exitcode == 0
-        batches._shutdown_workers()

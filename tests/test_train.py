@@ -408,6 +408,32 @@ def test_resume_with_other_training_settings_is_refused(tmp_path, shards, monkey
     assert fresh["history"][0]["lr"] < 0.01
 
 
+def test_a_data_worker_ended_by_sigterm_stops_the_run_as_sigterm_does(tmp_path, shards, monkeypatch, capsys):
+    import temu_dist.train as train_mod
+    from temu_dist.config import dump
+    from temu_dist.train import main
+
+    # scancel and docker stop signal the whole process group: a worker may die of it before the main process meets
+    # its own SIGTERM, and torch's report of that stood in for the stop (exit 1, MLflow run FAILED).
+    def worker_killed(*args, **kwargs):
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated. ")
+
+    monkeypatch.setattr(train_mod, "loss_fn", worker_killed)
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(dump(run_config(tmp_path, shards))))
+    assert main(["--config", str(config)]) == 143
+    assert "train: stopped by SIGTERM before its first checkpoint" in capsys.readouterr().err
+    run_id = (tmp_path / "run" / "mlflow_run_id").read_text()
+    assert mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"
+    # A worker killed otherwise (SIGKILL: out of memory) is no stop asked for.
+    def worker_lost(*args, **kwargs):
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+
+    monkeypatch.setattr(train_mod, "loss_fn", worker_lost)
+    with pytest.raises(RuntimeError, match="Killed"):
+        train(run_config(tmp_path, shards, "name=other"))
+
+
 def test_a_stopped_runs_progress_bar_counts_the_micro_batches_it_trained(tmp_path, shards, monkeypatch, capsys):
     import temu_dist.train as train_mod
 

@@ -11,7 +11,6 @@ import json
 import logging
 import multiprocessing as mp
 import random
-import signal
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
@@ -248,14 +247,8 @@ def train_loader(config: Config, folder: str, split: str, per_device_batch: int,
         wds.batched(per_device_batch, collation_fn=collate, partial=False),
     ).with_epoch(nbatches=per_worker)
     loader = DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=torch.cuda.is_available(), worker_init_fn=_sigterm_as_ctrl_c)
+                        pin_memory=torch.cuda.is_available())
     return loader, micro_batches
-
-
-def _sigterm_as_ctrl_c(worker_id: int) -> None:
-    """A worker takes SIGTERM as Ctrl-C, on which torch's worker loop ends quietly. scancel or docker stop signal the
-    whole process group: a worker killed by it would have torch report its death in place of the run's own stop."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _seeded_by_name(samples: Iterator[dict], seed: int) -> Iterator[dict]:
@@ -286,6 +279,5 @@ def eval_loader(folder: str, split: str, batch_size: int, rank: int, world_size:
         partial(_decoded, image_hw=image_hw, flip=False, ldg=ldg, ldg_p=1.0),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
-    loader = DataLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                        worker_init_fn=_sigterm_as_ctrl_c)
+    loader = DataLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
     return loader, sum(counts)
