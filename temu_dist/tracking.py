@@ -183,20 +183,30 @@ def config_tags(config: Config) -> dict[str, str]:
 
 @cache
 def code_tags() -> dict[str, str]:
-    """The code a run ran: this package's git commit (temu.git_dirty where its checkout had uncommitted changes), or
-    the installed version where it is no checkout. MLflow finds a commit only above the entry script, which a search's
-    trials, started by Ray's workers, do not have."""
-    here = Path(__file__).resolve().parent.parent
+    """The code a run ran, as tags: see _code_tags. MLflow finds a commit only above the entry script, which a
+    search's trials, started by Ray's workers, do not have."""
+    return _code_tags(Path(__file__).resolve().parent.parent)
 
+
+def _code_tags(here: Path) -> dict[str, str]:
+    """The git commit of the checkout `here` is the top of (temu.git_dirty where its tracked files have changes), or
+    the installed version: an install's site-packages may lie in a user's own repository, whose commit is not ours."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=30,
-                              check=True).stdout.strip()
+        # No optional locks: a status in every trial at once must not write the index under the others.
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(here), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
 
     try:
-        commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
+        if Path(git("rev-parse", "--show-toplevel")).resolve() == here.resolve():
+            changes = git("status", "--porcelain", "--untracked-files=no")
+            return {"mlflow.source.git.commit": git("rev-parse", "HEAD"), **({"temu.git_dirty": "true"} if changes
+                                                                              else {})}
+    except (OSError, subprocess.SubprocessError):  # no git, no checkout, a hung one
+        pass
+    try:
         return {"temu.version": metadata.version("temu-dist")}
-    return {"mlflow.source.git.commit": commit, **({"temu.git_dirty": "true"} if changes else {})}
+    except metadata.PackageNotFoundError:  # a copy on PYTHONPATH, neither checkout nor install
+        return {}
 
 
 def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict[str, Any], tags: dict[str, str],

@@ -30,3 +30,33 @@ def test_runs_deleted_in_the_ui_are_replaced_not_continued(tmp_path):
     parent = parent_run(uri, "temu-dist", "search", tmp_path / "parent_id", {}, {}, "search")
     client.delete_run(parent)
     assert parent_run(uri, "temu-dist", "search", tmp_path / "parent_id", {}, {}, "search") not in (None, parent)
+
+
+def test_a_run_records_the_commit_of_the_checkout_it_ran_from_and_no_other(tmp_path, monkeypatch):
+    import subprocess
+    from importlib import metadata
+
+    from temu_dist.tracking import _code_tags
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "first")
+    head = git("rev-parse", "HEAD")
+    (tmp_path / "output.log").write_text("")  # untracked: no change to the code
+    assert _code_tags(tmp_path) == {"mlflow.source.git.commit": head}
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert _code_tags(tmp_path) == {"mlflow.source.git.commit": head, "temu.git_dirty": "true"}
+    # An install whose site-packages lies in the user's own repository: not that repository's commit.
+    (tmp_path / "site-packages").mkdir()
+    assert _code_tags(tmp_path / "site-packages") == {"temu.version": metadata.version("temu-dist")}
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)  # a copy on PYTHONPATH: nothing to say, no failure
+    assert _code_tags(tmp_path / "site-packages") == {}
