@@ -23,7 +23,8 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))  # whatever the locale: names may be any
+    # UTF-8 whatever the locale; a file name that is not UTF-8 (os.fsdecode's surrogates) keeps its own bytes.
+    write_atomic(path, lambda p: p.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
 def strict(value: Any) -> Any:

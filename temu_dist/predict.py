@@ -95,7 +95,7 @@ def _check_out(out: Path) -> None:
 
 def _scores_text(rows: list[dict], out: Path) -> str:
     if out.suffix.lower() == ".jsonl":
-        return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)  # names as they are
+        return "".join(json.dumps(row) + "\n" for row in rows)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=["path", "score"], lineterminator="\n")  # quotes paths with commas
     writer.writeheader()
@@ -138,7 +138,7 @@ def predict(argv: list[str] | None = None) -> int:
                 if out_file:
                     rows.append(row)
                 else:
-                    print(json.dumps(row, ensure_ascii=False), flush=True)
+                    print(json.dumps(row), flush=True)
                 scored += 1
                 if heat_dir:
                     heatmap(TF.to_pil_image(im), out.patch_scores[i].float().cpu().numpy(), row["score"],
