@@ -113,7 +113,7 @@ def no_such_set(key: str, name: str, sets: list[EvalSet], config: Config) -> Con
         why = (f"; data.train's pack {config.data.train} has no '{split}' split (it has {', '.join(have) or 'none'}): "
                "pack one into another folder (python -m temu_dist.pack --ratios) and train on that, or name another "
                "set" if split not in have else f"; add it to eval.splits ({config.eval.splits} now)")
-    elif name != split and not config.eval.ldg:
+    elif name != split and not config.eval.ldg and any(s.name == split for s in sets):
         why = f"; {name} is scored with eval.ldg=true"
     return ConfigError(f"{key}: no evaluation set '{name}' (sets: {', '.join(result_names(sets, config)) or 'none'})"
                        f"{why}")

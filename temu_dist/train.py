@@ -492,7 +492,7 @@ def _fit(config: Config, run: Run) -> None:
                 if len(pending) < group:
                     continue
                 total += _train_step(config, run, pending, stats, epoch)
-                bar.update(len(pending))  # trained, not only read: a stopped run's bar says where it goes on from
+                bar.update(len(pending))  # trained, not only read: a stopped run's bar says how far it got
                 seen += len(pending)
                 images += sum(len(b["name"]) for b in pending)
                 pending = []

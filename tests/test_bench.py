@@ -40,6 +40,8 @@ def test_an_out_file_that_cannot_be_written_is_refused_before_the_suite_runs(tmp
     (tmp_path / "file").write_text("")
     assert main(["cw_ssim", "--pairs", "2", "--repeat", "1", "--out", str(tmp_path / "file" / "x.json")]) == 1
     assert capsys.readouterr() == ("", f"bench: --out {tmp_path / 'file'}: it is a file, not a folder\n")
+    assert main(["cw_ssim", "--pairs", "2", "--repeat", "1", "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr() == ("", f"bench: --out {tmp_path}: a folder; name a file\n")
     assert main(["cw_ssim", "--pairs", "2", "--repeat", "1", "--out", str(tmp_path / "new" / "x.json")]) == 0
     assert json.loads((tmp_path / "new" / "x.json").read_text())["suite"] == "cw_ssim"
 

@@ -572,6 +572,8 @@ def test_missing_shards_and_bad_key_metric_fail_before_any_work(tmp_path, shards
     with pytest.raises(ConfigError, match=r"^train.key_metric: no evaluation set 'test-ldg' \(sets: val, test\); "
                                           r"test-ldg is scored with eval.ldg=true$"):
         train(run_config(tmp_path, shards, "train.key_metric=test-ldg/srcc"))
+    with pytest.raises(ConfigError, match=r"^train.key_metric: no evaluation set 'koniq-ldg' \(sets: val, test\)$"):
+        train(run_config(tmp_path, shards, "train.key_metric=koniq-ldg/srcc"))  # no koniq set to copy either
     assert not (tmp_path / "run" / "checkpoints" / "last").exists()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -85,13 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.dataset is None) != (args.root is None):
         parser.error("--dataset and --root go together")
-    other = [name for name in vars(args) if name not in ("suite", "out", *READS[args.suite])
-             and getattr(args, name) != parser.get_default(name)]
-    if other:
-        parser.error(f"--{other[0].replace('_', '-')}: the {args.suite} suite does not read it")
+    unread = [name for name in vars(args) if name not in ("suite", "out", *READS[args.suite])
+              and getattr(args, name) != parser.get_default(name)]
+    if unread:
+        parser.error(f"--{unread[0].replace('_', '-')}: the {args.suite} suite does not read it")
     try:
-        if args.out:
-            check_output_folder(Path(args.out).parent, "--out")  # before the benchmark, not after its minutes
+        if args.out:  # before the benchmark, not after its minutes
+            out = Path(args.out)
+            check_output_folder(out.parent, "--out")
+            if out.is_dir() or (out.exists() and not os.access(out, os.W_OK)):
+                raise ConfigError(f"--out {out}: {'a folder' if out.is_dir() else 'not writable'}; name a file")
         result = _run(args)
     except ConfigError as e:
         print(f"bench: {e}", file=sys.stderr)
