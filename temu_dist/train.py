@@ -255,20 +255,31 @@ def check_extendable(config: Config) -> bool:
     epoch or part of one left under the new count, and be scored as its epochs so far were, so that they compare.
     Checked before anything is written (repeat: for every split before the first trains). Whether train.epochs
     changes."""
-    last = find_checkpoint(config.run_dir() / "checkpoints" / "last")
-    if last is None:
-        raise ConfigError(f"train.resume: extend, but {config.run_dir()} holds no run to extend (checkpoints/last); "
-                          "start it with train.resume=auto")
+    last = _run_to_extend(config, find_checkpoint(config.run_dir() / "checkpoints" / "last"))
     saved = with_legacy_fields(load_saved_config(last))
     _check_resumable(saved, config, last)
     info = load_trainer_info(last)
+    extends = _extends(saved, info, config, last)
+    if extends:
+        _check_same_evaluation(saved, config, last, info, "extended")
+    return extends
+
+
+def _run_to_extend(config: Config, last: Path | None) -> Path:
+    if last is None:
+        raise ConfigError(f"train.resume: extend, but {config.run_dir()} holds no run to extend (checkpoints/last); "
+                          "start it with train.resume=auto")
+    return last
+
+
+def _extends(saved: dict, info: dict, config: Config, last: Path) -> bool:
+    """Whether train.resume=extend gives the run `last` holds another train.epochs: one more than it has trained."""
     epochs, trained = saved["train"]["epochs"], info["next_epoch"]
     if config.train.epochs == epochs:
         return False
     if config.train.epochs <= trained:
         raise ConfigError(f"train.epochs: {last} has trained {trained} epochs; extend it to more than {trained}, or "
                           f"leave it at {epochs}")
-    _check_same_evaluation(saved, config, last, info, "extended")
     return True
 
 
@@ -605,7 +616,9 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     if len(set(gather_object([last is not None]))) > 1:
         raise ConfigError(f"out_dir: some processes see {ckpt_dir / 'last'} and some do not; a run folder must lie "
                           "on a filesystem every node shares")
-    extending = config.train.resume == "extend" and check_extendable(config)
+    if config.train.resume == "extend":
+        _run_to_extend(config, last)
+    extending = False
     if last is not None:
         saved = with_legacy_fields(load_saved_config(last))
         _check_resumable(saved, config, last)
@@ -615,6 +628,9 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                               "(train.plcc_over=micro_batch: as before)")
         load_weights(model, last, config)
         state, info = load_trainer_state(last)
+        extending = config.train.resume == "extend" and _extends(saved, info, config, last)
+        _check_same_evaluation(saved, config, last, info, "finished" if info["next_epoch"] >= config.train.epochs
+                               else "extended" if extending else "resumed")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -636,11 +652,9 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         at = f", after its step {in_epoch['micro_batches'] // plan.accumulation} of {steps_per_epoch}," \
             if in_epoch else ""
         if info["next_epoch"] >= config.train.epochs:
-            _check_same_evaluation(saved, config, last, info, "finished")
             accelerator.print(f"train: {run_dir} has finished its {config.train.epochs} epochs ({last}): nothing left "
                               "to train")
         else:
-            _check_same_evaluation(saved, config, last, info, "extended" if extending else "resumed")
             accelerator.print(f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1}{at} from {last}")
         # Lists of another length where the readers' number changed; a checkpoint that does not say its plan is only
         # compared by that number.

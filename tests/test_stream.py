@@ -231,4 +231,3 @@ def test_loaders_work_with_spawned_workers(tmp_path):
     train, steps = train_loader(tiny_config("data.workers=1"), folder, "train", 4, 1, 0, 1, epoch, (30, 40))
     train.multiprocessing_context = "spawn"
     assert len(list(zip(range(steps), train))) == steps == 3
-
