@@ -76,8 +76,8 @@ class Tracker:
 
     def __init__(self, config: Config, run_dir: Path, active: bool, resuming: bool = False,
                  tags: dict[str, str] | None = None, past: list[tuple[int, dict[str, float]]] | None = None):
-        """`tags`: what the config does not say about the run (processes, batch split, device, versions); `past`: a
-        resumed run's epochs (step, metrics), logged where its MLflow run lacks them."""
+        """`tags`: what the config does not say about the run (launch_tags: how it was launched); `past`: a resumed
+        run's epochs (step, metrics), logged where its MLflow run lacks them."""
         self.active = active and config.tracking.enabled
         self.run_id: str | None = None
         self.tags_before: dict[str, str] = {}  # the MLflow run's tags when this run went on with it
@@ -142,6 +142,18 @@ class Tracker:
     def tags(self, values: dict[str, str]) -> None:
         if self.active:
             self._guard(self.mlflow.set_tags, values)
+
+    def launch_tags(self, values: dict[str, str], epoch: int) -> None:
+        """How the run trains from `epoch` on (processes, device, versions). A run resumed otherwise keeps what its
+        earlier epochs ran on, "2 -> 4 from epoch 3", as their timings were taken there."""
+        merged = {}
+        for key, value in values.items():
+            before = self.tags_before.get(key)
+            if before is None:
+                merged[key] = value if epoch == 1 else f"{value} from epoch {epoch}"
+            elif before.rsplit(" -> ", 1)[-1].split(" from epoch ")[0] != value:
+                merged[key] = f"{before} -> {value} from epoch {epoch}"
+        self.tags(merged)
 
     def drop_tag(self, key: str) -> None:
         """Removes a tag the run had when this one went on with it."""

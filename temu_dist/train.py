@@ -690,8 +690,10 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
             # Stale until the new epochs end: a kill before then must not leave the run looking finished.
             (run_dir / "results.json").unlink()
     tracker = Tracker(config, run_dir, main, resuming=last is not None,
-                      tags={**_run_tags(accelerator, plan), **_extended_tag(resumed.get("extended", []))},
+                      tags=_extended_tag(resumed.get("extended", [])),
                       past=[(h["epoch"], epoch_metrics(h)) for h in resumed.get("history", [])])
+    if resumed.get("start_epoch", 0) < config.train.epochs:  # a finished run's epochs all ran on an earlier launch
+        tracker.launch_tags(_run_tags(accelerator, plan), resumed.get("start_epoch", 0) + 1)
     if not resumed.get("extended"):  # set by an extension stopped before it saved a checkpoint, then given up
         tracker.drop_tag("extended")
     run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,

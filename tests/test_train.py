@@ -273,6 +273,14 @@ def test_a_mid_epoch_resume_in_other_micro_batches_goes_on_after_the_same_step(t
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert resumed["history"][1]["loss"] == pytest.approx(whole["history"][1]["loss"], rel=1e-5)
     assert resumed["history"][1]["images_per_s"] > 0
+    # The MLflow run keeps the batch split epoch 1's timings were taken in; rerun finished, it keeps all of it.
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+    expected = {"per_device_batch": "2 -> 4 from epoch 2", "accumulation": "2 -> 1 from epoch 2", "processes": "1"}
+    tags = client.get_run(resumed["mlflow_run_id"]).data.tags
+    assert {k: tags[k] for k in expected} == expected
+    train(run_config(tmp_path / "b", shards, *settings, "train.per_device_batch=2"))
+    tags = client.get_run(resumed["mlflow_run_id"]).data.tags
+    assert {k: tags[k] for k in expected} == expected
 
 
 def test_a_resume_in_other_micro_batches_warns_where_workers_read_elsewhere_and_old_positions_keep_their_own(
