@@ -13,8 +13,9 @@ image, score and reference columns where they are not the first two:
 Each sample is the image's bytes (re-encoded only when resized or when the release stores BMP/TIFF) and a JSON label
 (name, dataset, mos, mos_raw, ref, split). A shard appears under its final name only once complete; the manifest is
 written last, so a folder with a manifest is a finished pack. Rerunning after an interruption keeps finished shards
-(writing again any that a power loss cut short) and writes the rest. Records are streamed and handed to workers a
-shard at a time: memory stays flat whatever the dataset size.
+(writing again any that a power loss cut short) and writes the rest. Each split's samples are dealt to its shards at
+random (seed 0). Records are streamed and handed to workers a shard at a time: memory stays flat whatever the dataset
+size.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -45,6 +47,11 @@ from temu_dist.data.sources import (DATASETS, META_SPLIT_COLUMNS, CsvLabels, Dat
 from temu_dist.data.splits import SPLITS, SplitSpec, split_read, splitter
 
 FORMAT = "temu-dist-shards/1"
+# Samples dealt to shards at random by ORDER_SEED (a manifest's "order"); packs without one kept the label file's.
+ORDER = "shuffled"
+ORDER_SEED = 0
+# Labels held at once while the shards are dealt (a few hundred bytes each).
+WINDOW = 32768
 # Formats kept byte for byte; anything else (BMP, TIFF, ...) is stored losslessly as PNG.
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -290,24 +297,31 @@ def _reopen_for_left_out(out: Path, opts: PackOptions, label_file: str) -> None:
 
 def _chunks(opts: PackOptions,
             route: Callable[[Record], str | None]) -> Iterator[tuple[str, str, list[tuple[str, dict]]]]:
-    """(shard name, split, samples) in a fixed order, streaming the records; a shard per shard_size samples."""
-    buffers: dict[str, list[tuple[str, dict]]] = {s: [] for s in SPLITS}
-    counts = {s: 0 for s in SPLITS}
-    shards = {s: 0 for s in SPLITS}
-    for record in _records(opts):
-        split = route(record)
-        if split is None:
-            continue
-        label = {"name": record.name, "dataset": opts.dataset, "mos": record.mos, "mos_raw": record.mos_raw,
-                 "ref": record.ref, "split": split, "row": record.row, "path": str(record.path)}
-        buffers[split].append((f"{split}-{counts[split]:08d}", label))
-        counts[split] += 1
-        if len(buffers[split]) == opts.shard_size:
-            yield f"{split}-{shards[split]:06d}.tar", split, buffers[split]
-            buffers[split], shards[split] = [], shards[split] + 1
-    for split, samples in buffers.items():
-        if samples:
-            yield f"{split}-{shards[split]:06d}.tar", split, samples
+    """(shard name, split, samples), each shard a seeded random draw from its split. A reader streams a few shards an
+    epoch and shuffles only within a buffer: shards in the label file's order would give each batch a stretch of it,
+    one generator (AGIQA-3K), distortion (LIVE) or few reference images (KADID-10k). The labels of a window of shards
+    are held at a time, over a pass of the label file each; per record, 5 bytes: memory stays flat."""
+    codes = np.fromiter((-1 if (split := route(r)) is None else SPLITS.index(split) for r in _records(opts)), np.int8)
+    rng = np.random.default_rng(ORDER_SEED)
+    slots = np.zeros(len(codes), np.int32)
+    shards = []
+    for code, split in enumerate(SPLITS):
+        where = np.flatnonzero(codes == code)
+        slots[where] = rng.permutation(len(where))
+        shards += [(code, j) for j in range(-(-len(where) // opts.shard_size))]
+    per_window = max(1, WINDOW // opts.shard_size)
+    for start in range(0, len(shards), per_window):
+        buffers: dict[tuple[int, int], list[tuple[int, dict]]] = {k: [] for k in shards[start:start + per_window]}
+        for position, record in enumerate(_records(opts)):
+            code, slot = int(codes[position]), int(slots[position])
+            if (code, slot // opts.shard_size) in buffers:
+                buffers[code, slot // opts.shard_size].append(
+                    (slot, {"name": record.name, "dataset": opts.dataset, "mos": record.mos, "mos_raw": record.mos_raw,
+                            "ref": record.ref, "split": SPLITS[code], "row": record.row, "path": str(record.path)}))
+        for (code, j), samples in buffers.items():
+            split = SPLITS[code]
+            yield f"{split}-{j:06d}.tar", split, [(f"{split}-{slot:08d}", label) for slot, label in sorted(samples,
+                                                                                                    key=lambda s: s[0])]
 
 
 def pack(opts: PackOptions) -> dict:
@@ -445,7 +459,7 @@ def _leave_sigint_to_main() -> None:
 def _identity(opts: PackOptions, label_path: Path) -> dict:
     """What decides a pack's content: two packs that agree on it write the same shards."""
     identity = {"dataset": opts.dataset, "split": opts.split.describe(), "resize_shorter": opts.resize_shorter,
-                "shard_size": opts.shard_size,
+                "shard_size": opts.shard_size, "order": ORDER,
                 "label_sha256": sha256_of(label_path) if label_path.is_file() else None}
     # Only a CSV of one's own has labels read by options; a release's are read as released.
     return {**identity, "labels": opts.csv.describe()} if opts.csv else identity
@@ -461,7 +475,7 @@ def _as_identity(written: object) -> object:
 IDENTITY_NAMES = {"dataset": "--dataset", "split": "split (--split and its options)",
                   "resize_shorter": "--resize-shorter", "shard_size": "--shard-size",
                   "label_sha256": "label file (its contents changed)",
-                  "labels": "--columns, --mos-range or --lower-better"}
+                  "labels": "--columns, --mos-range or --lower-better", "order": "sample order"}
 
 
 def _refuse_other_pack(out: Path, ours: dict) -> None:
@@ -472,6 +486,10 @@ def _refuse_other_pack(out: Path, ours: dict) -> None:
         return  # none, or one a kill cut short: an unfinished pack, which pack.json speaks for
     # The manifest holds _identity's keys at its top level, but the label file's hash, under source.
     theirs = _as_identity({k: old.get("source", {}).get(k) if k == "label_sha256" else old.get(k) for k in ours})
+    if theirs["order"] is None:
+        raise DataError(f"{out} holds a pack an earlier temu-dist wrote in its label file's order, in which a batch is "
+                        "a stretch of it (one generator, distortion or reference image): delete it and pack again, "
+                        "or pack into another --out")
     differs = [IDENTITY_NAMES[k] for k in ours if ours[k] != theirs[k]]
     if differs:
         raise DataError(f"{out} already holds a finished pack made with another {' and another '.join(differs)}: "
@@ -505,6 +523,7 @@ def _manifest(opts: PackOptions, label_path: Path, identity: dict, results: list
         "split": identity["split"],
         "resize_shorter": opts.resize_shorter,
         "shard_size": opts.shard_size,
+        "order": ORDER,
         "splits": splits,
         "skipped": [s for r in sorted(results, key=lambda r: r.name) for s in r.skipped],
         # The labelled images a split file leaves out, in no split.

@@ -43,7 +43,7 @@ from temu_dist.config import (Config, ConfigError, check_output_folder, dump, li
                               value_at)
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import check_fidelity_size, ldg_targets
-from temu_dist.data.manifest import pack_named_by
+from temu_dist.data.manifest import pack_named_by, read_manifest
 from temu_dist.data.stream import SharedEpoch, split_shards, train_loader
 from temu_dist.distributed import BatchPlan, check_processes_agree, keep_buffers_in_place, make_accelerator
 from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, no_such_set, result_names, scatter_plots
@@ -597,6 +597,10 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     check_processes_agree(config, accelerator)
     main = accelerator.is_main_process
     sets = check_data(config)
+    if "order" not in read_manifest(config.data.train):
+        accelerator.print(f"train: warning: {config.data.train} was packed by an earlier temu-dist in its label file's "
+                          "order, in which a batch is a stretch of it (one generator, distortion or reference image): "
+                          "pack it again")
     run_dir = config.run_dir()
     ckpt_dir = run_dir / "checkpoints"
     set_seed(config.seed)

@@ -625,3 +625,35 @@ def test_what_a_csv_of_ones_own_cannot_be_read_with_is_one_line_naming_it(tmp_pa
         err = capsys.readouterr().err
         assert err == f"pack: {message}\n"
     assert not (tmp_path / "o").exists()
+
+
+def test_shards_are_random_draws_from_their_split_whatever_the_label_order_and_window(tmp_path, monkeypatch):
+    # KADID-10k's label file runs reference by reference: shards in its order would give a reader, and each batch, a
+    # few references. Dealt at random, a shard of 5 from the 16 training references' 80 images spans several, and
+    # a pack held to a window of 2 shards a label pass writes the same shards.
+    write_kadid(tmp_path / "kadid", refs=20, per_ref=5, size=(8, 8))
+    split = SplitSpec("ratio", (0.8, 0.0, 0.2), seed=0, by_reference=True)
+    whole = pack(_opts(tmp_path / "kadid", tmp_path / "a", split=split, shard_size=5))
+    assert whole["order"] == "shuffled"
+    samples = _samples(tmp_path / "a")
+    train = [s for s in samples.values() if s["split"] == "train"]
+    refs_by_shard = {}
+    for s in train:
+        refs_by_shard.setdefault(s["shard"], set()).add(s["ref"])
+    assert len(refs_by_shard) == 16 and min(len(r) for r in refs_by_shard.values()) >= 3
+    import temu_dist.pack as pack_mod
+
+    monkeypatch.setattr(pack_mod, "WINDOW", 10)
+    windowed = pack(_opts(tmp_path / "kadid", tmp_path / "b", split=split, shard_size=5))
+    assert windowed["splits"] == whole["splits"]
+
+
+def test_a_pack_in_its_label_files_order_is_not_reused(tmp_path):
+    write_kadid(tmp_path / "kadid", refs=5, per_ref=2, size=(8, 8))
+    pack(_opts(tmp_path / "kadid", tmp_path / "out"))
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    del manifest["order"]
+    (tmp_path / "out" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"out holds a pack an earlier temu-dist wrote in its label file's order.*"
+                                        r"delete it and pack again"):
+        pack(_opts(tmp_path / "kadid", tmp_path / "out"))

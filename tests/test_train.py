@@ -104,6 +104,17 @@ def stops_after(real, n: float, error: type[BaseException] = Interrupted):
     return hook
 
 
+def test_training_on_a_pack_in_its_label_files_order_warns_to_pack_it_again(tmp_path, shards, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(shards, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["order"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    train(run_config(tmp_path, str(old), "train.epochs=1"))
+    assert f"train: warning: {old} was packed by an earlier temu-dist in its label file's order" in \
+        capsys.readouterr().out
+
+
 def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypatch, capsys):
     whole = train(run_config(tmp_path / "a", shards, "train.epochs=3"))
     import temu_dist.train as train_mod
