@@ -62,12 +62,18 @@ class ModelConfig(Section):
     prompt: Literal["none", "coop", "cocoop"] = "cocoop"
     # Antonym pairs (good, bad); with several, the patch scores of all pairs are averaged.
     prompt_pairs: list[tuple[str, str]] = [("Good photo.", "Bad photo.")]
-    # CoOp/CoCoOp learnable context length and init std (IQA-PyTorch's CLIP-IQA+ uses 16 and 0.02).
+    # CoOp/CoCoOp learnable context length and init std (CoOp's own defaults: 16 and 0.02).
     n_ctx: int = Field(16, ge=1)
     ctx_init_std: float = 0.02
     # Words whose token embeddings start the context instead of random vectors, as CoOp's and CoCoOp's CTX_INIT (their
     # published setting: "a photo of a", with n_ctx its 4 tokens); null: random, std ctx_init_std.
     ctx_init: str | None = Field(None, min_length=1)
+    # CoOp's CSC and CLASS_TOKEN_POSITION: a context of each prompt's own rather than one shared, and where the prompt's
+    # words stand: after the context (end), in its middle, or before it (front). IQA-PyTorch's CLIP-IQA+ learner, in the
+    # code base the paper names: ctx_per_prompt=true, class_position=middle, ctx_init sixteen "X",
+    # prompt_pairs [["Good photo..", "Bad photo.."]] (configs/experiments/table5-koniq.yaml).
+    ctx_per_prompt: bool = False
+    class_position: Literal["end", "middle", "front"] = "end"
     # CoCoOp meta-net bottleneck: hidden width = embed_dim // this.
     cocoop_reduction: int = Field(16, ge=1)
     # A trainable affine LayerNorm per layer before the frozen ln_post (initialised to identity).
@@ -109,9 +115,13 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _context(self) -> "ModelConfig":
-        if self.ctx_init is not None and self.prompt == "none":
-            raise ValueError(f"ctx_init {self.ctx_init!r} starts a learned context, which prompt none has none of: "
-                             "set model.prompt to coop or cocoop, or leave ctx_init out")
+        if self.prompt == "none":
+            for key, value, default in (("ctx_init", self.ctx_init, None),
+                                        ("ctx_per_prompt", self.ctx_per_prompt, False),
+                                        ("class_position", self.class_position, "end")):
+                if value != default:
+                    raise ValueError(f"{key} {value!r} shapes a learned context, which prompt none has none of: set "
+                                     f"model.prompt to coop or cocoop, or leave {key} out")
         return self
 
     def image_hw(self) -> tuple[int, int]:

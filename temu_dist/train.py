@@ -208,7 +208,8 @@ RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.timeout_mi
 
 # Keys added since checkpoints were first written, each with the value a run saved before it had (trained or was
 # scored with); None where no value holds (train.plcc_over: such a run resumes with this run's value, and says so).
-ADDED_SINCE: dict[str, object] = {"train.plcc_over": None, "model.tower_fp8": False, "eval.ldg": False}
+ADDED_SINCE: dict[str, object] = {"train.plcc_over": None, "model.tower_fp8": False, "eval.ldg": False,
+                                   "model.ctx_per_prompt": False, "model.class_position": "end"}
 
 
 # The config sections a run's weights depend on (a search's results also on eval, what they are scored on).

@@ -121,8 +121,12 @@ def test_override_must_be_key_value():
 
 @pytest.mark.parametrize(("overrides", "says"), [
     (["model.ctx_init="], "model.ctx_init: String should have at least 1 character"),
-    (["model.prompt=none", "model.ctx_init=a photo of a"], "model: Value error, ctx_init 'a photo of a' starts a "
+    (["model.prompt=none", "model.ctx_init=a photo of a"], "model: Value error, ctx_init 'a photo of a' shapes a "
                                                            "learned context, which prompt none has none of"),
+    (["model.prompt=none", "model.class_position=middle"], "model: Value error, class_position 'middle' shapes a "
+                                                           "learned context, which prompt none has none of: set "
+                                                           "model.prompt to coop or cocoop, or leave class_position "
+                                                           "out"),
 ])
 def test_context_words_need_a_learned_context(overrides, says):
     with pytest.raises(ConfigError, match=re.escape(says)):

@@ -69,9 +69,9 @@ class TextTower(nn.Module):
 class PromptLearner(nn.Module):
     """Returns normalised text features [1 or B, P, 2, D] for P (good, bad) pairs.
 
-    none: computed once at construction, the text tower is then dropped. coop: shared learnable context in front of
-    each prompt, one text pass per step. cocoop: that context shifted per image by a meta-net on the image feature, one
-    batched text pass over all images and prompts.
+    none: computed once at construction, the text tower is then dropped. coop: learnable context (shared, or each
+    prompt's own) around each prompt's words, one text pass per step. cocoop: that context shifted per image by a
+    meta-net on the image feature, one batched text pass over all images and prompts.
     """
 
     def __init__(self, cfg: ModelConfig, clip: nn.Module, dtype: torch.dtype = torch.float32,
@@ -107,12 +107,16 @@ class PromptLearner(nn.Module):
             tokens = tokens[:, :longest]
         with torch.no_grad():
             embeds = self.text.embed(tokens).float()
-        self.register_buffer("tokens", tokens, persistent=False)
-        # [SOS] before the context, the prompt words, [EOS] and padding after it: frozen.
+        # Laid out as [SOS], context, the prompt words, [EOS] and padding (the last three frozen); `order` moves the
+        # words into or before the context, a prompt at a time as their lengths differ. [EOS] stays where it is.
+        order = _class_order(tokens, cfg.n_ctx, cfg.class_position)
+        self.register_buffer("order", order, persistent=False)
+        self.register_buffer("tokens", tokens if order is None else tokens.gather(1, order), persistent=False)
         self.register_buffer("prefix", embeds[:, :1], persistent=False)
         self.register_buffer("suffix", embeds[:, 1 + cfg.n_ctx:], persistent=False)
-        ctx = embeds[0, 1:1 + cfg.n_ctx].clone() if cfg.ctx_init is not None else \
-            torch.randn(cfg.n_ctx, self.text.width, generator=generator) * cfg.ctx_init_std
+        shape = (len(texts), cfg.n_ctx) if cfg.ctx_per_prompt else (cfg.n_ctx,)
+        ctx = embeds[0, 1:1 + cfg.n_ctx].expand(*shape, -1).clone() if cfg.ctx_init is not None else \
+            torch.randn(*shape, self.text.width, generator=generator) * cfg.ctx_init_std
         self.ctx = nn.Parameter(ctx)
         if self.mode == "cocoop":
             embed_dim = clip.visual.proj.shape[1]
@@ -128,17 +132,39 @@ class PromptLearner(nn.Module):
             return self.fixed
         k = self.tokens.shape[0]
         if self.mode == "coop":
-            ctx = self.ctx.unsqueeze(0).expand(k, -1, -1)
-            feats = self.text(torch.cat([self.prefix, ctx, self.suffix], dim=1), self.tokens)
+            ctx = self.ctx.expand(k, -1, -1)
+            feats = self.text(self._laid_out(torch.cat([self.prefix, ctx, self.suffix], dim=1)), self.tokens)
             return F.normalize(feats, dim=-1).view(1, self.num_pairs, 2, -1)
         b = image_feature.shape[0]
-        ctx = self.ctx.unsqueeze(0) + self.meta_net(image_feature).unsqueeze(1)  # [B, n_ctx, width]
-        ctx = ctx.unsqueeze(1).expand(-1, k, -1, -1)  # [B, K, n_ctx, width]
+        shift = self.meta_net(image_feature)[:, None, None]  # [B, 1, 1, width]
+        ctx = (self.ctx + shift).expand(-1, k, -1, -1)  # [B, K, n_ctx, width]
         prefix = self.prefix.unsqueeze(0).expand(b, -1, -1, -1)
         suffix = self.suffix.unsqueeze(0).expand(b, -1, -1, -1)
-        prompts = torch.cat([prefix, ctx, suffix], dim=2)
+        prompts = self._laid_out(torch.cat([prefix, ctx, suffix], dim=2))
         feats = self.text(prompts.flatten(0, 1), self.tokens.repeat(b, 1))
         return F.normalize(feats, dim=-1).view(b, self.num_pairs, 2, -1)
+
+    def _laid_out(self, prompts: torch.Tensor) -> torch.Tensor:
+        """[..., K, T, width] in the context-then-words layout -> in class_position's."""
+        if self.order is None:
+            return prompts
+        return prompts[..., torch.arange(self.order.shape[0], device=prompts.device)[:, None], self.order, :]
+
+
+def _class_order(tokens: torch.Tensor, n_ctx: int, position: str) -> torch.Tensor | None:
+    """Per prompt, the positions of its context-then-words layout ([SOS], n_ctx context, its words, [EOS], ...) that
+    make its `position` layout: words after the context (end: None, as it is), in its middle (the first n_ctx // 2
+    context tokens before them, as CoOp's), or before it."""
+    if position == "end":
+        return None
+    steps = torch.arange(tokens.shape[1])
+    half = n_ctx // 2 if position == "middle" else 0
+    rows = []
+    for row in tokens:
+        words = int((row != 0).sum()) - 2 - n_ctx  # less [SOS], [EOS] and the context
+        context, after = list(range(1, 1 + n_ctx)), steps[1 + n_ctx + words:].tolist()
+        rows.append([0, *context[:half], *range(1 + n_ctx, 1 + n_ctx + words), *context[half:], *after])
+    return torch.tensor(rows)
 
 
 def _seeded_linear_init(layer: nn.Linear, generator: torch.Generator | None) -> None:
