@@ -340,6 +340,8 @@ def field_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 def _unknown(key: str, known: list[str]) -> str:
     # A training key unknown where it stands (at the top of a search config) would be its own closest match.
     close = [k for k in difflib.get_close_matches(key, known, n=2, cutoff=0.8) if k != key]
+    started = [k for k in known if k.startswith(key) and k != key]  # cut short: asha.grace for asha.grace_period
+    close = close or started if len(started) < 2 else close
     return f"unknown key (did you mean {close[0]}?)" if close else "unknown key"
 
 
