@@ -26,13 +26,14 @@ import itertools
 import json
 import math
 import os
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from ray.tune import Callback
 
 from temu_dist.atomic import write_json_atomic
@@ -56,16 +57,22 @@ CHECKED_DATA_KEYS = ("data", "eval", "train.key_metric", "model.image_size", "mo
 
 
 class Resources(Section):
-    cpu: float = 1.0
-    gpu: float = 0.0  # fractions share a GPU between trials
+    cpu: float = Field(1.0, ge=0)
+    gpu: float = Field(0.0, ge=0)  # fractions share a GPU between trials
     # > 1: each trial is a Ray Train job of this many processes (cpu and gpu are then per process), for several
     # GPUs per trial.
-    workers: int = 1
+    workers: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _asks(self) -> "Resources":
+        if self.cpu == 0 and self.gpu == 0:  # Ray refuses an empty request, once started
+            raise ValueError("a trial must ask for some cpu or gpu")
+        return self
 
 
 class AshaConfig(Section):
-    grace_period: int = 1  # epochs before a trial may be stopped
-    reduction_factor: float = 2.0
+    grace_period: int = Field(1, ge=1)  # epochs before a trial may be stopped
+    reduction_factor: float = Field(2.0, gt=1)
 
 
 class SearchConfig(Section):
@@ -77,13 +84,13 @@ class SearchConfig(Section):
     # Dotted training key -> {grid: [...]} | {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} |
     # {randint: [lo, hi]}.
     space: dict[str, dict[str, list[Any]]]
-    num_samples: int = 1  # samples of the non-grid dimensions (per grid point)
+    num_samples: int = Field(1, ge=1)  # samples of the non-grid dimensions (per grid point)
     metric: str | None = None  # SET/METRIC; default: the base config's train.key_metric
     mode: Literal["max", "min"] = "max"
     asha: AshaConfig | None = AshaConfig()
     resources: Resources = Resources()
-    max_concurrent: int = 0  # 0: as many as the resources allow
-    max_failures: int = 2  # retries of a failing trial
+    max_concurrent: int = Field(0, ge=0)  # 0: as many as the resources allow
+    max_failures: int = Field(2, ge=0)  # retries of a failing trial
     address: str | None = None  # null: RAY_ADDRESS if set, else a local Ray with this machine's CPUs and GPUs
     tracking_uri: str | None = None  # null: as a training run's tracking.uri (MLFLOW_TRACKING_URI, out_dir/mlflow.db)
 
@@ -116,6 +123,9 @@ def load_search(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not base.is_absolute():
         # A base given relative to the search file or to the working directory, whichever exists.
         base = next((p for p in (path.parent / base, Path.cwd() / base) if p.is_file()), base)
+    if not base.is_file():
+        where = " (beside the search config or in the working directory)" if not Path(search.base).is_absolute() else ""
+        raise ConfigError(f"{path}: base: {search.base}: no such config file{where}")
     search = search.model_copy(update={"base": str(base.resolve())})
     _check_space(search, path)
     return search
@@ -143,6 +153,11 @@ def _check_space(search: SearchConfig, path: Path) -> None:
                     check_backbone(config.model)
                 except ConfigError as e:
                     raise ConfigError(f"{path} space: {e}") from None
+    epochs = base["train"]["epochs"]
+    if search.asha and search.asha.grace_period > epochs:  # ASHA's max_t, which Ray asserts it is within
+        raise ConfigError(f"{path}: asha.grace_period: {search.asha.grace_period} epochs before a trial may be "
+                          f"stopped, but the trials train {epochs} (train.epochs): lower it "
+                          f"(asha.grace_period={epochs}), or asha=null to let every trial finish")
     if search.num_samples > 1 and all(next(iter(spec)) == "grid" for spec in search.space.values()):
         # Every sample of a grid point would be the same trial: same values, same seed, same result.
         raise ConfigError(f"{path}: num_samples: {search.num_samples} samples of an all-grid space train each grid "
@@ -379,7 +394,7 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     if address and not ray.is_initialized():  # a search that cannot start writes nothing
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
         try:
-            ray.init(address=address, **({"runtime_env": {"env_vars": env}} if env else {}))
+            _ray_init(address=address, **({"runtime_env": {"env_vars": env}} if env else {}))
         except (ConnectionError, ray.exceptions.RayError) as e:
             # A refused token comes back as a connection that failed, after Ray's own retries.
             auth = "; one with token authentication (as launch/ray-cluster.sh starts it) also needs " \
@@ -410,7 +425,7 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
             # Ray's temp files (sockets, logs) go inside the search folder, not /tmp/ray or ~/.ray.
             temp = Path(os.environ.get("TEMU_RAY_TMP", search_dir / "ray"))
             temp.mkdir(parents=True, exist_ok=True)
-            ray.init(include_dashboard=False, _temp_dir=str(temp), log_to_driver=True)
+            _ray_init(include_dashboard=False, _temp_dir=str(temp), log_to_driver=True)
         res = search.resources
         target = tune.with_parameters(trainable or run_trial, base=base, trials_dir=str(search_dir / "trials"),
                                       tracking_uri=uri, parent=parent, resources=res.model_dump())
@@ -439,6 +454,17 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
             finish_run(uri, parent, [], {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     return summarize(search, search_dir, grid, metric, uri, parent, base["train"]["epochs"])
+
+
+def _ray_init(**kwargs) -> None:
+    """ray.init, keeping this process's SIGTERM handler: Ray's core worker puts in its own, which aborts the driver
+    (exit 134, the parent run left RUNNING), where SIGTERM must stop the search as Ctrl-C does."""
+    import ray
+
+    handler = signal.getsignal(signal.SIGTERM)
+    ray.init(**kwargs)
+    if handler is not None:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _identity(search: SearchConfig, base: dict, metric: str) -> dict:

@@ -513,6 +513,26 @@ def test_a_searchs_metric_and_samples_are_checked_before_ray_starts(tmp_path, sh
     assert load_search(path, ["num_samples=2", "space.train.lr={loguniform: [0.0001, 0.01]}"]).num_samples == 2
 
 
+@pytest.mark.parametrize(("overrides", "says"), [
+    (["asha={grace_period: 5}"], r"asha.grace_period: 5 epochs before a trial may be stopped, but the trials train 2 "
+                                 r"\(train.epochs\): lower it \(asha.grace_period=2\), or asha=null to let every trial "
+                                 r"finish"),
+    (["asha={grace_period: 0}"], r"asha.grace_period: Input should be greater than or equal to 1"),
+    (["asha={reduction_factor: 1}"], r"asha.reduction_factor: Input should be greater than 1"),
+    (["asha={grace: 1}"], r"asha.grace: unknown key \(did you mean asha.grace_period\?\)"),
+    (["resources.cpu=0"], r"resources: Value error, a trial must ask for some cpu or gpu"),
+    (["num_samples=0"], r"num_samples: Input should be greater than or equal to 1"),
+    (["max_failures=-1"], r"max_failures: Input should be greater than or equal to 0"),
+    (["base=nope.yml"], r"base: nope.yml: no such config file \(beside the search config or in the working "
+                        r"directory\)"),
+])
+def test_search_settings_ray_would_refuse_once_started_are_one_line_naming_the_key(tmp_path, shards, no_ray,
+                                                                                    overrides, says):
+    path = _search_file(tmp_path, shards, "bad", {"model.prompt": {"grid": ["none"]}})
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: (invalid config: )?{says}"):
+        load_search(path, overrides)
+
+
 def test_a_searched_evaluation_set_that_the_key_metric_names_is_checked_with_it(tmp_path, shards, monkeypatch,
                                                                                 ray_joins):
     # Each eval.cross value adds the set train.key_metric names: every trial has it, so the search starts.
@@ -601,6 +621,24 @@ def test_a_search_sent_sigterm_stops_as_ctrl_c_does(tmp_path, shards, tuner_stop
         "tune: stopped by SIGTERM; finished trials are kept, rerun the same command to resume the search")
     parent, _ = _runs(tmp_path / "runs" / "termed")
     assert parent.info.status == "KILLED"
+
+
+def test_sigterm_after_ray_has_started_still_stops_the_search_as_ctrl_c_does(ray_tmp):
+    # Ray's core worker puts in a SIGTERM handler of its own, which aborted the driver (exit 134) with the parent run
+    # left RUNNING. A real local Ray, in a process of its own, as that handler would end this one.
+    code = ("import os, signal, sys, time\n"
+            "from temu_dist.train import Terminated, sigterm_as_ctrl_c, stop_code\n"
+            "from temu_dist.tune import _ray_init\n"
+            "with sigterm_as_ctrl_c():\n"
+            "    try:\n"
+            "        _ray_init(include_dashboard=False, num_cpus=1, _temp_dir=sys.argv[1])\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        time.sleep(30)\n"
+            "    except Terminated as e:\n"
+            "        sys.exit(stop_code(e))\n")
+    done = subprocess.run([sys.executable, "-c", code, ray_tmp], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 143, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize(("fit", "raised", "status"), [
