@@ -82,16 +82,17 @@ def repeat(config: Config, splits: int) -> dict:
     if main and extending:  # stale until every split has its new epochs
         (out / "repeat.json").unlink(missing_ok=True)
     uri = tracking_uri(config.tracking.uri, config.out_dir)
-    parent = None
+    parent = was = None
     if main and config.tracking.enabled:
         # The series' config, as each split's run has it, so the UI tells series (S from I, ...) apart.
         params = {"splits": splits, **config_params(config)}
-        parent = parent_run(uri, config.tracking.experiment, config.name, out / "mlflow_parent_run_id", params,
-                            {"temu.repeat": "true", **config_tags(config)}, "repeat")
+        parent, was = parent_run(uri, config.tracking.experiment, config.name, out / "mlflow_parent_run_id", params,
+                                 {"temu.repeat": "true", **config_tags(config)}, "repeat")
     try:
         runs = [train(split_config(config, i, parent)) for i in range(splits)]
     except BaseException as e:
-        if parent is not None:
+        # A finished series' results stand, whatever stops a rerun; one being extended is no longer finished.
+        if parent is not None and (was != "FINISHED" or extending):
             finish_run(uri, parent, [], {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     # The epochs splits were started for where train.resume=extend changed them: report marks the series so.

@@ -173,11 +173,17 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
     """params as text, in batches of 100, the most one call takes; a value past MLflow's limit is cut to it (the
     resolved config, config.yaml, is an artifact beside them)."""
     from mlflow.entities import Param
-    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-    items = [Param(key, str(value)[:MAX_PARAM_VAL_LENGTH]) for key, value in params.items()]
+    items = [Param(key, _param_text(value)) for key, value in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
+
+
+def _param_text(value: Any) -> str:
+    """A param's value as MLflow keeps it: text, cut to its limit."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    return str(value)[:MAX_PARAM_VAL_LENGTH]
 
 
 def config_params(config: Config) -> dict[str, str]:
@@ -222,9 +228,11 @@ def _code_tags(here: Path) -> dict[str, str]:
 
 
 def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict[str, Any], tags: dict[str, str],
-               what: str) -> str | None:
-    """An MLflow run that groups others as its children (a search's trials, a repeat's splits): made once, found
-    again from `id_file` when the interrupted command is rerun. None, with a warning, where MLflow is not usable."""
+               what: str, same_params: bool = False) -> tuple[str | None, str | None]:
+    """An MLflow run that groups others as its children (a search's trials, a repeat's splits), and the status it had:
+    made once, found again from `id_file` when the interrupted command is rerun (with `same_params`, only if its
+    params are these: MLflow cannot change a param, and a new start of a failed command may have new ones). None,
+    with a warning, where MLflow is not usable."""
     try:
         import mlflow
 
@@ -234,17 +242,19 @@ def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict
         experiment_id = use_experiment(mlflow, experiment, uri).experiment_id
         known = id_file.read_text().strip() if id_file.exists() else None
         if known and _in_store(mlflow, known):
-            return known
+            run = mlflow.get_run(known)
+            if not same_params or run.data.params == {k: _param_text(v) for k, v in params.items()}:
+                return known, run.info.status
         client = mlflow.MlflowClient(uri)
         run = client.create_run(experiment_id, run_name=name, tags={**code_tags(), **tags})
         log_params(client, run.info.run_id, params)
         id_file.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(id_file, run.info.run_id)
-        return run.info.run_id
+        return run.info.run_id, None
     except Exception as e:  # noqa: BLE001 - tracking trouble must not stop the work it tracks
         warnings.warn(f"MLflow at {uri} is not usable ({error_line(e)}); the {what} goes on untracked", Notice,
                       stacklevel=2)
-        return None
+        return None, None
 
 
 def log_artifacts(uri: str, run_id: str, artifacts: list[Path]) -> None:

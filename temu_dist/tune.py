@@ -416,10 +416,11 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     params = {f"space.{k}": json.dumps(v) for k, v in search.space.items()}
     params.update({"base": search.base, "overrides": json.dumps(search.overrides), "num_samples": search.num_samples,
                    "metric": metric})
-    parent = None
+    parent = was = None
     if base["tracking"]["enabled"]:
-        parent = parent_run(uri, base["tracking"]["experiment"], search.name, search_dir / "mlflow_parent_run_id",
-                            params, {"temu.search": "true"}, "search")
+        # A new start takes the parent of an earlier one that failed before Ray saved the search only with its params.
+        parent, was = parent_run(uri, base["tracking"]["experiment"], search.name, search_dir / "mlflow_parent_run_id",
+                                 params, {"temu.search": "true"}, "search", same_params=not restored)
     try:
         if not ray.is_initialized():
             # Ray's temp files (sockets, logs) go inside the search folder, not /tmp/ray or ~/.ray.
@@ -450,7 +451,7 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
         if _stopped(search, grid, restored):
             raise KeyboardInterrupt
     except BaseException as e:
-        if parent is not None:
+        if parent is not None and was != "FINISHED":  # a finished search's results stand, whatever stops a rerun
             finish_run(uri, parent, [], {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     return summarize(search, search_dir, grid, metric, uri, parent, base["train"]["epochs"])

@@ -27,9 +27,9 @@ def test_runs_deleted_in_the_ui_are_replaced_not_continued(tmp_path):
     assert again.active and again.run_id != first.run_id
     assert [m.step for m in client.get_metric_history(again.run_id, "train/loss")] == [1]
     again.end()
-    parent = parent_run(uri, "temu-dist", "search", tmp_path / "parent_id", {}, {}, "search")
+    parent, _ = parent_run(uri, "temu-dist", "search", tmp_path / "parent_id", {}, {}, "search")
     client.delete_run(parent)
-    assert parent_run(uri, "temu-dist", "search", tmp_path / "parent_id", {}, {}, "search") not in (None, parent)
+    assert parent_run(uri, "temu-dist", "search", tmp_path / "parent_id", {}, {}, "search")[0] not in (None, parent)
 
 
 def test_a_run_records_the_commit_of_the_checkout_it_ran_from_and_no_other(tmp_path, monkeypatch):

@@ -226,7 +226,7 @@ def test_the_search_plots_are_redrawn_and_logged_to_its_parent_run_each_time_a_t
                                                             "model.layers": {"grid": ["all", "upto:3"]}},
                                    num_samples=1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    parent = parent_run(uri, "temu-dist", "search", tmp_path / "parent_id", {}, {}, "search")
+    parent, _ = parent_run(uri, "temu-dist", "search", tmp_path / "parent_id", {}, {}, "search")
     drawn = []
     real = plots.prompt_table
     monkeypatch.setattr(plots, "prompt_table", lambda rows, *args: drawn.append((rows, args[-1])) or real(rows, *args))
@@ -654,6 +654,31 @@ def test_a_search_that_does_not_finish_ends_its_parent_run(tmp_path, shards, tun
         run_search(search)
     parent, _ = _runs(tmp_path / "runs" / "unfinished")
     assert parent.info.status == status
+
+
+def test_a_failed_rerun_leaves_a_finished_search_finished_and_a_new_start_its_own_params(tmp_path, shards,
+                                                                                        tuner_stopping):
+    import pandas as pd
+
+    ok = SimpleNamespace(error=None, metrics={"epoch": 2, "done": True, "trial_id": "1"},
+                         config={"model.prompt": "none"}, metrics_dataframe=pd.DataFrame({"test/srcc": [0.5]}))
+    tuner_stopping.fit_does = lambda: [ok]
+    path = _search_file(tmp_path, shards, "rerun", {"model.prompt": {"grid": ["none"]}})
+    run_search(load_search(path))
+    tuner_stopping.fit_does = lambda: _raise(RuntimeError("the Ray cluster went away"))
+    with pytest.raises(RuntimeError):
+        run_search(load_search(path))
+    parent, _ = _runs(tmp_path / "runs" / "rerun")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["best/test/srcc"] == 0.5
+    # A start that failed before Ray saved the search, started anew with another space: a parent with its params.
+    path = _search_file(tmp_path, shards, "restart", {"model.prompt": {"grid": ["none", "coop"]}})
+    with pytest.raises(RuntimeError):
+        run_search(load_search(path))
+    tuner_stopping.fit_does = lambda: [ok]
+    run_search(load_search(path, ["space.model.prompt={grid: [none]}"]))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    parent = client.get_run((tmp_path / "runs" / "restart" / "mlflow_parent_run_id").read_text().strip())
+    assert parent.data.params["space.model.prompt"] == '{"grid": ["none"]}' and parent.info.status == "FINISHED"
 
 
 def test_a_finished_search_says_where_its_results_are_and_how_to_compare_them(tmp_path, shards, monkeypatch,
