@@ -99,6 +99,8 @@ class Tracker:
             fresh_history = resuming and (resume_id is None or not _in_store(mlflow, resume_id))
             if fresh_history:
                 resume_id = None
+            elif not resuming and config.train.resume != "never" and id_file.exists():
+                resume_id = _retried(mlflow, id_file.read_text().strip(), config)
             parent = {"mlflow.parentRunId": config.tracking.parent_run_id} if config.tracking.parent_run_id else None
             name = None if resume_id else config.tracking.run_name or config.name
             run = mlflow.start_run(run_id=resume_id, run_name=name, tags=parent)
@@ -289,6 +291,18 @@ def finish_run(uri: str, run_id: str, artifacts: list[Path], metrics: dict[str, 
         client.set_terminated(run_id, status)
     except Exception as e:  # noqa: BLE001 - the work is done and written; only its record in MLflow is missing
         warnings.warn(f"MLflow at {uri}: could not finish run {run_id} ({error_line(e)})", Notice, stacklevel=2)
+
+
+def _retried(mlflow: Any, run_id: str, config: Config) -> str | None:
+    """The run of an attempt that stopped before its first checkpoint (a crash, a Ray Tune retry), where this one is
+    the same config: it goes on with it rather than leave a failed twin beside it. None: a new run."""
+    if not _in_store(mlflow, run_id):
+        return None
+    run = mlflow.get_run(run_id)
+    if "train/loss" in run.data.metrics or run.data.params != {k: _param_text(v) for k, v in
+                                                               config_params(config).items()}:
+        return None
+    return run_id
 
 
 def _in_store(mlflow: Any, run_id: str) -> bool:

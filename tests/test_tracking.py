@@ -1,3 +1,5 @@
+import pytest
+
 from temu_dist.config import dump
 from temu_dist.tracking import flatten
 from tests.conftest import tiny_config
@@ -60,3 +62,26 @@ def test_a_run_records_the_commit_of_the_checkout_it_ran_from_and_no_other(tmp_p
 
     monkeypatch.setattr(metadata, "version", not_installed)  # a copy on PYTHONPATH: nothing to say, no failure
     assert _code_tags(tmp_path / "site-packages") == {}
+
+
+@pytest.mark.parametrize(("logged_an_epoch", "overrides", "same_run"), [
+    (False, [], True),  # a crash before the first checkpoint, or a Ray Tune retry: not a failed twin beside each try
+    (True, [], False),  # its epoch is in the MLflow run, not in a checkpoint: a new history
+    (False, ["train.lr=0.1"], False),  # another config, whose params MLflow cannot change
+    (False, ["train.resume=never"], False),  # asked to start anew
+])
+def test_a_run_restarted_before_its_first_checkpoint_goes_on_with_the_failed_run_of_the_same_config(
+        tmp_path, logged_an_epoch, overrides, same_run):
+    import mlflow
+
+    from temu_dist.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(tiny_config(f"out_dir={tmp_path}", f"tracking.uri={uri}"), tmp_path, True)
+    if logged_an_epoch:
+        first.metrics({"train/loss": 0.5}, step=1)
+    first.end("FAILED")
+    again = Tracker(tiny_config(f"out_dir={tmp_path}", f"tracking.uri={uri}", *overrides), tmp_path, True)
+    assert (again.run_id == first.run_id) == same_run
+    assert mlflow.MlflowClient(uri).get_run(again.run_id).info.status == "RUNNING"
+    again.end()
