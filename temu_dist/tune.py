@@ -30,13 +30,14 @@ import signal
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from ray.tune import Callback
 
-from temu_dist.atomic import write_json_atomic
+from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist.config import (Config, ConfigError, Notice, Section, apply_overrides, dump, error_line, folder_name,
                               load_config, metric_key, notices_as_lines, one_line_error, parse_override, read_yaml,
                               settings_label)
@@ -48,6 +49,8 @@ SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 TRIAL_CPU = 0.01
 # What a search was started with (_identity), beside its Ray experiment.
 STARTED = "search-started.json"
+# In a trial's run folder: its loss went non-finite, which a retry would replay.
+NONFINITE = "nonfinite.txt"
 # What trials on a cluster's other nodes need of the driver's environment, which Ray passes on only to a local Ray's
 # workers: the MLflow server's login, artifact stores' credentials, Hugging Face's and the proxies' settings.
 FORWARDED_ENV = ("MLFLOW_", "HF_", "HUGGING_FACE_", "AWS_", "AZURE_STORAGE_", "GOOGLE_APPLICATION_CREDENTIALS",
@@ -321,16 +324,39 @@ def run_trial(params: dict, base: dict, trials_dir: str, tracking_uri: str, pare
     res = Resources.model_validate(resources or {})
     trial = f"trial-{tune.get_context().get_trial_id()}"
     config = trial_config(base, params, trials_dir, trial, tracking_uri, parent)
+    _fails_again_if_it_went_nonfinite(config)
     if res.workers <= 1:
         def report(record: dict) -> None:
             if record["epoch"] < config.train.epochs:
                 tune.report(_metrics(record))
 
-        with notices_as_lines(trial):  # in the trial's log, beside Ray's own prefix
+        with notices_as_lines(trial), _noting_nonfinite(config):  # in the trial's log, beside Ray's own prefix
             results = train(config, on_epoch=report)
     else:
         results = _train_on_workers(config, res, trial)
     tune.report(_metrics(results["history"][-1]))
+
+
+def _fails_again_if_it_went_nonfinite(config: Config) -> None:
+    """A trial whose loss went non-finite fails again at once: retried (max_failures) or resumed, it would replay
+    the same batches to the same loss, for as long as it took to get there."""
+    from temu_dist.train import NonFiniteLoss
+
+    marker = config.run_dir() / NONFINITE
+    if marker.is_file():
+        raise NonFiniteLoss(f"{marker.read_text().strip()} [an earlier attempt; delete {marker} to train it again]")
+
+
+@contextmanager
+def _noting_nonfinite(config: Config) -> Iterator[None]:
+    from temu_dist.train import NonFiniteLoss
+
+    try:
+        yield
+    except NonFiniteLoss as e:
+        config.run_dir().mkdir(parents=True, exist_ok=True)
+        write_text_atomic(config.run_dir() / NONFINITE, str(e))
+        raise
 
 
 def _train_on_workers(config, res: Resources, trial: str) -> dict:
@@ -349,7 +375,7 @@ def _train_on_workers(config, res: Resources, trial: str) -> dict:
             if record["epoch"] < config.train.epochs:
                 ray_train.report(_metrics(record))
 
-        with notices_as_lines(trial):
+        with notices_as_lines(trial), _noting_nonfinite(config):
             train(config, on_epoch=report)
 
     # Ray makes the process group, so its timeout is said here; accelerate keeps the group it finds.
