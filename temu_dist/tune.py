@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
+import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from ray.tune import Callback
 
@@ -49,6 +50,8 @@ SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 TRIAL_CPU = 0.01
 # What a search was started with (_identity), beside its Ray experiment.
 STARTED = "search-started.json"
+# The best trial's config as a run of its own, beside search.json.
+BEST_CONFIG = "best-config.yaml"
 # In a trial's run folder: its loss went non-finite, which a retry would replay.
 NONFINITE = "nonfinite.txt"
 # What trials on a cluster's other nodes need of the driver's environment, which Ray passes on only to a local Ray's
@@ -193,9 +196,7 @@ def _check_fits_here(res: Resources) -> None:
 def _no_node_fits(res: Resources, nodes: list[dict]) -> str | None:
     """Why no trial can start on a cluster of these nodes (ray.nodes()), or None where one can. A trial of one process
     needs its CPUs and GPUs on one node; a Ray Train trial needs room for its workers over all nodes."""
-    asks = {k: v for k, v in (("CPU", res.cpu), ("GPU", res.gpu)) if v > 0}
-    if not asks:
-        return None
+    asks = {k: v for k, v in (("CPU", res.cpu), ("GPU", res.gpu)) if v > 0}  # not empty: Resources checks that
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
 
     def room(have: dict) -> int:  # how many of one trial's processes fit on a node
@@ -480,7 +481,7 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
         if parent is not None and was != "FINISHED":  # a finished search's results stand, whatever stops a rerun
             finish_run(uri, parent, [], {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    return summarize(search, search_dir, grid, metric, uri, parent, base["train"]["epochs"])
+    return summarize(search, search_dir, grid, metric, uri, parent, base)
 
 
 def _ray_init(**kwargs) -> None:
@@ -542,9 +543,10 @@ def _stopped(search: SearchConfig, grid, restored: bool) -> bool:
 
 
 def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: str, parent: str | None,
-              epochs: int) -> dict:
+              base: dict) -> dict:
     """Results table, plots and the best trial's config, to search.json and the parent MLflow run. Trials ASHA
     stopped early get their best value and a tag saying so: Ray ends them as Ctrl-C would, without results."""
+    epochs = base["train"]["epochs"]
     rows = [_row(search, metric, (result.metrics or {}).get("trial_id", "?"), result.config,
                  result.metrics_dataframe, (result.metrics or {}).get("epoch"),
                  # Ray wraps a trial's exception (as .cause) in a traceback of its actor.
@@ -553,13 +555,14 @@ def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: st
     rows.sort(key=lambda r: r["trial"])  # in the order they were made (Ray's ids count up): a restored grid has its own
     ok = [r for r in rows if r["best"] is not None]
     best = max(ok, key=lambda r: r["best"] if search.mode == "max" else -r["best"]) if ok else None
+    best_config = search_dir / BEST_CONFIG
     summary = {"search": search.name, "metric": metric, "trials": rows, "best": best,
+               "best_config": str(best_config) if best else None,
                "mlflow": uri if parent is not None else None, "plots": [path.name for path in _plots(search)]}
     write_json_atomic(search_dir / "search.json", summary, default=str)  # first: the results, whatever the plots do
-    plots = _draw(search, search_dir, rows, metric)
-    best_config = None
     if best is not None:
-        best_config = search_dir / "trials" / best["trial"] / "config.yaml"
+        write_text_atomic(best_config, yaml.safe_dump(_best_config(search, base, best), sort_keys=False))
+    plots = _draw(search, search_dir, rows, metric)
     if parent is not None:
         for row in rows if search.asha else []:
             planned = row.get("train.epochs", epochs)  # a search over train.epochs plans each trial's own
@@ -568,11 +571,18 @@ def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: st
             if stopped and id_file.is_file():
                 finish_run(uri, id_file.read_text().strip(), [], {f"best/{metric}": row["best"]},
                            {"temu.stopped": f"early, by ASHA after epoch {row['epochs']} of {planned}"}, "KILLED")
-        artifacts = [search_dir / "search.json", *plots, *([best_config] if best_config and best_config.exists()
-                                                           else [])]
+        artifacts = [search_dir / "search.json", *plots, *([best_config] if best else [])]
         finish_run(uri, parent, artifacts, {f"best/{metric}": float(best["best"])} if best else {},
                       {"best_trial": best["trial"]} if best else {}, "FINISHED" if ok else "FAILED")
     return summary
+
+
+def _best_config(search: SearchConfig, base: dict, best: dict) -> dict:
+    """The best trial's training config, to train it again on its own: the base with the trial's values, a run of
+    its own in the base's out_dir and MLflow store (the trial's config.yaml would train into the search, as one more
+    of its trials)."""
+    values = [f"{k}={json.dumps(best[k])}" for k in search.space]
+    return dump(load_config(None, [*values, f"name={json.dumps(f'{search.name}-best')}"], base=base))
 
 
 def _row(search: SearchConfig, metric: str, trial_id: str, config: dict, history, epoch: int | None,
@@ -680,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     if not summary["best"]:
         print("tune: no trial reported a result (errors above)", file=sys.stderr)
         return 1
-    print(f"tune: best {summary['best']['trial']} with {summary['metric']} {summary['best']['best']:.4f}")
+    print(f"tune: best {summary['best']['trial']} with {summary['metric']} {summary['best']['best']:.4f}; train it "
+          f"again on its own: python -m temu_dist.train --config {summary['best_config']}")
     where = Path(search.out_dir).resolve() / search.name
     print(f"tune: {len(summary['trials'])} trial(s) in {(time.perf_counter() - started) / 60:.1f} min; results in "
           f"{where / 'search.json'}" + (f", plots {', '.join(summary['plots'])} beside it" if summary["plots"] else ""))
@@ -696,4 +707,8 @@ def _fmt(value: Any) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As the imported module, not as __main__: Ray pickles the search's callback and config with the search, and a
+    # class of __main__ goes by value, which a resume had to rebuild (pydantic cannot, for a class with a validator).
+    from temu_dist.tune import main as imported_main
+
+    sys.exit(imported_main())

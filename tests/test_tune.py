@@ -84,7 +84,13 @@ def test_search_gives_one_parent_run_and_a_child_run_per_trial(tmp_path, shards,
     assert parent.info.status == "FINISHED"
     assert json.loads(parent.data.params["overrides"]) == [] and summary["mlflow"].startswith("sqlite:///")
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"search.json", "prompt_table.png",
-                                                                          "config.yaml"}
+                                                                          "best-config.yaml"}
+    # The best trial's config trains it again as a run of its own, not into the search as one more trial.
+    best = yaml.safe_load((search_dir / "best-config.yaml").read_text())
+    assert summary["best_config"] == str(search_dir / "best-config.yaml")
+    assert best["model"]["prompt"] == summary["best"]["model.prompt"] and best["name"] == "prompts-best"
+    assert best["out_dir"] == "runs" and best["tracking"]["parent_run_id"] is None
+    assert best["tracking"]["run_name"] is None and best["data"]["train"] == str(Path(shards).absolute())
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert sorted(c.data.params["model.prompt"] for c in children) == ["coop", "none"]
     for child in children:  # the UI's run list reads as the search's table
@@ -404,7 +410,6 @@ def test_a_trial_no_node_of_the_cluster_can_hold_is_said_and_one_that_fits_is_no
     assert tune_cli._no_node_fits(train_trial, [_node(1, 1), _node(1.01, 1)]) is None
     assert tune_cli._no_node_fits(train_trial, [_node(1, 1), _node(1, 1), _node(0.5)]) is None
     assert tune_cli._no_node_fits(tune_cli.Resources(cpu=0.5), [_node(1)]) is None
-    assert tune_cli._no_node_fits(tune_cli.Resources(cpu=0, workers=3), []) is None  # it asks for nothing
 
 
 def test_joining_a_cluster_without_room_for_a_trial_warns_at_once(tmp_path, shards, monkeypatch):
@@ -715,11 +720,14 @@ def test_a_finished_search_says_where_its_results_are_and_how_to_compare_them(tm
 
     def said(uri: str, plots: list[str]) -> str:
         monkeypatch.setattr(tune_cli, "run_search", lambda search: {
-            "search": "said", "metric": "test/srcc", "trials": [row], "best": row, "mlflow": uri, "plots": plots})
+            "search": "said", "metric": "test/srcc", "trials": [row], "best": row, "best_config": "said/best.yaml",
+            "mlflow": uri, "plots": plots})
         assert tune_cli.main(["--config", str(path)]) == 0
         return capsys.readouterr().out
 
     out = said("sqlite:///x", ["prompt_table.png"])
+    assert "tune: best trial-1 with test/srcc 0.5000; train it again on its own: python -m temu_dist.train --config " \
+        "said/best.yaml\n" in out
     where = re.escape(str(tmp_path / "runs" / "said" / "search.json"))
     assert re.search(rf"tune: 1 trial\(s\) in \d+\.\d min; results in {where}, plots prompt_table.png beside it\n",
                      out)
@@ -762,6 +770,8 @@ def test_a_restored_search_is_not_read_as_stopped_for_a_space_changed_since(tmp_
 def test_a_trial_asha_stopped_early_is_marked_so_in_mlflow_with_its_best(tmp_path, shards):
     import pandas as pd
 
+    from temu_dist.tune import base_config
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("temu-dist")
@@ -781,7 +791,7 @@ def test_a_trial_asha_stopped_early_is_marked_so_in_mlflow_with_its_best(tmp_pat
                                         metrics={"trial_id": str(i), "epoch": len(scores), "done": True}))
         parent = client.create_run(experiment).info.run_id
         # A restored search's grid comes in an order of its own: the table keeps the trials' own.
-        summary = tune_cli.summarize(search, search_dir, grid[::-1], "test/srcc", uri, parent, 2)
+        summary = tune_cli.summarize(search, search_dir, grid[::-1], "test/srcc", uri, parent, base_config(search))
         assert [r["best"] for r in summary["trials"]] == [0.3, 0.2, 0.4]
         return [client.get_run(r) for r in run_ids]
 
