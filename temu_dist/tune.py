@@ -703,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)  # a learning rate of 1e-05 is not 0.0000
 
 
 if __name__ == "__main__":

@@ -716,7 +716,7 @@ def test_a_failed_rerun_leaves_a_finished_search_finished_and_a_new_start_its_ow
 def test_a_finished_search_says_where_its_results_are_and_how_to_compare_them(tmp_path, shards, monkeypatch,
                                                                              capsys):
     path = _search_file(tmp_path, shards, "said", {"model.prompt": {"grid": ["none"]}})
-    row = {"trial": "trial-1", "model.prompt": "none", "epochs": 2, "best": 0.5, "error": None}
+    row = {"trial": "trial-1", "model.prompt": "none", "train.lr": 2.1e-5, "epochs": 2, "best": 0.5, "error": None}
 
     def said(uri: str, plots: list[str]) -> str:
         monkeypatch.setattr(tune_cli, "run_search", lambda search: {
@@ -726,6 +726,7 @@ def test_a_finished_search_says_where_its_results_are_and_how_to_compare_them(tm
         return capsys.readouterr().out
 
     out = said("sqlite:///x", ["prompt_table.png"])
+    assert "tune: trial-1 | none | 2.1e-05 | 2 | 0.5\n" in out  # a small learning rate is not 0.0000
     assert "tune: best trial-1 with test/srcc 0.5000; train it again on its own: python -m temu_dist.train --config " \
         "said/best.yaml\n" in out
     where = re.escape(str(tmp_path / "runs" / "said" / "search.json"))
