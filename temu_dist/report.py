@@ -32,6 +32,9 @@ from temu_dist.data.manifest import dataset_name
 from temu_dist.tracking import flatten
 
 METRICS = ("srcc", "plcc", "krcc")
+# Folders of runs are searched this many levels below the one named (names a/b/c), never in MLflow's own stores.
+NESTED = 3
+STORES = ("mlartifacts", "mlruns")
 _TRAINER_INFO = "trainer.json"  # checkpoint.TRAINER_INFO, whose module would bring torch into a table's command
 # Config keys that do not tell runs apart as a paper's rows do: where they ran, how they were tracked or loaded.
 # The evaluation sets are the columns.
@@ -191,21 +194,32 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
             done, cut, empty = _trials(folder)
             finished.extend(done)
             stopped.extend(cut)
-            left_out.extend(f"{named}{t.name} (no epoch yet)" for t in empty)
+            said = _read_json(folder / "search.json") if (folder / "search.json").is_file() else {}
+            failed = {t.get("trial") for t in said.get("trials", []) if t.get("error")}
+            left_out.extend(f"{named}{t.name} ({'failed' if t.name in failed else 'no epoch yet'})" for t in empty)
         else:
             return False
         return True
+
+    def scan(folder: Path, prefix: str, depth: int) -> bool:
+        """Takes what a folder of runs holds, in its subfolders too (a run named a/b is b in a); False: nothing."""
+        found = False
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                          and p.name not in STORES):
+            if take(sub, f"{prefix}{sub.name}/trials/"):
+                found = True
+            elif (sub / "checkpoints").is_dir():
+                left_out.append(f"{prefix}{sub.name} (not finished)")
+            elif depth > 0:
+                found = scan(sub, f"{prefix}{sub.name}/", depth - 1) or found
+        return found
 
     for folder in (Path(f).absolute() for f in folders):  # a folder's name and parent, also for `report .`
         if take(folder, ""):
             continue
         if (folder / "checkpoints").is_dir():
             raise ConfigError(f"{folder}: has not finished (no results.json): rerun its train command to go on")
-        inside = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-        taken = [take(sub, f"{sub.name}/trials/") for sub in inside]
-        left_out.extend(f"{sub.name} (not finished)" for sub, ok in zip(inside, taken)
-                        if not ok and (sub / "checkpoints").is_dir())
-        if not any(taken):
+        if not (folder.is_dir() and scan(folder, "", NESTED)):
             raise ConfigError(f"{folder}: no results.json (a finished run), repeat.json (a finished repeat series) "
                               "or search in it or in its subfolders")
     rows = [read_series(f, each_at) if (f / "repeat.json").is_file() else read_run(f, each_at)

@@ -253,3 +253,17 @@ def test_what_is_not_a_finished_run_is_one_line_naming_it(finished, tmp_path, ca
         capsys.readouterr()
         assert report.main([str(finished), flag, str(tmp_path / path)]) == 1
         assert capsys.readouterr() == ("", f"report: {flag} {tmp_path / path}: {said}\n")  # before any table
+
+
+def test_a_folder_of_runs_is_searched_in_its_subfolders_as_names_a_b_make_them_but_not_mlflows_store(
+        finished, tmp_path, capsys):
+    # A search named ablations/prompts sits in runs/ablations/; MLflow's artifact store logs results.json files too.
+    search = tmp_path / "runs" / "ablations" / "prompts"
+    _copy(finished, search / "trials" / "trial-coop", {"model.prompt": "coop"}, {})
+    (search / "trials" / "trial-nan").mkdir()
+    (search / "search.json").write_text(json.dumps({"trials": [{"trial": "trial-coop", "error": None},
+                                                               {"trial": "trial-nan", "error": "NonFiniteLoss: nan"}]}))
+    _copy(finished, tmp_path / "runs" / "mlartifacts" / "1" / "abc" / "artifacts", {"model.prompt": "none"}, {})
+    rows = report.collect([tmp_path / "runs"])
+    assert [r.folder for r in rows] == [search / "trials" / "trial-coop"]
+    assert capsys.readouterr().err == "report: left out: ablations/prompts/trials/trial-nan (failed)\n"
