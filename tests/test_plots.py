@@ -84,3 +84,20 @@ def test_a_results_grid_of_few_runs_leaves_the_grid_room_beside_its_title_and_la
                         tmp_path / "grid.png", note="each run at its best epoch by test/srcc")
     # Cropped to what it draws, at 110 dpi: the grid was a sliver under the title (187 px in all), now 297 px.
     assert Image.open(path).size[1] >= 260
+
+
+def test_a_layer_study_of_one_k_ticks_whole_layers(tmp_path, monkeypatch):
+    import temu_dist.plots as plots
+
+    ticks = []
+    real = plots._save
+
+    def save(fig, path):
+        ax = fig.axes[0]
+        lo, hi = ax.get_xlim()
+        ticks.extend(t for t in ax.get_xticks() if lo <= t <= hi)
+        return real(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
+    layer_study([{"model.layers": "upto:2", "best": 0.7}], "test/srcc", tmp_path / "one.png")
+    assert ticks == [2]
