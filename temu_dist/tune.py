@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import math
 import os
 import signal
@@ -482,6 +483,14 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
             finish_run(uri, parent, [], {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     return summarize(search, search_dir, grid, metric, uri, parent, base)
+
+
+def _no_ray_resume_hint(record: logging.LogRecord) -> bool:
+    """Ray's hint after Ctrl-C, to resume with Tuner.restore(...): rerunning this command does that, as ours says."""
+    return not record.getMessage().startswith("Experiment has been interrupted")
+
+
+logging.getLogger("ray.tune.tune").addFilter(_no_ray_resume_hint)
 
 
 def _ray_init(**kwargs) -> None:

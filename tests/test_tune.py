@@ -802,3 +802,15 @@ def test_a_trial_asha_stopped_early_is_marked_so_in_mlflow_with_its_best(tmp_pat
     assert not {"temu.stopped", "best/test/srcc"} & {*finished.data.tags, *short.data.tags, *short.data.metrics}
     # Without ASHA nothing stops a trial early: a KILLED one was stopped by hand, and is left as it is.
     assert all("temu.stopped" not in run.data.tags for run in summarized("plain", None))
+
+
+def test_rays_own_resume_hint_is_left_out_for_ours(caplog):
+    # Ray's says to call Tuner.restore(path, trainable=...); rerunning the command does that, as ours says.
+    import logging
+
+    ray_log = logging.getLogger("ray.tune.tune")
+    with caplog.at_level(logging.WARNING, logger="ray.tune.tune"):
+        ray_log.warning("Experiment has been interrupted, but the most recent state was saved.\nResume experiment "
+                        "with: Tuner.restore(path=\"/x\", trainable=...)")
+        ray_log.warning("Something else Ray says")
+    assert [r.getMessage() for r in caplog.records] == ["Something else Ray says"]
