@@ -100,3 +100,24 @@ def test_a_checkpoint_saved_before_quick_gelu_keeps_the_gelu_tower_of_its_weight
     del saved["model"]["quick_gelu"]
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(saved))
     assert configs_of(tmp_path / "ckpt")[1].model.quick_gelu is False
+
+
+def test_a_checkpoint_saved_before_the_context_layout_options_loads_as_the_layout_it_had(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, config = _trained("model.prompt=coop")
+    save_model(model, config, tmp_path)
+    path = tmp_path / "weights.safetensors"
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    old = json.loads(meta["model"])
+    del old["ctx_per_prompt"], old["class_position"]
+    save_file(load_file(str(path)), str(path), metadata={**meta, "model": json.dumps(old)})
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["model"]["ctx_per_prompt"], saved["model"]["class_position"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded, loaded_config = load_model(tmp_path)
+    assert (loaded_config.model.ctx_per_prompt, loaded_config.model.class_position) == (False, "end")
+    with pytest.raises(ConfigError, match="checkpoint has model.class_position='end' but model.class_position="
+                                          "'middle' was asked"):
+        load_model(tmp_path, ["model.class_position=middle"])
