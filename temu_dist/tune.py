@@ -29,6 +29,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -350,14 +351,17 @@ def _fails_again_if_it_went_nonfinite(config: Config) -> None:
 
 
 @contextmanager
-def _noting_nonfinite(config: Config) -> Iterator[None]:
+def _noting_nonfinite(config: Config, writes: bool = True) -> Iterator[None]:
+    """Marks the trial as one whose loss went non-finite; `writes`: this process does (one of a trial's processes,
+    as they all stop together)."""
     from temu_dist.train import NonFiniteLoss
 
     try:
         yield
     except NonFiniteLoss as e:
-        config.run_dir().mkdir(parents=True, exist_ok=True)
-        write_text_atomic(config.run_dir() / NONFINITE, str(e))
+        if writes:
+            config.run_dir().mkdir(parents=True, exist_ok=True)
+            write_text_atomic(config.run_dir() / NONFINITE, str(e))
         raise
 
 
@@ -377,7 +381,7 @@ def _train_on_workers(config, res: Resources, trial: str) -> dict:
             if record["epoch"] < config.train.epochs:
                 ray_train.report(_metrics(record))
 
-        with notices_as_lines(trial), _noting_nonfinite(config):
+        with notices_as_lines(trial), _noting_nonfinite(config, ray_train.get_context().get_world_rank() == 0):
             train(config, on_epoch=report)
 
     # Ray makes the process group, so its timeout is said here; accelerate keeps the group it finds.
@@ -500,7 +504,7 @@ def _ray_init(**kwargs) -> None:
 
     handler = signal.getsignal(signal.SIGTERM)
     ray.init(**kwargs)
-    if handler is not None:
+    if handler is not None and threading.current_thread() is threading.main_thread():  # signal's own rule
         signal.signal(signal.SIGTERM, handler)
 
 

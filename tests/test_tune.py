@@ -178,6 +178,12 @@ def test_a_trial_whose_loss_went_non_finite_fails_again_at_once_when_retried(tmp
                                                       rf"train it again\]$"):
         run_trial(**trial)
     assert trained == ["trial-ab_00001"]
+    # Of a trial's Ray Train processes, which all stop together, one writes it: they raced for its temporary file.
+    marker.unlink()
+    config = tune_cli.trial_config(trial["base"], trial["params"], trial["trials_dir"], "trial-ab_00001", "x", None)
+    with pytest.raises(train_mod.NonFiniteLoss), tune_cli._noting_nonfinite(config, writes=False):
+        diverges(config, None)
+    assert not marker.exists()
 
 
 def flaky_trial(params, **kwargs):
