@@ -79,6 +79,7 @@ class Tracker:
         """`tags`: what the config does not say about the run (launch_tags: how it was launched); `past`: a resumed
         run's epochs (step, metrics), logged where its MLflow run lacks them."""
         self.active = active and config.tracking.enabled
+        self.resuming = resuming
         self.run_id: str | None = None
         self.tags_before: dict[str, str] = {}  # the MLflow run's tags when this run went on with it
         if not self.active:
@@ -150,7 +151,8 @@ class Tracker:
         earlier epochs ran on, "2 -> 4 from epoch 3", as their timings were taken there."""
         merged = {}
         for key, value in values.items():
-            before = self.tags_before.get(key)
+            # Not those of an attempt that trained no epoch, whose MLflow run this one goes on with (_retried).
+            before = self.tags_before.get(key) if self.resuming else None
             if before is None:
                 merged[key] = value if epoch == 1 else f"{value} from epoch {epoch}"
             elif before.rsplit(" -> ", 1)[-1].split(" from epoch ")[0] != value:

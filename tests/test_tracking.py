@@ -85,3 +85,19 @@ def test_a_run_restarted_before_its_first_checkpoint_goes_on_with_the_failed_run
     assert (again.run_id == first.run_id) == same_run
     assert mlflow.MlflowClient(uri).get_run(again.run_id).info.status == "RUNNING"
     again.end()
+
+
+def test_a_run_going_on_with_an_attempt_that_trained_no_epoch_takes_its_own_launch_tags_plain(tmp_path):
+    import mlflow
+
+    from temu_dist.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_config(f"out_dir={tmp_path}", f"tracking.uri={uri}")
+    first = Tracker(config, tmp_path, True)
+    first.launch_tags({"processes": "2"}, 1)
+    first.end("FAILED")
+    again = Tracker(config, tmp_path, True)
+    again.launch_tags({"processes": "4"}, 1)
+    assert again.run_id == first.run_id
+    assert mlflow.MlflowClient(uri).get_run(again.run_id).data.tags["processes"] == "4"
