@@ -79,20 +79,23 @@ def repeat(config: Config, splits: int) -> dict:
             extending |= check_extendable(split)
     main = _is_first_process()
     out = Path(config.out_dir) / config.name
-    if main and extending:  # stale until every split has its new epochs
+    anew = extending or config.train.resume == "never"  # its splits train again: the series is no longer finished
+    if main and anew:  # stale until every split has its new epochs
         (out / "repeat.json").unlink(missing_ok=True)
     uri = tracking_uri(config.tracking.uri, config.out_dir)
     parent = was = None
     if main and config.tracking.enabled:
         # The series' config, as each split's run has it, so the UI tells series (S from I, ...) apart.
         params = {"splits": splits, **config_params(config)}
+        # Started anew, perhaps with other settings, which MLflow cannot change in the old parent's params.
         parent, was = parent_run(uri, config.tracking.experiment, config.name, out / "mlflow_parent_run_id", params,
-                                 {"temu.repeat": "true", **config_tags(config)}, "repeat")
+                                 {"temu.repeat": "true", **config_tags(config)}, "repeat",
+                                 same_params=config.train.resume == "never")
     try:
         runs = [train(split_config(config, i, parent)) for i in range(splits)]
     except BaseException as e:
-        # A finished series' results stand, whatever stops a rerun; one being extended is no longer finished.
-        if parent is not None and (was != "FINISHED" or extending):
+        # A finished series' results stand, whatever stops a rerun; one trained again is no longer finished.
+        if parent is not None and (was != "FINISHED" or anew):
             finish_run(uri, parent, [], {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     # The epochs splits were started for where train.resume=extend changed them: report marks the series so.

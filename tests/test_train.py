@@ -685,6 +685,19 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     broken = client.search_runs([client.get_experiment_by_name("temu-dist").experiment_id],
                                 "attributes.run_name = 'broken'")
     assert [r.info.status for r in broken] == ["FAILED"]
+    # A finished series rerun keeps its results and FINISHED parent, whatever stops the rerun. Started anew
+    # (train.resume=never), it is no longer finished, and its other settings get a parent run of their own.
+    finished = (tmp_path / "rep" / "mlflow_parent_run_id").read_text()
+    with pytest.raises(NonFiniteLoss):
+        repeat(longer, 2)
+    assert client.get_run(finished).info.status == "FINISHED" and (tmp_path / "rep" / "repeat.json").is_file()
+    with pytest.raises(NonFiniteLoss):
+        repeat(run_config(tmp_path, str(tmp_path / "split{split}"), "train.epochs=2", "name=rep", "train.lr=0.01",
+                          "train.resume=never"), 2)
+    assert not (tmp_path / "rep" / "repeat.json").exists()
+    anew = client.get_run((tmp_path / "rep" / "mlflow_parent_run_id").read_text())
+    assert anew.info.run_id != finished and anew.info.status == "FAILED" and anew.data.params["train.lr"] == "0.01"
+    assert client.get_run(finished).info.status == "FINISHED"
 
 
 def test_each_set_is_reported_at_its_own_best_epoch_where_a_nan_never_wins():
