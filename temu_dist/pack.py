@@ -337,7 +337,11 @@ def pack(opts: PackOptions) -> dict:
     _refuse_other_pack(out, identity)
     # Shards are only ever resumed with the options and labels they were written with; before the first, any go.
     started = out / STARTED
-    if started.exists() and any(out.glob("*.tar")) and _as_identity(_read_json(started)) != identity:
+    begun = _as_identity(_read_json(started)) if started.exists() and any(out.glob("*.tar")) else identity
+    if begun != identity:
+        if isinstance(begun, dict) and "order" not in begun:
+            raise DataError(f"{out} holds an unfinished pack an earlier temu-dist began in its label file's order: "
+                            "delete it and pack again, or pack into another --out")
         raise DataError(f"{out} holds an unfinished pack made with other options or labels: pack into another --out, "
                         "or delete it")
     # Reads and checks every label row, so bad labels stop the pack before anything is written.

@@ -657,3 +657,11 @@ def test_a_pack_in_its_label_files_order_is_not_reused(tmp_path):
     with pytest.raises(DataError, match=r"out holds a pack an earlier temu-dist wrote in its label file's order.*"
                                         r"delete it and pack again"):
         pack(_opts(tmp_path / "kadid", tmp_path / "out"))
+    # One it left unfinished: said so, not as a pack of other options.
+    (tmp_path / "out" / MANIFEST).unlink()
+    started = json.loads((tmp_path / "out" / "pack.json").read_text())
+    del started["order"]
+    (tmp_path / "out" / "pack.json").write_text(json.dumps(started))
+    with pytest.raises(DataError, match=r"out holds an unfinished pack an earlier temu-dist began in its label file's "
+                                        r"order: delete it and pack again"):
+        pack(_opts(tmp_path / "kadid", tmp_path / "out"))
