@@ -695,7 +695,7 @@ def test_a_search_that_does_not_finish_ends_its_parent_run(tmp_path, shards, tun
 
 
 def test_a_failed_rerun_leaves_a_finished_search_finished_and_a_new_start_its_own_params(tmp_path, shards,
-                                                                                        tuner_stopping):
+                                                                                        tuner_stopping, monkeypatch):
     import pandas as pd
 
     ok = SimpleNamespace(error=None, metrics={"epoch": 2, "done": True, "trial_id": "1"},
@@ -704,10 +704,14 @@ def test_a_failed_rerun_leaves_a_finished_search_finished_and_a_new_start_its_ow
     path = _search_file(tmp_path, shards, "rerun", {"model.prompt": {"grid": ["none"]}})
     run_search(load_search(path))
     tuner_stopping.fit_does = lambda: _raise(RuntimeError("the Ray cluster went away"))
+    # Rerun, the search is restored from what Ray saved, as a real one would be.
+    monkeypatch.setattr(tuner_stopping, "can_restore", staticmethod(lambda path: True))
+    monkeypatch.setattr(tuner_stopping, "restore", classmethod(lambda cls, *args, **kwargs: cls()), raising=False)
     with pytest.raises(RuntimeError):
         run_search(load_search(path))
     parent, _ = _runs(tmp_path / "runs" / "rerun")
     assert parent.info.status == "FINISHED" and parent.data.metrics["best/test/srcc"] == 0.5
+    monkeypatch.setattr(tuner_stopping, "can_restore", staticmethod(lambda path: False))
     # A start that failed before Ray saved the search, started anew with another space: a parent with its params.
     path = _search_file(tmp_path, shards, "restart", {"model.prompt": {"grid": ["none", "coop"]}})
     with pytest.raises(RuntimeError):
