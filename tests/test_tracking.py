@@ -99,5 +99,6 @@ def test_a_run_going_on_with_an_attempt_that_trained_no_epoch_takes_its_own_laun
     first.end("FAILED")
     again = Tracker(config, tmp_path, True)
     again.launch_tags({"processes": "4"}, 1)
+    again.end()
     assert again.run_id == first.run_id
     assert mlflow.MlflowClient(uri).get_run(again.run_id).data.tags["processes"] == "4"
