@@ -295,17 +295,16 @@ def _reopen_for_left_out(out: Path, opts: PackOptions, label_file: str) -> None:
     (out / MANIFEST).unlink()
 
 
-def _chunks(opts: PackOptions,
-            route: Callable[[Record], str | None]) -> Iterator[tuple[str, str, list[tuple[str, dict]]]]:
-    """(shard name, split, samples), each shard a seeded random draw from its split. A reader streams a few shards an
-    epoch and shuffles only within a buffer: shards in the label file's order would give each batch a stretch of it,
-    one generator (AGIQA-3K), distortion (LIVE) or few reference images (KADID-10k). The labels of a window of shards
-    are held at a time, over a pass of the label file each; per record, 5 bytes: memory stays flat."""
-    codes = np.fromiter((-1 if (split := route(r)) is None else SPLITS.index(split) for r in _records(opts)), np.int8)
+def _chunks(opts: PackOptions, codes: np.ndarray) -> Iterator[tuple[str, str, list[tuple[str, dict]]]]:
+    """(shard name, split, samples), each shard a seeded random draw from its split (`codes`: each record's, as the
+    splitter read them). A reader streams a few shards an epoch and shuffles only within a buffer: shards in the label
+    file's order would give each batch a stretch of it, one generator (AGIQA-3K), distortion (LIVE) or few reference
+    images (KADID-10k). The labels of a window of shards are held at a time, over a pass of the label file each; per
+    record, 4 bytes more: memory stays flat."""
     rng = np.random.default_rng(ORDER_SEED)
     slots = np.zeros(len(codes), np.int32)
     shards = []
-    for code, split in enumerate(SPLITS):
+    for code in range(len(SPLITS)):
         where = np.flatnonzero(codes == code)
         slots[where] = rng.permutation(len(where))
         shards += [(code, j) for j in range(-(-len(where) // opts.shard_size))]
@@ -353,7 +352,7 @@ def pack(opts: PackOptions) -> dict:
     # Only before a pack's first shard: a rerun reuses finished shards, whose images need not be there any more.
     missing = array("q")
     records = _records(opts) if opts.skip_bad or any(out.glob("*.tar")) else _noting_missing(_records(opts), missing)
-    route, total, unlisted = splitter(records, opts.split, label_path.name, official)
+    route, total, unlisted, codes = splitter(records, opts.split, label_path.name, official)
     _refuse_missing(missing, route, opts, label_path.name)
     _reopen_for_left_out(out, opts, label_path.name)
     out.mkdir(parents=True, exist_ok=True)
@@ -368,7 +367,7 @@ def pack(opts: PackOptions) -> dict:
     pool = ProcessPoolExecutor(max_workers=opts.workers, initializer=_leave_sigint_to_main)
     pending: set[Future] = set()
     try:
-        for name, split, samples in _chunks(opts, route):
+        for name, split, samples in _chunks(opts, codes):
             done = _existing(out, name, split, samples, opts.skip_bad)
             if done is not None:
                 results.append(done)

@@ -33,7 +33,7 @@ def as_written(groups: list[str], spec: SplitSpec) -> dict[str, str]:
 def test_ratio_split_is_the_sorted_names_permuted(seed, index):
     spec = SplitSpec("ratio", (0.6, 0.2, 0.2), seed, index)
     recs = records(NAMES)
-    route, count, _ = splitter(iter(recs), spec)
+    route, count, _, _ = splitter(iter(recs), spec)
     expected = as_written(NAMES, spec)
     assert {r.name: route(r) for r in reversed(recs)} == expected
     assert count == len(recs)
@@ -43,7 +43,7 @@ def test_ratio_split_is_the_sorted_names_permuted(seed, index):
 def test_split_by_reference_keeps_each_reference_in_one_split():
     refs = [f"I{i % 13:02d}.png" for i in range(len(NAMES))]
     spec = SplitSpec("ratio", (0.5, 0.25, 0.25), seed=2, by_reference=True)
-    route, _, _ = splitter(iter(records(NAMES, refs)), spec)
+    route, _, _, _ = splitter(iter(records(NAMES, refs)), spec)
     by_ref = as_written(refs, spec)
     assert all(route(r) == by_ref[r.ref] for r in records(NAMES, refs))
 
@@ -52,11 +52,11 @@ def test_split_file_csv_and_pickle(tmp_path):
     recs = records(NAMES[:4])
     csv_file = tmp_path / "split.csv"
     csv_file.write_text("name,split\na.jpg,test\nab.jpg,train\nZ.jpg,val\n")
-    route, count, unlisted = splitter(iter(recs), SplitSpec("file", file=str(csv_file)))
+    route, count, unlisted, _ = splitter(iter(recs), SplitSpec("file", file=str(csv_file)))
     assert [route(r) for r in recs] == ["test", None, "train", "val"] and (count, unlisted) == (3, 1)
     pkl = tmp_path / "split.pkl"
     pkl.write_bytes(pickle.dumps({1: {"train": [3, 0], "val": [], "test": [2]}, 2: {"train": [1]}}))
-    route, count, unlisted = splitter(iter(recs), SplitSpec("file", file=str(pkl)))
+    route, count, unlisted, _ = splitter(iter(recs), SplitSpec("file", file=str(pkl)))
     assert [route(r) for r in recs] == ["train", None, "test", "train"] and (count, unlisted) == (3, 1)
 
 
@@ -95,7 +95,7 @@ def test_official_split_checks_every_record_before_routing_any():
     recs = records(["a.jpg", "b.jpg", "c.jpg"], splits=["train", "test", None])
     with pytest.raises(DataError, match=r"^labels.csv row 3 \(c.jpg\) has no official split"):
         splitter(iter(recs), SplitSpec("official"), "labels.csv")
-    route, count, _ = splitter(iter(recs[:2]), SplitSpec("official"))
+    route, count, _, _ = splitter(iter(recs[:2]), SplitSpec("official"))
     assert [route(r) for r in recs[:2]] == ["train", "test"] and count == 2
 
 

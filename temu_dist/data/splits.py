@@ -145,25 +145,25 @@ def _file_codes(records: Iterable[Record], spec: SplitSpec) -> np.ndarray:
     return np.frombuffer(codes, dtype=np.uint8)
 
 
-def splitter(records: Iterable[Record], spec: SplitSpec, label: str = "label file",
-             official: str | None = None) -> tuple[Callable[[Record], str | None], int, int]:
+def splitter(records: Iterable[Record], spec: SplitSpec, label: str = "label file", official: str | None = None
+             ) -> tuple[Callable[[Record], str | None], int, int, np.ndarray]:
     """A function record -> 'train' | 'val' | 'test' (None: a split file leaves it out), how many records it sends
-    to a split and how many it leaves out. `label` names the label file and `official` where the release's split is
-    read from, in messages.
+    to a split and how many it leaves out, and each record's split code in the order read (an index of SPLITS, or
+    NOT_LISTED). `label` names the label file and `official` where the release's split is read from, in messages.
 
     Reads every record of `records` first, so a bad label row or a repeated name stops the packer before it writes a
     shard. Keeps 9 bytes a record (its name's key and split code), so the packer can stream the records again
     afterwards with memory flat whatever the dataset's size.
     """
     if spec.protocol == "official":
-        count = 0
+        codes = array("B")
         for record in records:
             if record.split is None:
                 how = f"it is read from {official}: add that, or use" if official else "this release has none, use"
                 raise DataError(f"{label} row {record.row} ({record.name}) has no official split: {how} the ratio "
                                 "protocol")
-            count += 1
-        return lambda record: record.split, count, 0
+            codes.append(SPLITS.index(record.split))
+        return lambda record: record.split, len(codes), 0, np.frombuffer(codes, dtype=np.uint8)
     keys = array("q")
 
     def keyed() -> Iterator[Record]:
@@ -184,4 +184,4 @@ def splitter(records: Iterable[Record], spec: SplitSpec, label: str = "label fil
         return SPLITS[sorted_codes[i]]
 
     listed = int((codes != NOT_LISTED).sum())
-    return route, listed, len(codes) - listed
+    return route, listed, len(codes) - listed, codes
