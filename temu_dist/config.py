@@ -241,12 +241,18 @@ class TrackingConfig(Section):
     parent_run_id: str | None = None
 
 
+# What MLflow keeps under out_dir beside the runs (artifacts of its sqlite store, its file store).
+MLFLOW_FOLDERS = ("mlartifacts", "mlruns")
+
+
 def folder_name(name: str) -> str:
     """A name whose folder lies under out_dir (ablations/coop too): one that leaves it (../x, /x) would write beside
     other work."""
     parts = Path(name).parts
     if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
         raise ValueError(f"{name!r} is no folder under out_dir: the work goes to out_dir/NAME (set out_dir for where)")
+    if parts[0] in MLFLOW_FOLDERS:
+        raise ValueError(f"{name!r}: out_dir/{parts[0]} is MLflow's own store of the runs' files; take another name")
     return name
 
 

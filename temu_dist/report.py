@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from temu_dist.atomic import write_text_atomic
-from temu_dist.config import ConfigError, dump, error_line, load_config, read_yaml, settings_label
+from temu_dist.config import (MLFLOW_FOLDERS, ConfigError, dump, error_line, load_config, read_yaml,
+                              settings_label)
 from temu_dist.data.manifest import dataset_name
 from temu_dist.tracking import flatten
 
 METRICS = ("srcc", "plcc", "krcc")
 # Folders of runs are searched this many levels below the one named (names a/b/c), never in MLflow's own stores.
 NESTED = 3
-STORES = ("mlartifacts", "mlruns")
 _TRAINER_INFO = "trainer.json"  # checkpoint.TRAINER_INFO, whose module would bring torch into a table's command
 # Config keys that do not tell runs apart as a paper's rows do: where they ran, how they were tracked or loaded.
 # The evaluation sets are the columns.
@@ -205,7 +205,7 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
         """Takes what a folder of runs holds, in its subfolders too (a run named a/b is b in a); False: nothing."""
         found = False
         for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-                          and p.name not in STORES):
+                          and p.name not in MLFLOW_FOLDERS):
             if take(sub, f"{prefix}{sub.name}/trials/"):
                 found = True
             elif (sub / "checkpoints").is_dir():

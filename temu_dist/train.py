@@ -11,12 +11,14 @@ continues from checkpoints/last (train.resume=auto).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
 import platform
 import re
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -24,14 +26,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import open_clip
 import torch
 import torch.distributed.nn  # noqa: F401 - the autograd-aware all_gather; torch does not import it itself
 import yaml
 from accelerate import Accelerator, PartialState
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -214,6 +216,7 @@ ADDED_SINCE: dict[str, object] = {"train.plcc_over": None, "model.tower_fp8": Fa
 
 # The config sections a run's weights depend on (a search's results also on eval, what they are scored on).
 TRAINED_SECTIONS = ("seed", "model", "train", "ldg", "data")
+RUN_LOCK = "train.lock"  # in a run folder: held while a training writes it
 REPLACE = "start anew in its place with train.resume=never, which replaces its checkpoints and results"
 
 
@@ -579,6 +582,8 @@ def check_data(config: Config) -> list[EvalSet]:
     if not config.data.train:
         raise ConfigError("data.train: no training shards named (a pack folder, e.g. shards/kadid10k)")
     check_output_folder(Path(config.out_dir), "out_dir")
+    if config.run_dir().exists() and not config.run_dir().is_dir():
+        raise ConfigError(f"name: {config.run_dir()} is a file, not a run folder: give the run another name=")
     check_backbone(config.model)
     if config.ldg.enabled:
         check_fidelity_size("model.image_size", config.model.image_hw(), config.ldg)
@@ -684,63 +689,94 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         accelerator.print(f"train: DeepSpeed ZeRO stage {accelerator.state.deepspeed_plugin.zero_stage}, gradient "
                           f"clipping {clipping or 'off'}")
     # Only now that every input has passed its checks: a command that fails must leave an existing run as it was.
-    if main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dump(config), sort_keys=False))
-        if last is None and (run_dir / "results.json").is_file():  # it would mark this new run finished
-            accelerator.print(f"train: warning: starting anew in {run_dir}, which held a finished run: its "
-                              "results.json is removed and its checkpoints are overwritten as this run trains")
-            (run_dir / "results.json").unlink()
-        elif extending and (run_dir / "results.json").is_file():
-            # Stale until the new epochs end: a kill before then must not leave the run looking finished.
-            (run_dir / "results.json").unlink()
-    tracker = Tracker(config, run_dir, main, resuming=last is not None,
-                      tags=_extended_tag(resumed.get("extended", [])),
-                      past=[(h["epoch"], epoch_metrics(h)) for h in resumed.get("history", [])])
-    if resumed.get("start_epoch", 0) < config.train.epochs:  # a finished run's epochs all ran on an earlier launch
-        tracker.launch_tags(_run_tags(accelerator, plan), resumed.get("start_epoch", 0) + 1)
-    if not resumed.get("extended"):  # set by an extension stopped before it saved a checkpoint, then given up
-        tracker.drop_tag("extended")
-    run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,
-              on_epoch, **resumed)
+    lock = _hold_run_folder(run_dir, accelerator)
     try:
-        _fit(config, run)
-    except (SystemExit, KeyboardInterrupt):
-        tracker.end("KILLED")  # how Ray Tune stops a trial early (ASHA), and Ctrl-C
-        raise
-    except BaseException as e:
-        stopped = _stopped_by_sigterm(e)
-        tracker.end("KILLED" if stopped else "FAILED")
-        if stopped:
-            raise Terminated from e
-        raise
-    summary = {"run_dir": str(run_dir), "processes": plan.world_size, "key_metric": config.train.key_metric,
-               "best_epoch": run.best["epoch"], "best": run.best["eval"],
-               "own_best": own_best(run.history, config.train.key_metric, run.best), "history": run.history,
-               "mlflow_run_id": tracker.run_id, **({"extended": run.extended} if run.extended else {})}
-    # A run that had finished before this call (repeat goes through its splits again) wrote its results then, and
-    # logged them if its MLflow run has the best_epoch tag, which is set last.
-    finished = resumed.get("start_epoch", 0) >= config.train.epochs and (run_dir / "results.json").is_file()
-    if main:
-        if not finished:
-            write_json_atomic(run_dir / "results.json", summary)
-            (run_dir / "plots").mkdir(exist_ok=True)
-            score_vs_time(run.history, [s.name for s in sets], run_dir / "plots" / "score_vs_time.png")
-        elif _add_own_best(run_dir / "results.json", summary["own_best"]) and "best_epoch" in tracker.tags_before:
-            _log_own_best(tracker, summary["own_best"])
-        if not (finished and "best_epoch" in tracker.tags_before):
-            # The epoch results.json reports, beside the per-epoch curves (whose latest value is the last epoch's).
-            tracker.metrics(eval_metrics(run.best["eval"], "best/"), step=run.best["epoch"])
-            _log_own_best(tracker, summary["own_best"])
-            for path in [run_dir / "results.json", *sorted((run_dir / "plots").glob("*.png"))]:
-                tracker.artifact(path, None if path.suffix != ".png" else "plots")
-            for path in sorted((ckpt_dir / "best").glob("*")):
-                tracker.artifact(path, "best")
-            tracker.tags({"best_epoch": str(run.best["epoch"])})
-        tracker.end()
-    # The process group stays up: repeat and other callers may train again; the entry points tear it down.
-    accelerator.wait_for_everyone()
-    return summary
+        if main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dump(config), sort_keys=False))
+            if last is None and (run_dir / "results.json").is_file():  # it would mark this new run finished
+                accelerator.print(f"train: warning: starting anew in {run_dir}, which held a finished run: its "
+                                  "results.json is removed and its checkpoints are overwritten as this run trains")
+                (run_dir / "results.json").unlink()
+            elif extending and (run_dir / "results.json").is_file():
+                # Stale until the new epochs end: a kill before then must not leave the run looking finished.
+                (run_dir / "results.json").unlink()
+        tracker = Tracker(config, run_dir, main, resuming=last is not None,
+                          tags=_extended_tag(resumed.get("extended", [])),
+                          past=[(h["epoch"], epoch_metrics(h)) for h in resumed.get("history", [])])
+        if resumed.get("start_epoch", 0) < config.train.epochs:  # a finished run's epochs all ran on an earlier launch
+            tracker.launch_tags(_run_tags(accelerator, plan), resumed.get("start_epoch", 0) + 1)
+        if not resumed.get("extended"):  # set by an extension stopped before it saved a checkpoint, then given up
+            tracker.drop_tag("extended")
+        run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,
+                  on_epoch, **resumed)
+        try:
+            _fit(config, run)
+        except (SystemExit, KeyboardInterrupt):
+            tracker.end("KILLED")  # how Ray Tune stops a trial early (ASHA), and Ctrl-C
+            raise
+        except BaseException as e:
+            stopped = _stopped_by_sigterm(e)
+            tracker.end("KILLED" if stopped else "FAILED")
+            if stopped:
+                raise Terminated from e
+            raise
+        summary = {"run_dir": str(run_dir), "processes": plan.world_size, "key_metric": config.train.key_metric,
+                   "best_epoch": run.best["epoch"], "best": run.best["eval"],
+                   "own_best": own_best(run.history, config.train.key_metric, run.best), "history": run.history,
+                   "mlflow_run_id": tracker.run_id, **({"extended": run.extended} if run.extended else {})}
+        # A run that had finished before this call (repeat goes through its splits again) wrote its results then, and
+        # logged them if its MLflow run has the best_epoch tag, which is set last.
+        finished = resumed.get("start_epoch", 0) >= config.train.epochs and (run_dir / "results.json").is_file()
+        if main:
+            if not finished:
+                write_json_atomic(run_dir / "results.json", summary)
+                (run_dir / "plots").mkdir(exist_ok=True)
+                score_vs_time(run.history, [s.name for s in sets], run_dir / "plots" / "score_vs_time.png")
+            elif _add_own_best(run_dir / "results.json", summary["own_best"]) and "best_epoch" in tracker.tags_before:
+                _log_own_best(tracker, summary["own_best"])
+            if not (finished and "best_epoch" in tracker.tags_before):
+                # The epoch results.json reports, beside the per-epoch curves (whose latest value is the last epoch's).
+                tracker.metrics(eval_metrics(run.best["eval"], "best/"), step=run.best["epoch"])
+                _log_own_best(tracker, summary["own_best"])
+                for path in [run_dir / "results.json", *sorted((run_dir / "plots").glob("*.png"))]:
+                    tracker.artifact(path, None if path.suffix != ".png" else "plots")
+                for path in sorted((ckpt_dir / "best").glob("*")):
+                    tracker.artifact(path, "best")
+                tracker.tags({"best_epoch": str(run.best["epoch"])})
+            tracker.end()
+        # The process group stays up: repeat and other callers may train again; the entry points tear it down.
+        accelerator.wait_for_everyone()
+        return summary
+    finally:
+        if lock is not None:
+            lock.close()  # and with it the lock
+
+
+def _hold_run_folder(run_dir: Path, accelerator: Accelerator) -> IO[str] | None:
+    """The run folder for this job alone, until train() lets go of what this returns: a second training into it
+    would interleave its checkpoints, results and MLflow epochs with this one's. The main process holds an flock on
+    run_dir/train.lock, which the OS lets go however the job ends (kill -9 too); every process hears if it got it."""
+    handle, holder = None, None
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / RUN_LOCK, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that did not say which"
+            handle.close()
+            handle = None
+        else:
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            handle.flush()
+    holder = broadcast_object_list([holder])[0]
+    if holder is not None:
+        raise ConfigError(f"{run_dir}: another training is writing this run folder ({holder}): wait for it to end or "
+                          "stop it, or give this one another name=")
+    return handle
 
 
 def _log_own_best(tracker: Tracker, own: dict[str, dict]) -> None:

@@ -4,6 +4,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -113,6 +114,36 @@ def test_training_on_a_pack_in_its_label_files_order_warns_to_pack_it_again(tmp_
     train(run_config(tmp_path, str(old), "train.epochs=1"))
     assert f"train: warning: {old} was packed by an earlier temu-dist in its label file's order" in \
         capsys.readouterr().out
+
+
+def test_a_second_training_into_a_run_folder_being_written_is_refused_naming_the_first(tmp_path, shards):
+    # Both would write its checkpoints, results and MLflow epochs, interleaved (and a kill -9 of a launcher can leave
+    # its ranks training on). Held by another process here, as the lock is; let go, the run trains.
+    import fcntl
+    import os
+
+    config = run_config(tmp_path, shards, "train.epochs=1")
+    (tmp_path / "run").mkdir()
+    code = ("import fcntl, sys, time\n"
+            "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "f.write('pid 1 on node7, since 2026-11-27 10:00:00'); f.flush(); print('held', flush=True)\n"
+            "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run" / "train.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'run'))}: another training is writing this "
+                                              r"run folder \(pid 1 on node7, since 2026-11-27 10:00:00\): wait for it "
+                                              r"to end or stop it, or give this one another name=$"):
+            train(config)
+        assert not (tmp_path / "run" / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(config)["history"]
+    lock = open(tmp_path / "run" / "train.lock")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go once train() returned
+    assert f"pid {os.getpid()} on " in lock.read()
 
 
 def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypatch, capsys):
@@ -1060,6 +1091,12 @@ def test_what_training_cannot_use_is_refused_before_any_work(tmp_path, shards):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=f"^out_dir {tmp_path / 'file'}: it is a file, not a folder$"):
         train(run_config(tmp_path / "file", shards))
+    with pytest.raises(ConfigError, match=f"^name: {tmp_path / 'file'} is a file, not a run folder: give the run "
+                                          "another name=$"):
+        train(run_config(tmp_path, shards, "name=file"))
+    with pytest.raises(ConfigError, match=r"name: Value error, 'mlartifacts/x': out_dir/mlartifacts is MLflow's own "
+                                          r"store of the runs' files; take another name"):
+        run_config(tmp_path, shards, "name=mlartifacts/x")
     with pytest.raises(ConfigError, match=r"^model.image_size: CW-SSIM \(ldg.fidelity\) compares images of at least 64 "
                                           r"px a side, this one has 48"):
         train(run_config(tmp_path, shards, "model.image_size=48"))
