@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, parse_flag_from_env
 
 from temu_dist.config import Config, ConfigError, dump
+from temu_dist.model.temu import resolve_device
 from temu_dist.tracking import flatten
 
 
@@ -86,6 +87,7 @@ def make_accelerator(config: Config) -> tuple[Accelerator, BatchPlan]:
         raise ConfigError("ACCELERATE_USE_CPU=true turns DeepSpeed off: unset it for a DeepSpeed launch file "
                           "(DeepSpeed finds the CPU without it)")
     on_cpu = (_no_gpu() or config.device == "cpu") and not deepspeed
+    resolve_device(config.device)  # device=cuda with a broken CUDA would otherwise train for hours on the CPU
     accelerator = Accelerator(cpu=on_cpu, gradient_accumulation_steps=plan.accumulation, kwargs_handlers=handlers)
     if accelerator.state.deepspeed_plugin is not None:
         _check_deepspeed(accelerator)

@@ -282,3 +282,14 @@ def test_ddp_leaves_the_models_constant_buffers_where_they_are(monkeypatch, tmp_
         assert sent == []
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_cuda_asked_for_where_torch_finds_none_is_one_line_not_a_run_on_the_cpu(monkeypatch):
+    from temu_dist.config import ConfigError
+    from temu_dist.distributed import make_accelerator
+    from tests.conftest import tiny_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^device: cuda, but torch finds no GPU \(torch.cuda.is_available\(\) is "
+                                          r"False\): check the driver"):
+        make_accelerator(tiny_config("device=cuda"))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from temu_dist.config import Config, ModelConfig
+from temu_dist.config import Config, ConfigError, ModelConfig
 from temu_dist.model.backbone import Backbone, compute_dtype, create_clip
 from temu_dist.model.fp8 import check_fp8
 from temu_dist.model.prompts import PromptLearner
@@ -136,6 +136,9 @@ class TeMuIQA(nn.Module):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda, but torch finds no GPU (torch.cuda.is_available() is False): check the "
+                          "driver, CUDA_VISIBLE_DEVICES and torch's CUDA build, or use device=auto")
     return torch.device(name)
 
 
