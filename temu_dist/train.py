@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -692,13 +693,20 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     lock = _hold_run_folder(run_dir, accelerator)
     try:
         if main:
+            # What a run started anew replaces: its checkpoints would be taken for this run's until it wrote its own
+            # (predict, evaluate, the hint of a stop), and its results.json would mark it finished.
+            old = [p for p in (ckpt_dir / "last", ckpt_dir / "best", run_dir / "results.json")
+                   if p.exists() and (config.train.resume == "never" or p.name == "results.json")]
+            if last is None and old:
+                names = ", ".join(str(p.relative_to(run_dir)) for p in old)
+                finished = "finished " if (run_dir / "results.json").is_file() else ""
+                accelerator.print(f"train: warning: starting anew in {run_dir}, which held a {finished}run: its "
+                                  f"{names} {'is' if len(old) == 1 else 'are'} removed")
+                for path in old:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dump(config), sort_keys=False))
-            if last is None and (run_dir / "results.json").is_file():  # it would mark this new run finished
-                accelerator.print(f"train: warning: starting anew in {run_dir}, which held a finished run: its "
-                                  "results.json is removed and its checkpoints are overwritten as this run trains")
-                (run_dir / "results.json").unlink()
-            elif extending and (run_dir / "results.json").is_file():
+            if extending and (run_dir / "results.json").is_file():
                 # Stale until the new epochs end: a kill before then must not leave the run looking finished.
                 (run_dir / "results.json").unlink()
         tracker = Tracker(config, run_dir, main, resuming=last is not None,

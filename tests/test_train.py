@@ -450,9 +450,11 @@ def test_resume_with_other_training_settings_is_refused(tmp_path, shards, monkey
     capsys.readouterr()
     with pytest.raises(Interrupted):
         train(run_config(tmp_path, shards, "train.epochs=1", "train.lr=0.01", "train.resume=never"))
-    assert f"train: warning: starting anew in {tmp_path / 'run'}, which held a finished run: its results.json is " \
-        "removed and its checkpoints are overwritten as this run trains" in capsys.readouterr().out
+    assert f"train: warning: starting anew in {tmp_path / 'run'}, which held a finished run: its checkpoints/last, " \
+        "checkpoints/best, results.json are removed" in capsys.readouterr().out
     assert not (tmp_path / "run" / "results.json").exists()
+    # Its checkpoints too, which the stop's hint, predict and evaluate would have taken for this run's.
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())
     monkeypatch.undo()
     fresh = train(run_config(tmp_path, shards, "train.epochs=1", "train.lr=0.01", "train.resume=never"))
     assert fresh["history"][0]["lr"] < 0.01
