@@ -46,7 +46,7 @@ from temu_dist.config import (Config, ConfigError, check_output_folder, dump, li
                               value_at)
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import check_fidelity_size, ldg_targets
-from temu_dist.data.manifest import pack_named_by, read_manifest
+from temu_dist.data.manifest import pack_digest, pack_named_by, read_manifest
 from temu_dist.data.stream import SharedEpoch, split_shards, train_loader
 from temu_dist.distributed import BatchPlan, check_processes_agree, keep_buffers_in_place, make_accelerator
 from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, no_such_set, result_names, scatter_plots
@@ -241,6 +241,37 @@ def _first_change(saved: dict, config: Config, sections: tuple[str, ...],
     return None
 
 
+def _pack_digests(config: Config) -> dict[str, str]:
+    """The packs a run trains and is scored on (manifest.pack_digest), by the key that names each."""
+    return {"data.train": pack_digest(config.data.train),
+            **{f"eval.cross.{s.name}": pack_digest(s.shards) for s in config.eval.cross}}
+
+
+def _as_packed_here(saved: dict, config: Config, info: dict, last: Path) -> dict:
+    """`saved` with this config's pack paths where they hold the packs the run was trained and scored on: a pack is
+    known by what it holds, not by how its path is spelt (relative, absolute, copied to a node's own disk). A pack
+    that holds another (packed again in place) is refused. A checkpoint saved before it recorded them: by path."""
+    was = info.get("packs")
+    if not isinstance(was, dict):
+        return saved
+    cross = {s.get("name"): s for s in saved.get("eval", {}).get("cross", []) if isinstance(s, dict)}
+    for key, digest in _pack_digests(config).items():
+        if key not in was:
+            continue  # a set the run was not scored on: the evaluation check says so
+        path = config.data.train if key == "data.train" else \
+            next(s.shards for s in config.eval.cross if f"eval.cross.{s.name}" == key)
+        if was[key] != digest:
+            raise ConfigError(f"{'data.train' if key == 'data.train' else 'eval.cross'}: {path} holds another pack "
+                              f"than {last} was {'trained' if key == 'data.train' else 'scored'} on (its manifest "
+                              f"differs: packed again?); resume with that pack, or give this run another name=, or "
+                              f"{REPLACE}")
+        if key == "data.train":
+            saved["data"]["train"] = config.data.train
+        elif key.removeprefix("eval.cross.") in cross:
+            cross[key.removeprefix("eval.cross.")]["shards"] = path
+    return saved
+
+
 def _check_resumable(saved: dict, config: Config, where: Path) -> None:
     # With PLCC over the step the micro-batch only sets memory: a resume on a smaller device may change it. (Without
     # PLCC the micro-batches' own MSE, weighted by their LDG copies, still depends on it.)
@@ -261,9 +292,9 @@ def check_extendable(config: Config) -> bool:
     Checked before anything is written (repeat: for every split before the first trains). Whether train.epochs
     changes."""
     last = _run_to_extend(config, find_checkpoint(config.run_dir() / "checkpoints" / "last"))
-    saved = with_legacy_fields(load_saved_config(last))
-    _check_resumable(saved, config, last)
     info = load_trainer_info(last)
+    saved = _as_packed_here(with_legacy_fields(load_saved_config(last)), config, info, last)
+    _check_resumable(saved, config, last)
     extends = _extends(saved, info, config, last)
     if extends:
         _check_same_evaluation(saved, config, last, info, "extended")
@@ -415,6 +446,7 @@ class Run:
     elapsed_s: float = 0.0
     # Each time train.resume=extend gave the run another train.epochs (_extend).
     extended: list[dict] = field(default_factory=list)
+    packs: dict[str, str] = field(default_factory=dict)  # _pack_digests: what it trained and was scored on
     lr: float = 0.0  # the rate the last optimizer step used
 
 
@@ -520,7 +552,7 @@ def _fit(config: Config, run: Run) -> None:
                                 "train_s": train_before + time.perf_counter() - tick,
                                 "readers": _readers(config, run.plan), "reader_runs": True}
                     info = {"next_epoch": epoch, "in_epoch": in_epoch, "history": history, "best": run.best,
-                            "elapsed_s": time.perf_counter() - started, "extended": run.extended}
+                            "elapsed_s": time.perf_counter() - started, "extended": run.extended, "packs": run.packs}
                     save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
         train_s = train_before + time.perf_counter() - tick
         results = evaluate_sets(plain, run.sets, accelerator, config)
@@ -534,7 +566,7 @@ def _fit(config: Config, run: Run) -> None:
             run.best = {"epoch": epoch + 1, "value": value, "eval": record["eval"]}
         if main:
             info = {"next_epoch": epoch + 1, "history": history, "best": run.best, "elapsed_s": record["elapsed_s"],
-                    "extended": run.extended}
+                    "extended": run.extended, "packs": run.packs}
             # best first: a kill between the two leaves `last` (what a resume trusts) naming the older best.
             if improved:
                 save_checkpoint(ckpt_dir / "best", plain, config, optimizer, scheduler, info)
@@ -631,7 +663,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         _run_to_extend(config, last)
     extending = False
     if last is not None:
-        saved = with_legacy_fields(load_saved_config(last))
+        saved = _as_packed_here(with_legacy_fields(load_saved_config(last)), config, load_trainer_info(last), last)
         _check_resumable(saved, config, last)
         if "train.plcc_over" not in flatten(saved) and _plcc_over_step(config, plan):
             accelerator.print(f"train: warning: {last} predates train.plcc_over, when PLCC under gradient accumulation "
@@ -717,7 +749,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         if not resumed.get("extended"):  # set by an extension stopped before it saved a checkpoint, then given up
             tracker.drop_tag("extended")
         run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,
-                  on_epoch, **resumed)
+                  on_epoch, packs=_pack_digests(config), **resumed)
         try:
             _fit(config, run)
         except (SystemExit, KeyboardInterrupt):

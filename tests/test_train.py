@@ -1159,3 +1159,26 @@ def test_a_finished_run_asked_for_other_evaluation_says_how_to_score_it(tmp_path
                                           r"or"):
         train(run_config(tmp_path, shards, "train.epochs=1", f"eval.cross=[{{name: x, shards: {shards}}}]"))
     train(run_config(tmp_path, shards, "train.epochs=1", "eval.batch_size=3"))  # how it is scored, not what
+
+
+def test_a_resume_knows_its_packs_by_what_they_hold_not_by_how_their_path_is_spelt(tmp_path, shards, monkeypatch):
+    # The same pack copied to a node's own disk, or named from another folder, resumes; one packed again in place
+    # (another split) is refused, where its test set would have changed under the epochs the best is picked among.
+    settings = ("train.epochs=2", f"eval.cross=[{{name: again, shards: {shards}}}]")
+    train(run_config(tmp_path, shards, *settings, "train.epochs=1"))
+    copy = tmp_path / "copied"
+    shutil.copytree(shards, copy)
+    monkeypatch.chdir(tmp_path)
+    resumed = train(run_config(tmp_path, "copied", *settings, "eval.cross=[{name: again, shards: copied}]",
+                               "train.resume=extend"))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["split"]["seed"] = 5
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"^data.train: copied holds another pack than .*last was trained on \(its "
+                                          r"manifest differs: packed again\?\); resume with that pack"):
+        train(run_config(tmp_path, "copied", "train.epochs=3", "train.resume=extend",
+                         f"eval.cross=[{{name: again, shards: {shards}}}]"))
+    with pytest.raises(ConfigError, match=r"^eval.cross: copied holds another pack than .*last was scored on"):
+        train(run_config(tmp_path, shards, "train.epochs=3", "train.resume=extend",
+                         "eval.cross=[{name: again, shards: copied}]"))

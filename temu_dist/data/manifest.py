@@ -2,6 +2,7 @@
 a finished folder. Its own module so the packer does not import the streams (torch, webdataset)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -44,6 +45,14 @@ def read_manifest(folder: str | Path) -> dict:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
         raise ShardsMissing(f"{path}: not a pack manifest (no 'splits'): rerun the pack command that made {folder}")
     return manifest
+
+
+def pack_digest(folder: str | Path) -> str:
+    """What a finished pack holds, as one hash of its manifest's shards (names, hashes, counts), split and order: the
+    same pack wherever it is copied to or however its path is spelt, another one once packed again."""
+    manifest = read_manifest(folder)
+    held = {key: manifest.get(key) for key in ("dataset", "split", "order", "splits")}
+    return hashlib.sha256(json.dumps(held, sort_keys=True).encode()).hexdigest()
 
 
 def _refuse_other_files(folder: Path) -> None:
