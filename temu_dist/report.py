@@ -219,6 +219,8 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
             continue
         if (folder / "checkpoints").is_dir():
             raise ConfigError(f"{folder}: has not finished (no results.json): rerun its train command to go on")
+        if not folder.exists():
+            raise ConfigError(f"{folder}: no such run or folder")
         if not (folder.is_dir() and scan(folder, "", NESTED)):
             raise ConfigError(f"{folder}: no results.json (a finished run), repeat.json (a finished repeat series) "
                               "or search in it or in its subfolders")

@@ -236,6 +236,9 @@ def test_what_is_not_a_finished_run_is_one_line_naming_it(finished, tmp_path, ca
     assert capsys.readouterr().err == f"report: {unfinished}: has not finished (no results.json): rerun its train " \
                                       "command to go on\n"
     assert report.main([str(tmp_path / "nothing")]) == 1
+    assert capsys.readouterr().err == f"report: {tmp_path / 'nothing'}: no such run or folder\n"
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 1
     assert "no results.json (a finished run), repeat.json (a finished repeat series) or search" in \
         capsys.readouterr().err
     (tmp_path / "empty" / "trials").mkdir(parents=True)
