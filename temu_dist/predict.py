@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a run folder (its best checkpoint) or a checkpoint folder")
     source.add_argument("--config", help="a config YAML: score with a freshly initialised head")
-    parser.add_argument("--heatmap", help="write IMAGE_STEM.heatmap.png patch-score maps into this folder")
+    parser.add_argument("--heatmap", help="write IMAGE_STEM.heatmap.png patch-score maps into this folder (an image "
+                                          "found in a folder's subfolder, into the same subfolder of it)")
     parser.add_argument("--heatmap-scale", choices=["fixed", "stretch"], default="fixed",
                         help="colours over 0-1 for every map (fixed, default), or over each map's own lowest to "
                              "highest score (stretch: where a model's scores differ little, where it looks)")
@@ -60,27 +61,31 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         help="images, folders (every image in them and below, by path) and config overrides")
     args = parser.parse_args(argv)
     overrides = [a for a in args.items if is_override(a) and not Path(a).exists()]
-    args.images = []
+    args.images, args.heat_names = [], []  # each image's heatmap, as a path under --heatmap
     for item in (a for a in args.items if a not in overrides):
         if not Path(item).is_dir():
             args.images.append(item)
+            args.heat_names.append(f"{Path(item).stem}.heatmap.png")
             continue
         found = _images_in(Path(item))
         if not found:
             parser.error(f"{item}: a folder with no image files in it or below")
         args.images += found
+        # As the folder holds them: class_a/001.jpg and class_b/001.jpg do not write one map.
+        args.heat_names += [str(Path(f).relative_to(item).parent / f"{Path(f).stem}.heatmap.png") for f in found]
     if not args.images:
         parser.error("no images given")
     return args, overrides
 
 
-def _check_heatmaps(heat_dir: Path, images: list[str]) -> None:
+def _check_heatmaps(heat_dir: Path, images: list[str], names: list[str]) -> None:
     """Before any work: the folder can be made, and no two images would write the same heatmap file."""
     check_output_folder(heat_dir, "--heatmap")
     first: dict[str, str] = {}
-    clashes = [(other, path) for path in images if (other := first.setdefault(Path(path).stem, path)) != path]
+    clashes = [(other, path, name) for path, name in zip(images, names)
+               if (other := first.setdefault(name, path)) != path]
     if clashes:  # all at once, not one pair a run
-        shown = "; ".join(f"{a} and {b} would both write {Path(b).stem}.heatmap.png" for a, b in clashes[:3])
+        shown = "; ".join(f"{a} and {b} would both write {name}" for a, b, name in clashes[:3])
         more = f" ({len(clashes)} such images in all)" if len(clashes) > 3 else ""
         raise ConfigError(f"--heatmap: {shown}{more}; score them in separate runs")
 
@@ -107,7 +112,7 @@ def predict(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     heat_dir = Path(args.heatmap) if args.heatmap else None
     if heat_dir:
-        _check_heatmaps(heat_dir, args.images)
+        _check_heatmaps(heat_dir, args.images, args.heat_names)
     out_file = Path(args.out) if args.out else None
     if out_file:
         _check_out(out_file)
@@ -122,18 +127,18 @@ def predict(argv: list[str] | None = None) -> int:
     try:
         for start in range(0, len(args.images), args.batch_size):
             chunk = args.images[start:start + args.batch_size]
-            good: list[tuple[str, torch.Tensor]] = []
-            for path in chunk:
+            good: list[tuple[str, str, torch.Tensor]] = []
+            for path, name in zip(chunk, args.heat_names[start:start + args.batch_size]):
                 try:
-                    good.append((path, scorer.read(path)))
+                    good.append((path, name, scorer.read(path)))
                 except (OSError, ValueError, Image.DecompressionBombError) as e:
                     failed += 1
                     progress.write(f"predict: cannot read image {path}: {e}", file=sys.stderr)
             progress.update(len(chunk) - len(good))
             if not good:
                 continue
-            out = scorer.outputs([im for _, im in good])
-            for i, (path, im) in enumerate(good):
+            out = scorer.outputs([im for _, _, im in good])
+            for i, (path, name, im) in enumerate(good):
                 row = {"path": path, "score": round(float(out.score[i]), 6)}
                 if out_file:
                     rows.append(row)
@@ -141,9 +146,9 @@ def predict(argv: list[str] | None = None) -> int:
                     print(json.dumps(row), flush=True)
                 scored += 1
                 if heat_dir:
+                    (heat_dir / name).parent.mkdir(parents=True, exist_ok=True)
                     heatmap(TF.to_pil_image(im), out.patch_scores[i].float().cpu().numpy(), row["score"],
-                            heat_dir / f"{Path(path).stem}.heatmap.png", Path(path).name,
-                            stretch=args.heatmap_scale == "stretch")
+                            heat_dir / name, Path(path).name, stretch=args.heatmap_scale == "stretch")
                     maps += 1
             progress.update(len(good))
     except KeyboardInterrupt:

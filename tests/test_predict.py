@@ -1,5 +1,6 @@
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -99,6 +100,18 @@ def test_heatmaps_that_cannot_be_written_fail_before_any_scoring(images, checkpo
                                           f"photo1.heatmap.png; score them"):
         predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), *map(str, [*good, twin, other_twin])])
     assert not (tmp_path / "maps").exists()
+
+
+def test_heatmaps_of_a_folder_keep_its_subfolders_so_names_repeated_in_them_do_not_clash(images, checkpoint, tmp_path):
+    (good, _), (run, _) = images, checkpoint
+    for folder in ("class_a", "class_b"):
+        (tmp_path / "set" / folder).mkdir(parents=True)
+        shutil.copy(good[0], tmp_path / "set" / folder / "001.png")
+    shutil.copy(good[1], tmp_path / "set" / "top.png")
+    assert predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), str(tmp_path / "set"),
+                    str(good[2])]) == 0
+    assert sorted(str(p.relative_to(tmp_path / "maps")) for p in (tmp_path / "maps").rglob("*.png")) == \
+        ["class_a/001.heatmap.png", "class_b/001.heatmap.png", "photo2.heatmap.png", "top.heatmap.png"]
 
 
 def test_a_16_bit_grey_png_scores_as_its_8_bit_copy(checkpoint, tmp_path, capsys):
