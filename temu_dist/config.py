@@ -251,8 +251,6 @@ def folder_name(name: str) -> str:
     parts = Path(name).parts
     if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
         raise ValueError(f"{name!r} is no folder under out_dir: the work goes to out_dir/NAME (set out_dir for where)")
-    if parts[0] in MLFLOW_FOLDERS:
-        raise ValueError(f"{name!r}: out_dir/{parts[0]} is MLflow's own store of the runs' files; take another name")
     return name
 
 

@@ -205,7 +205,7 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
         """Takes what a folder of runs holds, in its subfolders too (a run named a/b is b in a); False: nothing."""
         found = False
         for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-                          and p.name not in MLFLOW_FOLDERS):
+                          and not (p.name in MLFLOW_FOLDERS and not prefix)):  # out_dir's own, not a run's name
             if take(sub, f"{prefix}{sub.name}/trials/"):
                 found = True
             elif (sub / "checkpoints").is_dir():

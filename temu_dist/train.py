@@ -42,8 +42,8 @@ from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist.best import better, own_best
 from temu_dist.checkpoint import (find_checkpoint, load_saved_config, load_trainer_info, load_trainer_state,
                                   save_checkpoint, set_rng_state)
-from temu_dist.config import (Config, ConfigError, check_output_folder, dump, list_of, load_config, notices_as_lines,
-                              value_at)
+from temu_dist.config import (MLFLOW_FOLDERS, Config, ConfigError, check_output_folder, dump, list_of, load_config,
+                              notices_as_lines, value_at)
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import check_fidelity_size, ldg_targets
 from temu_dist.data.manifest import pack_digest, pack_named_by, read_manifest
@@ -261,6 +261,8 @@ def _as_packed_here(saved: dict, config: Config, info: dict, last: Path) -> dict
         path = config.data.train if key == "data.train" else \
             next(s.shards for s in config.eval.cross if f"eval.cross.{s.name}" == key)
         if was[key] != digest:
+            if key != "data.train" and not info.get("history"):
+                continue  # not scored on yet: any evaluation goes (_check_same_evaluation)
             raise ConfigError(f"{'data.train' if key == 'data.train' else 'eval.cross'}: {path} holds another pack "
                               f"than {last} was {'trained' if key == 'data.train' else 'scored'} on (its manifest "
                               f"differs: packed again?); resume with that pack, or give this run another name=, or "
@@ -615,6 +617,9 @@ def check_data(config: Config) -> list[EvalSet]:
     if not config.data.train:
         raise ConfigError("data.train: no training shards named (a pack folder, e.g. shards/kadid10k)")
     check_output_folder(Path(config.out_dir), "out_dir")
+    if (top := Path(config.name).parts[0]) in MLFLOW_FOLDERS:  # here, not in the config: runs saved so still load
+        raise ConfigError(f"name: {config.name!r}: out_dir/{top} is MLflow's own store of the runs' files; take "
+                          "another name")
     if config.run_dir().exists() and not config.run_dir().is_dir():
         raise ConfigError(f"name: {config.run_dir()} is a file, not a run folder: give the run another name=")
     check_backbone(config.model)
@@ -726,9 +731,10 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     try:
         if main:
             # What a run started anew replaces: its checkpoints would be taken for this run's until it wrote its own
-            # (predict, evaluate, the hint of a stop), and its results.json would mark it finished.
-            old = [p for p in (ckpt_dir / "last", ckpt_dir / "best", run_dir / "results.json")
-                   if p.exists() and (config.train.resume == "never" or p.name == "results.json")]
+            # (predict, evaluate, the hint of a stop; .old: what a kill between save_checkpoint's renames leaves,
+            # which they take too), its results.json would mark it finished, and its plots be logged as this run's.
+            old = [p for p in (ckpt_dir / "last", ckpt_dir / "last.old", ckpt_dir / "best", ckpt_dir / "best.old",
+                               run_dir / "results.json", run_dir / "plots") if p.exists()]
             if last is None and old:
                 names = ", ".join(str(p.relative_to(run_dir)) for p in old)
                 finished = "finished " if (run_dir / "results.json").is_file() else ""
@@ -790,7 +796,8 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         return summary
     finally:
         if lock is not None:
-            lock.close()  # and with it the lock
+            fcntl.flock(lock, fcntl.LOCK_UN)  # for the data workers forked with a copy of its descriptor too
+            lock.close()
 
 
 def _hold_run_folder(run_dir: Path, accelerator: Accelerator) -> IO[str] | None:
@@ -803,9 +810,14 @@ def _hold_run_folder(run_dir: Path, accelerator: Accelerator) -> IO[str] | None:
         handle = open(run_dir / RUN_LOCK, "a+", encoding="utf-8")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "a process that did not say which"
+            handle.close()
+            handle = None
+        except OSError as e:  # ENOLCK (NFS without lockd), ENOSYS (Lustre -o noflock): no lock to be had there
+            accelerator.print(f"train: warning: {run_dir / RUN_LOCK} cannot be locked ({e.strerror}): a second "
+                              "training into this run folder will not be refused")
             handle.close()
             handle = None
         else:

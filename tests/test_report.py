@@ -267,6 +267,8 @@ def test_a_folder_of_runs_is_searched_in_its_subfolders_as_names_a_b_make_them_b
     (search / "search.json").write_text(json.dumps({"trials": [{"trial": "trial-coop", "error": None},
                                                                {"trial": "trial-nan", "error": "NonFiniteLoss: nan"}]}))
     _copy(finished, tmp_path / "runs" / "mlartifacts" / "1" / "abc" / "artifacts", {"model.prompt": "none"}, {})
+    # Deeper down such a name is a run's own (name=abl/mlruns).
+    _copy(finished, tmp_path / "runs" / "abl" / "mlruns", {"model.prompt": "cocoop"}, {})
     rows = report.collect([tmp_path / "runs"])
-    assert [r.folder for r in rows] == [search / "trials" / "trial-coop"]
+    assert [r.folder for r in rows] == [tmp_path / "runs" / "abl" / "mlruns", search / "trials" / "trial-coop"]
     assert capsys.readouterr().err == "report: left out: ablations/prompts/trials/trial-nan (failed)\n"
