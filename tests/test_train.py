@@ -1210,3 +1210,10 @@ def test_a_resume_knows_its_packs_by_what_they_hold_not_by_how_their_path_is_spe
     with pytest.raises(ConfigError, match=r"^eval.cross: copied holds another pack than .*last was scored on"):
         train(run_config(tmp_path, shards, "train.epochs=3", "train.resume=extend",
                          "eval.cross=[{name: again, shards: copied}]"))
+    # A checkpoint saved before it kept its packs' hashes: known by their paths, as then.
+    info_file = tmp_path / "run" / "checkpoints" / "last" / "trainer.json"
+    info = json.loads(info_file.read_text())
+    del info["packs"]
+    info_file.write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match=r"^data.train: .*last was trained with 'copied', this run asks for "):
+        train(run_config(tmp_path, shards, "train.epochs=3", "train.resume=extend", *settings[1:]))
