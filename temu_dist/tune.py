@@ -161,6 +161,9 @@ def _check_space(search: SearchConfig, path: Path) -> None:
                     check_backbone(config.model)
                 except ConfigError as e:
                     raise ConfigError(f"{path} space: {e}") from None
+    if base["device"] == "cuda" and search.resources.gpu == 0:
+        raise ConfigError(f"{path}: resources.gpu: 0, but the trials' config asks for device: cuda, and Ray hides the "
+                          "GPUs from a trial that asks for none: ask for resources.gpu, or use device: auto")
     epochs = base["train"]["epochs"]
     if search.asha and search.asha.grace_period > epochs:  # ASHA's max_t, which Ray asserts it is within
         raise ConfigError(f"{path}: asha.grace_period: {search.asha.grace_period} epochs before a trial may be "

@@ -563,6 +563,8 @@ def test_a_searchs_metric_and_samples_are_checked_before_ray_starts(tmp_path, sh
     (["max_failures=-1"], r"max_failures: Input should be greater than or equal to 0"),
     (["base=nope.yml"], r"base: nope.yml: no such config file \(beside the search config or in the working "
                         r"directory\)"),
+    (["overrides=[device=cuda]"], r"resources.gpu: 0, but the trials' config asks for device: cuda, and Ray hides the "
+                                  r"GPUs from a trial that asks for none"),
 ])
 def test_search_settings_ray_would_refuse_once_started_are_one_line_naming_the_key(tmp_path, shards, no_ray,
                                                                                     overrides, says):
