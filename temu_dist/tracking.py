@@ -178,16 +178,16 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
     resolved config, config.yaml, is an artifact beside them)."""
     from mlflow.entities import Param
 
-    items = [Param(key, _param_text(value)) for key, value in params.items()]
+    items = [Param(key, value) for key, value in _as_logged(params).items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
 
 
-def _param_text(value: Any) -> str:
-    """A param's value as MLflow keeps it: text, cut to its limit."""
+def _as_logged(params: dict[str, Any]) -> dict[str, str]:
+    """Params as MLflow keeps them: text, each cut to its limit."""
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-    return str(value)[:MAX_PARAM_VAL_LENGTH]
+    return {key: str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in params.items()}
 
 
 def config_params(config: Config) -> dict[str, str]:
@@ -247,7 +247,7 @@ def parent_run(uri: str, experiment: str, name: str, id_file: Path, params: dict
         known = id_file.read_text().strip() if id_file.exists() else None
         if known and _in_store(mlflow, known):
             run = mlflow.get_run(known)
-            if not same_params or run.data.params == {k: _param_text(v) for k, v in params.items()}:
+            if not same_params or run.data.params == _as_logged(params):
                 return known, run.info.status
         client = mlflow.MlflowClient(uri)
         run = client.create_run(experiment_id, run_name=name, tags={**code_tags(), **tags})
@@ -301,8 +301,7 @@ def _retried(mlflow: Any, run_id: str, config: Config) -> str | None:
     if not _in_store(mlflow, run_id):
         return None
     run = mlflow.get_run(run_id)
-    if "train/loss" in run.data.metrics or run.data.params != {k: _param_text(v) for k, v in
-                                                               config_params(config).items()}:
+    if "train/loss" in run.data.metrics or run.data.params != _as_logged(config_params(config)):
         return None
     return run_id
 
