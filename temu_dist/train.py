@@ -241,13 +241,13 @@ def _first_change(saved: dict, config: Config, sections: tuple[str, ...],
     return None
 
 
-def _pack_digests(config: Config) -> dict[str, str]:
-    """The packs a run trains and is scored on (manifest.pack_digest), by the key that names each."""
-    return {"data.train": pack_digest(config.data.train),
-            **{f"eval.cross.{s.name}": pack_digest(s.shards) for s in config.eval.cross}}
+def _packs(config: Config) -> dict[str, tuple[str, str]]:
+    """The packs a run trains and is scored on, by the key that names each: (path, manifest.pack_digest)."""
+    paths = {"data.train": config.data.train, **{f"eval.cross.{s.name}": s.shards for s in config.eval.cross}}
+    return {key: (path, pack_digest(path)) for key, path in paths.items()}
 
 
-def _as_packed_here(saved: dict, config: Config, info: dict, last: Path) -> dict:
+def _as_packed_here(saved: dict, packs: dict[str, tuple[str, str]], info: dict, last: Path) -> dict:
     """`saved` with this config's pack paths where they hold the packs the run was trained and scored on: a pack is
     known by what it holds, not by how its path is spelt (relative, absolute, copied to a node's own disk). A pack
     that holds another (packed again in place) is refused. A checkpoint saved before it recorded them: by path."""
@@ -255,11 +255,9 @@ def _as_packed_here(saved: dict, config: Config, info: dict, last: Path) -> dict
     if not isinstance(was, dict):
         return saved
     cross = {s.get("name"): s for s in saved.get("eval", {}).get("cross", []) if isinstance(s, dict)}
-    for key, digest in _pack_digests(config).items():
+    for key, (path, digest) in packs.items():
         if key not in was:
             continue  # a set the run was not scored on: the evaluation check says so
-        path = config.data.train if key == "data.train" else \
-            next(s.shards for s in config.eval.cross if f"eval.cross.{s.name}" == key)
         if was[key] != digest:
             if key != "data.train" and not info.get("history"):
                 continue  # not scored on yet: any evaluation goes (_check_same_evaluation)
@@ -268,7 +266,7 @@ def _as_packed_here(saved: dict, config: Config, info: dict, last: Path) -> dict
                               f"differs: packed again?); resume with that pack, or give this run another name=, or "
                               f"{REPLACE}")
         if key == "data.train":
-            saved["data"]["train"] = config.data.train
+            saved["data"]["train"] = path
         elif key.removeprefix("eval.cross.") in cross:
             cross[key.removeprefix("eval.cross.")]["shards"] = path
     return saved
@@ -295,7 +293,7 @@ def check_extendable(config: Config) -> bool:
     changes."""
     last = _run_to_extend(config, find_checkpoint(config.run_dir() / "checkpoints" / "last"))
     info = load_trainer_info(last)
-    saved = _as_packed_here(with_legacy_fields(load_saved_config(last)), config, info, last)
+    saved = _as_packed_here(with_legacy_fields(load_saved_config(last)), _packs(config), info, last)
     _check_resumable(saved, config, last)
     extends = _extends(saved, info, config, last)
     if extends:
@@ -448,7 +446,7 @@ class Run:
     elapsed_s: float = 0.0
     # Each time train.resume=extend gave the run another train.epochs (_extend).
     extended: list[dict] = field(default_factory=list)
-    packs: dict[str, str] = field(default_factory=dict)  # _pack_digests: what it trained and was scored on
+    packs: dict[str, str] = field(default_factory=dict)  # digests of the _packs it trained and was scored on
     lr: float = 0.0  # the rate the last optimizer step used
 
 
@@ -661,6 +659,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * config.train.epochs)
     resumed = {}
     last = find_checkpoint(ckpt_dir / "last") if config.train.resume != "never" else None
+    packs = _packs(config)  # once: checked against a resumed run's, and kept in this run's checkpoints
     if len(set(gather_object([last is not None]))) > 1:
         raise ConfigError(f"out_dir: some processes see {ckpt_dir / 'last'} and some do not; a run folder must lie "
                           "on a filesystem every node shares")
@@ -668,7 +667,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         _run_to_extend(config, last)
     extending = False
     if last is not None:
-        saved = _as_packed_here(with_legacy_fields(load_saved_config(last)), config, load_trainer_info(last), last)
+        saved = _as_packed_here(with_legacy_fields(load_saved_config(last)), packs, load_trainer_info(last), last)
         _check_resumable(saved, config, last)
         if "train.plcc_over" not in flatten(saved) and _plcc_over_step(config, plan):
             accelerator.print(f"train: warning: {last} predates train.plcc_over, when PLCC under gradient accumulation "
@@ -755,7 +754,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         if not resumed.get("extended"):  # set by an extension stopped before it saved a checkpoint, then given up
             tracker.drop_tag("extended")
         run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,
-                  on_epoch, packs=_pack_digests(config), **resumed)
+                  on_epoch, packs={key: digest for key, (_, digest) in packs.items()}, **resumed)
         try:
             _fit(config, run)
         except (SystemExit, KeyboardInterrupt):
