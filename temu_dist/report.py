@@ -36,6 +36,7 @@ METRICS = ("srcc", "plcc", "krcc")
 # Folders of runs are searched this many levels below the one named (names a/b/c), never in MLflow's own stores.
 NESTED = 3
 _TRAINER_INFO = "trainer.json"  # checkpoint.TRAINER_INFO, whose module would bring torch into a table's command
+_NONFINITE = "nonfinite.txt"  # train.NONFINITE, for the same reason
 # Config keys that do not tell runs apart as a paper's rows do: where they ran, how they were tracked or loaded.
 # The evaluation sets are the columns.
 NOT_SETTINGS = ("name", "out_dir", "device", "tracking.", "data.workers", "eval.", "train.resume",
@@ -127,7 +128,19 @@ def read_stopped_trial(folder: Path, each_at: str, search: dict) -> Row:
         raise ConfigError(f"{path}: not a checkpoint's trainer state ({error_line(e)})") from None
     row = next((r for r in search.get("trials", []) if r.get("trial") == folder.name), None)
     how = "last checkpoint at" if row is None else "failed after" if row.get("error") else "stopped after"
-    return _row(folder, config, sets, f"{how} epoch {epoch} of {config['train.epochs']}")
+    nonfinite = _went_nonfinite(folder)
+    return _row(folder, config, sets, f"{nonfinite}, best of epochs 1-{epoch}" if nonfinite else
+                f"{how} epoch {epoch} of {config['train.epochs']}")
+
+
+def _went_nonfinite(run: Path) -> str | None:
+    """'loss non-finite in epoch N' where the run stopped so (its mark from train), else None."""
+    try:
+        said = (run / _NONFINITE).read_text()
+    except OSError:
+        return None
+    epoch = said.removeprefix("epoch ").partition(":")[0]
+    return f"loss non-finite in epoch {epoch}" if epoch.isdigit() else "loss non-finite"
 
 
 def _has_an_epoch(trial: Path) -> bool:
@@ -196,7 +209,9 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
             stopped.extend(cut)
             said = _read_json(folder / "search.json") if (folder / "search.json").is_file() else {}
             failed = {t.get("trial") for t in said.get("trials", []) if t.get("error")}
-            left_out.extend(f"{named}{t.name} ({'failed' if t.name in failed else 'no epoch yet'})" for t in empty)
+            for t in empty:
+                why = _went_nonfinite(t) or ("failed" if t.name in failed else "no epoch yet")
+                left_out.append(f"{named}{t.name} ({why})")
         else:
             return False
         return True
@@ -209,7 +224,7 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
             if take(sub, f"{prefix}{sub.name}/trials/"):
                 found = True
             elif (sub / "checkpoints").is_dir():
-                left_out.append(f"{prefix}{sub.name} (not finished)")
+                left_out.append(f"{prefix}{sub.name} ({_went_nonfinite(sub) or 'not finished'})")
             elif depth > 0:
                 found = scan(sub, f"{prefix}{sub.name}/", depth - 1) or found
         return found
@@ -218,6 +233,9 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
         if take(folder, ""):
             continue
         if (folder / "checkpoints").is_dir():
+            if nonfinite := _went_nonfinite(folder):
+                raise ConfigError(f"{folder}: has not finished: its {nonfinite} (no results.json); start it anew "
+                                  "(train.resume=never) with a lower train.lr or another seed")
             raise ConfigError(f"{folder}: has not finished (no results.json): rerun its train command to go on")
         if not folder.exists():
             raise ConfigError(f"{folder}: no such run or folder")

@@ -62,6 +62,11 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+# Left in the run folder by a run whose loss went non-finite, holding the error, so that report and a search's retry
+# can tell such a run from one cut short; an attempt removes its earlier one.
+NONFINITE = "nonfinite.txt"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (SLURM's scancel and time limit, docker stop, kill), met as Ctrl-C is: the MLflow run ends KILLED and
     the command says how to go on, where the signal's default would end the process on the spot."""
@@ -742,6 +747,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                 for path in old:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
             ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / NONFINITE).unlink(missing_ok=True)
             write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dump(config), sort_keys=False))
             if extending and (run_dir / "results.json").is_file():
                 # Stale until the new epochs end: a kill before then must not leave the run looking finished.
@@ -763,6 +769,8 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         except BaseException as e:
             stopped = _stopped_by_sigterm(e)
             tracker.end("KILLED" if stopped else "FAILED")
+            if main and isinstance(e, NonFiniteLoss):
+                write_text_atomic(run_dir / NONFINITE, str(e))
             if stopped:
                 raise Terminated from e
             raise

@@ -32,9 +32,8 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -54,8 +53,6 @@ TRIAL_CPU = 0.01
 STARTED = "search-started.json"
 # The best trial's config as a run of its own, beside search.json.
 BEST_CONFIG = "best-config.yaml"
-# In a trial's run folder: its loss went non-finite, which a retry would replay.
-NONFINITE = "nonfinite.txt"
 # What trials on a cluster's other nodes need of the driver's environment, which Ray passes on only to a local Ray's
 # workers: the MLflow server's login, artifact stores' credentials, Hugging Face's and the proxies' settings.
 FORWARDED_ENV = ("MLFLOW_", "HF_", "HUGGING_FACE_", "AWS_", "AZURE_STORAGE_", "GOOGLE_APPLICATION_CREDENTIALS",
@@ -336,7 +333,7 @@ def run_trial(params: dict, base: dict, trials_dir: str, tracking_uri: str, pare
             if record["epoch"] < config.train.epochs:
                 tune.report(_metrics(record))
 
-        with notices_as_lines(trial), _noting_nonfinite(config):  # in the trial's log, beside Ray's own prefix
+        with notices_as_lines(trial):  # in the trial's log, beside Ray's own prefix
             results = train(config, on_epoch=report)
     else:
         results = _train_on_workers(config, res, trial)
@@ -346,26 +343,11 @@ def run_trial(params: dict, base: dict, trials_dir: str, tracking_uri: str, pare
 def _fails_again_if_it_went_nonfinite(config: Config) -> None:
     """A trial whose loss went non-finite fails again at once: retried (max_failures) or resumed, it would replay
     the same batches to the same loss, for as long as it took to get there."""
-    from temu_dist.train import NonFiniteLoss
+    from temu_dist.train import NONFINITE, NonFiniteLoss
 
     marker = config.run_dir() / NONFINITE
     if marker.is_file():
         raise NonFiniteLoss(f"{marker.read_text().strip()} [an earlier attempt; delete {marker} to train it again]")
-
-
-@contextmanager
-def _noting_nonfinite(config: Config, writes: bool = True) -> Iterator[None]:
-    """Marks the trial as one whose loss went non-finite; `writes`: this process does (one of a trial's processes,
-    as they all stop together)."""
-    from temu_dist.train import NonFiniteLoss
-
-    try:
-        yield
-    except NonFiniteLoss as e:
-        if writes:
-            config.run_dir().mkdir(parents=True, exist_ok=True)
-            write_text_atomic(config.run_dir() / NONFINITE, str(e))
-        raise
 
 
 def _train_on_workers(config, res: Resources, trial: str) -> dict:
@@ -384,7 +366,7 @@ def _train_on_workers(config, res: Resources, trial: str) -> dict:
             if record["epoch"] < config.train.epochs:
                 ray_train.report(_metrics(record))
 
-        with notices_as_lines(trial), _noting_nonfinite(config, ray_train.get_context().get_world_rank() == 0):
+        with notices_as_lines(trial):
             train(config, on_epoch=report)
 
     # Ray makes the process group, so its timeout is said here; accelerate keeps the group it finds.

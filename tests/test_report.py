@@ -199,6 +199,13 @@ def test_a_search_is_a_row_per_trial_labelled_by_what_it_tried_with_those_stoppe
     for error, said in ((None, "stopped after"), ("NonFiniteLoss: loss is nan", "failed after")):
         (search / "search.json").write_text(json.dumps({"trials": [{"trial": "trial-cut", "error": error}]}))
         assert report.labels(report.collect([search]))[2] == f"prompt=cocoop [{said} epoch 1 of 2]"
+    # A trial whose loss went non-finite says so, from train's mark in its folder, with or without an epoch to show.
+    (cut / "nonfinite.txt").write_text("epoch 2: the loss became non-finite on 1 of 1 process(es) (this one's: nan)")
+    (early / "nonfinite.txt").write_text("epoch 1: the loss became non-finite on 1 of 1 process(es) (this one's: nan)")
+    capsys.readouterr()
+    assert report.labels(report.collect([tmp_path]))[2] == \
+        "prompt=cocoop [loss non-finite in epoch 2, best of epochs 1-1]"
+    assert "prompts/trials/trial-early (loss non-finite in epoch 1)" in capsys.readouterr().err
     # Alike but for a setting the table does not show: told apart by their folders.
     twin = _copy(finished, tmp_path / "koniq-I-again", {"data.workers": 4}, {})
     assert report.labels(report.collect([finished, twin])) == ["koniq-I", "koniq-I-again"]
@@ -229,12 +236,28 @@ def test_report_reads_the_checkpoint_file_train_writes():
     assert report._TRAINER_INFO == TRAINER_INFO  # kept apart only so that report does not import torch
 
 
+def test_report_reads_the_mark_train_leaves_where_the_loss_went_non_finite():
+    from temu_dist.train import NONFINITE
+
+    assert report._NONFINITE == NONFINITE
+
+
 def test_what_is_not_a_finished_run_is_one_line_naming_it(finished, tmp_path, capsys):
     unfinished = tmp_path / "cut"
     (unfinished / "checkpoints").mkdir(parents=True)
     assert report.main([str(unfinished)]) == 1
     assert capsys.readouterr().err == f"report: {unfinished}: has not finished (no results.json): rerun its train " \
                                       "command to go on\n"
+    # Stopped by a non-finite loss, which a rerun would replay.
+    (unfinished / "nonfinite.txt").write_text("epoch 3: the loss became non-finite on 2 of 2 process(es) (this one's: "
+                                              "nan); stopped.")
+    assert report.main([str(unfinished)]) == 1
+    assert capsys.readouterr().err == f"report: {unfinished}: has not finished: its loss non-finite in epoch 3 (no " \
+                                      "results.json); start it anew (train.resume=never) with a lower train.lr or " \
+                                      "another seed\n"
+    _copy(finished, tmp_path / "done", {}, {})
+    assert report.main([str(tmp_path)]) == 0
+    assert "report: left out: cut (loss non-finite in epoch 3)\n" in capsys.readouterr().err
     assert report.main([str(tmp_path / "nothing")]) == 1
     assert capsys.readouterr().err == f"report: {tmp_path / 'nothing'}: no such run or folder\n"
     (tmp_path / "empty").mkdir()

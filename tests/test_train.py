@@ -630,6 +630,12 @@ def test_nan_loss_stops_with_a_clear_message_keeping_the_last_good_checkpoint(tm
     last = tmp_path / "run" / "checkpoints" / "last"
     assert json.loads((last / "trainer.json").read_text())["next_epoch"] == 1
     assert all(torch.isfinite(v).all() for v in load_file(str(last / "weights.safetensors")).values())
+    # Its mark tells report and a search's retry why the run stopped; an attempt that trains removes it.
+    marker = tmp_path / "run" / train_mod.NONFINITE
+    assert marker.read_text().startswith("epoch 2: the loss became non-finite on 1 of 1 process(es) (this one")
+    monkeypatch.setattr(train_mod, "loss_fn", real)
+    train(run_config(tmp_path, shards, "train.epochs=2"))
+    assert not marker.exists()
 
 
 def test_missing_shards_and_bad_key_metric_fail_before_any_work(tmp_path, shards):
