@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from tqdm import tqdm
 
 from temu_dist.atomic import strict
 from temu_dist.config import Config, ConfigError, check_output_folder, is_override, load_config
@@ -138,14 +139,20 @@ def evaluate_sets(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Ac
                                        accelerator.num_processes, config.data.workers,
                                        s.image_hw or config.model.image_hw(), ldg, config.seed)
         keys, scored, distorted = [], ([], []), ([], [])
-        for batch in loader:
-            x = batch["image"].to(accelerator.device, non_blocking=True)
-            mos = batch["mos"].to(accelerator.device, non_blocking=True)
-            keys.append(np.array([name_key(n) for n in batch["name"]], dtype=np.int64))
-            _append(scored, _score(model, x), mos)
-            if ldg is not None:
-                x_ldg = batch["ldg_image"].to(accelerator.device, non_blocking=True)
-                _append(distorted, _score(model, x_ldg), ldg_targets(x, x_ldg, mos, config.ldg))
+        # Shown where a set takes more than a few seconds (FLIVE's and AVA's take minutes), as train's epoch bar is
+        # shown: on a terminal it gives way to what follows, in a log it ends its own line.
+        tty = sys.stderr.isatty()
+        with tqdm(total=expected, desc=f"evaluate {s.name}", unit="img", file=sys.stderr, leave=not tty, delay=5,
+                  mininterval=0.1 if tty else 30, disable=not accelerator.is_main_process) as bar:
+            for batch in loader:
+                x = batch["image"].to(accelerator.device, non_blocking=True)
+                mos = batch["mos"].to(accelerator.device, non_blocking=True)
+                keys.append(np.array([name_key(n) for n in batch["name"]], dtype=np.int64))
+                _append(scored, _score(model, x), mos)
+                if ldg is not None:
+                    x_ldg = batch["ldg_image"].to(accelerator.device, non_blocking=True)
+                    _append(distorted, _score(model, x_ldg), ldg_targets(x, x_ldg, mos, config.ldg))
+                bar.update(len(mos) * accelerator.num_processes)  # the first process's pace, taken for all of theirs
         results[s.name] = _gathered(s.name, keys, scored, expected, accelerator)
         if ldg is not None:
             result = _gathered(f"{s.name}-ldg", keys, distorted, expected, accelerator)
@@ -203,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(bad[0].partition(":")[0])
         parser.error(f"not key=value: {bad[0]}" + (" (a pack? give each its own --shards)"
                                                     if folder.is_dir() and args.shards else ""))
+    if args.config and args.checkpoint:
+        parser.error("--config is for --clipiqa: a checkpoint brings its own config (change a key with key=value)")
     if args.layer is not None and args.clipiqa != "b":
         parser.error("--layer is for --clipiqa b (a scores the last layer, c averages all)")
     accelerator = eval_accelerator()

@@ -34,7 +34,7 @@ METRICS = ("srcc", "plcc", "krcc")
 def split_config(config: Config, index: int, parent: str | None = None) -> Config:
     if not config.data.train or "{split}" not in config.data.train:
         raise ConfigError("data.train: must contain {split}, e.g. shards/agiqa3k/split{split}, for repeat")
-    data = config.data.model_copy(update={"train": config.data.train.format(split=index)})
+    data = config.data.model_copy(update={"train": config.data.train.replace("{split}", str(index))})
     tracking = config.tracking.model_copy(update={"parent_run_id": parent, "run_name": config.tracking.run_name and
                                                   f"{config.tracking.run_name}-split{index}"})
     return config.model_copy(update={"data": data, "name": f"{config.name}-split{index}", "tracking": tracking})
@@ -42,7 +42,7 @@ def split_config(config: Config, index: int, parent: str | None = None) -> Confi
 
 def summarize(runs: list[dict], best: str = "best") -> dict:
     """{set: {metric: {mean, std, n, values}}} over the runs' `best` (each set at the key metric's best epoch) or
-    `own_best` (each at its own, see train.own_best); std is the sample standard deviation (n - 1), 0 for one split;
+    `own_best` (each at its own, see best.own_best); std is the sample standard deviation (n - 1), 0 for one split;
     NaN values are left out of mean, std, n."""
     out: dict = {}
     for name in runs[0][best]:

@@ -803,6 +803,13 @@ def test_repeat_prints_a_set_at_its_own_best_epochs_only_where_that_differs(monk
         "repeat: results in runs/demo/repeat.json"]
 
 
+def test_repeat_replaces_split_alone_in_a_path_that_holds_other_braces(tmp_path):
+    from temu_dist.repeat import split_config
+
+    config = split_config(run_config(tmp_path, str(tmp_path / "{lab}" / "split{split}")), 3)
+    assert config.data.train == str(tmp_path / "{lab}" / "split3")
+
+
 def test_repeat_averages_a_metric_over_the_splits_where_it_is_finite():
     from temu_dist.repeat import summarize
 
@@ -822,6 +829,14 @@ def test_evaluate_verb_prints_strict_json_with_an_undefined_metric_as_null(tmp_p
     assert evaluate.main(["--clipiqa", "a", "--config", str(cfg), "--shards", str(shards)]) == 0
     scored = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"bare {c} in the output"))
     assert scored["shards:test"]["srcc"] is None and scored["shards:test"]["plcc"] is not None
+    # Long evaluations show their progress (FLIVE's and AVA's test sets take minutes); here shown at once.
+    class Shown(evaluate.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "delay": 0, "mininterval": 0})
+
+    monkeypatch.setattr(evaluate, "tqdm", Shown)
+    assert evaluate.main(["--clipiqa", "a", "--config", str(cfg), "--shards", str(shards)]) == 0
+    assert re.search(r"evaluate shards:test: 100%\|.*\| (\d+)/\1 ", capsys.readouterr().err)
 
 
 def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, capsys):
@@ -849,6 +864,13 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
     with pytest.raises(SystemExit):
         main(["--clipiqa", "a", "--layer", "3", "--config", str(cfg), "--shards", str(shards)])
     assert "--layer is for --clipiqa b" in capsys.readouterr().err
+    # Layer 0 or -1 would be taken as Python indices: another layer, scored without a word.
+    for layer in ("0", "-1", "5"):
+        assert main(["--clipiqa", "b", "--layer", layer, "--config", str(cfg), "--shards", str(shards)]) == 1
+        assert capsys.readouterr().err == f"evaluate: --layer {layer}: this backbone's layers are 1-4\n"
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path / "run"), "--config", str(cfg)])
+    assert "--config is for --clipiqa: a checkpoint brings its own config" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "run"), "--shards", f"{shards}:val2"]) == 1
     assert capsys.readouterr().err.startswith(f"evaluate: --shards: {shards}: no 'val2' split")
     with pytest.raises(SystemExit):

@@ -43,6 +43,8 @@ def layer_spec(option: Option, layer: int | None, num_layers: int) -> str:
     if option == "b":
         if layer is None:
             raise ConfigError("clipiqa option b needs a layer (1-based)")
+        if not 1 <= layer <= num_layers:  # 0 and -k would read as Python indices: another layer, without a word
+            raise ConfigError(f"--layer {layer}: this backbone's layers are 1-{num_layers}")
         return f"only:{layer}"
     return "all"
 
