@@ -21,12 +21,13 @@ import functools
 import json
 import math
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torchvision.transforms.functional import pil_to_tensor
+
+from temu_dist.data.augment import decode_rgb
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # Y row of RGB -> YIQ
 CW_WINDOW = 7  # box window over which band correlations are pooled
@@ -190,9 +191,8 @@ METRICS = {"cw_ssim": cw_ssim, "ssim": ssim}
 
 
 def _load_image(path: str) -> Tensor:
-    """(1, 3, H, W) float RGB in [0, 1]."""
-    with Image.open(path) as im:
-        return pil_to_tensor(im.convert("RGB"))[None].float() / 255
+    """(1, 3, H, W) float RGB in [0, 1], decoded as training decodes (PIL's convert would clip 16-bit greys)."""
+    return decode_rgb(Path(path).read_bytes())[None].float() / 255
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.a, args.b):
         try:
             images.append(_load_image(path))
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except (OSError, ValueError) as e:
             print(f"fidelity: cannot read image {path}: {e}", file=sys.stderr)
             return 1
     if images[0].shape != images[1].shape:

@@ -161,3 +161,16 @@ def test_verb_fails_naming_the_file(files, capsys, other, says):
     assert captured.out == ""
     err = captured.err.strip()
     assert len(err.splitlines()) == 1 and says in err and files[other] in err
+
+
+def test_verb_reads_16_bit_greys_as_training_does(tmp_path, capsys):
+    # PIL's convert("RGB") clips them at 255: most of each image white, and the pair scored as near alike.
+    grey = np.random.default_rng(0).integers(0, 65536, (64, 96), dtype=np.uint16)
+    scores = []
+    for name, image in (("16", grey), ("8", (grey >> 8).astype(np.uint8))):
+        Image.fromarray(image).save(tmp_path / f"a{name}.png")
+        Image.fromarray(np.ascontiguousarray(image[:, ::-1])).save(tmp_path / f"b{name}.png")
+        assert main([str(tmp_path / f"a{name}.png"), str(tmp_path / f"b{name}.png"), "--metric", "ssim"]) == 0
+        scores.append(json.loads(capsys.readouterr().out)["score"])
+    assert Image.open(tmp_path / "a16.png").mode == "I;16"
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6) and scores[1] < 0.5
