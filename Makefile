@@ -30,5 +30,6 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# What the demo wrote, and the venv; not all of runs/, every config's out_dir, whose mlflow.db is every run's store.
 clean:
-	rm -rf $(VENV) runs shards/demo
+	rm -rf $(VENV) $(DEMO_DATA) runs/demo shards/demo
