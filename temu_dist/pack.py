@@ -168,8 +168,12 @@ def write_shard(directory: str, name: str, split: str, samples: list[tuple[str, 
     return ShardResult(name, split, count, sha256_of(final), skipped)
 
 
+# What shard_names raises for a damaged shard: its tar, or a label's JSON (not UTF-8, not JSON, not an object).
+DAMAGED = (tarfile.TarError, ValueError, KeyError, TypeError)
+
+
 def shard_names(path: Path) -> list[str]:
-    """The image names in a finished shard, in order (from its JSON labels)."""
+    """The image names in a finished shard, in order (from its JSON labels); DAMAGED where it cannot be read."""
     names = []
     with tarfile.open(path) as tar:
         for member in tar:
@@ -190,7 +194,7 @@ def _whole_shard_names(path: Path) -> list[str] | None:
             return None
     try:
         return shard_names(path)
-    except (tarfile.TarError, json.JSONDecodeError, UnicodeDecodeError, KeyError):
+    except DAMAGED:
         return None
 
 
@@ -558,7 +562,7 @@ def verify(directory: str | Path) -> list[str]:
                 problems.append(f"{path}: sha256 differs from the manifest (changed or corrupt)")
             try:
                 count = len(shard_names(path))
-            except (tarfile.TarError, json.JSONDecodeError, KeyError) as e:
+            except DAMAGED as e:
                 problems.append(f"{path}: unreadable ({e})")
                 continue
             if count != shard["count"]:

@@ -171,6 +171,13 @@ def test_verify_names_what_is_wrong(tmp_path, capsys):
     assert any(shards[0].name in p and "sha256" in p for p in problems)
     assert any(shards[1].name in p and "missing" in p for p in problems)
     assert main(["--verify", str(out)]) == 1
+    # A label not UTF-8, or JSON but not an object: the shard is named, not a traceback.
+    for label in (b"\xff", b"[]"):
+        with tarfile.open(shards[2], "w") as tar:
+            member = tarfile.TarInfo("s.json")
+            member.size = len(label)
+            tar.addfile(member, io.BytesIO(label))
+        assert any(p.startswith(f"{shards[2]}: unreadable (") for p in verify(out))
     for damaged, says in (("{", "unreadable"), ("[]", "not a pack manifest")):
         (out / "manifest.json").write_text(damaged)
         problems = verify(out)
