@@ -16,7 +16,7 @@ import torch
 
 from temu_dist.atomic import write_atomic, write_text_atomic
 from temu_dist.config import Config, ConfigError
-from temu_dist.model.io import CONFIG, save_model
+from temu_dist.model.io import CONFIG, read_json_object, save_model
 from temu_dist.model.temu import TeMuIQA
 
 TRAINER_STATE = "trainer.pt"
@@ -74,8 +74,11 @@ def find_checkpoint(folder: Path) -> Path | None:
     return old if (old / TRAINER_INFO).is_file() else None
 
 
+_RESTORE = "restore it, or start anew with train.resume=never or another name"
+
+
 def _damaged(path: Path, problem: str) -> ConfigError:
-    return ConfigError(f"{path}: {problem}; restore it, or start anew with train.resume=never or another name")
+    return ConfigError(f"{path}: {problem}; {_RESTORE}")
 
 
 def _reason(e: Exception) -> str:
@@ -86,16 +89,9 @@ def _reason(e: Exception) -> str:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise _damaged(path, "not found") from None
-    except json.JSONDecodeError as e:
-        raise _damaged(path, f"not valid JSON ({e.msg}, line {e.lineno})") from None
-    except UnicodeDecodeError:
-        raise _damaged(path, "not valid JSON (not UTF-8 text)") from None
-    if not isinstance(data, dict):
-        raise _damaged(path, "not a JSON object")
-    return data
+        return read_json_object(path)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; {_RESTORE}") from None
 
 
 def _check_fields(data: dict, fields: dict, path: Path, within: str = "") -> None:

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -85,6 +86,11 @@ def test_missing_or_broken_files_are_named(tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"\x00" * 7)
     with pytest.raises(ConfigError, match="weights.safetensors: not a readable safetensors file"):
         load_model(tmp_path)
+    for damaged, says in ((b"\xff{", r"not valid JSON \(not UTF-8 text\)"), (b"[]", "not a JSON object"),
+                          (b"{", r"not valid JSON \(.*line 1\)")):
+        (tmp_path / "config.json").write_bytes(damaged)
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: {says}$"):
+            load_model(tmp_path)
 
 
 def test_a_checkpoint_saved_before_quick_gelu_keeps_the_gelu_tower_of_its_weights_file(tmp_path):

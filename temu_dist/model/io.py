@@ -70,18 +70,29 @@ def with_legacy_fields(saved: dict) -> dict:
     return saved
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON object this package wrote; what else the file holds is a one-line ConfigError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a JSON object")
+    return data
+
+
 def configs_of(directory: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Config]:
     """The checkpoint's own config, and that config with load-time overrides; an override of a field the weights
     depend on is an error."""
     directory = Path(directory)
     path = directory / CONFIG
-    try:
-        saved = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not found; is {directory} a saved run or checkpoint folder?") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    saved = with_legacy_fields(saved)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; is {directory} a saved run or checkpoint folder?")
+    saved = with_legacy_fields(read_json_object(path))
     own, config = load_config(None, (), base=saved, base_source=str(path)), \
         load_config(None, overrides, base=saved, base_source=str(path))
     _mismatch(own.model.model_dump(mode="json"), config.model.model_dump(mode="json"), str(path))
