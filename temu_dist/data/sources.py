@@ -60,7 +60,6 @@ class DatasetInfo:
     higher_better: bool
     has_reference: bool
     official_split: str | None  # where the release's split is read from, beside the label file; None: it has none
-    large: bool               # FLIVE and AVA: must stream
     # Values a label file may hold where it overshoots raw_range; normalised, they fall a little outside [0, 1].
     accept_range: tuple[float, float] | None = None
 
@@ -69,26 +68,25 @@ DATASETS: dict[str, DatasetInfo] = {i.name: i for i in (
     # MOS (1-5) of koniq10k_scores_and_distributions.csv, images in 1024x768/; split from the optional
     # koniq10k_distributions_sets.csv (github.com/subpic/koniq metadata), as IQA-PyTorch uses it.
     DatasetInfo("koniq10k", "koniq10k_scores_and_distributions.csv", (1.0, 5.0), True, False,
-                "koniq10k_distributions_sets.csv", False),
+                "koniq10k_distributions_sets.csv"),
     # 'Image name' and 'MOS' (0-100) of the first sheet; images in TestImage/.
-    DatasetInfo("spaq", "Annotations/MOS and Image attribute scores.xlsx", (0.0, 100.0), True, False, None, False),
+    DatasetInfo("spaq", "Annotations/MOS and Image attribute scores.xlsx", (0.0, 100.0), True, False, None),
     # AllMOS_release (0-100) with AllImages_release.mat beside it; images in Images/.
-    DatasetInfo("livec", "Data/AllMOS_release.mat", (0.0, 100.0), True, False, None, False),
+    DatasetInfo("livec", "Data/AllMOS_release.mat", (0.0, 100.0), True, False, None),
     # 'name' and 'mos' (0-100); split from PaQ-2-PiQ's labels640.csv (test) and labels=640_padded.csv
     # ('is_valid' -> val) when both lie beside it, as IQA-PyTorch's process_flive.py derives it.
-    DatasetInfo("flive", "labels_image.csv", (0.0, 100.0), True, False, "labels640.csv and labels=640_padded.csv",
-                True),
+    DatasetInfo("flive", "labels_image.csv", (0.0, 100.0), True, False, "labels640.csv and labels=640_padded.csv"),
     # Mean of the 10 vote counts (1-10); test split from aesthetics_image_lists/generic_test.jpgl when present.
-    DatasetInfo("ava", "AVA.txt", (1.0, 10.0), True, False, "aesthetics_image_lists/generic_test.jpgl", True),
-    DatasetInfo("kadid10k", "dmos.csv", (1.0, 5.0), True, True, None, False),
-    DatasetInfo("csiq", "csiq.DMOS.xlsx", (0.0, 1.0), False, True, None, False),
+    DatasetInfo("ava", "AVA.txt", (1.0, 10.0), True, False, "aesthetics_image_lists/generic_test.jpgl"),
+    DatasetInfo("kadid10k", "dmos.csv", (1.0, 5.0), True, True, None),
+    DatasetInfo("csiq", "csiq.DMOS.xlsx", (0.0, 1.0), False, True, None),
     # dmos.mat's dmos (as IQA-PyTorch's process_live.py reads it, not dmos_realigned.mat), about 0-100; entries a
     # little outside are kept as they are: clipped, they would tie at 0 or 1 and bias the correlations scored against
     # them. The acceptance range still catches a wrong file.
-    DatasetInfo("live", "dmos.mat", (0.0, 100.0), False, True, None, False, accept_range=(-10.0, 120.0)),
+    DatasetInfo("live", "dmos.mat", (0.0, 100.0), False, True, None, accept_range=(-10.0, 120.0)),
     # mos_quality (0-5); images beside data.csv or in a folder there (the release ships them as a separate zip),
     # or pass label_file when data.csv lies elsewhere.
-    DatasetInfo("agiqa3k", "data.csv", (0.0, 5.0), True, False, None, False),
+    DatasetInfo("agiqa3k", "data.csv", (0.0, 5.0), True, False, None),
 )}
 
 _SPLITS = get_args(Split)
@@ -139,12 +137,6 @@ def _scale(raw: float, raw_range: tuple[float, float], higher_better: bool) -> f
     lo, hi = raw_range
     x = (raw - lo) / (hi - lo)
     return x if higher_better else 1.0 - x
-
-
-def normalise(dataset: str, raw: float) -> float:
-    """Raw label -> [0, 1], higher better; LIVE's few labels past 0-100 land a little outside."""
-    info = _info(dataset)
-    return _scale(raw, info.raw_range, info.higher_better)
 
 
 def _record(dataset: str | DatasetInfo, root: Path, name: str, value: object, label: Path, row: int,
@@ -518,7 +510,7 @@ class CsvLabels:
 
     def info(self, label_file: str) -> DatasetInfo:
         return DatasetInfo(self.name, label_file, self.mos_range, self.higher_better, len(self.columns) == 3,
-                           f"its split column ({', '.join(META_SPLIT_COLUMNS)})", False)
+                           f"its split column ({', '.join(META_SPLIT_COLUMNS)})")
 
     def describe(self) -> dict:
         return {"columns": list(self.columns), "mos_range": list(self.mos_range), "higher_better": self.higher_better}
