@@ -138,7 +138,7 @@ class DataConfig(Section):
     train_split: Split = "train"
     workers: int = Field(2, ge=0)
     shuffle_buffer: int = Field(1000, ge=0)
-    # Resampled shards (with replacement) for many GPUs; otherwise each epoch is a reshuffled pass over the shards.
+    # Shards drawn with replacement; otherwise each epoch is a reshuffled pass, each reader taking its own share.
     resampled: bool = False
     flip: bool = True
 

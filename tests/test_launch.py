@@ -76,7 +76,7 @@ def test_each_node_launches_all_its_gpus_with_its_rank_pointing_at_the_first_nod
     assert done.stdout.splitlines() == [
         f"node {rank}: launch --config_file launch/multinode.yaml --num_machines 2 --num_processes 16 --machine_rank "
         f"{rank} --main_process_ip gpu-a01 --main_process_port {port} -m temu_dist.train --config configs/x.yaml "
-        r"data.resampled=true train.lr=0.001 name=a\ b" for rank in (0, 1)]
+        r"train.lr=0.001 name=a\ b" for rank in (0, 1)]
     deepspeed = _sbatch(job, "configs/x.yaml", LAUNCH="launch/deepspeed-multinode.yaml")
     assert deepspeed.stdout.count("--config_file launch/deepspeed-multinode.yaml") == 2
 
