@@ -47,7 +47,7 @@ from temu_dist.config import (MLFLOW_FOLDERS, Config, ConfigError, check_output_
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import check_fidelity_size, ldg_targets
 from temu_dist.data.manifest import pack_digest, pack_named_by, read_manifest
-from temu_dist.data.stream import SharedEpoch, split_shards, train_loader
+from temu_dist.data.stream import SharedEpoch, read_by, reader_count, split_shards, train_loader
 from temu_dist.distributed import BatchPlan, check_processes_agree, keep_buffers_in_place, make_accelerator
 from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, no_such_set, result_names, scatter_plots
 from temu_dist.metrics import plcc_loss
@@ -376,11 +376,6 @@ def epoch_metrics(record: dict) -> dict[str, float]:
     return {**{f"train/{k}": record[k] for k in ("loss", "lr", "images_per_s")}, **eval_metrics(record["eval"])}
 
 
-def _readers(config: Config, plan: BatchPlan) -> int:
-    """How many streams the training data is split over; the epoch's sample order depends on it."""
-    return plan.world_size * max(1, config.data.workers)
-
-
 def _describe(config: Config, plan: BatchPlan, micro_batches: int, accelerator: Accelerator, model: TeMuIQA) -> None:
     steps = micro_batches // plan.accumulation
     accelerator.print(
@@ -555,7 +550,7 @@ def _fit(config: Config, run: Run) -> None:
                     in_epoch = {"micro_batches": seen, "steps": step, "processes": run.plan.world_size,
                                 "loss_sum": total.item(), "images": images,
                                 "train_s": train_before + time.perf_counter() - tick,
-                                "readers": _readers(config, run.plan), "reader_runs": True}
+                                "readers": reader_count(run.plan.world_size, config.data.workers), "reader_runs": True}
                     info = {"next_epoch": epoch, "in_epoch": in_epoch, "history": history, "best": run.best,
                             "elapsed_s": time.perf_counter() - started, "extended": run.extended, "packs": run.packs}
                     save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
@@ -599,10 +594,9 @@ def _in_this_plan(in_epoch: dict, plan: BatchPlan) -> dict:
 
 
 def _read_per_reader(micro_batches: int, per_device: int, processes: int, workers: int) -> list[int]:
-    """How many samples each data reader (rank x worker) has read after this many micro-batches: the loader takes
-    micro-batches from its workers in turn, so over several workers the same step may leave them elsewhere in another
-    plan."""
-    return [len(range(w, micro_batches, workers)) * per_device for _ in range(processes) for w in range(workers)]
+    """How many samples each data reader (rank x worker) has read after this many micro-batches: over several workers
+    the same step may leave them elsewhere in another plan."""
+    return [read_by(w, workers, micro_batches, per_device) for _ in range(processes) for w in range(workers)]
 
 
 def _saved_reads(position: dict, config: Config) -> list[int] | None:
@@ -711,13 +705,14 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         # Lists of another length where the readers' number changed; a checkpoint that does not say its plan is only
         # compared by that number.
         reads = _saved_reads(saved_position, config) if in_epoch else None
+        readers = reader_count(plan.world_size, config.data.workers)
         moved = reads != _read_per_reader(in_epoch["micro_batches"], plan.per_device, plan.world_size,
-                                          max(1, config.data.workers)) if reads is not None \
-            else bool(in_epoch) and saved_position["readers"] != _readers(config, plan)
+                                          readers // plan.world_size) if reads is not None \
+            else bool(in_epoch) and saved_position["readers"] != readers
         rest = f"the rest of epoch {info['next_epoch'] + 1} reads the samples in another order, so some repeat in it " \
             "and some are left out"
         if moved:
-            accelerator.print(f"train: warning: {_readers(config, plan)} data readers (processes x data.workers) in "
+            accelerator.print(f"train: warning: {readers} data readers (processes x data.workers) in "
                               f"micro-batches of {plan.per_device} stand elsewhere than the checkpoint's "
                               f"{saved_position['readers']} left off: {rest}")
         elif in_epoch and saved_position["readers"] > 1 and "reader_runs" not in saved_position \

@@ -3,7 +3,7 @@ workers, shuffles samples in a buffer and gives every rank the same number of ba
 epoch for one that ran dry). The evaluation stream gives every sample exactly once across all ranks and workers.
 
 Both stay out of accelerate's `prepare()`, which would re-shard them; batches are moved to the device by the caller.
-All epoch/seed/shard-split logic is in this file.
+All epoch/seed/shard-split logic is in this file; train asks it where a saved position leaves the readers.
 """
 from __future__ import annotations
 
@@ -71,6 +71,17 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
+def reader_count(world_size: int, workers: int) -> int:
+    """How many readers (rank x loader worker) the training stream is split over; its sample order depends on it."""
+    return world_size * max(1, workers)
+
+
+def read_by(worker: int, workers: int, micro_batches: int, batch_size: int) -> int:
+    """How many samples a rank's worker has given after the rank's first `micro_batches`: the loader takes batches
+    from its workers in turn, so it made every workers-th."""
+    return len(range(worker, micro_batches, workers)) * batch_size
+
+
 def _slot(rank: int, world_size: int) -> tuple[int, int]:
     """This reader's index among all readers (ranks x workers), and their number."""
     worker, workers = _worker()
@@ -120,8 +131,7 @@ class TrainSamples(IterableDataset):
         slot, slots = _slot(self.rank, self.world_size)
         worker, workers = _worker()
         epoch = self.epoch.get()
-        # The loader takes batches from its workers in turn: of the first `replay`, this worker made every workers-th.
-        replayed = len(range(worker, self.epoch.replay(), workers)) * self.batch_size
+        replayed = read_by(worker, workers, self.epoch.replay(), self.batch_size)
         rng = random.Random(f"{self.seed}-{epoch}-{slot}")
         shuffle = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)
         position = 0
@@ -233,7 +243,7 @@ def train_loader(config: Config, folder: str, split: str, per_device_batch: int,
         steps = min(steps, config.train.max_steps_per_epoch)
     micro_batches = steps * accumulation
     workers = data.workers
-    readers = world_size * max(1, workers)
+    readers = reader_count(world_size, workers)
     if count < readers and not data.resampled:  # a reader with no samples would wait for one for ever
         raise ConfigError(f"data.workers: {readers} data readers (processes x data.workers) for the {count} images of "
                           f"{folder} '{split}'; use fewer data.workers")
