@@ -6,8 +6,9 @@
 With --out, the scores go to a CSV (path,score) or JSON-lines file, written whole when every image is done, with a
 progress bar on stderr and nothing on stdout.
 
-An image that cannot be read gets an error line on stderr naming it; the others are still scored, and the exit
-status is 1.
+Scores are in [0, 1], higher better: the training set's MOS mapped linearly from its range (its pack's manifest
+says which). An image that cannot be read, or whose heatmap cannot be written, gets an error line on stderr naming
+it; the others are still scored, and the exit status is 1.
 """
 from __future__ import annotations
 
@@ -37,11 +38,15 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+HEATMAP = ".heatmap.png"
+
+
 def _images_in(folder: Path) -> list[str]:
     """The image files in folder and below, sorted by path: those whose extension PIL opens (torchvision's decoders
-    take a subset of them)."""
+    take a subset of them), less the heatmaps of an earlier run writing into the folder."""
     opened = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in opened and p.is_file())
+    return sorted(str(p) for p in folder.rglob("*")
+                  if p.suffix.lower() in opened and not p.name.endswith(HEATMAP) and p.is_file())
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -50,8 +55,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a run folder (its best checkpoint) or a checkpoint folder")
     source.add_argument("--config", help="a config YAML: score with a freshly initialised head")
-    parser.add_argument("--heatmap", help="write IMAGE_STEM.heatmap.png patch-score maps into this folder (an image "
-                                          "found in a folder's subfolder, into the same subfolder of it)")
+    parser.add_argument("--heatmap", help=f"write IMAGE{HEATMAP} patch-score maps into this folder (photo.jpg's: "
+                                          f"photo.jpg{HEATMAP}; an image found in a folder's subfolder, into the "
+                                          "same subfolder of it)")
     parser.add_argument("--heatmap-scale", choices=["fixed", "stretch"], default="fixed",
                         help="colours over 0-1 for every map (fixed, default), or over each map's own lowest to "
                              "highest score (stretch: where a model's scores differ little, where it looks)")
@@ -65,14 +71,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     for item in (a for a in args.items if a not in overrides):
         if not Path(item).is_dir():
             args.images.append(item)
-            args.heat_names.append(f"{Path(item).stem}.heatmap.png")
+            args.heat_names.append(Path(item).name + HEATMAP)
             continue
         found = _images_in(Path(item))
         if not found:
             parser.error(f"{item}: a folder with no image files in it or below")
         args.images += found
         # As the folder holds them: class_a/001.jpg and class_b/001.jpg do not write one map.
-        args.heat_names += [str(Path(f).relative_to(item).parent / f"{Path(f).stem}.heatmap.png") for f in found]
+        args.heat_names += [str(Path(f).relative_to(item)) + HEATMAP for f in found]
     if not args.images:
         parser.error("no images given")
     return args, overrides
@@ -146,10 +152,15 @@ def predict(argv: list[str] | None = None) -> int:
                     print(json.dumps(row), flush=True)
                 scored += 1
                 if heat_dir:
-                    (heat_dir / name).parent.mkdir(parents=True, exist_ok=True)
-                    heatmap(TF.to_pil_image(im), out.patch_scores[i].float().cpu().numpy(), row["score"],
-                            heat_dir / name, Path(path).name, stretch=args.heatmap_scale == "stretch")
-                    maps += 1
+                    try:
+                        (heat_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                        heatmap(TF.to_pil_image(im), out.patch_scores[i].float().cpu().numpy(), row["score"],
+                                heat_dir / name, Path(path).name, stretch=args.heatmap_scale == "stretch")
+                        maps += 1
+                    except OSError as e:  # a subfolder not writable, or a file in its place: the scores go on
+                        failed += 1
+                        progress.write(f"predict: cannot write heatmap {heat_dir / name}: {e.strerror or e}",
+                                       file=sys.stderr)
             progress.update(len(good))
     except KeyboardInterrupt:
         progress.close()

@@ -52,7 +52,7 @@ def test_scores_good_images_and_names_the_corrupt_one(images, checkpoint, tmp_pa
     with torch.no_grad():
         assert lines[2]["score"] == pytest.approx(float(model.eval()(x).score[0]), abs=1e-6)
     for p in good:
-        heat = np.asarray(Image.open(tmp_path / "maps" / f"{p.stem}.heatmap.png").convert("RGB")).astype(int)
+        heat = np.asarray(Image.open(tmp_path / "maps" / f"{p.name}.heatmap.png").convert("RGB")).astype(int)
         w, h = Image.open(p).size
         scale = 256 / max(w, h)  # small images are shown larger, in a column at least 160 px wide
         column = max(round(w * scale), 160)
@@ -61,7 +61,7 @@ def test_scores_good_images_and_names_the_corrupt_one(images, checkpoint, tmp_pa
         bar = heat[30:, column + 16]
         top, bottom = bar[round(0.1 * len(bar))], bar[round(0.9 * len(bar))]
         assert top[1] > top[0] + 60 and bottom[0] > bottom[1] + 60, (top, bottom)
-    assert not (tmp_path / "maps" / "corrupt.heatmap.png").exists()
+    assert not (tmp_path / "maps" / "corrupt.jpg.heatmap.png").exists()
 
 
 def test_all_good_exits_zero_and_overrides_apply(images, checkpoint, capsys):
@@ -91,13 +91,13 @@ def test_heatmaps_that_cannot_be_written_fail_before_any_scoring(images, checkpo
     twin = tmp_path / "other" / good[0].name
     twin.parent.mkdir()
     twin.write_bytes(good[0].read_bytes())
-    with pytest.raises(ConfigError, match=f"{good[0]} and {twin} would both write photo0.heatmap.png; score"):
+    with pytest.raises(ConfigError, match=f"{good[0]} and {twin} would both write photo0.png.heatmap.png; score"):
         predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), str(good[0]), str(twin)])
     # Every clash at once, not one a run.
     other_twin = tmp_path / "other" / good[1].name
     other_twin.write_bytes(good[1].read_bytes())
-    with pytest.raises(ConfigError, match=f"photo0.heatmap.png; {good[1]} and {other_twin} would both write "
-                                          f"photo1.heatmap.png; score them"):
+    with pytest.raises(ConfigError, match=f"photo0.png.heatmap.png; {good[1]} and {other_twin} would both write "
+                                          f"photo1.png.heatmap.png; score them"):
         predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), *map(str, [*good, twin, other_twin])])
     assert not (tmp_path / "maps").exists()
 
@@ -111,7 +111,40 @@ def test_heatmaps_of_a_folder_keep_its_subfolders_so_names_repeated_in_them_do_n
     assert predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), str(tmp_path / "set"),
                     str(good[2])]) == 0
     assert sorted(str(p.relative_to(tmp_path / "maps")) for p in (tmp_path / "maps").rglob("*.png")) == \
-        ["class_a/001.heatmap.png", "class_b/001.heatmap.png", "photo2.heatmap.png", "top.heatmap.png"]
+        ["class_a/001.png.heatmap.png", "class_b/001.png.heatmap.png", "photo2.png.heatmap.png", "top.png.heatmap.png"]
+    # The same photo in two formats (a codec comparison) writes two maps.
+    Image.open(good[0]).save(tmp_path / "set" / "top.webp")
+    assert predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps2"), str(tmp_path / "set")]) == 0
+    assert {"top.png.heatmap.png", "top.webp.heatmap.png"} <= {p.name for p in (tmp_path / "maps2").iterdir()}
+
+
+def test_heatmaps_written_into_the_scored_folder_are_not_scored_on_the_next_run(images, checkpoint, tmp_path, capsys):
+    (good, _), (run, _) = images, checkpoint
+    (tmp_path / "set").mkdir()
+    shutil.copy(good[0], tmp_path / "set" / "a.png")
+    for _ in range(2):
+        assert predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "set" / "maps"),
+                        str(tmp_path / "set")]) == 0
+        assert [json.loads(line)["path"] for line in capsys.readouterr().out.splitlines()] == \
+            [str(tmp_path / "set" / "a.png")]
+    assert [p.name for p in (tmp_path / "set" / "maps").rglob("*")] == ["a.png.heatmap.png"]
+
+
+def test_a_heatmap_that_cannot_be_written_is_named_and_the_scores_go_on(images, checkpoint, tmp_path, capsys):
+    (good, _), (run, _) = images, checkpoint
+    for folder in ("sub", "ok"):
+        (tmp_path / "set" / folder).mkdir(parents=True)
+    shutil.copy(good[0], tmp_path / "set" / "sub" / "a.png")
+    shutil.copy(good[1], tmp_path / "set" / "ok" / "b.png")
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "maps" / "sub").write_text("a file where the subfolder would be")
+    assert predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), str(tmp_path / "set"),
+                    "--out", str(tmp_path / "scores.csv")]) == 1
+    err = capsys.readouterr().err
+    assert f"predict: cannot write heatmap {tmp_path / 'maps' / 'sub' / 'a.png.heatmap.png'}: " in err
+    assert [row["path"] for row in csv.DictReader((tmp_path / "scores.csv").open())] == \
+        [str(tmp_path / "set" / "ok" / "b.png"), str(tmp_path / "set" / "sub" / "a.png")]
+    assert (tmp_path / "maps" / "ok" / "b.png.heatmap.png").is_file()
 
 
 def test_a_16_bit_grey_png_scores_as_its_8_bit_copy(checkpoint, tmp_path, capsys):
