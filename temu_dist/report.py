@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from temu_dist.atomic import write_text_atomic
-from temu_dist.config import (MLFLOW_FOLDERS, ConfigError, dump, error_line, load_config, read_yaml,
-                              settings_label)
+from temu_dist.config import (MLFLOW_FOLDERS, ConfigError, check_output_folder, dump, error_line, load_config,
+                              read_yaml, settings_label)
 from temu_dist.data.manifest import dataset_name
 from temu_dist.tracking import flatten
 
@@ -426,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{flag} {path}: a {' or '.join(suffixes)} file")
             if path and not Path(path).resolve().parent.is_dir():
                 raise ConfigError(f"{flag} {path}: no folder {Path(path).resolve().parent}")
+            if path and Path(path).is_dir():
+                raise ConfigError(f"{flag} {path}: it is a folder, not a file")
+            if path:
+                check_output_folder(Path(path).resolve().parent, flag)
         rows = collect(args.folders, args.each_at)
         names = rename(rows, args.rename)  # each run's pack manifest read once, for every output
     except ConfigError as e:
@@ -437,14 +441,14 @@ def main(argv: list[str] | None = None) -> int:
         suffix = Path(args.out).suffix
         write_text_atomic(Path(args.out), table if suffix == ".md" else table_csv(rows, metrics, names)
                           if suffix == ".csv" else latex(rows, metrics, args.each_at, names))
-        print(f"report: written to {args.out}")
+        print(f"report: written to {args.out}", file=sys.stderr)  # stdout is the table, for a redirect
     if args.plot:
         from temu_dist.plots import results_grid
 
         cols = columns(rows)
         values = [[r.cells.get(c, {}).get(metrics[0], (math.nan, None))[0] for c in cols] for r in rows]
         results_grid(names, cols, values, metrics[0].upper(), args.plot, _at(args.each_at))
-        print(f"report: plot in {args.plot}")
+        print(f"report: plot in {args.plot}", file=sys.stderr)
     return 0
 
 

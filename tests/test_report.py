@@ -52,7 +52,10 @@ def test_runs_line_up_as_a_cross_dataset_table_with_their_own_split_named_after_
                   {"own_best": {"csiq": {"srcc": 0.9, "plcc": 0.8}}, "best": {"csiq": {"srcc": 0.7}}})
     assert report.main([str(finished), str(other), "--out", str(tmp_path / "t.csv"),
                         "--plot", str(tmp_path / "t.png")]) == 0
-    out = capsys.readouterr().out.splitlines()
+    out, err = capsys.readouterr()
+    out = out.splitlines()
+    assert err.splitlines() == [f"report: written to {tmp_path / 't.csv'}", f"report: plot in {tmp_path / 't.png'}"]
+    assert not any(line.startswith("report:") for line in out)  # stdout holds the table alone, for a redirect
     own, cross = results["own_best"]["test"], results["own_best"]["csiq"]
     assert out[0] == "| run | kadid10k | csiq |"
     first = f"| variant=I | {own['srcc']:.4f} / {own['plcc']:.4f} | {cross['srcc']:.4f} / {cross['plcc']:.4f} |"
@@ -115,6 +118,7 @@ def test_rows_and_columns_print_under_the_names_a_paper_gives_them(finished, tmp
     tex = (tmp_path / "t.tex").read_text().splitlines()
     assert tex[0] == "% holds characters outside the Latin script (κ), which pdfLaTeX has no glyphs for: compile " \
                      "with XeLaTeX or LuaLaTeX" and tex[1] == "% needs \\usepackage{booktabs}"
+    capsys.readouterr()
     assert report.main([*runs, "--rename", "variant=S", "variant=I"]) == 1
     assert capsys.readouterr().err == "report: --rename: two rows would both be named 'variant=I'\n"
     # Rows alike of themselves (the same run in two folders of one name) are still shown.
@@ -275,7 +279,9 @@ def test_what_is_not_a_finished_run_is_one_line_naming_it(finished, tmp_path, ca
     assert capsys.readouterr().err.startswith(f"report: {old / 'results.json'}: no own_best")
     assert report.main([str(old), "--each-at", "key"]) == 0
     for flag, path, said in (("--out", "t.txt", "a .md or .csv or .tex file"), ("--plot", "t.jpg", "a .png file"),
-                             ("--out", "no/t.md", f"no folder {tmp_path / 'no'}")):
+                             ("--out", "no/t.md", f"no folder {tmp_path / 'no'}"),
+                             ("--out", "dir.md", "it is a folder, not a file")):
+        (tmp_path / "dir.md").mkdir(exist_ok=True)
         capsys.readouterr()
         assert report.main([str(finished), flag, str(tmp_path / path)]) == 1
         assert capsys.readouterr() == ("", f"report: {flag} {tmp_path / path}: {said}\n")  # before any table
