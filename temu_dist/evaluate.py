@@ -1,15 +1,17 @@
 """Evaluate saved weights, or zero-shot CLIP-IQA: SRCC, PLCC, KRCC and the sample count per evaluation set, every
 sample exactly once across all processes.
 
-    python -m temu_dist.evaluate --checkpoint RUN_DIR [--shards DIR[:SPLIT]]... [key=value ...]
-    python -m temu_dist.evaluate --clipiqa {a,b,c} [--layer K] --config C.yaml [--shards ...] [key=value ...]
+    python -m temu_dist.evaluate --checkpoint RUN_DIR [--shards DIR[:SPLIT]]... [--out FILE.json] [key=value ...]
+    python -m temu_dist.evaluate --clipiqa {a,b,c,table} [--layer K] --config C.yaml [--shards ...] [key=value ...]
     accelerate launch --config_file launch/cpu2.yaml -m temu_dist.evaluate --checkpoint RUN_DIR
 
 RUN_DIR is a run folder (its best checkpoint is used) or a checkpoint folder. --clipiqa scores with the frozen
-backbone alone (seed Tables 11-13, Fig. 9): a, the last layer's [cls]; b, layer K's; c, all layers' averaged. Without
---shards the sets come from the config (data.train's eval.splits and eval.cross). With eval.ldg=true each set is also
-scored on locally distorted copies against f(x, x') * MOS (SET-ldg; seed Figs. 10, 11). Prints one JSON object:
-{set: {srcc, plcc, krcc, count, expected}}, strict JSON (an undefined metric is null).
+backbone alone (seed Tables 11-13, Fig. 9): a, the last layer's [cls]; b, layer K's; c, all layers' averaged; table,
+each of them in one pass. Without --shards the sets come from the config (data.train's eval.splits and eval.cross).
+With eval.ldg=true each set is also scored on locally distorted copies against f(x, x') * MOS (SET-ldg; seed Figs.
+10, 11). Prints one JSON object:
+{set: {srcc, plcc, krcc, count, expected}} ({row: {set: ...}} for a table), strict JSON (an undefined metric is null);
+--out writes it with what was scored, for `python -m temu_dist.report FILE.json`.
 """
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
-from temu_dist.atomic import strict
-from temu_dist.config import Config, ConfigError, check_output_folder, is_override, load_config
+from temu_dist.atomic import strict, write_json_atomic
+from temu_dist.checkpoint import TRAINER_INFO
+from temu_dist.config import Config, ConfigError, check_output_folder, dump, is_override, load_config
 from temu_dist.data.augment import normalize
 from temu_dist.data.keys import name_key
 from temu_dist.data.ldg import LocalDistortion, check_fidelity_size, ldg_targets
@@ -125,11 +128,24 @@ def result_names(sets: list[EvalSet], config: Config) -> list[str]:
     return [name for s in sets for name in (s.name, f"{s.name}-ldg")[:1 + config.eval.ldg]]
 
 
-@torch.no_grad()
 def evaluate_sets(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Accelerator,
                   config: Config) -> dict[str, SetResult]:
     """Scores every set on every process, gathers (name, score, target) from all of them; metrics on every process.
     With eval.ldg, each set's images are scored a second time with a local distortion, against y' = f(x, x') * y."""
+    return {name: results[0] for name, results in _evaluate(model, sets, accelerator, config, 1).items()}
+
+
+def evaluate_columns(model: ClipIQA, sets: list[EvalSet], accelerator: Accelerator,
+                     config: Config) -> dict[str, dict[str, SetResult]]:
+    """{column: {set: result}} of a model that gives several scores an image (CLIP-IQA's option table), in one pass."""
+    by_set = _evaluate(model, sets, accelerator, config, len(model.columns))
+    return {column: {name: results[i] for name, results in by_set.items()} for i, column in enumerate(model.columns)}
+
+
+@torch.no_grad()
+def _evaluate(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Accelerator, config: Config,
+              width: int) -> dict[str, list[SetResult]]:
+    """Each set's results, one per score the model gives an image (`width` of them)."""
     was_training = model.training
     model.eval()
     ldg = LocalDistortion(config.ldg) if config.eval.ldg else None
@@ -153,19 +169,21 @@ def evaluate_sets(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Ac
                     x_ldg = batch["ldg_image"].to(accelerator.device, non_blocking=True)
                     _append(distorted, _score(model, x_ldg), ldg_targets(x, x_ldg, mos, config.ldg))
                 bar.update(len(mos) * accelerator.num_processes)  # the first process's pace, taken for all of theirs
-        results[s.name] = _gathered(s.name, keys, scored, expected, accelerator)
+        results[s.name] = _gathered(s.name, keys, scored, expected, accelerator, width)
         if ldg is not None:
-            result = _gathered(f"{s.name}-ldg", keys, distorted, expected, accelerator)
-            # Fig. 11 compares the mean prediction on distorted images with the mean of their targets.
-            result.metrics.update(pred_mean=float(result.pred.mean()), target_mean=float(result.mos.mean()))
-            results[f"{s.name}-ldg"] = result
+            results[f"{s.name}-ldg"] = _gathered(f"{s.name}-ldg", keys, distorted, expected, accelerator, width)
+            for result in results[f"{s.name}-ldg"]:
+                # Fig. 11 compares the mean prediction on distorted images with the mean of their targets.
+                result.metrics.update(pred_mean=float(result.pred.mean()), target_mean=float(result.mos.mean()))
     model.train(was_training)
     return results
 
 
 def _score(model: TeMuIQA | ClipIQA, x: torch.Tensor) -> torch.Tensor:
+    """[B, width]: the model's scores of each image."""
     out = model(normalize(x, model.backbone.mean, model.backbone.std))
-    return out.score if isinstance(out, QualityOutput) else out
+    score = out.score if isinstance(out, QualityOutput) else out
+    return score.reshape(len(x), -1)
 
 
 def _append(lists: tuple[list, list], pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -175,21 +193,47 @@ def _append(lists: tuple[list, list], pred: torch.Tensor, target: torch.Tensor) 
 
 
 def _gathered(name: str, keys: list[np.ndarray], scored: tuple[list, list], expected: int,
-              accelerator: Accelerator) -> SetResult:
-    """Every process's (name key, score, target) of one set, in name order, with their metrics."""
-    mine = tuple(np.concatenate(p) if p else np.zeros(0, dtype) for p, dtype in
-                 ((keys, np.int64), (scored[0], np.float32), (scored[1], np.float32)))
+              accelerator: Accelerator, width: int) -> list[SetResult]:
+    """Every process's (name key, scores [n, width], target) of one set, in name order, with each score's
+    metrics."""
+    mine = tuple(np.concatenate(p) if p else np.zeros(shape, dtype) for p, shape, dtype in
+                 ((keys, 0, np.int64), (scored[0], (0, width), np.float32), (scored[1], 0, np.float32)))
     parts = gather_object([mine])
     key, pred, target = (np.concatenate([part[i] for part in parts]) for i in range(3))
     if len(np.unique(key)) != len(key):
         raise RuntimeError(f"evaluation of {name} saw a sample twice: the exactly-once split is broken")
     order = np.argsort(key)  # the same order whatever the number of processes
     pred, target = pred[order].astype(np.float64), target[order].astype(np.float64)
-    metrics = {**correlations(pred, target), "expected": expected}
-    if metrics["count"] != expected and accelerator.is_main_process:
+    results = [SetResult({**correlations(column, target), "expected": expected}, column, target) for column in pred.T]
+    if results[0].metrics["count"] != expected and accelerator.is_main_process:
         log.warning("%s: scored %d of %d samples (corrupt samples were skipped, named above)", name,
-                    metrics["count"], expected)
-    return SetResult(metrics, pred, target)
+                    results[0].metrics["count"], expected)
+    return results
+
+
+def _shard_sets(items: list[str]) -> list[EvalSet]:
+    """--shards DIR[:SPLIT] as sets named DIR's last part:SPLIT, or DIR as given where two would share that name
+    (shards/agiqa3k/split0 and shards/livec/split0)."""
+    given = [(folder, split or "test") for folder, _, split in (item.partition(":") for item in items)]
+    short = [f"{Path(folder).name}:{split}" for folder, split in given]
+    return [EvalSet(name if short.count(name) == 1 else f"{folder}:{split}", folder, split)
+            for name, (folder, split) in zip(short, given)]
+
+
+def _epoch_of(checkpoint: Path) -> int | None:
+    """The epoch whose weights a checkpoint folder holds, from its trainer.json; None where it has none."""
+    try:
+        return int(json.loads((checkpoint / TRAINER_INFO).read_text())["next_epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_out(out: Path) -> None:
+    if out.suffix != ".json":
+        raise ConfigError(f"--out {out}: a .json file (python -m temu_dist.report reads it)")
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: it is a folder, not a file")
+    check_output_folder(out.parent, "--out")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,12 +241,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a run folder or a checkpoint folder")
-    source.add_argument("--clipiqa", choices=["a", "b", "c"], help="zero-shot CLIP-IQA option (needs --config)")
+    source.add_argument("--clipiqa", choices=["a", "b", "c", "table"],
+                        help="zero-shot CLIP-IQA option (needs --config); table: every layer (b), the last (a) and all "
+                             "averaged (c) in one pass, the rows of the seed's Tables 11-13")
     parser.add_argument("--layer", type=int, help="the layer (1-based) of --clipiqa b")
     parser.add_argument("--config", help="config YAML for --clipiqa (backbone, input size, prompts, sets)")
     parser.add_argument("--shards", action="append", default=[], metavar="DIR[:SPLIT]",
                         help="evaluate this pack (split: test unless given) instead of the configured sets; repeatable")
     parser.add_argument("--plots", metavar="DIR", help="also draw each set's predicted-versus-target scatter here")
+    parser.add_argument("--out", metavar="FILE.json",
+                        help="also write the scores, with what was scored, to this file (a row of `report`'s tables)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     bad = [o for o in args.overrides if not is_override(o)]
@@ -213,38 +261,55 @@ def main(argv: list[str] | None = None) -> int:
     if args.config and args.checkpoint:
         parser.error("--config is for --clipiqa: a checkpoint brings its own config (change a key with key=value)")
     if args.layer is not None and args.clipiqa != "b":
-        parser.error("--layer is for --clipiqa b (a scores the last layer, c averages all)")
+        parser.error("--layer is for --clipiqa b (a scores the last layer, c averages all, table each of them)")
+    if args.plots and args.clipiqa == "table":
+        parser.error("--plots draws one option's scatters; give --clipiqa a, b or c")
+    if args.clipiqa and not args.config:
+        parser.error("--clipiqa needs --config (backbone, input size, prompts and sets)")
     accelerator = eval_accelerator()
     try:
         if args.plots:
             check_output_folder(Path(args.plots), "--plots")
+        if args.out:
+            _check_out(Path(args.out))
         if args.checkpoint:
-            model, config = load_model(checkpoint_dir(args.checkpoint), args.overrides, accelerator.device)
+            folder = checkpoint_dir(args.checkpoint)
+            model, config = load_model(folder, args.overrides, accelerator.device)
+            epoch = _epoch_of(folder)
+            scored = {"checkpoint": str(folder), **({"epoch": epoch} if epoch is not None else {})}
+            label = config.name + (f" (epoch {epoch})" if epoch is not None else "")
         else:
-            if not args.config:
-                parser.error("--clipiqa needs --config (backbone, input size, prompts and sets)")
             config = load_config(args.config, args.overrides)
             model = build_clipiqa(config, args.clipiqa, args.layer, accelerator.device)
+            scored = {"clipiqa": args.clipiqa, **({"layer": args.layer} if args.layer else {}), "config": args.config}
+            label = model.columns[0] if len(model.columns) == 1 else None
+        sets = _shard_sets(args.shards) if args.shards else eval_sets(config)
         if args.shards:
-            sets = []
-            for item in args.shards:
-                folder, _, split = item.partition(":")
-                split = split or "test"
-                sets.append(EvalSet(f"{Path(folder).name}:{split}", folder, split))
             _check_sets(sets, config, "--shards")
-        else:
-            sets = eval_sets(config)
         if not sets:
             raise ConfigError("nothing to evaluate: the config names no sets; pass --shards DIR[:SPLIT]")
-        results = evaluate_sets(model, sets, accelerator, config)
+        if accelerator.is_main_process:
+            print(f"evaluate: scoring {scored.get('checkpoint') or f'CLIP-IQA {args.clipiqa}'}"
+                  + (f" (epoch {scored['epoch']})" if "epoch" in scored else "") + " on "
+                  + ", ".join(f"{s.name} ({s.shards} {s.split})" for s in sets), file=sys.stderr)
+        rows = evaluate_columns(model, sets, accelerator, config) if label is None else \
+            {label: evaluate_sets(model, sets, accelerator, config)}
     except ConfigError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\nevaluate: stopped; nothing written", file=sys.stderr)
+        return 130
     if accelerator.is_main_process:
-        print(json.dumps(strict({name: r.metrics for name, r in results.items()}), indent=2, allow_nan=False))
+        metrics = {row: {name: r.metrics for name, r in results.items()} for row, results in rows.items()}
+        print(json.dumps(strict(metrics if label is None else metrics[label]), indent=2, allow_nan=False))
+        if args.out:
+            write_json_atomic(Path(args.out), {
+                "scored": scored, "sets": {s.name: {"shards": s.shards, "split": s.split} for s in sets},
+                "config": dump(config), "rows": metrics})
+            print(f"evaluate: written to {args.out}", file=sys.stderr)
         if args.plots:
-            label = Path(args.checkpoint).name if args.checkpoint else f"CLIP-IQA {args.clipiqa}"
-            for path in scatter_plots(results, Path(args.plots), label):
+            for path in scatter_plots(rows[label], Path(args.plots), label):
                 print(f"evaluate: wrote {path}", file=sys.stderr)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -4,11 +4,13 @@ SRCC / PLCC in each cell (the seed's Tables 5-13).
     python -m temu_dist.report runs/table8-*                          # Table 8 from its 12 runs
     python -m temu_dist.report runs/table6-agiqa3k-S runs/table6-agiqa3k-I   # repeat series: mean +- sd
     python -m temu_dist.report runs/table5-clive-prompts                 # a search: a row per trial
+    python -m temu_dist.report runs/table11.json     # evaluate --clipiqa table --out runs/table11.json: a row a layer
     python -m temu_dist.report runs/table8-* --out table8.md --plot table8.png    # .csv, .tex (LaTeX) too
 
 A folder is a finished run (results.json), a finished repeat series (repeat.json), a search (its trials, finished or
-stopped early, running or done) or a folder of them (out_dir); a series' own split runs are left out where the series
-is there too, and what is left out is said. Rows are labelled by the config keys whose values differ between them
+stopped early, running or done) or a folder of them (out_dir); a .json file is what `evaluate --out` wrote, a row for
+each model it scored (`--clipiqa table`: the seed's Tables 11-13). A series' own split runs are left out where the
+series is there too, and what is left out is said. Rows are labelled by the config keys whose values differ between them
 (the training set, model.variant, model.layers, ...). A run's own splits are named after the dataset it trained on,
 so that runs trained on different sets line up with each other's cross-dataset columns. Each set is taken at its
 own best epoch, as IQA-PyTorch reports it (--each-at key: every set at the key metric's best epoch, that of the
@@ -57,6 +59,7 @@ class Row:
     # (column, metric) -> the splits a series' value is over, where a metric undefined in some left fewer
     fewer: dict[tuple[str, str], int] = field(default_factory=dict)
     split_runs: list[Path] = field(default_factory=list)  # a series' own runs
+    label: str = ""  # a row of `evaluate --out`: named as evaluate named it, not by its settings
 
 
 def _read_json(path: Path) -> dict:
@@ -105,6 +108,20 @@ def read_run(folder: Path, each_at: str) -> Row:
     row = _row(folder, config, results[key])
     row.started_for = [results["extended"][0]["epochs_from"]] if results.get("extended") else []
     return row
+
+
+def read_evaluation(path: Path) -> list[Row]:
+    """The rows `evaluate --out` wrote: a model's (a checkpoint, a CLIP-IQA option) or each of a CLIP-IQA table's."""
+    data = _read_json(path)
+    if not isinstance(data.get("rows"), dict) or not isinstance(data.get("config"), dict):
+        raise ConfigError(f"{path}: not a file `python -m temu_dist.evaluate --out` wrote (no rows and config)")
+    config = flatten(data["config"])
+    rows = []
+    for label, sets in data["rows"].items():
+        row = _row(path, config, sets)
+        row.label = label
+        rows.append(row)
+    return rows
 
 
 def _row(folder: Path, config: dict, sets: dict, stopped: str = "") -> Row:
@@ -229,7 +246,11 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
                 found = scan(sub, f"{prefix}{sub.name}/", depth - 1) or found
         return found
 
+    evaluated: list[Row] = []
     for folder in (Path(f).absolute() for f in folders):  # a folder's name and parent, also for `report .`
+        if folder.suffix == ".json" and folder.is_file():
+            evaluated += read_evaluation(folder)
+            continue
         if take(folder, ""):
             continue
         if (folder / "checkpoints").is_dir():
@@ -247,6 +268,7 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
     for trial in dict.fromkeys(stopped):
         search = trial.parent.parent / "search.json"
         rows.append(read_stopped_trial(trial, each_at, _read_json(search) if search.is_file() else {}))
+    rows += evaluated
     in_series = {run.resolve(): r.folder.name for r in rows for run in r.split_runs}
     left_out += [f"{r.folder.name} (a split of the series {in_series[r.folder.resolve()]}, in its row)"
                  for r in rows if r.folder.resolve() in in_series]
@@ -264,7 +286,15 @@ def labels(rows: list[Row]) -> list[str]:
 
 def _base_labels(rows: list[Row]) -> list[str]:
     """Each row's settings that differ between the rows (the training set by its dataset), and its folder's name
-    where none do or two rows would read alike."""
+    where none do or two rows would read alike; evaluate's rows by their own names, with their file's where two
+    would read alike."""
+    named = [r.label for r in rows if r.label]
+    runs = iter(_settings_labels([r for r in rows if not r.label]))
+    return [(f"{r.label} ({r.folder.name})" if named.count(r.label) > 1 else r.label) if r.label else next(runs)
+            for r in rows]
+
+
+def _settings_labels(rows: list[Row]) -> list[str]:
     keys = sorted({k for r in rows for k in r.config if not k.startswith(NOT_SETTINGS)},
                   key=lambda k: (k != "data.train", k))
     shown = [{("train" if k == "data.train" else k): dataset_name(r.config.get(k)) if k == "data.train"

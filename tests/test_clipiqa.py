@@ -38,3 +38,16 @@ def test_option_b_and_c_use_the_cls_of_chosen_and_all_layers():
         expected_c = _by_hand(clip, x, torch.stack(per_layer).mean(dim=0))
     torch.testing.assert_close(build_clipiqa(config, "b", layer=2)(x), expected_b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(build_clipiqa(config, "c")(x), expected_c, rtol=1e-5, atol=1e-5)
+
+
+def test_option_table_scores_every_layer_and_their_average_in_one_pass_as_the_single_options_do():
+    config = tiny_config()
+    x = torch.randn(2, 3, 64, 64)
+    table = build_clipiqa(config, "table")
+    assert table.columns == ["layer 1 (b)", "layer 2 (b)", "layer 3 (b)", "layer 4 (a: CLIP-IQA)", "all layers (c)"]
+    scores = table(x)
+    assert scores.shape == (2, 5)
+    singles = [build_clipiqa(config, "b", layer=k)(x) for k in (1, 2, 3)] + \
+        [build_clipiqa(config, "a")(x), build_clipiqa(config, "c")(x)]
+    torch.testing.assert_close(scores, torch.stack(singles, dim=1), rtol=1e-5, atol=1e-5)
+    assert build_clipiqa(config, "b", layer=2).columns == ["layer 2 (b)"]

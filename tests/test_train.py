@@ -819,6 +819,37 @@ def test_repeat_averages_a_metric_over_the_splits_where_it_is_finite():
     assert test["srcc"]["mean"] == pytest.approx(0.8) and math.isnan(test["srcc"]["values"][1])
 
 
+def test_evaluate_scores_every_row_of_a_clipiqa_table_in_one_pass_and_report_lays_it_out(tmp_path, shards, capsys):
+    from temu_dist import report
+    from temu_dist.evaluate import main
+
+    cfg = tmp_path / "zs.yaml"
+    cfg.write_text("model: {backbone: Test-Tiny-ViT-16, pretrained: null, image_size: 64}\n")
+    out = tmp_path / "table.json"
+    assert main(["--clipiqa", "table", "--config", str(cfg), "--shards", str(shards), "--out", str(out)]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert list(table) == ["layer 1 (b)", "layer 2 (b)", "layer 3 (b)", "layer 4 (a: CLIP-IQA)", "all layers (c)"]
+    for option in (["b", "--layer", "2"], ["c"]):
+        assert main(["--clipiqa", *option, "--config", str(cfg), "--shards", str(shards)]) == 0
+        alone = json.loads(capsys.readouterr().out)["shards:test"]
+        row = table["layer 2 (b)" if option[0] == "b" else "all layers (c)"]["shards:test"]
+        assert alone["count"] == row["count"] > 0
+        assert alone["plcc"] == pytest.approx(row["plcc"], abs=1e-5)
+    saved = json.loads(out.read_text())
+    assert saved["scored"] == {"clipiqa": "table", "config": str(cfg)}
+    assert saved["sets"] == {"shards:test": {"shards": str(shards), "split": "test"}}
+    assert report.main([str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| run | shards:test |"
+    assert [line.split(" | ")[0] for line in lines[2:7]] == [f"| {name}" for name in table]
+    with pytest.raises(SystemExit):
+        main(["--clipiqa", "table", "--config", str(cfg), "--plots", str(tmp_path / "p")])
+    assert "--plots draws one option's scatters" in capsys.readouterr().err
+    assert main(["--clipiqa", "c", "--config", str(cfg), "--shards", str(shards), "--out", str(tmp_path / "t.md")]) == 1
+    assert capsys.readouterr().err == f"evaluate: --out {tmp_path / 't.md'}: a .json file (python -m " \
+                                      "temu_dist.report reads it)\n"
+
+
 def test_evaluate_verb_prints_strict_json_with_an_undefined_metric_as_null(tmp_path, shards, capsys, monkeypatch):
     import temu_dist.evaluate as evaluate
 
@@ -840,12 +871,21 @@ def test_evaluate_verb_prints_strict_json_with_an_undefined_metric_as_null(tmp_p
 
 
 def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, capsys):
+    from temu_dist import report
     from temu_dist.evaluate import main
 
     train(run_config(tmp_path, shards, "train.epochs=1"))
     capsys.readouterr()
-    assert main(["--checkpoint", str(tmp_path / "run")]) == 0
-    scored = json.loads(capsys.readouterr().out)
+    assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "run.json")]) == 0
+    scored, err = capsys.readouterr()
+    scored = json.loads(scored)
+    best_dir = tmp_path / "run" / "checkpoints" / "best"
+    assert err.startswith(f"evaluate: scoring {best_dir} (epoch 1) on val ({shards} val), test ({shards} test)\n")
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert saved["scored"] == {"checkpoint": str(best_dir), "epoch": 1} and saved["rows"] == {"run (epoch 1)": scored}
+    # A row of report's tables, its own split named after its dataset as a run's is.
+    assert report.main([str(tmp_path / "run.json")]) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith("| run (epoch 1) | ")
     assert set(scored) == {"val", "test"} and scored["test"]["count"] == scored["test"]["expected"]
     best = json.loads((tmp_path / "run" / "results.json").read_text())["best"]
     assert scored["test"]["srcc"] == pytest.approx(best["test"]["srcc"], abs=1e-6)
