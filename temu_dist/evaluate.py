@@ -212,12 +212,12 @@ def _gathered(name: str, keys: list[np.ndarray], scored: tuple[list, list], expe
 
 
 def _shard_sets(items: list[str]) -> list[EvalSet]:
-    """--shards DIR[:SPLIT] as sets named DIR's last part:SPLIT, or DIR as given where two would share that name
+    """--shards DIR[:SPLIT] as sets named DIR's last part:SPLIT, or DIR as given where two folders share that part
     (shards/agiqa3k/split0 and shards/livec/split0)."""
     given = [(folder, split or "test") for folder, _, split in (item.partition(":") for item in items)]
-    short = [f"{Path(folder).name}:{split}" for folder, split in given]
-    return [EvalSet(name if short.count(name) == 1 else f"{folder}:{split}", folder, split)
-            for name, (folder, split) in zip(short, given)]
+    names = [Path(folder).name for folder in dict.fromkeys(folder for folder, _ in given)]
+    return [EvalSet(f"{Path(folder).name if names.count(Path(folder).name) == 1 else folder}:{split}", folder, split)
+            for folder, split in given]
 
 
 def _epoch_of(checkpoint: Path) -> int | None:

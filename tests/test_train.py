@@ -850,6 +850,14 @@ def test_evaluate_scores_every_row_of_a_clipiqa_table_in_one_pass_and_report_lay
                                       "temu_dist.report reads it)\n"
 
 
+def test_evaluate_names_shards_sets_by_their_folder_or_by_their_path_where_two_folders_share_a_name():
+    from temu_dist.evaluate import _shard_sets
+
+    sets = _shard_sets(["shards/agiqa3k/split0", "shards/livec/split0:val", "shards/csiq-all"])
+    assert [s.name for s in sets] == ["shards/agiqa3k/split0:test", "shards/livec/split0:val", "csiq-all:test"]
+    assert [(s.shards, s.split) for s in sets][1] == ("shards/livec/split0", "val")
+
+
 def test_evaluate_verb_prints_strict_json_with_an_undefined_metric_as_null(tmp_path, shards, capsys, monkeypatch):
     import temu_dist.evaluate as evaluate
 
