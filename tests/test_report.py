@@ -301,4 +301,3 @@ def test_a_folder_of_runs_is_searched_in_its_subfolders_as_names_a_b_make_them_b
     rows = report.collect([tmp_path / "runs"])
     assert [r.folder for r in rows] == [tmp_path / "runs" / "abl" / "mlruns", search / "trials" / "trial-coop"]
     assert capsys.readouterr().err == "report: left out: ablations/prompts/trials/trial-nan (failed)\n"
-
