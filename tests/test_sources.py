@@ -103,6 +103,15 @@ def test_koniq10k_image_missing_from_sets_file(tmp_path):
         list(read_records("koniq10k", tmp_path))
 
 
+def test_koniq10k_image_in_two_sets_is_named(tmp_path):
+    koniq(tmp_path)
+    with (tmp_path / "koniq10k_distributions_sets.csv").open("a") as fh:
+        fh.write("0.jpg,1,2,3,4,5,15,60.0,0.5,test\n")  # listed as training at row 2
+    with pytest.raises(DataError, match=r"^koniq10k_distributions_sets.csv row 5: image '0.jpg' already listed at "
+                                        r"row 2$"):
+        list(read_records("koniq10k", tmp_path))
+
+
 def test_spaq_first_sheet_of_the_xlsx(tmp_path):
     write_xlsx(tmp_path / "Annotations" / "MOS and Image attribute scores.xlsx",
                ["Image name", "MOS", "Brightness", "Colorfulness", "Contrast", "Noisiness", "Sharpness"],
@@ -163,6 +172,10 @@ def test_ava_mean_vote_and_official_test_list(tmp_path):
     assert [(r.name, r.mos_raw, r.split, r.row) for r in recs] == [("images/953619.jpg", 5.0, "train", 1),
                                                                   ("images/953958.jpg", 5.5, "test", 2)]
     assert recs[1].mos == pytest.approx(0.5)
+    # Saved by an editor that writes a byte-order mark: its first id is still a test image.
+    for name in ("aesthetics_image_lists/generic_test.jpgl", "AVA.txt"):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + (tmp_path / name).read_bytes())
+    assert [r.split for r in read_records("ava", tmp_path)] == ["train", "test"]
 
 
 def test_ava_streams_line_by_line(tmp_path):
@@ -272,6 +285,10 @@ def test_agiqa3k_quality_mos(tmp_path):
     recs = list(read_records("agiqa3k", tmp_path))
     assert [r.name for r in recs] == ["AGIQA-3K/AttnGAN_normal_000.jpg", "AGIQA-3K/sd1.5_normal_060.jpg"]
     assert all(r.path.is_file() for r in recs)
+    # Its first image missing, the folder is found from the next: that one alone is missing, not all of them.
+    recs[0].path.unlink()
+    assert [r.name for r in read_records("agiqa3k", tmp_path)] == \
+        ["AGIQA-3K/AttnGAN_normal_000.jpg", "AGIQA-3K/sd1.5_normal_060.jpg"]
 
 
 # --- errors --------------------------------------------------------------------------------------------------------
@@ -296,8 +313,22 @@ def test_missing_column_names_file_and_column(tmp_path):
     write_csv(tmp_path / "dmos.csv", ["dist_img", "ref_img", "var"], [["a.png", "r.png", 0.1]])
     with pytest.raises(DataError, match=r"dmos.csv: no column 'dmos' \(columns: dist_img, ref_img, var\)"):
         list(read_records("kadid10k", tmp_path))
+    # Exported with another separator, or empty: said so.
+    (tmp_path / "dmos.csv").write_text("dist_img;ref_img;dmos\na.png;r.png;3\n")
+    with pytest.raises(DataError, match=r"^dmos.csv: no column 'dist_img' \(columns: dist_img;ref_img;dmos; its "
+                                        r"fields are separated by ';': save it comma-separated\)$"):
+        list(read_records("kadid10k", tmp_path))
+    (tmp_path / "dmos.csv").write_text("")
+    with pytest.raises(DataError, match=r"^dmos.csv: no column 'dist_img' \(no header: an empty file\)$"):
+        list(read_records("kadid10k", tmp_path))
     write_xlsx(tmp_path / "Annotations" / "MOS and Image attribute scores.xlsx", ["Image name", "Mos"], [["a", 1]])
     with pytest.raises(DataError, match=r"MOS and Image attribute scores.xlsx: no column 'MOS'"):
+        list(read_records("spaq", tmp_path))
+    # Another sheet put first: the one read is named, and the sheets listed.
+    write_xlsx(tmp_path / "Annotations" / "MOS and Image attribute scores.xlsx", ["Readme"], [["x"]], sheet="Readme")
+    with pytest.raises(DataError, match=r"^MOS and Image attribute scores.xlsx: no column 'Image name' in any row of "
+                                        r"sheet 'Readme'; the release's labels are on its first sheet, and it has "
+                                        r"'Readme', 'notes'$"):
         list(read_records("spaq", tmp_path))
     sio.savemat(tmp_path / "dmos.mat", {"dmos_new": np.zeros((1, 982)), "orgs": np.zeros((1, 982))})
     sio.savemat(tmp_path / "refnames_all.mat", {"refnames_all": cell_array(["a.bmp"] * 982, (1, 982))})

@@ -188,6 +188,15 @@ def _header(path: Path) -> list[str]:
             raise _not_utf8(path) from None
 
 
+def _columns_said(header: list[str]) -> str:
+    """A header as an error names it, with why a spreadsheet's export would not read: another separator."""
+    if not header:
+        return "no header: an empty file"
+    sep = next((s for s in (";", "\t") if len(header) == 1 and s in header[0]), None)
+    return f"columns: {', '.join(header)}" + (f"; its fields are separated by {sep!r}: save it comma-separated"
+                                                if sep else "")
+
+
 def _csv_rows(path: Path, columns: Iterable[str]) -> Iterator[tuple[int, dict[str, str]]]:
     """(line, row) pairs, streamed; the header must hold every column asked for, and each row a value for them (a
     row cut short is named as such, not as an empty value); other fields a short row lacks are empty."""
@@ -198,7 +207,7 @@ def _csv_rows(path: Path, columns: Iterable[str]) -> Iterator[tuple[int, dict[st
             reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
             for col in columns:
                 if col not in reader.fieldnames:
-                    raise DataError(f"{path.name}: no column '{col}' (columns: {', '.join(reader.fieldnames)})")
+                    raise DataError(f"{path.name}: no column '{col}' ({_columns_said(reader.fieldnames)})")
             for row in reader:
                 if any(row[c] is None for c in columns):
                     fields = sum(v is not None for k, v in row.items() if k is not None)
@@ -220,7 +229,8 @@ def _xlsx_rows(path: Path, sheet: str | None, columns: tuple[str, ...]) -> Itera
         if sheet is not None and sheet not in wb.sheetnames:
             raise DataError(f"{path.name}: no sheet '{sheet}' (sheets: {', '.join(wb.sheetnames)})")
         where: dict[str, int] | None = None
-        for r, values in enumerate((wb[sheet] if sheet else wb.worksheets[0]).iter_rows(values_only=True), 1):
+        ws = wb[sheet] if sheet else wb.worksheets[0]
+        for r, values in enumerate(ws.iter_rows(values_only=True), 1):
             if where is None:
                 header = [_text(v) for v in values]
                 if columns[0] in header:
@@ -233,7 +243,9 @@ def _xlsx_rows(path: Path, sheet: str | None, columns: tuple[str, ...]) -> Itera
             if any(_text(v) for v in cells.values()):
                 yield r, cells
         if where is None:
-            raise DataError(f"{path.name}: no column '{columns[0]}' in any row")
+            others = "" if sheet or len(wb.sheetnames) == 1 else \
+                f"; the release's labels are on its first sheet, and it has {', '.join(map(repr, wb.sheetnames))}"
+            raise DataError(f"{path.name}: no column '{columns[0]}' in any row of sheet '{ws.title}'{others}")
     finally:
         wb.close()
 
@@ -259,11 +271,14 @@ def _read_koniq10k(root: Path, label: Path) -> Iterator[Record]:
     splits = None
     if sets.is_file():
         names = {"training": "train", "validation": "val", "test": "test"}
-        splits = {}
+        splits, rows = {}, {}
         for row, rec in _csv_rows(sets, ("image_name", "set")):
             if rec["set"].strip() not in names:
                 raise DataError(f"{sets.name} row {row}: set {rec['set']!r} is not training, validation or test")
-            splits[rec["image_name"].strip()] = names[rec["set"].strip()]
+            image = rec["image_name"].strip()
+            if image in rows:  # in two sets, it would land in the last one's split without a word
+                raise DataError(f"{sets.name} row {row}: image {image!r} already listed at row {rows[image]}")
+            splits[image], rows[image] = names[rec["set"].strip()], row
     for row, rec in _csv_rows(label, ("image_name", "MOS")):
         image = rec["image_name"].strip()
         if splits is not None and image not in splits:
@@ -308,10 +323,10 @@ def _read_flive(root: Path, label: Path) -> Iterator[Record]:
 def _read_ava(root: Path, label: Path) -> Iterator[Record]:
     test_list = label.parent / "aesthetics_image_lists" / "generic_test.jpgl"
     try:
-        test = set(test_list.read_text(encoding="utf-8").split()) if test_list.is_file() else None
+        test = set(test_list.read_text(encoding="utf-8-sig").split()) if test_list.is_file() else None
     except UnicodeDecodeError:
         raise _not_utf8(test_list) from None
-    with label.open(encoding="utf-8") as fh:
+    with label.open(encoding="utf-8-sig") as fh:
         for row, line in _lines(fh, label):
             fields = line.split()
             if not fields:
@@ -360,21 +375,26 @@ def _read_live(root: Path, label: Path) -> Iterator[Record]:
             yield _record("live", root, name, dmos[i], label, i + 1, ref=refs[i])
 
 
-def _folder_holding(root: Path, name: str) -> str:
-    """Where name lies, as a prefix: root itself (""), else the first folder directly under root that holds it
-    ("SUB/"); where neither does, root, so the packer reports the image missing there."""
-    if (root / name).is_file():
-        return ""
-    return next((f"{sub.name}/" for sub in sorted(root.iterdir()) if sub.is_dir() and (sub / name).is_file()), "")
+def _folder_holding(root: Path, names: Iterable[str]) -> str:
+    """Where the first of names found lies, as a prefix: root itself (""), else the first folder directly under root
+    that holds it ("SUB/"); where none is found, root, so the packer reports the images missing there."""
+    subs = [sub for sub in sorted(root.iterdir()) if sub.is_dir()] if root.is_dir() else []
+    for name in names:
+        if (root / name).is_file():
+            return ""
+        found = next((f"{sub.name}/" for sub in subs if (sub / name).is_file()), None)
+        if found is not None:
+            return found
+    return ""
 
 
 def _read_agiqa3k(root: Path, label: Path) -> Iterator[Record]:
-    folder = None
-    for row, rec in _csv_rows(label, ("name", "mos_quality")):
-        name = rec["name"].strip()
-        if folder is None:  # AGIQA-3K.zip unpacks to a folder whose name the release does not document
-            folder = _folder_holding(root, name)
-        yield _record("agiqa3k", root, folder + name, rec["mos_quality"], label, row)
+    # AGIQA-3K.zip unpacks to a folder whose name the release does not document; its 2982 rows are read whole to
+    # find it, so that a first image missing does not make every other one look missing.
+    rows = [(row, rec["name"].strip(), rec["mos_quality"]) for row, rec in _csv_rows(label, ("name", "mos_quality"))]
+    folder = _folder_holding(root, (name for _, name, _ in rows))
+    for row, name, mos in rows:
+        yield _record("agiqa3k", root, folder + name, mos, label, row)
 
 
 _READERS: dict[str, Callable[[Path, Path], Iterator[Record]]] = {
