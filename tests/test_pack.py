@@ -620,6 +620,9 @@ def test_what_a_csv_of_ones_own_cannot_be_read_with_is_one_line_naming_it(tmp_pa
          "--columns takes the image and score columns and optionally the reference's, not 1"),
         ("img_name,mos", rows, [*mine, "--mos-range", "1", "5", "--columns", "image", "mos"],
          "scores.csv: no column 'image' (columns: img_name, mos)"),
+        ("img_name;mos", [r.replace(",", ";") for r in rows], [*mine, "--mos-range", "1", "5"],
+         "scores.csv: a header with the image and score columns is needed (columns: img_name;mos; its fields are "
+         "separated by ';': save it comma-separated)"),
         ("img_name,mos", rows[:1] + ["images/x.png,7.5"], [*mine, "--mos-range", "1", "5"],
          "scores.csv row 3: MOS 7.5 is outside 1..5 for mine"),
         ("img_name,mos,split", [r + ",later" for r in rows], [*mine, "--mos-range", "1", "5"],

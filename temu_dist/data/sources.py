@@ -539,7 +539,7 @@ class CsvLabels:
 def _read_csv(spec: CsvLabels, root: Path, label: Path) -> Iterator[Record]:
     header = _header(label)
     columns = spec.columns or tuple(header[:2])
-    listed = f"columns: {', '.join(header) or 'none'}"
+    listed = _columns_said(header)
     if len(columns) < 2:
         raise DataError(f"{label.name}: a header with the image and score columns is needed ({listed})")
     if not spec.columns and _is_number(columns[1]):
