@@ -45,6 +45,7 @@ from temu_dist.data.manifest import MANIFEST, PACK_FILE, STARTED, ShardsMissing,
 from temu_dist.data.sources import (DATASETS, META_SPLIT_COLUMNS, CsvLabels, DataError, DatasetInfo, Record,
                                     read_csv_labels, read_pyiqa_meta, read_records)
 from temu_dist.data.splits import SPLITS, SplitSpec, split_read, splitter
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 
 FORMAT = "temu-dist-shards/1"
 # Samples dealt to shards at random by ORDER_SEED (a manifest's "order"); packs without one kept the label file's.
@@ -368,7 +369,7 @@ def pack(opts: PackOptions) -> dict:
     # In a log (nohup, sbatch) rather than on a terminal, a line every half minute.
     progress = tqdm(total=total, desc=f"pack {opts.dataset}", unit="img", file=sys.stderr,
                     mininterval=0.1 if sys.stderr.isatty() else 30)
-    pool = ProcessPoolExecutor(max_workers=opts.workers, initializer=_leave_sigint_to_main)
+    pool = ProcessPoolExecutor(max_workers=opts.workers, initializer=_leave_stops_to_main)
     pending: set[Future] = set()
     try:
         for name, split, samples in _chunks(opts, codes):
@@ -386,9 +387,9 @@ def pack(opts: PackOptions) -> dict:
             pending = _collect(pending, results, progress)
     except KeyboardInterrupt:
         # Stop now, not after the shards in flight: the rerun writes them again. ProcessPoolExecutor has no public way
-        # to end its workers before Python 3.14.
+        # to end its workers before Python 3.14; they ignore SIGTERM, so SIGKILL.
         for process in list(pool._processes.values()):
-            process.terminate()
+            process.kill()
         raise
     finally:
         progress.close()
@@ -458,9 +459,11 @@ def _refuse_foreign_files(out: Path) -> None:
                         f"{', ...' * (len(foreign) > 3)}): pack into a new or an empty folder")
 
 
-def _leave_sigint_to_main() -> None:
-    """Ctrl-C reaches every process of the terminal's group: the main process alone handles it, stopping the workers."""
+def _leave_stops_to_main() -> None:
+    """Ctrl-C reaches every process of the terminal's group, and SIGTERM every one of a job's (scancel): the main
+    process alone handles them, stopping the workers; a SIGTERM to it alone left them packing on, orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _identity(opts: PackOptions, label_path: Path) -> dict:
@@ -631,13 +634,15 @@ def main(argv: list[str] | None = None) -> int:
                            tuple(args.columns or ())) if own else None
         opts = PackOptions(args.dataset, args.root, args.out, args.label_file, args.meta_csv, spec, args.shard_size,
                            args.workers, args.resize_shorter, args.skip_bad, labels)
-        manifest = pack(opts)
+        with sigterm_as_ctrl_c():
+            manifest = pack(opts)
     except ConfigError as e:
         print(f"pack: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("pack: interrupted; finished shards are kept, rerun the same command to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        by = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        print(f"\npack: {by}; finished shards are kept, rerun the same command to continue", file=sys.stderr)
+        return stop_code(e)
     counts = ", ".join(f"{s} {info['count']}" for s, info in manifest["splits"].items())
     unlisted = f"; not in the split file {manifest['unlisted']}" if manifest.get("unlisted") else ""
     print(f"pack: {args.out}: {counts}; skipped {len(manifest['skipped'])}{unlisted}")

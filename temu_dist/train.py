@@ -18,13 +18,10 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import sys
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable
@@ -55,6 +52,7 @@ from temu_dist.model.io import load_weights, with_legacy_fields
 from temu_dist.model.backbone import check_backbone
 from temu_dist.model.temu import TeMuIQA, Tokens, build_model
 from temu_dist.plots import score_vs_time
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 from temu_dist.tracking import Tracker, flatten, tracking_uri
 
 
@@ -67,15 +65,6 @@ class NonFiniteLoss(RuntimeError):
 NONFINITE = "nonfinite.txt"
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (SLURM's scancel and time limit, docker stop, kill), met as Ctrl-C is: the MLflow run ends KILLED and
-    the command says how to go on, where the signal's default would end the process on the spot."""
-
-
-def _terminate(signum, frame) -> None:
-    raise Terminated
-
-
 # torch's report of a data worker a SIGTERM ended: sent to the whole process group (scancel, docker stop), the signal
 # may end a worker before the main process meets its own, and this error would stand in for the stop.
 WORKER_TERMINATED = re.compile(r"DataLoader worker \(pid \d+\) is killed by signal: Terminated")
@@ -83,21 +72,6 @@ WORKER_TERMINATED = re.compile(r"DataLoader worker \(pid \d+\) is killed by sign
 
 def _stopped_by_sigterm(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and bool(WORKER_TERMINATED.search(str(e)))
-
-
-@contextmanager
-def sigterm_as_ctrl_c() -> Iterator[None]:
-    """Within (an entry point's work), SIGTERM raises Terminated; the caller's own handler is back after."""
-    before = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
-def stop_code(e: KeyboardInterrupt) -> int:
-    """An entry point's exit status when stopped: a shell's, 128 + SIGTERM or 130 (SIGINT)."""
-    return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
 
 
 def _all_gather(x: torch.Tensor) -> list[torch.Tensor]:

@@ -43,6 +43,7 @@ from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist.config import (Config, ConfigError, Notice, Section, apply_overrides, dump, error_line, folder_name,
                               load_config, metric_key, notices_as_lines, one_line_error, parse_override, read_yaml,
                               settings_label)
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 from temu_dist.tracking import finish_run, flatten, log_artifacts, parent_run, tracking_uri
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -668,7 +669,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="keys of the search config, not of the training config (examples above)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    from temu_dist.train import Terminated, sigterm_as_ctrl_c, stop_code
 
     try:
         search = load_search(args.config, args.overrides)

@@ -390,9 +390,14 @@ def test_progress_shows_its_total_when_stderr_is_no_terminal(tmp_path, capsys):
     assert "6/6" in capsys.readouterr().err
 
 
-def test_ctrl_c_stops_the_workers_at_once_with_one_line(tmp_path):
+@pytest.mark.parametrize("stop, code, said", [
+    (lambda pid: os.killpg(pid, signal.SIGINT), 130, "interrupted"),
+    # A SIGTERM to the main process alone (kill PID): its workers went on packing, orphaned.
+    (lambda pid: os.kill(pid, signal.SIGTERM), 143, "stopped by SIGTERM"),
+])
+def test_ctrl_c_or_sigterm_stops_the_workers_at_once_with_one_line(tmp_path, stop, code, said):
     """A worker stuck on an image (a named pipe nobody writes to) holds the pack: Ctrl-C, sent to the process group as
-    a terminal sends it, must end it at once, keeping the finished shards."""
+    a terminal sends it, or SIGTERM must end it at once, keeping the finished shards."""
     write_kadid(tmp_path / "kadid", refs=2, per_ref=2)
     stuck = tmp_path / "kadid" / "images" / "I02_02_01.png"
     stuck.unlink()
@@ -407,15 +412,27 @@ def test_ctrl_c_stops_the_workers_at_once_with_one_line(tmp_path):
         deadline = time.monotonic() + 30
         while not (out / "train-000000.tar").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)
+        stop(proc.pid)
         _, err = proc.communicate(timeout=30)
+        deadline = time.monotonic() + 10
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _group_alive(proc.pid), "a worker outlived the pack"
     finally:
-        if proc.poll() is None:
+        if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130
-    assert err.splitlines()[-1] == "pack: interrupted; finished shards are kept, rerun the same command to continue"
+    assert proc.returncode == code
+    assert err.splitlines()[-1] == f"pack: {said}; finished shards are kept, rerun the same command to continue"
     assert "Traceback" not in err
     assert (out / "train-000000.tar").exists() and not (out / MANIFEST).exists()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_a_qalign_split_becomes_the_split_file_pack_reads(tmp_path, capsys):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from temu_dist import stop
 from temu_dist.config import ConfigError
 from temu_dist.data.splits import SplitSpec
 from temu_dist.pack import PackOptions, pack
@@ -449,7 +450,7 @@ def test_sigterm_stops_as_ctrl_c_does_and_says_so(tmp_path, shards, monkeypatch,
     caller = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         assert train_mod.main(args) == 143
-        assert signal.getsignal(signal.SIGTERM) is not train_mod._terminate
+        assert signal.getsignal(signal.SIGTERM) is not stop._terminate
     finally:
         signal.signal(signal.SIGTERM, caller)
     last = tmp_path / "run" / "checkpoints" / "last"

@@ -17,6 +17,7 @@ import ray
 import torch
 import yaml
 
+from temu_dist import stop
 from temu_dist import train as train_cli
 from temu_dist import tune as tune_cli
 from temu_dist.config import ConfigError
@@ -644,7 +645,7 @@ def test_a_search_sent_sigterm_stops_as_ctrl_c_does(tmp_path, shards, tuner_stop
     caller = signal.signal(signal.SIGTERM, lambda *_: None)  # the test's own, which lets the search go on
     try:
         assert tune_cli.main(["--config", str(path)]) == 143
-        assert signal.getsignal(signal.SIGTERM) is not train_cli._terminate
+        assert signal.getsignal(signal.SIGTERM) is not stop._terminate
     finally:
         signal.signal(signal.SIGTERM, caller)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -657,7 +658,7 @@ def test_sigterm_after_ray_has_started_still_stops_the_search_as_ctrl_c_does(ray
     # Ray's core worker puts in a SIGTERM handler of its own, which aborted the driver (exit 134) with the parent run
     # left RUNNING. A real local Ray, in a process of its own, as that handler would end this one.
     code = ("import os, signal, sys, time\n"
-            "from temu_dist.train import Terminated, sigterm_as_ctrl_c, stop_code\n"
+            "from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code\n"
             "from temu_dist.tune import _ray_init\n"
             "with sigterm_as_ctrl_c():\n"
             "    try:\n"

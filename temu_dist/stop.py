@@ -1,0 +1,31 @@
+"""How every command stops: SIGTERM (SLURM's scancel and time limit, docker stop, kill) met as Ctrl-C is, and the exit
+status a shell gives either. Without torch, so that pack stays light."""
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from typing import Iterator
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, met as Ctrl-C is: the MLflow run ends KILLED and the command says how to go on, where the signal's
+    default would end the process on the spot."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+@contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """Within (an entry point's work), SIGTERM raises Terminated; the caller's own handler is back after."""
+    before = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def stop_code(e: KeyboardInterrupt) -> int:
+    """An entry point's exit status when stopped: a shell's, 128 + SIGTERM or 130 (SIGINT)."""
+    return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
