@@ -207,10 +207,11 @@ def _read_json(path: Path) -> object | None:
         return None
 
 
-def _existing(directory: Path, name: str, split: str, samples: list[tuple[str, dict]],
-              skip_bad: bool) -> ShardResult | None:
+def _existing(directory: Path, name: str, split: str, samples: list[tuple[str, dict]], skip_bad: bool,
+              recorded: dict[str, str]) -> ShardResult | None:
     """A shard a previous run finished, if it holds exactly these images (less any it reported skipped, with
-    skip_bad); None where there is none or it is incomplete, so it is written again."""
+    skip_bad); None where there is none, it is incomplete or it differs from the hash a finished pack's manifest
+    `recorded` for it, so it is written again."""
     final = directory / name
     if not final.exists():
         return None
@@ -230,7 +231,21 @@ def _existing(directory: Path, name: str, split: str, samples: list[tuple[str, d
     if names != expected:
         raise DataError(f"{final} holds other images than this pack would write there (a pack with other "
                         "options?): pack into an empty --out")
-    return ShardResult(name, split, len(expected), sha256_of(final), skipped)
+    digest = sha256_of(final)
+    if recorded.get(name, digest) != digest:  # taken as it is, a damaged image would pass --verify from now on
+        tqdm.write(f"pack: {final} differs from the hash its manifest recorded (changed or corrupt); writing it again",
+                   file=sys.stderr)
+        return None
+    return ShardResult(name, split, len(expected), digest, skipped)
+
+
+def _recorded_hashes(out: Path) -> dict[str, str]:
+    """Each shard's sha256 as a finished pack's manifest in `out` records it; none where there is none."""
+    manifest = _read_json(out / MANIFEST) if (out / MANIFEST).is_file() else None
+    try:
+        return {s["name"]: s["sha256"] for split in manifest["splits"].values() for s in split["shards"]}
+    except (TypeError, KeyError, AttributeError):
+        return {}
 
 
 def _records(opts: PackOptions) -> Iterator[Record]:
@@ -366,6 +381,7 @@ def pack(opts: PackOptions) -> dict:
         if stale.name.endswith(".tmp") and PACK_FILE.fullmatch(stale.name):
             stale.unlink()
     results: list[ShardResult] = []
+    recorded = _recorded_hashes(out)
     # In a log (nohup, sbatch) rather than on a terminal, a line every half minute.
     progress = tqdm(total=total, desc=f"pack {opts.dataset}", unit="img", file=sys.stderr,
                     mininterval=0.1 if sys.stderr.isatty() else 30)
@@ -373,7 +389,7 @@ def pack(opts: PackOptions) -> dict:
     pending: set[Future] = set()
     try:
         for name, split, samples in _chunks(opts, codes):
-            done = _existing(out, name, split, samples, opts.skip_bad)
+            done = _existing(out, name, split, samples, opts.skip_bad, recorded)
             if done is not None:
                 results.append(done)
                 progress.update(done.count + len(done.skipped))
@@ -395,6 +411,11 @@ def pack(opts: PackOptions) -> dict:
         progress.close()
         pool.shutdown(cancel_futures=True)
     manifest = _manifest(opts, label_path, identity, results, unlisted)
+    if manifest["skipped"] and not any(r.count for r in results):
+        first = manifest["skipped"][0]
+        raise DataError(f"{out}: every one of its {len(manifest['skipped'])} images was unreadable (the first, "
+                        f"{first['name']} of row {first['row']}: {first['reason']}); is --root {opts.root} the "
+                        "release's folder? Nothing was written as a finished pack")
     write_json_atomic(out / MANIFEST, manifest)
     empty = [s for s, r in zip(SPLITS, opts.split.ratios) if r > 0 and s not in manifest["splits"]]
     if opts.split.protocol == "ratio" and empty:  # a run would find no such set to score

@@ -111,6 +111,34 @@ def test_interrupted_pack_resumes_to_the_same_result(tmp_path):
     assert verify(out) == []
 
 
+def test_a_finished_pack_packed_again_rewrites_a_shard_that_differs_from_its_manifest(tmp_path, capsys):
+    # Taken as it is, the damage would be recorded as the shard's hash, and --verify would pass it from then on.
+    write_kadid(tmp_path / "kadid", refs=3, per_ref=3)
+    out = tmp_path / "out"
+    first = pack(_opts(tmp_path / "kadid", out))
+    shard = sorted(out.glob("*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    image = data.index(b"IDAT")
+    data[image + 8:image + 48] = bytes(40)
+    shard.write_bytes(bytes(data))
+    assert any("sha256 differs" in p for p in verify(out))
+    again = pack(_opts(tmp_path / "kadid", out))
+    assert f"pack: {shard} differs from the hash its manifest recorded (changed or corrupt); writing it again" in \
+        capsys.readouterr().err
+    assert again["splits"] == first["splits"] and verify(out) == []
+
+
+def test_a_pack_whose_every_image_is_unreadable_is_refused_with_skip_bad(tmp_path):
+    write_kadid(tmp_path / "kadid", refs=2, per_ref=2)
+    for image in (tmp_path / "kadid" / "images").iterdir():
+        image.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'out'}: every one of its 4 images was unreadable \(the first, "
+                                        r"images/\S+ of row \d+: .+\); is --root .* the release's folder\? Nothing "
+                                        r"was written as a finished pack$"):
+        pack(_opts(tmp_path / "kadid", tmp_path / "out", skip_bad=True))
+    assert not (tmp_path / "out" / MANIFEST).exists()
+
+
 def test_skip_bad_reports_every_skipped_image(tmp_path):
     labels = write_kadid(tmp_path / "kadid", refs=3, per_ref=3)
     (tmp_path / "kadid" / "images" / "I02_01_01.png").write_bytes(b"not an image")
