@@ -361,8 +361,12 @@ def pack(opts: PackOptions) -> dict:
         if isinstance(begun, dict) and "order" not in begun:
             raise DataError(f"{out} holds an unfinished pack an earlier temu-dist began in its label file's order: "
                             "delete it and pack again, or pack into another --out")
-        raise DataError(f"{out} holds an unfinished pack made with other options or labels: pack into another --out, "
-                        "or delete it")
+        if not isinstance(begun, dict):
+            raise DataError(f"{out} holds an unfinished pack whose {STARTED} is unreadable (a power cut?): delete "
+                            "it, or pack into another --out")
+        differs = [IDENTITY_NAMES[k] for k in identity if begun.get(k) != identity[k]]
+        raise DataError(f"{out} holds an unfinished pack made with another {' and another '.join(differs)}: pack into "
+                        "another --out, or delete it")
     # Reads and checks every label row, so bad labels stop the pack before anything is written.
     info = opts.info()
     official = None if not info.official_split else \
@@ -381,7 +385,7 @@ def pack(opts: PackOptions) -> dict:
         if stale.name.endswith(".tmp") and PACK_FILE.fullmatch(stale.name):
             stale.unlink()
     results: list[ShardResult] = []
-    recorded = _recorded_hashes(out)
+    recorded, kept = _recorded_hashes(out), 0
     # In a log (nohup, sbatch) rather than on a terminal, a line every half minute.
     progress = tqdm(total=total, desc=f"pack {opts.dataset}", unit="img", file=sys.stderr,
                     mininterval=0.1 if sys.stderr.isatty() else 30)
@@ -391,6 +395,10 @@ def pack(opts: PackOptions) -> dict:
         for name, split, samples in _chunks(opts, codes):
             done = _existing(out, name, split, samples, opts.skip_bad, recorded)
             if done is not None:
+                if not kept:  # said once, as the bar jumps
+                    tqdm.write(f"pack: {out} holds shards an earlier run finished: kept, not written again",
+                               file=sys.stderr)
+                kept += 1
                 results.append(done)
                 progress.update(done.count + len(done.skipped))
                 continue
@@ -569,6 +577,8 @@ def verify(directory: str | Path) -> list[str]:
     if not directory.is_dir():
         return [f"{directory}: no such folder"]
     if not (directory / MANIFEST).exists():
+        if not any(directory.glob("*.tar")):
+            return [f"{directory}: not a pack (no {MANIFEST}, no shards)"]
         return [f"{directory / MANIFEST} is missing: the pack never finished (rerun the same pack command)"]
     try:
         manifest = read_manifest(directory)

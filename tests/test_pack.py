@@ -101,7 +101,8 @@ def test_interrupted_pack_resumes_to_the_same_result(tmp_path):
     # A killed run can leave a temporary file behind; it must not count.
     (out / "train-000099.tar.tmp").write_bytes(b"half a shard")
     # Resuming with other options would mix shards of two packs.
-    with pytest.raises(DataError, match="unfinished pack made with other options"):
+    with pytest.raises(DataError, match=r"unfinished pack made with another --resize-shorter: pack into another "
+                                        r"--out, or delete it$"):
         pack(_opts(tmp_path / "kadid", out, shard_size=2, resize_shorter=16))
     victim.write_bytes(good_bytes)
     resumed = pack(_opts(tmp_path / "kadid", out, shard_size=2))
@@ -123,8 +124,9 @@ def test_a_finished_pack_packed_again_rewrites_a_shard_that_differs_from_its_man
     shard.write_bytes(bytes(data))
     assert any("sha256 differs" in p for p in verify(out))
     again = pack(_opts(tmp_path / "kadid", out))
-    assert f"pack: {shard} differs from the hash its manifest recorded (changed or corrupt); writing it again" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"pack: {shard} differs from the hash its manifest recorded (changed or corrupt); writing it again" in err
+    assert err.count(f"pack: {out} holds shards an earlier run finished: kept, not written again") == 1
     assert again["splits"] == first["splits"] and verify(out) == []
 
 
@@ -212,6 +214,8 @@ def test_verify_names_what_is_wrong(tmp_path, capsys):
         assert len(problems) == 1 and f"manifest.json: {says}" in problems[0]
     assert shards[1].name in capsys.readouterr().err
     (tmp_path / "unfinished").mkdir()
+    assert verify(tmp_path / "unfinished") == [f"{tmp_path / 'unfinished'}: not a pack (no manifest.json, no shards)"]
+    (tmp_path / "unfinished" / "train-000000.tar").write_bytes(b"")
     assert "never finished" in verify(tmp_path / "unfinished")[0]
     assert verify(tmp_path / "nothing") == [f"{tmp_path / 'nothing'}: no such folder"]
 
@@ -531,7 +535,7 @@ def test_a_pack_goes_into_a_folder_of_its_own(tmp_path):
     # An unfinished pack whose pack.json a power cut emptied is taken for another pack's, not a crash.
     (tmp_path / "out" / MANIFEST).unlink()
     (tmp_path / "out" / "pack.json").write_text("")
-    with pytest.raises(DataError, match=r"holds an unfinished pack made with other options or labels"):
+    with pytest.raises(DataError, match=r"holds an unfinished pack whose pack.json is unreadable \(a power cut\?\)"):
         pack(_opts(tmp_path / "kadid", tmp_path / "out"))
 
 
