@@ -12,6 +12,8 @@ from matplotlib import colormaps  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from temu_dist.atomic import write_atomic  # noqa: E402
+
 HEATMAP_COLOURS = "RdYlGn"  # red is bad, green is good
 
 
@@ -55,8 +57,12 @@ def heatmap(image: Image.Image, patch_scores: np.ndarray, score: float, path: st
     cbar = fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(*span), cmap=HEATMAP_COLOURS), cax=cax, ticks=ticks)
     cbar.ax.set_yticklabels([f"{ticks[0]:.3g} worse", f"{ticks[1]:.3g}", f"{ticks[2]:.3g} better"], fontsize=8)
     cbar.set_label("patch score", fontsize=8)
-    fig.savefig(path, dpi=100)  # not bbox "tight": the canvas is laid out to the pixel above
-    plt.close(fig)
+    # Not bbox "tight": the canvas is laid out to the pixel above. Whole or not at all, as every plot (a kill mid-write
+    # would leave a broken PNG for MLflow to log).
+    try:
+        write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return Path(path)
 
 
@@ -129,8 +135,11 @@ def prompt_cells(rows: list[dict], mode: str = "max") -> list[list[str]]:
 
 def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")  # the canvas grows to hold a title wider than the plot, never cuts it
-    plt.close(fig)
+    # The canvas grows to hold a title wider than the plot, never cuts it.
+    try:
+        write_atomic(Path(path), lambda tmp: fig.savefig(tmp, bbox_inches="tight", format="png"))
+    finally:
+        plt.close(fig)
     return Path(path)
 
 

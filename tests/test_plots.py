@@ -1,8 +1,15 @@
-from PIL import Image
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from temu_dist.plots import layer_lines, layer_study, prompt_cells, prompt_table, scatter
+from temu_dist.plots import (
+    layer_lines,
+    layer_study,
+    prompt_cells,
+    prompt_table,
+    scatter,
+)
 
 
 def test_search_plots_are_written(tmp_path):
@@ -101,3 +108,22 @@ def test_a_layer_study_of_one_k_ticks_whole_layers(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "_save", save)
     layer_study([{"model.layers": "upto:2", "best": 0.7}], "test/srcc", tmp_path / "one.png")
     assert ticks == [2]
+
+
+def test_a_plot_whose_write_fails_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    # MLflow logs the plots of each new best epoch: a kill or a full disk mid-write must not leave a broken PNG.
+    import matplotlib.figure
+    import numpy as np
+
+    path = tmp_path / "scatter.png"
+    scatter(np.array([0.1, 0.5, 0.9]), np.array([0.2, 0.4, 0.8]), "first", "target", path)
+    before = path.read_bytes()
+
+    def cut_short(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        scatter(np.array([0.1, 0.5, 0.9]), np.array([0.9, 0.4, 0.1]), "second", "target", path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["scatter.png"]

@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from temu_dist.atomic import write_text_atomic
 from temu_dist.config import ConfigError, check_output_folder
 
 SUITES = ("step", "data", "cw_ssim", "scale", "model")
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_text_atomic(Path(args.out), text + "\n")
     failed = [row for row in result.get("rows", []) if "error" in row]
     if failed:
         # The rows that ran are kept above; the exit status tells a script that some did not.
