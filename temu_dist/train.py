@@ -462,7 +462,8 @@ def _optimizer_step(run: Run) -> None:
 
 
 def _check_finite(loss: torch.Tensor, accelerator: Accelerator, epoch: int, config: Config) -> None:
-    # The one host sync of a step: every process must stop together, or the others hang.
+    # A host sync every step (with ldg.p < 1, gathering the distorted images is another): every process must stop
+    # together, or the others hang.
     finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), reduction="mean")
     if finite.item() < 1.0:
         # Only the first process of a node prints: say how many went wrong, not just this one's loss.

@@ -3,13 +3,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from temu_dist.plots import (
-    layer_lines,
-    layer_study,
-    prompt_cells,
-    prompt_table,
-    scatter,
-)
+from temu_dist.plots import layer_lines, layer_study, prompt_cells, prompt_table, scatter
 
 
 def test_search_plots_are_written(tmp_path):
