@@ -41,7 +41,7 @@ from tqdm import tqdm
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import ConfigError, check_output_folder
 from temu_dist.data.images import pil_rgb
-from temu_dist.data.manifest import MANIFEST, PACK_FILE, STARTED, ShardsMissing, read_manifest
+from temu_dist.data.manifest import IMAGE_FORMATS, MANIFEST, PACK_FILE, STARTED, ShardsMissing, read_manifest
 from temu_dist.data.sources import (DATASETS, META_SPLIT_COLUMNS, CsvLabels, DataError, DatasetInfo, Record,
                                     read_csv_labels, read_pyiqa_meta, read_records)
 from temu_dist.data.splits import SPLITS, SplitSpec, split_read, splitter
@@ -53,8 +53,6 @@ ORDER = "shuffled"
 ORDER_SEED = 0
 # Labels held at once while the shards are dealt (a few hundred bytes each).
 WINDOW = 32768
-# Formats kept byte for byte; anything else (BMP, TIFF, ...) is stored losslessly as PNG.
-KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
 @dataclass
@@ -117,8 +115,8 @@ def _encode_image(path: Path, resize_shorter: int | None) -> tuple[bytes, str]:
                 return buf.getvalue(), "jpg"
             small.save(buf, format="PNG")
             return buf.getvalue(), "png"
-        if fmt in KEEP_FORMATS:
-            return path.read_bytes(), KEEP_FORMATS[fmt]
+        if fmt in IMAGE_FORMATS:  # kept byte for byte; anything else (BMP, TIFF, ...) is stored losslessly as PNG
+            return path.read_bytes(), IMAGE_FORMATS[fmt]
         buf = io.BytesIO()
         pil_rgb(im).save(buf, format="PNG")
         return buf.getvalue(), "png"

@@ -14,6 +14,8 @@ from temu_dist.config import ConfigError, Split
 
 MANIFEST = "manifest.json"
 STARTED = "pack.json"  # the options a pack was started with, written before its first shard
+# The image formats a shard stores, by PIL's name, each under its extension (the key's suffix the streams read).
+IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 # What a pack folder holds: shards, the images each left out, pack.json, the manifest; each as NAME.tmp while written.
 PACK_FILE = re.compile(rf"(?:(?:{'|'.join(get_args(Split))})-\d{{6,}}\.tar(?:\.skipped\.json)?|"
                        rf"{re.escape(STARTED)}|{re.escape(MANIFEST)})(?:\.tmp)?")

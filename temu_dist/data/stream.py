@@ -26,10 +26,9 @@ from temu_dist.config import Config, ConfigError, error_line
 from temu_dist.data.augment import decode_rgb, to_input
 from temu_dist.data.keys import name_key
 from temu_dist.data.ldg import LocalDistortion
-from temu_dist.data.manifest import ShardsMissing, read_manifest
+from temu_dist.data.manifest import IMAGE_FORMATS, ShardsMissing, read_manifest
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = ("jpg", "png", "webp")
 
 
 def split_shards(folder: str | Path, split: str) -> tuple[list[str], list[int]]:
@@ -188,7 +187,7 @@ def decode_sample(sample: dict, image_hw: tuple[int, int], flip: bool, ldg: Loca
     label = None
     try:
         label = json.loads(sample["json"])
-        ext = next(e for e in IMAGE_EXTS if e in sample)
+        ext = next(e for e in IMAGE_FORMATS.values() if e in sample)
         image = to_input(decode_rgb(sample[ext]), image_hw, flip=flip and bool(torch.rand(()) < 0.5))
     except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped, whatever the decoder raised
         # The image's name as the labels give it, where its label survived; else the sample's key in the shard.
