@@ -1,11 +1,11 @@
 """Finished runs as one table, as a paper prints one: a row per run or repeat series, a column per evaluation set,
 SRCC / PLCC in each cell (the seed's Tables 5-13).
 
-    python -m temu_dist.report runs/table8-*                          # Table 8 from its 12 runs
+    python -m temu_dist.report runs/table8-* --cross-only             # Table 8 from its 12 runs
     python -m temu_dist.report runs/table6-agiqa3k-S runs/table6-agiqa3k-I   # repeat series: mean +- sd
     python -m temu_dist.report runs/table5-clive-prompts                 # a search: a row per trial
     python -m temu_dist.report runs/table11.json     # evaluate --clipiqa table --out runs/table11.json: a row a layer
-    python -m temu_dist.report runs/table8-* --out table8.md --plot table8.png    # .csv, .tex (LaTeX) too
+    python -m temu_dist.report runs/table8-* --cross-only --out table8.md --plot table8.png    # .csv, .tex (LaTeX) too
 
 A folder is a finished run (results.json), a finished repeat series (repeat.json), a search (its trials, finished or
 stopped early, running or done) or a folder of them (out_dir); a .json file is what `evaluate --out` wrote, a row for
@@ -60,6 +60,7 @@ class Row:
     fewer: dict[tuple[str, str], int] = field(default_factory=dict)
     split_runs: list[Path] = field(default_factory=list)  # a series' own runs
     label: str = ""  # a row of `evaluate --out`: named as evaluate named it, not by its settings
+    own: set[str] = field(default_factory=set)  # the columns holding its own splits (its training pack's)
 
 
 def _read_json(path: Path) -> dict:
@@ -84,6 +85,12 @@ def _config(run: Path) -> dict:
 
 def _value(v: float | None) -> float:
     return math.nan if v is None else float(v)  # results.json writes an undefined metric as null
+
+
+def _own_columns(sets: dict, config: dict) -> set[str]:
+    """The columns `_columns` names the run's own splits as."""
+    own = config.get("eval.splits") or []
+    return {column for name, column in zip(sets, _columns(sets, config)) if name.removesuffix("-ldg") in own}
 
 
 def _columns(sets: dict, config: dict) -> dict:
@@ -127,7 +134,8 @@ def read_evaluation(path: Path) -> list[Row]:
 def _row(folder: Path, config: dict, sets: dict, stopped: str = "") -> Row:
     cells = {name: {m: (_value(values[m]), None) for m in METRICS if m in values} for name, values in sets.items()}
     counts = {name: values["count"] for name, values in sets.items() if "count" in values}
-    return Row(folder, config, _columns(cells, config), counts=_columns(counts, config), stopped=stopped)
+    return Row(folder, config, _columns(cells, config), counts=_columns(counts, config), stopped=stopped,
+               own=_own_columns(cells, config))
 
 
 def read_stopped_trial(folder: Path, each_at: str, search: dict) -> Row:
@@ -187,7 +195,7 @@ def read_series(folder: Path, each_at: str) -> Row:
              if v.get("n", splits) < splits}
     return Row(folder, config, _columns(cells, config), splits, fewer=fewer,
                split_runs=[_split_run(folder, run) for run in summary["runs"]],
-               started_for=summary.get("started_for", []))
+               started_for=summary.get("started_for", []), own=_own_columns(cells, config))
 
 
 def _split_run(series: Path, run: str) -> Path:
@@ -338,6 +346,7 @@ def rename(rows: list[Row], pairs: list[tuple[str, str]]) -> list[str]:
         row.cells = {new.get(c, c): v for c, v in row.cells.items()}
         row.counts = {new.get(c, c): v for c, v in row.counts.items()}
         row.fewer = {(new.get(c, c), m): n for (c, m), n in row.fewer.items()}
+        row.own = {new.get(c, c) for c in row.own}
     return _marked(rows, [new.get(n, n) for n in names])
 
 
@@ -348,21 +357,31 @@ def _cell(value: tuple[float, float | None] | None) -> str:
     return f"{mean:.4f}" if sd is None else f"{mean:.4f}±{sd:.4f}"
 
 
+def _mixed(rows: list[Row]) -> set[str]:
+    """The columns where some rows hold their own test split and others a cross-dataset set (Table 8's)."""
+    return {c for c in columns(rows) if len({c in r.own for r in rows if c in r.cells}) > 1}
+
+
 def _grid(rows: list[Row], metrics: tuple[str, ...]) -> list[list[tuple[list[str], bool]]]:
     """Each row's cells: the metrics' values as text, and whether the first is its column's best (as the seed marks
-    its best in bold)."""
-    cols = columns(rows)
-    best = {c: max((r.cells[c][metrics[0]][0] for r in rows if c in r.cells and metrics[0] in r.cells[c]
-                    and not math.isnan(r.cells[c][metrics[0]][0])), default=None) for c in cols}
+    its best in bold). In a column that mixes own splits and cross-dataset sets, own cells are marked * and each kind
+    has its own best: a model scored on its own test split would otherwise outshine every cross-dataset score."""
+    cols, mixed = columns(rows), _mixed(rows)
+    best = {(c, own): max((r.cells[c][metrics[0]][0] for r in rows if c in r.cells and (c in r.own) == own
+                           and metrics[0] in r.cells[c] and not math.isnan(r.cells[c][metrics[0]][0])), default=None)
+            for c in cols for own in (False, True)}
     return [[([_cell(row.cells.get(c, {}).get(m)) + (f" (n={row.fewer[c, m]})" if (c, m) in row.fewer else "")
-               for m in metrics],
-              len(rows) > 1 and c in row.cells and row.cells[c].get(metrics[0], (None,))[0] == best[c])
+               + ("*" if i == 0 and c in mixed and c in row.own and c in row.cells else "")
+               for i, m in enumerate(metrics)],
+              len(rows) > 1 and c in row.cells and row.cells[c].get(metrics[0], (None,))[0] == best[c, c in row.own])
              for c in cols] for row in rows]
 
 
 def _footer(rows: list[Row], metrics: tuple[str, ...], each_at: str) -> str:
     return f"{' / '.join(m.upper() for m in metrics)}; {_at(each_at)}" + (
-        "; a repeat series: mean±sd (sample, n-1) over its splits" if any(r.splits for r in rows) else "")
+        "; a repeat series: mean±sd (sample, n-1) over its splits" if any(r.splits for r in rows) else "") + (
+        "; *: the run's own test split, in a column of other runs' cross-dataset sets (each kind's best in bold; "
+        "--cross-only leaves them out)" if _mixed(rows) else "")
 
 
 def markdown(rows: list[Row], metrics: tuple[str, ...], each_at: str, names: list[str] | None = None) -> str:
@@ -445,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=["srcc", "plcc"])
     parser.add_argument("--out", help="also write the table to this .md, .csv or .tex (LaTeX, booktabs) file")
     parser.add_argument("--plot", help="also draw the first metric as a coloured grid to this .png file")
+    parser.add_argument("--cross-only", action="store_true",
+                        help="leave out each run's own splits: cross-dataset sets alone, as the seed's Table 8")
     parser.add_argument("--rename", nargs=2, action="append", default=[], metavar=("NAME", "NEW"),
                         help="print a row label or a column under another name, e.g. --rename variant=S 'TeMu-IQA (S)' "
                              "--rename kadid10k KADID-10k (repeatable)")
@@ -461,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
             if path:
                 check_output_folder(Path(path).resolve().parent, flag)
         rows = collect(args.folders, args.each_at)
+        if args.cross_only:
+            for row in rows:
+                row.cells = {c: v for c, v in row.cells.items() if c not in row.own}
+                row.counts = {c: v for c, v in row.counts.items() if c not in row.own}
+                row.fewer = {(c, m): n for (c, m), n in row.fewer.items() if c not in row.own}
+                row.own = set()
         names = rename(rows, args.rename)  # each run's pack manifest read once, for every output
     except ConfigError as e:
         print(f"report: {e}", file=sys.stderr)

@@ -301,3 +301,32 @@ def test_a_folder_of_runs_is_searched_in_its_subfolders_as_names_a_b_make_them_b
     rows = report.collect([tmp_path / "runs"])
     assert [r.folder for r in rows] == [tmp_path / "runs" / "abl" / "mlruns", search / "trials" / "trial-coop"]
     assert capsys.readouterr().err == "report: left out: ablations/prompts/trials/trial-nan (failed)\n"
+
+
+def test_a_runs_own_test_split_beside_other_runs_cross_sets_is_marked_and_bolded_among_its_kind(finished, tmp_path,
+                                                                                               capsys):
+    # Table 8: a KonIQ-trained run's own test split would share the koniq10k column with the SPAQ-trained run's
+    # cross-dataset koniq10k, and outshine it.
+    other = _copy(finished, tmp_path / "csiq-I", {"data.train": str(tmp_path / "shards" / "csiq")}, {})
+    results = json.loads((other / "results.json").read_text())
+    for key in ("own_best", "best"):
+        results[key]["kadid10k"] = {**results[key].pop("csiq"), "srcc": 0.01}
+    (other / "results.json").write_text(json.dumps(results))
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["eval"]["cross"][0]["name"] = "kadid10k"
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    assert report.main([str(finished), str(other)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "| run | kadid10k | csiq |"
+    own = json.loads((finished / "results.json").read_text())["own_best"]["test"]
+    assert out[2].startswith(f"| train=kadid10k | **{own['srcc']:.4f}*** / ")
+    assert out[3].startswith("| train=csiq | **0.0100** / ")
+    assert "*: the run's own test split, in a column of other runs' cross-dataset sets" in out[-1]
+    assert report.main([str(finished), str(other), "--cross-only"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = out[0].strip("| ").split(" | ")
+    cells = [dict(zip(header, line.strip("| ").split(" | "))) for line in out[2:4]]
+    assert sorted(header) == ["csiq", "kadid10k", "run"] and "own test split" not in out[-1]
+    cross = json.loads((finished / "results.json").read_text())["own_best"]["csiq"]["srcc"]
+    assert [(c["run"], c["kadid10k"].split(" / ")[0], c["csiq"].split(" / ")[0]) for c in cells] == [
+        ("train=kadid10k", "-", f"**{cross:.4f}**"), ("train=csiq", "**0.0100**", "-")]
