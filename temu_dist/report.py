@@ -34,7 +34,8 @@ from temu_dist.config import (MLFLOW_FOLDERS, ConfigError, check_output_folder, 
 from temu_dist.data.manifest import dataset_name
 from temu_dist.tracking import flatten
 
-METRICS = ("srcc", "plcc", "krcc")
+# pred_mean and target_mean: a SET-ldg set's mean prediction on distorted images and mean target (seed Fig. 11).
+METRICS = ("srcc", "plcc", "krcc", "pred_mean", "target_mean")
 # Folders of runs are searched this many levels below the one named (names a/b/c), never in MLflow's own stores.
 NESTED = 3
 _TRAINER_INFO = "trainer.json"  # checkpoint.TRAINER_INFO, whose module would bring torch into a table's command
@@ -461,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", metavar="RUN", help="run folders, repeat series, or folders of them")
     parser.add_argument("--each-at", choices=("own", "key"), default="own",
                         help="own: each set at its own best epoch (IQA-PyTorch); key: at the key metric's best epoch")
-    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=["srcc", "plcc"])
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=["srcc", "plcc"],
+                        help="pred_mean, target_mean: an eval.ldg set's mean prediction and target (Fig. 11)")
     parser.add_argument("--out", help="also write the table to this .md, .csv or .tex (LaTeX, booktabs) file")
     parser.add_argument("--plot", help="also draw the first metric as a coloured grid to this .png file")
     parser.add_argument("--cross-only", action="store_true",

@@ -225,13 +225,16 @@ def test_undefined_metrics_and_ldg_copies_take_their_places(finished, tmp_path):
     # SRCC over constant scores is undefined: results.json says null.
     run = _copy(finished, tmp_path / "constant", {"eval.ldg": True}, {})
     results = json.loads((run / "results.json").read_text())
-    results["own_best"]["test-ldg"] = {**results["own_best"]["test"], "srcc": None}
+    results["own_best"]["test-ldg"] = {**results["own_best"]["test"], "srcc": None, "pred_mean": 0.3,
+                                       "target_mean": 0.4}
     results["own_best"]["csiq-ldg"] = results["own_best"]["csiq"]
     (run / "results.json").write_text(json.dumps(results))
     (row,) = report.collect([run])
     assert list(row.cells) == ["kadid10k", "csiq", "kadid10k-ldg", "csiq-ldg"]  # its own split's LDG copy named too
     assert math.isnan(row.cells["kadid10k-ldg"]["srcc"][0])
     assert "| nan / " in report.markdown([row, *report.collect([finished])], ("srcc", "plcc"), "own")
+    # Fig. 11's figures: the mean prediction on the distorted images beside the mean of their targets.
+    assert "| 0.3000 / 0.4000 |" in report.markdown([row], ("pred_mean", "target_mean"), "own")
 
 
 def test_report_reads_the_checkpoint_file_train_writes():
