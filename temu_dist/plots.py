@@ -196,6 +196,23 @@ def layer_study(rows: list[dict], metric: str, path: str | Path, mode: str = "ma
     return _save(fig, path)
 
 
+def layer_sets(lines: dict[str, list[tuple[int, float]]], metric: str, path: str | Path, note: str = "") -> Path:
+    """`metric` against layer K, a line per evaluation set (seed Fig. 8: a model per single layer, on six test
+    sets); `note` says under the title how the values were taken."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name, points in lines.items():
+        ax.plot(*zip(*sorted(points)), "o-", ms=4, label=name)
+    ks = sorted({k for points in lines.values() for k, _ in points})
+    ax.set(xlabel="layer K", ylabel=metric, title="per layer and set" + (f"\n{note}" if note else ""))
+    if len(ks) <= 12:
+        ax.set_xticks(ks)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
 def results_grid(rows: list[str], columns: list[str], values: list[list[float]], metric: str,
                  path: str | Path, note: str = "") -> Path:
     """Runs against evaluation sets, each cell coloured by its `metric` and printed in it (a missing one blank): a

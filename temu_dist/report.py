@@ -453,6 +453,25 @@ def table_csv(rows: list[Row], metrics: tuple[str, ...], names: list[str] | None
     return out.getvalue()
 
 
+def layer_points(rows: list[Row], metric: str) -> dict[str, list[tuple[int, float]]]:
+    """Each column's (K, value) over the rows whose model.layers is only:K or upto:K (a line per kind where the rows
+    hold both); a ConfigError where none does."""
+    kinds = {str(r.config.get("model.layers")).partition(":")[0] for r in rows}
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        kind, _, k = str(row.config.get("model.layers")).partition(":")
+        if kind not in ("only", "upto") or not k.isdigit():
+            continue
+        for column, values in row.cells.items():
+            if metric in values and not math.isnan(values[metric][0]):
+                name = column + (f" ({kind}:K)" if len(kinds & {"only", "upto"}) > 1 else "")
+                lines.setdefault(name, []).append((int(k), values[metric][0]))
+    if not lines:
+        raise ConfigError(f"--layer-plot: no row has model.layers only:K or upto:K with a {metric} (they have "
+                          f"{', '.join(sorted(map(str, {r.config.get('model.layers') for r in rows})))})")
+    return lines
+
+
 OUT_SUFFIXES = (".md", ".csv", ".tex")
 
 
@@ -466,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="pred_mean, target_mean: an eval.ldg set's mean prediction and target (Fig. 11)")
     parser.add_argument("--out", help="also write the table to this .md, .csv or .tex (LaTeX, booktabs) file")
     parser.add_argument("--plot", help="also draw the first metric as a coloured grid to this .png file")
+    parser.add_argument("--layer-plot", metavar="FILE.png",
+                        help="also draw the first metric against each row's layer K (model.layers only:K or upto:K), "
+                             "a line per set: the seed's Fig. 8 from a single-layer search")
     parser.add_argument("--cross-only", action="store_true",
                         help="leave out each run's own splits: cross-dataset sets alone, as the seed's Table 8")
     parser.add_argument("--rename", nargs=2, action="append", default=[], metavar=("NAME", "NEW"),
@@ -474,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     metrics = tuple(args.metrics)
     try:
-        for flag, path, suffixes in (("--out", args.out, OUT_SUFFIXES), ("--plot", args.plot, (".png",))):
+        for flag, path, suffixes in (("--out", args.out, OUT_SUFFIXES), ("--plot", args.plot, (".png",)),
+                                     ("--layer-plot", args.layer_plot, (".png",))):
             if path and Path(path).suffix not in suffixes:
                 raise ConfigError(f"{flag} {path}: a {' or '.join(suffixes)} file")
             if path and not Path(path).resolve().parent.is_dir():
@@ -491,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.fewer = {(c, m): n for (c, m), n in row.fewer.items() if c not in row.own}
                 row.own = set()
         names = rename(rows, args.rename)  # each run's pack manifest read once, for every output
+        by_layer = layer_points(rows, metrics[0]) if args.layer_plot else {}
     except ConfigError as e:
         print(f"report: {e}", file=sys.stderr)
         return 1
@@ -508,6 +532,11 @@ def main(argv: list[str] | None = None) -> int:
         values = [[r.cells.get(c, {}).get(metrics[0], (math.nan, None))[0] for c in cols] for r in rows]
         results_grid(names, cols, values, metrics[0].upper(), args.plot, _at(args.each_at))
         print(f"report: plot in {args.plot}", file=sys.stderr)
+    if args.layer_plot:
+        from temu_dist.plots import layer_sets
+
+        layer_sets(by_layer, metrics[0].upper(), args.layer_plot, _at(args.each_at))
+        print(f"report: layer plot in {args.layer_plot}", file=sys.stderr)
     return 0
 
 

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import yaml
+from PIL import Image
 
 from temu_dist import report
 from temu_dist.data.splits import SplitSpec
@@ -333,3 +334,19 @@ def test_a_runs_own_test_split_beside_other_runs_cross_sets_is_marked_and_bolded
     cross = json.loads((finished / "results.json").read_text())["own_best"]["csiq"]["srcc"]
     assert [(c["run"], c["kadid10k"].split(" / ")[0], c["csiq"].split(" / ")[0]) for c in cells] == [
         ("train=kadid10k", "-", f"**{cross:.4f}**"), ("train=csiq", "**0.0100**", "-")]
+
+
+def test_a_layer_plot_draws_each_set_against_the_layer_of_single_layer_runs(finished, tmp_path, capsys):
+    # Seed Fig. 8: a model per single layer K, its SRCC on each test set against K.
+    runs = [_copy(finished, tmp_path / f"only{k}", {"model.layers": f"only:{k}"},
+                  {"own_best": {"test": {"srcc": 0.1 * k}, "csiq": {"srcc": 0.2 * k}}}) for k in (1, 2, 3)]
+    assert report.main([*map(str, runs), "--layer-plot", str(tmp_path / "layers.png")]) == 0
+    assert capsys.readouterr().err == f"report: layer plot in {tmp_path / 'layers.png'}\n"
+    assert Image.open(tmp_path / "layers.png").size[0] > 300
+    lines = report.layer_points(report.collect(runs), "srcc")
+    assert {name: [(k, round(v, 4)) for k, v in sorted(points)] for name, points in lines.items()} == {
+        "kadid10k": [(1, 0.1), (2, 0.2), (3, 0.3)], "csiq": [(1, 0.2), (2, 0.4), (3, 0.6)]}
+    assert report.main([str(finished), "--layer-plot", str(tmp_path / "none.png")]) == 1
+    assert capsys.readouterr().err.startswith("report: --layer-plot: no row has model.layers only:K or upto:K with a "
+                                              "srcc (they have ")
+    assert not (tmp_path / "none.png").exists()
