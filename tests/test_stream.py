@@ -192,6 +192,11 @@ def test_missing_shards_name_the_pack_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ShardsMissing, match=r"make the shards first, e.g. make demo$"):
         split_shards("shards/demo", "train")
+    # A relative path (as a run's config keeps it) is read from the working folder: said, for a run evaluated elsewhere.
+    with pytest.raises(ShardsMissing, match=rf"^shards/demo/manifest.json not found \(a relative path, read from the "
+                                            rf"working folder {tmp_path}; give the pack's whole path if it lies "
+                                            rf"elsewhere\): make"):
+        split_shards("shards/demo", "train")
     with pytest.raises(ShardsMissing, match=r"e.g. python -m temu_dist.pack --dataset NAME .*mine/demo$"):
         split_shards(tmp_path / "mine" / "demo", "train")
     # A folder named after its dataset gets that dataset's command.

@@ -39,7 +39,11 @@ def read_manifest(folder: str | Path) -> dict:
     if not path.is_file():
         _refuse_other_files(Path(folder))
         how = "make demo" if Path(folder).resolve() == Path("shards/demo").resolve() else _pack_command(Path(folder))
-        raise ShardsMissing(f"{path} not found: make the shards first, e.g. {how}")
+        # A run's config keeps the path as given: evaluated from another folder, a relative one is looked for there.
+        where = "" if Path(folder).is_absolute() else \
+            f" (a relative path, read from the working folder {Path.cwd()}; give the pack's whole path if it lies " \
+            "elsewhere)"
+        raise ShardsMissing(f"{path} not found{where}: make the shards first, e.g. {how}")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
