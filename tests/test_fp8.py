@@ -76,8 +76,8 @@ def test_a_device_torch_cannot_run_fp8_on_is_one_line(monkeypatch):
     with pytest.raises(ConfigError) as e:
         build_model(tiny_config("model.precision=bf16", "model.tower_fp8=true"))
     assert str(e.value) == (f"model.tower_fp8: torch {torch.__version__} cannot run a rowwise-scaled fp8 matmul on cpu "
-                            "(torch._scaled_mm is only supported on CUDA devices with compute capability >= 9.0); fp8 "
-                            "needs a Hopper-class GPU (H100, H200) or newer, or set model.tower_fp8=false")
+                            "(RuntimeError: torch._scaled_mm is only supported on CUDA devices with compute capability "
+                            ">= 9.0); fp8 needs a Hopper-class GPU (H100, H200) or newer, or set model.tower_fp8=false")
 
 
 def test_a_run_trained_in_bf16_is_scored_with_the_fp8_tower_by_an_override(tmp_path):

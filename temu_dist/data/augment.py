@@ -43,7 +43,4 @@ def to_input(image: torch.Tensor | Image.Image, image_hw: tuple[int, int], flip:
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 (or [0, 1] float) [B, 3, H, W] -> the backbone's normalised float input, on x's device."""
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    mean_t = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
+    return F2.normalize(F2.to_dtype(x, torch.float32, scale=True), list(mean), list(std))

@@ -16,7 +16,7 @@ from huggingface_hub.utils import HfHubHTTPError
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
-from temu_dist.config import ConfigError, ModelConfig
+from temu_dist.config import ConfigError, ModelConfig, error_line
 from temu_dist.model.fp8 import linears_to_fp8
 
 # The tiny backbones the demo runs on ship with the package; registering them makes their names valid everywhere.
@@ -154,7 +154,7 @@ def _hub_unreachable(repo: str, filename: str) -> str | None:
     except HfHubHTTPError:
         return None  # the Hub answered (no such file, a gated repo, a server error): open_clip's download goes on
     except Exception as e:  # noqa: BLE001 - no answer at all; its type depends on huggingface_hub's HTTP client
-        return f"offline? no answer from the Hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else '-'}"
+        return f"offline? no answer from the Hub: {error_line(e)}"
     return None
 
 

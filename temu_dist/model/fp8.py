@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from temu_dist.config import ConfigError
+from temu_dist.config import ConfigError, error_line
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -102,7 +102,6 @@ def check_fp8(device: torch.device, compiled: bool) -> None:
         fp8_matmul(q, scale, q, scale.t())
     except (RuntimeError, NotImplementedError) as e:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"model.tower_fp8: torch {torch.__version__} cannot run a rowwise-scaled fp8 matmul on "
-                          f"{name} ({first[:160]}); fp8 needs a Hopper-class GPU (H100, H200) or newer, or set "
+                          f"{name} ({error_line(e)[:160]}); fp8 needs a Hopper-class GPU (H100, H200) or newer, or set "
                           "model.tower_fp8=false") from None
