@@ -380,6 +380,21 @@ def notices_as_lines(prog: str) -> Iterator[None]:
         yield
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to plain values; a list of sections (eval.cross) by position, eval.cross.0.name, so each of its
+    fields is a column of its own in MLflow's UI, and a setting of its own where runs are compared."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            value = {str(i): v for i, v in enumerate(value)}
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 def error_line(e: BaseException) -> str:
     """An exception in one line for a message: its type and its message's first line."""
     lines = str(e).strip().splitlines()

@@ -12,9 +12,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, parse_flag_from_env
 
-from temu_dist.config import Config, ConfigError, dump
+from temu_dist.config import Config, ConfigError, dump, flatten
 from temu_dist.model.temu import resolve_device
-from temu_dist.tracking import flatten
 
 
 @dataclass(frozen=True)

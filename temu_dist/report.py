@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from temu_dist.atomic import write_text_atomic
-from temu_dist.config import (MLFLOW_FOLDERS, ConfigError, check_output_folder, dump, error_line, load_config,
-                              read_yaml, settings_label)
+from temu_dist.config import (MLFLOW_FOLDERS, ConfigError, check_output_folder, dump, error_line, flatten,
+                              load_config, read_yaml, settings_label)
 from temu_dist.data.manifest import dataset_name
-from temu_dist.tracking import flatten
 
 # pred_mean and target_mean: a SET-ldg set's mean prediction on distorted images and mean target (seed Fig. 11).
 METRICS = ("srcc", "plcc", "krcc", "pred_mean", "target_mean")

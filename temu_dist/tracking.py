@@ -17,28 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from temu_dist.atomic import write_text_atomic
-from temu_dist.config import Config, Notice, dump, error_line
+from temu_dist.config import Config, Notice, dump, error_line, flatten
 from temu_dist.data.manifest import dataset_name
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # The user's store, read before anything runs: mlflow.set_tracking_uri writes this variable, and a later run in the
 # same process (repeat, tests) would otherwise take the last run's store for the user's.
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys to plain values; a list of sections (eval.cross) by position, eval.cross.0.name, so each of its
-    fields is a column of its own in the UI."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            value = {str(i): v for i, v in enumerate(value)}
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def tracking_uri(uri: str | None, out_dir: str | Path) -> str:

@@ -39,8 +39,8 @@ from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist.best import better, own_best
 from temu_dist.checkpoint import (find_checkpoint, load_saved_config, load_trainer_info, load_trainer_state,
                                   save_checkpoint, set_rng_state)
-from temu_dist.config import (MLFLOW_FOLDERS, Config, ConfigError, check_output_folder, dump, list_of, load_config,
-                              notices_as_lines, value_at)
+from temu_dist.config import (MLFLOW_FOLDERS, Config, ConfigError, check_output_folder, dump, flatten, list_of,
+                              load_config, notices_as_lines, value_at)
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import check_fidelity_size, ldg_targets
 from temu_dist.data.manifest import pack_digest, pack_named_by, read_manifest
@@ -53,7 +53,7 @@ from temu_dist.model.backbone import check_backbone
 from temu_dist.model.temu import TeMuIQA, Tokens, build_model
 from temu_dist.plots import score_vs_time
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
-from temu_dist.tracking import Tracker, flatten, tracking_uri
+from temu_dist.tracking import Tracker, tracking_uri
 
 
 class NonFiniteLoss(RuntimeError):

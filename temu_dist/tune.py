@@ -40,11 +40,11 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ray.tune import Callback
 
 from temu_dist.atomic import write_json_atomic, write_text_atomic
-from temu_dist.config import (Config, ConfigError, Notice, Section, apply_overrides, dump, error_line, folder_name,
-                              load_config, metric_key, notices_as_lines, one_line_error, parse_override, read_yaml,
-                              settings_label)
+from temu_dist.config import (Config, ConfigError, Notice, Section, apply_overrides, dump, error_line, flatten,
+                              folder_name, load_config, metric_key, notices_as_lines, one_line_error, parse_override,
+                              read_yaml, settings_label)
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
-from temu_dist.tracking import finish_run, flatten, log_artifacts, parent_run, tracking_uri
+from temu_dist.tracking import finish_run, log_artifacts, parent_run, tracking_uri
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 # A Ray Train trial asks for its workers itself; the trial's own process only waits for them (Ray refuses an empty

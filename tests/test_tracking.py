@@ -1,7 +1,7 @@
 import pytest
 
 from temu_dist.config import dump
-from temu_dist.tracking import flatten
+from temu_dist.config import flatten
 from tests.conftest import tiny_config
 
 
