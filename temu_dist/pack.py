@@ -43,7 +43,7 @@ from temu_dist.config import ConfigError, check_output_folder
 from temu_dist.data.images import pil_rgb
 from temu_dist.data.manifest import IMAGE_FORMATS, MANIFEST, PACK_FILE, STARTED, ShardsMissing, read_manifest
 from temu_dist.data.sources import (DATASETS, META_SPLIT_COLUMNS, CsvLabels, DataError, DatasetInfo, Record,
-                                    read_csv_labels, read_pyiqa_meta, read_records)
+                                    label_scale, read_csv_labels, read_pyiqa_meta, read_records)
 from temu_dist.data.splits import SPLITS, SplitSpec, split_read, splitter
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 
@@ -557,6 +557,7 @@ def _manifest(opts: PackOptions, label_path: Path, identity: dict, results: list
                    "label_sha256": identity["label_sha256"],
                    "kind": "csv" if opts.csv else "pyiqa-meta" if opts.meta_csv else "release"},
         **({"labels": identity["labels"]} if opts.csv else {}),
+        "scale": label_scale(opts.info(), bool(opts.meta_csv)),
         "split": identity["split"],
         "resize_shorter": opts.resize_shorter,
         "shard_size": opts.shard_size,

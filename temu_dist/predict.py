@@ -6,8 +6,8 @@
 With --out, the scores go to a CSV (path,score) or JSON-lines file, written whole when every image is done, with a
 progress bar on stderr and nothing on stdout.
 
-Scores are in [0, 1], higher better: the training set's MOS mapped linearly from its scale (README's table of
-datasets). An image that cannot be read, or whose heatmap cannot be written, gets an error line on stderr naming
+Scores are in [0, 1], higher better: the training set's MOS mapped linearly from its scale, as its pack's
+manifest.json records it under "scale". An image that cannot be read, or whose heatmap cannot be written, gets an error line on stderr naming
 it; the others are still scored, and the exit status is 1.
 """
 from __future__ import annotations

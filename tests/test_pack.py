@@ -59,6 +59,7 @@ def test_pack_then_read_round_trip(tmp_path):
     assert {s: info["count"] for s, info in manifest["splits"].items()} == \
         {s: sum(1 for x in samples.values() if x["split"] == s) for s in manifest["splits"]}
     assert manifest["split"]["seed"] == 1 and manifest["source"]["label_sha256"]
+    assert manifest["scale"] == {"raw_range": [1.0, 5.0], "higher_better": True}  # how the MOS was normalised
     assert json.loads((tmp_path / "out" / MANIFEST).read_text())["splits"] == manifest["splits"]
     assert verify(tmp_path / "out") == []
 
@@ -571,6 +572,7 @@ def test_a_dataset_of_ones_own_packs_from_a_csv_as_iqa_pytorch_reads_one(tmp_pat
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["dataset"] == "mine" and manifest["source"]["kind"] == "csv"
     assert manifest["labels"] == {"columns": [], "mos_range": [1.0, 5.0], "higher_better": True}
+    assert manifest["scale"] == {"raw_range": [1.0, 5.0], "higher_better": True}
     samples = _samples(out)
     assert {n: (s["mos_raw"], s["mos"], s["dataset"], s["ref"]) for n, s in samples.items()} == \
         {f"{n}": (pytest.approx(m), pytest.approx((m - 1) / 4), "mine", None) for n, (_, m) in labels.items()}

@@ -12,7 +12,8 @@ import scipy.io as sio
 from PIL import Image
 
 from temu_dist.config import ConfigError
-from temu_dist.data.sources import DATASETS, DataError, _scale, read_pyiqa_meta, read_pyiqa_split, read_records
+from temu_dist.data.sources import (DATASETS, DataError, _scale, label_scale, read_pyiqa_meta, read_pyiqa_split,
+                                    read_records)
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
@@ -403,6 +404,9 @@ def test_normalise_range_and_direction():
     assert normalise("live", 25.0) == 0.75 and normalise("live", 110.0) == pytest.approx(-0.1)
     assert normalise("ava", 5.5) == 0.5
     assert [n for n, i in DATASETS.items() if not i.higher_better] == ["csiq", "live"]
+    # As a pack's manifest says it: KonIQ-10k's IQA-PyTorch meta CSV holds its MOS on 0-100.
+    assert label_scale(DATASETS["live"]) == {"raw_range": [0.0, 100.0], "higher_better": False}
+    assert label_scale(DATASETS["koniq10k"], meta=True)["raw_range"] == [0.0, 100.0]
     assert [n for n, i in DATASETS.items() if i.has_reference] == ["kadid10k", "csiq", "live"]
 
 

@@ -490,6 +490,13 @@ def _read_meta(dataset: str, root: Path, meta: Path, image_dir: Path) -> Iterato
         yield _record(dataset, root, name, rec[spec.mos_col], meta, row, ref, split, spec.raw_range)
 
 
+def label_scale(info: DatasetInfo, meta: bool = False) -> dict:
+    """How a pack's labels were normalised, for its manifest: mos = (raw - lo) / (hi - lo), and 1 minus that where
+    lower is better. `meta`: read from IQA-PyTorch's meta CSV, whose scale may be another."""
+    lo, hi = (_PYIQA_META[info.name].raw_range if meta and info.name in _PYIQA_META else None) or info.raw_range
+    return {"raw_range": [lo, hi], "higher_better": info.higher_better}
+
+
 def read_pyiqa_meta(dataset: str, root: str | Path, meta_csv: str | Path,
                     image_dir: str | Path | None = None) -> Iterator[Record]:
     """Records from IQA-PyTorch's meta_info_<Dataset>.csv, lazily, normalised like the release's own labels.
