@@ -7,8 +7,8 @@ With --out, the scores go to a CSV (path,score) or JSON-lines file, written whol
 progress bar on stderr and nothing on stdout.
 
 Scores are in [0, 1], higher better: the training set's MOS mapped linearly from its scale, as its pack's
-manifest.json records it under "scale". An image that cannot be read, or whose heatmap cannot be written, gets an error line on stderr naming
-it; the others are still scored, and the exit status is 1.
+manifest.json records it under "scale". An image that cannot be read, or whose heatmap cannot be written, gets an
+error line on stderr naming it; the others are still scored, and the exit status is 1.
 """
 from __future__ import annotations
 
@@ -41,12 +41,13 @@ def _positive(text: str) -> int:
 HEATMAP = ".heatmap.png"
 
 
-def _images_in(folder: Path) -> list[str]:
+def _images_in(folder: Path) -> tuple[list[str], list[str]]:
     """The image files in folder and below, sorted by path: those whose extension PIL opens (torchvision's decoders
-    take a subset of them), less the heatmaps of an earlier run writing into the folder."""
+    take a subset of them), less the heatmaps of an earlier run writing into the folder; and the other files."""
     opened = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    return sorted(str(p) for p in folder.rglob("*")
-                  if p.suffix.lower() in opened and not p.name.endswith(HEATMAP) and p.is_file())
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(HEATMAP))
+    return [str(p) for p in files if p.suffix.lower() in opened], \
+        [str(p) for p in files if p.suffix.lower() not in opened]
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -73,9 +74,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
             args.images.append(item)
             args.heat_names.append(Path(item).name + HEATMAP)
             continue
-        found = _images_in(Path(item))
+        found, others = _images_in(Path(item))
         if not found:
             parser.error(f"{item}: a folder with no image files in it or below")
+        if others:
+            print(f"predict: {item}: {len(others)} files that are not images left out, e.g. {others[0]}",
+                  file=sys.stderr)
         args.images += found
         # As the folder holds them: class_a/001.jpg and class_b/001.jpg do not write one map.
         args.heat_names += [str(Path(f).relative_to(item)) + HEATMAP for f in found]

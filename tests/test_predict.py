@@ -102,14 +102,18 @@ def test_heatmaps_that_cannot_be_written_fail_before_any_scoring(images, checkpo
     assert not (tmp_path / "maps").exists()
 
 
-def test_heatmaps_of_a_folder_keep_its_subfolders_so_names_repeated_in_them_do_not_clash(images, checkpoint, tmp_path):
+def test_heatmaps_of_a_folder_keep_its_subfolders_so_names_repeated_in_them_do_not_clash(images, checkpoint, tmp_path,
+                                                                                          capsys):
     (good, _), (run, _) = images, checkpoint
     for folder in ("class_a", "class_b"):
         (tmp_path / "set" / folder).mkdir(parents=True)
         shutil.copy(good[0], tmp_path / "set" / folder / "001.png")
     shutil.copy(good[1], tmp_path / "set" / "top.png")
+    (tmp_path / "set" / "notes.txt").write_text("not an image")
     assert predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), str(tmp_path / "set"),
                     str(good[2])]) == 0
+    assert f"predict: {tmp_path / 'set'}: 1 files that are not images left out, e.g. {tmp_path / 'set' / 'notes.txt'}" \
+        in capsys.readouterr().err
     assert sorted(str(p.relative_to(tmp_path / "maps")) for p in (tmp_path / "maps").rglob("*.png")) == \
         ["class_a/001.png.heatmap.png", "class_b/001.png.heatmap.png", "photo2.png.heatmap.png", "top.png.heatmap.png"]
     # The same photo in two formats (a codec comparison) writes two maps.
