@@ -29,6 +29,7 @@ import sys
 import tarfile
 from array import array
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -376,6 +377,7 @@ def pack(opts: PackOptions) -> dict:
     records = _records(opts) if opts.skip_bad or any(out.glob("*.tar")) else _noting_missing(_records(opts), missing)
     route, total, unlisted, codes = splitter(records, opts.split, label_path.name, official)
     _refuse_missing(missing, route, opts, label_path.name)
+    recorded, kept = _recorded_hashes(out), 0  # before a reopen for its left-out images removes the manifest
     _reopen_for_left_out(out, opts, label_path.name)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(started, identity)
@@ -383,7 +385,6 @@ def pack(opts: PackOptions) -> dict:
         if stale.name.endswith(".tmp") and PACK_FILE.fullmatch(stale.name):
             stale.unlink()
     results: list[ShardResult] = []
-    recorded, kept = _recorded_hashes(out), 0
     # In a log (nohup, sbatch) rather than on a terminal, a line every half minute.
     progress = tqdm(total=total, desc=f"pack {opts.dataset}", unit="img", file=sys.stderr,
                     mininterval=0.1 if sys.stderr.isatty() else 30)
@@ -407,9 +408,10 @@ def pack(opts: PackOptions) -> dict:
                 pending = _collect(pending, results, progress)
         while pending:
             pending = _collect(pending, results, progress)
-    except KeyboardInterrupt:
-        # Stop now, not after the shards in flight: the rerun writes them again. ProcessPoolExecutor has no public way
-        # to end its workers before Python 3.14; they ignore SIGTERM, so SIGKILL.
+    except (KeyboardInterrupt, BrokenProcessPool):
+        # Stop now, not after the shards in flight: the rerun writes them again (a bad image's DataError lets them
+        # finish theirs). ProcessPoolExecutor has no public way to end its workers before Python 3.14; they ignore
+        # SIGTERM, which is also how the pool stops the others where one crashed, so SIGKILL.
         for process in list(pool._processes.values()):
             process.kill()
         raise
@@ -419,6 +421,10 @@ def pack(opts: PackOptions) -> dict:
     manifest = _manifest(opts, label_path, identity, results, unlisted)
     if manifest["skipped"] and not any(r.count for r in results):
         first = manifest["skipped"][0]
+        # Its empty shards would be kept by the rerun that follows a fix, as holding every image less those skipped.
+        for path in out.iterdir():
+            if PACK_FILE.fullmatch(path.name):
+                path.unlink()
         raise DataError(f"{out}: every one of its {len(manifest['skipped'])} images was unreadable (the first, "
                         f"{first['name']} of row {first['row']}: {first['reason']}); is --root {opts.root} the "
                         "release's folder? Nothing was written as a finished pack")
@@ -576,7 +582,7 @@ def verify(directory: str | Path) -> list[str]:
     if not directory.is_dir():
         return [f"{directory}: no such folder"]
     if not (directory / MANIFEST).exists():
-        if not any(directory.glob("*.tar")):
+        if not any(directory.glob("*.tar")) and not (directory / STARTED).exists():
             return [f"{directory}: not a pack (no {MANIFEST}, no shards)"]
         return [f"{directory / MANIFEST} is missing: the pack never finished (rerun the same pack command)"]
     try:

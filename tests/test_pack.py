@@ -133,13 +133,36 @@ def test_a_finished_pack_packed_again_rewrites_a_shard_that_differs_from_its_man
 
 def test_a_pack_whose_every_image_is_unreadable_is_refused_with_skip_bad(tmp_path):
     write_kadid(tmp_path / "kadid", refs=2, per_ref=2)
-    for image in (tmp_path / "kadid" / "images").iterdir():
+    kept = {image: image.read_bytes() for image in (tmp_path / "kadid" / "images").iterdir()}
+    for image in kept:
         image.write_bytes(b"not an image")
     with pytest.raises(DataError, match=rf"^{tmp_path / 'out'}: every one of its 4 images was unreadable \(the first, "
                                         r"images/\S+ of row \d+: .+\); is --root .* the release's folder\? Nothing "
                                         r"was written as a finished pack$"):
         pack(_opts(tmp_path / "kadid", tmp_path / "out", skip_bad=True))
     assert not (tmp_path / "out" / MANIFEST).exists()
+    # The images mended, the same command packs them: the refused pack's empty shards are not kept.
+    for image, data in kept.items():
+        image.write_bytes(data)
+    manifest = pack(_opts(tmp_path / "kadid", tmp_path / "out", skip_bad=True))
+    assert sum(s["count"] for s in manifest["splits"].values()) == 4 and not manifest["skipped"]
+
+
+def test_a_pack_reopened_for_its_left_out_images_still_checks_its_shards_hashes(tmp_path, capsys):
+    write_kadid(tmp_path / "kadid", refs=3, per_ref=3)
+    bad = tmp_path / "kadid" / "images" / "I02_01_01.png"
+    good = bad.read_bytes()
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    pack(_opts(tmp_path / "kadid", out, skip_bad=True))
+    shard = next(s for s in sorted(out.glob("*.tar")) if not s.with_name(s.name + ".skipped.json").exists())
+    data = bytearray(shard.read_bytes())
+    data[data.index(b"IDAT") + 8:data.index(b"IDAT") + 48] = bytes(40)
+    shard.write_bytes(bytes(data))
+    bad.write_bytes(good)
+    pack(_opts(tmp_path / "kadid", out))  # without --skip-bad: the image left out goes in, its manifest is rewritten
+    assert f"pack: {shard} differs from the hash its manifest recorded" in capsys.readouterr().err
+    assert verify(out) == []
 
 
 def test_skip_bad_reports_every_skipped_image(tmp_path):
@@ -216,7 +239,7 @@ def test_verify_names_what_is_wrong(tmp_path, capsys):
     assert shards[1].name in capsys.readouterr().err
     (tmp_path / "unfinished").mkdir()
     assert verify(tmp_path / "unfinished") == [f"{tmp_path / 'unfinished'}: not a pack (no manifest.json, no shards)"]
-    (tmp_path / "unfinished" / "train-000000.tar").write_bytes(b"")
+    (tmp_path / "unfinished" / "pack.json").write_text("{}")  # killed within its first shard
     assert "never finished" in verify(tmp_path / "unfinished")[0]
     assert verify(tmp_path / "nothing") == [f"{tmp_path / 'nothing'}: no such folder"]
 
