@@ -43,6 +43,7 @@ from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.clipiqa import ClipIQA, build_clipiqa
 from temu_dist.model.temu import QualityOutput, TeMuIQA
 from temu_dist.plots import scatter
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,8 @@ def _evaluate(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Accele
                 if ldg is not None:
                     x_ldg = batch["ldg_image"].to(accelerator.device, non_blocking=True)
                     _append(distorted, _score(model, x_ldg), ldg_targets(x, x_ldg, mos, config.ldg))
-                bar.update(len(mos) * accelerator.num_processes)  # the first process's pace, taken for all of theirs
+                # The first process's pace, taken for all of theirs (its share may be one sample more).
+                bar.update(min(len(mos) * accelerator.num_processes, expected - bar.n))
         results[s.name] = _gathered(s.name, keys, scored, expected, accelerator, width)
         if ldg is not None:
             results[f"{s.name}-ldg"] = _gathered(f"{s.name}-ldg", keys, distorted, expected, accelerator, width)
@@ -221,10 +223,12 @@ def _shard_sets(items: list[str]) -> list[EvalSet]:
 
 
 def _epoch_of(checkpoint: Path) -> int | None:
-    """The epoch whose weights a checkpoint folder holds, from its trainer.json; None where it has none."""
+    """The epoch whose weights a checkpoint folder holds, from its trainer.json; None where it has none, or the
+    weights are from within an epoch (a last checkpoint saved mid-epoch)."""
     try:
-        return int(json.loads((checkpoint / TRAINER_INFO).read_text())["next_epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
+        info = json.loads((checkpoint / TRAINER_INFO).read_text())
+        return None if info.get("in_epoch") else int(info["next_epoch"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -237,6 +241,11 @@ def _check_out(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with sigterm_as_ctrl_c():  # scancel, a job's time limit, kill: stopped as Ctrl-C stops it
+        return _command(argv)
+
+
+def _command(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m temu_dist.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -297,13 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\nevaluate: stopped; nothing written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        if accelerator.is_main_process:  # a terminal's Ctrl-C reaches every process
+            by = " by SIGTERM" if isinstance(e, Terminated) else ""
+            print(f"\nevaluate: stopped{by}; nothing written", file=sys.stderr)
+        return stop_code(e)
     if accelerator.is_main_process:
         metrics = {row: {name: r.metrics for name, r in results.items()} for row, results in rows.items()}
         print(json.dumps(strict(metrics if label is None else metrics[label]), indent=2, allow_nan=False))
         if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(Path(args.out), {
                 "scored": scored, "sets": {s.name: {"shards": s.shards, "split": s.split} for s in sets},
                 "config": dump(config), "rows": metrics})

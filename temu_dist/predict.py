@@ -28,6 +28,7 @@ from temu_dist.atomic import write_text_atomic
 from temu_dist.config import ConfigError, check_output_folder, is_override
 from temu_dist.plots import heatmap
 from temu_dist.scorer import Scorer
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 
 OUT_FORMATS = (".csv", ".jsonl")
 
@@ -166,14 +167,15 @@ def predict(argv: list[str] | None = None) -> int:
                         progress.write(f"predict: cannot write heatmap {heat_dir / name}: {e.strerror or e}",
                                        file=sys.stderr)
             progress.update(len(good))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         progress.close()
         wrote = [f"{maps} heatmaps in {heat_dir}"] if heat_dir else []
         kept = [f"{out_file} not written{' (the earlier one is as it was)' if out_file.exists() else ''}"] \
             if out_file else []
-        print("\n" + "; ".join([f"predict: stopped after scoring {scored} of {len(args.images)} images", *wrote,
+        by = " by SIGTERM" if isinstance(e, Terminated) else ""
+        print("\n" + "; ".join([f"predict: stopped{by} after scoring {scored} of {len(args.images)} images", *wrote,
                                 *kept]), file=sys.stderr)
-        return 130
+        return stop_code(e)
     progress.close()
     if out_file:
         out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -184,12 +186,13 @@ def predict(argv: list[str] | None = None) -> int:
 
 def main() -> None:
     try:
-        sys.exit(predict())
+        with sigterm_as_ctrl_c():  # scancel, a job's time limit, kill: stopped as Ctrl-C stops it
+            sys.exit(predict())
     except ConfigError as e:
         sys.exit(f"predict: {e}")
-    except KeyboardInterrupt:  # while the model loads; once scoring, predict says what it wrote
+    except KeyboardInterrupt as e:  # while the model loads; once scoring, predict says what it wrote
         sys.stderr.write("\npredict: stopped before scoring any image; nothing written\n")
-        sys.exit(130)
+        sys.exit(stop_code(e))
 
 
 if __name__ == "__main__":

@@ -846,9 +846,40 @@ def test_evaluate_scores_every_row_of_a_clipiqa_table_in_one_pass_and_report_lay
     with pytest.raises(SystemExit):
         main(["--clipiqa", "table", "--config", str(cfg), "--plots", str(tmp_path / "p")])
     assert "--plots draws one option's scatters" in capsys.readouterr().err
+    # Into a folder not made yet (runs/ before any run): made.
+    assert main(["--clipiqa", "a", "--config", str(cfg), "--shards", str(shards), "--out",
+                 str(tmp_path / "new" / "a.json")]) == 0
+    assert json.loads((tmp_path / "new" / "a.json").read_text())["scored"] == {"clipiqa": "a", "config": str(cfg)}
+    capsys.readouterr()
     assert main(["--clipiqa", "c", "--config", str(cfg), "--shards", str(shards), "--out", str(tmp_path / "t.md")]) == 1
     assert capsys.readouterr().err == f"evaluate: --out {tmp_path / 't.md'}: a .json file (python -m " \
                                       "temu_dist.report reads it)\n"
+
+
+def test_evaluate_stops_on_sigterm_as_on_ctrl_c_with_one_line_and_names_no_epoch_for_mid_epoch_weights(
+        tmp_path, shards, capsys, monkeypatch):
+    import os
+    import signal
+
+    import temu_dist.evaluate as evaluate
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    monkeypatch.setattr(evaluate, "evaluate_sets", terminated)
+    cfg = tmp_path / "zs.yaml"
+    cfg.write_text("model: {backbone: Test-Tiny-ViT-16, pretrained: null, image_size: 64}\n")
+    assert evaluate.main(["--clipiqa", "a", "--config", str(cfg), "--shards", str(shards), "--out",
+                          str(tmp_path / "a.json")]) == 143
+    assert capsys.readouterr().err.endswith("\nevaluate: stopped by SIGTERM; nothing written\n")
+    assert not (tmp_path / "a.json").exists()
+    # A last checkpoint saved within an epoch holds weights of no whole epoch.
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "trainer.json").write_text(json.dumps({"next_epoch": 2, "in_epoch": {"micro_batches": 3}}))
+    assert evaluate._epoch_of(tmp_path / "ckpt") is None
+    (tmp_path / "ckpt" / "trainer.json").write_text(json.dumps({"next_epoch": 2, "in_epoch": {}}))
+    assert evaluate._epoch_of(tmp_path / "ckpt") == 2
 
 
 def test_evaluate_names_shards_sets_by_their_folder_or_by_their_path_where_two_folders_share_a_name():
