@@ -35,6 +35,7 @@ from temu_dist.data.manifest import dataset_name
 
 # pred_mean and target_mean: a SET-ldg set's mean prediction on distorted images and mean target (seed Fig. 11).
 METRICS = ("srcc", "plcc", "krcc", "pred_mean", "target_mean")
+UNRANKED = ("pred_mean", "target_mean")  # no best to bold: a mean prediction is compared with its target
 # Folders of runs are searched this many levels below the one named (names a/b/c), never in MLflow's own stores.
 NESTED = 3
 _TRAINER_INFO = "trainer.json"  # checkpoint.TRAINER_INFO, whose module would bring torch into a table's command
@@ -120,7 +121,7 @@ def read_run(folder: Path, each_at: str) -> Row:
 def read_evaluation(path: Path) -> list[Row]:
     """The rows `evaluate --out` wrote: a model's (a checkpoint, a CLIP-IQA option) or each of a CLIP-IQA table's."""
     data = _read_json(path)
-    if not isinstance(data.get("rows"), dict) or not isinstance(data.get("config"), dict):
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), dict) or not isinstance(data.get("config"), dict):
         raise ConfigError(f"{path}: not a file `python -m temu_dist.evaluate --out` wrote (no rows and config)")
     config = flatten(data["config"])
     rows = []
@@ -219,8 +220,9 @@ def _trials(search: Path) -> tuple[list[Path], list[Path], list[Path]]:
 
 
 def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
-    """The rows of the given folders, in order; a folder of runs stands for the runs, series and searches in it.
-    What is left out of a folder of runs (unfinished runs, a series' split runs) is said on stderr."""
+    """The rows of the given folders (runs and series, then searches' stopped trials, then evaluate's files); a
+    folder of runs stands for the runs, series and searches in it. What is left out of a folder of runs (unfinished
+    runs, a series' split runs) is said on stderr."""
     finished: list[Path] = []
     stopped: list[Path] = []
     left_out: list[str] = []
@@ -254,10 +256,10 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
                 found = scan(sub, f"{prefix}{sub.name}/", depth - 1) or found
         return found
 
-    evaluated: list[Row] = []
+    evaluated: list[Path] = []
     for folder in (Path(f).absolute() for f in folders):  # a folder's name and parent, also for `report .`
         if folder.suffix == ".json" and folder.is_file():
-            evaluated += read_evaluation(folder)
+            evaluated.append(folder)
             continue
         if take(folder, ""):
             continue
@@ -276,7 +278,7 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
     for trial in dict.fromkeys(stopped):
         search = trial.parent.parent / "search.json"
         rows.append(read_stopped_trial(trial, each_at, _read_json(search) if search.is_file() else {}))
-    rows += evaluated
+    rows += [row for path in dict.fromkeys(evaluated) for row in read_evaluation(path)]
     in_series = {run.resolve(): r.folder.name for r in rows for run in r.split_runs}
     left_out += [f"{r.folder.name} (a split of the series {in_series[r.folder.resolve()]}, in its row)"
                  for r in rows if r.folder.resolve() in in_series]
@@ -367,13 +369,15 @@ def _grid(rows: list[Row], metrics: tuple[str, ...]) -> list[list[tuple[list[str
     its best in bold). In a column that mixes own splits and cross-dataset sets, own cells are marked * and each kind
     has its own best: a model scored on its own test split would otherwise outshine every cross-dataset score."""
     cols, mixed = columns(rows), _mixed(rows)
+    ranked = metrics[0] not in UNRANKED
     best = {(c, own): max((r.cells[c][metrics[0]][0] for r in rows if c in r.cells and (c in r.own) == own
                            and metrics[0] in r.cells[c] and not math.isnan(r.cells[c][metrics[0]][0])), default=None)
             for c in cols for own in (False, True)}
     return [[([_cell(row.cells.get(c, {}).get(m)) + (f" (n={row.fewer[c, m]})" if (c, m) in row.fewer else "")
                + ("*" if i == 0 and c in mixed and c in row.own and c in row.cells else "")
                for i, m in enumerate(metrics)],
-              len(rows) > 1 and c in row.cells and row.cells[c].get(metrics[0], (None,))[0] == best[c, c in row.own])
+              ranked and len(rows) > 1 and c in row.cells
+              and row.cells[c].get(metrics[0], (None,))[0] == best[c, c in row.own])
              for c in cols] for row in rows]
 
 
@@ -477,7 +481,8 @@ OUT_SUFFIXES = (".md", ".csv", ".tex")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m temu_dist.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", metavar="RUN", help="run folders, repeat series, or folders of them")
+    parser.add_argument("folders", nargs="+", metavar="RUN",
+                        help="run folders, repeat series, searches, folders of them, or files evaluate --out wrote")
     parser.add_argument("--each-at", choices=("own", "key"), default="own",
                         help="own: each set at its own best epoch (IQA-PyTorch); key: at the key metric's best epoch")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=["srcc", "plcc"],

@@ -1,5 +1,6 @@
-"""How every command stops: SIGTERM (SLURM's scancel and time limit, docker stop, kill) met as Ctrl-C is, and the exit
-status a shell gives either. Without torch, so that pack stays light."""
+"""How the long-running commands (pack, train, repeat, tune, evaluate, predict) stop: SIGTERM (SLURM's scancel and time
+limit, docker stop, kill) met as Ctrl-C is, and the exit status a shell gives either. Without torch, so that pack stays
+light."""
 from __future__ import annotations
 
 import signal

@@ -234,8 +234,10 @@ def test_undefined_metrics_and_ldg_copies_take_their_places(finished, tmp_path):
     assert list(row.cells) == ["kadid10k", "csiq", "kadid10k-ldg", "csiq-ldg"]  # its own split's LDG copy named too
     assert math.isnan(row.cells["kadid10k-ldg"]["srcc"][0])
     assert "| nan / " in report.markdown([row, *report.collect([finished])], ("srcc", "plcc"), "own")
-    # Fig. 11's figures: the mean prediction on the distorted images beside the mean of their targets.
-    assert "| 0.3000 / 0.4000 |" in report.markdown([row], ("pred_mean", "target_mean"), "own")
+    # Fig. 11's figures: the mean prediction on the distorted images beside the mean of their targets, none of them
+    # a best.
+    text = report.markdown([row, row], ("pred_mean", "target_mean"), "own")
+    assert "| 0.3000 / 0.4000 |" in text and "**" not in text
 
 
 def test_report_reads_the_checkpoint_file_train_writes():
@@ -268,6 +270,10 @@ def test_what_is_not_a_finished_run_is_one_line_naming_it(finished, tmp_path, ca
     assert "report: left out: cut (loss non-finite in epoch 3)\n" in capsys.readouterr().err
     assert report.main([str(tmp_path / "nothing")]) == 1
     assert capsys.readouterr().err == f"report: {tmp_path / 'nothing'}: no such run or folder\n"
+    (tmp_path / "list.json").write_text("[]")
+    assert report.main([str(tmp_path / "list.json")]) == 1
+    assert capsys.readouterr().err == f"report: {tmp_path / 'list.json'}: not a file `python -m temu_dist.evaluate " \
+                                      "--out` wrote (no rows and config)\n"
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty")]) == 1
     assert "no results.json (a finished run), repeat.json (a finished repeat series) or search" in \

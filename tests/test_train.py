@@ -839,8 +839,9 @@ def test_evaluate_scores_every_row_of_a_clipiqa_table_in_one_pass_and_report_lay
     saved = json.loads(out.read_text())
     assert saved["scored"] == {"clipiqa": "table", "config": str(cfg)}
     assert saved["sets"] == {"shards:test": {"shards": str(shards), "split": "test"}}
-    assert report.main([str(out)]) == 0
+    assert report.main([str(out), str(out)]) == 0  # named twice: its rows once
     lines = capsys.readouterr().out.splitlines()
+    assert len([line for line in lines if line.startswith("| layer") or line.startswith("| all")]) == 5
     assert lines[0] == "| run | shards:test |"
     assert [line.split(" | ")[0] for line in lines[2:7]] == [f"| {name}" for name in table]
     with pytest.raises(SystemExit):
