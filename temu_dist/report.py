@@ -1,11 +1,11 @@
 """Finished runs as one table, as a paper prints one: a row per run or repeat series, a column per evaluation set,
 SRCC / PLCC in each cell (the seed's Tables 5-13).
 
-    python -m temu_dist.report runs/table8-* --cross-only             # Table 8 from its 12 runs
+    python -m temu_dist.report runs/table8-* --cross-only --merge-train   # Table 8 from its 12 runs
     python -m temu_dist.report runs/table6-agiqa3k-S runs/table6-agiqa3k-I   # repeat series: mean +- sd
     python -m temu_dist.report runs/table5-clive-prompts                 # a search: a row per trial
     python -m temu_dist.report runs/table11.json     # evaluate --clipiqa table --out runs/table11.json: a row a layer
-    python -m temu_dist.report runs/table8-* --cross-only --out table8.md --plot table8.png    # .csv, .tex (LaTeX) too
+    python -m temu_dist.report runs/table7-* --merge-train --out table7.md --plot table7.png    # .csv, .tex too
 
 A folder is a finished run (results.json), a finished repeat series (repeat.json), a search (its trials, finished or
 stopped early, running or done) or a folder of them (out_dir); a .json file is what `evaluate --out` wrote, a row for
@@ -290,6 +290,43 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
     return rows
 
 
+def merge_train(rows: list[Row]) -> list[Row]:
+    """The runs (and series) of one model, its model.* and ldg.* settings, as one row, as the seed's Tables 5, 7 and 8
+    print a model trained on each set (FLIVE for fewer epochs): each run's own splits under its dataset's name, its
+    cross-dataset sets as TRAIN→SET. Rows of evaluate's files and stopped trials stay as they are."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        model = {k: v for k, v in row.config.items()
+                 if k.startswith(("model.", "ldg.")) and not k.startswith(NOT_SETTINGS)}
+        key = "" if row.label or row.stopped else json.dumps([model, row.splits], sort_keys=True, default=str)
+        groups.setdefault(key or str(id(row)), []).append(row)
+    merged = []
+    for group in groups.values():
+        if len(group) == 1 and (group[0].label or group[0].stopped):
+            merged.append(group[0])
+            continue
+        trains = [dataset_name(r.config.get("data.train")) for r in group]
+        twice = next((t for t in trains if trains.count(t) > 1), None)
+        if twice is not None:
+            a, b = [r.folder for r, t in zip(group, trains) if t == twice][:2]
+            raise ConfigError(f"--merge-train: {a} and {b} are one model (model.* and ldg.* alike) trained on {twice} "
+                              "twice: name one")
+        # Labelled by what makes the model: the schedules of its runs may differ by training set.
+        model = {k: v for k, v in group[0].config.items()
+                 if k.startswith(("model.", "ldg.")) and not k.startswith(NOT_SETTINGS)}
+        row = Row(group[0].folder, model, {}, group[0].splits,
+                  split_runs=[run for r in group for run in r.split_runs],
+                  started_for=sorted({e for r in group for e in r.started_for}))
+        for r, train in zip(group, trains):
+            named = {c: c if c in r.own else f"{train}→{c}" for c in r.cells}
+            row.cells.update({named[c]: v for c, v in r.cells.items()})
+            row.counts.update({named[c]: v for c, v in r.counts.items()})
+            row.fewer.update({(named[c], m): n for (c, m), n in r.fewer.items()})
+            row.own |= r.own
+        merged.append(row)
+    return merged
+
+
 def labels(rows: list[Row]) -> list[str]:
     return _marked(rows, _base_labels(rows))
 
@@ -492,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-plot", metavar="FILE.png",
                         help="also draw the first metric against each row's layer K (model.layers only:K or upto:K), "
                              "a line per set: the seed's Fig. 8 from a single-layer search")
+    parser.add_argument("--merge-train", action="store_true",
+                        help="a row per model (model.* and ldg.* settings), its runs on each training set side by side "
+                             "(own splits by dataset, cross sets as TRAIN→SET), as the seed's Tables 5, 7 and 8")
     parser.add_argument("--cross-only", action="store_true",
                         help="leave out each run's own splits: cross-dataset sets alone, as the seed's Table 8")
     parser.add_argument("--rename", nargs=2, action="append", default=[], metavar=("NAME", "NEW"),
@@ -517,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
                 row.counts = {c: v for c, v in row.counts.items() if c not in row.own}
                 row.fewer = {(c, m): n for (c, m), n in row.fewer.items() if c not in row.own}
                 row.own = set()
+        if args.merge_train:
+            rows = merge_train(rows)
         names = rename(rows, args.rename)  # each run's pack manifest read once, for every output
         by_layer = layer_points(rows, metrics[0]) if args.layer_plot else {}
     except ConfigError as e:

@@ -356,3 +356,32 @@ def test_a_layer_plot_draws_each_set_against_the_layer_of_single_layer_runs(fini
     assert capsys.readouterr().err.startswith("report: --layer-plot: no row has model.layers only:K or upto:K with a "
                                               "srcc (they have ")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_runs_alike_but_for_their_training_set_merge_into_one_row_as_the_seeds_tables_print_a_model(finished, tmp_path,
+                                                                                                     capsys):
+    # Tables 5, 7 and 8: a row per model, its KonIQ-trained and FLIVE-trained runs side by side.
+    other = _copy(finished, tmp_path / "csiq-I", {"data.train": str(tmp_path / "shards" / "csiq")}, {})
+    results = json.loads((other / "results.json").read_text())
+    for key in ("own_best", "best"):
+        results[key]["kadid10k"] = {**results[key].pop("csiq"), "srcc": 0.01}
+    (other / "results.json").write_text(json.dumps(results))
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["eval"]["cross"][0]["name"] = "kadid10k"
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    variant_s = _copy(finished, tmp_path / "kadid-S", {"model.variant": "S"}, {})
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["train"]["epochs"] = 1  # FLIVE's 5 epochs beside KonIQ-10k's 30: one model still
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = report.merge_train(report.collect([finished, other, variant_s]))
+    assert report.labels(rows) == ["variant=I", "variant=S"]
+    assert list(rows[0].cells) == ["kadid10k", "kadid10k→csiq", "csiq", "csiq→kadid10k"]
+    assert rows[0].cells["csiq→kadid10k"]["srcc"] == (0.01, None) and rows[0].own == {"kadid10k", "csiq"}
+    assert list(rows[1].cells) == ["kadid10k", "kadid10k→csiq"]
+    assert report.main([str(finished), str(other), "--merge-train", "--cross-only"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "| run | kadid10k→csiq | csiq→kadid10k |"
+    # Two runs of one model on one training set: which to show is the user's to say.
+    twin = _copy(finished, tmp_path / "again", {}, {})
+    assert report.main([str(finished), str(twin), "--merge-train"]) == 1
+    assert capsys.readouterr().err == f"report: --merge-train: {finished} and {twin} are one model (model.* and " \
+                                      "ldg.* alike) trained on kadid10k twice: name one\n"
