@@ -290,15 +290,19 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
     return rows
 
 
+def _model_settings(config: dict) -> dict:
+    """What makes a model, of a run's settings: its model.* and ldg.* keys, less where and how it ran."""
+    return {k: v for k, v in config.items() if k.startswith(("model.", "ldg.")) and not k.startswith(NOT_SETTINGS)}
+
+
 def merge_train(rows: list[Row]) -> list[Row]:
     """The runs (and series) of one model, its model.* and ldg.* settings, as one row, as the seed's Tables 5, 7 and 8
     print a model trained on each set (FLIVE for fewer epochs): each run's own splits under its dataset's name, its
     cross-dataset sets as TRAIN→SET. Rows of evaluate's files and stopped trials stay as they are."""
     groups: dict[str, list[Row]] = {}
     for row in rows:
-        model = {k: v for k, v in row.config.items()
-                 if k.startswith(("model.", "ldg.")) and not k.startswith(NOT_SETTINGS)}
-        key = "" if row.label or row.stopped else json.dumps([model, row.splits], sort_keys=True, default=str)
+        key = "" if row.label or row.stopped else \
+            json.dumps([_model_settings(row.config), row.splits], sort_keys=True, default=str)
         groups.setdefault(key or str(id(row)), []).append(row)
     merged = []
     for group in groups.values():
@@ -312,9 +316,7 @@ def merge_train(rows: list[Row]) -> list[Row]:
             raise ConfigError(f"--merge-train: {a} and {b} are one model (model.* and ldg.* alike) trained on {twice} "
                               "twice: name one")
         # Labelled by what makes the model: the schedules of its runs may differ by training set.
-        model = {k: v for k, v in group[0].config.items()
-                 if k.startswith(("model.", "ldg.")) and not k.startswith(NOT_SETTINGS)}
-        row = Row(group[0].folder, model, {}, group[0].splits,
+        row = Row(group[0].folder, _model_settings(group[0].config), {}, group[0].splits,
                   split_runs=[run for r in group for run in r.split_runs],
                   started_for=sorted({e for r in group for e in r.started_for}))
         for r, train in zip(group, trains):
