@@ -61,6 +61,7 @@ class Row:
     fewer: dict[tuple[str, str], int] = field(default_factory=dict)
     split_runs: list[Path] = field(default_factory=list)  # a series' own runs
     label: str = ""  # a row of `evaluate --out`: named as evaluate named it, not by its settings
+    epoch: int | None = None  # a row of --by-epoch: the run's scores after this epoch
     own: set[str] = field(default_factory=set)  # the columns holding its own splits (its training pack's)
 
 
@@ -290,6 +291,23 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
     return rows
 
 
+def by_epoch(rows: list[Row], epochs: list[int] | None = None) -> list[Row]:
+    """Each finished run as a row per epoch of its history (`epochs`: those alone), every set as scored after that
+    epoch: Table 9 read off one run. Series, trials and evaluate's rows stay as they are."""
+    out = []
+    for row in rows:
+        path = row.folder / "results.json"
+        if row.label or row.splits or row.stopped or not path.is_file():
+            out.append(row)
+            continue
+        for record in _read_json(path).get("history") or []:
+            if epochs is None or record.get("epoch") in epochs:
+                each = _row(row.folder, row.config, record.get("eval") or {})
+                each.epoch = record.get("epoch")
+                out.append(each)
+    return out
+
+
 def _model_settings(config: dict) -> dict:
     """What makes a model, of a run's settings: its model.* and ldg.* keys, less where and how it ran."""
     return {k: v for k, v in config.items() if k.startswith(("model.", "ldg.")) and not k.startswith(NOT_SETTINGS)}
@@ -358,7 +376,7 @@ def _marked(rows: list[Row], names: list[str]) -> list[str]:
     """The names with what a reader must know of each row: its splits, how far a stopped trial got, and the epochs
     it was started for where train.resume=extend changed them (its config alone would not train it so)."""
     return [name + (f" ({r.splits} split{'s' * (r.splits != 1)})" if r.splits else "")
-            + (f" [{r.stopped}]" if r.stopped else "")
+            + (f" [{r.stopped}]" if r.stopped else "") + (f" [epoch {r.epoch}]" if r.epoch is not None else "")
             + (f" [started for {', '.join(map(str, r.started_for))} epoch{'s' * (r.started_for != [1])}]"
                if r.started_for else "")
             for name, r in zip(names, rows)]
@@ -424,7 +442,8 @@ def _footer(rows: list[Row], metrics: tuple[str, ...], each_at: str) -> str:
     return f"{' / '.join(m.upper() for m in metrics)}; {_at(each_at)}" + (
         "; a repeat series: mean±sd (sample, n-1) over its splits" if any(r.splits for r in rows) else "") + (
         "; *: the run's own test split, in a column of other runs' cross-dataset sets (each kind's best in bold; "
-        "--cross-only leaves them out)" if _mixed(rows) else "")
+        "--cross-only leaves them out)" if _mixed(rows) else "") + (
+        "; [epoch N]: every set as scored after epoch N" if any(r.epoch is not None for r in rows) else "")
 
 
 def markdown(rows: list[Row], metrics: tuple[str, ...], each_at: str, names: list[str] | None = None) -> str:
@@ -534,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge-train", action="store_true",
                         help="a row per model (model.* and ldg.* settings), its runs on each training set side by side "
                              "(own splits by dataset, cross sets as TRAIN→SET), as the seed's Tables 5, 7 and 8")
+    parser.add_argument("--by-epoch", nargs="*", type=int, metavar="N",
+                        help="a row per epoch of each run (those N alone, where given), every set as scored after it: "
+                             "the seed's Table 9 read off one run")
     parser.add_argument("--cross-only", action="store_true",
                         help="leave out each run's own splits: cross-dataset sets alone, as the seed's Table 8")
     parser.add_argument("--rename", nargs=2, action="append", default=[], metavar=("NAME", "NEW"),
@@ -553,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
             if path:
                 check_output_folder(Path(path).resolve().parent, flag)
         rows = collect(args.folders, args.each_at)
+        if args.by_epoch is not None:
+            rows = by_epoch(rows, args.by_epoch or None)
         if args.cross_only:
             for row in rows:
                 row.cells = {c: v for c, v in row.cells.items() if c not in row.own}

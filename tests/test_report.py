@@ -385,3 +385,16 @@ def test_runs_alike_but_for_their_training_set_merge_into_one_row_as_the_seeds_t
     assert report.main([str(finished), str(twin), "--merge-train"]) == 1
     assert capsys.readouterr().err == f"report: --merge-train: {finished} and {twin} are one model (model.* and " \
                                       "ldg.* alike) trained on kadid10k twice: name one\n"
+
+
+def test_by_epoch_gives_a_row_per_epoch_of_a_run_with_every_set_as_scored_then(finished, capsys):
+    # Table 9 read off one run: its epochs as rows.
+    history = json.loads((finished / "results.json").read_text())["history"]
+    assert report.main([str(finished), "--by-epoch"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0] for line in out[2:4]] == ["| koniq-I [epoch 1]", "| koniq-I [epoch 2]"]
+    assert f"| {history[0]['eval']['test']['srcc']:.4f}" in out[2].replace("**", "")
+    assert out[-1].endswith("; [epoch N]: every set as scored after epoch N")
+    assert report.main([str(finished), "--by-epoch", "2"]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if "[epoch" in line][0].startswith(
+        "| koniq-I [epoch 2] |")
