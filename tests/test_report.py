@@ -313,10 +313,9 @@ def test_a_folder_of_runs_is_searched_in_its_subfolders_as_names_a_b_make_them_b
     assert capsys.readouterr().err == "report: left out: ablations/prompts/trials/trial-nan (failed)\n"
 
 
-def test_a_runs_own_test_split_beside_other_runs_cross_sets_is_marked_and_bolded_among_its_kind(finished, tmp_path,
-                                                                                               capsys):
-    # Table 8: a KonIQ-trained run's own test split would share the koniq10k column with the SPAQ-trained run's
-    # cross-dataset koniq10k, and outshine it.
+def _trained_on_csiq(finished, tmp_path):
+    """The fixture's run as if trained on CSIQ, with a cross-dataset set named after the fixture's dataset (SRCC
+    0.01): the two runs' own and cross sets share columns, as Table 8's runs on each training set do."""
     other = _copy(finished, tmp_path / "csiq-I", {"data.train": str(tmp_path / "shards" / "csiq")}, {})
     results = json.loads((other / "results.json").read_text())
     for key in ("own_best", "best"):
@@ -325,6 +324,14 @@ def test_a_runs_own_test_split_beside_other_runs_cross_sets_is_marked_and_bolded
     config = yaml.safe_load((other / "config.yaml").read_text())
     config["eval"]["cross"][0]["name"] = "kadid10k"
     (other / "config.yaml").write_text(yaml.safe_dump(config))
+    return other
+
+
+def test_a_runs_own_test_split_beside_other_runs_cross_sets_is_marked_and_bolded_among_its_kind(finished, tmp_path,
+                                                                                               capsys):
+    # Table 8: a KonIQ-trained run's own test split would share the koniq10k column with the SPAQ-trained run's
+    # cross-dataset koniq10k, and outshine it.
+    other = _trained_on_csiq(finished, tmp_path)
     assert report.main([str(finished), str(other)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "| run | kadid10k | csiq |"
@@ -361,14 +368,7 @@ def test_a_layer_plot_draws_each_set_against_the_layer_of_single_layer_runs(fini
 def test_runs_alike_but_for_their_training_set_merge_into_one_row_as_the_seeds_tables_print_a_model(finished, tmp_path,
                                                                                                      capsys):
     # Tables 5, 7 and 8: a row per model, its KonIQ-trained and FLIVE-trained runs side by side.
-    other = _copy(finished, tmp_path / "csiq-I", {"data.train": str(tmp_path / "shards" / "csiq")}, {})
-    results = json.loads((other / "results.json").read_text())
-    for key in ("own_best", "best"):
-        results[key]["kadid10k"] = {**results[key].pop("csiq"), "srcc": 0.01}
-    (other / "results.json").write_text(json.dumps(results))
-    config = yaml.safe_load((other / "config.yaml").read_text())
-    config["eval"]["cross"][0]["name"] = "kadid10k"
-    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    other = _trained_on_csiq(finished, tmp_path)
     variant_s = _copy(finished, tmp_path / "kadid-S", {"model.variant": "S"}, {})
     config = yaml.safe_load((other / "config.yaml").read_text())
     config["train"]["epochs"] = 1  # FLIVE's 5 epochs beside KonIQ-10k's 30: one model still
