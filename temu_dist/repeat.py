@@ -72,6 +72,10 @@ def _is_first_process() -> bool:
 def repeat(config: Config, splits: int) -> dict:
     if splits < 1:
         raise ConfigError(f"--splits: at least 1, not {splits}")
+    out = Path(config.out_dir) / config.name
+    if (out / "results.json").is_file() or (out / "checkpoints").is_dir():
+        # Its repeat.json there would make report take the run's folder for the series, and show the run no more.
+        raise ConfigError(f"name: {out} is a training run's folder; give the series a name of its own (name=...)")
     extending = False
     for i in range(splits):  # every split's pack (and run to extend), before the first trains for hours
         split = split_config(config, i)
@@ -79,7 +83,6 @@ def repeat(config: Config, splits: int) -> dict:
         if config.train.resume == "extend":
             extending |= check_extendable(split)
     main = _is_first_process()
-    out = Path(config.out_dir) / config.name
     anew = extending or config.train.resume == "never"  # its splits train again: the series is no longer finished
     if main and anew:  # stale until every split has its new epochs
         (out / "repeat.json").unlink(missing_ok=True)

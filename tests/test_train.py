@@ -678,6 +678,11 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     with pytest.raises(ConfigError, match=f"^data.train: {tmp_path / 'split2' / 'manifest.json'} not found"):
         repeat(config, 3)
     assert not (tmp_path / "rep-split0").exists()
+    # Under a training run's name, its repeat.json would hide the run from report.
+    (tmp_path / "single" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=rf"^name: {tmp_path / 'single'} is a training run's folder; give the series "
+                                          r"a name of its own \(name=...\)$"):
+        repeat(run_config(tmp_path, str(tmp_path / "split{split}"), "train.epochs=1", "name=single"), 2)
     summary = repeat(config, 2)
     runs = [json.loads((tmp_path / f"rep-split{i}" / "results.json").read_text()) for i in range(2)]
     values = [r["best"]["test"]["srcc"] for r in runs]
