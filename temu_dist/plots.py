@@ -215,19 +215,21 @@ def layer_sets(lines: dict[str, list[tuple[int, float]]], metric: str, path: str
 
 def results_grid(rows: list[str], columns: list[str], values: list[list[float]], metric: str,
                  path: str | Path, note: str = "") -> Path:
-    """Runs against evaluation sets, each cell coloured by its `metric` and printed in it (a missing one blank): a
-    cross-dataset table (seed Table 8) read at a glance; `note` says under the title how the values were taken."""
+    """Runs against evaluation sets, each cell coloured by its `metric` and printed in it (a missing one grey, marked
+    "-"): a cross-dataset table (seed Table 8) read at a glance; `note` says under the title how the values were
+    taken."""
     grid = np.array(values, dtype=float)
     # Room for the title, the set names under the grid and the colour bar, which crushed a grid of few runs.
     width = max(4.5, 1.6 + 1.1 * len(columns) + 0.06 * max(map(len, rows)))
     fig, ax = plt.subplots(figsize=(width, 1.7 + 0.45 * len(rows) + 0.2 * bool(note)), dpi=110)
     finite = grid[np.isfinite(grid)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap=HEATMAP_COLOURS, vmin=lo, vmax=hi if hi > lo else lo + 1e-6,
+    # A missing cell in grey: white read as a middling value, near the map's own pale middle.
+    colours = colormaps[HEATMAP_COLOURS].with_extremes(bad="0.8")
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=colours, vmin=lo, vmax=hi if hi > lo else lo + 1e-6,
                       aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
-        if np.isfinite(value):
-            ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=8)
+        ax.text(j, i, f"{value:.3f}" if np.isfinite(value) else "-", ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
     fig.colorbar(image, ax=ax, label=metric)

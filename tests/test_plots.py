@@ -85,6 +85,12 @@ def test_a_results_grid_of_few_runs_leaves_the_grid_room_beside_its_title_and_la
                         tmp_path / "grid.png", note="each run at its best epoch by test/srcc")
     # Cropped to what it draws, at 110 dpi: the grid was a sliver under the title (187 px in all), now 297 px.
     assert Image.open(path).size[1] >= 260
+    # A run without a set: its cell grey, not white, which read as a middling value.
+    import numpy as np
+
+    path = results_grid(["a", "b"], ["x", "y"], [[0.6, float("nan")], [0.5, 0.7]], "srcc", tmp_path / "gaps.png")
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+    assert (np.abs(pixels.astype(int) - 204).max(axis=1) <= 2).sum() > 500
 
 
 def test_a_layer_study_of_one_k_ticks_whole_layers(tmp_path, monkeypatch):
