@@ -27,7 +27,8 @@ from temu_dist.atomic import write_json_atomic
 from temu_dist.config import Config, ConfigError, load_config, notices_as_lines
 from temu_dist.tracking import config_params, config_tags, finish_run, parent_run, tracking_uri
 from temu_dist.stop import sigterm_as_ctrl_c, stop_code
-from temu_dist.train import NonFiniteLoss, check_data, check_extendable, train
+from temu_dist.resume import check_extendable
+from temu_dist.train import NonFiniteLoss, check_data, train
 
 METRICS = ("srcc", "plcc", "krcc")
 

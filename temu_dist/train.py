@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import math
 import os
 import platform
 import re
@@ -36,15 +35,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from temu_dist.atomic import write_json_atomic, write_text_atomic
+from temu_dist import resume
 from temu_dist.best import better, own_best
 from temu_dist.checkpoint import (find_checkpoint, load_saved_config, load_trainer_info, load_trainer_state,
                                   save_checkpoint, set_rng_state)
-from temu_dist.config import (MLFLOW_FOLDERS, Config, ConfigError, check_output_folder, dump, flatten, list_of,
-                              load_config, notices_as_lines, value_at)
+from temu_dist.config import (MLFLOW_FOLDERS, Config, ConfigError, check_output_folder, dump, flatten, load_config,
+                              notices_as_lines)
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import check_fidelity_size, ldg_targets
-from temu_dist.data.manifest import pack_digest, pack_named_by, read_manifest
-from temu_dist.data.stream import SharedEpoch, read_by, reader_count, split_shards, train_loader
+from temu_dist.data.manifest import pack_named_by, read_manifest
+from temu_dist.data.stream import SharedEpoch, reader_count, split_shards, train_loader
 from temu_dist.distributed import BatchPlan, check_processes_agree, keep_buffers_in_place, make_accelerator
 from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, no_such_set, result_names, scatter_plots
 from temu_dist.metrics import plcc_loss
@@ -63,6 +63,7 @@ class NonFiniteLoss(RuntimeError):
 # Left in the run folder by a run whose loss went non-finite, holding the error, so that report and a search's retry
 # can tell such a run from one cut short; an attempt removes its earlier one.
 NONFINITE = "nonfinite.txt"
+RUN_LOCK = "train.lock"  # in a run folder: held while a training writes it
 
 
 # torch's report of a data worker a SIGTERM ended: sent to the whole process group (scancel, docker stop), the signal
@@ -181,165 +182,6 @@ def step_scores(model: torch.nn.Module, inputs: list[Inputs], config: Config, st
     return loss.detach(), list(grad.split([len(s) for s in scores])), tokens
 
 
-# What a resumed run may change: everything else must match the checkpoint, or the resumed run would not be the
-# run it continues. Of the model, only how it is compiled: evaluate and predict may also load a checkpoint onto another
-# input size, dtype or frozen tower, a resumed run may not train on one.
-RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.timeout_min", "data.workers", "eval.batch_size",
-                     "tracking.enabled", "tracking.uri", "model.compile", "model.compile_mode", "train.keep_tokens"}
-
-
-# Keys added since checkpoints were first written, each with the value a run saved before it had (trained or was
-# scored with); None where no value holds (train.plcc_over: such a run resumes with this run's value, and says so).
-ADDED_SINCE: dict[str, object] = {"train.plcc_over": None, "model.tower_fp8": False, "eval.ldg": False,
-                                   "model.ctx_per_prompt": False, "model.class_position": "end"}
-
-
-# The config sections a run's weights depend on (a search's results also on eval, what they are scored on).
-TRAINED_SECTIONS = ("seed", "model", "train", "ldg", "data")
-RUN_LOCK = "train.lock"  # in a run folder: held while a training writes it
-REPLACE = "start anew in its place with train.resume=never, which replaces its checkpoints and results"
-
-
-def _first_change(saved: dict, config: Config, sections: tuple[str, ...],
-                  may_change: set[str]) -> tuple[str, object, object] | None:
-    """(key, saved value, this run's value) of the first key of `sections` that differs, but those in may_change. A
-    list of sections (eval.cross), which is given whole, is named and shown whole."""
-    tree = dump(config)
-    ours, theirs = flatten(tree), flatten(saved)
-    for key in sorted(set(ours) | set(theirs)):
-        if key.split(".")[0] not in sections or key in may_change:
-            continue
-        if key in ADDED_SINCE and key not in theirs:
-            if ADDED_SINCE[key] is not None and ours.get(key) != ADDED_SINCE[key]:
-                return key, ADDED_SINCE[key], ours.get(key)
-        elif ours.get(key) != theirs.get(key):
-            whole = list_of(key)
-            if whole != key or isinstance(ours.get(key, theirs.get(key)), list):
-                return whole, value_at(saved, whole), value_at(tree, whole)
-            return key, theirs.get(key), ours.get(key)
-    return None
-
-
-def _packs(config: Config) -> dict[str, tuple[str, str]]:
-    """The packs a run trains and is scored on, by the key that names each: (path, manifest.pack_digest)."""
-    paths = {"data.train": config.data.train, **{f"eval.cross.{s.name}": s.shards for s in config.eval.cross}}
-    return {key: (path, pack_digest(path)) for key, path in paths.items()}
-
-
-def _as_packed_here(saved: dict, packs: dict[str, tuple[str, str]], info: dict, last: Path) -> dict:
-    """`saved` with this config's pack paths where they hold the packs the run was trained and scored on: a pack is
-    known by what it holds, not by how its path is spelt (relative, absolute, copied to a node's own disk). A pack
-    that holds another (packed again in place) is refused. A checkpoint saved before it recorded them: by path."""
-    was = info.get("packs")
-    if not isinstance(was, dict):
-        return saved
-    cross = {s.get("name"): s for s in saved.get("eval", {}).get("cross", []) if isinstance(s, dict)}
-    for key, (path, digest) in packs.items():
-        if key not in was:
-            continue  # a set the run was not scored on: the evaluation check says so
-        if was[key] != digest:
-            if key != "data.train" and not info.get("history"):
-                continue  # not scored on yet: any evaluation goes (_check_same_evaluation)
-            raise ConfigError(f"{'data.train' if key == 'data.train' else 'eval.cross'}: {path} holds another pack "
-                              f"than {last} was {'trained' if key == 'data.train' else 'scored'} on (its manifest "
-                              f"differs: packed again?); resume with that pack, or give this run another name=, or "
-                              f"{REPLACE}")
-        if key == "data.train":
-            saved["data"]["train"] = path
-        elif key.removeprefix("eval.cross.") in cross:
-            cross[key.removeprefix("eval.cross.")]["shards"] = path
-    return saved
-
-
-def _check_resumable(saved: dict, config: Config, where: Path) -> None:
-    # With PLCC over the step the micro-batch only sets memory: a resume on a smaller device may change it. (Without
-    # PLCC the micro-batches' own MSE, weighted by their LDG copies, still depends on it.)
-    may_change = RESUME_MAY_CHANGE | ({"train.per_device_batch"} if config.train.plcc_over == "step"
-                                      and config.train.plcc_weight else set()) \
-        | ({"train.epochs"} if config.train.resume == "extend" else set())
-    change = _first_change(saved, config, TRAINED_SECTIONS, may_change)
-    if change:
-        key, theirs, ours = change
-        further = "train it for another number of epochs with train.resume=extend, or " if key == "train.epochs" else ""
-        raise ConfigError(f"{key}: {where} was trained with {theirs!r}, this run asks for {ours!r}; {further}resume "
-                          f"with the same value, or give this run another name=, or {REPLACE}")
-
-
-def check_extendable(config: Config) -> bool:
-    """train.resume=extend asks a run to go on for train.epochs: it must be there, resumable with this config, have an
-    epoch or part of one left under the new count, and be scored as its epochs so far were, so that they compare.
-    Checked before anything is written (repeat: for every split before the first trains). Whether train.epochs
-    changes."""
-    last = _run_to_extend(config, find_checkpoint(config.run_dir() / "checkpoints" / "last"))
-    info = load_trainer_info(last)
-    saved = _as_packed_here(with_legacy_fields(load_saved_config(last)), _packs(config), info, last)
-    _check_resumable(saved, config, last)
-    extends = _extends(saved, info, config, last)
-    if extends:
-        _check_same_evaluation(saved, config, last, info, "extended")
-    return extends
-
-
-def _run_to_extend(config: Config, last: Path | None) -> Path:
-    if last is None:
-        raise ConfigError(f"train.resume: extend, but {config.run_dir()} holds no run to extend (checkpoints/last); "
-                          "start it with train.resume=auto")
-    return last
-
-
-def _extends(saved: dict, info: dict, config: Config, last: Path) -> bool:
-    """Whether train.resume=extend gives the run `last` holds another train.epochs: one more than it has trained."""
-    epochs, trained = saved["train"]["epochs"], info["next_epoch"]
-    if config.train.epochs == epochs:
-        return False
-    if config.train.epochs <= trained:
-        raise ConfigError(f"train.epochs: {last} has trained {trained} epochs; extend it to more than {trained}, or "
-                          f"leave it at {epochs}")
-    return True
-
-
-def _extend(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, saved_epochs: int, epochs: int,
-            steps_per_epoch: int) -> dict:
-    """Makes the cosine schedule of a run started for `saved_epochs` as long as `epochs` from the step it stands at;
-    what changed, for the run's records (extended so, it does not train as one started for `epochs` would). The rate
-    is set by hand: CosineAnnealingLR scales the last rate step by step, so a new length alone would scale the old
-    schedule's rate (0 at its end)."""
-    state, steps = scheduler.state_dict(), steps_per_epoch * epochs
-    t, low = state["last_epoch"], state["eta_min"]
-    rates = [low + (base - low) * (1 + math.cos(math.pi * t / steps)) / 2 for base in state["base_lrs"]]
-    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
-        group["lr"] = rate
-    scheduler.load_state_dict({**state, "T_max": steps, "_last_lr": rates})
-    return {"epochs_from": saved_epochs, "epochs_to": epochs, "after_step": t, "lr_from": state["_last_lr"][0],
-            "lr_to": rates[0]}
-
-
-def _extended_tag(extended: list[dict]) -> dict[str, str]:
-    return {"extended": "; ".join(f"{e['epochs_from']} -> {e['epochs_to']} epochs after step {e['after_step']}"
-                                  for e in extended)} if extended else {}
-
-
-def _check_same_evaluation(saved: dict, config: Config, last: Path, info: dict, how: str) -> None:
-    """A run goes on scored as its epochs so far were (`how` it goes on: finished, resumed, extended). Finished, it
-    returns the results it has, which other evaluation sets or settings would pass off as theirs; resumed or extended,
-    its epochs compare, and its best is picked among them, only so. Before its first epoch's scores anything goes."""
-    change = _first_change(saved, config, ("eval",), RESUME_MAY_CHANGE) if info["history"] else None
-    if not change:
-        return
-    key, theirs, ours = change
-    if how == "finished":
-        run_dir = last.parent.parent
-        override = f"'{key}=[...]'" if isinstance(ours, list) else f"{key}=..."  # a list is given whole
-        raise ConfigError(f"{key}: {run_dir} finished with {theirs!r}, this run asks for {ours!r}; a finished run is "
-                          f"not evaluated again: score its best weights with python -m temu_dist.evaluate --checkpoint "
-                          f"{run_dir} {override}, or train under another name=, or {REPLACE}")
-    a_run, verb = {"resumed": ("a resumed", "resume"), "extended": ("an extended", "extend")}[how]
-    raise ConfigError(f"{key}: {last} was scored with {theirs!r}, this run asks for {ours!r}; {a_run} run is scored "
-                      f"as its epochs so far were, so that they compare: {verb} it with the same value and score its "
-                      f"weights otherwise with python -m temu_dist.evaluate, or train under another name=, or "
-                      f"{REPLACE}")
-
-
 def eval_metrics(evals: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
     """Evaluation results as flat metric names: SET/srcc, SET/count, ... (after `prefix`)."""
     return {f"{prefix}{name}/{k}": v for name, m in evals.items() for k, v in m.items()}
@@ -418,9 +260,9 @@ class Run:
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
     elapsed_s: float = 0.0
-    # Each time train.resume=extend gave the run another train.epochs (_extend).
+    # Each time train.resume=extend gave the run another train.epochs (resume.extend_schedule).
     extended: list[dict] = field(default_factory=list)
-    packs: dict[str, str] = field(default_factory=dict)  # digests of the _packs it trained and was scored on
+    packs: dict[str, str] = field(default_factory=dict)  # digests of the packs it trained and was scored on
     lr: float = 0.0  # the rate the last optimizer step used
 
 
@@ -556,33 +398,6 @@ def _fit(config: Config, run: Run) -> None:
         accelerator.wait_for_everyone()
 
 
-def _in_this_plan(in_epoch: dict, plan: BatchPlan) -> dict:
-    """A mid-epoch position, saved under any batch plan (processes, micro-batch), in this plan's micro-batches: the
-    same optimizer steps, whatever micro-batches make them up. A checkpoint written before `steps` was saved is taken
-    to share this plan."""
-    if not in_epoch:
-        return {}
-    saved = in_epoch["micro_batches"]
-    micro = in_epoch.get("steps", saved // plan.accumulation) * plan.accumulation
-    return {**in_epoch, "micro_batches": micro, "loss_sum": in_epoch["loss_sum"] * micro / saved if saved else 0.0,
-            "images": round(in_epoch["images"] * in_epoch.get("processes", plan.world_size) / plan.world_size)}
-
-
-def _read_per_reader(micro_batches: int, per_device: int, processes: int, workers: int) -> list[int]:
-    """How many samples each data reader (rank x worker) has read after this many micro-batches: over several workers
-    the same step may leave them elsewhere in another plan."""
-    return [read_by(w, workers, micro_batches, per_device) for _ in range(processes) for w in range(workers)]
-
-
-def _saved_reads(position: dict, config: Config) -> list[int] | None:
-    """_read_per_reader at a saved mid-epoch position, in the plan it was saved in; None where it does not say."""
-    if "processes" not in position:
-        return None
-    processes, micro = position["processes"], position["micro_batches"]
-    per_device = config.train.batch_size // (micro // position["steps"] * processes)
-    return _read_per_reader(micro, per_device, processes, position["readers"] // processes)
-
-
 def check_data(config: Config) -> list[EvalSet]:
     """What train() reads, checked before it starts (Ray Tune checks a search's trials with it too): the backbone and
     its layers, the training pack and split, and the evaluation sets, the key metric's among them. Returns the sets."""
@@ -633,25 +448,25 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * config.train.epochs)
     resumed = {}
     last = find_checkpoint(ckpt_dir / "last") if config.train.resume != "never" else None
-    packs = _packs(config)  # once: checked against a resumed run's, and kept in this run's checkpoints
+    packs = resume.packs(config)  # once: checked against a resumed run's, and kept in this run's checkpoints
     if len(set(gather_object([last is not None]))) > 1:
         raise ConfigError(f"out_dir: some processes see {ckpt_dir / 'last'} and some do not; a run folder must lie "
                           "on a filesystem every node shares")
     if config.train.resume == "extend":
-        _run_to_extend(config, last)
+        resume.run_to_extend(config, last)
     extending = False
     if last is not None:
-        saved = _as_packed_here(with_legacy_fields(load_saved_config(last)), packs, load_trainer_info(last), last)
-        _check_resumable(saved, config, last)
+        saved = resume.as_packed_here(with_legacy_fields(load_saved_config(last)), packs, load_trainer_info(last), last)
+        resume.check_resumable(saved, config, last)
         if "train.plcc_over" not in flatten(saved) and _plcc_over_step(config, plan):
             accelerator.print(f"train: warning: {last} predates train.plcc_over, when PLCC under gradient accumulation "
                               "was taken over each micro-batch; the rest of this run takes it over the whole step "
                               "(train.plcc_over=micro_batch: as before)")
         load_weights(model, last, config)
         state, info = load_trainer_state(last)
-        extending = config.train.resume == "extend" and _extends(saved, info, config, last)
-        _check_same_evaluation(saved, config, last, info, "finished" if info["next_epoch"] >= config.train.epochs
-                               else "extended" if extending else "resumed")
+        extending = config.train.resume == "extend" and resume.extends(saved, info, config, last)
+        how = "finished" if info["next_epoch"] >= config.train.epochs else "extended" if extending else "resumed"
+        resume.check_same_evaluation(saved, config, last, info, how)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -662,12 +477,13 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                               f"change it; resume with {saved['train'].get('per_device_batch')!r}")
         extended = info.get("extended", [])
         if extending:
-            extended = [*extended, _extend(scheduler, saved["train"]["epochs"], config.train.epochs, steps_per_epoch)]
+            extended = [*extended, resume.extend_schedule(scheduler, saved["train"]["epochs"], config.train.epochs,
+                                                          steps_per_epoch)]
             accelerator.print(f"train: {run_dir} goes from {extended[-1]['epochs_from']} to {config.train.epochs} "
                               f"epochs: from its step {extended[-1]['after_step']} on, the learning rate follows a "
                               f"{config.train.epochs}-epoch cosine ({extended[-1]['lr_from']:.3g} -> "
                               f"{extended[-1]['lr_to']:.3g}), unlike a run started for {config.train.epochs} epochs")
-        in_epoch = _in_this_plan(saved_position, plan)
+        in_epoch = resume.in_this_plan(saved_position, plan)
         resumed = {"start_epoch": info["next_epoch"], "in_epoch": in_epoch, "history": info["history"],
                    "best": info["best"], "elapsed_s": info["elapsed_s"], "extended": extended}
         at = f", after its step {in_epoch['micro_batches'] // plan.accumulation} of {steps_per_epoch}," \
@@ -679,10 +495,10 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
             accelerator.print(f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1}{at} from {last}")
         # Lists of another length where the readers' number changed; a checkpoint that does not say its plan is only
         # compared by that number.
-        reads = _saved_reads(saved_position, config) if in_epoch else None
+        reads = resume.saved_reads(saved_position, config) if in_epoch else None
         readers = reader_count(plan.world_size, config.data.workers)
-        moved = reads != _read_per_reader(in_epoch["micro_batches"], plan.per_device, plan.world_size,
-                                          readers // plan.world_size) if reads is not None \
+        moved = reads != resume.read_per_reader(in_epoch["micro_batches"], plan.per_device, plan.world_size,
+                                                readers // plan.world_size) if reads is not None \
             else bool(in_epoch) and saved_position["readers"] != readers
         rest = f"the rest of epoch {info['next_epoch'] + 1} reads the samples in another order, so some repeat in it " \
             "and some are left out"
@@ -723,7 +539,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                 # Stale until the new epochs end: a kill before then must not leave the run looking finished.
                 (run_dir / "results.json").unlink()
         tracker = Tracker(config, run_dir, main, resuming=last is not None,
-                          tags=_extended_tag(resumed.get("extended", [])),
+                          tags=resume.extended_tag(resumed.get("extended", [])),
                           past=[(h["epoch"], epoch_metrics(h)) for h in resumed.get("history", [])])
         if resumed.get("start_epoch", 0) < config.train.epochs:  # a finished run's epochs all ran on an earlier launch
             tracker.launch_tags(_run_tags(accelerator, plan), resumed.get("start_epoch", 0) + 1)

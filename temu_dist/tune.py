@@ -497,8 +497,8 @@ def _ray_init(**kwargs) -> None:
 def _identity(search: SearchConfig, base: dict, metric: str) -> dict:
     """What a search's results depend on: its space, samples, metric and scheduler, and the base training config's
     keys that the trials train or are scored with, but for those a resumed training run may change
-    (train.RESUME_MAY_CHANGE) and those every trial sets from the space."""
-    from temu_dist.train import RESUME_MAY_CHANGE, TRAINED_SECTIONS
+    (resume.RESUME_MAY_CHANGE) and those every trial sets from the space."""
+    from temu_dist.resume import RESUME_MAY_CHANGE, TRAINED_SECTIONS
 
     def searched(key: str) -> bool:
         return any(key == k or key.startswith(f"{k}.") for k in search.space)
@@ -515,7 +515,7 @@ def _check_same_search(search: SearchConfig, base: dict, metric: str, started: P
     """A search rerun to resume it must be the one started: Ray restores the trials it began with and keeps their
     results, so a changed space, base or sample count would come back with the old search's results under the new
     config. A search started before this file was written is not checked."""
-    from temu_dist.train import ADDED_SINCE
+    from temu_dist.resume import ADDED_SINCE
 
     if not started.is_file():
         return

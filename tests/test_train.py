@@ -577,15 +577,15 @@ def test_a_run_saved_before_plcc_over_existed_resumes_with_a_warning_and_a_saved
 
 def test_a_run_saved_before_a_key_existed_is_held_to_the_value_it_had():
     from temu_dist.config import dump
-    from temu_dist.train import _first_change
+    from temu_dist.resume import first_change
 
     saved = dump(tiny_config())
     del saved["model"]["tower_fp8"], saved["eval"]["ldg"]
-    assert _first_change(saved, tiny_config(), ("model", "eval"), set()) is None
-    assert _first_change(saved, tiny_config("model.tower_fp8=true"), ("model",), set()) == \
+    assert first_change(saved, tiny_config(), ("model", "eval"), set()) is None
+    assert first_change(saved, tiny_config("model.tower_fp8=true"), ("model",), set()) == \
         ("model.tower_fp8", False, True)
     # A run finished before eval.ldg was scored without LDG copies: rerun as it was, it hands back its results.
-    assert _first_change(saved, tiny_config("eval.ldg=true"), ("eval",), set()) == ("eval.ldg", False, True)
+    assert first_change(saved, tiny_config("eval.ldg=true"), ("eval",), set()) == ("eval.ldg", False, True)
 
 
 def test_a_relative_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, shards, monkeypatch):
@@ -774,7 +774,7 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
 
 
 def test_each_set_is_reported_at_its_own_best_epoch_where_a_nan_never_wins():
-    from temu_dist.train import own_best
+    from temu_dist.best import own_best
 
     def epoch(n, **srcc):
         return {"epoch": n, "eval": {name: {"srcc": v, "plcc": v / 2, "count": 4} for name, v in srcc.items()}}
