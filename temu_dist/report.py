@@ -62,6 +62,8 @@ class Row:
     split_runs: list[Path] = field(default_factory=list)  # a series' own runs
     label: str = ""  # a row of `evaluate --out`: named as evaluate named it, not by its settings
     epoch: int | None = None  # a row of --by-epoch: the run's scores after this epoch
+    merged: list[Path] = field(default_factory=list)  # a row of --merge-train: its runs' folders
+    started_on: list[str] = field(default_factory=list)  # a merged row's training sets whose runs were extended
     own: set[str] = field(default_factory=set)  # the columns holding its own splits (its training pack's)
 
 
@@ -300,10 +302,16 @@ def by_epoch(rows: list[Row], epochs: list[int] | None = None) -> list[Row]:
         if row.label or row.splits or row.stopped or not path.is_file():
             out.append(row)
             continue
-        for record in _read_json(path).get("history") or []:
+        history = [r for r in _read_json(path).get("history") or [] if isinstance(r, dict)]
+        have = [r.get("epoch") for r in history]
+        missing = [e for e in epochs or [] if e not in have]
+        if not history or missing:
+            raise ConfigError(f"{path}: --by-epoch {' '.join(map(str, missing))}: no such epoch in its history "
+                              f"(it has {', '.join(map(str, have)) or 'none'})")
+        for record in history:
             if epochs is None or record.get("epoch") in epochs:
                 each = _row(row.folder, row.config, record.get("eval") or {})
-                each.epoch = record.get("epoch")
+                each.epoch, each.started_for = record.get("epoch"), row.started_for
                 out.append(each)
     return out
 
@@ -316,15 +324,16 @@ def _model_settings(config: dict) -> dict:
 def merge_train(rows: list[Row]) -> list[Row]:
     """The runs (and series) of one model, its model.* and ldg.* settings, as one row, as the seed's Tables 5, 7 and 8
     print a model trained on each set (FLIVE for fewer epochs): each run's own splits under its dataset's name, its
-    cross-dataset sets as TRAIN→SET. Rows of evaluate's files and stopped trials stay as they are."""
+    cross-dataset sets as TRAIN→SET; with --by-epoch, a row per model and epoch. A stopped trial is a row of its own,
+    named alike; evaluate's rows stay as they are."""
     groups: dict[str, list[Row]] = {}
     for row in rows:
         key = "" if row.label or row.stopped else \
-            json.dumps([_model_settings(row.config), row.splits], sort_keys=True, default=str)
+            json.dumps([_model_settings(row.config), row.splits, row.epoch], sort_keys=True, default=str)
         groups.setdefault(key or str(id(row)), []).append(row)
     merged = []
     for group in groups.values():
-        if len(group) == 1 and (group[0].label or group[0].stopped):
+        if group[0].label:
             merged.append(group[0])
             continue
         trains = [dataset_name(r.config.get("data.train")) for r in group]
@@ -334,9 +343,10 @@ def merge_train(rows: list[Row]) -> list[Row]:
             raise ConfigError(f"--merge-train: {a} and {b} are one model (model.* and ldg.* alike) trained on {twice} "
                               "twice: name one")
         # Labelled by what makes the model: the schedules of its runs may differ by training set.
-        row = Row(group[0].folder, _model_settings(group[0].config), {}, group[0].splits,
-                  split_runs=[run for r in group for run in r.split_runs],
-                  started_for=sorted({e for r in group for e in r.started_for}))
+        row = Row(group[0].folder, _model_settings(group[0].config), {}, group[0].splits, stopped=group[0].stopped,
+                  epoch=group[0].epoch, merged=[r.folder for r in group],
+                  started_for=sorted({e for r in group for e in r.started_for}),
+                  started_on=[t for r, t in zip(group, trains) if r.started_for])
         for r, train in zip(group, trains):
             named = {c: c if c in r.own else f"{train}→{c}" for c in r.cells}
             row.cells.update({named[c]: v for c, v in r.cells.items()})
@@ -368,8 +378,13 @@ def _settings_labels(rows: list[Row]) -> list[str]:
               else r.config.get(k) for k in keys} for r in rows]
     differ = [k for k in shown[0] if len({json.dumps(s[k], default=str) for s in shown}) > 1] if rows else []
     said = [settings_label({k: s[k] for k in differ}) for s in shown]
-    return [(f"{label} ({r.folder.name})" if said.count(label) > 1 else label) if label else r.folder.name
-            for label, r in zip(said, rows)]
+    alike = [(label, r.epoch) for label, r in zip(said, rows)]  # a run's epochs (--by-epoch) differ by their mark
+    return [(f"{label} ({_folder_name(r)})" if alike.count((label, r.epoch)) > 1 else label) if label else
+            _folder_name(r) for label, r in zip(said, rows)]
+
+
+def _folder_name(row: Row) -> str:
+    return "+".join(f.name for f in row.merged) if row.merged else row.folder.name
 
 
 def _marked(rows: list[Row], names: list[str]) -> list[str]:
@@ -377,8 +392,8 @@ def _marked(rows: list[Row], names: list[str]) -> list[str]:
     it was started for where train.resume=extend changed them (its config alone would not train it so)."""
     return [name + (f" ({r.splits} split{'s' * (r.splits != 1)})" if r.splits else "")
             + (f" [{r.stopped}]" if r.stopped else "") + (f" [epoch {r.epoch}]" if r.epoch is not None else "")
-            + (f" [started for {', '.join(map(str, r.started_for))} epoch{'s' * (r.started_for != [1])}]"
-               if r.started_for else "")
+            + (f" [started for {', '.join(map(str, r.started_for))} epoch{'s' * (r.started_for != [1])}"
+               f"{' on ' + ', '.join(r.started_on) if r.started_on else ''}]" if r.started_for else "")
             for name, r in zip(names, rows)]
 
 
@@ -398,7 +413,10 @@ def rename(rows: list[Row], pairs: list[tuple[str, str]]) -> list[str]:
     for kind, given in (("rows", names), ("columns", cols)):
         # Rows alike before (same folder names and settings) stay so: only a rename that makes two alike is refused.
         renamed = [new.get(n, n) for n in given]
-        twice = next((m for n, m in zip(given, renamed) if n in new and renamed.count(m) > 1), None)
+        sources: dict[str, set[str]] = {}
+        for n, m in zip(given, renamed):
+            sources.setdefault(m, set()).add(n)
+        twice = next((m for m, ns in sources.items() if len(ns) > 1 and ns & set(new)), None)
         if twice is not None:
             raise ConfigError(f"--rename: two {kind} would both be named {twice!r}")
     for row in rows:
@@ -439,11 +457,12 @@ def _grid(rows: list[Row], metrics: tuple[str, ...]) -> list[list[tuple[list[str
 
 
 def _footer(rows: list[Row], metrics: tuple[str, ...], each_at: str) -> str:
-    return f"{' / '.join(m.upper() for m in metrics)}; {_at(each_at)}" + (
+    return f"{' / '.join(m.upper() for m in metrics)}; {_taken(rows, each_at)}" + (
         "; a repeat series: mean±sd (sample, n-1) over its splits" if any(r.splits for r in rows) else "") + (
         "; *: the run's own test split, in a column of other runs' cross-dataset sets (each kind's best in bold; "
         "--cross-only leaves them out)" if _mixed(rows) else "") + (
-        "; [epoch N]: every set as scored after epoch N" if any(r.epoch is not None for r in rows) else "")
+        "; [epoch N]: every set as scored after epoch N" if any(r.epoch is not None for r in rows)
+        and not _by_epoch_alone(rows) else "")
 
 
 def markdown(rows: list[Row], metrics: tuple[str, ...], each_at: str, names: list[str] | None = None) -> str:
@@ -465,7 +484,7 @@ def _md(text: str) -> str:
 # font encoding).
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}",
-        "|": r"\textbar{}"}
+        "|": r"\textbar{}", "→": r"$\rightarrow$"}
 
 
 def _tex(text: str) -> str:
@@ -491,6 +510,16 @@ def latex(rows: list[Row], metrics: tuple[str, ...], each_at: str, names: list[s
         f"glyphs for: compile with XeLaTeX or LuaLaTeX\n{text}"
 
 
+def _by_epoch_alone(rows: list[Row]) -> bool:
+    """Whether every run's row is one of its epochs (--by-epoch), evaluate's rows aside."""
+    return any(r.epoch is not None for r in rows) and all(r.epoch is not None or r.label for r in rows)
+
+
+def _taken(rows: list[Row], each_at: str) -> str:
+    """How the rows' values were taken, for the footer and the plots' titles."""
+    return "every set as scored after the row's epoch" if _by_epoch_alone(rows) else _at(each_at)
+
+
 def _at(each_at: str) -> str:
     return "each set at its own best epoch (IQA-PyTorch's way)" if each_at == "own" else \
         "every set at the epoch the key metric chose (the weights in checkpoints/best)"
@@ -510,7 +539,7 @@ def table_csv(rows: list[Row], metrics: tuple[str, ...], names: list[str] | None
                 mean, sd = row.cells.get(c, {}).get(m) or ("", None)
                 values += [mean, "" if sd is None else sd]
             values.append(row.counts.get(c, ""))  # the samples a run's set scored: which set a column holds
-        writer.writerow([name, str(row.folder), row.splits or "", *values])
+        writer.writerow([name, ";".join(map(str, row.merged or [row.folder])), row.splits or "", *values])
     return out.getvalue()
 
 
@@ -526,6 +555,9 @@ def layer_points(rows: list[Row], metric: str) -> dict[str, list[tuple[int, floa
         for column, values in row.cells.items():
             if metric in values and not math.isnan(values[metric][0]):
                 name = column + (f" ({kind}:K)" if len(kinds & {"only", "upto"}) > 1 else "")
+                if int(k) in (at for at, _ in lines.get(name, [])):  # a line through both would draw a zig-zag
+                    raise ConfigError(f"--layer-plot: two rows at layer {k} for {name} ({row.folder.name} among "
+                                      "them): give one row a layer (not --by-epoch)")
                 lines.setdefault(name, []).append((int(k), values[metric][0]))
     if not lines:
         raise ConfigError(f"--layer-plot: no row has model.layers only:K or upto:K with a {metric} (they have "
@@ -555,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(own splits by dataset, cross sets as TRAIN→SET), as the seed's Tables 5, 7 and 8")
     parser.add_argument("--by-epoch", nargs="*", type=int, metavar="N",
                         help="a row per epoch of each run (those N alone, where given), every set as scored after it: "
-                             "the seed's Table 9 read off one run")
+                             "the seed's Table 9 read off one run (give it after the folders)")
     parser.add_argument("--cross-only", action="store_true",
                         help="leave out each run's own splits: cross-dataset sets alone, as the seed's Table 8")
     parser.add_argument("--rename", nargs=2, action="append", default=[], metavar=("NAME", "NEW"),
@@ -602,12 +634,12 @@ def main(argv: list[str] | None = None) -> int:
 
         cols = columns(rows)
         values = [[r.cells.get(c, {}).get(metrics[0], (math.nan, None))[0] for c in cols] for r in rows]
-        results_grid(names, cols, values, metrics[0].upper(), args.plot, _at(args.each_at))
+        results_grid(names, cols, values, metrics[0].upper(), args.plot, _taken(rows, args.each_at))
         print(f"report: plot in {args.plot}", file=sys.stderr)
     if args.layer_plot:
         from temu_dist.plots import layer_sets
 
-        layer_sets(by_layer, metrics[0].upper(), args.layer_plot, _at(args.each_at))
+        layer_sets(by_layer, metrics[0].upper(), args.layer_plot, _taken(rows, args.each_at))
         print(f"report: layer plot in {args.layer_plot}", file=sys.stderr)
     return 0
 

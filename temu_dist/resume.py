@@ -173,7 +173,6 @@ def check_same_evaluation(saved: dict, config: Config, last: Path, info: dict, h
                       f"{REPLACE}")
 
 
-
 def in_this_plan(in_epoch: dict, plan: BatchPlan) -> dict:
     """A mid-epoch position, saved under any batch plan (processes, micro-batch), in this plan's micro-batches: the
     same optimizer steps, whatever micro-batches make them up. A checkpoint written before `steps` was saved is taken

@@ -409,6 +409,8 @@ def check_data(config: Config) -> list[EvalSet]:
                           "another name")
     if config.run_dir().exists() and not config.run_dir().is_dir():
         raise ConfigError(f"name: {config.run_dir()} is a file, not a run folder: give the run another name=")
+    if (config.run_dir() / "repeat.json").is_file():  # report would take the folder for the series, hiding the run
+        raise ConfigError(f"name: {config.run_dir()} holds a repeat series (repeat.json): give the run another name=")
     check_backbone(config.model)
     if config.ldg.enabled:
         check_fidelity_size("model.image_size", config.model.image_hw(), config.ldg)

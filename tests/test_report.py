@@ -378,8 +378,14 @@ def test_runs_alike_but_for_their_training_set_merge_into_one_row_as_the_seeds_t
     assert list(rows[0].cells) == ["kadid10k", "kadid10k→csiq", "csiq", "csiq→kadid10k"]
     assert rows[0].cells["csiq→kadid10k"]["srcc"] == (0.01, None) and rows[0].own == {"kadid10k", "csiq"}
     assert list(rows[1].cells) == ["kadid10k", "kadid10k→csiq"]
-    assert report.main([str(finished), str(other), "--merge-train", "--cross-only"]) == 0
+    assert report.main([str(finished), str(other), "--merge-train", "--cross-only", "--out", str(tmp_path / "t.tex")]) \
+        == 0
     assert capsys.readouterr().out.splitlines()[0] == "| run | kadid10k→csiq | csiq→kadid10k |"
+    tex = (tmp_path / "t.tex").read_text()
+    assert "kadid10k$\\rightarrow$csiq" in tex and "XeLaTeX" not in tex  # pdfLaTeX builds it
+    # A row per model and epoch; a model's row with nothing to tell it apart is named after its runs.
+    rows = report.merge_train(report.by_epoch(report.collect([finished, other])))
+    assert report.labels(rows) == ["koniq-I+csiq-I [epoch 1]", "koniq-I+csiq-I [epoch 2]"]
     # Two runs of one model on one training set: which to show is the user's to say.
     twin = _copy(finished, tmp_path / "again", {}, {})
     assert report.main([str(finished), str(twin), "--merge-train"]) == 1
@@ -394,7 +400,14 @@ def test_by_epoch_gives_a_row_per_epoch_of_a_run_with_every_set_as_scored_then(f
     out = capsys.readouterr().out.splitlines()
     assert [line.split(" | ")[0] for line in out[2:4]] == ["| koniq-I [epoch 1]", "| koniq-I [epoch 2]"]
     assert f"| {history[0]['eval']['test']['srcc']:.4f}" in out[2].replace("**", "")
-    assert out[-1].endswith("; [epoch N]: every set as scored after epoch N")
+    assert out[-1] == "SRCC / PLCC; every set as scored after the row's epoch"
     assert report.main([str(finished), "--by-epoch", "2"]) == 0
     assert [line for line in capsys.readouterr().out.splitlines() if "[epoch" in line][0].startswith(
         "| koniq-I [epoch 2] |")
+    # An epoch the run has not: said, not an empty table.
+    assert report.main([str(finished), "--by-epoch", "2", "7"]) == 1
+    assert capsys.readouterr().err == f"report: {finished / 'results.json'}: --by-epoch 7: no such epoch in its " \
+                                      "history (it has 1, 2)\n"
+    # Renamed, a run's epochs keep their one name; beside a second run, each its own folder's.
+    assert report.main([str(finished), "--by-epoch", "--rename", "koniq-I", "TeMu-IQA-I"]) == 0
+    assert "| TeMu-IQA-I [epoch 2] |" in capsys.readouterr().out

@@ -689,6 +689,10 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     assert summary["sets"]["test"]["srcc"]["values"] == values
     assert summary["sets"]["test"]["srcc"]["mean"] == pytest.approx(sum(values) / 2)
     assert json.loads((tmp_path / "rep" / "repeat.json").read_text())["splits"] == 2
+    # A run under the series' name: its folder would be read as the series'.
+    with pytest.raises(ConfigError, match=rf"^name: {tmp_path / 'rep'} holds a repeat series \(repeat.json\): give "
+                                          r"the run another name=$"):
+        train(run_config(tmp_path, str(tmp_path / "split0"), "train.epochs=1", "name=rep"))
     # In MLflow, a parent run for the series holds the splits' runs and the mean and spread of their metrics.
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     found = client.search_runs([client.get_experiment_by_name("temu-dist").experiment_id])
