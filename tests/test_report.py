@@ -359,6 +359,9 @@ def test_a_layer_plot_draws_each_set_against_the_layer_of_single_layer_runs(fini
     lines = report.layer_points(report.collect(runs), "srcc")
     assert {name: [(k, round(v, 4)) for k, v in sorted(points)] for name, points in lines.items()} == {
         "kadid10k": [(1, 0.1), (2, 0.2), (3, 0.3)], "csiq": [(1, 0.2), (2, 0.4), (3, 0.6)]}
+    # A run's epochs at one layer would draw a zig-zag through it.
+    assert report.main([*map(str, runs), "--by-epoch", "--layer-plot", str(tmp_path / "epochs.png")]) == 1
+    assert capsys.readouterr().err.startswith("report: --layer-plot: two rows at layer 1 for ")
     assert report.main([str(finished), "--layer-plot", str(tmp_path / "none.png")]) == 1
     assert capsys.readouterr().err.startswith("report: --layer-plot: no row has model.layers only:K or upto:K with a "
                                               "srcc (they have ")
@@ -383,9 +386,14 @@ def test_runs_alike_but_for_their_training_set_merge_into_one_row_as_the_seeds_t
     assert capsys.readouterr().out.splitlines()[0] == "| run | kadid10k→csiq | csiq→kadid10k |"
     tex = (tmp_path / "t.tex").read_text()
     assert "kadid10k$\\rightarrow$csiq" in tex and "XeLaTeX" not in tex  # pdfLaTeX builds it
+    # A run extended on one training set: the merged row says on which.
+    results = json.loads((other / "results.json").read_text())
+    (other / "results.json").write_text(json.dumps({**results, "extended": [{"epochs_from": 1}]}))
+    assert report.labels(report.merge_train(report.collect([finished, other]))) == \
+        ["koniq-I+csiq-I [started for 1 epoch on csiq]"]
     # A row per model and epoch; a model's row with nothing to tell it apart is named after its runs.
     rows = report.merge_train(report.by_epoch(report.collect([finished, other])))
-    assert report.labels(rows) == ["koniq-I+csiq-I [epoch 1]", "koniq-I+csiq-I [epoch 2]"]
+    assert report.labels(rows) == [f"koniq-I+csiq-I [epoch {n}] [started for 1 epoch on csiq]" for n in (1, 2)]
     # Two runs of one model on one training set: which to show is the user's to say.
     twin = _copy(finished, tmp_path / "again", {}, {})
     assert report.main([str(finished), str(twin), "--merge-train"]) == 1
