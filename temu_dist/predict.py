@@ -16,6 +16,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -106,6 +107,8 @@ def _check_out(out: Path) -> None:
         raise ConfigError(f"--out {out}: name a .csv or a .jsonl file")
     if out.is_dir():
         raise ConfigError(f"--out {out}: it is a folder, not a file")
+    if out.exists() and not os.access(out, os.W_OK):  # the rename that writes it whole would replace it regardless
+        raise ConfigError(f"--out {out}: a read-only file; make it writable, or name another")
     check_output_folder(out.parent, "--out")
 
 

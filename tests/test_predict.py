@@ -1,6 +1,8 @@
 import csv
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,14 +253,20 @@ def test_a_stopped_run_says_so_in_a_line_and_leaves_an_earlier_scores_file_as_it
 
 
 @pytest.mark.parametrize(("name", "says"), [("scores.txt", "name a .csv or a .jsonl file"),
-                                             ("folder.csv", "it is a folder, not a file")])
+                                             ("folder.csv", "it is a folder, not a file"),
+                                             ("kept.csv", "a read-only file; make it writable, or name another")])
 def test_an_out_file_that_cannot_be_written_fails_before_any_scoring(images, checkpoint, tmp_path, monkeypatch,
                                                                       name, says):
     from temu_dist.config import ConfigError
 
     (good, _), (run, _) = images, checkpoint
     (tmp_path / "folder.csv").mkdir()
-    monkeypatch.setattr("temu_dist.scorer.load_model", lambda *a: pytest.fail("the model was loaded"))
+    (tmp_path / "kept.csv").write_text("path,score\n")
+    (tmp_path / "kept.csv").chmod(0o444)
+    # As root, who may write any file, os.access calls a read-only one writable: answered as for its owner.
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not (Path(path).name == "kept.csv" and mode & os.W_OK)
+                        and real(path, mode))
     with pytest.raises(ConfigError, match=f"^--out {tmp_path / name}: {says}$"):
         predict(["--checkpoint", str(run), "--out", str(tmp_path / name), str(good[0])])
 
