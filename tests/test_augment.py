@@ -65,3 +65,13 @@ def test_resize_is_within_a_grey_level_of_pil_bicubic():
     assert torch.equal(to_input(im, (448, 448)), x)
     assert torch.equal(to_input(TF.pil_to_tensor(im), (384, 512)), TF.pil_to_tensor(im))
     assert torch.equal(to_input(TF.pil_to_tensor(im), (384, 512), flip=True), TF.pil_to_tensor(im).flip(-1))
+
+
+def test_normalisation_is_the_same_to_the_bit_as_runs_trained_before_had_it():
+    # A resumed or re-scored run must see the inputs it was trained on: x / 255, not x * (1 / 255).
+    from temu_dist.data.augment import normalize
+
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    expected = (x.float() / 255.0 - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    assert torch.equal(normalize(x, mean, std), expected)

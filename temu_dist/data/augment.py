@@ -43,4 +43,6 @@ def to_input(image: torch.Tensor | Image.Image, image_hw: tuple[int, int], flip:
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 (or [0, 1] float) [B, 3, H, W] -> the backbone's normalised float input, on x's device."""
-    return F2.normalize(F2.to_dtype(x, torch.float32, scale=True), list(mean), list(std))
+    # Divided, not to_dtype's multiply by 1/255: the inputs of runs trained before stay the same to the bit.
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return F2.normalize(x, list(mean), list(std))
