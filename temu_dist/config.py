@@ -395,6 +395,14 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def run_and_series(folder: Path) -> str:
+    """Why a folder holding both a training run and a repeat series cannot go on, and how to part them: an earlier
+    version's config headers ran a series under its single run's name."""
+    return (f"{folder} holds both a training run and a repeat series (an earlier version's headers put them in one "
+            f"folder): move the run to a folder of its own (mkdir {folder}-single && mv {folder}/results.json "
+            f"{folder}/config.yaml {folder}/checkpoints {folder}/plots {folder}-single/), then run this again")
+
+
 def error_line(e: BaseException) -> str:
     """An exception in one line for a message: its type and its message's first line."""
     lines = str(e).strip().splitlines()

@@ -304,7 +304,8 @@ def _command(argv: list[str] | None) -> int:
         rows = evaluate_columns(model, sets, accelerator, config) if label is None else \
             {label: evaluate_sets(model, sets, accelerator, config)}
     except ConfigError as e:
-        print(f"evaluate: {e}", file=sys.stderr)
+        if accelerator.is_main_process:  # every process meets it alike
+            print(f"evaluate: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         if accelerator.is_main_process:  # a terminal's Ctrl-C reaches every process

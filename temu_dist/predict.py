@@ -45,11 +45,11 @@ HEATMAP = ".heatmap.png"
 
 def _images_in(folder: Path) -> tuple[list[str], list[str]]:
     """The image files in folder and below, sorted by path: those whose extension PIL opens (torchvision's decoders
-    take a subset of them), less the heatmaps of an earlier run writing into the folder; and the other files."""
+    take a subset of them), less the heatmaps of an earlier run writing into the folder; and the files left out."""
     opened = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(HEATMAP))
-    return [str(p) for p in files if p.suffix.lower() in opened], \
-        [str(p) for p in files if p.suffix.lower() not in opened]
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    taken = [p for p in files if p.suffix.lower() in opened and not p.name.endswith(HEATMAP)]
+    return [str(p) for p in taken], [str(p) for p in sorted(set(files) - set(taken))]
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -80,8 +80,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         if not found:
             parser.error(f"{item}: a folder with no image files in it or below")
         if others:
-            print(f"predict: {item}: {len(others)} files that are not images left out, e.g. {others[0]}",
-                  file=sys.stderr)
+            print(f"predict: {item}: {len(others)} files left out, not images or named as heatmaps (*{HEATMAP}), "
+                  f"e.g. {others[0]}", file=sys.stderr)
         args.images += found
         # As the folder holds them: class_a/001.jpg and class_b/001.jpg do not write one map.
         args.heat_names += [str(Path(f).relative_to(item)) + HEATMAP for f in found]

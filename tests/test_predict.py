@@ -114,8 +114,8 @@ def test_heatmaps_of_a_folder_keep_its_subfolders_so_names_repeated_in_them_do_n
     (tmp_path / "set" / "notes.txt").write_text("not an image")
     assert predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), str(tmp_path / "set"),
                     str(good[2])]) == 0
-    assert f"predict: {tmp_path / 'set'}: 1 files that are not images left out, e.g. {tmp_path / 'set' / 'notes.txt'}" \
-        in capsys.readouterr().err
+    assert f"predict: {tmp_path / 'set'}: 1 files left out, not images or named as heatmaps (*.heatmap.png), e.g. " \
+           f"{tmp_path / 'set' / 'notes.txt'}" in capsys.readouterr().err
     assert sorted(str(p.relative_to(tmp_path / "maps")) for p in (tmp_path / "maps").rglob("*.png")) == \
         ["class_a/001.png.heatmap.png", "class_b/001.png.heatmap.png", "photo2.png.heatmap.png", "top.png.heatmap.png"]
     # The same photo in two formats (a codec comparison) writes two maps.

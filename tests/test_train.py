@@ -683,6 +683,14 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     with pytest.raises(ConfigError, match=rf"^name: {tmp_path / 'single'} is a training run's folder; give the series "
                                           r"a name of its own \(name=...\)$"):
         repeat(run_config(tmp_path, str(tmp_path / "split{split}"), "train.epochs=1", "name=single"), 2)
+    # Both in one folder, as an earlier version's headers made them: how to part them, for either command.
+    (tmp_path / "single" / "repeat.json").write_text("{}")
+    both = rf"^name: {tmp_path / 'single'} holds both a training run and a repeat series .*: move the run to a " \
+           rf"folder of its own \(mkdir {tmp_path / 'single'}-single && mv .*\), then run this again$"
+    with pytest.raises(ConfigError, match=both):
+        repeat(run_config(tmp_path, str(tmp_path / "split{split}"), "train.epochs=1", "name=single"), 2)
+    with pytest.raises(ConfigError, match=both):
+        train(run_config(tmp_path, str(tmp_path / "split0"), "train.epochs=1", "name=single"))
     summary = repeat(config, 2)
     runs = [json.loads((tmp_path / f"rep-split{i}" / "results.json").read_text()) for i in range(2)]
     values = [r["best"]["test"]["srcc"] for r in runs]
