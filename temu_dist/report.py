@@ -305,9 +305,11 @@ def by_epoch(rows: list[Row], epochs: list[int] | None = None) -> list[Row]:
         history = [r for r in _read_json(path).get("history") or [] if isinstance(r, dict)]
         have = [r.get("epoch") for r in history]
         missing = [e for e in epochs or [] if e not in have]
-        if not history or missing:
+        if not history:
+            raise ConfigError(f"{path}: --by-epoch: no epochs in its history")
+        if missing:
             raise ConfigError(f"{path}: --by-epoch {' '.join(map(str, missing))}: no such epoch in its history "
-                              f"(it has {', '.join(map(str, have)) or 'none'})")
+                              f"(it has {', '.join(map(str, have))})")
         for record in history:
             if epochs is None or record.get("epoch") in epochs:
                 each = _row(row.folder, row.config, record.get("eval") or {})

@@ -401,7 +401,7 @@ def test_runs_alike_but_for_their_training_set_merge_into_one_row_as_the_seeds_t
                                       "ldg.* alike) trained on kadid10k twice: name one\n"
 
 
-def test_by_epoch_gives_a_row_per_epoch_of_a_run_with_every_set_as_scored_then(finished, capsys):
+def test_by_epoch_gives_a_row_per_epoch_of_a_run_with_every_set_as_scored_then(finished, tmp_path, capsys):
     # Table 9 read off one run: its epochs as rows.
     history = json.loads((finished / "results.json").read_text())["history"]
     assert report.main([str(finished), "--by-epoch"]) == 0
@@ -416,6 +416,13 @@ def test_by_epoch_gives_a_row_per_epoch_of_a_run_with_every_set_as_scored_then(f
     assert report.main([str(finished), "--by-epoch", "2", "7"]) == 1
     assert capsys.readouterr().err == f"report: {finished / 'results.json'}: --by-epoch 7: no such epoch in its " \
                                       "history (it has 1, 2)\n"
-    # Renamed, a run's epochs keep their one name; beside a second run, each its own folder's.
+    results = json.loads((finished / "results.json").read_text())
+    (tmp_path / "empty").mkdir()
+    shutil.copy(finished / "config.yaml", tmp_path / "empty" / "config.yaml")
+    (tmp_path / "empty" / "results.json").write_text(json.dumps({**results, "history": []}))
+    assert report.main([str(tmp_path / "empty"), "--by-epoch"]) == 1
+    assert capsys.readouterr().err == f"report: {tmp_path / 'empty' / 'results.json'}: --by-epoch: no epochs in its " \
+                                      "history\n"
+    # Renamed, a run's epochs keep their one name.
     assert report.main([str(finished), "--by-epoch", "--rename", "koniq-I", "TeMu-IQA-I"]) == 0
     assert "| TeMu-IQA-I [epoch 2] |" in capsys.readouterr().out
