@@ -395,12 +395,20 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_and_series(folder: Path) -> str:
-    """Why a folder holding both a training run and a repeat series cannot go on, and how to part them: an earlier
-    version's config headers ran a series under its single run's name."""
-    return (f"{folder} holds both a training run and a repeat series (an earlier version's headers put them in one "
-            f"folder): move the run to a folder of its own (mkdir {folder}-single && mv {folder}/results.json "
-            f"{folder}/config.yaml {folder}/checkpoints {folder}/plots {folder}-single/), then run this again")
+def check_run_folder(folder: Path, series: bool) -> None:
+    """A folder under out_dir holds a training run or a repeat series (`series`: what is asked for), not both:
+    report would take it for the series and show the run no more. Both already there (an earlier version's config
+    headers ran a series under its single run's name): how to part them."""
+    run = (folder / "results.json").is_file() or (folder / "checkpoints").is_dir()
+    if run and (folder / "repeat.json").is_file():
+        raise ConfigError(f"name: {folder} holds both a training run and a repeat series (an earlier version's "
+                          f"headers put them in one folder): move the run to a folder of its own (mkdir "
+                          f"{folder}-single && mv {folder}/results.json {folder}/config.yaml {folder}/checkpoints "
+                          f"{folder}/plots {folder}-single/), then run this again")
+    if series and run:
+        raise ConfigError(f"name: {folder} is a training run's folder; give the series a name of its own (name=...)")
+    if not series and (folder / "repeat.json").is_file():
+        raise ConfigError(f"name: {folder} holds a repeat series (repeat.json): give the run another name=")
 
 
 def error_line(e: BaseException) -> str:

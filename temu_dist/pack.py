@@ -377,7 +377,7 @@ def pack(opts: PackOptions) -> dict:
     records = _records(opts) if opts.skip_bad or any(out.glob("*.tar")) else _noting_missing(_records(opts), missing)
     route, total, unlisted, codes = splitter(records, opts.split, label_path.name, official)
     _refuse_missing(missing, route, opts, label_path.name)
-    recorded, kept = _recorded_hashes(out), 0  # before a reopen for its left-out images removes the manifest
+    recorded = _recorded_hashes(out)  # before a reopen for its left-out images removes the manifest
     _reopen_for_left_out(out, opts, label_path.name)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(started, identity)
@@ -385,6 +385,7 @@ def pack(opts: PackOptions) -> dict:
         if stale.name.endswith(".tmp") and PACK_FILE.fullmatch(stale.name):
             stale.unlink()
     results: list[ShardResult] = []
+    told = False  # that an earlier run's shards are kept
     # In a log (nohup, sbatch) rather than on a terminal, a line every half minute.
     progress = tqdm(total=total, desc=f"pack {opts.dataset}", unit="img", file=sys.stderr,
                     mininterval=0.1 if sys.stderr.isatty() else 30)
@@ -394,10 +395,10 @@ def pack(opts: PackOptions) -> dict:
         for name, split, samples in _chunks(opts, codes):
             done = _existing(out, name, split, samples, opts.skip_bad, recorded)
             if done is not None:
-                if not kept:  # said once, as the bar jumps
+                if not told:  # said once, as the bar jumps
                     tqdm.write(f"pack: {out} holds shards an earlier run finished: kept, not written again",
                                file=sys.stderr)
-                kept += 1
+                    told = True
                 results.append(done)
                 progress.update(done.count + len(done.skipped))
                 continue

@@ -24,7 +24,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from temu_dist.atomic import write_json_atomic
-from temu_dist.config import Config, ConfigError, load_config, notices_as_lines, run_and_series
+from temu_dist.config import Config, ConfigError, check_run_folder, load_config, notices_as_lines
 from temu_dist.tracking import config_params, config_tags, finish_run, parent_run, tracking_uri
 from temu_dist.stop import sigterm_as_ctrl_c, stop_code
 from temu_dist.resume import check_extendable
@@ -74,11 +74,7 @@ def repeat(config: Config, splits: int) -> dict:
     if splits < 1:
         raise ConfigError(f"--splits: at least 1, not {splits}")
     out = Path(config.out_dir) / config.name
-    if (out / "results.json").is_file() or (out / "checkpoints").is_dir():
-        # Its repeat.json there would make report take the run's folder for the series, and show the run no more.
-        if (out / "repeat.json").is_file():
-            raise ConfigError(f"name: {run_and_series(out)}")
-        raise ConfigError(f"name: {out} is a training run's folder; give the series a name of its own (name=...)")
+    check_run_folder(out, series=True)
     extending = False
     for i in range(splits):  # every split's pack (and run to extend), before the first trains for hours
         split = split_config(config, i)

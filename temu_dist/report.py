@@ -91,22 +91,18 @@ def _value(v: float | None) -> float:
     return math.nan if v is None else float(v)  # results.json writes an undefined metric as null
 
 
-def _own_columns(sets: dict, config: dict) -> set[str]:
-    """The columns `_columns` names the run's own splits as."""
-    own = config.get("eval.splits") or []
-    return {column for name, column in zip(sets, _columns(sets, config)) if name.removesuffix("-ldg") in own}
-
-
-def _columns(sets: dict, config: dict) -> dict:
-    """The run's own splits (test, val, and their LDG copies) named after its dataset (koniq10k, koniq10k val,
-    koniq10k-ldg), unless a cross-dataset set of the run already has that name."""
+def _columns(sets: dict, config: dict) -> tuple[dict[str, str], set[str]]:
+    """Each set's column, and the columns of the run's own splits: those (test, val, and their LDG copies) are named
+    after its dataset (koniq10k, koniq10k val, koniq10k-ldg), unless a cross-dataset set of the run has that name."""
     own, dataset = config.get("eval.splits") or [], dataset_name(config.get("data.train"))
-    named = {}
-    for name, value in sets.items():
+    named, owned = {}, set()
+    for name in sets:
         split, ldg = name.removesuffix("-ldg"), "-ldg" if name.endswith("-ldg") else ""
         column = (dataset if split == "test" else f"{dataset} {split}") + ldg if split in own else name
-        named[column if column not in sets else name] = value
-    return named
+        named[name] = column if column not in sets else name
+        if split in own:
+            owned.add(named[name])
+    return named, owned
 
 
 def read_run(folder: Path, each_at: str) -> Row:
@@ -136,10 +132,10 @@ def read_evaluation(path: Path) -> list[Row]:
 
 
 def _row(folder: Path, config: dict, sets: dict, stopped: str = "") -> Row:
-    cells = {name: {m: (_value(values[m]), None) for m in METRICS if m in values} for name, values in sets.items()}
-    counts = {name: values["count"] for name, values in sets.items() if "count" in values}
-    return Row(folder, config, _columns(cells, config), counts=_columns(counts, config), stopped=stopped,
-               own=_own_columns(cells, config))
+    named, own = _columns(sets, config)
+    cells = {named[n]: {m: (_value(values[m]), None) for m in METRICS if m in values} for n, values in sets.items()}
+    counts = {named[n]: values["count"] for n, values in sets.items() if "count" in values}
+    return Row(folder, config, cells, counts=counts, stopped=stopped, own=own)
 
 
 def read_stopped_trial(folder: Path, each_at: str, search: dict) -> Row:
@@ -192,14 +188,14 @@ def read_series(folder: Path, each_at: str) -> Row:
     config = _config(_split_run(folder, summary["runs"][0]))
     splits = summary["splits"]
     # An sd over fewer than 2 values (a metric undefined in the other splits) is none.
-    cells = {name: {m: (_value(v["mean"]), _value(v["std"]) if v.get("n", splits) > 1 else None)
-                    for m, v in values.items()} for name, values in summary[key].items()}
-    columns = dict(zip(cells, _columns(cells, config)))
-    fewer = {(columns[name], m): v["n"] for name, values in summary[key].items() for m, v in values.items()
+    named, own = _columns(summary[key], config)
+    cells = {named[name]: {m: (_value(v["mean"]), _value(v["std"]) if v.get("n", splits) > 1 else None)
+                           for m, v in values.items()} for name, values in summary[key].items()}
+    fewer = {(named[name], m): v["n"] for name, values in summary[key].items() for m, v in values.items()
              if v.get("n", splits) < splits}
-    return Row(folder, config, _columns(cells, config), splits, fewer=fewer,
+    return Row(folder, config, cells, splits, fewer=fewer,
                split_runs=[_split_run(folder, run) for run in summary["runs"]],
-               started_for=summary.get("started_for", []), own=_own_columns(cells, config))
+               started_for=summary.get("started_for", []), own=own)
 
 
 def _split_run(series: Path, run: str) -> Path:

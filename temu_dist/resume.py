@@ -13,7 +13,7 @@ from temu_dist.config import Config, ConfigError, dump, flatten, list_of, value_
 from temu_dist.data.manifest import pack_digest
 from temu_dist.data.stream import read_by
 from temu_dist.distributed import BatchPlan
-from temu_dist.model.io import with_legacy_fields
+from temu_dist.model.io import MODEL_ADDED, with_legacy_fields
 
 # What a resumed run may change: everything else must match the checkpoint, or the resumed run would not be the
 # run it continues. Of the model, only how it is compiled: evaluate and predict may also load a checkpoint onto another
@@ -25,7 +25,7 @@ RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.timeout_mi
 # Keys added since checkpoints were first written, each with the value a run saved before it had (trained or was
 # scored with); None where no value holds (train.plcc_over: such a run resumes with this run's value, and says so).
 ADDED_SINCE: dict[str, object] = {"train.plcc_over": None, "model.tower_fp8": False, "eval.ldg": False,
-                                   "model.ctx_per_prompt": False, "model.class_position": "end"}
+                                   **{f"model.{key}": value for key, value in MODEL_ADDED.items()}}
 
 
 # The config sections a run's weights depend on (a search's results also on eval, what they are scored on).

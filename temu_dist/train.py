@@ -39,8 +39,8 @@ from temu_dist import resume
 from temu_dist.best import better, own_best
 from temu_dist.checkpoint import (find_checkpoint, load_saved_config, load_trainer_info, load_trainer_state,
                                   save_checkpoint, set_rng_state)
-from temu_dist.config import (MLFLOW_FOLDERS, Config, ConfigError, check_output_folder, dump, flatten, load_config,
-                              notices_as_lines, run_and_series)
+from temu_dist.config import (MLFLOW_FOLDERS, Config, ConfigError, check_output_folder, check_run_folder, dump,
+                              flatten, load_config, notices_as_lines)
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import check_fidelity_size, ldg_targets
 from temu_dist.data.manifest import pack_named_by, read_manifest
@@ -409,10 +409,7 @@ def check_data(config: Config) -> list[EvalSet]:
                           "another name")
     if config.run_dir().exists() and not config.run_dir().is_dir():
         raise ConfigError(f"name: {config.run_dir()} is a file, not a run folder: give the run another name=")
-    if (config.run_dir() / "repeat.json").is_file():  # report would take the folder for the series, hiding the run
-        if (config.run_dir() / "results.json").is_file() or (config.run_dir() / "checkpoints").is_dir():
-            raise ConfigError(f"name: {run_and_series(config.run_dir())}")
-        raise ConfigError(f"name: {config.run_dir()} holds a repeat series (repeat.json): give the run another name=")
+    check_run_folder(config.run_dir(), series=False)
     check_backbone(config.model)
     if config.ldg.enabled:
         check_fidelity_size("model.image_size", config.model.image_hw(), config.ldg)
