@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import signal
 import sys
@@ -151,7 +152,9 @@ def write_shard(directory: str, name: str, split: str, samples: list[tuple[str, 
                             raise DataError(f"{label['name']} ({label_file} row {label['row']}): cannot read image: "
                                             f"{encoded}; fix or remove it, or leave it out with --skip-bad")
                         skipped.append({"name": label["name"], "row": label["row"], "reason": encoded})
+                        _note_read()
                         continue
+                    _note_read()
                     data, ext = encoded
                     _add(tar, f"{key}.{ext}", data)
                     _add(tar, f"{key}.json", json.dumps(label, sort_keys=True).encode())
@@ -386,10 +389,14 @@ def pack(opts: PackOptions) -> dict:
             stale.unlink()
     results: list[ShardResult] = []
     told = False  # that an earlier run's shards are kept
+    kept = 0  # images in the shards an earlier run finished
+    context = multiprocessing.get_context()
+    read = context.Value("q", 0)
     # In a log (nohup, sbatch) rather than on a terminal, a line every half minute.
     progress = tqdm(total=total, desc=f"pack {opts.dataset}", unit="img", file=sys.stderr,
                     mininterval=0.1 if sys.stderr.isatty() else 30)
-    pool = ProcessPoolExecutor(max_workers=opts.workers, initializer=_leave_stops_to_main)
+    pool = ProcessPoolExecutor(max_workers=opts.workers, mp_context=context, initializer=_start_worker,
+                               initargs=(read,))
     pending: set[Future] = set()
     try:
         for name, split, samples in _chunks(opts, codes):
@@ -400,15 +407,16 @@ def pack(opts: PackOptions) -> dict:
                                file=sys.stderr)
                     told = True
                 results.append(done)
-                progress.update(done.count + len(done.skipped))
+                kept += done.count + len(done.skipped)
+                progress.update(kept + read.value - progress.n)
                 continue
             pending.add(pool.submit(write_shard, str(out), name, split, samples, opts.resize_shorter, opts.skip_bad,
                                     label_path.name))
             # A bounded window of shards in flight keeps memory flat for any dataset size.
             while len(pending) >= 2 * opts.workers:
-                pending = _collect(pending, results, progress)
+                pending = _collect(pending, results, progress, lambda: kept + read.value)
         while pending:
-            pending = _collect(pending, results, progress)
+            pending = _collect(pending, results, progress, lambda: kept + read.value)
     except (KeyboardInterrupt, BrokenProcessPool):
         # Stop now, not after the shards in flight: the rerun writes them again (a bad image's DataError lets them
         # finish theirs). ProcessPoolExecutor has no public way to end its workers before Python 3.14; they ignore
@@ -493,9 +501,16 @@ def _refuse_foreign_files(out: Path) -> None:
                         f"{', ...' * (len(foreign) > 3)}): pack into a new or an empty folder")
 
 
-def _leave_stops_to_main() -> None:
+# A worker's count of the images it has read (skipped ones too), shared with the main process: its bar then moves an
+# image at a time where a shard's end moved it, minutes apart for 1000 large images.
+_read = None
+
+
+def _start_worker(read) -> None:
     """Ctrl-C reaches every process of the terminal's group, and SIGTERM every one of a job's (scancel): the main
     process alone handles them, stopping the workers; a SIGTERM to it alone left them packing on, orphaned."""
+    global _read
+    _read = read
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -540,12 +555,20 @@ def _refuse_other_pack(out: Path, ours: dict) -> None:
                         "pack into another --out")
 
 
-def _collect(pending: set[Future], results: list[ShardResult], progress: tqdm) -> set[Future]:
-    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-    for f in done:
-        result = f.result()
-        results.append(result)
-        progress.update(result.count + len(result.skipped))
+def _note_read() -> None:
+    if _read is not None:  # None where write_shard runs outside a pack's pool
+        with _read.get_lock():
+            _read.value += 1
+
+
+def _collect(pending: set[Future], results: list[ShardResult], progress: tqdm, shown: Callable[[], int]) -> set[Future]:
+    """Waits for a shard to finish, moving the bar meanwhile to the `shown()` images read so far."""
+    while True:
+        done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+        progress.update(shown() - progress.n)
+        if done:
+            break
+    results.extend(f.result() for f in done)
     return pending
 
 
