@@ -14,17 +14,23 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame) -> None:
+    # The same SIGTERM ends the DataLoader workers (scancel and the launcher signal the whole group), and torch's
+    # SIGCHLD handler would raise "worker killed" inside the cleanup that follows: an MLflow run was left RUNNING.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     raise Terminated
 
 
 @contextmanager
 def sigterm_as_ctrl_c() -> Iterator[None]:
-    """Within (an entry point's work), SIGTERM raises Terminated; the caller's own handler is back after."""
+    """Within (an entry point's work), SIGTERM raises Terminated; the caller's own handlers are back after."""
+    child = signal.getsignal(signal.SIGCHLD)
     before = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
+        if child is not None:  # None: one set outside Python, which cannot be put back
+            signal.signal(signal.SIGCHLD, child)
 
 
 def stop_code(e: KeyboardInterrupt) -> int:

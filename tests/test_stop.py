@@ -1,0 +1,62 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+SCRIPT = """
+import time
+import torch
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c
+
+class Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, i):
+        time.sleep(0.05)
+        return i
+
+with sigterm_as_ctrl_c():
+    try:
+        for i, _ in enumerate(torch.utils.data.DataLoader(Slow(), num_workers=2)):
+            if i == 2:
+                print("reading", flush=True)
+    except Terminated:
+        time.sleep(1)  # the cleanup (a checkpoint, MLflow's run), while the workers die of the same signal
+        print("cleaned up", flush=True)
+"""
+
+
+def test_a_sigterm_to_the_group_lets_the_cleanup_finish_while_the_dataloader_workers_die_of_it():
+    """scancel signals the whole group, DataLoader workers too: torch raised "worker killed" inside repeat's cleanup,
+    which left its MLflow parent run RUNNING."""
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "reading\n"
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert out == "cleaned up\n", err
+    assert proc.returncode == 0
+
+
+def test_the_handlers_are_back_after():
+    def mine(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGCHLD, mine)
+    try:
+        from temu_dist.stop import Terminated, sigterm_as_ctrl_c
+        try:
+            with sigterm_as_ctrl_c():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+        except Terminated:
+            pass
+        assert signal.getsignal(signal.SIGCHLD) is mine
+    finally:
+        signal.signal(signal.SIGCHLD, before)
