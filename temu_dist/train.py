@@ -598,31 +598,39 @@ def _hold_run_folder(run_dir: Path, accelerator: Accelerator) -> IO[str] | None:
     """The run folder for this job alone, until train() lets go of what this returns: a second training into it
     would interleave its checkpoints, results and MLflow epochs with this one's. The main process holds an flock on
     run_dir/train.lock, which the OS lets go however the job ends (kill -9 too); every process hears if it got it."""
-    handle, holder = None, None
+    handle, refusal = None, None
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(run_dir / RUN_LOCK, "a+", encoding="utf-8")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "a process that did not say which"
-            handle.close()
-            handle = None
-        except OSError as e:  # ENOLCK (NFS without lockd), ENOSYS (Lustre -o noflock): no lock to be had there
-            accelerator.print(f"train: warning: {run_dir / RUN_LOCK} cannot be locked ({e.strerror}): a second "
-                              "training into this run folder will not be refused")
-            handle.close()
-            handle = None
-        else:
-            handle.truncate(0)
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            handle.flush()
-    holder = broadcast_object_list([holder])[0]
-    if holder is not None:
-        raise ConfigError(f"{run_dir}: another training is writing this run folder ({holder}): wait for it to end or "
-                          "stop it, or give this one another name=")
+            handle, refusal = _lock_run_folder(run_dir, accelerator)
+        except OSError as e:  # a full disk, a read-only mount: said by every process, where the others would wait
+            refusal = f"{run_dir}: cannot write the run folder ({e.strerror})"
+    refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise ConfigError(refusal)
     return handle
+
+
+def _lock_run_folder(run_dir: Path, accelerator: Accelerator) -> tuple[IO[str] | None, str | None]:
+    """The locked run_dir/train.lock, or None where it cannot be locked; and why this job must not go on, if so."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / RUN_LOCK, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that did not say which"
+        handle.close()
+        return None, (f"{run_dir}: another training is writing this run folder ({holder}): wait for it to end or "
+                      "stop it, or give this one another name=")
+    except OSError as e:  # ENOLCK (NFS without lockd), ENOSYS (Lustre -o noflock): no lock to be had there
+        accelerator.print(f"train: warning: {run_dir / RUN_LOCK} cannot be locked ({e.strerror}): a second "
+                          "training into this run folder will not be refused")
+        handle.close()
+        return None, None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle, None
 
 
 def _log_own_best(tracker: Tracker, own: dict[str, dict]) -> None:

@@ -147,6 +147,23 @@ def test_a_second_training_into_a_run_folder_being_written_is_refused_naming_the
     assert f"pid {os.getpid()} on " in lock.read()
 
 
+def test_a_run_folder_that_cannot_be_made_is_one_line_on_every_process(tmp_path, shards, monkeypatch):
+    # A full disk or a mount that refuses it gave a traceback on the main process; the others would wait for it.
+    import errno
+
+    real = Path.mkdir
+
+    def full(self, *args, **kwargs):
+        if self == tmp_path / "run":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", full)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'run'))}: cannot write the run folder \(No "
+                                          r"space left on device\)$"):
+        train(run_config(tmp_path, shards, "train.epochs=1"))
+
+
 def test_the_run_folder_is_let_go_with_data_workers_alive_and_said_unguarded_where_no_lock_can_be_had(
         tmp_path, shards, monkeypatch, capsys):
     import errno
