@@ -1,4 +1,5 @@
-"""One config over N seeded splits: mean and standard deviation of each evaluation set's metrics (seed Table 6).
+"""One config trained on N packs, a dataset's N random splits: mean and standard deviation of each evaluation set's
+metrics (seed Table 6).
 
     python -m temu_dist.repeat --config configs/experiments/table6-agiqa3k.yaml --splits 10 [key=value ...]
     accelerate launch --config_file launch/gpu1.yaml -m temu_dist.repeat --config ... --splits 10
@@ -26,7 +27,7 @@ from accelerate import PartialState
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import Config, ConfigError, check_run_folder, load_config, notices_as_lines
 from temu_dist.tracking import config_params, config_tags, finish_run, parent_run, tracking_uri
-from temu_dist.stop import sigterm_as_ctrl_c, stop_code
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 from temu_dist.resume import check_extendable
 from temu_dist.train import NonFiniteLoss, check_data, train
 
@@ -35,7 +36,9 @@ METRICS = ("srcc", "plcc", "krcc")
 
 def split_config(config: Config, index: int, parent: str | None = None) -> Config:
     if not config.data.train or "{split}" not in config.data.train:
-        raise ConfigError("data.train: must contain {split}, e.g. shards/agiqa3k/split{split}, for repeat")
+        raise ConfigError("data.train: must contain {split}, e.g. shards/agiqa3k/split{split}: repeat trains on each "
+                          "of N packs (a dataset's splits); to repeat seeds on one pack, search a grid over seed with "
+                          "temu_dist.tune")
     data = config.data.model_copy(update={"train": config.data.train.replace("{split}", str(index))})
     tracking = config.tracking.model_copy(update={"parent_run_id": parent, "run_name": config.tracking.run_name and
                                                   f"{config.tracking.run_name}-split{index}"})
@@ -95,7 +98,12 @@ def repeat(config: Config, splits: int) -> dict:
                                  {"temu.repeat": "true", **config_tags(config)}, "repeat",
                                  same_params=config.train.resume == "never")
     try:
-        runs = [train(split_config(config, i, parent)) for i in range(splits)]
+        runs = []
+        for i in range(splits):
+            split = split_config(config, i, parent)
+            if main:  # each split's train says the same lines
+                print(f"repeat: split {i + 1}/{splits}: {split.data.train} -> {split.run_dir()}", flush=True)
+            runs.append(train(split))
     except BaseException as e:
         # A finished series' results stand, whatever stops a rerun; one trained again is no longer finished.
         if parent is not None and (was != "FINISHED" or anew):
@@ -139,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (scancel)
         if says:
-            print("\nrepeat: stopped; run the same command again: finished splits are kept, the stopped one goes on "
-                  "from its last checkpoint", file=sys.stderr)
+            by = " by SIGTERM" if isinstance(e, Terminated) else ""
+            print(f"\nrepeat: stopped{by}; run the same command again: finished splits are kept, the stopped one goes "
+                  "on from its last checkpoint", file=sys.stderr)
         return stop_code(e)
     finally:
         PartialState().destroy_process_group()

@@ -681,7 +681,7 @@ def test_missing_shards_and_bad_key_metric_fail_before_any_work(tmp_path, shards
     assert not (tmp_path / "run" / "checkpoints" / "last").exists()
 
 
-def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(tmp_path, monkeypatch):
+def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(tmp_path, monkeypatch, capsys):
     import temu_dist.repeat as repeat_mod
     from temu_dist.repeat import repeat
 
@@ -708,7 +708,10 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
         repeat(run_config(tmp_path, str(tmp_path / "split{split}"), "train.epochs=1", "name=single"), 2)
     with pytest.raises(ConfigError, match=both):
         train(run_config(tmp_path, str(tmp_path / "split0"), "train.epochs=1", "name=single"))
+    capsys.readouterr()
     summary = repeat(config, 2)
+    # Each split's train says the same lines: which split trains is said before them.
+    assert f"repeat: split 2/2: {tmp_path / 'split1'} -> {tmp_path / 'rep-split1'}\n" in capsys.readouterr().out
     runs = [json.loads((tmp_path / f"rep-split{i}" / "results.json").read_text()) for i in range(2)]
     values = [r["best"]["test"]["srcc"] for r in runs]
     assert summary["sets"]["test"]["srcc"]["values"] == values
