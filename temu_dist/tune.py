@@ -547,7 +547,8 @@ def summarize(search: SearchConfig, search_dir: Path, grid, metric: str, uri: st
     stopped early get their best value and a tag saying so: Ray ends them as Ctrl-C would, without results."""
     epochs = base["train"]["epochs"]
     rows = [_row(search, metric, (result.metrics or {}).get("trial_id", "?"), result.config,
-                 result.metrics_dataframe, (result.metrics or {}).get("epoch"),
+                 _scores(result.metrics_dataframe, search_dir, (result.metrics or {}).get("trial_id"), metric),
+                 (result.metrics or {}).get("epoch"),
                  # Ray wraps a trial's exception (as .cause) in a traceback of its actor.
                  error_line(getattr(result.error, "cause", None) or result.error) if result.error else None)
             for result in grid]
@@ -584,11 +585,32 @@ def _best_config(search: SearchConfig, base: dict, best: dict) -> dict:
     return dump(load_config(None, [*values, f"name={json.dumps(f'{search.name}-best')}"], base=base))
 
 
-def _row(search: SearchConfig, metric: str, trial_id: str, config: dict, history, epoch: int | None,
+def _scores(history, search_dir: Path, trial_id: str | None, metric: str) -> list[float]:
+    """A trial's `metric` in each epoch it trained: as Ray's CSV logger wrote its reports (`history`), and as its own
+    run recorded them. For a trial resumed from its checkpoint, Ray's holds only the epochs since the resume; the run's
+    last checkpoint can lack the epoch ASHA stopped it after."""
+    from temu_dist.checkpoint import TRAINER_INFO
+    from temu_dist.train import eval_metrics
+
+    by_epoch = {}
+    if history is not None and metric in history:
+        epochs = history["epoch"] if "epoch" in history else range(1, len(history) + 1)
+        by_epoch = dict(zip(epochs, history[metric]))
+    run = search_dir / "trials" / f"trial-{trial_id}"
+    for path in (run / "results.json", run / "checkpoints" / "last" / TRAINER_INFO):
+        try:
+            records = json.loads(path.read_text())["history"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        by_epoch.update((r["epoch"], eval_metrics(r["eval"]).get(metric)) for r in records)
+        break
+    return [float(v) for v in by_epoch.values() if v is not None and not math.isnan(v)]
+
+
+def _row(search: SearchConfig, metric: str, trial_id: str, config: dict, scores: list[float], epoch: int | None,
          error: str | None) -> dict:
     """A trial's line of the results table: its values, epochs trained and best `metric` (NaN epochs left out)."""
-    scores = history[metric].dropna() if history is not None and metric in history else []
-    best = None if len(scores) == 0 else float(scores.max() if search.mode == "max" else scores.min())
+    best = (max(scores) if search.mode == "max" else min(scores)) if scores else None
     return {"trial": f"trial-{trial_id}", **{k: config.get(k) for k in search.space}, "epochs": epoch, "best": best,
             "error": error}
 
@@ -627,7 +649,8 @@ class SearchProgress(Callback):
             self.ended.add(trial.trial_id)
             # Trials that ended before a resume are restored as such.
             ended = [t for t in trials if t.trial_id in self.ended or t.status in ("TERMINATED", "ERROR")]
-            rows = [_row(self.search, self.metric, t.trial_id, t.config, _history(t), t.last_result.get("epoch"),
+            rows = [_row(self.search, self.metric, t.trial_id, t.config,
+                         _scores(_history(t), self.search_dir, t.trial_id, self.metric), t.last_result.get("epoch"),
                          None) for t in ended]
             if not any(r["best"] is not None for r in rows):
                 return

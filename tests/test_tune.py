@@ -807,6 +807,34 @@ def test_a_trial_asha_stopped_early_is_marked_so_in_mlflow_with_its_best(tmp_pat
     assert all("temu.stopped" not in run.data.tags for run in summarized("plain", None))
 
 
+def test_a_resumed_trials_best_counts_the_epochs_before_the_resume(tmp_path, shards):
+    """Ray's CSV of a trial resumed from its checkpoint holds only the epochs since: the search named a best that was
+    not the trial's (0.14 for a trial whose results.json says 0.16, at epoch 1). And the checkpoint of a trial ASHA
+    stopped can lack the epoch Ray had its report of."""
+    import pandas as pd
+
+    from temu_dist.checkpoint import TRAINER_INFO
+    from temu_dist.tune import base_config
+
+    search = load_search(_search_file(tmp_path, shards, "resumed", {"model.prompt": {"grid": ["none", "coop"]}}))
+    search_dir = tmp_path / "runs" / "resumed"
+    run = search_dir / "trials" / "trial-0"
+    (run / "checkpoints" / "last").mkdir(parents=True)
+    history = [{"epoch": e, "eval": {"test": {"srcc": v, "plcc": 0.0}}} for e, v in ((1, 0.16), (2, 0.12), (3, 0.14))]
+    (run / "results.json").write_text(json.dumps({"history": history}))
+    stopped = search_dir / "trials" / "trial-1" / "checkpoints" / "last"
+    stopped.mkdir(parents=True)
+    (stopped / TRAINER_INFO).write_text(json.dumps({"history": [{"epoch": 1, "eval": {"test": {"srcc": None}}}]}))
+    grid = [SimpleNamespace(metrics_dataframe=pd.DataFrame({"epoch": [2, 3], "test/srcc": [0.12, 0.14]}), error=None,
+                            config={"model.prompt": "none"}, metrics={"trial_id": "0", "epoch": 3, "done": True}),
+            SimpleNamespace(metrics_dataframe=pd.DataFrame({"epoch": [1, 2], "test/srcc": [math.nan, 0.2]}),
+                            error=None, config={"model.prompt": "coop"},
+                            metrics={"trial_id": "1", "epoch": 2, "done": True})]
+    summary = tune_cli.summarize(search, search_dir, grid, "test/srcc", "", None, base_config(search))
+    assert [r["best"] for r in summary["trials"]] == [0.16, 0.2]
+    assert json.loads((search_dir / "search.json").read_text())["best"]["trial"] == "trial-1"
+
+
 def test_rays_own_resume_hint_is_left_out_for_ours(caplog):
     # Ray's says to call Tuner.restore(path, trainable=...); rerunning the command does that, as ours says.
     import logging
