@@ -47,7 +47,7 @@ from temu_dist.data.manifest import IMAGE_FORMATS, MANIFEST, PACK_FILE, STARTED,
 from temu_dist.data.sources import (DATASETS, META_SPLIT_COLUMNS, CsvLabels, DataError, DatasetInfo, Record,
                                     label_scale, read_csv_labels, read_pyiqa_meta, read_records)
 from temu_dist.data.splits import SPLITS, SplitSpec, split_read, splitter
-from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
+from temu_dist.stop import by_sigterm, sigterm_as_ctrl_c, stop_code
 
 FORMAT = "temu-dist-shards/1"
 # Samples dealt to shards at random by ORDER_SEED (a manifest's "order"); packs without one kept the label file's.
@@ -700,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pack: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        by = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        by = "stopped by SIGTERM" if by_sigterm(e) else "interrupted"
         print(f"\npack: {by}; finished shards are kept, rerun the same command to continue", file=sys.stderr)
         return stop_code(e)
     counts = ", ".join(f"{s} {info['count']}" for s, info in manifest["splits"].items())

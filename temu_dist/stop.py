@@ -13,7 +13,14 @@ class Terminated(KeyboardInterrupt):
     default would end the process on the spot."""
 
 
+# Whether SIGTERM came within the current sigterm_as_ctrl_c: a Terminated raised inside Ray's waits (C code) comes
+# out of them as a plain KeyboardInterrupt.
+_sigterm = False
+
+
 def _terminate(signum, frame) -> None:
+    global _sigterm
+    _sigterm = True
     # The same SIGTERM ends the DataLoader workers (scancel and the launcher signal the whole group), and torch's
     # SIGCHLD handler would raise "worker killed" inside the cleanup that follows: an MLflow run was left RUNNING.
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -23,6 +30,8 @@ def _terminate(signum, frame) -> None:
 @contextmanager
 def sigterm_as_ctrl_c() -> Iterator[None]:
     """Within (an entry point's work), SIGTERM raises Terminated; the caller's own handlers are back after."""
+    global _sigterm
+    _sigterm = False
     child = signal.getsignal(signal.SIGCHLD)
     before = signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -33,6 +42,11 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
             signal.signal(signal.SIGCHLD, child)
 
 
+def by_sigterm(e: KeyboardInterrupt) -> bool:
+    """Whether SIGTERM, rather than Ctrl-C, stopped the work."""
+    return isinstance(e, Terminated) or _sigterm
+
+
 def stop_code(e: KeyboardInterrupt) -> int:
     """An entry point's exit status when stopped: a shell's, 128 + SIGTERM or 130 (SIGINT)."""
-    return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
+    return 128 + signal.SIGTERM if by_sigterm(e) else 130

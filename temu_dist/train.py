@@ -52,7 +52,7 @@ from temu_dist.model.io import load_weights, with_legacy_fields
 from temu_dist.model.backbone import check_backbone
 from temu_dist.model.temu import TeMuIQA, Tokens, build_model
 from temu_dist.plots import score_vs_time
-from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
+from temu_dist.stop import Terminated, by_sigterm, sigterm_as_ctrl_c, stop_code
 from temu_dist.tracking import Tracker, tracking_uri
 
 
@@ -669,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"train: {e}\n")
         return 1
     except KeyboardInterrupt as e:
-        by = " by SIGTERM" if isinstance(e, Terminated) else ""
+        by = " by SIGTERM" if by_sigterm(e) else ""
         if says and config is not None:
             last = find_checkpoint(config.run_dir() / "checkpoints" / "last")
             how = "the same command starts it anew" if last is None else \

@@ -43,7 +43,7 @@ from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist.config import (Config, ConfigError, Notice, Section, apply_overrides, dump, error_line, flatten,
                               folder_name, load_config, metric_key, notices_as_lines, one_line_error, parse_override,
                               read_yaml, settings_label)
-from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
+from temu_dist.stop import by_sigterm, sigterm_as_ctrl_c, stop_code
 from temu_dist.tracking import finish_run, log_artifacts, parent_run, tracking_uri
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -701,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tune: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        print(f"tune: {'stopped by SIGTERM' if isinstance(e, Terminated) else 'interrupted'}; finished trials are "
+        print(f"tune: {'stopped by SIGTERM' if by_sigterm(e) else 'interrupted'}; finished trials are "
               "kept, rerun the same command to resume the search", file=sys.stderr)
         return stop_code(e)
     keys = [k for k in summary["trials"][0] if k not in ("error",)] if summary["trials"] else []

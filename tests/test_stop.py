@@ -60,3 +60,28 @@ def test_the_handlers_are_back_after():
         assert signal.getsignal(signal.SIGCHLD) is mine
     finally:
         signal.signal(signal.SIGCHLD, before)
+
+
+def test_sigterm_is_said_as_such_where_c_code_turned_its_exception_into_a_plain_ctrl_c():
+    """Ray's waits re-raise what a signal handler raised in them as KeyboardInterrupt: tune said "interrupted" and
+    exited 130 where SIGTERM (scancel) stopped it, which a job script reads as a Ctrl-C."""
+    from temu_dist.stop import Terminated, by_sigterm, sigterm_as_ctrl_c, stop_code
+
+    def stopped(by_signal: bool) -> KeyboardInterrupt:
+        try:
+            with sigterm_as_ctrl_c():
+                try:
+                    if not by_signal:
+                        raise KeyboardInterrupt  # Ctrl-C (SIGINT may be ignored in a test run in the background)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)
+                except Terminated:
+                    raise KeyboardInterrupt  # as Ray's check_status re-raises it
+        except KeyboardInterrupt as e:
+            return e
+        raise AssertionError("not stopped")
+
+    e = stopped(True)
+    assert type(e) is KeyboardInterrupt and by_sigterm(e) and stop_code(e) == 143
+    e = stopped(False)  # a later Ctrl-C is one
+    assert not by_sigterm(e) and stop_code(e) == 130
