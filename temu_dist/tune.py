@@ -149,9 +149,12 @@ def _check_space(search: SearchConfig, path: Path) -> None:
         kind, values = next(iter(spec.items()))
         ranged = kind not in ("grid", "choice")
         if not values or ranged and (len(values) != 2 or not all(isinstance(v, (int, float)) for v in values)
-                                     or values[0] >= values[1]):
+                                     or values[0] >= values[1] or kind == "loguniform" and values[0] <= 0):
             want = "[low, high] with low < high" if ranged else "a non-empty list"
+            want += " and low > 0 (a logarithm's)" if kind == "loguniform" else ""
             raise ConfigError(f"{path}: space.{key}: {kind} takes {want}, got {values}")
+        if kind in ("uniform", "loguniform"):
+            _check_fractions(base, key, kind, values, path)
         for value in values:
             config = load_config(None, [f"{key}={json.dumps(value)}"], base=base, base_source=f"{path} space")
             if key in ("model.backbone", "model.layers"):
@@ -172,6 +175,16 @@ def _check_space(search: SearchConfig, path: Path) -> None:
         raise ConfigError(f"{path}: num_samples: {search.num_samples} samples of an all-grid space train each grid "
                           "point that many times over, alike; for repeats, search the seed: "
                           "'space.seed={grid: [0, 1, 2]}'")
+
+
+def _check_fractions(base: dict, key: str, kind: str, values: list[float], path: Path) -> None:
+    """uniform and loguniform draw fractions: a key of whole numbers took its bounds, then failed every trial."""
+    try:
+        load_config(None, [f"{key}={json.dumps(math.nextafter(values[0], values[1]))}"], base=base)
+    except ConfigError:
+        load_config(None, [f"{key}={json.dumps(values[0])}"], base=base, base_source=f"{path} space")
+        raise ConfigError(f"{path}: space.{key}: {kind} draws fractions, which {key} does not take: use randint "
+                          f"[{values[0]}, {values[1] + 1}] (Ray's randint leaves its high out) or a grid") from None
 
 
 def _check_fits_here(res: Resources) -> None:

@@ -542,6 +542,30 @@ def test_a_searchs_metric_and_samples_are_checked_before_ray_starts(tmp_path, sh
     assert load_search(path, ["num_samples=2", "space.train.lr={loguniform: [0.0001, 0.01]}"]).num_samples == 2
 
 
+@pytest.mark.parametrize(("space", "says"), [
+    ("{loguniform: [0, 0.01]}", r"space.train.lr: loguniform takes \[low, high\] with low < high and low > 0 \(a "
+                                r"logarithm's\), got \[0, 0.01\]$"),  # Ray's own ValueError, once it had started
+    ("{uniform: [0.01, 0.001]}", r"space.train.lr: uniform takes \[low, high\] with low < high, got \[0.01, 0.001\]$"),
+])
+def test_a_sampled_keys_bounds_are_refused_before_ray_starts(tmp_path, shards, no_ray, space, says):
+    path = _search_file(tmp_path, shards, "bounds", {"model.prompt": {"grid": ["none"]}})
+    with pytest.raises(ConfigError, match=says):
+        load_search(path, [f"space.train.lr={space}"])
+
+
+def test_fractions_drawn_for_a_key_of_whole_numbers_are_refused_before_ray_starts(tmp_path, shards, no_ray):
+    # Its bounds passed, and every trial failed on the fraction drawn, tried max_failures + 1 times.
+    path = _search_file(tmp_path, shards, "whole", {"model.prompt": {"grid": ["none"]}})
+    with pytest.raises(ConfigError, match=r"space.train.epochs: uniform draws fractions, which train.epochs does not "
+                                          r"take: use randint \[1, 3\] \(Ray's randint leaves its high out\) or a "
+                                          r"grid$"):
+        load_search(path, ["space.train.epochs={uniform: [1, 2]}"])
+    with pytest.raises(ConfigError, match=r"space \+ overrides: invalid config: train.epochs: Input should be "
+                                          r"greater than or equal to 1 \(got 0\)$"):
+        load_search(path, ["space.train.epochs={uniform: [0, 2]}"])  # a bound the key refuses is said as such
+    assert load_search(path, ["space.ldg.weight={uniform: [0.5, 1]}"]).space["ldg.weight"] == {"uniform": [0.5, 1]}
+
+
 @pytest.mark.parametrize(("overrides", "says"), [
     (["asha={grace_period: 5}"], r"asha.grace_period: 5 epochs before a trial may be stopped, but the trials train 2 "
                                  r"\(train.epochs\): lower it \(asha.grace_period=2\), or asha=null to let every trial "
