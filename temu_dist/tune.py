@@ -148,14 +148,15 @@ def _check_space(search: SearchConfig, path: Path) -> None:
             raise ConfigError(f"{path}: space.{key}: expected one of {', '.join(SAMPLERS)} with a list, got {spec}")
         kind, values = next(iter(spec.items()))
         ranged = kind not in ("grid", "choice")
-        if not values or ranged and (len(values) != 2 or not all(isinstance(v, (int, float)) for v in values)
+        number = int if kind == "randint" else (int, float)
+        if not values or ranged and (len(values) != 2 or not all(isinstance(v, number) for v in values)
                                      or values[0] >= values[1] or kind == "loguniform" and values[0] <= 0):
             want = "[low, high] with low < high" if ranged else "a non-empty list"
-            want += " and low > 0 (a logarithm's)" if kind == "loguniform" else ""
+            want += {"loguniform": " and low > 0 (a logarithm's)", "randint": ", whole numbers"}.get(kind, "")
             raise ConfigError(f"{path}: space.{key}: {kind} takes {want}, got {values}")
         if kind in ("uniform", "loguniform"):
             _check_fractions(base, key, kind, values, path)
-        for value in values:
+        for value in [values[0], values[1] - 1] if kind == "randint" else values:  # Ray's randint draws below high
             config = load_config(None, [f"{key}={json.dumps(value)}"], base=base, base_source=f"{path} space")
             if key in ("model.backbone", "model.layers"):
                 try:  # on a cluster too, where the shards are not checked here

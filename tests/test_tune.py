@@ -546,6 +546,8 @@ def test_a_searchs_metric_and_samples_are_checked_before_ray_starts(tmp_path, sh
     ("{loguniform: [0, 0.01]}", r"space.train.lr: loguniform takes \[low, high\] with low < high and low > 0 \(a "
                                 r"logarithm's\), got \[0, 0.01\]$"),  # Ray's own ValueError, once it had started
     ("{uniform: [0.01, 0.001]}", r"space.train.lr: uniform takes \[low, high\] with low < high, got \[0.01, 0.001\]$"),
+    ("{randint: [1, 2.5]}", r"space.train.lr: randint takes \[low, high\] with low < high, whole numbers, got \[1, "
+                            r"2.5\]$"),
 ])
 def test_a_sampled_keys_bounds_are_refused_before_ray_starts(tmp_path, shards, no_ray, space, says):
     path = _search_file(tmp_path, shards, "bounds", {"model.prompt": {"grid": ["none"]}})
@@ -564,6 +566,8 @@ def test_fractions_drawn_for_a_key_of_whole_numbers_are_refused_before_ray_start
                                           r"greater than or equal to 1 \(got 0\)$"):
         load_search(path, ["space.train.epochs={uniform: [0, 2]}"])  # a bound the key refuses is said as such
     assert load_search(path, ["space.ldg.weight={uniform: [0.5, 1]}"]).space["ldg.weight"] == {"uniform": [0.5, 1]}
+    # randint's high is never drawn: only the values below it are checked.
+    assert load_search(path, ["space.model.layers={grid: [all]}", "space.seed={randint: [0, 4294967296]}"])
 
 
 @pytest.mark.parametrize(("overrides", "says"), [
