@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import math
+import re
 import sys
 import unicodedata
 from dataclasses import dataclass, field
@@ -369,13 +370,18 @@ def _base_labels(rows: list[Row]) -> list[str]:
             for r in rows]
 
 
-def _settings_labels(rows: list[Row]) -> list[str]:
-    keys = sorted({k for r in rows for k in r.config if not k.startswith(NOT_SETTINGS)},
+def _differing(rows: list[Row], besides: str | None = None) -> list[str]:
+    """Each row's settings that differ between the rows (the training set by its dataset), but for `besides`."""
+    keys = sorted({k for r in rows for k in r.config if not k.startswith(NOT_SETTINGS) and k != besides},
                   key=lambda k: (k != "data.train", k))
     shown = [{("train" if k == "data.train" else k): dataset_name(r.config.get(k)) if k == "data.train"
               else r.config.get(k) for k in keys} for r in rows]
     differ = [k for k in shown[0] if len({json.dumps(s[k], default=str) for s in shown}) > 1] if rows else []
-    said = [settings_label({k: s[k] for k in differ}) for s in shown]
+    return [settings_label({k: s[k] for k in differ}) for s in shown]
+
+
+def _settings_labels(rows: list[Row]) -> list[str]:
+    said = _differing(rows)
     alike = [(label, r.epoch) for label, r in zip(said, rows)]  # a run's epochs (--by-epoch) differ by their mark
     return [(f"{label} ({_folder_name(r)})" if alike.count((label, r.epoch)) > 1 else label) if label else
             _folder_name(r) for label, r in zip(said, rows)]
@@ -542,17 +548,18 @@ def table_csv(rows: list[Row], metrics: tuple[str, ...], names: list[str] | None
 
 
 def layer_points(rows: list[Row], metric: str) -> dict[str, list[tuple[int, float]]]:
-    """Each column's (K, value) over the rows whose model.layers is only:K or upto:K (a line per kind where the rows
-    hold both); a ConfigError where none does."""
-    kinds = {str(r.config.get("model.layers")).partition(":")[0] for r in rows}
+    """Each column's (K, value) over the rows whose model.layers is only:K or upto:K: a line per kind where the rows
+    hold both, and per other setting in which they differ (a search of prompts by layers); a ConfigError where none
+    does."""
+    layered = [r for r in rows if re.fullmatch(r"(only|upto):\d+", str(r.config.get("model.layers")))]
+    kinds = {str(r.config.get("model.layers")).partition(":")[0] for r in layered}
     lines: dict[str, list[tuple[int, float]]] = {}
-    for row in rows:
+    for row, others in zip(layered, _differing(layered, besides="model.layers")):
         kind, _, k = str(row.config.get("model.layers")).partition(":")
-        if kind not in ("only", "upto") or not k.isdigit():
-            continue
+        apart = [f"{kind}:K"] * (len(kinds) > 1) + [others] * bool(others)
         for column, values in row.cells.items():
             if metric in values and not math.isnan(values[metric][0]):
-                name = column + (f" ({kind}:K)" if len(kinds & {"only", "upto"}) > 1 else "")
+                name = column + (f" ({', '.join(apart)})" if apart else "")
                 if int(k) in (at for at, _ in lines.get(name, [])):  # a line through both would draw a zig-zag
                     raise ConfigError(f"--layer-plot: two rows at layer {k} for {name} ({row.folder.name} among "
                                       "them): give one row a layer (not --by-epoch)")

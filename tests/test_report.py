@@ -359,6 +359,12 @@ def test_a_layer_plot_draws_each_set_against_the_layer_of_single_layer_runs(fini
     lines = report.layer_points(report.collect(runs), "srcc")
     assert {name: [(k, round(v, 4)) for k, v in sorted(points)] for name, points in lines.items()} == {
         "kadid10k": [(1, 0.1), (2, 0.2), (3, 0.3)], "csiq": [(1, 0.2), (2, 0.4), (3, 0.6)]}
+    # A search of prompts by layers: a line per prompt, where two rows at one layer were refused as a zig-zag.
+    coop = [_copy(finished, tmp_path / f"coop{k}", {"model.layers": f"only:{k}", "model.prompt": "none"},
+                  {"own_best": {"test": {"srcc": 0.05 * k}, "csiq": {"srcc": 0.1}}}) for k in (1, 2)]
+    lines = report.layer_points(report.collect([*runs, *coop]), "srcc")
+    assert {name: len(points) for name, points in lines.items()} == {
+        "kadid10k (prompt=cocoop)": 3, "csiq (prompt=cocoop)": 3, "kadid10k (prompt=none)": 2, "csiq (prompt=none)": 2}
     # A run's epochs at one layer would draw a zig-zag through it.
     assert report.main([*map(str, runs), "--by-epoch", "--layer-plot", str(tmp_path / "epochs.png")]) == 1
     assert capsys.readouterr().err.startswith("report: --layer-plot: two rows at layer 1 for ")
