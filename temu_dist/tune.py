@@ -439,7 +439,10 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
         # Ray itself only logs the autoscaler's view every half a minute, with the trials already PENDING.
         if (why := _no_node_fits(search.resources, ray.nodes())) is not None:
             warnings.warn(f"the Ray cluster at {address}: {why}", Notice, stacklevel=2)
-    if restored:
+    if restored and (search_dir / "search.json").is_file():
+        print(f"tune: the search {search.name} in {search_dir} has finished: its results are gathered again, no trial "
+              "trains")
+    elif restored:
         print(f"tune: resuming the search {search.name} in {search_dir}: finished trials are kept, stopped ones go on")
     else:
         search_dir.mkdir(parents=True, exist_ok=True)
@@ -540,9 +543,15 @@ def _check_same_search(search: SearchConfig, base: dict, metric: str, started: P
         added = key not in before and key != shown and shown in ADDED_SINCE
         was = ADDED_SINCE[shown] if added else before.get(key)
         if (was is not None or not added) and was != now.get(key):
-            raise ConfigError(f"{shown}: the search {search.name} in {started.parent} was started with "
-                              f"{was!r}, this run asks for {now.get(key)!r}; rerun it as it was started "
-                              "to resume it, or give the changed search another name=")
+            asks = "leaves it out" if key not in now else f"asks for {now[key]!r}"
+            differs = f"{shown}: the search {search.name} in {started.parent} was started " \
+                f"{'without it' if key not in before else f'with {was!r}'}, this run {asks}"
+            if (started.parent / "search.json").is_file():
+                raise ConfigError(f"{differs}; it has finished, and a finished search is not extended: give the "
+                                  "changed one another name= (each of its trials trains anew) and report both "
+                                  "folders side by side")
+            raise ConfigError(f"{differs}; rerun it as it was started to resume it, or give the changed search "
+                              "another name=")
 
 
 def _stopped(search: SearchConfig, grid, restored: bool) -> bool:

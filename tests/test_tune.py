@@ -101,13 +101,19 @@ def test_search_gives_one_parent_run_and_a_child_run_per_trial(tmp_path, shards,
     assert json.loads((search_dir / "search.json").read_text())["best"]["trial"] == summary["best"]["trial"]
     # Rerun with another search, under the same name: refused, not restored with this one's results.
     path = tmp_path / "prompts.yaml"
+    finished = r"; it has finished, and a finished search is not extended: give the changed one another name= \(each " \
+        r"of its trials trains anew\) and report both folders side by side$"
     with pytest.raises(ConfigError, match=r"^train.epochs: the search prompts in .* was started with 2, this run asks "
-                                          r"for 1; rerun it as it was started to resume it, or give the changed "
-                                          r"search another name=$"):
+                                          r"for 1" + finished):
         run_search(load_search(path, ["overrides=[train.epochs=1]"]))
-    with pytest.raises(ConfigError, match=r"^space.model.layers.grid: the search prompts .* started with None, this "
-                                          r"run asks for \['all', 'upto:3'\]"):
+    with pytest.raises(ConfigError, match=r"^space.model.layers.grid: the search prompts .* started without it, this "
+                                          r"run asks for \['all', 'upto:3'\]" + finished):
         run_search(load_search(path, ["space.model.layers={grid: [all, 'upto:3']}"]))
+    # Stopped before it finished, it is resumed as it was started.
+    (search_dir / "search.json").unlink()
+    with pytest.raises(ConfigError, match=r"^train.epochs: .* this run asks for 1; rerun it as it was started to "
+                                          r"resume it, or give the changed search another name=$"):
+        run_search(load_search(path, ["overrides=[train.epochs=1]"]))
 
 
 def test_a_trials_run_name_says_the_values_it_tries():
@@ -716,7 +722,8 @@ def test_a_search_that_does_not_finish_ends_its_parent_run(tmp_path, shards, tun
 
 
 def test_a_failed_rerun_leaves_a_finished_search_finished_and_a_new_start_its_own_params(tmp_path, shards,
-                                                                                        tuner_stopping, monkeypatch):
+                                                                                        tuner_stopping, monkeypatch,
+                                                                                        capsys):
     import pandas as pd
 
     ok = SimpleNamespace(error=None, metrics={"epoch": 2, "done": True, "trial_id": "1"},
@@ -728,8 +735,12 @@ def test_a_failed_rerun_leaves_a_finished_search_finished_and_a_new_start_its_ow
     # Rerun, the search is restored from what Ray saved, as a real one would be.
     monkeypatch.setattr(tuner_stopping, "can_restore", staticmethod(lambda path: True))
     monkeypatch.setattr(tuner_stopping, "restore", classmethod(lambda cls, *args, **kwargs: cls()), raising=False)
+    capsys.readouterr()
     with pytest.raises(RuntimeError):
         run_search(load_search(path))
+    # A finished search rerun as it was does not resume anything: it says so.
+    assert f"tune: the search rerun in {tmp_path / 'runs' / 'rerun'} has finished: its results are gathered again, " \
+        "no trial trains\n" in capsys.readouterr().out
     parent, _ = _runs(tmp_path / "runs" / "rerun")
     assert parent.info.status == "FINISHED" and parent.data.metrics["best/test/srcc"] == 0.5
     monkeypatch.setattr(tuner_stopping, "can_restore", staticmethod(lambda path: False))
