@@ -230,13 +230,15 @@ def _log_line(record: dict, epochs: int) -> str:
             f"{record['images_per_s']:.1f} img/s elapsed {record['elapsed_s']:.0f}s | {evals}")
 
 
-def _run_tags(accelerator: Accelerator, plan: BatchPlan) -> dict[str, str]:
-    """How the run was launched and on what: none of it is in the config, all of it changes the timings."""
+def _run_tags(accelerator: Accelerator, plan: BatchPlan, run_dir: Path) -> dict[str, str]:
+    """How the run was launched and on what: none of it is in the config, all of it changes the timings. And where
+    its checkpoints are: out_dir is relative to wherever the command ran."""
     device = accelerator.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"processes": str(plan.world_size), "per_device_batch": str(plan.per_device),
-            "accumulation": str(plan.accumulation), "distributed": accelerator.distributed_type.value,
-            "device": name, "torch": torch.__version__, "open_clip": open_clip.__version__}
+    return {"run_dir": str(run_dir.resolve()), "host": socket.gethostname(), "processes": str(plan.world_size),
+            "per_device_batch": str(plan.per_device), "accumulation": str(plan.accumulation),
+            "distributed": accelerator.distributed_type.value, "device": name, "torch": torch.__version__,
+            "open_clip": open_clip.__version__}
 
 
 @dataclass
@@ -543,7 +545,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                           tags=resume.extended_tag(resumed.get("extended", [])),
                           past=[(h["epoch"], epoch_metrics(h)) for h in resumed.get("history", [])])
         if resumed.get("start_epoch", 0) < config.train.epochs:  # a finished run's epochs all ran on an earlier launch
-            tracker.launch_tags(_run_tags(accelerator, plan), resumed.get("start_epoch", 0) + 1)
+            tracker.launch_tags(_run_tags(accelerator, plan, run_dir), resumed.get("start_epoch", 0) + 1)
         if not resumed.get("extended"):  # set by an extension stopped before it saved a checkpoint, then given up
             tracker.drop_tag("extended")
         run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,

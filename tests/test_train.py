@@ -2,6 +2,7 @@
 import json
 import math
 import re
+import socket
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,8 @@ def test_train_writes_results_checkpoints_plots_and_mlflow(tmp_path, shards):
     assert mlrun.data.tags["dataset"] == "kadid10k"  # the pack's dataset, not its path
     assert mlrun.data.tags["processes"] == "1" and mlrun.data.tags["torch"] == torch.__version__
     assert mlrun.data.tags["distributed"] == "NO"  # accelerate's name, not the enum's repr
+    # Where its checkpoints are, which the relative out_dir param does not say.
+    assert mlrun.data.tags["run_dir"] == str(run.resolve()) and mlrun.data.tags["host"] == socket.gethostname()
     # The code it ran: this checkout's commit, also where MLflow's own lookup finds none (a search's trials).
     repo = Path(__file__).resolve().parent.parent
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
