@@ -196,5 +196,17 @@ def saved_reads(position: dict, config: Config) -> list[int] | None:
     if "processes" not in position:
         return None
     processes, micro = position["processes"], position["micro_batches"]
-    per_device = config.train.batch_size // (micro // position["steps"] * processes)
-    return read_per_reader(micro, per_device, processes, position["readers"] // processes)
+    return read_per_reader(micro, saved_per_device(position, config), processes, position["readers"] // processes)
+
+
+def saved_per_device(position: dict, config: Config) -> int:
+    """The micro-batch a mid-epoch position that says its plan was saved in."""
+    return config.train.batch_size // (position["micro_batches"] // position["steps"] * position["processes"])
+
+
+def readers_said(processes: int, readers: int, per_device: int) -> str:
+    """The data readers' layout, which decides where each stands in the epoch (a process's data.workers, or itself
+    where it has none)."""
+    each = readers // processes
+    return (f"{processes} process{'es' * (processes != 1)} x {each} reader{'s' * (each != 1)} in micro-batches of "
+            f"{per_device}")

@@ -506,9 +506,12 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         rest = f"the rest of epoch {info['next_epoch'] + 1} reads the samples in another order, so some repeat in it " \
             "and some are left out"
         if moved:
-            accelerator.print(f"train: warning: {readers} data readers (processes x data.workers) in "
-                              f"micro-batches of {plan.per_device} stand elsewhere than the checkpoint's "
-                              f"{saved_position['readers']} left off: {rest}")
+            then = resume.readers_said(saved_position["processes"], saved_position["readers"],
+                                       resume.saved_per_device(saved_position, config)) \
+                if reads is not None else f"{saved_position['readers']} data readers"
+            accelerator.print(f"train: warning: the data readers stand elsewhere than where {last} left off "
+                              f"({resume.readers_said(plan.world_size, readers, plan.per_device)}; then {then}): "
+                              f"{rest}")
         elif in_epoch and saved_position["readers"] > 1 and "reader_runs" not in saved_position \
                 and not config.data.resampled:
             accelerator.print(f"train: warning: {last} was saved by a version that split the samples over its "
