@@ -89,9 +89,12 @@ class Tracker:
                 resume_id = _retried(mlflow, id_file.read_text().strip(), config)
             parent = {"mlflow.parentRunId": config.tracking.parent_run_id} if config.tracking.parent_run_id else None
             name = None if resume_id else config.tracking.run_name or config.name
+            replaced = id_file.read_text().strip() if config.train.resume == "never" and id_file.exists() else None
             run = mlflow.start_run(run_id=resume_id, run_name=name, tags=parent)
             self.run_id = run.info.run_id
             write_text_atomic(id_file, self.run_id)
+            if replaced and _in_store(mlflow, replaced):  # two runs of one name in the UI: which one the folder holds
+                mlflow.MlflowClient().set_tag(replaced, "temu.replaced_by", self.run_id)
             before = mlflow.get_run(self.run_id).data
             existing, self.tags_before = before.params, dict(before.tags)
             # A resumed run's epochs the store lacks: all of them for a new MLflow run; else those a kill between

@@ -85,6 +85,9 @@ def test_a_run_restarted_before_its_first_checkpoint_goes_on_with_the_failed_run
     assert (again.run_id == first.run_id) == same_run
     assert mlflow.MlflowClient(uri).get_run(again.run_id).info.status == "RUNNING"
     again.end()
+    # Started anew in its folder, the old run says by which run, as the UI lists both under one name.
+    replaced = mlflow.MlflowClient(uri).get_run(first.run_id).data.tags.get("temu.replaced_by")
+    assert replaced == (again.run_id if "train.resume=never" in overrides else None)
 
 
 def test_a_run_going_on_with_an_attempt_that_trained_no_epoch_takes_its_own_launch_tags_plain(tmp_path):
