@@ -43,7 +43,7 @@ from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist.config import (Config, ConfigError, Notice, Section, apply_overrides, dump, error_line, flatten,
                               folder_name, load_config, metric_key, notices_as_lines, one_line_error, parse_override,
                               read_yaml, settings_label)
-from temu_dist.stop import by_sigterm, sigterm_as_ctrl_c, stop_code
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 from temu_dist.tracking import finish_run, log_artifacts, parent_run, tracking_uri
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -143,6 +143,9 @@ def _check_space(search: SearchConfig, path: Path) -> None:
     from temu_dist.model.backbone import check_backbone
 
     base = base_config(search)
+    if not search.space:  # its one trial would be the base config's run, under a search's name
+        raise ConfigError(f"{path}: space: empty; give it a key to search, or train the base config with "
+                          "python -m temu_dist.train")
     for key, spec in search.space.items():
         if len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
             raise ConfigError(f"{path}: space.{key}: expected one of {', '.join(SAMPLERS)} with a list, got {spec}")
@@ -185,7 +188,8 @@ def _check_fractions(base: dict, key: str, kind: str, values: list[float], path:
     except ConfigError:
         load_config(None, [f"{key}={json.dumps(values[0])}"], base=base, base_source=f"{path} space")
         raise ConfigError(f"{path}: space.{key}: {kind} draws fractions, which {key} does not take: use randint "
-                          f"[{values[0]}, {values[1] + 1}] (Ray's randint leaves its high out) or a grid") from None
+                          f"[{math.ceil(values[0])}, {math.floor(values[1]) + 1}] (Ray's randint leaves its high out) "
+                          "or a grid") from None
 
 
 def _check_fits_here(res: Resources) -> None:
@@ -439,7 +443,7 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
         # Ray itself only logs the autoscaler's view every half a minute, with the trials already PENDING.
         if (why := _no_node_fits(search.resources, ray.nodes())) is not None:
             warnings.warn(f"the Ray cluster at {address}: {why}", Notice, stacklevel=2)
-    if restored and (search_dir / "search.json").is_file():
+    if restored and _finished(search_dir):
         print(f"tune: the search {search.name} in {search_dir} has finished: its results are gathered again, no trial "
               "trains")
     elif restored:
@@ -545,13 +549,22 @@ def _check_same_search(search: SearchConfig, base: dict, metric: str, started: P
         if (was is not None or not added) and was != now.get(key):
             asks = "leaves it out" if key not in now else f"asks for {now[key]!r}"
             differs = f"{shown}: the search {search.name} in {started.parent} was started " \
-                f"{'without it' if key not in before else f'with {was!r}'}, this run {asks}"
-            if (started.parent / "search.json").is_file():
+                f"{'without it' if was is None else f'with {was!r}'}, this run {asks}"
+            if _finished(started.parent):
                 raise ConfigError(f"{differs}; it has finished, and a finished search is not extended: give the "
                                   "changed one another name= (each of its trials trains anew) and report both "
                                   "folders side by side")
             raise ConfigError(f"{differs}; rerun it as it was started to resume it, or give the changed search "
                               "another name=")
+
+
+def _finished(search_dir: Path) -> bool:
+    """Whether the search has finished every trial: a rerun trains nothing (errored trials are tried again)."""
+    try:
+        trials = json.loads((search_dir / "search.json").read_text())["trials"]
+        return all(row["error"] is None for row in trials)
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or one a power cut left unreadable
+        return False
 
 
 def _stopped(search: SearchConfig, grid, restored: bool) -> bool:
@@ -617,8 +630,7 @@ def _scores(history, search_dir: Path, trial_id: str | None, metric: str) -> lis
 
     by_epoch = {}
     if history is not None and metric in history:
-        epochs = history["epoch"] if "epoch" in history else range(1, len(history) + 1)
-        by_epoch = dict(zip(epochs, history[metric]))
+        by_epoch = dict(zip(history["epoch"], history[metric]))
     run = search_dir / "trials" / f"trial-{trial_id}"
     for path in (run / "results.json", run / "checkpoints" / "last" / TRAINER_INFO):
         try:
@@ -724,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tune: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        print(f"tune: {'stopped by SIGTERM' if by_sigterm(e) else 'interrupted'}; finished trials are "
+        print(f"tune: {'stopped by SIGTERM' if isinstance(e, Terminated) else 'interrupted'}; finished trials are "
               "kept, rerun the same command to resume the search", file=sys.stderr)
         return stop_code(e)
     keys = [k for k in summary["trials"][0] if k not in ("error",)] if summary["trials"] else []

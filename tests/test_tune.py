@@ -109,8 +109,10 @@ def test_search_gives_one_parent_run_and_a_child_run_per_trial(tmp_path, shards,
     with pytest.raises(ConfigError, match=r"^space.model.layers.grid: the search prompts .* started without it, this "
                                           r"run asks for \['all', 'upto:3'\]" + finished):
         run_search(load_search(path, ["space.model.layers={grid: [all, 'upto:3']}"]))
-    # Stopped before it finished, it is resumed as it was started.
-    (search_dir / "search.json").unlink()
+    # With a trial that errored, which a rerun tries again, it is resumed as it was started.
+    errored = json.loads((search_dir / "search.json").read_text())
+    errored["trials"][0]["error"] = "RuntimeError: out of memory"
+    (search_dir / "search.json").write_text(json.dumps(errored))
     with pytest.raises(ConfigError, match=r"^train.epochs: .* this run asks for 1; rerun it as it was started to "
                                           r"resume it, or give the changed search another name=$"):
         run_search(load_search(path, ["overrides=[train.epochs=1]"]))
@@ -561,6 +563,13 @@ def test_a_sampled_keys_bounds_are_refused_before_ray_starts(tmp_path, shards, n
         load_search(path, [f"space.train.lr={space}"])
 
 
+def test_an_empty_space_is_refused(tmp_path, shards, no_ray):
+    path = _search_file(tmp_path, shards, "empty", {})
+    with pytest.raises(ConfigError, match=r"empty.yaml: space: empty; give it a key to search, or train the base "
+                                          r"config with python -m temu_dist.train$"):
+        load_search(path)
+
+
 def test_fractions_drawn_for_a_key_of_whole_numbers_are_refused_before_ray_starts(tmp_path, shards, no_ray):
     # Its bounds passed, and every trial failed on the fraction drawn, tried max_failures + 1 times.
     path = _search_file(tmp_path, shards, "whole", {"model.prompt": {"grid": ["none"]}})
@@ -568,6 +577,8 @@ def test_fractions_drawn_for_a_key_of_whole_numbers_are_refused_before_ray_start
                                           r"take: use randint \[1, 3\] \(Ray's randint leaves its high out\) or a "
                                           r"grid$"):
         load_search(path, ["space.train.epochs={uniform: [1, 2]}"])
+    with pytest.raises(ConfigError, match=r"use randint \[1, 4\] "):
+        load_search(path, ["space.train.epochs={uniform: [1.0, 3.0]}"])  # advice randint itself takes
     with pytest.raises(ConfigError, match=r"space \+ overrides: invalid config: train.epochs: Input should be "
                                           r"greater than or equal to 1 \(got 0\)$"):
         load_search(path, ["space.train.epochs={uniform: [0, 2]}"])  # a bound the key refuses is said as such
@@ -727,7 +738,8 @@ def test_a_failed_rerun_leaves_a_finished_search_finished_and_a_new_start_its_ow
     import pandas as pd
 
     ok = SimpleNamespace(error=None, metrics={"epoch": 2, "done": True, "trial_id": "1"},
-                         config={"model.prompt": "none"}, metrics_dataframe=pd.DataFrame({"test/srcc": [0.5]}))
+                         config={"model.prompt": "none"},
+                         metrics_dataframe=pd.DataFrame({"epoch": [2], "test/srcc": [0.5]}))
     tuner_stopping.fit_does = lambda: [ok]
     path = _search_file(tmp_path, shards, "rerun", {"model.prompt": {"grid": ["none"]}})
     run_search(load_search(path))
@@ -829,7 +841,8 @@ def test_a_trial_asha_stopped_early_is_marked_so_in_mlflow_with_its_best(tmp_pat
             client.set_terminated(run_ids[-1], "FINISHED" if len(scores) == epochs else "KILLED")  # as train ends them
             (search_dir / "trials" / f"trial-{i}").mkdir(parents=True)
             (search_dir / "trials" / f"trial-{i}" / "mlflow_run_id").write_text(run_ids[-1])
-            grid.append(SimpleNamespace(metrics_dataframe=pd.DataFrame({"test/srcc": scores}), error=None,
+            grid.append(SimpleNamespace(metrics_dataframe=pd.DataFrame({"epoch": range(1, len(scores) + 1),
+                                                                      "test/srcc": scores}), error=None,
                                         config={"model.prompt": prompt, "train.epochs": epochs},
                                         metrics={"trial_id": str(i), "epoch": len(scores), "done": True}))
         parent = client.create_run(experiment).info.run_id
