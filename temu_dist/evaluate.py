@@ -43,7 +43,7 @@ from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.clipiqa import ClipIQA, build_clipiqa
 from temu_dist.model.temu import QualityOutput, TeMuIQA
 from temu_dist.plots import scatter
-from temu_dist.stop import by_sigterm, sigterm_as_ctrl_c, stop_code
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def _command(argv: list[str] | None) -> int:
         return 1
     except KeyboardInterrupt as e:
         if accelerator.is_main_process:  # a terminal's Ctrl-C reaches every process
-            by = " by SIGTERM" if by_sigterm(e) else ""
+            by = " by SIGTERM" if isinstance(e, Terminated) else ""
             print(f"\nevaluate: stopped{by}; nothing written", file=sys.stderr)
         return stop_code(e)
     if accelerator.is_main_process:

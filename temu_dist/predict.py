@@ -29,7 +29,7 @@ from temu_dist.atomic import write_text_atomic
 from temu_dist.config import ConfigError, check_output_folder, is_override
 from temu_dist.plots import heatmap
 from temu_dist.scorer import Scorer
-from temu_dist.stop import by_sigterm, sigterm_as_ctrl_c, stop_code
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 
 OUT_FORMATS = (".csv", ".jsonl")
 
@@ -175,7 +175,7 @@ def predict(argv: list[str] | None = None) -> int:
         wrote = [f"{maps} heatmaps in {heat_dir}"] if heat_dir else []
         kept = [f"{out_file} not written{' (the earlier one is as it was)' if out_file.exists() else ''}"] \
             if out_file else []
-        by = " by SIGTERM" if by_sigterm(e) else ""
+        by = " by SIGTERM" if isinstance(e, Terminated) else ""
         print("\n" + "; ".join([f"predict: stopped{by} after scoring {scored} of {len(args.images)} images", *wrote,
                                 *kept]), file=sys.stderr)
         return stop_code(e)

@@ -27,7 +27,7 @@ from accelerate import PartialState
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import Config, ConfigError, check_run_folder, load_config, notices_as_lines
 from temu_dist.tracking import config_params, config_tags, finish_run, parent_run, tracking_uri
-from temu_dist.stop import by_sigterm, sigterm_as_ctrl_c, stop_code
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 from temu_dist.resume import check_extendable
 from temu_dist.train import NonFiniteLoss, check_data, train
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (scancel)
         if says:
-            by = " by SIGTERM" if by_sigterm(e) else ""
+            by = " by SIGTERM" if isinstance(e, Terminated) else ""
             print(f"\nrepeat: stopped{by}; run the same command again: finished splits are kept, the stopped one goes "
                   "on from its last checkpoint", file=sys.stderr)
         return stop_code(e)

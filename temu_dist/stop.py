@@ -13,40 +13,40 @@ class Terminated(KeyboardInterrupt):
     default would end the process on the spot."""
 
 
-# Whether SIGTERM came within the current sigterm_as_ctrl_c: a Terminated raised inside Ray's waits (C code) comes
-# out of them as a plain KeyboardInterrupt.
-_sigterm = False
+_came = False  # whether SIGTERM came within the current sigterm_as_ctrl_c
+_child = None  # the SIGCHLD handler _terminate took away, to put back after
 
 
 def _terminate(signum, frame) -> None:
-    global _sigterm
-    _sigterm = True
-    # The same SIGTERM ends the DataLoader workers (scancel and the launcher signal the whole group), and torch's
-    # SIGCHLD handler would raise "worker killed" inside the cleanup that follows: an MLflow run was left RUNNING.
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    global _came, _child
+    if not _came:
+        _came = True
+        # The same SIGTERM ends the DataLoader workers (scancel and the launcher signal the whole group), and torch's
+        # SIGCHLD handler would raise "worker killed" inside the cleanup that follows: an MLflow run was left RUNNING.
+        _child = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     raise Terminated
 
 
 @contextmanager
 def sigterm_as_ctrl_c() -> Iterator[None]:
-    """Within (an entry point's work), SIGTERM raises Terminated; the caller's own handlers are back after."""
-    global _sigterm
-    _sigterm = False
-    child = signal.getsignal(signal.SIGCHLD)
+    """Within (an entry point's work), SIGTERM raises Terminated, and comes out as Terminated where C code (Ray's
+    waits) made a plain KeyboardInterrupt of it; the caller's own handlers are back after."""
+    global _came, _child
+    _came, _child = False, None
     before = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
+    except KeyboardInterrupt as e:
+        if _came and not isinstance(e, Terminated):
+            raise Terminated from e
+        raise
     finally:
         signal.signal(signal.SIGTERM, before)
-        if child is not None:  # None: one set outside Python, which cannot be put back
-            signal.signal(signal.SIGCHLD, child)
-
-
-def by_sigterm(e: KeyboardInterrupt) -> bool:
-    """Whether SIGTERM, rather than Ctrl-C, stopped the work."""
-    return isinstance(e, Terminated) or _sigterm
+        if _child is not None:  # also None for one set outside Python, which cannot be put back
+            signal.signal(signal.SIGCHLD, _child)
+        _came, _child = False, None
 
 
 def stop_code(e: KeyboardInterrupt) -> int:
     """An entry point's exit status when stopped: a shell's, 128 + SIGTERM or 130 (SIGINT)."""
-    return 128 + signal.SIGTERM if by_sigterm(e) else 130
+    return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130

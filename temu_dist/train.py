@@ -52,7 +52,7 @@ from temu_dist.model.io import load_weights, with_legacy_fields
 from temu_dist.model.backbone import check_backbone
 from temu_dist.model.temu import TeMuIQA, Tokens, build_model
 from temu_dist.plots import score_vs_time
-from temu_dist.stop import Terminated, by_sigterm, sigterm_as_ctrl_c, stop_code
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 from temu_dist.tracking import Tracker, tracking_uri
 
 
@@ -506,12 +506,12 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         rest = f"the rest of epoch {info['next_epoch'] + 1} reads the samples in another order, so some repeat in it " \
             "and some are left out"
         if moved:
-            then = resume.readers_said(saved_position["processes"], saved_position["readers"],
-                                       resume.saved_per_device(saved_position, config)) \
+            saved = resume.readers_said(saved_position["processes"], saved_position["readers"],
+                                        resume.saved_per_device(saved_position, config)) \
                 if reads is not None else f"{saved_position['readers']} data readers"
             accelerator.print(f"train: warning: the data readers stand elsewhere than where {last} left off "
-                              f"({resume.readers_said(plan.world_size, readers, plan.per_device)}; then {then}): "
-                              f"{rest}")
+                              f"({resume.readers_said(plan.world_size, readers, plan.per_device)} now, {saved} at "
+                              f"the checkpoint): {rest}")
         elif in_epoch and saved_position["readers"] > 1 and "reader_runs" not in saved_position \
                 and not config.data.resampled:
             accelerator.print(f"train: warning: {last} was saved by a version that split the samples over its "
@@ -674,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"train: {e}\n")
         return 1
     except KeyboardInterrupt as e:
-        by = " by SIGTERM" if by_sigterm(e) else ""
+        by = " by SIGTERM" if isinstance(e, Terminated) else ""
         if says and config is not None:
             last = find_checkpoint(config.run_dir() / "checkpoints" / "last")
             how = "the same command starts it anew" if last is None else \

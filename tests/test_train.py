@@ -388,8 +388,8 @@ def test_a_resume_in_other_micro_batches_warns_where_workers_read_elsewhere_and_
     capsys.readouterr()
     train(run_config(tmp_path, shards, *settings, "train.per_device_batch=4"))
     assert f"train: warning: the data readers stand elsewhere than where {tmp_path / 'run' / 'checkpoints' / 'last'} " \
-           "left off (1 process x 2 readers in micro-batches of 4; then 1 process x 2 readers in micro-batches " \
-           "of 2): the rest of epoch 1 reads the samples in another order" in capsys.readouterr().out
+           "left off (1 process x 2 readers in micro-batches of 4 now, 1 process x 2 readers in micro-batches " \
+           "of 2 at the checkpoint): the rest of epoch 1 reads the samples in another order" in capsys.readouterr().out
     # A position saved before each reader took a contiguous run of the samples: its readers stood elsewhere.
     info = json.loads(saved)
     del info["in_epoch"]["reader_runs"]
@@ -420,8 +420,8 @@ def test_mid_epoch_resume_over_other_data_readers_warns_that_the_order_changes(t
     monkeypatch.setattr(train_mod, "loss_fn", real)
     capsys.readouterr()
     train(run_config(tmp_path, shards, "train.epochs=1", "train.checkpoint_every=1", "data.workers=2"))
-    assert "left off (1 process x 2 readers in micro-batches of 4; then 1 process x 1 reader in micro-batches " \
-           "of 4): the rest of epoch 1" in capsys.readouterr().out
+    assert "left off (1 process x 2 readers in micro-batches of 4 now, 1 process x 1 reader in micro-batches " \
+           "of 4 at the checkpoint): the rest of epoch 1" in capsys.readouterr().out
 
 
 def test_ctrl_c_says_how_to_go_on_and_marks_the_mlflow_run_killed(tmp_path, shards, monkeypatch, capsys):
