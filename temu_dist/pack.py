@@ -47,7 +47,7 @@ from temu_dist.data.manifest import IMAGE_FORMATS, MANIFEST, PACK_FILE, STARTED,
 from temu_dist.data.sources import (DATASETS, META_SPLIT_COLUMNS, CsvLabels, DataError, DatasetInfo, Record,
                                     label_scale, read_csv_labels, read_pyiqa_meta, read_records)
 from temu_dist.data.splits import SPLITS, SplitSpec, split_read, splitter
-from temu_dist.stop import by_sigterm, sigterm_as_ctrl_c, stop_code
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 
 FORMAT = "temu-dist-shards/1"
 # Samples dealt to shards at random by ORDER_SEED (a manifest's "order"); packs without one kept the label file's.
@@ -392,6 +392,11 @@ def pack(opts: PackOptions) -> dict:
     kept = 0  # images in the shards an earlier run finished
     context = multiprocessing.get_context()
     read = context.Value("q", 0)
+
+    def shown() -> int:
+        # Without the counter's lock, which a worker killed holding it (OOM, kill -9) would keep for ever.
+        return kept + read.get_obj().value
+
     # In a log (nohup, sbatch) rather than on a terminal, a line every half minute.
     progress = tqdm(total=total, desc=f"pack {opts.dataset}", unit="img", file=sys.stderr,
                     mininterval=0.1 if sys.stderr.isatty() else 30)
@@ -408,15 +413,15 @@ def pack(opts: PackOptions) -> dict:
                     told = True
                 results.append(done)
                 kept += done.count + len(done.skipped)
-                progress.update(kept + read.value - progress.n)
+                progress.update(shown() - progress.n)
                 continue
             pending.add(pool.submit(write_shard, str(out), name, split, samples, opts.resize_shorter, opts.skip_bad,
                                     label_path.name))
             # A bounded window of shards in flight keeps memory flat for any dataset size.
             while len(pending) >= 2 * opts.workers:
-                pending = _collect(pending, results, progress, lambda: kept + read.value)
+                pending = _collect(pending, results, progress, shown)
         while pending:
-            pending = _collect(pending, results, progress, lambda: kept + read.value)
+            pending = _collect(pending, results, progress, shown)
     except (KeyboardInterrupt, BrokenProcessPool):
         # Stop now, not after the shards in flight: the rerun writes them again (a bad image's DataError lets them
         # finish theirs). ProcessPoolExecutor has no public way to end its workers before Python 3.14; they ignore
@@ -700,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pack: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        by = "stopped by SIGTERM" if by_sigterm(e) else "interrupted"
+        by = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
         print(f"\npack: {by}; finished shards are kept, rerun the same command to continue", file=sys.stderr)
         return stop_code(e)
     counts = ", ".join(f"{s} {info['count']}" for s, info in manifest["splits"].items())

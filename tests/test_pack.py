@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -372,13 +371,18 @@ def test_a_worker_counts_each_image_it_reads_and_the_bar_moves_while_a_shard_is_
     write_shard(str(tmp_path), "train-000000.tar", "train", _samples_of(tmp_path / "kadid", names), None, True,
                 "dmos.csv")
     assert read.value == 2  # the skipped image too: the bar's total counts it
-    shard = Future()
-    threading.Timer(1.5, shard.set_result, [ShardResult("train-000000.tar", "train", 2, "x", [])]).start()
-    seen = []
+    shard, seen = Future(), []
+
+    def shown() -> int:  # the bar's place at each look; the shard ends after the second
+        seen.append(progress.n)
+        if len(seen) == 2:
+            shard.set_result(ShardResult("train-000000.tar", "train", 2, "x", []))
+        return 7
+
     progress = tqdm(total=9, file=io.StringIO())
     results = []
-    assert pack_module._collect({shard}, results, progress, lambda: seen.append(progress.n) or 7) == set()
-    assert seen[:2] == [0, 7] and progress.n == 7 and [r.count for r in results] == [2]
+    assert pack_module._collect({shard}, results, progress, shown) == set()
+    assert seen == [0, 7, 7] and progress.n == 7 and [r.count for r in results] == [2]
 
 
 def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, capsys):
