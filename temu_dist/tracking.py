@@ -93,8 +93,6 @@ class Tracker:
             run = mlflow.start_run(run_id=resume_id, run_name=name, tags=parent)
             self.run_id = run.info.run_id
             write_text_atomic(id_file, self.run_id)
-            if replaced and _in_store(mlflow, replaced):  # two runs of one name in the UI: which one the folder holds
-                mlflow.MlflowClient().set_tag(replaced, "temu.replaced_by", self.run_id)
             before = mlflow.get_run(self.run_id).data
             existing, self.tags_before = before.params, dict(before.tags)
             # A resumed run's epochs the store lacks: all of them for a new MLflow run; else those a kill between
@@ -109,6 +107,13 @@ class Tracker:
         self._guard(log_params, mlflow.MlflowClient(), self.run_id,
                     {k: v for k, v in config_params(config).items() if k not in existing})
         self._guard(mlflow.set_tags, {**config_tags(config), **code_tags(), **(tags or {})})
+        if replaced and replaced != self.run_id:  # two runs of one name in the UI: which one the folder holds
+            try:
+                if _in_store(mlflow, replaced):  # not one deleted in the UI
+                    mlflow.MlflowClient().set_tag(replaced, "temu.replaced_by", self.run_id)
+            except Exception as e:  # noqa: BLE001 - a server gone, or one that does not let us tag it
+                warnings.warn(f"MLflow at {uri}: could not mark run {replaced} as replaced by {self.run_id} "
+                              f"({error_line(e)})", Notice, stacklevel=2)
         self.artifact(run_dir / "config.yaml")
         for step, values in past or []:
             if step not in logged:
