@@ -586,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", help="also draw the first metric as a coloured grid to this .png file")
     parser.add_argument("--layer-plot", metavar="FILE.png",
                         help="also draw the first metric against each row's layer K (model.layers only:K or upto:K), "
-                             "a line per set: the seed's Fig. 8 from a single-layer search")
+                             "a line per set (and per other setting the rows differ in): the seed's Fig. 8 from a "
+                             "single-layer search")
     parser.add_argument("--merge-train", action="store_true",
                         help="a row per model (model.* and ldg.* settings), its runs on each training set side by side "
                              "(own splits by dataset, cross sets as TRAIN→SET), as the seed's Tables 5, 7 and 8")
