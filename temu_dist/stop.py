@@ -14,25 +14,24 @@ class Terminated(KeyboardInterrupt):
 
 
 _came = False  # whether SIGTERM came within the current sigterm_as_ctrl_c
-_child = None  # the SIGCHLD handler _terminate took away, to put back after
 
 
 def _terminate(signum, frame) -> None:
-    global _came, _child
-    if not _came:
-        _came = True
-        # The same SIGTERM ends the DataLoader workers (scancel and the launcher signal the whole group), and torch's
-        # SIGCHLD handler would raise "worker killed" inside the cleanup that follows: an MLflow run was left RUNNING.
-        _child = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    global _came
+    _came = True
+    # The same SIGTERM ends the DataLoader workers (scancel and the launcher signal the whole group), and torch's
+    # SIGCHLD handler would raise "worker killed" inside the cleanup that follows (an MLflow run was left RUNNING),
+    # or in a __del__ as the process ends: the process is stopping, a worker's death is no news. Not put back.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     raise Terminated
 
 
 @contextmanager
 def sigterm_as_ctrl_c() -> Iterator[None]:
     """Within (an entry point's work), SIGTERM raises Terminated, and comes out as Terminated where C code (Ray's
-    waits) made a plain KeyboardInterrupt of it; the caller's own handlers are back after."""
-    global _came, _child
-    _came, _child = False, None
+    waits) made a plain KeyboardInterrupt of it; the caller's own SIGTERM handler is back after."""
+    global _came
+    _came = False
     before = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
@@ -42,9 +41,7 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
         raise
     finally:
         signal.signal(signal.SIGTERM, before)
-        if _child is not None:  # also None for one set outside Python, which cannot be put back
-            signal.signal(signal.SIGCHLD, _child)
-        _came, _child = False, None
+        _came = False
 
 
 def stop_code(e: KeyboardInterrupt) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import open_clip
 import pytest
@@ -29,6 +30,16 @@ def no_tracking_uri_left_over():
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(autouse=True)
+def sigchld_put_back():
+    """A SIGTERM met by temu_dist.stop leaves SIGCHLD as a stopping process wants it: the next test gets torch's back,
+    which reports a killed data worker."""
+    before = signal.getsignal(signal.SIGCHLD)
+    yield
+    if before is not None:
+        signal.signal(signal.SIGCHLD, before)
 
 
 @pytest.fixture(scope="session", autouse=True)

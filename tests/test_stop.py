@@ -4,6 +4,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 SCRIPT = """
 import time
 import torch
@@ -44,26 +46,26 @@ def test_a_sigterm_to_the_group_lets_the_cleanup_finish_while_the_dataloader_wor
     assert proc.returncode == 0
 
 
-def test_the_handlers_are_back_after():
+def test_the_callers_sigterm_handler_is_back_after_and_sigchlds_stays_as_the_stop_left_it():
+    from temu_dist.stop import Terminated, sigterm_as_ctrl_c
+
     def mine(signum, frame):
         pass
 
-    before = signal.signal(signal.SIGCHLD, mine)
+    before = signal.signal(signal.SIGTERM, mine)
     try:
-        from temu_dist.stop import Terminated, sigterm_as_ctrl_c
-        try:
+        # Without a SIGTERM, SIGCHLD's (torch's, set by the first DataLoader with workers, once a process) is left be.
+        with sigterm_as_ctrl_c():
+            signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGCHLD) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is mine
+        # After one, torch's would raise "worker killed" in whatever runs next, a __del__ as the process ends too.
+        with pytest.raises(Terminated):
             with sigterm_as_ctrl_c():
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(5)
-        except Terminated:
-            pass
-        assert signal.getsignal(signal.SIGCHLD) is mine
-        # Without a SIGTERM, one set within (torch's, by the first DataLoader with workers, once a process) stays.
-        with sigterm_as_ctrl_c():
-            signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-        assert signal.getsignal(signal.SIGCHLD) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGCHLD) is signal.SIG_DFL and signal.getsignal(signal.SIGTERM) is mine
     finally:
-        signal.signal(signal.SIGCHLD, before)
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_sigterm_is_said_as_such_where_c_code_turned_its_exception_into_a_plain_ctrl_c():
