@@ -460,8 +460,9 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
         # A new start takes the parent of an earlier one that failed before Ray saved the search only with its params.
         parent, was = parent_run(uri, base["tracking"]["experiment"], search.name, search_dir / "mlflow_parent_run_id",
                                  params, {"temu.search": "true"}, "search", same_params=not restored)
+    ours = not ray.is_initialized()  # a Ray this search starts, and ends
     try:
-        if not ray.is_initialized():
+        if ours:
             # Ray's temp files (sockets, logs) go inside the search folder, not /tmp/ray or ~/.ray.
             temp = Path(os.environ.get("TEMU_RAY_TMP", search_dir / "ray"))
             temp.mkdir(parents=True, exist_ok=True)
@@ -486,7 +487,13 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
                                           failure_config=tune.FailureConfig(max_failures=search.max_failures),
                                           callbacks=[SearchProgress(search, search_dir, metric, uri, parent)],
                                           verbose=1))
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        finally:
+            if ours:
+                # Now, not at exit: the last trial's teardown SIGTERM can print a traceback of Ray's own ("Exception
+                # ignored ... SystemExit"), which Ray's exit let through after the summary.
+                ray.shutdown()
         if _stopped(search, grid, restored):
             raise KeyboardInterrupt
     except BaseException as e:
