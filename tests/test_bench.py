@@ -165,10 +165,10 @@ def test_workers_to_feed_is_measured_where_a_row_fed_it_and_estimated_from_the_m
 
 
 def test_scale_suite_packs_and_evaluates_every_sample(tmp_path):
-    result = scale.run([300], str(tmp_path))
+    result = scale.run([300], str(tmp_path / "new"))  # a --workdir not there yet is made
     assert [(r["stage"], r["samples"]) for r in result["rows"]] == [("pack", 300), ("evaluate", 300)]
     assert all(r["main_mib"] > 0 for r in result["rows"])
-    assert list(tmp_path.iterdir()) == []  # the synthetic set is removed
+    assert list((tmp_path / "new").iterdir()) == []  # the synthetic set is removed
 
 
 def test_model_suite_times_each_variant_and_prompt_next_to_open_clip():

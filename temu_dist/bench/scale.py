@@ -93,6 +93,8 @@ def _in_fresh_process(target, *args) -> dict:
 
 def run(sizes: list[int], workdir: str | None = None) -> dict:
     rows = []
+    if workdir is not None:  # mkdtemp needs its folder to be there
+        Path(workdir).mkdir(parents=True, exist_ok=True)
     for n in sizes:
         tmp = Path(tempfile.mkdtemp(prefix=f"scale-{n}-", dir=workdir))
         try:
