@@ -126,8 +126,8 @@ def extends(saved: dict, info: dict, config: Config, last: Path) -> bool:
     if config.train.epochs == epochs:
         return False
     if config.train.epochs <= trained:
-        raise ConfigError(f"train.epochs: {last} has trained {trained} epochs; extend it to more than {trained}, or "
-                          f"leave it at {epochs}")
+        raise ConfigError(f"train.epochs: {last} has trained {trained} epoch{'s' * (trained != 1)}; extend it to "
+                          f"more than {trained}, or leave it at {epochs}")
     return True
 
 

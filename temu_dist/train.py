@@ -492,8 +492,9 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         at = f", after its step {in_epoch['micro_batches'] // plan.accumulation} of {steps_per_epoch}," \
             if in_epoch else ""
         if info["next_epoch"] >= config.train.epochs:
-            accelerator.print(f"train: {run_dir} has finished its {config.train.epochs} epochs ({last}): nothing left "
-                              "to train")
+            epochs = config.train.epochs
+            accelerator.print(f"train: {run_dir} has finished its {epochs} epoch{'s' * (epochs != 1)} ({last}): "
+                              "nothing left to train")
         else:
             accelerator.print(f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1}{at} from {last}")
         # Lists of another length where the readers' number changed; a checkpoint that does not say its plan is only
