@@ -7,8 +7,9 @@ metrics (seed Table 6).
 Split i trains on the pack named by data.train with "{split}" replaced by i (pack them with
 `python -m temu_dist.pack ... --out shards/agiqa3k/split$i --split-index $i`), in run folder NAME-split{i}. Each split's
 run resumes as `train` resumes: a finished one returns its results without training, one trained with other settings
-is an error naming the key, so a broken series continues where it stopped. Writes out_dir/NAME/repeat.json and prints
-it; a metric that is NaN in some splits (constant scores) is averaged over the others, and `n` says over how many.
+is an error naming the key, so a broken series continues where it stopped. Writes out_dir/NAME/repeat-started.json at
+the start (report tells an unfinished series by it), out_dir/NAME/repeat.json at the end, and prints the latter; a
+metric that is NaN in some splits (constant scores) is averaged over the others, and `n` says over how many.
 MLflow: a parent run NAME with each split's run as a child, and the mean and standard deviation of every set's
 metrics (SET/srcc_mean, SET/srcc_std, ...; own_best/SET/... for each set at its own best epochs) once all splits are
 done.
@@ -16,6 +17,7 @@ done.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -26,12 +28,15 @@ from accelerate import PartialState
 
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import Config, ConfigError, check_run_folder, load_config, notices_as_lines
+from temu_dist.data.manifest import read_manifest
 from temu_dist.tracking import config_params, config_tags, finish_run, parent_run, tracking_uri
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 from temu_dist.resume import check_extendable
 from temu_dist.train import NonFiniteLoss, check_data, train
 
 METRICS = ("srcc", "plcc", "krcc")
+# In a series' folder from its start: its splits and their runs, so that report can tell an unfinished series.
+STARTED = "repeat-started.json"
 
 
 def split_config(config: Config, index: int, parent: str | None = None) -> Config:
@@ -67,6 +72,34 @@ def _differs(a: dict, b: dict) -> bool:
                for m in METRICS for x, y in zip(a[m]["values"], b[m]["values"]))
 
 
+def _check_fewer_splits(out: Path, splits: int, config: Config) -> None:
+    """A finished series rerun with fewer --splits (a slip for 10) would be rewritten as the mean of those alone."""
+    try:
+        finished = json.loads((out / "repeat.json").read_text())["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if splits < finished and config.train.resume != "never":
+        raise ConfigError(f"--splits {splits}: {out} holds a finished series of {finished} splits, which this would "
+                          f"rewrite as the mean of the first {splits}: give --splits {finished} (or more, to add "
+                          "splits), or another name=")
+
+
+def _check_distinct_packs(config: Config, splits: int) -> None:
+    """Two of the series' packs holding one split (a slip of --split-index) would count it twice in the mean and sd."""
+    seen: dict[str, str] = {}
+    for i in range(splits):
+        path = split_config(config, i).data.train
+        manifest = read_manifest(path)
+        key = json.dumps([manifest.get("dataset"), manifest.get("source", {}).get("label_sha256"),
+                          manifest.get("split")], sort_keys=True)
+        if key in seen:
+            index = (manifest.get("split") or {}).get("index")
+            raise ConfigError(f"data.train: {seen[key]} and {path} hold the same split of the same labels"
+                              f"{f' (--split-index {index})' if index is not None else ''}: the series would count "
+                              f"it twice; pack {path} again with --split-index {i}")
+        seen[key] = path
+
+
 def _is_first_process() -> bool:
     """Asked before train() has set up the process group, which PartialState() alone would not join on CPU (every
     process would take itself for the first): the launcher's RANK says."""
@@ -78,14 +111,20 @@ def repeat(config: Config, splits: int) -> dict:
         raise ConfigError(f"--splits: at least 1, not {splits}")
     out = Path(config.out_dir) / config.name
     check_run_folder(out, series=True)
+    _check_fewer_splits(out, splits, config)
     extending = False
     for i in range(splits):  # every split's pack (and run to extend), before the first trains for hours
         split = split_config(config, i)
         check_data(split)
         if config.train.resume == "extend":
             extending |= check_extendable(split)
+    _check_distinct_packs(config, splits)
     main = _is_first_process()
     anew = extending or config.train.resume == "never"  # its splits train again: the series is no longer finished
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / STARTED, {"splits": splits,
+                                          "runs": [str(split_config(config, i).run_dir()) for i in range(splits)]})
     if main and anew:  # stale until every split has its new epochs
         (out / "repeat.json").unlink(missing_ok=True)
     uri = tracking_uri(config.tracking.uri, config.out_dir)

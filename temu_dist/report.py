@@ -40,6 +40,7 @@ UNRANKED = ("pred_mean", "target_mean")  # no best to bold: a mean prediction is
 # Folders of runs are searched this many levels below the one named (names a/b/c), never in MLflow's own stores.
 NESTED = 3
 _TRAINER_INFO = "trainer.json"  # checkpoint.TRAINER_INFO, whose module would bring torch into a table's command
+_REPEAT_STARTED = "repeat-started.json"  # repeat.STARTED, for the same reason
 _NONFINITE = "nonfinite.txt"  # train.NONFINITE, for the same reason
 # Config keys that do not tell runs apart as a paper's rows do: where they ran, how they were tracked or loaded.
 # The evaluation sets are the columns.
@@ -205,6 +206,18 @@ def _split_run(series: Path, run: str) -> Path:
     return Path(run) if (Path(run) / "config.yaml").is_file() else series.parent / Path(run).name
 
 
+def _unfinished_series(folder: Path) -> tuple[list[Path], int] | None:
+    """A repeat series started and not finished: its split runs and how many of them have finished; None for any
+    other folder."""
+    if (folder / "repeat.json").is_file() or not (folder / _REPEAT_STARTED).is_file():
+        return None
+    try:
+        runs = [_split_run(folder, run) for run in _read_json(folder / _REPEAT_STARTED)["runs"]]
+    except (ConfigError, KeyError, TypeError):  # cut short by a power cut: its split runs stand as runs
+        runs = []
+    return runs, sum((run / "results.json").is_file() for run in runs)
+
+
 def _is_search(folder: Path) -> bool:
     """A Ray Tune search, finished (search.json) or not (its trials' folder)."""
     return (folder / "search.json").is_file() or (folder / "trials").is_dir()
@@ -226,10 +239,18 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
     finished: list[Path] = []
     stopped: list[Path] = []
     left_out: list[str] = []
+    unfinished: dict[Path, str] = {}  # an unfinished series' split runs: the series' name
+
     def take(folder: Path, named: str) -> bool:
-        """Takes a finished run or series, or a search's trials; False for anything else."""
+        """Takes a finished run or series, or a search's trials, or leaves out an unfinished series, saying so; False
+        for anything else."""
         if (folder / "results.json").is_file() or (folder / "repeat.json").is_file():
             finished.append(folder)
+        elif (series := _unfinished_series(folder)) is not None:
+            runs, done = series
+            unfinished.update((run.resolve(), folder.name) for run in runs)
+            left_out.append(f"{named.removesuffix('/trials/') or folder.name} (an unfinished repeat series, {done} "
+                            f"of {len(runs)} splits finished: rerun its repeat command to go on)")
         elif _is_search(folder):
             done, cut, empty = _trials(folder)
             finished.extend(done)
@@ -261,6 +282,9 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
         if folder.suffix == ".json" and folder.is_file():
             evaluated.append(folder)
             continue
+        if (series := _unfinished_series(folder)) is not None:
+            raise ConfigError(f"{folder}: an unfinished repeat series ({series[1]} of {len(series[0])} splits "
+                              "finished): rerun its repeat command to go on")
         if take(folder, ""):
             continue
         if (folder / "checkpoints").is_dir():
@@ -282,9 +306,11 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
     in_series = {run.resolve(): r.folder.name for r in rows for run in r.split_runs}
     left_out += [f"{r.folder.name} (a split of the series {in_series[r.folder.resolve()]}, in its row)"
                  for r in rows if r.folder.resolve() in in_series]
+    left_out += [f"{r.folder.name} (a split of the unfinished series {unfinished[r.folder.resolve()]})"
+                 for r in rows if r.folder.resolve() in unfinished]
     if left_out:
         print(f"report: left out: {'; '.join(left_out)}", file=sys.stderr)
-    rows = [r for r in rows if r.folder.resolve() not in in_series]
+    rows = [r for r in rows if r.folder.resolve() not in in_series and r.folder.resolve() not in unfinished]
     if not rows:
         raise ConfigError(f"{', '.join(map(str, folders))}: no finished run, series or trial to report")
     return rows

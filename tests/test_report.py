@@ -127,6 +127,29 @@ def test_rows_and_columns_print_under_the_names_a_paper_gives_them(finished, tmp
     assert report.main([str(finished), str(twin)]) == 0
 
 
+def test_an_unfinished_series_is_said_and_its_finished_splits_are_not_rows_of_their_own(finished, tmp_path, capsys):
+    # A series stopped during split 2: its first split showed as a run of its own, bolded against the series' means,
+    # and the series was not named at all.
+    split0 = _copy(finished, tmp_path / "part-split0", {}, {})
+    other = _copy(finished, tmp_path / "other", {"model.variant": "S"}, {})
+    (tmp_path / "part").mkdir()
+    (tmp_path / "part" / "repeat-started.json").write_text(json.dumps({
+        "splits": 3, "runs": [str(tmp_path / f"part-split{i}") for i in range(3)]}))
+    rows = report.collect([tmp_path])
+    assert capsys.readouterr().err == "report: left out: part (an unfinished repeat series, 1 of 3 splits finished: " \
+        "rerun its repeat command to go on); part-split0 (a split of the unfinished series part)\n"
+    assert [r.folder for r in rows] == [other] and split0.is_dir()
+    assert report.main([str(tmp_path / "part")]) == 1
+    assert capsys.readouterr().err == f"report: {tmp_path / 'part'}: an unfinished repeat series (1 of 3 splits " \
+        "finished): rerun its repeat command to go on\n"
+
+
+def test_report_reads_the_file_repeat_starts_a_series_with():
+    from temu_dist.repeat import STARTED
+
+    assert report._REPEAT_STARTED == STARTED
+
+
 def test_a_series_is_its_mean_and_sd_and_its_split_runs_are_left_out(finished, tmp_path, capsys, monkeypatch):
     for i, srcc in enumerate((0.5, 0.7)):
         _copy(finished, tmp_path / f"rep-split{i}", {}, {"own_best": {"test": {"srcc": srcc}}})
