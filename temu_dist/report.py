@@ -608,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="own: each set at its own best epoch (IQA-PyTorch); key: at the key metric's best epoch")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=["srcc", "plcc"],
                         help="pred_mean, target_mean: an eval.ldg set's mean prediction and target (Fig. 11)")
-    parser.add_argument("--out", help="also write the table to this .md, .csv or .tex (LaTeX, booktabs) file")
+    parser.add_argument("--out", action="append", default=[], metavar="FILE",
+                        help="also write the table to this .md, .csv or .tex (LaTeX, booktabs) file (repeatable)")
     parser.add_argument("--plot", help="also draw the first metric as a coloured grid to this .png file")
     parser.add_argument("--layer-plot", metavar="FILE.png",
                         help="also draw the first metric against each row's layer K (model.layers only:K or upto:K), "
@@ -628,8 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     metrics = tuple(args.metrics)
     try:
-        for flag, path, suffixes in (("--out", args.out, OUT_SUFFIXES), ("--plot", args.plot, (".png",)),
-                                     ("--layer-plot", args.layer_plot, (".png",))):
+        for flag, path, suffixes in (*(("--out", out, OUT_SUFFIXES) for out in args.out),
+                                     ("--plot", args.plot, (".png",)), ("--layer-plot", args.layer_plot, (".png",))):
             if path and Path(path).suffix not in suffixes:
                 raise ConfigError(f"{flag} {path}: a {' or '.join(suffixes)} file")
             if path and not Path(path).resolve().parent.is_dir():
@@ -656,11 +657,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     table = markdown(rows, metrics, args.each_at, names)
     print(table, end="")
-    if args.out:
-        suffix = Path(args.out).suffix
-        write_text_atomic(Path(args.out), table if suffix == ".md" else table_csv(rows, metrics, names)
+    for out in args.out:
+        suffix = Path(out).suffix
+        write_text_atomic(Path(out), table if suffix == ".md" else table_csv(rows, metrics, names)
                           if suffix == ".csv" else latex(rows, metrics, args.each_at, names))
-        print(f"report: written to {args.out}", file=sys.stderr)  # stdout is the table, for a redirect
+        print(f"report: written to {out}", file=sys.stderr)  # stdout is the table, for a redirect
     if args.plot:
         from temu_dist.plots import results_grid
 

@@ -51,11 +51,14 @@ def test_runs_line_up_as_a_cross_dataset_table_with_their_own_split_named_after_
     results = json.loads((finished / "results.json").read_text())
     other = _copy(finished, tmp_path / "koniq-S", {"model.variant": "S"},
                   {"own_best": {"csiq": {"srcc": 0.9, "plcc": 0.8}}, "best": {"csiq": {"srcc": 0.7}}})
-    assert report.main([str(finished), str(other), "--out", str(tmp_path / "t.csv"),
+    # Two --out: both written (the second replaced the first).
+    assert report.main([str(finished), str(other), "--out", str(tmp_path / "t.csv"), "--out", str(tmp_path / "t.md"),
                         "--plot", str(tmp_path / "t.png")]) == 0
     out, err = capsys.readouterr()
+    assert (tmp_path / "t.md").read_text() == out
     out = out.splitlines()
-    assert err.splitlines() == [f"report: written to {tmp_path / 't.csv'}", f"report: plot in {tmp_path / 't.png'}"]
+    assert err.splitlines() == [f"report: written to {tmp_path / 't.csv'}", f"report: written to {tmp_path / 't.md'}",
+                                f"report: plot in {tmp_path / 't.png'}"]
     assert not any(line.startswith("report:") for line in out)  # stdout holds the table alone, for a redirect
     own, cross = results["own_best"]["test"], results["own_best"]["csiq"]
     assert out[0] == "| run | kadid10k | csiq |"
