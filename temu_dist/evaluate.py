@@ -8,6 +8,8 @@ sample exactly once across all processes.
 RUN_DIR is a run folder (its best checkpoint is used) or a checkpoint folder. --clipiqa scores with the frozen
 backbone alone (seed Tables 11-13, Fig. 9): a, the last layer's [cls]; b, layer K's; c, all layers' averaged; table,
 each of them in one pass. Without --shards the sets come from the config (data.train's eval.splits and eval.cross).
+A set packed from the checkpoint's training labels by another split (another --split-index, the whole set) is warned
+of: some of its images may be ones the checkpoint trained on.
 With eval.ldg=true each set is also scored on locally distorted copies against f(x, x') * MOS (SET-ldg; seed Figs.
 10, 11). Prints one JSON object:
 {set: {srcc, plcc, krcc, count, expected}} ({row: {set: ...}} for a table), strict JSON (an undefined metric is null);
@@ -222,6 +224,21 @@ def _shard_sets(items: list[str]) -> list[EvalSet]:
             for folder, split in given]
 
 
+def _seen_in_training(sets: list[EvalSet], config: Config) -> list[str]:
+    """The sets drawn from the label file of the checkpoint's training pack (its hash) by another split: another
+    --split-index, or the whole set (--ratios 0 0 1). None where that pack is not on this machine."""
+    try:
+        trained = read_manifest(config.data.train)
+    except ConfigError:
+        return []
+
+    def labels(manifest: dict) -> tuple:
+        return manifest.get("dataset"), manifest.get("source", {}).get("label_sha256")
+
+    return [s.name for s in sets if s.split != "train" and labels(m := read_manifest(s.shards)) == labels(trained)
+            and m.get("split") != trained.get("split")]
+
+
 def _epoch_of(checkpoint: Path) -> int | None:
     """The epoch whose weights a checkpoint folder holds, from its trainer.json; None where it has none, or the
     weights are from within an epoch (a last checkpoint saved mid-epoch)."""
@@ -297,6 +314,11 @@ def _command(argv: list[str] | None) -> int:
             _check_sets(sets, config, "--shards")
         if not sets:
             raise ConfigError("nothing to evaluate: the config names no sets; pass --shards DIR[:SPLIT]")
+        seen = _seen_in_training(sets, config) if args.checkpoint else []
+        if seen and accelerator.is_main_process:
+            print(f"evaluate: warning: {', '.join(seen)}: packed from the labels the checkpoint trained on "
+                  f"({config.data.train}) but split otherwise, so some of the images may be ones it trained on",
+                  file=sys.stderr)
         if accelerator.is_main_process:
             print(f"evaluate: scoring {scored.get('checkpoint') or f'CLIP-IQA {args.clipiqa}'}"
                   + (f" (epoch {scored['epoch']})" if "epoch" in scored else "") + " on "

@@ -973,12 +973,20 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
     scored = json.loads(scored)
     best_dir = tmp_path / "run" / "checkpoints" / "best"
     assert err.startswith(f"evaluate: scoring {best_dir} (epoch 1) on val ({shards} val), test ({shards} test)\n")
+    assert "trained on" not in err  # its own pack's test split: no image it trained on
     saved = json.loads((tmp_path / "run.json").read_text())
     assert saved["scored"] == {"checkpoint": str(best_dir), "epoch": 1} and saved["rows"] == {"run (epoch 1)": scored}
     # A row of report's tables, its own split named after its dataset as a run's is.
     assert report.main([str(tmp_path / "run.json")]) == 0
     assert capsys.readouterr().out.splitlines()[2].startswith("| run (epoch 1) | ")
     assert set(scored) == {"val", "test"} and scored["test"]["count"] == scored["test"]["expected"]
+    # Another split of its labels: its test images may have been in the run's training split.
+    other = tmp_path / "split1"
+    pack(PackOptions("kadid10k", str(Path(shards).parent), str(other),
+                     split=SplitSpec("ratio", (0.6, 0.2, 0.2), seed=0, index=1, by_reference=True), workers=1))
+    assert main(["--checkpoint", str(tmp_path / "run"), "--shards", str(other)]) == 0
+    assert f"evaluate: warning: split1:test: packed from the labels the checkpoint trained on ({shards}) but split " \
+        "otherwise, so some of the images may be ones it trained on\n" in capsys.readouterr().err
     best = json.loads((tmp_path / "run" / "results.json").read_text())["best"]
     assert scored["test"]["srcc"] == pytest.approx(best["test"]["srcc"], abs=1e-6)
     cfg = tmp_path / "zs.yaml"
