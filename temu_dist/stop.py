@@ -16,13 +16,18 @@ class Terminated(KeyboardInterrupt):
 _came = False  # whether SIGTERM came within the current sigterm_as_ctrl_c
 
 
+def _no_news(signum, frame) -> None:
+    """SIGCHLD while stopping. A Python handler, not SIG_DFL: a SIGCHLD already pending for torch's handler would
+    raise "Signal 17 ignored due to race condition" where Python meets it."""
+
+
 def _terminate(signum, frame) -> None:
     global _came
     _came = True
     # The same SIGTERM ends the DataLoader workers (scancel and the launcher signal the whole group), and torch's
     # SIGCHLD handler would raise "worker killed" inside the cleanup that follows (an MLflow run was left RUNNING),
     # or in a __del__ as the process ends: the process is stopping, a worker's death is no news. Not put back.
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, _no_news)
     raise Terminated
 
 
