@@ -194,7 +194,7 @@ def epoch_metrics(record: dict) -> dict[str, float]:
 
 def _describe(config: Config, plan: BatchPlan, micro_batches: int, accelerator: Accelerator, model: TeMuIQA) -> None:
     steps = micro_batches // plan.accumulation
-    accelerator.print(
+    _say(accelerator,
         f"train: {plan.world_size} process(es) on {accelerator.device}, global batch {plan.global_batch} = "
         f"{plan.per_device} per process x {plan.accumulation} accumulated x {plan.world_size} process(es); "
         f"{steps} optimizer step(s) per epoch, {steps * config.train.epochs} in all")
@@ -211,16 +211,22 @@ def _describe(config: Config, plan: BatchPlan, micro_batches: int, accelerator: 
                "nothing kept)" if config.train.keep_tokens else
                f"each micro-batch runs through the tower twice (train.keep_tokens=true: once, keeping its tokens for "
                f"the step, up to {kept} per process)")
-        accelerator.print(f"train: PLCC over each step's {plan.global_batch} samples, not each micro-batch's {micro} "
+        _say(accelerator, f"train: PLCC over each step's {plan.global_batch} samples, not each micro-batch's {micro} "
                           f"(train.plcc_over=micro_batch): {how}")
     elif plan.accumulation > 1:
-        accelerator.print(f"train: PLCC over each micro-batch's {micro} sample(s), not the step's "
+        _say(accelerator, f"train: PLCC over each micro-batch's {micro} sample(s), not the step's "
                           f"{plan.global_batch} (train.plcc_over=step)")
     whole = plan.accumulation == 1 or _plcc_over_step(config, plan)  # PLCC over the step's samples
     if (plan.global_batch if whole else micro) < 2:
-        accelerator.print("train: warning: PLCC over 1 sample at a time is no correlation (0 alone, +-1 with its LDG "
+        _say(accelerator, "train: warning: PLCC over 1 sample at a time is no correlation (0 alone, +-1 with its LDG "
                           "copy): " + ("raise train.batch_size" if whole else
                                        "raise train.per_device_batch, or use train.plcc_over=step"))
+
+
+def _say(accelerator: Accelerator, line: str) -> None:
+    """Prints on the job's first process: accelerate's print says it on each node's first."""
+    if accelerator.is_main_process:
+        print(line, flush=True)
 
 
 def _log_line(record: dict, epochs: int) -> str:
@@ -394,7 +400,7 @@ def _fit(config: Config, run: Run) -> None:
                     run.tracker.artifact(path, "plots")
             save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
             run.tracker.metrics(epoch_metrics(record), step=epoch + 1)
-            accelerator.print(_log_line(record, config.train.epochs))
+            _say(accelerator, _log_line(record, config.train.epochs))
         if run.on_epoch is not None:
             run.on_epoch(record)
         accelerator.wait_for_everyone()
@@ -432,7 +438,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     main = accelerator.is_main_process
     sets = check_data(config)
     if "order" not in read_manifest(config.data.train):
-        accelerator.print(f"train: warning: {config.data.train} was packed by an earlier temu-dist in its label file's "
+        _say(accelerator, f"train: warning: {config.data.train} was packed by an earlier temu-dist in its label file's "
                           "order, in which a batch is a stretch of it (one generator, distortion or reference image): "
                           "pack it again")
     run_dir = config.run_dir()
@@ -462,7 +468,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         saved = resume.as_packed_here(with_legacy_fields(load_saved_config(last)), packs, load_trainer_info(last), last)
         resume.check_resumable(saved, config, last)
         if "train.plcc_over" not in flatten(saved) and _plcc_over_step(config, plan):
-            accelerator.print(f"train: warning: {last} predates train.plcc_over, when PLCC under gradient accumulation "
+            _say(accelerator, f"train: warning: {last} predates train.plcc_over, when PLCC under gradient accumulation "
                               "was taken over each micro-batch; the rest of this run takes it over the whole step "
                               "(train.plcc_over=micro_batch: as before)")
         load_weights(model, last, config)
@@ -482,7 +488,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         if extending:
             extended = [*extended, resume.extend_schedule(scheduler, saved["train"]["epochs"], config.train.epochs,
                                                           steps_per_epoch)]
-            accelerator.print(f"train: {run_dir} goes from {extended[-1]['epochs_from']} to {config.train.epochs} "
+            _say(accelerator, f"train: {run_dir} goes from {extended[-1]['epochs_from']} to {config.train.epochs} "
                               f"epochs: from its step {extended[-1]['after_step']} on, the learning rate follows a "
                               f"{config.train.epochs}-epoch cosine ({extended[-1]['lr_from']:.3g} -> "
                               f"{extended[-1]['lr_to']:.3g}), unlike a run started for {config.train.epochs} epochs")
@@ -493,10 +499,10 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
             if in_epoch else ""
         if info["next_epoch"] >= config.train.epochs:
             epochs = config.train.epochs
-            accelerator.print(f"train: {run_dir} has finished its {epochs} epoch{'s' * (epochs != 1)} ({last}): "
+            _say(accelerator, f"train: {run_dir} has finished its {epochs} epoch{'s' * (epochs != 1)} ({last}): "
                               "nothing left to train")
         else:
-            accelerator.print(f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1}{at} from {last}")
+            _say(accelerator, f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1}{at} from {last}")
         # Lists of another length where the readers' number changed; a checkpoint that does not say its plan is only
         # compared by that number.
         reads = resume.saved_reads(saved_position, config) if in_epoch else None
@@ -510,18 +516,18 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
             saved = resume.readers_said(saved_position["processes"], saved_position["readers"],
                                         resume.saved_per_device(saved_position, config)) \
                 if reads is not None else f"{saved_position['readers']} data readers"
-            accelerator.print(f"train: warning: the data readers stand elsewhere than where {last} left off "
+            _say(accelerator, f"train: warning: the data readers stand elsewhere than where {last} left off "
                               f"({resume.readers_said(plan.world_size, readers, plan.per_device)} now, {saved} at "
                               f"the checkpoint): {rest}")
         elif in_epoch and saved_position["readers"] > 1 and "reader_runs" not in saved_position \
                 and not config.data.resampled:
-            accelerator.print(f"train: warning: {last} was saved by a version that split the samples over its "
+            _say(accelerator, f"train: warning: {last} was saved by a version that split the samples over its "
                               f"{saved_position['readers']} data readers otherwise: {rest}")
     model, optimizer = accelerator.prepare(model, optimizer)
     keep_buffers_in_place(model)
     if accelerator.state.deepspeed_plugin is not None:
         clipping = model.gradient_clipping()  # what DeepSpeed's engine does, not what the launch file asked
-        accelerator.print(f"train: DeepSpeed ZeRO stage {accelerator.state.deepspeed_plugin.zero_stage}, gradient "
+        _say(accelerator, f"train: DeepSpeed ZeRO stage {accelerator.state.deepspeed_plugin.zero_stage}, gradient "
                           f"clipping {clipping or 'off'}")
     # Only now that every input has passed its checks: a command that fails must leave an existing run as it was.
     lock = _hold_run_folder(run_dir, accelerator)
@@ -535,7 +541,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
             if last is None and old:
                 names = ", ".join(str(p.relative_to(run_dir)) for p in old)
                 finished = "finished " if (run_dir / "results.json").is_file() else ""
-                accelerator.print(f"train: warning: starting anew in {run_dir}, which held a {finished}run: its "
+                _say(accelerator, f"train: warning: starting anew in {run_dir}, which held a {finished}run: its "
                                   f"{names} {'is' if len(old) == 1 else 'are'} removed")
                 for path in old:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -629,7 +635,7 @@ def _lock_run_folder(run_dir: Path, accelerator: Accelerator) -> tuple[IO[str] |
         return None, (f"{run_dir}: another training is writing this run folder ({holder}): wait for it to end or "
                       "stop it, or give this one another name=")
     except OSError as e:  # ENOLCK (NFS without lockd), ENOSYS (Lustre -o noflock): no lock to be had there
-        accelerator.print(f"train: warning: {run_dir / RUN_LOCK} cannot be locked ({e.strerror}): a second "
+        _say(accelerator, f"train: warning: {run_dir / RUN_LOCK} cannot be locked ({e.strerror}): a second "
                           "training into this run folder will not be refused")
         handle.close()
         return None, None
