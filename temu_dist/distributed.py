@@ -87,6 +87,7 @@ def make_accelerator(config: Config) -> tuple[Accelerator, BatchPlan]:
                           "(DeepSpeed finds the CPU without it)")
     on_cpu = (_no_gpu() or config.device == "cpu") and not deepspeed
     resolve_device(config.device)  # device=cuda with a broken CUDA would otherwise train for hours on the CPU
+    _take_accumulation_from_the_config(plan)
     accelerator = Accelerator(cpu=on_cpu, gradient_accumulation_steps=plan.accumulation, kwargs_handlers=handlers)
     if accelerator.state.deepspeed_plugin is not None:
         _check_deepspeed(accelerator)
@@ -100,6 +101,22 @@ def make_accelerator(config: Config) -> tuple[Accelerator, BatchPlan]:
         if ds.get("gradient_clipping", "auto") == "auto":
             ds["gradient_clipping"] = 0.0
     return accelerator, plan
+
+
+def _take_accumulation_from_the_config(plan: BatchPlan) -> None:
+    """`accelerate launch --gradient_accumulation_steps N` (read for DeepSpeed launches) is not what a run does:
+    train.batch_size and train.per_device_batch plan its accumulation, and the flag went without a word. A value the
+    plan does not have is refused; any is dropped, so that accelerate cannot set it over the plan's."""
+    launched = os.environ.pop("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", None)
+    if launched in (None, "1", str(plan.accumulation)):
+        return
+    steps = int(launched) if launched.isdigit() else 0
+    per_device = plan.global_batch // (plan.world_size * steps) if steps else 0
+    how = f"train.per_device_batch={per_device}" if per_device and plan.global_batch % (plan.world_size * steps) == 0 \
+        else "train.per_device_batch (train.batch_size / processes / steps)"
+    raise ConfigError(f"--gradient_accumulation_steps {launched} (the launcher's): train.batch_size "
+                      f"{plan.global_batch} is {plan.per_device} per process x {plan.accumulation} accumulated x "
+                      f"{plan.world_size} process(es); leave the flag out and give {how} for {launched} steps")
 
 
 def _check_deepspeed(accelerator: Accelerator) -> None:

@@ -231,6 +231,20 @@ def test_deepspeed_with_accelerate_told_cpu_is_refused(monkeypatch):
         make_accelerator(load_config(None, ["device=cpu"]))
 
 
+def test_the_launchers_gradient_accumulation_steps_is_refused_where_the_config_plans_other(monkeypatch):
+    # It went without a word: the run accumulated as its config planned, not as the flag said.
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    with pytest.raises(ConfigError, match=r"^--gradient_accumulation_steps 4 \(the launcher's\): train.batch_size 32 "
+                                          r"is 32 per process x 1 accumulated x 1 process\(es\); leave the flag out "
+                                          r"and give train.per_device_batch=8 for 4 steps$"):
+        make_accelerator(load_config(None, ["device=cpu"]))
+    # A launch file's 1, or the plan's own: dropped, so the plan's accumulation is the one used.
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    accelerator, plan = make_accelerator(load_config(None, ["device=cpu", "train.per_device_batch=16"]))
+    assert accelerator.gradient_accumulation_steps == plan.accumulation == 2
+    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in os.environ
+
+
 def _gather_uneven(rank: int, port: int, out: str) -> None:
     from temu_dist.train import _across_ranks
 
