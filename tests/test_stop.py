@@ -2,6 +2,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -100,12 +101,16 @@ def test_a_sigchld_pending_beside_the_sigterm_raises_nothing_in_the_cleanup():
     Python raised "Signal 17 ignored due to race condition" where it met it (a DeepSpeed run, once per rank)."""
     from temu_dist.stop import Terminated, sigterm_as_ctrl_c
 
-    both = {signal.SIGTERM, signal.SIGCHLD}
-    with pytest.raises(Terminated):
-        with sigterm_as_ctrl_c():
-            signal.pthread_sigmask(signal.SIG_BLOCK, both)
-            os.kill(os.getpid(), signal.SIGCHLD)
-            os.kill(os.getpid(), signal.SIGTERM)
-            signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # torch's, as it stands
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, both)  # both at once: SIGTERM's handler runs first
-            time.sleep(5)
+    # To this thread alone: sent to the process, another thread (torch's, tqdm's) could take them unblocked, at once.
+    main = threading.get_ident()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
+    try:
+        with pytest.raises(Terminated):
+            with sigterm_as_ctrl_c():
+                signal.pthread_kill(main, signal.SIGCHLD)
+                signal.pthread_kill(main, signal.SIGTERM)
+                signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # torch's, as it stands
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # both at once: SIGTERM's handler runs first
+                time.sleep(5)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
