@@ -37,7 +37,7 @@ from temu_dist.data.augment import normalize
 from temu_dist.data.keys import name_key
 from temu_dist.data.ldg import LocalDistortion, check_fidelity_size, ldg_targets
 from temu_dist.data.manifest import pack_named_by
-from temu_dist.data.splits import SPLITS
+from temu_dist.data.splits import SPLITS, split_read
 from temu_dist.data.stream import eval_loader, read_manifest, split_shards
 from temu_dist.distributed import eval_accelerator
 from temu_dist.metrics import correlations
@@ -235,8 +235,11 @@ def _seen_in_training(sets: list[EvalSet], config: Config) -> list[str]:
     def labels(manifest: dict) -> tuple:
         return manifest.get("dataset"), manifest.get("source", {}).get("label_sha256")
 
+    def split(manifest: dict) -> dict:  # as the packer reads it: older packs recorded options their split ignores
+        return split_read(manifest.get("split") or {})
+
     return [s.name for s in sets if s.split != "train" and labels(m := read_manifest(s.shards)) == labels(trained)
-            and m.get("split") != trained.get("split")]
+            and split(m) != split(trained)]
 
 
 def _epoch_of(checkpoint: Path) -> int | None:

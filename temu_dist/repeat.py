@@ -73,31 +73,33 @@ def _differs(a: dict, b: dict) -> bool:
 
 
 def _check_fewer_splits(out: Path, splits: int, config: Config) -> None:
-    """A finished series rerun with fewer --splits (a slip for 10) would be rewritten as the mean of those alone."""
-    try:
-        finished = json.loads((out / "repeat.json").read_text())["splits"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if splits < finished and config.train.resume != "never":
-        raise ConfigError(f"--splits {splits}: {out} holds a finished series of {finished} splits, which this would "
-                          f"rewrite as the mean of the first {splits}: give --splits {finished} (or more, to add "
-                          "splits), or another name=")
+    """A series rerun with fewer --splits (a slip for 10) would be written as the mean of those alone."""
+    for file, held in (("repeat.json", "a finished series of"), (STARTED, "a series started with")):
+        try:
+            before = json.loads((out / file).read_text())["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if splits < before and config.train.resume != "never":
+            raise ConfigError(f"--splits {splits}: {out} holds {held} {before} splits, which this would write as the "
+                              f"mean of the first {splits}: give --splits {before} (or more, to add splits), or "
+                              "another name=")
 
 
 def _check_distinct_packs(config: Config, splits: int) -> None:
     """Two of the series' packs holding one split (a slip of --split-index) would count it twice in the mean and sd."""
     seen: dict[str, str] = {}
     for i in range(splits):
-        path = split_config(config, i).data.train
-        manifest = read_manifest(path)
-        key = json.dumps([manifest.get("dataset"), manifest.get("source", {}).get("label_sha256"),
-                          manifest.get("split")], sort_keys=True)
+        split = split_config(config, i)
+        manifest = read_manifest(split.data.train)
+        # The training split's shards, by hash: alike only where the images are (a split file's path says less).
+        key = json.dumps([s["sha256"] for s in manifest["splits"][split.data.train_split]["shards"]])
         if key in seen:
-            index = (manifest.get("split") or {}).get("index")
-            raise ConfigError(f"data.train: {seen[key]} and {path} hold the same split of the same labels"
-                              f"{f' (--split-index {index})' if index is not None else ''}: the series would count "
-                              f"it twice; pack {path} again with --split-index {i}")
-        seen[key] = path
+            described = manifest.get("split") or {}
+            indexed = described.get("protocol") == "ratio" or str(described.get("file")).endswith(".pkl")
+            raise ConfigError(f"data.train: {seen[key]} and {split.data.train} hold the same training images: the "
+                              f"series would count that split twice; pack {split.data.train} again "
+                              + (f"with --split-index {i}" if indexed else "from its own split"))
+        seen[key] = split.data.train
 
 
 def _is_first_process() -> bool:

@@ -211,11 +211,16 @@ def _unfinished_series(folder: Path) -> tuple[list[Path], int] | None:
     other folder."""
     if (folder / "repeat.json").is_file() or not (folder / _REPEAT_STARTED).is_file():
         return None
-    try:
-        runs = [_split_run(folder, run) for run in _read_json(folder / _REPEAT_STARTED)["runs"]]
-    except (ConfigError, KeyError, TypeError):  # cut short by a power cut: its split runs stand as runs
-        runs = []
+    runs = _started_runs(folder)
     return runs, sum((run / "results.json").is_file() for run in runs)
+
+
+def _started_runs(folder: Path) -> list[Path]:
+    """The split runs a series was (last) started with; none where it says none."""
+    try:
+        return [_split_run(folder, run) for run in _read_json(folder / _REPEAT_STARTED)["runs"]]
+    except (ConfigError, KeyError, TypeError):  # none there (a series of an earlier version), or not ours
+        return []
 
 
 def _is_search(folder: Path) -> bool:
@@ -239,7 +244,7 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
     finished: list[Path] = []
     stopped: list[Path] = []
     left_out: list[str] = []
-    unfinished: dict[Path, str] = {}  # an unfinished series' split runs: the series' name
+    apart: dict[Path, str] = {}  # split runs of a series not yet in a row of its own: why they are left out
 
     def take(folder: Path, named: str) -> bool:
         """Takes a finished run or series, or a search's trials, or leaves out an unfinished series, saying so; False
@@ -248,9 +253,10 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
             finished.append(folder)
         elif (series := _unfinished_series(folder)) is not None:
             runs, done = series
-            unfinished.update((run.resolve(), folder.name) for run in runs)
-            left_out.append(f"{named.removesuffix('/trials/') or folder.name} (an unfinished repeat series, {done} "
-                            f"of {len(runs)} splits finished: rerun its repeat command to go on)")
+            name = named.removesuffix("/trials/") or folder.name
+            apart.update((run.resolve(), f"a split of the unfinished series {name}") for run in runs)
+            left_out.append(f"{name} (an unfinished repeat series, {done} of {len(runs)} splits finished: rerun its "
+                            "repeat command to go on)")
         elif _is_search(folder):
             done, cut, empty = _trials(folder)
             finished.extend(done)
@@ -306,11 +312,13 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
     in_series = {run.resolve(): r.folder.name for r in rows for run in r.split_runs}
     left_out += [f"{r.folder.name} (a split of the series {in_series[r.folder.resolve()]}, in its row)"
                  for r in rows if r.folder.resolve() in in_series]
-    left_out += [f"{r.folder.name} (a split of the unfinished series {unfinished[r.folder.resolve()]})"
-                 for r in rows if r.folder.resolve() in unfinished]
+    for r in (r for r in rows if r.split_runs):  # splits being added to a finished series (more --splits)
+        apart.update((run.resolve(), f"a split being added to the series {r.folder.name}")
+                     for run in _started_runs(r.folder) if run.resolve() not in in_series)
+    left_out += [f"{r.folder.name} ({apart[r.folder.resolve()]})" for r in rows if r.folder.resolve() in apart]
     if left_out:
         print(f"report: left out: {'; '.join(left_out)}", file=sys.stderr)
-    rows = [r for r in rows if r.folder.resolve() not in in_series and r.folder.resolve() not in unfinished]
+    rows = [r for r in rows if r.folder.resolve() not in in_series and r.folder.resolve() not in apart]
     if not rows:
         raise ConfigError(f"{', '.join(map(str, folders))}: no finished run, series or trial to report")
     return rows

@@ -145,6 +145,12 @@ def test_an_unfinished_series_is_said_and_its_finished_splits_are_not_rows_of_th
     assert report.main([str(tmp_path / "part")]) == 1
     assert capsys.readouterr().err == f"report: {tmp_path / 'part'}: an unfinished repeat series (1 of 3 splits " \
         "finished): rerun its repeat command to go on\n"
+    # Splits being added to a finished series (rerun with more --splits): not rows of their own either.
+    (tmp_path / "part" / "repeat.json").write_text(json.dumps({
+        "splits": 1, "runs": [str(split0)], "sets_own_best": {"test": {"srcc": {"mean": 0.5, "std": 0.0, "n": 1}}}}))
+    _copy(finished, tmp_path / "part-split1", {}, {})
+    assert [r.folder.name for r in report.collect([tmp_path])] == ["other", "part"]
+    assert "; part-split1 (a split being added to the series part)" in capsys.readouterr().err
 
 
 def test_report_reads_the_file_repeat_starts_a_series_with():

@@ -747,14 +747,18 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     assert trained.stat().st_mtime_ns == mtime  # finished splits are not trained again
     # Fewer splits (a slip for 2) would rewrite the finished series as the mean of the first alone.
     with pytest.raises(ConfigError, match=rf"^--splits 1: {tmp_path / 'rep'} holds a finished series of 2 splits, "
-                                          r"which this would rewrite as the mean of the first 1: give --splits 2 "):
+                                          r"which this would write as the mean of the first 1: give --splits 2 "):
         repeat(config, 1)
+    (tmp_path / "cut").mkdir()  # so too for one stopped before its end
+    (tmp_path / "cut" / "repeat-started.json").write_text(json.dumps({"splits": 3, "runs": []}))
+    with pytest.raises(ConfigError, match=r"^--splits 2: .*cut holds a series started with 3 splits, which this "):
+        repeat(run_config(tmp_path, str(tmp_path / "split{split}"), "train.epochs=1", "name=cut"), 2)
     # A split packed under another's --split-index would be counted twice.
     pack(PackOptions("kadid10k", str(root), str(tmp_path / "split2"),
                      split=SplitSpec("ratio", (0.6, 0.2, 0.2), index=1, by_reference=True), workers=1))
     with pytest.raises(ConfigError, match=rf"^data.train: {tmp_path / 'split1'} and {tmp_path / 'split2'} hold the "
-                                          r"same split of the same labels \(--split-index 1\): the series would count "
-                                          rf"it twice; pack {tmp_path / 'split2'} again with --split-index 2$"):
+                                          r"same training images: the series would count that split twice; pack "
+                                          rf"{tmp_path / 'split2'} again with --split-index 2$"):
         repeat(config, 3)
     assert not (tmp_path / "rep-split2").exists()
     # Nor are their results taken for a series with other settings.
