@@ -67,6 +67,7 @@ class Row:
     merged: list[Path] = field(default_factory=list)  # a row of --merge-train: its runs' folders
     started_on: list[str] = field(default_factory=list)  # a merged row's training sets whose runs were extended
     own: set[str] = field(default_factory=set)  # the columns holding its own splits (its training pack's)
+    history: list[dict] | None = None  # a finished run's epochs, as results.json holds them (for --by-epoch)
 
 
 def _read_json(path: Path) -> dict:
@@ -116,6 +117,7 @@ def read_run(folder: Path, each_at: str) -> Row:
                           "again, which adds it without training, or use --each-at key")
     row = _row(folder, config, results[key])
     row.started_for = [results["extended"][0]["epochs_from"]] if results.get("extended") else []
+    row.history = [r for r in results.get("history") or [] if isinstance(r, dict)]
     return row
 
 
@@ -329,11 +331,10 @@ def by_epoch(rows: list[Row], epochs: list[int] | None = None) -> list[Row]:
     epoch: Table 9 read off one run. Series, trials and evaluate's rows stay as they are."""
     out = []
     for row in rows:
-        path = row.folder / "results.json"
-        if row.label or row.splits or row.stopped or not path.is_file():
+        if row.history is None:
             out.append(row)
             continue
-        history = [r for r in _read_json(path).get("history") or [] if isinstance(r, dict)]
+        path, history = row.folder / "results.json", row.history
         have = [r.get("epoch") for r in history]
         missing = [e for e in epochs or [] if e not in have]
         if not history:
