@@ -25,9 +25,10 @@ TRAINER_INFO = "trainer.json"
 INFO_FIELDS = {"next_epoch": int, "history": list, "best": (dict, type(None)), "elapsed_s": (int, float)}
 IN_EPOCH_FIELDS = {"micro_batches": int, "loss_sum": (int, float), "images": int, "train_s": (int, float),
                    "readers": int}
-# Saved since a resume may change the batch plan (steps, processes), and since each reader takes a contiguous run of
-# the samples (reader_runs); older checkpoints lack them.
-IN_EPOCH_ADDED = {"steps": int, "processes": int, "reader_runs": bool}
+# Saved since a resume may change the batch plan (steps, processes), since each reader takes a contiguous run of the
+# samples (reader_runs), and since a SIGTERM saves an epoch whose evaluation is to come (lr: its record's, the rate of
+# its last step); older checkpoints lack them.
+IN_EPOCH_ADDED = {"steps": int, "processes": int, "reader_runs": bool, "lr": (int, float)}
 
 
 def rng_state() -> dict:

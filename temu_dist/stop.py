@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 class Terminated(KeyboardInterrupt):
@@ -14,6 +14,8 @@ class Terminated(KeyboardInterrupt):
 
 
 _came = False  # whether SIGTERM came within the current sigterm_as_ctrl_c
+_deferred = False  # within sigterm_at_step_ends: SIGTERM is noted in _asked, not raised
+_asked = False
 
 
 def _no_news(signum, frame) -> None:
@@ -22,12 +24,15 @@ def _no_news(signum, frame) -> None:
 
 
 def _terminate(signum, frame) -> None:
-    global _came
+    global _came, _asked
     _came = True
     # The same SIGTERM ends the DataLoader workers (scancel and the launcher signal the whole group), and torch's
     # SIGCHLD handler would raise "worker killed" inside the cleanup that follows (an MLflow run was left RUNNING),
     # or in a __del__ as the process ends: the process is stopping, a worker's death is no news. Not put back.
     signal.signal(signal.SIGCHLD, _no_news)
+    if _deferred:
+        _asked = True
+        return
     raise Terminated
 
 
@@ -47,6 +52,22 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, before)
         _came = False
+
+
+@contextmanager
+def sigterm_at_step_ends() -> Iterator[Callable[[], bool]]:
+    """Within (a training loop, under sigterm_as_ctrl_c), SIGTERM is noted, not raised: the loop asks the function
+    this yields at each step and stops where the step ends, with its checkpoint saved; SLURM's time limit gives 30 s
+    (KillWait) before SIGKILL. A second SIGTERM does not hurry it: torchrun's agent forwards the one each worker has
+    already had. A SIGTERM the loop did not act on is raised on leaving. Ctrl-C still stops at once."""
+    global _deferred, _asked
+    _deferred, _asked = True, False
+    try:
+        yield lambda: _asked
+    finally:
+        asked, _deferred, _asked = _asked, False, False
+    if asked:
+        raise Terminated
 
 
 def stop_code(e: KeyboardInterrupt) -> int:

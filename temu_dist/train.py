@@ -52,7 +52,7 @@ from temu_dist.model.io import load_weights, with_legacy_fields
 from temu_dist.model.backbone import check_backbone
 from temu_dist.model.temu import TeMuIQA, Tokens, build_model
 from temu_dist.plots import score_vs_time
-from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_step_ends, stop_code
 from temu_dist.tracking import Tracker, tracking_uri
 
 
@@ -279,19 +279,20 @@ def _plcc_over_step(config: Config, plan: BatchPlan) -> bool:
 
 
 def _train_step(config: Config, run: Run, batches: list[dict], stats: tuple[tuple[float, ...], tuple[float, ...]],
-                epoch: int) -> torch.Tensor:
-    """Trains on these micro-batches (one, or a whole step's); returns the sum of their losses (detached)."""
+                epoch: int, asked: Callable[[], bool]) -> tuple[torch.Tensor, bool]:
+    """Trains on these micro-batches (one, or a whole step's); returns the sum of their losses (detached), and
+    whether any process was asked to stop (`asked()`: this one was, as its losses were taken)."""
     accelerator, model, device = run.accelerator, run.model, run.accelerator.device
     if len(batches) == 1:
         with accelerator.accumulate(model):
             loss = loss_fn(model, batches[0], config, device, stats)
-            _check_finite(loss, accelerator, epoch, config)
+            stop = _check_finite(loss, accelerator, epoch, config, asked())
             accelerator.backward(loss)
             _optimizer_step(run)
-        return loss.detach()
+        return loss.detach(), stop
     inputs = [training_inputs(b, config, device) for b in batches]
     loss, grads, tokens = step_scores(model, inputs, config, stats)
-    _check_finite(loss, accelerator, epoch, config)
+    stop = _check_finite(loss, accelerator, epoch, config, asked())
     for x, grad, t in zip(inputs, grads, tokens, strict=True):
         with accelerator.accumulate(model):
             score = model(normalize(x.images, *stats), tokens=t).score.float()
@@ -299,7 +300,7 @@ def _train_step(config: Config, run: Run, batches: list[dict], stats: tuple[tupl
             # these gradients are already the whole step's.
             accelerator.backward((score * grad).sum() * len(batches))
             _optimizer_step(run)
-    return loss * len(batches)
+    return loss * len(batches), stop
 
 
 def _optimizer_step(run: Run) -> None:
@@ -311,18 +312,22 @@ def _optimizer_step(run: Run) -> None:
     run.optimizer.zero_grad()
 
 
-def _check_finite(loss: torch.Tensor, accelerator: Accelerator, epoch: int, config: Config) -> None:
-    # A host sync every step (with ldg.p < 1, gathering the distorted images is another): every process must stop
-    # together, or the others hang.
-    finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), reduction="mean")
-    if finite.item() < 1.0:
+def _check_finite(loss: torch.Tensor, accelerator: Accelerator, epoch: int, config: Config, asked: bool) -> bool:
+    """Whether any process was asked to stop (SIGTERM); raises where any loss is not finite. A host sync every step
+    (with ldg.p < 1, gathering the distorted images is another): every process must stop together, or the others
+    hang; a stop asked rides along."""
+    finite = torch.isfinite(loss.detach()).float()
+    finite, stop = accelerator.reduce(torch.stack([finite, torch.full_like(finite, float(asked))]),
+                                      reduction="mean").tolist()
+    if finite < 1.0:
         # Only the first process of a node prints: say how many went wrong, not just this one's loss.
         where, n = find_checkpoint(config.run_dir() / "checkpoints" / "last"), accelerator.num_processes
-        bad = round((1 - finite.item()) * n)
+        bad = round((1 - finite) * n)
         raise NonFiniteLoss(f"epoch {epoch + 1}: the loss became non-finite on {bad} of {n} process(es) "
                             f"(this one's: {loss.item()}); stopped. The last good checkpoint is "
                             f"{where or 'none (nothing saved yet)'}; resuming replays the same batches to the same "
                             "loss: start anew (train.resume=never) with a lower train.lr or another seed")
+    return stop > 0
 
 
 def _fit(config: Config, run: Run) -> None:
@@ -341,69 +346,105 @@ def _fit(config: Config, run: Run) -> None:
     every = config.train.checkpoint_every
     # Micro-batches trained together: a whole step where PLCC spans it, else one at a time.
     group = run.plan.accumulation if _plcc_over_step(config, run.plan) else 1
+    acc = run.plan.accumulation
+
+    def save_within(epoch: int, steps: int, loss_sum: float, images: int, train_s: float) -> None:
+        """A `last` checkpoint after this many steps of the epoch: all of them where its evaluation is still to come."""
+        in_epoch = {"micro_batches": steps * acc, "steps": steps, "processes": run.plan.world_size,
+                    "loss_sum": loss_sum, "images": images, "train_s": train_s,
+                    "readers": reader_count(run.plan.world_size, config.data.workers), "reader_runs": True,
+                    "lr": run.lr}
+        info = {"next_epoch": epoch, "in_epoch": in_epoch, "history": history, "best": run.best,
+                "elapsed_s": time.perf_counter() - started, "extended": run.extended, "packs": run.packs}
+        save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
+
     for epoch in range(run.start_epoch, config.train.epochs):
         done = run.in_epoch if epoch == run.start_epoch else {}
         skip = done.get("micro_batches", 0)
         run.epoch.set(epoch, replay=skip)
         model.train()
-        total = torch.tensor(done.get("loss_sum", 0.0), device=device)
+        total = torch.tensor(done.get("loss_sum", 0.0), device=device)  # over whole steps; `part`: the step's so far
         images, seen, train_before = done.get("images", 0), skip, done.get("train_s", 0.0)
+        part, part_images = 0, 0
         tick = time.perf_counter()
-        # On a terminal the bar gives way to the epoch's line; in a log it ends its own line, updated twice a minute.
-        tty = sys.stderr.isatty()
-        # Closed however the loop ends, so that a stopped run's last line is its own, not the bar's.
-        with tqdm(total=micro_batches, desc=f"epoch {epoch + 1}", disable=not main, leave=not tty, file=sys.stderr,
-                  mininterval=0.1 if tty else 30) as bar:
-            pending: list[dict] = []
-            for i, batch in zip(range(micro_batches), run.loader):
-                if i < skip:
-                    # Trained before the resume: the loader passed over these samples without decoding them.
-                    bar.update()
-                    tick = time.perf_counter()
-                    continue
-                pending.append(batch)
-                if len(pending) < group:
-                    continue
-                total += _train_step(config, run, pending, stats, epoch)
-                bar.update(len(pending))  # trained, not only read: a stopped run's bar says how far it got
-                seen += len(pending)
-                images += sum(len(b["name"]) for b in pending)
-                pending = []
-                step = seen // run.plan.accumulation
-                if every and main and seen % run.plan.accumulation == 0 and step % every == 0 \
-                        and seen < micro_batches:
-                    in_epoch = {"micro_batches": seen, "steps": step, "processes": run.plan.world_size,
-                                "loss_sum": total.item(), "images": images,
-                                "train_s": train_before + time.perf_counter() - tick,
-                                "readers": reader_count(run.plan.world_size, config.data.workers), "reader_runs": True}
-                    info = {"next_epoch": epoch, "in_epoch": in_epoch, "history": history, "best": run.best,
-                            "elapsed_s": time.perf_counter() - started, "extended": run.extended, "packs": run.packs}
-                    save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
-        train_s = train_before + time.perf_counter() - tick
-        results = evaluate_sets(plain, run.sets, accelerator, config)
-        record = {"epoch": epoch + 1, "loss": total.item() / max(seen, 1), "lr": run.lr,
-                  "images_per_s": images * run.plan.world_size / train_s, "elapsed_s": time.perf_counter() - started,
-                  "eval": {name: r.metrics for name, r in results.items()}}
-        history.append(record)
-        value = results[set_name].metrics[metric]
-        improved = better(value, None if run.best is None else run.best["value"])
-        if improved:
-            run.best = {"epoch": epoch + 1, "value": value, "eval": record["eval"]}
-        if main:
-            info = {"next_epoch": epoch + 1, "history": history, "best": run.best, "elapsed_s": record["elapsed_s"],
-                    "extended": run.extended, "packs": run.packs}
-            # best first: a kill between the two leaves `last` (what a resume trusts) naming the older best.
+        trained = False
+        try:
+            # On a terminal the bar gives way to the epoch's line; in a log it ends its own line, updated twice a
+            # minute. Closed however the loop ends, so that a stopped run's last line is its own, not the bar's.
+            tty = sys.stderr.isatty()
+            with sigterm_at_step_ends() as asked, \
+                    tqdm(total=micro_batches, desc=f"epoch {epoch + 1}", disable=not main, leave=not tty,
+                         file=sys.stderr, mininterval=0.1 if tty else 30) as bar:
+                pending: list[dict] = []
+                for i, batch in zip(range(micro_batches), run.loader):
+                    if i < skip:
+                        # Trained before the resume: the loader passed over these samples without decoding them.
+                        bar.update()
+                        tick = time.perf_counter()
+                        continue
+                    pending.append(batch)
+                    if len(pending) < group:
+                        continue
+                    loss, stop = _train_step(config, run, pending, stats, epoch, asked)
+                    bar.update(len(pending))  # trained, not only read: a stopped run's bar says how far it got
+                    seen += len(pending)
+                    part = part + loss
+                    part_images += sum(len(b["name"]) for b in pending)
+                    pending = []
+                    if seen % acc == 0:
+                        total += part
+                        images += part_images
+                        part, part_images = 0, 0
+                    step = seen // acc  # the whole steps trained
+                    if stop:
+                        # Every process stops after the same step; a step begun is let go (the rest of its data
+                        # may be gone with the workers), its checkpoint is the one after the step before. Where
+                        # that is the epoch's start, the last epoch's checkpoint holds it already. The others wait
+                        # for it, so that every node's hint names it.
+                        try:
+                            if main and step > 0:
+                                save_within(epoch, step, total.item(), images,
+                                            train_before + time.perf_counter() - tick)
+                        finally:
+                            accelerator.wait_for_everyone()
+                        raise Terminated
+                    if every and main and seen % acc == 0 and step % every == 0 and seen < micro_batches:
+                        save_within(epoch, step, total.item(), images, train_before + time.perf_counter() - tick)
+                train_s = train_before + time.perf_counter() - tick
+                trained = True
+            results = evaluate_sets(plain, run.sets, accelerator, config)
+        except Terminated:
+            # Stopped after the epoch's training: its evaluation is what a resume does first.
+            if trained and main:
+                save_within(epoch, micro_batches // acc, total.item(), images, train_s)
+            raise
+        # The epoch's record, results and checkpoints are written whole; a SIGTERM meanwhile stops after them.
+        with sigterm_at_step_ends():
+            record = {"epoch": epoch + 1, "loss": total.item() / max(seen, 1), "lr": run.lr,
+                      "images_per_s": images * run.plan.world_size / train_s,
+                      "elapsed_s": time.perf_counter() - started,
+                      "eval": {name: r.metrics for name, r in results.items()}}
+            history.append(record)
+            value = results[set_name].metrics[metric]
+            improved = better(value, None if run.best is None else run.best["value"])
             if improved:
-                save_checkpoint(ckpt_dir / "best", plain, config, optimizer, scheduler, info)
-                # Logged now, not only at the end: a run killed or stopped early still shows its best epoch's plots.
-                for path in scatter_plots(results, run_dir / "plots", f"epoch {epoch + 1}"):
-                    run.tracker.artifact(path, "plots")
-            save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
-            run.tracker.metrics(epoch_metrics(record), step=epoch + 1)
-            _say(accelerator, _log_line(record, config.train.epochs))
-        if run.on_epoch is not None:
-            run.on_epoch(record)
-        accelerator.wait_for_everyone()
+                run.best = {"epoch": epoch + 1, "value": value, "eval": record["eval"]}
+            if main:
+                info = {"next_epoch": epoch + 1, "history": history, "best": run.best,
+                        "elapsed_s": record["elapsed_s"], "extended": run.extended, "packs": run.packs}
+                # best first: a kill between the two leaves `last` (what a resume trusts) naming the older best.
+                if improved:
+                    save_checkpoint(ckpt_dir / "best", plain, config, optimizer, scheduler, info)
+                    # Logged now, not only at the end: a run killed or stopped early still shows its best epoch's
+                    # plots.
+                    for path in scatter_plots(results, run_dir / "plots", f"epoch {epoch + 1}"):
+                        run.tracker.artifact(path, "plots")
+                save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
+                run.tracker.metrics(epoch_metrics(record), step=epoch + 1)
+                _say(accelerator, _log_line(record, config.train.epochs))
+            if run.on_epoch is not None:
+                run.on_epoch(record)
+            accelerator.wait_for_everyone()
 
 
 def check_data(config: Config) -> list[EvalSet]:
@@ -494,7 +535,8 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                               f"{extended[-1]['lr_to']:.3g}), unlike a run started for {config.train.epochs} epochs")
         in_epoch = resume.in_this_plan(saved_position, plan)
         resumed = {"start_epoch": info["next_epoch"], "in_epoch": in_epoch, "history": info["history"],
-                   "best": info["best"], "elapsed_s": info["elapsed_s"], "extended": extended}
+                   "best": info["best"], "elapsed_s": info["elapsed_s"], "extended": extended,
+                   "lr": in_epoch.get("lr", 0.0)}
         at = f", after its step {in_epoch['micro_batches'] // plan.accumulation} of {steps_per_epoch}," \
             if in_epoch else ""
         if info["next_epoch"] >= config.train.epochs:
@@ -662,6 +704,19 @@ def _add_own_best(path: Path, own: dict[str, dict]) -> bool:
     return True
 
 
+def _position(last: Path) -> str:
+    """Where a resume from this checkpoint goes on: " (after epoch 2)", " (epoch 3, after its step 40)"."""
+    try:
+        info = load_trainer_info(last)
+    except ConfigError:
+        return ""  # the resume says what is wrong with it
+    within = info.get("in_epoch")
+    if not within:
+        return f" (after epoch {info['next_epoch']})"
+    step = f", after its step {within['steps']}" if "steps" in within else ""
+    return f" (epoch {info['next_epoch'] + 1}{step})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m temu_dist.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -684,9 +739,10 @@ def main(argv: list[str] | None = None) -> int:
         by = " by SIGTERM" if isinstance(e, Terminated) else ""
         if says and config is not None:
             last = find_checkpoint(config.run_dir() / "checkpoints" / "last")
+            at = "" if last is None else _position(last)
             how = "the same command starts it anew" if last is None else \
-                f"run the same command again to go on from {last}" if config.train.resume == "auto" else \
-                f"run it with train.resume=auto to go on from {last}"
+                f"run the same command again to go on from {last}{at}" if config.train.resume == "auto" else \
+                f"run it with train.resume=auto to go on from {last}{at}"
             sys.stderr.write(f"\ntrain: stopped{by}{' before its first checkpoint' if last is None else ''}; {how}\n")
         return stop_code(e)
     finally:

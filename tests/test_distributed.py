@@ -4,6 +4,7 @@ Each test launches `python -m temu_dist.train` / `accelerate launch` as a user w
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,7 +170,7 @@ def test_deepspeed_trains_as_one_process_does_on_cpu(shards, one_process, tmp_pa
         torch.testing.assert_close(trained[name], one[name], rtol=1e-5, atol=1e-6)
 
 
-def _two_nodes(tmp_path: Path, args: list[list[str]]) -> list[subprocess.CompletedProcess]:
+def _start_nodes(tmp_path: Path, args: list[list[str]]) -> list[subprocess.Popen]:
     """Two processes started apart, as two nodes each start their own (RANK 0 and 1, each LOCAL_RANK 0), with args
     of their own: what a job whose nodes were given different commands runs."""
     import socket
@@ -183,8 +184,44 @@ def _two_nodes(tmp_path: Path, args: list[list[str]]) -> list[subprocess.Complet
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen([sys.executable, "-m", "temu_dist.train", *extra], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _two_nodes(tmp_path: Path, args: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    procs = _start_nodes(tmp_path, args)
     outputs = [p.communicate(timeout=300) for p in procs]
     return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
+
+
+def test_a_sigterm_to_one_process_stops_both_after_the_same_step_with_its_checkpoint_saved(shards, tmp_path):
+    """Each process stops where the step it is in ends: before, the one signalled left, and the other waited at the
+    next collective until the timeout (30 minutes) or SIGKILL."""
+    base = _overrides(shards, tmp_path / "runs", "tracking.enabled=false", "train.epochs=3", "train.batch_size=2")
+    info = tmp_path / "runs" / "run" / "checkpoints" / "last" / "trainer.json"
+    procs = _start_nodes(tmp_path, [base, base])
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and procs[1].poll() is None:
+            if info.exists() and json.loads(info.read_text())["next_epoch"] >= 1:
+                break
+            time.sleep(0.05)
+        assert procs[1].poll() is None, "the run ended before it could be stopped"
+        procs[1].send_signal(signal.SIGTERM)  # in epoch 2 (its 4 steps, its evaluation or its checkpoint)
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [143, 143], [err[-2000:] for _, err in outputs]
+    saved = json.loads(info.read_text())
+    assert (saved["next_epoch"], saved.get("in_epoch", {}).get("steps", 0)) > (1, 0), "nothing saved at the stop"
+    for _, err in outputs:
+        assert re.search(r"\ntrain: stopped by SIGTERM; run the same command again to go on from \S+ \((after epoch 2|"
+                         r"epoch 2, after its step [1-4])\)\n$", err), err[-2000:]
+    resumed = _two_nodes(tmp_path, [base, base])
+    assert [d.returncode for d in resumed] == [0, 0], resumed[0].stderr[-2000:]
+    results = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
+    assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
 
 
 def test_nodes_given_other_settings_or_a_run_folder_not_shared_stop_alike_with_one_line(shards, tmp_path):

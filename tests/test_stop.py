@@ -114,3 +114,28 @@ def test_a_sigchld_pending_beside_the_sigterm_raises_nothing_in_the_cleanup():
                 time.sleep(5)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def test_within_a_training_loop_sigterm_waits_for_the_step_to_end_and_one_not_acted_on_is_raised_on_leaving():
+    """A SIGTERM raised mid-step left the step half-done (some weights updated, some not): nothing to checkpoint."""
+    from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_step_ends
+
+    def sigterm() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # time for a handler to run, as it would in the middle of a step's work
+
+    with pytest.raises(Terminated):
+        with sigterm_as_ctrl_c(), sigterm_at_step_ends() as asked:
+            assert not asked()
+            sigterm()
+            sigterm()  # the launcher's forwarded copy of it does not hurry the stop
+            assert asked()
+            steps_done = True
+    assert steps_done
+    with pytest.raises(Terminated):  # outside it, at once again
+        with sigterm_as_ctrl_c():
+            with sigterm_at_step_ends() as asked:
+                pass
+            assert not asked()
+            sigterm()
+            raise AssertionError("not stopped")

@@ -1,7 +1,9 @@
 """train(config) in-process on one CPU process: results, checkpoints, MLflow, resume and the bad-input paths."""
 import json
 import math
+import os
 import re
+import signal
 import socket
 import shutil
 import subprocess
@@ -109,6 +111,26 @@ def stops_after(real, n: float, error: type[BaseException] = Interrupted):
     return hook
 
 
+def sigterm_on_call(real, n: int):
+    """`real`, sending this process SIGTERM as its call n begins (and going on); `.calls` counts the calls."""
+    def hook(*args, **kwargs):
+        hook.calls += 1
+        if hook.calls == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    hook.calls = 0
+    return hook
+
+
+@pytest.fixture
+def sigterm_caught():
+    """A SIGTERM outside the command's own handling must not end pytest."""
+    caller = signal.signal(signal.SIGTERM, lambda *_: None)
+    yield
+    signal.signal(signal.SIGTERM, caller)
+
+
 def test_training_on_a_pack_in_its_label_files_order_warns_to_pack_it_again(tmp_path, shards, capsys):
     old = tmp_path / "old"
     shutil.copytree(shards, old)
@@ -124,7 +146,6 @@ def test_a_second_training_into_a_run_folder_being_written_is_refused_naming_the
     # Both would write its checkpoints, results and MLflow epochs, interleaved (and a kill -9 of a launcher can leave
     # its ranks training on). Held by another process here, as the lock is; let go, the run trains.
     import fcntl
-    import os
 
     config = run_config(tmp_path, shards, "train.epochs=1")
     (tmp_path / "run").mkdir()
@@ -440,29 +461,19 @@ def test_ctrl_c_says_how_to_go_on_and_marks_the_mlflow_run_killed(tmp_path, shar
     monkeypatch.setattr(train_mod, "training_inputs", stops_after(real, 2, KeyboardInterrupt))  # 2 steps, checkpointed
     assert train_mod.main(args) == 130
     last = tmp_path / "run" / "checkpoints" / "last"
-    assert capsys.readouterr().err.endswith(f"\ntrain: stopped; run the same command again to go on from {last}\n")
+    assert capsys.readouterr().err.endswith(f"\ntrain: stopped; run the same command again to go on from {last} "
+                                            "(epoch 1, after its step 2)\n")
     monkeypatch.setattr(train_mod, "training_inputs", stops_after(real, 2, KeyboardInterrupt))
     assert train_mod.main([*args, "train.resume=never"]) == 130
-    assert capsys.readouterr().err.endswith(f"\ntrain: stopped; run it with train.resume=auto to go on from {last}\n")
+    assert capsys.readouterr().err.endswith(f"\ntrain: stopped; run it with train.resume=auto to go on from {last} "
+                                            "(epoch 1, after its step 2)\n")
 
 
 def test_sigterm_stops_as_ctrl_c_does_and_says_so(tmp_path, shards, monkeypatch, capsys):
     """SLURM's scancel and time limit send SIGTERM: the run ends KILLED in MLflow with the way to go on, not at once."""
-    import os
-    import signal
-
     import temu_dist.train as train_mod
 
-    real = train_mod.training_inputs
-
-    def terminated_at_step_3(*args, **kwargs):
-        terminated_at_step_3.calls += 1
-        if terminated_at_step_3.calls == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    terminated_at_step_3.calls = 0
-    monkeypatch.setattr(train_mod, "training_inputs", terminated_at_step_3)
+    monkeypatch.setattr(train_mod, "training_inputs", sigterm_on_call(train_mod.training_inputs, 3))
     args = [*TINY_OVERRIDES, f"data.train={shards}", f"out_dir={tmp_path}", "name=run", "data.workers=0",
             "train.batch_size=4", "train.checkpoint_every=1"]
     # The caller's own handler (here the test's, which lets the run go on), in place again after the command.
@@ -474,10 +485,72 @@ def test_sigterm_stops_as_ctrl_c_does_and_says_so(tmp_path, shards, monkeypatch,
         signal.signal(signal.SIGTERM, caller)
     last = tmp_path / "run" / "checkpoints" / "last"
     assert capsys.readouterr().err.endswith(f"\ntrain: stopped by SIGTERM; run the same command again to go on from "
-                                            f"{last}\n")
+                                            f"{last} (epoch 1, after its step 3)\n")
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("temu-dist").experiment_id])
     assert run.info.status == "KILLED"
+
+
+@pytest.mark.parametrize("per_device, plcc_over, at, saved_steps", [
+    (4, "step", 5, 2),  # one micro-batch a step: the step it came in is trained and saved
+    (2, "micro_batch", 9, 1),  # the first micro-batch of epoch 2's step 2: that step is let go
+    (2, "micro_batch", 10, 2),  # its last: that step is trained, then saved
+    (2, "step", 9, 2),  # over the step, both its micro-batches are read before it trains: it is trained
+])
+def test_sigterm_saves_a_checkpoint_after_the_step_it_came_in_and_the_resumed_run_ends_as_one_never_stopped(
+        tmp_path, shards, monkeypatch, capsys, sigterm_caught, per_device, plcc_over, at, saved_steps):
+    """SLURM's time limit sends SIGTERM 30 s before SIGKILL: without checkpoint_every, a run lost its whole epoch."""
+    import temu_dist.train as train_mod
+    from temu_dist.config import dump
+
+    # 3 optimizer steps of 4 images an epoch, in micro-batches of per_device.
+    settings = (f"train.per_device_batch={per_device}", f"train.plcc_over={plcc_over}")
+    whole = train(run_config(tmp_path / "a", shards, *settings))
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(dump(run_config(tmp_path / "b", shards, *settings))))
+    monkeypatch.setattr(train_mod, "training_inputs", sigterm_on_call(train_mod.training_inputs, at))
+    assert train_mod.main(["--config", str(config)]) == 143
+    last = tmp_path / "b" / "run" / "checkpoints" / "last"
+    assert capsys.readouterr().err.endswith(f"\ntrain: stopped by SIGTERM; run the same command again to go on from "
+                                            f"{last} (epoch 2, after its step {saved_steps})\n")
+    info = json.loads((last / "trainer.json").read_text())
+    assert (info["next_epoch"], info["in_epoch"]["steps"]) == (1, saved_steps)
+    run_id = (tmp_path / "b" / "run" / "mlflow_run_id").read_text()
+    assert mlflow.MlflowClient(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"
+    monkeypatch.undo()
+    resumed = train(run_config(tmp_path / "b", shards, *settings))
+    assert _comparable(resumed["history"]) == _comparable(whole["history"])
+    a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "last" / "weights.safetensors"))
+    b = load_file(str(last / "weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_in_an_evaluation_saves_the_trained_epoch_which_a_resume_evaluates_without_training_it_again(
+        tmp_path, shards, monkeypatch, capsys, sigterm_caught):
+    import temu_dist.train as train_mod
+    from temu_dist.config import dump
+
+    whole = train(run_config(tmp_path / "a", shards))
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(dump(run_config(tmp_path / "b", shards))))
+    monkeypatch.setattr(train_mod, "evaluate_sets", sigterm_on_call(train_mod.evaluate_sets, 2))
+    assert train_mod.main(["--config", str(config)]) == 143
+    last = tmp_path / "b" / "run" / "checkpoints" / "last"
+    assert capsys.readouterr().err.endswith(f"to go on from {last} (epoch 2, after its step 3)\n")
+    monkeypatch.undo()
+    counted = stops_after(train_mod.training_inputs, math.inf)
+    monkeypatch.setattr(train_mod, "training_inputs", counted)
+    resumed = train(run_config(tmp_path / "b", shards))
+    assert counted.calls == 0
+    assert _comparable(resumed["history"]) == _comparable(whole["history"])
+    # Stopped in its first step, of 2 micro-batches trained one by one, before the second: nothing of the run is
+    # saved, and the hint says so.
+    config.write_text(json.dumps(dump(run_config(tmp_path / "c", shards, "train.per_device_batch=2",
+                                                 "train.plcc_over=micro_batch"))))
+    monkeypatch.setattr(train_mod, "training_inputs", sigterm_on_call(counted, 1))
+    assert train_mod.main(["--config", str(config)]) == 143
+    assert capsys.readouterr().err.endswith("stopped by SIGTERM before its first checkpoint; the same command starts "
+                                            "it anew\n")
 
 
 def test_resume_with_other_training_settings_is_refused(tmp_path, shards, monkeypatch, capsys):
@@ -914,8 +987,6 @@ def test_evaluate_scores_every_row_of_a_clipiqa_table_in_one_pass_and_report_lay
 
 def test_evaluate_stops_on_sigterm_as_on_ctrl_c_with_one_line_and_names_no_epoch_for_mid_epoch_weights(
         tmp_path, shards, capsys, monkeypatch):
-    import os
-    import signal
 
     import temu_dist.evaluate as evaluate
 
