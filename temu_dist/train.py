@@ -11,7 +11,6 @@ continues from checkpoints/last (train.resume=auto).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import platform
@@ -35,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from temu_dist.atomic import write_json_atomic, write_text_atomic
-from temu_dist import resume
+from temu_dist import lock, resume
 from temu_dist.best import better, own_best
 from temu_dist.checkpoint import (find_checkpoint, load_saved_config, load_trainer_info, load_trainer_state,
                                   save_checkpoint, set_rng_state)
@@ -572,7 +571,7 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         _say(accelerator, f"train: DeepSpeed ZeRO stage {accelerator.state.deepspeed_plugin.zero_stage}, gradient "
                           f"clipping {clipping or 'off'}")
     # Only now that every input has passed its checks: a command that fails must leave an existing run as it was.
-    lock = _hold_run_folder(run_dir, accelerator)
+    held = _hold_run_folder(run_dir, accelerator)
     try:
         if main:
             # What a run started anew replaces: its checkpoints would be taken for this run's until it wrote its own
@@ -643,9 +642,8 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         accelerator.wait_for_everyone()
         return summary
     finally:
-        if lock is not None:
-            fcntl.flock(lock, fcntl.LOCK_UN)  # for the data workers forked with a copy of its descriptor too
-            lock.close()
+        if held is not None:
+            lock.let_go(held)
 
 
 def _hold_run_folder(run_dir: Path, accelerator: Accelerator) -> IO[str] | None:
@@ -667,24 +665,15 @@ def _hold_run_folder(run_dir: Path, accelerator: Accelerator) -> IO[str] | None:
 def _lock_run_folder(run_dir: Path, accelerator: Accelerator) -> tuple[IO[str] | None, str | None]:
     """The locked run_dir/train.lock, or None where it cannot be locked; and why this job must not go on, if so."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / RUN_LOCK, "a+", encoding="utf-8")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "a process that did not say which"
-        handle.close()
-        return None, (f"{run_dir}: another training is writing this run folder ({holder}): wait for it to end or "
-                      "stop it, or give this one another name=")
-    except OSError as e:  # ENOLCK (NFS without lockd), ENOSYS (Lustre -o noflock): no lock to be had there
-        _say(accelerator, f"train: warning: {run_dir / RUN_LOCK} cannot be locked ({e.strerror}): a second "
-                          "training into this run folder will not be refused")
-        handle.close()
+        return lock.take(run_dir / RUN_LOCK), None
+    except lock.Busy as e:
+        return None, (f"{run_dir}: another training is writing this run folder ({e}): wait for it to end or stop "
+                      "it, or give this one another name=")
+    except lock.NoLocks as e:
+        _say(accelerator, f"train: warning: {run_dir / RUN_LOCK} cannot be locked ({e}): a second training into "
+                          "this run folder will not be refused")
         return None, None
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
-    return handle, None
 
 
 def _log_own_best(tracker: Tracker, own: dict[str, dict]) -> None:

@@ -1,0 +1,43 @@
+"""One job at a time in a folder (a run's, a pack's): an flock on a file in it, which the OS lets go however the job
+ends (kill -9 too), naming the process that holds it."""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+from typing import IO
+
+
+class Busy(Exception):
+    """Another process holds the lock; the message names it."""
+
+
+class NoLocks(Exception):
+    """The filesystem has no locks to give (NFS without lockd, Lustre mounted -o noflock); the message says why."""
+
+
+def take(path: Path) -> IO[str]:
+    """The file at `path`, locked, naming this process in it; let_go() gives it back."""
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that did not say which"
+        handle.close()
+        raise Busy(holder) from None
+    except OSError as e:  # ENOLCK, ENOSYS
+        handle.close()
+        raise NoLocks(e.strerror) from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
+def let_go(handle: IO[str]) -> None:
+    # Unlocked, not only closed: processes forked meanwhile (data workers) hold a copy of the descriptor, and the lock.
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    handle.close()
