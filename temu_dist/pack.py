@@ -10,12 +10,12 @@ image, score and reference columns where they are not the first two:
 
     python -m temu_dist.pack --dataset mine --root DIR --out shards/mine --label-file scores.csv --mos-range 1 5
 
-Each sample is the image's bytes (re-encoded only when resized or when the release stores BMP/TIFF) and a JSON label
-(name, dataset, mos, mos_raw, ref, split). A shard appears under its final name only once complete; the manifest is
-written last, so a folder with a manifest is a finished pack. Rerunning after an interruption keeps finished shards
-(writing again any that a power loss cut short) and writes the rest. Each split's samples are dealt to its shards at
-random (seed 0). Records are streamed and handed to workers a shard at a time: memory stays flat whatever the dataset
-size.
+Each sample is the image's bytes (re-encoded only when resized or when the release stores BMP/TIFF; a phone's
+multi-picture JPEG, MPO, is kept as the JPEG it is) and a JSON label (name, dataset, mos, mos_raw, ref, split). A shard
+appears under its final name only once complete; the manifest is written last, so a folder with a manifest is a finished
+pack. Rerunning after an interruption keeps finished shards (writing again any that a power loss cut short) and writes
+the rest. Each split's samples are dealt to its shards at random (seed 0). Records are streamed and handed to workers a
+shard at a time: memory stays flat whatever the dataset size.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ import os
 import signal
 import sys
 import tarfile
+import threading
+import time
 from array import array
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -40,10 +42,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from temu_dist import lock
 from temu_dist.atomic import write_json_atomic
 from temu_dist.config import ConfigError, check_output_folder
 from temu_dist.data.images import pil_rgb
-from temu_dist.data.manifest import IMAGE_FORMATS, MANIFEST, PACK_FILE, STARTED, ShardsMissing, read_manifest
+from temu_dist.data.manifest import (IMAGE_FORMATS, MANIFEST, PACK_FILE, PACK_LOCK, STARTED, ShardsMissing,
+                                     read_manifest)
 from temu_dist.data.sources import (DATASETS, META_SPLIT_COLUMNS, CsvLabels, DataError, DatasetInfo, Record,
                                     label_scale, read_csv_labels, read_pyiqa_meta, read_records)
 from temu_dist.data.splits import SPLITS, SplitSpec, split_read, splitter
@@ -57,6 +61,11 @@ ORDER_SEED = 0
 WINDOW = 32768
 
 
+def _cpus() -> int:
+    """The CPUs this process may run on (taskset, a SLURM job's share), not the node's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass
 class PackOptions:
     dataset: str
@@ -66,7 +75,7 @@ class PackOptions:
     meta_csv: str | None = None  # IQA-PyTorch meta-info CSV instead of the release's label file
     split: SplitSpec = field(default_factory=SplitSpec)
     shard_size: int = 1000
-    workers: int = max(1, (os.cpu_count() or 1))
+    workers: int = field(default_factory=_cpus)
     resize_shorter: int | None = None
     skip_bad: bool = False
     csv: CsvLabels | None = None  # a dataset of one's own, from label_file
@@ -112,7 +121,7 @@ def _encode_image(path: Path, resize_shorter: int | None) -> tuple[bytes, str]:
             size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
             small = pil_rgb(im).resize(size, Image.BICUBIC)
             buf = io.BytesIO()
-            if fmt == "JPEG":
+            if IMAGE_FORMATS.get(fmt) == "jpg":
                 small.save(buf, format="JPEG", quality=95)
                 return buf.getvalue(), "jpg"
             small.save(buf, format="PNG")
@@ -359,14 +368,14 @@ def pack(opts: PackOptions) -> dict:
     # Shards are only ever resumed with the options and labels they were written with; before the first, any go.
     started = out / STARTED
     begun = _as_identity(_read_json(started)) if started.exists() and any(out.glob("*.tar")) else identity
-    if begun != identity:
+    if not isinstance(begun, dict) or _differing(identity, begun):
         if isinstance(begun, dict) and "order" not in begun:
             raise DataError(f"{out} holds an unfinished pack an earlier temu-dist began in its label file's order: "
                             "delete it and pack again, or pack into another --out")
         if not isinstance(begun, dict):
             raise DataError(f"{out} holds an unfinished pack whose {STARTED} is unreadable (a power cut?): delete "
                             "it, or pack into another --out")
-        differs = [IDENTITY_NAMES[k] for k in identity if begun.get(k) != identity[k]]
+        differs = _differing(identity, begun)
         raise DataError(f"{out} holds an unfinished pack made with another {' and another '.join(differs)}: pack into "
                         "another --out, or delete it")
     # Reads and checks every label row, so bad labels stop the pack before anything is written.
@@ -380,9 +389,34 @@ def pack(opts: PackOptions) -> dict:
     records = _records(opts) if opts.skip_bad or any(out.glob("*.tar")) else _noting_missing(_records(opts), missing)
     route, total, unlisted, codes = splitter(records, opts.split, label_path.name, official)
     _refuse_missing(missing, route, opts, label_path.name)
+    out.mkdir(parents=True, exist_ok=True)
+    held = _hold(out)
+    try:
+        return _write(opts, out, label_path, identity, codes, total, unlisted)
+    finally:
+        if held is not None:
+            lock.let_go(held)
+
+
+def _hold(out: Path):
+    """The pack folder for this pack alone: a second started into it (the same command twice, a job requeued)
+    overwrote the first's shards under it, whose manifest then named hashes they no longer had."""
+    try:
+        return lock.take(out / PACK_LOCK)
+    except lock.Busy as e:
+        raise DataError(f"{out}: another pack is writing this folder ({e}): wait for it to end or stop it") from None
+    except lock.NoLocks as e:
+        tqdm.write(f"pack: warning: {out / PACK_LOCK} cannot be locked ({e}): a second pack into {out} will not be "
+                   "refused", file=sys.stderr)
+        return None
+
+
+def _write(opts: PackOptions, out: Path, label_path: Path, identity: dict, codes: np.ndarray, total: int,
+           unlisted: int) -> dict:
+    """pack()'s writing, once the labels have passed their checks and the folder is held."""
+    started = out / STARTED
     recorded = _recorded_hashes(out)  # before a reopen for its left-out images removes the manifest
     _reopen_for_left_out(out, opts, label_path.name)
-    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(started, identity)
     for stale in out.iterdir():  # the packer's own only: a user's dot files stay
         if stale.name.endswith(".tmp") and PACK_FILE.fullmatch(stale.name):
@@ -428,6 +462,9 @@ def pack(opts: PackOptions) -> dict:
         # SIGTERM, which is also how the pool stops the others where one crashed, so SIGKILL.
         for process in list(pool._processes.values()):
             process.kill()
+            process.join()
+        for stale in out.glob("*.tar.tmp"):  # the shards they were writing
+            stale.unlink(missing_ok=True)
         raise
     finally:
         progress.close()
@@ -437,7 +474,7 @@ def pack(opts: PackOptions) -> dict:
         first = manifest["skipped"][0]
         # Its empty shards would be kept by the rerun that follows a fix, as holding every image less those skipped.
         for path in out.iterdir():
-            if PACK_FILE.fullmatch(path.name):
+            if PACK_FILE.fullmatch(path.name) and path.name != PACK_LOCK:  # held by this pack
                 path.unlink()
         raise DataError(f"{out}: every one of its {len(manifest['skipped'])} images was unreadable (the first, "
                         f"{first['name']} of row {first['row']}: {first['reason']}); is --root {opts.root} the "
@@ -516,13 +553,18 @@ def _start_worker(read) -> None:
     process alone handles them, stopping the workers; a SIGTERM to it alone left them packing on, orphaned."""
     global _read
     _read = read
+    threading.Thread(target=_end_with, args=(os.getppid(),), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _identity(opts: PackOptions, label_path: Path) -> dict:
     """What decides a pack's content: two packs that agree on it write the same shards."""
-    identity = {"dataset": opts.dataset, "split": opts.split.describe(), "resize_shorter": opts.resize_shorter,
+    split = opts.split.describe()
+    if opts.split.file is not None and Path(opts.split.file).is_file():  # (the splitter says where it is not)
+        # Its path as given, for the reader; its contents, for comparing packs.
+        split["file_sha256"] = sha256_of(Path(opts.split.file))
+    identity = {"dataset": opts.dataset, "split": split, "resize_shorter": opts.resize_shorter,
                 "shard_size": opts.shard_size, "order": ORDER,
                 "label_sha256": sha256_of(label_path) if label_path.is_file() else None}
     # Only a CSV of one's own has labels read by options; a release's are read as released.
@@ -542,6 +584,25 @@ IDENTITY_NAMES = {"dataset": "--dataset", "split": "split (--split and its optio
                   "labels": "--columns, --mos-range or --lower-better", "order": "sample order"}
 
 
+def _differing(ours: dict, theirs: dict) -> list[str]:
+    """The options (IDENTITY_NAMES) two identities differ in. A split file by its contents where both packs recorded
+    them: the same file named by another path is the same split, a file changed under the same path another."""
+    differs = []
+    for key, value in ours.items():
+        other = theirs.get(key)
+        if key == "split" and isinstance(other, dict):
+            mine, its = value.get("file_sha256"), other.get("file_sha256")
+            if mine and its:
+                if mine != its:
+                    differs.append("split file (its contents changed)")
+                other = {**other, "file": value.get("file"), "file_sha256": mine}
+            else:  # a pack from before the contents were recorded: by the path, as then
+                value, other = {**value, "file_sha256": None}, {**other, "file_sha256": None}
+        if value != other:
+            differs.append(IDENTITY_NAMES[key])
+    return differs
+
+
 def _refuse_other_pack(out: Path, ours: dict) -> None:
     """A finished pack in `out` made with other options stays untouched."""
     try:
@@ -554,10 +615,18 @@ def _refuse_other_pack(out: Path, ours: dict) -> None:
         raise DataError(f"{out} holds a pack an earlier temu-dist wrote in its label file's order, in which a batch is "
                         "a stretch of it (one generator, distortion or reference image): delete it and pack again, "
                         "or pack into another --out")
-    differs = [IDENTITY_NAMES[k] for k in ours if ours[k] != theirs[k]]
+    differs = _differing(ours, theirs)
     if differs:
         raise DataError(f"{out} already holds a finished pack made with another {' and another '.join(differs)}: "
                         "pack into another --out")
+
+
+def _end_with(parent: int) -> None:
+    """Ends the worker once its parent is gone (kill -9, the OOM killer): orphaned, it would pack on, or wait for work
+    for ever, holding the folder's lock. Polled: waiting for work, a worker reads a pipe its siblings keep open."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def _note_read() -> None:
@@ -669,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--by-reference", choices=["auto", "yes", "no"], default="auto",
                         help="split by reference image (auto: for datasets that have references)")
     parser.add_argument("--shard-size", type=int, default=1000)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, default=_cpus(), help="processes that read and write images "
+                        "(default: the CPUs this process may use)")
     parser.add_argument("--resize-shorter", type=int, help="shrink images whose shorter side is larger than this")
     parser.add_argument("--skip-bad", action="store_true", help="leave out unreadable images, listed in the manifest")
     args = parser.parse_args(argv)
@@ -703,6 +773,10 @@ def main(argv: list[str] | None = None) -> int:
             manifest = pack(opts)
     except ConfigError as e:
         print(f"pack: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a quota, a mount gone: the pack stops where it was
+        print(f"pack: {e.filename or args.out}: {e.strerror or e}; finished shards are kept, rerun the same command "
+              "to continue", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         by = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"

@@ -508,6 +508,98 @@ def test_ctrl_c_or_sigterm_stops_the_workers_at_once_with_one_line(tmp_path, sto
     assert err.splitlines()[-1] == f"pack: {said}; finished shards are kept, rerun the same command to continue"
     assert "Traceback" not in err
     assert (out / "train-000000.tar").exists() and not (out / MANIFEST).exists()
+    assert not list(out.glob("*.tmp")), "the shard a stopped worker was writing stays until the rerun"
+
+
+def test_workers_whose_pack_was_killed_stop_and_let_the_folder_go(tmp_path):
+    """kill -9 or the OOM killer end the main process alone: its workers, which leave SIGTERM to it, packed on."""
+    write_kadid(tmp_path / "kadid", refs=40, per_ref=4, size=(512, 384))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "temu_dist.pack", "--dataset", "kadid10k", "--root", str(tmp_path / "kadid"),
+           "--out", str(out), "--shard-size", "2", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the pack ended before it could be killed"
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _group_alive(proc.pid), "a worker outlived the pack"
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert main(cmd[3:]) == 0 and verify(out) == []
+
+
+def test_a_second_pack_into_a_folder_being_packed_is_refused_naming_the_first(tmp_path):
+    """Two at once (a command typed twice, a job requeued) overwrote each other's shards: the finished pack's manifest
+    named hashes its shards no longer had."""
+    from temu_dist import lock
+
+    write_kadid(tmp_path / "kadid", refs=3, per_ref=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    held = lock.take(out / "pack.lock")
+    try:
+        with pytest.raises(DataError, match=rf"^{out}: another pack is writing this folder \(pid {os.getpid()} on "
+                                            r".*\): wait for it to end or stop it$"):
+            pack(_opts(tmp_path / "kadid", out))
+        assert sorted(p.name for p in out.iterdir()) == ["pack.lock"]
+    finally:
+        lock.let_go(held)
+    pack(_opts(tmp_path / "kadid", out))
+    assert verify(out) == []
+
+
+def test_a_split_file_is_known_by_its_contents_not_by_how_its_path_is_spelt(tmp_path, monkeypatch):
+    labels = write_kadid(tmp_path / "kadid", refs=3, per_ref=3)
+    split_file = tmp_path / "split.csv"
+    split_file.write_text("name,split\n" + "".join(f"{n},{'train' if i < 6 else 'test'}\n"
+                                                   for i, n in enumerate(sorted(labels))))
+    out = tmp_path / "out"
+    first = pack(_opts(tmp_path / "kadid", out, split=SplitSpec("file", file=str(split_file))))
+    monkeypatch.chdir(tmp_path)
+    again = pack(_opts(tmp_path / "kadid", out, split=SplitSpec("file", file="./split.csv")))
+    assert again["splits"] == first["splits"]
+    split_file.write_text(split_file.read_text().replace(",test", ",val"))
+    with pytest.raises(DataError, match=r"made with another split file \(its contents changed\): pack into another"):
+        pack(_opts(tmp_path / "kadid", out, split=SplitSpec("file", file=str(split_file))))
+    assert verify(out) == [] and json.loads((out / MANIFEST).read_text())["splits"] == first["splits"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    write_kadid(tmp_path / "kadid", refs=3, per_ref=3)
+    out = tmp_path / "out"
+
+    def full(tar, name, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "train-000000.tar.tmp"))
+
+    monkeypatch.setattr(pack_module, "_add", full)  # in the workers too: forked after it
+    assert main(["--dataset", "kadid10k", "--root", str(tmp_path / "kadid"), "--out", str(out), "--workers", "1"]) == 1
+    assert capsys.readouterr().err.endswith(f"pack: {out / 'train-000000.tar.tmp'}: No space left on device; finished "
+                                            "shards are kept, rerun the same command to continue\n")
+
+
+def test_a_phones_multi_picture_jpeg_is_kept_as_the_jpeg_it_is(tmp_path):
+    """MPO (Pillow's name for a JPEG with more pictures after the first) was stored as a PNG three times its size."""
+    labels = write_kadid(tmp_path / "kadid", refs=1, per_ref=2, size=(64, 48))
+    name = sorted(labels)[0]
+    photo = Image.open(tmp_path / "kadid" / name).convert("RGB")
+    mpo = tmp_path / "kadid" / name
+    photo.save(mpo, format="MPO", save_all=True, append_images=[photo.rotate(90)])
+    assert Image.open(mpo).format == "MPO"
+    pack(_opts(tmp_path / "kadid", tmp_path / "out", split=SplitSpec("ratio", (1.0, 0.0, 0.0))))
+    stored = {}
+    for shard in (tmp_path / "out").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            stored.update({m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar})
+    assert stored["jpg"] == mpo.read_bytes()
 
 
 def _group_alive(pgid: int) -> bool:
@@ -669,7 +761,8 @@ def test_a_csv_of_ones_own_with_a_split_column_gives_the_official_split(tmp_path
                                 split=SplitSpec("file", file=str(tmp_path / "split.pkl")), workers=1,
                                 csv=CsvLabels("mine", (1.0, 5.0))))
     assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 3, "test": 1}
-    assert manifest["split"] == {"protocol": "file", "file": str(tmp_path / "split.pkl"), "index": 0}
+    assert manifest["split"] == {"protocol": "file", "file": str(tmp_path / "split.pkl"), "index": 0,
+                                 "file_sha256": hashlib.sha256((tmp_path / "split.pkl").read_bytes()).hexdigest()}
     assert {x["name"] for x in _samples(tmp_path / "pkl").values() if x["split"] == "test"} == {list(labels)[5]}
 
 

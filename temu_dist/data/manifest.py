@@ -14,11 +14,14 @@ from temu_dist.config import ConfigError, Split
 
 MANIFEST = "manifest.json"
 STARTED = "pack.json"  # the options a pack was started with, written before its first shard
-# The image formats a shard stores, by PIL's name, each under its extension (the key's suffix the streams read).
-IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-# What a pack folder holds: shards, the images each left out, pack.json, the manifest; each as NAME.tmp while written.
+PACK_LOCK = "pack.lock"  # held by the pack writing the folder
+# The image formats a shard stores, by PIL's name, each under its extension (the key's suffix the streams read). MPO,
+# a phone camera's JPEG with its other pictures after the first, is a JPEG to every decoder.
+IMAGE_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+# What a pack folder holds: shards, the images each left out, pack.json, the lock, the manifest; each as NAME.tmp while
+# written.
 PACK_FILE = re.compile(rf"(?:(?:{'|'.join(get_args(Split))})-\d{{6,}}\.tar(?:\.skipped\.json)?|"
-                       rf"{re.escape(STARTED)}|{re.escape(MANIFEST)})(?:\.tmp)?")
+                       rf"{re.escape(STARTED)}|{re.escape(PACK_LOCK)}|{re.escape(MANIFEST)})(?:\.tmp)?")
 
 
 class ShardsMissing(ConfigError):

@@ -38,7 +38,8 @@ class SplitSpec:
 
 
 # The options each protocol reads: a release's official split has no ratios, seed or index.
-READS = {"official": (), "ratio": ("ratios", "seed", "index", "by_reference"), "file": ("file", "index")}
+READS = {"official": (), "ratio": ("ratios", "seed", "index", "by_reference"),
+         "file": ("file", "index", "file_sha256")}
 
 
 def split_read(described: dict) -> dict:
