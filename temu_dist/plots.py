@@ -36,10 +36,12 @@ def heatmap(image: Image.Image, patch_scores: np.ndarray, score: float, path: st
     where a model whose patch scores differ little looks, but not how much."""
     lo, hi = float(patch_scores.min()), float(patch_scores.max())
     span = (lo, hi) if stretch and hi > lo else (0.0, 1.0)
-    overlay = heatmap_overlay(image, patch_scores, span=span)
-    w, h = overlay.size
+    w, h = image.size
     scale = min(max(1.0, 256 / max(w, h)), 1024 / max(w, h))
     shown_w, shown_h = round(w * scale), round(h * scale)
+    if scale < 1:  # coloured at the size shown: a 48 MP photo's map at full size took 4 GB
+        image = image.resize((shown_w, shown_h), Image.BILINEAR, reducing_gap=3.0)
+    overlay = heatmap_overlay(image, patch_scores, span=span)
     # px: the title's line, the colour bar with its labels; the image's column and row at least as wide as a short
     # title and as tall as a legible bar, whatever the image's aspect.
     title_px, bar_px, column, row = 30, 130, max(shown_w, 160), max(shown_h, 120)
@@ -48,6 +50,8 @@ def heatmap(image: Image.Image, patch_scores: np.ndarray, score: float, path: st
     ax = fig.add_axes((0, 0, shown_w / width, shown_h / height))
     ax.imshow(overlay, interpolation="antialiased")
     ax.set_axis_off()
+    # A file name in another encoding (Latin-1 from a zip) holds surrogates, which matplotlib cannot draw.
+    name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     title = f"{name}: score {score:.3f}" if name else f"score {score:.3f}"
     fits = (width - 8) // 8  # characters of 10 pt text across the canvas
     fig.text(4 / width, 1 - title_px / 2 / height, title if len(title) <= fits else "..." + title[3 - fits:],

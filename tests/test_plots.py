@@ -78,6 +78,27 @@ def test_a_stretched_heatmap_colours_a_narrow_map_over_its_own_span(tmp_path):
     heatmap(grey, np.full((1, 2), 0.5), 0.5, tmp_path / "flat.png", stretch=True)  # no span: 0-1, not a division by 0
 
 
+def test_a_large_photos_heatmap_is_coloured_at_the_size_shown_and_an_undecodable_name_is_drawn(tmp_path,
+                                                                                                 monkeypatch):
+    """A 48 MP photo's map was coloured at full size (4 GB, 16 s) before matplotlib shrank it to 1024 px; a file name
+    from a zip in Latin-1 (surrogates in Python) stopped predict with matplotlib's traceback."""
+    import os
+
+    import numpy as np
+
+    import temu_dist.plots as plots
+
+    sizes = []
+    real = plots.heatmap_overlay
+    monkeypatch.setattr(plots, "heatmap_overlay", lambda image, *a, **kw: sizes.append(image.size) or real(image, *a,
+                                                                                                           **kw))
+    photo = Image.new("RGB", (4000, 3000), (128, 128, 128))
+    name = os.fsdecode(b"caf\xe9.jpg")
+    path = plots.heatmap(photo, np.array([[0.2, 0.8]]), 0.5, tmp_path / "h.png", name)
+    assert sizes == [(1024, 768)]
+    assert Image.open(path).size[0] == 1024 + 130  # the image's column and the colour bar's
+
+
 def test_a_results_grid_of_few_runs_leaves_the_grid_room_beside_its_title_and_labels(tmp_path):
     from temu_dist.plots import results_grid
 
