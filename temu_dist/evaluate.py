@@ -257,7 +257,21 @@ def _check_out(out: Path) -> None:
         raise ConfigError(f"--out {out}: a .json file (python -m temu_dist.report reads it)")
     if out.is_dir():
         raise ConfigError(f"--out {out}: it is a folder, not a file")
+    # Only a file evaluate wrote is replaced: `--out RUN_DIR/results.json` lost a run's training results.
+    if out.exists() and not _evaluate_wrote(out):
+        raise ConfigError(f"--out {out}: it holds what evaluate did not write (a run's results?); give another path")
+    if out.name in ("results.json", "repeat.json") and (out.parent / "config.yaml").is_file():
+        raise ConfigError(f"--out {out}: train or repeat writes that file in {out.parent} (a run folder) when it "
+                          "finishes; give another path")
     check_output_folder(out.parent, "--out")
+
+
+def _evaluate_wrote(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and set(data) == {"scored", "sets", "config", "rows"}
 
 
 def main(argv: list[str] | None = None) -> int:

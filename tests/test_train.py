@@ -983,6 +983,21 @@ def test_evaluate_scores_every_row_of_a_clipiqa_table_in_one_pass_and_report_lay
     assert main(["--clipiqa", "c", "--config", str(cfg), "--shards", str(shards), "--out", str(tmp_path / "t.md")]) == 1
     assert capsys.readouterr().err == f"evaluate: --out {tmp_path / 't.md'}: a .json file (python -m " \
                                       "temu_dist.report reads it)\n"
+    # A file evaluate wrote is replaced (the same table again); any other is not: a run's results.json was lost.
+    assert main(["--clipiqa", "a", "--config", str(cfg), "--shards", str(shards), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["scored"]["clipiqa"] == "a"
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"notes": "mine"}')
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: run\n")
+    capsys.readouterr()
+    for path, why in ((mine, "it holds what evaluate did not write (a run's results?)"),
+                      (run / "results.json", f"train or repeat writes that file in {run} (a run folder) when it "
+                                             "finishes")):
+        assert main(["--clipiqa", "a", "--config", str(cfg), "--shards", str(shards), "--out", str(path)]) == 1
+        assert capsys.readouterr().err == f"evaluate: --out {path}: {why}; give another path\n"
+    assert mine.read_text() == '{"notes": "mine"}' and not (run / "results.json").exists()
 
 
 def test_evaluate_stops_on_sigterm_as_on_ctrl_c_with_one_line_and_names_no_epoch_for_mid_epoch_weights(
