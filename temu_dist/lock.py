@@ -41,3 +41,20 @@ def let_go(handle: IO[str]) -> None:
     # Unlocked, not only closed: processes forked meanwhile (data workers) hold a copy of the descriptor, and the lock.
     fcntl.flock(handle, fcntl.LOCK_UN)
     handle.close()
+
+
+def holder(path: Path) -> str | None:
+    """Who holds the lock at `path` now, if anyone: a look that leaves it as it was."""
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "a process that did not say which"
+        except OSError:
+            return None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None

@@ -29,6 +29,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from temu_dist import lock
 from temu_dist.atomic import write_text_atomic
 from temu_dist.config import (MLFLOW_FOLDERS, ConfigError, check_output_folder, dump, error_line, flatten,
                               load_config, read_yaml, settings_label)
@@ -42,6 +43,7 @@ NESTED = 3
 _TRAINER_INFO = "trainer.json"  # checkpoint.TRAINER_INFO, whose module would bring torch into a table's command
 _REPEAT_STARTED = "repeat-started.json"  # repeat.STARTED, for the same reason
 _NONFINITE = "nonfinite.txt"  # train.NONFINITE, for the same reason
+RUN_LOCK = "train.lock"  # train.RUN_LOCK, for the same reason
 # Config keys that do not tell runs apart as a paper's rows do: where they ran, how they were tracked or loaded.
 # The evaluation sets are the columns.
 NOT_SETTINGS = ("name", "out_dir", "device", "tracking.", "data.workers", "eval.", "train.resume",
@@ -296,6 +298,8 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
         if take(folder, ""):
             continue
         if (folder / "checkpoints").is_dir():
+            if training := lock.holder(folder / RUN_LOCK):
+                raise ConfigError(f"{folder}: still training ({training}): no results.json until it finishes")
             if nonfinite := _went_nonfinite(folder):
                 raise ConfigError(f"{folder}: has not finished: its {nonfinite} (no results.json); start it anew "
                                   "(train.resume=never) with a lower train.lr or another seed")
@@ -657,6 +661,9 @@ def main(argv: list[str] | None = None) -> int:
                 row.counts = {c: v for c, v in row.counts.items() if c not in row.own}
                 row.fewer = {(c, m): n for (c, m), n in row.fewer.items() if c not in row.own}
                 row.own = set()
+            if not any(row.cells for row in rows):
+                raise ConfigError("--cross-only: no run here was scored on a set other than its own (eval.cross, or "
+                                  "evaluate --shards): nothing to lay out")
         if args.merge_train:
             rows = merge_train(rows)
         names = rename(rows, args.rename)  # each run's pack manifest read once, for every output

@@ -3,7 +3,9 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
+import socket
 
 import pytest
 import yaml
@@ -297,6 +299,27 @@ def test_what_is_not_a_finished_run_is_one_line_naming_it(finished, tmp_path, ca
     assert capsys.readouterr().err == f"report: {unfinished}: has not finished: its loss non-finite in epoch 3 (no " \
                                       "results.json); start it anew (train.resume=never) with a lower train.lr or " \
                                       "another seed\n"
+    # Still training: rerunning its train command would be refused, and it needs none.
+    from temu_dist import lock
+
+    held = lock.take(unfinished / "train.lock")
+    try:
+        assert report.main([str(unfinished)]) == 1
+        assert capsys.readouterr().err == f"report: {unfinished}: still training (pid {os.getpid()} on " \
+            f"{socket.gethostname()}, since {(unfinished / 'train.lock').read_text().split(', since ')[1].strip()}): " \
+            "no results.json until it finishes\n"
+    finally:
+        lock.let_go(held)
+    assert "has not finished" in (report.main([str(unfinished)]), capsys.readouterr().err)[1]
+    # Only its own splits scored, --cross-only has nothing to lay out: said, not an empty table.
+    own_only = _copy(finished, tmp_path / "own-only", {"eval.cross": []}, {})
+    results = json.loads((own_only / "results.json").read_text())
+    for part in (results["best"], results["own_best"], *(h["eval"] for h in results["history"])):
+        del part["csiq"]
+    (own_only / "results.json").write_text(json.dumps(results))
+    assert report.main([str(own_only), "--cross-only"]) == 1
+    assert capsys.readouterr().err == "report: --cross-only: no run here was scored on a set other than its own " \
+                                      "(eval.cross, or evaluate --shards): nothing to lay out\n"
     _copy(finished, tmp_path / "done", {}, {})
     assert report.main([str(tmp_path)]) == 0
     assert "report: left out: cut (loss non-finite in epoch 3)\n" in capsys.readouterr().err
