@@ -75,6 +75,16 @@ def find_checkpoint(folder: Path) -> Path | None:
     return old if (old / TRAINER_INFO).is_file() else None
 
 
+def epoch_of(checkpoint: Path) -> int | None:
+    """The epoch whose weights a checkpoint folder holds, from its trainer.json; None where it has none, or the
+    weights are from within an epoch (a last checkpoint saved mid-epoch)."""
+    try:
+        info = json.loads((checkpoint / TRAINER_INFO).read_text())
+        return None if info.get("in_epoch") else int(info["next_epoch"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 _RESTORE = "restore it, or start anew with train.resume=never or another name"
 
 

@@ -31,7 +31,7 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from temu_dist.atomic import strict, write_json_atomic
-from temu_dist.checkpoint import TRAINER_INFO
+from temu_dist.checkpoint import epoch_of
 from temu_dist.config import Config, ConfigError, check_output_folder, dump, is_override, load_config
 from temu_dist.data.augment import normalize
 from temu_dist.data.keys import name_key
@@ -242,16 +242,6 @@ def _seen_in_training(sets: list[EvalSet], config: Config) -> list[str]:
             and split(m) != split(trained)]
 
 
-def _epoch_of(checkpoint: Path) -> int | None:
-    """The epoch whose weights a checkpoint folder holds, from its trainer.json; None where it has none, or the
-    weights are from within an epoch (a last checkpoint saved mid-epoch)."""
-    try:
-        info = json.loads((checkpoint / TRAINER_INFO).read_text())
-        return None if info.get("in_epoch") else int(info["next_epoch"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
 def _check_out(out: Path) -> None:
     if out.suffix != ".json":
         raise ConfigError(f"--out {out}: a .json file (python -m temu_dist.report reads it)")
@@ -318,7 +308,7 @@ def _command(argv: list[str] | None) -> int:
         if args.checkpoint:
             folder = checkpoint_dir(args.checkpoint)
             model, config = load_model(folder, args.overrides, accelerator.device)
-            epoch = _epoch_of(folder)
+            epoch = epoch_of(folder)
             scored = {"checkpoint": str(folder), **({"epoch": epoch} if epoch is not None else {})}
             label = config.name + (f" (epoch {epoch})" if epoch is not None else "")
         else:

@@ -26,7 +26,9 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from temu_dist.atomic import write_text_atomic
+from temu_dist.checkpoint import epoch_of
 from temu_dist.config import ConfigError, check_output_folder, is_override
+from temu_dist.model.io import checkpoint_dir
 from temu_dist.plots import heatmap
 from temu_dist.scorer import Scorer
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
@@ -122,6 +124,21 @@ def _scores_text(rows: list[dict], out: Path) -> str:
     return text.getvalue()
 
 
+def _weights_said(args: argparse.Namespace, scorer: Scorer) -> list[str]:
+    """What a user may not know the scores come from: a run's best so far, or no training at all."""
+    if args.checkpoint is None:
+        tuned = scorer.config.model.prompt != "none"
+        return [f"--config {args.config or '(defaults)'}: no --checkpoint, so an untrained head scores"
+                + (f": its {scorer.config.model.prompt} prompt context is random" if tuned else
+                   " (zero-shot, the fixed prompts)")]
+    run = Path(args.checkpoint)
+    if (run / "checkpoints").is_dir() and not (run / "results.json").is_file():
+        epoch = epoch_of(checkpoint_dir(run))
+        return [f"{run} has not finished: scoring its best so far"
+                + (f", epoch {epoch}" if epoch is not None else "")]
+    return []
+
+
 def predict(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     heat_dir = Path(args.heatmap) if args.heatmap else None
@@ -131,6 +148,8 @@ def predict(argv: list[str] | None = None) -> int:
     if out_file:
         _check_out(out_file)
     scorer = Scorer.load(args.checkpoint, overrides) if args.checkpoint else Scorer.from_config(args.config, overrides)
+    for line in _weights_said(args, scorer):
+        print(f"predict: {line}", file=sys.stderr)
     if scorer.config.model.pretrained is None:
         print("predict: model.pretrained is null: a random backbone carries little quality information, so these "
               "scores show the pipeline working, not what TeMu-IQA reaches", file=sys.stderr)

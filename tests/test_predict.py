@@ -77,7 +77,28 @@ def test_config_without_checkpoint_scores_with_a_fresh_head(images, tmp_path, ca
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model:\n  backbone: Test-Tiny-ViT-16\n  pretrained: null\n  image_size: 64\n")
     assert predict(["--config", str(cfg), *map(str, good)]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 3
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 3
+    # Said, for a slip for --checkpoint: with real weights nothing else would tell these scores from a trained run's.
+    assert f"predict: --config {cfg}: no --checkpoint, so an untrained head scores (zero-shot, the fixed prompts)\n" \
+        in err
+    assert predict(["--config", str(cfg), str(good[0]), "model.prompt=coop"]) == 0
+    assert f"predict: --config {cfg}: no --checkpoint, so an untrained head scores: its coop prompt context is " \
+        "random\n" in capsys.readouterr().err
+
+
+def test_a_run_not_finished_is_scored_at_its_best_so_far_and_said_so(images, checkpoint, tmp_path, capsys):
+    from temu_dist.checkpoint import TRAINER_INFO
+
+    (good, _), (weights, _) = images, checkpoint
+    run = tmp_path / "unfinished"
+    shutil.copytree(weights, run / "checkpoints" / "best")
+    (run / "checkpoints" / "best" / TRAINER_INFO).write_text(json.dumps({"next_epoch": 3}))
+    assert predict(["--checkpoint", str(run), str(good[0])]) == 0
+    assert f"predict: {run} has not finished: scoring its best so far, epoch 3\n" in capsys.readouterr().err
+    (run / "results.json").write_text("{}")
+    assert predict(["--checkpoint", str(run), str(good[0])]) == 0
+    assert "has not finished" not in capsys.readouterr().err
 
 
 def test_heatmaps_that_cannot_be_written_fail_before_any_scoring(images, checkpoint, tmp_path):

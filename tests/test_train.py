@@ -1017,11 +1017,13 @@ def test_evaluate_stops_on_sigterm_as_on_ctrl_c_with_one_line_and_names_no_epoch
     assert capsys.readouterr().err.endswith("\nevaluate: stopped by SIGTERM; nothing written\n")
     assert not (tmp_path / "a.json").exists()
     # A last checkpoint saved within an epoch holds weights of no whole epoch.
+    from temu_dist.checkpoint import epoch_of
+
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "trainer.json").write_text(json.dumps({"next_epoch": 2, "in_epoch": {"micro_batches": 3}}))
-    assert evaluate._epoch_of(tmp_path / "ckpt") is None
+    assert epoch_of(tmp_path / "ckpt") is None
     (tmp_path / "ckpt" / "trainer.json").write_text(json.dumps({"next_epoch": 2, "in_epoch": {}}))
-    assert evaluate._epoch_of(tmp_path / "ckpt") == 2
+    assert epoch_of(tmp_path / "ckpt") == 2
 
 
 def test_evaluate_names_shards_sets_by_their_folder_or_by_their_path_where_two_folders_share_a_name():
