@@ -216,12 +216,25 @@ def _gathered(name: str, keys: list[np.ndarray], scored: tuple[list, list], expe
 
 
 def _shard_sets(items: list[str]) -> list[EvalSet]:
-    """--shards DIR[:SPLIT] as sets named DIR's last part:SPLIT, or DIR as given where two folders share that part
-    (shards/agiqa3k/split0 and shards/livec/split0)."""
-    given = [(folder, split or "test") for folder, _, split in (item.partition(":") for item in items)]
-    names = [Path(folder).name for folder in dict.fromkeys(folder for folder, _ in given)]
-    return [EvalSet(f"{Path(folder).name if names.count(Path(folder).name) == 1 else folder}:{split}", folder, split)
-            for folder, split in given]
+    """--shards [NAME=]DIR[:SPLIT] as sets named NAME, or else DIR's last part:SPLIT, or DIR as given where two
+    folders share that part (shards/agiqa3k/split0 and shards/livec/split0). NAME: the column report gives the set,
+    that of training runs' eval.cross set of that name."""
+    given = []
+    for item in items:
+        name, named, where = item.partition("=")
+        if not named or "/" in name:  # a path with an = in it
+            name, where = "", item
+        elif not name:
+            raise ConfigError(f"--shards {item}: an empty NAME before '='")
+        folder, _, split = where.partition(":")
+        given.append((name, folder, split or "test"))
+    folders = [Path(folder).name for folder in dict.fromkeys(folder for name, folder, _ in given if not name)]
+    sets = [EvalSet(name or f"{Path(folder).name if folders.count(Path(folder).name) == 1 else folder}:{split}",
+                    folder, split) for name, folder, split in given]
+    names = [s.name for s in sets]
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise ConfigError(f"--shards: two sets named {twice[0]}; name each with NAME=DIR[:SPLIT]")
+    return sets
 
 
 def _seen_in_training(sets: list[EvalSet], config: Config) -> list[str]:
@@ -279,8 +292,9 @@ def _command(argv: list[str] | None) -> int:
                              "averaged (c) in one pass, the rows of the seed's Tables 11-13")
     parser.add_argument("--layer", type=int, help="the layer (1-based) of --clipiqa b")
     parser.add_argument("--config", help="config YAML for --clipiqa (backbone, input size, prompts, sets)")
-    parser.add_argument("--shards", action="append", default=[], metavar="DIR[:SPLIT]",
-                        help="evaluate this pack (split: test unless given) instead of the configured sets; repeatable")
+    parser.add_argument("--shards", action="append", default=[], metavar="[NAME=]DIR[:SPLIT]",
+                        help="evaluate this pack (split: test unless given) instead of the configured sets, named NAME "
+                        "(as an eval.cross set, report's column) or DIR:SPLIT; repeatable")
     parser.add_argument("--plots", metavar="DIR", help="also draw each set's predicted-versus-target scatter here")
     parser.add_argument("--out", metavar="FILE.json",
                         help="also write the scores, with what was scored, to this file (a row of `report`'s tables)")
@@ -320,7 +334,7 @@ def _command(argv: list[str] | None) -> int:
         if args.shards:
             _check_sets(sets, config, "--shards")
         if not sets:
-            raise ConfigError("nothing to evaluate: the config names no sets; pass --shards DIR[:SPLIT]")
+            raise ConfigError("nothing to evaluate: the config names no sets; pass --shards [NAME=]DIR[:SPLIT]")
         seen = _seen_in_training(sets, config) if args.checkpoint else []
         if seen and accelerator.is_main_process:
             print(f"evaluate: warning: {', '.join(seen)}: packed from the labels the checkpoint trained on "

@@ -1032,6 +1032,15 @@ def test_evaluate_names_shards_sets_by_their_folder_or_by_their_path_where_two_f
     sets = _shard_sets(["shards/agiqa3k/split0", "shards/livec/split0:val", "shards/csiq-all"])
     assert [s.name for s in sets] == ["shards/agiqa3k/split0:test", "shards/livec/split0:val", "csiq-all:test"]
     assert [(s.shards, s.split) for s in sets][1] == ("shards/livec/split0", "val")
+    # Named, as a training run's eval.cross set is, so that report lines them up in one column.
+    sets = _shard_sets(["csiq=shards/csiq-all", "live=shards/live:val", "shards/a=b/kadid:val"])
+    assert [(s.name, s.shards, s.split) for s in sets] == [("csiq", "shards/csiq-all", "test"),
+                                                           ("live", "shards/live", "val"),
+                                                           ("kadid:val", "shards/a=b/kadid", "val")]
+    with pytest.raises(ConfigError, match=r"^--shards =shards/x: an empty NAME before '='$"):
+        _shard_sets(["=shards/x"])
+    with pytest.raises(ConfigError, match=r"^--shards: two sets named csiq; name each with NAME=DIR\[:SPLIT\]$"):
+        _shard_sets(["csiq=shards/csiq-all", "csiq=shards/csiq"])
 
 
 def test_evaluate_verb_prints_strict_json_with_an_undefined_metric_as_null(tmp_path, shards, capsys, monkeypatch):
