@@ -95,6 +95,19 @@ def test_a_short_row_is_named_not_a_crash(tmp_path):
         fh.write("4.jpg,1,2,3\n")  # cut short before its MOS
     with pytest.raises(DataError, match=r"^koniq10k_scores_and_distributions.csv row \d+: 4 fields, the header has "):
         list(read_records("koniq10k", tmp_path / "b"))
+    # One longer than its header: a comma in an unquoted name shifts its MOS into another column; it was read.
+    koniq(tmp_path / "c")
+    with (tmp_path / "c" / "koniq10k_scores_and_distributions.csv").open("a") as fh:
+        fh.write("4,5.jpg,1,2,3,4,5,15,60.0,0.5,3.1,9\n")
+    with pytest.raises(DataError, match=r"^koniq10k_scores_and_distributions.csv row \d+: 12 fields, the header has "
+                                        r"\d+ \(a comma in an unquoted name\?\)$"):
+        list(read_records("koniq10k", tmp_path / "c"))
+    # An empty name is said as such, not as the split file's missing row.
+    koniq(tmp_path / "d")
+    with (tmp_path / "d" / "koniq10k_scores_and_distributions.csv").open("a") as fh:
+        fh.write(",1,2,3,4,5,15,3.0,0.5,3.1\n")
+    with pytest.raises(DataError, match=r"^koniq10k_scores_and_distributions.csv row \d+: empty image name$"):
+        list(read_records("koniq10k", tmp_path / "d"))
 
 
 def test_koniq10k_image_missing_from_sets_file(tmp_path):
@@ -263,7 +276,7 @@ def test_live_folders_references_skipped_and_tolerance(tmp_path):
 def test_live_far_out_of_range_and_wrong_length(tmp_path):
     dmos = np.full(982, 50.0)
     dmos[10] = 130.0
-    with pytest.raises(DataError, match=r"dmos.mat row 11: MOS 130 is outside -10..120"):
+    with pytest.raises(DataError, match=r"dmos.mat row 11: DMOS 130 is outside -10..120"):
         list(read_records("live", live(tmp_path, dmos, np.zeros(982))))
     with pytest.raises(DataError, match=r"dmos.mat: 5 dmos, 5 orgs and 5 refnames_all entries; release 2 has 982"):
         list(read_records("live", live(tmp_path, np.full(5, 50.0), np.zeros(5), n=5)))
@@ -508,3 +521,9 @@ def test_pyiqa_split_pickle_with_objects_is_refused_unrun(tmp_path):
     assert not marker.exists()
     with pytest.raises(DataError, match=r"refusing numpy"):
         read_pyiqa_split(dump(tmp_path / "np.pkl", {1: {"train": list(np.arange(3))}}))
+
+
+def test_a_folder_given_as_the_label_file_is_said_to_be_one(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'images'} is a folder: expected "):
+        list(read_records("kadid10k", tmp_path, "images"))

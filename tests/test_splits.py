@@ -104,7 +104,7 @@ def test_bad_ratios_are_refused_before_any_record_is_read():
         raise AssertionError("read")
         yield
 
-    with pytest.raises(DataError, match=r"split ratios \[0.5, 0.5, 0.5\] must be >= 0 and sum to 1"):
+    with pytest.raises(DataError, match=r"^--ratios 0.5 0.5 0.5: fractions >= 0 that sum to 1 \(0.8 0 0.2\)$"):
         splitter(unreadable(), SplitSpec("ratio", (0.5, 0.5, 0.5)))
 
 

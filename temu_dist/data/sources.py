@@ -100,6 +100,8 @@ _LIVEC_SKIP = 7
 
 
 def _need(path: Path, what: str) -> Path:
+    if path.is_dir():
+        raise DataError(f"{path} is a folder: expected {what}")
     if not path.is_file():
         raise DataError(f"{path} not found: expected {what}")
     return path
@@ -126,11 +128,15 @@ def _checked(info: DatasetInfo, value: object, label: Path, row: int, raw_range:
     try:
         raw = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise DataError(f"{label.name} row {row}: MOS {_text(value)!r} is not a number") from None
+        raise DataError(f"{label.name} row {row}: {_score(info)} {_text(value)!r} is not a number") from None
     lo, hi = info.accept_range or raw_range
     if not lo <= raw <= hi:
-        raise DataError(f"{label.name} row {row}: MOS {raw:g} is outside {lo:g}..{hi:g} for {info.name}")
+        raise DataError(f"{label.name} row {row}: {_score(info)} {raw:g} is outside {lo:g}..{hi:g} for {info.name}")
     return raw
+
+
+def _score(info: DatasetInfo) -> str:
+    return "MOS" if info.higher_better else "DMOS"
 
 
 def _scale(raw: float, raw_range: tuple[float, float], higher_better: bool) -> float:
@@ -209,10 +215,11 @@ def _csv_rows(path: Path, columns: Iterable[str]) -> Iterator[tuple[int, dict[st
                 if col not in reader.fieldnames:
                     raise DataError(f"{path.name}: no column '{col}' ({_columns_said(reader.fieldnames)})")
             for row in reader:
-                if any(row[c] is None for c in columns):
-                    fields = sum(v is not None for k, v in row.items() if k is not None)
+                if any(row[c] is None for c in columns) or None in row:  # cut short, or fields past the header's
+                    fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, ()))
                     raise DataError(f"{path.name} row {reader.line_num}: {fields} fields, the header has "
-                                    f"{len(reader.fieldnames)}")
+                                    f"{len(reader.fieldnames)}" + (" (a comma in an unquoted name?)" if None in row
+                                                                   else ""))
                 yield reader.line_num, {k: "" if v is None else v for k, v in row.items()}
         except UnicodeDecodeError:
             raise _not_utf8(path) from None
@@ -281,6 +288,8 @@ def _read_koniq10k(root: Path, label: Path) -> Iterator[Record]:
             splits[image], rows[image] = names[rec["set"].strip()], row
     for row, rec in _csv_rows(label, ("image_name", "MOS")):
         image = rec["image_name"].strip()
+        if not image:
+            raise DataError(f"{label.name} row {row}: empty image name")
         if splits is not None and image not in splits:
             raise DataError(f"{sets.name}: no row for {image!r} ({label.name} row {row})")
         yield _record("koniq10k", root, f"1024x768/{image}", rec["MOS"], label, row,

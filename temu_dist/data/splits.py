@@ -78,7 +78,8 @@ def _ratio_codes(records: Iterable[Record], spec: SplitSpec) -> np.ndarray:
     """Each record's split code (index into SPLITS): its group (reference image or name) among the sorted distinct
     groups, permuted."""
     if abs(sum(spec.ratios) - 1.0) > 1e-6 or min(spec.ratios) < 0:
-        raise DataError(f"split ratios {list(spec.ratios)} must be >= 0 and sum to 1")
+        raise DataError(f"--ratios {' '.join(f'{r:g}' for r in spec.ratios)}: fractions >= 0 that sum to 1 "
+                        "(0.8 0 0.2)")
     strings = _Strings()
     for r in records:
         strings.append(r.ref or r.name if spec.by_reference else r.name)
