@@ -1,9 +1,11 @@
 import open_clip
+import pytest
 import torch
 import torch.nn.functional as F
 
+from temu_dist.config import ConfigError
 from temu_dist.model.backbone import create_clip
-from temu_dist.model.clipiqa import build_clipiqa
+from temu_dist.model.clipiqa import build_clipiqa, layer_spec
 from tests.conftest import tiny_config
 
 
@@ -38,6 +40,8 @@ def test_option_b_and_c_use_the_cls_of_chosen_and_all_layers():
         expected_c = _by_hand(clip, x, torch.stack(per_layer).mean(dim=0))
     torch.testing.assert_close(build_clipiqa(config, "b", layer=2)(x), expected_b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(build_clipiqa(config, "c")(x), expected_c, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"^--clipiqa b scores one layer: name it with --layer N \(1-4\)$"):
+        layer_spec("b", None, 4)
 
 
 def test_option_table_scores_every_layer_and_their_average_in_one_pass_as_the_single_options_do():

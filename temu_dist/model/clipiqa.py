@@ -59,7 +59,7 @@ def layer_spec(option: Option, layer: int | None, num_layers: int) -> str:
         return f"only:{num_layers}"
     if option == "b":
         if layer is None:
-            raise ConfigError("clipiqa option b needs a layer (1-based)")
+            raise ConfigError(f"--clipiqa b scores one layer: name it with --layer N (1-{num_layers})")
         if not 1 <= layer <= num_layers:  # 0 and -k would read as Python indices: another layer, without a word
             raise ConfigError(f"--layer {layer}: this backbone's layers are 1-{num_layers}")
         return f"only:{layer}"
