@@ -52,6 +52,8 @@ SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 TRIAL_CPU = 0.01
 # What a search was started with (_identity), beside its Ray experiment.
 STARTED = "search-started.json"
+# What a search's identity holds since a version after its first: a search started before is not held to it.
+SEARCH_ADDED = ("sample_seed",)
 # The best trial's config as a run of its own, beside search.json.
 BEST_CONFIG = "best-config.yaml"
 # What trials on a cluster's other nodes need of the driver's environment, which Ray passes on only to a local Ray's
@@ -91,6 +93,9 @@ class SearchConfig(Section):
     # {randint: [lo, hi]}.
     space: dict[str, dict[str, list[Any]]]
     num_samples: int = Field(1, ge=1)  # samples of the non-grid dimensions (per grid point)
+    # Seeds the draws of the non-grid dimensions: a search run again, elsewhere, tries the same values. null: Ray's own
+    # unseeded draws. (A space's `seed` is the trials' training seed.)
+    sample_seed: int | None = Field(0, ge=0)
     metric: str | None = None  # SET/METRIC; default: the base config's train.key_metric
     mode: Literal["max", "min"] = "max"
     asha: AshaConfig | None = AshaConfig()
@@ -412,6 +417,7 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     address = search.address or os.environ.get("RAY_ADDRESS")
     # Before anything is made or started. A cluster is not held to this machine's CPUs and GPUs; once joined, a
@@ -481,6 +487,7 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
             tuner = tune.Tuner(
                 target, param_space=param_space(search),
                 tune_config=tune.TuneConfig(metric=metric, mode=search.mode, scheduler=scheduler,
+                                            search_alg=BasicVariantGenerator(random_state=search.sample_seed),
                                             num_samples=search.num_samples,
                                             max_concurrent_trials=search.max_concurrent or None),
                 run_config=tune.RunConfig(name=search.name, storage_path=str(experiment),
@@ -534,8 +541,9 @@ def _identity(search: SearchConfig, base: dict, metric: str) -> dict:
     trained = {k: v for k, v in flatten(base).items()
                if k.split(".")[0] in (*TRAINED_SECTIONS, "eval") and k not in RESUME_MAY_CHANGE
                and not searched(k)}
-    tree = {"space": search.space, "num_samples": search.num_samples, "metric": metric, "mode": search.mode,
-            "asha": search.asha.model_dump() if search.asha else None, "base": trained}
+    tree = {"space": search.space, "num_samples": search.num_samples, "sample_seed": search.sample_seed,
+            "metric": metric, "mode": search.mode, "asha": search.asha.model_dump() if search.asha else None,
+            "base": trained}
     return json.loads(json.dumps(tree))  # as read back from the file
 
 
@@ -550,6 +558,8 @@ def _check_same_search(search: SearchConfig, base: dict, metric: str, started: P
     before, now = flatten(json.loads(started.read_text())), flatten(_identity(search, base, metric))
     for key in sorted(set(before) | set(now), key=lambda k: (k.split(".")[0] != "space", k)):
         shown = key.removeprefix("base.")
+        if key in SEARCH_ADDED and key not in before:  # its draws were made, and Ray restores them
+            continue
         # A key added since the search started: its trials trained with the value ADDED_SINCE gives, if any.
         added = key not in before and key != shown and shown in ADDED_SINCE
         was = ADDED_SINCE[shown] if added else before.get(key)

@@ -473,7 +473,7 @@ def test_a_search_started_before_a_key_existed_resumes_where_its_trials_had_that
     search = load_search(_search_file(tmp_path, shards, "old", {"model.prompt": {"grid": ["none", "coop"]}}))
     base = tune_cli.base_config(search)
     identity = tune_cli._identity(search, base, "test/srcc")
-    del identity["base"]["model.tower_fp8"], identity["base"]["train.plcc_over"]
+    del identity["base"]["model.tower_fp8"], identity["base"]["train.plcc_over"], identity["sample_seed"]
     started = tmp_path / "started.json"
     started.write_text(json.dumps(identity))
     tune_cli._check_same_search(search, base, "test/srcc", started)  # as its trials trained: no error
@@ -482,6 +482,32 @@ def test_a_search_started_before_a_key_existed_resumes_where_its_trials_had_that
     with pytest.raises(ConfigError, match=r"^model.tower_fp8: the search old in .* was started with False, this run "
                                           r"asks for True"):
         tune_cli._check_same_search(search, fp8, "test/srcc", started)
+
+
+def test_a_searchs_sampled_values_are_drawn_from_its_seed(tmp_path, shards, tuner_stopping):
+    """Unseeded, the same search run again (or on another cluster) tried other learning rates, other results."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    algs = []
+    tuner_stopping.__init__ = lambda self, *args, tune_config, **kwargs: algs.append(tune_config.search_alg)
+    tuner_stopping.fit_does = lambda: _raise(KeyboardInterrupt())
+    space = {"train.lr": {"loguniform": [0.0001, 0.01]}}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        with pytest.raises(KeyboardInterrupt):
+            run_search(load_search(_search_file(tmp_path, shards, name, space, sample_seed=seed, num_samples=3)))
+
+    def drawn(alg) -> list[float]:  # as the search algorithm draws its trials' values
+        space = tune_cli.param_space(load_search(tmp_path / "a.yaml"))
+        return [config["train.lr"] for _ in range(3)
+                for _, config in generate_variants(space, random_state=alg._random_state)]
+
+    a, b, c = map(drawn, algs)
+    assert a == b != c
+    # A rerun with another seed is another search.
+    with pytest.raises(ConfigError, match=r"^sample_seed: the search a in .* was started with 0, this run asks for "
+                                          r"1; "):
+        tune_cli._check_same_search(load_search(tmp_path / "a.yaml", ["sample_seed=1"]), tune_cli.base_config(
+            load_search(tmp_path / "a.yaml")), "test/srcc", tmp_path / "runs" / "a" / tune_cli.STARTED)
 
 
 def test_a_rerun_is_held_to_what_its_results_depend_on(tmp_path, shards):
