@@ -486,10 +486,11 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
                                       reduction_factor=search.asha.reduction_factor) if search.asha else None
             tuner = tune.Tuner(
                 target, param_space=param_space(search),
+                # Ray's max_concurrent_trials is lost on a search algorithm given: the generator takes it.
                 tune_config=tune.TuneConfig(metric=metric, mode=search.mode, scheduler=scheduler,
-                                            search_alg=BasicVariantGenerator(random_state=search.sample_seed),
-                                            num_samples=search.num_samples,
-                                            max_concurrent_trials=search.max_concurrent or None),
+                                            search_alg=BasicVariantGenerator(max_concurrent=search.max_concurrent,
+                                                                             random_state=search.sample_seed),
+                                            num_samples=search.num_samples),
                 run_config=tune.RunConfig(name=search.name, storage_path=str(experiment),
                                           failure_config=tune.FailureConfig(max_failures=search.max_failures),
                                           callbacks=[SearchProgress(search, search_dir, metric, uri, parent)],
