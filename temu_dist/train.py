@@ -462,7 +462,10 @@ def check_data(config: Config) -> list[EvalSet]:
     if config.ldg.enabled:
         check_fidelity_size("model.image_size", config.model.image_hw(), config.ldg)
     with pack_named_by("data.train"):
-        split_shards(config.data.train, config.data.train_split)
+        _, counts = split_shards(config.data.train, config.data.train_split)
+    if config.train.batch_size > sum(counts):  # here too, not only in the loader: a search checks its trials with it
+        raise ConfigError(f"train.batch_size: a global batch of {config.train.batch_size} is larger than the "
+                          f"{sum(counts)} images of {config.data.train} '{config.data.train_split}'")
     sets = eval_sets(config)
     set_name = config.train.key_metric.split("/")[0]
     if set_name not in result_names(sets, config):

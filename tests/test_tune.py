@@ -469,6 +469,18 @@ def test_missing_shards_are_refused_before_ray_starts_with_trains_message(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+
+def test_a_global_batch_larger_than_the_training_split_is_refused_before_ray_starts(tmp_path, shards, no_ray,
+                                                                                     capsys):
+    """Refused in each trial before: each tried max_failures + 1 times, minutes of a large grid before the search
+    failed."""
+    path = _search_file(tmp_path, shards, "big", {"model.prompt": {"grid": ["coop"]}},
+                        overrides=["train.batch_size=64"])
+    assert tune_cli.main(["--config", str(path)]) == 1
+    assert re.fullmatch(r"tune: train.batch_size: a global batch of 64 is larger than the 12 images of .*shards "
+                        r"'train'", capsys.readouterr().err.strip())
+
+
 def test_a_search_started_before_a_key_existed_resumes_where_its_trials_had_that_keys_value(tmp_path, shards):
     search = load_search(_search_file(tmp_path, shards, "old", {"model.prompt": {"grid": ["none", "coop"]}}))
     base = tune_cli.base_config(search)
