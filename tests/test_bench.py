@@ -14,6 +14,9 @@ def test_cli_writes_the_result_it_prints(tmp_path, capsys):
     assert result["suite"] == "cw_ssim" and json.dumps(result, indent=2) in capsys.readouterr().out
     cpu = result["rows"][0]
     assert cpu["max_abs_diff"]["cw_ssim"] < 1e-3 and cpu["ours_pairs_per_s"]["cw_ssim"] > 0
+    # IQA-PyTorch computes in float64: ours is timed so too, and agrees closer there.
+    assert cpu["pyiqa"].endswith(", float64") and cpu["speedup_float64"]["cw_ssim"] > 0
+    assert cpu["max_abs_diff_float64"]["cw_ssim"] < 1e-5
 
 
 def test_dataset_needs_its_root():

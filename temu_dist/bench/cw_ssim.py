@@ -1,6 +1,7 @@
 """cw_ssim: pairs/s of our batched CW-SSIM and SSIM versus IQA-PyTorch's on the same 448x448 pairs (real photos with
 a local RandAugment region, as LDG makes them), on the CPU and, where there is one, the GPU; and the largest
-difference in value."""
+difference in value. Ours runs in float32, as training calls it; IQA-PyTorch converts its inputs to float64, so ours
+is timed in float64 too, and `speedup_float64` compares like with like."""
 from __future__ import annotations
 
 import torch
@@ -36,13 +37,22 @@ def _on(device: torch.device, x: torch.Tensor, y: torch.Tensor, repeat: int) -> 
     except ImportError:
         result["pyiqa"] = "not installed (pip install -e '.[dev]')"
         return result
+    import pyiqa
+
+    x64, y64 = x.double(), y.double()
+    ours64 = {k: f(x64, y64) for k, f in ours_fn.items()}
+    seconds64 = {k: timed(lambda f=f: (f(x64, y64), sync(device)), repeat) for k, f in ours_fn.items()}
     theirs_fn = {"cw_ssim": CW_SSIM().eval().to(device), "ssim": SSIM().eval().to(device)}
     with torch.no_grad():
         theirs = {k: f(x, y).flatten() for k, f in theirs_fn.items()}
         their_s = {k: timed(lambda f=f: (f(x, y), sync(device)), repeat) for k, f in theirs_fn.items()}
+    result["pyiqa"] = f"{pyiqa.__version__}, float64"
+    result["ours_float64_pairs_per_s"] = {k: round(len(x) / s, 1) for k, s in seconds64.items()}
     result["pyiqa_pairs_per_s"] = {k: round(len(x) / s, 1) for k, s in their_s.items()}
     result["speedup"] = {k: round(their_s[k] / seconds[k], 1) for k in ours}
+    result["speedup_float64"] = {k: round(their_s[k] / seconds64[k], 1) for k in ours}
     result["max_abs_diff"] = {k: float((ours[k] - theirs[k]).abs().max()) for k in ours}
+    result["max_abs_diff_float64"] = {k: float((ours64[k] - theirs[k].double()).abs().max()) for k in ours}
     return result
 
 
