@@ -4,7 +4,7 @@ samples) versus a smaller one (10k by default). Memory must stay flat and time g
 Each set is written in AVA's released layout (AVA.txt, images/ID.jpg; 32x32 JPEGs, so the disk holds the large set
 easily), packed into shards of 1000 with 2 processes, then scored by the tiny packaged backbone at 32x32 with 2 loader
 workers. Each stage runs in a fresh process; its peak resident memory is that process's (`main_mib`) and that of
-its largest worker (`worker_mib`).
+its largest worker (`worker_mib`, forked: it counts the pages it shares with its parent).
 """
 from __future__ import annotations
 
@@ -18,10 +18,7 @@ import time
 from pathlib import Path
 from queue import Empty
 
-import torch
 from PIL import Image
-
-from temu_dist.bench.common import device_name, now
 
 
 def write_ava_like(root: Path, n: int) -> Path:
@@ -113,5 +110,9 @@ def run(sizes: list[int], workdir: str | None = None) -> dict:
                 print(json.dumps(row), flush=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    import torch  # not at the top: the packing stage's process imports this module, and torch is 470 MiB of it
+
+    from temu_dist.bench.common import device_name, now
+
     return {"suite": "scale", "device": device_name(torch.device("cpu")), "date": now(),
             "images": "32x32 JPEG, AVA layout", "rows": rows}
