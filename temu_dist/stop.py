@@ -26,7 +26,7 @@ def _no_news(signum, frame) -> None:
 def _terminate(signum, frame) -> None:
     global _came, _asked
     _came = True
-    # The same SIGTERM ends the DataLoader workers (scancel and the launcher signal the whole group), and torch's
+    # The same SIGTERM may end the DataLoader workers (scancel and the launcher signal the whole group), and torch's
     # SIGCHLD handler would raise "worker killed" inside the cleanup that follows (an MLflow run was left RUNNING),
     # or in a __del__ as the process ends: the process is stopping, a worker's death is no news. Not put back.
     signal.signal(signal.SIGCHLD, _no_news)
@@ -56,10 +56,11 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
 
 @contextmanager
 def sigterm_at_step_ends() -> Iterator[Callable[[], bool]]:
-    """Within (a training loop, under sigterm_as_ctrl_c), SIGTERM is noted, not raised: the loop asks the function
-    this yields at each step and stops where the step ends, with its checkpoint saved; SLURM's time limit gives 30 s
+    """Within (training, under sigterm_as_ctrl_c), SIGTERM is noted, not raised: the loop asks the function this
+    yields at each step and stops where the step ends, with its checkpoint saved; SLURM's time limit gives 30 s
     (KillWait) before SIGKILL. A second SIGTERM does not hurry it: torchrun's agent forwards the one each worker has
-    already had. A SIGTERM the loop did not act on is raised on leaving. Ctrl-C still stops at once."""
+    already had. A SIGTERM noted and not acted on is raised on leaving. Ctrl-C still stops at once. DataLoader workers
+    forked within are left to their parent, which ends them as it stops."""
     global _deferred, _asked
     _deferred, _asked = True, False
     try:
@@ -68,6 +69,23 @@ def sigterm_at_step_ends() -> Iterator[Callable[[], bool]]:
         asked, _deferred, _asked = _asked, False, False
     if asked:
         raise Terminated
+
+
+@contextmanager
+def sigterm_at_once() -> Iterator[None]:
+    """Within sigterm_at_step_ends, a stretch with no step to end at (an evaluation): SIGTERM raises at once, as does
+    one noted before it; after it, SIGTERM is noted again (a save on the way out is not cut short by a second one)."""
+    global _deferred
+    if not _deferred:
+        yield
+        return
+    if _asked:
+        raise Terminated
+    _deferred = False
+    try:
+        yield
+    finally:
+        _deferred = True
 
 
 def stop_code(e: KeyboardInterrupt) -> int:

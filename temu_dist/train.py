@@ -51,7 +51,7 @@ from temu_dist.model.io import load_weights, with_legacy_fields
 from temu_dist.model.backbone import check_backbone
 from temu_dist.model.temu import TeMuIQA, Tokens, build_model
 from temu_dist.plots import score_vs_time
-from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_step_ends, stop_code
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_once, sigterm_at_step_ends, stop_code
 from temu_dist.tracking import Tracker, tracking_uri
 
 
@@ -329,8 +329,9 @@ def _check_finite(loss: torch.Tensor, accelerator: Accelerator, epoch: int, conf
     return stop > 0
 
 
-def _fit(config: Config, run: Run) -> None:
-    """The epochs from run.start_epoch on: train, evaluate, checkpoint, track; updates run.history and run.best."""
+def _fit(config: Config, run: Run, asked: Callable[[], bool]) -> None:
+    """The epochs from run.start_epoch on: train, evaluate, checkpoint, track; updates run.history and run.best.
+    `asked()`: whether this process has noted a SIGTERM (stop.sigterm_at_step_ends)."""
     accelerator, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, run.scheduler
     main = accelerator.is_main_process
     device = accelerator.device
@@ -366,18 +367,20 @@ def _fit(config: Config, run: Run) -> None:
         images, seen, train_before = done.get("images", 0), skip, done.get("train_s", 0.0)
         part, part_images = 0, 0
         tick = time.perf_counter()
-        trained = False
+        trained = together = False
         try:
             # On a terminal the bar gives way to the epoch's line; in a log it ends its own line, updated twice a
             # minute. Closed however the loop ends, so that a stopped run's last line is its own, not the bar's.
             tty = sys.stderr.isatty()
-            with sigterm_at_step_ends() as asked, \
-                    tqdm(total=micro_batches, desc=f"epoch {epoch + 1}", disable=not main, leave=not tty,
-                         file=sys.stderr, mininterval=0.1 if tty else 30) as bar:
+            with tqdm(total=micro_batches, desc=f"epoch {epoch + 1}", disable=not main, leave=not tty,
+                      file=sys.stderr, mininterval=0.1 if tty else 30) as bar:
                 pending: list[dict] = []
-                for i, batch in zip(range(micro_batches), run.loader):
+                # An epoch trained whole before the resume (its evaluation to come) is not read again.
+                for i, batch in zip(range(micro_batches), run.loader) if skip < micro_batches else ():
                     if i < skip:
                         # Trained before the resume: the loader passed over these samples without decoding them.
+                        if asked():  # nothing new to save
+                            raise Terminated
                         bar.update()
                         tick = time.perf_counter()
                         continue
@@ -409,41 +412,57 @@ def _fit(config: Config, run: Run) -> None:
                         raise Terminated
                     if every and main and seen % acc == 0 and step % every == 0 and seen < micro_batches:
                         save_within(epoch, step, total.item(), images, train_before + time.perf_counter() - tick)
-                train_s = train_before + time.perf_counter() - tick
-                trained = True
-            results = evaluate_sets(plain, run.sets, accelerator, config)
+                if skip >= micro_batches:
+                    bar.update(micro_batches)
+            train_s = train_before + time.perf_counter() - tick
+            trained = True
+            # A SIGTERM noted after the epoch's last step: every process stops before the evaluation, together.
+            if _any(accelerator, asked()):
+                together = True
+                raise Terminated
+            with sigterm_at_once():  # an evaluation has no step to end at
+                results = evaluate_sets(plain, run.sets, accelerator, config)
         except Terminated:
-            # Stopped after the epoch's training: its evaluation is what a resume does first.
-            if trained and main:
-                save_within(epoch, micro_batches // acc, total.item(), images, train_s)
+            # Stopped after the epoch's training: its evaluation is what a resume does first. Saved with SIGTERM
+            # noted, not raised: a second one (the launcher's) would cut the save short.
+            if trained:
+                try:
+                    if main:
+                        save_within(epoch, micro_batches // acc, total.item(), images, train_s)
+                finally:
+                    if together:
+                        accelerator.wait_for_everyone()
             raise
-        # The epoch's record, results and checkpoints are written whole; a SIGTERM meanwhile stops after them.
-        with sigterm_at_step_ends():
-            record = {"epoch": epoch + 1, "loss": total.item() / max(seen, 1), "lr": run.lr,
-                      "images_per_s": images * run.plan.world_size / train_s,
-                      "elapsed_s": time.perf_counter() - started,
-                      "eval": {name: r.metrics for name, r in results.items()}}
-            history.append(record)
-            value = results[set_name].metrics[metric]
-            improved = better(value, None if run.best is None else run.best["value"])
+        record = {"epoch": epoch + 1, "loss": total.item() / max(seen, 1), "lr": run.lr,
+                  "images_per_s": images * run.plan.world_size / train_s, "elapsed_s": time.perf_counter() - started,
+                  "eval": {name: r.metrics for name, r in results.items()}}
+        history.append(record)
+        value = results[set_name].metrics[metric]
+        improved = better(value, None if run.best is None else run.best["value"])
+        if improved:
+            run.best = {"epoch": epoch + 1, "value": value, "eval": record["eval"]}
+        if main:
+            info = {"next_epoch": epoch + 1, "history": history, "best": run.best, "elapsed_s": record["elapsed_s"],
+                    "extended": run.extended, "packs": run.packs}
+            # best first: a kill between the two leaves `last` (what a resume trusts) naming the older best.
             if improved:
-                run.best = {"epoch": epoch + 1, "value": value, "eval": record["eval"]}
-            if main:
-                info = {"next_epoch": epoch + 1, "history": history, "best": run.best,
-                        "elapsed_s": record["elapsed_s"], "extended": run.extended, "packs": run.packs}
-                # best first: a kill between the two leaves `last` (what a resume trusts) naming the older best.
-                if improved:
-                    save_checkpoint(ckpt_dir / "best", plain, config, optimizer, scheduler, info)
-                    # Logged now, not only at the end: a run killed or stopped early still shows its best epoch's
-                    # plots.
-                    for path in scatter_plots(results, run_dir / "plots", f"epoch {epoch + 1}"):
-                        run.tracker.artifact(path, "plots")
-                save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
-                run.tracker.metrics(epoch_metrics(record), step=epoch + 1)
-                _say(accelerator, _log_line(record, config.train.epochs))
-            if run.on_epoch is not None:
-                run.on_epoch(record)
-            accelerator.wait_for_everyone()
+                save_checkpoint(ckpt_dir / "best", plain, config, optimizer, scheduler, info)
+                # Logged now, not only at the end: a run killed or stopped early still shows its best epoch's plots.
+                for path in scatter_plots(results, run_dir / "plots", f"epoch {epoch + 1}"):
+                    run.tracker.artifact(path, "plots")
+            save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
+            run.tracker.metrics(epoch_metrics(record), step=epoch + 1)
+            _say(accelerator, _log_line(record, config.train.epochs))
+        if run.on_epoch is not None:
+            run.on_epoch(record)
+        # Every process waits for the epoch's checkpoint; one that noted a SIGTERM meanwhile stops them all after it.
+        if _any(accelerator, asked()):
+            raise Terminated
+
+
+def _any(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether any process's flag is set: a collective, so every process learns the same (and waits for the rest)."""
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0
 
 
 def check_data(config: Config) -> list[EvalSet]:
@@ -604,46 +623,51 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
             tracker.drop_tag("extended")
         run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,
                   on_epoch, packs={key: digest for key, (_, digest) in packs.items()}, **resumed)
-        try:
-            _fit(config, run)
-        except (SystemExit, KeyboardInterrupt):
-            tracker.end("KILLED")  # how Ray Tune stops a trial early (ASHA), and Ctrl-C
-            raise
-        except BaseException as e:
-            stopped = _stopped_by_sigterm(e)
-            tracker.end("KILLED" if stopped else "FAILED")
-            if main and isinstance(e, NonFiniteLoss):
-                write_text_atomic(run_dir / NONFINITE, str(e))
-            if stopped:
-                raise Terminated from e
-            raise
-        summary = {"run_dir": str(run_dir), "processes": plan.world_size, "key_metric": config.train.key_metric,
-                   "best_epoch": run.best["epoch"], "best": run.best["eval"],
-                   "own_best": own_best(run.history, config.train.key_metric, run.best), "history": run.history,
-                   "mlflow_run_id": tracker.run_id, **({"extended": run.extended} if run.extended else {})}
-        # A run that had finished before this call (repeat goes through its splits again) wrote its results then, and
-        # logged them if its MLflow run has the best_epoch tag, which is set last.
-        finished = resumed.get("start_epoch", 0) >= config.train.epochs and (run_dir / "results.json").is_file()
-        if main:
-            if not finished:
-                write_json_atomic(run_dir / "results.json", summary)
-                (run_dir / "plots").mkdir(exist_ok=True)
-                score_vs_time(run.history, [s.name for s in sets], run_dir / "plots" / "score_vs_time.png")
-            elif _add_own_best(run_dir / "results.json", summary["own_best"]) and "best_epoch" in tracker.tags_before:
-                _log_own_best(tracker, summary["own_best"])
-            if not (finished and "best_epoch" in tracker.tags_before):
-                # The epoch results.json reports, beside the per-epoch curves (whose latest value is the last epoch's).
-                tracker.metrics(eval_metrics(run.best["eval"], "best/"), step=run.best["epoch"])
-                _log_own_best(tracker, summary["own_best"])
-                for path in [run_dir / "results.json", *sorted((run_dir / "plots").glob("*.png"))]:
-                    tracker.artifact(path, None if path.suffix != ".png" else "plots")
-                for path in sorted((ckpt_dir / "best").glob("*")):
-                    tracker.artifact(path, "best")
-                tracker.tags({"best_epoch": str(run.best["epoch"])})
-            tracker.end()
-        # The process group stays up: repeat and other callers may train again; the entry points tear it down.
-        accelerator.wait_for_everyone()
-        return summary
+        # From here to the end, a SIGTERM waits for a step's or an epoch's end (or stops an evaluation), so that
+        # every process stops at the same place with its checkpoint saved.
+        with sigterm_at_step_ends() as asked:
+            try:
+                _fit(config, run, asked)
+            except (SystemExit, KeyboardInterrupt):
+                tracker.end("KILLED")  # how Ray Tune stops a trial early (ASHA), and Ctrl-C
+                raise
+            except BaseException as e:
+                stopped = _stopped_by_sigterm(e)
+                tracker.end("KILLED" if stopped else "FAILED")
+                if main and isinstance(e, NonFiniteLoss):
+                    write_text_atomic(run_dir / NONFINITE, str(e))
+                if stopped:
+                    raise Terminated from e
+                raise
+            summary = {"run_dir": str(run_dir), "processes": plan.world_size, "key_metric": config.train.key_metric,
+                       "best_epoch": run.best["epoch"], "best": run.best["eval"],
+                       "own_best": own_best(run.history, config.train.key_metric, run.best), "history": run.history,
+                       "mlflow_run_id": tracker.run_id, **({"extended": run.extended} if run.extended else {})}
+            # A run that had finished before this call (repeat goes through its splits again) wrote its results then,
+            # and logged them if its MLflow run has the best_epoch tag, which is set last.
+            finished = resumed.get("start_epoch", 0) >= config.train.epochs and (run_dir / "results.json").is_file()
+            if main:
+                if not finished:
+                    write_json_atomic(run_dir / "results.json", summary)
+                    (run_dir / "plots").mkdir(exist_ok=True)
+                    score_vs_time(run.history, [s.name for s in sets], run_dir / "plots" / "score_vs_time.png")
+                elif _add_own_best(run_dir / "results.json", summary["own_best"]) \
+                        and "best_epoch" in tracker.tags_before:
+                    _log_own_best(tracker, summary["own_best"])
+                if not (finished and "best_epoch" in tracker.tags_before):
+                    # The epoch results.json reports, beside the per-epoch curves (whose latest value is the last
+                    # epoch's).
+                    tracker.metrics(eval_metrics(run.best["eval"], "best/"), step=run.best["epoch"])
+                    _log_own_best(tracker, summary["own_best"])
+                    for path in [run_dir / "results.json", *sorted((run_dir / "plots").glob("*.png"))]:
+                        tracker.artifact(path, None if path.suffix != ".png" else "plots")
+                    for path in sorted((ckpt_dir / "best").glob("*")):
+                        tracker.artifact(path, "best")
+                    tracker.tags({"best_epoch": str(run.best["epoch"])})
+                tracker.end()
+            # The process group stays up: repeat and other callers may train again; the entry points tear it down.
+            accelerator.wait_for_everyone()
+            return summary
     finally:
         if held is not None:
             lock.let_go(held)

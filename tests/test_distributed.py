@@ -4,7 +4,6 @@ Each test launches `python -m temu_dist.train` / `accelerate launch` as a user w
 """
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -170,9 +169,10 @@ def test_deepspeed_trains_as_one_process_does_on_cpu(shards, one_process, tmp_pa
         torch.testing.assert_close(trained[name], one[name], rtol=1e-5, atol=1e-6)
 
 
-def _start_nodes(tmp_path: Path, args: list[list[str]]) -> list[subprocess.Popen]:
+def _start_nodes(tmp_path: Path, args: list[list[str]], code: str | None = None) -> list[subprocess.Popen]:
     """Two processes started apart, as two nodes each start their own (RANK 0 and 1, each LOCAL_RANK 0), with args
-    of their own: what a job whose nodes were given different commands runs."""
+    of their own: what a job whose nodes were given different commands runs. `code`: Python run in place of
+    `python -m temu_dist.train`, with the args in sys.argv."""
     import socket
 
     with socket.socket() as free:  # a port no other test or program holds
@@ -182,7 +182,8 @@ def _start_nodes(tmp_path: Path, args: list[list[str]]) -> list[subprocess.Popen
     for rank, extra in enumerate(args):
         env = dict(_env(tmp_path), RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "-m", "temu_dist.train", *extra], cwd=REPO, env=env,
+        command = ["-c", code] if code else ["-m", "temu_dist.train"]
+        procs.append(subprocess.Popen([sys.executable, *command, *extra], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -193,31 +194,54 @@ def _two_nodes(tmp_path: Path, args: list[list[str]]) -> list[subprocess.Complet
     return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
 
 
-def test_a_sigterm_to_one_process_stops_both_after_the_same_step_with_its_checkpoint_saved(shards, tmp_path):
-    """Each process stops where the step it is in ends: before, the one signalled left, and the other waited at the
-    next collective until the timeout (30 minutes) or SIGKILL."""
+# Each rank trains as `python -m temu_dist.train` would, with the SIGTERM sent where the test says.
+SIGNALLED = """
+import os, signal, sys, time
+import temu_dist.train as train
+
+def calls(real, n, then):
+    def hook(*args, **kwargs):
+        hook.calls += 1
+        if hook.calls == n:
+            then()
+        return real(*args, **kwargs)
+    hook.calls = 0
+    return hook
+
+def sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)
+
+rank = os.environ["RANK"]
+{patch}
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("patch, position", [
+    # Rank 1 signalled as it reads epoch 2's step 2 (4 steps an epoch).
+    ("if rank == '1': train.training_inputs = calls(train.training_inputs, 6, sigterm)", "epoch 2, after its step 2"),
+    # Rank 1 signalled once epoch 2 is evaluated (as it weighs the epoch's score), while rank 0 takes 2 s over the
+    # epoch's checkpoint and log line.
+    ("if rank == '1': train.better = calls(train.better, 2, sigterm)\n"
+     "else: train._log_line = calls(train._log_line, 2, lambda: time.sleep(2))", "after epoch 2"),
+])
+def test_a_sigterm_to_one_process_stops_both_at_the_same_place_with_its_checkpoint_saved(shards, tmp_path, patch,
+                                                                                         position):
+    """Before, the process signalled left alone, and the other waited at its next collective until the timeout (30
+    minutes) or SIGKILL; or, signalled after its last step or its epoch's checkpoint, it left the others to fail."""
     base = _overrides(shards, tmp_path / "runs", "tracking.enabled=false", "train.epochs=3", "train.batch_size=2")
-    info = tmp_path / "runs" / "run" / "checkpoints" / "last" / "trainer.json"
-    procs = _start_nodes(tmp_path, [base, base])
+    procs = _start_nodes(tmp_path, [base, base], SIGNALLED.format(patch=patch))
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and procs[1].poll() is None:
-            if info.exists() and json.loads(info.read_text())["next_epoch"] >= 1:
-                break
-            time.sleep(0.05)
-        assert procs[1].poll() is None, "the run ended before it could be stopped"
-        procs[1].send_signal(signal.SIGTERM)  # in epoch 2 (its 4 steps, its evaluation or its checkpoint)
-        outputs = [p.communicate(timeout=120) for p in procs]
+        outputs = [p.communicate(timeout=240) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     assert [p.returncode for p in procs] == [143, 143], [err[-2000:] for _, err in outputs]
-    saved = json.loads(info.read_text())
-    assert (saved["next_epoch"], saved.get("in_epoch", {}).get("steps", 0)) > (1, 0), "nothing saved at the stop"
-    for _, err in outputs:
-        assert re.search(r"\ntrain: stopped by SIGTERM; run the same command again to go on from \S+ \((after epoch 2|"
-                         r"epoch 2, after its step [1-4])\)\n$", err), err[-2000:]
+    last = tmp_path / "runs" / "run" / "checkpoints" / "last"
+    for _, err in outputs:  # both nodes name the checkpoint saved at the stop
+        assert err.endswith(f"\ntrain: stopped by SIGTERM; run the same command again to go on from {last} "
+                            f"({position})\n"), err[-2000:]
     resumed = _two_nodes(tmp_path, [base, base])
     assert [d.returncode for d in resumed] == [0, 0], resumed[0].stderr[-2000:]
     results = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())

@@ -139,3 +139,23 @@ def test_within_a_training_loop_sigterm_waits_for_the_step_to_end_and_one_not_ac
             assert not asked()
             sigterm()
             raise AssertionError("not stopped")
+
+
+def test_an_evaluation_within_training_stops_at_once_and_a_save_after_it_is_not_cut_short():
+    from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_once, sigterm_at_step_ends
+
+    def sigterm() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+
+    with pytest.raises(Terminated):  # the one noted, on leaving
+        with sigterm_as_ctrl_c(), sigterm_at_step_ends() as asked:
+            with pytest.raises(Terminated):
+                with sigterm_at_once():
+                    sigterm()
+                    raise AssertionError("not stopped")
+            sigterm()  # the launcher's copy, during the save that follows: noted
+            assert asked()
+            with pytest.raises(Terminated):  # one noted before an evaluation stops it as it begins
+                with sigterm_at_once():
+                    raise AssertionError("not stopped")

@@ -534,6 +534,9 @@ def test_sigterm_in_an_evaluation_saves_the_trained_epoch_which_a_resume_evaluat
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps(dump(run_config(tmp_path / "b", shards))))
     monkeypatch.setattr(train_mod, "evaluate_sets", sigterm_on_call(train_mod.evaluate_sets, 2))
+    # A second SIGTERM (the launcher's forwarded copy) as the stop's save begins, after epoch 1's best and last: the
+    # save is not cut short.
+    monkeypatch.setattr(train_mod, "save_checkpoint", sigterm_on_call(train_mod.save_checkpoint, 3))
     assert train_mod.main(["--config", str(config)]) == 143
     last = tmp_path / "b" / "run" / "checkpoints" / "last"
     assert capsys.readouterr().err.endswith(f"to go on from {last} (epoch 2, after its step 3)\n")
