@@ -364,7 +364,7 @@ def pack(opts: PackOptions) -> dict:
     label_path = (Path(opts.meta_csv) if opts.meta_csv else
                   Path(opts.root) / (opts.label_file or opts.info().label_file))
     identity = _identity(opts, label_path)
-    _refuse_other_pack(out, identity)
+    kept_split = _refuse_other_pack(out, identity)
     # Shards are only ever resumed with the options and labels they were written with; before the first, any go.
     started = out / STARTED
     begun = _as_identity(_read_json(started)) if started.exists() and any(out.glob("*.tar")) else identity
@@ -392,7 +392,7 @@ def pack(opts: PackOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     held = _hold(out)
     try:
-        return _write(opts, out, label_path, identity, codes, total, unlisted)
+        return _write(opts, out, label_path, identity, codes, total, unlisted, kept_split)
     finally:
         if held is not None:
             lock.let_go(held)
@@ -412,8 +412,9 @@ def _hold(out: Path):
 
 
 def _write(opts: PackOptions, out: Path, label_path: Path, identity: dict, codes: np.ndarray, total: int,
-           unlisted: int) -> dict:
-    """pack()'s writing, once the labels have passed their checks and the folder is held."""
+           unlisted: int, kept_split: dict | None) -> dict:
+    """pack()'s writing, once the labels have passed their checks and the folder is held. `kept_split`: the split as
+    a finished pack of the same identity recorded it, written back so."""
     started = out / STARTED
     recorded = _recorded_hashes(out)  # before a reopen for its left-out images removes the manifest
     _reopen_for_left_out(out, opts, label_path.name)
@@ -469,7 +470,8 @@ def _write(opts: PackOptions, out: Path, label_path: Path, identity: dict, codes
     finally:
         progress.close()
         pool.shutdown(cancel_futures=True)
-    manifest = _manifest(opts, label_path, identity, results, unlisted)
+    manifest = _manifest(opts, label_path, identity if kept_split is None else {**identity, "split": kept_split},
+                         results, unlisted)
     if manifest["skipped"] and not any(r.count for r in results):
         first = manifest["skipped"][0]
         # Its empty shards would be kept by the rerun that follows a fix, as holding every image less those skipped.
@@ -603,12 +605,14 @@ def _differing(ours: dict, theirs: dict) -> list[str]:
     return differs
 
 
-def _refuse_other_pack(out: Path, ours: dict) -> None:
-    """A finished pack in `out` made with other options stays untouched."""
+def _refuse_other_pack(out: Path, ours: dict) -> dict | None:
+    """A finished pack in `out` made with other options stays untouched. The same pack's split as its manifest
+    records it, if there is one: a rerun writes it back as it was (the path it named a split file by, no hash where an
+    older version recorded none), since runs trained on the pack know it by a digest of it (manifest.pack_digest)."""
     try:
         old = read_manifest(out)
     except ShardsMissing:
-        return  # none, or one a kill cut short: an unfinished pack, which pack.json speaks for
+        return None  # none, or one a kill cut short: an unfinished pack, which pack.json speaks for
     # The manifest holds _identity's keys at its top level, but the label file's hash, under source.
     theirs = _as_identity({k: old.get("source", {}).get(k) if k == "label_sha256" else old.get(k) for k in ours})
     if theirs["order"] is None:
@@ -619,6 +623,7 @@ def _refuse_other_pack(out: Path, ours: dict) -> None:
     if differs:
         raise DataError(f"{out} already holds a finished pack made with another {' and another '.join(differs)}: "
                         "pack into another --out")
+    return old.get("split")
 
 
 def _end_with(parent: int) -> None:

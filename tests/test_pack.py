@@ -565,6 +565,7 @@ def test_a_split_file_is_known_by_its_contents_not_by_how_its_path_is_spelt(tmp_
     monkeypatch.chdir(tmp_path)
     again = pack(_opts(tmp_path / "kadid", out, split=SplitSpec("file", file="./split.csv")))
     assert again["splits"] == first["splits"]
+    assert again["split"] == first["split"]  # as recorded: the digest runs trained on it know it by stays
     split_file.write_text(split_file.read_text().replace(",test", ",val"))
     with pytest.raises(DataError, match=r"made with another split file \(its contents changed\): pack into another"):
         pack(_opts(tmp_path / "kadid", out, split=SplitSpec("file", file=str(split_file))))
@@ -747,13 +748,18 @@ def test_a_csv_of_ones_own_with_a_split_column_gives_the_official_split(tmp_path
                                 split=SplitSpec("official"), workers=1, csv=CsvLabels("mine", (1.0, 5.0))))
     assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 2, "val": 2, "test": 2}
     assert manifest["split"] == {"protocol": "official"}  # no ratios or seed, which it does not read
-    # A pack written when manifests recorded every option is the same pack: a rerun finishes it, in today's form.
+    # A pack written when manifests recorded every option is the same pack: a rerun finishes it, its split kept as
+    # recorded, so that the runs trained on it, which know it by a digest of its manifest, still resume.
+    from temu_dist.data.manifest import pack_digest
+
     path = tmp_path / "out" / "manifest.json"
-    path.write_text(json.dumps({**manifest, "split": {"protocol": "official", "ratios": [0.8, 0.0, 0.2], "seed": 0,
-                                                      "index": 0, "file": None, "by_reference": True}}))
+    old = {"protocol": "official", "ratios": [0.8, 0.0, 0.2], "seed": 0, "index": 0, "file": None, "by_reference": True}
+    path.write_text(json.dumps({**manifest, "split": old}))
+    digest = pack_digest(tmp_path / "out")
     assert pack(PackOptions("mine", str(tmp_path / "mine"), str(tmp_path / "out"), "scores.csv",
-                            split=SplitSpec("official"), workers=1, csv=CsvLabels("mine", (1.0, 5.0)))) == manifest
-    assert json.loads(path.read_text())["split"] == {"protocol": "official"}
+                            split=SplitSpec("official"), workers=1, csv=CsvLabels("mine", (1.0, 5.0)))) \
+        == {**manifest, "split": old, "created": json.loads(path.read_text())["created"]}
+    assert pack_digest(tmp_path / "out") == digest
     # An IQA-PyTorch split pickle numbers the CSV's rows, as for its general datasets.
     with open(tmp_path / "split.pkl", "wb") as fh:
         pickle.dump({1: {"train": [0, 1, 2], "val": [], "test": [5]}}, fh)

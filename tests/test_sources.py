@@ -102,6 +102,11 @@ def test_a_short_row_is_named_not_a_crash(tmp_path):
     with pytest.raises(DataError, match=r"^koniq10k_scores_and_distributions.csv row \d+: 12 fields, the header has "
                                         r"\d+ \(a comma in an unquoted name\?\)$"):
         list(read_records("koniq10k", tmp_path / "c"))
+    # Empty fields past the header's, as a spreadsheet's export leaves them, are read as before.
+    koniq(tmp_path / "e", sets=False)
+    with (tmp_path / "e" / "koniq10k_scores_and_distributions.csv").open("a") as fh:
+        fh.write("5.jpg,1,2,3,4,5,15,3.0,0.5,3.1,,\n")
+    assert len(list(read_records("koniq10k", tmp_path / "e"))) == 4
     # An empty name is said as such, not as the split file's missing row.
     koniq(tmp_path / "d")
     with (tmp_path / "d" / "koniq10k_scores_and_distributions.csv").open("a") as fh:

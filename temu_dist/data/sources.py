@@ -215,11 +215,12 @@ def _csv_rows(path: Path, columns: Iterable[str]) -> Iterator[tuple[int, dict[st
                 if col not in reader.fieldnames:
                     raise DataError(f"{path.name}: no column '{col}' ({_columns_said(reader.fieldnames)})")
             for row in reader:
-                if any(row[c] is None for c in columns) or None in row:  # cut short, or fields past the header's
+                # Cut short, or with values past the header's fields (empty ones: a spreadsheet's trailing commas).
+                extra = any(v.strip() for v in row.get(None, ()))
+                if any(row[c] is None for c in columns) or extra:
                     fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, ()))
                     raise DataError(f"{path.name} row {reader.line_num}: {fields} fields, the header has "
-                                    f"{len(reader.fieldnames)}" + (" (a comma in an unquoted name?)" if None in row
-                                                                   else ""))
+                                    f"{len(reader.fieldnames)}" + (" (a comma in an unquoted name?)" if extra else ""))
                 yield reader.line_num, {k: "" if v is None else v for k, v in row.items()}
         except UnicodeDecodeError:
             raise _not_utf8(path) from None
