@@ -28,7 +28,7 @@ IN_EPOCH_FIELDS = {"micro_batches": int, "loss_sum": (int, float), "images": int
 # Saved since a resume may change the batch plan (steps, processes), since each reader takes a contiguous run of the
 # samples (reader_runs), and since a SIGTERM saves an epoch whose evaluation is to come (lr: its record's, the rate of
 # its last step); older checkpoints lack them.
-IN_EPOCH_ADDED = {"steps": int, "processes": int, "reader_runs": bool, "lr": (int, float)}
+IN_EPOCH_ADDED = {"steps": int, "processes": int, "reader_runs": bool, "lr": (int, float), "to_evaluate": bool}
 
 
 def rng_state() -> dict:
@@ -77,10 +77,14 @@ def find_checkpoint(folder: Path) -> Path | None:
 
 def epoch_of(checkpoint: Path) -> int | None:
     """The epoch whose weights a checkpoint folder holds, from its trainer.json; None where it has none, or the
-    weights are from within an epoch (a last checkpoint saved mid-epoch)."""
+    weights are from within an epoch (a last checkpoint saved mid-epoch). An epoch trained whole, its evaluation to
+    come (a stop saved it), is that epoch."""
     try:
         info = json.loads((checkpoint / TRAINER_INFO).read_text())
-        return None if info.get("in_epoch") else int(info["next_epoch"])
+        within = info.get("in_epoch")
+        if not within:
+            return int(info["next_epoch"])
+        return int(info["next_epoch"]) + 1 if within.get("to_evaluate") else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 

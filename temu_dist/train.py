@@ -353,7 +353,7 @@ def _fit(config: Config, run: Run, asked: Callable[[], bool]) -> None:
         in_epoch = {"micro_batches": steps * acc, "steps": steps, "processes": run.plan.world_size,
                     "loss_sum": loss_sum, "images": images, "train_s": train_s,
                     "readers": reader_count(run.plan.world_size, config.data.workers), "reader_runs": True,
-                    "lr": run.lr}
+                    "lr": run.lr, **({"to_evaluate": True} if steps * acc == micro_batches else {})}
         info = {"next_epoch": epoch, "in_epoch": in_epoch, "history": history, "best": run.best,
                 "elapsed_s": time.perf_counter() - started, "extended": run.extended, "packs": run.packs}
         save_checkpoint(ckpt_dir / "last", plain, config, optimizer, scheduler, info)
@@ -729,6 +729,8 @@ def _position(last: Path) -> str:
     within = info.get("in_epoch")
     if not within:
         return f" (after epoch {info['next_epoch']})"
+    if within.get("to_evaluate"):
+        return f" (epoch {info['next_epoch'] + 1} trained, its evaluation to come)"
     step = f", after its step {within['steps']}" if "steps" in within else ""
     return f" (epoch {info['next_epoch'] + 1}{step})"
 

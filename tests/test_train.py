@@ -485,7 +485,7 @@ def test_sigterm_stops_as_ctrl_c_does_and_says_so(tmp_path, shards, monkeypatch,
         signal.signal(signal.SIGTERM, caller)
     last = tmp_path / "run" / "checkpoints" / "last"
     assert capsys.readouterr().err.endswith(f"\ntrain: stopped by SIGTERM; run the same command again to go on from "
-                                            f"{last} (epoch 1, after its step 3)\n")
+                                            f"{last} (epoch 1 trained, its evaluation to come)\n")
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("temu-dist").experiment_id])
     assert run.info.status == "KILLED"
@@ -528,6 +528,7 @@ def test_sigterm_saves_a_checkpoint_after_the_step_it_came_in_and_the_resumed_ru
 def test_sigterm_in_an_evaluation_saves_the_trained_epoch_which_a_resume_evaluates_without_training_it_again(
         tmp_path, shards, monkeypatch, capsys, sigterm_caught):
     import temu_dist.train as train_mod
+    from temu_dist.checkpoint import epoch_of
     from temu_dist.config import dump
 
     whole = train(run_config(tmp_path / "a", shards))
@@ -539,7 +540,8 @@ def test_sigterm_in_an_evaluation_saves_the_trained_epoch_which_a_resume_evaluat
     monkeypatch.setattr(train_mod, "save_checkpoint", sigterm_on_call(train_mod.save_checkpoint, 3))
     assert train_mod.main(["--config", str(config)]) == 143
     last = tmp_path / "b" / "run" / "checkpoints" / "last"
-    assert capsys.readouterr().err.endswith(f"to go on from {last} (epoch 2, after its step 3)\n")
+    assert capsys.readouterr().err.endswith(f"to go on from {last} (epoch 2 trained, its evaluation to come)\n")
+    assert epoch_of(last) == 2  # its weights are epoch 2's, as predict and evaluate say
     monkeypatch.undo()
     counted = stops_after(train_mod.training_inputs, math.inf)
     monkeypatch.setattr(train_mod, "training_inputs", counted)
