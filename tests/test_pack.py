@@ -497,10 +497,7 @@ def test_ctrl_c_or_sigterm_stops_the_workers_at_once_with_one_line(tmp_path, sto
             time.sleep(0.05)
         stop(proc.pid)
         _, err = proc.communicate(timeout=30)
-        deadline = time.monotonic() + 10
-        while _group_alive(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _group_alive(proc.pid), "a worker outlived the pack"
+        _gone(proc.pid, 10)
     finally:
         if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -525,10 +522,7 @@ def test_workers_whose_pack_was_killed_stop_and_let_the_folder_go(tmp_path):
         assert proc.poll() is None, "the pack ended before it could be killed"
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + 20
-        while _group_alive(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _group_alive(proc.pid), "a worker outlived the pack"
+        _gone(proc.pid, 20)
     finally:
         if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -601,6 +595,14 @@ def test_a_phones_multi_picture_jpeg_is_kept_as_the_jpeg_it_is(tmp_path):
         with tarfile.open(shard) as tar:
             stored.update({m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar})
     assert stored["jpg"] == mpo.read_bytes()
+
+
+def _gone(pgid: int, seconds: float) -> None:
+    """Waits for every process of the group to end, for at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _group_alive(pgid), "a worker outlived the pack"
 
 
 def _group_alive(pgid: int) -> bool:
