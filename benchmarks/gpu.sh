@@ -8,9 +8,9 @@
 #   3. data: the training stream on the node's cores, 1/8/15 workers, and the workers it takes to feed step 1;
 #   4. step_compile: step with model.compile=true on ViT-L-14-quickgelu (the tower of the default `pretrained:
 #      openai`), S and I with none/CoOp/CoCoOp;
-#   5. step_modes: S none on that tower eager (its QuickGELU as one SiLU kernel, not yet measured on a GPU) and under
-#      `default` and `max-autotune` (model.compile_mode), profiled. The other modes ran on 2026-11-26
-#      (benchmarks/RESULTS.md); max-autotune autotuned for over 4 minutes on a cold cache;
+#   5. step_modes: S none on that tower eager (its QuickGELU as one SiLU kernel: 123.0 ms on an H200, 2026-11-27) and
+#      under `default` and `max-autotune` (model.compile_mode), profiled. The other modes ran on 2026-11-26
+#      (benchmarks/RESULTS.md); max-autotune autotuned for over 4 minutes on a cold cache, past this script's cap;
 #   6. step_fp8: S with none/CoOp on that tower, compiled, with the bf16 tower and the fp8 one (model.tower_fp8),
 #      profiled, and the fp8 tower's token error against the bf16 one (on an H200 with eager rows too: 3.5 minutes);
 #   7. step_sdpa: S none on that tower, bf16 and fp8, compiled and profiled, with torch's attention kernel and with
@@ -43,10 +43,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
 # One log per suite, holding each row's JSON line and the whole result at its end: the device tool brings back at most
 # 8 files, and a suite its timeout stops still leaves the rows it finished.
-only=" $* "
+# Line-buffered, so that a suite the device tool's limit stops leaves the rows it printed; the script exits 1 if any
+# suite failed or ran past its cap.
+only=" $* " failed=0
 bench() { local name=$1 limit=$2; shift 2
     [ "$only" = "  " ] || [[ "$only" == *" $name "* ]] || return 0
-    timeout "$limit" python3 -m temu_dist.bench "$@" 2>&1 | grep -v "^WARNING:root:No pretrained" | tee "$out/$name.log"; }
+    timeout "$limit" python3 -m temu_dist.bench "$@" 2>&1 | grep --line-buffered -v "^WARNING:root:No pretrained" \
+        | tee "$out/$name.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu.sh: $name failed or ran past ${limit} s" >&2; failed=1; }; }
 bench step 120 step --profile 12
 bench cw_ssim 45 cw_ssim --pairs 64
 bench data 100 data --workers 1 8 15 --epochs 1 --images 960
@@ -59,3 +63,4 @@ bench step_sdpa 330 step --backbone ViT-L-14-quickgelu --modes default --towers 
     --variants S --prompts none --profile 12
 TORCHINDUCTOR_MULTI_KERNEL=1 bench fp8_one_mk 200 step --backbone ViT-L-14-quickgelu --modes default --towers fp8 \
     --variants S --prompts none --profile 12
+exit $failed
