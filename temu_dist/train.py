@@ -666,7 +666,10 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
                     tracker.tags({"best_epoch": str(run.best["epoch"])})
                 tracker.end()
             # The process group stays up: repeat and other callers may train again; the entry points tear it down.
-            accelerator.wait_for_everyone()
+            # Every process waits for the results; one that noted a SIGTERM meanwhile stops them all (the next split
+            # of a series is not begun without it).
+            if _any(accelerator, asked()):
+                raise Terminated
             return summary
     finally:
         if held is not None:

@@ -558,6 +558,20 @@ def test_sigterm_in_an_evaluation_saves_the_trained_epoch_which_a_resume_evaluat
                                             "it anew\n")
 
 
+def test_a_sigterm_as_the_results_are_written_stops_after_them(tmp_path, shards, monkeypatch, capsys, sigterm_caught):
+    """Noted while results.json and the MLflow run were written: the run is whole, and the command still stops (a
+    repeat series does not begin its next split)."""
+    import temu_dist.train as train_mod
+    from temu_dist.config import dump
+
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(dump(run_config(tmp_path, shards, "train.epochs=1"))))
+    monkeypatch.setattr(train_mod, "score_vs_time", sigterm_on_call(train_mod.score_vs_time, 1))
+    assert train_mod.main(["--config", str(config)]) == 143
+    assert capsys.readouterr().err.endswith("(after epoch 1)\n")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["history"][0]["epoch"] == 1
+
+
 def test_resume_with_other_training_settings_is_refused(tmp_path, shards, monkeypatch, capsys):
     import temu_dist.train as train_mod
 
