@@ -159,3 +159,51 @@ def test_an_evaluation_within_training_stops_at_once_and_a_save_after_it_is_not_
             with pytest.raises(Terminated):  # one noted before an evaluation stops it as it begins
                 with sigterm_at_once():
                     raise AssertionError("not stopped")
+
+
+
+LOADER = """
+import time
+import torch
+from temu_dist.data.stream import leave_sigterm_to_the_trainer
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_step_ends
+
+class Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        time.sleep(0.05)
+        return i
+
+loader = torch.utils.data.DataLoader(Slow(), num_workers=1, prefetch_factor=1, worker_init_fn=INIT)
+try:
+    with sigterm_as_ctrl_c(), sigterm_at_step_ends() as asked:
+        for i, _ in enumerate(loader):
+            if i == 2:
+                print("reading", flush=True)
+            if asked() and i >= 12:  # a step's end, batches after the signal
+                print("stopped at a step's end", flush=True)
+                break
+except Terminated:
+    pass
+"""
+
+
+@pytest.mark.parametrize("init", ["leave_sigterm_to_the_trainer", "None"])
+def test_a_training_loaders_workers_leave_a_sigterm_to_the_group_for_the_trainer_to_act_on(init):
+    """scancel signals the loader's workers too: torch's handler let them die, and the trainer, waiting for the step's
+    batch, failed with "exited unexpectedly" (2 of 5 process-group SIGTERMs to a 2-process demo run)."""
+    proc = subprocess.Popen([sys.executable, "-c", LOADER.replace("INIT", init)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "reading\n"
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if init == "None":  # torch's own handler: the worker died of it
+        assert "exited unexpectedly" in err
+    else:
+        assert out == "stopped at a step's end\n", err
