@@ -378,9 +378,9 @@ def _fit(config: Config, run: Run, asked: Callable[[], bool]) -> None:
                 # An epoch trained whole before the resume (its evaluation to come) is not read again.
                 for i, batch in zip(range(micro_batches), run.loader) if skip < micro_batches else ():
                     if i < skip:
-                        # Trained before the resume: the loader passed over these samples without decoding them.
-                        if asked():  # nothing new to save
-                            raise Terminated
+                        # Trained before the resume: the loader passed over these samples without decoding them
+                        # (thousands a second), so a SIGTERM meanwhile waits for the first step's agreement: one
+                        # process stopping here alone left the others in that step's collectives.
                         bar.update()
                         tick = time.perf_counter()
                         continue
