@@ -11,7 +11,6 @@ import json
 import logging
 import multiprocessing as mp
 import random
-import signal
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
@@ -257,15 +256,8 @@ def train_loader(config: Config, folder: str, split: str, per_device_batch: int,
         wds.batched(per_device_batch, collation_fn=collate, partial=False),
     ).with_epoch(nbatches=per_worker)
     loader = DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=torch.cuda.is_available(), worker_init_fn=leave_sigterm_to_the_trainer)
+                        pin_memory=torch.cuda.is_available())
     return loader, micro_batches
-
-
-def leave_sigterm_to_the_trainer(worker_id: int) -> None:
-    """A training loader's worker ignores SIGTERM (scancel signals the whole group): the trainer ends the step in
-    progress, whose batches may still be the worker's to read, and then stops the workers. torch's own handler let the
-    worker die, and the trainer, waiting on it, failed ("exited unexpectedly") with nothing saved."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _seeded_by_name(samples: Iterator[dict], seed: int) -> Iterator[dict]:
