@@ -670,6 +670,9 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
             # of a series is not begun without it).
             if _any(accelerator, asked()):
                 raise Terminated
+            # A barrier last, as before the agreement: an all-reduce's end followed at once by the process group's
+            # teardown let gloo abort a process at exit (-6, "terminate called without an active exception").
+            accelerator.wait_for_everyone()
             return summary
     finally:
         if held is not None:
