@@ -45,6 +45,7 @@ from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.clipiqa import ClipIQA, build_clipiqa
 from temu_dist.model.temu import QualityOutput, TeMuIQA
 from temu_dist.plots import scatter
+from temu_dist.report import read_evaluation
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,9 @@ def _check_out(out: Path) -> None:
     # Only a file evaluate wrote is replaced: `--out RUN_DIR/results.json` lost a run's training results.
     if out.exists() and not _evaluate_wrote(out):
         raise ConfigError(f"--out {out}: it holds what evaluate did not write (a run's results?); give another path")
-    if out.name in ("results.json", "repeat.json") and (out.parent / "config.yaml").is_file():
+    # A run's folder holds config.yaml, a series' repeat-started.json (repeat.STARTED) from their starts.
+    if out.name in ("results.json", "repeat.json") and any((out.parent / f).is_file()
+                                                           for f in ("config.yaml", "repeat-started.json")):
         raise ConfigError(f"--out {out}: train or repeat writes that file in {out.parent} (a run folder) when it "
                           "finishes; give another path")
     check_output_folder(out.parent, "--out")
@@ -271,10 +274,10 @@ def _check_out(out: Path) -> None:
 
 def _evaluate_wrote(path: Path) -> bool:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        read_evaluation(path)  # report's own test of a file evaluate wrote
+    except ConfigError:
         return False
-    return isinstance(data, dict) and set(data) == {"scored", "sets", "config", "rows"}
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

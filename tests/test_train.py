@@ -1017,6 +1017,12 @@ def test_evaluate_scores_every_row_of_a_clipiqa_table_in_one_pass_and_report_lay
         assert main(["--clipiqa", "a", "--config", str(cfg), "--shards", str(shards), "--out", str(path)]) == 1
         assert capsys.readouterr().err == f"evaluate: --out {path}: {why}; give another path\n"
     assert mine.read_text() == '{"notes": "mine"}' and not (run / "results.json").exists()
+    series = tmp_path / "series"  # a repeat series not finished: its repeat.json is repeat's to write
+    series.mkdir()
+    (series / "repeat-started.json").write_text('{"splits": 2}')
+    assert main(["--clipiqa", "a", "--config", str(cfg), "--shards", str(shards), "--out",
+                 str(series / "repeat.json")]) == 1
+    assert "train or repeat writes that file" in capsys.readouterr().err
 
 
 def test_evaluate_stops_on_sigterm_as_on_ctrl_c_with_one_line_and_names_no_epoch_for_mid_epoch_weights(
