@@ -3,7 +3,9 @@ limit, docker stop, kill) met as Ctrl-C is, and the exit status a shell gives ei
 light."""
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -85,6 +87,23 @@ def sigterm_at_once() -> Iterator[None]:
         yield
     finally:
         _deferred = True
+
+
+def sigterm_from_the_trainer_only(worker_id: int) -> None:
+    """A DataLoader's worker_init_fn: the worker ends on its trainer's SIGTERM (the loader's shutdown, Python's exit
+    handler) and lets any other pass. scancel signals the whole group, and torch's handler let a worker die of it
+    while its trainer, deferring the same signal to the step's end, waited on it for the batch ("exited
+    unexpectedly", nothing saved). Ignoring SIGTERM outright hung the trainer's exit, which ends its workers with it."""
+    trainer = os.getppid()
+    # A Python handler cannot see who sent a signal: the worker blocks SIGTERM, and a thread takes each with its sender.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_end_on_sigterm_from, args=(trainer,), name="sigterm", daemon=True).start()
+
+
+def _end_on_sigterm_from(trainer: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer:
+        pass
+    os._exit(0)  # as torch's handler does for its parent's SIGTERM: the worker has nothing of its own to save
 
 
 def stop_code(e: KeyboardInterrupt) -> int:

@@ -159,3 +159,77 @@ def test_an_evaluation_within_training_stops_at_once_and_a_save_after_it_is_not_
             with pytest.raises(Terminated):  # one noted before an evaluation stops it as it begins
                 with sigterm_at_once():
                     raise AssertionError("not stopped")
+
+
+LOADER = """
+import sys
+import time
+import torch
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_step_ends, sigterm_from_the_trainer_only
+
+class Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        time.sleep(0.05)
+        return i
+
+loader = torch.utils.data.DataLoader(Slow(), num_workers=2, prefetch_factor=1, worker_init_fn=INIT)
+if sys.argv[1] == "exit":  # a live iterator left to Python's exit handler, as a test's kept traceback leaves one
+    kept = iter(loader)
+    next(kept)
+    print([w.pid for w in kept._workers], flush=True)
+    sys.exit(0)
+try:
+    with sigterm_as_ctrl_c(), sigterm_at_step_ends() as asked:
+        for i, _ in enumerate(loader):
+            if i == 2:
+                print("reading", flush=True)
+            if asked() and i >= 12:  # a step's end, batches after the signal
+                print("stopped at a step's end", flush=True)
+                break
+except Terminated:
+    pass
+"""
+
+
+def _loader_script(init: str, how: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", LOADER.replace("INIT", init), how], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.mark.parametrize("init", ["sigterm_from_the_trainer_only", "None"])
+def test_a_loaders_workers_leave_a_sigterm_to_the_group_for_the_trainer_to_act_on(init):
+    """scancel signals the loader's workers too: torch's handler let them die, and the trainer, waiting for the step's
+    batch, failed with "exited unexpectedly" (2 of 5 process-group SIGTERMs to a 2-process demo run)."""
+    proc = _loader_script(init, "group")
+    try:
+        assert proc.stdout.readline() == "reading\n"
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if init == "None":  # torch's own handler: the worker died of it
+        assert "exited unexpectedly" in err
+    else:
+        assert out == "stopped at a step's end\n", err
+
+
+def test_a_loaders_workers_end_on_their_trainers_sigterm_so_its_exit_does_not_wait_on_them():
+    """Python's exit handler ends a process's workers with SIGTERM and joins them: workers that ignored SIGTERM hung
+    pytest's exit after "549 passed", on a loader a kept traceback held."""
+    proc = _loader_script("sigterm_from_the_trainer_only", "exit")
+    try:
+        workers = eval(proc.stdout.readline())
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:  # gone, or a zombie where the machine's init does not reap orphans
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                assert f.read().rsplit(")", 1)[1].split()[0] == "Z", f"worker {pid} outlived its trainer"
+        except FileNotFoundError:
+            pass

@@ -27,6 +27,7 @@ from temu_dist.data.augment import decode_rgb, to_input
 from temu_dist.data.keys import name_key
 from temu_dist.data.ldg import LocalDistortion
 from temu_dist.data.manifest import IMAGE_FORMATS, ShardsMissing, read_manifest
+from temu_dist.stop import sigterm_from_the_trainer_only
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ def train_loader(config: Config, folder: str, split: str, per_device_batch: int,
         wds.batched(per_device_batch, collation_fn=collate, partial=False),
     ).with_epoch(nbatches=per_worker)
     loader = DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=torch.cuda.is_available())
+                        pin_memory=torch.cuda.is_available(), worker_init_fn=sigterm_from_the_trainer_only)
     return loader, micro_batches
 
 
@@ -288,5 +289,6 @@ def eval_loader(folder: str, split: str, batch_size: int, rank: int, world_size:
         partial(_decoded, image_hw=image_hw, flip=False, ldg=ldg, ldg_p=1.0),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
-    loader = DataLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
+    loader = DataLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                        worker_init_fn=sigterm_from_the_trainer_only)
     return loader, sum(counts)
