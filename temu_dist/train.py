@@ -497,6 +497,16 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
     """Trains and evaluates as the config says; returns what results.json holds. `on_epoch` gets each epoch's record
     (loss, lr, images/s, elapsed, per-set metrics) on every process: Ray Tune reports it to its scheduler."""
     accelerator, plan = make_accelerator(config)
+    # From here to the end, a SIGTERM waits for a point where the processes agree (the end of the checks, a step's or
+    # an epoch's end) or stops an evaluation, so that every process stops at the same place, with its checkpoint saved
+    # where there is one to save: a process that stopped alone left the others to fail in their next collective.
+    with sigterm_at_step_ends() as asked:
+        return _train(config, on_epoch, accelerator, plan, asked)
+
+
+def _train(config: Config, on_epoch: Callable[[dict], None] | None, accelerator: Accelerator, plan: BatchPlan,
+           asked: Callable[[], bool]) -> dict:
+    """train()'s work, with SIGTERM deferred: `asked()` says whether this process has noted one."""
     check_processes_agree(config, accelerator)
     main = accelerator.is_main_process
     sets = check_data(config)
@@ -593,6 +603,10 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
         clipping = model.gradient_clipping()  # what DeepSpeed's engine does, not what the launch file asked
         _say(accelerator, f"train: DeepSpeed ZeRO stage {accelerator.state.deepspeed_plugin.zero_stage}, gradient "
                           f"clipping {clipping or 'off'}")
+    # A SIGTERM in the checks and loading stops every process here, before the run folder or MLflow is touched; after
+    # here, at the first step's end, with a checkpoint.
+    if _any(accelerator, asked()):
+        raise Terminated
     # Only now that every input has passed its checks: a command that fails must leave an existing run as it was.
     held = _hold_run_folder(run_dir, accelerator)
     try:
@@ -624,57 +638,54 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
             tracker.drop_tag("extended")
         run = Run(accelerator, plan, model, optimizer, scheduler, loader, micro_batches, epoch_shared, sets, tracker,
                   on_epoch, packs={key: digest for key, (_, digest) in packs.items()}, **resumed)
-        # From here to the end, a SIGTERM waits for a step's or an epoch's end (or stops an evaluation), so that
-        # every process stops at the same place with its checkpoint saved.
-        with sigterm_at_step_ends() as asked:
-            try:
-                _fit(config, run, asked)
-            except (SystemExit, KeyboardInterrupt):
-                tracker.end("KILLED")  # how Ray Tune stops a trial early (ASHA), and Ctrl-C
-                raise
-            except BaseException as e:
-                stopped = _stopped_by_sigterm(e)
-                tracker.end("KILLED" if stopped else "FAILED")
-                if main and isinstance(e, NonFiniteLoss):
-                    write_text_atomic(run_dir / NONFINITE, str(e))
-                if stopped:
-                    raise Terminated from e
-                raise
-            summary = {"run_dir": str(run_dir), "processes": plan.world_size, "key_metric": config.train.key_metric,
-                       "best_epoch": run.best["epoch"], "best": run.best["eval"],
-                       "own_best": own_best(run.history, config.train.key_metric, run.best), "history": run.history,
-                       "mlflow_run_id": tracker.run_id, **({"extended": run.extended} if run.extended else {})}
-            # A run that had finished before this call (repeat goes through its splits again) wrote its results then,
-            # and logged them if its MLflow run has the best_epoch tag, which is set last.
-            finished = resumed.get("start_epoch", 0) >= config.train.epochs and (run_dir / "results.json").is_file()
-            if main:
-                if not finished:
-                    write_json_atomic(run_dir / "results.json", summary)
-                    (run_dir / "plots").mkdir(exist_ok=True)
-                    score_vs_time(run.history, [s.name for s in sets], run_dir / "plots" / "score_vs_time.png")
-                elif _add_own_best(run_dir / "results.json", summary["own_best"]) \
-                        and "best_epoch" in tracker.tags_before:
-                    _log_own_best(tracker, summary["own_best"])
-                if not (finished and "best_epoch" in tracker.tags_before):
-                    # The epoch results.json reports, beside the per-epoch curves (whose latest value is the last
-                    # epoch's).
-                    tracker.metrics(eval_metrics(run.best["eval"], "best/"), step=run.best["epoch"])
-                    _log_own_best(tracker, summary["own_best"])
-                    for path in [run_dir / "results.json", *sorted((run_dir / "plots").glob("*.png"))]:
-                        tracker.artifact(path, None if path.suffix != ".png" else "plots")
-                    for path in sorted((ckpt_dir / "best").glob("*")):
-                        tracker.artifact(path, "best")
-                    tracker.tags({"best_epoch": str(run.best["epoch"])})
-                tracker.end()
-            # The process group stays up: repeat and other callers may train again; the entry points tear it down.
-            # Every process waits for the results; one that noted a SIGTERM meanwhile stops them all (the next split
-            # of a series is not begun without it).
-            if _any(accelerator, asked()):
-                raise Terminated
-            # A barrier last, as before the agreement: an all-reduce's end followed at once by the process group's
-            # teardown let gloo abort a process at exit (-6, "terminate called without an active exception").
-            accelerator.wait_for_everyone()
-            return summary
+        try:
+            _fit(config, run, asked)
+        except (SystemExit, KeyboardInterrupt):
+            tracker.end("KILLED")  # how Ray Tune stops a trial early (ASHA), and Ctrl-C
+            raise
+        except BaseException as e:
+            stopped = _stopped_by_sigterm(e)
+            tracker.end("KILLED" if stopped else "FAILED")
+            if main and isinstance(e, NonFiniteLoss):
+                write_text_atomic(run_dir / NONFINITE, str(e))
+            if stopped:
+                raise Terminated from e
+            raise
+        summary = {"run_dir": str(run_dir), "processes": plan.world_size, "key_metric": config.train.key_metric,
+                   "best_epoch": run.best["epoch"], "best": run.best["eval"],
+                   "own_best": own_best(run.history, config.train.key_metric, run.best), "history": run.history,
+                   "mlflow_run_id": tracker.run_id, **({"extended": run.extended} if run.extended else {})}
+        # A run that had finished before this call (repeat goes through its splits again) wrote its results then,
+        # and logged them if its MLflow run has the best_epoch tag, which is set last.
+        finished = resumed.get("start_epoch", 0) >= config.train.epochs and (run_dir / "results.json").is_file()
+        if main:
+            if not finished:
+                write_json_atomic(run_dir / "results.json", summary)
+                (run_dir / "plots").mkdir(exist_ok=True)
+                score_vs_time(run.history, [s.name for s in sets], run_dir / "plots" / "score_vs_time.png")
+            elif _add_own_best(run_dir / "results.json", summary["own_best"]) \
+                    and "best_epoch" in tracker.tags_before:
+                _log_own_best(tracker, summary["own_best"])
+            if not (finished and "best_epoch" in tracker.tags_before):
+                # The epoch results.json reports, beside the per-epoch curves (whose latest value is the last
+                # epoch's).
+                tracker.metrics(eval_metrics(run.best["eval"], "best/"), step=run.best["epoch"])
+                _log_own_best(tracker, summary["own_best"])
+                for path in [run_dir / "results.json", *sorted((run_dir / "plots").glob("*.png"))]:
+                    tracker.artifact(path, None if path.suffix != ".png" else "plots")
+                for path in sorted((ckpt_dir / "best").glob("*")):
+                    tracker.artifact(path, "best")
+                tracker.tags({"best_epoch": str(run.best["epoch"])})
+            tracker.end()
+        # The process group stays up: repeat and other callers may train again; the entry points tear it down.
+        # Every process waits for the results; one that noted a SIGTERM meanwhile stops them all (the next split
+        # of a series is not begun without it).
+        if _any(accelerator, asked()):
+            raise Terminated
+        # A barrier last, as before the agreement: an all-reduce's end followed at once by the process group's
+        # teardown let gloo abort a process at exit (-6, "terminate called without an active exception").
+        accelerator.wait_for_everyone()
+        return summary
     finally:
         if held is not None:
             lock.let_go(held)

@@ -224,11 +224,16 @@ sys.exit(train.main(sys.argv[1:]))
     # epoch's checkpoint and log line.
     ("if rank == '1': train.better = calls(train.better, 2, sigterm)\n"
      "else: train._log_line = calls(train._log_line, 2, lambda: time.sleep(2))", "after epoch 2"),
+    # Rank 0 signalled as it starts its MLflow run, while rank 1 waits in the first step: at the first step's end.
+    ("if rank == '0': train.Tracker = calls(train.Tracker, 1, sigterm)", "epoch 1, after its step 1"),
+    # Rank 1 signalled in the checks before training, while rank 0 goes on to the next collective: before the run.
+    ("if rank == '1': train.check_data = calls(train.check_data, 1, sigterm)", None),
 ])
 def test_a_sigterm_to_one_process_stops_both_at_the_same_place_with_its_checkpoint_saved(shards, tmp_path, patch,
                                                                                          position):
     """Before, the process signalled left alone, and the other waited at its next collective until the timeout (30
-    minutes) or SIGKILL; or, signalled after its last step or its epoch's checkpoint, it left the others to fail."""
+    minutes) or SIGKILL; or, signalled after its last step, its epoch's checkpoint, or before training (in its checks,
+    as it started its MLflow run), it left the others to fail."""
     base = _overrides(shards, tmp_path / "runs", "tracking.enabled=false", "train.epochs=3", "train.batch_size=2")
     procs = _start_nodes(tmp_path, [base, base], SIGNALLED.format(patch=patch))
     try:
@@ -239,9 +244,12 @@ def test_a_sigterm_to_one_process_stops_both_at_the_same_place_with_its_checkpoi
                 p.kill()
     assert [p.returncode for p in procs] == [143, 143], [err[-2000:] for _, err in outputs]
     last = tmp_path / "runs" / "run" / "checkpoints" / "last"
-    for _, err in outputs:  # both nodes name the checkpoint saved at the stop
-        assert err.endswith(f"\ntrain: stopped by SIGTERM; run the same command again to go on from {last} "
-                            f"({position})\n"), err[-2000:]
+    said = "stopped by SIGTERM before its first checkpoint; the same command starts it anew" if position is None \
+        else f"stopped by SIGTERM; run the same command again to go on from {last} ({position})"
+    for _, err in outputs:  # both nodes say where they stopped
+        assert err.endswith(f"\ntrain: {said}\n"), err[-2000:]
+    if position is None:  # stopped before the run folder was touched
+        assert not (tmp_path / "runs" / "run").exists()
     resumed = _two_nodes(tmp_path, [base, base])
     assert [d.returncode for d in resumed] == [0, 0], resumed[0].stderr[-2000:]
     results = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
