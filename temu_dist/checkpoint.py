@@ -146,3 +146,19 @@ def load_trainer_info(folder: Path) -> dict:
         added = {k: kind for k, kind in IN_EPOCH_ADDED.items() if k in info["in_epoch"]}
         _check_fields(info["in_epoch"], added, info_path, "in_epoch.")
     return info
+
+
+def where_it_goes_on(last: Path) -> str:
+    """Where a resume from this checkpoint goes on, as a stop line says it: " (after epoch 2)", " (epoch 3, after its
+    step 40)"."""
+    try:
+        info = load_trainer_info(last)
+    except ConfigError:
+        return ""  # the resume says what is wrong with it
+    within = info.get("in_epoch")
+    if not within:
+        return f" (after epoch {info['next_epoch']})"
+    if within.get("to_evaluate"):
+        return f" (epoch {info['next_epoch'] + 1} trained, its evaluation to come)"
+    step = f", after its step {within['steps']}" if "steps" in within else ""
+    return f" (epoch {info['next_epoch'] + 1}{step})"

@@ -27,6 +27,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from temu_dist.atomic import write_json_atomic
+from temu_dist.checkpoint import find_checkpoint, where_it_goes_on
 from temu_dist.config import Config, ConfigError, check_run_folder, load_config, notices_as_lines
 from temu_dist.data.manifest import read_manifest
 from temu_dist.tracking import config_params, config_tags, finish_run, parent_run, tracking_uri
@@ -170,6 +171,19 @@ def repeat(config: Config, splits: int) -> dict:
     return summary
 
 
+def _how_to_go_on(config: Config | None, splits: int) -> str:
+    """The stop line's rest: the split stopped (the first without results), and where it goes on."""
+    rest = "; run the same command again: finished splits are kept"
+    for i in range(splits if config is not None else 0):
+        run_dir = split_config(config, i).run_dir()
+        if (run_dir / "results.json").is_file():
+            continue
+        last = find_checkpoint(run_dir / "checkpoints" / "last")
+        at = "starts anew" if last is None else f"goes on from {last}{where_it_goes_on(last)}"
+        return f" in split {i + 1}/{splits}{rest}, split {i + 1} {at}"
+    return f"{rest}, the stopped one goes on from its last checkpoint"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m temu_dist.repeat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     says = os.environ.get("LOCAL_RANK", "0") == "0"  # the first process on each node says why it stops
+    config = None
     try:
         config = load_config(args.config, args.overrides)
         with sigterm_as_ctrl_c(), notices_as_lines("repeat"):
@@ -189,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (scancel)
         if says:
             by = " by SIGTERM" if isinstance(e, Terminated) else ""
-            print(f"\nrepeat: stopped{by}; run the same command again: finished splits are kept, the stopped one goes "
-                  "on from its last checkpoint", file=sys.stderr)
+            print(f"\nrepeat: stopped{by}{_how_to_go_on(config, args.splits)}", file=sys.stderr)
         return stop_code(e)
     finally:
         PartialState().destroy_process_group()

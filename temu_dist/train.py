@@ -37,7 +37,7 @@ from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist import lock, resume
 from temu_dist.best import better, own_best
 from temu_dist.checkpoint import (find_checkpoint, load_saved_config, load_trainer_info, load_trainer_state,
-                                  save_checkpoint, set_rng_state)
+                                  save_checkpoint, set_rng_state, where_it_goes_on)
 from temu_dist.config import (MLFLOW_FOLDERS, Config, ConfigError, check_output_folder, check_run_folder, dump,
                               flatten, load_config, notices_as_lines)
 from temu_dist.data.augment import normalize
@@ -738,21 +738,6 @@ def _add_own_best(path: Path, own: dict[str, dict]) -> bool:
     return True
 
 
-def _position(last: Path) -> str:
-    """Where a resume from this checkpoint goes on: " (after epoch 2)", " (epoch 3, after its step 40)"."""
-    try:
-        info = load_trainer_info(last)
-    except ConfigError:
-        return ""  # the resume says what is wrong with it
-    within = info.get("in_epoch")
-    if not within:
-        return f" (after epoch {info['next_epoch']})"
-    if within.get("to_evaluate"):
-        return f" (epoch {info['next_epoch'] + 1} trained, its evaluation to come)"
-    step = f", after its step {within['steps']}" if "steps" in within else ""
-    return f" (epoch {info['next_epoch'] + 1}{step})"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m temu_dist.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -775,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         by = " by SIGTERM" if isinstance(e, Terminated) else ""
         if says and config is not None:
             last = find_checkpoint(config.run_dir() / "checkpoints" / "last")
-            at = "" if last is None else _position(last)
+            at = "" if last is None else where_it_goes_on(last)
             how = "the same command starts it anew" if last is None else \
                 f"run the same command again to go on from {last}{at}" if config.train.resume == "auto" else \
                 f"run it with train.resume=auto to go on from {last}{at}"

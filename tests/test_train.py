@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from temu_dist import stop
-from temu_dist.config import ConfigError
+from temu_dist.config import ConfigError, dump
 from temu_dist.data.splits import SplitSpec
 from temu_dist.pack import PackOptions, pack
 from temu_dist.tracking import Tracker
@@ -501,7 +501,6 @@ def test_sigterm_saves_a_checkpoint_after_the_step_it_came_in_and_the_resumed_ru
         tmp_path, shards, monkeypatch, capsys, sigterm_caught, per_device, plcc_over, at, saved_steps):
     """SLURM's time limit sends SIGTERM 30 s before SIGKILL: without checkpoint_every, a run lost its whole epoch."""
     import temu_dist.train as train_mod
-    from temu_dist.config import dump
 
     # 3 optimizer steps of 4 images an epoch, in micro-batches of per_device.
     settings = (f"train.per_device_batch={per_device}", f"train.plcc_over={plcc_over}")
@@ -529,7 +528,6 @@ def test_sigterm_in_an_evaluation_saves_the_trained_epoch_which_a_resume_evaluat
         tmp_path, shards, monkeypatch, capsys, sigterm_caught):
     import temu_dist.train as train_mod
     from temu_dist.checkpoint import epoch_of
-    from temu_dist.config import dump
 
     whole = train(run_config(tmp_path / "a", shards))
     config = tmp_path / "c.yaml"
@@ -562,7 +560,6 @@ def test_a_sigterm_as_the_results_are_written_stops_after_them(tmp_path, shards,
     """Noted while results.json and the MLflow run were written: the run is whole, and the command still stops (a
     repeat series does not begin its next split)."""
     import temu_dist.train as train_mod
-    from temu_dist.config import dump
 
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps(dump(run_config(tmp_path, shards, "train.epochs=1"))))
@@ -602,7 +599,6 @@ def test_resume_with_other_training_settings_is_refused(tmp_path, shards, monkey
 
 def test_a_data_worker_ended_by_sigterm_stops_the_run_as_sigterm_does(tmp_path, shards, monkeypatch, capsys):
     import temu_dist.train as train_mod
-    from temu_dist.config import dump
     from temu_dist.train import main
 
     # scancel and docker stop signal the whole process group: a worker may die of it before the main process meets
@@ -687,7 +683,6 @@ def test_a_run_saved_before_plcc_over_existed_resumes_with_a_warning_and_a_saved
 
 
 def test_a_run_saved_before_a_key_existed_is_held_to_the_value_it_had():
-    from temu_dist.config import dump
     from temu_dist.resume import first_change
 
     saved = dump(tiny_config())
@@ -707,7 +702,6 @@ def test_a_relative_sqlite_store_keeps_its_artifacts_beside_it(tmp_path, shards,
 
 
 def test_unreachable_tracking_server_warns_and_training_goes_on(tmp_path, shards, capsys):
-    from temu_dist.config import dump
     from temu_dist.train import main
 
     with pytest.warns(UserWarning, match="MLflow tracking at http://127.0.0.1:9 is not usable"):
@@ -913,6 +907,35 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     anew = client.get_run((tmp_path / "rep" / "mlflow_parent_run_id").read_text())
     assert anew.info.run_id != finished and anew.info.status == "FAILED" and anew.data.params["train.lr"] == "0.01"
     assert client.get_run(finished).info.status == "FINISHED"
+
+
+def test_a_repeat_stopped_by_sigterm_names_the_split_and_where_it_goes_on(tmp_path, monkeypatch, capsys,
+                                                                           sigterm_caught):
+    """The stop line said only "the stopped one goes on from its last checkpoint", not which, nor where."""
+    import temu_dist.repeat as repeat_mod
+    import temu_dist.train as train_mod
+
+    root = tmp_path / "kadid"
+    write_kadid(root, refs=10, per_ref=2, size=(64, 64))
+    for i in range(3):
+        pack(PackOptions("kadid10k", str(root), str(tmp_path / f"split{i}"),
+                         split=SplitSpec("ratio", (0.6, 0.2, 0.2), index=i, by_reference=True), workers=1))
+    real = repeat_mod.train
+
+    def second_split_signalled(config):
+        if config.name == "rep-split1":  # SIGTERM as its epoch 1 reads step 2 (3 steps an epoch)
+            monkeypatch.setattr(train_mod, "training_inputs", sigterm_on_call(train_mod.training_inputs, 2))
+        return real(config)
+
+    monkeypatch.setattr(repeat_mod, "train", second_split_signalled)
+    config = tmp_path / "rep.json"
+    config.write_text(json.dumps(dump(run_config(tmp_path, str(tmp_path / "split{split}"), "name=rep",
+                                                 "tracking.enabled=false"))))
+    assert repeat_mod.main(["--config", str(config), "--splits", "3"]) == 143
+    last = tmp_path / "rep-split1" / "checkpoints" / "last"
+    assert capsys.readouterr().err.endswith(
+        "\nrepeat: stopped by SIGTERM in split 2/3; run the same command again: finished splits are kept, split 2 "
+        f"goes on from {last} (epoch 1, after its step 2)\n")
 
 
 def test_each_set_is_reported_at_its_own_best_epoch_where_a_nan_never_wins():
