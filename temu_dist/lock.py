@@ -21,16 +21,22 @@ class NoLocks(Exception):
 def take(path: Path) -> IO[str]:
     """The file at `path`, locked, naming this process in it; let_go() gives it back."""
     handle = open(path, "a+", encoding="utf-8")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "a process that did not say which"
-        handle.close()
-        raise Busy(holder) from None
-    except OSError as e:  # ENOLCK, ENOSYS
-        handle.close()
-        raise NoLocks(e.strerror) from None
+    # Tried again for a moment: holder()'s look (report's) holds the lock shared for an instant, and the file then
+    # names the job before, which is not there.
+    for wait in (0.01, 0.05, 0.2, None):
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if wait is None:
+                handle.seek(0)
+                holder = handle.read().strip() or "a process that did not say which"
+                handle.close()
+                raise Busy(holder) from None
+            time.sleep(wait)
+        except OSError as e:  # ENOLCK, ENOSYS
+            handle.close()
+            raise NoLocks(e.strerror) from None
     handle.truncate(0)
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
