@@ -13,11 +13,14 @@ of: some of its images may be ones the checkpoint trained on.
 With eval.ldg=true each set is also scored on locally distorted copies against f(x, x') * MOS (SET-ldg; seed Figs.
 10, 11). Prints one JSON object:
 {set: {srcc, plcc, krcc, count, expected}} ({row: {set: ...}} for a table), strict JSON (an undefined metric is null);
---out writes it with what was scored, for `python -m temu_dist.report FILE.json`.
+--out writes it with what was scored, for `python -m temu_dist.report FILE.json`; --scores writes each image's
+score (set, name, target, score) to a CSV.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import logging
 import sys
@@ -30,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
-from temu_dist.atomic import strict, write_json_atomic
+from temu_dist.atomic import strict, write_json_atomic, write_text_atomic
 from temu_dist.checkpoint import epoch_of
 from temu_dist.config import Config, ConfigError, check_output_folder, dump, is_override, load_config
 from temu_dist.data.augment import normalize
@@ -64,6 +67,7 @@ class SetResult:
     metrics: dict  # srcc, plcc, krcc, count, expected; a SET-ldg set's also pred_mean, target_mean
     pred: np.ndarray
     mos: np.ndarray  # the targets: normalised MOS, or f(x, x') * MOS for a SET-ldg set
+    names: list[str] | None = None  # the samples', in pred's order, where asked for
 
 
 def scatter_plots(results: dict[str, SetResult], folder: Path, label: str) -> list[Path]:
@@ -132,23 +136,24 @@ def result_names(sets: list[EvalSet], config: Config) -> list[str]:
     return [name for s in sets for name in (s.name, f"{s.name}-ldg")[:1 + config.eval.ldg]]
 
 
-def evaluate_sets(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Accelerator,
-                  config: Config) -> dict[str, SetResult]:
+def evaluate_sets(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Accelerator, config: Config,
+                  names: bool = False) -> dict[str, SetResult]:
     """Scores every set on every process, gathers (name, score, target) from all of them; metrics on every process.
-    With eval.ldg, each set's images are scored a second time with a local distortion, against y' = f(x, x') * y."""
-    return {name: results[0] for name, results in _evaluate(model, sets, accelerator, config, 1).items()}
+    With eval.ldg, each set's images are scored a second time with a local distortion, against y' = f(x, x') * y.
+    `names`: the results hold the samples' names (every process gathers them)."""
+    return {name: results[0] for name, results in _evaluate(model, sets, accelerator, config, 1, names).items()}
 
 
-def evaluate_columns(model: ClipIQA, sets: list[EvalSet], accelerator: Accelerator,
-                     config: Config) -> dict[str, dict[str, SetResult]]:
+def evaluate_columns(model: ClipIQA, sets: list[EvalSet], accelerator: Accelerator, config: Config,
+                     names: bool = False) -> dict[str, dict[str, SetResult]]:
     """{column: {set: result}} of a model that gives several scores an image (CLIP-IQA's option table), in one pass."""
-    by_set = _evaluate(model, sets, accelerator, config, len(model.columns))
+    by_set = _evaluate(model, sets, accelerator, config, len(model.columns), names)
     return {column: {name: results[i] for name, results in by_set.items()} for i, column in enumerate(model.columns)}
 
 
 @torch.no_grad()
 def _evaluate(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Accelerator, config: Config,
-              width: int) -> dict[str, list[SetResult]]:
+              width: int, names: bool) -> dict[str, list[SetResult]]:
     """Each set's results, one per score the model gives an image (`width` of them)."""
     was_training = model.training
     model.eval()
@@ -158,7 +163,7 @@ def _evaluate(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Accele
         loader, expected = eval_loader(s.shards, s.split, config.eval.batch_size, accelerator.process_index,
                                        accelerator.num_processes, config.data.workers,
                                        s.image_hw or config.model.image_hw(), ldg, config.seed)
-        keys, scored, distorted = [], ([], []), ([], [])
+        keys, named, scored, distorted = [], [] if names else None, ([], []), ([], [])
         # Shown where a set takes more than a few seconds (FLIVE's and AVA's take minutes), as train's epoch bar is
         # shown: on a terminal it gives way to what follows, in a log it ends its own line.
         tty = sys.stderr.isatty()
@@ -168,15 +173,17 @@ def _evaluate(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Accele
                 x = batch["image"].to(accelerator.device, non_blocking=True)
                 mos = batch["mos"].to(accelerator.device, non_blocking=True)
                 keys.append(np.array([name_key(n) for n in batch["name"]], dtype=np.int64))
+                if named is not None:
+                    named.extend(batch["name"])
                 _append(scored, _score(model, x), mos)
                 if ldg is not None:
                     x_ldg = batch["ldg_image"].to(accelerator.device, non_blocking=True)
                     _append(distorted, _score(model, x_ldg), ldg_targets(x, x_ldg, mos, config.ldg))
                 # The first process's pace, taken for all of theirs (its share may be one sample more).
                 bar.update(min(len(mos) * accelerator.num_processes, expected - bar.n))
-        results[s.name] = _gathered(s.name, keys, scored, expected, accelerator, width)
+        results[s.name] = _gathered(s.name, keys, named, scored, expected, accelerator, width)
         if ldg is not None:
-            results[f"{s.name}-ldg"] = _gathered(f"{s.name}-ldg", keys, distorted, expected, accelerator, width)
+            results[f"{s.name}-ldg"] = _gathered(f"{s.name}-ldg", keys, named, distorted, expected, accelerator, width)
             for result in results[f"{s.name}-ldg"]:
                 # Fig. 11 compares the mean prediction on distorted images with the mean of their targets.
                 result.metrics.update(pred_mean=float(result.pred.mean()), target_mean=float(result.mos.mean()))
@@ -197,19 +204,24 @@ def _append(lists: tuple[list, list], pred: torch.Tensor, target: torch.Tensor) 
     lists[1].append(target.float().cpu().numpy().copy())
 
 
-def _gathered(name: str, keys: list[np.ndarray], scored: tuple[list, list], expected: int,
+def _gathered(name: str, keys: list[np.ndarray], named: list[str] | None, scored: tuple[list, list], expected: int,
               accelerator: Accelerator, width: int) -> list[SetResult]:
     """Every process's (name key, scores [n, width], target) of one set, in name order, with each score's
-    metrics."""
+    metrics; and the names, where `named` holds this process's."""
     mine = tuple(np.concatenate(p) if p else np.zeros(shape, dtype) for p, shape, dtype in
                  ((keys, 0, np.int64), (scored[0], (0, width), np.float32), (scored[1], 0, np.float32)))
-    parts = gather_object([mine])
+    parts = gather_object([(*mine, named)])
     key, pred, target = (np.concatenate([part[i] for part in parts]) for i in range(3))
     if len(np.unique(key)) != len(key):
         raise RuntimeError(f"evaluation of {name} saw a sample twice: the exactly-once split is broken")
     order = np.argsort(key)  # the same order whatever the number of processes
     pred, target = pred[order].astype(np.float64), target[order].astype(np.float64)
-    results = [SetResult({**correlations(column, target), "expected": expected}, column, target) for column in pred.T]
+    names = None
+    if named is not None:
+        every = [n for part in parts for n in part[3]]
+        names = [every[i] for i in order]
+    results = [SetResult({**correlations(column, target), "expected": expected}, column, target, names)
+               for column in pred.T]
     if results[0].metrics["count"] != expected and accelerator.is_main_process:
         log.warning("%s: scored %d of %d samples (corrupt samples were skipped, named above)", name,
                     results[0].metrics["count"], expected)
@@ -272,6 +284,46 @@ def _check_out(out: Path) -> None:
     check_output_folder(out.parent, "--out")
 
 
+SCORES_HEADER = ["set", "name", "target"]  # then a score column per option (score, for one)
+
+
+def _check_scores(path: Path) -> None:
+    if path.suffix != ".csv":
+        raise ConfigError(f"--scores {path}: a .csv file")
+    if path.is_dir():
+        raise ConfigError(f"--scores {path}: it is a folder, not a file")
+    # Only a file evaluate wrote is replaced: a slip could name a dataset's label CSV.
+    if path.exists():
+        try:
+            with open(path, encoding="utf-8", newline="") as f:
+                header = next(csv.reader(f), [])
+        except (OSError, UnicodeDecodeError, csv.Error):
+            header = []
+        if header[:len(SCORES_HEADER)] != SCORES_HEADER:
+            raise ConfigError(f"--scores {path}: it holds what evaluate did not write (a label file?); give another "
+                              "path")
+    check_output_folder(path.parent, "--scores")
+
+
+def _write_scores(path: Path, rows: dict[str, dict[str, SetResult]]) -> int:
+    """Every sample of every set, a row each (set, name, target, then each option's score), by name within a set,
+    written whole; returns the rows."""
+    labels = list(rows)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow([*SCORES_HEADER, *(["score"] if len(labels) == 1 else labels)])
+    count = 0
+    for name, first in rows[labels[0]].items():
+        # As float32, the precision scored in: the shortest digits that give it back (0.0065, not 0.00650000013).
+        columns = [first.mos.astype(np.float32), *(rows[label][name].pred.astype(np.float32) for label in labels)]
+        for i in sorted(range(len(first.names)), key=first.names.__getitem__):
+            writer.writerow([name, first.names[i], *(str(c[i]) for c in columns)])
+        count += len(first.names)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text.getvalue())
+    return count
+
+
 def _evaluate_wrote(path: Path) -> bool:
     try:
         read_evaluation(path)  # report's own test of a file evaluate wrote
@@ -301,6 +353,9 @@ def _command(argv: list[str] | None) -> int:
     parser.add_argument("--plots", metavar="DIR", help="also draw each set's predicted-versus-target scatter here")
     parser.add_argument("--out", metavar="FILE.json",
                         help="also write the scores, with what was scored, to this file (a row of `report`'s tables)")
+    parser.add_argument("--scores", metavar="FILE.csv",
+                        help="also write every image's score to this CSV: set, name, target (MOS normalised to [0, 1] "
+                             "by the pack's scale, as trained), then the score (a column per option of a table)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     bad = [o for o in args.overrides if not is_override(o)]
@@ -322,6 +377,8 @@ def _command(argv: list[str] | None) -> int:
             check_output_folder(Path(args.plots), "--plots")
         if args.out:
             _check_out(Path(args.out))
+        if args.scores:
+            _check_scores(Path(args.scores))
         if args.checkpoint:
             folder = checkpoint_dir(args.checkpoint)
             model, config = load_model(folder, args.overrides, accelerator.device)
@@ -347,8 +404,9 @@ def _command(argv: list[str] | None) -> int:
             print(f"evaluate: scoring {scored.get('checkpoint') or f'CLIP-IQA {args.clipiqa}'}"
                   + (f" (epoch {scored['epoch']})" if "epoch" in scored else "") + " on "
                   + ", ".join(f"{s.name} ({s.shards} {s.split})" for s in sets), file=sys.stderr)
-        rows = evaluate_columns(model, sets, accelerator, config) if label is None else \
-            {label: evaluate_sets(model, sets, accelerator, config)}
+        named = bool(args.scores)
+        rows = evaluate_columns(model, sets, accelerator, config, named) if label is None else \
+            {label: evaluate_sets(model, sets, accelerator, config, named)}
     except ConfigError as e:
         if accelerator.is_main_process:  # every process meets it alike
             print(f"evaluate: {e}", file=sys.stderr)
@@ -367,6 +425,9 @@ def _command(argv: list[str] | None) -> int:
                 "scored": scored, "sets": {s.name: {"shards": s.shards, "split": s.split} for s in sets},
                 "config": dump(config), "rows": metrics})
             print(f"evaluate: written to {args.out}", file=sys.stderr)
+        if args.scores:
+            count = _write_scores(Path(args.scores), rows)
+            print(f"evaluate: {count} images' scores written to {args.scores}", file=sys.stderr)
         if args.plots:
             for path in scatter_plots(rows[label], Path(args.plots), label):
                 print(f"evaluate: wrote {path}", file=sys.stderr)

@@ -109,13 +109,19 @@ def test_one_and_two_processes_reach_the_same_weights_and_metrics(shards, one_pr
 
     # Evaluating that checkpoint with 1 and with 2 processes: the same 7 samples, the same metrics.
     run = str(one_process)
-    single = json.loads(_launch(1, "temu_dist.evaluate", ["--checkpoint", run], tmp_path).stdout)
+    single = json.loads(_launch(1, "temu_dist.evaluate", ["--checkpoint", run, "--scores", str(tmp_path / "1.csv")],
+                                tmp_path).stdout)
     # Without ACCELERATE_USE_CPU, as evaluate's docstring launches it: still one group of two, not two runs.
     bare = {k: v for k, v in _env(tmp_path).items() if k != "ACCELERATE_USE_CPU"}
-    double = json.loads(_launch(2, "temu_dist.evaluate", ["--checkpoint", run], tmp_path, env=bare).stdout)
+    double = json.loads(_launch(2, "temu_dist.evaluate", ["--checkpoint", run, "--scores", str(tmp_path / "2.csv")],
+                                tmp_path, env=bare).stdout)
     assert single["test"]["count"] == double["test"]["count"] == single["test"]["expected"] == 7
     for key in ("srcc", "plcc", "krcc"):
         assert single["test"][key] == pytest.approx(double["test"][key], abs=1e-6)
+    # Each image's score, gathered from both processes: the same rows in the same order.
+    one, two = ([line.split(",") for line in (tmp_path / f"{n}.csv").read_text().splitlines()] for n in (1, 2))
+    assert [row[:3] for row in one] == [row[:3] for row in two] and len(one) == 1 + 7  # a header
+    assert [float(row[3]) for row in one[1:]] == pytest.approx([float(row[3]) for row in two[1:]], abs=1e-6)
 
 
 def test_sigkilled_run_resumes_to_the_results_of_an_unbroken_one(shards, tmp_path):

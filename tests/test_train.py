@@ -1,4 +1,5 @@
 """train(config) in-process on one CPU process: results, checkpoints, MLflow, resume and the bad-input paths."""
+import csv
 import json
 import math
 import os
@@ -1109,6 +1110,44 @@ def test_evaluate_verb_prints_strict_json_with_an_undefined_metric_as_null(tmp_p
     monkeypatch.setattr(evaluate, "tqdm", Shown)
     assert evaluate.main(["--clipiqa", "a", "--config", str(cfg), "--shards", str(shards)]) == 0
     assert re.search(r"evaluate shards:test: 100%\|.*\| (\d+)/\1 ", capsys.readouterr().err)
+
+
+def test_evaluate_writes_every_images_score_from_which_its_metrics_come_again(tmp_path, shards, capsys):
+    """IQA work goes on from per-image scores (significance tests, failure cases, plots of one's own): evaluate gave
+    only each set's metrics."""
+    from scipy.stats import spearmanr
+
+    from temu_dist.evaluate import main
+
+    cfg = tmp_path / "zs.yaml"
+    cfg.write_text("model: {backbone: Test-Tiny-ViT-16, pretrained: null, image_size: 64}\n")
+    scores, out = tmp_path / "new" / "scores.csv", tmp_path / "table.json"
+    assert main(["--clipiqa", "table", "--config", str(cfg), "--shards", str(shards), "--shards", f"v={shards}:val",
+                 "--out", str(out), "--scores", str(scores)]) == 0
+    table = json.loads(out.read_text())["rows"]
+    with open(scores, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["set", "name", "target", *table]
+    for name in ("shards:test", "v"):
+        mine = [r for r in rows if r["set"] == name]
+        assert len({r["name"] for r in mine}) == len(mine) == table["all layers (c)"][name]["count"] > 0
+        for option, metrics in table.items():
+            got = spearmanr([float(r[option]) for r in mine], [float(r["target"]) for r in mine]).statistic
+            assert got == pytest.approx(metrics[name]["srcc"], abs=1e-6)
+    assert capsys.readouterr().err.endswith(f"evaluate: {len(rows)} images' scores written to {scores}\n")
+    # One option: its column is the score.
+    assert main(["--clipiqa", "a", "--config", str(cfg), "--shards", str(shards), "--scores", str(scores)]) == 0
+    with open(scores, newline="") as f:
+        assert next(csv.reader(f)) == ["set", "name", "target", "score"]
+    # A file evaluate did not write (a slip for a dataset's labels) is left as it is, and so is a name not .csv.
+    labels = tmp_path / "mos.csv"
+    labels.write_text("image_name,MOS\nI01.png,4.5\n")
+    capsys.readouterr()
+    for path, why in ((labels, "it holds what evaluate did not write (a label file?); give another path"),
+                      (tmp_path / "s.json", "a .csv file")):
+        assert main(["--clipiqa", "a", "--config", str(cfg), "--shards", str(shards), "--scores", str(path)]) == 1
+        assert capsys.readouterr().err == f"evaluate: --scores {path}: {why}\n"
+    assert labels.read_text() == "image_name,MOS\nI01.png,4.5\n"
 
 
 def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, capsys):
