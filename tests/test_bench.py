@@ -70,6 +70,7 @@ def test_step_suite_rows():
     assert rows["none"]["text_gflops_per_step"] == 0 < rows["cocoop"]["text_gflops_per_step"]
     for r in rows.values():
         assert r["step_s"] > 0 and r["tower_images_per_s"] == pytest.approx(2 * r["samples_per_s"], rel=0.01)
+        assert r["step_s_range"][0] <= r["step_s"] <= r["step_s_range"][1]
         assert 0 < r["mfu"] <= r["mfu_all"]
         ops = r["profile"]["ops"]
         assert len(ops) == 5 and ops[0]["self_ms"] >= ops[-1]["self_ms"] > 0 and sum(o["share"] for o in ops) <= 1.001

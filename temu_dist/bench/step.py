@@ -172,7 +172,9 @@ def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.d
     seconds = sorted(times)[len(times) // 2]  # the median: one slow step (a GC, a page fault) does not count
     tower_images = 2 * batch
     flops = step_flops(model, tower_images)
-    row = {"step_s": round(seconds, 4), "samples_per_s": sig(batch / seconds),
+    # The fastest and slowest timed step: how far apart two rows' medians must be to tell them apart.
+    row = {"step_s": round(seconds, 4), "step_s_range": [round(min(times), 4), round(max(times), 4)],
+           "samples_per_s": sig(batch / seconds),
            "tower_images_per_s": sig(tower_images / seconds), "warmup_s": round(warmup_s, 1),
            "image_gflops_per_image": sig(flops.image_forward / tower_images / 1e9),
            "text_gflops_per_step": sig(flops.text / 1e9),
