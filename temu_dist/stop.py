@@ -3,6 +3,7 @@ limit, docker stop, kill) met as Ctrl-C is, and the exit status a shell gives ei
 light."""
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
 import threading
@@ -93,8 +94,15 @@ def sigterm_from_the_trainer_only(worker_id: int) -> None:
     """A DataLoader's worker_init_fn: the worker ends on its trainer's SIGTERM (the loader's shutdown, Python's exit
     handler) and lets any other pass. scancel signals the whole group, and torch's handler let a worker die of it
     while its trainer, deferring the same signal to the step's end, waited on it for the batch ("exited
-    unexpectedly", nothing saved). Ignoring SIGTERM outright hung the trainer's exit, which ends its workers with it."""
-    trainer = os.getppid()
+    unexpectedly", nothing saved). Ignoring SIGTERM outright hung the trainer's exit, which ends its workers with it.
+    Processes the worker starts inherit the block: the data code starts none (no webdataset pipe: URLs).
+    This holds for workers started by fork (Linux's default before Python 3.14). Under spawn and forkserver (macOS;
+    3.14 on Linux) a thread the worker started before its init may take the signal with torch's handler, and a group
+    SIGTERM ends the fork server, whose workers torch's watchdog then ends: as before, a stop may fail there."""
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: torch's handler stays
+        return
+    # Not getppid(): under forkserver (Python 3.14's default on Linux) the worker's parent is the fork server.
+    trainer = mp.parent_process().pid
     # A Python handler cannot see who sent a signal: the worker blocks SIGTERM, and a thread takes each with its sender.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_end_on_sigterm_from, args=(trainer,), name="sigterm", daemon=True).start()

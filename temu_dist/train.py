@@ -66,8 +66,8 @@ RUN_LOCK = "train.lock"  # in a run folder: held while a training writes it
 
 
 # torch's report of a data worker a SIGTERM ended: sent to the whole process group (scancel, docker stop), the signal
-# ends a worker that has not yet reached its worker_init_fn (stop.sigterm_from_the_trainer_only), and this error would
-# stand in for the stop.
+# ends a worker not yet past its worker_init_fn (stop.sigterm_from_the_trainer_only), or one started by spawn or
+# forkserver, and this error would stand in for the stop.
 WORKER_TERMINATED = re.compile(r"DataLoader worker \(pid \d+\) is killed by signal: Terminated")
 
 
