@@ -288,12 +288,12 @@ SCORES_HEADER = ["set", "name", "target"]  # then a score column per option (sco
 
 
 def _check_scores(path: Path) -> None:
-    if path.suffix != ".csv":
+    if path.suffix.lower() != ".csv":
         raise ConfigError(f"--scores {path}: a .csv file")
     if path.is_dir():
         raise ConfigError(f"--scores {path}: it is a folder, not a file")
     # Only a file evaluate wrote is replaced: a slip could name a dataset's label CSV.
-    if path.exists():
+    if path.exists() and path.stat().st_size:  # an empty one (mktemp's) holds nothing to lose
         try:
             with open(path, encoding="utf-8", newline="") as f:
                 header = next(csv.reader(f), [])
@@ -355,7 +355,8 @@ def _command(argv: list[str] | None) -> int:
                         help="also write the scores, with what was scored, to this file (a row of `report`'s tables)")
     parser.add_argument("--scores", metavar="FILE.csv",
                         help="also write every image's score to this CSV: set, name, target (MOS normalised to [0, 1] "
-                             "by the pack's scale, as trained), then the score (a column per option of a table)")
+                             "by the pack's scale, as trained; f(x, x') * that for a SET-ldg set), then the score (a "
+                             "column per option of a table)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     bad = [o for o in args.overrides if not is_override(o)]

@@ -173,9 +173,14 @@ def repeat(config: Config, splits: int) -> dict:
 
 def _how_to_go_on(config: Config | None, splits: int) -> str:
     """The stop line's rest: the split stopped (the first without results), and where it goes on."""
-    rest = "; run the same command again: finished splits are kept"
-    for i in range(splits if config is not None else 0):
-        run_dir = split_config(config, i).run_dir()
+    again = "run the same command again" if config is None or config.train.resume != "never" else \
+        "the same command starts the series anew; run it with train.resume=auto"
+    rest = f"; {again}: finished splits are kept"
+    try:
+        runs = [split_config(config, i).run_dir() for i in range(splits if config is not None else 0)]
+    except ConfigError:  # stopped before repeat checked data.train
+        runs = []
+    for i, run_dir in enumerate(runs):
         if (run_dir / "results.json").is_file():
             continue
         last = find_checkpoint(run_dir / "checkpoints" / "last")

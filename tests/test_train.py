@@ -937,6 +937,11 @@ def test_a_repeat_stopped_by_sigterm_names_the_split_and_where_it_goes_on(tmp_pa
     assert capsys.readouterr().err.endswith(
         "\nrepeat: stopped by SIGTERM in split 2/3; run the same command again: finished splits are kept, split 2 "
         f"goes on from {last} (epoch 1, after its step 2)\n")
+    # Under train.resume=never the same command would train every split anew.
+    assert repeat_mod.main(["--config", str(config), "--splits", "3", "train.resume=never"]) == 143
+    assert capsys.readouterr().err.endswith(
+        "\nrepeat: stopped by SIGTERM in split 2/3; the same command starts the series anew; run it with "
+        f"train.resume=auto: finished splits are kept, split 2 goes on from {last} (epoch 1, after its step 2)\n")
 
 
 def test_each_set_is_reported_at_its_own_best_epoch_where_a_nan_never_wins():
@@ -1135,7 +1140,9 @@ def test_evaluate_writes_every_images_score_from_which_its_metrics_come_again(tm
             got = spearmanr([float(r[option]) for r in mine], [float(r["target"]) for r in mine]).statistic
             assert got == pytest.approx(metrics[name]["srcc"], abs=1e-6)
     assert capsys.readouterr().err.endswith(f"evaluate: {len(rows)} images' scores written to {scores}\n")
-    # One option: its column is the score.
+    # One option: its column is the score; into an empty file (mktemp's), named .CSV.
+    scores = tmp_path / "made.CSV"
+    scores.touch()
     assert main(["--clipiqa", "a", "--config", str(cfg), "--shards", str(shards), "--scores", str(scores)]) == 0
     with open(scores, newline="") as f:
         assert next(csv.reader(f)) == ["set", "name", "target", "score"]
