@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable
@@ -507,102 +508,107 @@ def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dic
 def _train(config: Config, on_epoch: Callable[[dict], None] | None, accelerator: Accelerator, plan: BatchPlan,
            asked: Callable[[], bool]) -> dict:
     """train()'s work, with SIGTERM deferred: `asked()` says whether this process has noted one."""
-    check_processes_agree(config, accelerator)
-    main = accelerator.is_main_process
-    sets = check_data(config)
-    if "order" not in read_manifest(config.data.train):
-        _say(accelerator, f"train: warning: {config.data.train} was packed by an earlier temu-dist in its label file's "
-                          "order, in which a batch is a stretch of it (one generator, distortion or reference image): "
-                          "pack it again")
-    run_dir = config.run_dir()
-    ckpt_dir = run_dir / "checkpoints"
-    set_seed(config.seed)
-    device = accelerator.device
-    epoch_shared = SharedEpoch(0)
-    loader, micro_batches = train_loader(config, config.data.train, config.data.train_split, plan.per_device,
-                                         plan.accumulation, accelerator.process_index, plan.world_size,
-                                         epoch_shared, config.model.image_hw())
-    steps_per_epoch = micro_batches // plan.accumulation
-    model = build_model(config, device)
-    _describe(config, plan, micro_batches, accelerator, model)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
-                                 weight_decay=config.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * config.train.epochs)
-    resumed = {}
-    last = find_checkpoint(ckpt_dir / "last") if config.train.resume != "never" else None
-    packs = resume.packs(config)  # once: checked against a resumed run's, and kept in this run's checkpoints
-    if len(set(gather_object([last is not None]))) > 1:
-        raise ConfigError(f"out_dir: some processes see {ckpt_dir / 'last'} and some do not; a run folder must lie "
-                          "on a filesystem every node shares")
-    if config.train.resume == "extend":
-        resume.run_to_extend(config, last)
-    extending = False
-    if last is not None:
-        saved = resume.as_packed_here(with_legacy_fields(load_saved_config(last)), packs, load_trainer_info(last), last)
-        resume.check_resumable(saved, config, last)
-        if "train.plcc_over" not in flatten(saved) and _plcc_over_step(config, plan):
-            _say(accelerator, f"train: warning: {last} predates train.plcc_over, when PLCC under gradient accumulation "
-                              "was taken over each micro-batch; the rest of this run takes it over the whole step "
-                              "(train.plcc_over=micro_batch: as before)")
-        load_weights(model, last, config)
-        state, info = load_trainer_state(last)
-        extending = config.train.resume == "extend" and resume.extends(saved, info, config, last)
-        how = "finished" if info["next_epoch"] >= config.train.epochs else "extended" if extending else "resumed"
-        resume.check_same_evaluation(saved, config, last, info, how)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        saved_position = info.get("in_epoch", {})
-        if saved_position and "steps" not in saved_position \
-                and saved["train"].get("per_device_batch") != config.train.per_device_batch:
-            raise ConfigError(f"train.per_device_batch: {last} holds a mid-epoch position saved before a resume could "
-                              f"change it; resume with {saved['train'].get('per_device_batch')!r}")
-        extended = info.get("extended", [])
-        if extending:
-            extended = [*extended, resume.extend_schedule(scheduler, saved["train"]["epochs"], config.train.epochs,
-                                                          steps_per_epoch)]
-            _say(accelerator, f"train: {run_dir} goes from {extended[-1]['epochs_from']} to {config.train.epochs} "
-                              f"epochs: from its step {extended[-1]['after_step']} on, the learning rate follows a "
-                              f"{config.train.epochs}-epoch cosine ({extended[-1]['lr_from']:.3g} -> "
-                              f"{extended[-1]['lr_to']:.3g}), unlike a run started for {config.train.epochs} epochs")
-        in_epoch = resume.in_this_plan(saved_position, plan)
-        resumed = {"start_epoch": info["next_epoch"], "in_epoch": in_epoch, "history": info["history"],
-                   "best": info["best"], "elapsed_s": info["elapsed_s"], "extended": extended,
-                   "lr": in_epoch.get("lr", 0.0)}
-        at = f", after its step {in_epoch['micro_batches'] // plan.accumulation} of {steps_per_epoch}," \
-            if in_epoch else ""
-        if info["next_epoch"] >= config.train.epochs:
-            epochs = config.train.epochs
-            _say(accelerator, f"train: {run_dir} has finished its {epochs} epoch{'s' * (epochs != 1)} ({last}): "
-                              "nothing left to train")
-        else:
-            _say(accelerator, f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1}{at} from {last}")
-        # Lists of another length where the readers' number changed; a checkpoint that does not say its plan is only
-        # compared by that number.
-        reads = resume.saved_reads(saved_position, config) if in_epoch else None
-        readers = reader_count(plan.world_size, config.data.workers)
-        moved = reads != resume.read_per_reader(in_epoch["micro_batches"], plan.per_device, plan.world_size,
-                                                readers // plan.world_size) if reads is not None \
-            else bool(in_epoch) and saved_position["readers"] != readers
-        rest = f"the rest of epoch {info['next_epoch'] + 1} reads the samples in another order, so some repeat in it " \
-            "and some are left out"
-        if moved:
-            saved = resume.readers_said(saved_position["processes"], saved_position["readers"],
-                                        resume.saved_per_device(saved_position, config)) \
-                if reads is not None else f"{saved_position['readers']} data readers"
-            _say(accelerator, f"train: warning: the data readers stand elsewhere than where {last} left off "
-                              f"({resume.readers_said(plan.world_size, readers, plan.per_device)} now, {saved} at "
-                              f"the checkpoint): {rest}")
-        elif in_epoch and saved_position["readers"] > 1 and "reader_runs" not in saved_position \
-                and not config.data.resampled:
-            _say(accelerator, f"train: warning: {last} was saved by a version that split the samples over its "
-                              f"{saved_position['readers']} data readers otherwise: {rest}")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    keep_buffers_in_place(model)
-    if accelerator.state.deepspeed_plugin is not None:
-        clipping = model.gradient_clipping()  # what DeepSpeed's engine does, not what the launch file asked
-        _say(accelerator, f"train: DeepSpeed ZeRO stage {accelerator.state.deepspeed_plugin.zero_stage}, gradient "
-                          f"clipping {clipping or 'off'}")
+    # One process has no other to agree with: a SIGTERM in its checks and loading (a download of pretrained weights
+    # may take minutes) stops it at once.
+    with sigterm_at_once() if accelerator.num_processes == 1 else nullcontext():
+        check_processes_agree(config, accelerator)
+        main = accelerator.is_main_process
+        sets = check_data(config)
+        if "order" not in read_manifest(config.data.train):
+            _say(accelerator, f"train: warning: {config.data.train} was packed by an earlier temu-dist in its label "
+                              "file's order, in which a batch is a stretch of it (one generator, distortion or "
+                              "reference image): pack it again")
+        run_dir = config.run_dir()
+        ckpt_dir = run_dir / "checkpoints"
+        set_seed(config.seed)
+        device = accelerator.device
+        epoch_shared = SharedEpoch(0)
+        loader, micro_batches = train_loader(config, config.data.train, config.data.train_split, plan.per_device,
+                                             plan.accumulation, accelerator.process_index, plan.world_size,
+                                             epoch_shared, config.model.image_hw())
+        steps_per_epoch = micro_batches // plan.accumulation
+        model = build_model(config, device)
+        _describe(config, plan, micro_batches, accelerator, model)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
+                                     weight_decay=config.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * config.train.epochs)
+        resumed = {}
+        last = find_checkpoint(ckpt_dir / "last") if config.train.resume != "never" else None
+        packs = resume.packs(config)  # once: checked against a resumed run's, and kept in this run's checkpoints
+        if len(set(gather_object([last is not None]))) > 1:
+            raise ConfigError(f"out_dir: some processes see {ckpt_dir / 'last'} and some do not; a run folder must lie "
+                              "on a filesystem every node shares")
+        if config.train.resume == "extend":
+            resume.run_to_extend(config, last)
+        extending = False
+        if last is not None:
+            saved = resume.as_packed_here(with_legacy_fields(load_saved_config(last)), packs, load_trainer_info(last),
+                                          last)
+            resume.check_resumable(saved, config, last)
+            if "train.plcc_over" not in flatten(saved) and _plcc_over_step(config, plan):
+                _say(accelerator, f"train: warning: {last} predates train.plcc_over, when PLCC under gradient "
+                                  "accumulation was taken over each micro-batch; the rest of this run takes it over "
+                                  "the whole step (train.plcc_over=micro_batch: as before)")
+            load_weights(model, last, config)
+            state, info = load_trainer_state(last)
+            extending = config.train.resume == "extend" and resume.extends(saved, info, config, last)
+            how = "finished" if info["next_epoch"] >= config.train.epochs else "extended" if extending else "resumed"
+            resume.check_same_evaluation(saved, config, last, info, how)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            saved_position = info.get("in_epoch", {})
+            if saved_position and "steps" not in saved_position \
+                    and saved["train"].get("per_device_batch") != config.train.per_device_batch:
+                raise ConfigError(f"train.per_device_batch: {last} holds a mid-epoch position saved before a resume "
+                                  f"could change it; resume with {saved['train'].get('per_device_batch')!r}")
+            extended = info.get("extended", [])
+            if extending:
+                extended = [*extended, resume.extend_schedule(scheduler, saved["train"]["epochs"], config.train.epochs,
+                                                              steps_per_epoch)]
+                _say(accelerator, f"train: {run_dir} goes from {extended[-1]['epochs_from']} to {config.train.epochs} "
+                                  f"epochs: from its step {extended[-1]['after_step']} on, the learning rate follows a "
+                                  f"{config.train.epochs}-epoch cosine ({extended[-1]['lr_from']:.3g} -> "
+                                  f"{extended[-1]['lr_to']:.3g}), unlike a run started for {config.train.epochs} "
+                                  "epochs")
+            in_epoch = resume.in_this_plan(saved_position, plan)
+            resumed = {"start_epoch": info["next_epoch"], "in_epoch": in_epoch, "history": info["history"],
+                       "best": info["best"], "elapsed_s": info["elapsed_s"], "extended": extended,
+                       "lr": in_epoch.get("lr", 0.0)}
+            at = f", after its step {in_epoch['micro_batches'] // plan.accumulation} of {steps_per_epoch}," \
+                if in_epoch else ""
+            if info["next_epoch"] >= config.train.epochs:
+                epochs = config.train.epochs
+                _say(accelerator, f"train: {run_dir} has finished its {epochs} epoch{'s' * (epochs != 1)} ({last}): "
+                                  "nothing left to train")
+            else:
+                _say(accelerator, f"train: resuming {run_dir} at epoch {info['next_epoch'] + 1}{at} from {last}")
+            # Lists of another length where the readers' number changed; a checkpoint that does not say its plan is only
+            # compared by that number.
+            reads = resume.saved_reads(saved_position, config) if in_epoch else None
+            readers = reader_count(plan.world_size, config.data.workers)
+            moved = reads != resume.read_per_reader(in_epoch["micro_batches"], plan.per_device, plan.world_size,
+                                                    readers // plan.world_size) if reads is not None \
+                else bool(in_epoch) and saved_position["readers"] != readers
+            rest = f"the rest of epoch {info['next_epoch'] + 1} reads the samples in another order, so some repeat " \
+                "in it and some are left out"
+            if moved:
+                saved = resume.readers_said(saved_position["processes"], saved_position["readers"],
+                                            resume.saved_per_device(saved_position, config)) \
+                    if reads is not None else f"{saved_position['readers']} data readers"
+                _say(accelerator, f"train: warning: the data readers stand elsewhere than where {last} left off "
+                                  f"({resume.readers_said(plan.world_size, readers, plan.per_device)} now, {saved} at "
+                                  f"the checkpoint): {rest}")
+            elif in_epoch and saved_position["readers"] > 1 and "reader_runs" not in saved_position \
+                    and not config.data.resampled:
+                _say(accelerator, f"train: warning: {last} was saved by a version that split the samples over its "
+                                  f"{saved_position['readers']} data readers otherwise: {rest}")
+        model, optimizer = accelerator.prepare(model, optimizer)
+        keep_buffers_in_place(model)
+        if accelerator.state.deepspeed_plugin is not None:
+            clipping = model.gradient_clipping()  # what DeepSpeed's engine does, not what the launch file asked
+            _say(accelerator, f"train: DeepSpeed ZeRO stage {accelerator.state.deepspeed_plugin.zero_stage}, gradient "
+                              f"clipping {clipping or 'off'}")
     # A SIGTERM in the checks and loading stops every process here, before the run folder or MLflow is touched; after
     # here, at the first step's end, with a checkpoint.
     if _any(accelerator, asked()):

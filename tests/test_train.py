@@ -492,6 +492,22 @@ def test_sigterm_stops_as_ctrl_c_does_and_says_so(tmp_path, shards, monkeypatch,
     assert run.info.status == "KILLED"
 
 
+def test_one_process_signalled_in_its_checks_stops_at_once(tmp_path, shards, monkeypatch, capsys, sigterm_caught):
+    """With no other process to agree with, it need not load its model (a download of pretrained weights may take
+    minutes, past SLURM's 30 s to SIGKILL) before it stops."""
+    import temu_dist.train as train_mod
+
+    monkeypatch.setattr(train_mod, "check_data", sigterm_on_call(train_mod.check_data, 1))
+    built = stops_after(train_mod.build_model, math.inf)
+    monkeypatch.setattr(train_mod, "build_model", built)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(dump(run_config(tmp_path, shards))))
+    assert train_mod.main(["--config", str(config)]) == 143
+    assert built.calls == 0 and not (tmp_path / "run").exists()
+    assert capsys.readouterr().err.endswith("stopped by SIGTERM before its first checkpoint; the same command starts "
+                                            "it anew\n")
+
+
 @pytest.mark.parametrize("per_device, plcc_over, at, saved_steps", [
     (4, "step", 5, 2),  # one micro-batch a step: the step it came in is trained and saved
     (2, "micro_batch", 9, 1),  # the first micro-batch of epoch 2's step 2: that step is let go
