@@ -19,7 +19,8 @@ class NoLocks(Exception):
 
 
 def take(path: Path) -> IO[str]:
-    """The file at `path`, locked, naming this process in it; let_go() gives it back."""
+    """The file at `path`, locked, naming this process in it; let_go() gives it back. Busy where another process
+    still holds it after a quarter of a second."""
     handle = open(path, "a+", encoding="utf-8")
     # Tried again for a moment: holder()'s look (report's) holds the lock shared for an instant, and the file then
     # names the job before, which is not there.
