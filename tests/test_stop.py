@@ -7,22 +7,29 @@ import time
 
 import pytest
 
-SCRIPT = """
+# A dataset whose samples each take 50 ms, for the scripts below.
+SLOW = """
 import time
 import torch
-from temu_dist.stop import Terminated, sigterm_as_ctrl_c
 
 class Slow(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.n = n
+
     def __len__(self):
-        return 1000
+        return self.n
 
     def __getitem__(self, i):
         time.sleep(0.05)
         return i
+"""
+
+SCRIPT = SLOW + """
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c
 
 with sigterm_as_ctrl_c():
     try:
-        for i, _ in enumerate(torch.utils.data.DataLoader(Slow(), num_workers=2)):
+        for i, _ in enumerate(torch.utils.data.DataLoader(Slow(1000), num_workers=2)):
             if i == 2:
                 print("reading", flush=True)
     except Terminated:
@@ -161,23 +168,13 @@ def test_an_evaluation_within_training_stops_at_once_and_a_save_after_it_is_not_
                     raise AssertionError("not stopped")
 
 
-LOADER = """
+LOADER = SLOW + """
 import sys
-import time
-import torch
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_step_ends, sigterm_from_the_trainer_only
-
-class Slow(torch.utils.data.Dataset):
-    def __len__(self):
-        return 40
-
-    def __getitem__(self, i):
-        time.sleep(0.05)
-        return i
 
 if __name__ == "__main__":
     how, context = sys.argv[1:]
-    loader = torch.utils.data.DataLoader(Slow(), num_workers=2, prefetch_factor=1, worker_init_fn=INIT,
+    loader = torch.utils.data.DataLoader(Slow(40), num_workers=2, prefetch_factor=1, worker_init_fn=INIT,
                                          multiprocessing_context=context)
     if how == "exit":
         kept = iter(loader)
@@ -220,13 +217,13 @@ def test_a_loaders_workers_leave_a_sigterm_to_the_group_for_the_trainer_to_act_o
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    if init == "None":  # torch's own handler: the worker died of it
-        assert "exited unexpectedly" in err
+    if init == "None":  # torch's own handler: the worker died of it, reported either way as the signals fall
+        assert "exited unexpectedly" in err or "is killed by signal: Terminated" in err, err
     else:
         assert out == "stopped at a step's end\n", err
 
 
-@pytest.mark.parametrize("context", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("context", ["fork", "forkserver"])
 def test_a_loaders_workers_end_on_their_trainers_sigterm_so_its_exit_does_not_wait_on_them(tmp_path, context):
     """Python's exit handler ends a process's workers with SIGTERM and joins them: workers that ignored SIGTERM hung
     pytest's exit after "549 passed", on a loader a kept traceback held. Under forkserver (Python 3.14's default) a
