@@ -38,18 +38,23 @@ with sigterm_as_ctrl_c():
 """
 
 
+def _group_signalled_as_it_reads(proc: subprocess.Popen) -> tuple[str, str]:
+    """A script's (stdout, stderr) after SIGTERM to its whole group once it prints "reading", as scancel sends it."""
+    try:
+        assert proc.stdout.readline() == "reading\n"
+        os.killpg(proc.pid, signal.SIGTERM)
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_a_sigterm_to_the_group_lets_the_cleanup_finish_while_the_dataloader_workers_die_of_it():
     """scancel signals the whole group, DataLoader workers too: torch raised "worker killed" inside repeat's cleanup,
     which left its MLflow parent run RUNNING."""
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    try:
-        assert proc.stdout.readline() == "reading\n"
-        os.killpg(proc.pid, signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    out, err = _group_signalled_as_it_reads(proc)
     assert out == "cleaned up\n", err
     assert proc.returncode == 0
 
@@ -209,14 +214,7 @@ def _loader_script(tmp_path, init: str, how: str, context: str) -> subprocess.Po
 def test_a_loaders_workers_leave_a_sigterm_to_the_group_for_the_trainer_to_act_on(tmp_path, init):
     """scancel signals the loader's workers too: torch's handler let them die, and the trainer, waiting for the step's
     batch, failed with "exited unexpectedly" (2 of 5 process-group SIGTERMs to a 2-process demo run)."""
-    proc = _loader_script(tmp_path, init, "group", "fork")
-    try:
-        assert proc.stdout.readline() == "reading\n"
-        os.killpg(proc.pid, signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    out, err = _group_signalled_as_it_reads(_loader_script(tmp_path, init, "group", "fork"))
     if init == "None":  # torch's own handler: the worker died of it, reported either way as the signals fall
         assert "exited unexpectedly" in err or "is killed by signal: Terminated" in err, err
     else:
