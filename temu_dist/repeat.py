@@ -173,11 +173,11 @@ def repeat(config: Config, splits: int) -> dict:
 
 def _how_to_go_on(config: Config | None, splits: int) -> str:
     """The stop line's rest: the split stopped (the first without results), and where it goes on."""
-    again = "run the same command again" if config is None or config.train.resume != "never" else \
-        "the same command starts the series anew; run it with train.resume=auto"
+    again = "the same command starts the series anew; run it with train.resume=auto" \
+        if config is not None and config.train.resume == "never" else "run the same command again"
     rest = f"; {again}: finished splits are kept"
     try:
-        runs = [split_config(config, i).run_dir() for i in range(splits if config is not None else 0)]
+        runs = [] if config is None else [split_config(config, i).run_dir() for i in range(splits)]
     except ConfigError:  # stopped before repeat checked data.train
         runs = []
     for i, run_dir in enumerate(runs):

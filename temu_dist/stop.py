@@ -61,9 +61,9 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
 def sigterm_at_step_ends() -> Iterator[Callable[[], bool]]:
     """Within (train(), under sigterm_as_ctrl_c), SIGTERM is noted, not raised: the processes ask the function this
     yields where they agree (after their checks, at each step) and stop there, with a checkpoint saved once training
-    has begun; SLURM's time limit gives 30 s
-    (KillWait) before SIGKILL. A second SIGTERM does not hurry it: torchrun's agent forwards the one each worker has
-    already had. A SIGTERM noted and not acted on is raised on leaving. Ctrl-C still stops at once."""
+    has begun; SLURM's time limit gives 30 s (KillWait) before SIGKILL. A second SIGTERM does not hurry it: torchrun's
+    agent forwards the one each worker has already had. A SIGTERM noted and not acted on is raised on leaving. Ctrl-C
+    still stops at once."""
     global _deferred, _asked
     _deferred, _asked = True, False
     try:

@@ -177,61 +177,51 @@ LOADER = SLOW + """
 import sys
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_step_ends, sigterm_from_the_trainer_only
 
-if __name__ == "__main__":
-    how, context = sys.argv[1:]
-    loader = torch.utils.data.DataLoader(Slow(40), num_workers=2, prefetch_factor=1, worker_init_fn=INIT,
-                                         multiprocessing_context=context)
-    if how == "exit":
-        kept = iter(loader)
-        next(kept)
-        first = kept._workers[0]
-        first.terminate()  # the trainer's own SIGTERM, as its loader's shutdown sends a worker that does not end
-        first.join(30)
-        print([first.exitcode, [w.pid for w in kept._workers]], flush=True)
-        sys.exit(0)  # a live iterator left to Python's exit handler, as a test's kept traceback leaves one
-    try:
-        with sigterm_as_ctrl_c(), sigterm_at_step_ends() as asked:
-            for i, _ in enumerate(loader):
-                if i == 2:
-                    print("reading", flush=True)
-                if asked() and i >= 12:  # a step's end, batches after the signal
-                    print("stopped at a step's end", flush=True)
-                    break
-    except Terminated:
-        pass
+loader = torch.utils.data.DataLoader(Slow(40), num_workers=2, prefetch_factor=1, worker_init_fn=INIT)
+if sys.argv[1] == "exit":
+    kept = iter(loader)
+    next(kept)
+    first = kept._workers[0]
+    first.terminate()  # the trainer's own SIGTERM, as its loader's shutdown sends a worker that does not end
+    first.join(30)
+    print([first.exitcode, [w.pid for w in kept._workers]], flush=True)
+    sys.exit(0)  # a live iterator left to Python's exit handler, as a test's kept traceback leaves one
+try:
+    with sigterm_as_ctrl_c(), sigterm_at_step_ends() as asked:
+        for i, _ in enumerate(loader):
+            if i == 2:
+                print("reading", flush=True)
+            if asked() and i >= 12:  # a step's end, batches after the signal
+                print("stopped at a step's end", flush=True)
+                break
+except Terminated:
+    pass
 """
 
 
-def _loader_script(tmp_path, init: str, how: str, context: str) -> subprocess.Popen:
-    """A file, not -c: spawn and forkserver workers import the script's Dataset from it."""
-    script = tmp_path / "loader.py"
-    script.write_text(LOADER.replace("INIT", init))
-    return subprocess.Popen([sys.executable, str(script), how, context], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+def _loader_script(init: str, how: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", LOADER.replace("INIT", init), how], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 @pytest.mark.parametrize("init", ["sigterm_from_the_trainer_only", "None"])
-def test_a_loaders_workers_leave_a_sigterm_to_the_group_for_the_trainer_to_act_on(tmp_path, init):
+def test_a_loaders_workers_leave_a_sigterm_to_the_group_for_the_trainer_to_act_on(init):
     """scancel signals the loader's workers too: torch's handler let them die, and the trainer, waiting for the step's
     batch, failed with "exited unexpectedly" (2 of 5 process-group SIGTERMs to a 2-process demo run)."""
-    out, err = _group_signalled_as_it_reads(_loader_script(tmp_path, init, "group", "fork"))
+    out, err = _group_signalled_as_it_reads(_loader_script(init, "group"))
     if init == "None":  # torch's own handler: the worker died of it, reported either way as the signals fall
         assert "exited unexpectedly" in err or "is killed by signal: Terminated" in err, err
     else:
         assert out == "stopped at a step's end\n", err
 
 
-@pytest.mark.parametrize("context", ["fork", "forkserver"])
-def test_a_loaders_workers_end_on_their_trainers_sigterm_so_its_exit_does_not_wait_on_them(tmp_path, context):
+def test_a_loaders_workers_end_on_their_trainers_sigterm_so_its_exit_does_not_wait_on_them():
     """Python's exit handler ends a process's workers with SIGTERM and joins them: workers that ignored SIGTERM hung
-    pytest's exit after "549 passed", on a loader a kept traceback held. Under forkserver (Python 3.14's default) a
-    worker's parent process is the fork server, not the trainer that ends it."""
-    proc = _loader_script(tmp_path, "sigterm_from_the_trainer_only", "exit", context)
+    pytest's exit after "549 passed", on a loader a kept traceback held."""
+    proc = _loader_script("sigterm_from_the_trainer_only", "exit")
     try:
         code, workers = eval(proc.stdout.readline())
-        # Ended: by its own thread (0), or, in a forkserver's worker, by torch's handler in a thread the worker started
-        # before its init, which takes the signal first (-15).
-        assert code in (0, -signal.SIGTERM) if context == "forkserver" else code == 0
+        assert code == 0  # ended by its own thread, on the trainer's SIGTERM
         assert proc.wait(timeout=60) == 0, proc.stderr.read()
     finally:
         if proc.poll() is None:
