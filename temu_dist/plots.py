@@ -15,6 +15,11 @@ from PIL import Image  # noqa: E402
 from temu_dist.atomic import write_atomic  # noqa: E402
 
 HEATMAP_COLOURS = "RdYlGn"  # red is bad, green is good
+# EXIF orientation -> the turn that shows an image as viewers show it. Pillow keeps this table inside exif_transpose,
+# which turns an image but not the patch-score map that goes with it.
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
 
 
 def heatmap_overlay(image: Image.Image, patch_scores: np.ndarray, alpha: float = 0.45,
@@ -28,12 +33,24 @@ def heatmap_overlay(image: Image.Image, patch_scores: np.ndarray, alpha: float =
     return Image.blend(rgb, Image.fromarray(colours), alpha)
 
 
+def upright(image: Image.Image, patch_scores: np.ndarray, orientation: int) -> tuple[Image.Image, np.ndarray]:
+    """The image and its patch-score map [gh, gw] turned together as the EXIF orientation tag says (1, or none of
+    2-8: as they are)."""
+    turn = UPRIGHT.get(orientation)
+    if turn is None:
+        return image, patch_scores
+    grid = Image.fromarray(np.asarray(patch_scores, dtype=np.float32), mode="F").transpose(turn)
+    return image.transpose(turn), np.asarray(grid)
+
+
 def heatmap(image: Image.Image, patch_scores: np.ndarray, score: float, path: str | Path, name: str = "",
-            stretch: bool = False) -> Path:
+            stretch: bool = False, orientation: int = 1) -> Path:
     """The overlay under the image's name and score, with a colour bar for the patch scores. Shown at the image's own
     pixel size, brought within 256-1024 px on its longer side so small images stay legible and large ones stay light.
     The colours span 0-1, the same for every image; `stretch`: this map's own lowest to highest score, which shows
-    where a model whose patch scores differ little looks, but not how much."""
+    where a model whose patch scores differ little looks, but not how much. `orientation`: the file's EXIF tag, by
+    which the image and its map are shown upright, as viewers show the photo."""
+    image, patch_scores = upright(image, patch_scores, orientation)
     lo, hi = float(patch_scores.min()), float(patch_scores.max())
     span = (lo, hi) if stretch and hi > lo else (0.0, 1.0)
     w, h = image.size

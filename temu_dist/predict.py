@@ -17,11 +17,12 @@ import csv
 import io
 import json
 import os
+import struct
 import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
@@ -90,6 +91,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     if not args.images:
         parser.error("no images given")
     return args, overrides
+
+
+def _orientation(path: str) -> int:
+    """The file's EXIF orientation tag; 1 (as stored) where it has none or its EXIF cannot be parsed: the tag only
+    turns a heatmap upright, and the score stands without it."""
+    try:
+        with Image.open(path) as im:
+            return int(im.getexif().get(ExifTags.Base.Orientation, 1))
+    except (OSError, ValueError, SyntaxError, struct.error):
+        return 1
 
 
 def _check_heatmaps(heat_dir: Path, images: list[str], names: list[str]) -> None:
@@ -182,7 +193,8 @@ def predict(argv: list[str] | None = None) -> int:
                     try:
                         (heat_dir / name).parent.mkdir(parents=True, exist_ok=True)
                         heatmap(TF.to_pil_image(im), out.patch_scores[i].float().cpu().numpy(), row["score"],
-                                heat_dir / name, Path(path).name, stretch=args.heatmap_scale == "stretch")
+                                heat_dir / name, Path(path).name, stretch=args.heatmap_scale == "stretch",
+                                orientation=_orientation(path))
                         maps += 1
                     except OSError as e:  # a subfolder not writable, or a file in its place: the scores go on
                         failed += 1

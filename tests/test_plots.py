@@ -1,9 +1,10 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
-from temu_dist.plots import layer_lines, layer_study, prompt_cells, prompt_table, scatter
+from temu_dist.plots import layer_lines, layer_study, prompt_cells, prompt_table, scatter, upright
 
 
 def test_search_plots_are_written(tmp_path):
@@ -148,3 +149,19 @@ def test_a_plot_whose_write_fails_leaves_the_earlier_one_whole(tmp_path, monkeyp
     with pytest.raises(OSError, match="No space left"):
         scatter(np.array([0.1, 0.5, 0.9]), np.array([0.9, 0.4, 0.1]), "second", "target", path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["scatter.png"]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_heatmap_is_turned_upright_as_pillow_turns_the_photo_and_its_map_turns_with_it(tmp_path, orientation):
+    grid = np.arange(8, dtype=np.float32).reshape(2, 4)
+    # Each patch's pixels hold its score, so the map lines up with the image where each cell's pixels hold its own.
+    cells = lambda g, size: np.asarray(Image.fromarray(g * 30, mode="F").resize(size, Image.NEAREST))
+    image = Image.fromarray(cells(grid, (80, 40)).astype(np.uint8)).convert("RGB")
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    image.save(tmp_path / "photo.png", exif=exif)
+    shown = ImageOps.exif_transpose(Image.open(tmp_path / "photo.png"))
+    turned, turned_grid = upright(image, grid, orientation)
+    assert np.array_equal(np.asarray(turned), np.asarray(shown))
+    assert turned.size == ((40, 80) if orientation >= 5 else (80, 40))
+    assert np.array_equal(cells(turned_grid, turned.size), np.asarray(turned)[..., 0])

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from temu_dist.data.augment import normalize, to_input
 from temu_dist.model.io import save_model
@@ -182,6 +182,23 @@ def test_a_16_bit_grey_png_scores_as_its_8_bit_copy(checkpoint, tmp_path, capsys
     assert predict(["--checkpoint", str(run), str(tmp_path / "grey16.png"), str(tmp_path / "grey8.png")]) == 0
     scores = [json.loads(line)["score"] for line in capsys.readouterr().out.splitlines()]
     assert scores[0] == scores[1]
+
+
+def test_a_phone_photo_is_scored_as_stored_and_its_heatmap_shown_upright(checkpoint, tmp_path, capsys):
+    run, _ = checkpoint
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 80, 3), dtype=np.uint8)  # stored lying on its side
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # as a phone held upright tags it: viewers turn it a quarter clockwise
+    Image.fromarray(pixels).save(tmp_path / "tagged.jpg", exif=exif)
+    Image.fromarray(pixels).save(tmp_path / "plain.jpg")
+    paths = [str(tmp_path / "tagged.jpg"), str(tmp_path / "plain.jpg")]
+    assert predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "maps"), *paths]) == 0
+    scores = [json.loads(line)["score"] for line in capsys.readouterr().out.splitlines()]
+    assert scores[0] == scores[1]
+    tagged, plain = (np.asarray(Image.open(tmp_path / "maps" / f"{n}.jpg.heatmap.png")) for n in ("tagged", "plain"))
+    # A 40x80 image shown 128x256 (portrait) beside the 130 px colour bar, under the 30 px title; its plain copy
+    # 256x128.
+    assert tagged.shape[:2] == (256 + 30, 160 + 130) and plain.shape[:2] == (128 + 30, 256 + 130)
 
 
 def test_an_image_too_large_to_open_is_named_and_the_rest_scored(images, checkpoint, tmp_path, monkeypatch, capsys):
