@@ -31,7 +31,7 @@ from temu_dist.checkpoint import find_checkpoint, where_it_goes_on
 from temu_dist.config import Config, ConfigError, check_run_folder, load_config, notices_as_lines
 from temu_dist.data.manifest import read_manifest
 from temu_dist.tracking import config_params, config_tags, finish_run, parent_run, tracking_uri
-from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
+from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_step_ends, stop_code
 from temu_dist.resume import check_extendable
 from temu_dist.train import NonFiniteLoss, check_data, train
 
@@ -141,11 +141,14 @@ def repeat(config: Config, splits: int) -> dict:
                                  same_params=config.train.resume == "never")
     try:
         runs = []
-        for i in range(splits):
-            split = split_config(config, i, parent)
-            if main:  # each split's train says the same lines
-                print(f"repeat: split {i + 1}/{splits}: {split.data.train} -> {split.run_dir()}", flush=True)
-            runs.append(train(split))
+        # A SIGTERM between two splits' trainings waits for the next one's first agreement: a process that stopped
+        # there alone left the others to fail in that training's first collective.
+        with sigterm_at_step_ends():
+            for i in range(splits):
+                split = split_config(config, i, parent)
+                if main:  # each split's train says the same lines
+                    print(f"repeat: split {i + 1}/{splits}: {split.data.train} -> {split.run_dir()}", flush=True)
+                runs.append(train(split))
     except BaseException as e:
         # A finished series' results stand, whatever stops a rerun; one trained again is no longer finished.
         if parent is not None and (was != "FINISHED" or anew):

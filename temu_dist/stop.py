@@ -63,13 +63,15 @@ def sigterm_at_step_ends() -> Iterator[Callable[[], bool]]:
     yields where they agree (after their checks, at each step) and stop there, with a checkpoint saved once training
     has begun; SLURM's time limit gives 30 s (KillWait) before SIGKILL. A second SIGTERM does not hurry it: torchrun's
     agent forwards the one each worker has already had. A SIGTERM noted and not acted on is raised on leaving. Ctrl-C
-    still stops at once."""
+    still stops at once. Within another (repeat's series, whose splits' trainings it spans), one noted between them
+    is kept for the next to agree on."""
     global _deferred, _asked
-    _deferred, _asked = True, False
+    outer = _deferred
+    _deferred, _asked = True, _asked and outer
     try:
         yield lambda: _asked
     finally:
-        asked, _deferred, _asked = _asked, False, False
+        asked, _deferred, _asked = _asked, outer, False
     if asked:
         raise Terminated
 

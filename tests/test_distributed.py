@@ -282,24 +282,67 @@ def test_nodes_given_other_settings_or_a_run_folder_not_shared_stop_alike_with_o
     assert not any(run.iterdir())  # the probe gone, no run folder made
 
 
-def test_repeat_on_two_processes_makes_one_parent_run_and_says_its_results_once(shards, tmp_path):
+# Rank 1 signalled as its first split's training returns: before the next one's starts.
+SIGNALLED_BETWEEN_SPLITS = """
+import os, signal, sys
+import temu_dist.repeat as repeat
+
+def first_then_sigterm(real):
+    def hook(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if not hook.done and os.environ["RANK"] == "1":
+            hook.done = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    hook.done = False
+    return hook
+
+repeat.train = first_then_sigterm(repeat.train)
+sys.exit(repeat.main(sys.argv[1:]))
+"""
+
+
+def test_repeat_on_two_processes_stops_together_between_splits_and_goes_on_to_one_parent_run(shards, tmp_path):
+    """Before, the process signalled between splits stopped alone, and the other failed in the next split's first
+    collective."""
     import mlflow
 
-    (tmp_path / "packs").mkdir()
-    (tmp_path / "packs" / "split0").symlink_to(shards)
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "split0").symlink_to(shards)
+    root = Path(shards).parent  # the KADID-like images the shards fixture packed: split 1 trains on others
+    names = sorted(line.split(",")[0] for line in (root / "split.csv").read_text().splitlines()[1:])
+    (tmp_path / "split1.csv").write_text("name,split\n" + "".join(f"{n},{'train' if i >= 7 else 'test'}\n"
+                                                                   for i, n in enumerate(names)))
+    pack(PackOptions("kadid10k", str(root), str(packs / "split1"),
+                     split=SplitSpec("file", file=str(tmp_path / "split1.csv")), shard_size=2, workers=1))
     config = tmp_path / "series.yaml"
     config.write_text("name: rep\n")
-    args = ["--config", str(config), "--splits", "1",
-            *_overrides(str(tmp_path / "packs" / "split{split}"), tmp_path / "runs", "train.epochs=1",
-                        "train.batch_size=4", "name=rep")]
+    args = ["--config", str(config), "--splits", "2",
+            *_overrides(str(packs / "split{split}"), tmp_path / "runs", "train.epochs=1", "train.batch_size=4",
+                        "name=rep")]
+    procs = _start_nodes(tmp_path, [args, args], SIGNALLED_BETWEEN_SPLITS)
+    try:
+        outputs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [143, 143], [err[-2000:] for _, err in outputs]
+    for _, err in outputs:
+        assert err.endswith("\nrepeat: stopped by SIGTERM in split 2/2; run the same command again: finished splits "
+                            "are kept, split 2 starts anew\n"), err[-2000:]
+    runs = tmp_path / "runs"
+    assert (runs / "rep-split0" / "results.json").is_file() and not (runs / "rep-split1").exists()
+
     done = _launch(2, "temu_dist.repeat", args, tmp_path)
     assert done.stdout.count("repeat: results in") == 1
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("temu-dist").experiment_id])
-    (parent,) = [r for r in runs if r.data.tags.get("temu.repeat") == "true"]
-    assert [(r.info.run_name, r.info.status) for r in runs if r.data.tags.get("mlflow.parentRunId") ==
-            parent.info.run_id] == [("rep-split0", "FINISHED")]
-    assert parent.info.status == "FINISHED" and len(runs) == 2
+    client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    found = client.search_runs([client.get_experiment_by_name("temu-dist").experiment_id])
+    (parent,) = [r for r in found if r.data.tags.get("temu.repeat") == "true"]
+    assert sorted((r.info.run_name, r.info.status) for r in found if r.data.tags.get("mlflow.parentRunId") ==
+                  parent.info.run_id) == [("rep-split0", "FINISHED"), ("rep-split1", "FINISHED")]
+    assert parent.info.status == "FINISHED" and len(found) == 3
 
 
 def test_deepspeed_with_accelerate_told_cpu_is_refused(monkeypatch):

@@ -173,6 +173,30 @@ def test_an_evaluation_within_training_stops_at_once_and_a_save_after_it_is_not_
                     raise AssertionError("not stopped")
 
 
+def test_a_sigterm_between_two_trainings_of_a_series_is_kept_for_the_next_and_none_is_lost_after_them():
+    from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_step_ends
+
+    def sigterm() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+
+    with pytest.raises(Terminated):
+        with sigterm_as_ctrl_c(), sigterm_at_step_ends():  # repeat's series
+            with sigterm_at_step_ends() as asked:  # split 1's training, not signalled
+                assert not asked()
+            sigterm()  # between the two: noted, not raised
+            with sigterm_at_step_ends() as asked:  # split 2's training, whose first agreement stops it
+                kept = asked()
+    assert kept
+    with pytest.raises(Terminated):  # after a training within the series, the series still defers
+        with sigterm_as_ctrl_c(), sigterm_at_step_ends():
+            with sigterm_at_step_ends():
+                pass
+            sigterm()
+            series_went_on = True
+    assert series_went_on
+
+
 LOADER = SLOW + """
 import sys
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_step_ends, sigterm_from_the_trainer_only
