@@ -33,12 +33,13 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import IO, Any, Callable, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from ray.tune import Callback
 
+from temu_dist import lock
 from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist.config import (Config, ConfigError, Notice, Section, apply_overrides, dump, error_line, flatten,
                               folder_name, load_config, metric_key, notices_as_lines, one_line_error, parse_override,
@@ -52,6 +53,7 @@ SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 TRIAL_CPU = 0.01
 # What a search was started with (_identity), beside its Ray experiment.
 STARTED = "search-started.json"
+SEARCH_LOCK = "tune.lock"
 # What a search's identity holds since a version after its first: a search started before is not held to it.
 SEARCH_ADDED = ("sample_seed",)
 # The best trial's config as a run of its own, beside search.json.
@@ -416,8 +418,6 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     early (Ctrl-C) or failing leaves its MLflow parent run KILLED or FAILED."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     address = search.address or os.environ.get("RAY_ADDRESS")
     # Before anything is made or started. A cluster is not held to this machine's CPUs and GPUs; once joined, a
@@ -428,34 +428,73 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     search_dir = (Path(search.out_dir) / search.name).resolve()
     base = base_config(search)
     metric = search.metric or base["train"]["key_metric"]
-    experiment = search_dir / "ray"
-    restored = tune.Tuner.can_restore(str(experiment / search.name))
-    started = search_dir / STARTED
+    restored = tune.Tuner.can_restore(str(search_dir / "ray" / search.name))
     if restored:
-        _check_same_search(search, base, metric, started)
+        _check_same_search(search, base, metric, search_dir / STARTED)
     if address and not ray.is_initialized():  # a search that cannot start writes nothing
-        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
-        try:
-            _ray_init(address=address, **({"runtime_env": {"env_vars": env}} if env else {}))
-        except (ConnectionError, ray.exceptions.RayError) as e:
-            # A refused token comes back as a connection that failed, after Ray's own retries.
-            auth = "; one with token authentication (as launch/ray-cluster.sh starts it) also needs " \
-                "RAY_AUTH_MODE=token here and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token)" \
-                if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" else ""
-            local = "address: null in the search config" if search.address else "RAY_ADDRESS unset"
-            raise ConfigError(f"address: could not join the Ray cluster at {address} ({error_line(e)}): start it "
-                              f"with bash launch/ray-cluster.sh head{auth}; or search on a local Ray, with {local}") \
-                from None
-        # Ray itself only logs the autoscaler's view every half a minute, with the trials already PENDING.
-        if (why := _no_node_fits(search.resources, ray.nodes())) is not None:
-            warnings.warn(f"the Ray cluster at {address}: {why}", Notice, stacklevel=2)
+        _join(search, address)
+    held = _hold_search_folder(search_dir)
+    try:
+        return _search(search, search_dir, base, metric, restored, address, trainable)
+    finally:
+        if held is not None:
+            lock.let_go(held)
+
+
+def _join(search: SearchConfig, address: str) -> None:
+    import ray
+
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+    try:
+        _ray_init(address=address, **({"runtime_env": {"env_vars": env}} if env else {}))
+    except (ConnectionError, ray.exceptions.RayError) as e:
+        # A refused token comes back as a connection that failed, after Ray's own retries.
+        auth = "; one with token authentication (as launch/ray-cluster.sh starts it) also needs " \
+            "RAY_AUTH_MODE=token here and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token)" \
+            if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" else ""
+        local = "address: null in the search config" if search.address else "RAY_ADDRESS unset"
+        raise ConfigError(f"address: could not join the Ray cluster at {address} ({error_line(e)}): start it "
+                          f"with bash launch/ray-cluster.sh head{auth}; or search on a local Ray, with {local}") \
+            from None
+    # Ray itself only logs the autoscaler's view every half a minute, with the trials already PENDING.
+    if (why := _no_node_fits(search.resources, ray.nodes())) is not None:
+        warnings.warn(f"the Ray cluster at {address}: {why}", Notice, stacklevel=3)
+
+
+def _hold_search_folder(search_dir: Path) -> IO[str] | None:
+    """The search folder for this driver alone: a second one started into it resumed the same trials beside the
+    first's, failed them on their run folders' locks, and wrote search.json and the parent run over the first's. An
+    flock on search_dir/tune.lock, let go however the driver ends."""
+    try:
+        search_dir.mkdir(parents=True, exist_ok=True)
+        return lock.take(search_dir / SEARCH_LOCK)
+    except lock.Busy as e:
+        raise ConfigError(f"{search_dir}: another search is running in this folder ({e}): wait for it to end or stop "
+                          "it, or give this one another name=") from None
+    except lock.NoLocks as e:
+        warnings.warn(f"{search_dir / SEARCH_LOCK} cannot be locked ({e}): a second search started into this "
+                      "folder will not be refused", Notice, stacklevel=3)
+        return None
+    except OSError as e:  # a read-only mount, a file in the folder's place
+        raise ConfigError(f"out_dir: cannot write the search folder {search_dir} ({e.strerror})") from None
+
+
+def _search(search: SearchConfig, search_dir: Path, base: dict, metric: str, restored: bool, address: str | None,
+            trainable: Callable | None) -> dict:
+    """run_search's work, with the search folder held."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    experiment = search_dir / "ray"
+    started = search_dir / STARTED
     if restored and _finished(search_dir):
         print(f"tune: the search {search.name} in {search_dir} has finished: its results are gathered again, no trial "
               "trains")
     elif restored:
         print(f"tune: resuming the search {search.name} in {search_dir}: finished trials are kept, stopped ones go on")
     else:
-        search_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(started, _identity(search, base, metric))
     uri = _tracking_uri(search, base, address)
     params = {f"space.{k}": json.dumps(v) for k, v in search.space.items()}

@@ -538,6 +538,23 @@ def test_one_key_of_the_space_is_set_from_the_command_line(tmp_path, shards):
         load_search(path, ["space.model.promt={grid: [none]}"])
 
 
+def test_a_second_search_into_a_running_ones_folder_is_refused_before_ray_starts_naming_it(tmp_path, shards, no_ray):
+    from temu_dist import lock
+
+    search = load_search(_search_file(tmp_path, shards, "busy", {"model.prompt": {"grid": ["none", "coop"]}}))
+    search_dir = tmp_path / "runs" / "busy"
+    search_dir.mkdir(parents=True)
+    running = lock.take(search_dir / "tune.lock")  # as the first driver holds it
+    try:
+        with pytest.raises(ConfigError, match=rf"^{search_dir}: another search is running in this folder "
+                                              rf"\(pid {os.getpid()} on .*\): wait for it to end or stop it, or give "
+                                              r"this one another name=$"):
+            run_search(search)
+    finally:
+        lock.let_go(running)
+    assert [p.name for p in search_dir.iterdir()] == ["tune.lock"]  # nothing of the first's written over
+
+
 def test_a_searched_layer_the_backbone_lacks_is_refused_before_ray_starts(tmp_path, shards, no_ray):
     path = _search_file(tmp_path, shards, "layers", {"model.layers": {"grid": ["all", "upto:99"]}})
     with pytest.raises(ConfigError, match=r"space: model.layers: upto:99 asks for layer 99 but the backbone has 6 "
