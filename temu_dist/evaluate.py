@@ -250,9 +250,10 @@ def _shard_sets(items: list[str]) -> list[EvalSet]:
     return sets
 
 
-def _seen_in_training(sets: list[EvalSet], config: Config) -> list[str]:
-    """The sets drawn from the label file of the checkpoint's training pack (its hash) by another split: another
-    --split-index, or the whole set (--ratios 0 0 1). None where that pack is not on this machine."""
+def seen_in_training(sets: list[EvalSet], config: Config) -> list[str]:
+    """The sets drawn from the label file of the config's training pack (its hash) by another split: another
+    --split-index, or the whole set (--ratios 0 0 1); some of their images may be training ones. None where that pack
+    is not on this machine."""
     try:
         trained = read_manifest(config.data.train)
     except ConfigError:
@@ -396,7 +397,7 @@ def _command(argv: list[str] | None) -> int:
             _check_sets(sets, config, "--shards")
         if not sets:
             raise ConfigError("nothing to evaluate: the config names no sets; pass --shards [NAME=]DIR[:SPLIT]")
-        seen = _seen_in_training(sets, config) if args.checkpoint else []
+        seen = seen_in_training(sets, config) if args.checkpoint else []
         if seen and accelerator.is_main_process:
             print(f"evaluate: warning: {', '.join(seen)}: packed from the labels the checkpoint trained on "
                   f"({config.data.train}) but split otherwise, so some of the images may be ones it trained on",

@@ -46,7 +46,8 @@ from temu_dist.data.ldg import check_fidelity_size, ldg_targets
 from temu_dist.data.manifest import pack_named_by, read_manifest
 from temu_dist.data.stream import SharedEpoch, reader_count, split_shards, train_loader
 from temu_dist.distributed import BatchPlan, check_processes_agree, keep_buffers_in_place, make_accelerator
-from temu_dist.evaluate import EvalSet, eval_sets, evaluate_sets, no_such_set, result_names, scatter_plots
+from temu_dist.evaluate import (EvalSet, eval_sets, evaluate_sets, no_such_set, result_names, scatter_plots,
+                                seen_in_training)
 from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights, with_legacy_fields
 from temu_dist.model.backbone import check_backbone
@@ -518,6 +519,10 @@ def _train(config: Config, on_epoch: Callable[[dict], None] | None, accelerator:
             _say(accelerator, f"train: warning: {config.data.train} was packed by an earlier temu-dist in its label "
                               "file's order, in which a batch is a stretch of it (one generator, distortion or "
                               "reference image): pack it again")
+        if seen := seen_in_training(sets, config):  # their scores would overstate the model in a paper's table
+            _say(accelerator, f"train: warning: {', '.join(seen)}: packed from the labels data.train was "
+                              f"({config.data.train}) but split otherwise, so some of the images may be ones this run "
+                              "trains on")
         run_dir = config.run_dir()
         ckpt_dir = run_dir / "checkpoints"
         set_seed(config.seed)

@@ -1178,7 +1178,7 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
     from temu_dist.evaluate import main
 
     train(run_config(tmp_path, shards, "train.epochs=1"))
-    capsys.readouterr()
+    assert "trains on" not in capsys.readouterr().out  # its own pack's val and test splits
     assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "run.json")]) == 0
     scored, err = capsys.readouterr()
     scored = json.loads(scored)
@@ -1198,6 +1198,10 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
     assert main(["--checkpoint", str(tmp_path / "run"), "--shards", str(other)]) == 0
     assert f"evaluate: warning: split1:test: packed from the labels the checkpoint trained on ({shards}) but split " \
         "otherwise, so some of the images may be ones it trained on\n" in capsys.readouterr().err
+    # And in training, a cross-dataset set that is another split of its own labels (report would print it as one).
+    train(run_config(tmp_path, shards, "train.epochs=1", "name=crossed", f"eval.cross=[{{name: s1, shards: {other}}}]"))
+    assert f"train: warning: s1: packed from the labels data.train was ({shards}) but split otherwise, so some of " \
+        "the images may be ones this run trains on\n" in capsys.readouterr().out
     best = json.loads((tmp_path / "run" / "results.json").read_text())["best"]
     assert scored["test"]["srcc"] == pytest.approx(best["test"]["srcc"], abs=1e-6)
     cfg = tmp_path / "zs.yaml"
