@@ -218,6 +218,13 @@ def test_weights_neither_cached_nor_reachable_fail_at_once(hub_tag, no_network, 
         assert no_network == []
 
 
+def test_random_weights_asked_for_are_built_without_open_clips_warning_which_is_left_to_others(caplog):
+    create_clip(tiny_config().model)  # model.pretrained null
+    assert "No pretrained weights loaded" not in caplog.text
+    open_clip.create_model("Test-Tiny-ViT-16")  # the filter gone with the build
+    assert "No pretrained weights loaded for model 'Test-Tiny-ViT-16'" in caplog.text
+
+
 def test_pretrained_positions_are_resized_once_from_their_own_grid_to_any_input_size(tmp_path):
     source = create_clip(tiny_config().model, seed=123)  # 64x64 in patches of 16: a 4x4 grid
     path = tmp_path / "tiny.pt"

@@ -6,7 +6,9 @@ import difflib
 import logging
 import warnings
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import huggingface_hub
 import open_clip
@@ -102,7 +104,7 @@ def _create(name: str, pretrained: str | None, seed: int, torchscript: bool, kwa
             hub_offline: bool = False) -> nn.Module | None:
     """open_clip.create_model, seeded; with `hub_offline`, as HF_HUB_OFFLINE=1 would run it: None where a tag's weights
     are not in the local cache."""
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), _root_log_without(_asked_for):
         if torchscript:
             # torch announces that it hands the archive to torch.jit.load, and that TorchScript is deprecated: the
             # archive is only read for its weights.
@@ -116,21 +118,35 @@ def _create(name: str, pretrained: str | None, seed: int, torchscript: bool, kwa
         # download failed is held back.
         was = huggingface_hub.constants.HF_HUB_OFFLINE
         huggingface_hub.constants.HF_HUB_OFFLINE = True
-        logging.getLogger().addFilter(_no_download_error)
         try:
-            return open_clip.create_model(name, pretrained=pretrained, **kwargs)
+            with _root_log_without(_no_download_error):
+                return open_clip.create_model(name, pretrained=pretrained, **kwargs)
         except RuntimeError as e:
             if "download" in str(e).lower():
                 return None
             raise
         finally:
             huggingface_hub.constants.HF_HUB_OFFLINE = was
-            logging.getLogger().removeFilter(_no_download_error)
+
+
+@contextmanager
+def _root_log_without(keep: Callable[[logging.LogRecord], bool]) -> Iterator[None]:
+    # open_clip logs on the root logger itself, which is where a filter sees its records.
+    logging.getLogger().addFilter(keep)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(keep)
 
 
 def _no_download_error(record: logging.LogRecord) -> bool:
-    # open_clip logs on the root logger itself, which is where a filter sees its records.
     return not record.getMessage().startswith("Failed to download weights")
+
+
+def _asked_for(record: logging.LogRecord) -> bool:
+    """Not open_clip's warning of random weights: model.pretrained null asks for them (the demo's every command
+    printed it), and train and predict say what they mean for the scores."""
+    return not record.getMessage().startswith("No pretrained weights loaded for model")
 
 
 def _hub_file(tag_cfg: dict) -> tuple[str, str] | None:
