@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m temu_dist.repeat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--splits", type=int, default=10)
+    parser.add_argument("--splits", type=int, default=10,
+                        help="how many packs, data.train with {split} = 0 .. N-1 (default: 10, the seed's tables')")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     says = os.environ.get("LOCAL_RANK", "0") == "0"  # the first process on each node says why it stops
