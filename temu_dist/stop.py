@@ -63,16 +63,17 @@ def sigterm_at_step_ends() -> Iterator[Callable[[], bool]]:
     yields where they agree (after their checks, at each step) and stop there, with a checkpoint saved once training
     has begun; SLURM's time limit gives 30 s (KillWait) before SIGKILL. A second SIGTERM does not hurry it: torchrun's
     agent forwards the one each worker has already had. A SIGTERM noted and not acted on is raised on leaving. Ctrl-C
-    still stops at once. Within another (repeat's series, whose splits' trainings it spans), one noted between them
-    is kept for the next to agree on."""
+    still stops at once. Within another (repeat's series, whose splits' trainings it spans), one noted between two
+    trainings, or in one after its last agreement, is kept for the next training's first agreement (or the series'
+    end): a process that left alone left the others to fail in that training's first collective."""
     global _deferred, _asked
     outer = _deferred
-    _deferred, _asked = True, _asked and outer
+    _deferred, _asked = True, _asked and outer  # the series' noted SIGTERM carries in
     try:
         yield lambda: _asked
     finally:
-        asked, _deferred, _asked = _asked, outer, False
-    if asked:
+        asked, _deferred, _asked = _asked, outer, _asked and outer  # and out, to the series
+    if asked and not outer:
         raise Terminated
 
 

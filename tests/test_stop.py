@@ -195,6 +195,14 @@ def test_a_sigterm_between_two_trainings_of_a_series_is_kept_for_the_next_and_no
             sigterm()
             series_went_on = True
     assert series_went_on
+    with pytest.raises(Terminated):  # one noted in a training after its last agreement: to the next training's first
+        with sigterm_as_ctrl_c(), sigterm_at_step_ends():
+            with sigterm_at_step_ends():
+                sigterm()
+            training_returned = True
+            with sigterm_at_step_ends() as asked:
+                carried = asked()
+    assert training_returned and carried
 
 
 LOADER = SLOW + """
