@@ -19,6 +19,7 @@ import json
 import os
 import struct
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -96,10 +97,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def _orientation(path: str) -> int:
     """The file's EXIF orientation tag; 1 (as stored) where it has none or its EXIF cannot be parsed: the tag only
     turns a heatmap upright, and the score stands without it."""
+    # Only the header is read: PIL's guard against decompression bombs, for images it would decode, is beside the
+    # point here (torchvision decoded this one).
     try:
-        with Image.open(path) as im:
-            return int(im.getexif().get(ExifTags.Base.Orientation, 1))
-    except (OSError, ValueError, SyntaxError, struct.error):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return int(im.getexif().get(ExifTags.Base.Orientation, 1))
+    except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError):
         return 1
 
 

@@ -184,7 +184,8 @@ def test_a_16_bit_grey_png_scores_as_its_8_bit_copy(checkpoint, tmp_path, capsys
     assert scores[0] == scores[1]
 
 
-def test_a_phone_photo_is_scored_as_stored_and_its_heatmap_shown_upright(checkpoint, tmp_path, capsys):
+def test_a_phone_photo_is_scored_as_stored_and_its_heatmap_shown_upright(checkpoint, tmp_path, capsys,
+                                                                        monkeypatch):
     run, _ = checkpoint
     pixels = np.random.default_rng(0).integers(0, 255, (40, 80, 3), dtype=np.uint8)  # stored lying on its side
     exif = Image.Exif()
@@ -199,6 +200,11 @@ def test_a_phone_photo_is_scored_as_stored_and_its_heatmap_shown_upright(checkpo
     # A 40x80 image shown 128x256 (portrait) beside the 130 px colour bar, under the 30 px title; its plain copy
     # 256x128.
     assert tagged.shape[:2] == (256 + 30, 160 + 130) and plain.shape[:2] == (128 + 30, 256 + 130)
+    # A photo over PIL's decompression-bomb limit, which torchvision decodes: scored and mapped, as stored.
+    with monkeypatch.context() as patched:
+        patched.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+        assert predict(["--checkpoint", str(run), "--heatmap", str(tmp_path / "huge"), paths[0]]) == 0
+    assert np.asarray(Image.open(tmp_path / "huge" / "tagged.jpg.heatmap.png")).shape[:2] == plain.shape[:2]
 
 
 def test_an_image_too_large_to_open_is_named_and_the_rest_scored(images, checkpoint, tmp_path, monkeypatch, capsys):
