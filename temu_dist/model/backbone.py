@@ -6,7 +6,7 @@ import difflib
 import logging
 import warnings
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -104,7 +104,10 @@ def _create(name: str, pretrained: str | None, seed: int, torchscript: bool, kwa
             hub_offline: bool = False) -> nn.Module | None:
     """open_clip.create_model, seeded; with `hub_offline`, as HF_HUB_OFFLINE=1 would run it: None where a tag's weights
     are not in the local cache."""
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), _root_log_without(_asked_for):
+    # Random weights asked for (model.pretrained null on an open_clip name; an hf-hub: one would be a failed fetch).
+    asked_random = pretrained is None and ":" not in name
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), \
+            _root_log_without(_not_random_weights_warning) if asked_random else nullcontext():
         if torchscript:
             # torch announces that it hands the archive to torch.jit.load, and that TorchScript is deprecated: the
             # archive is only read for its weights.
@@ -143,9 +146,9 @@ def _no_download_error(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Failed to download weights")
 
 
-def _asked_for(record: logging.LogRecord) -> bool:
-    """Not open_clip's warning of random weights: model.pretrained null asks for them (the demo's every command
-    printed it), and train and predict say what they mean for the scores."""
+def _not_random_weights_warning(record: logging.LogRecord) -> bool:
+    """Not open_clip's warning of random weights, where the config asked for them (the demo's every command printed
+    it): train and predict say what they mean for the scores."""
     return not record.getMessage().startswith("No pretrained weights loaded for model")
 
 
