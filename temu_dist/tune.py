@@ -431,7 +431,7 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     restored = tune.Tuner.can_restore(str(search_dir / "ray" / search.name))
     if restored:
         _check_same_search(search, base, metric, search_dir / STARTED)
-    if address and not ray.is_initialized():  # a search that cannot start writes nothing
+    if address and not ray.is_initialized():  # before the lock: a search that cannot start writes nothing
         _join(search, address)
     held = _hold_search_folder(search_dir)
     try:
@@ -442,6 +442,7 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
 
 
 def _join(search: SearchConfig, address: str) -> None:
+    """Joins the Ray cluster at `address`, or says in one line why it could not."""
     import ray
 
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}

@@ -154,8 +154,11 @@ def test_a_plot_whose_write_fails_leaves_the_earlier_one_whole(tmp_path, monkeyp
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_a_heatmap_is_turned_upright_as_pillow_turns_the_photo_and_its_map_turns_with_it(tmp_path, orientation):
     grid = np.arange(8, dtype=np.float32).reshape(2, 4)
-    # Each patch's pixels hold its score, so the map lines up with the image where each cell's pixels hold its own.
-    cells = lambda g, size: np.asarray(Image.fromarray(g * 30, mode="F").resize(size, Image.NEAREST))
+
+    def cells(g: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        # Each patch's pixels hold its score: the map lines up with the image where each cell's pixels hold its own.
+        return np.asarray(Image.fromarray(g * 30, mode="F").resize(size, Image.NEAREST))
+
     image = Image.fromarray(cells(grid, (80, 40)).astype(np.uint8)).convert("RGB")
     exif = Image.Exif()
     exif[ExifTags.Base.Orientation] = orientation
