@@ -202,6 +202,19 @@ def _two_nodes(tmp_path: Path, args: list[list[str]]) -> list[subprocess.Complet
     return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
 
 
+def _stopped_nodes(tmp_path: Path, args: list[list[str]], code: str) -> list[tuple[str, str]]:
+    """Two nodes running `code`, each of which must stop by SIGTERM (exit 143): their stdout and stderr."""
+    procs = _start_nodes(tmp_path, args, code)
+    try:
+        outputs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [143, 143], [err[-2000:] for _, err in outputs]
+    return outputs
+
+
 # Each rank trains as `python -m temu_dist.train` would, with the SIGTERM sent where the test says.
 SIGNALLED = """
 import os, signal, sys, time
@@ -243,14 +256,7 @@ def test_a_sigterm_to_one_process_stops_both_at_the_same_place_with_its_checkpoi
     minutes) or SIGKILL; or, signalled after its last step, its epoch's checkpoint, or before training (in its checks,
     as it started its MLflow run), it left the others to fail."""
     base = _overrides(shards, tmp_path / "runs", "tracking.enabled=false", "train.epochs=3", "train.batch_size=2")
-    procs = _start_nodes(tmp_path, [base, base], SIGNALLED.format(patch=patch))
-    try:
-        outputs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [143, 143], [err[-2000:] for _, err in outputs]
+    outputs = _stopped_nodes(tmp_path, [base, base], SIGNALLED.format(patch=patch))
     last = tmp_path / "runs" / "run" / "checkpoints" / "last"
     said = "stopped by SIGTERM before its first checkpoint; the same command starts it anew" if position is None \
         else f"stopped by SIGTERM; run the same command again to go on from {last} ({position})"
@@ -321,14 +327,7 @@ def test_repeat_on_two_processes_stops_together_between_splits_and_goes_on_to_on
     args = ["--config", str(config), "--splits", "2",
             *_overrides(str(packs / "split{split}"), tmp_path / "runs", "train.epochs=1", "train.batch_size=4",
                         "name=rep")]
-    procs = _start_nodes(tmp_path, [args, args], SIGNALLED_BETWEEN_SPLITS)
-    try:
-        outputs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [143, 143], [err[-2000:] for _, err in outputs]
+    outputs = _stopped_nodes(tmp_path, [args, args], SIGNALLED_BETWEEN_SPLITS)
     for _, err in outputs:
         assert err.endswith("\nrepeat: stopped by SIGTERM in split 2/2; run the same command again: finished splits "
                             "are kept, split 2 starts anew\n"), err[-2000:]
