@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from temu_dist.atomic import strict, write_json_atomic, write_text_atomic
 from temu_dist.checkpoint import epoch_of
-from temu_dist.config import Config, ConfigError, check_output_folder, dump, is_override, load_config
+from temu_dist.config import (Config, ConfigError, check_output_folder, dump, is_override, load_config,
+                              notices_as_lines)
 from temu_dist.data.augment import normalize
 from temu_dist.data.keys import name_key
 from temu_dist.data.ldg import LocalDistortion, check_fidelity_size, ldg_targets
@@ -334,7 +335,7 @@ def _evaluate_wrote(path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    with sigterm_as_ctrl_c():  # scancel, a job's time limit, kill: stopped as Ctrl-C stops it
+    with sigterm_as_ctrl_c(), notices_as_lines("evaluate"):  # SIGTERM: scancel, a job's time limit, kill
         return _command(argv)
 
 

@@ -1,6 +1,7 @@
 """Pictures people look at instead of tables: heatmaps, prediction scatter (seed Fig. 10), score vs time (Fig. 6)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -8,13 +9,32 @@ import matplotlib
 matplotlib.use("Agg")  # files only: training nodes have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
+from matplotlib import colormaps, font_manager  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from temu_dist.atomic import write_atomic  # noqa: E402
+from temu_dist.config import Notice  # noqa: E402
 
 HEATMAP_COLOURS = "RdYlGn"  # red is bad, green is good
+# Families with CJK glyphs, as Linux, macOS and Windows install them. matplotlib falls back along font.family glyph by
+# glyph, so a photo or run named in Chinese, Japanese or Korean is drawn in its script where one is installed.
+CJK_FAMILIES = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto Sans CJK KR", "Source Han Sans SC",
+                "Source Han Sans", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback", "PingFang SC",
+                "Hiragino Sans GB", "Hiragino Sans", "Apple SD Gothic Neo", "Microsoft YaHei", "SimHei", "Yu Gothic",
+                "Malgun Gothic")
+_missing_said = False  # the missing glyphs are said once a process, not once a plot
+
+
+def with_cjk_fallback(families: tuple[str, ...] = CJK_FAMILIES) -> list[str]:
+    """Adds the installed ones of `families` behind font.family; returns them."""
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    found = [name for name in families if name in installed and name not in plt.rcParams["font.family"]]
+    plt.rcParams["font.family"] = [*plt.rcParams["font.family"], *found]
+    return found
+
+
+with_cjk_fallback()
 # EXIF orientation -> the turn that shows an image as viewers show it. Pillow keeps this table inside exif_transpose,
 # which turns an image but not the patch-score map that goes with it.
 UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -81,7 +101,7 @@ def heatmap(image: Image.Image, patch_scores: np.ndarray, score: float, path: st
     # Not bbox "tight": the canvas is laid out to the pixel above. Whole or not at all, as every plot (a kill mid-write
     # would leave a broken PNG for MLflow to log).
     try:
-        write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        _savefig(fig, path, dpi=100)
     finally:
         plt.close(fig)
     return Path(path)
@@ -158,10 +178,30 @@ def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     # The canvas grows to hold a title wider than the plot, never cuts it.
     try:
-        write_atomic(Path(path), lambda tmp: fig.savefig(tmp, bbox_inches="tight", format="png"))
+        _savefig(fig, path, bbox_inches="tight")
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def _savefig(fig, path: str | Path, **kwargs) -> None:
+    """fig as a PNG at path, whole or not at all. matplotlib warns of each glyph no font has, a line per character
+    of every title: they are said once, in one line, with the font that has them."""
+    global _missing_said
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png", **kwargs))
+    missing = []
+    for w in caught:
+        if str(w.message).startswith("Glyph ") and "missing from font" in str(w.message):
+            missing.append(chr(int(str(w.message).split()[1])))
+        else:  # under the caller's filters again
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if missing and not _missing_said:
+        _missing_said = True
+        warnings.warn(f"no installed font has {''.join(dict.fromkeys(missing))}: plots show boxes in their place; "
+                      "install a font with them (CJK: Noto Sans CJK, Debian and Ubuntu's fonts-noto-cjk)", Notice,
+                      stacklevel=2)
 
 
 def prompt_table(rows: list[dict], metric: str, path: str | Path, mode: str = "max", note: str = "") -> Path:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from temu_dist.atomic import write_text_atomic
 from temu_dist.checkpoint import epoch_of
-from temu_dist.config import ConfigError, check_output_folder, is_override
+from temu_dist.config import ConfigError, check_output_folder, is_override, notices_as_lines
 from temu_dist.model.io import checkpoint_dir
 from temu_dist.plots import heatmap
 from temu_dist.scorer import Scorer
@@ -225,7 +225,7 @@ def predict(argv: list[str] | None = None) -> int:
 
 def main() -> None:
     try:
-        with sigterm_as_ctrl_c():  # scancel, a job's time limit, kill: stopped as Ctrl-C stops it
+        with sigterm_as_ctrl_c(), notices_as_lines("predict"):  # SIGTERM: scancel, a job's time limit, kill
             sys.exit(predict())
     except ConfigError as e:
         sys.exit(f"predict: {e}")

@@ -32,7 +32,7 @@ from pathlib import Path
 from temu_dist import lock
 from temu_dist.atomic import write_text_atomic
 from temu_dist.config import (MLFLOW_FOLDERS, ConfigError, check_output_folder, dump, error_line, flatten,
-                              load_config, read_yaml, settings_label)
+                              load_config, notices_as_lines, read_yaml, settings_label)
 from temu_dist.data.manifest import dataset_name
 
 # pred_mean and target_mean: a SET-ldg set's mean prediction on distorted images and mean target (seed Fig. 11).
@@ -683,12 +683,14 @@ def main(argv: list[str] | None = None) -> int:
 
         cols = columns(rows)
         values = [[r.cells.get(c, {}).get(metrics[0], (math.nan, None))[0] for c in cols] for r in rows]
-        results_grid(names, cols, values, metrics[0].upper(), args.plot, _taken(rows, args.each_at))
+        with notices_as_lines("report"):
+            results_grid(names, cols, values, metrics[0].upper(), args.plot, _taken(rows, args.each_at))
         print(f"report: plot in {args.plot}", file=sys.stderr)
     if args.layer_plot:
         from temu_dist.plots import layer_sets
 
-        layer_sets(by_layer, metrics[0].upper(), args.layer_plot, _taken(rows, args.each_at))
+        with notices_as_lines("report"):
+            layer_sets(by_layer, metrics[0].upper(), args.layer_plot, _taken(rows, args.each_at))
         print(f"report: layer plot in {args.layer_plot}", file=sys.stderr)
     return 0
 

@@ -1,10 +1,13 @@
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageOps
 
-from temu_dist.plots import layer_lines, layer_study, prompt_cells, prompt_table, scatter, upright
+from temu_dist import plots
+from temu_dist.config import Notice
+from temu_dist.plots import heatmap, layer_lines, layer_study, prompt_cells, prompt_table, scatter, upright
 
 
 def test_search_plots_are_written(tmp_path):
@@ -168,3 +171,23 @@ def test_a_heatmap_is_turned_upright_as_pillow_turns_the_photo_and_its_map_turns
     assert np.array_equal(np.asarray(turned), np.asarray(shown))
     assert turned.size == ((40, 80) if orientation >= 5 else (80, 40))
     assert np.array_equal(cells(turned_grid, turned.size), np.asarray(turned)[..., 0])
+
+
+def test_installed_fonts_with_other_scripts_are_fallen_back_on_and_only_those():
+    with matplotlib.rc_context({"font.family": ["sans-serif"]}):
+        # DejaVu Sans Mono ships with matplotlib: here it stands for an installed CJK family.
+        assert plots.with_cjk_fallback(("No Such Font CJK", "DejaVu Sans Mono")) == ["DejaVu Sans Mono"]
+        assert matplotlib.rcParams["font.family"] == ["sans-serif", "DejaVu Sans Mono"]
+
+
+def test_characters_no_font_has_are_said_once_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(plots, "_missing_said", False)
+    image = Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8))
+    with matplotlib.rc_context({"font.family": ["DejaVu Sans"]}), pytest.warns(Warning) as said:
+        heatmap(image, np.zeros((4, 4)), 0.5, tmp_path / "a.png", "照片.jpg")
+        heatmap(image, np.zeros((4, 4)), 0.5, tmp_path / "b.png", "测试.jpg")
+    # Before, a line per character of every title: 4 here.
+    assert [(w.category, str(w.message)) for w in said] == [
+        (Notice, "no installed font has 照片: plots show boxes in their place; install a font with them (CJK: Noto "
+                 "Sans CJK, Debian and Ubuntu's fonts-noto-cjk)")]
+    assert (tmp_path / "b.png").is_file()
