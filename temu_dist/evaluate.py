@@ -49,7 +49,7 @@ from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.clipiqa import ClipIQA, build_clipiqa
 from temu_dist.model.temu import QualityOutput, TeMuIQA
 from temu_dist.plots import scatter
-from temu_dist.report import read_evaluation
+from temu_dist.report import is_evaluation
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ def _check_out(out: Path) -> None:
     if out.is_dir():
         raise ConfigError(f"--out {out}: it is a folder, not a file")
     # Only a file evaluate wrote is replaced: `--out RUN_DIR/results.json` lost a run's training results.
-    if out.exists() and not _evaluate_wrote(out):
+    if out.exists() and not is_evaluation(out):
         raise ConfigError(f"--out {out}: it holds what evaluate did not write (a run's results?); give another path")
     # A run's folder holds config.yaml, a series' repeat-started.json (repeat.STARTED) from their starts.
     if out.name in ("results.json", "repeat.json") and any((out.parent / f).is_file()
@@ -324,14 +324,6 @@ def _write_scores(path: Path, rows: dict[str, dict[str, SetResult]]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, text.getvalue())
     return count
-
-
-def _evaluate_wrote(path: Path) -> bool:
-    try:
-        read_evaluation(path)  # report's own test of a file evaluate wrote
-    except ConfigError:
-        return False
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:

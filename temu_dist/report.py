@@ -137,6 +137,15 @@ def read_evaluation(path: Path) -> list[Row]:
     return rows
 
 
+def is_evaluation(path: Path) -> bool:
+    """Whether `evaluate --out` wrote the file."""
+    try:
+        read_evaluation(path)
+    except ConfigError:
+        return False
+    return True
+
+
 def _row(folder: Path, config: dict, sets: dict, stopped: str = "") -> Row:
     named, own = _columns(sets, config)
     cells = {named[n]: {m: (_value(values[m]), None) for m in METRICS if m in values} for n, values in sets.items()}
@@ -243,8 +252,8 @@ def _trials(search: Path) -> tuple[list[Path], list[Path], list[Path]]:
 
 def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
     """The rows of the given folders (runs and series, then searches' stopped trials, then evaluate's files); a
-    folder of runs stands for the runs, series and searches in it. What is left out of a folder of runs (unfinished
-    runs, a series' split runs) is said on stderr."""
+    folder of runs stands for the runs, series, searches and evaluate's files in it. What is left out of a folder of
+    runs (unfinished runs, a series' split runs) is said on stderr."""
     finished: list[Path] = []
     stopped: list[Path] = []
     left_out: list[str] = []
@@ -285,7 +294,10 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
                 left_out.append(f"{prefix}{sub.name} ({_went_nonfinite(sub) or 'not finished'})")
             elif depth > 0:
                 found = scan(sub, f"{prefix}{sub.name}/", depth - 1) or found
-        return found
+        # Beside the runs, the files evaluate --out wrote there (the README's runs/table11.json): their rows too.
+        scored = [p for p in sorted(folder.glob("*.json")) if is_evaluation(p)]
+        evaluated.extend(scored)
+        return found or bool(scored)
 
     evaluated: list[Path] = []
     for folder in (Path(f).absolute() for f in folders):  # a folder's name and parent, also for `report .`

@@ -363,8 +363,15 @@ def test_a_folder_of_runs_is_searched_in_its_subfolders_as_names_a_b_make_them_b
     _copy(finished, tmp_path / "runs" / "mlartifacts" / "1" / "abc" / "artifacts", {"model.prompt": "none"}, {})
     # Deeper down such a name is a run's own (name=abl/mlruns).
     _copy(finished, tmp_path / "runs" / "abl" / "mlruns", {"model.prompt": "cocoop"}, {})
+    # Beside them, a file evaluate --out wrote (as the README writes runs/table11.json), and a JSON file of another's.
+    evaluated = {"scored": {"clipiqa": "c"}, "config": yaml.safe_load((finished / "config.yaml").read_text()),
+                 "rows": {"CLIP-IQA c": json.loads((finished / "results.json").read_text())["best"]}}
+    (tmp_path / "runs" / "ablations" / "table11.json").write_text(json.dumps(evaluated))
+    (tmp_path / "runs" / "notes.json").write_text(json.dumps({"rows": "not evaluate's"}))
     rows = report.collect([tmp_path / "runs"])
-    assert [r.folder for r in rows] == [tmp_path / "runs" / "abl" / "mlruns", search / "trials" / "trial-coop"]
+    assert [r.folder for r in rows] == [tmp_path / "runs" / "abl" / "mlruns", search / "trials" / "trial-coop",
+                                        tmp_path / "runs" / "ablations" / "table11.json"]
+    assert rows[2].label == "CLIP-IQA c"
     assert capsys.readouterr().err == "report: left out: ablations/prompts/trials/trial-nan (failed)\n"
 
 
