@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     overrides = [a for a in args.items if is_override(a) and not Path(a).exists()]
     args.images, args.heat_names = [], []  # each image's heatmap, as a path under --heatmap
     for item in (a for a in args.items if a not in overrides):
+        if not Path(item).exists():  # a slip of the path, said before a model takes its time to load
+            parser.error(f"{item}: no such file or folder")
         if not Path(item).is_dir():
             args.images.append(item)
             args.heat_names.append(Path(item).name + HEATMAP)

@@ -218,6 +218,18 @@ def test_an_image_too_large_to_open_is_named_and_the_rest_scored(images, checkpo
     assert f"predict: cannot read image {huge}: Image size (4800 pixels) exceeds limit" in err
 
 
+def test_a_path_that_does_not_exist_is_refused_before_the_model_loads(images, checkpoint, tmp_path, monkeypatch,
+                                                                       capsys):
+    from temu_dist.scorer import Scorer
+
+    (good, _), (run, _) = images, checkpoint
+    monkeypatch.setattr(Scorer, "load", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as stopped:
+        predict(["--checkpoint", str(run), str(good[0]), str(tmp_path / "phot0.png")])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: {tmp_path / 'phot0.png'}: no such file or folder\n")
+
+
 @pytest.mark.parametrize("size", ["0", "-1", "two"])
 def test_a_batch_size_under_1_is_refused(images, checkpoint, size, capsys):
     (good, _), (run, _) = images, checkpoint
