@@ -295,14 +295,18 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
             elif depth > 0:
                 found = scan(sub, f"{prefix}{sub.name}/", depth - 1) or found
         # Beside the runs, the files evaluate --out wrote there (the README's runs/table11.json): their rows too.
-        scored = [p for p in sorted(folder.glob("*.json")) if is_evaluation(p)]
-        evaluated.extend(scored)
-        return found or bool(scored)
+        for path in sorted(folder.glob("*.json")):
+            try:
+                evaluated.setdefault(path, read_evaluation(path))
+            except ConfigError:  # another program's JSON file
+                continue
+            found = True
+        return found
 
-    evaluated: list[Path] = []
+    evaluated: dict[Path, list[Row]] = {}  # each file evaluate wrote, read once
     for folder in (Path(f).absolute() for f in folders):  # a folder's name and parent, also for `report .`
         if folder.suffix == ".json" and folder.is_file():
-            evaluated.append(folder)
+            evaluated.setdefault(folder, read_evaluation(folder))
             continue
         if (series := _unfinished_series(folder)) is not None:
             raise ConfigError(f"{folder}: an unfinished repeat series ({series[1]} of {len(series[0])} splits "
@@ -326,7 +330,7 @@ def collect(folders: list[str | Path], each_at: str = "own") -> list[Row]:
     for trial in dict.fromkeys(stopped):
         search = trial.parent.parent / "search.json"
         rows.append(read_stopped_trial(trial, each_at, _read_json(search) if search.is_file() else {}))
-    rows += [row for path in dict.fromkeys(evaluated) for row in read_evaluation(path)]
+    rows += [row for scored in evaluated.values() for row in scored]
     in_series = {run.resolve(): r.folder.name for r in rows for run in r.split_runs}
     left_out += [f"{r.folder.name} (a split of the series {in_series[r.folder.resolve()]}, in its row)"
                  for r in rows if r.folder.resolve() in in_series]
