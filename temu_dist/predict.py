@@ -30,6 +30,7 @@ from tqdm import tqdm
 from temu_dist.atomic import write_text_atomic
 from temu_dist.checkpoint import epoch_of
 from temu_dist.config import ConfigError, check_output_folder, is_override, notices_as_lines
+from temu_dist.data.augment import decode_rgb
 from temu_dist.model.io import checkpoint_dir
 from temu_dist.plots import heatmap
 from temu_dist.scorer import Scorer
@@ -96,15 +97,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
-def _orientation(path: str) -> int:
-    """The file's EXIF orientation tag; 1 (as stored) where it has none or its EXIF cannot be parsed: the tag only
-    turns a heatmap upright, and the score stands without it."""
+def _orientation(data: bytes) -> int:
+    """An image file's EXIF orientation tag; 1 (as stored) where it has none or its EXIF cannot be parsed: the tag
+    only turns a heatmap upright, and the score stands without it."""
     # Only the header is read: PIL's guard against decompression bombs, for images it would decode, is beside the
     # point here (torchvision decoded this one).
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 return int(im.getexif().get(ExifTags.Base.Orientation, 1))
     except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError):
         return 1
@@ -178,18 +179,19 @@ def predict(argv: list[str] | None = None) -> int:
     try:
         for start in range(0, len(args.images), args.batch_size):
             chunk = args.images[start:start + args.batch_size]
-            good: list[tuple[str, str, torch.Tensor]] = []
+            good: list[tuple[str, str, torch.Tensor, int]] = []  # and each one's EXIF orientation, for its heatmap
             for path, name in zip(chunk, args.heat_names[start:start + args.batch_size]):
                 try:
-                    good.append((path, name, scorer.read(path)))
+                    data = Path(path).read_bytes()  # once, for the pixels and the heatmap's orientation
+                    good.append((path, name, decode_rgb(data), _orientation(data) if heat_dir else 1))
                 except (OSError, ValueError, Image.DecompressionBombError) as e:
                     failed += 1
                     progress.write(f"predict: cannot read image {path}: {e}", file=sys.stderr)
             progress.update(len(chunk) - len(good))
             if not good:
                 continue
-            out = scorer.outputs([im for _, _, im in good])
-            for i, (path, name, im) in enumerate(good):
+            out = scorer.outputs([im for _, _, im, _ in good])
+            for i, (path, name, im, orientation) in enumerate(good):
                 row = {"path": path, "score": round(float(out.score[i]), 6)}
                 if out_file:
                     rows.append(row)
@@ -201,7 +203,7 @@ def predict(argv: list[str] | None = None) -> int:
                         (heat_dir / name).parent.mkdir(parents=True, exist_ok=True)
                         heatmap(TF.to_pil_image(im), out.patch_scores[i].float().cpu().numpy(), row["score"],
                                 heat_dir / name, Path(path).name, stretch=args.heatmap_scale == "stretch",
-                                orientation=_orientation(path))
+                                orientation=orientation)
                         maps += 1
                     except OSError as e:  # a subfolder not writable, or a file in its place: the scores go on
                         failed += 1
