@@ -322,3 +322,21 @@ def test_tokens_bytes_is_the_size_of_one_images_tower_output(overrides, hw):
     bb = Backbone(create_clip(cfg.model), cfg.model, compute_dtype(cfg.model.precision, torch.device("cpu")))
     cls, patches = bb(torch.rand(3, 3, *hw))
     assert bb.tokens_bytes(*hw) == (cls.nbytes + patches.nbytes) / 3
+
+
+@pytest.mark.parametrize("slower", [85.0, 1.5])
+def test_bf16_on_a_cpu_that_runs_it_slowly_is_warned_of(monkeypatch, recwarn, slower):
+    """On an AVX2-only CPU a bf16 matmul ran 110 times slower than fp32, and nothing said so."""
+    monkeypatch.setattr(backbone_mod, "cpu_bf16_slowdown", lambda: slower)
+    assert compute_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    said = [str(w.message) for w in recwarn]
+    assert said == (["model.precision=bf16: this CPU runs a bf16 matmul 85x slower than fp32 (it has no bf16 "
+                     "instructions); model.precision=auto (fp32 on a CPU) runs far faster"] if slower > 4 else [])
+    monkeypatch.setattr(backbone_mod, "cpu_bf16_slowdown", lambda: pytest.fail("measured for fp32"))
+    assert compute_dtype("auto", torch.device("cpu")) == compute_dtype("fp32", torch.device("cpu")) == torch.float32
+
+
+def test_the_cpus_bf16_slowdown_is_measured_once():
+    backbone_mod.cpu_bf16_slowdown.cache_clear()
+    first = backbone_mod.cpu_bf16_slowdown()
+    assert first > 0 and backbone_mod.cpu_bf16_slowdown() is first
