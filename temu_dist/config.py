@@ -39,6 +39,12 @@ def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
+def comparable(key: str, value: Any) -> Any:
+    """A dotted key's value as settings are compared (a resume's, a search's, report's columns): an image size n is
+    [n, n], which a config may give instead."""
+    return list(_hw(value)) if key.endswith("image_size") and isinstance(value, (int, list, tuple)) else value
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from temu_dist import lock
 from temu_dist.atomic import write_text_atomic
-from temu_dist.config import (MLFLOW_FOLDERS, ConfigError, check_output_folder, dump, error_line, flatten,
-                              load_config, notices_as_lines, read_yaml, settings_label)
+from temu_dist.config import (MLFLOW_FOLDERS, ConfigError, check_output_folder, comparable, dump, error_line,
+                              flatten, load_config, notices_as_lines, read_yaml, settings_label)
 from temu_dist.data.manifest import dataset_name
 
 # pred_mean and target_mean: a SET-ldg set's mean prediction on distorted images and mean target (seed Fig. 11).
@@ -431,7 +431,8 @@ def _differing(rows: list[Row], besides: str | None = None) -> list[str]:
                   key=lambda k: (k != "data.train", k))
     shown = [{("train" if k == "data.train" else k): dataset_name(r.config.get(k)) if k == "data.train"
               else r.config.get(k) for k in keys} for r in rows]
-    differ = [k for k in shown[0] if len({json.dumps(s[k], default=str) for s in shown}) > 1] if rows else []
+    differ = [k for k in shown[0] if len({json.dumps(comparable(k, s[k]), default=str) for s in shown}) > 1] \
+        if rows else []
     return [settings_label({k: s[k] for k in differ}) for s in shown]
 
 

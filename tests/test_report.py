@@ -100,6 +100,14 @@ def test_a_run_extended_past_the_epochs_it_started_for_says_so_in_its_label(fini
     assert report.labels(rows) == ["epochs=2", "epochs=3 [started for 2 epochs]"]
 
 
+def test_an_image_size_given_as_a_pair_is_the_same_setting_as_one_number(finished, tmp_path):
+    pair = _copy(finished, tmp_path / "pair", {"model.image_size": [64, 64]}, {})
+    larger = _copy(finished, tmp_path / "larger", {"model.image_size": [64, 96]}, {})
+    assert report.labels(report.collect([finished, pair])) == ["koniq-I", "pair"]
+    assert report.labels(report.collect([finished, pair, larger])) == ["image_size=64", "image_size=[64, 64]",
+                                                                        "image_size=[64, 96]"]
+
+
 def test_rows_and_columns_print_under_the_names_a_paper_gives_them(finished, tmp_path, capsys):
     other = _copy(finished, tmp_path / "koniq-S", {"model.variant": "S"}, {})
     runs = [str(finished), str(other)]

@@ -595,6 +595,8 @@ def test_resume_with_other_training_settings_is_refused(tmp_path, shards, monkey
     # Nor on another input size or dtype, which evaluate and predict may load a checkpoint with.
     with pytest.raises(ConfigError, match=r"^model.image_size: .*last was trained with 64, this run asks for 96;"):
         train(run_config(tmp_path, shards, "train.epochs=1", "model.image_size=96"))
+    # The same size given as a pair is the same setting: the finished run is found, not refused.
+    assert train(run_config(tmp_path, shards, "train.epochs=1", "model.image_size=[64, 64]"))["best_epoch"] == 1
     with pytest.raises(ConfigError, match=r"^model.precision: .*last was trained with 'auto', this run asks for "):
         train(run_config(tmp_path, shards, "train.epochs=1", "model.precision=bf16"))
     # Started anew, the run is not finished until it writes results of its own.

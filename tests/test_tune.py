@@ -487,6 +487,10 @@ def test_a_search_started_before_a_key_existed_resumes_where_its_trials_had_that
     with pytest.raises(ConfigError, match=r"^model.tower_fp8: the search old in .* was started with False, this run "
                                           r"asks for True"):
         tune_cli._check_same_search(search, fp8, "test/srcc", started)
+    # The image size given as a pair is the size it was started with.
+    pair = tune_cli.base_config(load_search(_search_file(tmp_path, shards, "old", {"model.prompt": {"grid": ["coop"]}},
+                                                         overrides=["model.image_size=[64, 64]"])))
+    tune_cli._check_same_search(search, pair, "test/srcc", started)
 
 
 def test_a_searchs_sampled_values_are_drawn_from_its_seed(tmp_path, shards, tuner_stopping):
