@@ -61,14 +61,24 @@ def _run(cmd: list[str], tmp_path: Path, timeout: int = 300, env: dict | None = 
     return done
 
 
+def _free_port() -> str:
+    """A port no other test or program holds: tests run side by side (pytest-xdist)."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return str(free.getsockname()[1])
+
+
 def _launch(n: int, module: str, args: list[str], tmp_path: Path, config_file: str | None = None,
             env: dict | None = None):
     if n == 1 and config_file is None:
         return _run([sys.executable, "-m", module, *args], tmp_path, env=env)
     launch = ["--config_file", config_file] if config_file else \
         ["--multi_gpu", "--num_processes", str(n), "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", "29517"]
-    return _run([ACCELERATE, "launch", *launch, "-m", module, *args], tmp_path, env=env)
+         "--dynamo_backend", "no"]
+    return _run([ACCELERATE, "launch", *launch, "--main_process_port", _free_port(), "-m", module, *args], tmp_path,
+                env=env)
 
 
 def _initial(shards: str, out: Path) -> dict:
@@ -93,6 +103,7 @@ def one_process(shards, tmp_path_factory) -> Path:
     return out / "run"
 
 
+@pytest.mark.xdist_group("one_process")  # on one worker, which trains the fixture once
 def test_one_and_two_processes_reach_the_same_weights_and_metrics(shards, one_process, tmp_path):
     two_processes = _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "two", *SAME), tmp_path)
     assert "Warning" not in two_processes.stderr, two_processes.stderr[-2000:]  # e.g. torch's on the PLCC all_gather
@@ -158,6 +169,7 @@ def test_sigkilled_run_resumes_to_the_results_of_an_unbroken_one(shards, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.xdist_group("one_process")  # on one worker, which trains the fixture once
 def test_deepspeed_trains_as_one_process_does_on_cpu(shards, one_process, tmp_path):
     env = _env(tmp_path)
     del env["ACCELERATE_USE_CPU"]  # it would turn DeepSpeed off (the trainer refuses it; next test)
@@ -181,11 +193,7 @@ def _start_nodes(tmp_path: Path, args: list[list[str]], code: str | None = None)
     """Two processes started apart, as two nodes each start their own (RANK 0 and 1, each LOCAL_RANK 0), with args
     of their own: what a job whose nodes were given different commands runs. `code`: Python run in place of
     `python -m temu_dist.train`, with the args in sys.argv."""
-    import socket
-
-    with socket.socket() as free:  # a port no other test or program holds
-        free.bind(("127.0.0.1", 0))
-        port = str(free.getsockname()[1])
+    port = _free_port()
     procs = []
     for rank, extra in enumerate(args):
         env = dict(_env(tmp_path), RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1",
@@ -391,7 +399,7 @@ def test_the_process_group_settings_carry_the_configured_timeout_for_either_back
 
 def test_processes_with_different_numbers_of_distorted_images_gather_them_all_with_gradients(tmp_path):
     # LDG at p < 1 leaves each process its own number of scores for the PLCC over all of them.
-    torch.multiprocessing.spawn(_gather_uneven, args=(29531, str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_gather_uneven, args=(int(_free_port()), str(tmp_path)), nprocs=2)
     got = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
     for g in got:
         assert g["both"].tolist() == [[v, -v] for v in (1.0, 1.0, 2.0, 3.0, 4.0)]
