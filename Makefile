@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # torch comes first and on its own: override TORCH for your CUDA build, e.g.
 #   make demo TORCH="torch torchvision --index-url https://download.pytorch.org/whl/cu124"
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+# The tests' reference, without its dependencies (pyproject.toml's dev extra says why).
+PYIQA := "pyiqa>=0.1.13,<0.2"
 DEMO_DATA := runs/demo-data
 
 .PHONY: demo test setup clean
@@ -16,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps $(PYIQA)
 	touch $@
 
 # Demo data -> shards -> training on 2 CPU processes (gloo) -> results, MLflow store, a few scored photos.

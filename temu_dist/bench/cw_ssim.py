@@ -35,7 +35,7 @@ def _on(device: torch.device, x: torch.Tensor, y: torch.Tensor, repeat: int) -> 
     try:
         from pyiqa.archs.ssim_arch import CW_SSIM, SSIM
     except ImportError:
-        result["pyiqa"] = "not installed (pip install -e '.[dev]')"
+        result["pyiqa"] = "not installed (make setup)"
         return result
     import pyiqa
 
