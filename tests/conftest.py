@@ -14,8 +14,8 @@ from temu_dist.config import Config, load_config
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # pytest-xdist runs tests side by side: each worker's torch, and the processes its tests start, share the cores out
 # rather than each spinning a thread per core.
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 0)):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // workers)))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY = {

@@ -27,8 +27,6 @@ from temu_dist.tune import load_search, param_space, run_search, run_trial, tria
 from tests.conftest import write_kadid
 
 REPO = Path(__file__).resolve().parents[1]
-# One worker runs the searches, one local Ray at a time on a small machine (pytest-xdist --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("ray")
 
 
 @pytest.fixture(scope="module")
