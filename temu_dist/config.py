@@ -45,6 +45,11 @@ def comparable(key: str, value: Any) -> Any:
     return list(_hw(value)) if key.endswith("image_size") and isinstance(value, (int, list, tuple)) else value
 
 
+def differ(key: str, a: Any, b: Any) -> bool:
+    """Whether two values of a dotted key are other settings, as comparable sees them."""
+    return comparable(key, a) != comparable(key, b)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 

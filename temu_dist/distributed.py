@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, parse_flag_from_env
 
-from temu_dist.config import Config, ConfigError, comparable, dump, flatten
+from temu_dist.config import Config, ConfigError, differ, dump, flatten
 from temu_dist.model.temu import resolve_device
 
 
@@ -163,8 +163,7 @@ def check_processes_agree(config: Config, accelerator: Accelerator) -> None:
     ours = {k: v for k, v in seen[0][1].items() if not k.startswith("tracking.")}
     for rank, (_, theirs, host) in enumerate(seen[1:], 1):
         theirs = {k: v for k, v in theirs.items() if not k.startswith("tracking.")}
-        key = next((k for k in sorted(set(ours) | set(theirs))
-                    if comparable(k, ours.get(k)) != comparable(k, theirs.get(k))), None)
+        key = next((k for k in sorted(set(ours) | set(theirs)) if differ(k, ours.get(k), theirs.get(k))), None)
         if key:
             raise ConfigError(f"{key}: process {rank} (on {host}) was given {theirs.get(key)!r}, process 0 "
                               f"{ours.get(key)!r}: start every node with the same config and overrides")

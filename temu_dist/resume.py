@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from temu_dist.checkpoint import find_checkpoint, load_saved_config, load_trainer_info
-from temu_dist.config import Config, ConfigError, comparable, dump, flatten, list_of, value_at
+from temu_dist.config import Config, ConfigError, differ, dump, flatten, list_of, value_at
 from temu_dist.data.manifest import pack_digest
 from temu_dist.data.stream import read_by
 from temu_dist.distributed import BatchPlan
@@ -45,7 +45,7 @@ def first_change(saved: dict, config: Config, sections: tuple[str, ...],
         if key in ADDED_SINCE and key not in theirs:
             if ADDED_SINCE[key] is not None and ours.get(key) != ADDED_SINCE[key]:
                 return key, ADDED_SINCE[key], ours.get(key)
-        elif comparable(key, ours.get(key)) != comparable(key, theirs.get(key)):
+        elif differ(key, ours.get(key), theirs.get(key)):
             whole = list_of(key)
             if whole != key or isinstance(ours.get(key, theirs.get(key)), list):
                 return whole, value_at(saved, whole), value_at(tree, whole)

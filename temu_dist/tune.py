@@ -41,7 +41,7 @@ from ray.tune import Callback
 
 from temu_dist import lock
 from temu_dist.atomic import write_json_atomic, write_text_atomic
-from temu_dist.config import (Config, ConfigError, Notice, Section, apply_overrides, comparable, dump, error_line,
+from temu_dist.config import (Config, ConfigError, Notice, Section, apply_overrides, differ, dump, error_line,
                               flatten, folder_name, load_config, metric_key, notices_as_lines, one_line_error,
                               parse_override, read_yaml, settings_label)
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
@@ -604,7 +604,7 @@ def _check_same_search(search: SearchConfig, base: dict, metric: str, started: P
         # A key added since the search started: its trials trained with the value ADDED_SINCE gives, if any.
         added = key not in before and key != shown and shown in ADDED_SINCE
         was = ADDED_SINCE[shown] if added else before.get(key)
-        if (was is not None or not added) and comparable(shown, was) != comparable(shown, now.get(key)):
+        if (was is not None or not added) and differ(shown, was, now.get(key)):
             asks = "leaves it out" if key not in now else f"asks for {now[key]!r}"
             differs = f"{shown}: the search {search.name} in {started.parent} was started " \
                 f"{'without it' if was is None else f'with {was!r}'}, this run {asks}"
