@@ -30,7 +30,13 @@ demo: setup
 		-m temu_dist.train --config configs/demo.yaml
 	$(PY) -m temu_dist.predict --checkpoint runs/demo --heatmap runs/demo/heatmaps $(DEMO_DATA)/images/I01_*_0[15].png
 
-test: setup
+# DeepSpeed compiles its CPU shared-memory op with g++ on first use (about 100 CPU-seconds, once per venv): here, as
+# set-up, rather than inside the DeepSpeed test. It lands in torch's extensions folder, where every run finds it.
+$(VENV)/.deepspeed-op: $(VENV)/.installed
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
+	touch $@
+
+test: setup $(VENV)/.deepspeed-op
 	$(PY) -m pytest -q
 
 # What the demo wrote, and the venv; not all of runs/, every config's out_dir, whose mlflow.db is every run's store.

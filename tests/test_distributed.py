@@ -28,8 +28,7 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
 def _env(tmp_path: Path) -> dict:
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", MLFLOW_DISABLE_TELEMETRY="true", OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_ext")))
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", MLFLOW_DISABLE_TELEMETRY="true", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(REPO)
     return env
 
