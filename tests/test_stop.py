@@ -240,9 +240,12 @@ def _loader_script(init: str, how: str) -> subprocess.Popen:
 def test_a_loaders_workers_leave_a_sigterm_to_the_group_for_the_trainer_to_act_on(init):
     """scancel signals the loader's workers too: torch's handler let them die, and the trainer, waiting for the step's
     batch, failed with "exited unexpectedly" (2 of 5 process-group SIGTERMs to a 2-process demo run)."""
-    out, err = _group_signalled_as_it_reads(_loader_script(init, "group"))
-    if init == "None":  # torch's own handler: the worker died of it, reported either way as the signals fall
-        assert "exited unexpectedly" in err or "is killed by signal: Terminated" in err, err
+    proc = _loader_script(init, "group")
+    out, err = _group_signalled_as_it_reads(proc)
+    if init == "None":  # torch's own handler: the worker died of it, and the trainer's next read failed
+        # As the signals fall: "exited unexpectedly", "killed by signal: Terminated", or the connection a dying worker
+        # was handing a batch over reset (seen once here, with 2 test workers side by side).
+        assert proc.returncode == 1 and "torch/utils/data/" in err and out == "", err
     else:
         assert out == "stopped at a step's end\n", err
 
