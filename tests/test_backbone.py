@@ -311,8 +311,9 @@ def test_compiled_model_scores_and_learns_as_the_eager_one():
         score.square().sum().backward()
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         if p.requires_grad:
-            # Fused kernels sum in another order: fp32 rounding, on the scale of the largest gradient.
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(), msg=name)
+            # Fused kernels sum in another order: fp32 rounding, on the scale of the largest gradient. log_tau_w's is a
+            # sum of terms of both signs: over 300 random inputs it differed by up to 1.9e-4 of itself, the others 6e-6.
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5 * p.grad.abs().max().item(), msg=name)
 
 
 @pytest.mark.parametrize(("overrides", "hw"), [((), (64, 64)),
