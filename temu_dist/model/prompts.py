@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import open_clip
 import torch
@@ -10,6 +11,13 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 from temu_dist.config import ConfigError, ModelConfig
+
+
+@functools.cache
+def _tokenizer(backbone: str):
+    """open_clip's tokenizer for a backbone, built once a process: get_tokenizer builds its BPE tables anew each call
+    (0.14 s here), and a search, a repeat or a test builds many models."""
+    return open_clip.get_tokenizer(backbone)
 
 
 class TextTower(nn.Module):
@@ -80,7 +88,7 @@ class PromptLearner(nn.Module):
         self.mode = cfg.prompt
         self.num_pairs = len(cfg.prompt_pairs)
         texts = [t for pair in cfg.prompt_pairs for t in pair]
-        tokenizer = open_clip.get_tokenizer(cfg.backbone)
+        tokenizer = _tokenizer(cfg.backbone)
         if self.mode == "none":
             with torch.no_grad():
                 feats = clip.encode_text(tokenizer(texts)).float()
