@@ -16,7 +16,7 @@ from temu_dist.config import ConfigError, ModelConfig
 @functools.cache
 def _tokenizer(backbone: str):
     """open_clip's tokenizer for a backbone, built once a process: get_tokenizer builds its BPE tables anew each call
-    (0.14 s here), and a search, a repeat or a test builds many models."""
+    (0.14 s here), and a repeat or a test builds many models."""
     return open_clip.get_tokenizer(backbone)
 
 
