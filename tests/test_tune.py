@@ -27,6 +27,10 @@ from temu_dist.tune import load_search, param_space, run_search, run_trial, tria
 from tests.conftest import write_kadid
 
 REPO = Path(__file__).resolve().parents[1]
+# The tests that start a local Ray: one worker runs them one after another, and first (pytest-xdist sends the groups
+# with the most tests out first). Last in the file, they were the suite's end: in one full run the last search ran on
+# alone for 72 s after every other test had finished.
+RAY = pytest.mark.xdist_group("ray")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +76,7 @@ def _runs(search_dir: Path) -> tuple[mlflow.entities.Run, list]:
     return parent, children
 
 
+@RAY
 def test_search_gives_one_parent_run_and_a_child_run_per_trial_each_retried_once_it_failed(tmp_path, shards, ray_tmp):
     search = load_search(_search_file(tmp_path, shards, "prompts", {"model.prompt": {"grid": ["none", "coop"]}},
                                       max_failures=1))
@@ -129,6 +134,7 @@ def test_a_trials_run_name_says_the_values_it_tries():
         "enabled=True key_metric=val/srcc backbone=hf-hub:org/model")  # paths alone by their last part
 
 
+@RAY
 def test_a_trial_can_train_on_several_ray_train_processes(tmp_path, shards, ray_tmp):
     search = load_search(_search_file(tmp_path, shards, "workers", {"model.prompt": {"grid": ["coop"]}},
                                       resources={"cpu": 0.5, "workers": 2}))
@@ -198,6 +204,7 @@ def flaky_trial(params, **kwargs):
     run_trial(params, **kwargs)
 
 
+@RAY
 def test_killed_search_resumes_without_redoing_finished_trials(tmp_path, shards, ray_tmp):
     path = _search_file(tmp_path, shards, "resume", {"model.prompt": {"grid": ["none", "coop"]}}, max_concurrent=1)
     search_dir = tmp_path / "runs" / "resume"
@@ -751,6 +758,7 @@ def test_a_search_sent_sigterm_stops_as_ctrl_c_does(tmp_path, shards, tuner_stop
     assert parent.info.status == "KILLED"
 
 
+@RAY
 def test_sigterm_after_ray_has_started_still_stops_the_search_as_ctrl_c_does(ray_tmp):
     # Ray's core worker puts in a SIGTERM handler of its own, which aborted the driver (exit 134) with the parent run
     # left RUNNING. A real local Ray, in a process of its own, as that handler would end this one.
