@@ -98,7 +98,9 @@ SAME = ["train.epochs=3", "train.batch_size=8", "ldg.enabled=false", "data.flip=
 def one_process(shards, tmp_path_factory) -> Path:
     """The run the multi-process runs are held to: one process, SAME."""
     out = tmp_path_factory.mktemp("one")
-    _launch(1, "temu_dist.train", _overrides(shards, out, *SAME), out)
+    # Untracked, as the accumulated and SIGKILLed runs: MLflow's store, run and import take a process about 7 s here;
+    # the two-process and DeepSpeed runs keep it, and test_train tracks resumes and stops in every way.
+    _launch(1, "temu_dist.train", _overrides(shards, out, *SAME, "tracking.enabled=false"), out)
     return out / "run"
 
 
@@ -107,8 +109,8 @@ def test_one_and_two_processes_reach_the_same_weights_and_metrics(shards, one_pr
     two_processes = _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "two", *SAME), tmp_path)
     assert "Warning" not in two_processes.stderr, two_processes.stderr[-2000:]  # e.g. torch's on the PLCC all_gather
     # And in micro-batches of 2 on each, accumulated: PLCC still over the step's 8 samples.
-    _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "accumulated", *SAME, "train.per_device_batch=2"),
-            tmp_path)
+    _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "accumulated", *SAME, "train.per_device_batch=2",
+                                             "tracking.enabled=false"), tmp_path)
     one, two = _weights(one_process), _weights(tmp_path / "two" / "run")
     accumulated = _weights(tmp_path / "accumulated" / "run")
     assert set(one) == set(two) == set(accumulated) == {"layer_logits", "log_tau_w", "prompts.ctx"}
@@ -137,7 +139,7 @@ def test_one_and_two_processes_reach_the_same_weights_and_metrics(shards, one_pr
 
 
 def test_sigkilled_run_resumes_to_the_results_of_an_unbroken_one(shards, tmp_path):
-    args = ["train.epochs=4", "train.batch_size=2"]
+    args = ["train.epochs=4", "train.batch_size=2", "tracking.enabled=false"]
     _launch(1, "temu_dist.train", _overrides(shards, tmp_path / "whole", *args), tmp_path)
     cmd = [sys.executable, "-m", "temu_dist.train", *_overrides(shards, tmp_path / "killed", *args)]
     info = tmp_path / "killed" / "run" / "checkpoints" / "last" / "trainer.json"
