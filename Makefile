@@ -30,13 +30,12 @@ demo: setup
 		-m temu_dist.train --config configs/demo.yaml
 	$(PY) -m temu_dist.predict --checkpoint runs/demo --heatmap runs/demo/heatmaps $(DEMO_DATA)/images/I01_*_0[15].png
 
-# DeepSpeed compiles its CPU shared-memory op with g++ on first use (about 100 CPU-seconds, once per venv): here, as
-# set-up, rather than inside the DeepSpeed test. It lands in torch's extensions folder, where every run finds it.
-$(VENV)/.deepspeed-op: $(VENV)/.installed
+# DeepSpeed compiles its CPU shared-memory op with g++ on first use (about 100 CPU-seconds): before the tests, not
+# inside the DeepSpeed test. Into the venv, not torch's folder in ~/.cache, which another venv would build over; once
+# built, loading it again only checks it.
+test: export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+test: setup
 	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
-	touch $@
-
-test: setup $(VENV)/.deepspeed-op
 	$(PY) -m pytest -q
 
 # What the demo wrote, and the venv; not all of runs/, every config's out_dir, whose mlflow.db is every run's store.

@@ -53,22 +53,27 @@ def migrated_mlflow_store(tmp_path_factory):
     """A new sqlite store runs every MLflow schema migration (1.6-2.8 s here), and the tests make about 74 in their own
     processes: those start as a copy of one store migrated here. Stores made in processes the tests start still
     migrate, as a user's do."""
+    import functools
     import sqlite3
     from contextlib import closing
 
     import sqlalchemy
     from mlflow.store.db import utils
 
-    template = tmp_path_factory.mktemp("mlflow") / "migrated.db"
     migrate = utils._initialize_tables
-    engine = sqlalchemy.create_engine(f"sqlite:///{template}")
-    migrate(engine)
-    engine.dispose()
+
+    @functools.cache  # at the first store, so a worker whose tests make none skips it
+    def template() -> str:
+        path = tmp_path_factory.mktemp("mlflow") / "migrated.db"
+        engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+        migrate(engine)
+        engine.dispose()
+        return str(path)
 
     def copy_migrated(engine):
         if engine.url.get_backend_name() != "sqlite" or engine.url.database in (None, "", ":memory:"):
             return migrate(engine)
-        with closing(sqlite3.connect(template)) as source, closing(sqlite3.connect(engine.url.database)) as target:
+        with closing(sqlite3.connect(template())) as source, closing(sqlite3.connect(engine.url.database)) as target:
             source.backup(target)
 
     with pytest.MonkeyPatch.context() as patch:
