@@ -19,7 +19,6 @@ import shutil
 import socket
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,6 @@ from typing import IO, Callable
 
 import open_clip
 import torch
-import torch.distributed.nn  # noqa: F401 - the autograd-aware all_gather; torch does not import it itself
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
@@ -48,6 +46,7 @@ from temu_dist.data.stream import SharedEpoch, reader_count, split_shards, train
 from temu_dist.distributed import BatchPlan, check_processes_agree, keep_buffers_in_place, make_accelerator
 from temu_dist.evaluate import (EvalSet, eval_sets, evaluate_sets, no_such_set, result_names, scatter_plots,
                                 seen_in_training)
+from temu_dist.gather import across_ranks
 from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights, with_legacy_fields
 from temu_dist.model.backbone import check_backbone
@@ -75,31 +74,6 @@ WORKER_TERMINATED = re.compile(r"DataLoader worker \(pid \d+\) is killed by sign
 
 def _stopped_by_sigterm(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and bool(WORKER_TERMINATED.search(str(e)))
-
-
-def _all_gather(x: torch.Tensor) -> list[torch.Tensor]:
-    with warnings.catch_warnings():
-        # torch 2.14 deprecates it in favour of a private module (_functional_collectives), whose API has changed
-        # between the versions we support; this public one stays until torch has a public autograd gather.
-        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
-        return list(torch.distributed.nn.functional.all_gather(x))
-
-
-def _across_ranks(x: torch.Tensor, same_length: bool = True) -> torch.Tensor:
-    """The rows of x from every process, concatenated; gradients flow back to each process's own part. Where processes
-    may hold different numbers of rows (LDG at p < 1), `same_length=False`: they exchange them first (a host sync),
-    since all_gather needs one shape everywhere."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
-            or torch.distributed.get_world_size() == 1:
-        return x
-    if same_length:
-        return torch.cat(_all_gather(x))
-    length = torch.tensor([len(x)], device=x.device)
-    lengths = [torch.empty_like(length) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(lengths, length)
-    lengths = [int(n) for n in lengths]
-    parts = _all_gather(torch.cat([x, x.new_zeros(max(lengths) - len(x), *x.shape[1:])]))
-    return torch.cat([part[:n] for part, n in zip(parts, lengths, strict=True)])
 
 
 @dataclass
@@ -139,7 +113,7 @@ def _loss(score: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, con
     plcc = 0.0
     if config.train.plcc_weight:
         # Scores, targets and weights in one gather.
-        rows = _across_ranks(torch.stack([score, targets, weights], dim=1), same_length=same_length)
+        rows = across_ranks(torch.stack([score, targets, weights], dim=1), same_length=same_length)
         plcc = plcc_loss(rows[:, 0], rows[:, 1], rows[:, 2])
     return config.train.mse_weight * mse + config.train.plcc_weight * plcc
 

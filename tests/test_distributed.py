@@ -21,7 +21,9 @@ from temu_dist.data.splits import SplitSpec
 from temu_dist.distributed import keep_buffers_in_place, make_accelerator, process_group_kwargs
 from temu_dist.model.temu import build_model
 from temu_dist.pack import PackOptions, pack
+from temu_dist.train import train
 from tests.conftest import tiny_config, write_kadid
+from tests.ranks import gather_uneven
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -98,10 +100,11 @@ SAME = ["train.epochs=3", "train.batch_size=8", "ldg.enabled=false", "data.flip=
 def one_process(shards, tmp_path_factory) -> Path:
     """The run the multi-process runs are held to: one process, SAME."""
     out = tmp_path_factory.mktemp("one")
-    # Untracked, as the accumulated and SIGKILLed runs: MLflow costs a process about 6 s here (import 2.2 s, a new
-    # store 2.9 s, the run 0.7 s); the two-process, DeepSpeed and repeat runs keep it, and test_train tracks resumes
-    # and stops in every way.
-    _launch(1, "temu_dist.train", _overrides(shards, out, *SAME, "tracking.enabled=false"), out)
+    # In this process, untracked, as the accumulated and SIGKILLed runs are untracked: a process of its own costs 11-12
+    # CPU-seconds here, nearly all of it imports, and MLflow about 6 s more (import 2.2 s, a new store 2.9 s, the run
+    # 0.7 s). The runs held to it launch as users launch them; the two-process, DeepSpeed and repeat runs are tracked,
+    # and test_train tracks resumes and stops in every way.
+    train(load_config(None, _overrides(shards, out, *SAME, "tracking.enabled=false")))
     return out / "run"
 
 
@@ -377,19 +380,6 @@ def test_the_launchers_gradient_accumulation_steps_is_refused_where_the_config_p
     assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in os.environ
 
 
-def _gather_uneven(rank: int, port: int, out: str) -> None:
-    from temu_dist.train import _across_ranks
-
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        x = torch.arange(1.0, 2.0 + 3 * rank, requires_grad=True)  # rank 0: 1 value, rank 1: 4
-        rows = _across_ranks(torch.stack([x, -x], dim=1), same_length=False)  # as the loss gathers (score, target)
-        (rows[:, 0] * torch.arange(1.0, len(rows) + 1)).sum().backward()  # each value's gradient: its place, 1-based
-        torch.save({"both": rows.detach(), "grad": x.grad}, f"{out}/{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 @pytest.mark.parametrize("cuda, backend", [(True, "nccl"), (False, "gloo")])
 def test_the_process_group_settings_carry_the_configured_timeout_for_either_backend(cuda, backend):
     (kwargs,) = process_group_kwargs(load_config(None, ["train.timeout_min=45"]), 2, cuda)
@@ -402,7 +392,7 @@ def test_the_process_group_settings_carry_the_configured_timeout_for_either_back
 
 def test_processes_with_different_numbers_of_distorted_images_gather_them_all_with_gradients(tmp_path):
     # LDG at p < 1 leaves each process its own number of scores for the PLCC over all of them.
-    torch.multiprocessing.spawn(_gather_uneven, args=(int(_free_port()), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(gather_uneven, args=(int(_free_port()), str(tmp_path)), nprocs=2)
     got = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
     for g in got:
         assert g["both"].tolist() == [[v, -v] for v in (1.0, 1.0, 2.0, 3.0, 4.0)]
