@@ -77,11 +77,11 @@ def _runs(search_dir: Path) -> tuple[mlflow.entities.Run, list]:
 
 
 @RAY
-def test_search_gives_one_parent_run_and_a_child_run_per_trial_each_retried_once_it_failed(tmp_path, shards, ray_tmp):
+def test_search_gives_one_parent_run_and_a_child_run_per_trial_a_failed_one_retried(tmp_path, shards, ray_tmp):
     search = load_search(_search_file(tmp_path, shards, "prompts", {"model.prompt": {"grid": ["none", "coop"]}},
                                       max_failures=1))
     summary = run_search(search, trainable=flaky_trial)
-    assert len(list((tmp_path / "runs" / "prompts").glob("attempted-*"))) == 2  # each trial's first attempt failed
+    assert len(list((tmp_path / "runs" / "prompts").glob("attempted-*"))) == 1  # the failed first attempt
     assert sorted(r["model.prompt"] for r in summary["trials"]) == ["coop", "none"]
     assert all(r["best"] is not None and r["error"] is None and r["epochs"] == 2 for r in summary["trials"])
     assert summary["best"]["best"] == max(r["best"] for r in summary["trials"])
@@ -194,11 +194,12 @@ def test_a_trial_whose_loss_went_non_finite_fails_again_at_once_when_retried(tmp
 
 
 def flaky_trial(params, **kwargs):
-    """Fails the first attempt of every trial, as a lost node or an out-of-memory kill would."""
+    """Fails the first attempt of the trial without prompts, as a lost node or an out-of-memory kill would. One
+    trial, not both: each attempt is a Ray worker process of its own, 11-17 CPU-seconds here."""
     from ray import tune
 
     marker = Path(kwargs["trials_dir"]).parent / f"attempted-{tune.get_context().get_trial_id()}"
-    if not marker.exists():
+    if params["model.prompt"] == "none" and not marker.exists():
         marker.write_text("1")
         raise RuntimeError("first attempt fails")
     run_trial(params, **kwargs)
@@ -228,8 +229,8 @@ def test_killed_search_resumes_without_redoing_finished_trials(tmp_path, shards,
     finished = {p.parent.name: (p.parent / "checkpoints" / "last" / "weights.safetensors").stat().st_mtime_ns
                 for p in (search_dir / "trials").glob("*/results.json")}
     assert len(finished) == 1
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # The same command again, in this process: a driver process of its own would cost 11-12 CPU-seconds of imports.
+    assert tune_cli.main(["--config", str(path)]) == 0
     assert {name: (search_dir / "trials" / name / "checkpoints" / "last" / "weights.safetensors").stat().st_mtime_ns
             for name in finished} == finished
     summary = json.loads((search_dir / "search.json").read_text())
