@@ -144,7 +144,14 @@ def test_one_and_two_processes_reach_the_same_weights_and_metrics(shards, one_pr
 
 def test_sigkilled_run_resumes_to_the_results_of_an_unbroken_one(shards, tmp_path):
     args = ["train.epochs=4", "train.batch_size=2", "tracking.enabled=false"]
-    _launch(1, "temu_dist.train", _overrides(shards, tmp_path / "whole", *args), tmp_path)
+    # The unbroken run in this process, on one thread as the processes below (OMP_NUM_THREADS=1), so the weights can
+    # match to the bit; a process of its own costs 11-12 CPU-seconds here, nearly all of it imports.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(load_config(None, _overrides(shards, tmp_path / "whole", *args)))
+    finally:
+        torch.set_num_threads(threads)
     cmd = [sys.executable, "-m", "temu_dist.train", *_overrides(shards, tmp_path / "killed", *args)]
     info = tmp_path / "killed" / "run" / "checkpoints" / "last" / "trainer.json"
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
