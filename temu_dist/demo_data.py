@@ -23,6 +23,8 @@ from PIL import Image, ImageEnhance, ImageFilter
 from temu_dist.atomic import write_text_atomic
 
 SIZE = (512, 384)  # KADID-10k's width x height
+# zlib level 1, not Pillow's 6: a 512x384 photo encodes in 23 ms, not 76 ms, and is 9% larger (the demo writes 189).
+PNG_LEVEL = 1
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
           "motorcycle", "grace_hopper"]
 
@@ -80,12 +82,12 @@ def write_demo_data(out: str | Path) -> Path:
     for r, name in enumerate(PHOTOS, start=1):
         ref = photo(name)
         ref_name = f"I{r:02d}.png"
-        ref.save(images / ref_name)
+        ref.save(images / ref_name, compress_level=PNG_LEVEL)
         for t, (_, distort) in DISTORTIONS.items():
             for level in range(5):
                 dist = distort(ref, level, seed=r * 100 + t * 10 + level)
                 dist_name = f"I{r:02d}_{t:02d}_{level + 1:02d}.png"
-                dist.save(images / dist_name)
+                dist.save(images / dist_name, compress_level=PNG_LEVEL)
                 rows.append((dist_name, ref_name, f"{mos(ref, dist):.4f}", "0.0"))
         print(f"demo_data: {name}: {len(DISTORTIONS) * 5} distorted images", flush=True)
     text = io.StringIO(newline="")
