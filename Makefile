@@ -1,4 +1,5 @@
-# The two commands the README opens with. Each sets up .venv first (once; again when pyproject.toml changes).
+# The two commands the README opens with. Each sets up .venv first (once; again when pyproject.toml, TORCH or PYIQA
+# changes).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,11 +10,16 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYIQA := "pyiqa>=0.1.13,<0.2"
 DEMO_DATA := runs/demo-data
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean FORCE
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The torch and pyiqa asked for, rewritten only when they change: another TORCH= reinstalls, as pyproject.toml does.
+$(VENV)/.asked: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH) $(PYIQA)' | cmp -s - $@ || echo '$(TORCH) $(PYIQA)' > $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.asked
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
