@@ -1,5 +1,6 @@
 """What each of the processes a test spawns runs. Its own module, importing torch alone: a spawned process imports
-the module its function is in, and the test modules import open_clip, 11-12 CPU-seconds a process here."""
+the module its function is in, and the test modules import open_clip (the gather test took 30.0 s in a full run with
+its processes importing test_distributed, 7.6 s with this module)."""
 import torch
 
 from temu_dist.gather import across_ranks

@@ -100,10 +100,9 @@ SAME = ["train.epochs=3", "train.batch_size=8", "ldg.enabled=false", "data.flip=
 def one_process(shards, tmp_path_factory) -> Path:
     """The run the multi-process runs are held to: one process, SAME."""
     out = tmp_path_factory.mktemp("one")
-    # In this process, untracked, as the accumulated and SIGKILLed runs are untracked: a process of its own costs 11-12
-    # CPU-seconds here, nearly all of it imports, and MLflow about 6 s more (import 2.2 s, a new store 2.9 s, the run
-    # 0.7 s). The runs held to it launch as users launch them; the two-process, DeepSpeed and repeat runs are tracked,
-    # and test_train tracks resumes and stops in every way.
+    # In this process and untracked, as the accumulated and SIGKILLed runs are untracked: a tiny run in a process of its
+    # own cost 11.8 CPU-seconds here, nearly all of it imports. The runs held to it launch as users launch them; the
+    # two-process, DeepSpeed and repeat runs are tracked, and test_train tracks resumes and stops in every way.
     train(load_config(None, _overrides(shards, out, *SAME, "tracking.enabled=false")))
     return out / "run"
 
