@@ -1,6 +1,8 @@
 """Real processes: 1 versus 2 gloo processes (training and evaluation), a SIGKILLed run resumed, DeepSpeed on CPU.
 
-Each test launches `python -m temu_dist.train` / `accelerate launch` as a user would, on the package's tiny backbone.
+On the package's tiny backbone. The runs a user launches are launched as a user would (`accelerate launch`, `python -m
+temu_dist.train`): 2 processes, DeepSpeed, 2-process evaluation, a killed run's resume. The nodes stopped or refused,
+and the accumulated pair, are processes forked from a server that imported the trainer once (tests/nodes.py).
 """
 import json
 import os
@@ -23,6 +25,7 @@ from temu_dist.model.temu import build_model
 from temu_dist.pack import PackOptions, pack
 from temu_dist.train import train
 from tests.conftest import tiny_config, write_kadid
+from tests import nodes
 from tests.ranks import gather_uneven
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,9 +114,13 @@ def one_process(shards, tmp_path_factory) -> Path:
 def test_one_and_two_processes_reach_the_same_weights_and_metrics(shards, one_process, tmp_path):
     two_processes = _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "two", *SAME), tmp_path)
     assert "Warning" not in two_processes.stderr, two_processes.stderr[-2000:]  # e.g. torch's on the PLCC all_gather
-    # And in micro-batches of 2 on each, accumulated: PLCC still over the step's 8 samples.
-    _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "accumulated", *SAME, "train.per_device_batch=2",
-                                             "tracking.enabled=false"), tmp_path)
+    # And in micro-batches of 2 on each, accumulated: PLCC still over the step's 8 samples. Started as two nodes are,
+    # without accelerate's launcher: the run above is its test.
+    accumulated = _overrides(shards, tmp_path / "accumulated", *SAME, "train.per_device_batch=2",
+                             "tracking.enabled=false")
+    done = _two_nodes(tmp_path, [accumulated, accumulated])
+    assert [d.returncode for d in done] == [0, 0], done[0].stderr[-2000:] + done[1].stderr[-2000:]
+    assert "x 2 accumulated x 2 process(es)" in done[0].stdout  # one group of two, not two runs of one
     one, two = _weights(one_process), _weights(tmp_path / "two" / "run")
     accumulated = _weights(tmp_path / "accumulated" / "run")
     assert set(one) == set(two) == set(accumulated) == {"layer_logits", "log_tau_w", "prompts.ctx"}
@@ -151,9 +158,9 @@ def test_sigkilled_run_resumes_to_the_results_of_an_unbroken_one(shards, tmp_pat
         train(load_config(None, _overrides(shards, tmp_path / "whole", *args)))
     finally:
         torch.set_num_threads(threads)
-    cmd = [sys.executable, "-m", "temu_dist.train", *_overrides(shards, tmp_path / "killed", *args)]
+    killed = _overrides(shards, tmp_path / "killed", *args)
     info = tmp_path / "killed" / "run" / "checkpoints" / "last" / "trainer.json"
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = nodes.start(["-m", "temu_dist.train", *killed], _env(tmp_path), tmp_path, "killed")
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
@@ -161,13 +168,12 @@ def test_sigkilled_run_resumes_to_the_results_of_an_unbroken_one(shards, tmp_pat
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)  # during epoch 3
-        proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        proc.kill()  # during epoch 3
+    assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed" / "run" / "results.json").exists()
-    _run(cmd, tmp_path)  # the same command again: resume=auto continues from checkpoints/last
+    # The same command again, as a user types it: resume=auto continues from checkpoints/last.
+    _run([sys.executable, "-m", "temu_dist.train", *killed], tmp_path)
     whole = json.loads((tmp_path / "whole" / "run" / "results.json").read_text())
     resumed = json.loads((tmp_path / "killed" / "run" / "results.json").read_text())
 
@@ -200,25 +206,24 @@ def test_deepspeed_trains_as_one_process_does_on_cpu(shards, one_process, tmp_pa
         torch.testing.assert_close(trained[name], one[name], rtol=1e-5, atol=1e-6)
 
 
-def _start_nodes(tmp_path: Path, args: list[list[str]], code: str | None = None) -> list[subprocess.Popen]:
+def _start_nodes(tmp_path: Path, args: list[list[str]], code: str | None = None) -> list[nodes.Node]:
     """Two processes started apart, as two nodes each start their own (RANK 0 and 1, each LOCAL_RANK 0), with args
     of their own: what a job whose nodes were given different commands runs. `code`: Python run in place of
     `python -m temu_dist.train`, with the args in sys.argv."""
     port = _free_port()
-    procs = []
+    started = []
     for rank, extra in enumerate(args):
         env = dict(_env(tmp_path), RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         command = ["-c", code] if code else ["-m", "temu_dist.train"]
-        procs.append(subprocess.Popen([sys.executable, *command, *extra], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs
+        started.append(nodes.start([*command, *extra], env, tmp_path, f"node{rank}"))
+    return started
 
 
 def _two_nodes(tmp_path: Path, args: list[list[str]]) -> list[subprocess.CompletedProcess]:
-    procs = _start_nodes(tmp_path, args)
-    outputs = [p.communicate(timeout=300) for p in procs]
-    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
+    started = _start_nodes(tmp_path, args)
+    outputs = [p.communicate(timeout=300) for p in started]
+    return [subprocess.CompletedProcess(p.argv, p.returncode, *out) for p, out in zip(started, outputs)]
 
 
 def _stopped_nodes(tmp_path: Path, args: list[list[str]], code: str) -> list[tuple[str, str]]:
