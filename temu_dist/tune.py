@@ -400,7 +400,9 @@ def _train_on_workers(config, res: Resources, trial: str) -> dict:
                  scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpu > 0,
                                               resources_per_worker={"CPU": res.cpu, "GPU": res.gpu}),
                  run_config=RunConfig(name=trial, storage_path=str(config.run_dir().parent.parent / "ray-train"),
-                                      callbacks=[TuneReportCallback()])).fit()
+                                      callbacks=[TuneReportCallback()],
+                                      # Ray Train's print, on by default, printed each line twice (Ray 2.60).
+                                      worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})).fit()
     return json.loads((config.run_dir() / "results.json").read_text())
 
 
@@ -447,7 +449,7 @@ def _join(search: SearchConfig, address: str) -> None:
 
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
     try:
-        _ray_init(address=address, **({"runtime_env": {"env_vars": env}} if env else {}))
+        _ray_init({"env_vars": env} if env else None, address=address)
     except (ConnectionError, ray.exceptions.RayError) as e:
         # A refused token comes back as a connection that failed, after Ray's own retries.
         auth = "; one with token authentication (as launch/ray-cluster.sh starts it) also needs " \
@@ -559,13 +561,20 @@ def _no_ray_resume_hint(record: logging.LogRecord) -> bool:
 logging.getLogger("ray.tune.tune").addFilter(_no_ray_resume_hint)
 
 
-def _ray_init(**kwargs) -> None:
+def _worker_setup() -> None:
+    """Run by each Ray worker process as it starts (runtime_env's worker_process_setup_hook)."""
+    # Ray Train's placement group cleaner asks Ray's State API each second whether the trial's controller is alive, and
+    # warned each time the API was not there: in every Ray without its dashboard, as ray[tune] installs it.
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def _ray_init(runtime_env: dict | None = None, **kwargs) -> None:
     """ray.init, keeping this process's SIGTERM handler: Ray's core worker puts in its own, which aborts the driver
     (exit 134, the parent run left RUNNING), where SIGTERM must stop the search as Ctrl-C does."""
     import ray
 
     handler = signal.getsignal(signal.SIGTERM)
-    ray.init(**kwargs)
+    ray.init(runtime_env={**(runtime_env or {}), "worker_process_setup_hook": _worker_setup}, **kwargs)
     if handler is not None and threading.current_thread() is threading.main_thread():  # signal's own rule
         signal.signal(signal.SIGTERM, handler)
 
