@@ -62,6 +62,9 @@ BEST_CONFIG = "best-config.yaml"
 # workers: the MLflow server's login, artifact stores' credentials, Hugging Face's and the proxies' settings.
 FORWARDED_ENV = ("MLFLOW_", "HF_", "HUGGING_FACE_", "AWS_", "AZURE_STORAGE_", "GOOGLE_APPLICATION_CREDENTIALS",
                  "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+# A Ray Train worker's output as a train process's: Ray Train's print (on by default in Ray 2.60) printed each line
+# twice, and its logging configuration set the root logger to INFO (open_clip's model-building lines, 9 a process).
+RAY_TRAIN_WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}
 # The training keys train.check_data reads, which the search checks before Ray starts.
 CHECKED_DATA_KEYS = ("data", "eval", "train.key_metric", "model.image_size", "model.backbone", "model.layers", "ldg")
 
@@ -401,8 +404,7 @@ def _train_on_workers(config, res: Resources, trial: str) -> dict:
                                               resources_per_worker={"CPU": res.cpu, "GPU": res.gpu}),
                  run_config=RunConfig(name=trial, storage_path=str(config.run_dir().parent.parent / "ray-train"),
                                       callbacks=[TuneReportCallback()],
-                                      # Ray Train's print, on by default, printed each line twice (Ray 2.60).
-                                      worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})).fit()
+                                      worker_runtime_env={"env_vars": RAY_TRAIN_WORKER_ENV})).fit()
     return json.loads((config.run_dir() / "results.json").read_text())
 
 
