@@ -39,7 +39,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from ray.tune import Callback
 
-from temu_dist import lock
+from temu_dist import lock, ray_worker
 from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist.config import (Config, ConfigError, Notice, Section, apply_overrides, differ, dump, error_line,
                               flatten, folder_name, load_config, metric_key, notices_as_lines, one_line_error,
@@ -563,20 +563,13 @@ def _no_ray_resume_hint(record: logging.LogRecord) -> bool:
 logging.getLogger("ray.tune.tune").addFilter(_no_ray_resume_hint)
 
 
-def _worker_setup() -> None:
-    """Run by each Ray worker process as it starts (runtime_env's worker_process_setup_hook)."""
-    # Ray Train's placement group cleaner asks Ray's State API each second whether the trial's controller is alive, and
-    # warned each time the API was not there: in every Ray without its dashboard, as ray[tune] installs it.
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-
-
 def _ray_init(runtime_env: dict | None = None, **kwargs) -> None:
     """ray.init, keeping this process's SIGTERM handler: Ray's core worker puts in its own, which aborts the driver
     (exit 134, the parent run left RUNNING), where SIGTERM must stop the search as Ctrl-C does."""
     import ray
 
     handler = signal.getsignal(signal.SIGTERM)
-    ray.init(runtime_env={**(runtime_env or {}), "worker_process_setup_hook": _worker_setup}, **kwargs)
+    ray.init(runtime_env={**(runtime_env or {}), "worker_process_setup_hook": ray_worker.setup}, **kwargs)
     if handler is not None and threading.current_thread() is threading.main_thread():  # signal's own rule
         signal.signal(signal.SIGTERM, handler)
 
