@@ -20,8 +20,10 @@ _SERVER = mp.get_context("forkserver")
 _SERVER.set_forkserver_preload(["temu_dist.train", "temu_dist.repeat", "tests.nodes"])
 
 
-def _node(argv: list[str], env: dict, out: str, err: str) -> None:
-    """As `python -c CODE ARGS...` or `python -m MODULE ARGS...` would run, with env and stdout/stderr to files."""
+def _node(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
+    """As `python -c CODE ARGS...` or `python -m MODULE ARGS...` would run in cwd, with env and stdout/stderr to
+    files."""
+    os.chdir(cwd)  # not the server's, which is wherever the first node's test was
     os.environ.clear()
     os.environ.update(env)
     import torch
@@ -72,9 +74,10 @@ class Node:
         self.process.join()
 
 
-def start(argv: list[str], env: dict, folder: Path, name: str) -> Node:
-    """A node running argv (["-c", code, ...] or ["-m", module, ...]), its output in folder/name.out and .err."""
+def start(argv: list[str], env: dict, cwd: Path, folder: Path, name: str) -> Node:
+    """A node running argv (["-c", code, ...] or ["-m", module, ...]) in cwd, its output in folder/name.out and
+    .err."""
     out, err = folder / f"{name}.out", folder / f"{name}.err"
-    process = _SERVER.Process(target=_node, args=(argv, env, str(out), str(err)))
+    process = _SERVER.Process(target=_node, args=(argv, env, str(cwd), str(out), str(err)))
     process.start()
     return Node(argv, process, out, err)

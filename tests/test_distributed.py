@@ -24,8 +24,8 @@ from temu_dist.distributed import keep_buffers_in_place, make_accelerator, proce
 from temu_dist.model.temu import build_model
 from temu_dist.pack import PackOptions, pack
 from temu_dist.train import train
-from tests.conftest import tiny_config, write_kadid
 from tests import nodes
+from tests.conftest import tiny_config, write_kadid
 from tests.ranks import gather_uneven
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def test_sigkilled_run_resumes_to_the_results_of_an_unbroken_one(shards, tmp_pat
         torch.set_num_threads(threads)
     killed = _overrides(shards, tmp_path / "killed", *args)
     info = tmp_path / "killed" / "run" / "checkpoints" / "last" / "trainer.json"
-    proc = nodes.start(["-m", "temu_dist.train", *killed], _env(tmp_path), tmp_path, "killed")
+    proc = nodes.start(["-m", "temu_dist.train", *killed], _env(tmp_path), REPO, tmp_path, "killed")
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
@@ -216,7 +216,7 @@ def _start_nodes(tmp_path: Path, args: list[list[str]], code: str | None = None)
         env = dict(_env(tmp_path), RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         command = ["-c", code] if code else ["-m", "temu_dist.train"]
-        started.append(nodes.start([*command, *extra], env, tmp_path, f"node{rank}"))
+        started.append(nodes.start([*command, *extra], env, REPO, tmp_path, f"node{rank}"))
     return started
 
 
