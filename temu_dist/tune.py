@@ -494,7 +494,8 @@ def _search(search: SearchConfig, search_dir: Path, base: dict, metric: str, res
 
     experiment = search_dir / "ray"
     started = search_dir / STARTED
-    if restored and _finished(search_dir):
+    finished = restored and _finished(search_dir)
+    if finished:
         print(f"tune: the search {search.name} in {search_dir} has finished: its results are gathered again, no trial "
               "trains")
     elif restored:
@@ -510,6 +511,12 @@ def _search(search: SearchConfig, search_dir: Path, base: dict, metric: str, res
         # A new start takes the parent of an earlier one that failed before Ray saved the search only with its params.
         parent, was = parent_run(uri, base["tracking"]["experiment"], search.name, search_dir / "mlflow_parent_run_id",
                                  params, {"temu.search": "true"}, "search", same_params=not restored)
+    if finished:
+        # From what Ray saved of each trial, without starting Ray: the rerun took 43 s here, now 17 s.
+        from ray.tune import ExperimentAnalysis, ResultGrid
+
+        grid = ResultGrid(ExperimentAnalysis(str(experiment / search.name)))
+        return summarize(search, search_dir, grid, metric, uri, parent, base)
     ours = not ray.is_initialized()  # a Ray this search starts, and ends
     try:
         if ours:

@@ -77,7 +77,8 @@ def _runs(search_dir: Path) -> tuple[mlflow.entities.Run, list]:
 
 
 @RAY
-def test_search_gives_one_parent_run_and_a_child_run_per_trial_a_failed_one_retried(tmp_path, shards, ray_tmp):
+def test_search_gives_one_parent_run_and_a_child_run_per_trial_a_failed_one_retried(tmp_path, shards, ray_tmp,
+                                                                                     monkeypatch):
     search = load_search(_search_file(tmp_path, shards, "prompts", {"model.prompt": {"grid": ["none", "coop"]}},
                                       max_failures=1))
     summary = run_search(search, trainable=flaky_trial)
@@ -106,8 +107,14 @@ def test_search_gives_one_parent_run_and_a_child_run_per_trial_a_failed_one_retr
         history = client.get_metric_history(child.info.run_id, "test/srcc")
         assert [m.step for m in history] == [1, 2]
     assert json.loads((search_dir / "search.json").read_text())["best"]["trial"] == summary["best"]["trial"]
-    # Rerun with another search, under the same name: refused, not restored with this one's results.
     path = tmp_path / "prompts.yaml"
+    # Rerun as it was: the same results, gathered from what Ray saved without starting Ray, into the same parent run.
+    with monkeypatch.context() as no_ray:
+        no_ray.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("ray.init was called"))
+        again = run_search(load_search(path))
+    assert again["trials"] == json.loads(json.dumps(summary["trials"])) and again["best"] == summary["best"]
+    assert _runs(search_dir)[0].info.run_id == parent.info.run_id and len(_runs(search_dir)[1]) == 2
+    # Rerun with another search, under the same name: refused, not restored with this one's results.
     finished = r"; it has finished, and a finished search is not extended: give the changed one another name= \(each " \
         r"of its trials trains anew\) and report both folders side by side$"
     with pytest.raises(ConfigError, match=r"^train.epochs: the search prompts in .* was started with 2, this run asks "
