@@ -65,11 +65,8 @@ class Node:
             raise TimeoutError(f"a node ran over {timeout} s: {self.err.read_text()[-2000:]}")
         return self.out.read_text(), self.err.read_text()
 
-    def poll(self) -> int | None:
-        return self.process.exitcode
-
     def kill(self) -> None:
-        """SIGKILL, and waits for it to end."""
+        """SIGKILL, and waits for it to end; nothing, if it has ended."""
         self.process.kill()
         self.process.join()
 

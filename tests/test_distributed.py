@@ -163,11 +163,11 @@ def test_sigkilled_run_resumes_to_the_results_of_an_unbroken_one(shards, tmp_pat
     proc = nodes.start(["-m", "temu_dist.train", *killed], _env(tmp_path), REPO, tmp_path, "killed")
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
+        while time.time() < deadline and proc.returncode is None:
             if info.exists() and json.loads(info.read_text())["next_epoch"] >= 2:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
+        assert proc.returncode is None, "the run ended before it could be killed"
     finally:
         proc.kill()  # during epoch 3
     assert proc.returncode == -signal.SIGKILL
@@ -233,8 +233,7 @@ def _stopped_nodes(tmp_path: Path, args: list[list[str]], code: str) -> list[tup
         outputs = [p.communicate(timeout=240) for p in procs]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
+            p.kill()
     assert [p.returncode for p in procs] == [143, 143], [err[-2000:] for _, err in outputs]
     return outputs
 

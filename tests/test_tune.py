@@ -110,10 +110,11 @@ def test_search_gives_one_parent_run_and_a_child_run_per_trial_a_failed_one_retr
     path = tmp_path / "prompts.yaml"
     # Rerun as it was: the same results, gathered from what Ray saved without starting Ray, into the same parent run.
     with monkeypatch.context() as no_ray:
-        no_ray.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("ray.init was called"))
+        _refuse_ray(no_ray)
         again = run_search(load_search(path))
     assert again["trials"] == json.loads(json.dumps(summary["trials"])) and again["best"] == summary["best"]
-    assert _runs(search_dir)[0].info.run_id == parent.info.run_id and len(_runs(search_dir)[1]) == 2
+    rerun_parent, rerun_children = _runs(search_dir)
+    assert rerun_parent.info.run_id == parent.info.run_id and len(rerun_children) == 2
     # Rerun with another search, under the same name: refused, not restored with this one's results.
     finished = r"; it has finished, and a finished search is not extended: give the changed one another name= \(each " \
         r"of its trials trains anew\) and report both folders side by side$"
@@ -312,14 +313,19 @@ def test_the_search_plots_are_redrawn_and_logged_to_its_parent_run_each_time_a_t
         callback.on_trial_complete(iteration=4, trials=[a, b, c, d], trial=d)
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """A test that fails if Ray is started: what it checks must be refused before."""
+def _refuse_ray(monkeypatch) -> None:
+    """ray.init fails the test."""
     def refuse(*args, **kwargs):
         raise AssertionError("ray.init was called")
 
     monkeypatch.setattr(ray, "init", refuse)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """A test that fails if Ray is started: what it checks must be refused before."""
+    _refuse_ray(monkeypatch)
 
 
 @pytest.mark.parametrize(("gpus", "cpus", "resources", "says"), [
@@ -811,25 +817,35 @@ def test_a_failed_rerun_leaves_a_finished_search_finished_and_a_new_start_its_ow
                                                                                         tuner_stopping, monkeypatch,
                                                                                         capsys):
     import pandas as pd
+    from ray import tune
 
     ok = SimpleNamespace(error=None, metrics={"epoch": 2, "done": True, "trial_id": "1"},
                          config={"model.prompt": "none"},
                          metrics_dataframe=pd.DataFrame({"epoch": [2], "test/srcc": [0.5]}))
     tuner_stopping.fit_does = lambda: [ok]
     path = _search_file(tmp_path, shards, "rerun", {"model.prompt": {"grid": ["none"]}})
+    search_dir = tmp_path / "runs" / "rerun"
     run_search(load_search(path))
-    # Rerun: its results are read from what Ray saved of the search, which this stand-in for Ray never wrote.
+    # Rerun as it was: its results are read from what Ray saved (here, the stand-in's), and it says no trial trains.
     monkeypatch.setattr(tuner_stopping, "can_restore", staticmethod(lambda path: True))
+    monkeypatch.setattr(tune, "ExperimentAnalysis", lambda path: path)
+    monkeypatch.setattr(tune, "ResultGrid", lambda analysis: [ok])
+    tuner_stopping.fit_does = lambda: pytest.fail("a finished search was fitted again")
     capsys.readouterr()
-    with pytest.raises(ValueError, match="No experiment snapshot"):
+    run_search(load_search(path))
+    assert f"tune: the search rerun in {search_dir} has finished: its results are gathered again, no trial trains\n" \
+        in capsys.readouterr().out
+    # With a trial that errored, which a rerun tries again in Ray: the rerun fails, and the parent stays FINISHED.
+    errored = json.loads((search_dir / "search.json").read_text())
+    errored["trials"][0]["error"] = "RuntimeError: out of memory"
+    (search_dir / "search.json").write_text(json.dumps(errored))
+    monkeypatch.setattr(tuner_stopping, "restore", classmethod(lambda cls, *args, **kwargs: cls()), raising=False)
+    tuner_stopping.fit_does = lambda: _raise(RuntimeError("the Ray cluster went away"))
+    with pytest.raises(RuntimeError, match="the Ray cluster went away"):
         run_search(load_search(path))
-    # A finished search rerun as it was does not resume anything: it says so.
-    assert f"tune: the search rerun in {tmp_path / 'runs' / 'rerun'} has finished: its results are gathered again, " \
-        "no trial trains\n" in capsys.readouterr().out
-    parent, _ = _runs(tmp_path / "runs" / "rerun")
+    parent, _ = _runs(search_dir)
     assert parent.info.status == "FINISHED" and parent.data.metrics["best/test/srcc"] == 0.5
     monkeypatch.setattr(tuner_stopping, "can_restore", staticmethod(lambda path: False))
-    tuner_stopping.fit_does = lambda: _raise(RuntimeError("the Ray cluster went away"))
     # A start that failed before Ray saved the search, started anew with another space: a parent with its params.
     path = _search_file(tmp_path, shards, "restart", {"model.prompt": {"grid": ["none", "coop"]}})
     with pytest.raises(RuntimeError):
