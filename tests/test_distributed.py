@@ -1,8 +1,9 @@
 """Real processes: 1 versus 2 gloo processes (training and evaluation), a SIGKILLed run resumed, DeepSpeed on CPU.
 
 On the package's tiny backbone. The runs a user launches are launched as a user would (`accelerate launch`, `python -m
-temu_dist.train`): 2 processes, DeepSpeed, 2-process evaluation, a killed run's resume. The nodes stopped or refused,
-and the accumulated pair, are processes forked from a server that imported the trainer once (tests/nodes.py).
+temu_dist.train`): 2 processes as 2 machines (launch/multinode.yaml), DeepSpeed, 2-process evaluation, a killed run's
+resume. The nodes stopped or refused, and the accumulated pair, are processes forked from a server that imported the
+trainer once (tests/nodes.py).
 """
 import json
 import os
@@ -85,6 +86,27 @@ def _launch(n: int, module: str, args: list[str], tmp_path: Path, config_file: s
                 env=env)
 
 
+def _two_machines(tmp_path: Path, args: list[str]) -> list[tuple[str, str]]:
+    """`launch/multinode.yaml` for 2 machines of 1 process, both on this host, each machine's command as its node
+    runs it: their stdout and stderr (to files: a full pipe would stall one node and with it the other)."""
+    port, started = _free_port(), []
+    for rank in (0, 1):
+        with open(tmp_path / f"machine{rank}.out", "w") as out, open(tmp_path / f"machine{rank}.err", "w") as err:
+            started.append(subprocess.Popen(
+                [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / "multinode.yaml"), "--num_machines",
+                 "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                 "--main_process_port", port, "--mixed_precision", "no", "-m", "temu_dist.train", *args],
+                cwd=REPO, env=_env(tmp_path), stdout=out, stderr=err))
+    try:
+        codes = [p.wait(300) for p in started]
+    finally:
+        for p in started:
+            p.kill()
+    outputs = [tuple((tmp_path / f"machine{rank}.{kind}").read_text() for kind in ("out", "err")) for rank in (0, 1)]
+    assert codes == [0, 0], [out[-3000:] + err[-3000:] for out, err in outputs]
+    return outputs
+
+
 def _initial(shards: str, out: Path) -> dict:
     """The trainable weights every run starts from (seeded by config.seed)."""
     return build_model(load_config(None, _overrides(shards, out))).trainable_state()
@@ -112,8 +134,11 @@ def one_process(shards, tmp_path_factory) -> Path:
 
 @pytest.mark.xdist_group("one_process")  # on one worker, which trains the fixture once
 def test_one_and_two_processes_reach_the_same_weights_and_metrics(shards, one_process, tmp_path):
-    two_processes = _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "two", *SAME), tmp_path)
-    assert "Warning" not in two_processes.stderr, two_processes.stderr[-2000:]  # e.g. torch's on the PLCC all_gather
+    # As two nodes of one process each, by the multi-node launch file (slurm.sbatch's), on this host.
+    machines = _two_machines(tmp_path, _overrides(shards, tmp_path / "two", *SAME))
+    assert "2 process(es)" in machines[0][0]
+    for _, err in machines:  # e.g. torch's on the PLCC all_gather
+        assert "Warning" not in err, err[-2000:]
     # And in micro-batches of 2 on each, accumulated: PLCC still over the step's 8 samples. Started as two nodes are,
     # without accelerate's launcher: the run above is its test.
     accumulated = _overrides(shards, tmp_path / "accumulated", *SAME, "train.per_device_batch=2",
