@@ -65,6 +65,11 @@ FORWARDED_ENV = ("MLFLOW_", "HF_", "HUGGING_FACE_", "AWS_", "AZURE_STORAGE_", "G
 # A Ray Train worker's output as a train process's: Ray Train's print (on by default in Ray 2.60) printed each line
 # twice, and its logging configuration set the root logger to INFO (open_clip's model-building lines, 9 a process).
 RAY_TRAIN_WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}
+# Off in a search's Ray processes unless this process's environment sets it: Ray Train's preemption watcher, an actor
+# of its own for each trial on several workers, logs node drains and keeps them for ray.train.get_preemption_info,
+# which the trials never ask; Ray's core logged an error line as each started ("constructor arguments in the object
+# store").
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # The training keys train.check_data reads, which the search checks before Ray starts.
 CHECKED_DATA_KEYS = ("data", "eval", "train.key_metric", "model.image_size", "model.backbone", "model.layers", "ldg")
 
@@ -576,7 +581,10 @@ def _ray_init(runtime_env: dict | None = None, **kwargs) -> None:
     import ray
 
     handler = signal.getsignal(signal.SIGTERM)
-    ray.init(runtime_env={**(runtime_env or {}), "worker_process_setup_hook": ray_worker.setup}, **kwargs)
+    runtime_env = runtime_env or {}
+    env_vars = {PREEMPTION_WATCHER: os.environ.get(PREEMPTION_WATCHER, "0"), **runtime_env.get("env_vars", {})}
+    ray.init(runtime_env={**runtime_env, "env_vars": env_vars, "worker_process_setup_hook": ray_worker.setup},
+             **kwargs)
     if handler is not None and threading.current_thread() is threading.main_thread():  # signal's own rule
         signal.signal(signal.SIGTERM, handler)
 

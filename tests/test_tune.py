@@ -149,11 +149,13 @@ def test_a_trial_can_train_on_several_ray_train_processes(tmp_path, shards, ray_
     summary = run_search(search)
     said = capfd.readouterr()
     # As a train process's: Ray Train's print said each line twice, its logging set the root logger to INFO (open_clip
-    # said how it built the model), and its placement group cleaner warned each second that the State API (the
-    # dashboard's, which ray[tune] lacks) was not there.
+    # said how it built the model), its placement group cleaner warned each second that the State API (the
+    # dashboard's, which ray[tune] lacks) was not there, and Ray's core logged an error as its preemption watcher
+    # started.
     both = said.out + said.err
     assert both.count("train: 2 process(es) on cpu") == 1, said.out[-3000:] + said.err[-3000:]
     assert "Instantiating model architecture" not in both and "Failed to query Ray Train Controller" not in both
+    assert "PreemptionWatcher" not in both, both[-3000:]
     (row,) = summary["trials"]
     assert row["error"] is None and row["epochs"] == 2 and row["best"] is not None
     run = tmp_path / "runs" / "workers" / "trials" / row["trial"]
