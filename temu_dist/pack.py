@@ -294,9 +294,11 @@ def _refuse_missing(missing: array, route: Callable[[Record], str | None], opts:
         if next_missing < 0:
             break
     if absent:
+        layout = " (an IQA-PyTorch meta CSV names them as its downloads lay them out; for the release's own layout, " \
+            "pack the release's label file without --meta-csv)" if opts.meta_csv else ""
         raise DataError(f"{label_file}: {absent} of the images it names {'is' if absent == 1 else 'are'} not under "
                         f"{opts.root}, e.g. "
-                        f"{', '.join(shown)}: fix --root or the files, or leave them out with --skip-bad")
+                        f"{', '.join(shown)}: fix --root or the files, or leave them out with --skip-bad{layout}")
 
 
 def _reopen_for_left_out(out: Path, opts: PackOptions, label_file: str) -> None:

@@ -882,3 +882,26 @@ def test_a_pack_in_its_label_files_order_is_not_reused(tmp_path):
     with pytest.raises(DataError, match=r"out holds an unfinished pack an earlier temu-dist began in its label file's "
                                         r"order: delete it and pack again"):
         pack(_opts(tmp_path / "kadid", tmp_path / "out"))
+
+
+def test_iqa_pytorchs_livec_meta_and_random_split_pack_its_held_out_val_as_test(tmp_path):
+    """As a user with IQA-PyTorch's meta_info_LIVEChallengeDataset.csv and livechallenge_seed123.pkl packs them."""
+    images = tmp_path / "LIVEC" / "Images"  # the release's folder; IQA-PyTorch's CSV names the images without it
+    images.mkdir(parents=True)
+    names = [f"t{i}.bmp" for i in range(1, 8)] + [f"{i}.bmp" for i in range(100, 105)]
+    for i, name in enumerate(names):
+        Image.new("RGB", (16, 12), (i * 20, 0, 0)).save(images / name)
+    meta = tmp_path / "meta_info_LIVEChallengeDataset.csv"
+    meta.write_text("img_name,mos,std\n" + "".join(f"{n},{50 + i},10\n" for i, n in enumerate(names)))
+    # Rows counted after the 7 training images, as IQA-PyTorch's LIVEChallengeDataset drops them.
+    pkl = tmp_path / "livechallenge_seed123.pkl"
+    pkl.write_bytes(pickle.dumps({1: {"train": [0, 2, 4], "val": [1, 3]}, 2: {"train": [1, 2, 3], "val": [0, 4]}}))
+    opts = dict(meta_csv=str(meta), split=SplitSpec("file", file=str(pkl), index=1), workers=1)
+    with pytest.raises(DataError, match=r"not under .*LIVEC, e.g. 100.bmp \(row 9\).*--skip-bad \(an IQA-PyTorch "
+                                        r"meta CSV names them as its downloads lay them out; for the release's own "
+                                        r"layout, pack the release's label file without --meta-csv\)$"):
+        pack(PackOptions("livec", str(tmp_path / "LIVEC"), str(tmp_path / "no"), **opts))
+    manifest = pack(PackOptions("livec", str(images), str(tmp_path / "out"), **opts))
+    assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 3, "test": 2}
+    held_out = {x["name"] for x in _samples(tmp_path / "out").values() if x["split"] == "test"}
+    assert held_out == {"100.bmp", "104.bmp"}

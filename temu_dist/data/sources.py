@@ -607,7 +607,9 @@ def read_pyiqa_split(pkl: str | Path, index: int = 0) -> dict[str, list[int]]:
     """IQA-PyTorch split pickle {split number: {'train': [...], 'val': [...], 'test': [...]}} -> one split's
     0-based row indices into its meta-info CSV (for LIVE Challenge, after dropping the first 7 rows), with every
     phase present. `index` is 0-based over the pickle's split numbers in order (IQA-PyTorch numbers them from 1), as
-    the split index of every other protocol is; 0 is the only split of an official-split file."""
+    the split index of every other protocol is; 0 is the only split of an official-split file. A split that holds
+    rows out in 'val' alone (IQA-PyTorch's random 80/20 splits of LIVE, CSIQ, LIVE Challenge and SPAQ: no 'test', or
+    an empty one) gives them as 'test': the set IQA-PyTorch reports, and the one the configs score."""
     path = _need(Path(pkl), "an IQA-PyTorch split pickle")
     try:
         with path.open("rb") as fh:
@@ -627,4 +629,7 @@ def read_pyiqa_split(pkl: str | Path, index: int = 0) -> dict[str, list[int]]:
     for phase, rows in split.items():
         if not isinstance(rows, list) or not all(isinstance(r, int) and r >= 0 for r in rows):
             raise DataError(f"{path.name} split {key}: '{phase}' is not a list of row indices")
-    return {phase: list(split.get(phase, [])) for phase in _SPLITS}
+    phases = {phase: list(split.get(phase, [])) for phase in _SPLITS}
+    if phases["val"] and not phases["test"]:
+        phases["val"], phases["test"] = [], phases["val"]
+    return phases
