@@ -261,9 +261,9 @@ def _recorded_hashes(out: Path) -> dict[str, str]:
 
 def _records(opts: PackOptions) -> Iterator[Record]:
     if opts.csv:
-        return read_csv_labels(opts.csv, opts.root, opts.label_file)
+        return read_csv_labels(opts.csv, opts.root, opts.label_file, opts.split.column)
     if opts.meta_csv:
-        return read_pyiqa_meta(opts.dataset, opts.root, opts.meta_csv)
+        return read_pyiqa_meta(opts.dataset, opts.root, opts.meta_csv, split_column=opts.split.column)
     return read_records(opts.dataset, opts.root, opts.label_file)
 
 
@@ -519,6 +519,12 @@ def _check(opts: PackOptions) -> None:
     if (split.protocol == "file") != (split.file is not None):
         raise DataError("--split file needs --split-file" if split.file is None else
                         f"--split-file {split.file} is read only with --split file")
+    if (split.protocol == "column") != (split.column is not None):
+        raise DataError("--split column needs --split-column" if split.column is None else
+                        f"--split-column {split.column} is read only with --split column")
+    if split.protocol == "column" and not (opts.meta_csv or opts.csv):
+        raise DataError(f"--split column: {split.column} is a column of IQA-PyTorch's meta CSV (--meta-csv) or of a "
+                        "CSV of your own; a release's label file has none")
     pickled = split.file is not None and Path(split.file).suffix == ".pkl"
     if split.index and split.protocol != "ratio" and not pickled:
         raise DataError(f"--split-index {split.index} picks a seeded --split ratio or a split of an IQA-PyTorch "
@@ -734,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--columns", nargs="+", metavar="COLUMN",
                         help="a dataset of your own: its image, score and (optional) reference columns; default: the "
                         "first two")
-    parser.add_argument("--split", choices=["official", "ratio", "file"], default="ratio")
+    parser.add_argument("--split", choices=["official", "ratio", "file", "column"], default="ratio")
     parser.add_argument("--ratios", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                         help="--split ratio's fractions (default 0.8 0 0.2)")
     parser.add_argument("--split-seed", type=int, help="--split ratio's seed (default 0)")
@@ -742,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
                         "or of an IQA-PyTorch pickle's splits (numbered from 1 there: its split 1 is index 0)")
     parser.add_argument("--split-file", help="name,split CSV, or an IQA-PyTorch split pickle (with --meta-csv and "
                         "--split-index)")
+    parser.add_argument("--split-column", help="--split column: the label CSV's column of train/val/test, e.g. "
+                        "ratio802_seed123_split_01, IQA-PyTorch's first random split in its meta CSVs")
     parser.add_argument("--by-reference", choices=["auto", "yes", "no"], default="auto",
                         help="split by reference image (auto: for datasets that have references)")
     parser.add_argument("--shard-size", type=int, default=1000)
@@ -762,7 +770,8 @@ def main(argv: list[str] | None = None) -> int:
     by_ref = None if args.by_reference == "auto" else args.by_reference == "yes"
     by_ratio = {k: v for k, v in (("ratios", args.ratios and tuple(args.ratios)), ("seed", args.split_seed))
                 if v is not None}
-    spec = SplitSpec(args.split, index=args.split_index, file=args.split_file, by_reference=by_ref, **by_ratio)
+    spec = SplitSpec(args.split, index=args.split_index, file=args.split_file, by_reference=by_ref,
+                     column=args.split_column, **by_ratio)
     try:
         if by_ratio and args.split != "ratio":
             flags = " and ".join({"ratios": "--ratios", "seed": "--split-seed"}[k] for k in by_ratio)

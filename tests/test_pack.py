@@ -417,7 +417,13 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, capsys):
                           # Its rows are numbered in IQA-PyTorch's meta CSV, in an order of its own.
                           (["--out", str(tmp_path / "o"), "--split", "file", "--split-file", "s.pkl"],
                            "--split-file s.pkl: an IQA-PyTorch split numbers the rows of its meta CSV; pass that CSV "
-                           "with --meta-csv")]:
+                           "with --meta-csv"),
+                          (["--out", str(tmp_path / "o"), "--split", "column"], "--split column needs --split-column"),
+                          (["--out", str(tmp_path / "o"), "--split-column", "s"],
+                           "--split-column s is read only with --split column"),
+                          (["--out", str(tmp_path / "o"), "--split", "column", "--split-column", "s"],
+                           "--split column: s is a column of IQA-PyTorch's meta CSV (--meta-csv) or of a CSV of your "
+                           "own; a release's label file has none")]:
         assert main(base + args) == 1
         err = capsys.readouterr().err
         assert message in err and len(err.splitlines()) == 1
@@ -905,3 +911,37 @@ def test_iqa_pytorchs_livec_meta_and_random_split_pack_its_held_out_val_as_test(
     assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 3, "test": 2}
     held_out = {x["name"] for x in _samples(tmp_path / "out").values() if x["split"] == "test"}
     assert held_out == {"100.bmp", "104.bmp"}
+
+
+def test_a_split_column_of_iqa_pytorchs_meta_csv_picks_one_of_its_random_splits(tmp_path, capsys):
+    """IQA-PyTorch's meta CSVs hold its ten random splits as columns (ratio802_seed123_split_01, ...); an 80/20 one
+    holds rows out in val alone, which pack as test, as its split pickles do."""
+    images = tmp_path / "SPAQ" / "TestImage"
+    images.mkdir(parents=True)
+    names = [f"{i:05d}.jpg" for i in range(1, 6)]
+    for i, name in enumerate(names):
+        Image.new("RGB", (16, 12), (i * 40, 0, 0)).save(images / name)
+    first, second = ["train", "val", "train", "val", "train"], ["val", "train", "train", "train", "test"]
+    meta = tmp_path / "meta_info_SPAQDataset.csv"
+    meta.write_text("Image name,MOS,ratio802_seed123_split_01,other_split\n" +
+                    "".join(f"{n},{40 + i},{a},{b}\n" for i, (n, a, b) in enumerate(zip(names, first, second))))
+    base = ["--dataset", "spaq", "--root", str(tmp_path / "SPAQ"), "--meta-csv", str(meta), "--workers", "1",
+            "--split", "column"]
+    assert main([*base, "--out", str(tmp_path / "one"), "--split-column", "ratio802_seed123_split_01"]) == 0
+    assert "train 3, test 2" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    assert manifest["split"] == {"protocol": "column", "column": "ratio802_seed123_split_01"}
+    labels = []
+    for shard in (tmp_path / "one").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            labels += [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
+    assert {x["name"] for x in labels if x["split"] == "test"} == {"TestImage/00002.jpg", "TestImage/00004.jpg"}
+    # A column with a test split of its own keeps its val.
+    assert main([*base, "--out", str(tmp_path / "two"), "--split-column", "other_split"]) == 0
+    capsys.readouterr()
+    counts = json.loads((tmp_path / "two" / "manifest.json").read_text())["splits"]
+    assert {s: v["count"] for s, v in counts.items()} == {"train": 3, "val": 1, "test": 1}
+    assert main([*base, "--out", str(tmp_path / "three"), "--split-column", "ratio802_seed123_split_02"]) == 1
+    assert capsys.readouterr().err == "pack: meta_info_SPAQDataset.csv: no split column 'ratio802_seed123_split_02' " \
+                                      "(columns: Image name, MOS, ratio802_seed123_split_01, other_split)\n"
+    assert not (tmp_path / "three").exists()

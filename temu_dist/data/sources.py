@@ -481,10 +481,17 @@ META_SPLIT_COLUMNS = ("official_split", "official split", "split")
 _META_SPLIT_VALUES = {"0": "train", "1": "val", "2": "test", **{s: s for s in _SPLITS}}
 
 
-def _read_meta(dataset: str, root: Path, meta: Path, image_dir: Path) -> Iterator[Record]:
+def _split_column(label: Path, header: list[str], column: str) -> str:
+    if column not in header:
+        raise DataError(f"{label.name}: no split column '{column}' ({_columns_said(header)})")
+    return column
+
+
+def _read_meta(dataset: str, root: Path, meta: Path, image_dir: Path, split_column: str | None) -> Iterator[Record]:
     spec, info = _PYIQA_META[dataset], DATASETS[dataset]
     header = _header(meta)
-    split_col = next((c for c in META_SPLIT_COLUMNS if c in header), None) if info.official_split else None
+    split_col = _split_column(meta, header, split_column) if split_column else \
+        next((c for c in META_SPLIT_COLUMNS if c in header), None) if info.official_split else None
     columns = [c for c in (spec.name_col, spec.mos_col, spec.ref_col) if c]
     for i, (row, rec) in enumerate(_csv_rows(meta, columns)):
         if dataset == "livec" and i < _LIVEC_SKIP:  # IQA-PyTorch's LIVEChallengeDataset drops them too
@@ -507,20 +514,22 @@ def label_scale(info: DatasetInfo, meta: bool = False) -> dict:
     return {"raw_range": [lo, hi], "higher_better": info.higher_better}
 
 
-def read_pyiqa_meta(dataset: str, root: str | Path, meta_csv: str | Path,
-                    image_dir: str | Path | None = None) -> Iterator[Record]:
+def read_pyiqa_meta(dataset: str, root: str | Path, meta_csv: str | Path, image_dir: str | Path | None = None,
+                    split_column: str | None = None) -> Iterator[Record]:
     """Records from IQA-PyTorch's meta_info_<Dataset>.csv, lazily, normalised like the release's own labels.
 
     image_dir is the folder the CSV's names are relative to (IQA-PyTorch's dataroot_target), under root when
     relative; by default IQA-PyTorch's own layout (e.g. 1024x768 for KonIQ, dst_imgs for CSIQ). Names stay
-    relative to root, so they match read_records' wherever the layouts agree."""
+    relative to root, so they match read_records' wherever the layouts agree. Each record's split is read from
+    split_column (e.g. ratio802_seed123_split_01, one of IQA-PyTorch's random splits), else from the official split
+    column where the dataset has one."""
     _info(dataset)
     if dataset not in _PYIQA_META:
         raise DataError(f"IQA-PyTorch has no meta-info CSV for {dataset}; read its release with read_records")
     root = Path(root).absolute()
     meta = _need(Path(meta_csv).absolute(), f"IQA-PyTorch's meta-info CSV for {dataset}")
     folder = root / (image_dir if image_dir is not None else _PYIQA_META[dataset].image_dir)
-    return _unique(lambda: _read_meta(dataset, root, meta, folder), meta)
+    return _unique(lambda: _read_meta(dataset, root, meta, folder, split_column), meta)
 
 
 @dataclass(frozen=True)
@@ -553,7 +562,7 @@ class CsvLabels:
         return {"columns": list(self.columns), "mos_range": list(self.mos_range), "higher_better": self.higher_better}
 
 
-def _read_csv(spec: CsvLabels, root: Path, label: Path) -> Iterator[Record]:
+def _read_csv(spec: CsvLabels, root: Path, label: Path, split_column: str | None) -> Iterator[Record]:
     header = _header(label)
     columns = spec.columns or tuple(header[:2])
     listed = _columns_said(header)
@@ -562,7 +571,8 @@ def _read_csv(spec: CsvLabels, root: Path, label: Path) -> Iterator[Record]:
     if not spec.columns and _is_number(columns[1]):
         raise DataError(f"{label.name} row 1 is data ({columns[1]!r} where the score column's name belongs): the "
                         "first line must be a header naming the columns")
-    split_col = next((c for c in META_SPLIT_COLUMNS if c in header), None)
+    split_col = _split_column(label, header, split_column) if split_column else \
+        next((c for c in META_SPLIT_COLUMNS if c in header), None)
     twice = next((c for c in (*columns, split_col) if c and header.count(c) > 1), None)
     if twice:  # read by name, the last of them would be taken
         raise DataError(f"{label.name}: the header names column '{twice}' {header.count(twice)} times; rename all "
@@ -588,12 +598,13 @@ def _read_csv(spec: CsvLabels, root: Path, label: Path) -> Iterator[Record]:
         yield _record(info, root, image.as_posix() if image.name else "", rec[columns[1]], label, row, ref, split)
 
 
-def read_csv_labels(spec: CsvLabels, root: str | Path, label_file: str | Path) -> Iterator[Record]:
+def read_csv_labels(spec: CsvLabels, root: str | Path, label_file: str | Path,
+                    split_column: str | None = None) -> Iterator[Record]:
     """Records of a dataset of one's own from its CSV (a relative path is under root), lazily, normalised from
-    spec.mos_range to [0, 1], higher better."""
+    spec.mos_range to [0, 1], higher better; each one's split from split_column, else an official split column."""
     root = Path(root).absolute()
     label = _label_under(root, label_file, f"{spec.name}'s label CSV (--label-file)")
-    return _unique(lambda: _read_csv(spec, root, label), label)
+    return _unique(lambda: _read_csv(spec, root, label, split_column), label)
 
 
 class _PlainUnpickler(pickle.Unpickler):

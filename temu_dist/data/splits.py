@@ -1,5 +1,6 @@
 """Which split each image belongs to: the release's official split, a seeded ratio split (by reference image for
-synthetic datasets, so no content leaks between train and test), the i-th of a series of such splits, or a user file.
+synthetic datasets, so no content leaks between train and test), the i-th of a series of such splits, a user file, or
+a split column of the label CSV (IQA-PyTorch's meta CSVs hold its ten random splits so).
 
 Assignments depend only on the image names, the seed and the index, never on file order or the machine: names are
 sorted, then permuted by numpy's PCG64 generator, whose streams are the same on every platform.
@@ -24,22 +25,24 @@ NOT_LISTED = 255  # the split code of a record a split file leaves out
 
 @dataclass(frozen=True)
 class SplitSpec:
-    protocol: Literal["official", "ratio", "file"] = "ratio"
+    protocol: Literal["official", "ratio", "file", "column"] = "ratio"
     ratios: tuple[float, float, float] = (0.8, 0.0, 0.2)  # train, val, test
     seed: int = 0
     index: int = 0  # the i-th split of a seeded series (the seed's Table 6 averages 10)
     file: str | None = None  # protocol 'file': a name,split CSV or an IQA-PyTorch split pickle
     by_reference: bool | None = None  # None: the dataset's own way (pack: by reference where it has references)
+    column: str | None = None  # protocol 'column': the label CSV's column of train/val/test (or 0/1/2)
 
     def describe(self) -> dict:
         """What a manifest records of the split: the options its protocol reads."""
         return split_read({"protocol": self.protocol, "ratios": list(self.ratios), "seed": self.seed,
-                           "index": self.index, "file": self.file, "by_reference": self.by_reference})
+                           "index": self.index, "file": self.file, "by_reference": self.by_reference,
+                           "column": self.column})
 
 
 # The options each protocol reads: a release's official split has no ratios, seed or index.
 READS = {"official": (), "ratio": ("ratios", "seed", "index", "by_reference"),
-         "file": ("file", "index", "file_sha256")}
+         "file": ("file", "index", "file_sha256"), "column": ("column",)}
 
 
 def split_read(described: dict) -> dict:
@@ -157,7 +160,7 @@ def splitter(records: Iterable[Record], spec: SplitSpec, label: str = "label fil
     shard. Keeps 9 bytes a record (its name's key and split code), so the packer can stream the records again
     afterwards with memory flat whatever the dataset's size.
     """
-    if spec.protocol == "official":
+    if spec.protocol in ("official", "column"):  # each record's split read with its label
         codes = array("B")
         for record in records:
             if record.split is None:
@@ -165,7 +168,13 @@ def splitter(records: Iterable[Record], spec: SplitSpec, label: str = "label fil
                 raise DataError(f"{label} row {record.row} ({record.name}) has no official split: {how} the ratio "
                                 "protocol")
             codes.append(SPLITS.index(record.split))
-        return lambda record: record.split, len(codes), 0, np.frombuffer(codes, dtype=np.uint8)
+        codes = np.array(codes, dtype=np.uint8)
+        val, test = SPLITS.index("val"), SPLITS.index("test")
+        if spec.protocol == "column" and (codes == val).any() and not (codes == test).any():
+            # IQA-PyTorch's random 80/20 columns hold rows out in val alone: its reported set, here test.
+            codes[codes == val] = test
+            return lambda record: "test" if record.split == "val" else record.split, len(codes), 0, codes
+        return lambda record: record.split, len(codes), 0, codes
     keys = array("q")
 
     def keyed() -> Iterator[Record]:
