@@ -91,8 +91,9 @@ class ModelConfig(Section):
     layer_norm: bool = False
     # Initial temperature of the patch weights softmax(<f, g> / tau_w); learnable.
     tau_w_init: float = Field(1.0, gt=0)
-    # Frozen towers' dtype: auto = bf16 on GPU, fp32 on CPU.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Frozen towers' dtype: auto = bf16 on GPU, fp32 on CPU. fp16: for GPUs without bf16 tensor cores (compute
+    # capability below 8.0: V100, T4, RTX 20xx), launched with mixed_precision fp16 or no.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # The frozen image tower's linear layers (over 80% of its FLOPs) as fp8 matmuls, per-token and per-channel scales,
     # bf16 out: on Hopper GPUs (H100, H200) with model.compile, a ViT-L-14 step 11% faster (benchmarks/RESULTS.md), with
     # rounding bf16 has not. Compare the scores with it on and off on your own weights and data

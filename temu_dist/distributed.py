@@ -89,6 +89,10 @@ def make_accelerator(config: Config) -> tuple[Accelerator, BatchPlan]:
     resolve_device(config.device)  # device=cuda with a broken CUDA would otherwise train for hours on the CPU
     _take_accumulation_from_the_config(plan)
     accelerator = Accelerator(cpu=on_cpu, gradient_accumulation_steps=plan.accumulation, kwargs_handlers=handlers)
+    if config.model.precision == "fp16" and accelerator.mixed_precision == "bf16":
+        # Autocast would cast the fp16 tower's weights to bf16 in every matmul, each step.
+        raise ConfigError("model.precision=fp16 under the launch file's mixed_precision bf16 runs the tower in bf16: "
+                          "launch with --mixed_precision fp16 (or no)")
     if accelerator.state.deepspeed_plugin is not None:
         _check_deepspeed(accelerator)
         # Our loaders stay out of prepare(), so DeepSpeed cannot read the micro-batch from them.

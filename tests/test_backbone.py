@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from temu_dist.config import ConfigError
 from temu_dist.model import backbone as backbone_mod
 from temu_dist.model.backbone import Backbone, PatchEmbed, compute_dtype, create_clip, layer_indices
+from temu_dist.model.temu import build_model
 from tests.conftest import tiny_config
 
 
@@ -329,6 +330,29 @@ def test_tokens_bytes_is_the_size_of_one_images_tower_output(overrides, hw):
     bb = Backbone(create_clip(cfg.model), cfg.model, compute_dtype(cfg.model.precision, torch.device("cpu")))
     cls, patches = bb(torch.rand(3, 3, *hw))
     assert bb.tokens_bytes(*hw) == (cls.nbytes + patches.nbytes) / 3
+
+
+@pytest.mark.parametrize(("capability", "name"), [((7, 0), "Tesla V100-SXM2-32GB"), ((8, 6), "NVIDIA RTX A6000")])
+def test_bf16_on_a_gpu_without_bf16_tensor_cores_is_warned_of_and_fp16_offered(monkeypatch, recwarn, capability,
+                                                                                 name):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert compute_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    said = [str(w.message) for w in recwarn]
+    assert said == (["model.precision=auto: Tesla V100-SXM2-32GB (compute capability 7.0) has no bf16 tensor cores; "
+                     "model.precision=fp16, launched with --mixed_precision fp16, runs the frozen tower on its fp16 "
+                     "ones"] if capability < (8, 0) else [])
+    assert compute_dtype("fp16", torch.device("cuda")) == torch.float16 and len(recwarn) == len(said)
+
+
+def test_an_fp16_tower_scores_as_the_fp32_one_does():
+    """fp16 for GPUs without bf16 tensor cores: the tiny tower runs in it on the CPU too."""
+    fp32, fp16 = build_model(tiny_config()), build_model(tiny_config("model.precision=fp16"))
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        cls, patches = fp16.backbone(images)
+        assert cls.dtype == patches.dtype == torch.float16
+        torch.testing.assert_close(fp16(images).score, fp32(images).score, rtol=0, atol=2e-3)
 
 
 @pytest.mark.parametrize("slower", [85.0, 1.5])

@@ -464,3 +464,18 @@ def test_cuda_asked_for_where_torch_finds_none_is_one_line_not_a_run_on_the_cpu(
     with pytest.raises(ConfigError, match=r"^device: cuda, but torch finds no GPU \(torch.cuda.is_available\(\) is "
                                           r"False\): check the driver"):
         make_accelerator(tiny_config("device=cuda"))
+
+
+def test_an_fp16_tower_under_a_bf16_launch_is_refused_before_training(monkeypatch):
+    # Autocast would run each of its matmuls in bf16 after all, casting the weights anew every step.
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(True)  # an earlier test's Accelerator set this process's mixed precision
+    try:
+        with pytest.raises(ConfigError, match=r"^model.precision=fp16 under the launch file's mixed_precision bf16 "
+                                              r"runs the tower in bf16: launch with --mixed_precision fp16 \(or no\)$"):
+            make_accelerator(load_config(None, ["device=cpu", "model.precision=fp16"]))
+        make_accelerator(load_config(None, ["device=cpu", "model.precision=bf16"]))
+    finally:
+        AcceleratorState._reset_state(True)  # and this one's, for the next test

@@ -30,8 +30,15 @@ open_clip.add_model_config(PACKAGE_MODEL_CONFIGS)
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The frozen towers' dtype. bf16 asked for on a CPU that has no bf16 instructions is warned of: on an AVX2-only
-    AMD EPYC a bf16 matmul ran 110 times slower than fp32, where one with AVX512-BF16 steps 1.6-1.8x faster."""
+    AMD EPYC a bf16 matmul ran 110 times slower than fp32, where one with AVX512-BF16 steps 1.6-1.8x faster. So is
+    auto's bf16 on a GPU whose tensor cores have no bf16 (compute capability below 8.0), where fp16 has them."""
+    if precision == "fp16":
+        return torch.float16
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        if device.type == "cuda" and (capability := torch.cuda.get_device_capability(device)) < (8, 0):
+            warnings.warn(f"model.precision={precision}: {torch.cuda.get_device_name(device)} (compute capability "
+                          f"{capability[0]}.{capability[1]}) has no bf16 tensor cores; model.precision=fp16, launched "
+                          "with --mixed_precision fp16, runs the frozen tower on its fp16 ones", Notice, stacklevel=3)
         if device.type == "cpu" and (slower := cpu_bf16_slowdown()) > 4:
             warnings.warn(f"model.precision=bf16: this CPU runs a bf16 matmul {slower:.0f}x slower than fp32 (it has "
                           "no bf16 instructions); model.precision=auto (fp32 on a CPU) runs far faster", Notice,
