@@ -220,6 +220,10 @@ class TrainConfig(Section):
     # Also write checkpoints/last every this many optimizer steps within an epoch (long epochs: FLIVE, AVA); null: at
     # epoch ends only. A resume replays the epoch's data up to that step and goes on exactly as an unbroken run.
     checkpoint_every: int | None = Field(None, ge=1)
+    # Every this many optimizer steps, the mean loss since the last such step: to MLflow as train/step_loss (its step
+    # the run's optimizer step) and beside the progress bar, so that a long epoch's course shows before its end; 0: at
+    # epoch ends only.
+    log_every: int = Field(50, ge=0)
     # How long processes wait for each other at a collective (gather, gradient all-reduce) before failing: one slow
     # to read its shards or to evaluate holds up the rest. torch's own default is 10 minutes for NCCL, 30 for gloo.
     timeout_min: float = Field(30.0, ge=1, le=24 * 60)  # torch fails on an infinite or a huge one

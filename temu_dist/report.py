@@ -47,7 +47,7 @@ RUN_LOCK = "train.lock"  # train.RUN_LOCK, for the same reason
 # Config keys that do not tell runs apart as a paper's rows do: where they ran, how they were tracked or loaded.
 # The evaluation sets are the columns.
 NOT_SETTINGS = ("name", "out_dir", "device", "tracking.", "data.workers", "eval.", "train.resume",
-                "train.checkpoint_every", "train.timeout_min", "model.compile")
+                "train.checkpoint_every", "train.log_every", "train.timeout_min", "model.compile")
 
 
 @dataclass

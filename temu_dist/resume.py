@@ -18,7 +18,8 @@ from temu_dist.model.io import MODEL_ADDED, with_legacy_fields
 # What a resumed run may change: everything else must match the checkpoint, or the resumed run would not be the
 # run it continues. Of the model, only how it is compiled: evaluate and predict may also load a checkpoint onto another
 # input size, dtype or frozen tower, a resumed run may not train on one.
-RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.timeout_min", "data.workers", "eval.batch_size",
+RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.log_every", "train.timeout_min", "data.workers",
+                     "eval.batch_size",
                      "tracking.enabled", "tracking.uri", "model.compile", "model.compile_mode", "train.keep_tokens"}
 
 

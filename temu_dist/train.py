@@ -321,7 +321,7 @@ def _fit(config: Config, run: Run, asked: Callable[[], bool]) -> None:
     micro_batches = run.micro_batches
     history = run.history
     started = time.perf_counter() - run.elapsed_s
-    every = config.train.checkpoint_every
+    every, log_every = config.train.checkpoint_every, config.train.log_every
     # Micro-batches trained together: a whole step where PLCC spans it, else one at a time.
     group = run.plan.accumulation if _plcc_over_step(config, run.plan) else 1
     acc = run.plan.accumulation
@@ -344,6 +344,7 @@ def _fit(config: Config, run: Run, asked: Callable[[], bool]) -> None:
         total = torch.tensor(done.get("loss_sum", 0.0), device=device)  # over whole steps; `part`: the step's so far
         images, seen, train_before = done.get("images", 0), skip, done.get("train_s", 0.0)
         part, part_images = 0, 0
+        logged = (total.item(), skip)  # the loss sum and micro-batches at the last step_loss
         tick = time.perf_counter()
         trained = together = False
         try:
@@ -388,6 +389,12 @@ def _fit(config: Config, run: Run, asked: Callable[[], bool]) -> None:
                         finally:
                             accelerator.wait_for_everyone()
                         raise Terminated
+                    if log_every and main and seen % acc == 0 and step % log_every == 0:
+                        loss_now = (total.item() - logged[0]) / (seen - logged[1])
+                        logged = (total.item(), seen)
+                        run.tracker.metrics({"train/step_loss": loss_now, "train/step_lr": run.lr},
+                                            step=epoch * (micro_batches // acc) + step)
+                        bar.set_postfix(loss=f"{loss_now:.4f}", refresh=False)
                     if every and main and seen % acc == 0 and step % every == 0 and seen < micro_batches:
                         save_within(epoch, step, total.item(), images, train_before + time.perf_counter() - tick)
                 if skip >= micro_batches:

@@ -43,7 +43,7 @@ def run_config(tmp_path, shards, *overrides):
 
 
 def test_train_writes_results_checkpoints_plots_and_mlflow(tmp_path, shards):
-    results = train(run_config(tmp_path, shards, "model.prompt=coop"))
+    results = train(run_config(tmp_path, shards, "model.prompt=coop", "train.log_every=1"))
     run = tmp_path / "run"
     assert [h["epoch"] for h in results["history"]] == [1, 2]
     assert set(results["best"]) == {"val", "test"}
@@ -83,6 +83,15 @@ def test_train_writes_results_checkpoints_plots_and_mlflow(tmp_path, shards):
         [(val_best["epoch"], pytest.approx(own["val"]["srcc"]))]
     # Each epoch's learning rate is its last step's: the cosine schedule's last one is not yet 0.
     assert results["history"][0]["lr"] > results["history"][1]["lr"] > 0
+    # The loss every train.log_every steps, on the run's step axis: here each step's, whose mean is its epoch's.
+    steps = client.get_metric_history(mlrun.info.run_id, "train/step_loss")
+    per_epoch = len(steps) // 2
+    assert [m.step for m in steps] == list(range(1, 2 * per_epoch + 1)) and per_epoch > 1
+    for epoch, h in enumerate(results["history"]):
+        mean = sum(m.value for m in steps[epoch * per_epoch:(epoch + 1) * per_epoch]) / per_epoch
+        assert mean == pytest.approx(h["loss"], rel=1e-6)
+    lrs = client.get_metric_history(mlrun.info.run_id, "train/step_lr")
+    assert lrs[per_epoch - 1].value == pytest.approx(results["history"][0]["lr"])
     assert mlrun.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
     assert {"results.json", "config.yaml", "plots", "best"} <= artifacts
