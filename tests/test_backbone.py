@@ -345,6 +345,7 @@ def test_bf16_on_a_gpu_without_bf16_tensor_cores_is_warned_of_and_fp16_offered(m
     assert compute_dtype("fp16", torch.device("cuda")) == torch.float16 and len(recwarn) == len(said)
 
 
+@pytest.mark.filterwarnings("ignore:model.precision=fp16. this CPU runs")
 def test_an_fp16_tower_scores_as_the_fp32_one_does():
     """fp16 for GPUs without bf16 tensor cores: the tiny tower runs in it on the CPU too."""
     fp32, fp16 = build_model(tiny_config()), build_model(tiny_config("model.precision=fp16"))
@@ -356,18 +357,20 @@ def test_an_fp16_tower_scores_as_the_fp32_one_does():
 
 
 @pytest.mark.parametrize("slower", [85.0, 1.5])
-def test_bf16_on_a_cpu_that_runs_it_slowly_is_warned_of(monkeypatch, recwarn, slower):
-    """On an AVX2-only CPU a bf16 matmul ran 110 times slower than fp32, and nothing said so."""
-    monkeypatch.setattr(backbone_mod, "cpu_bf16_slowdown", lambda: slower)
-    assert compute_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_half_precision_on_a_cpu_that_runs_it_slowly_is_warned_of(monkeypatch, recwarn, slower, precision, dtype):
+    """On an AVX2-only CPU a bf16 matmul ran 110 times slower than fp32 (fp16 49 times), and nothing said so."""
+    monkeypatch.setattr(backbone_mod, "cpu_slowdown", lambda asked: slower if asked == dtype else pytest.fail(asked))
+    assert compute_dtype(precision, torch.device("cpu")) == dtype
     said = [str(w.message) for w in recwarn]
-    assert said == (["model.precision=bf16: this CPU runs a bf16 matmul 85x slower than fp32 (it has no bf16 "
-                     "instructions); model.precision=auto (fp32 on a CPU) runs far faster"] if slower > 4 else [])
-    monkeypatch.setattr(backbone_mod, "cpu_bf16_slowdown", lambda: pytest.fail("measured for fp32"))
+    assert said == ([f"model.precision={precision}: this CPU runs a {precision} matmul 85x slower than fp32 (it has "
+                     f"no {precision} instructions); model.precision=auto (fp32 on a CPU) runs far faster"]
+                    if slower > 4 else [])
+    monkeypatch.setattr(backbone_mod, "cpu_slowdown", lambda asked: pytest.fail("measured for fp32"))
     assert compute_dtype("auto", torch.device("cpu")) == compute_dtype("fp32", torch.device("cpu")) == torch.float32
 
 
-def test_the_cpus_bf16_slowdown_is_measured_once():
-    backbone_mod.cpu_bf16_slowdown.cache_clear()
-    first = backbone_mod.cpu_bf16_slowdown()
-    assert first > 0 and backbone_mod.cpu_bf16_slowdown() is first
+def test_the_cpus_half_precision_slowdown_is_measured_once():
+    backbone_mod.cpu_slowdown.cache_clear()
+    first = backbone_mod.cpu_slowdown(torch.bfloat16)
+    assert first > 0 and backbone_mod.cpu_slowdown(torch.bfloat16) is first

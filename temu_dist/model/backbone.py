@@ -29,35 +29,36 @@ open_clip.add_model_config(PACKAGE_MODEL_CONFIGS)
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The frozen towers' dtype. bf16 asked for on a CPU that has no bf16 instructions is warned of: on an AVX2-only
-    AMD EPYC a bf16 matmul ran 110 times slower than fp32, where one with AVX512-BF16 steps 1.6-1.8x faster. So is
-    auto's bf16 on a GPU whose tensor cores have no bf16 (compute capability below 8.0), where fp16 has them."""
-    if precision == "fp16":
-        return torch.float16
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        if device.type == "cuda" and (capability := torch.cuda.get_device_capability(device)) < (8, 0):
-            warnings.warn(f"model.precision={precision}: {torch.cuda.get_device_name(device)} (compute capability "
-                          f"{capability[0]}.{capability[1]}) has no bf16 tensor cores; model.precision=fp16, launched "
-                          "with --mixed_precision fp16, runs the frozen tower on its fp16 ones", Notice, stacklevel=3)
-        if device.type == "cpu" and (slower := cpu_bf16_slowdown()) > 4:
-            warnings.warn(f"model.precision=bf16: this CPU runs a bf16 matmul {slower:.0f}x slower than fp32 (it has "
-                          "no bf16 instructions); model.precision=auto (fp32 on a CPU) runs far faster", Notice,
-                          stacklevel=3)
-        return torch.bfloat16
-    return torch.float32
+    """The frozen towers' dtype. bf16 or fp16 asked for on a CPU that runs it slowly is warned of: on an AVX2-only
+    AMD EPYC a bf16 matmul ran 110 times slower than fp32 (fp16: 49 times), where one with AVX512-BF16 steps 1.6-1.8x
+    faster. So is bf16 on a GPU whose tensor cores have no bf16 (compute capability below 8.0), where fp16 has them."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return torch.float32
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    name = "fp16" if dtype == torch.float16 else "bf16"
+    if device.type == "cuda" and dtype == torch.bfloat16 and \
+            (capability := torch.cuda.get_device_capability(device)) < (8, 0):
+        warnings.warn(f"model.precision={precision}: {torch.cuda.get_device_name(device)} (compute capability "
+                      f"{capability[0]}.{capability[1]}) has no bf16 tensor cores; model.precision=fp16, launched "
+                      "with --mixed_precision fp16, runs the frozen tower on its fp16 ones", Notice, stacklevel=3)
+    if device.type == "cpu" and (slower := cpu_slowdown(dtype)) > 4:
+        warnings.warn(f"model.precision={name}: this CPU runs a {name} matmul {slower:.0f}x slower than fp32 (it has "
+                      f"no {name} instructions); model.precision=auto (fp32 on a CPU) runs far faster", Notice,
+                      stacklevel=3)
+    return dtype
 
 
 @functools.cache
-def cpu_bf16_slowdown() -> float:
-    """How many times longer a 256^3 matmul takes in bf16 than in fp32 here (best of 3 each): measured, since torch's
-    CPU capability ("AVX2", "AVX512") does not say whether the CPU has bf16 instructions."""
+def cpu_slowdown(dtype: torch.dtype) -> float:
+    """How many times longer a 256^3 matmul takes in `dtype` than in fp32 here (best of 3 each): measured, since
+    torch's CPU capability ("AVX2", "AVX512") does not say whether the CPU has bf16 or fp16 instructions."""
     x = torch.randn(256, 256)
     best = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        y = x.to(dtype)
+    for each in (torch.float32, dtype):
+        y = x.to(each)
         y @ y  # warm-up
-        best[dtype] = min(timeit.repeat(lambda: y @ y, number=1, repeat=3))
-    return best[torch.bfloat16] / best[torch.float32]
+        best[each] = min(timeit.repeat(lambda: y @ y, number=1, repeat=3))
+    return best[dtype] / best[torch.float32]
 
 
 def _check_name(name: str) -> None:
