@@ -390,8 +390,8 @@ def _fit(config: Config, run: Run, asked: Callable[[], bool]) -> None:
                             accelerator.wait_for_everyone()
                         raise Terminated
                     if log_every and main and seen % acc == 0 and step % log_every == 0:
-                        loss_now = (total.item() - logged[0]) / (seen - logged[1])
-                        logged = (total.item(), seen)
+                        now = total.item()
+                        loss_now, logged = (now - logged[0]) / (seen - logged[1]), (now, seen)
                         run.tracker.metrics({"train/step_loss": loss_now, "train/step_lr": run.lr},
                                             step=epoch * (micro_batches // acc) + step)
                         bar.set_postfix(loss=f"{loss_now:.4f}", refresh=False)
