@@ -26,6 +26,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ from temu_dist.data.manifest import pack_named_by
 from temu_dist.data.splits import SPLITS, split_read
 from temu_dist.data.stream import eval_loader, read_manifest, split_shards
 from temu_dist.distributed import eval_accelerator
-from temu_dist.metrics import correlations
+from temu_dist.metrics import Curve, correlations, fitted_plcc
 from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.clipiqa import ClipIQA, build_clipiqa
 from temu_dist.model.temu import QualityOutput, TeMuIQA
@@ -65,7 +66,7 @@ class EvalSet:
 
 @dataclass
 class SetResult:
-    metrics: dict  # srcc, plcc, krcc, count, expected; a SET-ldg set's also pred_mean, target_mean
+    metrics: dict  # srcc, plcc, krcc, count, expected; a SET-ldg set's also pred_mean, target_mean; plcc_fit if asked
     pred: np.ndarray
     mos: np.ndarray  # the targets: normalised MOS, or f(x, x') * MOS for a SET-ldg set
     names: list[str] | None = None  # the samples', in pred's order, where asked for
@@ -351,6 +352,9 @@ def _command(argv: list[str] | None) -> int:
                         help="also write every image's score to this CSV: set, name, target (MOS normalised to [0, 1] "
                              "by the pack's scale, as trained; f(x, x') * that for a SET-ldg set), then the score (a "
                              "column per option of a table)")
+    parser.add_argument("--plcc-fit", choices=get_args(Curve), metavar="CURVE",
+                        help="also each set's PLCC after fitting this logistic of the scores to the MOS, as plcc_fit: "
+                             "logistic_4params (VQEG's) or logistic_5params, as IQA-PyTorch's calculate_plcc fits")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     bad = [o for o in args.overrides if not is_override(o)]
@@ -412,6 +416,9 @@ def _command(argv: list[str] | None) -> int:
             print(f"\nevaluate: stopped{by}; nothing written", file=sys.stderr)
         return stop_code(e)
     if accelerator.is_main_process:
+        for results in rows.values() if args.plcc_fit else ():
+            for r in results.values():
+                r.metrics["plcc_fit"] = fitted_plcc(r.pred, r.mos, args.plcc_fit)
         metrics = {row: {name: r.metrics for name, r in results.items()} for row, results in rows.items()}
         print(json.dumps(strict(metrics if label is None else metrics[label]), indent=2, allow_nan=False))
         if args.out:

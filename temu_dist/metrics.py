@@ -1,12 +1,17 @@
-"""Scores -> metrics: SRCC, PLCC (seed Eqs. 13, 12) and KRCC from scipy, and the PLCC loss."""
+"""Scores -> metrics: SRCC, PLCC (seed Eqs. 13, 12) and KRCC from scipy, PLCC after a fitted logistic, and the PLCC
+loss."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import warnings
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 from scipy import stats
+from scipy.optimize import OptimizeWarning, curve_fit
+
+Curve = Literal["logistic_4params", "logistic_5params"]
 
 
 def correlations(pred: Sequence[float] | np.ndarray, mos: Sequence[float] | np.ndarray) -> dict[str, float]:
@@ -17,6 +22,34 @@ def correlations(pred: Sequence[float] | np.ndarray, mos: Sequence[float] | np.n
         return {"srcc": math.nan, "plcc": math.nan, "krcc": math.nan, **out}
     return {"srcc": float(stats.spearmanr(pred, mos).statistic), "plcc": float(stats.pearsonr(pred, mos).statistic),
             "krcc": float(stats.kendalltau(pred, mos).statistic), **out}
+
+
+def _logistic_4params(x, b1, b2, b3, b4):
+    return (b1 - b2) / (1 + np.exp(-(x - b3) / b4)) + b2
+
+
+def _logistic_5params(x, b1, b2, b3, b4, b5):
+    return b1 * (0.5 - 1.0 / (1 + np.exp(b2 * (x - b3)))) + b4 * x + b5
+
+
+def fitted_plcc(pred: Sequence[float] | np.ndarray, mos: Sequence[float] | np.ndarray,
+                curve: Curve = "logistic_4params") -> float:
+    """PLCC after mapping the scores onto the MOS by a logistic fitted by least squares, as many papers report it on
+    synthetic sets: VQEG's 4-parameter one, or the 5-parameter one of DBCNN's code. Its starting parameters are
+    IQA-PyTorch's (calculate_plcc with fit_scale), so the two fit alike. NaN where it is undefined or does not fit."""
+    pred, mos = np.asarray(pred, dtype=np.float64), np.asarray(mos, dtype=np.float64)
+    if len(pred) < 2 or np.ptp(pred) == 0 or np.ptp(mos) == 0:
+        return math.nan
+    f, p0 = (_logistic_4params, [mos.max(), mos.min(), pred.mean(), pred.std() / 4.0]) \
+        if curve == "logistic_4params" else (_logistic_5params, [10, 0, mos.mean(), 0.1, 0.1])
+    with warnings.catch_warnings(), np.errstate(over="ignore"):  # exp's overflow far from the midpoint is 0 or 1
+        warnings.simplefilter("ignore", OptimizeWarning)  # no covariance: the fit itself is what is used
+        try:
+            params, _ = curve_fit(f, pred, mos, p0=p0, maxfev=10000)
+        except RuntimeError:  # no convergence
+            return math.nan
+        fitted = f(pred, *params)
+    return math.nan if np.ptp(fitted) == 0 else float(stats.pearsonr(fitted, mos).statistic)
 
 
 def plcc_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from temu_dist.metrics import correlations, plcc_loss
+from temu_dist.metrics import correlations, fitted_plcc, plcc_loss
 
 
 def test_correlations_follow_the_seed_equations():
@@ -20,6 +20,20 @@ def test_correlations_follow_the_seed_equations():
     srcc = 1 - 6 * (d ** 2).sum() / (50 * (50 ** 2 - 1))
     assert out["plcc"] == pytest.approx(plcc) and out["srcc"] == pytest.approx(srcc)
     assert 0 < out["krcc"] < out["srcc"] and out["count"] == 50
+
+
+@pytest.mark.parametrize("curve", ["logistic_4params", "logistic_5params"])
+def test_plcc_after_a_fitted_logistic_is_iqa_pytorchs(curve):
+    """Scores that track the MOS through a sigmoid, as an IQA model's often do on a synthetic set."""
+    from pyiqa.metrics.correlation_coefficient import calculate_plcc
+
+    rng = np.random.default_rng(1)
+    pred = rng.uniform(-3, 3, 200)
+    mos = 1 / (1 + np.exp(-2 * pred)) + rng.normal(0, 0.05, 200)
+    fitted = fitted_plcc(pred, mos, curve)
+    assert fitted == pytest.approx(calculate_plcc(pred, mos, fit_scale=curve), abs=1e-6)
+    assert fitted > correlations(pred, mos)["plcc"] + 0.02  # the sigmoid's bend, straightened
+    assert math.isnan(fitted_plcc([0.5, 0.5, 0.5], [0.1, 0.2, 0.3], curve))
 
 
 def test_undefined_correlations_are_nan_not_errors():

@@ -1150,12 +1150,13 @@ def test_evaluate_writes_every_images_score_from_which_its_metrics_come_again(tm
     from scipy.stats import spearmanr
 
     from temu_dist.evaluate import main
+    from temu_dist.metrics import fitted_plcc
 
     cfg = tmp_path / "zs.yaml"
     cfg.write_text("model: {backbone: Test-Tiny-ViT-16, pretrained: null, image_size: 64}\n")
     scores, out = tmp_path / "new" / "scores.csv", tmp_path / "table.json"
     assert main(["--clipiqa", "table", "--config", str(cfg), "--shards", str(shards), "--shards", f"v={shards}:val",
-                 "--out", str(out), "--scores", str(scores)]) == 0
+                 "--out", str(out), "--scores", str(scores), "--plcc-fit", "logistic_4params"]) == 0
     table = json.loads(out.read_text())["rows"]
     with open(scores, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -1164,8 +1165,11 @@ def test_evaluate_writes_every_images_score_from_which_its_metrics_come_again(tm
         mine = [r for r in rows if r["set"] == name]
         assert len({r["name"] for r in mine}) == len(mine) == table["all layers (c)"][name]["count"] > 0
         for option, metrics in table.items():
-            got = spearmanr([float(r[option]) for r in mine], [float(r["target"]) for r in mine]).statistic
-            assert got == pytest.approx(metrics[name]["srcc"], abs=1e-6)
+            pred, target = [float(r[option]) for r in mine], [float(r["target"]) for r in mine]
+            assert spearmanr(pred, target).statistic == pytest.approx(metrics[name]["srcc"], abs=1e-6)
+            # And the PLCC after a fitted logistic, asked for (null where it did not fit).
+            fitted = fitted_plcc(pred, target)
+            assert metrics[name]["plcc_fit"] == (None if math.isnan(fitted) else pytest.approx(fitted, abs=1e-6))
     assert capsys.readouterr().err.endswith(f"evaluate: {len(rows)} images' scores written to {scores}\n")
     # One option: its column is the score; into an empty file (mktemp's), named .CSV.
     scores = tmp_path / "made.CSV"
