@@ -19,8 +19,8 @@ from temu_dist.model.io import MODEL_ADDED, with_legacy_fields
 # run it continues. Of the model, only how it is compiled: evaluate and predict may also load a checkpoint onto another
 # input size, dtype or frozen tower, a resumed run may not train on one.
 RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.log_every", "train.timeout_min", "data.workers",
-                     "eval.batch_size",
-                     "tracking.enabled", "tracking.uri", "model.compile", "model.compile_mode", "train.keep_tokens"}
+                     "eval.batch_size", "tracking.enabled", "tracking.uri", "model.compile", "model.compile_mode",
+                     "train.keep_tokens"}
 
 
 # Keys added since checkpoints were first written, each with the value a run saved before it had (trained or was

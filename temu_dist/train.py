@@ -344,7 +344,7 @@ def _fit(config: Config, run: Run, asked: Callable[[], bool]) -> None:
         total = torch.tensor(done.get("loss_sum", 0.0), device=device)  # over whole steps; `part`: the step's so far
         images, seen, train_before = done.get("images", 0), skip, done.get("train_s", 0.0)
         part, part_images = 0, 0
-        logged = (total.item(), skip)  # the loss sum and micro-batches at the last step_loss
+        logged = (done.get("loss_sum", 0.0), skip)  # the loss sum and micro-batches at the last step_loss
         tick = time.perf_counter()
         trained = together = False
         try:

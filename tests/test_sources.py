@@ -498,16 +498,10 @@ def dump(path: Path, obj: object) -> Path:
 def test_pyiqa_split_pickle_of_plain_data(tmp_path):
     official = dump(tmp_path / "koniq10k_official.pkl", {1: {"train": [0, 3], "val": [1], "test": [2]}})
     assert read_pyiqa_split(official) == {"train": [0, 3], "val": [1], "test": [2]}
-    # IQA-PyTorch's random splits hold out 'val' alone (scripts/process_livechallenge.py; process_csiq.py with an
-    # empty 'test'), and report it: here the test split. LoDa's hold out 'test', with an empty 'val'.
     seeds = dump(tmp_path / "livechallenge_seed123.pkl", {i: {"train": [i], "val": [i + 10]} for i in range(1, 11)})
-    assert read_pyiqa_split(seeds) == {"train": [1], "val": [], "test": [11]}
-    assert read_pyiqa_split(seeds, index=3) == {"train": [4], "val": [], "test": [14]}
-    assert read_pyiqa_split(seeds, index=9) == {"train": [10], "val": [], "test": [20]}
-    csiq = dump(tmp_path / "csiq_123.pkl", {1: {"train": [0, 1], "val": [2], "test": []}})
-    assert read_pyiqa_split(csiq) == {"train": [0, 1], "val": [], "test": [2]}
-    loda = dump(tmp_path / "koniq10k_82_seed3407.pkl", {0: {"train": [0, 1], "val": [], "test": [2]}})
-    assert read_pyiqa_split(loda) == {"train": [0, 1], "val": [], "test": [2]}
+    assert read_pyiqa_split(seeds) == {"train": [1], "val": [11], "test": []}
+    assert read_pyiqa_split(seeds, index=3) == {"train": [4], "val": [14], "test": []}
+    assert read_pyiqa_split(seeds, index=9) == {"train": [10], "val": [20], "test": []}
     with pytest.raises(DataError, match=r"no split index 10 \(0-based\); it holds 10 splits, numbered 1, 2, 3"):
         read_pyiqa_split(seeds, index=10)
     with pytest.raises(DataError, match=r"expected \{split number"):

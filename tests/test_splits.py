@@ -6,7 +6,7 @@ import pytest
 
 from temu_dist.data import sources
 from temu_dist.data.sources import DataError, Record
-from temu_dist.data.splits import SPLITS, SplitSpec, splitter
+from temu_dist.data.splits import NOT_LISTED, SPLITS, SplitSpec, splitter
 
 # Prefixes of one another, non-ASCII (sorted by code point), folders, and names that only differ late.
 NAMES = ["a.jpg", "a.jpg.png", "ab.jpg", "Z.jpg", "é/1.png", "e/1.png", "ü.bmp", "日本/写真.jpg", "a/b/c.jpg",
@@ -58,6 +58,16 @@ def test_split_file_csv_and_pickle(tmp_path):
     pkl.write_bytes(pickle.dumps({1: {"train": [3, 0], "val": [], "test": [2]}, 2: {"train": [1]}}))
     route, count, unlisted, _ = splitter(iter(recs), SplitSpec("file", file=str(pkl)))
     assert [route(r) for r in recs] == ["train", None, "test", "train"] and (count, unlisted) == (3, 1)
+    # IQA-PyTorch's random 80/20 splits hold rows out in val alone (scripts/process_livechallenge.py; process_csiq.py
+    # with an empty test): the set it reports, test here. A CSV of one's own that says val means val.
+    for held_out in ({"val": [2]}, {"val": [2], "test": []}):
+        pkl.write_bytes(pickle.dumps({1: {"train": [3, 0], **held_out}}))
+        route, _, _, codes = splitter(iter(recs), SplitSpec("file", file=str(pkl)))
+        assert [route(r) for r in recs] == ["train", None, "test", "train"]
+        assert list(codes) == [SPLITS.index("train"), NOT_LISTED, SPLITS.index("test"), SPLITS.index("train")]
+    csv_file.write_text("name,split\nab.jpg,train\nZ.jpg,val\n")
+    route, _, _, _ = splitter(iter(recs), SplitSpec("file", file=str(csv_file)))
+    assert [route(r) for r in recs] == [None, None, "train", "val"]
 
 
 def test_split_file_errors_name_what_is_wrong(tmp_path):

@@ -481,17 +481,17 @@ META_SPLIT_COLUMNS = ("official_split", "official split", "split")
 _META_SPLIT_VALUES = {"0": "train", "1": "val", "2": "test", **{s: s for s in _SPLITS}}
 
 
-def _split_column(label: Path, header: list[str], column: str) -> str:
-    if column not in header:
+def _split_column(label: Path, header: list[str], column: str | None, official: bool = True) -> str | None:
+    """The column each record's split is read from: the one asked for, else an official split column if any."""
+    if column and column not in header:
         raise DataError(f"{label.name}: no split column '{column}' ({_columns_said(header)})")
-    return column
+    return column or (next((c for c in META_SPLIT_COLUMNS if c in header), None) if official else None)
 
 
 def _read_meta(dataset: str, root: Path, meta: Path, image_dir: Path, split_column: str | None) -> Iterator[Record]:
     spec, info = _PYIQA_META[dataset], DATASETS[dataset]
     header = _header(meta)
-    split_col = _split_column(meta, header, split_column) if split_column else \
-        next((c for c in META_SPLIT_COLUMNS if c in header), None) if info.official_split else None
+    split_col = _split_column(meta, header, split_column, bool(info.official_split))
     columns = [c for c in (spec.name_col, spec.mos_col, spec.ref_col) if c]
     for i, (row, rec) in enumerate(_csv_rows(meta, columns)):
         if dataset == "livec" and i < _LIVEC_SKIP:  # IQA-PyTorch's LIVEChallengeDataset drops them too
@@ -571,8 +571,7 @@ def _read_csv(spec: CsvLabels, root: Path, label: Path, split_column: str | None
     if not spec.columns and _is_number(columns[1]):
         raise DataError(f"{label.name} row 1 is data ({columns[1]!r} where the score column's name belongs): the "
                         "first line must be a header naming the columns")
-    split_col = _split_column(label, header, split_column) if split_column else \
-        next((c for c in META_SPLIT_COLUMNS if c in header), None)
+    split_col = _split_column(label, header, split_column)
     twice = next((c for c in (*columns, split_col) if c and header.count(c) > 1), None)
     if twice:  # read by name, the last of them would be taken
         raise DataError(f"{label.name}: the header names column '{twice}' {header.count(twice)} times; rename all "
@@ -618,9 +617,7 @@ def read_pyiqa_split(pkl: str | Path, index: int = 0) -> dict[str, list[int]]:
     """IQA-PyTorch split pickle {split number: {'train': [...], 'val': [...], 'test': [...]}} -> one split's
     0-based row indices into its meta-info CSV (for LIVE Challenge, after dropping the first 7 rows), with every
     phase present. `index` is 0-based over the pickle's split numbers in order (IQA-PyTorch numbers them from 1), as
-    the split index of every other protocol is; 0 is the only split of an official-split file. A split that holds
-    rows out in 'val' alone (IQA-PyTorch's random 80/20 splits of LIVE, CSIQ, LIVE Challenge and SPAQ: no 'test', or
-    an empty one) gives them as 'test': the set IQA-PyTorch reports, and the one the configs score."""
+    the split index of every other protocol is; 0 is the only split of an official-split file."""
     path = _need(Path(pkl), "an IQA-PyTorch split pickle")
     try:
         with path.open("rb") as fh:
@@ -640,7 +637,4 @@ def read_pyiqa_split(pkl: str | Path, index: int = 0) -> dict[str, list[int]]:
     for phase, rows in split.items():
         if not isinstance(rows, list) or not all(isinstance(r, int) and r >= 0 for r in rows):
             raise DataError(f"{path.name} split {key}: '{phase}' is not a list of row indices")
-    phases = {phase: list(split.get(phase, [])) for phase in _SPLITS}
-    if phases["val"] and not phases["test"]:
-        phases["val"], phases["test"] = [], phases["val"]
-    return phases
+    return {phase: list(split.get(phase, [])) for phase in _SPLITS}

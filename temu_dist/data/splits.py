@@ -150,6 +150,14 @@ def _file_codes(records: Iterable[Record], spec: SplitSpec) -> np.ndarray:
     return np.frombuffer(codes, dtype=np.uint8)
 
 
+def _held_out_in_val_as_test(codes: np.ndarray) -> np.ndarray:
+    """IQA-PyTorch's random 80/20 splits (its split pickles, its meta CSVs' split columns) hold rows out in val alone,
+    with no test: the set it reports, and the one the configs score, here test."""
+    val, test = SPLITS.index("val"), SPLITS.index("test")
+    return np.where(codes == val, test, codes).astype(np.uint8) if (codes == val).any() and not (codes == test).any() \
+        else codes
+
+
 def splitter(records: Iterable[Record], spec: SplitSpec, label: str = "label file", official: str | None = None
              ) -> tuple[Callable[[Record], str | None], int, int, np.ndarray]:
     """A function record -> 'train' | 'val' | 'test' (None: a split file leaves it out), how many records it sends
@@ -160,7 +168,7 @@ def splitter(records: Iterable[Record], spec: SplitSpec, label: str = "label fil
     shard. Keeps 9 bytes a record (its name's key and split code), so the packer can stream the records again
     afterwards with memory flat whatever the dataset's size.
     """
-    if spec.protocol in ("official", "column"):  # each record's split read with its label
+    if spec.protocol == "official":
         codes = array("B")
         for record in records:
             if record.split is None:
@@ -168,13 +176,7 @@ def splitter(records: Iterable[Record], spec: SplitSpec, label: str = "label fil
                 raise DataError(f"{label} row {record.row} ({record.name}) has no official split: {how} the ratio "
                                 "protocol")
             codes.append(SPLITS.index(record.split))
-        codes = np.array(codes, dtype=np.uint8)
-        val, test = SPLITS.index("val"), SPLITS.index("test")
-        if spec.protocol == "column" and (codes == val).any() and not (codes == test).any():
-            # IQA-PyTorch's random 80/20 columns hold rows out in val alone: its reported set, here test.
-            codes[codes == val] = test
-            return lambda record: "test" if record.split == "val" else record.split, len(codes), 0, codes
-        return lambda record: record.split, len(codes), 0, codes
+        return lambda record: record.split, len(codes), 0, np.frombuffer(codes, dtype=np.uint8)
     keys = array("q")
 
     def keyed() -> Iterator[Record]:
@@ -182,7 +184,14 @@ def splitter(records: Iterable[Record], spec: SplitSpec, label: str = "label fil
             keys.append(name_key(r.name))
             yield r
 
-    codes = _file_codes(keyed(), spec) if spec.protocol == "file" else _ratio_codes(keyed(), spec)
+    if spec.protocol == "ratio":
+        codes = _ratio_codes(keyed(), spec)
+    elif spec.protocol == "file":
+        codes = _file_codes(keyed(), spec)
+    else:  # column: each record's split as its label file's column gives it
+        codes = np.fromiter((SPLITS.index(r.split) for r in keyed()), dtype=np.uint8)
+    if spec.protocol == "column" or str(spec.file).endswith(".pkl"):
+        codes = _held_out_in_val_as_test(codes)
     keys_np = np.frombuffer(keys, dtype=np.int64)
     order = np.argsort(keys_np)
     sorted_keys, sorted_codes = keys_np[order], codes[order]

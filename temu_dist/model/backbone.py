@@ -29,9 +29,10 @@ open_clip.add_model_config(PACKAGE_MODEL_CONFIGS)
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The frozen towers' dtype. bf16 or fp16 asked for on a CPU that runs it slowly is warned of: on an AVX2-only
-    AMD EPYC a bf16 matmul ran 110 times slower than fp32 (fp16: 49 times), where one with AVX512-BF16 steps 1.6-1.8x
-    faster. So is bf16 on a GPU whose tensor cores have no bf16 (compute capability below 8.0), where fp16 has them."""
+    """The frozen towers' dtype. bf16 or fp16 asked for on a CPU that runs it slowly is warned of: on AVX2-only AMD
+    EPYCs a 512^3 bf16 matmul ran 110 times slower than fp32, and on another a 256^3 one 48 times (fp16 49), where a
+    CPU with AVX512-BF16 steps 1.6-1.8x faster in bf16. So is bf16 on a GPU whose tensor cores have no bf16 (compute
+    capability below 8.0), where fp16 has them."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return torch.float32
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
