@@ -236,7 +236,8 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     batch_size: int = Field(64, ge=1)
-    # Splits of data.train evaluated after each epoch (those the pack has), and cross-dataset sets.
+    # Splits of data.train evaluated after each epoch, and cross-dataset sets. The default skips a split the pack
+    # lacks; splits named otherwise must all be there.
     splits: list[Split] = ["val", "test"]
     cross: list[EvalSetConfig] = []
     # Also score every set with one local distortion per image (the ldg section's region, RandAugment and fidelity,

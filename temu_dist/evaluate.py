@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from temu_dist.atomic import strict, write_json_atomic, write_text_atomic
 from temu_dist.checkpoint import epoch_of
-from temu_dist.config import (Config, ConfigError, check_output_folder, dump, is_override, load_config,
+from temu_dist.config import (Config, ConfigError, EvalConfig, check_output_folder, dump, is_override, load_config,
                               notices_as_lines)
 from temu_dist.data.augment import normalize
 from temu_dist.data.keys import name_key
@@ -89,11 +89,17 @@ def scatter_plots(results: dict[str, SetResult], folder: Path, label: str) -> li
 
 
 def eval_sets(config: Config) -> list[EvalSet]:
-    """The configured evaluation sets: those of eval.splits that data.train's pack has, then eval.cross."""
+    """The configured evaluation sets: those of eval.splits that data.train's pack has, then eval.cross. The default
+    splits skip one the pack lacks (most packs have no val); splits given otherwise must all be there."""
     sets = []
     if config.data.train:
         with pack_named_by("data.train"):
             have = read_manifest(config.data.train)["splits"]
+        missing = [split for split in config.eval.splits if split not in have]
+        if missing and config.eval.splits != EvalConfig.model_fields["splits"].default:
+            raise ConfigError(f"eval.splits: data.train's pack {config.data.train} has no '{missing[0]}' split (it has "
+                              f"{', '.join(have) or 'none'}): leave it out of eval.splits ({config.eval.splits} now), "
+                              "or pack one with it (python -m temu_dist.pack --ratios)")
         sets += [EvalSet(split, config.data.train, split) for split in config.eval.splits if split in have]
     sets += [EvalSet(c.name, c.shards, c.split, c.image_hw()) for c in config.eval.cross]
     _check_sets(sets, config)

@@ -789,6 +789,10 @@ def test_missing_shards_and_bad_key_metric_fail_before_any_work(tmp_path, shards
                                           rf"pack {only_train} has no 'test' split \(it has train\): pack one into "
                                           r"another folder"):
         train(run_config(tmp_path, str(only_train)))
+    # The default splits skip those a pack lacks; splits asked for by name must all be there.
+    with pytest.raises(ConfigError, match=rf"^eval.splits: data.train's pack {only_train} has no 'test' split \(it has "
+                                          r"train\): leave it out of eval.splits \(\['train', 'test'\] now\)"):
+        train(run_config(tmp_path, str(only_train), "eval.splits=[train, test]", "train.key_metric=train/srcc"))
     with pytest.raises(ConfigError, match=r"^train.key_metric: no evaluation set 'test-ldg' \(sets: val, test\); "
                                           r"test-ldg is scored with eval.ldg=true$"):
         train(run_config(tmp_path, shards, "train.key_metric=test-ldg/srcc"))
