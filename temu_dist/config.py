@@ -199,7 +199,14 @@ class TrainConfig(Section):
     # Per-process micro-batch; default batch_size / processes. Gradient accumulation makes up the rest.
     per_device_batch: int | None = Field(None, ge=1)
     lr: float = Field(0.002, ge=0)
+    # adam: the seed's, weight_decay an L2 term on every trained parameter. adamw: decoupled weight decay on the
+    # matrices alone (context vectors, meta-net weights), none on gains, biases, layer weights and the temperature,
+    # as open_clip's trainer applies it.
+    optimizer: Literal["adam", "adamw"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
+    # Optimizer steps over which the rate climbs linearly to lr (from lr / (W + 1)) before the cosine, over the
+    # remaining steps, begins; 0: the seed's cosine from the first step.
+    warmup_steps: int = Field(0, ge=0)
     mse_weight: float = Field(1.0, ge=0)
     plcc_weight: float = Field(1.0, ge=0)
     # With gradient accumulation, what the PLCC loss correlates over. step: the optimizer step's whole batch, as one

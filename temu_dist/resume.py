@@ -3,7 +3,6 @@ packs it was trained and scored on, an extension's longer schedule, and a mid-ep
 train() asks; tune asks which settings a run's results depend on."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ from temu_dist.data.manifest import pack_digest
 from temu_dist.data.stream import read_by
 from temu_dist.distributed import BatchPlan
 from temu_dist.model.io import MODEL_ADDED, with_legacy_fields
+from temu_dist.optim import lengthen
 
 # What a resumed run may change: everything else must match the checkpoint, or the resumed run would not be the
 # run it continues. Of the model, only how it is compiled: evaluate and predict may also load a checkpoint onto another
@@ -26,6 +26,7 @@ RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.log_every"
 # Keys added since checkpoints were first written, each with the value a run saved before it had (trained or was
 # scored with); None where no value holds (train.plcc_over: such a run resumes with this run's value, and says so).
 ADDED_SINCE: dict[str, object] = {"train.plcc_over": None, "model.tower_fp8": False, "eval.ldg": False,
+                                   "train.optimizer": "adam", "train.warmup_steps": 0,
                                    **{f"model.{key}": value for key, value in MODEL_ADDED.items()}}
 
 
@@ -132,20 +133,12 @@ def extends(saved: dict, info: dict, config: Config, last: Path) -> bool:
     return True
 
 
-def extend_schedule(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, saved_epochs: int, epochs: int,
+def extend_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, saved_epochs: int, epochs: int,
                     steps_per_epoch: int) -> dict:
-    """Makes the cosine schedule of a run started for `saved_epochs` as long as `epochs` from the step it stands at;
-    what changed, for the run's records (extended so, it does not train as one started for `epochs` would). The rate
-    is set by hand: CosineAnnealingLR scales the last rate step by step, so a new length alone would scale the old
-    schedule's rate (0 at its end)."""
-    state, steps = scheduler.state_dict(), steps_per_epoch * epochs
-    t, low = state["last_epoch"], state["eta_min"]
-    rates = [low + (base - low) * (1 + math.cos(math.pi * t / steps)) / 2 for base in state["base_lrs"]]
-    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
-        group["lr"] = rate
-    scheduler.load_state_dict({**state, "T_max": steps, "_last_lr": rates})
-    return {"epochs_from": saved_epochs, "epochs_to": epochs, "after_step": t, "lr_from": state["_last_lr"][0],
-            "lr_to": rates[0]}
+    """Makes the schedule of a run started for `saved_epochs` as long as `epochs` from the step it stands at; what
+    changed, for the run's records (extended so, it does not train as one started for `epochs` would)."""
+    t, lr_from, lr_to = lengthen(scheduler, steps_per_epoch * epochs)
+    return {"epochs_from": saved_epochs, "epochs_to": epochs, "after_step": t, "lr_from": lr_from, "lr_to": lr_to}
 
 
 def extended_tag(extended: list[dict]) -> dict[str, str]:

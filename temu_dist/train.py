@@ -51,6 +51,7 @@ from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights, with_legacy_fields
 from temu_dist.model.backbone import check_backbone
 from temu_dist.model.temu import TeMuIQA, Tokens, build_model
+from temu_dist.optim import make_optimizer, make_scheduler
 from temu_dist.plots import score_vs_time
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_once, sigterm_at_step_ends, stop_code
 from temu_dist.tracking import Tracker, tracking_uri
@@ -527,9 +528,8 @@ def _train(config: Config, on_epoch: Callable[[dict], None] | None, accelerator:
         steps_per_epoch = micro_batches // plan.accumulation
         model = build_model(config, device)
         _describe(config, plan, micro_batches, accelerator, model)
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
-                                     weight_decay=config.train.weight_decay)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * config.train.epochs)
+        optimizer = make_optimizer(model, config)
+        scheduler = make_scheduler(optimizer, config, steps_per_epoch)
         resumed = {}
         last = find_checkpoint(ckpt_dir / "last") if config.train.resume != "never" else None
         packs = resume.packs(config)  # once: checked against a resumed run's, and kept in this run's checkpoints

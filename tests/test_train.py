@@ -323,6 +323,21 @@ def test_resume_extend_trains_a_finished_run_further_on_a_cosine_of_the_new_leng
         train(run_config(tmp_path, shards, "train.epochs=4", "train.resume=extend", "eval.ldg=true"))
 
 
+def test_a_run_warmed_up_with_adamw_resumes_and_extends_on_its_schedule(tmp_path, shards):
+    opts = ("train.warmup_steps=2", "train.optimizer=adamw", "train.weight_decay=0.01")
+    lr = run_config(tmp_path, shards).train.lr
+    first = train(run_config(tmp_path, shards, *opts))  # 2 epochs of 3 steps
+    # Each epoch's rate is its last step's: step 2 the cosine's first (lr), step 5 its fourth of 4.
+    assert [h["lr"] for h in first["history"]] == pytest.approx([lr, lr * (1 + math.cos(math.pi * 3 / 4)) / 2])
+    with pytest.raises(ConfigError, match=r"^train.warmup_steps: .*last was trained with 2, this run asks for 3"):
+        train(run_config(tmp_path, shards, "train.warmup_steps=3", "train.optimizer=adamw",
+                         "train.weight_decay=0.01"))
+    # From the checkpoint's scheduler and AdamW state: the cosine after the warmup made 7 steps long at step 6.
+    longer = train(run_config(tmp_path, shards, *opts, "train.epochs=3", "train.resume=extend"))
+    assert longer["extended"][0]["lr_to"] == pytest.approx(lr * (1 + math.cos(math.pi * 4 / 7)) / 2)
+    assert longer["history"][2]["lr"] == pytest.approx(lr * (1 + math.cos(math.pi * 6 / 7)) / 2)
+
+
 def test_an_extension_given_up_before_its_first_checkpoint_leaves_no_mark(tmp_path, shards, monkeypatch):
     import temu_dist.train as train_mod
 

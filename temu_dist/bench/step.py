@@ -35,6 +35,7 @@ from temu_dist.model.backbone import Backbone, compute_dtype, create_clip
 from temu_dist.model.flops import step_flops
 from temu_dist.model.fp8 import E4M3, check_fp8, fp8_matmul, quantize_rows
 from temu_dist.model.temu import build_model, resolve_device
+from temu_dist.optim import make_optimizer
 from temu_dist.train import loss_fn
 
 # Datasheet dense (no sparsity) tensor-core peaks, TFLOP/s, bf16 with fp32 accumulation. Matched in order against
@@ -145,7 +146,7 @@ def measure(config: Config, batch: int, steps: int, warmup: int, device: torch.d
     """Seconds per training step (the median of `steps` after `warmup`), images/s, FLOPs and peak memory; the steps
     (and the compile, in the first) on the attention kernel `attention` names."""
     model = build_model(config, device).train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.train.lr)
+    optimizer = make_optimizer(model, config)
     stats = (model.backbone.mean, model.backbone.std)
     data = synthetic_batch(config, batch, device, torch.Generator().manual_seed(0))
 

@@ -1,0 +1,59 @@
+"""The optimizer and learning-rate schedule a config asks for: the seed's Adam and cosine annealing over the run, or
+AdamW; either schedule after an optional linear warmup. And a schedule made longer from the step it stands at
+(train.resume=extend)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
+
+from temu_dist.config import Config, ConfigError
+
+
+def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """Adam over every trained parameter (weight decay, where asked, an L2 term on each: the seed's optimizer), or
+    AdamW with its decoupled decay on the matrices alone, as open_clip's trainer applies it."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    t = config.train
+    if t.optimizer == "adam":
+        return torch.optim.Adam(trained, lr=t.lr, weight_decay=t.weight_decay)
+    # Decay would pull LayerNorm gains to 0, the layer weights to uniform and the temperature to 1: vectors are kept
+    # out of it (context vectors and the meta-net's weights are matrices).
+    groups = [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int) -> LRScheduler:
+    """Cosine annealing from train.lr to 0 over the run's optimizer steps; with train.warmup_steps W, the rate climbs
+    from lr / (W + 1) by as much each step to lr at step W, where a cosine over the remaining steps begins."""
+    steps, warmup = steps_per_epoch * config.train.epochs, config.train.warmup_steps
+    if not warmup:
+        return CosineAnnealingLR(optimizer, T_max=steps)
+    if warmup >= steps:
+        raise ConfigError(f"train.warmup_steps: {warmup} is not fewer than the run's {steps} optimizer steps "
+                          f"({config.train.epochs} epochs of {steps_per_epoch}); lower it")
+    return SequentialLR(optimizer, [LinearLR(optimizer, 1 / (warmup + 1), total_iters=warmup),
+                                    CosineAnnealingLR(optimizer, T_max=steps - warmup)], milestones=[warmup])
+
+
+def lengthen(scheduler: LRScheduler, steps: int) -> tuple[int, float, float]:
+    """Makes a make_scheduler schedule `steps` long from the step it stands at; returns that step and the rate before
+    and after. The cosine's rate is set by hand: CosineAnnealingLR scales the last rate step by step, so a new length
+    alone would scale the old schedule's rate (0 at its end). Within a warmup, the cosine to come is made longer."""
+    state = scheduler.state_dict()
+    sequential = isinstance(scheduler, SequentialLR)
+    cosine, warmup = (state["_schedulers"][1], state["_milestones"][0]) if sequential else (state, 0)
+    t, before = state["last_epoch"], state["_last_lr"]
+    cosine["T_max"] = steps - warmup
+    after = before
+    if t >= warmup:
+        low = cosine["eta_min"]
+        after = [low + (base - low) * (1 + math.cos(math.pi * (t - warmup) / (steps - warmup))) / 2
+                 for base in cosine["base_lrs"]]
+        for group, rate in zip(scheduler.optimizer.param_groups, after, strict=True):
+            group["lr"] = rate
+        cosine["_last_lr"] = state["_last_lr"] = after
+    scheduler.load_state_dict(state)
+    return t, before[0], after[0]
