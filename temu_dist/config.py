@@ -207,6 +207,9 @@ class TrainConfig(Section):
     # Optimizer steps over which the rate climbs linearly to lr (from lr / (W + 1)) before the cosine, over the
     # remaining steps, begins; 0: the seed's cosine from the first step.
     warmup_steps: int = Field(0, ge=0)
+    # Clip the gradients' global norm to this before each optimizer step (open_clip's --grad-clip-norm); 0: no
+    # clipping. Under DeepSpeed its engine clips, at this value.
+    grad_clip_norm: float = Field(0.0, ge=0)
     mse_weight: float = Field(1.0, ge=0)
     plcc_weight: float = Field(1.0, ge=0)
     # With gradient accumulation, what the PLCC loss correlates over. step: the optimizer step's whole batch, as one

@@ -100,11 +100,20 @@ def make_accelerator(config: Config) -> tuple[Accelerator, BatchPlan]:
         ds["train_micro_batch_size_per_gpu"] = plan.per_device
         ds["train_batch_size"] = plan.global_batch
         ds["gradient_accumulation_steps"] = plan.accumulation
-        # accelerate passes the launch file's gradient_clipping on only when it is non-zero, and DeepSpeed then clips
-        # at its default of 1.0: no other launcher clips, so the same config would train differently here.
-        if ds.get("gradient_clipping", "auto") == "auto":
-            ds["gradient_clipping"] = 0.0
+        deepspeed_clipping(ds, config)
     return accelerator, plan
+
+
+def deepspeed_clipping(ds: dict, config: Config) -> None:
+    """DeepSpeed's engine clips at train.grad_clip_norm, as the trainer does under every other launcher. accelerate
+    passes the launch file's gradient_clipping on only when it is non-zero, and DeepSpeed then clips at its default of
+    1.0: the same config would train differently here."""
+    launched, asked = ds.get("gradient_clipping", "auto"), config.train.grad_clip_norm
+    if launched != "auto" and float(launched) != asked:
+        raise ConfigError(f"train.grad_clip_norm: {asked}, where the launch file's deepspeed_config asks for "
+                          f"gradient_clipping {launched}: set train.grad_clip_norm={launched} and leave the launch "
+                          "file's at 0.0, so that the config says how every launcher clips")
+    ds["gradient_clipping"] = asked
 
 
 def _take_accumulation_from_the_config(plan: BatchPlan) -> None:

@@ -249,6 +249,7 @@ class Run:
     extended: list[dict] = field(default_factory=list)
     packs: dict[str, str] = field(default_factory=dict)  # digests of the packs it trained and was scored on
     lr: float = 0.0  # the rate the last optimizer step used
+    grad_norm: torch.Tensor | float | None = None  # with train.grad_clip_norm, the last step's, before clipping
 
 
 def _plcc_over_step(config: Config, plan: BatchPlan) -> bool:
@@ -265,7 +266,7 @@ def _train_step(config: Config, run: Run, batches: list[dict], stats: tuple[tupl
             loss = loss_fn(model, batches[0], config, device, stats)
             stop = _check_finite(loss, accelerator, epoch, config, asked())
             accelerator.backward(loss)
-            _optimizer_step(run)
+            _optimizer_step(run, config.train.grad_clip_norm)
         return loss.detach(), stop
     inputs = [training_inputs(b, config, device) for b in batches]
     loss, grads, tokens = step_scores(model, inputs, config, stats)
@@ -276,12 +277,15 @@ def _train_step(config: Config, run: Run, batches: list[dict], stats: tuple[tupl
             # backward() divides by the accumulation steps, for micro-batch losses that each stand for the step;
             # these gradients are already the whole step's.
             accelerator.backward((score * grad).sum() * len(batches))
-            _optimizer_step(run)
+            _optimizer_step(run, config.train.grad_clip_norm)
     return loss * len(batches), stop
 
 
-def _optimizer_step(run: Run) -> None:
+def _optimizer_step(run: Run, clip: float) -> None:
     # Inside accumulate(): the optimizer prepared by accelerate steps only at the step's last micro-batch.
+    if clip and run.accelerator.sync_gradients:
+        # Under DeepSpeed its engine has clipped already (in backward) and this gives the norm it found.
+        run.grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(), clip)
     run.optimizer.step()
     if run.accelerator.sync_gradients:
         run.lr = run.scheduler.get_last_lr()[0]
@@ -393,7 +397,8 @@ def _fit(config: Config, run: Run, asked: Callable[[], bool]) -> None:
                     if log_every and main and seen % acc == 0 and step % log_every == 0:
                         now = total.item()
                         loss_now, logged = (now - logged[0]) / (seen - logged[1]), (now, seen)
-                        run.tracker.metrics({"train/step_loss": loss_now, "train/step_lr": run.lr},
+                        norm = {} if run.grad_norm is None else {"train/grad_norm": float(run.grad_norm)}
+                        run.tracker.metrics({"train/step_loss": loss_now, "train/step_lr": run.lr, **norm},
                                             step=epoch * (micro_batches // acc) + step)
                         bar.set_postfix(loss=f"{loss_now:.4f}", refresh=False)
                     if every and main and seen % acc == 0 and step % every == 0 and seen < micro_batches:

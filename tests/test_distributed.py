@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from temu_dist.config import ConfigError, load_config
 from temu_dist.data.splits import SplitSpec
-from temu_dist.distributed import keep_buffers_in_place, make_accelerator, process_group_kwargs
+from temu_dist.distributed import (deepspeed_clipping, keep_buffers_in_place, make_accelerator,
+                                   process_group_kwargs)
 from temu_dist.model.temu import build_model
 from temu_dist.pack import PackOptions, pack
 from temu_dist.train import train
@@ -399,6 +400,22 @@ def test_deepspeed_with_accelerate_told_cpu_is_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     with pytest.raises(ConfigError, match="ACCELERATE_USE_CPU=true turns DeepSpeed off"):
         make_accelerator(load_config(None, ["device=cpu"]))
+
+
+def test_deepspeed_clips_at_the_configs_norm_and_a_launch_file_asking_another_is_refused():
+    clipping = {}
+    deepspeed_clipping(clipping, load_config(None, ["train.grad_clip_norm=0.5"]))
+    # accelerate leaves out a launch file's 0.0, where DeepSpeed would clip at its default of 1.0.
+    assert clipping == {"gradient_clipping": 0.5}
+    unset = {"gradient_clipping": "auto"}
+    deepspeed_clipping(unset, load_config(None, []))
+    assert unset == {"gradient_clipping": 0.0}
+    with pytest.raises(ConfigError, match=r"^train.grad_clip_norm: 0.0, where the launch file's deepspeed_config asks "
+                                          r"for gradient_clipping 1.0: set train.grad_clip_norm=1.0"):
+        deepspeed_clipping({"gradient_clipping": 1.0}, load_config(None, []))
+    agreed = {"gradient_clipping": 1.0}
+    deepspeed_clipping(agreed, load_config(None, ["train.grad_clip_norm=1"]))
+    assert agreed == {"gradient_clipping": 1.0}
 
 
 def test_the_launchers_gradient_accumulation_steps_is_refused_where_the_config_plans_other(monkeypatch):

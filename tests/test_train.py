@@ -338,6 +338,30 @@ def test_a_run_warmed_up_with_adamw_resumes_and_extends_on_its_schedule(tmp_path
     assert longer["history"][2]["lr"] == pytest.approx(lr * (1 + math.cos(math.pi * 6 / 7)) / 2)
 
 
+def test_grad_clip_norm_clips_every_step_and_logs_the_norm_found(tmp_path, shards, monkeypatch):
+    import temu_dist.train as train_mod
+
+    real, stepped = train_mod.make_optimizer, []
+
+    def recording(model, config):
+        optimizer = real(model, config)
+
+        def before_step(optimizer, args, kwargs):  # the gradients the optimizer steps on
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            stepped.append(torch.nn.utils.get_total_norm(grads).item())
+
+        optimizer.register_step_pre_hook(before_step)
+        return optimizer
+
+    monkeypatch.setattr(train_mod, "make_optimizer", recording)
+    clip = 1e-4  # far below the tiny model's gradients
+    results = train(run_config(tmp_path, shards, f"train.grad_clip_norm={clip}", "train.log_every=1"))
+    assert len(stepped) == 6 and max(stepped) == pytest.approx(clip, rel=1e-4)
+    found = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(results["mlflow_run_id"],
+                                                                                        "train/grad_norm")
+    assert [m.step for m in found] == list(range(1, 7)) and min(m.value for m in found) > 10 * clip
+
+
 def test_an_extension_given_up_before_its_first_checkpoint_leaves_no_mark(tmp_path, shards, monkeypatch):
     import temu_dist.train as train_mod
 
