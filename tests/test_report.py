@@ -502,3 +502,18 @@ def test_by_epoch_gives_a_row_per_epoch_of_a_run_with_every_set_as_scored_then(f
     # Renamed, a run's epochs keep their one name.
     assert report.main([str(finished), "--by-epoch", "--rename", "koniq-I", "TeMu-IQA-I"]) == 0
     assert "| TeMu-IQA-I [epoch 2] |" in capsys.readouterr().out
+
+
+def test_the_fitted_plcc_evaluate_wrote_is_a_metric_of_the_table(finished, tmp_path, capsys):
+    best = json.loads((finished / "results.json").read_text())["best"]
+    fitted = {name: {**metrics, "plcc_fit": 0.5 + i / 10} for i, (name, metrics) in enumerate(best.items())}
+    evaluated = {"scored": {"checkpoint": str(finished)}, "rows": {"fitted": fitted},
+                 "config": yaml.safe_load((finished / "config.yaml").read_text())}
+    (tmp_path / "fitted.json").write_text(json.dumps(evaluated))
+    assert report.main([str(tmp_path / "fitted.json"), str(finished), "--metrics", "srcc", "plcc_fit"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "| run | kadid10k | csiq |"
+    # A run's results hold no fitted PLCC: its cells say so.
+    assert out[2:4] == [f"| koniq-I | **{best['test']['srcc']:.4f}** / - | **{best['csiq']['srcc']:.4f}** / - |",
+                        f"| fitted | **{best['test']['srcc']:.4f}** / 0.5000 | **{best['csiq']['srcc']:.4f}** / 0.6000 |"]
+    assert out[-1].startswith("SRCC / PLCC_FIT; ")
