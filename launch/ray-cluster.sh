@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A Ray cluster for temu_dist.tune searches across machines. On the head node:
-#   bash launch/ray-cluster.sh head
+#   bash launch/ray-cluster.sh head        # RAY_HEAD_IP=ADDR: the address to offer, on a host of several networks
 # on every worker node (HEAD_IP: the head's address):
 #   bash launch/ray-cluster.sh worker HEAD_IP
 # then, on the head, run the search against it (trials see the same paths: put shards and runs on a shared disk):
@@ -16,7 +16,8 @@ export RAY_AUTH_MODE=token
 case "${1:-}" in
   head)
     ray get-auth-token --generate >/dev/null
-    ray start --head --port "${RAY_PORT:-6379}" --include-dashboard=false ;;
+    ray start --head --port "${RAY_PORT:-6379}" ${RAY_HEAD_IP:+--node-ip-address="$RAY_HEAD_IP"} \
+      --include-dashboard=false ;;
   worker) ray start --address "${2:?usage: ray-cluster.sh worker HEAD_IP}:${RAY_PORT:-6379}" ;;
   *) echo "usage: ray-cluster.sh head | worker HEAD_IP" >&2; exit 2 ;;
 esac

@@ -256,6 +256,25 @@ def _no_node_fits(res: Resources, nodes: list[dict]) -> str | None:
             "resources.gpu")
 
 
+def _idle_gpus(search: SearchConfig, nodes: list[dict]) -> str | None:
+    """Why some of the cluster's GPUs (ray.nodes()) would sit idle while trials wait, or None: a node whose CPUs hold
+    fewer one-process trials than its GPUs do (Ray starts a trial where both fit)."""
+    res = search.resources
+    if res.workers > 1 or not res.gpu or not res.cpu:
+        return None
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    by_gpu = [math.floor(have.get("GPU", 0.0) / res.gpu + 1e-9) for have in alive]
+    both = sum(min(g, math.floor(have.get("CPU", 0.0) / res.cpu + 1e-9)) for g, have in zip(by_gpu, alive))
+    wanted = min(sum(by_gpu), _planned(search), search.max_concurrent or sum(by_gpu))
+    if both >= wanted:
+        return None
+    nodes_said = "; ".join(f"{have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs" for have in alive[:4])
+    more = f" and {len(alive) - 4} more" if len(alive) > 4 else ""
+    return (f"resources: {both} trial(s) run at once where the GPUs hold {wanted}, as each asks for {res.cpu:g} CPUs "
+            f"({len(alive)} node(s): {nodes_said}{more}): give each node resources.cpu / resources.gpu CPUs per GPU "
+            "(under SLURM, sbatch --cpus-per-task), or lower resources.cpu")
+
+
 def _local_cpus() -> int:
     """The CPUs a local Ray starts with: Ray's own count, which takes a container's cgroup CPU quota or cpuset (docker
     --cpus=4 on a 64-core host: 4), not os.cpu_count(). A Ray without that function: the CPUs this process may use."""
@@ -529,6 +548,8 @@ def _search(search: SearchConfig, search_dir: Path, base: dict, metric: str, res
             temp = Path(os.environ.get("TEMU_RAY_TMP", search_dir / "ray"))
             temp.mkdir(parents=True, exist_ok=True)
             _ray_init(include_dashboard=False, _temp_dir=str(temp), log_to_driver=True)
+        if (why := _idle_gpus(search, ray.nodes())) is not None:
+            warnings.warn(why, Notice, stacklevel=3)
         res = search.resources
         target = tune.with_parameters(trainable or run_trial, base=base, trials_dir=str(search_dir / "trials"),
                                       tracking_uri=uri, parent=parent, resources=res.model_dump())

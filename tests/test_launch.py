@@ -35,7 +35,7 @@ RAY_STAND_INS = {
            'esac\nexit 0',
     "python": 'if [[ "$1" == -c ]]; then echo "${STANDIN_ALIVE:-3}"; exit; fi\n'
               'echo "python $* (RAY_ADDRESS=$RAY_ADDRESS RAY_AUTH_TOKEN=$RAY_AUTH_TOKEN" \\\n'
-              '  "SRUN_CPUS_PER_TASK=$SRUN_CPUS_PER_TASK)"\n'
+              '  "SRUN_CPUS_PER_TASK=$SRUN_CPUS_PER_TASK PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-})"\n'
               'if [[ -n "${STANDIN_DRIVER_WAITS:-}" ]]; then\n'
               '  trap \'echo "driver: SIGINT"; exit 130\' INT\n'
               '  while :; do sleep 0.1; done\n'
@@ -79,6 +79,19 @@ def test_each_node_launches_all_its_gpus_with_its_rank_pointing_at_the_first_nod
         r"train.lr=0.001 name=a\ b" for rank in (0, 1)]
     deepspeed = _sbatch(job, "configs/x.yaml", LAUNCH="launch/deepspeed-multinode.yaml")
     assert deepspeed.stdout.count("--config_file launch/deepspeed-multinode.yaml") == 2
+    # Where the first node's name does not reach it from the others.
+    assert _sbatch(job, "configs/x.yaml", MAIN_IP="10.1.2.3").stdout.count("--main_process_ip 10.1.2.3 ") == 2
+
+
+@pytest.mark.parametrize("launch", ["launch/gpu1.yaml", "launch/deepspeed.yaml"])
+def test_a_one_node_launch_file_on_several_nodes_is_refused_before_any_launch(job, launch):
+    # Each node would train alone: gpu1.yaml runs one process, deepspeed.yaml's pdsh launcher reaches no other node.
+    done = _sbatch(job, "configs/x.yaml", LAUNCH=launch)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == f"slurm.sbatch: LAUNCH={launch} starts one node; on 2 each would train alone: use " \
+                          "launch/multinode.yaml or launch/deepspeed-multinode.yaml\n"
+    # On one node it is what it says.
+    assert _sbatch(job, "configs/x.yaml", LAUNCH=launch, SLURM_NNODES="1").returncode == 0
 
 
 def test_a_node_without_gpus_or_a_missing_launch_file_stops_the_job_before_any_launch(job):
@@ -131,13 +144,14 @@ def test_a_search_under_slurm_starts_a_ray_head_and_a_worker_per_other_node_with
     # the background, so only the first step comes in a fixed order. The head's address is its first IPv4 one that
     # is not loopback (127.0.1.1 is what Debian maps a host's name to).
     steps = done.stderr.splitlines()
-    assert steps[0] == r"srun --nodes=1 --ntasks=1 -w gpu-a01 bash -c hostname\ --ip-address\;\ hostname\ -I"
-    assert sorted(steps[1:]) == [f"srun --nodes=1 --ntasks=1 -w gpu-a01 {head}",
-                                 f"srun --nodes=1 --ntasks=1 -w gpu-a02 {worker}",
-                                 f"srun --nodes=1 --ntasks=1 -w gpu-a03 {worker}"]
+    # Every step with this script's environment, whatever sbatch --export the site defaults to.
+    srun = "srun --export=ALL --nodes=1 --ntasks=1"
+    assert steps[0] == rf"{srun} -w gpu-a01 bash -c hostname\ --ip-address\;\ hostname\ -I"
+    assert sorted(steps[1:]) == [f"{srun} -w gpu-a01 {head}", f"{srun} -w gpu-a02 {worker}",
+                                 f"{srun} -w gpu-a03 {worker}"]
     assert sorted(done.stdout.splitlines()) == sorted([
         head, worker, worker, f"python -m temu_dist.tune --config configs/tune/x.yaml num_samples=2 "
-        f"(RAY_ADDRESS=10.0.0.1:{port} RAY_AUTH_TOKEN=TOKEN SRUN_CPUS_PER_TASK=32)"])
+        f"(RAY_ADDRESS=10.0.0.1:{port} RAY_AUTH_TOKEN=TOKEN SRUN_CPUS_PER_TASK=32 PYTHONUNBUFFERED=1)"])
     # A CPU-only allocation is a CPU-only cluster, not an error: a search may well run without GPUs.
     del job[1]["SLURM_GPUS_ON_NODE"]
     cpu = _sbatch(job, "configs/tune/x.yaml", script=RAY_SBATCH)
