@@ -256,13 +256,13 @@ def _no_node_fits(res: Resources, nodes: list[dict]) -> str | None:
             "resources.gpu")
 
 
-def _idle_gpus(search: SearchConfig, nodes: list[dict]) -> str | None:
-    """Why some of the cluster's GPUs (ray.nodes()) would sit idle while trials wait, or None: a node whose CPUs hold
-    fewer one-process trials than its GPUs do (Ray starts a trial where both fit)."""
+def _idle_gpus(search: SearchConfig, nodes: Callable[[], list[dict]]) -> str | None:
+    """Why some of the cluster's GPUs (nodes: ray.nodes) would sit idle while trials wait, or None: a node whose CPUs
+    hold fewer one-process trials than its GPUs do (Ray starts a trial where both fit)."""
     res = search.resources
     if res.workers > 1 or not res.gpu or not res.cpu:
         return None
-    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    alive = [n.get("Resources", {}) for n in nodes() if n.get("Alive")]
     by_gpu = [math.floor(have.get("GPU", 0.0) / res.gpu + 1e-9) for have in alive]
     both = sum(min(g, math.floor(have.get("CPU", 0.0) / res.cpu + 1e-9)) for g, have in zip(by_gpu, alive))
     wanted = min(sum(by_gpu), _planned(search), search.max_concurrent or sum(by_gpu))
@@ -548,7 +548,7 @@ def _search(search: SearchConfig, search_dir: Path, base: dict, metric: str, res
             temp = Path(os.environ.get("TEMU_RAY_TMP", search_dir / "ray"))
             temp.mkdir(parents=True, exist_ok=True)
             _ray_init(include_dashboard=False, _temp_dir=str(temp), log_to_driver=True)
-        if (why := _idle_gpus(search, ray.nodes())) is not None:
+        if (why := _idle_gpus(search, ray.nodes)) is not None:
             warnings.warn(why, Notice, stacklevel=3)
         res = search.resources
         target = tune.with_parameters(trainable or run_trial, base=base, trials_dir=str(search_dir / "trials"),

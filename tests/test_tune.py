@@ -444,16 +444,19 @@ def test_nodes_whose_cpus_hold_fewer_trials_than_their_gpus_are_said(tmp_path, s
     """SLURM's --cpus-per-task 32 on an 8-GPU node, trials of 8 CPUs and 1 GPU: 4 GPUs idle while trials wait."""
     search = load_search(_search_file(tmp_path, shards, "s", {"seed": {"grid": list(range(16))}},
                                       resources={"cpu": 8, "gpu": 1}, max_concurrent=0))
-    assert tune_cli._idle_gpus(search, [_node(32, 8), _node(32, 8)]) == (
+    assert tune_cli._idle_gpus(search, lambda: [_node(32, 8), _node(32, 8)]) == (
         "resources: 8 trial(s) run at once where the GPUs hold 16, as each asks for 8 CPUs (2 node(s): 32 CPUs, 8 "
         "GPUs; 32 CPUs, 8 GPUs): give each node resources.cpu / resources.gpu CPUs per GPU (under SLURM, sbatch "
         "--cpus-per-task), or lower resources.cpu")
-    assert tune_cli._idle_gpus(search, [_node(64, 8), _node(64, 8)]) is None
+    assert tune_cli._idle_gpus(search, lambda: [_node(64, 8), _node(64, 8)]) is None
     # Not where fewer trials are planned, or let run at once, than the CPUs hold.
-    assert tune_cli._idle_gpus(search.model_copy(update={"max_concurrent": 8}), [_node(32, 8), _node(32, 8)]) is None
+    nodes = [_node(32, 8), _node(32, 8)]
+    assert tune_cli._idle_gpus(search.model_copy(update={"max_concurrent": 8}), lambda: nodes) is None
     assert tune_cli._idle_gpus(search.model_copy(update={"space": {"seed": {"grid": [0, 1, 2, 3]}}}),
-                               [_node(32, 8)]) is None
-    assert tune_cli._idle_gpus(search.model_copy(update={"resources": tune_cli.Resources(cpu=1)}), [_node(2)]) is None
+                               lambda: nodes[:1]) is None
+    # A search of CPU trials does not ask Ray for its nodes (a search run with Ray's stand-ins, too).
+    cpu_only = search.model_copy(update={"resources": tune_cli.Resources(cpu=1)})
+    assert tune_cli._idle_gpus(cpu_only, lambda: pytest.fail("ray.nodes() asked")) is None
 
 
 def test_joining_a_cluster_without_room_for_a_trial_warns_at_once(tmp_path, shards, monkeypatch):
