@@ -514,6 +514,6 @@ def test_the_fitted_plcc_evaluate_wrote_is_a_metric_of_the_table(finished, tmp_p
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "| run | kadid10k | csiq |"
     # A run's results hold no fitted PLCC: its cells say so.
-    assert out[2:4] == [f"| koniq-I | **{best['test']['srcc']:.4f}** / - | **{best['csiq']['srcc']:.4f}** / - |",
-                        f"| fitted | **{best['test']['srcc']:.4f}** / 0.5000 | **{best['csiq']['srcc']:.4f}** / 0.6000 |"]
+    test, csiq = f"**{best['test']['srcc']:.4f}**", f"**{best['csiq']['srcc']:.4f}**"
+    assert out[2:4] == [f"| koniq-I | {test} / - | {csiq} / - |", f"| fitted | {test} / 0.5000 | {csiq} / 0.6000 |"]
     assert out[-1].startswith("SRCC / PLCC_FIT; ")
