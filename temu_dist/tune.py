@@ -70,6 +70,7 @@ RAY_TRAIN_WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_W
 # which the trials never ask; Ray's core logged an error line as each started ("constructor arguments in the object
 # store").
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # "1": Ray Tune adds none of its CSV, JSON, TensorBoard loggers
 # The training keys train.check_data reads, which the search checks before Ray starts.
 CHECKED_DATA_KEYS = ("data", "eval", "train.key_metric", "model.image_size", "model.backbone", "model.layers", "ldg")
 
@@ -513,6 +514,7 @@ def _search(search: SearchConfig, search_dir: Path, base: dict, metric: str, res
     """run_search's work, with the search folder held."""
     import ray
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
@@ -570,11 +572,20 @@ def _search(search: SearchConfig, search_dir: Path, base: dict, metric: str, res
                                             num_samples=search.num_samples),
                 run_config=tune.RunConfig(name=search.name, storage_path=str(experiment),
                                           failure_config=tune.FailureConfig(max_failures=search.max_failures),
-                                          callbacks=[SearchProgress(search, search_dir, metric, uri, parent)],
+                                          callbacks=[SearchProgress(search, search_dir, metric, uri, parent),
+                                                     CSVLoggerCallback(), JsonLoggerCallback()],
                                           verbose=1))
+        # The trials are tracked in MLflow: Ray's TensorBoard logger, which Ray adds with its CSV and JSON ones (the
+        # results are read from those) unless told to add none, wrote event files no one reads and pointed at them.
+        # A search restored goes on with the callbacks it was saved with, which may not hold the other two.
+        quiet = not restored and AUTO_LOGGERS not in os.environ
+        if quiet:
+            os.environ[AUTO_LOGGERS] = "1"
         try:
             grid = tuner.fit()
         finally:
+            if quiet:
+                del os.environ[AUTO_LOGGERS]
             if ours:
                 # Now, not at exit: the last trial's teardown SIGTERM can print a traceback of Ray's own ("Exception
                 # ignored ... SystemExit"), which Ray's exit let through after the summary.

@@ -78,10 +78,15 @@ def _runs(search_dir: Path) -> tuple[mlflow.entities.Run, list]:
 
 @RAY
 def test_search_gives_one_parent_run_and_a_child_run_per_trial_a_failed_one_retried(tmp_path, shards, ray_tmp,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, capsys):
     search = load_search(_search_file(tmp_path, shards, "prompts", {"model.prompt": {"grid": ["none", "coop"]}},
                                       max_failures=1))
     summary = run_search(search, trainable=flaky_trial)
+    # Tracked in MLflow: no TensorBoard event files, nor Ray's hint to open them; the trials' CSV and JSON logs stay.
+    assert "TensorBoard" not in capsys.readouterr().out
+    assert not list((tmp_path / "runs" / "prompts").rglob("events.out.tfevents*"))
+    assert list((tmp_path / "runs" / "prompts").rglob("progress.csv"))
+    assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
     assert len(list((tmp_path / "runs" / "prompts").glob("attempted-*"))) == 1  # the failed first attempt
     assert sorted(r["model.prompt"] for r in summary["trials"]) == ["coop", "none"]
     assert all(r["best"] is not None and r["error"] is None and r["epochs"] == 2 for r in summary["trials"])
