@@ -254,6 +254,10 @@ class EvalConfig(Section):
     # seeded by seed and image name) against y' = f(x, x') * y: sets named SET-ldg, with the mean prediction and
     # target (seed Figs. 10, 11). Training need not use LDG.
     ldg: bool = False
+    # Also each set's PLCC after fitting this logistic of the scores to the MOS (VQEG's 4-parameter one, or the
+    # 5-parameter one), as plcc_fit, as many papers report PLCC on synthetic sets; none: the seed's PLCC alone (Eq. 12,
+    # on the raw scores), which training and report give either way.
+    plcc_fit: Literal["none", "logistic_4params", "logistic_5params"] = "none"
 
 
 class TrackingConfig(Section):
@@ -348,10 +352,14 @@ def settings_label(values: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in zip(shown, told))
 
 
+# The metrics a SET/METRIC name may pick; plcc_fit with eval.plcc_fit.
+KEY_METRICS = ("srcc", "plcc", "krcc", "plcc_fit")
+
+
 def metric_key(v: str) -> str:
     """A SET/METRIC name (train.key_metric, a search's metric), or ValueError."""
-    if v.count("/") != 1 or v.split("/")[1] not in ("srcc", "plcc", "krcc"):
-        raise ValueError(f"'{v}' is not SET/METRIC with METRIC one of srcc, plcc, krcc")
+    if v.count("/") != 1 or v.split("/")[1] not in KEY_METRICS:
+        raise ValueError(f"'{v}' is not SET/METRIC with METRIC one of {', '.join(KEY_METRICS)}")
     return v
 
 

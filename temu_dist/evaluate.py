@@ -124,6 +124,17 @@ def _check_sets(sets: list[EvalSet], config: Config, flag: str | None = None) ->
             check_fidelity_size(key, s.image_hw or config.model.image_hw(), config.ldg)
 
 
+def check_metric(key: str, metric: str, sets: list[EvalSet], config: Config) -> None:
+    """A SET/METRIC (`key`: the option naming it) that evaluation reports: its set among the sets, and a fitted PLCC
+    only where eval.plcc_fit asks for one."""
+    name, measure = metric.split("/")
+    if name not in result_names(sets, config):
+        raise no_such_set(key, name, sets, config)
+    if measure == "plcc_fit" and config.eval.plcc_fit == "none":
+        raise ConfigError(f"{key}: {metric} is scored with eval.plcc_fit=logistic_4params (or logistic_5params), "
+                          "which is none")
+
+
 def no_such_set(key: str, name: str, sets: list[EvalSet], config: Config) -> ConfigError:
     """A metric named after a set evaluation does not report; where it names a split of the training pack or a set's
     locally distorted copy, why."""
@@ -189,9 +200,11 @@ def _evaluate(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Accele
                     _append(distorted, _score(model, x_ldg), ldg_targets(x, x_ldg, mos, config.ldg))
                 # The first process's pace, taken for all of theirs (its share may be one sample more).
                 bar.update(min(len(mos) * accelerator.num_processes, expected - bar.n))
-        results[s.name] = _gathered(s.name, keys, named, scored, expected, accelerator, width)
+        fit = config.eval.plcc_fit
+        results[s.name] = _gathered(s.name, keys, named, scored, expected, accelerator, width, fit)
         if ldg is not None:
-            results[f"{s.name}-ldg"] = _gathered(f"{s.name}-ldg", keys, named, distorted, expected, accelerator, width)
+            results[f"{s.name}-ldg"] = _gathered(f"{s.name}-ldg", keys, named, distorted, expected, accelerator, width,
+                                                 fit)
             for result in results[f"{s.name}-ldg"]:
                 # Fig. 11 compares the mean prediction on distorted images with the mean of their targets.
                 result.metrics.update(pred_mean=float(result.pred.mean()), target_mean=float(result.mos.mean()))
@@ -213,9 +226,10 @@ def _append(lists: tuple[list, list], pred: torch.Tensor, target: torch.Tensor) 
 
 
 def _gathered(name: str, keys: list[np.ndarray], named: list[str] | None, scored: tuple[list, list], expected: int,
-              accelerator: Accelerator, width: int) -> list[SetResult]:
+              accelerator: Accelerator, width: int, fit: str) -> list[SetResult]:
     """Every process's (name key, scores [n, width], target) of one set, in name order, with each score's
-    metrics; and the names, where `named` holds this process's."""
+    metrics (and its PLCC after the logistic `fit`, unless none); and the names, where `named` holds this
+    process's."""
     mine = tuple(np.concatenate(p) if p else np.zeros(shape, dtype) for p, shape, dtype in
                  ((keys, 0, np.int64), (scored[0], (0, width), np.float32), (scored[1], 0, np.float32)))
     parts = gather_object([(*mine, named)])
@@ -228,8 +242,9 @@ def _gathered(name: str, keys: list[np.ndarray], named: list[str] | None, scored
     if named is not None:
         every = [n for part in parts for n in part[3]]
         names = [every[i] for i in order]
-    results = [SetResult({**correlations(column, target), "expected": expected}, column, target, names)
-               for column in pred.T]
+    results = [SetResult({**correlations(column, target), "expected": expected,
+                          **({"plcc_fit": fitted_plcc(column, target, fit)} if fit != "none" else {})},
+                         column, target, names) for column in pred.T]
     if results[0].metrics["count"] != expected and accelerator.is_main_process:
         log.warning("%s: scored %d of %d samples (corrupt samples were skipped, named above)", name,
                     results[0].metrics["count"], expected)
@@ -360,10 +375,12 @@ def _command(argv: list[str] | None) -> int:
                              "column per option of a table)")
     parser.add_argument("--plcc-fit", choices=get_args(Curve), metavar="CURVE",
                         help="also each set's PLCC after fitting this logistic of the scores to the MOS, as plcc_fit: "
-                             "logistic_4params (VQEG's) or logistic_5params, as IQA-PyTorch's calculate_plcc fits")
+                             "logistic_4params (VQEG's) or logistic_5params, as IQA-PyTorch's calculate_plcc fits "
+                             "(eval.plcc_fit=CURVE)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     bad = [o for o in args.overrides if not is_override(o)]
+    args.overrides += [f"eval.plcc_fit={args.plcc_fit}"] if args.plcc_fit else []
     if bad:
         folder = Path(bad[0].partition(":")[0])
         parser.error(f"not key=value: {bad[0]}" + (" (a pack? give each its own --shards)"
@@ -422,9 +439,6 @@ def _command(argv: list[str] | None) -> int:
             print(f"\nevaluate: stopped{by}; nothing written", file=sys.stderr)
         return stop_code(e)
     if accelerator.is_main_process:
-        for results in rows.values() if args.plcc_fit else ():
-            for r in results.values():
-                r.metrics["plcc_fit"] = fitted_plcc(r.pred, r.mos, args.plcc_fit)
         metrics = {row: {name: r.metrics for name, r in results.items()} for row, results in rows.items()}
         print(json.dumps(strict(metrics if label is None else metrics[label]), indent=2, allow_nan=False))
         if args.out:

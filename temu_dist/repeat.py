@@ -35,7 +35,7 @@ from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_step_ends, 
 from temu_dist.resume import check_extendable
 from temu_dist.train import NonFiniteLoss, check_data, train
 
-METRICS = ("srcc", "plcc", "krcc")
+METRICS = ("srcc", "plcc", "krcc", "plcc_fit")  # plcc_fit where the runs have it (eval.plcc_fit)
 # In a series' folder from its start: its splits and their runs, so that report can tell an unfinished series.
 STARTED = "repeat-started.json"
 
@@ -58,8 +58,8 @@ def summarize(runs: list[dict], best: str = "best") -> dict:
     out: dict = {}
     for name in runs[0][best]:
         out[name] = {}
-        for metric in METRICS:
-            values = [r[best][name][metric] for r in runs]
+        for metric in [m for m in METRICS if m in runs[0][best][name]]:
+            values = [r[best][name].get(metric, math.nan) for r in runs]
             finite = [v for v in values if not math.isnan(v)]
             out[name][metric] = {"mean": statistics.fmean(finite) if finite else math.nan,
                                  "std": statistics.stdev(finite) if len(finite) > 1 else 0.0, "n": len(finite),
@@ -70,7 +70,7 @@ def summarize(runs: list[dict], best: str = "best") -> dict:
 def _differs(a: dict, b: dict) -> bool:
     """Whether two summaries of a set differ in any split's value (NaN as equal to NaN)."""
     return any(x != y and not (math.isnan(x) and math.isnan(y))
-               for m in METRICS for x, y in zip(a[m]["values"], b[m]["values"]))
+               for m in a for x, y in zip(a[m]["values"], b[m]["values"]))
 
 
 def _check_fewer_splits(out: Path, splits: int, config: Config) -> None:

@@ -27,6 +27,7 @@ RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.log_every"
 # scored with); None where no value holds (train.plcc_over: such a run resumes with this run's value, and says so).
 ADDED_SINCE: dict[str, object] = {"train.plcc_over": None, "model.tower_fp8": False, "eval.ldg": False,
                                    "train.optimizer": "adam", "train.warmup_steps": 0, "train.grad_clip_norm": 0.0,
+                                   "eval.plcc_fit": "none",
                                    **{f"model.{key}": value for key, value in MODEL_ADDED.items()}}
 
 

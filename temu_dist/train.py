@@ -44,8 +44,7 @@ from temu_dist.data.ldg import check_fidelity_size, ldg_targets
 from temu_dist.data.manifest import pack_named_by, read_manifest
 from temu_dist.data.stream import SharedEpoch, reader_count, split_shards, train_loader
 from temu_dist.distributed import BatchPlan, check_processes_agree, keep_buffers_in_place, make_accelerator
-from temu_dist.evaluate import (EvalSet, eval_sets, evaluate_sets, no_such_set, result_names, scatter_plots,
-                                seen_in_training)
+from temu_dist.evaluate import EvalSet, check_metric, eval_sets, evaluate_sets, scatter_plots, seen_in_training
 from temu_dist.gather import across_ranks
 from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights, with_legacy_fields
@@ -207,7 +206,8 @@ def _say(accelerator: Accelerator, line: str) -> None:
 
 
 def _log_line(record: dict, epochs: int) -> str:
-    evals = " | ".join(f"{n} srcc {m['srcc']:.4f} plcc {m['plcc']:.4f} (n={m['count']})"
+    evals = " | ".join(f"{n} srcc {m['srcc']:.4f} plcc {m['plcc']:.4f}"
+                       + (f" plcc_fit {m['plcc_fit']:.4f}" if "plcc_fit" in m else "") + f" (n={m['count']})"
                        for n, m in record["eval"].items())
     return (f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f} lr {record['lr']:.2e} "
             f"{record['images_per_s']:.1f} img/s elapsed {record['elapsed_s']:.0f}s | {evals}")
@@ -488,9 +488,7 @@ def check_data(config: Config) -> list[EvalSet]:
         raise ConfigError(f"train.batch_size: a global batch of {config.train.batch_size} is larger than the "
                           f"{sum(counts)} images of {config.data.train} '{config.data.train_split}'")
     sets = eval_sets(config)
-    set_name = config.train.key_metric.split("/")[0]
-    if set_name not in result_names(sets, config):
-        raise no_such_set("train.key_metric", set_name, sets, config)
+    check_metric("train.key_metric", config.train.key_metric, sets, config)
     return sets
 
 

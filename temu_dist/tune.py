@@ -295,7 +295,7 @@ def _check_data(search: SearchConfig) -> None:
     the input size CW-SSIM needs, the backbone and its layers), in the search's out_dir, where
     the trials write. Sampled keys (uniform, loguniform, randint) are left out: they draw numbers, which the config's
     own bounds check. Paths as in the search config, relative to the working directory, as for train."""
-    from temu_dist.evaluate import no_such_set, result_names
+    from temu_dist.evaluate import check_metric
     from temu_dist.train import check_data
 
     keys = [k for k, spec in search.space.items() if next(iter(spec)) in ("grid", "choice") and any(
@@ -304,9 +304,9 @@ def _check_data(search: SearchConfig) -> None:
         config = load_config(search.base, [*search.overrides, *(f"{k}={json.dumps(v)}" for k, v in zip(keys, values)),
                                            f"out_dir={json.dumps(search.out_dir)}"])
         sets = check_data(config)
-        # The search's own metric, as the key metric is: a set the trials evaluate.
-        if search.metric and search.metric.split("/")[0] not in result_names(sets, config):
-            raise no_such_set("metric", search.metric.split("/")[0], sets, config)
+        # The search's own metric, as the key metric is: one the trials' evaluation reports.
+        if search.metric:
+            check_metric("metric", search.metric, sets, config)
 
 
 def base_config(search: SearchConfig) -> dict:

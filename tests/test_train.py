@@ -1064,6 +1064,31 @@ def test_repeat_averages_a_metric_over_the_splits_where_it_is_finite():
     test = summarize(runs)["test"]
     assert (test["srcc"]["n"], test["plcc"]["n"]) == (2, 3)
     assert test["srcc"]["mean"] == pytest.approx(0.8) and math.isnan(test["srcc"]["values"][1])
+    assert "plcc_fit" not in test  # the runs scored none
+    fitted = [{"best": {"test": {**r["best"]["test"], "plcc_fit": v}}} for r, v in zip(runs, (0.6, 0.8, 0.7))]
+    assert summarize(fitted)["test"]["plcc_fit"]["mean"] == pytest.approx(0.7)
+
+
+def test_a_run_scored_with_a_fitted_plcc_picks_its_best_epoch_by_it(tmp_path, shards, capsys):
+    from temu_dist.evaluate import main as evaluate
+
+    with pytest.raises(ConfigError, match=r"^train.key_metric: test/plcc_fit is scored with "
+                                          r"eval.plcc_fit=logistic_4params \(or logistic_5params\), which is none$"):
+        train(run_config(tmp_path, shards, "train.key_metric=test/plcc_fit"))
+    results = train(run_config(tmp_path, shards, "train.epochs=3", "eval.plcc_fit=logistic_4params",
+                               "train.key_metric=test/plcc_fit"))
+    fitted = [h["eval"]["test"]["plcc_fit"] for h in results["history"]]
+    assert all(-1 <= v <= 1 for v in fitted) and set(results["history"][0]["eval"]) == {"val", "test"}
+    assert "val" in results["own_best"] and "plcc_fit" in results["own_best"]["val"]
+    assert results["best_epoch"] == 3 - fitted[::-1].index(max(fitted))  # a tie: the later epoch
+    assert re.search(r"test srcc \S+ plcc \S+ plcc_fit \S+ \(n=\d+\)", capsys.readouterr().out)
+    logged = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(results["mlflow_run_id"],
+                                                                                        "test/plcc_fit")
+    assert [m.value for m in logged] == pytest.approx(fitted)
+    # The best weights, scored again as the run's config says: the same fitted PLCC.
+    assert evaluate(["--checkpoint", str(tmp_path / "run")]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["test"]["plcc_fit"] == pytest.approx(results["best"]["test"]["plcc_fit"], abs=1e-6)
 
 
 def test_evaluate_scores_every_row_of_a_clipiqa_table_in_one_pass_and_report_lays_it_out(tmp_path, shards, capsys):
