@@ -4,11 +4,12 @@ AdamW; either schedule after an optional linear warmup. And a schedule made long
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
-from temu_dist.config import Config, ConfigError
+from temu_dist.config import Config, ConfigError, Notice
 
 
 def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -22,6 +23,9 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimi
     # out of it (context vectors and the meta-net's weights are matrices).
     groups = [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": t.weight_decay},
               {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]
+    if t.weight_decay and not groups[0]["params"]:
+        warnings.warn(f"train.weight_decay {t.weight_decay:g} decays nothing: AdamW leaves vectors out of it, and "
+                      f"model.prompt={config.model.prompt} trains no matrix", Notice, stacklevel=2)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr)
 
 

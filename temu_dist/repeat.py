@@ -28,14 +28,13 @@ from accelerate import PartialState
 
 from temu_dist.atomic import write_json_atomic
 from temu_dist.checkpoint import find_checkpoint, where_it_goes_on
-from temu_dist.config import Config, ConfigError, check_run_folder, load_config, notices_as_lines
+from temu_dist.config import KEY_METRICS, Config, ConfigError, check_run_folder, load_config, notices_as_lines
 from temu_dist.data.manifest import read_manifest
 from temu_dist.tracking import config_params, config_tags, finish_run, parent_run, tracking_uri
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_step_ends, stop_code
 from temu_dist.resume import check_extendable
 from temu_dist.train import NonFiniteLoss, check_data, train
 
-METRICS = ("srcc", "plcc", "krcc", "plcc_fit")  # plcc_fit where the runs have it (eval.plcc_fit)
 # In a series' folder from its start: its splits and their runs, so that report can tell an unfinished series.
 STARTED = "repeat-started.json"
 
@@ -58,7 +57,7 @@ def summarize(runs: list[dict], best: str = "best") -> dict:
     out: dict = {}
     for name in runs[0][best]:
         out[name] = {}
-        for metric in [m for m in METRICS if m in runs[0][best][name]]:
+        for metric in [m for m in KEY_METRICS if m in runs[0][best][name]]:  # plcc_fit: eval.plcc_fit's
             values = [r[best][name].get(metric, math.nan) for r in runs]
             finite = [v for v in values if not math.isnan(v)]
             out[name][metric] = {"mean": statistics.fmean(finite) if finite else math.nan,

@@ -35,7 +35,7 @@ from temu_dist.config import (MLFLOW_FOLDERS, ConfigError, check_output_folder, 
                               flatten, load_config, notices_as_lines, read_yaml, settings_label)
 from temu_dist.data.manifest import dataset_name
 
-# plcc_fit: PLCC after evaluate --plcc-fit's logistic (its files alone). pred_mean and target_mean: a SET-ldg set's
+# plcc_fit: PLCC after a fitted logistic, where eval.plcc_fit scored it. pred_mean and target_mean: a SET-ldg set's
 # mean prediction on distorted images and mean target (seed Fig. 11).
 METRICS = ("srcc", "plcc", "krcc", "plcc_fit", "pred_mean", "target_mean")
 UNRANKED = ("pred_mean", "target_mean")  # no best to bold: a mean prediction is compared with its target
@@ -638,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--each-at", choices=("own", "key"), default="own",
                         help="own: each set at its own best epoch (IQA-PyTorch); key: at the key metric's best epoch")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=["srcc", "plcc"],
-                        help="plcc_fit: PLCC after a fitted logistic, in files evaluate --plcc-fit wrote; pred_mean, "
+                        help="plcc_fit: PLCC after a fitted logistic, where eval.plcc_fit scored it; pred_mean, "
                              "target_mean: an eval.ldg set's mean prediction and target (Fig. 11)")
     parser.add_argument("--out", action="append", default=[], metavar="FILE",
                         help="also write the table to this .md, .csv or .tex (LaTeX, booktabs) file (repeatable)")

@@ -205,10 +205,14 @@ def _say(accelerator: Accelerator, line: str) -> None:
         print(line, flush=True)
 
 
+def _said(metrics: dict, krcc: bool = False) -> str:
+    """A set's correlations as the command's lines give them: srcc, plcc, krcc if asked, plcc_fit where scored."""
+    return " ".join(f"{m} {metrics[m]:.4f}" for m in ("srcc", "plcc", "krcc", "plcc_fit")
+                    if m in metrics and (krcc or m != "krcc"))
+
+
 def _log_line(record: dict, epochs: int) -> str:
-    evals = " | ".join(f"{n} srcc {m['srcc']:.4f} plcc {m['plcc']:.4f}"
-                       + (f" plcc_fit {m['plcc_fit']:.4f}" if "plcc_fit" in m else "") + f" (n={m['count']})"
-                       for n, m in record["eval"].items())
+    evals = " | ".join(f"{n} {_said(m)} (n={m['count']})" for n, m in record["eval"].items())
     return (f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f} lr {record['lr']:.2e} "
             f"{record['images_per_s']:.1f} img/s elapsed {record['elapsed_s']:.0f}s | {evals}")
 
@@ -284,7 +288,8 @@ def _train_step(config: Config, run: Run, batches: list[dict], stats: tuple[tupl
 def _optimizer_step(run: Run, clip: float) -> None:
     # Inside accumulate(): the optimizer prepared by accelerate steps only at the step's last micro-batch.
     if clip and run.accelerator.sync_gradients:
-        # Under DeepSpeed its engine has clipped already (in backward) and this gives the norm it found.
+        # Under DeepSpeed its engine has clipped already (in backward); this gives the norm it kept, None at stage 0
+        # with our fp32 optimizer, where train/grad_norm is not logged.
         run.grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(), clip)
     run.optimizer.step()
     if run.accelerator.sync_gradients:
@@ -777,13 +782,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     best = results["best"]
     print(f"train: best epoch {results['best_epoch']} by {results['key_metric']}: " + "; ".join(
-        f"{n} srcc {m['srcc']:.4f} plcc {m['plcc']:.4f} krcc {m['krcc']:.4f} (n={m['count']})"
-        for n, m in best.items()))
+        f"{n} {_said(m, krcc=True)} (n={m['count']})" for n, m in best.items()))
     others = {n: m for n, m in results["own_best"].items() if m["epoch"] != results["best_epoch"]}
     if others:
         print(f"train: at their own best epochs by {results['key_metric'].split('/')[1]} (as IQA-PyTorch reports "
-              "each set): " + "; ".join(f"{n} srcc {m['srcc']:.4f} plcc {m['plcc']:.4f} krcc {m['krcc']:.4f} "
-                                        f"(epoch {m['epoch']})" for n, m in others.items()))
+              "each set): " + "; ".join(f"{n} {_said(m, krcc=True)} (epoch {m['epoch']})" for n, m in others.items()))
     print(f"train: results in {results['run_dir']}/results.json")
     if config.model.pretrained is None:
         print("train: model.pretrained is null: a random backbone carries little quality information; these figures "

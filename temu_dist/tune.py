@@ -230,29 +230,28 @@ def _check_fits_here(res: Resources) -> None:
                           "the search config)")
 
 
+def _room(have: dict, asks: dict) -> int:
+    """How many processes asking for `asks` ({"CPU": 2, "GPU": 1}) fit in a node's resources `have`."""
+    return min(math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in asks.items())
+
+
 def _no_node_fits(res: Resources, nodes: list[dict]) -> str | None:
     """Why no trial can start on a cluster of these nodes (ray.nodes()), or None where one can. A trial of one process
     needs its CPUs and GPUs on one node; a Ray Train trial needs room for its workers over all nodes."""
     asks = {k: v for k, v in (("CPU", res.cpu), ("GPU", res.gpu)) if v > 0}  # not empty: Resources checks that
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
-
-    def room(have: dict) -> int:  # how many of one trial's processes fit on a node
-        return min(math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in asks.items())
-
     workers = max(res.workers, 1)
-    rooms = [room(have) for have in alive]
+    rooms = [_room(have, asks) for have in alive]
     if workers == 1 and sum(rooms) >= 1:
         return None
     # A Ray Train trial's own TRIAL_CPU sits on one node beside whichever workers that node still has room for.
-    if workers > 1 and any(sum(rooms) - r + room({**have, "CPU": have.get("CPU", 0.0) - TRIAL_CPU}) >= workers
+    if workers > 1 and any(sum(rooms) - r + _room({**have, "CPU": have.get("CPU", 0.0) - TRIAL_CPU}, asks) >= workers
                            for have, r in zip(alive, rooms) if have.get("CPU", 0.0) >= TRIAL_CPU - 1e-9):
         return None
     each = ", ".join(f"{v:g} {k}{'s' * (v != 1)}" for k, v in asks.items())
     wants = f"{workers} processes of {each} and {TRIAL_CPU:g} CPU for the trial itself, which the cluster's nodes " \
         "have no room for" if workers > 1 else f"{each}, which no node of the cluster has"
-    nodes_said = "; ".join(f"{have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs" for have in alive[:4])
-    more = f" and {len(alive) - 4} more" if len(alive) > 4 else ""
-    return (f"resources: one trial asks for {wants} ({len(alive)} alive: {nodes_said or 'none'}{more}); its trials "
+    return (f"resources: one trial asks for {wants} ({_nodes_said(alive)}); its trials "
             "stay PENDING until an autoscaler adds such nodes (Ctrl-C stops the search), or lower resources.cpu / "
             "resources.gpu")
 
@@ -264,16 +263,20 @@ def _idle_gpus(search: SearchConfig, nodes: Callable[[], list[dict]]) -> str | N
     if res.workers > 1 or not res.gpu or not res.cpu:
         return None
     alive = [n.get("Resources", {}) for n in nodes() if n.get("Alive")]
-    by_gpu = [math.floor(have.get("GPU", 0.0) / res.gpu + 1e-9) for have in alive]
-    both = sum(min(g, math.floor(have.get("CPU", 0.0) / res.cpu + 1e-9)) for g, have in zip(by_gpu, alive))
-    wanted = min(sum(by_gpu), _planned(search), search.max_concurrent or sum(by_gpu))
+    by_gpu = sum(_room(have, {"GPU": res.gpu}) for have in alive)
+    both = sum(_room(have, {"GPU": res.gpu, "CPU": res.cpu}) for have in alive)
+    wanted = min(by_gpu, _planned(search), search.max_concurrent or by_gpu)
     if both >= wanted:
         return None
-    nodes_said = "; ".join(f"{have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs" for have in alive[:4])
-    more = f" and {len(alive) - 4} more" if len(alive) > 4 else ""
     return (f"resources: {both} trial(s) run at once where the GPUs hold {wanted}, as each asks for {res.cpu:g} CPUs "
-            f"({len(alive)} node(s): {nodes_said}{more}): give each node resources.cpu / resources.gpu CPUs per GPU "
-            "(under SLURM, sbatch --cpus-per-task), or lower resources.cpu")
+            f"({_nodes_said(alive)}): give each node resources.cpu / resources.gpu CPUs per GPU (under SLURM, sbatch "
+            "--cpus-per-task), or lower resources.cpu")
+
+
+def _nodes_said(alive: list[dict]) -> str:
+    """The live nodes' resources, the first 4 of them."""
+    said = "; ".join(f"{have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs" for have in alive[:4])
+    return f"{len(alive)} alive: {said or 'none'}" + (f" and {len(alive) - 4} more" if len(alive) > 4 else "")
 
 
 def _local_cpus() -> int:
@@ -577,8 +580,7 @@ def _search(search: SearchConfig, search_dir: Path, base: dict, metric: str, res
                                           verbose=1))
         # The trials are tracked in MLflow: Ray's TensorBoard logger, which Ray adds with its CSV and JSON ones (the
         # results are read from those) unless told to add none, wrote event files no one reads and pointed at them.
-        # A search restored goes on with the callbacks it was saved with, which may not hold the other two.
-        quiet = not restored and AUTO_LOGGERS not in os.environ
+        quiet = _passes_its_loggers(tuner) and AUTO_LOGGERS not in os.environ
         if quiet:
             os.environ[AUTO_LOGGERS] = "1"
         try:
@@ -597,6 +599,17 @@ def _search(search: SearchConfig, search_dir: Path, base: dict, metric: str, res
             finish_run(uri, parent, [], {}, {}, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     return summarize(search, search_dir, grid, metric, uri, parent, base)
+
+
+def _passes_its_loggers(tuner) -> bool:
+    """Whether the search's callbacks hold Ray's CSV and JSON loggers, as a search started since it passes them does
+    (a restored one goes on with the callbacks it was saved with); read from Ray's own tuner, False where it has none
+    (a Ray client)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    internal = getattr(tuner, "_local_tuner", None)
+    callbacks = (internal.get_run_config().callbacks or []) if internal is not None else []
+    return all(any(isinstance(c, kind) for c in callbacks) for kind in (CSVLoggerCallback, JsonLoggerCallback))
 
 
 def _no_ray_resume_hint(record: logging.LogRecord) -> bool:

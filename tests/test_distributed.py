@@ -217,14 +217,17 @@ def test_deepspeed_trains_as_one_process_does_on_cpu(shards, one_process, tmp_pa
     env = _env(tmp_path)
     del env["ACCELERATE_USE_CPU"]  # it would turn DeepSpeed off (the trainer refuses it; next test)
     # As the 2-process run, plus accumulation (micro-batches of 2): DeepSpeed scales its loss itself.
-    done = _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "ds", *SAME, "train.per_device_batch=2"),
+    # And clipping at the config's norm, one far above any gradient here, so that the weights are as unclipped.
+    done = _launch(2, "temu_dist.train", _overrides(shards, tmp_path / "ds", *SAME, "train.per_device_batch=2",
+                                                    "train.grad_clip_norm=1e9"),
                    tmp_path, config_file=str(REPO / "launch" / "deepspeed.yaml"), env=env)
     results = json.loads((tmp_path / "ds" / "run" / "results.json").read_text())
     assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
     assert results["best"]["test"]["count"] == 7
     assert "2 process(es)" in done.stdout and "x 2 accumulated x 2 process(es)" in done.stdout
-    # DeepSpeed's engine itself, as every other launcher: no clipping (its default would clip at 1.0).
-    assert "DeepSpeed ZeRO stage 0, gradient clipping off" in done.stdout
+    # DeepSpeed's engine itself clips at train.grad_clip_norm, not at the launch file's 0.0 (which accelerate drops,
+    # leaving DeepSpeed's default of 1.0).
+    assert "DeepSpeed ZeRO stage 0, gradient clipping 1000000000.0" in done.stdout
     trained, initial = _weights(tmp_path / "ds" / "run"), _initial(shards, tmp_path)
     one = _weights(one_process)
     for name in initial:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from temu_dist.config import ConfigError
+from temu_dist.config import ConfigError, Notice
 from temu_dist.model.temu import build_model
 from temu_dist.optim import lengthen, make_optimizer, make_scheduler
 
@@ -98,3 +98,10 @@ def test_a_schedule_made_longer_within_its_warmup_climbs_on_and_lengthens_the_co
         scheduler.step()
     expected = [LR * 2 / 4, LR * 3 / 4] + [LR * (1 + math.cos(math.pi * i / 5)) / 2 for i in range(5)]
     assert rates == pytest.approx(expected, rel=1e-9)
+
+
+def test_adamw_says_when_weight_decay_has_no_matrix_to_decay():
+    config = tiny_config("model.prompt=none", "train.optimizer=adamw", "train.weight_decay=0.1")
+    with pytest.warns(Notice, match=r"^train.weight_decay 0.1 decays nothing: AdamW leaves vectors out of it, and "
+                                    r"model.prompt=none trains no matrix$"):
+        make_optimizer(build_model(config), config)

@@ -513,7 +513,7 @@ def test_the_fitted_plcc_evaluate_wrote_is_a_metric_of_the_table(finished, tmp_p
     assert report.main([str(tmp_path / "fitted.json"), str(finished), "--metrics", "srcc", "plcc_fit"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "| run | kadid10k | csiq |"
-    # A run's results hold no fitted PLCC: its cells say so.
+    # A run scored without eval.plcc_fit holds no fitted PLCC: its cells say so.
     test, csiq = f"**{best['test']['srcc']:.4f}**", f"**{best['csiq']['srcc']:.4f}**"
     assert out[2:4] == [f"| koniq-I | {test} / - | {csiq} / - |", f"| fitted | {test} / 0.5000 | {csiq} / 0.6000 |"]
     assert out[-1].startswith("SRCC / PLCC_FIT; ")

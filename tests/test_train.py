@@ -1069,7 +1069,10 @@ def test_repeat_averages_a_metric_over_the_splits_where_it_is_finite():
     assert summarize(fitted)["test"]["plcc_fit"]["mean"] == pytest.approx(0.7)
 
 
-def test_a_run_scored_with_a_fitted_plcc_picks_its_best_epoch_by_it(tmp_path, shards, capsys):
+def test_a_run_scored_with_a_fitted_plcc_picks_its_best_epoch_by_it(tmp_path, shards, capsys, monkeypatch):
+    import numpy as np
+
+    import temu_dist.evaluate as evaluate_mod
     from temu_dist.evaluate import main as evaluate
 
     with pytest.raises(ConfigError, match=r"^train.key_metric: test/plcc_fit is scored with "
@@ -1089,6 +1092,12 @@ def test_a_run_scored_with_a_fitted_plcc_picks_its_best_epoch_by_it(tmp_path, sh
     assert evaluate(["--checkpoint", str(tmp_path / "run")]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["test"]["plcc_fit"] == pytest.approx(results["best"]["test"]["plcc_fit"], abs=1e-6)
+    # Picked by plcc_fit, not SRCC: with a stand-in fit that peaks where PLCC is lowest, the two pick other epochs.
+    monkeypatch.setattr(evaluate_mod, "fitted_plcc", lambda pred, mos, curve: -float(np.corrcoef(pred, mos)[0, 1]))
+    other = train(run_config(tmp_path, shards, "train.epochs=3", "eval.plcc_fit=logistic_4params",
+                             "train.key_metric=test/plcc_fit", "name=other"))
+    by = {m: [h["eval"]["test"][m] for h in other["history"]] for m in ("srcc", "plcc_fit")}
+    assert other["best_epoch"] == 1 + by["plcc_fit"].index(max(by["plcc_fit"])) != 1 + by["srcc"].index(max(by["srcc"]))
 
 
 def test_evaluate_scores_every_row_of_a_clipiqa_table_in_one_pass_and_report_lays_it_out(tmp_path, shards, capsys):

@@ -260,6 +260,8 @@ def test_killed_search_resumes_without_redoing_finished_trials(tmp_path, shards,
     assert all(r["best"] is not None for r in summary["trials"])
     _, children = _runs(search_dir)
     assert len(children) == 2
+    # Resumed with the callbacks it was saved with, which hold its own loggers: Ray adds no TensorBoard one either.
+    assert not list(search_dir.rglob("events.out.tfevents*"))
 
 
 def _trial(tmp_path: Path, trial_id: str, config: dict, reports: list[float] | None, status: str = "RUNNING",
@@ -450,7 +452,7 @@ def test_nodes_whose_cpus_hold_fewer_trials_than_their_gpus_are_said(tmp_path, s
     search = load_search(_search_file(tmp_path, shards, "s", {"seed": {"grid": list(range(16))}},
                                       resources={"cpu": 8, "gpu": 1}, max_concurrent=0))
     assert tune_cli._idle_gpus(search, lambda: [_node(32, 8), _node(32, 8)]) == (
-        "resources: 8 trial(s) run at once where the GPUs hold 16, as each asks for 8 CPUs (2 node(s): 32 CPUs, 8 "
+        "resources: 8 trial(s) run at once where the GPUs hold 16, as each asks for 8 CPUs (2 alive: 32 CPUs, 8 "
         "GPUs; 32 CPUs, 8 GPUs): give each node resources.cpu / resources.gpu CPUs per GPU (under SLURM, sbatch "
         "--cpus-per-task), or lower resources.cpu")
     assert tune_cli._idle_gpus(search, lambda: [_node(64, 8), _node(64, 8)]) is None
