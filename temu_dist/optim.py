@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
-from temu_dist.config import Config, ConfigError, Notice
+from temu_dist.config import Config, Notice
 
 
 def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -30,14 +30,12 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimi
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int) -> LRScheduler:
-    """Cosine annealing from train.lr to 0 over the run's optimizer steps; with train.warmup_steps W, the rate climbs
-    from lr / (W + 1) by as much each step to lr at step W, where a cosine over the remaining steps begins."""
+    """Cosine annealing from train.lr to 0 over the run's optimizer steps; with train.warmup_steps W (fewer than
+    those: train.check_data), the rate climbs from lr / (W + 1) by as much each step to lr at step W, where a cosine
+    over the remaining steps begins."""
     steps, warmup = steps_per_epoch * config.train.epochs, config.train.warmup_steps
     if not warmup:
         return CosineAnnealingLR(optimizer, T_max=steps)
-    if warmup >= steps:
-        raise ConfigError(f"train.warmup_steps: {warmup} is not fewer than the run's {steps} optimizer steps "
-                          f"({config.train.epochs} epochs of {steps_per_epoch}); lower it")
     return SequentialLR(optimizer, [LinearLR(optimizer, 1 / (warmup + 1), total_iters=warmup),
                                     CosineAnnealingLR(optimizer, T_max=steps - warmup)], milestones=[warmup])
 

@@ -492,6 +492,12 @@ def check_data(config: Config) -> list[EvalSet]:
     if config.train.batch_size > sum(counts):  # here too, not only in the loader: a search checks its trials with it
         raise ConfigError(f"train.batch_size: a global batch of {config.train.batch_size} is larger than the "
                           f"{sum(counts)} images of {config.data.train} '{config.data.train_split}'")
+    # As train_loader plans an epoch: whole global batches, at most max_steps_per_epoch.
+    per_epoch = min(sum(counts) // config.train.batch_size, config.train.max_steps_per_epoch or sum(counts))
+    if config.train.warmup_steps >= per_epoch * config.train.epochs:
+        raise ConfigError(f"train.warmup_steps: {config.train.warmup_steps} is not fewer than the run's "
+                          f"{per_epoch * config.train.epochs} optimizer steps ({config.train.epochs} epochs of "
+                          f"{per_epoch}); lower it")
     sets = eval_sets(config)
     check_metric("train.key_metric", config.train.key_metric, sets, config)
     return sets

@@ -329,6 +329,12 @@ def test_a_run_warmed_up_with_adamw_resumes_and_extends_on_its_schedule(tmp_path
     first = train(run_config(tmp_path, shards, *opts))  # 2 epochs of 3 steps
     # Each epoch's rate is its last step's: step 2 the cosine's first (lr), step 5 its fourth of 4.
     assert [h["lr"] for h in first["history"]] == pytest.approx([lr, lr * (1 + math.cos(math.pi * 3 / 4)) / 2])
+    # Checked with the data (as a search checks its trials before Ray starts), before anything is written: 2 epochs
+    # of 3 steps leave no step for the cosine.
+    with pytest.raises(ConfigError, match=r"^train.warmup_steps: 6 is not fewer than the run's 6 optimizer steps "
+                                          r"\(2 epochs of 3\); lower it$"):
+        train(run_config(tmp_path, shards, "train.warmup_steps=6", "name=short"))
+    assert not (tmp_path / "short").exists()
     with pytest.raises(ConfigError, match=r"^train.warmup_steps: .*last was trained with 2, this run asks for 3"):
         train(run_config(tmp_path, shards, "train.warmup_steps=3", "train.optimizer=adamw",
                          "train.weight_decay=0.01"))
