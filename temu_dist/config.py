@@ -244,6 +244,10 @@ class TrainConfig(Section):
         return metric_key(v)
 
 
+# The logistics a PLCC may be fitted through (metrics.fitted_plcc): VQEG's 4-parameter one, a 5-parameter one.
+Curve = Literal["logistic_4params", "logistic_5params"]
+
+
 class EvalConfig(Section):
     batch_size: int = Field(64, ge=1)
     # Splits of data.train evaluated after each epoch, and cross-dataset sets. The default skips a split the pack
@@ -257,7 +261,7 @@ class EvalConfig(Section):
     # Also each set's PLCC after fitting this logistic of the scores to the MOS (VQEG's 4-parameter one, or the
     # 5-parameter one), as plcc_fit, as many papers report PLCC on synthetic sets; none: the seed's PLCC alone (Eq. 12,
     # on the raw scores), which training and report give either way.
-    plcc_fit: Literal["none", "logistic_4params", "logistic_5params"] = "none"
+    plcc_fit: Literal["none", Curve] = "none"
 
 
 class TrackingConfig(Section):

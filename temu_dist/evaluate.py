@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from temu_dist.atomic import strict, write_json_atomic, write_text_atomic
 from temu_dist.checkpoint import epoch_of
-from temu_dist.config import (Config, ConfigError, EvalConfig, check_output_folder, dump, is_override, load_config,
-                              notices_as_lines)
+from temu_dist.config import (Config, ConfigError, Curve, EvalConfig, check_output_folder, dump, is_override,
+                              load_config, notices_as_lines)
 from temu_dist.data.augment import normalize
 from temu_dist.data.keys import name_key
 from temu_dist.data.ldg import LocalDistortion, check_fidelity_size, ldg_targets
@@ -45,7 +45,7 @@ from temu_dist.data.manifest import pack_named_by
 from temu_dist.data.splits import SPLITS, split_read
 from temu_dist.data.stream import eval_loader, read_manifest, split_shards
 from temu_dist.distributed import eval_accelerator
-from temu_dist.metrics import Curve, correlations, fitted_plcc
+from temu_dist.metrics import correlations, fitted_plcc
 from temu_dist.model.io import checkpoint_dir, load_model
 from temu_dist.model.clipiqa import ClipIQA, build_clipiqa
 from temu_dist.model.temu import QualityOutput, TeMuIQA
@@ -380,11 +380,11 @@ def _command(argv: list[str] | None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     bad = [o for o in args.overrides if not is_override(o)]
-    args.overrides += [f"eval.plcc_fit={args.plcc_fit}"] if args.plcc_fit else []
     if bad:
         folder = Path(bad[0].partition(":")[0])
         parser.error(f"not key=value: {bad[0]}" + (" (a pack? give each its own --shards)"
                                                     if folder.is_dir() and args.shards else ""))
+    args.overrides += [f"eval.plcc_fit={args.plcc_fit}"] if args.plcc_fit else []
     if args.config and args.checkpoint:
         parser.error("--config is for --clipiqa: a checkpoint brings its own config (change a key with key=value)")
     if args.layer is not None and args.clipiqa != "b":

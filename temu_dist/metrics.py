@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from scipy import stats
 from scipy.optimize import OptimizeWarning, curve_fit
 
-Curve = Literal["logistic_4params", "logistic_5params"]
+from temu_dist.config import Curve
 
 
 def correlations(pred: Sequence[float] | np.ndarray, mos: Sequence[float] | np.ndarray) -> dict[str, float]:

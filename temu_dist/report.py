@@ -31,14 +31,14 @@ from pathlib import Path
 
 from temu_dist import lock
 from temu_dist.atomic import write_text_atomic
-from temu_dist.config import (MLFLOW_FOLDERS, ConfigError, check_output_folder, comparable, dump, error_line,
-                              flatten, load_config, notices_as_lines, read_yaml, settings_label)
+from temu_dist.config import (KEY_METRICS, MLFLOW_FOLDERS, ConfigError, check_output_folder, comparable, dump,
+                              error_line, flatten, load_config, notices_as_lines, read_yaml, settings_label)
 from temu_dist.data.manifest import dataset_name
 
 # plcc_fit: PLCC after a fitted logistic, where eval.plcc_fit scored it. pred_mean and target_mean: a SET-ldg set's
 # mean prediction on distorted images and mean target (seed Fig. 11).
-METRICS = ("srcc", "plcc", "krcc", "plcc_fit", "pred_mean", "target_mean")
 UNRANKED = ("pred_mean", "target_mean")  # no best to bold: a mean prediction is compared with its target
+METRICS = (*KEY_METRICS, *UNRANKED)
 # Folders of runs are searched this many levels below the one named (names a/b/c), never in MLflow's own stores.
 NESTED = 3
 _TRAINER_INFO = "trainer.json"  # checkpoint.TRAINER_INFO, whose module would bring torch into a table's command

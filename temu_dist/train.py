@@ -37,12 +37,12 @@ from temu_dist import lock, resume
 from temu_dist.best import better, own_best
 from temu_dist.checkpoint import (find_checkpoint, load_saved_config, load_trainer_info, load_trainer_state,
                                   save_checkpoint, set_rng_state, where_it_goes_on)
-from temu_dist.config import (MLFLOW_FOLDERS, Config, ConfigError, check_output_folder, check_run_folder, dump,
-                              flatten, load_config, notices_as_lines)
+from temu_dist.config import (KEY_METRICS, MLFLOW_FOLDERS, Config, ConfigError, check_output_folder, check_run_folder,
+                              dump, flatten, load_config, notices_as_lines)
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import check_fidelity_size, ldg_targets
 from temu_dist.data.manifest import pack_named_by, read_manifest
-from temu_dist.data.stream import SharedEpoch, reader_count, split_shards, train_loader
+from temu_dist.data.stream import SharedEpoch, epoch_steps, reader_count, split_shards, train_loader
 from temu_dist.distributed import BatchPlan, check_processes_agree, keep_buffers_in_place, make_accelerator
 from temu_dist.evaluate import EvalSet, check_metric, eval_sets, evaluate_sets, scatter_plots, seen_in_training
 from temu_dist.gather import across_ranks
@@ -207,8 +207,7 @@ def _say(accelerator: Accelerator, line: str) -> None:
 
 def _said(metrics: dict, krcc: bool = False) -> str:
     """A set's correlations as the command's lines give them: srcc, plcc, krcc if asked, plcc_fit where scored."""
-    return " ".join(f"{m} {metrics[m]:.4f}" for m in ("srcc", "plcc", "krcc", "plcc_fit")
-                    if m in metrics and (krcc or m != "krcc"))
+    return " ".join(f"{m} {metrics[m]:.4f}" for m in KEY_METRICS if m in metrics and (krcc or m != "krcc"))
 
 
 def _log_line(record: dict, epochs: int) -> str:
@@ -492,8 +491,7 @@ def check_data(config: Config) -> list[EvalSet]:
     if config.train.batch_size > sum(counts):  # here too, not only in the loader: a search checks its trials with it
         raise ConfigError(f"train.batch_size: a global batch of {config.train.batch_size} is larger than the "
                           f"{sum(counts)} images of {config.data.train} '{config.data.train_split}'")
-    # As train_loader plans an epoch: whole global batches, at most max_steps_per_epoch.
-    per_epoch = min(sum(counts) // config.train.batch_size, config.train.max_steps_per_epoch or sum(counts))
+    per_epoch = epoch_steps(sum(counts), config.train.batch_size, config.train.max_steps_per_epoch)
     if config.train.warmup_steps >= per_epoch * config.train.epochs:
         raise ConfigError(f"train.warmup_steps: {config.train.warmup_steps} is not fewer than the run's "
                           f"{per_epoch * config.train.epochs} optimizer steps ({config.train.epochs} epochs of "

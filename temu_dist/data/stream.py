@@ -225,6 +225,11 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
+def epoch_steps(count: int, global_batch: int, max_steps: int | None) -> int:
+    """Optimizer steps in an epoch of `count` samples: whole global batches, at most train.max_steps_per_epoch."""
+    return min(count // global_batch, max_steps or count)
+
+
 def train_loader(config: Config, folder: str, split: str, per_device_batch: int, accumulation: int, rank: int,
                  world_size: int, epoch: SharedEpoch, image_hw: tuple[int, int]) -> tuple[DataLoader, int]:
     """(loader, micro-batches per epoch). Every rank takes the same number of micro-batches of `per_device_batch`:
@@ -235,12 +240,10 @@ def train_loader(config: Config, folder: str, split: str, per_device_batch: int,
     count = sum(counts)
     data = config.data
     global_batch = per_device_batch * accumulation * world_size
-    steps = count // global_batch
+    steps = epoch_steps(count, global_batch, config.train.max_steps_per_epoch)
     if steps == 0:
         raise ConfigError(f"train.batch_size: a global batch of {global_batch} is larger than the {count} images of "
                           f"{folder} '{split}'")
-    if config.train.max_steps_per_epoch:
-        steps = min(steps, config.train.max_steps_per_epoch)
     micro_batches = steps * accumulation
     workers = data.workers
     readers = reader_count(world_size, workers)
