@@ -48,7 +48,7 @@ from temu_dist.evaluate import EvalSet, check_metric, eval_sets, evaluate_sets, 
 from temu_dist.gather import across_ranks
 from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights, with_legacy_fields
-from temu_dist.model.backbone import check_backbone
+from temu_dist.model.backbone import check_backbone, pretrained_weights
 from temu_dist.model.temu import TeMuIQA, Tokens, build_model
 from temu_dist.optim import make_optimizer, make_scheduler
 from temu_dist.plots import score_vs_time
@@ -472,8 +472,9 @@ def _last_collective(accelerator: Accelerator) -> None:
 
 
 def check_data(config: Config) -> list[EvalSet]:
-    """What train() reads, checked before it starts (Ray Tune checks a search's trials with it too): the backbone and
-    its layers, the training pack and split, and the evaluation sets, the key metric's among them. Returns the sets."""
+    """What train() reads, checked before it starts (Ray Tune checks a search's trials with it too): the backbone, its
+    layers and weights, the training pack and split, and the evaluation sets, the key metric's among them. Returns the
+    sets."""
     if not config.data.train:
         raise ConfigError("data.train: no training shards named (a pack folder, e.g. shards/kadid10k)")
     check_output_folder(Path(config.out_dir), "out_dir")
@@ -484,6 +485,7 @@ def check_data(config: Config) -> list[EvalSet]:
         raise ConfigError(f"name: {config.run_dir()} is a file, not a run folder: give the run another name=")
     check_run_folder(config.run_dir(), series=False)
     check_backbone(config.model)
+    pretrained_weights(config.model)  # a misspelt tag or a missing file, now rather than after the data checks
     if config.ldg.enabled:
         check_fidelity_size("model.image_size", config.model.image_hw(), config.ldg)
     with pack_named_by("data.train"):

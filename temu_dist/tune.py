@@ -72,7 +72,8 @@ RAY_TRAIN_WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_W
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # "1": Ray Tune adds none of its CSV, JSON, TensorBoard loggers
 # The training keys train.check_data reads, which the search checks before Ray starts.
-CHECKED_DATA_KEYS = ("data", "eval", "train.key_metric", "model.image_size", "model.backbone", "model.layers", "ldg")
+CHECKED_DATA_KEYS = ("data", "eval", "train.key_metric", "model.image_size", "model.backbone", "model.layers",
+                     "model.pretrained", "model.quick_gelu", "ldg")
 
 
 class Resources(Section):
@@ -295,7 +296,7 @@ def _check_data(search: SearchConfig) -> None:
     """What the trials read, checked as train() checks it and with its messages, so that a missing pack fails the
     search now, not every trial once Ray has started: the base config with each combination of the grid and choice
     values of the keys check_data reads (CHECKED_DATA_KEYS: the packs, splits, evaluation sets, the key metric's set,
-    the input size CW-SSIM needs, the backbone and its layers), in the search's out_dir, where
+    the input size CW-SSIM needs, the backbone, its layers and weights), in the search's out_dir, where
     the trials write. Sampled keys (uniform, loguniform, randint) are left out: they draw numbers, which the config's
     own bounds check. Paths as in the search config, relative to the working directory, as for train."""
     from temu_dist.evaluate import check_metric

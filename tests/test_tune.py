@@ -630,6 +630,19 @@ def test_a_missing_pack_among_the_searched_data_train_values_is_refused_before_r
         run_search(search)
 
 
+def test_searched_weights_that_cannot_load_are_refused_before_ray_starts(tmp_path, shards, no_ray):
+    # A misspelt tag, a file not there, a state dict whose activation is not said: each would fail every trial.
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"a state dict")
+    for value, why in [("openia", "unknown pretrained tag 'openia' for TeMu-Tiny-ViT-16"),
+                       (str(tmp_path / "nowhere.pt"), "checkpoint file not found"),
+                       (str(weights), f"model.quick_gelu: say true or false for {weights}")]:
+        search = load_search(_search_file(tmp_path, shards, "weights", {"model.pretrained": {"grid": [None, value]}}))
+        with pytest.raises(ConfigError, match=f"^{re.escape(why)}" if why.startswith("model.") else
+                           f"^model.pretrained: {re.escape(why)}"):
+            run_search(search)
+
+
 def test_a_searched_key_metric_without_its_evaluation_set_is_refused_before_ray_starts(tmp_path, shards, no_ray):
     search = load_search(_search_file(tmp_path, shards, "metrics",
                                       {"train.key_metric": {"choice": ["test/srcc", "koniq/srcc"]}}))

@@ -91,23 +91,12 @@ def create_clip(cfg: ModelConfig, seed: int = 0, drawn_at: tuple[int, int] | Non
     name = cfg.backbone
     _check_name(name)
     pretrained = cfg.pretrained
-    is_file = pretrained is not None and Path(pretrained).expanduser().is_file()
-    if pretrained is not None and not is_file and ":" not in name:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if pretrained not in tags:
-            what = "checkpoint file not found" if names_a_file(pretrained) else "unknown pretrained tag"
-            raise ConfigError(f"model.pretrained: {what} '{pretrained}' for {name}; known tags: "
-                              f"{', '.join(tags) or 'none'}, or pass a local checkpoint path")
-    file = Path(pretrained).expanduser() if is_file else None
-    # OpenAI's own release (the `clip` package's ~/.cache/clip/*.pt) is a TorchScript archive, which torch loads only
-    # with weights_only off.
-    torchscript = file is not None and _is_torchscript(file)
-    quick_gelu = _quick_gelu(cfg, file, torchscript)
+    file, torchscript, quick_gelu = pretrained_weights(cfg)
     # open_clip would resize pretrained positions to the configured size, and Backbone would resize that copy again for
     # any other input size (KADID-10k's native 384x512): a second bicubic pass over already resampled values.
     kwargs = {"weights_only": not torchscript, "force_image_size": None if pretrained else drawn_at or cfg.image_hw(),
               "force_quick_gelu": quick_gelu}
-    hub = _hub_file(open_clip.get_pretrained_cfg(name, pretrained)) if pretrained and not is_file and ":" not in name \
+    hub = _hub_file(open_clip.get_pretrained_cfg(name, pretrained)) if pretrained and file is None and ":" not in name \
         else None
     try:
         # open_clip asks the Hub before it looks in the cache, and with no network huggingface_hub retries for about
@@ -118,7 +107,7 @@ def create_clip(cfg: ModelConfig, seed: int = 0, drawn_at: tuple[int, int] | Non
                 raise _cannot_fetch(name, pretrained, quick_gelu, why, hub)
             model = _create(name, str(file) if file else pretrained, seed, torchscript, kwargs)
     except RuntimeError as e:
-        if pretrained and not is_file and "download" in str(e).lower():
+        if pretrained and file is None and "download" in str(e).lower():
             raise _cannot_fetch(name, pretrained, quick_gelu, hub=hub) from None
         raise
     visual = model.visual
@@ -220,6 +209,25 @@ def names_a_file(pretrained: object) -> bool:
     """Whether model.pretrained reads as a checkpoint path rather than an open_clip tag (the file may be elsewhere)."""
     return isinstance(pretrained, str) and ("/" in pretrained
                                             or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
+
+
+def pretrained_weights(cfg: ModelConfig) -> tuple[Path | None, bool, bool]:
+    """model.pretrained's checkpoint file (None for a tag or random weights), whether it is a TorchScript archive, and
+    whether the towers take QuickGELU, from the file's index alone (no weights read): a tag open_clip does not know
+    for the model, a file not there, or a state dict without model.quick_gelu is refused."""
+    name, pretrained = cfg.backbone, cfg.pretrained
+    is_file = pretrained is not None and Path(pretrained).expanduser().is_file()
+    if pretrained is not None and not is_file and ":" not in name:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            what = "checkpoint file not found" if names_a_file(pretrained) else "unknown pretrained tag"
+            raise ConfigError(f"model.pretrained: {what} '{pretrained}' for {name}; known tags: "
+                              f"{', '.join(tags) or 'none'}, or pass a local checkpoint path")
+    file = Path(pretrained).expanduser() if is_file else None
+    # OpenAI's own release (the `clip` package's ~/.cache/clip/*.pt) is a TorchScript archive, which torch loads only
+    # with weights_only off.
+    torchscript = file is not None and _is_torchscript(file)
+    return file, torchscript, _quick_gelu(cfg, file, torchscript)
 
 
 def _quick_gelu(cfg: ModelConfig, file: Path | None, torchscript: bool) -> bool:
