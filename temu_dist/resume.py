@@ -106,21 +106,34 @@ def check_extendable(config: Config) -> bool:
     epoch or part of one left under the new count, and be scored as its epochs so far were, so that they compare.
     Checked before anything is written (repeat: for every split before the first trains). Whether train.epochs
     changes."""
-    last = run_to_extend(config, find_checkpoint(config.run_dir() / "checkpoints" / "last"))
-    info = load_trainer_info(last)
-    saved = as_packed_here(with_legacy_fields(load_saved_config(last)), packs(config), info, last)
-    check_resumable(saved, config, last)
-    longer = extends(saved, info, config, last)
-    if longer:
-        check_same_evaluation(saved, config, last, info, "extended")
-    return longer
+    return going_on(config, last_checkpoint(config), packs(config))[2] == "extended"
 
 
-def run_to_extend(config: Config, last: Path | None) -> Path:
-    if last is None:
+def last_checkpoint(config: Config) -> Path | None:
+    """The checkpoint a run of this config goes on from (none with train.resume=never)."""
+    return find_checkpoint(config.run_dir() / "checkpoints" / "last") if config.train.resume != "never" else None
+
+
+def going_on(config: Config, last: Path | None,
+             packs_here: dict[str, tuple[str, str]]) -> tuple[dict, dict, str] | None:
+    """saved_run of the checkpoint `last`, or None for a run that starts anew; train.resume=extend needs one."""
+    if config.train.resume == "extend" and last is None:
         raise ConfigError(f"train.resume: extend, but {config.run_dir()} holds no run to extend (checkpoints/last); "
                           "start it with train.resume=auto")
-    return last
+    return None if last is None else saved_run(config, last, packs_here)
+
+
+def saved_run(config: Config, last: Path, packs_here: dict[str, tuple[str, str]]) -> tuple[dict, dict, str]:
+    """The config (its packs' paths as here) and trainer info of the run the checkpoint `last` holds, checked as going
+    on from it with this config needs: resumable, extendable where asked, scored as its epochs were. Also how it goes
+    on: finished, extended or resumed."""
+    info = load_trainer_info(last)
+    saved = as_packed_here(with_legacy_fields(load_saved_config(last)), packs_here, info, last)
+    check_resumable(saved, config, last)
+    extending = config.train.resume == "extend" and extends(saved, info, config, last)
+    how = "finished" if info["next_epoch"] >= config.train.epochs else "extended" if extending else "resumed"
+    check_same_evaluation(saved, config, last, info, how)
+    return saved, info, how
 
 
 def extends(saved: dict, info: dict, config: Config, last: Path) -> bool:

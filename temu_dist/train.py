@@ -35,8 +35,7 @@ from tqdm import tqdm
 from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist import lock, resume
 from temu_dist.best import better, own_best
-from temu_dist.checkpoint import (find_checkpoint, load_saved_config, load_trainer_info, load_trainer_state,
-                                  save_checkpoint, set_rng_state, where_it_goes_on)
+from temu_dist.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, set_rng_state, where_it_goes_on
 from temu_dist.config import (KEY_METRICS, MLFLOW_FOLDERS, Config, ConfigError, check_output_folder, check_run_folder,
                               dump, flatten, load_config, notices_as_lines)
 from temu_dist.data.augment import normalize
@@ -47,7 +46,7 @@ from temu_dist.distributed import BatchPlan, check_processes_agree, keep_buffers
 from temu_dist.evaluate import EvalSet, check_metric, eval_sets, evaluate_sets, scatter_plots, seen_in_training
 from temu_dist.gather import across_ranks
 from temu_dist.metrics import plcc_loss
-from temu_dist.model.io import load_weights, with_legacy_fields
+from temu_dist.model.io import load_weights
 from temu_dist.model.backbone import check_backbone, pretrained_weights
 from temu_dist.model.temu import TeMuIQA, Tokens, build_model
 from temu_dist.optim import make_optimizer, make_scheduler
@@ -503,6 +502,37 @@ def check_data(config: Config) -> list[EvalSet]:
     return sets
 
 
+def check_lines(config: Config) -> list[str]:
+    """`--check`: what a run of this config would train and score, and where it would go on from, checked as train()
+    checks it before any work (data, backbone and weights' names, the run folder and its checkpoint), with no model
+    built and nothing written: on a login node before a job waits in a queue for hours."""
+    sets = check_data(config)
+    m, t = config.model, config.train
+    depth = None if ":" in m.backbone else \
+        open_clip.get_model_config(m.backbone.replace("/", "-"))["vision_cfg"].get("layers")
+    weights = "random weights" if m.pretrained is None else f"weights {m.pretrained}"
+    height, width = m.image_hw()
+    _, counts = split_shards(config.data.train, config.data.train_split)
+    steps = epoch_steps(sum(counts), t.batch_size, t.max_steps_per_epoch)
+    scored = [f"{s.name} ({sum(split_shards(s.shards, s.split)[1]):,} images)" for s in sets]
+    lines = [f"model: {m.backbone}, {weights}, layers {m.layers}{f' of {depth}' if depth else ''}, "
+             f"TeMu-IQA-{m.variant}, prompts {m.prompt}, input {height}x{width}",
+             f"training: {config.data.train} '{config.data.train_split}', {sum(counts):,} images: {steps:,} optimizer "
+             f"steps an epoch at a global batch of {t.batch_size}, {steps * t.epochs:,} in {t.epochs} epoch"
+             f"{'s' * (t.epochs != 1)}" + (", LDG on" if config.ldg.enabled else ""),
+             f"scored after each epoch: {', '.join(scored)}" + (" and each on local distortions" if config.eval.ldg
+                                                              else "") + f"; the best epoch by {t.key_metric}"]
+    last = resume.last_checkpoint(config)
+    if (going_on := resume.going_on(config, last, resume.packs(config))) is None:
+        replaced = " (train.resume=never: replacing what is there)" if t.resume == "never" \
+            and config.run_dir().exists() else ""
+        return [*lines, f"run folder: {config.run_dir()}, a new run{replaced}"]
+    said = {"finished": "finished: the same command reports its results",
+            "resumed": f"resumes from {last}{where_it_goes_on(last)}",
+            "extended": f"extends to {t.epochs} epochs from {last}{where_it_goes_on(last)}"}[going_on[2]]
+    return [*lines, f"run folder: {config.run_dir()}, {said}"]
+
+
 def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Trains and evaluates as the config says; returns what results.json holds. `on_epoch` gets each epoch's record
     (loss, lr, images/s, elapsed, per-set metrics) on every process: Ray Tune reports it to its scheduler."""
@@ -545,27 +575,21 @@ def _train(config: Config, on_epoch: Callable[[dict], None] | None, accelerator:
         optimizer = make_optimizer(model, config)
         scheduler = make_scheduler(optimizer, config, steps_per_epoch)
         resumed = {}
-        last = find_checkpoint(ckpt_dir / "last") if config.train.resume != "never" else None
+        last = resume.last_checkpoint(config)
         packs = resume.packs(config)  # once: checked against a resumed run's, and kept in this run's checkpoints
         if len(set(gather_object([last is not None]))) > 1:
             raise ConfigError(f"out_dir: some processes see {ckpt_dir / 'last'} and some do not; a run folder must lie "
                               "on a filesystem every node shares")
-        if config.train.resume == "extend":
-            resume.run_to_extend(config, last)
         extending = False
-        if last is not None:
-            saved = resume.as_packed_here(with_legacy_fields(load_saved_config(last)), packs, load_trainer_info(last),
-                                          last)
-            resume.check_resumable(saved, config, last)
+        if (going_on := resume.going_on(config, last, packs)) is not None:
+            saved, info, how = going_on
+            extending = how == "extended"
             if "train.plcc_over" not in flatten(saved) and _plcc_over_step(config, plan):
                 _say(accelerator, f"train: warning: {last} predates train.plcc_over, when PLCC under gradient "
                                   "accumulation was taken over each micro-batch; the rest of this run takes it over "
                                   "the whole step (train.plcc_over=micro_batch: as before)")
             load_weights(model, last, config)
-            state, info = load_trainer_state(last)
-            extending = config.train.resume == "extend" and resume.extends(saved, info, config, last)
-            how = "finished" if info["next_epoch"] >= config.train.epochs else "extended" if extending else "resumed"
-            resume.check_same_evaluation(saved, config, last, info, how)
+            state, _ = load_trainer_state(last)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
@@ -758,6 +782,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m temu_dist.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a YAML config (configs/*.yaml)")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config, data and run folder as a run does before any work, say what it would "
+                             "train, and stop (no model built, nothing written)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     config = None
@@ -766,6 +793,9 @@ def main(argv: list[str] | None = None) -> int:
     says = os.environ.get("LOCAL_RANK", "0") == "0"
     try:
         config = load_config(args.config, args.overrides)
+        if args.check:
+            print("\n".join(f"train: {line}" for line in check_lines(config)))
+            return 0
         with sigterm_as_ctrl_c(), notices_as_lines("train"):
             results = train(config)
     except (ConfigError, NonFiniteLoss) as e:

@@ -36,10 +36,13 @@ def shards(tmp_path_factory):
     return str(out)
 
 
+def run_overrides(tmp_path, shards, *overrides) -> list[str]:
+    return [f"data.train={shards}", f"out_dir={tmp_path}", "name=run", "data.workers=0", "train.epochs=2",
+            "train.batch_size=4", "eval.batch_size=5", "ldg.region_min=8", "ldg.region_max=24", *overrides]
+
+
 def run_config(tmp_path, shards, *overrides):
-    return tiny_config(f"data.train={shards}", f"out_dir={tmp_path}", "name=run", "data.workers=0",
-                       "train.epochs=2", "train.batch_size=4", "eval.batch_size=5", "ldg.region_min=8",
-                       "ldg.region_max=24", *overrides)
+    return tiny_config(*run_overrides(tmp_path, shards, *overrides))
 
 
 def test_train_writes_results_checkpoints_plots_and_mlflow(tmp_path, shards):
@@ -1698,3 +1701,34 @@ def test_a_resume_knows_its_packs_by_what_they_hold_not_by_how_their_path_is_spe
     info_file.write_text(json.dumps(info))
     with pytest.raises(ConfigError, match=r"^data.train: .*last was trained with 'copied', this run asks for "):
         train(run_config(tmp_path, shards, "train.epochs=3", "train.resume=extend", *settings[1:]))
+
+
+def test_check_says_what_a_run_would_train_and_where_it_goes_on_and_writes_nothing(tmp_path, shards, finished_run,
+                                                                                   capsys):
+    from temu_dist.train import main
+
+    counts = {split: sum(s["count"] for s in info["shards"])
+              for split, info in json.loads((Path(shards) / "manifest.json").read_text())["splits"].items()}
+    first = ["train: model: Test-Tiny-ViT-16, random weights, layers all of 4, TeMu-IQA-I, prompts cocoop, input 64x64",
+             f"train: training: {shards} 'train', {counts['train']} images: {counts['train'] // 4} optimizer steps an "
+             f"epoch at a global batch of 4, {counts['train'] // 4 * 2} in 2 epochs, LDG on",
+             f"train: scored after each epoch: val ({counts['val']} images), test ({counts['test']} images); the best "
+             "epoch by test/srcc"]
+    assert main(["--check", *TINY_OVERRIDES, *run_overrides(tmp_path, shards)]) == 0
+    assert capsys.readouterr().out.splitlines() == [*first, f"train: run folder: {tmp_path / 'run'}, a new run"]
+    assert list(tmp_path.iterdir()) == []  # no run folder, no MLflow store
+    before = _files(finished_run)
+    done = run_overrides(finished_run.parent, shards, "train.epochs=1")
+    assert main(["--check", *TINY_OVERRIDES, *done]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"train: run folder: {finished_run}, finished: the same " \
+                                                       "command reports its results"
+    assert main(["--check", *TINY_OVERRIDES, *done, "train.resume=extend", "train.epochs=3"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"train: run folder: {finished_run}, extends to 3 epochs from " \
+                                                       f"{finished_run / 'checkpoints' / 'last'} (after epoch 1)"
+    # What train() itself would refuse, in its words.
+    assert main(["--check", *TINY_OVERRIDES, *done, "seed=5"]) == 1
+    assert capsys.readouterr().err.startswith(f"train: seed: {finished_run / 'checkpoints' / 'last'} was trained "
+                                              "with 0, this run asks for 5")
+    assert main(["--check", *TINY_OVERRIDES, *done, "model.pretrained=openia"]) == 1
+    assert capsys.readouterr().err.startswith("train: model.pretrained: unknown pretrained tag 'openia'")
+    assert _files(finished_run) == before
