@@ -114,6 +114,27 @@ def test_resumed_epoch_passes_over_trained_batches_undecoded_then_augments_as_th
         assert all(torch.equal(a[k], b[k]) for k in ("image", "ldg_image", "mos", "ldg"))
 
 
+@pytest.mark.parametrize("resampled", [False, True])
+def test_capped_epochs_each_read_a_fresh_draw_of_the_whole_pack(tmp_path, resampled):
+    # train.max_steps_per_epoch as open_clip's --train-num-samples: evaluating every N steps of a large set. An epoch
+    # of 2 steps of 4 reads 8 of the 24 samples (none twice without resampling); the next epochs read others.
+    folder, labels = _pack(tmp_path, refs=12, per_ref=2, shard_size=3)
+    config = tiny_config("data.workers=0", "data.shuffle_buffer=8", "ldg.enabled=false",
+                         "train.max_steps_per_epoch=2", f"data.resampled={str(resampled).lower()}")
+    epoch = SharedEpoch(0)
+    loader, micro = train_loader(config, folder, "train", 4, 1, 0, 1, epoch, (30, 40))
+    assert micro == 2
+    read = []
+    for e in range(12):
+        epoch.set(e)
+        read.append([n for _, b in zip(range(micro), loader) for n in b["name"]])
+        assert len(read[-1]) == 8
+        if not resampled:
+            assert len(set(read[-1])) == 8
+    assert len({tuple(sorted(names)) for names in read}) == 12
+    assert {n for names in read for n in names} == set(labels)
+
+
 def test_resampled_stream_and_ldg_batches(tmp_path):
     folder, _ = _pack(tmp_path, refs=5, per_ref=2, shard_size=3)
     config = tiny_config("data.workers=0", "data.resampled=true", "ldg.p=1.0", "ldg.region_min=5",
