@@ -10,7 +10,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYIQA := "pyiqa>=0.1.13,<0.2"
 DEMO_DATA := runs/demo-data
 
-.PHONY: demo test setup clean FORCE
+.PHONY: demo test setup clean constraints FORCE
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,12 @@ test: export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 test: setup
 	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	$(PY) -m pytest -q
+
+# The versions the tests last passed with, which CI installs (.ci/run): torch, torchvision and the CUDA wheels
+# torch brings are left to TORCH.
+constraints: setup
+	{ echo '# make constraints: the versions in .venv (Python $(shell $(PY) -c "import platform; print(platform.python_version())")), which CI installs.'; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+)=='; } > $@.txt
 
 # What the demo wrote, and the venv; not all of runs/, every config's out_dir, whose mlflow.db is every run's store.
 clean:
