@@ -48,7 +48,7 @@ test: setup
 # torch brings are left to TORCH.
 constraints: setup
 	{ echo '# make constraints: the versions in .venv (Python $(shell $(PY) -c "import platform; print(platform.python_version())")), which CI installs.'; \
-	  $(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+)=='; } > $@.txt
+	  $(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)=='; } > $@.txt
 
 # What the demo wrote, and the venv; not all of runs/, every config's out_dir, whose mlflow.db is every run's store.
 clean:
