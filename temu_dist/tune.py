@@ -450,11 +450,26 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     """Runs (or resumes) the search; returns the summary also written to out_dir/name/search.json. A search stopped
     early (Ctrl-C) or failing leaves its MLflow parent run KILLED or FAILED."""
     import ray
+
+    address, search_dir, base, metric, restored = _before_ray(search)
+    if address and not ray.is_initialized():  # before the lock: a search that cannot start writes nothing
+        _join(search, address)
+    held = _hold_search_folder(search_dir)
+    try:
+        return _search(search, search_dir, base, metric, restored, address, trainable)
+    finally:
+        if held is not None:
+            lock.let_go(held)
+
+
+def _before_ray(search: SearchConfig) -> tuple[str | None, Path, dict, str, bool]:
+    """The checks a search makes before anything is made or started: (the Ray cluster's address or None, the search
+    folder, the base config, the metric, whether the folder holds a search to resume)."""
     from ray import tune
 
     address = search.address or os.environ.get("RAY_ADDRESS")
-    # Before anything is made or started. A cluster is not held to this machine's CPUs and GPUs; once joined, a
-    # trial no node can hold is only warned about, since an autoscaler may add nodes for it.
+    # A cluster is not held to this machine's CPUs and GPUs; once joined, a trial no node can hold is only warned
+    # about, since an autoscaler may add nodes for it.
     if not address:
         _check_fits_here(search.resources)
         _check_data(search)  # on a cluster the driver need not see the shards the workers read
@@ -464,14 +479,29 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     restored = tune.Tuner.can_restore(str(search_dir / "ray" / search.name))
     if restored:
         _check_same_search(search, base, metric, search_dir / STARTED)
-    if address and not ray.is_initialized():  # before the lock: a search that cannot start writes nothing
-        _join(search, address)
-    held = _hold_search_folder(search_dir)
-    try:
-        return _search(search, search_dir, base, metric, restored, address, trainable)
-    finally:
-        if held is not None:
-            lock.let_go(held)
+    return address, search_dir, base, metric, restored
+
+
+def check_lines(search: SearchConfig) -> list[str]:
+    """`--check`: the search's checks before Ray starts, and what it would run, with nothing started or written."""
+    address, search_dir, base, metric, restored = _before_ray(search)
+    res = search.resources
+    asks = ", ".join(f"{n:g} {what}" for n, what in ((res.cpu, "CPU"), (res.gpu, "GPU")) if n)
+    points = _planned(search) // search.num_samples
+    space = "; ".join(f"{key} {kind} {', '.join(map(str, values))}" for key, spec in search.space.items()
+                      for kind, values in spec.items())
+    epochs = base["train"]["epochs"]
+    stops = f"ASHA may stop a trial after {search.asha.grace_period} of its {epochs} epochs" if search.asha else \
+        f"every trial trains its {epochs} epochs"
+    where = f"the Ray cluster at {address} (the trials check the packs and weights they read)" if address else \
+        "a local Ray (the packs, evaluation sets and weights of every grid and choice value checked)"
+    folder = "finished: its results are gathered again" if restored and _finished(search_dir) else \
+        "resumes the search it holds" if restored else "a new search"
+    return [f"{_planned(search)} trial(s): {search.num_samples} sample(s) of each of {points} grid point(s) of {space}",
+            f"each trial: {asks}" + (f" per process, {res.workers} processes" if res.workers > 1 else "") +
+            (f"; {search.max_concurrent} at a time" if search.max_concurrent else "") +
+            f"; ranked by {metric} ({search.mode}); {stops}",
+            f"on {where}", f"search folder: {search_dir}, {folder}"]
 
 
 def _join(search: SearchConfig, address: str) -> None:
@@ -846,13 +876,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m temu_dist.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a search config (configs/tune/*.yaml)")
+    parser.add_argument("--check", action="store_true",
+                        help="make the search's checks, say what it would run, and stop (Ray not started, nothing "
+                             "written)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="keys of the search config, not of the training config (examples above)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     started = time.perf_counter()
 
     try:
         search = load_search(args.config, args.overrides)
+        if args.check:
+            print("\n".join(f"tune: {line}" for line in check_lines(search)))
+            return 0
         with sigterm_as_ctrl_c(), notices_as_lines("tune"):  # SIGTERM: scancel, a job's time limit
             summary = run_search(search)
     except ConfigError as e:

@@ -228,7 +228,7 @@ def flaky_trial(params, **kwargs):
 
 
 @RAY
-def test_killed_search_resumes_without_redoing_finished_trials(tmp_path, shards, ray_tmp):
+def test_killed_search_resumes_without_redoing_finished_trials(tmp_path, shards, ray_tmp, capsys):
     path = _search_file(tmp_path, shards, "resume", {"model.prompt": {"grid": ["none", "coop"]}}, max_concurrent=1)
     search_dir = tmp_path / "runs" / "resume"
     cmd = [sys.executable, "-m", "temu_dist.tune", "--config", str(path)]
@@ -251,6 +251,8 @@ def test_killed_search_resumes_without_redoing_finished_trials(tmp_path, shards,
     finished = {p.parent.name: (p.parent / "checkpoints" / "last" / "weights.safetensors").stat().st_mtime_ns
                 for p in (search_dir / "trials").glob("*/results.json")}
     assert len(finished) == 1
+    assert tune_cli.main(["--config", str(path), "--check"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"tune: search folder: {search_dir}, resumes the search it holds"
     # The same command again, in this process: a driver process of its own would cost 11-12 CPU-seconds of imports.
     assert tune_cli.main(["--config", str(path)]) == 0
     assert {name: (search_dir / "trials" / name / "checkpoints" / "last" / "weights.safetensors").stat().st_mtime_ns
@@ -262,6 +264,10 @@ def test_killed_search_resumes_without_redoing_finished_trials(tmp_path, shards,
     assert len(children) == 2
     # Resumed with the callbacks it was saved with, which hold its own loggers: Ray adds no TensorBoard one either.
     assert not list(search_dir.rglob("events.out.tfevents*"))
+    capsys.readouterr()
+    assert tune_cli.main(["--config", str(path), "--check"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        f"tune: search folder: {search_dir}, finished: its results are gathered again"
 
 
 def _trial(tmp_path: Path, trial_id: str, config: dict, reports: list[float] | None, status: str = "RUNNING",
@@ -641,6 +647,30 @@ def test_searched_weights_that_cannot_load_are_refused_before_ray_starts(tmp_pat
         with pytest.raises(ConfigError, match=f"^{re.escape(why)}" if why.startswith("model.") else
                            f"^model.pretrained: {re.escape(why)}"):
             run_search(search)
+
+
+def test_check_says_what_a_search_would_run_with_ray_not_started_and_nothing_written(tmp_path, shards, no_ray,
+                                                                                       capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    path = _search_file(tmp_path, shards, "check", {"model.prompt": {"grid": ["none", "coop"]},
+                                                    "train.lr": {"loguniform": [1e-4, 1e-2]}}, num_samples=3)
+    assert tune_cli.main(["--config", str(path), "--check"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "tune: 6 trial(s): 3 sample(s) of each of 2 grid point(s) of model.prompt grid none, coop; train.lr loguniform "
+        "0.0001, 0.01",
+        "tune: each trial: 1 CPU; 2 at a time; ranked by test/srcc (max); every trial trains its 2 epochs",
+        "tune: on a local Ray (the packs, evaluation sets and weights of every grid and choice value checked)",
+        f"tune: search folder: {tmp_path / 'runs' / 'check'}, a new search"]
+    assert not (tmp_path / "runs").exists()
+    # What the search would refuse, in its words; on a cluster the trials check what they read.
+    missing = tmp_path / "nowhere"
+    path = _search_file(tmp_path, str(missing), "check", {"model.prompt": {"grid": ["none"]}})
+    assert tune_cli.main(["--config", str(path), "--check"]) == 1
+    assert capsys.readouterr().err.startswith(f"tune: data.train: {missing / 'manifest.json'} not found")
+    assert tune_cli.main(["--config", str(path), "--check", "address=10.0.0.1:6379"]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == "tune: on the Ray cluster at 10.0.0.1:6379 (the trials check " \
+                                                      "the packs and weights they read)"
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_searched_key_metric_without_its_evaluation_set_is_refused_before_ray_starts(tmp_path, shards, no_ray):
