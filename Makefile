@@ -14,12 +14,13 @@ DEMO_DATA := runs/demo-data
 
 setup: $(VENV)/.installed
 
-# The torch and pyiqa asked for, rewritten only when they change: another TORCH= reinstalls, as pyproject.toml does.
+# The torch and pyiqa asked for, and pip's constraints file if any, rewritten only when they change: another TORCH=
+# or PIP_CONSTRAINT= installs again, as pyproject.toml and the constraints file's contents do.
 $(VENV)/.asked: FORCE
 	@mkdir -p $(VENV)
-	@echo '$(TORCH) $(PYIQA)' | cmp -s - $@ || echo '$(TORCH) $(PYIQA)' > $@
+	@echo '$(strip $(TORCH) $(PYIQA) $(PIP_CONSTRAINT))' | cmp -s - $@ || echo '$(strip $(TORCH) $(PYIQA) $(PIP_CONSTRAINT))' > $@
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.asked
+$(VENV)/.installed: pyproject.toml $(VENV)/.asked $(PIP_CONSTRAINT)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
@@ -45,10 +46,11 @@ test: setup
 	$(PY) -m pytest -q
 
 # The versions the tests last passed with, which CI installs (.ci/run): torch, torchvision and the CUDA wheels
-# torch brings are left to TORCH.
+# torch brings are left to TORCH, pip's own tools to pip. After a change of TORCH's default, run it again (torch's
+# other dependencies, sympy or filelock, are pinned here).
 constraints: setup
 	{ echo '# make constraints: the versions in .venv (Python $(shell $(PY) -c "import platform; print(platform.python_version())")), which CI installs.'; \
-	  $(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)=='; } > $@.txt
+	  $(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+|pip|setuptools|wheel)=='; } > $@.txt
 
 # What the demo wrote, and the venv; not all of runs/, every config's out_dir, whose mlflow.db is every run's store.
 clean:

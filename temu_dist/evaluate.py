@@ -378,7 +378,7 @@ def _command(argv: list[str] | None) -> int:
                              "logistic_4params (VQEG's) or logistic_5params, as IQA-PyTorch's calculate_plcc fits "
                              "(eval.plcc_fit=CURVE)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     bad = [o for o in args.overrides if not is_override(o)]
     if bad:
         folder = Path(bad[0].partition(":")[0])

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", type=int, default=10,
                         help="how many packs, data.train with {split} = 0 .. N-1 (default: 10, the seed's tables')")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     says = os.environ.get("LOCAL_RANK", "0") == "0"  # the first process on each node says why it stops
     config = None
     try:

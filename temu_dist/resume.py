@@ -130,6 +130,10 @@ def saved_run(config: Config, last: Path, packs_here: dict[str, tuple[str, str]]
     info = load_trainer_info(last)
     saved = as_packed_here(with_legacy_fields(load_saved_config(last)), packs_here, info, last)
     check_resumable(saved, config, last)
+    position = info.get("in_epoch", {})
+    if position and "steps" not in position and saved["train"].get("per_device_batch") != config.train.per_device_batch:
+        raise ConfigError(f"train.per_device_batch: {last} holds a mid-epoch position saved before a resume could "
+                          f"change it; resume with {saved['train'].get('per_device_batch')!r}")
     extending = config.train.resume == "extend" and extends(saved, info, config, last)
     how = "finished" if info["next_epoch"] >= config.train.epochs else "extended" if extending else "resumed"
     check_same_evaluation(saved, config, last, info, how)

@@ -47,7 +47,7 @@ from temu_dist.evaluate import EvalSet, check_metric, eval_sets, evaluate_sets, 
 from temu_dist.gather import across_ranks
 from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights
-from temu_dist.model.backbone import check_backbone, pretrained_weights
+from temu_dist.model.backbone import check_backbone, pretrained_weights, vit_depth
 from temu_dist.model.temu import TeMuIQA, Tokens, build_model
 from temu_dist.optim import make_optimizer, make_scheduler
 from temu_dist.plots import score_vs_time
@@ -502,15 +502,48 @@ def check_data(config: Config) -> list[EvalSet]:
     return sets
 
 
+def data_warnings(config: Config, sets: list[EvalSet]) -> list[str]:
+    """What the checked data holds that a run goes on with but should not."""
+    warnings = []
+    if "order" not in read_manifest(config.data.train):
+        warnings.append(f"{config.data.train} was packed by an earlier temu-dist in its label file's order, in which a "
+                        "batch is a stretch of it (one generator, distortion or reference image): pack it again")
+    if seen := seen_in_training(sets, config):  # their scores would overstate the model in a paper's table
+        warnings.append(f"{', '.join(seen)}: packed from the labels data.train was ({config.data.train}) but split "
+                        "otherwise, so some of the images may be ones this run trains on")
+    return warnings
+
+
+def _replaced(run_dir: Path) -> list[Path]:
+    """What a run started anew in run_dir removes: its checkpoints would be taken for this run's until it wrote its own
+    (predict, evaluate, the hint of a stop; .old: what a kill between save_checkpoint's renames leaves, which they take
+    too), its results.json would mark it finished, and its plots be logged as this run's."""
+    ckpt_dir = run_dir / "checkpoints"
+    return [p for p in (ckpt_dir / "last", ckpt_dir / "last.old", ckpt_dir / "best", ckpt_dir / "best.old",
+                        run_dir / "results.json", run_dir / "plots") if p.exists()]
+
+
+def _held(run_dir: Path, old: list[Path]) -> str:
+    names = ", ".join(str(p.relative_to(run_dir)) for p in old)
+    finished = "finished " if (run_dir / "results.json").is_file() else ""
+    return f"a {finished}run: its {names} {'is' if len(old) == 1 else 'are'} removed"
+
+
+def _busy(run_dir: Path, holder: object) -> str:
+    return f"{run_dir}: another training is writing this run folder ({holder}): wait for it to end or stop it, or " \
+        "give this one another name="
+
+
 def check_lines(config: Config) -> list[str]:
     """`--check`: what a run of this config would train and score, and where it would go on from, checked as train()
     checks it before any work (data, backbone and weights' names, the run folder and its checkpoint), with no model
     built and nothing written: on a login node before a job waits in a queue for hours."""
     sets = check_data(config)
     m, t = config.model, config.train
-    depth = None if ":" in m.backbone else \
-        open_clip.get_model_config(m.backbone.replace("/", "-"))["vision_cfg"].get("layers")
-    weights = "random weights" if m.pretrained is None else f"weights {m.pretrained}"
+    depth = vit_depth(m.backbone)
+    # open_clip takes an hf-hub: or local-dir: model's weights from where it names, whatever model.pretrained says.
+    weights = "its own weights" if ":" in m.backbone else "random weights" if m.pretrained is None \
+        else f"weights {m.pretrained}"
     height, width = m.image_hw()
     _, counts = split_shards(config.data.train, config.data.train_split)
     steps = epoch_steps(sum(counts), t.batch_size, t.max_steps_per_epoch)
@@ -522,15 +555,18 @@ def check_lines(config: Config) -> list[str]:
              f"{'s' * (t.epochs != 1)}" + (", LDG on" if config.ldg.enabled else ""),
              f"scored after each epoch: {', '.join(scored)}" + (" and each on local distortions" if config.eval.ldg
                                                               else "") + f"; the best epoch by {t.key_metric}"]
+    lines += [f"warning: {warning}" for warning in data_warnings(config, sets)]
+    run_dir = config.run_dir()
+    if (holder := lock.holder(run_dir / RUN_LOCK)) is not None:
+        raise ConfigError(_busy(run_dir, holder))
     last = resume.last_checkpoint(config)
     if (going_on := resume.going_on(config, last, resume.packs(config))) is None:
-        replaced = " (train.resume=never: replacing what is there)" if t.resume == "never" \
-            and config.run_dir().exists() else ""
-        return [*lines, f"run folder: {config.run_dir()}, a new run{replaced}"]
+        old = _replaced(run_dir)
+        return [*lines, f"run folder: {run_dir}, a new run" + (f" (it held {_held(run_dir, old)})" if old else "")]
     said = {"finished": "finished: the same command reports its results",
             "resumed": f"resumes from {last}{where_it_goes_on(last)}",
             "extended": f"extends to {t.epochs} epochs from {last}{where_it_goes_on(last)}"}[going_on[2]]
-    return [*lines, f"run folder: {config.run_dir()}, {said}"]
+    return [*lines, f"run folder: {run_dir}, {said}"]
 
 
 def train(config: Config, on_epoch: Callable[[dict], None] | None = None) -> dict:
@@ -553,14 +589,8 @@ def _train(config: Config, on_epoch: Callable[[dict], None] | None, accelerator:
         check_processes_agree(config, accelerator)
         main = accelerator.is_main_process
         sets = check_data(config)
-        if "order" not in read_manifest(config.data.train):
-            _say(accelerator, f"train: warning: {config.data.train} was packed by an earlier temu-dist in its label "
-                              "file's order, in which a batch is a stretch of it (one generator, distortion or "
-                              "reference image): pack it again")
-        if seen := seen_in_training(sets, config):  # their scores would overstate the model in a paper's table
-            _say(accelerator, f"train: warning: {', '.join(seen)}: packed from the labels data.train was "
-                              f"({config.data.train}) but split otherwise, so some of the images may be ones this run "
-                              "trains on")
+        for warning in data_warnings(config, sets):
+            _say(accelerator, f"train: warning: {warning}")
         run_dir = config.run_dir()
         ckpt_dir = run_dir / "checkpoints"
         set_seed(config.seed)
@@ -594,10 +624,6 @@ def _train(config: Config, on_epoch: Callable[[dict], None] | None, accelerator:
             scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
             saved_position = info.get("in_epoch", {})
-            if saved_position and "steps" not in saved_position \
-                    and saved["train"].get("per_device_batch") != config.train.per_device_batch:
-                raise ConfigError(f"train.per_device_batch: {last} holds a mid-epoch position saved before a resume "
-                                  f"could change it; resume with {saved['train'].get('per_device_batch')!r}")
             extended = info.get("extended", [])
             if extending:
                 extended = [*extended, resume.extend_schedule(scheduler, saved["train"]["epochs"], config.train.epochs,
@@ -653,16 +679,8 @@ def _train(config: Config, on_epoch: Callable[[dict], None] | None, accelerator:
     held = _hold_run_folder(run_dir, accelerator)
     try:
         if main:
-            # What a run started anew replaces: its checkpoints would be taken for this run's until it wrote its own
-            # (predict, evaluate, the hint of a stop; .old: what a kill between save_checkpoint's renames leaves,
-            # which they take too), its results.json would mark it finished, and its plots be logged as this run's.
-            old = [p for p in (ckpt_dir / "last", ckpt_dir / "last.old", ckpt_dir / "best", ckpt_dir / "best.old",
-                               run_dir / "results.json", run_dir / "plots") if p.exists()]
-            if last is None and old:
-                names = ", ".join(str(p.relative_to(run_dir)) for p in old)
-                finished = "finished " if (run_dir / "results.json").is_file() else ""
-                _say(accelerator, f"train: warning: starting anew in {run_dir}, which held a {finished}run: its "
-                                  f"{names} {'is' if len(old) == 1 else 'are'} removed")
+            if last is None and (old := _replaced(run_dir)):
+                _say(accelerator, f"train: warning: starting anew in {run_dir}, which held {_held(run_dir, old)}")
                 for path in old:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
             ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -753,8 +771,7 @@ def _lock_run_folder(run_dir: Path, accelerator: Accelerator) -> tuple[IO[str] |
     try:
         return lock.take(run_dir / RUN_LOCK), None
     except lock.Busy as e:
-        return None, (f"{run_dir}: another training is writing this run folder ({e}): wait for it to end or stop "
-                      "it, or give this one another name=")
+        return None, _busy(run_dir, e)
     except lock.NoLocks as e:
         _say(accelerator, f"train: warning: {run_dir / RUN_LOCK} cannot be locked ({e}): a second training into "
                           "this run folder will not be refused")
@@ -786,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="check the config, data and run folder as a run does before any work, say what it would "
                              "train, and stop (no model built, nothing written)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     config = None
     # Every process stops alike: the first on each node says why, in one write, so that two nodes' lines cannot run
     # together.

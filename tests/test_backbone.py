@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 from temu_dist.config import ConfigError
 from temu_dist.model import backbone as backbone_mod
-from temu_dist.model.backbone import Backbone, PatchEmbed, compute_dtype, create_clip, layer_indices
+from temu_dist.model.backbone import (Backbone, PatchEmbed, check_backbone, compute_dtype, create_clip, layer_indices,
+                                      pretrained_weights)
 from temu_dist.model.temu import build_model
 from tests.conftest import tiny_config
 
@@ -109,6 +110,22 @@ def test_backbone_is_frozen_and_keeps_no_graph_unless_its_input_asks_for_one():
 def test_unknown_model_lists_valid_names():
     with pytest.raises(ConfigError, match=r"model.backbone: unknown open_clip model 'ViT-L-41'.*ViT-L-14"):
         create_clip(tiny_config("model.backbone=ViT-L-41").model)
+
+
+@pytest.mark.parametrize("name", ["RN50", "convnext_base", "coca_ViT-L-14", "ViT-H-14-CLIPA"])
+def test_a_tower_that_is_no_cls_token_vit_is_refused_from_its_config_alone(name, monkeypatch):
+    # ResNet, timm, attention-pooled and average-pooled towers: before any weights are fetched or a model is built.
+    monkeypatch.setattr(open_clip, "create_model", None)
+    with pytest.raises(ConfigError, match=rf"^model.backbone: '{name}' has no \[cls\]-token ViT image tower"):
+        check_backbone(tiny_config(f"model.backbone={name}").model)
+
+
+def test_openais_own_spelling_of_a_model_takes_open_clips_tags_and_their_activation():
+    # ViT-B/32 is open_clip's ViT-B-32: OpenAI's weights known, and wanting QuickGELU, without a download.
+    cfg = tiny_config("model.backbone=ViT-B/32", "model.pretrained=openai").model
+    assert pretrained_weights(cfg) == (None, False, True)
+    assert pretrained_weights(tiny_config("model.backbone=ViT-B/32", "model.pretrained=laion2b_s34b_b79k").model) \
+        == (None, False, False)
 
 
 def test_unknown_tag_and_missing_file_say_how_to_pass_a_path():

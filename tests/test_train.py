@@ -22,7 +22,7 @@ from temu_dist.config import ConfigError, dump
 from temu_dist.data.splits import SplitSpec
 from temu_dist.pack import PackOptions, pack
 from temu_dist.tracking import Tracker
-from temu_dist.train import NonFiniteLoss, train
+from temu_dist.train import NonFiniteLoss, check_lines, train
 from tests.conftest import TINY_OVERRIDES, tiny_config, write_kadid
 
 
@@ -174,6 +174,8 @@ def test_a_second_training_into_a_run_folder_being_written_is_refused_naming_the
                                               r"run folder \(pid 1 on node7, since 2026-11-27 10:00:00\): wait for it "
                                               r"to end or stop it, or give this one another name=$"):
             train(config)
+        with pytest.raises(ConfigError, match=r"another training is writing this run folder \(pid 1 on node7"):
+            check_lines(config)
         assert not (tmp_path / "run" / "checkpoints").exists()
     finally:
         holder.kill()
@@ -238,6 +240,9 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, shards, monkeypat
         # Tracked elsewhere at first: the resumed run's store does not hold this MLflow run.
         train(run_config(tmp_path / "b", shards, "train.epochs=3", f"tracking.uri=sqlite:///{tmp_path / 'old.db'}"))
     monkeypatch.setattr(train_mod, "loss_fn", real)
+    run = tmp_path / "b" / "run"
+    assert train_mod.check_lines(run_config(tmp_path / "b", shards, "train.epochs=3"))[-1] == \
+        f"run folder: {run}, resumes from {run / 'checkpoints' / 'last'} (after epoch 2)"
     resumed = train(run_config(tmp_path / "b", shards, "train.epochs=3"))
     assert _comparable(resumed["history"]) == _comparable(whole["history"])
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
@@ -1722,6 +1727,9 @@ def test_check_says_what_a_run_would_train_and_where_it_goes_on_and_writes_nothi
     assert main(["--check", *TINY_OVERRIDES, *done]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"train: run folder: {finished_run}, finished: the same " \
                                                        "command reports its results"
+    assert main([*TINY_OVERRIDES, *done, "--check", "train.resume=never"]) == 0  # flags among the overrides too
+    assert capsys.readouterr().out.splitlines()[-1] == f"train: run folder: {finished_run}, a new run (it held a " \
+        "finished run: its checkpoints/last, checkpoints/best, results.json, plots are removed)"
     assert main(["--check", *TINY_OVERRIDES, *done, "train.resume=extend", "train.epochs=3"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"train: run folder: {finished_run}, extends to 3 epochs from " \
                                                        f"{finished_run / 'checkpoints' / 'last'} (after epoch 1)"

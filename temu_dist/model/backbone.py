@@ -63,7 +63,7 @@ def cpu_slowdown(dtype: torch.dtype) -> float:
 
 
 def _check_name(name: str) -> None:
-    if ":" not in name and name.replace("/", "-") not in open_clip.list_models():  # hf-hub: names, checked on loading
+    if ":" not in name and open_clip_name(name) not in open_clip.list_models():  # hf-hub: names, checked on loading
         close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.4)
         examples = close or ["ViT-L-14", "ViT-B-16", "ViT-B-32"]
         raise ConfigError(f"model.backbone: unknown open_clip model '{name}'; valid names include {', '.join(examples)}"
@@ -74,12 +74,28 @@ def check_backbone(cfg: ModelConfig) -> None:
     """model.backbone is an open_clip model and model.layers within its depth, from open_clip's config alone (no
     weights, no model built): train checks it before any work, a search every trial's before Ray starts. (Not in
     create_clip: CLIP-IQA builds the tower whatever model.layers says, then picks its own layers.)"""
-    _check_name(cfg.backbone)
-    if ":" in cfg.backbone:
-        return
-    depth = open_clip.get_model_config(cfg.backbone.replace("/", "-"))["vision_cfg"].get("layers")
-    if isinstance(depth, int):  # a ViT's; ResNet and timm towers, which create_clip refuses, say it otherwise
+    if (depth := vit_depth(cfg.backbone)) is not None:
         layer_indices(cfg.layers, depth)
+
+
+def vit_depth(name: str) -> int | None:
+    """The layers of model.backbone's image tower, from open_clip's config alone; None for an hf-hub: or local-dir:
+    model, whose config comes with it. A tower that is no [cls]-token ViT (ResNet, timm, attention-pooled, average-
+    pooled) is refused here, as create_clip refuses it once built."""
+    _check_name(name)
+    if ":" in name:
+        return None
+    vision = open_clip.get_model_config(open_clip_name(name))["vision_cfg"]
+    depth = vision.get("layers")
+    if not isinstance(depth, int) or vision.get("timm_model_name") or vision.get("attentional_pool") \
+            or vision.get("pool_type", "tok") != "tok":
+        raise _no_cls_vit(name)
+    return depth
+
+
+def _no_cls_vit(name: str) -> ConfigError:
+    return ConfigError(f"model.backbone: '{name}' has no [cls]-token ViT image tower; TeMu-IQA needs one "
+                       "(e.g. ViT-L-14, ViT-B-16, ViT-B-32)")
 
 
 def create_clip(cfg: ModelConfig, seed: int = 0, drawn_at: tuple[int, int] | None = None) -> nn.Module:
@@ -88,7 +104,7 @@ def create_clip(cfg: ModelConfig, seed: int = 0, drawn_at: tuple[int, int] | Non
     seeded, at the input size `drawn_at` (default: the configured one) and then treated as weights with that grid, so a
     saved run reloads onto the very same backbone at any input size.
     """
-    name = cfg.backbone
+    name = open_clip_name(cfg.backbone)
     _check_name(name)
     pretrained = cfg.pretrained
     file, torchscript, quick_gelu = pretrained_weights(cfg)
@@ -112,8 +128,7 @@ def create_clip(cfg: ModelConfig, seed: int = 0, drawn_at: tuple[int, int] | Non
         raise
     visual = model.visual
     if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None or visual.pool_type != "tok":
-        raise ConfigError(f"model.backbone: '{name}' has no [cls]-token ViT image tower; TeMu-IQA needs one "
-                          "(e.g. ViT-L-14, ViT-B-16, ViT-B-32)")
+        raise _no_cls_vit(name)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
@@ -215,7 +230,7 @@ def pretrained_weights(cfg: ModelConfig) -> tuple[Path | None, bool, bool]:
     """model.pretrained's checkpoint file (None for a tag or random weights), whether it is a TorchScript archive, and
     whether the towers take QuickGELU, from the file's index alone (no weights read): a tag open_clip does not know
     for the model, a file not there, or a state dict without model.quick_gelu is refused."""
-    name, pretrained = cfg.backbone, cfg.pretrained
+    name, pretrained = open_clip_name(cfg.backbone), cfg.pretrained
     is_file = pretrained is not None and Path(pretrained).expanduser().is_file()
     if pretrained is not None and not is_file and ":" not in name:
         tags = open_clip.list_pretrained_tags_by_model(name)
@@ -227,15 +242,20 @@ def pretrained_weights(cfg: ModelConfig) -> tuple[Path | None, bool, bool]:
     # OpenAI's own release (the `clip` package's ~/.cache/clip/*.pt) is a TorchScript archive, which torch loads only
     # with weights_only off.
     torchscript = file is not None and _is_torchscript(file)
-    return file, torchscript, _quick_gelu(cfg, file, torchscript)
+    return file, torchscript, _quick_gelu(cfg, name, file, torchscript)
 
 
-def _quick_gelu(cfg: ModelConfig, file: Path | None, torchscript: bool) -> bool:
+def open_clip_name(name: str) -> str:
+    """model.backbone as open_clip's registries know it: OpenAI's own spelling, ViT-B/32, is open_clip's ViT-B-32 (its
+    tags and the activation its weights want are looked up by that name)."""
+    return name if ":" in name else name.replace("/", "-")
+
+
+def _quick_gelu(cfg: ModelConfig, name: str, file: Path | None, torchscript: bool) -> bool:
     """Whether to build the towers with QuickGELU. OpenAI's weights were trained with it, and GELU in its place
     silently degrades them; nothing in a state dict says which activation its weights were trained with."""
     if cfg.quick_gelu != "auto":
         return cfg.quick_gelu
-    name = cfg.backbone
     if file is None:
         return bool(cfg.pretrained and open_clip.get_pretrained_cfg(name, cfg.pretrained).get("quick_gelu", False))
     if name.endswith("-quickgelu") or ":" in name:
