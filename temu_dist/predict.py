@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--batch-size", type=_positive, default=8, help="images scored at once (default 8)")
     parser.add_argument("items", nargs="+", metavar="IMAGE | FOLDER | key=value",
                         help="images, folders (every image in them and below, by path) and config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     overrides = [a for a in args.items if is_override(a) and not Path(a).exists()]
     args.images, args.heat_names = [], []  # each image's heatmap, as a path under --heatmap
     for item in (a for a in args.items if a not in overrides):

@@ -40,7 +40,9 @@ def checkpoint(tmp_path):
 def test_scores_good_images_and_names_the_corrupt_one(images, checkpoint, tmp_path, capsys):
     (good, corrupt), (run, model) = images, checkpoint
     paths = [str(good[0]), str(corrupt), str(good[1]), str(good[2])]
-    status = predict(["--checkpoint", str(run), "--batch-size", "2", "--heatmap", str(tmp_path / "maps"), *paths])
+    # Flags among the images too, as a shell's history edits a command.
+    status = predict(["--checkpoint", str(run), *paths[:2], "--batch-size", "2", "--heatmap", str(tmp_path / "maps"),
+                      *paths[2:]])
     out, err = capsys.readouterr()
     assert status == 1
     lines = [json.loads(line) for line in out.splitlines()]
