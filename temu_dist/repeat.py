@@ -34,6 +34,7 @@ from temu_dist.tracking import config_params, config_tags, finish_run, parent_ru
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_step_ends, stop_code
 from temu_dist.resume import check_extendable
 from temu_dist.train import NonFiniteLoss, check_data, train
+from temu_dist.train import check_lines as train_check_lines
 
 # In a series' folder from its start: its splits and their runs, so that report can tell an unfinished series.
 STARTED = "repeat-started.json"
@@ -108,12 +109,31 @@ def _is_first_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def repeat(config: Config, splits: int) -> dict:
+def _series_folder(config: Config, splits: int) -> Path:
+    """The series' folder, checked before any split's run: a series' own, not cut short by fewer --splits."""
     if splits < 1:
         raise ConfigError(f"--splits: at least 1, not {splits}")
     out = Path(config.out_dir) / config.name
     check_run_folder(out, series=True)
     _check_fewer_splits(out, splits, config)
+    return out
+
+
+def check_lines(config: Config, splits: int) -> list[str]:
+    """`--check`: the series' checks before its first split trains, and what each split's run would do (train's
+    --check), with nothing built or written."""
+    out = _series_folder(config, splits)
+    lines = []
+    for i in range(splits):
+        said = train_check_lines(split_config(config, i))
+        lines += [said[0]] if i == 0 else []  # the model, alike in every split
+        lines += [f"split {i}: {line}" for line in said[1:]]
+    _check_distinct_packs(config, splits)
+    return [*lines, f"series folder: {out}, the mean and sd over its {splits} splits in repeat.json"]
+
+
+def repeat(config: Config, splits: int) -> dict:
+    out = _series_folder(config, splits)
     extending = False
     for i in range(splits):  # every split's pack (and run to extend), before the first trains for hours
         split = split_config(config, i)
@@ -197,12 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--splits", type=int, default=10,
                         help="how many packs, data.train with {split} = 0 .. N-1 (default: 10, the seed's tables')")
+    parser.add_argument("--check", action="store_true",
+                        help="check every split's packs and run folder as the series does before its first split "
+                             "trains, say what each would do, and stop (nothing built or written)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     says = os.environ.get("LOCAL_RANK", "0") == "0"  # the first process on each node says why it stops
     config = None
     try:
         config = load_config(args.config, args.overrides)
+        if args.check:
+            print("\n".join(f"repeat: {line}" for line in check_lines(config, args.splits)))
+            return 0
         with sigterm_as_ctrl_c(), notices_as_lines("repeat"):
             summary = repeat(config, args.splits)
     except (ConfigError, NonFiniteLoss) as e:

@@ -867,7 +867,16 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     # Every split's pack is checked before the first trains: a missing one does not cost the others' hours.
     with pytest.raises(ConfigError, match=f"^data.train: {tmp_path / 'split2' / 'manifest.json'} not found"):
         repeat(config, 3)
-    assert not (tmp_path / "rep-split0").exists()
+    with pytest.raises(ConfigError, match=f"^data.train: {tmp_path / 'split2' / 'manifest.json'} not found"):
+        repeat_mod.check_lines(config, 3)
+    said = repeat_mod.check_lines(config, 2)
+    assert said[0].startswith("model: Test-Tiny-ViT-16") and said[-1] == f"series folder: {tmp_path / 'rep'}, the " \
+        "mean and sd over its 2 splits in repeat.json"
+    assert [line for line in said if "run folder" in line] == [
+        f"split {i}: run folder: {tmp_path / f'rep-split{i}'}, a new run" for i in range(2)]
+    assert [line.split(",")[0] for line in said if ": training:" in line] == [
+        f"split {i}: training: {tmp_path / f'split{i}'} 'train'" for i in range(2)]
+    assert not (tmp_path / "rep-split0").exists() and not (tmp_path / "rep").exists()
     # Under a training run's name, its repeat.json would hide the run from report.
     (tmp_path / "single" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ConfigError, match=rf"^name: {tmp_path / 'single'} is a training run's folder; give the series "
@@ -890,6 +899,9 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     assert summary["sets"]["test"]["srcc"]["values"] == values
     assert summary["sets"]["test"]["srcc"]["mean"] == pytest.approx(sum(values) / 2)
     assert json.loads((tmp_path / "rep" / "repeat.json").read_text())["splits"] == 2
+    assert [line for line in repeat_mod.check_lines(config, 2) if "run folder" in line] == [
+        f"split {i}: run folder: {tmp_path / f'rep-split{i}'}, finished: the same command reports its results"
+        for i in range(2)]
     # A run under the series' name: its folder would be read as the series'.
     with pytest.raises(ConfigError, match=rf"^name: {tmp_path / 'rep'} holds a repeat series \(repeat.json\): give "
                                           r"the run another name=$"):
