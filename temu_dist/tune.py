@@ -462,16 +462,18 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
             lock.let_go(held)
 
 
-def _before_ray(search: SearchConfig) -> tuple[str | None, Path, dict, str, bool]:
-    """The checks a search makes before anything is made or started: (the Ray cluster's address or None, the search
-    folder, the base config, the metric, whether the folder holds a search to resume)."""
+def _before_ray(search: SearchConfig, fits_here: bool = True) -> tuple[str | None, Path, dict, str, bool]:
+    """The checks a search makes before anything is made or started (`fits_here`: whether one trial fits this
+    machine, for a local Ray): (the Ray cluster's address or None, the search folder, the base config, the metric,
+    whether the folder holds a search to resume)."""
     from ray import tune
 
     address = search.address or os.environ.get("RAY_ADDRESS")
     # A cluster is not held to this machine's CPUs and GPUs; once joined, a trial no node can hold is only warned
     # about, since an autoscaler may add nodes for it.
     if not address:
-        _check_fits_here(search.resources)
+        if fits_here:
+            _check_fits_here(search.resources)
         _check_data(search)  # on a cluster the driver need not see the shards the workers read
     search_dir = (Path(search.out_dir) / search.name).resolve()
     base = base_config(search)
@@ -483,8 +485,16 @@ def _before_ray(search: SearchConfig) -> tuple[str | None, Path, dict, str, bool
 
 
 def check_lines(search: SearchConfig) -> list[str]:
-    """`--check`: the search's checks before Ray starts, and what it would run, with nothing started or written."""
-    address, search_dir, base, metric, restored = _before_ray(search)
+    """`--check`: the search's checks before Ray starts, and what it would run, with nothing started or written. A
+    trial too large for this machine is a warning, not a refusal: checked on a login node, the search may be meant
+    for a job's nodes (launch/ray-slurm.sbatch)."""
+    address, search_dir, base, metric, restored = _before_ray(search, fits_here=False)
+    too_large = []
+    if not address:
+        try:
+            _check_fits_here(search.resources)
+        except ConfigError as e:
+            too_large = [f"warning: started on this machine, the search would be refused: {e}"]
     res = search.resources
     asks = ", ".join(f"{n:g} {what}" for n, what in ((res.cpu, "CPU"), (res.gpu, "GPU")) if n)
     points = _planned(search) // search.num_samples
@@ -501,7 +511,7 @@ def check_lines(search: SearchConfig) -> list[str]:
             f"each trial: {asks}" + (f" per process, {res.workers} processes" if res.workers > 1 else "") +
             (f"; {search.max_concurrent} at a time" if search.max_concurrent else "") +
             f"; ranked by {metric} ({search.mode}); {stops}",
-            f"on {where}", f"search folder: {search_dir}, {folder}"]
+            f"on {where}", *too_large, f"search folder: {search_dir}, {folder}"]
 
 
 def _join(search: SearchConfig, address: str) -> None:

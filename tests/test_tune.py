@@ -661,6 +661,12 @@ def test_check_says_what_a_search_would_run_with_ray_not_started_and_nothing_wri
         "tune: each trial: 1 CPU; 2 at a time; ranked by test/srcc (max); every trial trains its 2 epochs",
         "tune: on a local Ray (the packs, evaluation sets and weights of every grid and choice value checked)",
         f"tune: search folder: {tmp_path / 'runs' / 'check'}, a new search"]
+    # A trial too large for this machine (a login node's): said, not refused, since a job's nodes may hold it.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert tune_cli.main(["--config", str(path), "--check", "resources.gpu=1"]) == 0
+    assert capsys.readouterr().out.splitlines()[3] == "tune: warning: started on this machine, the search would be " \
+        "refused: resources.gpu: one trial needs 1 GPU, this machine has 0: lower it (e.g. --config FILE " \
+        "resources.gpu=0) or run the search on a Ray cluster (RAY_ADDRESS=auto, or address: in the search config)"
     assert not (tmp_path / "runs").exists()
     # What the search would refuse, in its words; on a cluster the trials check what they read.
     missing = tmp_path / "nowhere"
