@@ -475,7 +475,13 @@ def check_data(config: Config) -> list[EvalSet]:
     layers and weights, the training pack and split, and the evaluation sets, the key metric's among them. Returns the
     sets."""
     if not config.data.train:
-        raise ConfigError("data.train: no training shards named (a pack folder, e.g. shards/kadid10k)")
+        zero_shot = "; a config of evaluation sets alone (eval.cross) is scored zero-shot with python -m " \
+            "temu_dist.evaluate --clipiqa table --config FILE" if config.eval.cross else ""
+        raise ConfigError(f"data.train: no training shards named (a pack folder, e.g. shards/kadid10k){zero_shot}")
+    if "{split}" in config.data.train:  # repeat puts each split's index in
+        raise ConfigError(f"data.train: {config.data.train} names a series of packs, one per split: train the series "
+                          "with python -m temu_dist.repeat --config FILE --splits N, or one split with data.train="
+                          f"{config.data.train.replace('{split}', '0')}")
     check_output_folder(Path(config.out_dir), "out_dir")
     if (top := Path(config.name).parts[0]) in MLFLOW_FOLDERS:  # here, not in the config: runs saved so still load
         raise ConfigError(f"name: {config.name!r}: out_dir/{top} is MLflow's own store of the runs' files; take "

@@ -231,7 +231,14 @@ def test_missing_shards_name_the_pack_command(tmp_path, monkeypatch):
             ("csiq-all", "csiq", " --ratios 0 0 1 (the whole set as its test split)"),
             ("spaq-qalign", "spaq", " --split file --split-file spaq-qalign.csv (made from Q-Align's JSON files by "
                                     "python -m temu_dist.data.qalign)"),
-            ("koniq10k-official", "koniq10k", " --split official"), ("agiqa3k/split3", "agiqa3k", " --split-index 3")):
+            ("koniq10k-official", "koniq10k", " --split official"), ("agiqa3k/split3", "agiqa3k", " --split-index 3"),
+            # A dataset's bare name, as the configs name their packs: its release's split where it has one.
+            ("koniq10k", "koniq10k", " --split official"), ("flive", "flive", " --split official"),
+            ("spaq", "spaq", ""),
+            ("koniq10k-loda", "koniq10k", " --meta-csv meta_info_KonIQ10kDataset.csv --split file --split-file "
+                                          "koniq10k_82_seed3407.pkl --split-index 0 (LoDa's split, from IQA-PyTorch's "
+                                          "files: configs/experiments/fig6-vitb16-time.yaml says how to check its "
+                                          "order)")):
         with pytest.raises(ShardsMissing) as refused:
             split_shards(tmp_path / "shards" / folder, "train")
         assert str(refused.value).endswith(f"pack --dataset {dataset} --root DATASET_DIR --out "

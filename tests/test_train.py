@@ -828,6 +828,19 @@ def test_nan_loss_stops_with_a_clear_message_keeping_the_last_good_checkpoint(tm
 def test_missing_shards_and_bad_key_metric_fail_before_any_work(tmp_path, shards):
     with pytest.raises(ConfigError, match="python -m temu_dist.pack"):
         train(run_config(tmp_path, str(tmp_path / "nowhere")))
+    # A series' config (Table 6's), or a zero-shot one (Tables 11-13's): which command takes it.
+    series = str(tmp_path / "agiqa3k" / "split{split}")
+    one = re.escape(series.replace("{split}", "0"))
+    with pytest.raises(ConfigError, match=rf"^data.train: {re.escape(series)} names a series of packs, one per split: "
+                                          r"train the series with python -m temu_dist.repeat --config FILE --splits N, "
+                                          rf"or one split with data.train={one}$"):
+        train(run_config(tmp_path, series))
+    cross = f"eval.cross=[{{name: koniq10k, shards: {shards}}}]"
+    with pytest.raises(ConfigError, match=r"^data.train: no training shards named \(a pack folder, e.g. "
+                                          r"shards/kadid10k\); a config of evaluation sets alone \(eval.cross\) is "
+                                          r"scored zero-shot with python -m temu_dist.evaluate --clipiqa table "
+                                          r"--config FILE$"):
+        train(run_config(tmp_path, shards, "data.train=null", cross))
     with pytest.raises(ConfigError, match=r"^train.key_metric: no evaluation set 'koniq' \(sets: val, test\)$"):
         train(run_config(tmp_path, shards, "train.key_metric=koniq/srcc"))
     # A split of the pack: why it is no set.

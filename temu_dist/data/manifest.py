@@ -83,7 +83,11 @@ def _refuse_other_files(folder: Path) -> None:
 
 def _pack_command(folder: Path) -> str:
     """The pack command for a folder, with the split its name asks for in the configs' convention: NAME-all (the whole
-    set, for cross-dataset tests), NAME-qalign (Q-Align's split), NAME-official, NAME/splitI (the i-th seeded split)."""
+    set, for cross-dataset tests), NAME-qalign (Q-Align's split), NAME-official, NAME-loda (LoDa's KonIQ-10k split),
+    NAME/splitI (the i-th seeded split), NAME alone (the release's own split where it has one, as the configs train
+    KonIQ-10k and FLIVE, else 80/20)."""
+    from temu_dist.data.sources import DATASETS
+
     dataset = dataset_of(folder)
     how = f"python -m temu_dist.pack --dataset {dataset} --root DATASET_DIR --out {folder}"
     words = set(re.split(r"[-_. ]", folder.name.lower()))
@@ -93,8 +97,12 @@ def _pack_command(folder: Path) -> str:
     if "qalign" in words:
         return (how + f" --split file --split-file {dataset}-qalign.csv (made from Q-Align's JSON files by python -m "
                 f"temu_dist.data.qalign)")
-    if "official" in words:
+    if "official" in words or folder.name == dataset and DATASETS[dataset].official_split:
         return how + " --split official"
+    if "loda" in words:
+        return (how + " --meta-csv meta_info_KonIQ10kDataset.csv --split file --split-file koniq10k_82_seed3407.pkl "
+                "--split-index 0 (LoDa's split, from IQA-PyTorch's files: configs/experiments/fig6-vitb16-time.yaml "
+                "says how to check its order)")
     return how + f" --split-index {index[1]}" if index else how
 
 
