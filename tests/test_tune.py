@@ -996,7 +996,8 @@ def test_a_trial_asha_stopped_early_is_marked_so_in_mlflow_with_its_best(tmp_pat
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
-    experiment = client.create_experiment("temu-dist")
+    # Its artifacts in the test's folder, as tracking.use_experiment puts them beside the store, not in ./mlruns.
+    experiment = client.create_experiment("temu-dist", artifact_location=(tmp_path / "mlartifacts").as_uri())
 
     def summarized(name: str, asha: dict | None) -> list[mlflow.entities.Run]:
         space = {"model.prompt": {"grid": ["none", "coop"]}, "train.epochs": {"grid": [1, 2]}}
