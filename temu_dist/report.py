@@ -3,7 +3,7 @@ SRCC / PLCC in each cell (the seed's Tables 5-13).
 
     python -m temu_dist.report runs/table8-* --cross-only --merge-train   # Table 8 from its 12 runs
     python -m temu_dist.report runs/table6-agiqa3k-S runs/table6-agiqa3k-I   # repeat series: mean +- sd
-    python -m temu_dist.report runs/table5-clive-prompts                 # a search: a row per trial
+    python -m temu_dist.report runs/table5-prompts                       # a search: a row per trial
     python -m temu_dist.report runs/table11.json     # evaluate --clipiqa table --out runs/table11.json: a row a layer
     python -m temu_dist.report runs/table7-* --merge-train --out table7.md --plot table7.png    # .csv, .tex too
 

@@ -195,6 +195,21 @@ def _hub_file(tag_cfg: dict) -> tuple[str, str] | None:
     return repo, filename or open_clip.constants.HF_WEIGHTS_NAME
 
 
+def weights_cached(cfg: ModelConfig) -> bool | None:
+    """Whether a pretrained tag's weights are in the Hugging Face cache already (a node without network loads them
+    from there), looked up without a request; None for a file, random weights or a tag not fetched from the Hub."""
+    name = open_clip_name(cfg.backbone)
+    if cfg.pretrained is None or ":" in name or Path(cfg.pretrained).expanduser().is_file():
+        return None
+    if (hub := _hub_file(open_clip.get_pretrained_cfg(name, cfg.pretrained))) is None:
+        return None
+    repo, filename = hub
+    # open_clip takes a .safetensors file in place of a .bin one where the repo has it.
+    safe = open_clip.constants.HF_SAFE_WEIGHTS_NAME if filename == open_clip.constants.HF_WEIGHTS_NAME \
+        else str(Path(filename).with_suffix(".safetensors"))
+    return any(isinstance(huggingface_hub.try_to_load_from_cache(repo, f), str) for f in (safe, filename))
+
+
 def _hub_unreachable(repo: str, filename: str) -> str | None:
     """Why the Hub cannot be reached, or None where it can. One HEAD request, as hf_hub_download's own first one (its
     etag timeout, no retries): with no network, hf_hub_download retries 5 times with backoff, for each of the 2 files
