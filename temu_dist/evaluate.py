@@ -46,7 +46,8 @@ from temu_dist.data.splits import SPLITS, split_read
 from temu_dist.data.stream import eval_loader, read_manifest, split_shards
 from temu_dist.distributed import eval_accelerator
 from temu_dist.metrics import correlations, fitted_plcc
-from temu_dist.model.io import checkpoint_dir, load_model
+from temu_dist.model.backbone import weights_said
+from temu_dist.model.io import checkpoint_dir, configs_of, load_model
 from temu_dist.model.clipiqa import ClipIQA, build_clipiqa
 from temu_dist.model.temu import QualityOutput, TeMuIQA
 from temu_dist.plots import scatter
@@ -353,6 +354,16 @@ def main(argv: list[str] | None = None) -> int:
         return _command(argv)
 
 
+def _check_lines(config: Config, sets: list[EvalSet], folder: Path | None, clipiqa: str | None) -> list[str]:
+    """`--check`: what would be scored, by which model, with the weights' name checked and whether they are cached."""
+    m = config.model
+    epoch = epoch_of(folder) if folder else None
+    what = f"{folder}" + (f" (epoch {epoch})" if epoch is not None else "") if folder else f"CLIP-IQA {clipiqa}"
+    sized = [f"{s.name} ({s.shards} {s.split}, {sum(split_shards(s.shards, s.split)[1]):,} images)" for s in sets]
+    return [f"model: {what}: {m.backbone}, {weights_said(m)}, input {'x'.join(map(str, m.image_hw()))}",
+            f"sets: {', '.join(sized)}"]
+
+
 def _command(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m temu_dist.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -377,6 +388,9 @@ def _command(argv: list[str] | None) -> int:
                         help="also each set's PLCC after fitting this logistic of the scores to the MOS, as plcc_fit: "
                              "logistic_4params (VQEG's) or logistic_5params, as IQA-PyTorch's calculate_plcc fits "
                              "(eval.plcc_fit=CURVE)")
+    parser.add_argument("--check", action="store_true",
+                        help="check the sets and the model's config and weights' name, say what would be scored, and "
+                             "stop (no model built, nothing written)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     bad = [o for o in args.overrides if not is_override(o)]
@@ -401,22 +415,27 @@ def _command(argv: list[str] | None) -> int:
             _check_out(Path(args.out))
         if args.scores:
             _check_scores(Path(args.scores))
-        if args.checkpoint:
-            folder = checkpoint_dir(args.checkpoint)
-            model, config = load_model(folder, args.overrides, accelerator.device)
-            epoch = epoch_of(folder)
-            scored = {"checkpoint": str(folder), **({"epoch": epoch} if epoch is not None else {})}
-            label = config.name + (f" (epoch {epoch})" if epoch is not None else "")
-        else:
-            config = load_config(args.config, args.overrides)
-            model = build_clipiqa(config, args.clipiqa, args.layer, accelerator.device)
-            scored = {"clipiqa": args.clipiqa, **({"layer": args.layer} if args.layer else {}), "config": args.config}
-            label = model.columns[0] if len(model.columns) == 1 else None
+        folder = checkpoint_dir(args.checkpoint) if args.checkpoint else None
+        config = configs_of(folder, args.overrides)[1] if folder else load_config(args.config, args.overrides)
+        # The sets before the model: a missing pack fails before the backbone's weights are fetched.
         sets = _shard_sets(args.shards) if args.shards else eval_sets(config)
         if args.shards:
             _check_sets(sets, config, "--shards")
         if not sets:
             raise ConfigError("nothing to evaluate: the config names no sets; pass --shards [NAME=]DIR[:SPLIT]")
+        if args.check:
+            if accelerator.is_main_process:
+                print("\n".join(f"evaluate: {line}" for line in _check_lines(config, sets, folder, args.clipiqa)))
+            return 0
+        if folder:
+            model, config = load_model(folder, args.overrides, accelerator.device)
+            epoch = epoch_of(folder)
+            scored = {"checkpoint": str(folder), **({"epoch": epoch} if epoch is not None else {})}
+            label = config.name + (f" (epoch {epoch})" if epoch is not None else "")
+        else:
+            model = build_clipiqa(config, args.clipiqa, args.layer, accelerator.device)
+            scored = {"clipiqa": args.clipiqa, **({"layer": args.layer} if args.layer else {}), "config": args.config}
+            label = model.columns[0] if len(model.columns) == 1 else None
         seen = seen_in_training(sets, config) if args.checkpoint else []
         if seen and accelerator.is_main_process:
             print(f"evaluate: warning: {', '.join(seen)}: packed from the labels the checkpoint trained on "

@@ -47,7 +47,7 @@ from temu_dist.evaluate import EvalSet, check_metric, eval_sets, evaluate_sets, 
 from temu_dist.gather import across_ranks
 from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights
-from temu_dist.model.backbone import check_backbone, pretrained_weights, vit_depth, weights_cached
+from temu_dist.model.backbone import check_backbone, pretrained_weights, vit_depth, weights_said
 from temu_dist.model.temu import TeMuIQA, Tokens, build_model
 from temu_dist.optim import make_optimizer, make_scheduler
 from temu_dist.plots import score_vs_time
@@ -547,11 +547,7 @@ def check_lines(config: Config) -> list[str]:
     sets = check_data(config)
     m, t = config.model, config.train
     depth = vit_depth(m.backbone)
-    # open_clip takes an hf-hub: or local-dir: model's weights from where it names, whatever model.pretrained says.
-    weights = "its own weights" if ":" in m.backbone else "random weights" if m.pretrained is None \
-        else f"weights {m.pretrained}" + {True: " (in the Hugging Face cache)", None: "",
-                                          False: " (not in the Hugging Face cache: fetched from the Hub as the run "
-                                                 "starts, which a node without network cannot)"}[weights_cached(m)]
+    weights = weights_said(m)
     height, width = m.image_hw()
     _, counts = split_shards(config.data.train, config.data.train_split)
     steps = epoch_steps(sum(counts), t.batch_size, t.max_steps_per_epoch)

@@ -1337,6 +1337,29 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
     assert scored["test"]["srcc"] == pytest.approx(best["test"]["srcc"], abs=1e-6)
     cfg = tmp_path / "zs.yaml"
     cfg.write_text("model: {backbone: Test-Tiny-ViT-16, pretrained: null, image_size: 64}\n")
+    # --check: what would be scored, with no model built; a missing pack is found before any weights are loaded.
+    counts = {split: sum(s["count"] for s in info["shards"])
+              for split, info in json.loads((Path(shards) / "manifest.json").read_text())["splits"].items()}
+    assert main(["--checkpoint", str(tmp_path / "run"), "--check"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"evaluate: model: {best_dir} (epoch 1): Test-Tiny-ViT-16, random weights, input 64x64",
+        f"evaluate: sets: val ({shards} val, {counts['val']} images), test ({shards} test, {counts['test']} images)"]
+    import temu_dist.evaluate as evaluate_mod
+
+    def unbuilt(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate_mod, "build_clipiqa", unbuilt)
+        patch.setattr(evaluate_mod, "load_model", unbuilt)
+        assert main(["--clipiqa", "c", "--config", str(cfg), "--shards", f"{shards}:test", "--check"]) == 0
+        assert capsys.readouterr().out.splitlines()[0] == "evaluate: model: CLIP-IQA c: Test-Tiny-ViT-16, random " \
+                                                          "weights, input 64x64"
+        assert main(["--clipiqa", "c", "--config", str(cfg), "--shards", str(tmp_path / "nowhere")]) == 1
+        assert capsys.readouterr().err.startswith(f"evaluate: --shards: {tmp_path / 'nowhere' / 'manifest.json'} "
+                                                  "not found")
+        assert main(["--checkpoint", str(tmp_path / "run"), "--shards", str(tmp_path / "nowhere")]) == 1
+        assert "manifest.json not found" in capsys.readouterr().err
     plots = tmp_path / "plots"
     assert main(["--clipiqa", "c", "--config", str(cfg), "--shards", f"{shards}:test", "--plots", str(plots),
                  "device=cpu"]) == 0

@@ -210,6 +210,19 @@ def weights_cached(cfg: ModelConfig) -> bool | None:
     return any(isinstance(huggingface_hub.try_to_load_from_cache(repo, f), str) for f in (safe, filename))
 
 
+def weights_said(cfg: ModelConfig) -> str:
+    """The backbone's weights as --check says them, checked (pretrained_weights), with whether a tag's are cached."""
+    pretrained_weights(cfg)
+    # open_clip takes an hf-hub: or local-dir: model's weights from where it names, whatever model.pretrained says.
+    if ":" in cfg.backbone:
+        return "its own weights"
+    if cfg.pretrained is None:
+        return "random weights"
+    return f"weights {cfg.pretrained}" + {True: " (in the Hugging Face cache)", None: "",
+                                          False: " (not in the Hugging Face cache: fetched from the Hub as the run "
+                                                 "starts, which a node without network cannot)"}[weights_cached(cfg)]
+
+
 def _hub_unreachable(repo: str, filename: str) -> str | None:
     """Why the Hub cannot be reached, or None where it can. One HEAD request, as hf_hub_download's own first one (its
     etag timeout, no retries): with no network, hf_hub_download retries 5 times with backoff, for each of the 2 files
