@@ -356,8 +356,10 @@ def _chunks(opts: PackOptions, codes: np.ndarray) -> Iterator[tuple[str, str, li
                                                                                                     key=lambda s: s[0])]
 
 
-def pack(opts: PackOptions) -> dict:
-    """Packs and returns the manifest (also written to OUT/manifest.json, last)."""
+def pack(opts: PackOptions, check: bool = False) -> dict:
+    """Packs and returns the manifest (also written to OUT/manifest.json, last). `check`: makes every check the pack
+    makes before it writes (labels, images there, the split, the folder) and returns {split: images} alone, with
+    nothing written."""
     _check(opts)
     if opts.split.by_reference is None:
         opts = replace(opts, split=replace(opts.split, by_reference=opts.info().has_reference))
@@ -391,6 +393,8 @@ def pack(opts: PackOptions) -> dict:
     records = _records(opts) if opts.skip_bad or any(out.glob("*.tar")) else _noting_missing(_records(opts), missing)
     route, total, unlisted, codes = splitter(records, opts.split, label_path.name, official)
     _refuse_missing(missing, route, opts, label_path.name)
+    if check:
+        return {split: int((codes == i).sum()) for i, split in enumerate(SPLITS) if (codes == i).any()}
     out.mkdir(parents=True, exist_ok=True)
     held = _hold(out)
     try:
@@ -757,6 +761,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the CPUs this process may use)")
     parser.add_argument("--resize-shorter", type=int, help="shrink images whose shorter side is larger than this")
     parser.add_argument("--skip-bad", action="store_true", help="leave out unreadable images, listed in the manifest")
+    parser.add_argument("--check", action="store_true",
+                        help="read and check the labels, the images' files and the split as the pack does before it "
+                             "writes, say how many images each split would hold, and stop (nothing written)")
     args = parser.parse_args(argv)
     if args.verify:
         problems = verify(args.verify)
@@ -786,7 +793,11 @@ def main(argv: list[str] | None = None) -> int:
         opts = PackOptions(args.dataset, args.root, args.out, args.label_file, args.meta_csv, spec, args.shard_size,
                            args.workers, args.resize_shorter, args.skip_bad, labels)
         with sigterm_as_ctrl_c():
-            manifest = pack(opts)
+            manifest = pack(opts, check=args.check)
+        if args.check:
+            print(f"pack: {args.out}: would hold " + ", ".join(f"{s} {n}" for s, n in manifest.items())
+                  + f" (shards of {args.shard_size}); nothing written")
+            return 0
     except ConfigError as e:
         print(f"pack: {e}", file=sys.stderr)
         return 1

@@ -276,9 +276,21 @@ def test_resize_shorter_shrinks_large_images_only(tmp_path):
 
 def test_cli_packs_and_reports(tmp_path, capsys):
     write_kadid(tmp_path / "kadid", refs=3, per_ref=2)
-    assert main(["--dataset", "kadid10k", "--root", str(tmp_path / "kadid"), "--out", str(tmp_path / "out"),
-                 "--workers", "1", "--ratios", "0.5", "0", "0.5"]) == 0
+    args = ["--dataset", "kadid10k", "--root", str(tmp_path / "kadid"), "--out", str(tmp_path / "out"), "--workers",
+            "1", "--ratios", "0.5", "0", "0.5"]
+    # --check: the split the pack would write, from the same checks, with nothing written.
+    assert main([*args, "--check"]) == 0
+    said = capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+    assert main(args) == 0
     assert "pack:" in capsys.readouterr().out
+    splits = json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]
+    assert said == f"pack: {tmp_path / 'out'}: would hold " + ", ".join(
+        f"{name} {info['count']}" for name, info in splits.items()) + " (shards of 1000); nothing written\n"
+    (tmp_path / "kadid" / "images" / "I01_01_01.png").unlink()
+    assert main([*args[:5], str(tmp_path / "o3"), "--check"]) == 1
+    assert "1 of the images it names is not under" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()
     assert main(["--dataset", "kadid10k", "--root", str(tmp_path / "none"), "--out", str(tmp_path / "o2")]) == 1
     assert "dmos.csv" in capsys.readouterr().err
 
