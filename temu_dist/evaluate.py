@@ -48,7 +48,7 @@ from temu_dist.distributed import eval_accelerator
 from temu_dist.metrics import correlations, fitted_plcc
 from temu_dist.model.backbone import weights_said
 from temu_dist.model.io import checkpoint_dir, configs_of, load_model
-from temu_dist.model.clipiqa import ClipIQA, build_clipiqa
+from temu_dist.model.clipiqa import ClipIQA, build_clipiqa, check_clipiqa
 from temu_dist.model.temu import QualityOutput, TeMuIQA
 from temu_dist.plots import scatter
 from temu_dist.report import is_evaluation
@@ -423,6 +423,8 @@ def _command(argv: list[str] | None) -> int:
             _check_sets(sets, config, "--shards")
         if not sets:
             raise ConfigError("nothing to evaluate: the config names no sets; pass --shards [NAME=]DIR[:SPLIT]")
+        if args.clipiqa:
+            check_clipiqa(config, args.clipiqa, args.layer)
         if args.check:
             if accelerator.is_main_process:
                 print("\n".join(f"evaluate: {line}" for line in _check_lines(config, sets, folder, args.clipiqa)))

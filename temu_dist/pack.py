@@ -50,7 +50,7 @@ from temu_dist.data.manifest import (IMAGE_FORMATS, MANIFEST, PACK_FILE, PACK_LO
                                      read_manifest)
 from temu_dist.data.sources import (DATASETS, META_SPLIT_COLUMNS, CsvLabels, DataError, DatasetInfo, Record,
                                     label_scale, read_csv_labels, read_pyiqa_meta, read_records)
-from temu_dist.data.splits import SPLITS, SplitSpec, split_read, splitter
+from temu_dist.data.splits import NOT_LISTED, SPLITS, SplitSpec, split_read, splitter
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 
 FORMAT = "temu-dist-shards/1"
@@ -301,12 +301,12 @@ def _refuse_missing(missing: array, route: Callable[[Record], str | None], opts:
                         f"{', '.join(shown)}: fix --root or the files, or leave them out with --skip-bad{layout}")
 
 
-def _reopen_for_left_out(out: Path, opts: PackOptions, label_file: str) -> None:
-    """A finished pack that left images out (--skip-bad), packed again without --skip-bad: the shards that left them
-    out are written again whole, so each of their images must read now (those it left out and those it holds), or
-    nothing changes. Then the pack is unfinished until they are written."""
+def _reopens_for_left_out(out: Path, opts: PackOptions, label_file: str) -> bool:
+    """Whether a finished pack that left images out (--skip-bad), packed again without --skip-bad, writes again the
+    shards that left them out, whole: then each of their images must read now (those it left out and those it holds),
+    or nothing changes; the pack is unfinished until they are written."""
     if opts.skip_bad or not (out / MANIFEST).is_file():
-        return
+        return False
     left_out, held = set(), set()
     for sidecar in out.glob("*.tar.skipped.json"):
         skipped = _read_json(sidecar)
@@ -314,7 +314,7 @@ def _reopen_for_left_out(out: Path, opts: PackOptions, label_file: str) -> None:
             left_out |= {s.get("name") for s in skipped if isinstance(s, dict)}
             held |= set(_whole_shard_names(out / sidecar.name.removesuffix(".skipped.json")) or ())
     if not left_out:
-        return
+        return False
     needed = left_out | held
     for record in _records(opts):
         if record.name not in needed or not isinstance(why := _encode(record.path, opts.resize_shorter), str):
@@ -325,7 +325,7 @@ def _reopen_for_left_out(out: Path, opts: PackOptions, label_file: str) -> None:
         raise DataError(f"{record.name} ({label_file} row {record.row}) cannot be read ({why}), and its shard is "
                         f"written again to take in the images {out} left out (--skip-bad): put it back, or pack with "
                         "--skip-bad as before")
-    (out / MANIFEST).unlink()
+    return True
 
 
 def _chunks(opts: PackOptions, codes: np.ndarray) -> Iterator[tuple[str, str, list[tuple[str, dict]]]]:
@@ -358,8 +358,9 @@ def _chunks(opts: PackOptions, codes: np.ndarray) -> Iterator[tuple[str, str, li
 
 def pack(opts: PackOptions, check: bool = False) -> dict:
     """Packs and returns the manifest (also written to OUT/manifest.json, last). `check`: makes every check the pack
-    makes before it writes (labels, images there, the split, the folder) and returns {split: images} alone, with
-    nothing written."""
+    makes before it writes (labels, images there, the split, the folder) and returns, with nothing written, what it
+    would hold: {"splits": {split: images}, "unlisted": left out by a split file, "missing": left out by --skip-bad
+    for want of a file (an unreadable one is found as its shard is written)}."""
     _check(opts)
     if opts.split.by_reference is None:
         opts = replace(opts, split=replace(opts.split, by_reference=opts.info().has_reference))
@@ -390,11 +391,20 @@ def pack(opts: PackOptions, check: bool = False) -> dict:
         f"{info.official_split} beside {label_path.name}"
     # Only before a pack's first shard: a rerun reuses finished shards, whose images need not be there any more.
     missing = array("q")
-    records = _records(opts) if opts.skip_bad or any(out.glob("*.tar")) else _noting_missing(_records(opts), missing)
+    rerun = any(out.glob("*.tar"))
+    records = _records(opts) if rerun or opts.skip_bad and not check else _noting_missing(_records(opts), missing)
     route, total, unlisted, codes = splitter(records, opts.split, label_path.name, official)
-    _refuse_missing(missing, route, opts, label_path.name)
+    if not (check and opts.skip_bad):  # --skip-bad leaves them out: the check counts them
+        _refuse_missing(missing, route, opts, label_path.name)
     if check:
-        return {split: int((codes == i).sum()) for i, split in enumerate(SPLITS) if (codes == i).any()}
+        if (holder := lock.holder(out / PACK_LOCK)) is not None:
+            raise _busy(out, holder)
+        _reopens_for_left_out(out, opts, label_path.name)
+        there = np.ones(len(codes), dtype=bool)
+        there[np.frombuffer(missing, dtype=np.int64)] = False
+        return {"splits": {split: int(((codes == i) & there).sum()) for i, split in enumerate(SPLITS)
+                           if ((codes == i) & there).any()},
+                "unlisted": unlisted, "missing": int((~there & (codes != NOT_LISTED)).sum())}
     out.mkdir(parents=True, exist_ok=True)
     held = _hold(out)
     try:
@@ -404,13 +414,17 @@ def pack(opts: PackOptions, check: bool = False) -> dict:
             lock.let_go(held)
 
 
+def _busy(out: Path, holder: object) -> DataError:
+    return DataError(f"{out}: another pack is writing this folder ({holder}): wait for it to end or stop it")
+
+
 def _hold(out: Path):
     """The pack folder for this pack alone: a second started into it (the same command twice, a job requeued)
     overwrote the first's shards under it, whose manifest then named hashes they no longer had."""
     try:
         return lock.take(out / PACK_LOCK)
     except lock.Busy as e:
-        raise DataError(f"{out}: another pack is writing this folder ({e}): wait for it to end or stop it") from None
+        raise _busy(out, e) from None
     except lock.NoLocks as e:
         tqdm.write(f"pack: warning: {out / PACK_LOCK} cannot be locked ({e}): a second pack into {out} will not be "
                    "refused", file=sys.stderr)
@@ -423,7 +437,8 @@ def _write(opts: PackOptions, out: Path, label_path: Path, identity: dict, codes
     a finished pack of the same identity recorded it, written back so."""
     started = out / STARTED
     recorded = _recorded_hashes(out)  # before a reopen for its left-out images removes the manifest
-    _reopen_for_left_out(out, opts, label_path.name)
+    if _reopens_for_left_out(out, opts, label_path.name):
+        (out / MANIFEST).unlink()
     write_json_atomic(started, identity)
     for stale in out.iterdir():  # the packer's own only: a user's dot files stay
         if stale.name.endswith(".tmp") and PACK_FILE.fullmatch(stale.name):
@@ -795,8 +810,11 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_ctrl_c():
             manifest = pack(opts, check=args.check)
         if args.check:
-            print(f"pack: {args.out}: would hold " + ", ".join(f"{s} {n}" for s, n in manifest.items())
-                  + f" (shards of {args.shard_size}); nothing written")
+            absent = manifest["missing"]
+            left = [f"{absent} image{'s' * (absent != 1)} not there, left out (--skip-bad)"] if absent else []
+            left += [f"not in the split file {manifest['unlisted']}"] if manifest["unlisted"] else []
+            print(f"pack: {args.out}: would hold " + ", ".join(f"{s} {n}" for s, n in manifest["splits"].items())
+                  + f" (shards of {args.shard_size}){''.join(f'; {x}' for x in left)}; nothing written")
             return 0
     except ConfigError as e:
         print(f"pack: {e}", file=sys.stderr)

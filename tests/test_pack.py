@@ -290,6 +290,12 @@ def test_cli_packs_and_reports(tmp_path, capsys):
     (tmp_path / "kadid" / "images" / "I01_01_01.png").unlink()
     assert main([*args[:5], str(tmp_path / "o3"), "--check"]) == 1
     assert "1 of the images it names is not under" in capsys.readouterr().err
+    # With --skip-bad, left out of its split's count.
+    assert main([*args[:5], str(tmp_path / "o3"), *args[6:], "--check", "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("; 1 image not there, left out (--skip-bad); nothing written\n")
+    counts = dict(item.rsplit(" ", 1) for item in out.split("would hold ")[1].split(" (")[0].split(", "))
+    assert sum(map(int, counts.values())) == sum(info["count"] for info in splits.values()) - 1
     assert not (tmp_path / "o3").exists()
     assert main(["--dataset", "kadid10k", "--root", str(tmp_path / "none"), "--out", str(tmp_path / "o2")]) == 1
     assert "dmos.csv" in capsys.readouterr().err
@@ -562,9 +568,10 @@ def test_a_second_pack_into_a_folder_being_packed_is_refused_naming_the_first(tm
     out.mkdir()
     held = lock.take(out / "pack.lock")
     try:
-        with pytest.raises(DataError, match=rf"^{out}: another pack is writing this folder \(pid {os.getpid()} on "
-                                            r".*\): wait for it to end or stop it$"):
-            pack(_opts(tmp_path / "kadid", out))
+        for check in (False, True):
+            with pytest.raises(DataError, match=rf"^{out}: another pack is writing this folder \(pid {os.getpid()} "
+                                                r"on .*\): wait for it to end or stop it$"):
+                pack(_opts(tmp_path / "kadid", out), check=check)
         assert sorted(p.name for p in out.iterdir()) == ["pack.lock"]
     finally:
         lock.let_go(held)

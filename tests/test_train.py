@@ -1340,10 +1340,6 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
     # --check: what would be scored, with no model built; a missing pack is found before any weights are loaded.
     counts = {split: sum(s["count"] for s in info["shards"])
               for split, info in json.loads((Path(shards) / "manifest.json").read_text())["splits"].items()}
-    assert main(["--checkpoint", str(tmp_path / "run"), "--check"]) == 0
-    assert capsys.readouterr().out.splitlines() == [
-        f"evaluate: model: {best_dir} (epoch 1): Test-Tiny-ViT-16, random weights, input 64x64",
-        f"evaluate: sets: val ({shards} val, {counts['val']} images), test ({shards} test, {counts['test']} images)"]
     import temu_dist.evaluate as evaluate_mod
 
     def unbuilt(*args, **kwargs):
@@ -1352,6 +1348,20 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluate_mod, "build_clipiqa", unbuilt)
         patch.setattr(evaluate_mod, "load_model", unbuilt)
+        assert main(["--checkpoint", str(tmp_path / "run"), "--check"]) == 0
+        assert capsys.readouterr().out.splitlines() == [
+            f"evaluate: model: {best_dir} (epoch 1): Test-Tiny-ViT-16, random weights, input 64x64",
+            f"evaluate: sets: val ({shards} val, {counts['val']} images), test ({shards} test, {counts['test']} "
+            "images)"]
+        # A zero-shot config's own set (Tables 11-13's), and what CLIP-IQA itself refuses, before any weights.
+        missing = tmp_path / "koniq10k-all"
+        crossed = tmp_path / "zs-cross.yaml"
+        crossed.write_text(cfg.read_text() + f"eval: {{cross: [{{name: koniq10k, shards: {missing}}}]}}\n")
+        assert main(["--clipiqa", "table", "--config", str(crossed)]) == 1
+        assert capsys.readouterr().err.startswith(f"evaluate: eval.cross.0.shards: {missing / 'manifest.json'} not "
+                                                  "found")
+        assert main(["--clipiqa", "b", "--config", str(cfg), "--shards", str(shards), "--check"]) == 1
+        assert capsys.readouterr().err == "evaluate: --clipiqa b scores one layer: name it with --layer N (1-4)\n"
         assert main(["--clipiqa", "c", "--config", str(cfg), "--shards", f"{shards}:test", "--check"]) == 0
         assert capsys.readouterr().out.splitlines()[0] == "evaluate: model: CLIP-IQA c: Test-Tiny-ViT-16, random " \
                                                           "weights, input 64x64"

@@ -97,9 +97,9 @@ def _pack_command(folder: Path) -> str:
     if "qalign" in words:
         return (how + f" --split file --split-file {dataset}-qalign.csv (made from Q-Align's JSON files by python -m "
                 f"temu_dist.data.qalign)")
-    if "official" in words or folder.name == dataset and DATASETS[dataset].official_split:
+    if "official" in words or folder.name == dataset and dataset in DATASETS and DATASETS[dataset].official_split:
         return how + " --split official"
-    if "loda" in words:
+    if "loda" in words and dataset == "koniq10k":
         return (how + " --meta-csv meta_info_KonIQ10kDataset.csv --split file --split-file koniq10k_82_seed3407.pkl "
                 "--split-index 0 (LoDa's split, from IQA-PyTorch's files: configs/experiments/fig6-vitb16-time.yaml "
                 "says how to check its order)")

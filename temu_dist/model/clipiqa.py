@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from temu_dist.config import Config, ConfigError
-from temu_dist.model.backbone import Backbone, compute_dtype, create_clip
+from temu_dist.model.backbone import Backbone, compute_dtype, create_clip, vit_depth
 from temu_dist.model.prompts import PromptLearner
 from temu_dist.model.temu import resolve_device
 
@@ -66,12 +66,19 @@ def layer_spec(option: Option, layer: int | None, num_layers: int) -> str:
     return "all"
 
 
-def build_clipiqa(config: Config, option: Option = "a", layer: int | None = None,
-                  device: torch.device | None = None) -> ClipIQA:
-    """Fixed prompts (model.prompt_pairs) whatever model.prompt says: zero-shot means nothing is learned."""
+def check_clipiqa(config: Config, option: Option = "a", layer: int | None = None) -> None:
+    """What build_clipiqa refuses, from the config alone (open_clip's for the depth): before any weights are fetched."""
     if config.model.tower_fp8:
         # Zero-shot scoring runs uncompiled, where the fp8 tower is slower than bf16 on a GPU.
         raise ConfigError("model.tower_fp8: CLIP-IQA scores with the bf16 tower; set model.tower_fp8=false")
+    if (depth := vit_depth(config.model.backbone)) is not None:
+        layer_spec(option, layer, depth)
+
+
+def build_clipiqa(config: Config, option: Option = "a", layer: int | None = None,
+                  device: torch.device | None = None) -> ClipIQA:
+    """Fixed prompts (model.prompt_pairs) whatever model.prompt says: zero-shot means nothing is learned."""
+    check_clipiqa(config, option, layer)
     device = device or resolve_device(config.device)
     clip = create_clip(config.model, config.seed)
     num_layers = len(clip.visual.transformer.resblocks)
