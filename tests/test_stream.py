@@ -223,7 +223,8 @@ def test_missing_shards_name_the_pack_command(tmp_path, monkeypatch):
     # A folder named after its dataset gets that dataset's command.
     for folder, dataset in (("KonIQ-10k", "koniq10k"), ("kadid", "kadid10k"), ("live", "live"), ("livec", "livec"),
                             ("CLIVE", "livec"), ("LIVE_itW", "livec"), ("livefb", "flive"), ("f", "NAME"),
-                            ("csi", "NAME"), ("mine", "NAME"), ("koniq_1024", "koniq10k")):
+                            ("csi", "NAME"), ("mine", "NAME"), ("NAME", "NAME"), ("koniq_1024", "koniq10k"),
+                            ("spaq-loda", "spaq")):
         with pytest.raises(ShardsMissing, match=rf"pack --dataset {dataset} --root DATASET_DIR --out .*{folder}$"):
             split_shards(tmp_path / "shards" / folder, "train")
     # With the split the configs' folder names stand for: a cross-dataset set packed whole, Q-Align's, a series'.
