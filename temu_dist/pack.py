@@ -400,11 +400,12 @@ def pack(opts: PackOptions, check: bool = False) -> dict:
         if (holder := lock.holder(out / PACK_LOCK)) is not None:
             raise _busy(out, holder)
         _reopens_for_left_out(out, opts, label_path.name)
-        there = np.ones(len(codes), dtype=bool)
-        there[np.frombuffer(missing, dtype=np.int64)] = False
-        return {"splits": {split: int(((codes == i) & there).sum()) for i, split in enumerate(SPLITS)
-                           if ((codes == i) & there).any()},
-                "unlisted": unlisted, "missing": int((~there & (codes != NOT_LISTED)).sum())}
+        absent = np.zeros(len(codes), dtype=bool)
+        absent[np.frombuffer(missing, dtype=np.int64)] = True
+        listed = codes != NOT_LISTED
+        counts = np.bincount(codes[listed & ~absent], minlength=len(SPLITS))
+        return {"splits": {split: int(n) for split, n in zip(SPLITS, counts) if n}, "unlisted": unlisted,
+                "missing": int((listed & absent).sum())}
     out.mkdir(parents=True, exist_ok=True)
     held = _hold(out)
     try:

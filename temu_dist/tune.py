@@ -452,6 +452,8 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
     import ray
 
     address, search_dir, base, metric, restored = _before_ray(search)
+    if not address:
+        _check_fits_here(search.resources)
     if address and not ray.is_initialized():  # before the lock: a search that cannot start writes nothing
         _join(search, address)
     held = _hold_search_folder(search_dir)
@@ -462,18 +464,15 @@ def run_search(search: SearchConfig, trainable: Callable | None = None) -> dict:
             lock.let_go(held)
 
 
-def _before_ray(search: SearchConfig, fits_here: bool = True) -> tuple[str | None, Path, dict, str, bool]:
-    """The checks a search makes before anything is made or started (`fits_here`: whether one trial fits this
-    machine, for a local Ray): (the Ray cluster's address or None, the search folder, the base config, the metric,
-    whether the folder holds a search to resume)."""
+def _before_ray(search: SearchConfig) -> tuple[str | None, Path, dict, str, bool]:
+    """The checks a search and its --check make before anything is made or started, but whether a trial fits this
+    machine: (the Ray cluster's address or None, the search folder, the base config, the metric, whether the folder
+    holds a search to resume). A cluster is not held to this machine's CPUs and GPUs; once joined, a trial no node can
+    hold is only warned about, since an autoscaler may add nodes for it."""
     from ray import tune
 
     address = search.address or os.environ.get("RAY_ADDRESS")
-    # A cluster is not held to this machine's CPUs and GPUs; once joined, a trial no node can hold is only warned
-    # about, since an autoscaler may add nodes for it.
     if not address:
-        if fits_here:
-            _check_fits_here(search.resources)
         _check_data(search)  # on a cluster the driver need not see the shards the workers read
     search_dir = (Path(search.out_dir) / search.name).resolve()
     base = base_config(search)
@@ -488,7 +487,7 @@ def check_lines(search: SearchConfig) -> list[str]:
     """`--check`: the search's checks before Ray starts, and what it would run, with nothing started or written. A
     trial too large for this machine is a warning, not a refusal: checked on a login node, the search may be meant
     for a job's nodes (launch/ray-slurm.sbatch)."""
-    address, search_dir, base, metric, restored = _before_ray(search, fits_here=False)
+    address, search_dir, base, metric, restored = _before_ray(search)
     too_large = []
     if not address:
         try:
@@ -497,7 +496,7 @@ def check_lines(search: SearchConfig) -> list[str]:
             too_large = [f"warning: started on this machine, the search would be refused: {e}"]
     res = search.resources
     asks = ", ".join(f"{n:g} {what}" for n, what in ((res.cpu, "CPU"), (res.gpu, "GPU")) if n)
-    points = _planned(search) // search.num_samples
+    trials = _planned(search)
     space = "; ".join(f"{key} {kind} {', '.join(map(str, values))}" for key, spec in search.space.items()
                       for kind, values in spec.items())
     epochs = base["train"]["epochs"]
@@ -507,7 +506,8 @@ def check_lines(search: SearchConfig) -> list[str]:
         "a local Ray (the packs, evaluation sets and weights of every grid and choice value checked)"
     folder = "finished: its results are gathered again" if restored and _finished(search_dir) else \
         "resumes the search it holds" if restored else "a new search"
-    return [f"{_planned(search)} trial(s): {search.num_samples} sample(s) of each of {points} grid point(s) of {space}",
+    return [f"{trials} trial(s): {search.num_samples} sample(s) of each of {trials // search.num_samples} grid "
+            f"point(s) of {space}",
             f"each trial: {asks}" + (f" per process, {res.workers} processes" if res.workers > 1 else "") +
             (f"; {search.max_concurrent} at a time" if search.max_concurrent else "") +
             f"; ranked by {metric} ({search.mode}); {stops}",

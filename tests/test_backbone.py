@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from temu_dist.config import ConfigError
 from temu_dist.model import backbone as backbone_mod
 from temu_dist.model.backbone import (Backbone, PatchEmbed, check_backbone, compute_dtype, create_clip, layer_indices,
-                                      pretrained_weights, weights_cached)
+                                      pretrained_weights, weights_cached, weights_said)
 from temu_dist.model.temu import build_model
 from tests.conftest import tiny_config
 
@@ -198,10 +198,12 @@ def _put_in_hub_cache(cache, state: dict, filename: str, repo: str = "temu-test/
 @pytest.mark.parametrize("filename", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
 def test_whether_a_tags_weights_are_cached_is_looked_up_without_the_network(hub_tag, no_network, filename):
     cfg = tiny_config("model.pretrained=tiny").model
-    assert weights_cached(cfg) is False
+    assert weights_said(cfg) == "weights tiny (not in the Hugging Face cache: fetched from the Hub as the run " \
+        "starts, which a node without network cannot)"
     _put_in_hub_cache(hub_tag, {"w": torch.zeros(1)}, filename)
-    assert weights_cached(cfg) is True
-    assert weights_cached(tiny_config().model) is None  # random weights
+    assert weights_cached("Test-Tiny-ViT-16", "tiny") is True
+    assert weights_said(cfg) == "weights tiny (in the Hugging Face cache)"
+    assert weights_said(tiny_config().model) == "random weights"
     assert not no_network
 
 

@@ -195,13 +195,11 @@ def _hub_file(tag_cfg: dict) -> tuple[str, str] | None:
     return repo, filename or open_clip.constants.HF_WEIGHTS_NAME
 
 
-def weights_cached(cfg: ModelConfig) -> bool | None:
-    """Whether a pretrained tag's weights are in the Hugging Face cache already (a node without network loads them
-    from there), looked up without a request; None for a file, random weights or a tag not fetched from the Hub."""
-    name = open_clip_name(cfg.backbone)
-    if cfg.pretrained is None or ":" in name or Path(cfg.pretrained).expanduser().is_file():
-        return None
-    if (hub := _hub_file(open_clip.get_pretrained_cfg(name, cfg.pretrained))) is None:
+def weights_cached(name: str, tag: str) -> bool | None:
+    """Whether an open_clip tag's weights (`name`: as open_clip_name gives it) are in the Hugging Face cache already,
+    where a node without network loads them from, looked up without a request; None for a tag not fetched from the
+    Hub."""
+    if (hub := _hub_file(open_clip.get_pretrained_cfg(name, tag))) is None:
         return None
     repo, filename = hub
     # open_clip takes a .safetensors file in place of a .bin one where the repo has it.
@@ -212,15 +210,16 @@ def weights_cached(cfg: ModelConfig) -> bool | None:
 
 def weights_said(cfg: ModelConfig) -> str:
     """The backbone's weights as --check says them, checked (pretrained_weights), with whether a tag's are cached."""
-    pretrained_weights(cfg)
+    file, _, _ = pretrained_weights(cfg)
     # open_clip takes an hf-hub: or local-dir: model's weights from where it names, whatever model.pretrained says.
     if ":" in cfg.backbone:
         return "its own weights"
     if cfg.pretrained is None:
         return "random weights"
+    cached = None if file else weights_cached(open_clip_name(cfg.backbone), cfg.pretrained)
     return f"weights {cfg.pretrained}" + {True: " (in the Hugging Face cache)", None: "",
                                           False: " (not in the Hugging Face cache: fetched from the Hub as the run "
-                                                 "starts, which a node without network cannot)"}[weights_cached(cfg)]
+                                                 "starts, which a node without network cannot)"}[cached]
 
 
 def _hub_unreachable(repo: str, filename: str) -> str | None:
