@@ -306,6 +306,11 @@ class Config(Section):
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
 
+    def pack_folders(self) -> list[tuple[str, str]]:
+        """The packs the config names, with the key that names each: data.train's, then each eval.cross set's."""
+        return [("data.train", self.data.train)] * bool(self.data.train) + [
+            (f"eval.cross.{i}.shards", c.shards) for i, c in enumerate(self.eval.cross)]
+
 
 def set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
     *parents, leaf = dotted.split(".")

@@ -41,7 +41,7 @@ from temu_dist.config import (Config, ConfigError, Curve, EvalConfig, check_outp
 from temu_dist.data.augment import normalize
 from temu_dist.data.keys import name_key
 from temu_dist.data.ldg import LocalDistortion, check_fidelity_size, ldg_targets
-from temu_dist.data.manifest import pack_named_by
+from temu_dist.data.manifest import naming_unpacked, pack_named_by
 from temu_dist.data.splits import SPLITS, split_read
 from temu_dist.data.stream import eval_loader, read_manifest, split_shards
 from temu_dist.distributed import eval_accelerator
@@ -115,10 +115,11 @@ def _check_sets(sets: list[EvalSet], config: Config, flag: str | None = None) ->
     if duplicate:
         raise ConfigError(f"eval: two evaluation sets are named '{duplicate}'; give each a name of its own")
     cross = {c.name: i for i, c in enumerate(config.eval.cross)}
-    for s in sets:
-        # Named as the user named the pack: on the command line (flag), in eval.cross, or as data.train.
-        key = flag or (f"eval.cross.{cross[s.name]}.shards" if s.name in cross else "data.train")
-        with pack_named_by(key):
+    # Named as the user named the pack: on the command line (flag), in eval.cross, or as data.train.
+    keys = [flag or (f"eval.cross.{cross[s.name]}.shards" if s.name in cross else "data.train") for s in sets]
+    for i, (s, key) in enumerate(zip(sets, keys)):
+        with naming_unpacked(zip(keys[i + 1:], (t.shards for t in sets[i + 1:])), covered=[s.shards]), \
+                pack_named_by(key):
             split_shards(s.shards, s.split)
         if config.eval.ldg:
             key = "model.image_size" if s.image_hw is None else f"eval.cross.{cross[s.name]}.image_size"

@@ -22,6 +22,7 @@ import math
 import os
 import statistics
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from accelerate import PartialState
@@ -29,7 +30,7 @@ from accelerate import PartialState
 from temu_dist.atomic import write_json_atomic
 from temu_dist.checkpoint import find_checkpoint, where_it_goes_on
 from temu_dist.config import KEY_METRICS, Config, ConfigError, check_run_folder, load_config, notices_as_lines
-from temu_dist.data.manifest import read_manifest
+from temu_dist.data.manifest import naming_unpacked, read_manifest
 from temu_dist.tracking import config_params, config_tags, finish_run, parent_run, tracking_uri
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_step_ends, stop_code
 from temu_dist.resume import check_extendable
@@ -119,13 +120,20 @@ def _series_folder(config: Config, splits: int) -> Path:
     return out
 
 
+def _naming_later_splits(config: Config, index: int, splits: int) -> AbstractContextManager:
+    """A split's missing pack names the later splits' packs that are missing too."""
+    later = [pack for i in range(index + 1, splits) for pack in split_config(config, i).pack_folders()]
+    return naming_unpacked(later, covered=[folder for _, folder in split_config(config, index).pack_folders()])
+
+
 def check_lines(config: Config, splits: int) -> list[str]:
     """`--check`: the series' checks before its first split trains, and what each split's run would do (train's
     --check), with nothing built or written."""
     out = _series_folder(config, splits)
     lines = []
     for i in range(splits):
-        said = train_check_lines(split_config(config, i))
+        with _naming_later_splits(config, i, splits):
+            said = train_check_lines(split_config(config, i))
         lines += [said[0]] if i == 0 else []  # the model, alike in every split
         lines += [f"split {i}: {line}" for line in said[1:]]
     _check_distinct_packs(config, splits)
@@ -137,7 +145,8 @@ def repeat(config: Config, splits: int) -> dict:
     extending = False
     for i in range(splits):  # every split's pack (and run to extend), before the first trains for hours
         split = split_config(config, i)
-        check_data(split)
+        with _naming_later_splits(config, i, splits):
+            check_data(split)
         if config.train.resume == "extend":
             extending |= check_extendable(split)
     _check_distinct_packs(config, splits)

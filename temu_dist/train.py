@@ -40,7 +40,7 @@ from temu_dist.config import (KEY_METRICS, MLFLOW_FOLDERS, Config, ConfigError, 
                               dump, flatten, load_config, notices_as_lines)
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import check_fidelity_size, ldg_targets
-from temu_dist.data.manifest import pack_named_by, read_manifest
+from temu_dist.data.manifest import naming_unpacked, pack_named_by, read_manifest
 from temu_dist.data.stream import SharedEpoch, epoch_steps, reader_count, split_shards, train_loader
 from temu_dist.distributed import BatchPlan, check_processes_agree, keep_buffers_in_place, make_accelerator
 from temu_dist.evaluate import EvalSet, check_metric, eval_sets, evaluate_sets, scatter_plots, seen_in_training
@@ -493,7 +493,7 @@ def check_data(config: Config) -> list[EvalSet]:
     pretrained_weights(config.model)  # a misspelt tag or a missing file, now rather than after the data checks
     if config.ldg.enabled:
         check_fidelity_size("model.image_size", config.model.image_hw(), config.ldg)
-    with pack_named_by("data.train"):
+    with naming_unpacked(config.pack_folders(), covered=[config.data.train]), pack_named_by("data.train"):
         _, counts = split_shards(config.data.train, config.data.train_split)
     if config.train.batch_size > sum(counts):  # here too, not only in the loader: a search checks its trials with it
         raise ConfigError(f"train.batch_size: a global batch of {config.train.batch_size} is larger than the "

@@ -44,6 +44,7 @@ from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist.config import (Config, ConfigError, Notice, Section, apply_overrides, differ, dump, error_line,
                               flatten, folder_name, load_config, metric_key, notices_as_lines, one_line_error,
                               parse_override, read_yaml, settings_label)
+from temu_dist.data.manifest import naming_unpacked
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 from temu_dist.tracking import finish_run, log_artifacts, parent_run, tracking_uri
 
@@ -304,10 +305,14 @@ def _check_data(search: SearchConfig) -> None:
 
     keys = [k for k, spec in search.space.items() if next(iter(spec)) in ("grid", "choice") and any(
         k == read or k.startswith(f"{read}.") for read in CHECKED_DATA_KEYS)]
-    for values in itertools.product(*(next(iter(search.space[k].values())) for k in keys)):
-        config = load_config(search.base, [*search.overrides, *(f"{k}={json.dumps(v)}" for k, v in zip(keys, values)),
-                                           f"out_dir={json.dumps(search.out_dir)}"])
-        sets = check_data(config)
+    configs = [load_config(search.base, [*search.overrides, *(f"{k}={json.dumps(v)}" for k, v in zip(keys, values)),
+                                         f"out_dir={json.dumps(search.out_dir)}"])
+               for values in itertools.product(*(next(iter(search.space[k].values())) for k in keys))]
+    for i, config in enumerate(configs):
+        # A missing pack names the other trials' missing packs too.
+        with naming_unpacked([pack for later in configs[i + 1:] for pack in later.pack_folders()],
+                             covered=[folder for _, folder in config.pack_folders()]):
+            sets = check_data(config)
         # The search's own metric, as the key metric is: one the trials' evaluation reports.
         if search.metric:
             check_metric("metric", search.metric, sets, config)

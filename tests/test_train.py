@@ -880,8 +880,12 @@ def test_repeat_reports_mean_and_std_over_seeded_splits_and_skips_finished_ones(
     # Every split's pack is checked before the first trains: a missing one does not cost the others' hours.
     with pytest.raises(ConfigError, match=f"^data.train: {tmp_path / 'split2' / 'manifest.json'} not found"):
         repeat(config, 3)
-    with pytest.raises(ConfigError, match=f"^data.train: {tmp_path / 'split2' / 'manifest.json'} not found"):
-        repeat_mod.check_lines(config, 3)
+    # All of them at once.
+    later = re.escape(f"; not packed either: data.train ({tmp_path / 'split3'}), data.train ({tmp_path / 'split4'})")
+    with pytest.raises(ConfigError, match=f"^data.train: {tmp_path / 'split2' / 'manifest.json'} not found.*{later}$"):
+        repeat(config, 5)
+    with pytest.raises(ConfigError, match=f"^data.train: {tmp_path / 'split2' / 'manifest.json'} not found.*{later}$"):
+        repeat_mod.check_lines(config, 5)
     said = repeat_mod.check_lines(config, 2)
     assert said[0].startswith("model: Test-Tiny-ViT-16") and said[-1] == f"series folder: {tmp_path / 'rep'}, the " \
         "mean and sd over its 2 splits in repeat.json"
@@ -1682,6 +1686,18 @@ def test_what_training_cannot_use_is_refused_before_any_work(tmp_path, shards):
                          f"eval.cross=[{{name: x, shards: {shards}, image_size: 32}}]"))
     with pytest.raises(ConfigError, match=f"^eval.cross.0.shards: {tmp_path / 'none' / 'manifest.json'} not found"):
         train(run_config(tmp_path, shards, f"eval.cross=[{{name: x, shards: {tmp_path / 'none'}}}]"))
+    # One check names every pack still to make (each once), not one a run: Table 3's config names five.
+    cross = f"eval.cross=[{{name: a, shards: {tmp_path / 'a'}}}, {{name: b, shards: {shards}}}, " \
+        f"{{name: c, shards: {tmp_path / 'c'}}}, {{name: d, shards: {tmp_path / 'none'}}}, " \
+        f"{{name: e, shards: {tmp_path / 'c'}}}]"
+    with pytest.raises(ConfigError, match=rf"^data.train: {tmp_path / 'none' / 'manifest.json'} not found: make the "
+                                          rf"shards first, .*; not packed either: eval.cross.0.shards "
+                                          rf"\({tmp_path / 'a'}\), eval.cross.2.shards \({tmp_path / 'c'}\)$"):
+        train(run_config(tmp_path, str(tmp_path / "none"), cross))
+    with pytest.raises(ConfigError, match=rf"^eval.cross.0.shards: {tmp_path / 'a' / 'manifest.json'} not found: make "
+                                          rf"the shards first, .*; not packed either: eval.cross.2.shards "
+                                          rf"\({tmp_path / 'c'}\), eval.cross.3.shards \({tmp_path / 'none'}\)$"):
+        train(run_config(tmp_path, shards, cross))
     assert list(tmp_path.iterdir()) == [tmp_path / "file"]
 
 

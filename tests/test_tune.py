@@ -629,10 +629,16 @@ def test_a_searched_layer_the_backbone_lacks_is_refused_before_ray_starts(tmp_pa
 
 
 def test_a_missing_pack_among_the_searched_data_train_values_is_refused_before_ray_starts(tmp_path, shards, no_ray):
-    missing = tmp_path / "shards" / "other"
+    missing, other = tmp_path / "shards" / "other", tmp_path / "shards" / "more"
     search = load_search(_search_file(tmp_path, shards, "datasets", {"data.train": {"grid": [shards, str(missing)]}}))
     where = re.escape(str(missing / "manifest.json"))
     with pytest.raises(ConfigError, match=f"^data.train: {where} not found: make the shards"):
+        run_search(search)
+    # Every one of them in that line: a pack missing from several trials once.
+    search = load_search(_search_file(tmp_path, shards, "datasets", {
+        "data.train": {"grid": [shards, str(missing), str(other)]}, "model.layers": {"grid": ["all", "upto:3"]}}))
+    with pytest.raises(ConfigError, match=f"^data.train: {where} not found: make the shards.*; not packed either: "
+                                          f"{re.escape(f'data.train ({other})')}$"):
         run_search(search)
 
 

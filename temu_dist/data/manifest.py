@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import get_args
@@ -25,7 +25,13 @@ PACK_FILE = re.compile(rf"(?:(?:{'|'.join(get_args(Split))})-\d{{6,}}\.tar(?:\.s
 
 
 class ShardsMissing(ConfigError):
-    """A shard folder or split that is not there; the message says which pack command makes it."""
+    """A shard folder or split that is not there; the message says which pack command makes it, then which other
+    packs the config names are not there either, as (key, folder)."""
+
+    def __init__(self, message: str, unpacked: Sequence[tuple[str, str]] = ()):
+        self.message, self.unpacked = message, list(unpacked)
+        others = ", ".join(f"{key} ({folder})" for key, folder in self.unpacked)
+        super().__init__(message + (f"; not packed either: {others}" if others else ""))
 
 
 @contextmanager
@@ -34,7 +40,24 @@ def pack_named_by(key: str) -> Iterator[None]:
     try:
         yield
     except ShardsMissing as e:
-        raise ShardsMissing(f"{key}: {e}") from None
+        raise ShardsMissing(f"{key}: {e.message}", e.unpacked) from None
+
+
+@contextmanager
+def naming_unpacked(then: Iterable[tuple[str, str]], covered: Iterable[str] = ()) -> Iterator[None]:
+    """A missing pack's message, within, names those of the packs checked after it, (key, folder), that are not there
+    either (no manifest), each folder once, but the `covered` ones, which the checks within name: one check lists every
+    pack a config of several sets, splits or trials still needs."""
+    try:
+        yield
+    except ShardsMissing as e:
+        unpacked = list(e.unpacked)
+        seen = {Path(folder).resolve() for folder in [*covered, *(folder for _, folder in unpacked)]}
+        for key, folder in then:
+            if Path(folder).resolve() not in seen and not (Path(folder) / MANIFEST).is_file():
+                unpacked.append((key, folder))
+                seen.add(Path(folder).resolve())
+        raise ShardsMissing(e.message, unpacked) from None
 
 
 def read_manifest(folder: str | Path) -> dict:
