@@ -597,8 +597,10 @@ def _identity(opts: PackOptions, label_path: Path) -> dict:
     identity = {"dataset": opts.dataset, "split": split, "resize_shorter": opts.resize_shorter,
                 "shard_size": opts.shard_size, "order": ORDER,
                 "label_sha256": sha256_of(label_path) if label_path.is_file() else None}
-    # Only a CSV of one's own has labels read by options; a release's are read as released.
-    return {**identity, "labels": opts.csv.describe()} if opts.csv else identity
+    if opts.csv:  # a CSV of one's own has labels read by options; a release's are read as released
+        return {**identity, "labels": opts.csv.describe()}
+    column = None if opts.meta_csv else opts.info().mos_column
+    return {**identity, "mos_column": column} if column else identity
 
 
 def _as_identity(written: object) -> object:
@@ -611,7 +613,10 @@ def _as_identity(written: object) -> object:
 IDENTITY_NAMES = {"dataset": "--dataset", "split": "split (--split and its options)",
                   "resize_shorter": "--resize-shorter", "shard_size": "--shard-size",
                   "label_sha256": "label file (its contents changed)",
-                  "labels": "--columns, --mos-range or --lower-better", "order": "sample order"}
+                  "labels": "--columns, --mos-range or --lower-better", "order": "sample order",
+                  # The one release so far: KonIQ-10k, whose packs read its 1-5 MOS before.
+                  "mos_column": "MOS column (KonIQ-10k's is MOS_zscore, 0-100, as IQA-PyTorch reads it; packs before "
+                                "2026-11-29 hold its 1-5 MOS)"}
 
 
 def _differing(ours: dict, theirs: dict) -> list[str]:
@@ -694,7 +699,8 @@ def _manifest(opts: PackOptions, label_path: Path, identity: dict, results: list
                    "label_sha256": identity["label_sha256"],
                    "kind": "csv" if opts.csv else "pyiqa-meta" if opts.meta_csv else "release"},
         **({"labels": identity["labels"]} if opts.csv else {}),
-        "scale": label_scale(opts.info(), bool(opts.meta_csv)),
+        **({"mos_column": identity["mos_column"]} if "mos_column" in identity else {}),
+        "scale": label_scale(opts.info()),
         "split": identity["split"],
         "resize_shorter": opts.resize_shorter,
         "shard_size": opts.shard_size,

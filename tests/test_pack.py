@@ -448,6 +448,34 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_koniq_pack_holds_its_mos_zscore_and_one_from_before_is_not_taken_for_it(tmp_path, capsys):
+    from tests.test_sources import koniq
+
+    root = koniq(tmp_path / "koniq", zscore=(77.38, 78.63, 0.0, 50.0, 60.0, 30.0))
+    (root / "1024x768").mkdir()
+    for i in range(6):
+        Image.new("RGB", (32, 24), (40 * i, 0, 0)).save(root / "1024x768" / f"{i}.jpg")
+    out = tmp_path / "shards"
+    args = ["--dataset", "koniq10k", "--root", str(root), "--out", str(out), "--split", "official", "--workers", "1"]
+    assert main(args) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["mos_column"] == "MOS_zscore" and manifest["scale"]["raw_range"] == [0.0, 100.0]
+    labels = {}
+    for shard in out.glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            labels.update((label["name"], label["mos_raw"]) for label in
+                          (json.load(tar.extractfile(m)) for m in tar if m.name.endswith(".json")))
+    assert labels == {f"1024x768/{i}.jpg": z for i, z in enumerate((77.38, 78.63, 0.0, 50.0, 60.0, 30.0))}
+    # A pack of the same files that an earlier temu-dist made of the MOS column: kept, not taken for this one.
+    del manifest["mos_column"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(args) == 1
+    assert capsys.readouterr().err == f"pack: {out} already holds a finished pack made with another MOS column " \
+        "(KonIQ-10k's is MOS_zscore, 0-100, as IQA-PyTorch reads it; packs before 2026-11-29 hold its 1-5 MOS): pack " \
+        "into another --out\n"
+
+
 def test_label_problems_stop_the_pack_with_one_line_naming_the_label_file(tmp_path, capsys):
     write_kadid(tmp_path / "kadid", refs=2, per_ref=2)
     labels = tmp_path / "kadid" / "dmos.csv"
@@ -458,7 +486,7 @@ def test_label_problems_stop_the_pack_with_one_line_naming_the_label_file(tmp_pa
                                       "--split ratio (the default) or --split file\n"
     # KonIQ-10k has one, in a file of its own that may be missing.
     (tmp_path / "koniq").mkdir()
-    (tmp_path / "koniq" / "koniq10k_scores_and_distributions.csv").write_text("image_name,MOS\n0.jpg,3.0\n")
+    (tmp_path / "koniq" / "koniq10k_scores_and_distributions.csv").write_text("image_name,MOS_zscore\n0.jpg,30\n")
     assert main(["--dataset", "koniq10k", "--root", str(tmp_path / "koniq"), "--out", str(tmp_path / "o"),
                  "--split", "official"]) == 1
     assert capsys.readouterr().err == "pack: koniq10k_scores_and_distributions.csv row 2 (1024x768/0.jpg) has no " \

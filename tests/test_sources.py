@@ -60,14 +60,16 @@ def by_name(records) -> dict:
 KONIQ_HEADER = ["image_name", "c1", "c2", "c3", "c4", "c5", "c_total", "MOS", "SD", "MOS_zscore"]
 
 
-def koniq(root: Path, mos: tuple[object, ...] = (3.0, 1.0, 5.0), sets: bool = True) -> Path:
-    rows = [[f"{i}.jpg", 1, 2, 3, 4, 5, 15, m, 0.5, 50.0] for i, m in enumerate(mos)]
+def koniq(root: Path, zscore: tuple[object, ...] = (77.38, 78.63, 0.0), sets: bool = True) -> Path:
+    # The MOS column, the ratings' plain mean, ranks the first two otherwise, as the release's first images do
+    # (10004473376.jpg: MOS 3.83, MOS_zscore 77.38; 10007903636.jpg: 3.78, 78.63); the sets file's MOS is MOS_zscore.
+    rows = [[f"{i}.jpg", 1, 2, 3, 4, 5, 15, (3.83, 3.78)[i] if i < 2 else 1.0, 0.5, z] for i, z in enumerate(zscore)]
     write_csv(root / "koniq10k_scores_and_distributions.csv", KONIQ_HEADER, rows)
     if sets:
         write_csv(root / "koniq10k_distributions_sets.csv",
                   ["image_name", "c1", "c2", "c3", "c4", "c5", "c_total", "MOS", "SD", "set"],
-                  [[f"{i}.jpg", 1, 2, 3, 4, 5, 15, 60.0, 0.5, ("training", "validation", "test")[i % 3]]
-                   for i in range(len(mos))])
+                  [[f"{i}.jpg", 1, 2, 3, 4, 5, 15, z, 0.5, ("training", "validation", "test")[i % 3]]
+                   for i, z in enumerate(zscore)])
     return root
 
 
@@ -75,7 +77,9 @@ def test_koniq10k_mos_and_official_split(tmp_path):
     recs = list(read_records("koniq10k", koniq(tmp_path)))
     assert [r.name for r in recs] == ["1024x768/0.jpg", "1024x768/1.jpg", "1024x768/2.jpg"]
     assert recs[0].path == tmp_path.absolute() / "1024x768" / "0.jpg" and recs[0].path.is_absolute()
-    assert [(r.mos_raw, r.mos) for r in recs] == [(3.0, 0.5), (1.0, 0.0), (5.0, 1.0)]
+    # MOS_zscore, on 0-100, as IQA-PyTorch and the papers read KonIQ-10k; not the MOS column.
+    assert [(r.mos_raw, r.mos) for r in recs] == [(77.38, pytest.approx(0.7738)), (78.63, pytest.approx(0.7863)),
+                                                  (0.0, 0.0)]
     assert [r.split for r in recs] == ["train", "val", "test"]
     assert [r.row for r in recs] == [2, 3, 4] and {r.ref for r in recs} == {None}
 
@@ -357,7 +361,7 @@ def test_missing_column_names_file_and_column(tmp_path):
 
 def test_non_numeric_mos_names_file_and_row(tmp_path):
     with pytest.raises(DataError, match=r"^koniq10k_scores_and_distributions.csv row 3: MOS 'abc' is not a number$"):
-        list(read_records("koniq10k", koniq(tmp_path, mos=(3.0, "abc"))))
+        list(read_records("koniq10k", koniq(tmp_path, zscore=(30.0, "abc"))))
     write_xlsx(tmp_path / "Annotations" / "MOS and Image attribute scores.xlsx", ["Image name", "MOS"],
                [["a.jpg", 20], ["b.jpg", None]])
     with pytest.raises(DataError, match=r"MOS and Image attribute scores.xlsx row 3: MOS '' is not a number"):
@@ -365,8 +369,8 @@ def test_non_numeric_mos_names_file_and_row(tmp_path):
 
 
 def test_out_of_range_mos_names_file_and_row(tmp_path):
-    with pytest.raises(DataError, match=r"koniq10k_scores_and_distributions.csv row 4: MOS 50 is outside 1..5"):
-        list(read_records("koniq10k", koniq(tmp_path, mos=(3.0, 4.0, 50.0))))
+    with pytest.raises(DataError, match=r"koniq10k_scores_and_distributions.csv row 4: MOS 150 is outside 0..100"):
+        list(read_records("koniq10k", koniq(tmp_path, zscore=(30.0, 40.0, 150.0))))
     write_csv(tmp_path / "data.csv", ["name", "mos_quality"], [["a.jpg", "nan"]])
     with pytest.raises(DataError, match=r"data.csv row 2: MOS nan is outside 0..5"):
         list(read_records("agiqa3k", tmp_path))
@@ -417,14 +421,13 @@ def test_normalise_range_and_direction():
     def normalise(name, raw):
         return _scale(raw, DATASETS[name].raw_range, DATASETS[name].higher_better)
 
-    assert normalise("koniq10k", 1.0) == 0.0 and normalise("koniq10k", 5.0) == 1.0
+    assert normalise("koniq10k", 0.0) == 0.0 and normalise("koniq10k", 100.0) == 1.0
     assert normalise("csiq", 0.2) == pytest.approx(0.8)
     assert normalise("live", 25.0) == 0.75 and normalise("live", 110.0) == pytest.approx(-0.1)
     assert normalise("ava", 5.5) == 0.5
     assert [n for n, i in DATASETS.items() if not i.higher_better] == ["csiq", "live"]
-    # As a pack's manifest says it: KonIQ-10k's IQA-PyTorch meta CSV holds its MOS on 0-100.
+    # As a pack's manifest says it.
     assert label_scale(DATASETS["live"]) == {"raw_range": [0.0, 100.0], "higher_better": False}
-    assert label_scale(DATASETS["koniq10k"], meta=True)["raw_range"] == [0.0, 100.0]
     assert [n for n, i in DATASETS.items() if i.has_reference] == ["kadid10k", "csiq", "live"]
 
 

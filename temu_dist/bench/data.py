@@ -33,17 +33,18 @@ H100_TARGET_SAMPLES_PER_S = 375.0
 
 
 def write_koniq_like(root: Path, n: int) -> Path:
-    """n 1024x768 JPEGs and koniq10k_scores_and_distributions.csv (image_name, MOS), as KonIQ-10k releases them."""
+    """n 1024x768 JPEGs and koniq10k_scores_and_distributions.csv (image_name, MOS_zscore), as KonIQ-10k releases
+    them."""
     folder = root / "1024x768"
     folder.mkdir(parents=True, exist_ok=True)
     sources = [photo(name, (1024, 768)) for name in PHOTOS]
     with (root / "koniq10k_scores_and_distributions.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["image_name", "MOS"])
+        writer.writerow(["image_name", "MOS_zscore"])
         for i in range(n):
             name = f"{i:06d}.jpg"
             sources[i % len(sources)].save(folder / name, quality=90)
-            writer.writerow([name, 1.0 + 4.0 * (i % 97) / 96])
+            writer.writerow([name, 100.0 * (i % 97) / 96])
     return root
 
 

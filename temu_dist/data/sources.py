@@ -62,13 +62,17 @@ class DatasetInfo:
     official_split: str | None  # where the release's split is read from, beside the label file; None: it has none
     # Values a label file may hold where it overshoots raw_range; normalised, they fall a little outside [0, 1].
     accept_range: tuple[float, float] | None = None
+    # The label file's score column, where it holds more than one score of an image; a pack records it.
+    mos_column: str | None = None
 
 
 DATASETS: dict[str, DatasetInfo] = {i.name: i for i in (
-    # MOS (1-5) of koniq10k_scores_and_distributions.csv, images in 1024x768/; split from the optional
+    # MOS_zscore (0-100) of koniq10k_scores_and_distributions.csv, images in 1024x768/: the MOS that
+    # koniq10k_distributions_sets.csv and IQA-PyTorch (the seed's code base) give and papers report on; the file's MOS
+    # column, the ratings' plain mean (1-5), ranks the images otherwise. Split from the optional
     # koniq10k_distributions_sets.csv (github.com/subpic/koniq metadata), as IQA-PyTorch uses it.
-    DatasetInfo("koniq10k", "koniq10k_scores_and_distributions.csv", (1.0, 5.0), True, False,
-                "koniq10k_distributions_sets.csv"),
+    DatasetInfo("koniq10k", "koniq10k_scores_and_distributions.csv", (0.0, 100.0), True, False,
+                "koniq10k_distributions_sets.csv", mos_column="MOS_zscore"),
     # 'Image name' and 'MOS' (0-100) of the first sheet; images in TestImage/.
     DatasetInfo("spaq", "Annotations/MOS and Image attribute scores.xlsx", (0.0, 100.0), True, False, None),
     # AllMOS_release (0-100) with AllImages_release.mat beside it; images in Images/.
@@ -124,12 +128,12 @@ def _text(value: object) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _checked(info: DatasetInfo, value: object, label: Path, row: int, raw_range: tuple[float, float]) -> float:
+def _checked(info: DatasetInfo, value: object, label: Path, row: int) -> float:
     try:
         raw = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise DataError(f"{label.name} row {row}: {_score(info)} {_text(value)!r} is not a number") from None
-    lo, hi = info.accept_range or raw_range
+    lo, hi = info.accept_range or info.raw_range
     if not lo <= raw <= hi:
         raise DataError(f"{label.name} row {row}: {_score(info)} {raw:g} is outside {lo:g}..{hi:g} for {info.name}")
     return raw
@@ -146,16 +150,15 @@ def _scale(raw: float, raw_range: tuple[float, float], higher_better: bool) -> f
 
 
 def _record(dataset: str | DatasetInfo, root: Path, name: str, value: object, label: Path, row: int,
-            ref: str | None = None, split: str | None = None, raw_range: tuple[float, float] | None = None) -> Record:
+            ref: str | None = None, split: str | None = None) -> Record:
     # A name ending in "/" is a reader's folder prefix with an empty cell after it.
     if not PurePosixPath(name).name or name.endswith("/"):
         raise DataError(f"{label.name} row {row}: empty image name")
     if ref == "":  # the split by reference image would take the image for its own reference
         raise DataError(f"{label.name} row {row}: empty reference image name")
     info = dataset if isinstance(dataset, DatasetInfo) else DATASETS[dataset]
-    raw_range = raw_range or info.raw_range
-    raw = _checked(info, value, label, row, raw_range)
-    return Record(name, root / name, _scale(raw, raw_range, info.higher_better), raw, ref, split, row)
+    raw = _checked(info, value, label, row)
+    return Record(name, root / name, _scale(raw, info.raw_range, info.higher_better), raw, ref, split, row)
 
 
 def _not_utf8(path: Path) -> DataError:
@@ -287,13 +290,14 @@ def _read_koniq10k(root: Path, label: Path) -> Iterator[Record]:
             if image in rows:  # in two sets, it would land in the last one's split without a word
                 raise DataError(f"{sets.name} row {row}: image {image!r} already listed at row {rows[image]}")
             splits[image], rows[image] = names[rec["set"].strip()], row
-    for row, rec in _csv_rows(label, ("image_name", "MOS")):
+    column = DATASETS["koniq10k"].mos_column
+    for row, rec in _csv_rows(label, ("image_name", column)):
         image = rec["image_name"].strip()
         if not image:
             raise DataError(f"{label.name} row {row}: empty image name")
         if splits is not None and image not in splits:
             raise DataError(f"{sets.name}: no row for {image!r} ({label.name} row {row})")
-        yield _record("koniq10k", root, f"1024x768/{image}", rec["MOS"], label, row,
+        yield _record("koniq10k", root, f"1024x768/{image}", rec[column], label, row,
                       split=None if splits is None else splits[image])
 
 
@@ -460,13 +464,13 @@ class _Meta(NamedTuple):
     name_col: str
     mos_col: str
     ref_col: str | None = None
-    raw_range: tuple[float, float] | None = None  # where IQA-PyTorch's CSV is not on the release's scale
 
 
 # Columns as IQA-PyTorch's scripts/process_*.py write them.
 _PYIQA_META = {
-    # koniq10k_distributions_sets.csv's MOS, 0-100 (IQA-PyTorch's koniq10k-1024 config: mos_range [0, 100]).
-    "koniq10k": _Meta("1024x768", "img_name", "mos", raw_range=(0.0, 100.0)),
+    # koniq10k_distributions_sets.csv's MOS, the release's MOS_zscore (IQA-PyTorch's koniq10k-1024 config: mos_range
+    # [0, 100]).
+    "koniq10k": _Meta("1024x768", "img_name", "mos"),
     "spaq": _Meta("TestImage", "Image name", "MOS"),
     "livec": _Meta("", "img_name", "mos"),
     "flive": _Meta("", "img_name/patch_name", "mos"),  # images, then their patches
@@ -504,13 +508,13 @@ def _read_meta(dataset: str, root: Path, meta: Path, image_dir: Path, split_colu
         cell = rec[spec.name_col].strip()
         name = Path(os.path.relpath(image_dir / cell, root)).as_posix() if cell else ""  # "": reported as empty
         ref = PurePosixPath(rec[spec.ref_col].strip()).name if spec.ref_col else None
-        yield _record(dataset, root, name, rec[spec.mos_col], meta, row, ref, split, spec.raw_range)
+        yield _record(dataset, root, name, rec[spec.mos_col], meta, row, ref, split)
 
 
-def label_scale(info: DatasetInfo, meta: bool = False) -> dict:
+def label_scale(info: DatasetInfo) -> dict:
     """How a pack's labels were normalised, for its manifest: mos = (raw - lo) / (hi - lo), and 1 minus that where
-    lower is better. `meta`: read from IQA-PyTorch's meta CSV, whose scale may be another."""
-    lo, hi = (_PYIQA_META[info.name].raw_range if meta and info.name in _PYIQA_META else None) or info.raw_range
+    lower is better."""
+    lo, hi = info.raw_range
     return {"raw_range": [lo, hi], "higher_better": info.higher_better}
 
 
