@@ -282,6 +282,18 @@ def test_live_folders_references_skipped_and_tolerance(tmp_path):
     assert recs["jp2k/img4.bmp"].mos == pytest.approx(1 - dmos[3] / 100)
 
 
+def test_live_reads_the_realigned_dmos_as_its_label_file(tmp_path):
+    """dmos_realigned.mat, beside dmos.mat in the release: its dmos_new in dmos.mat's order, the same orgs."""
+    orgs = np.zeros(982)
+    orgs[0] = 1
+    sio.savemat(tmp_path / "dmos_realigned.mat", {"dmos_new": np.linspace(0, 98.1, 982).reshape(1, -1),
+                                                  "orgs": orgs.reshape(1, -1), "dmos_std": np.ones((1, 982))})
+    live(tmp_path, np.full(982, 50.0), orgs)
+    recs = by_name(read_records("live", tmp_path, "dmos_realigned.mat"))
+    assert len(recs) == 981 and recs["jp2k/img2.bmp"].mos_raw == pytest.approx(0.1)
+    assert recs["fastfading/img174.bmp"].mos_raw == pytest.approx(98.1) and recs["jp2k/img2.bmp"].row == 2
+
+
 def test_live_far_out_of_range_and_wrong_length(tmp_path):
     dmos = np.full(982, 50.0)
     dmos[10] = 130.0
@@ -353,9 +365,9 @@ def test_missing_column_names_file_and_column(tmp_path):
                                         r"sheet 'Readme'; the release's labels are on its first sheet, and it has "
                                         r"'Readme', 'notes'$"):
         list(read_records("spaq", tmp_path))
-    sio.savemat(tmp_path / "dmos.mat", {"dmos_new": np.zeros((1, 982)), "orgs": np.zeros((1, 982))})
+    sio.savemat(tmp_path / "dmos.mat", {"dmos_std": np.zeros((1, 982)), "orgs": np.zeros((1, 982))})
     sio.savemat(tmp_path / "refnames_all.mat", {"refnames_all": cell_array(["a.bmp"] * 982, (1, 982))})
-    with pytest.raises(DataError, match=r"dmos.mat: no variable 'dmos' \(variables: dmos_new, orgs\)"):
+    with pytest.raises(DataError, match=r"dmos.mat: no variable 'dmos' or 'dmos_new' \(variables: dmos_std, orgs\)"):
         list(read_records("live", tmp_path))
 
 

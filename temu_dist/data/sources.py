@@ -261,15 +261,17 @@ def _xlsx_rows(path: Path, sheet: str | None, columns: tuple[str, ...]) -> Itera
         wb.close()
 
 
-def _mat(path: Path, var: str) -> np.ndarray:
+def _mat(path: Path, var: str, *others: str) -> np.ndarray:
+    """A variable of a .mat file: `var`, or the first of `others` there where it is not."""
     try:
         data = sio.loadmat(path)
     except (MatReadError, ValueError, OSError) as e:
         raise DataError(f"{path.name}: not a readable .mat file ({e})") from None
-    if var not in data:
+    found = next((v for v in (var, *others) if v in data), None)
+    if found is None:
         names = ", ".join(k for k in data if not k.startswith("__"))
-        raise DataError(f"{path.name}: no variable '{var}' (variables: {names})")
-    return np.ravel(data[var])
+        raise DataError(f"{path.name}: no variable {' or '.join(repr(v) for v in (var, *others))} (variables: {names})")
+    return np.ravel(data[found])
 
 
 def _mat_strings(path: Path, var: str) -> list[str]:
@@ -379,7 +381,8 @@ def _read_csiq(root: Path, label: Path) -> Iterator[Record]:
 
 def _read_live(root: Path, label: Path) -> Iterator[Record]:
     refnames = _need(label.parent / "refnames_all.mat", "the LIVE release's refnames_all.mat beside dmos.mat")
-    dmos, orgs, refs = _mat(label, "dmos"), _mat(label, "orgs"), _mat_strings(refnames, "refnames_all")
+    # dmos_new: the release's dmos_realigned.mat (--label-file), which others train on, in the same order.
+    dmos, orgs, refs = _mat(label, "dmos", "dmos_new"), _mat(label, "orgs"), _mat_strings(refnames, "refnames_all")
     names = [f"{folder}/img{k}.bmp" for folder, n in _LIVE_FOLDERS for k in range(1, n + 1)]
     if not len(dmos) == len(orgs) == len(refs) == len(names):
         raise DataError(f"{label.name}: {len(dmos)} dmos, {len(orgs)} orgs and {len(refs)} refnames_all entries; "
