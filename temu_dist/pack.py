@@ -281,13 +281,14 @@ def _refuse_missing(missing: array, route: Callable[[Record], str | None], opts:
     a split file leaves out need not be there. Reads the labels again to name them, only when some are missing."""
     if not missing:
         return
-    wanted, absent, shown = iter(missing), 0, []
+    wanted, absent, shown, first = iter(missing), 0, [], ""
     next_missing = next(wanted)
     for position, record in enumerate(_records(opts)):
         if position != next_missing:
             continue
         if route(record) is not None:
             absent += 1
+            first = first or record.name
             if len(shown) < 3:
                 shown.append(f"{record.name} (row {record.row})")
         next_missing = next(wanted, -1)
@@ -296,9 +297,15 @@ def _refuse_missing(missing: array, route: Callable[[Record], str | None], opts:
     if absent:
         layout = " (an IQA-PyTorch meta CSV names them as its downloads lay them out; for the release's own layout, " \
             "pack the release's label file without --meta-csv)" if opts.meta_csv else ""
+        # A release whose label file lies above its images' folder (FLIVE_Database's copy of labels_image.csv beside
+        # database/): where the first one is, one folder down.
+        root = Path(opts.root)
+        below = next((sub for sub in sorted(root.iterdir()) if sub.is_dir() and (sub / first).is_file()), None) \
+            if root.is_dir() else None
+        there = f"; {first} is under {below}: give that as --root" if below else ""
         raise DataError(f"{label_file}: {absent} of the images it names {'is' if absent == 1 else 'are'} not under "
-                        f"{opts.root}, e.g. "
-                        f"{', '.join(shown)}: fix --root or the files, or leave them out with --skip-bad{layout}")
+                        f"{opts.root}, e.g. {', '.join(shown)}: fix --root or the files, or leave them out with "
+                        f"--skip-bad{layout}{there}")
 
 
 def _reopens_for_left_out(out: Path, opts: PackOptions, label_file: str) -> bool:

@@ -11,6 +11,7 @@ import sys
 import tarfile
 import time
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -446,6 +447,23 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_images_one_folder_below_the_root_are_pointed_to(tmp_path):
+    """FLIVE_Database has a copy of labels_image.csv at its top and the images in database/."""
+    from tests.test_sources import flive
+
+    root = flive(tmp_path / "FLIVE_Database", splits=False)
+    for i, name in enumerate(["voc_emotic_ava/AVA__1.jpg", "blur_dataset/motion0001.jpg", "EE371R/a.jpg"]):
+        (root / "database" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 24), (40 * i, 0, 0)).save(root / "database" / name)
+    shutil.copy(root / "labels_image.csv", root / "database")
+    opts = PackOptions("flive", str(root), str(tmp_path / "o"), workers=1)
+    with pytest.raises(DataError, match=rf"^labels_image.csv: 3 of the images it names are not under {root}, .*"
+                                        rf"--skip-bad; voc_emotic_ava/AVA__1.jpg is under {root / 'database'}: give "
+                                        r"that as --root$"):
+        pack(opts)
+    assert sum(s["count"] for s in pack(replace(opts, root=str(root / "database")))["splits"].values()) == 3
 
 
 def test_a_koniq_pack_holds_its_mos_zscore_and_one_from_before_is_not_taken_for_it(tmp_path, capsys):
