@@ -79,6 +79,7 @@ class PackOptions:
     resize_shorter: int | None = None
     skip_bad: bool = False
     csv: CsvLabels | None = None  # a dataset of one's own, from label_file
+    image_dir: str | None = None  # under root: the images' folder, where not the release's or IQA-PyTorch's layout
 
     def info(self) -> DatasetInfo:
         return self.csv.info(str(self.label_file)) if self.csv else DATASETS[self.dataset]
@@ -263,8 +264,8 @@ def _records(opts: PackOptions) -> Iterator[Record]:
     if opts.csv:
         return read_csv_labels(opts.csv, opts.root, opts.label_file, opts.split.column)
     if opts.meta_csv:
-        return read_pyiqa_meta(opts.dataset, opts.root, opts.meta_csv, split_column=opts.split.column)
-    return read_records(opts.dataset, opts.root, opts.label_file)
+        return read_pyiqa_meta(opts.dataset, opts.root, opts.meta_csv, opts.image_dir, split_column=opts.split.column)
+    return read_records(opts.dataset, opts.root, opts.label_file, opts.image_dir)
 
 
 def _noting_missing(records: Iterator[Record], missing: array) -> Iterator[Record]:
@@ -531,6 +532,12 @@ def _check(opts: PackOptions) -> None:
         need = "its scale with --mos-range" if opts.label_file else "--label-file and --mos-range"
         raise DataError(f"unknown dataset '{opts.dataset}'; one of {', '.join(DATASETS)}, or a dataset of your own "
                         f"read from a CSV: add {need}")
+    if opts.image_dir is not None and not opts.meta_csv and (opts.csv or opts.info().image_dir is None):
+        taken = ", ".join(name for name, info in DATASETS.items() if info.image_dir)
+        raise DataError(f"--image-dir {opts.image_dir}: " + (
+            "a CSV of your own names its images under --root" if opts.csv else
+            f"the {opts.dataset} release's images are in folders of its own") + f"; it is taken by {taken} and "
+            "--meta-csv")
     if opts.split.by_reference and not opts.info().has_reference:
         # Else each image would be its own reference: a split by image, said to be by reference.
         raise DataError(f"--by-reference yes: {opts.dataset} has no reference images"
@@ -606,8 +613,8 @@ def _identity(opts: PackOptions, label_path: Path) -> dict:
                 "label_sha256": sha256_of(label_path) if label_path.is_file() else None}
     if opts.csv:  # a CSV of one's own has labels read by options; a release's are read as released
         return {**identity, "labels": opts.csv.describe()}
-    column = None if opts.meta_csv else opts.info().mos_column
-    return {**identity, "mos_column": column} if column else identity
+    # None where a pack has neither, as a manifest without them reads: an older pack of a release has the same identity.
+    return {**identity, "mos_column": None if opts.meta_csv else opts.info().mos_column, "image_dir": opts.image_dir}
 
 
 def _as_identity(written: object) -> object:
@@ -621,6 +628,7 @@ IDENTITY_NAMES = {"dataset": "--dataset", "split": "split (--split and its optio
                   "resize_shorter": "--resize-shorter", "shard_size": "--shard-size",
                   "label_sha256": "label file (its contents changed)",
                   "labels": "--columns, --mos-range or --lower-better", "order": "sample order",
+                  "image_dir": "--image-dir",
                   # The one release so far: KonIQ-10k, whose packs read its 1-5 MOS before.
                   "mos_column": "MOS column (KonIQ-10k's is MOS_zscore, 0-100, as IQA-PyTorch reads it; packs before "
                                 "2026-11-29 hold its 1-5 MOS)"}
@@ -706,7 +714,7 @@ def _manifest(opts: PackOptions, label_path: Path, identity: dict, results: list
                    "label_sha256": identity["label_sha256"],
                    "kind": "csv" if opts.csv else "pyiqa-meta" if opts.meta_csv else "release"},
         **({"labels": identity["labels"]} if opts.csv else {}),
-        **({"mos_column": identity["mos_column"]} if "mos_column" in identity else {}),
+        **{key: identity[key] for key in ("mos_column", "image_dir") if identity.get(key) is not None},
         "scale": label_scale(opts.info()),
         "split": identity["split"],
         "resize_shorter": opts.resize_shorter,
@@ -767,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-file", help="label file, if not at its released place; a relative path is under "
                         "--root")
     parser.add_argument("--meta-csv", help="read labels from an IQA-PyTorch meta-info CSV instead")
+    parser.add_argument("--image-dir", metavar="DIR", help="the images' folder under --root, where not the release's "
+                        "(koniq10k: 512x384 for its half-size images, which IQA-PyTorch's configs read) or a meta "
+                        "CSV's IQA-PyTorch layout")
     parser.add_argument("--mos-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="a dataset of your own: its score scale, mapped to 0-1")
     parser.add_argument("--lower-better", action="store_true", help="a dataset of your own: its scores are DMOS")
@@ -820,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = CsvLabels(args.dataset, tuple(args.mos_range), not args.lower_better,
                            tuple(args.columns or ())) if own else None
         opts = PackOptions(args.dataset, args.root, args.out, args.label_file, args.meta_csv, spec, args.shard_size,
-                           args.workers, args.resize_shorter, args.skip_bad, labels)
+                           args.workers, args.resize_shorter, args.skip_bad, labels, args.image_dir)
         with sigterm_as_ctrl_c():
             manifest = pack(opts, check=args.check)
         if args.check:

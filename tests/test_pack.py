@@ -493,6 +493,28 @@ def test_a_koniq_pack_holds_its_mos_zscore_and_one_from_before_is_not_taken_for_
         "(KonIQ-10k's is MOS_zscore, 0-100, as IQA-PyTorch reads it; packs before 2026-11-29 hold its 1-5 MOS): pack " \
         "into another --out\n"
 
+    # The release's half-size images, which IQA-PyTorch's KonIQ-10k configs read.
+    (root / "1024x768").rename(root / "512x384")
+    half = [*args[:5], str(tmp_path / "half"), *args[6:], "--image-dir", "512x384"]
+    assert main(half) == 0
+    assert json.loads((tmp_path / "half" / MANIFEST).read_text())["image_dir"] == "512x384"
+    names = set()
+    for shard in (tmp_path / "half").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            names |= {json.load(tar.extractfile(m))["name"] for m in tar if m.name.endswith(".json")}
+    assert names == {f"512x384/{i}.jpg" for i in range(6)}
+    assert "image_dir" not in manifest  # the full-size pack's, which named none
+    capsys.readouterr()
+    assert main([*half[:-2]]) == 1  # the same folder without it: another pack
+    assert capsys.readouterr().err.startswith(f"pack: {tmp_path / 'half'} already holds a finished pack made with "
+                                              "another --image-dir")
+    with pytest.raises(DataError, match=r"^--image-dir x: the csiq release's images are in folders of its own; it is "
+                                        r"taken by koniq10k and --meta-csv$"):
+        pack(PackOptions("csiq", str(root), str(tmp_path / "c"), image_dir="x"))
+    with pytest.raises(DataError, match=r"^--image-dir x: a CSV of your own names its images under --root"):
+        pack(PackOptions("mine", str(root), str(tmp_path / "c"), label_file="l.csv", image_dir="x",
+                         csv=CsvLabels("mine", (1.0, 5.0))))
+
 
 def test_label_problems_stop_the_pack_with_one_line_naming_the_label_file(tmp_path, capsys):
     write_kadid(tmp_path / "kadid", refs=2, per_ref=2)

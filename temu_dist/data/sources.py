@@ -64,6 +64,8 @@ class DatasetInfo:
     accept_range: tuple[float, float] | None = None
     # The label file's score column, where it holds more than one score of an image; a pack records it.
     mos_column: str | None = None
+    # The release's one folder of images, under root, where it ships them at more than one size (image_dir replaces it).
+    image_dir: str | None = None
 
 
 DATASETS: dict[str, DatasetInfo] = {i.name: i for i in (
@@ -72,7 +74,7 @@ DATASETS: dict[str, DatasetInfo] = {i.name: i for i in (
     # column, the ratings' plain mean (1-5), ranks the images otherwise. Split from the optional
     # koniq10k_distributions_sets.csv (github.com/subpic/koniq metadata), as IQA-PyTorch uses it.
     DatasetInfo("koniq10k", "koniq10k_scores_and_distributions.csv", (0.0, 100.0), True, False,
-                "koniq10k_distributions_sets.csv", mos_column="MOS_zscore"),
+                "koniq10k_distributions_sets.csv", mos_column="MOS_zscore", image_dir="1024x768"),
     # 'Image name' and 'MOS' (0-100) of the first sheet; images in TestImage/.
     DatasetInfo("spaq", "Annotations/MOS and Image attribute scores.xlsx", (0.0, 100.0), True, False, None),
     # AllMOS_release (0-100) with AllImages_release.mat beside it; images in Images/.
@@ -279,7 +281,7 @@ def _mat_strings(path: Path, var: str) -> list[str]:
     return [str(np.ravel(item)[0]).strip() for item in _mat(path, var)]
 
 
-def _read_koniq10k(root: Path, label: Path) -> Iterator[Record]:
+def _read_koniq10k(root: Path, label: Path, image_dir: str) -> Iterator[Record]:
     sets = label.parent / "koniq10k_distributions_sets.csv"
     splits = None
     if sets.is_file():
@@ -299,7 +301,7 @@ def _read_koniq10k(root: Path, label: Path) -> Iterator[Record]:
             raise DataError(f"{label.name} row {row}: empty image name")
         if splits is not None and image not in splits:
             raise DataError(f"{sets.name}: no row for {image!r} ({label.name} row {row})")
-        yield _record("koniq10k", root, f"1024x768/{image}", rec[column], label, row,
+        yield _record("koniq10k", root, f"{image_dir}/{image}", rec[column], label, row,
                       split=None if splits is None else splits[image])
 
 
@@ -414,7 +416,8 @@ def _read_agiqa3k(root: Path, label: Path) -> Iterator[Record]:
         yield _record("agiqa3k", root, folder + name, mos, label, row)
 
 
-_READERS: dict[str, Callable[[Path, Path], Iterator[Record]]] = {
+# Each takes (root, label file), and image_dir where DatasetInfo has one.
+_READERS: dict[str, Callable[..., Iterator[Record]]] = {
     "koniq10k": _read_koniq10k, "spaq": _read_spaq, "livec": _read_livec, "flive": _read_flive, "ava": _read_ava,
     "kadid10k": _read_kadid10k, "csiq": _read_csiq, "live": _read_live, "agiqa3k": _read_agiqa3k,
 }
@@ -452,14 +455,20 @@ def _unique(read: Callable[[], Iterator[Record]], label: Path) -> Iterator[Recor
                     f"{at[later].name!r} share a 64-bit hash, which the packer keys samples by; rename one")
 
 
-def read_records(dataset: str, root: str | Path, label_file: str | Path | None = None) -> Iterator[Record]:
-    """Records of one release, lazily. label_file defaults to the release's; a relative one is under root.
-    The dataset name and the label file's presence are checked now, the rows as they are read."""
+def read_records(dataset: str, root: str | Path, label_file: str | Path | None = None,
+                 image_dir: str | None = None) -> Iterator[Record]:
+    """Records of one release, lazily. label_file defaults to the release's; a relative one is under root. image_dir
+    replaces the folder of a release that ships its images at more than one size (KonIQ-10k's 1024x768: 512x384).
+    The dataset name, image_dir and the label file's presence are checked now, the rows as they are read."""
     info = _info(dataset)
+    if image_dir is not None and info.image_dir is None:
+        raise DataError(f"{dataset}: its release's images are in folders of its own; another image folder is taken "
+                        f"only by {', '.join(n for n, i in DATASETS.items() if i.image_dir)}")
     root = Path(root).absolute()
     what = f"the {dataset} release's '{info.label_file}'"
     label = _label_under(root, label_file, what) if label_file else _need(root / info.label_file, what)
-    return _unique(lambda: _READERS[dataset](root, label), label)
+    folder = {"image_dir": image_dir or info.image_dir} if info.image_dir else {}
+    return _unique(lambda: _READERS[dataset](root, label, **folder), label)
 
 
 class _Meta(NamedTuple):
