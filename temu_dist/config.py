@@ -204,6 +204,10 @@ class TrainConfig(Section):
     # as open_clip's trainer applies it.
     optimizer: Literal["adam", "adamw"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
+    # How the cosine from lr to 0 steps. step: each optimizer step, over the run's steps. epoch: once an epoch, the
+    # rate lr (1 + cos(pi e / epochs)) / 2 throughout epoch e (from 0), as IQA-PyTorch, the seed's code base, steps its
+    # CosineAnnealingLR (T_max: its epochs).
+    lr_schedule: Literal["step", "epoch"] = "step"
     # Optimizer steps over which the rate climbs linearly to lr (from lr / (W + 1)) before the cosine, over the
     # remaining steps, begins; 0: the seed's cosine from the first step.
     warmup_steps: int = Field(0, ge=0)
@@ -242,6 +246,13 @@ class TrainConfig(Section):
     @classmethod
     def _key(cls, v: str) -> str:
         return metric_key(v)
+
+    @model_validator(mode="after")
+    def _warmup(self) -> "TrainConfig":
+        if self.warmup_steps and self.lr_schedule == "epoch":
+            raise ValueError(f"warmup_steps {self.warmup_steps} climbs a step at a time, and lr_schedule epoch steps "
+                             "the rate once an epoch: leave warmup_steps at 0 with it")
+        return self
 
 
 # The logistics a PLCC may be fitted through (metrics.fitted_plcc): VQEG's 4-parameter one, a 5-parameter one.

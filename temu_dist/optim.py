@@ -1,6 +1,6 @@
 """The optimizer and learning-rate schedule a config asks for: the seed's Adam and cosine annealing over the run, or
-AdamW; either schedule after an optional linear warmup. And a schedule made longer from the step it stands at
-(train.resume=extend)."""
+AdamW; the cosine a step at a time after an optional linear warmup, or once an epoch. And a schedule made longer from
+the step (or epoch) it stands at (train.resume=extend)."""
 from __future__ import annotations
 
 import math
@@ -32,7 +32,10 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimi
 def make_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int) -> LRScheduler:
     """Cosine annealing from train.lr to 0 over the run's optimizer steps; with train.warmup_steps W (fewer than
     those: train.check_data), the rate climbs from lr / (W + 1) by as much each step to lr at step W, where a cosine
-    over the remaining steps begins."""
+    over the remaining steps begins. With train.lr_schedule=epoch, a cosine over the run's epochs, which the trainer
+    steps as each epoch begins (epoch_schedule)."""
+    if config.train.lr_schedule == "epoch":
+        return CosineAnnealingLR(optimizer, T_max=config.train.epochs)
     steps, warmup = steps_per_epoch * config.train.epochs, config.train.warmup_steps
     if not warmup:
         return CosineAnnealingLR(optimizer, T_max=steps)
@@ -40,10 +43,21 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_e
                                     CosineAnnealingLR(optimizer, T_max=steps - warmup)], milestones=[warmup])
 
 
+def epoch_schedule(scheduler: LRScheduler, epoch: int) -> None:
+    """A per-epoch cosine (train.lr_schedule=epoch) at `epoch` (from 0), as an epoch's training begins: a step for each
+    epoch begun since it stood, none where a checkpoint saved within this epoch holds it there already."""
+    while scheduler.last_epoch < epoch:
+        # A resumed run steps it before its own optimizer has stepped, which torch warns of, for per-step schedules.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()
+
+
 def lengthen(scheduler: LRScheduler, steps: int) -> tuple[int, float, float]:
-    """Makes a make_scheduler schedule `steps` long from the step it stands at; returns that step and the rate before
-    and after. The cosine's rate is set by hand: CosineAnnealingLR scales the last rate step by step, so a new length
-    alone would scale the old schedule's rate (0 at its end). Within a warmup, the cosine to come is made longer."""
+    """Makes a make_scheduler schedule `steps` long (its own steps: epochs for a per-epoch cosine) from the step it
+    stands at; returns that step and the rate before and after. The cosine's rate is set by hand: CosineAnnealingLR
+    scales the last rate step by step, so a new length alone would scale the old schedule's rate (0 at its end).
+    Within a warmup, the cosine to come is made longer."""
     state = scheduler.state_dict()
     sequential = isinstance(scheduler, SequentialLR)
     cosine, warmup = (state["_schedulers"][1], state["_milestones"][0]) if sequential else (state, 0)

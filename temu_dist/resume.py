@@ -13,7 +13,7 @@ from temu_dist.data.manifest import pack_digest
 from temu_dist.data.stream import read_by
 from temu_dist.distributed import BatchPlan
 from temu_dist.model.io import MODEL_ADDED, with_legacy_fields
-from temu_dist.optim import lengthen
+from temu_dist.optim import epoch_schedule, lengthen
 
 # What a resumed run may change: everything else must match the checkpoint, or the resumed run would not be the
 # run it continues. Of the model, only how it is compiled: evaluate and predict may also load a checkpoint onto another
@@ -27,7 +27,7 @@ RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.log_every"
 # scored with); None where no value holds (train.plcc_over: such a run resumes with this run's value, and says so).
 ADDED_SINCE: dict[str, object] = {"train.plcc_over": None, "model.tower_fp8": False, "eval.ldg": False,
                                    "train.optimizer": "adam", "train.warmup_steps": 0, "train.grad_clip_norm": 0.0,
-                                   "eval.plcc_fit": "none",
+                                   "eval.plcc_fit": "none", "train.lr_schedule": "step",
                                    **{f"model.{key}": value for key, value in MODEL_ADDED.items()}}
 
 
@@ -152,10 +152,17 @@ def extends(saved: dict, info: dict, config: Config, last: Path) -> bool:
 
 
 def extend_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, saved_epochs: int, epochs: int,
-                    steps_per_epoch: int) -> dict:
+                    steps_per_epoch: int, epoch_from: tuple[int, int] | None = None) -> dict:
     """Makes the schedule of a run started for `saved_epochs` as long as `epochs` from the step it stands at; what
-    changed, for the run's records (extended so, it does not train as one started for `epochs` would)."""
-    t, lr_from, lr_to = lengthen(scheduler, steps_per_epoch * epochs)
+    changed, for the run's records (extended so, it does not train as one started for `epochs` would). A per-epoch
+    cosine (train.lr_schedule=epoch) is made longer at `epoch_from`, (epoch, its steps trained), where the run goes on:
+    a finished run's rate is its next epoch's."""
+    if epoch_from is None:
+        t, lr_from, lr_to = lengthen(scheduler, steps_per_epoch * epochs)
+    else:
+        epoch_schedule(scheduler, epoch_from[0])
+        _, lr_from, lr_to = lengthen(scheduler, epochs)
+        t = epoch_from[0] * steps_per_epoch + epoch_from[1]
     return {"epochs_from": saved_epochs, "epochs_to": epochs, "after_step": t, "lr_from": lr_from, "lr_to": lr_to}
 
 

@@ -49,7 +49,7 @@ from temu_dist.metrics import plcc_loss
 from temu_dist.model.io import load_weights
 from temu_dist.model.backbone import check_backbone, pretrained_weights, vit_depth, weights_said
 from temu_dist.model.temu import TeMuIQA, Tokens, build_model
-from temu_dist.optim import make_optimizer, make_scheduler
+from temu_dist.optim import epoch_schedule, make_optimizer, make_scheduler
 from temu_dist.plots import score_vs_time
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_once, sigterm_at_step_ends, stop_code
 from temu_dist.tracking import Tracker, tracking_uri
@@ -268,7 +268,7 @@ def _train_step(config: Config, run: Run, batches: list[dict], stats: tuple[tupl
             loss = loss_fn(model, batches[0], config, device, stats)
             stop = _check_finite(loss, accelerator, epoch, config, asked())
             accelerator.backward(loss)
-            _optimizer_step(run, config.train.grad_clip_norm)
+            _optimizer_step(run, config.train.grad_clip_norm, config.train.lr_schedule == "step")
         return loss.detach(), stop
     inputs = [training_inputs(b, config, device) for b in batches]
     loss, grads, tokens = step_scores(model, inputs, config, stats)
@@ -279,11 +279,11 @@ def _train_step(config: Config, run: Run, batches: list[dict], stats: tuple[tupl
             # backward() divides by the accumulation steps, for micro-batch losses that each stand for the step;
             # these gradients are already the whole step's.
             accelerator.backward((score * grad).sum() * len(batches))
-            _optimizer_step(run, config.train.grad_clip_norm)
+            _optimizer_step(run, config.train.grad_clip_norm, config.train.lr_schedule == "step")
     return loss * len(batches), stop
 
 
-def _optimizer_step(run: Run, clip: float) -> None:
+def _optimizer_step(run: Run, clip: float, per_step: bool) -> None:
     # Inside accumulate(): the optimizer prepared by accelerate steps only at the step's last micro-batch.
     if clip and run.accelerator.sync_gradients:
         # Under DeepSpeed its engine has clipped already (in backward); this gives the norm it kept, None at stage 0
@@ -292,7 +292,8 @@ def _optimizer_step(run: Run, clip: float) -> None:
     run.optimizer.step()
     if run.accelerator.sync_gradients:
         run.lr = run.scheduler.get_last_lr()[0]
-        run.scheduler.step()
+        if per_step:
+            run.scheduler.step()
     run.optimizer.zero_grad()
 
 
@@ -348,6 +349,8 @@ def _fit(config: Config, run: Run, asked: Callable[[], bool]) -> None:
         done = run.in_epoch if epoch == run.start_epoch else {}
         skip = done.get("micro_batches", 0)
         run.epoch.set(epoch, replay=skip)
+        if config.train.lr_schedule == "epoch":
+            epoch_schedule(scheduler, epoch)
         model.train()
         total = torch.tensor(done.get("loss_sum", 0.0), device=device)  # over whole steps; `part`: the step's so far
         images, seen, train_before = done.get("images", 0), skip, done.get("train_s", 0.0)
@@ -628,16 +631,18 @@ def _train(config: Config, on_epoch: Callable[[dict], None] | None, accelerator:
             scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
             saved_position = info.get("in_epoch", {})
+            in_epoch = resume.in_this_plan(saved_position, plan)
             extended = info.get("extended", [])
             if extending:
-                extended = [*extended, resume.extend_schedule(scheduler, saved["train"]["epochs"], config.train.epochs,
-                                                              steps_per_epoch)]
+                going_on_at = (info["next_epoch"], in_epoch.get("micro_batches", 0) // plan.accumulation)
+                extended = [*extended, resume.extend_schedule(
+                    scheduler, saved["train"]["epochs"], config.train.epochs, steps_per_epoch,
+                    going_on_at if config.train.lr_schedule == "epoch" else None)]
                 _say(accelerator, f"train: {run_dir} goes from {extended[-1]['epochs_from']} to {config.train.epochs} "
                                   f"epochs: from its step {extended[-1]['after_step']} on, the learning rate follows a "
                                   f"{config.train.epochs}-epoch cosine ({extended[-1]['lr_from']:.3g} -> "
                                   f"{extended[-1]['lr_to']:.3g}), unlike a run started for {config.train.epochs} "
                                   "epochs")
-            in_epoch = resume.in_this_plan(saved_position, plan)
             resumed = {"start_epoch": info["next_epoch"], "in_epoch": in_epoch, "history": info["history"],
                        "best": info["best"], "elapsed_s": info["elapsed_s"], "extended": extended,
                        "lr": in_epoch.get("lr", 0.0)}

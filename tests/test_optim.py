@@ -5,7 +5,8 @@ import torch
 
 from temu_dist.config import Notice
 from temu_dist.model.temu import build_model
-from temu_dist.optim import lengthen, make_optimizer, make_scheduler
+from temu_dist.config import ConfigError
+from temu_dist.optim import epoch_schedule, lengthen, make_optimizer, make_scheduler
 
 from tests.conftest import tiny_config
 
@@ -95,6 +96,34 @@ def test_a_schedule_made_longer_within_its_warmup_climbs_on_and_lengthens_the_co
         scheduler.step()
     expected = [LR * 2 / 4, LR * 3 / 4] + [LR * (1 + math.cos(math.pi * i / 5)) / 2 for i in range(5)]
     assert rates == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_per_epoch_cosine_holds_each_epochs_rate_as_iqa_pytorch_steps_it_and_lengthens_in_epochs():
+    from temu_dist.resume import extend_schedule
+
+    config = tiny_config(f"train.lr={LR}", "train.epochs=4", "train.lr_schedule=epoch")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    scheduler = make_scheduler(optimizer, config, 3)
+    rates = []
+    for epoch in range(4):
+        epoch_schedule(scheduler, epoch)
+        epoch_schedule(scheduler, epoch)  # again, as a resume within the epoch does: it stays
+        for _ in range(3):
+            rates.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+    assert rates == pytest.approx([LR * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4) for _ in range(3)],
+                                  rel=1e-9)
+    # Finished, extended to 8 epochs: it goes on at epoch 4 of an 8-epoch cosine, after its 12 steps.
+    assert extend_schedule(scheduler, 4, 8, 3, epoch_from=(4, 0)) == {
+        "epochs_from": 4, "epochs_to": 8, "after_step": 12, "lr_from": pytest.approx(0, abs=1e-12),
+        "lr_to": pytest.approx(LR / 2, rel=1e-9)}
+    epoch_schedule(scheduler, 4)
+    assert scheduler.get_last_lr()[0] == pytest.approx(LR / 2, rel=1e-9)
+    epoch_schedule(scheduler, 6)
+    assert scheduler.get_last_lr()[0] == pytest.approx(LR * (1 + math.cos(math.pi * 6 / 8)) / 2, rel=1e-9)
+    with pytest.raises(ConfigError, match=r"train: .*warmup_steps 3 climbs a step at a time, and lr_schedule epoch "
+                                          r"steps the rate once an epoch: leave warmup_steps at 0 with it"):
+        tiny_config("train.lr_schedule=epoch", "train.warmup_steps=3")
 
 
 def test_adamw_says_when_weight_decay_has_no_matrix_to_decay():

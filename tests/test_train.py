@@ -422,6 +422,35 @@ def test_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_to_the_same_
     assert "in_epoch" not in json.loads((tmp_path / "b" / "run" / "checkpoints" / "last" / "trainer.json").read_text())
 
 
+def test_a_per_epoch_cosine_holds_each_epochs_rate_through_a_mid_epoch_resume_and_an_extension(tmp_path, shards,
+                                                                                                  monkeypatch):
+    # IQA-PyTorch's schedule: the rate of epoch e (from 0) is lr (1 + cos(pi e / epochs)) / 2 for all its steps.
+    settings = ("train.epochs=2", "train.checkpoint_every=1", "train.lr_schedule=epoch")
+    whole = train(run_config(tmp_path / "a", shards, *settings))
+    lr = run_config(tmp_path, shards).train.lr
+    assert [h["lr"] for h in whole["history"]] == [pytest.approx(lr), pytest.approx(lr / 2)]
+    import temu_dist.train as train_mod
+
+    real = train_mod.training_inputs
+    monkeypatch.setattr(train_mod, "training_inputs", stops_after(real, 3 + 2))  # dies in epoch 2's last step
+    with pytest.raises(Interrupted):
+        train(run_config(tmp_path / "b", shards, *settings))
+    last = json.loads((tmp_path / "b" / "run" / "checkpoints" / "last" / "trainer.json").read_text())
+    assert last["next_epoch"] == 1 and last["in_epoch"]["steps"] == 2
+    monkeypatch.setattr(train_mod, "training_inputs", real)
+    resumed = train(run_config(tmp_path / "b", shards, *settings))
+    assert _comparable(resumed["history"]) == _comparable(whole["history"])
+    a = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "last" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "last" / "weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Extended to 3 epochs: its third trains at a 3-epoch cosine's rate for epoch 2, after its 6 steps.
+    longer = train(run_config(tmp_path / "a", shards, *settings[1:], "train.epochs=3", "train.resume=extend"))
+    assert longer["history"][2]["lr"] == pytest.approx(lr * (1 + math.cos(math.pi * 2 / 3)) / 2)
+    assert longer["extended"] == [{"epochs_from": 2, "epochs_to": 3, "after_step": 6,
+                                   "lr_from": pytest.approx(0, abs=1e-12),
+                                   "lr_to": pytest.approx(lr * (1 + math.cos(math.pi * 2 / 3)) / 2)}]
+
+
 def test_a_mid_epoch_resume_in_other_micro_batches_goes_on_after_the_same_step(tmp_path, shards, monkeypatch, capsys):
     # Killed after step 2 of epoch 2 in micro-batches of 2; resumed in micro-batches of 4 (another micro-batch, or
     # as many per process on fewer processes): step 3 is what is left, and with PLCC over the step the run ends where
