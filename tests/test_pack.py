@@ -992,10 +992,14 @@ def test_iqa_pytorchs_livec_meta_and_random_split_pack_its_held_out_val_as_test(
     opts = dict(meta_csv=str(meta), split=SplitSpec("file", file=str(pkl), index=1), workers=1)
     with pytest.raises(DataError, match=r"not under .*LIVEC, e.g. 100.bmp \(row 9\).*--skip-bad \(an IQA-PyTorch "
                                         r"meta CSV names them as its downloads lay them out; for the release's own "
-                                        r"layout, pack the release's label file without --meta-csv\)$"):
+                                        r"layout, pack the release's label file without --meta-csv\); 100.bmp is "
+                                        rf"under {images}: give that as --root$"):
         pack(PackOptions("livec", str(tmp_path / "LIVEC"), str(tmp_path / "no"), **opts))
     manifest = pack(PackOptions("livec", str(images), str(tmp_path / "out"), **opts))
     assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 3, "test": 2}
+    # Or the folder named under the release's root, as IQA-PyTorch's configs name it (dataroot_target LIVEC/Images).
+    within = pack(PackOptions("livec", str(tmp_path / "LIVEC"), str(tmp_path / "within"), image_dir="Images", **opts))
+    assert within["image_dir"] == "Images" and within["splits"]["test"]["count"] == 2
     held_out = {x["name"] for x in _samples(tmp_path / "out").values() if x["split"] == "test"}
     assert held_out == {"100.bmp", "104.bmp"}
 
