@@ -41,6 +41,7 @@ from temu_dist.config import (KEY_METRICS, MLFLOW_FOLDERS, Config, ConfigError, 
 from temu_dist.data.augment import normalize
 from temu_dist.data.ldg import check_fidelity_size, ldg_targets
 from temu_dist.data.manifest import naming_unpacked, pack_named_by, read_manifest
+from temu_dist.data.sources import DATASETS
 from temu_dist.data.stream import SharedEpoch, epoch_steps, reader_count, split_shards, train_loader
 from temu_dist.distributed import BatchPlan, check_processes_agree, keep_buffers_in_place, make_accelerator
 from temu_dist.evaluate import EvalSet, check_metric, eval_sets, evaluate_sets, scatter_plots, seen_in_training
@@ -517,6 +518,15 @@ def data_warnings(config: Config, sets: list[EvalSet]) -> list[str]:
     if "order" not in read_manifest(config.data.train):
         warnings.append(f"{config.data.train} was packed by an earlier temu-dist in its label file's order, in which a "
                         "batch is a stretch of it (one generator, distortion or reference image): pack it again")
+    for key, folder in config.pack_folders():
+        manifest = read_manifest(folder)
+        info = DATASETS.get(manifest.get("dataset"))
+        # A release pack from before its score column was recorded read another one (KonIQ-10k: its 1-5 MOS).
+        if info and info.mos_column and manifest.get("source", {}).get("kind", "release") == "release" and \
+                "mos_column" not in manifest:
+            warnings.append(f"{folder} ({key}) holds {manifest['dataset']}'s labels as an earlier temu-dist packed "
+                            f"them, not its {info.mos_column}, which IQA-PyTorch and papers use: pack it again into "
+                            "a new folder")
     if seen := seen_in_training(sets, config):  # their scores would overstate the model in a paper's table
         warnings.append(f"{', '.join(seen)}: packed from the labels data.train was ({config.data.train}) but split "
                         "otherwise, so some of the images may be ones this run trains on")

@@ -155,6 +155,18 @@ def test_training_on_a_pack_in_its_label_files_order_warns_to_pack_it_again(tmp_
         capsys.readouterr().out
 
 
+def test_a_koniq_pack_of_its_1_to_5_mos_is_warned_of_wherever_the_config_names_it(tmp_path, shards):
+    old = tmp_path / "koniq10k"
+    shutil.copytree(shards, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "dataset": "koniq10k"}))  # as packed before 2026-11-29
+    lines = check_lines(run_config(tmp_path, shards, f"eval.cross=[{{name: koniq, shards: {old}}}]"))
+    assert f"warning: {old} (eval.cross.0.shards) holds koniq10k's labels as an earlier temu-dist packed them, not " \
+        "its MOS_zscore, which IQA-PyTorch and papers use: pack it again into a new folder" in lines
+    (old / "manifest.json").write_text(json.dumps({**manifest, "dataset": "koniq10k", "mos_column": "MOS_zscore"}))
+    assert not any("earlier temu-dist" in line for line in check_lines(run_config(tmp_path, str(old))))
+
+
 def test_a_second_training_into_a_run_folder_being_written_is_refused_naming_the_first(tmp_path, shards):
     # Both would write its checkpoints, results and MLflow epochs, interleaved (and a kill -9 of a launcher can leave
     # its ranks training on). Held by another process here, as the lock is; let go, the run trains.
