@@ -64,6 +64,9 @@ class ModelConfig(Section):
     quick_gelu: bool | Literal["auto"] = "auto"
     # Square side, or [height, width] (KADID-10k keeps its native 384x512).
     image_size: int | tuple[int, int] = 448
+    # How images are resized to image_size, with antialiasing: bicubic, as CLIP's preprocessing; bilinear, as
+    # IQA-PyTorch's (torchvision's default).
+    resize: Literal["bicubic", "bilinear"] = "bicubic"
     # all | upto:K (layers 1..K, the paper's "dagger" models) | only:K (the single-layer study).
     layers: str = "all"
     # S: score-level fusion over layers; I: image-feature-level fusion.

@@ -183,7 +183,7 @@ def _evaluate(model: TeMuIQA | ClipIQA, sets: list[EvalSet], accelerator: Accele
     for s in sets:
         loader, expected = eval_loader(s.shards, s.split, config.eval.batch_size, accelerator.process_index,
                                        accelerator.num_processes, config.data.workers,
-                                       s.image_hw or config.model.image_hw(), ldg, config.seed)
+                                       s.image_hw or config.model.image_hw(), ldg, config.seed, config.model.resize)
         keys, named, scored, distorted = [], [] if names else None, ([], []), ([], [])
         # Shown where a set takes more than a few seconds (FLIVE's and AVA's take minutes), as train's epoch bar is
         # shown: on a terminal it gives way to what follows, in a log it ends its own line.

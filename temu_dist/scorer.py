@@ -93,7 +93,8 @@ class Scorer(nn.Module):
                 raise ValueError(f"a float image is read as [0, 1] (up to {OVERSHOOT:g} past it as it is); this one "
                                  f"spans [{lo:g}, {hi:g}]: divide 0-255 values by 255 (or pass uint8), map -1..1 ones "
                                  "by (x + 1) / 2")
-        x = to_input(image, self.config.model.image_hw())  # as the loader resizes; differentiable for floats
+        # As the loader resizes; differentiable for floats.
+        x = to_input(image, self.config.model.image_hw(), resize=self.config.model.resize)
         return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
     def outputs(self, images: Sequence[ImageLike]) -> QualityOutput:

@@ -67,6 +67,15 @@ def test_resize_is_within_a_grey_level_of_pil_bicubic():
     assert torch.equal(to_input(TF.pil_to_tensor(im), (384, 512), flip=True), TF.pil_to_tensor(im).flip(-1))
 
 
+def test_a_bilinear_resize_is_within_a_grey_level_of_iqa_pytorchs_on_pil_images():
+    im = photo("astronaut", (512, 384))
+    ref = TF.pil_to_tensor(TF.resize(im, [448, 448], interpolation=InterpolationMode.BILINEAR))  # torchvision's default
+    diff = (to_input(im, (448, 448), resize="bilinear").int() - ref.int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 0.05
+    # The bicubic one is another resize: 0.91 grey levels from it on average here.
+    assert (to_input(im, (448, 448)).int() - ref.int()).abs().float().mean() > 0.5
+
+
 def test_normalisation_is_the_same_to_the_bit_as_runs_trained_before_had_it():
     # A resumed or re-scored run must see the inputs it was trained on: x / 255, not x * (1 / 255).
     from temu_dist.data.augment import normalize

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from temu_dist.data.augment import to_input
 from temu_dist.model.io import save_model
 from temu_dist.model.temu import build_model
 from temu_dist.predict import predict
@@ -118,3 +119,7 @@ def test_an_untrained_head_scores_from_a_config(tmp_path, photos):
     scores = scorer(photos)
     assert ((scores > 0) & (scores < 1)).all()
     assert Scorer.from_config(cfg, ["model.prompt=coop"]).config.model.prompt == "coop"
+    # Resized as the loaders resize: model.resize.
+    bilinear = Scorer.from_config(cfg, ["model.resize=bilinear"])
+    x = torch.randint(0, 256, (3, 48, 80), dtype=torch.uint8)
+    assert torch.equal(bilinear._prepared(x), to_input(x, (64, 64), resize="bilinear").float() / 255)

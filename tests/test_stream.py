@@ -1,4 +1,5 @@
 import io
+import json
 import logging
 import re
 import multiprocessing
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from temu_dist.config import ConfigError
+from temu_dist.data.augment import decode_rgb, to_input
 from temu_dist.data.splits import SplitSpec
 from temu_dist.data.stream import SharedEpoch, ShardsMissing, eval_loader, split_shards, train_loader
 from temu_dist.pack import PackOptions, pack
@@ -169,6 +171,23 @@ def test_corrupt_sample_is_skipped_logged_and_counted(tmp_path, caplog):
     # Named as the labels name the image, with why in one line (PIL's own message names an in-memory buffer).
     assert re.search(r"skipping corrupt sample images/I\d\d_\d\d_\d\d.png in \S+.tar: ValueError: not an image "
                      r"torchvision or PIL can decode$", caplog.text, re.M), caplog.text
+
+
+def test_both_loaders_resize_as_model_resize_asks(tmp_path):
+    folder, _ = _pack(tmp_path, refs=2, per_ref=2, shard_size=4)
+    with tarfile.open(next(Path(folder).glob("*.tar"))) as tar:
+        stored = {json.loads(tar.extractfile(m).read())["name"]: tar.extractfile(m.name.replace(".json", ".png")).read()
+                  for m in tar if m.name.endswith(".json")}
+    hw = (24, 24)
+    for resize in ("bicubic", "bilinear"):
+        expected = {name: to_input(decode_rgb(data), hw, resize=resize) for name, data in stored.items()}
+        config = tiny_config("data.workers=0", "ldg.enabled=false", "data.flip=false", f"model.resize={resize}")
+        loader, _ = train_loader(config, folder, "train", 4, 1, 0, 1, SharedEpoch(0), hw)
+        evaluated, _ = eval_loader(folder, "train", 4, 0, 1, 0, hw, resize=resize)
+        for batch in (next(iter(loader)), next(iter(evaluated))):
+            assert all(torch.equal(image, expected[name]) for image, name in zip(batch["image"], batch["name"]))
+    assert not all(torch.equal(to_input(decode_rgb(d), hw), to_input(decode_rgb(d), hw, resize="bilinear"))
+                   for d in stored.values())
 
 
 def test_accumulation_multiplies_micro_batches_and_a_too_large_batch_is_named(tmp_path):

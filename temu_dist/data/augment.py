@@ -31,13 +31,15 @@ def decode_rgb(data: bytes) -> torch.Tensor:
     return x if x.dtype == torch.uint8 else F2.to_dtype(x, torch.uint8, scale=True)
 
 
-def to_input(image: torch.Tensor | Image.Image, image_hw: tuple[int, int], flip: bool = False) -> torch.Tensor:
+def to_input(image: torch.Tensor | Image.Image, image_hw: tuple[int, int], flip: bool = False,
+             resize: str = "bicubic") -> torch.Tensor:
     """uint8 [3, H, W] (or an RGB PIL image) -> uint8 [3, H, W] at the input size. A square resize, as the paper feeds
     448x448 whatever the aspect; an image already at the input size (KADID-10k at its native 384x512) is left
-    untouched. Bicubic with antialiasing on the tensor: within one grey level of PIL's and 5x faster."""
+    untouched. `resize` (model.resize): bicubic or bilinear, with antialiasing, on the tensor: bicubic within one grey
+    level of PIL's and 5x faster."""
     x = TF.pil_to_tensor(image) if isinstance(image, Image.Image) else image
     if tuple(x.shape[-2:]) != tuple(image_hw):
-        x = F2.resize(x, list(image_hw), interpolation=InterpolationMode.BICUBIC, antialias=True)
+        x = F2.resize(x, list(image_hw), interpolation=InterpolationMode(resize), antialias=True)
     return x.flip(-1) if flip else x
 
 

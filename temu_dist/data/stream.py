@@ -183,13 +183,13 @@ def _keep_mine(samples: Iterator[dict], rank: int, world_size: int, n_shards: in
 
 
 def decode_sample(sample: dict, image_hw: tuple[int, int], flip: bool, ldg: LocalDistortion | None,
-            ldg_p: float) -> dict | None:
+                  ldg_p: float, resize: str = "bicubic") -> dict | None:
     """Raw tar sample -> tensors; a corrupt sample is logged and dropped (the caller counts what it got)."""
     label = None
     try:
         label = json.loads(sample["json"])
         ext = next(e for e in IMAGE_FORMATS.values() if e in sample)
-        image = to_input(decode_rgb(sample[ext]), image_hw, flip=flip and bool(torch.rand(()) < 0.5))
+        image = to_input(decode_rgb(sample[ext]), image_hw, flip=flip and bool(torch.rand(()) < 0.5), resize=resize)
     except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped, whatever the decoder raised
         # The image's name as the labels give it, where its label survived; else the sample's key in the shard.
         what = label["name"] if isinstance(label, dict) and "name" in label else f"sample {sample.get('__key__')}"
@@ -204,7 +204,7 @@ def decode_sample(sample: dict, image_hw: tuple[int, int], flip: bool, ldg: Loca
 
 
 def _decoded(samples: Iterator[dict], image_hw: tuple[int, int], flip: bool, ldg: LocalDistortion | None,
-             ldg_p: float) -> Iterator[dict]:
+             ldg_p: float, resize: str) -> Iterator[dict]:
     for sample in samples:
         if "__replayed__" in sample:
             yield sample
@@ -212,7 +212,7 @@ def _decoded(samples: Iterator[dict], image_hw: tuple[int, int], flip: bool, ldg
         if "__seed__" in sample:
             # Flips and local distortions draw from torch's global generator (RandAugment takes no other).
             torch.default_generator.manual_seed(sample["__seed__"])
-        out = decode_sample(sample, image_hw, flip, ldg, ldg_p)
+        out = decode_sample(sample, image_hw, flip, ldg, ldg_p, resize)
         if out is not None:
             yield out
 
@@ -256,7 +256,7 @@ def train_loader(config: Config, folder: str, split: str, per_device_batch: int,
     pipeline = wds.DataPipeline(
         TrainSamples(urls, counts, config.seed, epoch, rank, world_size, data.resampled, data.shuffle_buffer,
                      per_device_batch),
-        partial(_decoded, image_hw=image_hw, flip=data.flip, ldg=ldg, ldg_p=config.ldg.p),
+        partial(_decoded, image_hw=image_hw, flip=data.flip, ldg=ldg, ldg_p=config.ldg.p, resize=config.model.resize),
         wds.batched(per_device_batch, collation_fn=collate, partial=False),
     ).with_epoch(nbatches=per_worker)
     loader = DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
@@ -278,10 +278,10 @@ def _seeded_by_name(samples: Iterator[dict], seed: int) -> Iterator[dict]:
 
 def eval_loader(folder: str, split: str, batch_size: int, rank: int, world_size: int, workers: int,
                 image_hw: tuple[int, int], ldg: LocalDistortion | None = None,
-                seed: int = 0) -> tuple[DataLoader, int]:
+                seed: int = 0, resize: str = "bicubic") -> tuple[DataLoader, int]:
     """(loader, expected count): every sample of the split exactly once over all ranks and workers, unshuffled,
-    with partial last batches. Batches: image uint8, mos, name; with `ldg`, also ldg_image, each image's local
-    distortion seeded by `seed` and its name."""
+    with partial last batches, resized (`resize`: model.resize) to image_hw. Batches: image uint8, mos, name; with
+    `ldg`, also ldg_image, each image's local distortion seeded by `seed` and its name."""
     urls, counts = split_shards(folder, split)
     pipeline = wds.DataPipeline(
         EvalShards(urls, rank, world_size),
@@ -289,7 +289,7 @@ def eval_loader(folder: str, split: str, batch_size: int, rank: int, world_size:
         # Partials, not closures: workers started by spawn or forkserver get the pipeline pickled.
         partial(_keep_mine, rank=rank, world_size=world_size, n_shards=len(urls)),
         *([partial(_seeded_by_name, seed=seed)] if ldg else []),
-        partial(_decoded, image_hw=image_hw, flip=False, ldg=ldg, ldg_p=1.0),
+        partial(_decoded, image_hw=image_hw, flip=False, ldg=ldg, ldg_p=1.0, resize=resize),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
     loader = DataLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),

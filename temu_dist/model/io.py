@@ -15,11 +15,13 @@ from temu_dist.model.temu import TeMuIQA, build_model
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
-# Weight-shaping model fields added since checkpoints were first saved, at the value their weights were trained with.
-MODEL_ADDED = {"ctx_per_prompt": False, "class_position": "end"}
+# Model fields added since checkpoints were first saved, at the value their weights were trained with.
+MODEL_ADDED = {"ctx_per_prompt": False, "class_position": "end", "resize": "bicubic"}
 # Fields a loaded checkpoint may take from the command line: where the frozen weights come from and the activation they
-# were trained with, their dtype and the input size. Everything else shapes the trainable weights or what they mean.
-LOAD_TIME_FIELDS = {"pretrained", "quick_gelu", "precision", "tower_fp8", "image_size", "compile", "compile_mode"}
+# were trained with, their dtype and the input size and resize. Everything else shapes the trainable weights or what
+# they mean.
+LOAD_TIME_FIELDS = {"pretrained", "quick_gelu", "precision", "tower_fp8", "image_size", "resize", "compile",
+                    "compile_mode"}
 # Which config field decides the shape of which trainable parameter, for errors.
 PARAM_FIELDS = {"prompts.ctx": "model.n_ctx", "prompts.meta_net": "model.cocoop_reduction",
                 "layer_logits": "model.layers", "layer_norms": "model.layer_norm"}
