@@ -702,6 +702,9 @@ def test_resume_with_other_training_settings_is_refused(tmp_path, shards, monkey
     assert train(run_config(tmp_path, shards, "train.epochs=1", "model.image_size=[64, 64]"))["best_epoch"] == 1
     with pytest.raises(ConfigError, match=r"^model.precision: .*last was trained with 'auto', this run asks for "):
         train(run_config(tmp_path, shards, "train.epochs=1", "model.precision=bf16"))
+    with pytest.raises(ConfigError, match=r"^model.resize: .*last was trained with 'bicubic', this run asks for "
+                                          r"'bilinear'"):
+        train(run_config(tmp_path, shards, "train.epochs=1", "model.resize=bilinear"))
     # Started anew, the run is not finished until it writes results of its own.
     monkeypatch.setattr(train_mod, "loss_fn", stops_after(train_mod.loss_fn, 0))
     capsys.readouterr()
