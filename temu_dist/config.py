@@ -361,7 +361,7 @@ def one_line_error(err: ValidationError, source: str, model: type[BaseModel] | N
             key = ".".join(str(p) for p in loc) or "<root>"
             # A validator's own words, without pydantic's "Value error, "; a section's input (a dict) is not repeated.
             said = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]
-            got = "" if isinstance(e["input"], dict) else f" (got {e['input']!r})"
+            got = "" if e["type"] == "value_error" and isinstance(e["input"], dict) else f" (got {e['input']!r})"
             found[key] = _unknown(key, known) if e["type"] == "extra_forbidden" else said + got
     parts = [f"{key}: {v}" if isinstance(v, str) else f"{key}: expected {' or '.join(v)} (got {inputs[key]!r})"
              for key, v in found.items()]

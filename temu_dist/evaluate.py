@@ -94,7 +94,7 @@ def eval_sets(config: Config) -> list[EvalSet]:
     splits skip one the pack lacks (most packs have no val); splits given otherwise must all be there."""
     sets = []
     if config.data.train:
-        with pack_named_by("data.train"):
+        with naming_unpacked(config.pack_folders(), covered=[config.data.train]), pack_named_by("data.train"):
             have = read_manifest(config.data.train)["splits"]
         missing = [split for split in config.eval.splits if split not in have]
         if missing and config.eval.splits != EvalConfig.model_fields["splits"].default:

@@ -49,7 +49,7 @@ from temu_dist.data.images import pil_rgb
 from temu_dist.data.manifest import (IMAGE_FORMATS, MANIFEST, PACK_FILE, PACK_LOCK, STARTED, ShardsMissing,
                                      read_manifest)
 from temu_dist.data.sources import (DATASETS, META_SPLIT_COLUMNS, CsvLabels, DataError, DatasetInfo, Record,
-                                    label_scale, read_csv_labels, read_pyiqa_meta, read_records)
+                                    image_folder, label_scale, read_csv_labels, read_pyiqa_meta, read_records)
 from temu_dist.data.splits import NOT_LISTED, SPLITS, SplitSpec, split_read, splitter
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 
@@ -297,7 +297,8 @@ def _refuse_missing(missing: array, route: Callable[[Record], str | None], opts:
             break
     if absent:
         layout = " (an IQA-PyTorch meta CSV names them as its downloads lay them out; for the release's own layout, " \
-            "pack the release's label file without --meta-csv)" if opts.meta_csv else ""
+            "name their folder with --image-dir or pack the release's label file without --meta-csv)" \
+            if opts.meta_csv else ""
         # A release whose label file lies above its images' folder (FLIVE_Database's copy of labels_image.csv beside
         # database/): where the first one is, one folder down.
         root = Path(opts.root)
@@ -370,6 +371,8 @@ def pack(opts: PackOptions, check: bool = False) -> dict:
     would hold: {"splits": {split: images}, "unlisted": left out by a split file, "missing": left out by --skip-bad
     for want of a file (an unreadable one is found as its shard is written)}."""
     _check(opts)
+    if not opts.csv:  # as the pack records it, so that one folder named two ways is one pack
+        opts = replace(opts, image_dir=image_folder(opts.dataset, opts.image_dir, bool(opts.meta_csv)))
     if opts.split.by_reference is None:
         opts = replace(opts, split=replace(opts.split, by_reference=opts.info().has_reference))
     out = Path(opts.out)
@@ -532,12 +535,8 @@ def _check(opts: PackOptions) -> None:
         need = "its scale with --mos-range" if opts.label_file else "--label-file and --mos-range"
         raise DataError(f"unknown dataset '{opts.dataset}'; one of {', '.join(DATASETS)}, or a dataset of your own "
                         f"read from a CSV: add {need}")
-    if opts.image_dir is not None and not opts.meta_csv and (opts.csv or opts.info().image_dir is None):
-        taken = ", ".join(name for name, info in DATASETS.items() if info.image_dir)
-        raise DataError(f"--image-dir {opts.image_dir}: " + (
-            "a CSV of your own names its images under --root" if opts.csv else
-            f"the {opts.dataset} release's images are in folders of its own") + f"; it is taken by {taken} and "
-            "--meta-csv")
+    if opts.image_dir is not None and opts.csv:
+        raise DataError(f"--image-dir {opts.image_dir}: a CSV of your own names its images under --root")
     if opts.split.by_reference and not opts.info().has_reference:
         # Else each image would be its own reference: a split by image, said to be by reference.
         raise DataError(f"--by-reference yes: {opts.dataset} has no reference images"
@@ -630,8 +629,8 @@ IDENTITY_NAMES = {"dataset": "--dataset", "split": "split (--split and its optio
                   "labels": "--columns, --mos-range or --lower-better", "order": "sample order",
                   "image_dir": "--image-dir",
                   # The one release so far: KonIQ-10k, whose packs read its 1-5 MOS before.
-                  "mos_column": "MOS column (KonIQ-10k's is MOS_zscore, 0-100, as IQA-PyTorch reads it; packs before "
-                                "2026-11-29 hold its 1-5 MOS)"}
+                  "mos_column": "score column (a KonIQ-10k release pack reads MOS_zscore, 0-100, as IQA-PyTorch does; "
+                                "one before 2026-11-29 read its 1-5 MOS; a meta CSV has its own)"}
 
 
 def _differing(ours: dict, theirs: dict) -> list[str]:

@@ -17,7 +17,7 @@ from temu_dist.optim import epoch_schedule, lengthen
 
 # What a resumed run may change: everything else must match the checkpoint, or the resumed run would not be the
 # run it continues. Of the model, only how it is compiled: evaluate and predict may also load a checkpoint onto another
-# input size, dtype or frozen tower, a resumed run may not train on one.
+# input size, resize, dtype or frozen tower, a resumed run may not train on one.
 RESUME_MAY_CHANGE = {"train.resume", "train.checkpoint_every", "train.log_every", "train.timeout_min", "data.workers",
                      "eval.batch_size", "tracking.enabled", "tracking.uri", "model.compile", "model.compile_mode",
                      "train.keep_tokens"}

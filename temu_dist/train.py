@@ -644,7 +644,9 @@ def _train(config: Config, on_epoch: Callable[[dict], None] | None, accelerator:
             in_epoch = resume.in_this_plan(saved_position, plan)
             extended = info.get("extended", [])
             if extending:
-                going_on_at = (info["next_epoch"], in_epoch.get("micro_batches", 0) // plan.accumulation)
+                steps = in_epoch.get("micro_batches", 0) // plan.accumulation
+                # An epoch trained whole, its evaluation to come: the run trains on at the next one.
+                going_on_at = (info["next_epoch"] + 1, 0) if steps == steps_per_epoch else (info["next_epoch"], steps)
                 extended = [*extended, resume.extend_schedule(
                     scheduler, saved["train"]["epochs"], config.train.epochs, steps_per_epoch,
                     going_on_at if config.train.lr_schedule == "epoch" else None)]

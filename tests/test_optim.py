@@ -3,9 +3,8 @@ import math
 import pytest
 import torch
 
-from temu_dist.config import Notice
+from temu_dist.config import ConfigError, Notice
 from temu_dist.model.temu import build_model
-from temu_dist.config import ConfigError
 from temu_dist.optim import epoch_schedule, lengthen, make_optimizer, make_scheduler
 
 from tests.conftest import tiny_config

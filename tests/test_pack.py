@@ -489,9 +489,9 @@ def test_a_koniq_pack_holds_its_mos_zscore_and_one_from_before_is_not_taken_for_
     (out / MANIFEST).write_text(json.dumps(manifest))
     capsys.readouterr()
     assert main(args) == 1
-    assert capsys.readouterr().err == f"pack: {out} already holds a finished pack made with another MOS column " \
-        "(KonIQ-10k's is MOS_zscore, 0-100, as IQA-PyTorch reads it; packs before 2026-11-29 hold its 1-5 MOS): pack " \
-        "into another --out\n"
+    assert capsys.readouterr().err == f"pack: {out} already holds a finished pack made with another score column " \
+        "(a KonIQ-10k release pack reads MOS_zscore, 0-100, as IQA-PyTorch does; one before 2026-11-29 read its 1-5 " \
+        "MOS; a meta CSV has its own): pack into another --out\n"
 
     # The release's half-size images, which IQA-PyTorch's KonIQ-10k configs read.
     (root / "1024x768").rename(root / "512x384")
@@ -511,6 +511,14 @@ def test_a_koniq_pack_holds_its_mos_zscore_and_one_from_before_is_not_taken_for_
     with pytest.raises(DataError, match=r"^--image-dir x: the csiq release's images are in folders of its own; it is "
                                         r"taken by koniq10k and --meta-csv$"):
         pack(PackOptions("csiq", str(root), str(tmp_path / "c"), image_dir="x"))
+    with pytest.raises(DataError, match=r"^--image-dir \.\./x: a folder under --root, named from there$"):
+        pack(PackOptions("koniq10k", str(root), str(tmp_path / "c"), image_dir="../x"))
+    # The release's own folder, named or not, is one pack; so is a folder named with a trailing slash.
+    assert main([*half[:-1], "512x384/"]) == 0
+    (root / "512x384").rename(root / "1024x768")
+    assert main([*half[:-1], "1024x768"]) == 1 and "another --image-dir" in capsys.readouterr().err
+    (out / MANIFEST).write_text(json.dumps({**manifest, "mos_column": "MOS_zscore"}))  # as this version wrote it
+    assert main([*args, "--image-dir", "1024x768"]) == 0
     with pytest.raises(DataError, match=r"^--image-dir x: a CSV of your own names its images under --root"):
         pack(PackOptions("mine", str(root), str(tmp_path / "c"), label_file="l.csv", image_dir="x",
                          csv=CsvLabels("mine", (1.0, 5.0))))
@@ -992,8 +1000,8 @@ def test_iqa_pytorchs_livec_meta_and_random_split_pack_its_held_out_val_as_test(
     opts = dict(meta_csv=str(meta), split=SplitSpec("file", file=str(pkl), index=1), workers=1)
     with pytest.raises(DataError, match=r"not under .*LIVEC, e.g. 100.bmp \(row 9\).*--skip-bad \(an IQA-PyTorch "
                                         r"meta CSV names them as its downloads lay them out; for the release's own "
-                                        r"layout, pack the release's label file without --meta-csv\); 100.bmp is "
-                                        rf"under {images}: give that as --root$"):
+                                        r"layout, name their folder with --image-dir or pack the release's label file "
+                                        rf"without --meta-csv\); 100.bmp is under {images}: give that as --root$"):
         pack(PackOptions("livec", str(tmp_path / "LIVEC"), str(tmp_path / "no"), **opts))
     manifest = pack(PackOptions("livec", str(images), str(tmp_path / "out"), **opts))
     assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 3, "test": 2}

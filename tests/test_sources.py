@@ -372,7 +372,8 @@ def test_missing_column_names_file_and_column(tmp_path):
 
 
 def test_non_numeric_mos_names_file_and_row(tmp_path):
-    with pytest.raises(DataError, match=r"^koniq10k_scores_and_distributions.csv row 3: MOS 'abc' is not a number$"):
+    with pytest.raises(DataError, match=r"^koniq10k_scores_and_distributions.csv row 3: MOS_zscore 'abc' is not a "
+                                        r"number$"):
         list(read_records("koniq10k", koniq(tmp_path, zscore=(30.0, "abc"))))
     write_xlsx(tmp_path / "Annotations" / "MOS and Image attribute scores.xlsx", ["Image name", "MOS"],
                [["a.jpg", 20], ["b.jpg", None]])
@@ -381,7 +382,8 @@ def test_non_numeric_mos_names_file_and_row(tmp_path):
 
 
 def test_out_of_range_mos_names_file_and_row(tmp_path):
-    with pytest.raises(DataError, match=r"koniq10k_scores_and_distributions.csv row 4: MOS 150 is outside 0..100"):
+    with pytest.raises(DataError, match=r"koniq10k_scores_and_distributions.csv row 4: MOS_zscore 150 is outside "
+                                        r"0..100"):
         list(read_records("koniq10k", koniq(tmp_path, zscore=(30.0, 40.0, 150.0))))
     write_csv(tmp_path / "data.csv", ["name", "mos_quality"], [["a.jpg", "nan"]])
     with pytest.raises(DataError, match=r"data.csv row 2: MOS nan is outside 0..5"):

@@ -435,7 +435,8 @@ def test_run_killed_mid_epoch_resumes_from_its_last_step_checkpoint_to_the_same_
 
 
 def test_a_per_epoch_cosine_holds_each_epochs_rate_through_a_mid_epoch_resume_and_an_extension(tmp_path, shards,
-                                                                                                  monkeypatch):
+                                                                                                  monkeypatch,
+                                                                                                  sigterm_caught):
     # IQA-PyTorch's schedule: the rate of epoch e (from 0) is lr (1 + cos(pi e / epochs)) / 2 for all its steps.
     settings = ("train.epochs=2", "train.checkpoint_every=1", "train.lr_schedule=epoch")
     whole = train(run_config(tmp_path / "a", shards, *settings))
@@ -461,6 +462,15 @@ def test_a_per_epoch_cosine_holds_each_epochs_rate_through_a_mid_epoch_resume_an
     assert longer["extended"] == [{"epochs_from": 2, "epochs_to": 3, "after_step": 6,
                                    "lr_from": pytest.approx(0, abs=1e-12),
                                    "lr_to": pytest.approx(lr * (1 + math.cos(math.pi * 2 / 3)) / 2)}]
+    # Stopped after epoch 2's training, before its evaluation, then extended: the next epoch is 3, at the same rate.
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(dump(run_config(tmp_path / "c", shards, *settings))))
+    monkeypatch.setattr(train_mod, "evaluate_sets", sigterm_on_call(train_mod.evaluate_sets, 2))
+    assert train_mod.main(["--config", str(config)]) == 143
+    monkeypatch.undo()
+    stopped = train(run_config(tmp_path / "c", shards, *settings[1:], "train.epochs=3", "train.resume=extend"))
+    assert stopped["extended"] == longer["extended"]
+    assert _comparable(stopped["history"]) == _comparable(longer["history"])
 
 
 def test_a_mid_epoch_resume_in_other_micro_batches_goes_on_after_the_same_step(tmp_path, shards, monkeypatch, capsys):
@@ -1738,6 +1748,11 @@ def test_what_training_cannot_use_is_refused_before_any_work(tmp_path, shards):
                                           rf"shards first, .*; not packed either: eval.cross.0.shards "
                                           rf"\({tmp_path / 'a'}\), eval.cross.2.shards \({tmp_path / 'c'}\)$"):
         train(run_config(tmp_path, str(tmp_path / "none"), cross))
+    from temu_dist.evaluate import eval_sets  # evaluate's own reading of the sets, without train's checks first
+
+    with pytest.raises(ConfigError, match=rf"^data.train: .*; not packed either: eval.cross.0.shards "
+                                          rf"\({tmp_path / 'a'}\), eval.cross.2.shards \({tmp_path / 'c'}\)$"):
+        eval_sets(run_config(tmp_path, str(tmp_path / "none"), cross))
     with pytest.raises(ConfigError, match=rf"^eval.cross.0.shards: {tmp_path / 'a' / 'manifest.json'} not found: make "
                                           rf"the shards first, .*; not packed either: eval.cross.2.shards "
                                           rf"\({tmp_path / 'c'}\), eval.cross.3.shards \({tmp_path / 'none'}\)$"):

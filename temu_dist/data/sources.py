@@ -130,19 +130,17 @@ def _text(value: object) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _checked(info: DatasetInfo, value: object, label: Path, row: int) -> float:
+def _checked(info: DatasetInfo, value: object, label: Path, row: int, column: str | None = None) -> float:
+    """The score as a number on the dataset's scale; `column`: the score's column, to name it by."""
+    score = column or ("MOS" if info.higher_better else "DMOS")
     try:
         raw = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise DataError(f"{label.name} row {row}: {_score(info)} {_text(value)!r} is not a number") from None
+        raise DataError(f"{label.name} row {row}: {score} {_text(value)!r} is not a number") from None
     lo, hi = info.accept_range or info.raw_range
     if not lo <= raw <= hi:
-        raise DataError(f"{label.name} row {row}: {_score(info)} {raw:g} is outside {lo:g}..{hi:g} for {info.name}")
+        raise DataError(f"{label.name} row {row}: {score} {raw:g} is outside {lo:g}..{hi:g} for {info.name}")
     return raw
-
-
-def _score(info: DatasetInfo) -> str:
-    return "MOS" if info.higher_better else "DMOS"
 
 
 def _scale(raw: float, raw_range: tuple[float, float], higher_better: bool) -> float:
@@ -152,14 +150,14 @@ def _scale(raw: float, raw_range: tuple[float, float], higher_better: bool) -> f
 
 
 def _record(dataset: str | DatasetInfo, root: Path, name: str, value: object, label: Path, row: int,
-            ref: str | None = None, split: str | None = None) -> Record:
+            ref: str | None = None, split: str | None = None, column: str | None = None) -> Record:
     # A name ending in "/" is a reader's folder prefix with an empty cell after it.
     if not PurePosixPath(name).name or name.endswith("/"):
         raise DataError(f"{label.name} row {row}: empty image name")
     if ref == "":  # the split by reference image would take the image for its own reference
         raise DataError(f"{label.name} row {row}: empty reference image name")
     info = dataset if isinstance(dataset, DatasetInfo) else DATASETS[dataset]
-    raw = _checked(info, value, label, row)
+    raw = _checked(info, value, label, row, column)
     return Record(name, root / name, _scale(raw, info.raw_range, info.higher_better), raw, ref, split, row)
 
 
@@ -302,7 +300,7 @@ def _read_koniq10k(root: Path, label: Path, image_dir: str) -> Iterator[Record]:
         if splits is not None and image not in splits:
             raise DataError(f"{sets.name}: no row for {image!r} ({label.name} row {row})")
         yield _record("koniq10k", root, f"{image_dir}/{image}", rec[column], label, row,
-                      split=None if splits is None else splits[image])
+                      split=None if splits is None else splits[image], column=column)
 
 
 def _read_spaq(root: Path, label: Path) -> Iterator[Record]:
@@ -455,15 +453,31 @@ def _unique(read: Callable[[], Iterator[Record]], label: Path) -> Iterator[Recor
                     f"{at[later].name!r} share a 64-bit hash, which the packer keys samples by; rename one")
 
 
+def image_folder(dataset: str, image_dir: str | None, meta: bool = False) -> str | None:
+    """An image folder asked for (pack's --image-dir) as a pack records it: a relative POSIX path under the root, or
+    None where it is the release's own (KonIQ-10k's 1024x768) or, with a meta CSV (`meta`), IQA-PyTorch's layout.
+    DataError where the release's images are in folders of its own, or the folder is not under the root."""
+    if image_dir is None:
+        return None
+    info = _info(dataset)
+    if not meta and info.image_dir is None:
+        taken = ", ".join(name for name, i in DATASETS.items() if i.image_dir)
+        raise DataError(f"--image-dir {image_dir}: the {dataset} release's images are in folders of its own; it is "
+                        f"taken by {taken} and --meta-csv")
+    folder = PurePosixPath(image_dir)
+    if folder.is_absolute() or ".." in folder.parts:
+        raise DataError(f"--image-dir {image_dir}: a folder under --root, named from there")
+    own = _PYIQA_META[dataset].image_dir if meta and dataset in _PYIQA_META else info.image_dir
+    return None if folder == PurePosixPath(own or ".") else folder.as_posix()
+
+
 def read_records(dataset: str, root: str | Path, label_file: str | Path | None = None,
                  image_dir: str | None = None) -> Iterator[Record]:
     """Records of one release, lazily. label_file defaults to the release's; a relative one is under root. image_dir
     replaces the folder of a release that ships its images at more than one size (KonIQ-10k's 1024x768: 512x384).
     The dataset name, image_dir and the label file's presence are checked now, the rows as they are read."""
     info = _info(dataset)
-    if image_dir is not None and info.image_dir is None:
-        raise DataError(f"{dataset}: its release's images are in folders of its own; another image folder is taken "
-                        f"only by {', '.join(n for n, i in DATASETS.items() if i.image_dir)}")
+    image_dir = image_folder(dataset, image_dir)
     root = Path(root).absolute()
     what = f"the {dataset} release's '{info.label_file}'"
     label = _label_under(root, label_file, what) if label_file else _need(root / info.label_file, what)
