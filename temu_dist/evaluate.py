@@ -361,7 +361,7 @@ def _check_lines(config: Config, sets: list[EvalSet], folder: Path | None, clipi
     epoch = epoch_of(folder) if folder else None
     what = f"{folder}" + (f" (epoch {epoch})" if epoch is not None else "") if folder else f"CLIP-IQA {clipiqa}"
     sized = [f"{s.name} ({s.shards} {s.split}, {sum(split_shards(s.shards, s.split)[1]):,} images)" for s in sets]
-    return [f"model: {what}: {m.backbone}, {weights_said(m)}, input {'x'.join(map(str, m.image_hw()))}",
+    return [f"model: {what}: {m.backbone}, {weights_said(m)}, input {'x'.join(map(str, m.image_hw()))} ({m.resize})",
             f"sets: {', '.join(sized)}"]
 
 

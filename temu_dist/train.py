@@ -566,10 +566,10 @@ def check_lines(config: Config) -> list[str]:
     steps = epoch_steps(sum(counts), t.batch_size, t.max_steps_per_epoch)
     scored = [f"{s.name} ({sum(split_shards(s.shards, s.split)[1]):,} images)" for s in sets]
     lines = [f"model: {m.backbone}, {weights}, layers {m.layers}{f' of {depth}' if depth else ''}, "
-             f"TeMu-IQA-{m.variant}, prompts {m.prompt}, input {height}x{width}",
+             f"TeMu-IQA-{m.variant}, prompts {m.prompt}, input {height}x{width} ({m.resize})",
              f"training: {config.data.train} '{config.data.train_split}', {sum(counts):,} images: {steps:,} optimizer "
              f"steps an epoch at a global batch of {t.batch_size}, {steps * t.epochs:,} in {t.epochs} epoch"
-             f"{'s' * (t.epochs != 1)}" + (", LDG on" if config.ldg.enabled else ""),
+             f"{'s' * (t.epochs != 1)}, cosine per {t.lr_schedule}" + (", LDG on" if config.ldg.enabled else ""),
              f"scored after each epoch: {', '.join(scored)}" + (" and each on local distortions" if config.eval.ldg
                                                               else "") + f"; the best epoch by {t.key_metric}"]
     lines += [f"warning: {warning}" for warning in data_warnings(config, sets)]

@@ -1408,7 +1408,7 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
         patch.setattr(evaluate_mod, "load_model", unbuilt)
         assert main(["--checkpoint", str(tmp_path / "run"), "--check"]) == 0
         assert capsys.readouterr().out.splitlines() == [
-            f"evaluate: model: {best_dir} (epoch 1): Test-Tiny-ViT-16, random weights, input 64x64",
+            f"evaluate: model: {best_dir} (epoch 1): Test-Tiny-ViT-16, random weights, input 64x64 (bicubic)",
             f"evaluate: sets: val ({shards} val, {counts['val']} images), test ({shards} test, {counts['test']} "
             "images)"]
         # A zero-shot config's own set (Tables 11-13's), and what CLIP-IQA itself refuses, before any weights.
@@ -1422,7 +1422,7 @@ def test_evaluate_verb_scores_a_run_and_zero_shot_clipiqa(tmp_path, shards, caps
         assert capsys.readouterr().err == "evaluate: --clipiqa b scores one layer: name it with --layer N (1-4)\n"
         assert main(["--clipiqa", "c", "--config", str(cfg), "--shards", f"{shards}:test", "--check"]) == 0
         assert capsys.readouterr().out.splitlines()[0] == "evaluate: model: CLIP-IQA c: Test-Tiny-ViT-16, random " \
-                                                          "weights, input 64x64"
+                                                          "weights, input 64x64 (bicubic)"
         assert main(["--clipiqa", "c", "--config", str(cfg), "--shards", str(tmp_path / "nowhere")]) == 1
         assert capsys.readouterr().err.startswith(f"evaluate: --shards: {tmp_path / 'nowhere' / 'manifest.json'} "
                                                   "not found")
@@ -1847,9 +1847,10 @@ def test_check_says_what_a_run_would_train_and_where_it_goes_on_and_writes_nothi
 
     counts = {split: sum(s["count"] for s in info["shards"])
               for split, info in json.loads((Path(shards) / "manifest.json").read_text())["splits"].items()}
-    first = ["train: model: Test-Tiny-ViT-16, random weights, layers all of 4, TeMu-IQA-I, prompts cocoop, input 64x64",
+    first = ["train: model: Test-Tiny-ViT-16, random weights, layers all of 4, TeMu-IQA-I, prompts cocoop, input 64x64 "
+             "(bicubic)",
              f"train: training: {shards} 'train', {counts['train']} images: {counts['train'] // 4} optimizer steps an "
-             f"epoch at a global batch of 4, {counts['train'] // 4 * 2} in 2 epochs, LDG on",
+             f"epoch at a global batch of 4, {counts['train'] // 4 * 2} in 2 epochs, cosine per step, LDG on",
              f"train: scored after each epoch: val ({counts['val']} images), test ({counts['test']} images); the best "
              "epoch by test/srcc"]
     assert main(["--check", *TINY_OVERRIDES, *run_overrides(tmp_path, shards)]) == 0
