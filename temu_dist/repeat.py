@@ -22,7 +22,6 @@ import math
 import os
 import statistics
 import sys
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 from accelerate import PartialState
@@ -30,7 +29,7 @@ from accelerate import PartialState
 from temu_dist.atomic import write_json_atomic
 from temu_dist.checkpoint import find_checkpoint, where_it_goes_on
 from temu_dist.config import KEY_METRICS, Config, ConfigError, check_run_folder, load_config, notices_as_lines
-from temu_dist.data.manifest import naming_unpacked, read_manifest
+from temu_dist.data.manifest import naming_later_packs, read_manifest
 from temu_dist.tracking import config_params, config_tags, finish_run, parent_run, tracking_uri
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, sigterm_at_step_ends, stop_code
 from temu_dist.resume import check_extendable
@@ -120,20 +119,14 @@ def _series_folder(config: Config, splits: int) -> Path:
     return out
 
 
-def _naming_later_splits(config: Config, index: int, splits: int) -> AbstractContextManager:
-    """A split's missing pack names the later splits' packs that are missing too."""
-    later = [pack for i in range(index + 1, splits) for pack in split_config(config, i).pack_folders()]
-    return naming_unpacked(later, covered=[folder for _, folder in split_config(config, index).pack_folders()])
-
-
 def check_lines(config: Config, splits: int) -> list[str]:
     """`--check`: the series' checks before its first split trains, and what each split's run would do (train's
     --check), with nothing built or written."""
     out = _series_folder(config, splits)
-    lines = []
-    for i in range(splits):
-        with _naming_later_splits(config, i, splits):
-            said = train_check_lines(split_config(config, i))
+    lines, series = [], [split_config(config, i) for i in range(splits)]
+    for i, split in enumerate(series):
+        with naming_later_packs(series, i):
+            said = train_check_lines(split)
         lines += [said[0]] if i == 0 else []  # the model, alike in every split
         lines += [f"split {i}: {line}" for line in said[1:]]
     _check_distinct_packs(config, splits)
@@ -142,10 +135,9 @@ def check_lines(config: Config, splits: int) -> list[str]:
 
 def repeat(config: Config, splits: int) -> dict:
     out = _series_folder(config, splits)
-    extending = False
-    for i in range(splits):  # every split's pack (and run to extend), before the first trains for hours
-        split = split_config(config, i)
-        with _naming_later_splits(config, i, splits):
+    extending, series = False, [split_config(config, i) for i in range(splits)]
+    for i, split in enumerate(series):  # every split's pack (and run to extend), before the first trains for hours
+        with naming_later_packs(series, i):
             check_data(split)
         if config.train.resume == "extend":
             extending |= check_extendable(split)

@@ -515,11 +515,11 @@ def check_data(config: Config) -> list[EvalSet]:
 def data_warnings(config: Config, sets: list[EvalSet]) -> list[str]:
     """What the checked data holds that a run goes on with but should not."""
     warnings = []
-    if "order" not in read_manifest(config.data.train):
-        warnings.append(f"{config.data.train} was packed by an earlier temu-dist in its label file's order, in which a "
-                        "batch is a stretch of it (one generator, distortion or reference image): pack it again")
     for key, folder in config.pack_folders():
         manifest = read_manifest(folder)
+        if key == "data.train" and "order" not in manifest:
+            warnings.append(f"{folder} was packed by an earlier temu-dist in its label file's order, in which a batch "
+                            "is a stretch of it (one generator, distortion or reference image): pack it again")
         info = DATASETS.get(manifest.get("dataset"))
         # A release pack from before its score column was recorded read another one (KonIQ-10k: its 1-5 MOS).
         if info and info.mos_column and manifest.get("source", {}).get("kind", "release") == "release" and \

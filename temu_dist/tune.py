@@ -44,7 +44,7 @@ from temu_dist.atomic import write_json_atomic, write_text_atomic
 from temu_dist.config import (Config, ConfigError, Notice, Section, apply_overrides, differ, dump, error_line,
                               flatten, folder_name, load_config, metric_key, notices_as_lines, one_line_error,
                               parse_override, read_yaml, settings_label)
-from temu_dist.data.manifest import naming_unpacked
+from temu_dist.data.manifest import naming_later_packs
 from temu_dist.stop import Terminated, sigterm_as_ctrl_c, stop_code
 from temu_dist.tracking import finish_run, log_artifacts, parent_run, tracking_uri
 
@@ -309,9 +309,7 @@ def _check_data(search: SearchConfig) -> None:
                                          f"out_dir={json.dumps(search.out_dir)}"])
                for values in itertools.product(*(next(iter(search.space[k].values())) for k in keys))]
     for i, config in enumerate(configs):
-        # A missing pack names the other trials' missing packs too.
-        with naming_unpacked([pack for later in configs[i + 1:] for pack in later.pack_folders()],
-                             covered=[folder for _, folder in config.pack_folders()]):
+        with naming_later_packs(configs, i):
             sets = check_data(config)
         # The search's own metric, as the key metric is: one the trials' evaluation reports.
         if search.metric:

@@ -6,11 +6,11 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import get_args
 
-from temu_dist.config import ConfigError, Split
+from temu_dist.config import Config, ConfigError, Split
 
 MANIFEST = "manifest.json"
 STARTED = "pack.json"  # the options a pack was started with, written before its first shard
@@ -58,6 +58,13 @@ def naming_unpacked(then: Iterable[tuple[str, str]], covered: Iterable[str] = ()
                 unpacked.append((key, folder))
                 seen.add(Path(folder).resolve())
         raise ShardsMissing(e.message, unpacked) from None
+
+
+def naming_later_packs(configs: Sequence[Config], index: int) -> AbstractContextManager:
+    """Within the checks of configs[index] (a series' splits, a search's trials, each checked in turn): a missing pack
+    names the later configs' missing packs too."""
+    return naming_unpacked([pack for later in configs[index + 1:] for pack in later.pack_folders()],
+                           covered=[folder for _, folder in configs[index].pack_folders()])
 
 
 def read_manifest(folder: str | Path) -> dict:
